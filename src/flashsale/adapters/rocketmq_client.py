@@ -1,0 +1,242 @@
+"""The RocketMQ gRPC client (rocketmq-python-client 5.1.2) behind a small surface. Only this module imports it.
+
+What the client does on its own and what this adapter adds:
+- `startup()` returns even when nothing listens; we wait for the server's settings on the telemetry
+  stream, which only arrive when the proxy really answered for our topics.
+- A TransactionChecker that raises or returns None is silently dropped by the client, so the check
+  callback is wrapped: it never raises, and every failure answers UNKNOWN (the broker asks again).
+- `ack_async` returns None in 5.1.2; acking a batch is one AckMessageRequest with many entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flashsale.errors import BusError, ServiceUnavailable
+from flashsale.models import Delivery, Resolution
+
+# The client configures a rotating log file under ~/logs at import; logs.configure() reroutes it.
+from rocketmq import (  # noqa: E402
+    ClientConfiguration,
+    Credentials,
+    FilterExpression,
+    Message,
+    Producer,
+    SimpleConsumer,
+    TransactionChecker,
+    TransactionResolution,
+)
+from rocketmq.grpc_protocol import AckMessageEntry, AckMessageRequest, Code  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_RESOLUTIONS = {
+    Resolution.COMMIT: TransactionResolution.COMMIT,
+    Resolution.ROLLBACK: TransactionResolution.ROLLBACK,
+    Resolution.UNKNOWN: TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED,
+}
+#: Seconds to wait for the proxy's settings after startup.
+SETTINGS_TIMEOUT_S = 10.0
+
+
+def _config(endpoint: str, request_timeout_s: float) -> ClientConfiguration:
+    return ClientConfiguration(endpoint, Credentials(), request_timeout=max(1, round(request_timeout_s)))
+
+
+def _delivery(message: Message) -> Delivery:
+    keys = message.keys or set()
+    return Delivery(
+        message_id=message.message_id,
+        topic=message.topic,
+        key=next(iter(sorted(keys)), None),
+        body=bytes(message.body or b""),
+        born_ms=message.born_timestamp,
+        attempt=int(message.delivery_attempt or 1),
+        handle=message,
+    )
+
+
+def _start(client: Any, endpoint: str, what: str) -> None:
+    try:
+        client.startup()
+    except Exception as exc:
+        raise ServiceUnavailable("RocketMQ", endpoint, f"{what} did not start: {exc}") from exc
+    if not client._init_settings_event.wait(SETTINGS_TIMEOUT_S):
+        _quiet_shutdown(client)
+        raise ServiceUnavailable(
+            "RocketMQ", endpoint, f"{what} got no answer from the gRPC proxy",
+            hint="is the stack up (`flashsale stack status`) and were the topics created (`flashsale init`)?",
+        )
+
+
+def _quiet_shutdown(client: Any) -> None:
+    try:
+        client.shutdown()
+    except Exception:  # noqa: BLE001 - shutting down after a failure; the first error is what matters
+        logger.debug("shutdown after a failed start raised", exc_info=True)
+
+
+class _Checker(TransactionChecker):  # type: ignore[misc]
+    def __init__(self, check: Callable[[Delivery], Resolution]) -> None:
+        self._check = check
+
+    def check(self, message: Message) -> Any:
+        try:
+            resolution = self._check(_delivery(message))
+        except BaseException:  # noqa: BLE001 - an exception here would vanish inside the client
+            logger.exception("transaction check of message %s failed; answering unknown", message.message_id)
+            resolution = Resolution.UNKNOWN
+        return _RESOLUTIONS[resolution]
+
+
+class HalfMessage:
+    """A sent, not yet visible, transactional message."""
+
+    def __init__(self, transaction: Any, message_id: str) -> None:
+        self._transaction = transaction
+        self.message_id = message_id
+
+    def commit(self) -> None:
+        self._end("commit", self._transaction.commit)
+
+    def rollback(self) -> None:
+        self._end("rollback", self._transaction.rollback)
+
+    def _end(self, what: str, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception as exc:
+            raise BusError(f"{what} of half message {self.message_id} failed: {exc}") from exc
+
+
+class RocketMQProducer:
+    """A producer that can send transactional half messages and answer the broker's checks.
+
+    The broker sends a check to any live producer that declared the topic, round robin; every
+    producer therefore needs `check`, and `check` must read shared state, never process memory.
+    """
+
+    def __init__(self, endpoint: str, topics: Sequence[str], check: Callable[[Delivery], Resolution],
+                 *, request_timeout_s: float = 3.0) -> None:
+        self.endpoint = endpoint
+        self._producer = Producer(_config(endpoint, request_timeout_s), topics=tuple(topics), checker=_Checker(check))
+
+    def start(self) -> RocketMQProducer:
+        _start(self._producer, self.endpoint, "producer")
+        return self
+
+    def send_half(self, topic: str, key: str, body: bytes, tag: str) -> HalfMessage:
+        message = _message(topic, key, body, tag)
+        try:
+            transaction = self._producer.begin_transaction()
+            receipt = self._producer.send(message, transaction)
+        except Exception as exc:
+            raise BusError(f"sending the half message for {key} to {topic} failed: {exc}") from exc
+        return HalfMessage(transaction, receipt.message_id)
+
+    def send(self, topic: str, key: str, body: bytes, tag: str) -> str:
+        try:
+            receipt = self._producer.send(_message(topic, key, body, tag))
+        except Exception as exc:
+            raise BusError(f"sending {key} to {topic} failed: {exc}") from exc
+        message_id: str = receipt.message_id
+        return message_id
+
+    def shutdown(self) -> None:
+        _quiet_shutdown(self._producer)
+
+
+def _message(topic: str, key: str, body: bytes, tag: str) -> Message:
+    message = Message()
+    message.topic = topic
+    message.body = body
+    message.tag = tag
+    message.keys = key
+    return message
+
+
+class RocketMQConsumer:
+    """A pull consumer: receive a batch, ack it in one request per topic, or hand it back (nack)."""
+
+    def __init__(self, endpoint: str, group: str, topics: Sequence[str], *, poll_wait_s: int,
+                 request_timeout_s: float = 3.0) -> None:
+        self.endpoint = endpoint
+        self.group = group
+        subscription = {topic: FilterExpression() for topic in topics}
+        self._consumer = SimpleConsumer(
+            _config(endpoint, request_timeout_s), group, subscription, await_duration=poll_wait_s
+        )
+        self._request_timeout_s = request_timeout_s
+
+    def start(self) -> RocketMQConsumer:
+        _start(self._consumer, self.endpoint, f"consumer of group {self.group}")
+        return self
+
+    def receive(self, max_messages: int, invisible_s: int) -> list[Delivery]:
+        try:
+            messages = self._consumer.receive(max_messages, invisible_s)
+        except Exception as exc:
+            raise BusError(f"receive for group {self.group} failed: {exc}") from exc
+        return [_delivery(m) for m in messages]
+
+    def ack(self, deliveries: Sequence[Delivery]) -> int:
+        """Ack every delivery; returns how many the broker accepted (the others will come back)."""
+        groups: dict[tuple[str, str], list[Message]] = defaultdict(list)
+        for delivery in deliveries:
+            message = delivery.handle
+            groups[(message.topic, str(message.endpoints))].append(message)
+        acked = 0
+        for (topic, _), messages in groups.items():
+            request = AckMessageRequest()
+            request.group.name = self.group
+            request.topic.name = topic
+            for message in messages:
+                entry = AckMessageEntry()
+                entry.message_id = message.message_id
+                entry.receipt_handle = message.receipt_handle
+                request.entries.append(entry)
+            try:
+                future = self._consumer.rpc_client.ack_message_async(
+                    messages[0].endpoints, request, metadata=self._consumer.sign(), timeout=self._request_timeout_s
+                )
+                response = future.result()
+            except Exception as exc:
+                raise BusError(f"ack of {len(messages)} messages on {topic} failed: {exc}") from exc
+            for entry in response.entries:
+                if entry.status.code == Code.OK:
+                    acked += 1
+                else:
+                    logger.warning("ack of message %s refused: %s", entry.message_id, entry.status.message)
+        return acked
+
+    def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None:
+        """Make deliveries visible again after `delay_s` (best effort: the invisible time expires anyway)."""
+        for delivery in deliveries:
+            try:
+                self._consumer.change_invisible_duration(delivery.handle, max(1, delay_s))
+            except Exception as exc:  # noqa: BLE001 - the message still comes back when its invisible time ends
+                logger.warning("nack of message %s failed: %s", delivery.message_id, exc)
+
+    def shutdown(self) -> None:
+        _quiet_shutdown(self._consumer)
+
+
+def probe_send(endpoint: str, topic: str, timeout_s: float = 30.0) -> str:
+    """Send one normal message through the proxy; returns its id. Proves the broker really accepts writes."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        producer = RocketMQProducer(endpoint, [topic], lambda _: Resolution.UNKNOWN)
+        try:
+            producer.start()
+            return producer.send(topic, "probe", b"probe", "probe")
+        except (ServiceUnavailable, BusError) as exc:
+            last = exc
+            time.sleep(1.0)
+        finally:
+            producer.shutdown()
+    raise ServiceUnavailable("RocketMQ", endpoint, f"no probe message accepted on {topic}: {last}")

@@ -1,0 +1,69 @@
+"""The root command: settings from FLASHSALE_* variables, one error policy, sub-commands registered."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from flashsale import __version__, logs
+from flashsale.cli import context
+from flashsale.config import VARIABLES
+from flashsale.errors import ConfigError, FlashSaleError, InvalidInput, ServiceUnavailable
+
+#: Exit codes, documented in docs/operations.md.
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # the command ran and found a problem (drift, an unhealthy service)
+EXIT_BAD_INPUT = 2  # usage, arguments, configuration
+EXIT_UNAVAILABLE = 3  # a server could not be reached
+EXIT_FAILED = 4  # anything else that went wrong
+
+
+def exit_code(exc: FlashSaleError) -> int:
+    if isinstance(exc, InvalidInput | ConfigError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, ServiceUnavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
+
+
+def _environment_help() -> str:
+    width = max(len(v.env) for v in VARIABLES)
+    lines = ["\b", "Environment (all optional):"]
+    for var in VARIABLES:
+        default = f" [default: {var.default}]" if var.default else ""
+        lines.append(f"  {var.env:<{width}}  {var.meaning}{default}")
+    return "\n".join(lines)
+
+
+class FlashSaleGroup(click.Group):
+    """Turns a FlashSaleError into one line on stderr and a documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FlashSaleError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exit_code(exc))
+
+
+@click.group(cls=FlashSaleGroup, epilog=_environment_help(), context_settings={"max_content_width": 120})
+@click.version_option(__version__, prog_name="flashsale")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Verbosity of the log lines written to stderr.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str) -> None:
+    """flashsale: sell a hot item's stock to a flood of buyers, never oversell, never lose a deduction."""
+    logs.configure(log_level.upper(), process=ctx.invoked_subcommand or "flashsale")
+    ctx.obj = context.Context()
+
+
+def _register() -> None:
+    from flashsale.cli import stack_cmd
+
+    main.add_command(stack_cmd.stack)
+
+
+_register()

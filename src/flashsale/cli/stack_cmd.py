@@ -1,0 +1,69 @@
+"""`flashsale stack ...`: the local Redis + MariaDB + RocketMQ stack on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from flashsale.cli.context import Context
+from flashsale.stack.manager import ServiceState, Stack
+
+SERVICES_ARG = click.argument("services", nargs=-1, metavar="[SERVICE]...")
+
+
+def _print(states: list[ServiceState], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"services": [s.to_json() for s in states]}, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("service", "address", "pid", "health", "listening", "note"):
+        table.add_column(column)
+    for s in states:
+        health = "[green]healthy[/]" if s.healthy else ("[yellow]unhealthy[/]" if s.running else "[red]down[/]")
+        table.add_row(s.name, s.address, str(s.pid or "-"), health, " ".join(s.listening) or "-", s.note)
+    Console().print(table)
+
+
+@click.group()
+def stack() -> None:
+    """Run Redis, MariaDB and RocketMQ natively on 127.0.0.1 (state in FLASHSALE_HOME).
+
+    SERVICE is one of redis, mariadb, namesrv, broker; none means all.
+    """
+
+
+@stack.command()
+@SERVICES_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_obj
+def up(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
+    """Install what is missing, start what is not running, wait until every service really serves."""
+    stack_ = Stack(ctx.settings)
+    states = stack_.up(services, progress=lambda line: click.echo(line, err=True))
+    _print(states, as_json)
+
+
+@stack.command()
+@SERVICES_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_obj
+def down(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
+    """Stop the services this stack started (by their recorded PIDs); data stays in FLASHSALE_HOME."""
+    states = Stack(ctx.settings).down(services, progress=lambda line: click.echo(line, err=True))
+    _print(states, as_json)
+
+
+@stack.command()
+@SERVICES_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_obj
+def status(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
+    """Address, PID, health and listening sockets of each service. Exit 1 unless all are healthy."""
+    states = Stack(ctx.settings).status(services)
+    _print(states, as_json)
+    if not all(s.healthy for s in states):
+        sys.exit(1)

@@ -1,0 +1,70 @@
+"""Names and defaults that more than one module needs: the one place each of them is written down."""
+
+from __future__ import annotations
+
+import re
+
+#: Prefix of every environment variable flashsale reads.
+ENV_PREFIX = "FLASHSALE_"
+
+# --- RocketMQ names -------------------------------------------------------------------------------
+#: Default namespace; topics and groups are derived from it so two deployments can share a broker.
+DEFAULT_NAMESPACE = "flashsale"
+#: Committed deductions travel on this TRANSACTION-type topic (suffix after the namespace).
+DEDUCTION_TOPIC_SUFFIX = "deductions"
+#: Replays of lost or dead-lettered deductions travel on this NORMAL-type topic.
+REPLAY_TOPIC_SUFFIX = "replays"
+#: The consumer group that applies deductions to MySQL.
+CONSUMER_GROUP_SUFFIX = "apply"
+#: Tag on every deduction message (lets other consumers filter).
+DEDUCTION_TAG = "deduction"
+#: Queues per topic: the unit of consumer parallelism.
+TOPIC_QUEUES = 8
+#: RocketMQ cluster name used by the local stack.
+CLUSTER_NAME = "DefaultCluster"
+#: Version of the JSON body of a deduction message.
+MESSAGE_VERSION = 1
+
+# --- Redis keys -------------------------------------------------------------------------------------
+# Every key of one SKU carries the hash tag {sku}, so every script touches one Redis Cluster slot.
+#: Remaining stock (integer string).
+STOCK_KEY = "fs:{{{sku}}}:stock"
+#: token -> JSON log entry {state, sku, user, qty, from, to, ts, msg}.
+LOG_KEY = "fs:{{{sku}}}:log"
+#: user_id -> quantity bought (per-user limit).
+USERS_KEY = "fs:{{{sku}}}:users"
+#: initial, per_user_limit, sold_out and running counters.
+META_KEY = "fs:{{{sku}}}:meta"
+#: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
+SKUS_KEY = "fs:skus"
+
+# --- Log entry states (Redis) ------------------------------------------------------------------------
+STATE_DEDUCTED = "deducted"
+STATE_FENCED = "fenced"
+STATE_RETURNED = "returned"
+
+# --- Validation ---------------------------------------------------------------------------------------
+#: SKUs and user ids: no braces (they would break the hash tag), no spaces, bounded length.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+#: Idempotency tokens: what a client-side UUID or ULID looks like, plus room for prefixes.
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+#: Largest quantity one purchase may ask for.
+MAX_QTY = 1_000_000
+
+# --- Default ports of the local stack (all on 127.0.0.1) --------------------------------------------
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_MYSQL_PORT = 3306
+DEFAULT_NAMESRV_PORT = 9876
+DEFAULT_BROKER_PORT = 10911
+DEFAULT_PROXY_GRPC_PORT = 8081
+DEFAULT_PROXY_REMOTING_PORT = 8080
+DEFAULT_HTTP_PORT = 8000
+
+# --- Database ----------------------------------------------------------------------------------------
+DEFAULT_DATABASE = "flashsale"
+DEFAULT_DB_USER = "flashsale"
+DEFAULT_DB_PASSWORD = "flashsale"
+
+# --- RocketMQ server version resolved from Maven Central by infra/rocketmq/pom.xml --------------------
+ROCKETMQ_VERSION = "5.3.3"

@@ -1,0 +1,71 @@
+"""The error tree. Every error flashsale raises on purpose is a FlashSaleError.
+
+`retriable` says whether trying again later can succeed (a server down, a timeout) or not (bad input,
+a malformed message). The consumer's only decision on a failed batch is this flag.
+"""
+
+from __future__ import annotations
+
+
+class FlashSaleError(Exception):
+    """Something went wrong in flashsale."""
+
+    retriable = False
+
+    def __init__(self, message: str | None = None, *, hint: str | None = None) -> None:
+        self.message = message or (self.__doc__ or "flashsale error").strip()
+        self.hint = hint
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
+
+
+class ConfigError(FlashSaleError):
+    """A setting is missing or malformed."""
+
+
+class InvalidInput(FlashSaleError):
+    """An argument given by a user or a client is not acceptable."""
+
+
+class UnknownSku(InvalidInput):
+    """The SKU is not loaded."""
+
+
+class ServiceUnavailable(FlashSaleError):
+    """A server (Redis, MySQL, RocketMQ) cannot be reached or did not answer in time."""
+
+    retriable = True
+
+    def __init__(self, service: str, address: str, detail: str, *, hint: str | None = None) -> None:
+        self.service = service
+        self.address = address
+        super().__init__(
+            f"{service} at {address} is unavailable: {detail}",
+            hint=hint or "is the stack running? try `flashsale stack status`",
+        )
+
+
+class StockError(FlashSaleError):
+    """Redis refused or failed a stock operation."""
+
+
+class StoreError(FlashSaleError):
+    """The database failed; the same work can be tried again."""
+
+    retriable = True
+
+
+class MalformedMessage(FlashSaleError):
+    """A message on the deduction topic cannot be decoded; it goes to dead_letters."""
+
+
+class BusError(FlashSaleError):
+    """The message broker refused or failed a request."""
+
+    retriable = True
+
+
+class StackError(FlashSaleError):
+    """The local stack could not be installed, started or stopped."""
