@@ -52,9 +52,11 @@ class StockError(FlashSaleError):
 
 
 class StoreError(FlashSaleError):
-    """The database failed; the same work can be tried again."""
+    """The database refused or failed a statement."""
 
-    retriable = True
+    def __init__(self, message: str | None = None, *, retriable: bool = True, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retriable = retriable
 
 
 class MalformedMessage(FlashSaleError):

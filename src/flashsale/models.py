@@ -31,7 +31,7 @@ class Resolution(enum.Enum):
     UNKNOWN = "unknown"
 
 
-def _require_id(value: object, name: str, pattern: Any = c.ID_PATTERN) -> str:
+def require_id(value: object, name: str, pattern: Any = c.ID_PATTERN) -> str:
     if not isinstance(value, str) or not pattern.match(value):
         raise InvalidInput(
             f"{name} must be 1-64 characters of letters, digits and . _ : - (got {value!r})",
@@ -56,6 +56,21 @@ def parse_qty(value: object) -> int:
     return value
 
 
+def parse_count(value: object, name: str) -> int:
+    """A stock quantity or limit: a whole number >= 0 (0 means none)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise InvalidInput(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{name} must be a whole number >= 0, got {value!r}")
+    if value > 10**12:
+        raise InvalidInput(f"{name} must be at most 10^12, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class PurchaseRequest:
     sku: str
@@ -67,10 +82,10 @@ class PurchaseRequest:
     def build(cls, sku: object, user_id: object, qty: object, token: object) -> PurchaseRequest:
         """Validate raw input; raises InvalidInput naming the first wrong field."""
         return cls(
-            sku=_require_id(sku, "sku"),
-            user_id=_require_id(user_id, "user_id"),
+            sku=require_id(sku, "sku"),
+            user_id=require_id(user_id, "user_id"),
             qty=parse_qty(qty),
-            token=_require_id(token, "token", c.TOKEN_PATTERN),
+            token=require_id(token, "token", c.TOKEN_PATTERN),
         )
 
     @classmethod

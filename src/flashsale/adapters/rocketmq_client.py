@@ -11,16 +11,15 @@ What the client does on its own and what this adapter adds:
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flashsale.errors import BusError, ServiceUnavailable
-from flashsale.models import Delivery, Resolution
-
 # The client configures a rotating log file under ~/logs at import; logs.configure() reroutes it.
-from rocketmq import (  # noqa: E402
+from rocketmq import (
     ClientConfiguration,
     Credentials,
     FilterExpression,
@@ -30,7 +29,10 @@ from rocketmq import (  # noqa: E402
     TransactionChecker,
     TransactionResolution,
 )
-from rocketmq.grpc_protocol import AckMessageEntry, AckMessageRequest, Code  # noqa: E402
+from rocketmq.grpc_protocol import AckMessageEntry, AckMessageRequest, Code
+
+from flashsale.errors import BusError, ServiceUnavailable
+from flashsale.models import Delivery, Resolution
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def _start(client: Any, endpoint: str, what: str) -> None:
 def _quiet_shutdown(client: Any) -> None:
     try:
         client.shutdown()
-    except Exception:  # noqa: BLE001 - shutting down after a failure; the first error is what matters
+    except Exception:
         logger.debug("shutdown after a failed start raised", exc_info=True)
 
 
@@ -87,7 +89,7 @@ class _Checker(TransactionChecker):  # type: ignore[misc]
     def check(self, message: Message) -> Any:
         try:
             resolution = self._check(_delivery(message))
-        except BaseException:  # noqa: BLE001 - an exception here would vanish inside the client
+        except BaseException:
             logger.exception("transaction check of message %s failed; answering unknown", message.message_id)
             resolution = Resolution.UNKNOWN
         return _RESOLUTIONS[resolution]
@@ -159,28 +161,91 @@ def _message(topic: str, key: str, body: bytes, tag: str) -> Message:
     return message
 
 
-class RocketMQConsumer:
-    """A pull consumer: receive a batch, ack it in one request per topic, or hand it back (nack)."""
+class _Pump:
+    """One SimpleConsumer per topic, long-polling on its own thread into a shared, bounded inbox.
 
-    def __init__(self, endpoint: str, group: str, topics: Sequence[str], *, poll_wait_s: int,
+    The client's receive() serves one subscribed topic per call, so a long poll on an idle topic would
+    delay a busy one; a pump per topic keeps each topic's latency independent.
+    """
+
+    def __init__(self, consumer: Any, topic: str, inbox: queue.Queue[list[Message]], stop: threading.Event,
+                 invisible_s: int) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self._inbox = inbox
+        self._stop = stop
+        self._invisible_s = invisible_s
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, name=f"receive-{topic}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                messages = self.consumer.receive(RECEIVE_MAX, self._invisible_s)
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 - reported through receive(); retried after a pause
+                self.error = exc
+                self._stop.wait(1.0)
+                continue
+            while messages and not self._stop.is_set():
+                try:
+                    self._inbox.put(messages, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+
+#: The proxy hands out at most this many messages per receive call.
+RECEIVE_MAX = 32
+
+
+class RocketMQConsumer:
+    """A pull consumer of several topics: receive batches, ack them in one request per topic, or nack."""
+
+    def __init__(self, endpoint: str, group: str, topics: Sequence[str], *, poll_wait_s: int, invisible_s: int,
                  request_timeout_s: float = 3.0) -> None:
         self.endpoint = endpoint
         self.group = group
-        subscription = {topic: FilterExpression() for topic in topics}
-        self._consumer = SimpleConsumer(
-            _config(endpoint, request_timeout_s), group, subscription, await_duration=poll_wait_s
-        )
+        self._poll_wait_s = poll_wait_s
         self._request_timeout_s = request_timeout_s
+        self._stop = threading.Event()
+        # Two pages per topic at most wait in memory; their invisible time bounds how stale they can get.
+        self._inbox: queue.Queue[list[Message]] = queue.Queue(maxsize=max(2, len(topics)))
+        self._pumps = [
+            _Pump(SimpleConsumer(_config(endpoint, request_timeout_s), group, {topic: FilterExpression()},
+                                 await_duration=poll_wait_s), topic, self._inbox, self._stop, invisible_s)
+            for topic in topics
+        ]
+        self._by_topic = {pump.topic: pump.consumer for pump in self._pumps}
 
     def start(self) -> RocketMQConsumer:
-        _start(self._consumer, self.endpoint, f"consumer of group {self.group}")
+        started = []
+        try:
+            for pump in self._pumps:
+                _start(pump.consumer, self.endpoint, f"consumer of {pump.topic} in group {self.group}")
+                started.append(pump)
+        except ServiceUnavailable:
+            for pump in started:
+                _quiet_shutdown(pump.consumer)
+            raise
+        for pump in self._pumps:
+            pump.thread.start()
         return self
 
-    def receive(self, max_messages: int, invisible_s: int) -> list[Delivery]:
+    def receive(self, max_messages: int) -> list[Delivery]:
+        """Up to `max_messages` received messages, waiting at most the poll wait for the first ones."""
         try:
-            messages = self._consumer.receive(max_messages, invisible_s)
-        except Exception as exc:
-            raise BusError(f"receive for group {self.group} failed: {exc}") from exc
+            messages = list(self._inbox.get(timeout=self._poll_wait_s))
+        except queue.Empty:
+            failing = [f"{p.topic}: {p.error}" for p in self._pumps if p.error is not None]
+            if failing:
+                raise BusError(f"receive for group {self.group} failed: {'; '.join(failing)}") from None
+            return []
+        while len(messages) < max_messages:
+            try:
+                messages += self._inbox.get_nowait()
+            except queue.Empty:
+                break
         return [_delivery(m) for m in messages]
 
     def ack(self, deliveries: Sequence[Delivery]) -> int:
@@ -199,9 +264,10 @@ class RocketMQConsumer:
                 entry.message_id = message.message_id
                 entry.receipt_handle = message.receipt_handle
                 request.entries.append(entry)
+            consumer = self._by_topic[topic]
             try:
-                future = self._consumer.rpc_client.ack_message_async(
-                    messages[0].endpoints, request, metadata=self._consumer.sign(), timeout=self._request_timeout_s
+                future = consumer.rpc_client.ack_message_async(
+                    messages[0].endpoints, request, metadata=consumer.sign(), timeout=self._request_timeout_s
                 )
                 response = future.result()
             except Exception as exc:
@@ -216,13 +282,27 @@ class RocketMQConsumer:
     def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None:
         """Make deliveries visible again after `delay_s` (best effort: the invisible time expires anyway)."""
         for delivery in deliveries:
+            consumer = self._by_topic[delivery.topic]
             try:
-                self._consumer.change_invisible_duration(delivery.handle, max(1, delay_s))
+                consumer.change_invisible_duration(delivery.handle, max(1, delay_s))
             except Exception as exc:  # noqa: BLE001 - the message still comes back when its invisible time ends
                 logger.warning("nack of message %s failed: %s", delivery.message_id, exc)
 
     def shutdown(self) -> None:
-        _quiet_shutdown(self._consumer)
+        """Stop receiving; hand back what was received but never processed, then close the clients."""
+        self._stop.set()
+        for pump in self._pumps:
+            pump.thread.join(timeout=self._poll_wait_s + self._request_timeout_s + 1)
+        leftover: list[Delivery] = []
+        while True:
+            try:
+                leftover += [_delivery(m) for m in self._inbox.get_nowait()]
+            except queue.Empty:
+                break
+        if leftover:
+            self.nack(leftover, 1)
+        for pump in self._pumps:
+            _quiet_shutdown(pump.consumer)
 
 
 def probe_send(endpoint: str, topic: str, timeout_s: float = 30.0) -> str:

@@ -61,9 +61,11 @@ def main(ctx: click.Context, log_level: str) -> None:
 
 
 def _register() -> None:
-    from flashsale.cli import stack_cmd
+    from flashsale.cli import process_cmd, setup_cmd, stack_cmd
 
-    main.add_command(stack_cmd.stack)
+    for command in (stack_cmd.stack, setup_cmd.init, setup_cmd.stock, process_cmd.producer, process_cmd.consumer,
+                    process_cmd.checker):
+        main.add_command(command)
 
 
 _register()

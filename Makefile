@@ -1,0 +1,54 @@
+# flashsale: make install | lint | test | demo | bench | stack-down
+# Everything runs from a local virtualenv (.venv) built with the machine's python3 (>= 3.11).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install lint format typecheck test test-fast demo bench stack-down clean
+
+$(STAMP): pyproject.toml $(shell find src infra -type f -not -name "*.pyc")
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flashsale needs Python >= 3.11"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+typecheck: install
+	$(BIN)/mypy
+
+# The whole suite on the real stack: installs and starts Redis, MariaDB and RocketMQ if they are missing.
+test: install
+	$(BIN)/flashsale stack up
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no servers).
+test-fast: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# The main job: a flash sale on the real stack, then the reconcile report.
+demo: install
+	$(BIN)/flashsale demo
+
+bench: install
+	$(BIN)/flashsale stack up
+	$(BIN)/flashsale init
+	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline
+
+stack-down: install
+	$(BIN)/flashsale stack down
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,240 @@
+"""The books in MySQL, through SQLAlchemy Core + PyMySQL. The only module (with the bench baselines) that imports them."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.url import make_url
+
+from flashsale import sql
+from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
+from flashsale.records import ApplyReport, DeadLetter, Incoming, InventoryView
+
+logger = logging.getLogger(__name__)
+
+#: MySQL error numbers that mean "this server is not reachable right now".
+_UNREACHABLE = {2002, 2003, 2006, 2013, 2055, 1053}
+#: Errors that go away when the same transaction is simply run again (deadlock, lock wait timeout,
+#: read-only during a failover, too many connections).
+_TRANSIENT = {1213, 1205, 1290, 1040, 1614}
+
+
+def _q(name: str, *expanding: str) -> sa.TextClause:
+    clause = sa.text(sql.query(name))
+    if expanding:
+        clause = clause.bindparams(*(sa.bindparam(p, expanding=True) for p in expanding))
+    return clause
+
+
+class MySQLStore:
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = url
+        self.engine: Engine = sa.create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            pool_recycle=3600,
+            isolation_level="READ COMMITTED",
+            connect_args={"connect_timeout": 3, "read_timeout": 30, "write_timeout": 30},
+        )
+
+    @property
+    def address(self) -> str:
+        url = make_url(self.url)
+        return f"{url.host}:{url.port or 3306}/{url.database}"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+            if exc.connection_invalidated or code in _UNREACHABLE:
+                raise ServiceUnavailable("MySQL", self.address, f"{what}: {exc.orig}") from exc
+            raise StoreError(f"{what} failed: {exc.orig}", retriable=code in _TRANSIENT) from exc
+        except sa.exc.SQLAlchemyError as exc:  # pool exhausted, connection closed under us, ...
+            raise StoreError(f"{what} failed: {exc}", retriable=True) from exc
+
+    @contextmanager
+    def transaction(self, what: str) -> Iterator[Connection]:
+        with self._translate(what), self.engine.begin() as conn:
+            yield conn
+
+    def ping(self) -> None:
+        with self.transaction("ping") as conn:
+            conn.execute(_q("ping"))
+
+    # --- schema -------------------------------------------------------------------------------------
+    def ensure_database(self) -> bool:
+        """Create the database of the URL if it is missing; returns True when it was created."""
+        url = make_url(self.url)
+        server = sa.create_engine(url.set(database=""), connect_args={"connect_timeout": 3})
+        try:
+            with self._translate("create database"), server.connect() as conn:
+                exists = conn.execute(sa.text("SHOW DATABASES LIKE :db"), {"db": url.database}).first()
+                if exists:
+                    return False
+                conn.execute(sa.text(f"CREATE DATABASE `{url.database}` CHARACTER SET utf8mb4"))
+                return True
+        finally:
+            server.dispose()
+
+    def schema_version(self) -> int:
+        with self.transaction("read schema version") as conn:
+            conn.execute(_q("create_schema_version"))
+            return int(conn.execute(_q("schema_version")).scalar_one())
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations in order, each recorded in schema_version; returns their names."""
+        applied: list[str] = []
+        with self._translate("migrate"), self.engine.connect() as conn:
+            # DDL commits implicitly in MySQL; a named lock keeps two `init`s from interleaving.
+            conn.execute(_q("lock_migrations"))
+            try:
+                conn.execute(_q("create_schema_version"))
+                current = int(conn.execute(_q("schema_version")).scalar_one())
+                for migration in sql.migrations():
+                    if migration.version <= current:
+                        continue
+                    for statement in migration.statements:
+                        conn.execute(sa.text(statement))
+                    conn.execute(_q("record_version"), {"version": migration.version, "name": migration.name})
+                    conn.commit()
+                    applied.append(f"{migration.version:04d}_{migration.name}")
+            finally:
+                conn.execute(_q("unlock_migrations"))
+                conn.commit()
+        return applied
+
+    # --- stock ----------------------------------------------------------------------------------------
+    def load_stock(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
+        with self.transaction(f"load stock of {sku}") as conn:
+            applied = int(conn.execute(_q("deduction_count"), {"sku": sku}).scalar_one())
+            if applied and not reset:
+                raise StockError(
+                    f"{sku} already has {applied} applied deduction(s) in MySQL",
+                    hint="pass --reset to discard the SKU's deductions, orders and conflicts",
+                )
+            if reset:
+                for name in ("delete_sku_history", "delete_sku_orders", "delete_sku_conflicts"):
+                    conn.execute(_q(name), {"sku": sku})
+            conn.execute(_q("upsert_inventory"), {"sku": sku, "qty": qty, "per_user_limit": per_user_limit})
+
+    def history(self, sku: str) -> int:
+        """Deductions applied for the SKU."""
+        with self.transaction(f"count deductions of {sku}") as conn:
+            return int(conn.execute(_q("deduction_count"), {"sku": sku}).scalar_one())
+
+    def view(self, sku: str) -> InventoryView:
+        with self.transaction(f"read {sku}") as conn:
+            row = conn.execute(_q("inventory"), {"sku": sku}).first()
+            if row is None:
+                raise UnknownSku(f"unknown SKU {sku!r}: it is not in MySQL's inventory",
+                                 hint=f"load it with `flashsale stock set {sku} QTY`")
+            deductions, deducted = conn.execute(_q("deduction_totals"), {"sku": sku}).one()
+            orders, ordered = conn.execute(_q("order_totals"), {"sku": sku}).one()
+        return InventoryView(sku=sku, initial=int(row.initial_stock), stock=int(row.stock),
+                             per_user_limit=int(row.per_user_limit), deductions=int(deductions),
+                             deducted_qty=int(deducted), orders=int(orders), ordered_qty=int(ordered))
+
+    def skus(self) -> list[str]:
+        with self.transaction("list skus") as conn:
+            return [r[0] for r in conn.execute(_q("inventory_skus"))]
+
+    # --- the consumer's batch ---------------------------------------------------------------------------
+    def apply_batch(self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = ()) -> ApplyReport:
+        """Apply a batch in ONE transaction: token-unique rows, one guarded UPDATE per SKU, orders.
+
+        Rows are inserted in token order and SKUs updated in name order, so two consumers sharing
+        tokens or SKUs take their locks in the same order and cannot deadlock each other.
+        """
+        report = ApplyReport(dead_letters=list(dead))
+        unique: dict[tuple[str, str], Incoming] = {}
+        for item in items:
+            key = (item.deduction.sku, item.deduction.token)
+            if key in unique:
+                report.duplicates += 1
+            else:
+                unique[key] = item
+        batch_id = uuid.uuid4().hex
+        with self.transaction("apply batch") as conn:
+            skus = sorted({sku for sku, _ in unique})
+            known = {r[0] for r in conn.execute(_q("known_skus", "skus"), {"skus": skus})} if skus else set()
+            rows = []
+            for key in sorted(unique):
+                item = unique[key]
+                d = item.deduction
+                if d.sku not in known:
+                    report.dead_letters.append(DeadLetter(
+                        item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", d.encode(), sku=d.sku))
+                    continue
+                rows.append({"token": d.token, "sku": d.sku, "user_id": d.user_id, "qty": d.qty,
+                             "message_id": item.message_id, "source": d.source, "batch_id": batch_id,
+                             "created_ms": d.ts_ms})
+            if rows:
+                conn.execute(_q("insert_deductions"), rows)
+            new = conn.execute(_q("batch_deductions"), {"batch_id": batch_id}).all()
+            report.duplicates += len(rows) - len(new)
+            by_sku: dict[str, list[Any]] = defaultdict(list)
+            for row in new:
+                by_sku[row.sku].append(row)
+            for sku in sorted(by_sku):
+                applied, conflicts = self._deduct(conn, batch_id, sku, by_sku[sku], unique)
+                report.applied += [unique[(sku, r.token)].deduction for r in applied]
+                report.conflicts += [unique[(sku, r.token)].deduction for r in conflicts]
+                if applied:
+                    conn.execute(_q("resolve_conflicts", "tokens"), {"sku": sku, "tokens": [r.token for r in applied]})
+            if report.applied:
+                conn.execute(_q("insert_orders"), [
+                    {"token": d.token, "sku": d.sku, "user_id": d.user_id, "qty": d.qty} for d in report.applied
+                ])
+            for conflict in report.conflicts:
+                logger.warning("conflict: token %s sku %s qty %d does not fit MySQL stock", conflict.token,
+                               conflict.sku, conflict.qty)
+            if report.dead_letters:
+                conn.execute(_q("insert_dead_letter"), [
+                    {"message_id": d.message_id, "topic": d.topic, "message_key": d.key, "sku": d.sku,
+                     "reason": d.reason[:512], "body": d.body} for d in report.dead_letters
+                ])
+        return report
+
+    def _deduct(self, conn: Connection, batch_id: str, sku: str, rows: list[Any],
+                items: dict[tuple[str, str], Incoming]) -> tuple[list[Any], list[Any]]:
+        """One guarded UPDATE for the SKU's whole share of the batch (hot-row group commit).
+
+        If MySQL does not hold enough (Redis and MySQL disagree), apply what fits in arrival order and
+        record the rest as conflicts; their deduction rows are removed so they can be applied later.
+        """
+        total = sum(r.qty for r in rows)
+        if conn.execute(_q("deduct_stock"), {"sku": sku, "total": total}).rowcount == 1:
+            return rows, []
+        stock = int(conn.execute(_q("stock_for_update"), {"sku": sku}).scalar_one())
+        fit, rest, room = [], [], stock
+        for row in rows:
+            if row.qty <= room:
+                fit.append(row)
+                room -= row.qty
+            else:
+                rest.append(row)
+        if fit:
+            conn.execute(_q("deduct_stock"), {"sku": sku, "total": stock - room})
+        conn.execute(_q("delete_deductions", "tokens"),
+                     {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]})
+        conn.execute(_q("insert_conflict"), [
+            {"token": r.token, "sku": sku, "user_id": r.user_id, "qty": r.qty,
+             "message_id": items[(sku, r.token)].message_id,
+             "mysql_stock": stock, "reason": f"MySQL stock {stock} cannot cover this deduction"}
+            for r in rest
+        ])
+        return fit, rest

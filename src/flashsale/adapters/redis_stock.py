@@ -1,0 +1,156 @@
+"""Stock in Redis: the Lua scripts behind typed methods. The only module that imports redis (with the stack's probe).
+
+Scripts are registered once per client; redis-py runs them with EVALSHA and, after a NOSCRIPT reply
+(a restarted or flushed server), loads them again and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from flashsale import constants as c
+from flashsale import lua
+from flashsale.errors import ServiceUnavailable, StockError, UnknownSku
+from flashsale.records import LogEntry, Prededuct, PredeductResult, StockReturn, StockView
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SkuKeys:
+    stock: str
+    log: str
+    users: str
+    meta: str
+
+    @classmethod
+    def of(cls, sku: str) -> SkuKeys:
+        return cls(
+            stock=c.STOCK_KEY.format(sku=sku),
+            log=c.LOG_KEY.format(sku=sku),
+            users=c.USERS_KEY.format(sku=sku),
+            meta=c.META_KEY.format(sku=sku),
+        )
+
+    def all(self) -> list[str]:
+        return [self.stock, self.log, self.users, self.meta]
+
+
+class RedisStock:
+    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 128) -> None:
+        self.url = url
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=max_connections,
+            decode_responses=True,
+            health_check_interval=30,
+        )
+        self._scripts = {name: self.client.register_script(lua.source(name)) for name in lua.NAMES}
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self._scripts[script](keys=keys, args=args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ServiceUnavailable("Redis", self.url, str(exc) or type(exc).__name__) from exc
+        except redis.ResponseError as exc:
+            raise StockError(f"Redis script {script} failed: {exc}") from exc
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ServiceUnavailable("Redis", self.url, f"{what}: {exc}") from exc
+
+    def ping(self) -> None:
+        self._call("ping", self.client.ping)
+
+    # --- the sale -----------------------------------------------------------------------------------
+    def load(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
+        keys = SkuKeys.of(sku)
+        code, detail = self._run("load_stock", keys.all(), [str(qty), str(per_user_limit), "1" if reset else "0"])
+        if code == 2:
+            raise StockError(
+                f"{sku} already has {detail} deduction(s) on record in Redis",
+                hint="pass --reset to discard that history (orders already applied stay in MySQL)",
+            )
+        if code != 1:
+            raise StockError(f"Redis refused to load {sku}: invalid {detail}")
+        self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
+
+    def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult:
+        keys = SkuKeys.of(sku)
+        code, remaining, detail = self._run("prededuct", keys.all(), [token, user, str(qty), message_id, sku])
+        result = Prededuct(int(code))
+        entry = LogEntry.parse(token, detail) if result in (Prededuct.ACCEPTED, Prededuct.DUPLICATE,
+                                                            Prededuct.FENCED) else None
+        bought = int(detail) if result is Prededuct.LIMIT_EXCEEDED else None
+        return PredeductResult(result, int(remaining) if int(remaining) >= 0 else None, entry, bought)
+
+    def fence(self, sku: str, token: str, user: str, qty: int) -> LogEntry:
+        """The token's log entry; writes a fence first if there was none (see fence.lua)."""
+        keys = SkuKeys.of(sku)
+        _, detail = self._run("fence", [keys.log, keys.meta], [token, sku, user, str(qty)])
+        return LogEntry.parse(token, detail)
+
+    def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
+        keys = SkuKeys.of(sku)
+        code, remaining, _ = self._run("return_stock", keys.all(), [token])
+        return StockReturn(int(code)), int(remaining) if int(remaining) >= 0 else None
+
+    # --- reading ------------------------------------------------------------------------------------
+    def log_entry(self, sku: str, token: str) -> LogEntry | None:
+        raw = self._call("read log", self.client.hget, SkuKeys.of(sku).log, token)
+        return LogEntry.parse(token, raw) if raw is not None else None
+
+    def history(self, sku: str) -> int:
+        """Log entries (deductions and fences) recorded for the SKU."""
+        return int(self._call("count log entries", self.client.hlen, SkuKeys.of(sku).log))
+
+    def is_sold_out(self, sku: str) -> bool:
+        return self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out") == "1"
+
+    def view(self, sku: str) -> StockView:
+        keys = SkuKeys.of(sku)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(keys.stock)
+        pipe.hgetall(keys.meta)
+        pipe.hlen(keys.log)
+        stock, meta, entries = self._call("read stock", pipe.execute)
+        if stock is None:
+            raise UnknownSku(f"unknown SKU {sku!r}: it is not loaded in Redis",
+                             hint=f"load it with `flashsale stock set {sku} QTY`")
+
+        def num(name: str) -> int:
+            return int(meta.get(name) or 0)
+
+        return StockView(
+            sku=sku, stock=int(stock), initial=num("initial"), per_user_limit=num("per_user_limit"),
+            sold_out=meta.get("sold_out") == "1", deducted_qty=num("deducted_qty"),
+            deducted_count=num("deducted_count"), returned_qty=num("returned_qty"),
+            returned_count=num("returned_count"), fenced_count=num("fenced_count"),
+            log_entries=int(entries), loaded_ms=num("loaded_ms"),
+        )
+
+    def skus(self) -> list[str]:
+        return sorted(self._call("list skus", self.client.smembers, c.SKUS_KEY))
+
+    def scan_log(self, sku: str, page: int = 1000) -> Iterator[LogEntry]:
+        """Every log entry of the SKU, read page by page (HSCAN), never all at once."""
+        log_key = SkuKeys.of(sku).log
+        cursor = 0
+        while True:
+            cursor, chunk = self._call("scan log", self.client.hscan, log_key, cursor, None, page)
+            for token, raw in chunk.items():
+                yield LogEntry.parse(token, raw)
+            if cursor == 0:
+                return

@@ -1,0 +1,108 @@
+"""`flashsale init` and `flashsale stock ...`: prepare a sale and look at it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.cli.context import Context
+from flashsale.errors import UnknownSku
+from flashsale.ops import setup
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.pass_obj
+def init(ctx: Context, as_json: bool) -> None:
+    """Apply the SQL migrations and create the topics (deductions as TRANSACTION) and the consumer group."""
+    report = setup.init(ctx.settings)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    s = ctx.settings
+    click.echo(f"database {s.mysql_database}: schema version {report.schema_version}"
+               + (f" (applied {', '.join(report.migrations_applied)})" if report.migrations_applied else ""))
+    for topic, kind in report.topics.items():
+        click.echo(f"topic {topic}: {kind}")
+    click.echo(f"consumer group {report.consumer_group}")
+
+
+@click.group()
+def stock() -> None:
+    """Load a SKU's stock before a sale and look at it during and after."""
+
+
+@stock.command("set")
+@click.argument("sku")
+@click.argument("qty")
+@click.option("--per-user-limit", default="0", show_default=True, metavar="N",
+              help="Most units one user may buy (0 = no limit).")
+@click.option("--reset", is_flag=True,
+              help="Discard the SKU's previous sale (Redis log, MySQL deductions, orders, conflicts).")
+@click.pass_obj
+def stock_set(ctx: Context, sku: str, qty: str, per_user_limit: str, reset: bool) -> None:
+    """Load SKU with QTY units into MySQL and Redis, consistently."""
+    setup.set_stock(ctx.settings, sku, qty, per_user_limit=per_user_limit, reset=reset)
+    click.echo(f"{sku}: {qty} units loaded" + (f", at most {per_user_limit} per user" if per_user_limit != "0" else ""))
+
+
+def stock_report(ctx: Context, sku: str) -> dict[str, Any]:
+    redis_side: dict[str, Any] | None = None
+    mysql_side: dict[str, Any] | None = None
+    store, cache = MySQLStore(ctx.settings.mysql_url), RedisStock(ctx.settings.redis_url)
+    try:
+        try:
+            redis_side = asdict(cache.view(sku))
+        except UnknownSku:
+            pass
+        try:
+            mysql_side = asdict(store.view(sku))
+        except UnknownSku:
+            pass
+    finally:
+        store.close()
+        cache.close()
+    if redis_side is None and mysql_side is None:
+        raise UnknownSku(f"unknown SKU {sku!r}: not loaded in Redis nor MySQL",
+                         hint=f"load it with `flashsale stock set {sku} QTY`")
+    return {"sku": sku, "redis": redis_side, "mysql": mysql_side}
+
+
+@stock.command("show")
+@click.argument("sku")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+def stock_show(ctx: Context, sku: str, as_json: bool) -> None:
+    """Stock of SKU in Redis and MySQL, side by side."""
+    report = stock_report(ctx, sku)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    r, m = report["redis"] or {}, report["mysql"] or {}
+    table = Table(title=f"stock of {sku}")
+    table.add_column("")
+    table.add_column("Redis", justify="right")
+    table.add_column("MySQL", justify="right")
+
+    def cell(side: dict[str, Any], key: str) -> str:
+        return "-" if not side or side.get(key) is None else str(side[key])
+
+    table.add_row("initial", cell(r, "initial"), cell(m, "initial"))
+    table.add_row("stock", cell(r, "stock"), cell(m, "stock"))
+    table.add_row("deducted units", cell(r, "deducted_qty"), cell(m, "deducted_qty"))
+    table.add_row("deductions", cell(r, "deducted_count"), cell(m, "deductions"))
+    table.add_row("returned units", cell(r, "returned_qty"), "-")
+    table.add_row("fenced tokens", cell(r, "fenced_count"), "-")
+    table.add_row("orders", "-", cell(m, "orders"))
+    table.add_row("per-user limit", cell(r, "per_user_limit"), cell(m, "per_user_limit"))
+    table.add_row("sold out", cell(r, "sold_out"), "-")
+    Console().print(table)
+    if not r or not m:
+        click.echo(f"warning: {sku} is loaded in {'MySQL' if m else 'Redis'} only", err=True)

@@ -1,0 +1,14 @@
+"""Redis Lua scripts, one per file, loaded by name from the installed package."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+
+@cache
+def source(name: str) -> str:
+    return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+NAMES = ("prededuct", "fence", "return_stock", "load_stock")

@@ -1,0 +1,41 @@
+-- Load a SKU's stock for a sale.
+--
+-- KEYS[1] fs:{sku}:stock
+-- KEYS[2] fs:{sku}:log
+-- KEYS[3] fs:{sku}:users
+-- KEYS[4] fs:{sku}:meta
+-- ARGV[1] quantity        decimal digits, >= 0
+-- ARGV[2] per-user limit  decimal digits, 0 = none
+-- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters), '0' otherwise
+--
+-- Returns {code, detail}:
+--   1 loaded
+--   2 refused: the SKU has deductions on record (detail = how many log entries) and ARGV[3] is '0'
+--   3 invalid argument (detail names it)
+local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local qty_arg, limit_arg, reset = ARGV[1], ARGV[2], ARGV[3]
+
+if not string.match(qty_arg, '^%d+$') or #qty_arg > 15 then
+  return {3, 'quantity'}
+end
+if not string.match(limit_arg, '^%d+$') or #limit_arg > 9 then
+  return {3, 'per-user limit'}
+end
+local entries = redis.call('HLEN', log_key)
+if entries > 0 and reset ~= '1' then
+  return {2, tostring(entries)}
+end
+
+local now = redis.call('TIME')
+local qty = tonumber(qty_arg)
+redis.call('DEL', log_key, users_key, meta_key)
+redis.call('SET', stock_key, qty)
+redis.call('HSET', meta_key,
+  'initial', qty,
+  'per_user_limit', tonumber(limit_arg),
+  'sold_out', qty == 0 and 1 or 0,
+  'deducted_qty', 0, 'deducted_count', 0,
+  'returned_qty', 0, 'returned_count', 0,
+  'fenced_count', 0,
+  'loaded_ms', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+return {1, ''}

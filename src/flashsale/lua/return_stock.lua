@@ -1,0 +1,43 @@
+-- Give the stock of a cancelled purchase back, once per token.
+--
+-- KEYS[1] fs:{sku}:stock
+-- KEYS[2] fs:{sku}:log
+-- KEYS[3] fs:{sku}:users
+-- KEYS[4] fs:{sku}:meta
+-- ARGV[1] token
+--
+-- Returns {code, remaining, entry}:
+--   1 returned          stock given back; entry = the updated log entry
+--   2 already returned  nothing changed
+--   3 not deducted      no log entry, or a fence: there is nothing to give back
+local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local token = ARGV[1]
+
+local seen = redis.call('HGET', log_key, token)
+local remaining = tonumber(redis.call('GET', stock_key) or '-1')
+if not seen then
+  return {3, remaining, ''}
+end
+local entry = cjson.decode(seen)
+if entry['state'] == 'returned' then
+  return {2, remaining, seen}
+end
+if entry['state'] ~= 'deducted' or remaining < 0 then
+  return {3, remaining, seen}
+end
+
+local now = redis.call('TIME')
+local qty = tonumber(entry['qty'])
+entry['state'] = 'returned'
+entry['returned_ts'] = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local updated = cjson.encode(entry)
+local left = remaining + qty
+redis.call('SET', stock_key, left)
+redis.call('HSET', log_key, token, updated)
+if redis.call('HEXISTS', users_key, entry['user']) == 1 then
+  redis.call('HINCRBY', users_key, entry['user'], -qty)
+end
+redis.call('HINCRBY', meta_key, 'returned_qty', qty)
+redis.call('HINCRBY', meta_key, 'returned_count', 1)
+redis.call('HSET', meta_key, 'sold_out', 0)
+return {1, left, updated}

@@ -1,0 +1,89 @@
+"""Preparing a sale: schema and topics (`init`), and loading stock into Redis and MySQL (`stock set`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flashsale import constants as c
+from flashsale.adapters import rocketmq_admin
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.config import Settings
+from flashsale.errors import ServiceUnavailable, StackError, StockError
+from flashsale.models import parse_count, require_id
+
+logger = logging.getLogger(__name__)
+
+#: Deliveries before the broker moves a message to %DLQ%<group>. The consumer stops receiving while the
+#: database is down, so a long outage costs one attempt, not one per back-off.
+RETRY_MAX_TIMES = 100
+
+
+@dataclass
+class InitReport:
+    database_created: bool = False
+    migrations_applied: list[str] = field(default_factory=list)
+    schema_version: int = 0
+    topics: dict[str, str] = field(default_factory=dict)
+    consumer_group: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def init(settings: Settings) -> InitReport:
+    """Create the database schema, the topics with their message types, and the consumer group. Idempotent."""
+    report = InitReport()
+    store = MySQLStore(settings.mysql_url)
+    try:
+        report.database_created = store.ensure_database()
+        report.migrations_applied = store.migrate()
+        report.schema_version = store.schema_version()
+    finally:
+        store.close()
+    brokers = rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME)
+    if not brokers:
+        raise ServiceUnavailable("RocketMQ", settings.namesrv_addr, f"no broker of {c.CLUSTER_NAME} is registered")
+    topics = {settings.deduction_topic: "TRANSACTION", settings.replay_topic: "NORMAL"}
+    for broker in brokers:
+        for topic, message_type in topics.items():
+            existing = rocketmq_admin.topic_info(broker, topic)
+            if existing is None or existing.message_type != message_type:
+                rocketmq_admin.create_topic(broker, topic, queues=c.TOPIC_QUEUES, message_type=message_type)
+            info = rocketmq_admin.topic_info(broker, topic)
+            if info is None or info.message_type != message_type:
+                raise StackError(f"topic {topic} on {broker} is not of type {message_type} after creation")
+        rocketmq_admin.create_group(broker, settings.consumer_group, retry_max_times=RETRY_MAX_TIMES)
+    report.topics = topics
+    report.consumer_group = settings.consumer_group
+    return report
+
+
+def set_stock(settings: Settings, sku: str, qty: object, *, per_user_limit: object = 0,
+              reset: bool = False) -> None:
+    """Load a SKU: MySQL first (the books), then Redis (the gate).
+
+    A SKU with deductions on record is refused unless `reset`: both sides are checked before either is
+    written, so a refusal changes nothing anywhere.
+    """
+    require_id(sku, "sku")
+    quantity = parse_count(qty, "quantity")
+    limit = parse_count(per_user_limit, "per-user limit")
+    store = MySQLStore(settings.mysql_url)
+    stock = RedisStock(settings.redis_url)
+    try:
+        if not reset:
+            applied, logged = store.history(sku), stock.history(sku)
+            if applied or logged:
+                raise StockError(
+                    f"{sku} already has a sale on record ({logged} Redis log entries, {applied} MySQL deductions)",
+                    hint="use another SKU, or pass --reset to discard its history on both sides",
+                )
+        store.load_stock(sku, quantity, per_user_limit=limit, reset=reset)
+        stock.load(sku, quantity, per_user_limit=limit, reset=reset)
+    finally:
+        store.close()
+        stock.close()
+    logger.info("loaded %s: %d units, per-user limit %s", sku, quantity, limit or "none")

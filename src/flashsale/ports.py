@@ -1,0 +1,48 @@
+"""What the three processes need from the outside world, as Protocols.
+
+The pipeline modules depend on these only; the adapters in flashsale.adapters implement them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from flashsale.models import Delivery
+from flashsale.records import ApplyReport, DeadLetter, Incoming, LogEntry, PredeductResult
+
+
+class HalfMessagePort(Protocol):
+    message_id: str
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class TxBusPort(Protocol):
+    def send_half(self, topic: str, key: str, body: bytes, tag: str) -> HalfMessagePort: ...
+
+
+class StockPort(Protocol):
+    def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult: ...
+
+    def is_sold_out(self, sku: str) -> bool: ...
+
+    def log_entry(self, sku: str, token: str) -> LogEntry | None: ...
+
+    def fence(self, sku: str, token: str, user: str, qty: int) -> LogEntry: ...
+
+
+class ReceiverPort(Protocol):
+    def receive(self, max_messages: int) -> list[Delivery]: ...
+
+    def ack(self, deliveries: Sequence[Delivery]) -> int: ...
+
+    def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None: ...
+
+
+class StorePort(Protocol):
+    def apply_batch(self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = ()) -> ApplyReport: ...
+
+    def ping(self) -> None: ...

@@ -1,0 +1,117 @@
+"""Records the stores hand back: Redis log entries and script outcomes, MySQL batch reports and views."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+
+from flashsale.models import Deduction
+
+
+class Prededuct(enum.IntEnum):
+    ACCEPTED = 1
+    DUPLICATE = 2
+    SOLD_OUT = 3
+    INSUFFICIENT = 4
+    LIMIT_EXCEEDED = 5
+    INVALID_QTY = 6
+    UNKNOWN_SKU = 7
+    FENCED = 8
+
+
+class StockReturn(enum.IntEnum):
+    RETURNED = 1
+    ALREADY_RETURNED = 2
+    NOT_DEDUCTED = 3
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    token: str
+    state: str
+    sku: str
+    user: str
+    qty: int
+    ts_ms: int
+    message_id: str | None = None
+    from_stock: int | None = None
+    to_stock: int | None = None
+
+    @classmethod
+    def parse(cls, token: str, raw: str | bytes) -> LogEntry:
+        data = json.loads(raw)
+        return cls(
+            token=token,
+            state=str(data["state"]),
+            sku=str(data.get("sku", "")),
+            user=str(data.get("user", "")),
+            qty=int(data.get("qty", 0)),
+            ts_ms=int(data.get("ts", 0)),
+            message_id=data.get("msg") or None,
+            from_stock=int(data["from"]) if "from" in data else None,
+            to_stock=int(data["to"]) if "to" in data else None,
+        )
+
+
+@dataclass(frozen=True)
+class PredeductResult:
+    code: Prededuct
+    remaining: int | None
+    entry: LogEntry | None = None
+    bought: int | None = None
+
+
+@dataclass(frozen=True)
+class StockView:
+    sku: str
+    stock: int
+    initial: int
+    per_user_limit: int
+    sold_out: bool
+    deducted_qty: int
+    deducted_count: int
+    returned_qty: int
+    returned_count: int
+    fenced_count: int
+    log_entries: int
+    loaded_ms: int
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A decoded deduction message."""
+
+    deduction: Deduction
+    message_id: str
+    topic: str = ""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message_id: str
+    topic: str
+    key: str | None
+    reason: str
+    body: bytes
+    sku: str | None = None
+
+
+@dataclass
+class ApplyReport:
+    applied: list[Deduction] = field(default_factory=list)
+    duplicates: int = 0
+    conflicts: list[Deduction] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InventoryView:
+    sku: str
+    initial: int
+    stock: int
+    per_user_limit: int
+    deductions: int
+    deducted_qty: int
+    orders: int
+    ordered_qty: int

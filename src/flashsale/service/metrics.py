@@ -1,0 +1,42 @@
+"""Prometheus metrics of the three processes (served on /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from flashsale.models import PurchaseResult, Resolution
+from flashsale.records import ApplyReport
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.purchases = Counter("flashsale_purchases", "Purchases answered, by status", ["status"], registry=r)
+        self.purchase_seconds = Histogram("flashsale_purchase_seconds", "Time to answer a purchase",
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("flashsale_purchases_in_flight", "Purchases being processed", registry=r)
+        self.checks = Counter("flashsale_checks", "Transaction checks answered, by resolution", ["resolution"],
+                              registry=r)
+        self.messages = Counter("flashsale_consumer_messages", "Messages handled by the consumer, by outcome",
+                                ["outcome"], registry=r)
+        self.batches = Counter("flashsale_consumer_batches", "Batches committed by the consumer", registry=r)
+        self.batch_seconds = Histogram("flashsale_consumer_batch_seconds", "Time to apply and ack one batch",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+
+    def purchase(self, result: PurchaseResult, seconds: float) -> None:
+        self.purchases.labels(result.status.value).inc()
+        self.purchase_seconds.observe(seconds)
+
+    def check(self, resolution: Resolution) -> None:
+        self.checks.labels(resolution.value).inc()
+
+    def batch(self, report: ApplyReport, size: int, seconds: float) -> None:
+        self.batches.inc()
+        self.batch_seconds.observe(seconds)
+        self.messages.labels("applied").inc(len(report.applied))
+        self.messages.labels("duplicate").inc(report.duplicates)
+        self.messages.labels("conflict").inc(len(report.conflicts))
+        self.messages.labels("dead_letter").inc(len(report.dead_letters))

@@ -1,0 +1,117 @@
+"""The three long-running processes: where adapters and pipeline are put together, and SIGTERM is handled."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from aiohttp import web
+from prometheus_client import start_http_server
+
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.rocketmq_client import RocketMQConsumer, RocketMQProducer
+from flashsale.config import Settings
+from flashsale.pipeline.checker import DeductionChecker
+from flashsale.pipeline.consumer import DeductionConsumer
+from flashsale.pipeline.producer import PurchaseService
+from flashsale.service.http_app import build_app
+from flashsale.service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the producer waits for in-flight purchases after SIGTERM.
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def _on_signals(callback: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s; stopping gracefully", signal.Signals(signum).name)
+        callback.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _serve_metrics(metrics: Metrics, host: str, port: int | None) -> None:
+    if port:
+        start_http_server(port, addr=host, registry=metrics.registry)
+        logger.info("metrics on http://%s:%d/metrics", host, port)
+
+
+def build_purchase_service(settings: Settings, metrics: Metrics | None = None) -> tuple[PurchaseService, RedisStock,
+                                                                                        RocketMQProducer]:
+    """The Python API's engine: a started producer client plus the Redis stock, wired together."""
+    cfg = settings.producer
+    stock = RedisStock(settings.redis_url, timeout_s=cfg.redis_timeout_s, max_connections=cfg.threads + 16)
+    # Every producer answers checks too: the broker may route a check to any producer of the topic.
+    checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check if metrics else None)
+    bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
+    service = PurchaseService(
+        stock, bus, settings.deduction_topic,
+        sold_out_cache_s=cfg.sold_out_cache_s,
+        failpoint_names=settings.failpoints,
+        observe=metrics.purchase if metrics else None,
+    )
+    return service, stock, bus
+
+
+def run_producer(settings: Settings) -> None:
+    metrics = Metrics()
+    service, stock, bus = build_purchase_service(settings, metrics)
+    cfg = settings.producer
+    app = build_app(service, stock, metrics, threads=cfg.threads, max_in_flight=cfg.max_in_flight)
+
+    async def close_clients(_app: web.Application) -> None:
+        bus.shutdown()
+        stock.close()
+
+    app.on_cleanup.append(close_clients)
+    logger.info("producer listening on http://%s:%d (topic %s)", cfg.http_host, cfg.http_port,
+                settings.deduction_topic)
+    # aiohttp turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests finish.
+    web.run_app(app, host=cfg.http_host, port=cfg.http_port, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                print=None, access_log=None, handle_signals=True)
+    logger.info("producer stopped")
+
+
+def run_checker(settings: Settings, *, metrics_port: int | None = None) -> None:
+    metrics = Metrics()
+    stock = RedisStock(settings.redis_url, timeout_s=settings.producer.redis_timeout_s)
+    checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check)
+    stop = threading.Event()
+    _on_signals(stop)
+    bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
+    _serve_metrics(metrics, settings.producer.http_host, metrics_port)
+    logger.info("checker answering transaction checks for %s (grace %.1f s)", settings.deduction_topic,
+                settings.check_grace_s)
+    stop.wait()
+    bus.shutdown()
+    stock.close()
+    logger.info("checker stopped")
+
+
+def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None:
+    metrics = Metrics()
+    cfg = settings.consumer
+    store = MySQLStore(settings.mysql_url)
+    store.ping()
+    receiver = RocketMQConsumer(settings.rocketmq_endpoint, settings.consumer_group,
+                                [settings.deduction_topic, settings.replay_topic], poll_wait_s=cfg.poll_wait_s,
+                                invisible_s=cfg.invisible_s).start()
+    consumer = DeductionConsumer(receiver, store, batch_size=cfg.batch_size, max_backoff_s=cfg.max_backoff_s, failpoint_names=settings.failpoints,
+                                 observe=metrics.batch)
+    stop = threading.Event()
+    _on_signals(stop)
+    watcher = threading.Thread(target=lambda: (stop.wait(), consumer.stop()), daemon=True, name="stop-watcher")
+    watcher.start()
+    _serve_metrics(metrics, settings.producer.http_host, metrics_port)
+    logger.info("consumer of group %s applying %s and %s to %s", settings.consumer_group,
+                settings.deduction_topic, settings.replay_topic, store.address)
+    try:
+        consumer.run()
+    finally:
+        receiver.shutdown()
+        store.close()

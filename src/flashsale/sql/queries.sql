@@ -1,0 +1,91 @@
+-- Every statement flashsale runs, by name. Parameters are named (:name); never build SQL from input.
+
+-- name: create_schema_version
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     INT          NOT NULL,
+    name        VARCHAR(255) NOT NULL,
+    applied_at  DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (version)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+
+-- name: schema_version
+SELECT COALESCE(MAX(version), 0) FROM schema_version
+
+-- name: record_version
+INSERT INTO schema_version (version, name) VALUES (:version, :name)
+
+-- name: lock_migrations
+SELECT GET_LOCK('flashsale_migrations', 60)
+
+-- name: unlock_migrations
+SELECT RELEASE_LOCK('flashsale_migrations')
+
+-- name: upsert_inventory
+INSERT INTO inventory (sku, initial_stock, stock, per_user_limit)
+VALUES (:sku, :qty, :qty, :per_user_limit)
+ON DUPLICATE KEY UPDATE initial_stock = VALUES(initial_stock), stock = VALUES(stock),
+    per_user_limit = VALUES(per_user_limit), version = version + 1
+
+-- name: inventory
+SELECT sku, initial_stock, stock, per_user_limit, version FROM inventory WHERE sku = :sku
+
+-- name: inventory_skus
+SELECT sku FROM inventory ORDER BY sku
+
+-- name: known_skus
+SELECT sku FROM inventory WHERE sku IN :skus
+
+-- name: deduction_count
+SELECT COUNT(*) FROM stock_deductions WHERE sku = :sku
+
+-- name: deduction_totals
+SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM stock_deductions WHERE sku = :sku
+
+-- name: order_totals
+SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM orders WHERE sku = :sku
+
+-- name: delete_sku_history
+DELETE FROM stock_deductions WHERE sku = :sku
+
+-- name: delete_sku_orders
+DELETE FROM orders WHERE sku = :sku
+
+-- name: delete_sku_conflicts
+DELETE FROM conflicts WHERE sku = :sku
+
+-- name: insert_deductions
+INSERT INTO stock_deductions (token, sku, user_id, qty, message_id, source, batch_id, created_ms)
+VALUES (:token, :sku, :user_id, :qty, :message_id, :source, :batch_id, :created_ms)
+ON DUPLICATE KEY UPDATE token = token
+
+-- name: batch_deductions
+SELECT token, sku, user_id, qty FROM stock_deductions WHERE batch_id = :batch_id ORDER BY id
+
+-- name: deduct_stock
+UPDATE inventory SET stock = stock - :total, version = version + 1 WHERE sku = :sku AND stock >= :total
+
+-- name: stock_for_update
+SELECT stock FROM inventory WHERE sku = :sku FOR UPDATE
+
+-- name: delete_deductions
+DELETE FROM stock_deductions WHERE batch_id = :batch_id AND sku = :sku AND token IN :tokens
+
+-- name: insert_orders
+INSERT INTO orders (token, sku, user_id, qty) VALUES (:token, :sku, :user_id, :qty)
+ON DUPLICATE KEY UPDATE token = token
+
+-- name: insert_conflict
+INSERT INTO conflicts (token, sku, user_id, qty, message_id, mysql_stock, reason)
+VALUES (:token, :sku, :user_id, :qty, :message_id, :mysql_stock, :reason)
+ON DUPLICATE KEY UPDATE mysql_stock = VALUES(mysql_stock), reason = VALUES(reason), resolved_at = NULL
+
+-- name: resolve_conflicts
+UPDATE conflicts SET resolved_at = CURRENT_TIMESTAMP(6) WHERE sku = :sku AND token IN :tokens AND resolved_at IS NULL
+
+-- name: insert_dead_letter
+INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body)
+VALUES (:message_id, :topic, :message_key, :sku, :reason, :body)
+ON DUPLICATE KEY UPDATE message_id = message_id
+
+-- name: ping
+SELECT 1

@@ -1,0 +1,114 @@
+"""The MySQL side: migrations and the consumer's batch transaction, against the stack's MariaDB."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from flashsale import sql
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.errors import StockError, StoreError
+from flashsale.models import Deduction
+from flashsale.records import DeadLetter, Incoming
+
+
+def incoming(sku: str, token: str, qty: int = 1, user: str = "u1") -> Incoming:
+    return Incoming(Deduction(token, sku, user, qty), message_id=f"m-{token}", topic="t")
+
+
+def counts(store: MySQLStore, sku: str) -> tuple[int, int, int]:
+    view = store.view(sku)
+    return view.stock, view.deductions, view.orders
+
+
+def test_migrations_are_recorded_and_a_second_run_applies_nothing(mysql_store: MySQLStore) -> None:
+    assert mysql_store.migrate() == []
+    assert mysql_store.schema_version() == len(sql.migrations())
+
+
+def test_every_named_query_is_used_by_the_code() -> None:
+    import pathlib
+
+    source = "\n".join(p.read_text() for p in pathlib.Path(sql.__file__).parent.parent.rglob("*.py"))
+    unused = [name for name in sql.queries() if f'"{name}"' not in source]
+    assert unused == []
+
+
+def test_inventory_stock_can_never_go_negative(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 1)
+    with pytest.raises(StoreError), mysql_store.transaction("force") as conn:
+        conn.execute(sa.text("UPDATE inventory SET stock = -1 WHERE sku = :sku"), {"sku": sku})
+    assert mysql_store.view(sku).stock == 1
+
+
+def test_a_batch_applies_rows_one_update_per_sku_and_orders(mysql_store: MySQLStore, sku: str) -> None:
+    other = sku + "-b"
+    mysql_store.load_stock(sku, 10)
+    mysql_store.load_stock(other, 10)
+    report = mysql_store.apply_batch([incoming(sku, "a", 2), incoming(other, "b", 3), incoming(sku, "c", 1)])
+    assert sorted(d.token for d in report.applied) == ["a", "b", "c"]
+    assert counts(mysql_store, sku) == (7, 2, 2)
+    assert counts(mysql_store, other) == (7, 1, 1)
+
+
+def test_redelivered_and_repeated_messages_change_nothing(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 10)
+    mysql_store.apply_batch([incoming(sku, "a"), incoming(sku, "b")])
+    report = mysql_store.apply_batch([incoming(sku, "a"), incoming(sku, "b"), incoming(sku, "b"), incoming(sku, "c")])
+    assert [d.token for d in report.applied] == ["c"]
+    assert report.duplicates == 3
+    assert counts(mysql_store, sku) == (7, 3, 3)
+
+
+def test_the_same_token_in_two_skus_is_two_deductions(mysql_store: MySQLStore, sku: str) -> None:
+    other = sku + "-b"
+    mysql_store.load_stock(sku, 5)
+    mysql_store.load_stock(other, 5)
+    report = mysql_store.apply_batch([incoming(sku, "same"), incoming(other, "same")])
+    assert len(report.applied) == 2
+
+
+def test_a_deduction_mysql_cannot_cover_becomes_a_conflict_not_a_negative_stock(mysql_store: MySQLStore,
+                                                                               sku: str) -> None:
+    mysql_store.load_stock(sku, 3)
+    report = mysql_store.apply_batch([incoming(sku, "a", 2), incoming(sku, "b", 2), incoming(sku, "c", 1)])
+    assert [d.token for d in report.applied] == ["a", "c"]
+    assert [d.token for d in report.conflicts] == ["b"]
+    assert counts(mysql_store, sku) == (0, 2, 2)
+    with mysql_store.transaction("read") as conn:
+        row = conn.execute(sa.text("SELECT qty, mysql_stock, resolved_at FROM conflicts WHERE sku=:s AND token='b'"),
+                           {"s": sku}).one()
+    assert (row.qty, row.mysql_stock, row.resolved_at) == (2, 3, None)
+
+
+def test_a_conflict_is_resolved_when_the_deduction_later_applies(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 1)
+    assert mysql_store.apply_batch([incoming(sku, "big", 2)]).conflicts
+    with mysql_store.transaction("restock") as conn:
+        conn.execute(sa.text("UPDATE inventory SET stock = 5 WHERE sku = :s"), {"s": sku})
+    assert [d.token for d in mysql_store.apply_batch([incoming(sku, "big", 2)]).applied] == ["big"]
+    with mysql_store.transaction("read") as conn:
+        resolved = conn.execute(sa.text("SELECT resolved_at FROM conflicts WHERE sku=:s"), {"s": sku}).scalar_one()
+    assert resolved is not None
+
+
+def test_unknown_skus_and_malformed_messages_are_dead_lettered_once(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 5)
+    bad = DeadLetter("m-bad", "topic", "k", "body is not JSON", b"{oops")
+    for _ in range(2):  # a redelivery must not add a second row
+        report = mysql_store.apply_batch([incoming(sku, "ok"), incoming("no-such-sku-" + sku, "x")], [bad])
+    assert len(report.dead_letters) == 2
+    with mysql_store.transaction("read") as conn:
+        rows = conn.execute(sa.text("SELECT message_id, reason FROM dead_letters WHERE message_id IN "
+                                    "('m-bad', 'm-x')")).all()
+    assert sorted(r.message_id for r in rows) == ["m-bad", "m-x"]
+    assert counts(mysql_store, sku) == (4, 1, 1)
+
+
+def test_load_stock_refuses_a_sku_with_applied_deductions_unless_reset(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 5)
+    mysql_store.apply_batch([incoming(sku, "a")])
+    with pytest.raises(StockError, match="1 applied"):
+        mysql_store.load_stock(sku, 50)
+    mysql_store.load_stock(sku, 50, reset=True)
+    assert counts(mysql_store, sku) == (50, 0, 0)
