@@ -148,6 +148,32 @@ class MySQLStore:
                              per_user_limit=int(row.per_user_limit), deductions=int(deductions),
                              deducted_qty=int(deducted), orders=int(orders), ordered_qty=int(ordered))
 
+    # --- reconcile ----------------------------------------------------------------------------------
+    def existing_tokens(self, sku: str, tokens: Sequence[str]) -> set[str]:
+        if not tokens:
+            return set()
+        with self.transaction(f"look up tokens of {sku}") as conn:
+            rows = conn.execute(_q("existing_tokens", "tokens"), {"sku": sku, "tokens": list(tokens)})
+            return {r[0] for r in rows}
+
+    def deductions_page(self, sku: str, after: int, limit: int) -> list[Any]:
+        """Applied deductions of the SKU with id > `after`, in id order (keyset paging)."""
+        with self.transaction(f"page deductions of {sku}") as conn:
+            return list(conn.execute(_q("deductions_page"), {"sku": sku, "after": after, "limit": limit}))
+
+    def bookkeeping(self, sku: str) -> dict[str, int]:
+        """Counts reconcile needs besides the totals of `view`."""
+        with self.transaction(f"read bookkeeping of {sku}") as conn:
+            params = {"sku": sku}
+            conflicts, conflict_qty = conn.execute(_q("open_conflicts"), params).one()
+            return {
+                "orders_without_deduction": int(conn.execute(_q("orders_without_deduction"), params).scalar_one()),
+                "deductions_without_order": int(conn.execute(_q("deductions_without_order"), params).scalar_one()),
+                "dead_letters": int(conn.execute(_q("open_dead_letters"), params).scalar_one()),
+                "conflicts": int(conflicts),
+                "conflict_qty": int(conflict_qty),
+            }
+
     def skus(self) -> list[str]:
         with self.transaction("list skus") as conn:
             return [r[0] for r in conn.execute(_q("inventory_skus"))]

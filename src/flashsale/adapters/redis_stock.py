@@ -121,7 +121,7 @@ class RedisStock:
 
     def view(self, sku: str) -> StockView:
         keys = SkuKeys.of(sku)
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=True)  # one snapshot: no script runs in between
         pipe.get(keys.stock)
         pipe.hgetall(keys.meta)
         pipe.hlen(keys.log)
@@ -140,6 +140,13 @@ class RedisStock:
             returned_count=num("returned_count"), fenced_count=num("fenced_count"),
             log_entries=int(entries), loaded_ms=num("loaded_ms"),
         )
+
+    def log_entries(self, sku: str, tokens: list[str]) -> dict[str, LogEntry | None]:
+        """The log entries of `tokens` (HMGET), None where there is none."""
+        if not tokens:
+            return {}
+        raws = self._call("read log", self.client.hmget, SkuKeys.of(sku).log, tokens)
+        return {t: (LogEntry.parse(t, raw) if raw is not None else None) for t, raw in zip(tokens, raws, strict=True)}
 
     def skus(self) -> list[str]:
         return sorted(self._call("list skus", self.client.smembers, c.SKUS_KEY))

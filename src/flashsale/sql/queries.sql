@@ -89,3 +89,24 @@ ON DUPLICATE KEY UPDATE message_id = message_id
 
 -- name: ping
 SELECT 1
+
+-- name: existing_tokens
+SELECT token FROM stock_deductions WHERE sku = :sku AND token IN :tokens
+
+-- name: deductions_page
+SELECT id, token, user_id, qty, message_id, created_ms FROM stock_deductions
+WHERE sku = :sku AND id > :after ORDER BY id LIMIT :limit
+
+-- name: orders_without_deduction
+SELECT COUNT(*) FROM orders o LEFT JOIN stock_deductions d ON d.sku = o.sku AND d.token = o.token
+WHERE o.sku = :sku AND d.id IS NULL
+
+-- name: deductions_without_order
+SELECT COUNT(*) FROM stock_deductions d LEFT JOIN orders o ON o.sku = d.sku AND o.token = d.token
+WHERE d.sku = :sku AND o.id IS NULL
+
+-- name: open_dead_letters
+SELECT COUNT(*) FROM dead_letters WHERE sku = :sku AND replayed_at IS NULL
+
+-- name: open_conflicts
+SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM conflicts WHERE sku = :sku AND resolved_at IS NULL

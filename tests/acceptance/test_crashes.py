@@ -1,0 +1,183 @@
+"""Crashes and faults on the real stack: every one must leave the books exact."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from flashsale import constants as c
+from flashsale import failpoints
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.rocketmq_client import RocketMQProducer
+from flashsale.config import Settings
+from flashsale.models import Deduction, Resolution
+from flashsale.ops.load import run_load
+from flashsale.ops.setup import set_stock
+from flashsale.stack.manager import Stack
+from tests.acceptance.books import applied_tokens, drained
+from tests.acceptance.harness import Pipeline, free_port, post
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline(settings, tmp_path)
+    yield p
+    p.stop_all()
+
+
+def buy(url: str, sku: str, token: str, user: str = "u1", qty: int = 1) -> None:
+    """A purchase whose answer never comes: the producer dies while handling it."""
+    try:
+        post(url, {"sku": sku, "user_id": user, "qty": qty, "token": token}, timeout_s=15)
+    except OSError:
+        return
+    raise AssertionError("the producer answered although it should have been killed")
+
+
+def test_producer_killed_after_the_half_message_is_rolled_back_and_the_token_fenced(
+        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    set_stock(settings, sku, 10)
+    pipeline.consumer()
+    checker = pipeline.checker()
+    doomed, url = pipeline.producer(failpoints=failpoints.AFTER_HALF_MESSAGE)
+    buy(url, sku, "t-crash")
+    assert doomed.wait_exit(10) != 0
+
+    checker.wait_log("key t-crash -> rollback", timeout_s=60)
+    entry = redis_stock.log_entry(sku, "t-crash")
+    assert entry is not None and entry.state == c.STATE_FENCED
+    # The buyer retries the same token on a healthy producer: the fence refuses it, nothing is deducted.
+    _, healthy = pipeline.producer()
+    status, body = post(healthy, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t-crash"})
+    assert (status, body["status"]) == (503, "error")
+    books = drained(redis_stock, mysql_store, sku)
+    assert books.consistent, books.problems
+    assert (books.redis_stock, books.mysql_stock, books.orders, books.redis_fenced) == (10, 10, 0, 1)
+
+
+def test_producer_killed_after_the_prededuct_is_committed_by_the_checker(
+        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    set_stock(settings, sku, 10)
+    pipeline.consumer()
+    checker = pipeline.checker()
+    doomed, url = pipeline.producer(failpoints=failpoints.AFTER_PREDEDUCT)
+    buy(url, sku, "t-crash", qty=3)
+    assert doomed.wait_exit(10) != 0
+
+    checker.wait_log("key t-crash -> commit", timeout_s=60)
+    books = drained(redis_stock, mysql_store, sku)
+    assert books.consistent, books.problems
+    assert (books.redis_stock, books.mysql_stock, books.orders) == (7, 7, 1)
+    assert applied_tokens(mysql_store, sku) == ["t-crash"]
+
+
+def test_consumer_killed_between_commit_and_ack_gets_a_redelivery_that_changes_nothing(
+        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    set_stock(settings, sku, 50)
+    _, url = pipeline.producer()
+    pipeline.checker()
+    doomed = pipeline.consumer(failpoints=failpoints.AFTER_DB_COMMIT, FLASHSALE_INVISIBLE_S="5")
+    load = asyncio.run(run_load(url, [sku], attempts=20, concurrency=4))
+    assert load.statuses["accepted"] == 20
+    assert doomed.wait_exit(30) != 0
+    committed = len(applied_tokens(mysql_store, sku))
+    assert committed > 0  # the killed consumer had committed its batch but acked nothing
+
+    survivor = pipeline.consumer(FLASHSALE_INVISIBLE_S="5")
+    books = drained(redis_stock, mysql_store, sku, timeout_s=90)
+    assert books.consistent, books.problems
+    assert (books.mysql_applied, books.orders, books.mysql_stock) == (20, 20, 30)
+    # the redelivered messages reached the new consumer and were recognised as already applied
+    survivor.wait_for(lambda: _duplicates(survivor.text()) >= committed, "seeing the redelivered batch", 60)
+
+
+def _duplicates(log: str) -> int:
+    return sum(int(n) for n in re.findall(r"(\d+) duplicate", log))
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_mariadb_down_for_20_seconds_mid_sale_acks_nothing_and_loses_nothing(
+        pipeline: Pipeline, settings: Settings, stack: Settings, redis_stock: RedisStock, mysql_store: MySQLStore,
+        sku: str) -> None:
+    set_stock(settings, sku, 400)
+    _, url = pipeline.producer()
+    pipeline.checker()
+    metrics_port = free_port()
+    pipeline.consumer(metrics_port=metrics_port, FLASHSALE_INVISIBLE_S="10")
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    first = asyncio.run(run_load(url, [sku], attempts=100, concurrency=10, run_id="before"))
+    assert first.statuses["accepted"] == 100
+    drained(redis_stock, mysql_store, sku, timeout_s=30)
+
+    db = Stack(stack)
+    db.down(["mariadb"])
+    try:
+        acked_before = _metric(metrics_url, "flashsale_consumer_batches_total")
+        during = asyncio.run(run_load(url, [sku], attempts=200, concurrency=10, run_id="during"))
+        assert during.statuses["accepted"] == 200  # buyers do not notice: Redis and the broker carry the sale
+        time.sleep(max(0.0, 20 - during.elapsed_s))
+        assert _metric(metrics_url, "flashsale_consumer_batches_total") == acked_before
+    finally:
+        db.up(["mariadb"])
+
+    books = drained(redis_stock, mysql_store, sku, timeout_s=120)
+    assert books.consistent, books.problems
+    assert (books.mysql_applied, books.orders, books.mysql_stock, books.redis_stock) == (300, 300, 100, 100)
+    assert _metric(metrics_url, "flashsale_consumer_batches_total") > acked_before
+
+
+def test_a_duplicate_and_a_malformed_message_injected_into_the_topic_change_nothing(
+        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    set_stock(settings, sku, 10)
+    _, url = pipeline.producer()
+    pipeline.checker()
+    consumer = pipeline.consumer()
+    status, body = post(url, {"sku": sku, "user_id": "u1", "qty": 2, "token": "t-real"})
+    assert body["status"] == "accepted"
+    assert drained(redis_stock, mysql_store, sku).consistent
+
+    injector = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic],
+                                lambda _: Resolution.ROLLBACK).start()
+    try:
+        duplicate = Deduction("t-real", sku, "u1", 2).encode()
+        injector.send_half(settings.deduction_topic, "t-real", duplicate, c.DEDUCTION_TAG).commit()
+        malformed_key = f"bad-{uuid.uuid4().hex[:8]}"
+        malformed = injector.send_half(settings.deduction_topic, malformed_key, b'{"v": 1, "sku": ', c.DEDUCTION_TAG)
+        malformed.commit()
+        replayed_twice = Deduction("t-real", sku, "u1", 2, source="replay").encode()
+        injector.send(settings.replay_topic, "t-real", replayed_twice, c.DEDUCTION_TAG)
+    finally:
+        injector.shutdown()
+
+    consumer.wait_for(lambda: _duplicates(consumer.text()) >= 2, "seeing both duplicates", 60)
+    with mysql_store.transaction("read dead letters") as conn:
+        deadline = time.monotonic() + 30
+        while True:
+            rows = conn.execute(sa.text("SELECT reason FROM dead_letters WHERE message_id = :m"),
+                                {"m": malformed.message_id}).all()
+            if rows or time.monotonic() > deadline:
+                break
+            conn.commit()
+            time.sleep(0.5)
+    assert len(rows) == 1 and "not JSON" in rows[0].reason
+    books = drained(redis_stock, mysql_store, sku)
+    assert books.consistent, books.problems
+    assert (books.mysql_applied, books.orders, books.mysql_stock) == (1, 1, 8)

@@ -1,0 +1,47 @@
+"""A whole flash sale over HTTP through the three real processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.config import Settings
+from flashsale.ops.load import run_load
+from flashsale.ops.setup import set_stock
+from tests.acceptance.books import applied_tokens, drained
+from tests.acceptance.harness import Pipeline
+
+
+@pytest.fixture
+def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline(settings, tmp_path)
+    yield p
+    p.stop_all()
+
+
+def test_a_flash_sale_sells_exactly_the_stock_and_the_books_balance(
+        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    set_stock(settings, sku, 1000)
+    _, url = pipeline.producer()
+    pipeline.consumer()
+    pipeline.checker()
+
+    load = asyncio.run(run_load(url, [sku], attempts=5000, concurrency=200))
+
+    assert load.attempts == 5000
+    assert load.statuses["accepted"] == 1000, load.statuses
+    assert load.statuses["sold_out"] == 4000, load.statuses
+    books = drained(redis_stock, mysql_store, sku)
+    assert books.consistent, books.problems
+    assert (books.redis_stock, books.mysql_stock) == (0, 0)
+    assert (books.mysql_applied, books.orders, books.redis_deducted) == (1000, 1000, 1000)
+    tokens = applied_tokens(mysql_store, sku)
+    assert len(tokens) == len(set(tokens)) == 1000
+    assert set(tokens) == {token for _, token, _ in load.accepted}
+    print(f"\n{load.attempts} attempts in {load.elapsed_s:.2f} s = {load.throughput:.0f}/s over HTTP, "
+          f"p50 {load.percentile(0.5) * 1000:.1f} ms, p99 {load.percentile(0.99) * 1000:.1f} ms")
