@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flashsale import constants as c
+from flashsale import failpoints
 from flashsale.errors import ConfigError
 
 
@@ -155,10 +156,14 @@ class Settings:
         _check_url(self.mysql_url, ("mysql+pymysql",), "MYSQL_URL")
         _check_hostport(self.rocketmq_endpoint, "ROCKETMQ_ENDPOINT")
         _check_hostport(self.namesrv_addr, "NAMESRV_ADDR")
-        if not c.ID_PATTERN.match(self.namespace) or ":" in self.namespace or "." in self.namespace:
+        if not c.NAMESPACE_PATTERN.fullmatch(self.namespace):
             raise ConfigError(
-                f"{c.ENV_PREFIX}NAMESPACE={self.namespace!r} must be letters, digits, '-' or '_' (it names topics)"
+                f"{c.ENV_PREFIX}NAMESPACE={self.namespace!r} must be 1-40 letters, digits, '-' or '_' (it names topics)"
             )
+        unknown = sorted(self.failpoints - failpoints.KNOWN)
+        if unknown:
+            raise ConfigError(f"{c.ENV_PREFIX}FAILPOINTS names unknown point(s) {', '.join(unknown)}",
+                              hint=f"known: {', '.join(sorted(failpoints.KNOWN))}")
 
     @property
     def deduction_topic(self) -> str:

@@ -44,10 +44,15 @@ STATE_FENCED = "fenced"
 STATE_RETURNED = "returned"
 
 # --- Validation ---------------------------------------------------------------------------------------
+# Patterns are applied with fullmatch (a `$` would let a trailing newline through).
 #: SKUs and user ids: no braces (they would break the hash tag), no spaces, bounded length.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 #: Idempotency tokens: what a client-side UUID or ULID looks like, plus room for prefixes.
-TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+#: Namespaces name topics and groups: RocketMQ allows letters, digits, '-' and '_' there.
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
+#: A whole number written in ASCII digits (str.isdigit would also accept '²').
+DIGITS = re.compile(r"[0-9]{1,18}")
 #: Largest quantity one purchase may ask for.
 MAX_QTY = 1_000_000
 

@@ -32,7 +32,7 @@ class Resolution(enum.Enum):
 
 
 def require_id(value: object, name: str, pattern: Any = c.ID_PATTERN) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidInput(
             f"{name} must be 1-64 characters of letters, digits and . _ : - (got {value!r})",
         )
@@ -43,7 +43,7 @@ def parse_qty(value: object) -> int:
     """A purchase quantity: a whole number from 1 to MAX_QTY. Strings of digits are accepted."""
     if isinstance(value, bool):
         raise InvalidInput(f"qty must be a whole number, got {value!r}")
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and c.DIGITS.fullmatch(value.strip().removeprefix("-")):
         value = int(value.strip())
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -62,7 +62,7 @@ def parse_count(value: object, name: str) -> int:
         return 0
     if isinstance(value, bool):
         raise InvalidInput(f"{name} must be a whole number, got {value!r}")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and c.DIGITS.fullmatch(value.strip()):
         value = int(value.strip())
     if not isinstance(value, int) or value < 0:
         raise InvalidInput(f"{name} must be a whole number >= 0, got {value!r}")
@@ -147,7 +147,7 @@ class Deduction:
         if not isinstance(data, dict):
             raise MalformedMessage("body is not a JSON object")
         version = data.get("v")
-        if version != c.MESSAGE_VERSION:
+        if type(version) is not int or version != c.MESSAGE_VERSION:
             raise MalformedMessage(f"unsupported message version {version!r}")
         missing = [k for k in ("token", "sku", "user_id", "qty", "ts_ms") if k not in data]
         if missing:

@@ -39,7 +39,9 @@ class ReceiverPort(Protocol):
 
     def ack(self, deliveries: Sequence[Delivery]) -> int: ...
 
-    def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None: ...
+    def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None:
+        """Best effort, never raises: an un-nacked message still comes back when its invisible time ends."""
+        ...
 
 
 class StorePort(Protocol):

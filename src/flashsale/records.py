@@ -101,6 +101,7 @@ class DeadLetter:
 class ApplyReport:
     applied: list[Deduction] = field(default_factory=list)
     duplicates: int = 0
+    restored: int = 0  # rows re-created for orders that existed: their stock was already deducted
     conflicts: list[Deduction] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
 

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
     p = Pipeline(settings, tmp_path)
     yield p
-    p.stop_all()
+    p.stop()
 
 
 def buy(url: str, sku: str, token: str, user: str = "u1", qty: int = 1) -> None:

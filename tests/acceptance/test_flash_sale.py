@@ -21,7 +21,7 @@ from tests.acceptance.harness import Pipeline
 def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
     p = Pipeline(settings, tmp_path)
     yield p
-    p.stop_all()
+    p.stop()
 
 
 def test_a_flash_sale_sells_exactly_the_stock_and_the_books_balance(

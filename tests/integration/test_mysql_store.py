@@ -112,3 +112,36 @@ def test_load_stock_refuses_a_sku_with_applied_deductions_unless_reset(mysql_sto
         mysql_store.load_stock(sku, 50)
     mysql_store.load_stock(sku, 50, reset=True)
     assert counts(mysql_store, sku) == (50, 0, 0)
+
+
+def test_a_lost_deduction_row_comes_back_without_taking_the_stock_twice(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 10)
+    mysql_store.apply_batch([incoming(sku, "a", 3)])
+    with mysql_store.transaction("lose the row") as conn:
+        conn.execute(sa.text("DELETE FROM stock_deductions WHERE sku = :s AND token = 'a'"), {"s": sku})
+    report = mysql_store.apply_batch([incoming(sku, "a", 3)])
+    assert (report.restored, report.applied) == (1, [])
+    assert counts(mysql_store, sku) == (7, 1, 1)
+
+
+def test_a_lost_order_is_put_back_by_a_redelivery(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 10)
+    mysql_store.apply_batch([incoming(sku, "a", 3)])
+    with mysql_store.transaction("lose the order") as conn:
+        conn.execute(sa.text("DELETE FROM orders WHERE sku = :s AND token = 'a'"), {"s": sku})
+    assert counts(mysql_store, sku) == (7, 1, 0)
+    report = mysql_store.apply_batch([incoming(sku, "a", 3)])
+    assert report.duplicates == 1
+    assert counts(mysql_store, sku) == (7, 1, 1)
+
+
+def test_missing_orders_are_created_from_their_deduction_rows(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 10)
+    mysql_store.apply_batch([incoming(sku, "a", 1, user="alice"), incoming(sku, "b", 2)])
+    with mysql_store.transaction("lose the orders") as conn:
+        conn.execute(sa.text("DELETE FROM orders WHERE sku = :s"), {"s": sku})
+    assert mysql_store.create_missing_orders(sku) == 2
+    assert mysql_store.create_missing_orders(sku) == 0
+    with mysql_store.transaction("read") as conn:
+        row = conn.execute(sa.text("SELECT user_id, qty FROM orders WHERE sku = :s AND token = 'a'"), {"s": sku}).one()
+    assert (row.user_id, row.qty) == ("alice", 1)

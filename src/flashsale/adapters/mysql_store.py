@@ -161,6 +161,21 @@ class MySQLStore:
         with self.transaction(f"page deductions of {sku}") as conn:
             return list(conn.execute(_q("deductions_page"), {"sku": sku, "after": after, "limit": limit}))
 
+    def dead_letters_page(self, after: int, limit: int) -> list[Any]:
+        """Dead letters not replayed yet with id > `after`, in id order."""
+        with self.transaction("page dead letters") as conn:
+            return list(conn.execute(_q("dead_letters_page"), {"after": after, "limit": limit}))
+
+    def mark_replayed(self, ids: Sequence[int]) -> None:
+        if ids:
+            with self.transaction("mark dead letters replayed") as conn:
+                conn.execute(_q("mark_dead_letters_replayed", "ids"), {"ids": list(ids)})
+
+    def create_missing_orders(self, sku: str) -> int:
+        """An order for every applied deduction that lacks one; returns how many were created."""
+        with self.transaction(f"create missing orders of {sku}") as conn:
+            return int(conn.execute(_q("create_missing_orders"), {"sku": sku}).rowcount)
+
     def bookkeeping(self, sku: str) -> dict[str, int]:
         """Counts reconcile needs besides the totals of `view`."""
         with self.transaction(f"read bookkeeping of {sku}") as conn:
@@ -215,16 +230,31 @@ class MySQLStore:
             by_sku: dict[str, list[Any]] = defaultdict(list)
             for row in new:
                 by_sku[row.sku].append(row)
+            # Tokens whose row existed before this batch are applied already; their orders are checked too.
+            new_keys = {(r.sku, r.token) for r in new}
+            to_order: dict[str, list[str]] = defaultdict(list)
+            for sku, token in unique:
+                if sku in known and (sku, token) not in new_keys:
+                    to_order[sku].append(token)
             for sku in sorted(by_sku):
-                applied, conflicts = self._deduct(conn, batch_id, sku, by_sku[sku], unique)
+                fresh = by_sku[sku]
+                # An order is written in the same transaction as its stock deduction: a row that comes back
+                # for a token that has an order (the row was lost, the order was not) deducts nothing again.
+                ordered = {r[0] for r in conn.execute(_q("ordered_tokens", "tokens"),
+                                                      {"sku": sku, "tokens": [r.token for r in fresh]})}
+                report.restored += len(ordered)
+                applied, conflicts = self._deduct(conn, batch_id, sku, [r for r in fresh if r.token not in ordered],
+                                                  unique)
                 report.applied += [unique[(sku, r.token)].deduction for r in applied]
                 report.conflicts += [unique[(sku, r.token)].deduction for r in conflicts]
-                if applied:
-                    conn.execute(_q("resolve_conflicts", "tokens"), {"sku": sku, "tokens": [r.token for r in applied]})
-            if report.applied:
-                conn.execute(_q("insert_orders"), [
-                    {"token": d.token, "sku": d.sku, "user_id": d.user_id, "qty": d.qty} for d in report.applied
-                ])
+                done = [r.token for r in applied] + sorted(ordered)
+                if done:
+                    conn.execute(_q("resolve_conflicts", "tokens"), {"sku": sku, "tokens": done})
+                to_order[sku] += done
+            for sku, tokens in sorted(to_order.items()):
+                # Every applied token has its order, made from its deduction row: a no-op for a redelivery,
+                # the missing order put back for a replay after an order was lost.
+                conn.execute(_q("insert_orders", "tokens"), {"sku": sku, "tokens": tokens})
             for conflict in report.conflicts:
                 logger.warning("conflict: token %s sku %s qty %d does not fit MySQL stock", conflict.token,
                                conflict.sku, conflict.qty)

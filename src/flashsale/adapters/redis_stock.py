@@ -107,10 +107,22 @@ class RedisStock:
         code, remaining, _ = self._run("return_stock", keys.all(), [token])
         return StockReturn(int(code)), int(remaining) if int(remaining) >= 0 else None
 
+    def adopt(self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *,
+              deduct: bool) -> tuple[int, str]:
+        """Write back a deduction MySQL has and the log lacks; see adopt.lua for the codes."""
+        keys = SkuKeys.of(sku)
+        code, detail = self._run("adopt", keys.all(), [token, user, str(qty), str(ts_ms), message_id, sku,
+                                                       "deduct" if deduct else "entry"])
+        return int(code), str(detail)
+
     # --- reading ------------------------------------------------------------------------------------
     def log_entry(self, sku: str, token: str) -> LogEntry | None:
         raw = self._call("read log", self.client.hget, SkuKeys.of(sku).log, token)
         return LogEntry.parse(token, raw) if raw is not None else None
+
+    def exists(self, sku: str) -> bool:
+        """Is the SKU loaded (has a stock key)?"""
+        return bool(self._call("read stock", self.client.exists, SkuKeys.of(sku).stock))
 
     def history(self, sku: str) -> int:
         """Log entries (deductions and fences) recorded for the SKU."""

@@ -61,10 +61,10 @@ def main(ctx: click.Context, log_level: str) -> None:
 
 
 def _register() -> None:
-    from flashsale.cli import process_cmd, setup_cmd, stack_cmd
+    from flashsale.cli import ops_cmd, process_cmd, setup_cmd, stack_cmd
 
     for command in (stack_cmd.stack, setup_cmd.init, setup_cmd.stock, process_cmd.producer, process_cmd.consumer,
-                    process_cmd.checker):
+                    process_cmd.checker, ops_cmd.reconcile, ops_cmd.replay):
         main.add_command(command)
 
 

@@ -19,10 +19,12 @@ from flashsale.ops import setup
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.option("--wait", "wait_s", type=click.FloatRange(0), default=0, show_default=True, metavar="SECONDS",
+              help="Keep asking servers that do not answer yet, for up to this long.")
 @click.pass_obj
-def init(ctx: Context, as_json: bool) -> None:
+def init(ctx: Context, as_json: bool, wait_s: float) -> None:
     """Apply the SQL migrations and create the topics (deductions as TRANSACTION) and the consumer group."""
-    report = setup.init(ctx.settings)
+    report = setup.init(ctx.settings, wait_s=wait_s)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return

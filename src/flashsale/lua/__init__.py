@@ -11,4 +11,4 @@ def source(name: str) -> str:
     return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
-NAMES = ("prededuct", "fence", "return_stock", "load_stock")
+NAMES = ("prededuct", "fence", "return_stock", "load_stock", "adopt")

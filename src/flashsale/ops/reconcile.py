@@ -7,14 +7,17 @@ side in one round trip, so a sale with millions of entries never sits in memory 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import constants as c
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
+from flashsale.config import Settings
 from flashsale.errors import UnknownSku
+from flashsale.ops.paging import pages
+from flashsale.records import LogEntry
 
 #: Log entries / rows read per round trip.
 PAGE = 1000
@@ -74,19 +77,14 @@ class SkuReport:
         return data
 
 
-def _pages(entries: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    page: list[Any] = []
-    for entry in entries:
-        page.append(entry)
-        if len(page) == size:
-            yield page
-            page = []
-    if page:
-        yield page
+#: Called with each page of Redis deductions MySQL lacks (older than the settle time).
+OnMissing = Callable[[list[LogEntry]], None]
+#: Called with each MySQL deduction row whose token has no deduction in the Redis log, and its entry.
+OnOrphan = Callable[[Any, LogEntry | None, SkuReport], None]
 
 
-def reconcile_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float,
-                  now_ms: int | None = None) -> SkuReport:
+def reconcile_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float, now_ms: int | None = None,
+                  on_missing: OnMissing | None = None, on_orphan: OnOrphan | None = None) -> SkuReport:
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     settle_ms = settle_s * 1000
     report = SkuReport(sku)
@@ -109,12 +107,13 @@ def reconcile_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: f
         return report
 
     # Redis -> MySQL: every deduction in the log must be applied (or still be young: in flight).
-    for page in _pages(stock.scan_log(sku, page=PAGE), PAGE):
+    for page in pages(stock.scan_log(sku, page=PAGE), PAGE):
         deducted = [e for e in page if e.state in _DEDUCTED]
         report.redis_fenced += sum(1 for e in page if e.state == c.STATE_FENCED)
         report.redis_deducted += len(deducted)
         report.redis_deducted_qty += sum(e.qty for e in deducted)
         applied = store.existing_tokens(sku, [e.token for e in deducted])
+        missing = []
         for entry in deducted:
             if entry.token in applied:
                 continue
@@ -122,10 +121,13 @@ def reconcile_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: f
                 report.in_flight += 1
                 report.in_flight_qty += entry.qty
             else:
+                missing.append(entry)
                 report.missing_in_mysql += 1
                 report.missing_qty += entry.qty
                 if len(report.missing_tokens) < SAMPLE:
                     report.missing_tokens.append(entry.token)
+        if missing and on_missing:
+            on_missing(missing)
 
     # MySQL -> Redis: every applied deduction must have a deduction in the log.
     after = 0
@@ -142,6 +144,8 @@ def reconcile_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: f
                 report.mysql_without_log_qty += int(row.qty)
                 if len(report.without_log_tokens) < SAMPLE:
                     report.without_log_tokens.append(row.token)
+                if on_orphan:
+                    on_orphan(row, entry, report)
 
     _judge(report)
     return report
@@ -170,6 +174,101 @@ def _judge(r: SkuReport) -> None:
         r.problems.append(f"{r.redis_returned_qty} units were returned in Redis; MySQL knows of no return")
 
 
-def reconcile(stock: RedisStock, store: MySQLStore, skus: list[str] | None, *, settle_s: float) -> list[SkuReport]:
-    names = skus or sorted(set(stock.skus()) | set(store.skus()))
-    return [reconcile_sku(stock, store, sku, settle_s=settle_s) for sku in names]
+@dataclass
+class RepairReport:
+    sku: str
+    orders_created: int = 0
+    replayed: int = 0
+    adopted_entries: int = 0  # log entries written back (Redis still counted the deduction)
+    adopted_deductions: int = 0  # deductions Redis had lost entirely, taken from its stock again
+    needs_operator: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Repairer:
+    """The fixes that need no guessing, applied while reconcile streams through the SKU:
+
+    - deductions the Redis log has and MySQL lacks are replayed (the consumer applies each once);
+    - deductions MySQL applied and the Redis log lacks are written back to Redis: the entry alone while
+      the Redis counters still include units no entry explains, otherwise the whole deduction (Redis lost
+      it, e.g. in a failover); when Redis has no stock left to take, or fenced the token, an operator
+      has to decide;
+    - deductions MySQL applied without an order get their order.
+    """
+
+    def __init__(self, stock: RedisStock, sku: str, replay: Callable[[list[LogEntry]], int]) -> None:
+        self.stock = stock
+        self.replay = replay
+        self.report = RepairReport(sku)
+        self._entries_qty = 0  # units explained by the entries written back so far
+
+    def on_missing(self, entries: list[LogEntry]) -> None:
+        self.report.replayed += self.replay(entries)
+
+    def on_orphan(self, row: Any, entry: LogEntry | None, seen: SkuReport) -> None:
+        if entry is not None:
+            self.report.needs_operator.append(f"{row.token}: applied in MySQL but {entry.state} in Redis")
+            return
+        unexplained = seen.redis_counter_qty - seen.redis_deducted_qty - self._entries_qty
+        entry_only = unexplained >= int(row.qty)
+        code, detail = self.stock.adopt(seen.sku, row.token, row.user_id, int(row.qty), int(row.created_ms),
+                                        row.message_id, deduct=not entry_only)
+        if code == 1 and entry_only:
+            self.report.adopted_entries += 1
+            self._entries_qty += int(row.qty)
+        elif code == 1:
+            self.report.adopted_deductions += 1
+        elif code == 2:
+            self.report.needs_operator.append(f"{row.token}: Redis has {detail} left, cannot take {row.qty} again")
+
+
+def repair_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float,
+               replay: Callable[[list[LogEntry]], int]) -> tuple[SkuReport, RepairReport]:
+    """Reconcile `sku` and repair what can be repaired (see _Repairer); returns both reports."""
+    repairer = _Repairer(stock, sku, replay)
+    report = reconcile_sku(stock, store, sku, settle_s=settle_s, on_missing=repairer.on_missing,
+                           on_orphan=repairer.on_orphan)
+    if report.deductions_without_order:
+        repairer.report.orders_created = store.create_missing_orders(sku)
+    return report, repairer.report
+
+
+def run(settings: Settings, skus: list[str], *, repair: bool = False, wait_s: float = 0.0,
+        dry_run: bool = False) -> tuple[list[SkuReport], list[RepairReport]]:
+    """Reconcile the given SKUs (all known ones when empty); with `repair`, fix and reconcile again.
+
+    After a repair the replayed deductions still have to pass through the consumer: `wait_s` keeps
+    reconciling until the books balance or the time is up.
+    """
+    from flashsale.ops.replay import Replayer
+
+    stock, store = RedisStock(settings.redis_url), MySQLStore(settings.mysql_url)
+    try:
+        names = skus or sorted(set(stock.skus()) | set(store.skus()))
+        mysql_skus = set(store.skus())
+        for sku in skus:
+            if not stock.exists(sku) and sku not in mysql_skus:
+                raise UnknownSku(f"unknown SKU {sku!r}: not loaded in Redis nor MySQL",
+                                 hint="`flashsale reconcile` without a SKU checks every loaded SKU")
+        if not repair:
+            return [reconcile_sku(stock, store, sku, settle_s=settings.settle_s) for sku in names], []
+        repairs: list[RepairReport] = []
+        with Replayer(settings, stock, store, dry_run=dry_run) as replayer:
+            def replay(entries: list[LogEntry]) -> int:
+                before = replayer.report.published
+                replayer.entries(entries)
+                return replayer.report.published - before
+
+            for sku in names:
+                repairs.append(repair_sku(stock, store, sku, settle_s=settings.settle_s, replay=replay)[1])
+        deadline = time.monotonic() + wait_s
+        while True:
+            reports = [reconcile_sku(stock, store, sku, settle_s=settings.settle_s) for sku in names]
+            if all(r.consistent for r in reports) or time.monotonic() >= deadline:
+                return reports, repairs
+            time.sleep(1.0)
+    finally:
+        stock.close()
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,8 +34,23 @@ class InitReport:
         return asdict(self)
 
 
-def init(settings: Settings) -> InitReport:
-    """Create the database schema, the topics with their message types, and the consumer group. Idempotent."""
+def init(settings: Settings, *, wait_s: float = 0.0) -> InitReport:
+    """Create the database schema, the topics with their message types, and the consumer group. Idempotent.
+
+    With `wait_s`, servers that do not answer yet are asked again until that many seconds have passed.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _init(settings)
+        except ServiceUnavailable as exc:
+            if time.monotonic() >= deadline:
+                raise
+            logger.info("waiting for %s", exc)
+            time.sleep(2.0)
+
+
+def _init(settings: Settings) -> InitReport:
     report = InitReport()
     store = MySQLStore(settings.mysql_url)
     try:

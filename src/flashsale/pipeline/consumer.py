@@ -94,7 +94,7 @@ class DeductionConsumer:
         try:
             report = self._store.apply_batch(incoming, dead)
         except FlashSaleError as exc:
-            if exc.retriable or len(batch) == 1:
+            if exc.retriable:
                 raise
             logger.warning("batch of %d rejected (%s); applying its messages one by one", len(batch), exc)
             report = self._apply_one_by_one(batch)

@@ -71,8 +71,9 @@ SELECT stock FROM inventory WHERE sku = :sku FOR UPDATE
 DELETE FROM stock_deductions WHERE batch_id = :batch_id AND sku = :sku AND token IN :tokens
 
 -- name: insert_orders
-INSERT INTO orders (token, sku, user_id, qty) VALUES (:token, :sku, :user_id, :qty)
-ON DUPLICATE KEY UPDATE token = token
+INSERT INTO orders (token, sku, user_id, qty)
+SELECT token, sku, user_id, qty FROM stock_deductions WHERE sku = :sku AND token IN :tokens
+ON DUPLICATE KEY UPDATE token = orders.token
 
 -- name: insert_conflict
 INSERT INTO conflicts (token, sku, user_id, qty, message_id, mysql_stock, reason)
@@ -110,3 +111,19 @@ SELECT COUNT(*) FROM dead_letters WHERE sku = :sku AND replayed_at IS NULL
 
 -- name: open_conflicts
 SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM conflicts WHERE sku = :sku AND resolved_at IS NULL
+
+-- name: ordered_tokens
+SELECT token FROM orders WHERE sku = :sku AND token IN :tokens
+
+-- name: create_missing_orders
+INSERT INTO orders (token, sku, user_id, qty)
+SELECT d.token, d.sku, d.user_id, d.qty FROM stock_deductions d
+LEFT JOIN orders o ON o.sku = d.sku AND o.token = d.token
+WHERE d.sku = :sku AND o.id IS NULL
+
+-- name: dead_letters_page
+SELECT id, message_id, topic, message_key, sku, reason, body FROM dead_letters
+WHERE replayed_at IS NULL AND id > :after ORDER BY id LIMIT :limit
+
+-- name: mark_dead_letters_replayed
+UPDATE dead_letters SET replayed_at = CURRENT_TIMESTAMP(6) WHERE id IN :ids

@@ -1,0 +1,50 @@
+-- Put back into Redis a deduction MySQL applied but the Redis log lacks (reconcile --repair).
+--
+-- KEYS[1] fs:{sku}:stock
+-- KEYS[2] fs:{sku}:log
+-- KEYS[3] fs:{sku}:users
+-- KEYS[4] fs:{sku}:meta
+-- ARGV[1] token
+-- ARGV[2] user id
+-- ARGV[3] quantity
+-- ARGV[4] timestamp (ms) of the original deduction
+-- ARGV[5] message id
+-- ARGV[6] sku
+-- ARGV[7] mode: 'entry'  = only the log entry was lost (stock and counters still count the deduction)
+--               'deduct' = Redis lost the whole deduction (e.g. a failover): take the stock again too
+--
+-- Returns {code, detail}:
+--   0 nothing to do: the token already has a log entry (detail = its state)
+--   1 adopted
+--   2 refused: 'deduct' needs more stock than Redis has (detail = remaining); an operator must decide
+local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local token, user, qty_arg, ts, message_id, sku, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+
+local seen = redis.call('HGET', log_key, token)
+if seen then
+  return {0, cjson.decode(seen)['state']}
+end
+local qty = tonumber(qty_arg)
+local stock = tonumber(redis.call('GET', stock_key) or '-1')
+local entry = {
+  state = 'deducted', sku = sku, user = user, qty = qty,
+  ts = tonumber(ts), msg = message_id, restored = 1,
+}
+if mode == 'deduct' then
+  if stock < qty then
+    return {2, tostring(stock)}
+  end
+  entry['from'] = stock
+  entry['to'] = stock - qty
+  redis.call('SET', stock_key, stock - qty)
+  redis.call('HINCRBY', meta_key, 'deducted_qty', qty)
+  redis.call('HINCRBY', meta_key, 'deducted_count', 1)
+  if tonumber(redis.call('HGET', meta_key, 'per_user_limit') or '0') > 0 then
+    redis.call('HINCRBY', users_key, user, qty)
+  end
+  if stock - qty == 0 then
+    redis.call('HSET', meta_key, 'sold_out', 1)
+  end
+end
+redis.call('HSET', log_key, token, cjson.encode(entry))
+return {1, ''}

@@ -1,0 +1,132 @@
+"""Run producer, consumer and checker as real child processes (for `demo`, `bench` and the tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from flashsale import constants as c
+from flashsale.errors import FlashSaleError
+
+#: Lines each process logs once it serves.
+READY_MARKERS = {"consumer": "consumer of group", "checker": "checker answering"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((c.DEFAULT_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+class Child:
+    def __init__(self, role: str, args: list[str], env: Mapping[str, str], log: Path) -> None:
+        self.role = role
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(log, "wb")
+        self.popen = subprocess.Popen([sys.executable, "-m", "flashsale", *args], env=dict(env),
+                                      stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for(self, ready: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise FlashSaleError(f"{self.role} exited ({self.popen.returncode}) before {what}; log {self.log}:\n"
+                                     f"{self.text()[-2000:]}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise FlashSaleError(f"{self.role} not {what} after {timeout_s:.0f} s; log {self.log}")
+
+    def wait_log(self, marker: str, timeout_s: float = 60) -> None:
+        self.wait_for(lambda: marker in self.text(), f"logging {marker!r}", timeout_s)
+
+    def kill(self) -> None:
+        """kill -9: no clean-up at all."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(30)
+
+    def terminate(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM, then wait for the graceful stop (SIGKILL after `timeout_s`)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        self._out.close()
+        return self.popen.returncode
+
+    def wait_exit(self, timeout_s: float) -> int:
+        return self.popen.wait(timeout_s)
+
+
+class Fleet:
+    """The three processes of one namespace, with their logs in `logs`."""
+
+    def __init__(self, env: Mapping[str, str], logs: Path) -> None:
+        self.base_env = dict(env)
+        self.base_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.logs = logs
+        self.children: list[Child] = []
+
+    def start(self, role: str, *options: str, **env: str) -> Child:
+        merged = {**self.base_env, **env}
+        child = Child(role, [role, "run", *options], merged, self.logs / f"{role}-{len(self.children)}.log")
+        self.children.append(child)
+        return child
+
+    def producer(self, *options: str, port: int | None = None, **env: str) -> tuple[Child, str]:
+        port = port or free_port()
+        child = self.start("producer", *options, FLASHSALE_HTTP_PORT=str(port), **env)
+        url = f"http://{c.DEFAULT_HOST}:{port}"
+        child.wait_for(lambda: healthy(url), "answering /healthz")
+        return child, url
+
+    def consumer(self, *options: str, **env: str) -> Child:
+        child = self.start("consumer", *options, **env)
+        child.wait_log(READY_MARKERS["consumer"])
+        return child
+
+    def checker(self, *options: str, **env: str) -> Child:
+        child = self.start("checker", *options, **env)
+        child.wait_log(READY_MARKERS["checker"])
+        return child
+
+    def stop(self) -> None:
+        """SIGTERM every child (all at once), then wait for each to finish its work."""
+        for child in self.children:
+            if child.popen.poll() is None:
+                child.popen.send_signal(signal.SIGTERM)
+        for child in self.children:
+            child.terminate()
+
+
+def environment(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

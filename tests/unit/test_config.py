@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flashsale import failpoints
+from flashsale.config import VARIABLES, Settings
+from flashsale.errors import ConfigError
+
+
+def test_settings_default_to_the_local_stack() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.mysql_url == "mysql+pymysql://flashsale:flashsale@127.0.0.1:3306/flashsale"
+    assert settings.rocketmq_endpoint == "127.0.0.1:8081"
+    assert settings.namesrv_addr == "127.0.0.1:9876"
+    assert settings.home == Path(".flashsale")
+    assert settings.failpoints == frozenset()
+
+
+def test_settings_derive_client_addresses_from_the_stack_ports() -> None:
+    settings = Settings.from_env(
+        {
+            "FLASHSALE_REDIS_PORT": "7000",
+            "FLASHSALE_MYSQL_PORT": "7001",
+            "FLASHSALE_PROXY_PORT": "7002",
+            "FLASHSALE_NAMESRV_PORT": "7003",
+        }
+    )
+    assert settings.redis_url == "redis://127.0.0.1:7000/0"
+    assert settings.mysql_url.endswith("@127.0.0.1:7001/flashsale")
+    assert settings.rocketmq_endpoint == "127.0.0.1:7002"
+    assert settings.namesrv_addr == "127.0.0.1:7003"
+
+
+def test_settings_prefer_explicit_urls_to_ports() -> None:
+    settings = Settings.from_env(
+        {
+            "FLASHSALE_REDIS_PORT": "7000",
+            "FLASHSALE_REDIS_URL": "redis://cache.example:6380/2",
+            "FLASHSALE_MYSQL_URL": "mysql+pymysql://u:p@db.example:3307/sale",
+            "FLASHSALE_ROCKETMQ_ENDPOINT": "mq.example:9000",
+        }
+    )
+    assert settings.redis_url == "redis://cache.example:6380/2"
+    assert settings.mysql_url == "mysql+pymysql://u:p@db.example:3307/sale"
+    assert settings.mysql_database == "sale"
+    assert settings.rocketmq_endpoint == "mq.example:9000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FLASHSALE_REDIS_PORT", "abc"),
+        ("FLASHSALE_MYSQL_PORT", "70000"),
+        ("FLASHSALE_HTTP_PORT", "0"),
+        ("FLASHSALE_BATCH_SIZE", "0"),
+        ("FLASHSALE_CHECK_GRACE_S", "soon"),
+        ("FLASHSALE_REDIS_URL", "http://127.0.0.1:6379/0"),
+        ("FLASHSALE_MYSQL_URL", "mysql://127.0.0.1/flashsale"),
+        ("FLASHSALE_NAMESPACE", "my.sale"),
+        ("FLASHSALE_NAMESPACE", "a:b"),
+        ("FLASHSALE_ROCKETMQ_ENDPOINT", "127.0.0.1"),
+        ("FLASHSALE_NAMESRV_ADDR", "127.0.0.1:99999"),
+    ],
+)
+def test_settings_name_the_variable_of_a_bad_value(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_settings_refuse_a_namespace_rocketmq_cannot_name_topics_with() -> None:
+    with pytest.raises(ConfigError, match="FLASHSALE_NAMESPACE"):
+        Settings.from_env({"FLASHSALE_NAMESPACE": "a@b"})
+
+
+def test_settings_derive_topic_and_group_names_from_the_namespace() -> None:
+    settings = Settings.from_env({"FLASHSALE_NAMESPACE": "blackfriday"})
+    assert settings.deduction_topic == "blackfriday-deductions"
+    assert settings.replay_topic == "blackfriday-replays"
+    assert settings.consumer_group == "blackfriday-apply"
+
+
+def test_settings_parse_failpoints_as_a_trimmed_comma_separated_set() -> None:
+    a, b = failpoints.AFTER_HALF_MESSAGE, failpoints.AFTER_DB_COMMIT
+    settings = Settings.from_env({"FLASHSALE_FAILPOINTS": f" {a} , {b},,{a} ,"})
+    assert settings.failpoints == frozenset({a, b})
+
+
+def test_settings_refuse_a_misspelt_failpoint_instead_of_ignoring_it() -> None:
+    with pytest.raises(ConfigError, match=r"FLASHSALE_FAILPOINTS.*producer-after-half"):
+        Settings.from_env({"FLASHSALE_FAILPOINTS": "producer-after-half"})
+
+
+def test_every_variable_has_a_flashsale_prefix_and_a_meaning() -> None:
+    assert all(v.env.startswith("FLASHSALE_") and v.meaning for v in VARIABLES)
+    assert len({v.name for v in VARIABLES}) == len(VARIABLES)

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import test_utils, web
+
+from flashsale.errors import ServiceUnavailable, UnknownSku
+from flashsale.pipeline.producer import PurchaseService
+from flashsale.records import Prededuct, PredeductResult, StockView
+from flashsale.service.http_app import build_app
+from flashsale.service.metrics import Metrics
+from tests.unit.fakes import FakeBus, FakeStock
+
+PURCHASE = {"sku": "sku-1", "user_id": "u1", "qty": 1, "token": "tok-1"}
+
+
+class FakeRedisStock(FakeStock):
+    def view(self, sku: str) -> StockView:
+        if sku != "sku-1":
+            raise UnknownSku(f"unknown SKU {sku!r}")
+        return StockView(sku, 9, 10, 0, False, 1, 1, 0, 0, 0, 1, 0)
+
+
+def _app(stock: FakeRedisStock | None = None, *, max_in_flight: int = 8) -> web.Application:
+    stock = stock or FakeRedisStock()
+    metrics = Metrics()
+    service = PurchaseService(stock, FakeBus(), "ns-deductions", observe=metrics.purchase)
+    return build_app(service, stock, metrics, threads=2, max_in_flight=max_in_flight)  # type: ignore[arg-type]
+
+
+def _call(app: web.Application, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:
+    """Send the requests in order to a served app; answer (status, JSON or text) of each."""
+
+    async def run() -> list[tuple[int, Any]]:
+        answers = []
+        async with test_utils.TestClient(test_utils.TestServer(app)) as client:
+            for method, path, data in requests:
+                response = await client.request(method, path, data=data)
+                text = await response.text()
+                is_json = response.content_type == "application/json"
+                answers.append((response.status, json.loads(text) if is_json else text))
+        return answers
+
+    return asyncio.run(run())
+
+
+def _purchase(app: web.Application, payload: object) -> tuple[int, Any]:
+    body = payload if isinstance(payload, str) else json.dumps(payload)
+    return _call(app, ("POST", "/purchase", body))[0]
+
+
+def test_accepted_purchase_answers_200_with_its_message_id() -> None:
+    status, body = _purchase(_app(), PURCHASE)
+    assert status == 200
+    assert body == {"status": "accepted", "token": "tok-1", "remaining": 9, "message_id": "msg-1"}
+
+
+@pytest.mark.parametrize("payload", ["{not json", "[1, 2]"])
+def test_purchase_that_is_not_a_json_object_answers_400(payload: str) -> None:
+    status, body = _purchase(_app(), payload)
+    assert (status, body["status"]) == (400, "invalid")
+
+
+def test_purchase_missing_a_field_answers_422_naming_it() -> None:
+    status, body = _purchase(_app(), {k: v for k, v in PURCHASE.items() if k != "qty"})
+    assert status == 422
+    assert body["message"] == "missing field(s): qty"
+    assert body["token"] == "tok-1"
+
+
+def test_purchase_of_an_unknown_sku_answers_404() -> None:
+    status, body = _purchase(_app(FakeRedisStock(PredeductResult(Prededuct.UNKNOWN_SKU, None))), PURCHASE)
+    assert (status, body["status"]) == (404, "invalid")
+
+
+def test_purchase_with_an_unknown_outcome_answers_202() -> None:
+    stock = FakeRedisStock(error=ServiceUnavailable("Redis", "127.0.0.1:6379", "timeout"))
+    status, body = _purchase(_app(stock), PURCHASE)
+    assert (status, body["status"], body["message_id"]) == (202, "pending", "msg-1")
+
+
+def test_purchase_past_max_in_flight_answers_503_without_deducting() -> None:
+    stock = FakeRedisStock()
+    status, body = _purchase(_app(stock, max_in_flight=0), PURCHASE)
+    assert (status, body["status"]) == (503, "error")
+    assert stock.calls == []
+
+
+def test_metrics_count_purchases_by_status() -> None:
+    (_, _), (status, text) = _call(_app(), ("POST", "/purchase", json.dumps(PURCHASE)), ("GET", "/metrics", None))
+    assert status == 200
+    assert 'flashsale_purchases_total{status="accepted"} 1.0' in text
+
+
+def test_healthz_answers_200_when_redis_answers() -> None:
+    assert _call(_app(), ("GET", "/healthz", None))[0] == (200, {"status": "ok"})
+
+
+def test_healthz_answers_503_when_redis_is_unavailable() -> None:
+    def down() -> None:
+        raise ServiceUnavailable("Redis", "127.0.0.1:6379", "refused")
+
+    status, body = _call(_app(FakeRedisStock(on_ping=down)), ("GET", "/healthz", None))[0]
+    assert (status, body["status"]) == (503, "unavailable")
+
+
+def test_stock_answers_the_view_of_a_loaded_sku_and_404_otherwise() -> None:
+    (status, body), (missing, _) = _call(_app(), ("GET", "/stock/sku-1", None), ("GET", "/stock/other", None))
+    assert (status, body["stock"], body["initial"]) == (200, 9, 10)
+    assert missing == 404

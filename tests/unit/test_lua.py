@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from flashsale import lua
+
+
+@pytest.mark.parametrize("name", lua.NAMES)
+def test_every_script_loads_by_name(name: str) -> None:
+    assert "redis.call" in lua.source(name)
+
+
+@pytest.mark.parametrize("name", lua.NAMES)
+def test_every_script_header_documents_each_key_and_argument_it_uses(name: str) -> None:
+    text = lua.source(name)
+    header = "\n".join(line for line in text.splitlines() if line.startswith("--"))
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
+    assert "-- KEYS[1]" in header
+    assert "-- ARGV[1]" in header
+    for used in set(re.findall(r"(?:KEYS|ARGV)\[\d+\]", code)):
+        assert f"-- {used} " in header, f"{name}.lua uses {used} without documenting it"
+
+
+def test_an_unknown_script_name_does_not_load() -> None:
+    with pytest.raises(FileNotFoundError):
+        lua.source("no_such_script")

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flashsale import constants as c
+from flashsale.errors import InvalidInput, MalformedMessage
+from flashsale.models import (
+    SOURCE_REPLAY,
+    Deduction,
+    PurchaseRequest,
+    PurchaseResult,
+    PurchaseStatus,
+    parse_count,
+    parse_qty,
+)
+
+GOOD = {"sku": "sku-1", "user_id": "user:42", "qty": 2, "token": "0f1e2d3c-aaaa"}
+
+
+def test_purchase_request_from_json_keeps_good_input() -> None:
+    request = PurchaseRequest.from_json(GOOD)
+    assert request == PurchaseRequest(sku="sku-1", user_id="user:42", qty=2, token="0f1e2d3c-aaaa")
+
+
+@pytest.mark.parametrize("sku", ["sku{1}", "a b", "x" * 65, "", "-leading-dash", 7, None])
+def test_purchase_request_refuses_a_bad_sku(sku: object) -> None:
+    with pytest.raises(InvalidInput, match="sku must be"):
+        PurchaseRequest.build(sku, "user", 1, "token")
+
+
+def test_purchase_request_accepts_a_sku_of_64_characters() -> None:
+    assert PurchaseRequest.build("x" * 64, "user", 1, "token").sku == "x" * 64
+
+
+@pytest.mark.parametrize("qty", [0, -1, 1.5, "abc", True, c.MAX_QTY + 1, None, "1.5", [1]])
+def test_purchase_request_refuses_a_bad_qty(qty: object) -> None:
+    with pytest.raises(InvalidInput, match="qty"):
+        PurchaseRequest.build("sku", "user", qty, "token")
+
+
+@pytest.mark.parametrize(("raw", "qty"), [("7", 7), (" 7 ", 7), (3.0, 3), (c.MAX_QTY, c.MAX_QTY)])
+def test_purchase_request_converts_whole_numbers(raw: object, qty: int) -> None:
+    assert PurchaseRequest.build("sku", "user", raw, "token").qty == qty
+
+
+@pytest.mark.parametrize("raw", ["--5", "²"])
+def test_parse_qty_reports_odd_digit_strings_as_invalid_input(raw: str) -> None:
+    with pytest.raises(InvalidInput):
+        parse_qty(raw)
+
+
+def test_purchase_request_refuses_a_sku_with_a_trailing_newline() -> None:
+    with pytest.raises(InvalidInput):
+        PurchaseRequest.build("sku\n", "user", 1, "token")
+
+
+@pytest.mark.parametrize("field", ["sku", "user_id", "qty", "token"])
+def test_purchase_request_names_a_missing_field(field: str) -> None:
+    payload = {k: v for k, v in GOOD.items() if k != field}
+    with pytest.raises(InvalidInput, match=f"missing field\\(s\\): {field}"):
+        PurchaseRequest.from_json(payload)
+
+
+@pytest.mark.parametrize("payload", [[GOOD], "sku", 3, None])
+def test_purchase_request_refuses_json_that_is_not_an_object(payload: object) -> None:
+    with pytest.raises(InvalidInput, match="JSON object"):
+        PurchaseRequest.from_json(payload)
+
+
+@pytest.mark.parametrize(("raw", "count"), [(None, 0), (0, 0), (5, 5), ("12", 12), (10**12, 10**12)])
+def test_parse_count_accepts_whole_numbers_from_zero(raw: object, count: int) -> None:
+    assert parse_count(raw, "quantity") == count
+
+
+@pytest.mark.parametrize("raw", [-1, "-1", 1.0, True, "abc", 10**12 + 1])
+def test_parse_count_refuses_and_names_the_value(raw: object) -> None:
+    with pytest.raises(InvalidInput, match=r"^quantity must be"):
+        parse_count(raw, "quantity")
+
+
+def test_deduction_survives_an_encode_decode_round_trip() -> None:
+    deduction = Deduction("tok-1", "sku-1", "user-1", 3, ts_ms=1_700_000_000_000, source=SOURCE_REPLAY)
+    assert Deduction.decode(deduction.encode()) == deduction
+
+
+def test_deduction_encodes_a_versioned_json_object() -> None:
+    data = json.loads(Deduction("t", "s", "u", 1, ts_ms=5).encode())
+    assert data == {"token": "t", "sku": "s", "user_id": "u", "qty": 1, "ts_ms": 5, "source": "purchase", "v": 1}
+
+
+def _body(**changes: object) -> bytes:
+    data: dict[str, object] = {"token": "t", "sku": "s", "user_id": "u", "qty": 1, "ts_ms": 5, "v": 1}
+    data.update(changes)
+    return json.dumps({k: v for k, v in data.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe\x00", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (_body(v=2), "unsupported message version 2"),
+        (_body(v=...), "unsupported message version None"),
+        (_body(qty=...), "missing field\\(s\\): qty"),
+        (_body(ts_ms=...), "missing field\\(s\\): ts_ms"),
+        (_body(ts_ms="5"), "ts_ms must be"),
+        (_body(ts_ms=-1), "ts_ms must be"),
+        (_body(ts_ms=True), "ts_ms must be"),
+        (_body(source="elsewhere"), "unknown source 'elsewhere'"),
+        (_body(sku="a b"), "sku must be"),
+        (_body(qty=0), "qty must be at least 1"),
+    ],
+)
+def test_deduction_decode_refuses_a_malformed_body(body: bytes, reason: str) -> None:
+    with pytest.raises(MalformedMessage, match=reason):
+        Deduction.decode(body)
+
+
+def test_purchase_result_to_json_leaves_out_an_empty_message() -> None:
+    result = PurchaseResult(PurchaseStatus.ACCEPTED, "tok", remaining=4, message_id="m1")
+    assert result.to_json() == {"status": "accepted", "token": "tok", "remaining": 4, "message_id": "m1"}
+
+
+def test_purchase_result_to_json_carries_a_message() -> None:
+    result = PurchaseResult(PurchaseStatus.SOLD_OUT, "tok", 0, message="sku is sold out")
+    assert result.to_json()["message"] == "sku is sold out"
+    assert result.to_json()["status"] == "sold_out"

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import pytest
+
+from flashsale import constants as c
+from flashsale.errors import ServiceUnavailable, StockError
+from flashsale.models import Deduction, PurchaseStatus
+from flashsale.pipeline.producer import PurchaseService, SoldOutCache
+from flashsale.records import LogEntry, Prededuct, PredeductResult
+from tests.unit.fakes import FakeBus, FakeStock
+
+
+def _service(stock: FakeStock, bus: FakeBus) -> PurchaseService:
+    return PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=60)
+
+
+def test_accepted_purchase_commits_the_half_message() -> None:
+    stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 9)), FakeBus()
+    result = _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1")
+    assert (result.status, result.remaining, result.message_id) == (PurchaseStatus.ACCEPTED, 9, "msg-1")
+    assert bus.calls == ["send_half tok-1", "commit msg-1"]
+    assert stock.calls == ["prededuct sku-1 tok-1 msg-1"]
+
+
+def test_half_message_carries_the_deduction_on_the_deduction_topic() -> None:
+    bus = FakeBus()
+    _service(FakeStock(), bus).purchase("sku-1", "u1", "2", "tok-1")
+    topic, key, body, tag = bus.sent[0]
+    assert (topic, key, tag) == ("ns-deductions", "tok-1", c.DEDUCTION_TAG)
+    deduction = Deduction.decode(body)
+    assert (deduction.token, deduction.sku, deduction.user_id, deduction.qty) == ("tok-1", "sku-1", "u1", 2)
+
+
+@pytest.mark.parametrize(
+    ("code", "remaining", "status"),
+    [
+        (Prededuct.SOLD_OUT, 0, PurchaseStatus.SOLD_OUT),
+        (Prededuct.INSUFFICIENT, 1, PurchaseStatus.SOLD_OUT),
+        (Prededuct.DUPLICATE, 5, PurchaseStatus.DUPLICATE),
+        (Prededuct.LIMIT_EXCEEDED, 5, PurchaseStatus.LIMIT_EXCEEDED),
+        (Prededuct.FENCED, 5, PurchaseStatus.ERROR),
+        (Prededuct.UNKNOWN_SKU, None, PurchaseStatus.INVALID),
+        (Prededuct.INVALID_QTY, None, PurchaseStatus.INVALID),
+    ],
+)
+def test_rejected_purchase_rolls_back_the_half_message(
+    code: Prededuct, remaining: int | None, status: PurchaseStatus
+) -> None:
+    bus = FakeBus()
+    result = _service(FakeStock(PredeductResult(code, remaining)), bus).purchase("sku-1", "u1", 2, "tok-1")
+    assert result.status is status
+    assert bus.calls == ["send_half tok-1", "rollback msg-1"]
+
+
+def test_insufficient_stock_says_how_much_is_left() -> None:
+    result = _service(FakeStock(PredeductResult(Prededuct.INSUFFICIENT, 1)), FakeBus()).purchase("s", "u", 3, "t")
+    assert result.remaining == 1
+    assert result.message == "only 1 left, 3 asked"
+
+
+def test_duplicate_answers_the_original_message_id() -> None:
+    entry = LogEntry("t", "deducted", "s", "u", 1, 0, message_id="msg-original")
+    stock = FakeStock(PredeductResult(Prededuct.DUPLICATE, 4, entry))
+    assert _service(stock, FakeBus()).purchase("s", "u", 1, "t").message_id == "msg-original"
+
+
+def test_unknown_outcome_of_the_prededuct_is_left_pending_to_the_checker() -> None:
+    stock, bus = FakeStock(error=ServiceUnavailable("Redis", "127.0.0.1:6379", "timeout")), FakeBus()
+    result = _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1")
+    assert (result.status, result.message_id) == (PurchaseStatus.PENDING, "msg-1")
+    assert bus.calls == ["send_half tok-1"]
+
+
+def test_failed_script_rolls_back_and_answers_error() -> None:
+    bus = FakeBus()
+    result = _service(FakeStock(error=StockError("script failed")), bus).purchase("sku-1", "u1", 1, "tok-1")
+    assert result.status is PurchaseStatus.ERROR
+    assert bus.calls == ["send_half tok-1", "rollback msg-1"]
+
+
+def test_unsent_half_message_answers_error_without_touching_stock() -> None:
+    stock, bus = FakeStock(), FakeBus(fail_send=True)
+    result = _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1")
+    assert result.status is PurchaseStatus.ERROR
+    assert stock.calls == []
+
+
+def test_lost_commit_still_answers_accepted() -> None:
+    bus = FakeBus(fail_commit=True)
+    result = _service(FakeStock(), bus).purchase("sku-1", "u1", 1, "tok-1")
+    assert result.status is PurchaseStatus.ACCEPTED
+    assert bus.calls == ["send_half tok-1", "commit msg-1"]
+
+
+@pytest.mark.parametrize("code", [Prededuct.SOLD_OUT, Prededuct.ACCEPTED])
+def test_sold_out_sku_is_refused_without_a_half_message_within_the_cache_ttl(code: Prededuct) -> None:
+    stock, bus = FakeStock(PredeductResult(code, 0)), FakeBus()
+    service = _service(stock, bus)
+    service.purchase("sku-1", "u1", 1, "tok-1")
+    result = service.purchase("sku-1", "u2", 1, "tok-2")
+    assert (result.status, result.remaining) == (PurchaseStatus.SOLD_OUT, 0)
+    assert len(bus.sent) == 1
+    assert stock.calls == ["prededuct sku-1 tok-1 msg-1"]
+
+
+def test_invalid_input_answers_invalid_without_a_half_message() -> None:
+    bus = FakeBus()
+    result = _service(FakeStock(), bus).purchase("bad sku", "u1", 1, "tok-1")
+    assert result.status is PurchaseStatus.INVALID
+    assert "sku must be" in result.message
+    assert bus.calls == []
+
+
+def test_observer_sees_every_answer() -> None:
+    seen: list[PurchaseStatus] = []
+    service = PurchaseService(FakeStock(), FakeBus(), "t", observe=lambda result, _s: seen.append(result.status))
+    service.purchase("sku-1", "u1", 1, "tok-1")
+    service.purchase("sku-1", "u1", 0, "tok-2")
+    assert seen == [PurchaseStatus.ACCEPTED, PurchaseStatus.INVALID]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sold_out_cache_trusts_its_flag_until_the_ttl_then_asks_the_stock() -> None:
+    stock, clock = FakeStock(sold_out=True), Clock()
+    cache = SoldOutCache(stock, ttl_s=0.5, clock=clock)
+    assert not cache.is_sold_out("sku-1")
+    cache.mark("sku-1")
+    clock.now += 0.4
+    assert cache.is_sold_out("sku-1")
+    assert stock.calls == []
+    clock.now += 0.2
+    assert cache.is_sold_out("sku-1")
+    assert stock.calls == ["is_sold_out sku-1"]
+
+
+def test_sold_out_cache_forgets_a_restocked_sku() -> None:
+    stock, clock = FakeStock(sold_out=False), Clock()
+    cache = SoldOutCache(stock, ttl_s=0.5, clock=clock)
+    cache.mark("sku-1")
+    clock.now += 1
+    assert not cache.is_sold_out("sku-1")
+    stock.sold_out = True
+    assert not cache.is_sold_out("sku-1")
+    assert stock.calls == ["is_sold_out sku-1"]
+
+
+def test_sold_out_cache_lets_the_prededuct_decide_when_the_stock_cannot_tell() -> None:
+    stock, clock = FakeStock(error=ServiceUnavailable("Redis", "x:1", "down")), Clock()
+    cache = SoldOutCache(stock, ttl_s=0.5, clock=clock)
+    cache.mark("sku-1")
+    clock.now += 1
+    assert not cache.is_sold_out("sku-1")
