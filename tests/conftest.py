@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.stack)
 
 
-def test_environment() -> dict[str, str]:
+def clean_environment() -> dict[str, str]:
     """os.environ without FLASHSALE_* settings that would change what a test means."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(c.ENV_PREFIX) or k in _INHERITED}
     env.setdefault("FLASHSALE_HOME", str(ROOT / ".flashsale"))
@@ -39,7 +39,7 @@ def test_environment() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def stack_settings() -> Settings:
-    return Settings.from_env(test_environment())
+    return Settings.from_env(clean_environment())
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,7 @@ def settings(stack: Settings) -> Iterator[Settings]:
 
     namespace = f"t{uuid.uuid4().hex[:10]}"
     mysql_url = stack.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}"
-    session = Settings.from_env({**test_environment(), "FLASHSALE_NAMESPACE": namespace,
+    session = Settings.from_env({**clean_environment(), "FLASHSALE_NAMESPACE": namespace,
                                  "FLASHSALE_MYSQL_URL": mysql_url})
     init(session)
     yield session

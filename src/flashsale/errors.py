@@ -42,7 +42,7 @@ class ServiceUnavailable(FlashSaleError):
         self.service = service
         self.address = address
         super().__init__(
-            f"{service} at {address} is unavailable: {detail}",
+            f"{service} at {address} is unavailable: {detail.rstrip('. ')}",
             hint=hint or "is the stack running? try `flashsale stack status`",
         )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flashsale.config import Settings
 from flashsale.ops.fleet import Child, Fleet, free_port
-from tests.conftest import test_environment
+from tests.conftest import clean_environment
 
 __all__ = ["Child", "Pipeline", "free_port", "post"]
 
@@ -18,7 +18,7 @@ class Pipeline(Fleet):
     """Producer, consumer and checker of one test. The checker's grace is short so crash tests settle fast."""
 
     def __init__(self, settings: Settings, logs: Path) -> None:
-        env = test_environment()
+        env = clean_environment()
         env.update({
             "FLASHSALE_NAMESPACE": settings.namespace,
             "FLASHSALE_MYSQL_URL": settings.mysql_url,

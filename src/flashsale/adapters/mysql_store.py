@@ -26,7 +26,7 @@ _UNREACHABLE = {2002, 2003, 2006, 2013, 2055, 1053}
 _TRANSIENT = {1213, 1205, 1290, 1040, 1614}
 
 
-def _q(name: str, *expanding: str) -> sa.TextClause:
+def query(name: str, *expanding: str) -> sa.TextClause:
     clause = sa.text(sql.query(name))
     if expanding:
         clause = clause.bindparams(*(sa.bindparam(p, expanding=True) for p in expanding))
@@ -73,7 +73,7 @@ class MySQLStore:
 
     def ping(self) -> None:
         with self.transaction("ping") as conn:
-            conn.execute(_q("ping"))
+            conn.execute(query("ping"))
 
     # --- schema -------------------------------------------------------------------------------------
     def ensure_database(self) -> bool:
@@ -92,35 +92,35 @@ class MySQLStore:
 
     def schema_version(self) -> int:
         with self.transaction("read schema version") as conn:
-            conn.execute(_q("create_schema_version"))
-            return int(conn.execute(_q("schema_version")).scalar_one())
+            conn.execute(query("create_schema_version"))
+            return int(conn.execute(query("schema_version")).scalar_one())
 
     def migrate(self) -> list[str]:
         """Apply pending migrations in order, each recorded in schema_version; returns their names."""
         applied: list[str] = []
         with self._translate("migrate"), self.engine.connect() as conn:
             # DDL commits implicitly in MySQL; a named lock keeps two `init`s from interleaving.
-            conn.execute(_q("lock_migrations"))
+            conn.execute(query("lock_migrations"))
             try:
-                conn.execute(_q("create_schema_version"))
-                current = int(conn.execute(_q("schema_version")).scalar_one())
+                conn.execute(query("create_schema_version"))
+                current = int(conn.execute(query("schema_version")).scalar_one())
                 for migration in sql.migrations():
                     if migration.version <= current:
                         continue
                     for statement in migration.statements:
                         conn.execute(sa.text(statement))
-                    conn.execute(_q("record_version"), {"version": migration.version, "name": migration.name})
+                    conn.execute(query("record_version"), {"version": migration.version, "name": migration.name})
                     conn.commit()
                     applied.append(f"{migration.version:04d}_{migration.name}")
             finally:
-                conn.execute(_q("unlock_migrations"))
+                conn.execute(query("unlock_migrations"))
                 conn.commit()
         return applied
 
     # --- stock ----------------------------------------------------------------------------------------
     def load_stock(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
         with self.transaction(f"load stock of {sku}") as conn:
-            applied = int(conn.execute(_q("deduction_count"), {"sku": sku}).scalar_one())
+            applied = int(conn.execute(query("deduction_count"), {"sku": sku}).scalar_one())
             if applied and not reset:
                 raise StockError(
                     f"{sku} already has {applied} applied deduction(s) in MySQL",
@@ -128,22 +128,22 @@ class MySQLStore:
                 )
             if reset:
                 for name in ("delete_sku_history", "delete_sku_orders", "delete_sku_conflicts"):
-                    conn.execute(_q(name), {"sku": sku})
-            conn.execute(_q("upsert_inventory"), {"sku": sku, "qty": qty, "per_user_limit": per_user_limit})
+                    conn.execute(query(name), {"sku": sku})
+            conn.execute(query("upsert_inventory"), {"sku": sku, "qty": qty, "per_user_limit": per_user_limit})
 
     def history(self, sku: str) -> int:
         """Deductions applied for the SKU."""
         with self.transaction(f"count deductions of {sku}") as conn:
-            return int(conn.execute(_q("deduction_count"), {"sku": sku}).scalar_one())
+            return int(conn.execute(query("deduction_count"), {"sku": sku}).scalar_one())
 
     def view(self, sku: str) -> InventoryView:
         with self.transaction(f"read {sku}") as conn:
-            row = conn.execute(_q("inventory"), {"sku": sku}).first()
+            row = conn.execute(query("inventory"), {"sku": sku}).first()
             if row is None:
                 raise UnknownSku(f"unknown SKU {sku!r}: it is not in MySQL's inventory",
                                  hint=f"load it with `flashsale stock set {sku} QTY`")
-            deductions, deducted = conn.execute(_q("deduction_totals"), {"sku": sku}).one()
-            orders, ordered = conn.execute(_q("order_totals"), {"sku": sku}).one()
+            deductions, deducted = conn.execute(query("deduction_totals"), {"sku": sku}).one()
+            orders, ordered = conn.execute(query("order_totals"), {"sku": sku}).one()
         return InventoryView(sku=sku, initial=int(row.initial_stock), stock=int(row.stock),
                              per_user_limit=int(row.per_user_limit), deductions=int(deductions),
                              deducted_qty=int(deducted), orders=int(orders), ordered_qty=int(ordered))
@@ -153,45 +153,51 @@ class MySQLStore:
         if not tokens:
             return set()
         with self.transaction(f"look up tokens of {sku}") as conn:
-            rows = conn.execute(_q("existing_tokens", "tokens"), {"sku": sku, "tokens": list(tokens)})
+            rows = conn.execute(query("existing_tokens", "tokens"), {"sku": sku, "tokens": list(tokens)})
             return {r[0] for r in rows}
 
     def deductions_page(self, sku: str, after: int, limit: int) -> list[Any]:
         """Applied deductions of the SKU with id > `after`, in id order (keyset paging)."""
         with self.transaction(f"page deductions of {sku}") as conn:
-            return list(conn.execute(_q("deductions_page"), {"sku": sku, "after": after, "limit": limit}))
+            return list(conn.execute(query("deductions_page"), {"sku": sku, "after": after, "limit": limit}))
 
     def dead_letters_page(self, after: int, limit: int) -> list[Any]:
         """Dead letters not replayed yet with id > `after`, in id order."""
         with self.transaction("page dead letters") as conn:
-            return list(conn.execute(_q("dead_letters_page"), {"after": after, "limit": limit}))
+            return list(conn.execute(query("dead_letters_page"), {"after": after, "limit": limit}))
 
     def mark_replayed(self, ids: Sequence[int]) -> None:
         if ids:
             with self.transaction("mark dead letters replayed") as conn:
-                conn.execute(_q("mark_dead_letters_replayed", "ids"), {"ids": list(ids)})
+                conn.execute(query("mark_dead_letters_replayed", "ids"), {"ids": list(ids)})
+
+    def applied(self, skus: Sequence[str]) -> tuple[int, int]:
+        """(deductions, units) applied for these SKUs."""
+        with self.transaction("count applied deductions") as conn:
+            count, qty = conn.execute(query("applied_qty", "skus"), {"skus": list(skus)}).one()
+            return int(count), int(qty)
 
     def create_missing_orders(self, sku: str) -> int:
         """An order for every applied deduction that lacks one; returns how many were created."""
         with self.transaction(f"create missing orders of {sku}") as conn:
-            return int(conn.execute(_q("create_missing_orders"), {"sku": sku}).rowcount)
+            return int(conn.execute(query("create_missing_orders"), {"sku": sku}).rowcount)
 
     def bookkeeping(self, sku: str) -> dict[str, int]:
         """Counts reconcile needs besides the totals of `view`."""
         with self.transaction(f"read bookkeeping of {sku}") as conn:
             params = {"sku": sku}
-            conflicts, conflict_qty = conn.execute(_q("open_conflicts"), params).one()
+            conflicts, conflict_qty = conn.execute(query("open_conflicts"), params).one()
             return {
-                "orders_without_deduction": int(conn.execute(_q("orders_without_deduction"), params).scalar_one()),
-                "deductions_without_order": int(conn.execute(_q("deductions_without_order"), params).scalar_one()),
-                "dead_letters": int(conn.execute(_q("open_dead_letters"), params).scalar_one()),
+                "orders_without_deduction": int(conn.execute(query("orders_without_deduction"), params).scalar_one()),
+                "deductions_without_order": int(conn.execute(query("deductions_without_order"), params).scalar_one()),
+                "dead_letters": int(conn.execute(query("open_dead_letters"), params).scalar_one()),
                 "conflicts": int(conflicts),
                 "conflict_qty": int(conflict_qty),
             }
 
     def skus(self) -> list[str]:
         with self.transaction("list skus") as conn:
-            return [r[0] for r in conn.execute(_q("inventory_skus"))]
+            return [r[0] for r in conn.execute(query("inventory_skus"))]
 
     # --- the consumer's batch ---------------------------------------------------------------------------
     def apply_batch(self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = ()) -> ApplyReport:
@@ -211,7 +217,7 @@ class MySQLStore:
         batch_id = uuid.uuid4().hex
         with self.transaction("apply batch") as conn:
             skus = sorted({sku for sku, _ in unique})
-            known = {r[0] for r in conn.execute(_q("known_skus", "skus"), {"skus": skus})} if skus else set()
+            known = {r[0] for r in conn.execute(query("known_skus", "skus"), {"skus": skus})} if skus else set()
             rows = []
             for key in sorted(unique):
                 item = unique[key]
@@ -224,8 +230,8 @@ class MySQLStore:
                              "message_id": item.message_id, "source": d.source, "batch_id": batch_id,
                              "created_ms": d.ts_ms})
             if rows:
-                conn.execute(_q("insert_deductions"), rows)
-            new = conn.execute(_q("batch_deductions"), {"batch_id": batch_id}).all()
+                conn.execute(query("insert_deductions"), rows)
+            new = conn.execute(query("batch_deductions"), {"batch_id": batch_id}).all()
             report.duplicates += len(rows) - len(new)
             by_sku: dict[str, list[Any]] = defaultdict(list)
             for row in new:
@@ -240,7 +246,7 @@ class MySQLStore:
                 fresh = by_sku[sku]
                 # An order is written in the same transaction as its stock deduction: a row that comes back
                 # for a token that has an order (the row was lost, the order was not) deducts nothing again.
-                ordered = {r[0] for r in conn.execute(_q("ordered_tokens", "tokens"),
+                ordered = {r[0] for r in conn.execute(query("ordered_tokens", "tokens"),
                                                       {"sku": sku, "tokens": [r.token for r in fresh]})}
                 report.restored += len(ordered)
                 applied, conflicts = self._deduct(conn, batch_id, sku, [r for r in fresh if r.token not in ordered],
@@ -249,17 +255,17 @@ class MySQLStore:
                 report.conflicts += [unique[(sku, r.token)].deduction for r in conflicts]
                 done = [r.token for r in applied] + sorted(ordered)
                 if done:
-                    conn.execute(_q("resolve_conflicts", "tokens"), {"sku": sku, "tokens": done})
+                    conn.execute(query("resolve_conflicts", "tokens"), {"sku": sku, "tokens": done})
                 to_order[sku] += done
             for sku, tokens in sorted(to_order.items()):
                 # Every applied token has its order, made from its deduction row: a no-op for a redelivery,
                 # the missing order put back for a replay after an order was lost.
-                conn.execute(_q("insert_orders", "tokens"), {"sku": sku, "tokens": tokens})
+                conn.execute(query("insert_orders", "tokens"), {"sku": sku, "tokens": tokens})
             for conflict in report.conflicts:
                 logger.warning("conflict: token %s sku %s qty %d does not fit MySQL stock", conflict.token,
                                conflict.sku, conflict.qty)
             if report.dead_letters:
-                conn.execute(_q("insert_dead_letter"), [
+                conn.execute(query("insert_dead_letter"), [
                     {"message_id": d.message_id, "topic": d.topic, "message_key": d.key, "sku": d.sku,
                      "reason": d.reason[:512], "body": d.body} for d in report.dead_letters
                 ])
@@ -273,9 +279,9 @@ class MySQLStore:
         record the rest as conflicts; their deduction rows are removed so they can be applied later.
         """
         total = sum(r.qty for r in rows)
-        if conn.execute(_q("deduct_stock"), {"sku": sku, "total": total}).rowcount == 1:
+        if conn.execute(query("deduct_stock"), {"sku": sku, "total": total}).rowcount == 1:
             return rows, []
-        stock = int(conn.execute(_q("stock_for_update"), {"sku": sku}).scalar_one())
+        stock = int(conn.execute(query("stock_for_update"), {"sku": sku}).scalar_one())
         fit, rest, room = [], [], stock
         for row in rows:
             if row.qty <= room:
@@ -284,10 +290,10 @@ class MySQLStore:
             else:
                 rest.append(row)
         if fit:
-            conn.execute(_q("deduct_stock"), {"sku": sku, "total": stock - room})
-        conn.execute(_q("delete_deductions", "tokens"),
+            conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
+        conn.execute(query("delete_deductions", "tokens"),
                      {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]})
-        conn.execute(_q("insert_conflict"), [
+        conn.execute(query("insert_conflict"), [
             {"token": r.token, "sku": sku, "user_id": r.user_id, "qty": r.qty,
              "message_id": items[(sku, r.token)].message_id,
              "mysql_stock": stock, "reason": f"MySQL stock {stock} cannot cover this deduction"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -18,6 +19,9 @@ EXIT_CHECK_FAILED = 1  # the command ran and found a problem (drift, an unhealth
 EXIT_BAD_INPUT = 2  # usage, arguments, configuration
 EXIT_UNAVAILABLE = 3  # a server could not be reached
 EXIT_FAILED = 4  # anything else that went wrong
+
+#: Commands that run until SIGTERM; they log at INFO by default.
+LONG_RUNNING = {"producer", "consumer", "checker"}
 
 
 def exit_code(exc: FlashSaleError) -> int:
@@ -38,33 +42,54 @@ def _environment_help() -> str:
 
 
 class FlashSaleGroup(click.Group):
-    """Turns a FlashSaleError into one line on stderr and a documented exit code."""
+    """Every failure becomes one `error:` line on stderr and a documented exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
         try:
-            return super().invoke(ctx)
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
         except FlashSaleError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exit_code(exc))
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            logging.getLogger("flashsale").debug("unexpected failure", exc_info=True)
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc} (run with --log-level DEBUG for details)",
+                       err=True)
+            sys.exit(EXIT_FAILED)
 
 
 @click.group(cls=FlashSaleGroup, epilog=_environment_help(), context_settings={"max_content_width": 120})
 @click.version_option(__version__, prog_name="flashsale")
-@click.option("--log-level", default="INFO", show_default=True,
+@click.option("--log-level", default=None,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="Verbosity of the log lines written to stderr.")
+              help="Verbosity of the log lines written to stderr [default: INFO for the three processes, "
+                   "WARNING for other commands].")
 @click.pass_context
-def main(ctx: click.Context, log_level: str) -> None:
+def main(ctx: click.Context, log_level: str | None) -> None:
     """flashsale: sell a hot item's stock to a flood of buyers, never oversell, never lose a deduction."""
-    logs.configure(log_level.upper(), process=ctx.invoked_subcommand or "flashsale")
+    command = ctx.invoked_subcommand or "flashsale"
+    level = log_level or ("INFO" if command in LONG_RUNNING else "WARNING")
+    logs.configure(level.upper(), process=command)
     ctx.obj = context.Context()
 
 
 def _register() -> None:
-    from flashsale.cli import ops_cmd, process_cmd, setup_cmd, stack_cmd
+    from flashsale.cli import ops_cmd, process_cmd, sale_cmd, setup_cmd, stack_cmd
 
     for command in (stack_cmd.stack, setup_cmd.init, setup_cmd.stock, process_cmd.producer, process_cmd.consumer,
-                    process_cmd.checker, ops_cmd.reconcile, ops_cmd.replay):
+                    process_cmd.checker, ops_cmd.reconcile, ops_cmd.replay, sale_cmd.bench, sale_cmd.demo):
         main.add_command(command)
 
 

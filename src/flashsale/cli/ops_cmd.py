@@ -26,7 +26,7 @@ _COLUMNS = (
 
 
 def print_reconcile(reports: list[reconcile_ops.SkuReport], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     table = Table(title="reconcile")
     table.add_column("")
     for r in reports:

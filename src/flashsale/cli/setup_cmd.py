@@ -41,7 +41,7 @@ def stock() -> None:
     """Load a SKU's stock before a sale and look at it during and after."""
 
 
-@stock.command("set")
+@stock.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("sku")
 @click.argument("qty")
 @click.option("--per-user-limit", default="0", show_default=True, metavar="N",

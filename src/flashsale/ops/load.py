@@ -29,6 +29,19 @@ class LoadReport:
     accepted: list[tuple[str, str, int]] = field(default_factory=list)  # (sku, token, qty)
     pending: list[tuple[str, str, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    started: float = 0.0
+    last_accepted: float = 0.0  # perf_counter of the last accepted answer
+
+    @property
+    def sellout_s(self) -> float:
+        """Seconds from the first attempt to the last accepted answer."""
+        return max(0.0, self.last_accepted - self.started) if self.last_accepted else 0.0
+
+    @property
+    def accepted_per_s(self) -> float:
+        """Accepted purchases per second while stock lasted."""
+        accepted = self.statuses.get("accepted", 0)
+        return accepted / self.sellout_s if self.sellout_s else 0.0
 
     def percentile(self, q: float) -> float:
         if not self.latencies_s:
@@ -58,6 +71,7 @@ async def _buyer(session: aiohttp.ClientSession, url: str, user: str, plan: Sequ
         report.statuses[status] += 1
         if status == "accepted":
             report.accepted.append((sku, token, qty))
+            report.last_accepted = time.perf_counter()
         elif status == "pending":
             report.pending.append((sku, token, qty))
         tick()
@@ -71,12 +85,11 @@ async def run_load(base_url: str, skus: Sequence[str], *, attempts: int, concurr
     plans: list[list[tuple[str, str, int]]] = [[] for _ in range(concurrency)]
     for i in range(attempts):
         plans[i % concurrency].append((skus[i % len(skus)], f"{run}-{i}", qty))
-    report = LoadReport()
+    report = LoadReport(started=time.perf_counter())
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    started = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(_buyer(session, url, f"{run}-u{b}", plan, report, tick)
                                for b, plan in enumerate(plans) if plan))
-    report.elapsed_s = time.perf_counter() - started
+    report.elapsed_s = time.perf_counter() - report.started
     return report

@@ -127,3 +127,29 @@ WHERE replayed_at IS NULL AND id > :after ORDER BY id LIMIT :limit
 
 -- name: mark_dead_letters_replayed
 UPDATE dead_letters SET replayed_at = CURRENT_TIMESTAMP(6) WHERE id IN :ids
+
+-- name: lock_stock
+SELECT stock FROM inventory WHERE sku = :sku FOR UPDATE
+
+-- name: read_stock_version
+SELECT stock, version FROM inventory WHERE sku = :sku
+
+-- name: take_stock
+UPDATE inventory SET stock = stock - :qty, version = version + 1 WHERE sku = :sku
+
+-- name: take_stock_at_version
+UPDATE inventory SET stock = stock - :qty, version = version + 1
+WHERE sku = :sku AND version = :version AND stock >= :qty
+
+-- name: user_bought
+SELECT COALESCE(SUM(qty), 0) FROM orders WHERE sku = :sku AND user_id = :user_id
+
+-- name: insert_one_deduction
+INSERT INTO stock_deductions (token, sku, user_id, qty, message_id, source, batch_id, created_ms)
+VALUES (:token, :sku, :user_id, :qty, :source, :source, '', :created_ms)
+
+-- name: insert_one_order
+INSERT INTO orders (token, sku, user_id, qty) VALUES (:token, :sku, :user_id, :qty)
+
+-- name: applied_qty
+SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM stock_deductions WHERE sku IN :skus

@@ -1,0 +1,128 @@
+"""Every command, run as a user runs it (`python -m flashsale ...`) against the real stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.config import Settings
+from flashsale.ops.setup import set_stock
+from flashsale.stack import procs
+from tests.conftest import clean_environment
+
+
+def run(settings: Settings, *args: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**clean_environment(), "FLASHSALE_NAMESPACE": settings.namespace,
+               "FLASHSALE_MYSQL_URL": settings.mysql_url, **env}
+    return subprocess.run([sys.executable, "-m", "flashsale", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env=environ)
+
+
+def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(settings: Settings) -> None:
+    result = run(settings, "stack", "status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = {s["name"]: s for s in json.loads(result.stdout)["services"]}
+    assert set(services) == {"redis", "mariadb", "namesrv", "broker"}
+    for service in services.values():
+        assert service["healthy"] and service["pid"] and service["address"].startswith("127.0.0.1:")
+    for name in ("redis", "mariadb", "namesrv"):
+        assert services[name]["listening"] and all(procs.is_loopback(a) for a in services[name]["listening"])
+    broker = services["broker"]["listening"]
+    assert f"127.0.0.1:{settings.ports.broker}" in broker and f"127.0.0.1:{settings.ports.broker - 2}" in broker
+    # RocketMQ 5.3 binds these three to the wildcard address whatever its configuration says (see README).
+    wildcard = {a.rsplit(":", 1)[1] for a in broker if not procs.is_loopback(a)}
+    assert wildcard <= {str(settings.ports.broker + 1), str(settings.ports.proxy_grpc),
+                        str(settings.ports.proxy_remoting)}
+
+
+def test_a_second_stack_up_keeps_what_runs(settings: Settings) -> None:
+    before = {s["name"]: s["pid"] for s in json.loads(run(settings, "stack", "status", "--json").stdout)["services"]}
+    result = run(settings, "stack", "up", "--json")
+    assert result.returncode == 0, result.stderr
+    after = {s["name"]: (s["pid"], s["started"]) for s in json.loads(result.stdout)["services"]}
+    assert after == {name: (pid, False) for name, pid in before.items()}
+
+
+def test_init_is_idempotent_and_says_what_exists(settings: Settings) -> None:
+    result = run(settings, "init", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["migrations_applied"] == [] and report["schema_version"] >= 1
+    assert report["topics"] == {settings.deduction_topic: "TRANSACTION", settings.replay_topic: "NORMAL"}
+
+
+def test_stock_set_then_show_side_by_side(settings: Settings, sku: str) -> None:
+    assert run(settings, "stock", "set", sku, "40", "--per-user-limit", "2").returncode == 0
+    shown = run(settings, "stock", "show", sku, "--json")
+    assert shown.returncode == 0
+    view = json.loads(shown.stdout)
+    assert (view["redis"]["stock"], view["redis"]["per_user_limit"]) == (40, 2)
+    assert (view["mysql"]["stock"], view["mysql"]["initial"]) == (40, 40)
+    table = run(settings, "stock", "show", sku)
+    assert "Redis" in table.stdout and "MySQL" in table.stdout
+
+
+@pytest.mark.parametrize(("args", "env", "expected_code", "says"), [
+    (("stock", "set", "{sku}", "-5"), {}, 2, "quantity must be a whole number"),
+    (("stock", "set", "{sku}", "2.5"), {}, 2, "quantity must be a whole number"),
+    (("stock", "set", "{sku}", "10", "--per-user-limit", "x"), {}, 2, "per-user limit"),
+    (("stock", "set", "bad sku", "10"), {}, 2, "sku must be"),
+    (("stock", "show", "no-such-{sku}"), {}, 2, "unknown SKU"),
+    (("reconcile", "no-such-{sku}"), {}, 2, "unknown SKU"),
+    (("replay", "--sku", "{sku}", "--since", "last tuesday"), {}, 2, "--since: 'last tuesday' is not a time"),
+    (("replay",), {}, 2, "choose exactly one"),
+    (("bench", "--strategy", "warp-speed"), {}, 2, "unknown strategy"),
+    (("bench", "--producer-url", "ftp:/x", "--attempts", "1"), {}, 2, "not an http:// URL"),
+    (("bench", "--stock", "0"), {}, 2, "--stock must be at least 1"),
+    (("demo", "--buyers", "0"), {}, 2, "--buyers"),
+    (("stock", "show", "{sku}"), {"FLASHSALE_REDIS_URL": "redis://127.0.0.1:1/0"}, 3, "redis://127.0.0.1:1/0"),
+    (("init",), {"FLASHSALE_MYSQL_URL": "postgres://x/y"}, 2, "FLASHSALE_MYSQL_URL"),
+    (("stock", "set", "{sku}", "1"), {"FLASHSALE_REDIS_PORT": "sixty"}, 2, "FLASHSALE_REDIS_PORT"),
+    (("stack", "up", "kafka"), {}, 2, "unknown service kafka"),
+])
+def test_bad_input_gets_one_clear_line_a_nonzero_exit_and_changes_nothing(
+        settings: Settings, redis_stock: RedisStock, sku: str, args: tuple[str, ...], env: dict[str, str],
+        expected_code: int, says: str) -> None:
+    set_stock(settings, sku, 7)
+    result = run(settings, *(a.format(sku=sku) for a in args), **env)
+    assert result.returncode == expected_code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert redis_stock.view(sku).stock == 7 and redis_stock.history(sku) == 0
+
+
+def test_stock_set_refuses_to_overwrite_a_sale_in_progress(settings: Settings, redis_stock: RedisStock,
+                                                           sku: str) -> None:
+    set_stock(settings, sku, 5)
+    redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
+    result = run(settings, "stock", "set", sku, "500")
+    assert result.returncode == 4 and "--reset" in result.stderr
+    assert redis_stock.view(sku).stock == 4
+    assert run(settings, "stock", "set", sku, "500", "--reset").returncode == 0
+    assert redis_stock.view(sku).stock == 500
+
+
+def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settings) -> None:
+    result = run(settings, "bench", "--strategy", "mysql-lock,mysql-optimistic,pipeline", "--json", "--stock", "100",
+                 "--attempts", "400", "--buyers", "20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = {r["strategy"]: r for r in json.loads(result.stdout)["results"]}
+    assert set(results) == {"mysql-lock", "mysql-optimistic", "pipeline"}
+    for r in results.values():
+        assert r["attempts"] == 400 and r["consistent"], r
+        assert r["accepted"] <= 100  # never oversold
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+    assert results["mysql-lock"]["accepted"] == results["pipeline"]["accepted"] == 100
+    assert results["mysql-lock"]["ratio"] == 1.0 and results["pipeline"]["ratio"] > 0
+
+
+def test_demo_runs_a_whole_sale_and_ends_with_balanced_books(settings: Settings) -> None:
+    result = run(settings, "demo", "--stock", "60", "--attempts", "300", "--buyers", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "accepted 60" in result.stdout and "sold_out 240" in result.stdout
+    assert "consistent" in result.stdout and "flashsale stack down" in result.stdout
