@@ -20,8 +20,15 @@ from flashsale.config import Settings
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE = "flashsale_test"
 #: The only FLASHSALE_* variables a developer's shell may pass on to tests: which stack to use.
-_INHERITED = {"FLASHSALE_HOME", "FLASHSALE_REDIS_PORT", "FLASHSALE_MYSQL_PORT", "FLASHSALE_NAMESRV_PORT",
-              "FLASHSALE_BROKER_PORT", "FLASHSALE_PROXY_PORT", "FLASHSALE_PROXY_REMOTING_PORT"}
+_INHERITED = {
+    "FLASHSALE_HOME",
+    "FLASHSALE_REDIS_PORT",
+    "FLASHSALE_MYSQL_PORT",
+    "FLASHSALE_NAMESRV_PORT",
+    "FLASHSALE_BROKER_PORT",
+    "FLASHSALE_PROXY_PORT",
+    "FLASHSALE_PROXY_REMOTING_PORT",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,8 +66,9 @@ def settings(stack: Settings) -> Iterator[Settings]:
 
     namespace = f"t{uuid.uuid4().hex[:10]}"
     mysql_url = stack.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}"
-    session = Settings.from_env({**clean_environment(), "FLASHSALE_NAMESPACE": namespace,
-                                 "FLASHSALE_MYSQL_URL": mysql_url})
+    session = Settings.from_env(
+        {**clean_environment(), "FLASHSALE_NAMESPACE": namespace, "FLASHSALE_MYSQL_URL": mysql_url}
+    )
     init(session)
     yield session
     brokers = rocketmq_admin.cluster_brokers(session.namesrv_addr, c.CLUSTER_NAME)

@@ -33,11 +33,17 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REDIS_PORT", str(c.DEFAULT_REDIS_PORT), "port of the stack's Redis"),
     Variable("MYSQL_PORT", str(c.DEFAULT_MYSQL_PORT), "port of the stack's MariaDB"),
     Variable("NAMESRV_PORT", str(c.DEFAULT_NAMESRV_PORT), "port of the stack's RocketMQ name server"),
-    Variable("BROKER_PORT", str(c.DEFAULT_BROKER_PORT), "broker remoting port (the broker also uses port-2 and port+1)"),
+    Variable(
+        "BROKER_PORT", str(c.DEFAULT_BROKER_PORT), "broker remoting port (the broker also uses port-2 and port+1)"
+    ),
     Variable("PROXY_PORT", str(c.DEFAULT_PROXY_GRPC_PORT), "RocketMQ gRPC proxy port (what clients use)"),
     Variable("PROXY_REMOTING_PORT", str(c.DEFAULT_PROXY_REMOTING_PORT), "RocketMQ proxy remoting port"),
     Variable("REDIS_URL", "", "Redis URL (default: redis://127.0.0.1:<REDIS_PORT>/0)"),
-    Variable("MYSQL_URL", "", "SQLAlchemy URL (default: mysql+pymysql://flashsale:flashsale@127.0.0.1:<MYSQL_PORT>/flashsale)"),
+    Variable(
+        "MYSQL_URL",
+        "",
+        "SQLAlchemy URL (default: mysql+pymysql://flashsale:flashsale@127.0.0.1:<MYSQL_PORT>/flashsale)",
+    ),
     Variable("ROCKETMQ_ENDPOINT", "", "gRPC proxy host:port (default: 127.0.0.1:<PROXY_PORT>)"),
     Variable("NAMESRV_ADDR", "", "name server host:port for topic admin (default: 127.0.0.1:<NAMESRV_PORT>)"),
     Variable("NAMESPACE", c.DEFAULT_NAMESPACE, "prefix of topic and consumer group names"),
@@ -64,12 +70,12 @@ class _Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def str(self, name: str) -> str:
+    def text(self, name: str) -> str:
         var = _BY_NAME[name]
         return self._environ.get(var.env, var.default).strip()
 
-    def int(self, name: str, *, minimum: int = 0) -> int:
-        raw = self.str(name)
+    def integer(self, name: str, *, minimum: int = 0) -> int:
+        raw = self.text(name)
         try:
             value = int(raw)
         except ValueError:
@@ -78,8 +84,8 @@ class _Env:
             raise ConfigError(f"{_BY_NAME[name].env}={value} must be >= {minimum}")
         return value
 
-    def float(self, name: str, *, minimum: float = 0.0) -> float:
-        raw = self.str(name)
+    def number(self, name: str, *, minimum: float = 0.0) -> float:
+        raw = self.text(name)
         try:
             value = float(raw)
         except ValueError:
@@ -89,7 +95,7 @@ class _Env:
         return value
 
     def port(self, name: str) -> int:
-        value = self.int(name, minimum=1)
+        value = self.integer(name, minimum=1)
         if value > 65535:
             raise ConfigError(f"{_BY_NAME[name].env}={value} is not a TCP port (1-65535)")
         return value
@@ -162,8 +168,10 @@ class Settings:
             )
         unknown = sorted(self.failpoints - failpoints.KNOWN)
         if unknown:
-            raise ConfigError(f"{c.ENV_PREFIX}FAILPOINTS names unknown point(s) {', '.join(unknown)}",
-                              hint=f"known: {', '.join(sorted(failpoints.KNOWN))}")
+            raise ConfigError(
+                f"{c.ENV_PREFIX}FAILPOINTS names unknown point(s) {', '.join(unknown)}",
+                hint=f"known: {', '.join(sorted(failpoints.KNOWN))}",
+            )
 
     @property
     def deduction_topic(self) -> str:
@@ -196,32 +204,32 @@ class Settings:
             proxy_remoting=env.port("PROXY_REMOTING_PORT"),
         )
         producer = ProducerSettings(
-            http_host=env.str("HTTP_HOST"),
+            http_host=env.text("HTTP_HOST"),
             http_port=env.port("HTTP_PORT"),
-            threads=env.int("PRODUCER_THREADS", minimum=1),
-            max_in_flight=env.int("MAX_IN_FLIGHT", minimum=1),
-            redis_timeout_s=env.float("REDIS_TIMEOUT_S", minimum=0.01),
-            sold_out_cache_s=env.float("SOLD_OUT_CACHE_S"),
+            threads=env.integer("PRODUCER_THREADS", minimum=1),
+            max_in_flight=env.integer("MAX_IN_FLIGHT", minimum=1),
+            redis_timeout_s=env.number("REDIS_TIMEOUT_S", minimum=0.01),
+            sold_out_cache_s=env.number("SOLD_OUT_CACHE_S"),
         )
         consumer = ConsumerSettings(
-            batch_size=env.int("BATCH_SIZE", minimum=1),
-            invisible_s=env.int("INVISIBLE_S", minimum=2),
-            poll_wait_s=env.int("POLL_WAIT_S", minimum=1),
-            max_backoff_s=env.float("MAX_BACKOFF_S", minimum=0.1),
+            batch_size=env.integer("BATCH_SIZE", minimum=1),
+            invisible_s=env.integer("INVISIBLE_S", minimum=2),
+            poll_wait_s=env.integer("POLL_WAIT_S", minimum=1),
+            max_backoff_s=env.number("MAX_BACKOFF_S", minimum=0.1),
         )
         return cls(
-            home=Path(env.str("HOME") or ".flashsale").expanduser(),
+            home=Path(env.text("HOME") or ".flashsale").expanduser(),
             ports=ports,
-            redis_url=env.str("REDIS_URL"),
-            mysql_url=env.str("MYSQL_URL"),
-            rocketmq_endpoint=env.str("ROCKETMQ_ENDPOINT"),
-            namesrv_addr=env.str("NAMESRV_ADDR"),
-            namespace=env.str("NAMESPACE"),
+            redis_url=env.text("REDIS_URL"),
+            mysql_url=env.text("MYSQL_URL"),
+            rocketmq_endpoint=env.text("ROCKETMQ_ENDPOINT"),
+            namesrv_addr=env.text("NAMESRV_ADDR"),
+            namespace=env.text("NAMESPACE"),
             producer=producer,
             consumer=consumer,
-            check_grace_s=env.float("CHECK_GRACE_S"),
-            settle_s=env.float("SETTLE_S"),
-            failpoints=frozenset(p.strip() for p in env.str("FAILPOINTS").split(",") if p.strip()),
+            check_grace_s=env.number("CHECK_GRACE_S"),
+            settle_s=env.number("SETTLE_S"),
+            failpoints=frozenset(p.strip() for p in env.text("FAILPOINTS").split(",") if p.strip()),
         )
 
 

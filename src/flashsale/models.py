@@ -13,7 +13,7 @@ from flashsale import constants as c
 from flashsale.errors import InvalidInput, MalformedMessage
 
 
-class PurchaseStatus(str, enum.Enum):
+class PurchaseStatus(enum.StrEnum):
     ACCEPTED = "accepted"  # deducted in Redis; the deduction is on its way to MySQL
     SOLD_OUT = "sold_out"  # not enough stock left for this quantity
     DUPLICATE = "duplicate"  # this token was accepted before; nothing new was deducted

@@ -61,8 +61,9 @@ def producer(settings: Settings, topic: str, decisions: Decisions) -> Iterator[R
 
 @pytest.fixture(scope="module")
 def consumer(settings: Settings, topic: str) -> Iterator[RocketMQConsumer]:
-    client = RocketMQConsumer(settings.rocketmq_endpoint, f"{settings.namespace}-smoke", [topic], poll_wait_s=1,
-                              invisible_s=10).start()
+    client = RocketMQConsumer(
+        settings.rocketmq_endpoint, f"{settings.namespace}-smoke", [topic], poll_wait_s=1, invisible_s=10
+    ).start()
     yield client
     client.shutdown()
 
@@ -78,16 +79,18 @@ def receive_keys(consumer: RocketMQConsumer, wanted: set[str], timeout_s: float)
     return seen
 
 
-def test_a_committed_half_message_is_delivered(producer: RocketMQProducer, consumer: RocketMQConsumer,
-                                               topic: str) -> None:
+def test_a_committed_half_message_is_delivered(
+    producer: RocketMQProducer, consumer: RocketMQConsumer, topic: str
+) -> None:
     key = f"commit-{uuid.uuid4().hex}"
     half = producer.send_half(topic, key, b'{"hello": 1}', "smoke")
     half.commit()
     assert key in receive_keys(consumer, {key}, 30)
 
 
-def test_a_rolled_back_half_message_is_never_delivered(producer: RocketMQProducer, consumer: RocketMQConsumer,
-                                                       topic: str) -> None:
+def test_a_rolled_back_half_message_is_never_delivered(
+    producer: RocketMQProducer, consumer: RocketMQConsumer, topic: str
+) -> None:
     rolled_back = f"rollback-{uuid.uuid4().hex}"
     producer.send_half(topic, rolled_back, b"{}", "smoke").rollback()
     # A committed message sent afterwards proves the consumer was listening the whole time.
@@ -113,11 +116,15 @@ DYING_PRODUCER = textwrap.dedent("""
 
 
 def test_half_messages_of_a_killed_producer_are_settled_by_a_checker_in_another_process(
-        settings: Settings, producer: RocketMQProducer, consumer: RocketMQConsumer, decisions: Decisions,
-        topic: str) -> None:
+    settings: Settings, producer: RocketMQProducer, consumer: RocketMQConsumer, decisions: Decisions, topic: str
+) -> None:
     commit, rollback = f"commit-{uuid.uuid4().hex}", f"rollback-{uuid.uuid4().hex}"
-    result = subprocess.run([sys.executable, "-c", DYING_PRODUCER, settings.rocketmq_endpoint, topic, commit, rollback],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", DYING_PRODUCER, settings.rocketmq_endpoint, topic, commit, rollback],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert "sent" in result.stdout
     seen = receive_keys(consumer, {commit}, 60)

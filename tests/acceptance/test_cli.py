@@ -16,10 +16,15 @@ from tests.conftest import clean_environment
 
 
 def run(settings: Settings, *args: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {**clean_environment(), "FLASHSALE_NAMESPACE": settings.namespace,
-               "FLASHSALE_MYSQL_URL": settings.mysql_url, **env}
-    return subprocess.run([sys.executable, "-m", "flashsale", *args], capture_output=True, text=True,
-                          timeout=timeout_s, env=environ)
+    environ = {
+        **clean_environment(),
+        "FLASHSALE_NAMESPACE": settings.namespace,
+        "FLASHSALE_MYSQL_URL": settings.mysql_url,
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "flashsale", *args], capture_output=True, text=True, timeout=timeout_s, env=environ
+    )
 
 
 def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(settings: Settings) -> None:
@@ -35,8 +40,11 @@ def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(se
     assert f"127.0.0.1:{settings.ports.broker}" in broker and f"127.0.0.1:{settings.ports.broker - 2}" in broker
     # RocketMQ 5.3 binds these three to the wildcard address whatever its configuration says (see README).
     wildcard = {a.rsplit(":", 1)[1] for a in broker if not procs.is_loopback(a)}
-    assert wildcard <= {str(settings.ports.broker + 1), str(settings.ports.proxy_grpc),
-                        str(settings.ports.proxy_remoting)}
+    assert wildcard <= {
+        str(settings.ports.broker + 1),
+        str(settings.ports.proxy_grpc),
+        str(settings.ports.proxy_remoting),
+    }
 
 
 def test_a_second_stack_up_keeps_what_runs(settings: Settings) -> None:
@@ -66,27 +74,36 @@ def test_stock_set_then_show_side_by_side(settings: Settings, sku: str) -> None:
     assert "Redis" in table.stdout and "MySQL" in table.stdout
 
 
-@pytest.mark.parametrize(("args", "env", "expected_code", "says"), [
-    (("stock", "set", "{sku}", "-5"), {}, 2, "quantity must be a whole number"),
-    (("stock", "set", "{sku}", "2.5"), {}, 2, "quantity must be a whole number"),
-    (("stock", "set", "{sku}", "10", "--per-user-limit", "x"), {}, 2, "per-user limit"),
-    (("stock", "set", "bad sku", "10"), {}, 2, "sku must be"),
-    (("stock", "show", "no-such-{sku}"), {}, 2, "unknown SKU"),
-    (("reconcile", "no-such-{sku}"), {}, 2, "unknown SKU"),
-    (("replay", "--sku", "{sku}", "--since", "last tuesday"), {}, 2, "--since: 'last tuesday' is not a time"),
-    (("replay",), {}, 2, "choose exactly one"),
-    (("bench", "--strategy", "warp-speed"), {}, 2, "unknown strategy"),
-    (("bench", "--producer-url", "ftp:/x", "--attempts", "1"), {}, 2, "not an http:// URL"),
-    (("bench", "--stock", "0"), {}, 2, "--stock must be at least 1"),
-    (("demo", "--buyers", "0"), {}, 2, "--buyers"),
-    (("stock", "show", "{sku}"), {"FLASHSALE_REDIS_URL": "redis://127.0.0.1:1/0"}, 3, "redis://127.0.0.1:1/0"),
-    (("init",), {"FLASHSALE_MYSQL_URL": "postgres://x/y"}, 2, "FLASHSALE_MYSQL_URL"),
-    (("stock", "set", "{sku}", "1"), {"FLASHSALE_REDIS_PORT": "sixty"}, 2, "FLASHSALE_REDIS_PORT"),
-    (("stack", "up", "kafka"), {}, 2, "unknown service kafka"),
-])
+@pytest.mark.parametrize(
+    ("args", "env", "expected_code", "says"),
+    [
+        (("stock", "set", "{sku}", "-5"), {}, 2, "quantity must be a whole number"),
+        (("stock", "set", "{sku}", "2.5"), {}, 2, "quantity must be a whole number"),
+        (("stock", "set", "{sku}", "10", "--per-user-limit", "x"), {}, 2, "per-user limit"),
+        (("stock", "set", "bad sku", "10"), {}, 2, "sku must be"),
+        (("stock", "show", "no-such-{sku}"), {}, 2, "unknown SKU"),
+        (("reconcile", "no-such-{sku}"), {}, 2, "unknown SKU"),
+        (("replay", "--sku", "{sku}", "--since", "last tuesday"), {}, 2, "--since: 'last tuesday' is not a time"),
+        (("replay",), {}, 2, "choose exactly one"),
+        (("bench", "--strategy", "warp-speed"), {}, 2, "unknown strategy"),
+        (("bench", "--producer-url", "ftp:/x", "--attempts", "1"), {}, 2, "not an http:// URL"),
+        (("bench", "--stock", "0"), {}, 2, "--stock must be at least 1"),
+        (("demo", "--buyers", "0"), {}, 2, "--buyers"),
+        (("stock", "show", "{sku}"), {"FLASHSALE_REDIS_URL": "redis://127.0.0.1:1/0"}, 3, "redis://127.0.0.1:1/0"),
+        (("init",), {"FLASHSALE_MYSQL_URL": "postgres://x/y"}, 2, "FLASHSALE_MYSQL_URL"),
+        (("stock", "set", "{sku}", "1"), {"FLASHSALE_REDIS_PORT": "sixty"}, 2, "FLASHSALE_REDIS_PORT"),
+        (("stack", "up", "kafka"), {}, 2, "unknown service kafka"),
+    ],
+)
 def test_bad_input_gets_one_clear_line_a_nonzero_exit_and_changes_nothing(
-        settings: Settings, redis_stock: RedisStock, sku: str, args: tuple[str, ...], env: dict[str, str],
-        expected_code: int, says: str) -> None:
+    settings: Settings,
+    redis_stock: RedisStock,
+    sku: str,
+    args: tuple[str, ...],
+    env: dict[str, str],
+    expected_code: int,
+    says: str,
+) -> None:
     set_stock(settings, sku, 7)
     result = run(settings, *(a.format(sku=sku) for a in args), **env)
     assert result.returncode == expected_code, result.stdout + result.stderr
@@ -96,8 +113,9 @@ def test_bad_input_gets_one_clear_line_a_nonzero_exit_and_changes_nothing(
     assert redis_stock.view(sku).stock == 7 and redis_stock.history(sku) == 0
 
 
-def test_stock_set_refuses_to_overwrite_a_sale_in_progress(settings: Settings, redis_stock: RedisStock,
-                                                           sku: str) -> None:
+def test_stock_set_refuses_to_overwrite_a_sale_in_progress(
+    settings: Settings, redis_stock: RedisStock, sku: str
+) -> None:
     set_stock(settings, sku, 5)
     redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
     result = run(settings, "stock", "set", sku, "500")
@@ -108,8 +126,19 @@ def test_stock_set_refuses_to_overwrite_a_sale_in_progress(settings: Settings, r
 
 
 def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settings) -> None:
-    result = run(settings, "bench", "--strategy", "mysql-lock,mysql-optimistic,pipeline", "--json", "--stock", "100",
-                 "--attempts", "400", "--buyers", "20")
+    result = run(
+        settings,
+        "bench",
+        "--strategy",
+        "mysql-lock,mysql-optimistic,pipeline",
+        "--json",
+        "--stock",
+        "100",
+        "--attempts",
+        "400",
+        "--buyers",
+        "20",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     results = {r["strategy"]: r for r in json.loads(result.stdout)["results"]}
     assert set(results) == {"mysql-lock", "mysql-optimistic", "pipeline"}

@@ -46,7 +46,8 @@ def buy(url: str, sku: str, token: str, user: str = "u1", qty: int = 1) -> None:
 
 
 def test_producer_killed_after_the_half_message_is_rolled_back_and_the_token_fenced(
-        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     set_stock(settings, sku, 10)
     pipeline.consumer()
     checker = pipeline.checker()
@@ -67,7 +68,8 @@ def test_producer_killed_after_the_half_message_is_rolled_back_and_the_token_fen
 
 
 def test_producer_killed_after_the_prededuct_is_committed_by_the_checker(
-        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     set_stock(settings, sku, 10)
     pipeline.consumer()
     checker = pipeline.checker()
@@ -83,7 +85,8 @@ def test_producer_killed_after_the_prededuct_is_committed_by_the_checker(
 
 
 def test_consumer_killed_between_commit_and_ack_gets_a_redelivery_that_changes_nothing(
-        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     set_stock(settings, sku, 50)
     _, url = pipeline.producer()
     pipeline.checker()
@@ -109,13 +112,16 @@ def _duplicates(log: str) -> int:
 def _metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")
-               or line.startswith(name + "{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 def test_mariadb_down_for_20_seconds_mid_sale_acks_nothing_and_loses_nothing(
-        pipeline: Pipeline, settings: Settings, stack: Settings, redis_stock: RedisStock, mysql_store: MySQLStore,
-        sku: str) -> None:
+    pipeline: Pipeline, settings: Settings, stack: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     set_stock(settings, sku, 400)
     _, url = pipeline.producer()
     pipeline.checker()
@@ -145,17 +151,19 @@ def test_mariadb_down_for_20_seconds_mid_sale_acks_nothing_and_loses_nothing(
 
 
 def test_a_duplicate_and_a_malformed_message_injected_into_the_topic_change_nothing(
-        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     set_stock(settings, sku, 10)
     _, url = pipeline.producer()
     pipeline.checker()
     consumer = pipeline.consumer()
-    status, body = post(url, {"sku": sku, "user_id": "u1", "qty": 2, "token": "t-real"})
+    _, body = post(url, {"sku": sku, "user_id": "u1", "qty": 2, "token": "t-real"})
     assert body["status"] == "accepted"
     assert drained(redis_stock, mysql_store, sku).consistent
 
-    injector = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic],
-                                lambda _: Resolution.ROLLBACK).start()
+    injector = RocketMQProducer(
+        settings.rocketmq_endpoint, [settings.deduction_topic], lambda _: Resolution.ROLLBACK
+    ).start()
     try:
         duplicate = Deduction("t-real", sku, "u1", 2).encode()
         injector.send_half(settings.deduction_topic, "t-real", duplicate, c.DEDUCTION_TAG).commit()
@@ -171,8 +179,9 @@ def test_a_duplicate_and_a_malformed_message_injected_into_the_topic_change_noth
     with mysql_store.transaction("read dead letters") as conn:
         deadline = time.monotonic() + 30
         while True:
-            rows = conn.execute(sa.text("SELECT reason FROM dead_letters WHERE message_id = :m"),
-                                {"m": malformed.message_id}).all()
+            rows = conn.execute(
+                sa.text("SELECT reason FROM dead_letters WHERE message_id = :m"), {"m": malformed.message_id}
+            ).all()
             if rows or time.monotonic() > deadline:
                 break
             conn.commit()

@@ -29,8 +29,13 @@ def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
 
 
 def flashsale(pipeline: Pipeline, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flashsale", *args], capture_output=True, text=True, timeout=300,
-                          env={**pipeline.base_env, "FLASHSALE_SETTLE_S": "0", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "flashsale", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**pipeline.base_env, "FLASHSALE_SETTLE_S": "0", **env},
+    )
 
 
 def reconcile_json(pipeline: Pipeline, *args: str) -> tuple[int, dict]:
@@ -39,7 +44,8 @@ def reconcile_json(pipeline: Pipeline, *args: str) -> tuple[int, dict]:
 
 
 def test_reconcile_reports_hand_made_drift_and_replay_and_repair_fix_it(
-        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     set_stock(settings, sku, 100)
     _, url = pipeline.producer()
     pipeline.consumer()
@@ -55,20 +61,40 @@ def test_reconcile_reports_hand_made_drift_and_replay_and_repair_fix_it(
         # 1. a deduction row deleted in MySQL (its order and stock stay)
         conn.execute(sa.text("DELETE FROM stock_deductions WHERE sku = :s AND token = :t"), {"s": sku, "t": lost_row})
         # 2. a deduction MySQL never applied, whose message was dead-lettered
-        body = conn.execute(sa.text("SELECT qty FROM stock_deductions WHERE sku = :s AND token = :t"),
-                            {"s": sku, "t": lost_message}).scalar_one()
-        conn.execute(sa.text("DELETE FROM stock_deductions WHERE sku = :s AND token = :t"),
-                     {"s": sku, "t": lost_message})
+        body = conn.execute(
+            sa.text("SELECT qty FROM stock_deductions WHERE sku = :s AND token = :t"), {"s": sku, "t": lost_message}
+        ).scalar_one()
+        conn.execute(
+            sa.text("DELETE FROM stock_deductions WHERE sku = :s AND token = :t"), {"s": sku, "t": lost_message}
+        )
         conn.execute(sa.text("DELETE FROM orders WHERE sku = :s AND token = :t"), {"s": sku, "t": lost_message})
         conn.execute(sa.text("UPDATE inventory SET stock = stock + :q WHERE sku = :s"), {"s": sku, "q": body})
         entry = redis_stock.log_entry(sku, lost_message)
         assert entry is not None
-        message = json.dumps({"v": 1, "token": lost_message, "sku": sku, "user_id": entry.user, "qty": entry.qty,
-                              "ts_ms": entry.ts_ms, "source": "purchase"})
-        conn.execute(sa.text("INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body) "
-                             "VALUES (:m, :t, :k, :s, 'injected by the test', :b)"),
-                     {"m": f"dl-{lost_message}", "t": settings.deduction_topic, "k": lost_message, "s": sku,
-                      "b": message.encode()})
+        message = json.dumps(
+            {
+                "v": 1,
+                "token": lost_message,
+                "sku": sku,
+                "user_id": entry.user,
+                "qty": entry.qty,
+                "ts_ms": entry.ts_ms,
+                "source": "purchase",
+            }
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body) "
+                "VALUES (:m, :t, :k, :s, 'injected by the test', :b)"
+            ),
+            {
+                "m": f"dl-{lost_message}",
+                "t": settings.deduction_topic,
+                "k": lost_message,
+                "s": sku,
+                "b": message.encode(),
+            },
+        )
     # 3. a Redis log entry deleted (stock and counters stay)
     redis_stock.client.hdel(SkuKeys.of(sku).log, lost_entry)
 
@@ -107,7 +133,8 @@ def test_reconcile_reports_hand_made_drift_and_replay_and_repair_fix_it(
 
 
 def test_repair_puts_back_a_deduction_redis_lost_entirely(
-        pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str) -> None:
+    pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     """As after a Redis failover: the entry, the stock taken and the counter are all gone."""
     set_stock(settings, sku, 10)
     _, url = pipeline.producer()
@@ -130,8 +157,10 @@ def test_repair_puts_back_a_deduction_redis_lost_entirely(
     assert redis_stock.view(sku).stock == 7
 
 
-def test_reconcile_streams_a_sale_of_100k_deductions_in_pages(settings: Settings, redis_stock: RedisStock,
-                                                              mysql_store: MySQLStore, sku: str) -> None:
+@pytest.mark.slow
+def test_reconcile_streams_a_sale_of_100k_deductions_in_pages(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
     import time
     import tracemalloc
 
@@ -143,15 +172,20 @@ def test_reconcile_streams_a_sale_of_100k_deductions_in_pages(settings: Settings
     set_stock(settings, sku, n + 5)
     pipe = redis_stock.client.pipeline(transaction=False)
     for i in range(n):
-        pipe.evalsha(redis_stock._scripts["prededuct"].sha, 4, *SkuKeys.of(sku).all(), f"t{i}", f"u{i % 997}", "1",
-                     f"m{i}", sku)
+        pipe.evalsha(
+            redis_stock._scripts["prededuct"].sha, 4, *SkuKeys.of(sku).all(), f"t{i}", f"u{i % 997}", "1", f"m{i}", sku
+        )
         if i % 5000 == 4999:
             pipe.execute()
     pipe.execute()
     ts = int(time.time() * 1000)
     for start in range(0, n, 5000):
-        mysql_store.apply_batch([Incoming(Deduction(f"t{i}", sku, f"u{i % 997}", 1, ts), f"m{i}", "t")
-                                 for i in range(start, min(n, start + 5000))])
+        mysql_store.apply_batch(
+            [
+                Incoming(Deduction(f"t{i}", sku, f"u{i % 997}", 1, ts), f"m{i}", "t")
+                for i in range(start, min(n, start + 5000))
+            ]
+        )
     with mysql_store.transaction("lose one") as conn:
         conn.execute(sa.text("DELETE FROM stock_deductions WHERE sku = :s AND token = 't77777'"), {"s": sku})
 

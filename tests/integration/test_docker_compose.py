@@ -21,8 +21,9 @@ def compose_command() -> list[str]:
 
 
 def test_compose_accepts_the_file() -> None:
-    result = subprocess.run([*compose_command(), "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [*compose_command(), "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
 
 

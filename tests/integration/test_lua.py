@@ -16,8 +16,9 @@ from flashsale.records import Prededuct, StockReturn
 def deduct(stock: RedisStock, sku: str, token: str, qty: int | str = 1, user: str = "u1"):
     keys = SkuKeys.of(sku)
     # Straight to the script, so that arguments the Python API would refuse reach it too.
-    code, remaining, detail = stock._scripts["prededuct"](keys=keys.all(), args=[token, user, str(qty), "m-" + token,
-                                                                                 sku])
+    code, remaining, detail = stock._scripts["prededuct"](
+        keys=keys.all(), args=[token, user, str(qty), "m-" + token, sku]
+    )
     return Prededuct(code), remaining, detail
 
 
@@ -39,10 +40,11 @@ def test_prededuct_refuses_more_than_the_stock_without_writing(redis_stock: Redi
 
 
 @pytest.mark.parametrize("qty", ["0", "-1", "1.5", "abc", "", "1e3", "01", "1234567890"])
-def test_prededuct_rejects_a_quantity_that_is_not_a_positive_integer(redis_stock: RedisStock, sku: str,
-                                                                      qty: str) -> None:
+def test_prededuct_rejects_a_quantity_that_is_not_a_positive_integer(
+    redis_stock: RedisStock, sku: str, qty: str
+) -> None:
     redis_stock.load(sku, 10)
-    code, remaining, _ = deduct(redis_stock, sku, "t1", qty)
+    code, _, _ = deduct(redis_stock, sku, "t1", qty)
     assert code is Prededuct.INVALID_QTY
     assert redis_stock.view(sku).stock == 10
     assert redis_stock.log_entry(sku, "t1") is None

@@ -68,16 +68,18 @@ def test_the_same_token_in_two_skus_is_two_deductions(mysql_store: MySQLStore, s
     assert len(report.applied) == 2
 
 
-def test_a_deduction_mysql_cannot_cover_becomes_a_conflict_not_a_negative_stock(mysql_store: MySQLStore,
-                                                                               sku: str) -> None:
+def test_a_deduction_mysql_cannot_cover_becomes_a_conflict_not_a_negative_stock(
+    mysql_store: MySQLStore, sku: str
+) -> None:
     mysql_store.load_stock(sku, 3)
     report = mysql_store.apply_batch([incoming(sku, "a", 2), incoming(sku, "b", 2), incoming(sku, "c", 1)])
     assert [d.token for d in report.applied] == ["a", "c"]
     assert [d.token for d in report.conflicts] == ["b"]
     assert counts(mysql_store, sku) == (0, 2, 2)
     with mysql_store.transaction("read") as conn:
-        row = conn.execute(sa.text("SELECT qty, mysql_stock, resolved_at FROM conflicts WHERE sku=:s AND token='b'"),
-                           {"s": sku}).one()
+        row = conn.execute(
+            sa.text("SELECT qty, mysql_stock, resolved_at FROM conflicts WHERE sku=:s AND token='b'"), {"s": sku}
+        ).one()
     assert (row.qty, row.mysql_stock, row.resolved_at) == (2, 3, None)
 
 
@@ -99,8 +101,9 @@ def test_unknown_skus_and_malformed_messages_are_dead_lettered_once(mysql_store:
         report = mysql_store.apply_batch([incoming(sku, "ok"), incoming("no-such-sku-" + sku, "x")], [bad])
     assert len(report.dead_letters) == 2
     with mysql_store.transaction("read") as conn:
-        rows = conn.execute(sa.text("SELECT message_id, reason FROM dead_letters WHERE message_id IN "
-                                    "('m-bad', 'm-x')")).all()
+        rows = conn.execute(
+            sa.text("SELECT message_id, reason FROM dead_letters WHERE message_id IN ('m-bad', 'm-x')")
+        ).all()
     assert sorted(r.message_id for r in rows) == ["m-bad", "m-x"]
     assert counts(mysql_store, sku) == (4, 1, 1)
 

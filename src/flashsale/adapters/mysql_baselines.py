@@ -21,8 +21,14 @@ OPTIMISTIC_RETRIES = 50
 
 
 def _params(request: PurchaseRequest, strategy: str) -> dict[str, object]:
-    return {"token": request.token, "sku": request.sku, "user_id": request.user_id, "qty": request.qty,
-            "source": strategy, "created_ms": int(time.time() * 1000)}
+    return {
+        "token": request.token,
+        "sku": request.sku,
+        "user_id": request.user_id,
+        "qty": request.qty,
+        "source": strategy,
+        "created_ms": int(time.time() * 1000),
+    }
 
 
 def _claim(conn: Connection, request: PurchaseRequest, strategy: str) -> bool:
@@ -80,8 +86,12 @@ class MySQLBaselines:
                     return PurchaseResult(PurchaseStatus.SOLD_OUT, request.token, int(stock))
                 if _over_limit(conn, request, self.limit):
                     return PurchaseResult(PurchaseStatus.LIMIT_EXCEEDED, request.token, int(stock))
-                won = conn.execute(query("take_stock_at_version"),
-                                   {"sku": request.sku, "qty": request.qty, "version": version}).rowcount == 1
+                won = (
+                    conn.execute(
+                        query("take_stock_at_version"), {"sku": request.sku, "qty": request.qty, "version": version}
+                    ).rowcount
+                    == 1
+                )
                 if not won:
                     continue  # someone else changed the row since we read it: read again
                 if not _claim(conn, request, "mysql-optimistic"):

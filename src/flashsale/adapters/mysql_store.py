@@ -1,4 +1,4 @@
-"""The books in MySQL, through SQLAlchemy Core + PyMySQL. The only module (with the bench baselines) that imports them."""
+"""The books in MySQL, through SQLAlchemy Core + PyMySQL (imported only here and by the bench baselines)."""
 
 from __future__ import annotations
 
@@ -140,13 +140,22 @@ class MySQLStore:
         with self.transaction(f"read {sku}") as conn:
             row = conn.execute(query("inventory"), {"sku": sku}).first()
             if row is None:
-                raise UnknownSku(f"unknown SKU {sku!r}: it is not in MySQL's inventory",
-                                 hint=f"load it with `flashsale stock set {sku} QTY`")
+                raise UnknownSku(
+                    f"unknown SKU {sku!r}: it is not in MySQL's inventory",
+                    hint=f"load it with `flashsale stock set {sku} QTY`",
+                )
             deductions, deducted = conn.execute(query("deduction_totals"), {"sku": sku}).one()
             orders, ordered = conn.execute(query("order_totals"), {"sku": sku}).one()
-        return InventoryView(sku=sku, initial=int(row.initial_stock), stock=int(row.stock),
-                             per_user_limit=int(row.per_user_limit), deductions=int(deductions),
-                             deducted_qty=int(deducted), orders=int(orders), ordered_qty=int(ordered))
+        return InventoryView(
+            sku=sku,
+            initial=int(row.initial_stock),
+            stock=int(row.stock),
+            per_user_limit=int(row.per_user_limit),
+            deductions=int(deductions),
+            deducted_qty=int(deducted),
+            orders=int(orders),
+            ordered_qty=int(ordered),
+        )
 
     # --- reconcile ----------------------------------------------------------------------------------
     def existing_tokens(self, sku: str, tokens: Sequence[str]) -> set[str]:
@@ -223,12 +232,24 @@ class MySQLStore:
                 item = unique[key]
                 d = item.deduction
                 if d.sku not in known:
-                    report.dead_letters.append(DeadLetter(
-                        item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", d.encode(), sku=d.sku))
+                    report.dead_letters.append(
+                        DeadLetter(
+                            item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", d.encode(), sku=d.sku
+                        )
+                    )
                     continue
-                rows.append({"token": d.token, "sku": d.sku, "user_id": d.user_id, "qty": d.qty,
-                             "message_id": item.message_id, "source": d.source, "batch_id": batch_id,
-                             "created_ms": d.ts_ms})
+                rows.append(
+                    {
+                        "token": d.token,
+                        "sku": d.sku,
+                        "user_id": d.user_id,
+                        "qty": d.qty,
+                        "message_id": item.message_id,
+                        "source": d.source,
+                        "batch_id": batch_id,
+                        "created_ms": d.ts_ms,
+                    }
+                )
             if rows:
                 conn.execute(query("insert_deductions"), rows)
             new = conn.execute(query("batch_deductions"), {"batch_id": batch_id}).all()
@@ -246,11 +267,16 @@ class MySQLStore:
                 fresh = by_sku[sku]
                 # An order is written in the same transaction as its stock deduction: a row that comes back
                 # for a token that has an order (the row was lost, the order was not) deducts nothing again.
-                ordered = {r[0] for r in conn.execute(query("ordered_tokens", "tokens"),
-                                                      {"sku": sku, "tokens": [r.token for r in fresh]})}
+                ordered = {
+                    r[0]
+                    for r in conn.execute(
+                        query("ordered_tokens", "tokens"), {"sku": sku, "tokens": [r.token for r in fresh]}
+                    )
+                }
                 report.restored += len(ordered)
-                applied, conflicts = self._deduct(conn, batch_id, sku, [r for r in fresh if r.token not in ordered],
-                                                  unique)
+                applied, conflicts = self._deduct(
+                    conn, batch_id, sku, [r for r in fresh if r.token not in ordered], unique
+                )
                 report.applied += [unique[(sku, r.token)].deduction for r in applied]
                 report.conflicts += [unique[(sku, r.token)].deduction for r in conflicts]
                 done = [r.token for r in applied] + sorted(ordered)
@@ -262,17 +288,32 @@ class MySQLStore:
                 # the missing order put back for a replay after an order was lost.
                 conn.execute(query("insert_orders", "tokens"), {"sku": sku, "tokens": tokens})
             for conflict in report.conflicts:
-                logger.warning("conflict: token %s sku %s qty %d does not fit MySQL stock", conflict.token,
-                               conflict.sku, conflict.qty)
+                logger.warning(
+                    "conflict: token %s sku %s qty %d does not fit MySQL stock",
+                    conflict.token,
+                    conflict.sku,
+                    conflict.qty,
+                )
             if report.dead_letters:
-                conn.execute(query("insert_dead_letter"), [
-                    {"message_id": d.message_id, "topic": d.topic, "message_key": d.key, "sku": d.sku,
-                     "reason": d.reason[:512], "body": d.body} for d in report.dead_letters
-                ])
+                conn.execute(
+                    query("insert_dead_letter"),
+                    [
+                        {
+                            "message_id": d.message_id,
+                            "topic": d.topic,
+                            "message_key": d.key,
+                            "sku": d.sku,
+                            "reason": d.reason[:512],
+                            "body": d.body,
+                        }
+                        for d in report.dead_letters
+                    ],
+                )
         return report
 
-    def _deduct(self, conn: Connection, batch_id: str, sku: str, rows: list[Any],
-                items: dict[tuple[str, str], Incoming]) -> tuple[list[Any], list[Any]]:
+    def _deduct(
+        self, conn: Connection, batch_id: str, sku: str, rows: list[Any], items: dict[tuple[str, str], Incoming]
+    ) -> tuple[list[Any], list[Any]]:
         """One guarded UPDATE for the SKU's whole share of the batch (hot-row group commit).
 
         If MySQL does not hold enough (Redis and MySQL disagree), apply what fits in arrival order and
@@ -291,12 +332,22 @@ class MySQLStore:
                 rest.append(row)
         if fit:
             conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
-        conn.execute(query("delete_deductions", "tokens"),
-                     {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]})
-        conn.execute(query("insert_conflict"), [
-            {"token": r.token, "sku": sku, "user_id": r.user_id, "qty": r.qty,
-             "message_id": items[(sku, r.token)].message_id,
-             "mysql_stock": stock, "reason": f"MySQL stock {stock} cannot cover this deduction"}
-            for r in rest
-        ])
+        conn.execute(
+            query("delete_deductions", "tokens"), {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]}
+        )
+        conn.execute(
+            query("insert_conflict"),
+            [
+                {
+                    "token": r.token,
+                    "sku": sku,
+                    "user_id": r.user_id,
+                    "qty": r.qty,
+                    "message_id": items[(sku, r.token)].message_id,
+                    "mysql_stock": stock,
+                    "reason": f"MySQL stock {stock} cannot cover this deduction",
+                }
+                for r in rest
+            ],
+        )
         return fit, rest

@@ -91,8 +91,11 @@ class RedisStock:
         keys = SkuKeys.of(sku)
         code, remaining, detail = self._run("prededuct", keys.all(), [token, user, str(qty), message_id, sku])
         result = Prededuct(int(code))
-        entry = LogEntry.parse(token, detail) if result in (Prededuct.ACCEPTED, Prededuct.DUPLICATE,
-                                                            Prededuct.FENCED) else None
+        entry = (
+            LogEntry.parse(token, detail)
+            if result in (Prededuct.ACCEPTED, Prededuct.DUPLICATE, Prededuct.FENCED)
+            else None
+        )
         bought = int(detail) if result is Prededuct.LIMIT_EXCEEDED else None
         return PredeductResult(result, int(remaining) if int(remaining) >= 0 else None, entry, bought)
 
@@ -107,12 +110,14 @@ class RedisStock:
         code, remaining, _ = self._run("return_stock", keys.all(), [token])
         return StockReturn(int(code)), int(remaining) if int(remaining) >= 0 else None
 
-    def adopt(self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *,
-              deduct: bool) -> tuple[int, str]:
+    def adopt(
+        self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *, deduct: bool
+    ) -> tuple[int, str]:
         """Write back a deduction MySQL has and the log lacks; see adopt.lua for the codes."""
         keys = SkuKeys.of(sku)
-        code, detail = self._run("adopt", keys.all(), [token, user, str(qty), str(ts_ms), message_id, sku,
-                                                       "deduct" if deduct else "entry"])
+        code, detail = self._run(
+            "adopt", keys.all(), [token, user, str(qty), str(ts_ms), message_id, sku, "deduct" if deduct else "entry"]
+        )
         return int(code), str(detail)
 
     # --- reading ------------------------------------------------------------------------------------
@@ -129,7 +134,7 @@ class RedisStock:
         return int(self._call("count log entries", self.client.hlen, SkuKeys.of(sku).log))
 
     def is_sold_out(self, sku: str) -> bool:
-        return self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out") == "1"
+        return bool(self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out") == "1")
 
     def view(self, sku: str) -> StockView:
         keys = SkuKeys.of(sku)
@@ -139,18 +144,26 @@ class RedisStock:
         pipe.hlen(keys.log)
         stock, meta, entries = self._call("read stock", pipe.execute)
         if stock is None:
-            raise UnknownSku(f"unknown SKU {sku!r}: it is not loaded in Redis",
-                             hint=f"load it with `flashsale stock set {sku} QTY`")
+            raise UnknownSku(
+                f"unknown SKU {sku!r}: it is not loaded in Redis", hint=f"load it with `flashsale stock set {sku} QTY`"
+            )
 
         def num(name: str) -> int:
             return int(meta.get(name) or 0)
 
         return StockView(
-            sku=sku, stock=int(stock), initial=num("initial"), per_user_limit=num("per_user_limit"),
-            sold_out=meta.get("sold_out") == "1", deducted_qty=num("deducted_qty"),
-            deducted_count=num("deducted_count"), returned_qty=num("returned_qty"),
-            returned_count=num("returned_count"), fenced_count=num("fenced_count"),
-            log_entries=int(entries), loaded_ms=num("loaded_ms"),
+            sku=sku,
+            stock=int(stock),
+            initial=num("initial"),
+            per_user_limit=num("per_user_limit"),
+            sold_out=meta.get("sold_out") == "1",
+            deducted_qty=num("deducted_qty"),
+            deducted_count=num("deducted_count"),
+            returned_qty=num("returned_qty"),
+            returned_count=num("returned_count"),
+            fenced_count=num("fenced_count"),
+            log_entries=int(entries),
+            loaded_ms=num("loaded_ms"),
         )
 
     def log_entries(self, sku: str, tokens: list[str]) -> dict[str, LogEntry | None]:

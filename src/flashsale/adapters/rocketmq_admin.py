@@ -41,7 +41,7 @@ MESSAGE_TYPES = ("NORMAL", "FIFO", "DELAY", "TRANSACTION")
 _opaque = itertools.count(1)
 _opaque_lock = threading.Lock()
 #: fastjson writes integer map keys bare ({0:"127.0.0.1:10911"}); quote them so json can read it.
-_BARE_INT_KEY = re.compile(r'([{,])(-?\d+):')
+_BARE_INT_KEY = re.compile(r"([{,])(-?\d+):")
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,21 @@ def _loads(body: bytes) -> Any:
         return json.loads(_BARE_INT_KEY.sub(r'\1"\2":', text))
 
 
-def call(addr: str, code: int, ext: dict[str, object] | None = None, body: bytes = b"",
-         timeout_s: float = 5.0) -> tuple[dict[str, Any], bytes]:
+def call(
+    addr: str, code: int, ext: dict[str, object] | None = None, body: bytes = b"", timeout_s: float = 5.0
+) -> tuple[dict[str, Any], bytes]:
     """Send one request and return (response header, response body)."""
-    header = json.dumps({
-        "code": code,
-        "language": "PYTHON",
-        "version": 453,
-        "opaque": _next_opaque(),
-        "flag": 0,
-        "serializeTypeCurrentRPC": "JSON",
-        "extFields": {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (ext or {}).items()},
-    }).encode()
+    header = json.dumps(
+        {
+            "code": code,
+            "language": "PYTHON",
+            "version": 453,
+            "opaque": _next_opaque(),
+            "flag": 0,
+            "serializeTypeCurrentRPC": "JSON",
+            "extFields": {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (ext or {}).items()},
+        }
+    ).encode()
     frame = struct.pack(">I", len(header)) + header + body
     host, _, port = addr.rpartition(":")
     try:
@@ -152,18 +155,22 @@ def create_topic(broker: str, topic: str, *, queues: int, message_type: str) -> 
     existing = topic_info(broker, topic)
     # An existing attribute is changed with '-'+'+' pairs; creating takes '+key=value' only.
     attributes = f"+message.type={message_type}"
-    header, _ = call(broker, UPDATE_AND_CREATE_TOPIC, {
-        "topic": topic,
-        "defaultTopic": "TBW102",
-        "readQueueNums": queues,
-        "writeQueueNums": queues,
-        "perm": PERM_READ_WRITE,
-        "topicFilterType": "SINGLE_TAG",
-        "topicSysFlag": 0,
-        "order": False,
-        "attributes": attributes,
-        "force": existing is not None and existing.message_type != message_type,
-    })
+    header, _ = call(
+        broker,
+        UPDATE_AND_CREATE_TOPIC,
+        {
+            "topic": topic,
+            "defaultTopic": "TBW102",
+            "readQueueNums": queues,
+            "writeQueueNums": queues,
+            "perm": PERM_READ_WRITE,
+            "topicFilterType": "SINGLE_TAG",
+            "topicSysFlag": 0,
+            "order": False,
+            "attributes": attributes,
+            "force": existing is not None and existing.message_type != message_type,
+        },
+    )
     _expect_success(broker, f"create topic {topic}", header)
 
 
@@ -185,17 +192,19 @@ def group_config(broker: str, group: str) -> dict[str, Any]:
 
 def create_group(broker: str, group: str, *, retry_max_times: int) -> None:
     """Create or update a consumer (subscription) group."""
-    body = json.dumps({
-        "groupName": group,
-        "consumeEnable": True,
-        "consumeFromMinEnable": True,
-        "consumeBroadcastEnable": False,
-        "retryQueueNums": 1,
-        "retryMaxTimes": retry_max_times,
-        "brokerId": 0,
-        "whichBrokerWhenConsumeSlowly": 1,
-        "notifyConsumerIdsChangedEnable": True,
-    }).encode()
+    body = json.dumps(
+        {
+            "groupName": group,
+            "consumeEnable": True,
+            "consumeFromMinEnable": True,
+            "consumeBroadcastEnable": False,
+            "retryQueueNums": 1,
+            "retryMaxTimes": retry_max_times,
+            "brokerId": 0,
+            "whichBrokerWhenConsumeSlowly": 1,
+            "notifyConsumerIdsChangedEnable": True,
+        }
+    ).encode()
     header, _ = call(broker, UPDATE_AND_CREATE_SUBSCRIPTIONGROUP, body=body)
     _expect_success(broker, f"create group {group}", header)
 

@@ -70,7 +70,9 @@ def _start(client: Any, endpoint: str, what: str) -> None:
     if not client._init_settings_event.wait(SETTINGS_TIMEOUT_S):
         _quiet_shutdown(client)
         raise ServiceUnavailable(
-            "RocketMQ", endpoint, f"{what} got no answer from the gRPC proxy",
+            "RocketMQ",
+            endpoint,
+            f"{what} got no answer from the gRPC proxy",
             hint="is the stack up (`flashsale stack status`) and were the topics created (`flashsale init`)?",
         )
 
@@ -122,8 +124,14 @@ class RocketMQProducer:
     producer therefore needs `check`, and `check` must read shared state, never process memory.
     """
 
-    def __init__(self, endpoint: str, topics: Sequence[str], check: Callable[[Delivery], Resolution],
-                 *, request_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        topics: Sequence[str],
+        check: Callable[[Delivery], Resolution],
+        *,
+        request_timeout_s: float = 3.0,
+    ) -> None:
         self.endpoint = endpoint
         self._producer = Producer(_config(endpoint, request_timeout_s), topics=tuple(topics), checker=_Checker(check))
 
@@ -168,8 +176,9 @@ class _Pump:
     delay a busy one; a pump per topic keeps each topic's latency independent.
     """
 
-    def __init__(self, consumer: Any, topic: str, inbox: queue.Queue[list[Message]], stop: threading.Event,
-                 invisible_s: int) -> None:
+    def __init__(
+        self, consumer: Any, topic: str, inbox: queue.Queue[list[Message]], stop: threading.Event, invisible_s: int
+    ) -> None:
         self.consumer = consumer
         self.topic = topic
         self._inbox = inbox
@@ -202,8 +211,16 @@ RECEIVE_MAX = 32
 class RocketMQConsumer:
     """A pull consumer of several topics: receive batches, ack them in one request per topic, or nack."""
 
-    def __init__(self, endpoint: str, group: str, topics: Sequence[str], *, poll_wait_s: int, invisible_s: int,
-                 request_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        group: str,
+        topics: Sequence[str],
+        *,
+        poll_wait_s: int,
+        invisible_s: int,
+        request_timeout_s: float = 3.0,
+    ) -> None:
         self.endpoint = endpoint
         self.group = group
         self._poll_wait_s = poll_wait_s
@@ -212,8 +229,15 @@ class RocketMQConsumer:
         # Two pages per topic at most wait in memory; their invisible time bounds how stale they can get.
         self._inbox: queue.Queue[list[Message]] = queue.Queue(maxsize=max(2, len(topics)))
         self._pumps = [
-            _Pump(SimpleConsumer(_config(endpoint, request_timeout_s), group, {topic: FilterExpression()},
-                                 await_duration=poll_wait_s), topic, self._inbox, self._stop, invisible_s)
+            _Pump(
+                SimpleConsumer(
+                    _config(endpoint, request_timeout_s), group, {topic: FilterExpression()}, await_duration=poll_wait_s
+                ),
+                topic,
+                self._inbox,
+                self._stop,
+                invisible_s,
+            )
             for topic in topics
         ]
         self._by_topic = {pump.topic: pump.consumer for pump in self._pumps}

@@ -63,19 +63,23 @@ class FlashSaleGroup(click.Group):
         except FlashSaleError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exit_code(exc))
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        except Exception as exc:
             logging.getLogger("flashsale").debug("unexpected failure", exc_info=True)
-            click.echo(f"error: unexpected {type(exc).__name__}: {exc} (run with --log-level DEBUG for details)",
-                       err=True)
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {exc} (run with --log-level DEBUG for details)", err=True
+            )
             sys.exit(EXIT_FAILED)
 
 
 @click.group(cls=FlashSaleGroup, epilog=_environment_help(), context_settings={"max_content_width": 120})
 @click.version_option(__version__, prog_name="flashsale")
-@click.option("--log-level", default=None,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="Verbosity of the log lines written to stderr [default: INFO for the three processes, "
-                   "WARNING for other commands].")
+@click.option(
+    "--log-level",
+    default=None,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Verbosity of the log lines written to stderr [default: INFO for the three processes, "
+    "WARNING for other commands].",
+)
 @click.pass_context
 def main(ctx: click.Context, log_level: str | None) -> None:
     """flashsale: sell a hot item's stock to a flood of buyers, never oversell, never lose a deduction."""
@@ -88,8 +92,18 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 def _register() -> None:
     from flashsale.cli import ops_cmd, process_cmd, sale_cmd, setup_cmd, stack_cmd
 
-    for command in (stack_cmd.stack, setup_cmd.init, setup_cmd.stock, process_cmd.producer, process_cmd.consumer,
-                    process_cmd.checker, ops_cmd.reconcile, ops_cmd.replay, sale_cmd.bench, sale_cmd.demo):
+    for command in (
+        stack_cmd.stack,
+        setup_cmd.init,
+        setup_cmd.stock,
+        process_cmd.producer,
+        process_cmd.consumer,
+        process_cmd.checker,
+        ops_cmd.reconcile,
+        ops_cmd.replay,
+        sale_cmd.bench,
+        sale_cmd.demo,
+    ):
         main.add_command(command)
 
 

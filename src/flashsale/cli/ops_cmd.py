@@ -18,10 +18,17 @@ from flashsale.ops.replay import Replayer
 from flashsale.ops.times import parse_time, to_ms
 
 _COLUMNS = (
-    ("initial", "initial"), ("redis_stock", "Redis stock"), ("mysql_stock", "MySQL stock"),
-    ("redis_deducted", "Redis deducted"), ("mysql_applied", "MySQL applied"), ("orders", "orders"),
-    ("in_flight", "in flight"), ("missing_in_mysql", "missing in MySQL"), ("mysql_without_log", "MySQL w/o log"),
-    ("dead_letters", "dead letters"), ("conflicts", "conflicts"),
+    ("initial", "initial"),
+    ("redis_stock", "Redis stock"),
+    ("mysql_stock", "MySQL stock"),
+    ("redis_deducted", "Redis deducted"),
+    ("mysql_applied", "MySQL applied"),
+    ("orders", "orders"),
+    ("in_flight", "in flight"),
+    ("missing_in_mysql", "missing in MySQL"),
+    ("mysql_without_log", "MySQL w/o log"),
+    ("dead_letters", "dead letters"),
+    ("conflicts", "conflicts"),
 )
 
 
@@ -48,8 +55,15 @@ def print_reconcile(reports: list[reconcile_ops.SkuReport], console: Console | N
 @click.argument("skus", nargs=-1, metavar="[SKU]...")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--repair", is_flag=True, help="Replay what MySQL lacks, write back what Redis lacks, add lost orders.")
-@click.option("--wait", "wait_s", type=click.FloatRange(0), default=0, show_default=True, metavar="SECONDS",
-              help="After --repair, keep checking until the books balance (the consumer applies replays).")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=0,
+    show_default=True,
+    metavar="SECONDS",
+    help="After --repair, keep checking until the books balance (the consumer applies replays).",
+)
 @click.pass_obj
 def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, wait_s: float) -> None:
     """Compare Redis and MySQL per SKU (every loaded SKU by default). Exit 0 when consistent, 1 on drift.
@@ -61,12 +75,22 @@ def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, 
     reports, repairs = reconcile_ops.run(ctx.settings, list(skus), repair=repair, wait_s=wait_s)
     consistent = all(r.consistent for r in reports)
     if as_json:
-        click.echo(json.dumps({"consistent": consistent, "skus": [r.to_json() for r in reports],
-                               "repairs": [r.to_json() for r in repairs]}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "consistent": consistent,
+                    "skus": [r.to_json() for r in reports],
+                    "repairs": [r.to_json() for r in repairs],
+                },
+                indent=2,
+            )
+        )
     else:
         for fix in repairs:
-            click.echo(f"{fix.sku}: replayed {fix.replayed}, orders created {fix.orders_created}, log entries "
-                       f"written back {fix.adopted_entries}, deductions written back {fix.adopted_deductions}")
+            click.echo(
+                f"{fix.sku}: replayed {fix.replayed}, orders created {fix.orders_created}, log entries "
+                f"written back {fix.adopted_entries}, deductions written back {fix.adopted_deductions}"
+            )
             for note in fix.needs_operator:
                 click.echo(f"{fix.sku}: needs an operator: {note}")
         if not reports:
@@ -79,20 +103,36 @@ def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, 
 @click.command()
 @click.option("--token", "tokens", multiple=True, metavar="TOKEN", help="Replay this token (repeatable).")
 @click.option("--sku", default=None, help="With --since: the SKU to replay; with --token: where to look.")
-@click.option("--since", default=None, metavar="TIME",
-              help="Replay the SKU's deductions logged since TIME (ISO 8601, or 15m / 2h ago).")
+@click.option(
+    "--since",
+    default=None,
+    metavar="TIME",
+    help="Replay the SKU's deductions logged since TIME (ISO 8601, or 15m / 2h ago).",
+)
 @click.option("--dead-letters", is_flag=True, help="Replay dead-lettered deductions whose SKU MySQL now knows.")
 @click.option("--dry-run", is_flag=True, help="Count what would be replayed; publish nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @click.pass_obj
-def replay(ctx: Context, tokens: tuple[str, ...], sku: str | None, since: str | None, dead_letters: bool,
-           dry_run: bool, as_json: bool) -> None:
+def replay(
+    ctx: Context,
+    tokens: tuple[str, ...],
+    sku: str | None,
+    since: str | None,
+    dead_letters: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Re-publish deductions as ordinary messages; the consumer applies each token at most once."""
-    chosen = [name for name, on in (("--token", bool(tokens)), ("--since", since is not None),
-                                    ("--dead-letters", dead_letters)) if on]
+    chosen = [
+        name
+        for name, on in (("--token", bool(tokens)), ("--since", since is not None), ("--dead-letters", dead_letters))
+        if on
+    ]
     if len(chosen) != 1:
-        raise InvalidInput("choose exactly one of --token, --sku with --since, --dead-letters",
-                           hint="e.g. `flashsale replay --sku SKU --since 15m --dry-run`")
+        raise InvalidInput(
+            "choose exactly one of --token, --sku with --since, --dead-letters",
+            hint="e.g. `flashsale replay --sku SKU --since 15m --dry-run`",
+        )
     if since is not None and not sku:
         raise InvalidInput("--since needs --sku")
     since_ms = to_ms(parse_time(since, what="--since")) if since is not None else 0
@@ -114,8 +154,10 @@ def replay(ctx: Context, tokens: tuple[str, ...], sku: str | None, since: str | 
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     verb = "would publish" if dry_run else "published"
-    click.echo(f"{verb} {report.published} deduction(s) to {settings.replay_topic} "
-               f"({report.already_applied} already applied in MySQL: their replay changes nothing)")
+    click.echo(
+        f"{verb} {report.published} deduction(s) to {settings.replay_topic} "
+        f"({report.already_applied} already applied in MySQL: their replay changes nothing)"
+    )
     if report.not_deducted:
         click.echo(f"not deducted in Redis, not replayed: {', '.join(report.not_deducted[:20])}")
     for note in report.unreplayable[:20]:

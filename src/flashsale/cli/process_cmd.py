@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from flashsale.cli.context import Context
 from flashsale.service import processes
 
-METRICS_PORT = click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
-                            help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")
+METRICS_PORT = click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.",
+)
 
 
 @click.group()
@@ -19,19 +25,21 @@ def producer() -> None:
 @producer.command("run")
 @click.option("--host", default=None, help="Listen address [env FLASHSALE_HTTP_HOST].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Listen port [env FLASHSALE_HTTP_PORT].")
-@click.option("--threads", type=click.IntRange(1, 4096), default=None,
-              help="Purchases run at once [env FLASHSALE_PRODUCER_THREADS].")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Purchases run at once [env FLASHSALE_PRODUCER_THREADS].",
+)
 @click.pass_obj
 def producer_run(ctx: Context, host: str | None, port: int | None, threads: int | None) -> None:
     """Serve POST /purchase, GET /stock/{sku}, GET /healthz and GET /metrics until SIGTERM."""
     settings = ctx.settings
     cfg = settings.producer
-    overrides = {k: v for k, v in {"http_host": host, "http_port": port, "threads": threads}.items() if v is not None}
-    if overrides:
-        from dataclasses import replace
-
-        settings = settings.with_overrides(producer=replace(cfg, **overrides))
-    processes.run_producer(settings)
+    producer_settings = replace(
+        cfg, http_host=host or cfg.http_host, http_port=port or cfg.http_port, threads=threads or cfg.threads
+    )
+    processes.run_producer(settings.with_overrides(producer=producer_settings))
 
 
 @click.group()
@@ -40,16 +48,18 @@ def consumer() -> None:
 
 
 @consumer.command("run")
-@click.option("--batch-size", type=click.IntRange(1, 10000), default=None,
-              help="Most deductions per database transaction [env FLASHSALE_BATCH_SIZE].")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10000),
+    default=None,
+    help="Most deductions per database transaction [env FLASHSALE_BATCH_SIZE].",
+)
 @METRICS_PORT
 @click.pass_obj
 def consumer_run(ctx: Context, batch_size: int | None, metrics_port: int | None) -> None:
     """Consume the deduction and replay topics until SIGTERM (the batch in hand is finished first)."""
     settings = ctx.settings
     if batch_size is not None:
-        from dataclasses import replace
-
         settings = settings.with_overrides(consumer=replace(settings.consumer, batch_size=batch_size))
     processes.run_consumer(settings, metrics_port=metrics_port)
 

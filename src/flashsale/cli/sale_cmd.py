@@ -14,6 +14,7 @@ from rich.table import Table
 
 from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
+from flashsale.errors import InvalidInput
 from flashsale.ops import bench as bench_ops
 from flashsale.ops.demo import DemoConfig, run_demo
 
@@ -22,10 +23,11 @@ from flashsale.ops.demo import DemoConfig, run_demo
 def progress_bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[], None]]]:
     """Yields start(label, total) -> tick; a no-op when disabled (JSON output, no terminal)."""
     if not enabled:
-        yield lambda _label, _total: (lambda: None)
+        yield lambda _label, _total: lambda: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bars:
+
         def start(label: str, total: int) -> Callable[[], None]:
             task = bars.add_task(label, total=total)
             return lambda: bars.advance(task)
@@ -41,8 +43,10 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     rows: list[tuple[str, Callable[[bench_ops.StrategyResult], str]]] = [
         ("attempts", lambda r: str(r.attempts)),
         ("accepted", lambda r: str(r.accepted)),
-        *((f"rejected: {status}", lambda r, s=status: str(r.rejected.get(s, 0)))
-          for status in sorted({k for r in results for k in r.rejected})),
+        *(
+            (f"rejected: {status}", lambda r, s=status: str(r.rejected.get(s, 0)))
+            for status in sorted({k for r in results for k in r.rejected})
+        ),
         ("attempts/s", lambda r: f"{r.throughput:.0f}"),
         ("sold out after s", lambda r: f"{r.sellout_s:.2f}"),
         ("accepted/s until sold out", lambda r: f"{r.accepted_per_s:.0f}"),
@@ -51,7 +55,7 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
         ("latency p99 ms", lambda r: f"{r.p99_ms:.1f}"),
         ("drain s", lambda r: f"{r.drain_s:.2f}"),
         ("books", lambda r: "[green]balanced[/]" if r.consistent else "[red]DRIFT[/]"),
-        (f"× {bench_ops.BASELINE} (attempts/s)", lambda r: f"{r.ratio:.2f}" if r.ratio is not None else "-"),
+        (f"x {bench_ops.BASELINE} (attempts/s)", lambda r: f"{r.ratio:.2f}" if r.ratio is not None else "-"),
     ]
     for title, cell in rows:
         table.add_row(title, *(cell(r) for r in results))
@@ -59,19 +63,37 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
 
 
 @click.command()
-@click.option("--strategy", "strategies", default="pipeline", show_default=True,
-              help=f"Comma-separated, run in turn with the same load: {', '.join(bench_ops.STRATEGIES)}.")
+@click.option(
+    "--strategy",
+    "strategies",
+    default="pipeline",
+    show_default=True,
+    help=f"Comma-separated, run in turn with the same load: {', '.join(bench_ops.STRATEGIES)}.",
+)
 @click.option("--skus", type=int, default=1, show_default=True, help="SKUs on sale (attempts spread over them).")
 @click.option("--stock", type=int, default=1000, show_default=True, help="Units per SKU.")
 @click.option("--buyers", type=int, default=200, show_default=True, help="Buyers in flight at once (concurrency).")
 @click.option("--attempts", type=int, default=5000, show_default=True, help="Purchase attempts in all.")
 @click.option("--per-user-limit", type=int, default=0, show_default=True, help="Units one buyer may get (0 = none).")
-@click.option("--producer-url", default=None, metavar="URL",
-              help="A running producer to load; by default the bench starts its own three processes.")
+@click.option(
+    "--producer-url",
+    default=None,
+    metavar="URL",
+    help="A running producer to load; by default the bench starts its own three processes.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (no progress bars).")
 @click.pass_obj
-def bench(ctx: Context, strategies: str, skus: int, stock: int, buyers: int, attempts: int, per_user_limit: int,
-          producer_url: str | None, as_json: bool) -> None:
+def bench(
+    ctx: Context,
+    strategies: str,
+    skus: int,
+    stock: int,
+    buyers: int,
+    attempts: int,
+    per_user_limit: int,
+    producer_url: str | None,
+    as_json: bool,
+) -> None:
     """A flash sale per strategy against the running stack; a table of throughput, latency, drain and books."""
     chosen = bench_ops.parse_strategies(strategies)
     if producer_url is not None:
@@ -79,9 +101,10 @@ def bench(ctx: Context, strategies: str, skus: int, stock: int, buyers: int, att
 
         parts = urlsplit(producer_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise bench_ops.InvalidInput(f"--producer-url {producer_url!r} is not an http:// URL")
-    config = bench_ops.BenchConfig(skus=skus, stock=stock, buyers=buyers, attempts=attempts,
-                                   per_user_limit=per_user_limit)
+            raise InvalidInput(f"--producer-url {producer_url!r} is not an http:// URL")
+    config = bench_ops.BenchConfig(
+        skus=skus, stock=stock, buyers=buyers, attempts=attempts, per_user_limit=per_user_limit
+    )
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
         results = bench_ops.run_bench(ctx.settings, config, chosen, producer_url=producer_url, on_start=start)
     if as_json:
@@ -98,24 +121,34 @@ def bench(ctx: Context, strategies: str, skus: int, stock: int, buyers: int, att
 @click.option("--sku", default="", help="SKU of the sale [default: demo-<date>-<time>, a fresh one each run].")
 @click.option("--stock", type=click.IntRange(1), default=1000, show_default=True, help="Units on sale.")
 @click.option("--attempts", type=click.IntRange(1), default=5000, show_default=True, help="Purchase attempts.")
-@click.option("--buyers", type=click.IntRange(1, 2000), default=200, show_default=True,
-              help="Buyers in flight at once.")
-@click.option("--per-user-limit", type=click.IntRange(0), default=0, show_default=True,
-              help="Units one buyer may get (0 = none).")
+@click.option(
+    "--buyers", type=click.IntRange(1, 2000), default=200, show_default=True, help="Buyers in flight at once."
+)
+@click.option(
+    "--per-user-limit", type=click.IntRange(0), default=0, show_default=True, help="Units one buyer may get (0 = none)."
+)
 @click.pass_obj
 def demo(ctx: Context, sku: str, stock: int, attempts: int, buyers: int, per_user_limit: int) -> None:
     """The whole story on the real stack: stack up, schema, stock, three processes, a sale, the books."""
     config = DemoConfig(sku=sku, stock=stock, attempts=attempts, buyers=buyers, per_user_limit=per_user_limit)
     console = Console(soft_wrap=True)
     with progress_bars(sys.stderr.isatty()) as start:
-        result = run_demo(ctx.settings, config, say=lambda line: console.print(line, highlight=False),
-                          on_sale_start=lambda total: start("purchases", total))
+        result = run_demo(
+            ctx.settings,
+            config,
+            say=lambda line: console.print(line, highlight=False),
+            on_sale_start=lambda total: start("purchases", total),
+        )
     load = result.load
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(load.statuses.items()))
     console.print(f"\n{load.attempts} attempts in {load.elapsed_s:.2f} s ({load.throughput:.0f}/s): {statuses}")
-    console.print(f"latency p50 {load.percentile(0.5) * 1000:.1f} ms, p99 {load.percentile(0.99) * 1000:.1f} ms; "
-                  f"MySQL caught up {result.drain_s:.2f} s after the last answer\n")
+    console.print(
+        f"latency p50 {load.percentile(0.5) * 1000:.1f} ms, p99 {load.percentile(0.99) * 1000:.1f} ms; "
+        f"MySQL caught up {result.drain_s:.2f} s after the last answer\n"
+    )
     print_reconcile([result.report], console)
-    console.print(f"\nProcess logs: {result.logs}\nThe stack keeps running (`flashsale stack status`); "
-                  f"stop it with `flashsale stack down`.")
+    console.print(
+        f"\nProcess logs: {result.logs}\nThe stack keeps running (`flashsale stack status`); "
+        f"stop it with `flashsale stack down`."
+    )
     sys.exit(0 if result.report.consistent else 1)

@@ -19,8 +19,15 @@ from flashsale.ops import setup
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-@click.option("--wait", "wait_s", type=click.FloatRange(0), default=0, show_default=True, metavar="SECONDS",
-              help="Keep asking servers that do not answer yet, for up to this long.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Keep asking servers that do not answer yet, for up to this long.",
+)
 @click.pass_obj
 def init(ctx: Context, as_json: bool, wait_s: float) -> None:
     """Apply the SQL migrations and create the topics (deductions as TRANSACTION) and the consumer group."""
@@ -29,8 +36,10 @@ def init(ctx: Context, as_json: bool, wait_s: float) -> None:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     s = ctx.settings
-    click.echo(f"database {s.mysql_database}: schema version {report.schema_version}"
-               + (f" (applied {', '.join(report.migrations_applied)})" if report.migrations_applied else ""))
+    click.echo(
+        f"database {s.mysql_database}: schema version {report.schema_version}"
+        + (f" (applied {', '.join(report.migrations_applied)})" if report.migrations_applied else "")
+    )
     for topic, kind in report.topics.items():
         click.echo(f"topic {topic}: {kind}")
     click.echo(f"consumer group {report.consumer_group}")
@@ -44,10 +53,12 @@ def stock() -> None:
 @stock.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("sku")
 @click.argument("qty")
-@click.option("--per-user-limit", default="0", show_default=True, metavar="N",
-              help="Most units one user may buy (0 = no limit).")
-@click.option("--reset", is_flag=True,
-              help="Discard the SKU's previous sale (Redis log, MySQL deductions, orders, conflicts).")
+@click.option(
+    "--per-user-limit", default="0", show_default=True, metavar="N", help="Most units one user may buy (0 = no limit)."
+)
+@click.option(
+    "--reset", is_flag=True, help="Discard the SKU's previous sale (Redis log, MySQL deductions, orders, conflicts)."
+)
 @click.pass_obj
 def stock_set(ctx: Context, sku: str, qty: str, per_user_limit: str, reset: bool) -> None:
     """Load SKU with QTY units into MySQL and Redis, consistently."""
@@ -72,8 +83,9 @@ def stock_report(ctx: Context, sku: str) -> dict[str, Any]:
         store.close()
         cache.close()
     if redis_side is None and mysql_side is None:
-        raise UnknownSku(f"unknown SKU {sku!r}: not loaded in Redis nor MySQL",
-                         hint=f"load it with `flashsale stock set {sku} QTY`")
+        raise UnknownSku(
+            f"unknown SKU {sku!r}: not loaded in Redis nor MySQL", hint=f"load it with `flashsale stock set {sku} QTY`"
+        )
     return {"sku": sku, "redis": redis_side, "mysql": mysql_side}
 
 

@@ -89,18 +89,26 @@ def parse_strategies(text: str) -> list[str]:
 def _result(strategy: str, load: LoadReport, drain_s: float, problems: list[str]) -> StrategyResult:
     accepted = load.statuses.get("accepted", 0)
     return StrategyResult(
-        strategy=strategy, attempts=load.attempts, accepted=accepted,
+        strategy=strategy,
+        attempts=load.attempts,
+        accepted=accepted,
         rejected={k: v for k, v in sorted(load.statuses.items()) if k != "accepted"},
-        elapsed_s=round(load.elapsed_s, 3), throughput=round(load.throughput, 1),
-        accepted_per_s=round(load.accepted_per_s, 1), sellout_s=round(load.sellout_s, 3),
-        p50_ms=round(load.percentile(0.50) * 1000, 2), p95_ms=round(load.percentile(0.95) * 1000, 2),
-        p99_ms=round(load.percentile(0.99) * 1000, 2), drain_s=round(drain_s, 3), consistent=not problems,
+        elapsed_s=round(load.elapsed_s, 3),
+        throughput=round(load.throughput, 1),
+        accepted_per_s=round(load.accepted_per_s, 1),
+        sellout_s=round(load.sellout_s, 3),
+        p50_ms=round(load.percentile(0.50) * 1000, 2),
+        p95_ms=round(load.percentile(0.95) * 1000, 2),
+        p99_ms=round(load.percentile(0.99) * 1000, 2),
+        drain_s=round(drain_s, 3),
+        consistent=not problems,
         problems=problems,
     )
 
 
-def _baseline(settings: Settings, strategy: str, config: BenchConfig, skus: list[str], run: str,
-              tick: Tick) -> StrategyResult:
+def _baseline(
+    settings: Settings, strategy: str, config: BenchConfig, skus: list[str], run: str, tick: Tick
+) -> StrategyResult:
     store = MySQLStore(settings.mysql_url, pool_size=config.buyers)
     try:
         for sku in skus:
@@ -131,8 +139,10 @@ def _baseline(settings: Settings, strategy: str, config: BenchConfig, skus: list
         for sku in skus:
             view = store.view(sku)
             if view.stock + view.deducted_qty != view.initial or view.orders != view.deductions or view.stock < 0:
-                problems.append(f"{sku}: stock {view.stock} + applied {view.deducted_qty} vs initial {view.initial}, "
-                                f"{view.orders} orders")
+                problems.append(
+                    f"{sku}: stock {view.stock} + applied {view.deducted_qty} vs initial {view.initial}, "
+                    f"{view.orders} orders"
+                )
         applied, _ = store.applied(skus)
         if applied != load.statuses.get("accepted", 0):
             problems.append(f"{load.statuses.get('accepted', 0)} accepted but {applied} applied")
@@ -141,8 +151,9 @@ def _baseline(settings: Settings, strategy: str, config: BenchConfig, skus: list
         store.close()
 
 
-def _pipeline(settings: Settings, config: BenchConfig, skus: list[str], run: str, url: str,
-              tick: Tick) -> StrategyResult:
+def _pipeline(
+    settings: Settings, config: BenchConfig, skus: list[str], run: str, url: str, tick: Tick
+) -> StrategyResult:
     for sku in skus:
         setup.set_stock(settings, sku, config.stock, per_user_limit=config.per_user_limit)
     load = asyncio.run(run_load(url, skus, attempts=config.attempts, concurrency=config.buyers, run_id=run, tick=tick))
@@ -164,8 +175,15 @@ def _pipeline(settings: Settings, config: BenchConfig, skus: list[str], run: str
         stock.close()
 
 
-def run_bench(settings: Settings, config: BenchConfig, strategies: list[str], *, producer_url: str | None = None,
-              logs: Path | None = None, on_start: Callable[[str, int], Tick] | None = None) -> list[StrategyResult]:
+def run_bench(
+    settings: Settings,
+    config: BenchConfig,
+    strategies: list[str],
+    *,
+    producer_url: str | None = None,
+    logs: Path | None = None,
+    on_start: Callable[[str, int], Tick] | None = None,
+) -> list[StrategyResult]:
     """Run each strategy in turn; `on_start(strategy, attempts)` returns the tick called per attempt."""
     config.check()
     run = uuid.uuid4().hex[:6]
@@ -181,8 +199,10 @@ def run_bench(settings: Settings, config: BenchConfig, strategies: list[str], *,
             url = producer_url
             if url is None or not healthy(url):
                 if producer_url is not None:
-                    raise InvalidInput(f"no producer answers at {producer_url}",
-                                       hint="start one (`flashsale producer run`) or leave --producer-url out")
+                    raise InvalidInput(
+                        f"no producer answers at {producer_url}",
+                        hint="start one (`flashsale producer run`) or leave --producer-url out",
+                    )
                 fleet = Fleet(environment(), logs or settings.home / "logs" / f"bench-{run}")
                 fleet.checker()
                 fleet.consumer()
@@ -196,4 +216,3 @@ def run_bench(settings: Settings, config: BenchConfig, strategies: list[str], *,
         for r in results:
             r.ratio = round(r.throughput / baseline.throughput, 2)
     return results
-

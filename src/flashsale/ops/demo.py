@@ -38,8 +38,9 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def run_demo(settings: Settings, config: DemoConfig, *, say: Say,
-             on_sale_start: Callable[[int], Callable[[], None]]) -> DemoResult:
+def run_demo(
+    settings: Settings, config: DemoConfig, *, say: Say, on_sale_start: Callable[[int], Callable[[], None]]
+) -> DemoResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     say("1/6 local stack: Redis, MariaDB, RocketMQ (installed and started if needed)")
@@ -48,7 +49,7 @@ def run_demo(settings: Settings, config: DemoConfig, *, say: Say,
 
     say("2/6 schema and topics")
     setup.init(settings, wait_s=30)
-    sku = config.sku or datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+    sku = config.sku or datetime.now().astimezone().strftime("demo-%Y%m%d-%H%M%S")
     say(f"3/6 {sku}: {config.stock} units" + (f", {config.per_user_limit} per user" if config.per_user_limit else ""))
     setup.set_stock(settings, sku, config.stock, per_user_limit=config.per_user_limit)
 

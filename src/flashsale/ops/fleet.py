@@ -40,8 +40,13 @@ class Child:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(log, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", "flashsale", *args], env=dict(env),
-                                      stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "flashsale", *args],
+            env=dict(env),
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     def text(self) -> str:
         try:
@@ -53,8 +58,10 @@ class Child:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
-                raise FlashSaleError(f"{self.role} exited ({self.popen.returncode}) before {what}; log {self.log}:\n"
-                                     f"{self.text()[-2000:]}")
+                raise FlashSaleError(
+                    f"{self.role} exited ({self.popen.returncode}) before {what}; log {self.log}:\n"
+                    f"{self.text()[-2000:]}"
+                )
             if ready():
                 return
             time.sleep(0.2)

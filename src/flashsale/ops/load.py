@@ -54,8 +54,14 @@ class LoadReport:
         return self.attempts / self.elapsed_s if self.elapsed_s else 0.0
 
 
-async def _buyer(session: aiohttp.ClientSession, url: str, user: str, plan: Sequence[tuple[str, str, int]],
-                 report: LoadReport, tick: Callable[[], None]) -> None:
+async def _buyer(
+    session: aiohttp.ClientSession,
+    url: str,
+    user: str,
+    plan: Sequence[tuple[str, str, int]],
+    report: LoadReport,
+    tick: Callable[[], None],
+) -> None:
     for sku, token, qty in plan:
         started = time.perf_counter()
         try:
@@ -77,9 +83,17 @@ async def _buyer(session: aiohttp.ClientSession, url: str, user: str, plan: Sequ
         tick()
 
 
-async def run_load(base_url: str, skus: Sequence[str], *, attempts: int, concurrency: int, qty: int = 1,
-                   run_id: str | None = None, timeout_s: float = 30.0,
-                   tick: Callable[[], None] = lambda: None) -> LoadReport:
+async def run_load(
+    base_url: str,
+    skus: Sequence[str],
+    *,
+    attempts: int,
+    concurrency: int,
+    qty: int = 1,
+    run_id: str | None = None,
+    timeout_s: float = 30.0,
+    tick: Callable[[], None] = lambda: None,
+) -> LoadReport:
     run = run_id or uuid.uuid4().hex[:8]
     url = base_url.rstrip("/") + "/purchase"
     plans: list[list[tuple[str, str, int]]] = [[] for _ in range(concurrency)]
@@ -89,7 +103,8 @@ async def run_load(base_url: str, skus: Sequence[str], *, attempts: int, concurr
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(_buyer(session, url, f"{run}-u{b}", plan, report, tick)
-                               for b, plan in enumerate(plans) if plan))
+        await asyncio.gather(
+            *(_buyer(session, url, f"{run}-u{b}", plan, report, tick) for b, plan in enumerate(plans) if plan)
+        )
     report.elapsed_s = time.perf_counter() - report.started
     return report

@@ -83,8 +83,16 @@ OnMissing = Callable[[list[LogEntry]], None]
 OnOrphan = Callable[[Any, LogEntry | None, SkuReport], None]
 
 
-def reconcile_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float, now_ms: int | None = None,
-                  on_missing: OnMissing | None = None, on_orphan: OnOrphan | None = None) -> SkuReport:
+def reconcile_sku(
+    stock: RedisStock,
+    store: MySQLStore,
+    sku: str,
+    *,
+    settle_s: float,
+    now_ms: int | None = None,
+    on_missing: OnMissing | None = None,
+    on_orphan: OnOrphan | None = None,
+) -> SkuReport:
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     settle_ms = settle_s * 1000
     report = SkuReport(sku)
@@ -138,14 +146,14 @@ def reconcile_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: f
         after = rows[-1].id
         entries = stock.log_entries(sku, [r.token for r in rows])
         for row in rows:
-            entry = entries[row.token]
-            if entry is None or entry.state not in _DEDUCTED:
+            logged = entries[row.token]
+            if logged is None or logged.state not in _DEDUCTED:
                 report.mysql_without_log += 1
                 report.mysql_without_log_qty += int(row.qty)
                 if len(report.without_log_tokens) < SAMPLE:
                     report.without_log_tokens.append(row.token)
                 if on_orphan:
-                    on_orphan(row, entry, report)
+                    on_orphan(row, logged, report)
 
     _judge(report)
     return report
@@ -156,18 +164,23 @@ def _judge(r: SkuReport) -> None:
     if r.mysql_initial != r.initial:
         r.problems.append(f"initial stock differs: Redis {r.initial}, MySQL {r.mysql_initial}")
     if r.redis_stock + r.redis_counter_qty - r.redis_returned_qty != r.initial:
-        r.problems.append(f"Redis stock {r.redis_stock} + deducted {r.redis_counter_qty} - returned "
-                          f"{r.redis_returned_qty} != initial {r.initial}")
+        r.problems.append(
+            f"Redis stock {r.redis_stock} + deducted {r.redis_counter_qty} - returned "
+            f"{r.redis_returned_qty} != initial {r.initial}"
+        )
     if r.redis_deducted_qty != r.redis_counter_qty:
-        r.problems.append(f"Redis log holds {r.redis_deducted_qty} units of deductions, its counter says "
-                          f"{r.redis_counter_qty}")
+        r.problems.append(
+            f"Redis log holds {r.redis_deducted_qty} units of deductions, its counter says {r.redis_counter_qty}"
+        )
     if r.mysql_stock + r.mysql_applied_qty != r.initial:
         r.problems.append(f"MySQL stock {r.mysql_stock} + applied {r.mysql_applied_qty} != initial {r.initial}")
     if r.missing_in_mysql:
         r.problems.append(f"{r.missing_in_mysql} deduction(s) ({r.missing_qty} units) in Redis are missing in MySQL")
     if r.mysql_without_log:
-        r.problems.append(f"{r.mysql_without_log} MySQL deduction(s) ({r.mysql_without_log_qty} units) have no "
-                          f"deduction in the Redis log")
+        r.problems.append(
+            f"{r.mysql_without_log} MySQL deduction(s) ({r.mysql_without_log_qty} units) have no "
+            f"deduction in the Redis log"
+        )
     if r.orders_without_deduction or r.deductions_without_order or r.orders != r.mysql_applied:
         r.problems.append(f"{r.mysql_applied} deductions but {r.orders} orders")
     if r.redis_returned_qty:
@@ -213,8 +226,9 @@ class _Repairer:
             return
         unexplained = seen.redis_counter_qty - seen.redis_deducted_qty - self._entries_qty
         entry_only = unexplained >= int(row.qty)
-        code, detail = self.stock.adopt(seen.sku, row.token, row.user_id, int(row.qty), int(row.created_ms),
-                                        row.message_id, deduct=not entry_only)
+        code, detail = self.stock.adopt(
+            seen.sku, row.token, row.user_id, int(row.qty), int(row.created_ms), row.message_id, deduct=not entry_only
+        )
         if code == 1 and entry_only:
             self.report.adopted_entries += 1
             self._entries_qty += int(row.qty)
@@ -224,19 +238,22 @@ class _Repairer:
             self.report.needs_operator.append(f"{row.token}: Redis has {detail} left, cannot take {row.qty} again")
 
 
-def repair_sku(stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float,
-               replay: Callable[[list[LogEntry]], int]) -> tuple[SkuReport, RepairReport]:
+def repair_sku(
+    stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float, replay: Callable[[list[LogEntry]], int]
+) -> tuple[SkuReport, RepairReport]:
     """Reconcile `sku` and repair what can be repaired (see _Repairer); returns both reports."""
     repairer = _Repairer(stock, sku, replay)
-    report = reconcile_sku(stock, store, sku, settle_s=settle_s, on_missing=repairer.on_missing,
-                           on_orphan=repairer.on_orphan)
+    report = reconcile_sku(
+        stock, store, sku, settle_s=settle_s, on_missing=repairer.on_missing, on_orphan=repairer.on_orphan
+    )
     if report.deductions_without_order:
         repairer.report.orders_created = store.create_missing_orders(sku)
     return report, repairer.report
 
 
-def run(settings: Settings, skus: list[str], *, repair: bool = False, wait_s: float = 0.0,
-        dry_run: bool = False) -> tuple[list[SkuReport], list[RepairReport]]:
+def run(
+    settings: Settings, skus: list[str], *, repair: bool = False, wait_s: float = 0.0, dry_run: bool = False
+) -> tuple[list[SkuReport], list[RepairReport]]:
     """Reconcile the given SKUs (all known ones when empty); with `repair`, fix and reconcile again.
 
     After a repair the replayed deductions still have to pass through the consumer: `wait_s` keeps
@@ -250,12 +267,15 @@ def run(settings: Settings, skus: list[str], *, repair: bool = False, wait_s: fl
         mysql_skus = set(store.skus())
         for sku in skus:
             if not stock.exists(sku) and sku not in mysql_skus:
-                raise UnknownSku(f"unknown SKU {sku!r}: not loaded in Redis nor MySQL",
-                                 hint="`flashsale reconcile` without a SKU checks every loaded SKU")
+                raise UnknownSku(
+                    f"unknown SKU {sku!r}: not loaded in Redis nor MySQL",
+                    hint="`flashsale reconcile` without a SKU checks every loaded SKU",
+                )
         if not repair:
             return [reconcile_sku(stock, store, sku, settle_s=settings.settle_s) for sku in names], []
         repairs: list[RepairReport] = []
         with Replayer(settings, stock, store, dry_run=dry_run) as replayer:
+
             def replay(entries: list[LogEntry]) -> int:
                 before = replayer.report.published
                 replayer.entries(entries)

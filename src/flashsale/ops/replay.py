@@ -131,4 +131,3 @@ class Replayer:
             if not self.report.dry_run:
                 self.store.mark_replayed(ids)
                 self.report.dead_letters_marked += len(ids)
-

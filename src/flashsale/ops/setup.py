@@ -77,8 +77,7 @@ def _init(settings: Settings) -> InitReport:
     return report
 
 
-def set_stock(settings: Settings, sku: str, qty: object, *, per_user_limit: object = 0,
-              reset: bool = False) -> None:
+def set_stock(settings: Settings, sku: str, qty: object, *, per_user_limit: object = 0, reset: bool = False) -> None:
     """Load a SKU: MySQL first (the books), then Redis (the gate).
 
     A SKU with deductions on record is refused unless `reset`: both sides are checked before either is

@@ -26,8 +26,14 @@ _COMMIT_STATES = {c.STATE_DEDUCTED, c.STATE_RETURNED}
 
 
 class DeductionChecker:
-    def __init__(self, stock: StockPort, grace_s: float, *, clock: Callable[[], float] = time.time,
-                 observe: Callable[[Resolution], None] | None = None) -> None:
+    def __init__(
+        self,
+        stock: StockPort,
+        grace_s: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        observe: Callable[[Resolution], None] | None = None,
+    ) -> None:
         self._stock = stock
         self._grace_ms = grace_s * 1000
         self._clock = clock
@@ -55,8 +61,12 @@ class DeductionChecker:
                     return Resolution.UNKNOWN
                 entry = self._stock.fence(deduction.sku, deduction.token, deduction.user_id, deduction.qty)
                 if entry.state == c.STATE_FENCED:
-                    logger.warning("fenced token %s sku %s: no pre-deduct within %.1f s",
-                                   deduction.token, deduction.sku, self._grace_ms / 1000)
+                    logger.warning(
+                        "fenced token %s sku %s: no pre-deduct within %.1f s",
+                        deduction.token,
+                        deduction.sku,
+                        self._grace_ms / 1000,
+                    )
         except FlashSaleError as exc:
             logger.warning("cannot check token %s (%s); answering unknown", deduction.token, exc)
             return Resolution.UNKNOWN

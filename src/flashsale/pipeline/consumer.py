@@ -41,8 +41,16 @@ def decode(batch: Sequence[Delivery]) -> tuple[list[Incoming], list[DeadLetter]]
 
 
 class DeductionConsumer:
-    def __init__(self, receiver: ReceiverPort, store: StorePort, *, batch_size: int, max_backoff_s: float, failpoint_names: frozenset[str] = frozenset(),
-                 observe: Observer | None = None) -> None:
+    def __init__(
+        self,
+        receiver: ReceiverPort,
+        store: StorePort,
+        *,
+        batch_size: int,
+        max_backoff_s: float,
+        failpoint_names: frozenset[str] = frozenset(),
+        observe: Observer | None = None,
+    ) -> None:
         self._receiver = receiver
         self._store = store
         self._batch_size = batch_size
@@ -79,8 +87,9 @@ class DeductionConsumer:
                 backoff_s = 0.0
             except FlashSaleError as exc:
                 backoff_s = min(self._max_backoff_s, max(0.5, backoff_s * 2))
-                logger.warning("batch of %d not applied (%s); handing it back, retrying in %.1f s",
-                               len(batch), exc, backoff_s)
+                logger.warning(
+                    "batch of %d not applied (%s); handing it back, retrying in %.1f s", len(batch), exc, backoff_s
+                )
                 self._receiver.nack(batch, max(1, round(backoff_s)))
         logger.info("consumer stopped")
 
@@ -103,11 +112,18 @@ class DeductionConsumer:
             acked = self._receiver.ack(batch)
         except BusError as exc:
             acked = 0
-            logger.warning("ack of %d committed messages failed (%s); their redelivery will be a no-op",
-                           len(batch), exc)
-        logger.info("batch: %d applied, %d duplicate, %d conflict, %d dead-lettered, %d/%d acked",
-                    len(report.applied), report.duplicates, len(report.conflicts), len(report.dead_letters),
-                    acked, len(batch))
+            logger.warning(
+                "ack of %d committed messages failed (%s); their redelivery will be a no-op", len(batch), exc
+            )
+        logger.info(
+            "batch: %d applied, %d duplicate, %d conflict, %d dead-lettered, %d/%d acked",
+            len(report.applied),
+            report.duplicates,
+            len(report.conflicts),
+            len(report.dead_letters),
+            acked,
+            len(batch),
+        )
         if self._observe:
             self._observe(report, len(batch), time.perf_counter() - started)
         return report
@@ -122,8 +138,13 @@ class DeductionConsumer:
                 if exc.retriable:
                     raise
                 logger.error("message %s cannot be applied (%s); dead-lettering it", delivery.message_id, exc)
-                letter = DeadLetter(delivery.message_id, delivery.topic, delivery.key,
-                                    f"database rejected it: {exc}"[:512], delivery.body)
+                letter = DeadLetter(
+                    delivery.message_id,
+                    delivery.topic,
+                    delivery.key,
+                    f"database rejected it: {exc}"[:512],
+                    delivery.body,
+                )
                 report = self._store.apply_batch([], [letter])
             total.applied += report.applied
             total.duplicates += report.duplicates

@@ -58,8 +58,16 @@ class SoldOutCache:
 
 
 class PurchaseService:
-    def __init__(self, stock: StockPort, bus: TxBusPort, topic: str, *, sold_out_cache_s: float = 0.5,
-                 failpoint_names: frozenset[str] = frozenset(), observe: Observer | None = None) -> None:
+    def __init__(
+        self,
+        stock: StockPort,
+        bus: TxBusPort,
+        topic: str,
+        *,
+        sold_out_cache_s: float = 0.5,
+        failpoint_names: frozenset[str] = frozenset(),
+        observe: Observer | None = None,
+    ) -> None:
         self._stock = stock
         self._bus = bus
         self._topic = topic
@@ -90,18 +98,26 @@ class PurchaseService:
             half = self._bus.send_half(self._topic, token, body, c.DEDUCTION_TAG)
         except BusError as exc:
             logger.warning("half message for token %s sku %s not sent: %s", token, sku, exc)
-            return PurchaseResult(PurchaseStatus.ERROR, token,
-                                  message="the message broker is unavailable; nothing was deducted, try again")
+            return PurchaseResult(
+                PurchaseStatus.ERROR,
+                token,
+                message="the message broker is unavailable; nothing was deducted, try again",
+            )
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
 
         try:
             outcome = self._stock.prededuct(sku, token, request.user_id, request.qty, half.message_id)
         except ServiceUnavailable as exc:
             # The script may or may not have run: neither commit nor roll back, the checker will know.
-            logger.warning("pre-deduct of token %s sku %s has an unknown outcome (%s); left to the checker",
-                           token, sku, exc)
-            return PurchaseResult(PurchaseStatus.PENDING, token, message_id=half.message_id,
-                                  message="the outcome is not known yet; it will be settled within seconds")
+            logger.warning(
+                "pre-deduct of token %s sku %s has an unknown outcome (%s); left to the checker", token, sku, exc
+            )
+            return PurchaseResult(
+                PurchaseStatus.PENDING,
+                token,
+                message_id=half.message_id,
+                message="the outcome is not known yet; it will be settled within seconds",
+            )
         except FlashSaleError as exc:
             # A script error writes nothing (every check runs before the first write): roll back.
             logger.error("pre-deduct of token %s sku %s failed: %s", token, sku, exc)
@@ -127,22 +143,37 @@ class PurchaseService:
             if outcome.remaining == 0:
                 self._sold_out.mark(sku)
                 return PurchaseResult(PurchaseStatus.SOLD_OUT, token, 0, message=f"{sku} is sold out")
-            return PurchaseResult(PurchaseStatus.SOLD_OUT, token, outcome.remaining,
-                                  message=f"only {outcome.remaining} left, {request.qty} asked")
+            return PurchaseResult(
+                PurchaseStatus.SOLD_OUT,
+                token,
+                outcome.remaining,
+                message=f"only {outcome.remaining} left, {request.qty} asked",
+            )
         if code is Prededuct.DUPLICATE:
             original = outcome.entry.message_id if outcome.entry else None
-            return PurchaseResult(PurchaseStatus.DUPLICATE, token, outcome.remaining, original,
-                                  message="this token was accepted before; nothing new was deducted")
+            return PurchaseResult(
+                PurchaseStatus.DUPLICATE,
+                token,
+                outcome.remaining,
+                original,
+                message="this token was accepted before; nothing new was deducted",
+            )
         if code is Prededuct.LIMIT_EXCEEDED:
-            return PurchaseResult(PurchaseStatus.LIMIT_EXCEEDED, token, outcome.remaining,
-                                  message=f"user {request.user_id} already bought {outcome.bought} of {sku}")
+            return PurchaseResult(
+                PurchaseStatus.LIMIT_EXCEEDED,
+                token,
+                outcome.remaining,
+                message=f"user {request.user_id} already bought {outcome.bought} of {sku}",
+            )
         if code is Prededuct.FENCED:
-            return PurchaseResult(PurchaseStatus.ERROR, token, outcome.remaining,
-                                  message="this token timed out and was rolled back; nothing was deducted, "
-                                          "retry with a new token")
+            return PurchaseResult(
+                PurchaseStatus.ERROR,
+                token,
+                outcome.remaining,
+                message="this token timed out and was rolled back; nothing was deducted, retry with a new token",
+            )
         if code is Prededuct.UNKNOWN_SKU:
-            return PurchaseResult(PurchaseStatus.INVALID, token,
-                                  message=f"unknown SKU {sku!r}: it is not on sale")
+            return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
         return PurchaseResult(PurchaseStatus.INVALID, token, message=f"invalid quantity {request.qty}")
 
     @staticmethod
@@ -150,5 +181,6 @@ class PurchaseService:
         try:
             action()
         except BusError as exc:
-            logger.warning("%s of token %s message %s failed (%s); the checker will settle it",
-                           what, token, message_id, exc)
+            logger.warning(
+                "%s of token %s message %s failed (%s); the checker will settle it", what, token, message_id, exc
+            )

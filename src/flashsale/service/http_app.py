@@ -64,8 +64,13 @@ def _answer(result: PurchaseResult, status: int | None = None) -> web.Response:
 
 
 def _invalid(reason: str, status: int, token: object = None) -> web.Response:
-    body = {"status": PurchaseStatus.INVALID.value, "token": token if isinstance(token, str) else None,
-            "remaining": None, "message_id": None, "message": reason}
+    body = {
+        "status": PurchaseStatus.INVALID.value,
+        "token": token if isinstance(token, str) else None,
+        "remaining": None,
+        "message_id": None,
+        "message": reason,
+    }
     return web.json_response(body, status=status)
 
 
@@ -74,7 +79,7 @@ async def purchase(request: web.Request) -> web.Response:
     try:
         payload = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return _invalid("the body is not valid JSON; send {\"sku\",\"user_id\",\"qty\",\"token\"}", 400)
+        return _invalid('the body is not valid JSON; send {"sku","user_id","qty","token"}', 400)
     token = payload.get("token") if isinstance(payload, dict) else None
     try:
         purchase_request = PurchaseRequest.from_json(payload)
@@ -82,13 +87,24 @@ async def purchase(request: web.Request) -> web.Response:
         return _invalid(str(exc), 422 if isinstance(payload, dict) else 400, token)
     admission = app[_ADMISSION]
     if not admission.enter():
-        return _answer(PurchaseResult(PurchaseStatus.ERROR, purchase_request.token,
-                                      message="the producer is overloaded; nothing was deducted, retry shortly"))
+        return _answer(
+            PurchaseResult(
+                PurchaseStatus.ERROR,
+                purchase_request.token,
+                message="the producer is overloaded; nothing was deducted, retry shortly",
+            )
+        )
     try:
         loop = asyncio.get_running_loop()
         service = app[_SERVICE]
-        result = await loop.run_in_executor(app[_POOL], service.purchase, purchase_request.sku,
-                                            purchase_request.user_id, purchase_request.qty, purchase_request.token)
+        result = await loop.run_in_executor(
+            app[_POOL],
+            service.purchase,
+            purchase_request.sku,
+            purchase_request.user_id,
+            purchase_request.qty,
+            purchase_request.token,
+        )
     finally:
         admission.leave()
     if result.status is PurchaseStatus.INVALID and result.message.startswith("unknown SKU"):
@@ -122,8 +138,9 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(service: PurchaseService, stock_: RedisStock, metrics_: Metrics, *, threads: int,
-              max_in_flight: int) -> web.Application:
+def build_app(
+    service: PurchaseService, stock_: RedisStock, metrics_: Metrics, *, threads: int, max_in_flight: int
+) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[_SERVICE] = service
     app[_STOCK] = stock_

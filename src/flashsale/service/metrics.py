@@ -15,16 +15,20 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.purchases = Counter("flashsale_purchases", "Purchases answered, by status", ["status"], registry=r)
-        self.purchase_seconds = Histogram("flashsale_purchase_seconds", "Time to answer a purchase",
-                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.purchase_seconds = Histogram(
+            "flashsale_purchase_seconds", "Time to answer a purchase", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.in_flight = Gauge("flashsale_purchases_in_flight", "Purchases being processed", registry=r)
-        self.checks = Counter("flashsale_checks", "Transaction checks answered, by resolution", ["resolution"],
-                              registry=r)
-        self.messages = Counter("flashsale_consumer_messages", "Messages handled by the consumer, by outcome",
-                                ["outcome"], registry=r)
+        self.checks = Counter(
+            "flashsale_checks", "Transaction checks answered, by resolution", ["resolution"], registry=r
+        )
+        self.messages = Counter(
+            "flashsale_consumer_messages", "Messages handled by the consumer, by outcome", ["outcome"], registry=r
+        )
         self.batches = Counter("flashsale_consumer_batches", "Batches committed by the consumer", registry=r)
-        self.batch_seconds = Histogram("flashsale_consumer_batch_seconds", "Time to apply and ack one batch",
-                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(
+            "flashsale_consumer_batch_seconds", "Time to apply and ack one batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
 
     def purchase(self, result: PurchaseResult, seconds: float) -> None:
         self.purchases.labels(result.status.value).inc()

@@ -41,8 +41,9 @@ def _serve_metrics(metrics: Metrics, host: str, port: int | None) -> None:
         logger.info("metrics on http://%s:%d/metrics", host, port)
 
 
-def build_purchase_service(settings: Settings, metrics: Metrics | None = None) -> tuple[PurchaseService, RedisStock,
-                                                                                        RocketMQProducer]:
+def build_purchase_service(
+    settings: Settings, metrics: Metrics | None = None
+) -> tuple[PurchaseService, RedisStock, RocketMQProducer]:
     """The Python API's engine: a started producer client plus the Redis stock, wired together."""
     cfg = settings.producer
     stock = RedisStock(settings.redis_url, timeout_s=cfg.redis_timeout_s, max_connections=cfg.threads + 16)
@@ -50,7 +51,9 @@ def build_purchase_service(settings: Settings, metrics: Metrics | None = None) -
     checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check if metrics else None)
     bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
     service = PurchaseService(
-        stock, bus, settings.deduction_topic,
+        stock,
+        bus,
+        settings.deduction_topic,
         sold_out_cache_s=cfg.sold_out_cache_s,
         failpoint_names=settings.failpoints,
         observe=metrics.purchase if metrics else None,
@@ -69,11 +72,17 @@ def run_producer(settings: Settings) -> None:
         stock.close()
 
     app.on_cleanup.append(close_clients)
-    logger.info("producer listening on http://%s:%d (topic %s)", cfg.http_host, cfg.http_port,
-                settings.deduction_topic)
+    logger.info("producer listening on http://%s:%d (topic %s)", cfg.http_host, cfg.http_port, settings.deduction_topic)
     # aiohttp turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests finish.
-    web.run_app(app, host=cfg.http_host, port=cfg.http_port, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                print=None, access_log=None, handle_signals=True)
+    web.run_app(
+        app,
+        host=cfg.http_host,
+        port=cfg.http_port,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )
     logger.info("producer stopped")
 
 
@@ -85,8 +94,9 @@ def run_checker(settings: Settings, *, metrics_port: int | None = None) -> None:
     _on_signals(stop)
     bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
     _serve_metrics(metrics, settings.producer.http_host, metrics_port)
-    logger.info("checker answering transaction checks for %s (grace %.1f s)", settings.deduction_topic,
-                settings.check_grace_s)
+    logger.info(
+        "checker answering transaction checks for %s (grace %.1f s)", settings.deduction_topic, settings.check_grace_s
+    )
     stop.wait()
     bus.shutdown()
     stock.close()
@@ -98,18 +108,37 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
     cfg = settings.consumer
     store = MySQLStore(settings.mysql_url)
     store.ping()
-    receiver = RocketMQConsumer(settings.rocketmq_endpoint, settings.consumer_group,
-                                [settings.deduction_topic, settings.replay_topic], poll_wait_s=cfg.poll_wait_s,
-                                invisible_s=cfg.invisible_s).start()
-    consumer = DeductionConsumer(receiver, store, batch_size=cfg.batch_size, max_backoff_s=cfg.max_backoff_s, failpoint_names=settings.failpoints,
-                                 observe=metrics.batch)
+    receiver = RocketMQConsumer(
+        settings.rocketmq_endpoint,
+        settings.consumer_group,
+        [settings.deduction_topic, settings.replay_topic],
+        poll_wait_s=cfg.poll_wait_s,
+        invisible_s=cfg.invisible_s,
+    ).start()
+    consumer = DeductionConsumer(
+        receiver,
+        store,
+        batch_size=cfg.batch_size,
+        max_backoff_s=cfg.max_backoff_s,
+        failpoint_names=settings.failpoints,
+        observe=metrics.batch,
+    )
     stop = threading.Event()
     _on_signals(stop)
-    watcher = threading.Thread(target=lambda: (stop.wait(), consumer.stop()), daemon=True, name="stop-watcher")
-    watcher.start()
+
+    def stop_when_asked() -> None:
+        stop.wait()
+        consumer.stop()
+
+    threading.Thread(target=stop_when_asked, daemon=True, name="stop-watcher").start()
     _serve_metrics(metrics, settings.producer.http_host, metrics_port)
-    logger.info("consumer of group %s applying %s and %s to %s", settings.consumer_group,
-                settings.deduction_topic, settings.replay_topic, store.address)
+    logger.info(
+        "consumer of group %s applying %s and %s to %s",
+        settings.consumer_group,
+        settings.deduction_topic,
+        settings.replay_topic,
+        store.address,
+    )
     try:
         consumer.run()
     finally:

@@ -36,7 +36,9 @@ def which(program: str) -> str | None:
 def program(name: str) -> str:
     path = which(name)
     if path is None:
-        raise StackError(f"{name} is not installed", hint=f"run `flashsale stack up` as root or apt-get install {PROGRAMS[name]}")
+        raise StackError(
+            f"{name} is not installed", hint=f"run `flashsale stack up` as root or apt-get install {PROGRAMS[name]}"
+        )
     return path
 
 
@@ -98,7 +100,11 @@ def rocketmq_lib() -> Path:
     partial = cache / "lib.partial"
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [
-        mvn, "-B", "-q", "-f", str(pom),
+        mvn,
+        "-B",
+        "-q",
+        "-f",
+        str(pom),
         f"-Drocketmq.version={c.ROCKETMQ_VERSION}",
         "dependency:copy-dependencies",
         f"-DoutputDirectory={partial}",

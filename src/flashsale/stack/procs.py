@@ -67,8 +67,9 @@ def is_alive(record: PidRecord) -> bool:
     return state not in ("Z", "X")
 
 
-def spawn(command: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None,
-          cwd: Path | None = None) -> PidRecord:
+def spawn(
+    command: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> PidRecord:
     """Start `command` in its own session (it outlives this process), stdout and stderr to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

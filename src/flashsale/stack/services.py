@@ -105,21 +105,25 @@ class RedisService(Service):
     def prepare(self) -> None:
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        (self.dir / "redis.conf").write_text("\n".join([
-            f"bind {HOST}",
-            f"port {self.port}",
-            "protected-mode yes",
-            "daemonize no",
-            f"dir {data}",
-            # Deductions must survive a restart: append-only file, fsync every second.
-            "appendonly yes",
-            "appendfsync everysec",
-            'save ""',
-            "maxmemory-policy noeviction",
-            "loglevel notice",
-            f"logfile {self.log_file}",
-            "",
-        ]))
+        (self.dir / "redis.conf").write_text(
+            "\n".join(
+                [
+                    f"bind {HOST}",
+                    f"port {self.port}",
+                    "protected-mode yes",
+                    "daemonize no",
+                    f"dir {data}",
+                    # Deductions must survive a restart: append-only file, fsync every second.
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    'save ""',
+                    "maxmemory-policy noeviction",
+                    "loglevel notice",
+                    f"logfile {self.log_file}",
+                    "",
+                ]
+            )
+        )
 
     def command(self) -> list[str]:
         return [install.program("redis-server"), str(self.dir / "redis.conf")]
@@ -156,19 +160,27 @@ class MariaDBService(Service):
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         user = getpass.getuser()
-        result = subprocess.run([
-            install.program("mariadb-install-db"), "--no-defaults",
-            f"--datadir={datadir}", f"--user={user}",
-            "--auth-root-authentication-method=socket", f"--auth-root-socket-user={user}",
-            "--skip-test-db",
-        ], capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                install.program("mariadb-install-db"),
+                "--no-defaults",
+                f"--datadir={datadir}",
+                f"--user={user}",
+                "--auth-root-authentication-method=socket",
+                f"--auth-root-socket-user={user}",
+                "--skip-test-db",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
             raise StackError(f"mariadb-install-db failed:\n{tail}")
 
     def command(self) -> list[str]:
         cmd = [
-            install.program("mariadbd"), "--no-defaults",
+            install.program("mariadbd"),
+            "--no-defaults",
             f"--datadir={self.dir / 'data'}",
             f"--socket={self.socket}",
             f"--pid-file={self.dir / 'mariadb.pid'}",
@@ -190,7 +202,9 @@ class MariaDBService(Service):
     def _root_sql(self, sql: str) -> str:
         result = subprocess.run(
             [install.program("mariadb"), "--no-defaults", f"--socket={self.socket}", "-u", "root", "-N", "-e", sql],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         if result.returncode != 0:
             raise StackError(f"mariadb refused the bootstrap SQL: {result.stderr.strip()}")
@@ -218,8 +232,9 @@ class MariaDBService(Service):
         import pymysql
 
         try:
-            conn = pymysql.connect(host=HOST, port=self.port, user=c.DEFAULT_DB_USER,
-                                   password=c.DEFAULT_DB_PASSWORD, connect_timeout=2)
+            conn = pymysql.connect(
+                host=HOST, port=self.port, user=c.DEFAULT_DB_USER, password=c.DEFAULT_DB_PASSWORD, connect_timeout=2
+            )
         except pymysql.MySQLError as exc:
             raise StackError(f"mariadb does not accept the application user: {exc}") from exc
         try:
@@ -264,14 +279,21 @@ class _RocketMQService(Service):
     def java(self, heap: str, main: str, *extra: str) -> list[str]:
         lib = install.rocketmq_lib()
         return [
-            install.program("java"), "-server", f"-Xms{heap}", f"-Xmx{heap}",
-            "-XX:+UseG1GC", "-XX:-OmitStackTraceInFastThrow", *JDK17_OPENS, *extra,
+            install.program("java"),
+            "-server",
+            f"-Xms{heap}",
+            f"-Xmx{heap}",
+            "-XX:+UseG1GC",
+            "-XX:-OmitStackTraceInFastThrow",
+            *JDK17_OPENS,
+            *extra,
             f"-Duser.home={self.dir / 'home'}",
             f"-Drocketmq.home.dir={self.dir}",
             f"-Drmq.logback.configurationFile=rmq.{self.logback}.logback.xml",
             # -Dflashsale.home tells `ps` readers which stack a JVM belongs to.
             f"-Dflashsale.home={self.layout.home}",
-            "-cp", f"{self.conf_dir}{os.pathsep}{lib}/*",
+            "-cp",
+            f"{self.conf_dir}{os.pathsep}{lib}/*",
             main,
         ]
 
@@ -289,16 +311,23 @@ class NamesrvService(_RocketMQService):
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "namesrv").mkdir(parents=True, exist_ok=True)
         # java.util.Properties: no comments after values, no trailing spaces.
-        (self.conf_dir / "namesrv.conf").write_text("\n".join([
-            f"listenPort={self.port}",
-            f"bindAddress={HOST}",
-            f"kvConfigPath={self.dir / 'namesrv' / 'kvConfig.json'}",
-            "",
-        ]))
+        (self.conf_dir / "namesrv.conf").write_text(
+            "\n".join(
+                [
+                    f"listenPort={self.port}",
+                    f"bindAddress={HOST}",
+                    f"kvConfigPath={self.dir / 'namesrv' / 'kvConfig.json'}",
+                    "",
+                ]
+            )
+        )
 
     def command(self) -> list[str]:
-        return [*self.java("256m", "org.apache.rocketmq.namesrv.NamesrvStartup"),
-                "-c", str(self.conf_dir / "namesrv.conf")]
+        return [
+            *self.java("256m", "org.apache.rocketmq.namesrv.NamesrvStartup"),
+            "-c",
+            str(self.conf_dir / "namesrv.conf"),
+        ]
 
     def check(self) -> str:
         from flashsale.adapters import rocketmq_admin
@@ -332,53 +361,66 @@ class BrokerService(_RocketMQService):
         install.rocketmq_lib()
         store = self.dir / "store"
         self.conf_dir.mkdir(parents=True, exist_ok=True)
-        (self.conf_dir / "broker.conf").write_text("\n".join([
-            f"brokerClusterName={c.CLUSTER_NAME}",
-            "brokerName=broker-a",
-            "brokerId=0",
-            "brokerRole=ASYNC_MASTER",
-            "flushDiskType=ASYNC_FLUSH",
-            f"namesrvAddr={self.namesrv_addr}",
-            # Routes handed to gRPC clients carry brokerIP1: it must be loopback, never a NIC address.
-            f"brokerIP1={HOST}",
-            f"brokerIP2={HOST}",
-            f"bindAddress={HOST}",
-            f"listenPort={self.settings.ports.broker}",
-            f"haListenPort={self.settings.ports.broker + 1}",
-            f"storePathRootDir={store}",
-            f"storePathCommitLog={store / 'commitlog'}",
-            "mappedFileSizeCommitLog=134217728",
-            "deleteWhen=04",
-            "fileReservedTime=48",
-            "autoCreateSubscriptionGroup=true",
-            f"transactionTimeOut={TRANSACTION_TIMEOUT_MS}",
-            f"transactionCheckInterval={TRANSACTION_CHECK_INTERVAL_MS}",
-            f"transactionCheckMax={TRANSACTION_CHECK_MAX}",
-            f"transactionOpBatchInterval={TRANSACTION_OP_BATCH_MS}",
-            "",
-        ]))
-        (self.conf_dir / "rmq-proxy.json").write_text(json.dumps({
-            "rocketMQClusterName": c.CLUSTER_NAME,
-            "proxyMode": "local",
-            "namesrvAddr": self.namesrv_addr,
-            "localServeAddr": HOST,
-            "grpcServerPort": self.settings.ports.proxy_grpc,
-            "remotingListenPort": self.settings.ports.proxy_remoting,
-            "brokerConfigPath": str(self.conf_dir / "broker.conf"),
-            "grpcShutdownTimeSeconds": 3,
-            "transactionDataMaxWaitClearMillis": 1000,
-            "minInvisibleTimeMillsForRecv": 1000,
-            "grpcClientConsumerMinLongPollingTimeoutMillis": 1000,
-            "enablePrintJstack": False,
-        }, indent=2))
+        (self.conf_dir / "broker.conf").write_text(
+            "\n".join(
+                [
+                    f"brokerClusterName={c.CLUSTER_NAME}",
+                    "brokerName=broker-a",
+                    "brokerId=0",
+                    "brokerRole=ASYNC_MASTER",
+                    "flushDiskType=ASYNC_FLUSH",
+                    f"namesrvAddr={self.namesrv_addr}",
+                    # Routes handed to gRPC clients carry brokerIP1: it must be loopback, never a NIC address.
+                    f"brokerIP1={HOST}",
+                    f"brokerIP2={HOST}",
+                    f"bindAddress={HOST}",
+                    f"listenPort={self.settings.ports.broker}",
+                    f"haListenPort={self.settings.ports.broker + 1}",
+                    f"storePathRootDir={store}",
+                    f"storePathCommitLog={store / 'commitlog'}",
+                    "mappedFileSizeCommitLog=134217728",
+                    "deleteWhen=04",
+                    "fileReservedTime=48",
+                    "autoCreateSubscriptionGroup=true",
+                    f"transactionTimeOut={TRANSACTION_TIMEOUT_MS}",
+                    f"transactionCheckInterval={TRANSACTION_CHECK_INTERVAL_MS}",
+                    f"transactionCheckMax={TRANSACTION_CHECK_MAX}",
+                    f"transactionOpBatchInterval={TRANSACTION_OP_BATCH_MS}",
+                    "",
+                ]
+            )
+        )
+        (self.conf_dir / "rmq-proxy.json").write_text(
+            json.dumps(
+                {
+                    "rocketMQClusterName": c.CLUSTER_NAME,
+                    "proxyMode": "local",
+                    "namesrvAddr": self.namesrv_addr,
+                    "localServeAddr": HOST,
+                    "grpcServerPort": self.settings.ports.proxy_grpc,
+                    "remotingListenPort": self.settings.ports.proxy_remoting,
+                    "brokerConfigPath": str(self.conf_dir / "broker.conf"),
+                    "grpcShutdownTimeSeconds": 3,
+                    "transactionDataMaxWaitClearMillis": 1000,
+                    "minInvisibleTimeMillsForRecv": 1000,
+                    "grpcClientConsumerMinLongPollingTimeoutMillis": 1000,
+                    "enablePrintJstack": False,
+                },
+                indent=2,
+            )
+        )
 
     def command(self) -> list[str]:
         return [
             *self.java("1g", "org.apache.rocketmq.proxy.ProxyStartup", "-XX:MaxDirectMemorySize=1g"),
-            "-pm", "local",
-            "-bc", str(self.conf_dir / "broker.conf"),
-            "-pc", str(self.conf_dir / "rmq-proxy.json"),
-            "-n", self.namesrv_addr,
+            "-pm",
+            "local",
+            "-bc",
+            str(self.conf_dir / "broker.conf"),
+            "-pc",
+            str(self.conf_dir / "rmq-proxy.json"),
+            "-n",
+            self.namesrv_addr,
         ]
 
     def check(self) -> str:
