@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 
 from flashsale.config import Settings
@@ -17,18 +18,23 @@ from flashsale.models import PurchaseResult
 
 class FlashSale:
     def __init__(self, settings: Settings | None = None) -> None:
-        from flashsale.service.processes import build_purchase_service
+        from flashsale.service.engine import PurchaseEngine
 
         self.settings = settings or Settings.from_env()
-        self._service, self._stock, self._bus = build_purchase_service(self.settings)
+        self._engine = PurchaseEngine(self.settings)
 
     def purchase(self, sku: str, user_id: str, qty: int, token: str) -> PurchaseResult:
         """Half message, Redis pre-deduct, commit or roll back. Never raises for a business outcome."""
-        return self._service.purchase(sku, user_id, qty, token)
+        return self._engine.purchase(sku, user_id, qty, token)
+
+    async def purchase_async(self, sku: str, user_id: str, qty: int, token: str) -> PurchaseResult:
+        """The same, from your own asyncio code (any loop)."""
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._engine.service.purchase(sku, user_id, qty, token), self._engine.loop)
+        )
 
     def close(self) -> None:
-        self._bus.shutdown()
-        self._stock.close()
+        self._engine.close()
 
     def __enter__(self) -> FlashSale:
         return self

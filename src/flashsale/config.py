@@ -49,7 +49,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NAMESPACE", c.DEFAULT_NAMESPACE, "prefix of topic and consumer group names"),
     Variable("HTTP_HOST", c.DEFAULT_HOST, "address the producer's HTTP service listens on"),
     Variable("HTTP_PORT", str(c.DEFAULT_HTTP_PORT), "port the producer's HTTP service listens on"),
-    Variable("PRODUCER_THREADS", "64", "purchases the producer runs at once"),
+    Variable("REDIS_CONNECTIONS", "64", "Redis connections of one producer (purchases beyond it wait for one)"),
     Variable("MAX_IN_FLIGHT", "2048", "purchases queued in the producer before it answers 503"),
     Variable("REDIS_TIMEOUT_S", "1.0", "Redis socket timeout; past it a purchase is reported pending"),
     Variable("SOLD_OUT_CACHE_S", "0.5", "how long a producer trusts its local sold-out flag"),
@@ -115,7 +115,7 @@ class StackPorts:
 class ProducerSettings:
     http_host: str = c.DEFAULT_HOST
     http_port: int = c.DEFAULT_HTTP_PORT
-    threads: int = 64
+    redis_connections: int = 64
     max_in_flight: int = 2048
     redis_timeout_s: float = 1.0
     sold_out_cache_s: float = 0.5
@@ -206,7 +206,7 @@ class Settings:
         producer = ProducerSettings(
             http_host=env.text("HTTP_HOST"),
             http_port=env.port("HTTP_PORT"),
-            threads=env.integer("PRODUCER_THREADS", minimum=1),
+            redis_connections=env.integer("REDIS_CONNECTIONS", minimum=1),
             max_in_flight=env.integer("MAX_IN_FLIGHT", minimum=1),
             redis_timeout_s=env.number("REDIS_TIMEOUT_S", minimum=0.01),
             sold_out_cache_s=env.number("SOLD_OUT_CACHE_S"),

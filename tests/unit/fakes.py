@@ -1,4 +1,7 @@
-"""Test doubles of the ports (flashsale.ports): they record calls and answer what a test sets."""
+"""Test doubles of the ports (flashsale.ports): they record calls and answer what a test sets.
+
+The producer's ports are coroutines (it runs on an event loop); the checker's are plain calls.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ class FakeHalf:
     calls: list[str]
     fail_commit: bool = False
 
-    def commit(self) -> None:
+    async def commit(self) -> None:
         self.calls.append(f"commit {self.message_id}")
         if self.fail_commit:
             raise BusError("commit lost")
 
-    def rollback(self) -> None:
+    async def rollback(self) -> None:
         self.calls.append(f"rollback {self.message_id}")
 
 
@@ -31,7 +34,7 @@ class FakeBus:
     fail_send: bool = False
     fail_commit: bool = False
 
-    def send_half(self, topic: str, key: str, body: bytes, tag: str) -> FakeHalf:
+    async def send_half_async(self, topic: str, key: str, body: bytes, tag: str) -> FakeHalf:
         self.calls.append(f"send_half {key}")
         if self.fail_send:
             raise BusError("broker down")
@@ -51,13 +54,13 @@ class FakeStock:
     on_ping: Callable[[], None] = lambda: None
     calls: list[str] = field(default_factory=list)
 
-    def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult:
+    async def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult:
         self.calls.append(f"prededuct {sku} {token} {message_id}")
         if self.error:
             raise self.error
         return self.result
 
-    def is_sold_out(self, sku: str) -> bool:
+    async def is_sold_out(self, sku: str) -> bool:
         self.calls.append(f"is_sold_out {sku}")
         if self.error:
             raise self.error
@@ -73,6 +76,6 @@ class FakeStock:
         self.calls.append(f"fence {sku} {token}")
         return LogEntry(token, self.fence_state, sku, user, qty, ts_ms=0)
 
-    def ping(self) -> None:
+    async def ping(self) -> None:
         self.calls.append("ping")
         self.on_ping()

@@ -18,7 +18,7 @@ PURCHASE = {"sku": "sku-1", "user_id": "u1", "qty": 1, "token": "tok-1"}
 
 
 class FakeRedisStock(FakeStock):
-    def view(self, sku: str) -> StockView:
+    async def view(self, sku: str) -> StockView:
         if sku != "sku-1":
             raise UnknownSku(f"unknown SKU {sku!r}")
         return StockView(sku, 9, 10, 0, False, 1, 1, 0, 0, 0, 1, 0)
@@ -28,7 +28,7 @@ def _app(stock: FakeRedisStock | None = None, *, max_in_flight: int = 8) -> web.
     stock = stock or FakeRedisStock()
     metrics = Metrics()
     service = PurchaseService(stock, FakeBus(), "ns-deductions", observe=metrics.purchase)
-    return build_app(service, stock, metrics, threads=2, max_in_flight=max_in_flight)  # type: ignore[arg-type]
+    return build_app(service, stock, metrics, max_in_flight=max_in_flight)  # type: ignore[arg-type]
 
 
 def _call(app: web.Application, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:

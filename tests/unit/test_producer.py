@@ -1,17 +1,29 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from flashsale import constants as c
 from flashsale.errors import ServiceUnavailable, StockError
-from flashsale.models import Deduction, PurchaseStatus
+from flashsale.models import Deduction, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.producer import PurchaseService, SoldOutCache
 from flashsale.records import LogEntry, Prededuct, PredeductResult
 from tests.unit.fakes import FakeBus, FakeStock
 
 
-def _service(stock: FakeStock, bus: FakeBus) -> PurchaseService:
-    return PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=60)
+class _Service:
+    """The coroutine service driven from a test: each purchase on a fresh event loop."""
+
+    def __init__(self, service: PurchaseService) -> None:
+        self.service = service
+
+    def purchase(self, *args: object) -> PurchaseResult:
+        return asyncio.run(self.service.purchase(*args))
+
+
+def _service(stock: FakeStock, bus: FakeBus) -> _Service:
+    return _Service(PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=60))
 
 
 def test_accepted_purchase_commits_the_half_message() -> None:
@@ -113,7 +125,9 @@ def test_invalid_input_answers_invalid_without_a_half_message() -> None:
 
 def test_observer_sees_every_answer() -> None:
     seen: list[PurchaseStatus] = []
-    service = PurchaseService(FakeStock(), FakeBus(), "t", observe=lambda result, _s: seen.append(result.status))
+    service = _Service(
+        PurchaseService(FakeStock(), FakeBus(), "t", observe=lambda result, _s: seen.append(result.status))
+    )
     service.purchase("sku-1", "u1", 1, "tok-1")
     service.purchase("sku-1", "u1", 0, "tok-2")
     assert seen == [PurchaseStatus.ACCEPTED, PurchaseStatus.INVALID]
@@ -130,13 +144,13 @@ class Clock:
 def test_sold_out_cache_trusts_its_flag_until_the_ttl_then_asks_the_stock() -> None:
     stock, clock = FakeStock(sold_out=True), Clock()
     cache = SoldOutCache(stock, ttl_s=0.5, clock=clock)
-    assert not cache.is_sold_out("sku-1")
+    assert not asyncio.run(cache.is_sold_out("sku-1"))
     cache.mark("sku-1")
     clock.now += 0.4
-    assert cache.is_sold_out("sku-1")
+    assert asyncio.run(cache.is_sold_out("sku-1"))
     assert stock.calls == []
     clock.now += 0.2
-    assert cache.is_sold_out("sku-1")
+    assert asyncio.run(cache.is_sold_out("sku-1"))
     assert stock.calls == ["is_sold_out sku-1"]
 
 
@@ -145,9 +159,9 @@ def test_sold_out_cache_forgets_a_restocked_sku() -> None:
     cache = SoldOutCache(stock, ttl_s=0.5, clock=clock)
     cache.mark("sku-1")
     clock.now += 1
-    assert not cache.is_sold_out("sku-1")
+    assert not asyncio.run(cache.is_sold_out("sku-1"))
     stock.sold_out = True
-    assert not cache.is_sold_out("sku-1")
+    assert not asyncio.run(cache.is_sold_out("sku-1"))
     assert stock.calls == ["is_sold_out sku-1"]
 
 
@@ -156,4 +170,4 @@ def test_sold_out_cache_lets_the_prededuct_decide_when_the_stock_cannot_tell() -
     cache = SoldOutCache(stock, ttl_s=0.5, clock=clock)
     cache.mark("sku-1")
     clock.now += 1
-    assert not cache.is_sold_out("sku-1")
+    assert not asyncio.run(cache.is_sold_out("sku-1"))

@@ -7,6 +7,7 @@ Both write the same stock_deductions and orders rows as the pipeline, so the sam
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 
 #: Lost races an optimistic purchase retries before giving up with `error`.
 OPTIMISTIC_RETRIES = 50
+#: Longest pause between two tries; the pause grows with each lost race, jittered (what anyone would add).
+OPTIMISTIC_MAX_BACKOFF_S = 0.05
 
 
 def _params(request: PurchaseRequest, strategy: str) -> dict[str, object]:
@@ -79,7 +82,9 @@ class MySQLBaselines:
             return PurchaseResult(PurchaseStatus.DUPLICATE, request.token)
 
     def _optimistic(self, request: PurchaseRequest) -> PurchaseResult:
-        for _ in range(OPTIMISTIC_RETRIES):
+        for attempt in range(OPTIMISTIC_RETRIES):
+            if attempt:
+                time.sleep(random.uniform(0, min(OPTIMISTIC_MAX_BACKOFF_S, 0.001 * 2**attempt)))
             with self.store.transaction("optimistic purchase") as conn:
                 stock, version = conn.execute(query("read_stock_version"), {"sku": request.sku}).one()
                 if stock < request.qty:

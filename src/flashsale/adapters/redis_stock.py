@@ -41,6 +41,53 @@ class SkuKeys:
         return [self.stock, self.log, self.users, self.meta]
 
 
+def prededuct_call(sku: str, token: str, user: str, qty: int, message_id: str) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of prededuct.lua."""
+    return SkuKeys.of(sku).all(), [token, user, str(qty), message_id, sku]
+
+
+def parse_prededuct(token: str, reply: list[Any]) -> PredeductResult:
+    code, remaining, detail = reply
+    result = Prededuct(int(code))
+    logged = (Prededuct.ACCEPTED, Prededuct.DUPLICATE, Prededuct.FENCED)
+    entry = LogEntry.parse(token, detail) if result in logged else None
+    bought = int(detail) if result is Prededuct.LIMIT_EXCEEDED else None
+    return PredeductResult(result, int(remaining) if int(remaining) >= 0 else None, entry, bought)
+
+
+def parse_view(sku: str, stock: str | None, meta: dict[str, str], entries: int) -> StockView:
+    if stock is None:
+        raise UnknownSku(
+            f"unknown SKU {sku!r}: it is not loaded in Redis", hint=f"load it with `flashsale stock set {sku} QTY`"
+        )
+
+    def num(name: str) -> int:
+        return int(meta.get(name) or 0)
+
+    return StockView(
+        sku=sku,
+        stock=int(stock),
+        initial=num("initial"),
+        per_user_limit=num("per_user_limit"),
+        sold_out=meta.get("sold_out") == "1",
+        deducted_qty=num("deducted_qty"),
+        deducted_count=num("deducted_count"),
+        returned_qty=num("returned_qty"),
+        returned_count=num("returned_count"),
+        fenced_count=num("fenced_count"),
+        log_entries=int(entries),
+        loaded_ms=num("loaded_ms"),
+    )
+
+
+def unavailable(url: str, what: str, exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable("Redis", url, f"{what}: {exc or type(exc).__name__}")
+
+
+#: redis-py errors that mean "the server did not answer": the outcome of a write is unknown.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
 class RedisStock:
     def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 128) -> None:
         self.url = url
@@ -60,16 +107,16 @@ class RedisStock:
     def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return self._scripts[script](keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable("Redis", self.url, str(exc) or type(exc).__name__) from exc
+        except UNREACHABLE as exc:
+            raise unavailable(self.url, script, exc) from exc
         except redis.ResponseError as exc:
             raise StockError(f"Redis script {script} failed: {exc}") from exc
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable("Redis", self.url, f"{what}: {exc}") from exc
+        except UNREACHABLE as exc:
+            raise unavailable(self.url, what, exc) from exc
 
     def ping(self) -> None:
         self._call("ping", self.client.ping)
@@ -143,28 +190,7 @@ class RedisStock:
         pipe.hgetall(keys.meta)
         pipe.hlen(keys.log)
         stock, meta, entries = self._call("read stock", pipe.execute)
-        if stock is None:
-            raise UnknownSku(
-                f"unknown SKU {sku!r}: it is not loaded in Redis", hint=f"load it with `flashsale stock set {sku} QTY`"
-            )
-
-        def num(name: str) -> int:
-            return int(meta.get(name) or 0)
-
-        return StockView(
-            sku=sku,
-            stock=int(stock),
-            initial=num("initial"),
-            per_user_limit=num("per_user_limit"),
-            sold_out=meta.get("sold_out") == "1",
-            deducted_qty=num("deducted_qty"),
-            deducted_count=num("deducted_count"),
-            returned_qty=num("returned_qty"),
-            returned_count=num("returned_count"),
-            fenced_count=num("fenced_count"),
-            log_entries=int(entries),
-            loaded_ms=num("loaded_ms"),
-        )
+        return parse_view(sku, stock, meta, entries)
 
     def log_entries(self, sku: str, tokens: list[str]) -> dict[str, LogEntry | None]:
         """The log entries of `tokens` (HMGET), None where there is none."""

@@ -10,8 +10,10 @@ What the client does on its own and what this adapter adds:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -29,7 +31,19 @@ from rocketmq import (
     TransactionChecker,
     TransactionResolution,
 )
-from rocketmq.grpc_protocol import AckMessageEntry, AckMessageRequest, Code
+from rocketmq.grpc_protocol import (
+    AckMessageEntry,
+    AckMessageRequest,
+    Code,
+    Encoding,
+    EndTransactionRequest,
+    MessageType,
+    SendMessageRequest,
+    TransactionSource,
+)
+from rocketmq.v5.client.balancer import QueueSelector
+from rocketmq.v5.exception import TooManyRequestsException
+from rocketmq.v5.util import MessageIdCodec, MessagingResultChecker
 
 from flashsale.errors import BusError, ServiceUnavailable
 from flashsale.models import Delivery, Resolution
@@ -43,6 +57,11 @@ _RESOLUTIONS = {
 }
 #: Seconds to wait for the proxy's settings after startup.
 SETTINGS_TIMEOUT_S = 10.0
+#: Attempts at sending one half message (the client's own default for sends).
+SEND_ATTEMPTS = 3
+_HOSTNAME = socket.gethostname()
+#: How long a topic's route (which proxy endpoints to send to) is reused before it is asked again.
+ROUTE_TTL_S = 30.0
 
 
 def _config(endpoint: str, request_timeout_s: float) -> ClientConfiguration:
@@ -117,11 +136,48 @@ class HalfMessage:
             raise BusError(f"{what} of half message {self.message_id} failed: {exc}") from exc
 
 
+class AsyncHalfMessage:
+    """A sent, not yet visible, transactional message, settled from the client's event loop."""
+
+    def __init__(
+        self, producer: RocketMQProducer, topic: str, endpoints: Any, message_id: str, transaction_id: str
+    ) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._endpoints = endpoints
+        self.message_id = message_id
+        self._transaction_id = transaction_id
+
+    async def commit(self) -> None:
+        await self._end(TransactionResolution.COMMIT, "commit")
+
+    async def rollback(self) -> None:
+        await self._end(TransactionResolution.ROLLBACK, "rollback")
+
+    async def _end(self, resolution: Any, what: str) -> None:
+        request = EndTransactionRequest()
+        request.topic.name = self._topic
+        request.message_id = self.message_id
+        request.transaction_id = self._transaction_id
+        request.resolution = resolution
+        request.source = TransactionSource.SOURCE_CLIENT
+        try:
+            response = await self._producer.call("end_transaction_async", self._endpoints, request)
+        except Exception as exc:
+            raise BusError(f"{what} of half message {self.message_id} failed: {exc}") from exc
+        if response.status.code != Code.OK:
+            raise BusError(f"{what} of half message {self.message_id} refused: {response.status.message}")
+
+
 class RocketMQProducer:
     """A producer that can send transactional half messages and answer the broker's checks.
 
     The broker sends a check to any live producer that declared the topic, round robin; every
     producer therefore needs `check`, and `check` must read shared state, never process memory.
+
+    `send_half_async` runs on the client's own event loop (`loop`): the producer's hot path lives
+    there, so a purchase never hops between threads. The sync methods may be called from any other
+    thread.
     """
 
     def __init__(
@@ -133,7 +189,59 @@ class RocketMQProducer:
         request_timeout_s: float = 3.0,
     ) -> None:
         self.endpoint = endpoint
+        self._timeout_s = request_timeout_s
         self._producer = Producer(_config(endpoint, request_timeout_s), topics=tuple(topics), checker=_Checker(check))
+        self._routes: dict[str, tuple[Any, float]] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The client's I/O loop (one per process, run by the client on its own thread)."""
+        loop: asyncio.AbstractEventLoop = self._producer.rpc_client.get_channel_io_loop()
+        return loop
+
+    async def call(self, method: str, endpoints: Any, request: Any) -> Any:
+        """One RPC of the client (`send_message_async`, `end_transaction_async`), awaited on this loop."""
+        rpc = self._producer.rpc_client
+        future = getattr(rpc, method)(endpoints, request, self._producer.sign(), self._timeout_s)
+        return await asyncio.wrap_future(future)
+
+    async def _endpoints(self, topic: str) -> Any:
+        cached = self._routes.get(topic)
+        if cached is None or time.monotonic() - cached[1] > ROUTE_TTL_S:
+            # An uncached route is fetched with a blocking call that needs this very loop: not on it.
+            route = await asyncio.get_running_loop().run_in_executor(
+                None, self._producer._retrieve_topic_route_data, topic
+            )
+            cached = (QueueSelector.producer_queue_selector(route), time.monotonic())
+            self._routes[topic] = cached
+        return cached[0].select_next_queue().endpoints
+
+    async def send_half_async(self, topic: str, key: str, body: bytes, tag: str) -> AsyncHalfMessage:
+        request = SendMessageRequest()
+        message = request.messages.add()
+        message.topic.name = topic
+        message.body = body
+        message.system_properties.tag = tag
+        message.system_properties.keys.append(key)
+        message.system_properties.message_id = MessageIdCodec().next_message_id()
+        message.system_properties.message_type = MessageType.TRANSACTION
+        message.system_properties.born_timestamp.seconds = int(time.time())
+        message.system_properties.born_host = _HOSTNAME
+        message.system_properties.body_encoding = Encoding.IDENTITY
+        last: Exception | None = None
+        for _ in range(SEND_ATTEMPTS):
+            try:
+                endpoints = await self._endpoints(topic)
+                response = await self.call("send_message_async", endpoints, request)
+                MessagingResultChecker.check(response.status)
+                entry = response.entries[0]
+                return AsyncHalfMessage(self, topic, endpoints, entry.message_id, entry.transaction_id)
+            except TooManyRequestsException as exc:  # the broker sheds load: trying again makes it worse
+                last = exc
+                break
+            except Exception as exc:  # noqa: BLE001 - every other failure is tried again, then reported
+                last = exc
+        raise BusError(f"sending the half message for {key} to {topic} failed: {last}") from last
 
     def start(self) -> RocketMQProducer:
         _start(self._producer, self.endpoint, "producer")

@@ -25,21 +25,13 @@ def producer() -> None:
 @producer.command("run")
 @click.option("--host", default=None, help="Listen address [env FLASHSALE_HTTP_HOST].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Listen port [env FLASHSALE_HTTP_PORT].")
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 4096),
-    default=None,
-    help="Purchases run at once [env FLASHSALE_PRODUCER_THREADS].",
-)
 @click.pass_obj
-def producer_run(ctx: Context, host: str | None, port: int | None, threads: int | None) -> None:
+def producer_run(ctx: Context, host: str | None, port: int | None) -> None:
     """Serve POST /purchase, GET /stock/{sku}, GET /healthz and GET /metrics until SIGTERM."""
     settings = ctx.settings
     cfg = settings.producer
-    producer_settings = replace(
-        cfg, http_host=host or cfg.http_host, http_port=port or cfg.http_port, threads=threads or cfg.threads
-    )
-    processes.run_producer(settings.with_overrides(producer=producer_settings))
+    chosen = replace(cfg, http_host=host or cfg.http_host, http_port=port or cfg.http_port)
+    processes.run_producer(settings.with_overrides(producer=chosen))
 
 
 @click.group()

@@ -66,7 +66,10 @@ async def _buyer(
         started = time.perf_counter()
         try:
             async with session.post(url, json={"sku": sku, "user_id": user, "qty": qty, "token": token}) as resp:
-                body = await resp.json(content_type=None)
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:  # not JSON: a proxy's error page, a crashed handler
+                    body = None
                 status = str(body.get("status")) if isinstance(body, dict) else f"http_{resp.status}"
         except (TimeoutError, aiohttp.ClientError) as exc:
             status = TRANSPORT_ERROR

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError, MalformedMessage
 from flashsale.models import Deduction, Delivery, Resolution
-from flashsale.ports import StockPort
+from flashsale.ports import CheckStockPort
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _COMMIT_STATES = {c.STATE_DEDUCTED, c.STATE_RETURNED}
 class DeductionChecker:
     def __init__(
         self,
-        stock: StockPort,
+        stock: CheckStockPort,
         grace_s: float,
         *,
         clock: Callable[[], float] = time.time,

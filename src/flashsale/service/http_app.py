@@ -1,17 +1,16 @@
-"""The producer's HTTP ingress (aiohttp). Purchases run on a thread pool; the event loop only parses and answers."""
+"""The producer's HTTP ingress (aiohttp), served on the purchase engine's event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.redis_stock_async import AsyncRedisStock
 from flashsale.errors import FlashSaleError, InvalidInput, ServiceUnavailable, UnknownSku
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.producer import PurchaseService
@@ -31,9 +30,8 @@ HTTP_STATUS = {
 }
 
 _SERVICE = web.AppKey("service", PurchaseService)
-_STOCK = web.AppKey("stock", RedisStock)
+_STOCK = web.AppKey("stock", AsyncRedisStock)
 _METRICS = web.AppKey("metrics", Metrics)
-_POOL = web.AppKey("pool", ThreadPoolExecutor)
 
 
 class Admission:
@@ -95,15 +93,11 @@ async def purchase(request: web.Request) -> web.Response:
             )
         )
     try:
-        loop = asyncio.get_running_loop()
-        service = app[_SERVICE]
-        result = await loop.run_in_executor(
-            app[_POOL],
-            service.purchase,
-            purchase_request.sku,
-            purchase_request.user_id,
-            purchase_request.qty,
-            purchase_request.token,
+        # Shielded: a client that hangs up does not leave its purchase half done (committed or rolled back).
+        result = await asyncio.shield(
+            app[_SERVICE].purchase(
+                purchase_request.sku, purchase_request.user_id, purchase_request.qty, purchase_request.token
+            )
         )
     finally:
         admission.leave()
@@ -114,9 +108,8 @@ async def purchase(request: web.Request) -> web.Response:
 
 async def stock(request: web.Request) -> web.Response:
     sku = request.match_info["sku"]
-    loop = asyncio.get_running_loop()
     try:
-        view = await loop.run_in_executor(request.app[_POOL], request.app[_STOCK].view, sku)
+        view = await request.app[_STOCK].view(sku)
     except UnknownSku as exc:
         return web.json_response({"error": str(exc)}, status=404)
     except FlashSaleError as exc:
@@ -125,9 +118,8 @@ async def stock(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    loop = asyncio.get_running_loop()
     try:
-        await loop.run_in_executor(request.app[_POOL], request.app[_STOCK].ping)
+        await request.app[_STOCK].ping()
     except ServiceUnavailable as exc:
         return web.json_response({"status": "unavailable", "redis": str(exc)}, status=503)
     return web.json_response({"status": "ok"})
@@ -139,22 +131,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(
-    service: PurchaseService, stock_: RedisStock, metrics_: Metrics, *, threads: int, max_in_flight: int
+    service: PurchaseService, stock_: AsyncRedisStock, metrics_: Metrics, *, max_in_flight: int
 ) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[_SERVICE] = service
     app[_STOCK] = stock_
     app[_METRICS] = metrics_
-    app[_POOL] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="purchase")
     app[_ADMISSION] = Admission(max_in_flight, metrics_)
     app.router.add_post("/purchase", purchase)
     app.router.add_get("/stock/{sku}", stock)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-
-    async def close_pool(app: web.Application) -> None:
-        # In-flight purchases finish before the process exits (their half messages are settled).
-        app[_POOL].shutdown(wait=True)
-
-    app.on_cleanup.append(close_pool)
     return app

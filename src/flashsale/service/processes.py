@@ -14,9 +14,10 @@ from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.adapters.rocketmq_client import RocketMQConsumer, RocketMQProducer
 from flashsale.config import Settings
+from flashsale.errors import InvalidInput
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.consumer import DeductionConsumer
-from flashsale.pipeline.producer import PurchaseService
+from flashsale.service.engine import PurchaseEngine
 from flashsale.service.http_app import build_app
 from flashsale.service.metrics import Metrics
 
@@ -41,48 +42,34 @@ def _serve_metrics(metrics: Metrics, host: str, port: int | None) -> None:
         logger.info("metrics on http://%s:%d/metrics", host, port)
 
 
-def build_purchase_service(
-    settings: Settings, metrics: Metrics | None = None
-) -> tuple[PurchaseService, RedisStock, RocketMQProducer]:
-    """The Python API's engine: a started producer client plus the Redis stock, wired together."""
-    cfg = settings.producer
-    stock = RedisStock(settings.redis_url, timeout_s=cfg.redis_timeout_s, max_connections=cfg.threads + 16)
-    # Every producer answers checks too: the broker may route a check to any producer of the topic.
-    checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check if metrics else None)
-    bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
-    service = PurchaseService(
-        stock,
-        bus,
-        settings.deduction_topic,
-        sold_out_cache_s=cfg.sold_out_cache_s,
-        failpoint_names=settings.failpoints,
-        observe=metrics.purchase if metrics else None,
-    )
-    return service, stock, bus
-
-
 def run_producer(settings: Settings) -> None:
     metrics = Metrics()
-    service, stock, bus = build_purchase_service(settings, metrics)
     cfg = settings.producer
-    app = build_app(service, stock, metrics, threads=cfg.threads, max_in_flight=cfg.max_in_flight)
-
-    async def close_clients(_app: web.Application) -> None:
-        bus.shutdown()
-        stock.close()
-
-    app.on_cleanup.append(close_clients)
-    logger.info("producer listening on http://%s:%d (topic %s)", cfg.http_host, cfg.http_port, settings.deduction_topic)
-    # aiohttp turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests finish.
-    web.run_app(
-        app,
-        host=cfg.http_host,
-        port=cfg.http_port,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-        print=None,
+    engine = PurchaseEngine(settings, metrics)
+    runner = web.AppRunner(
+        build_app(engine.service, engine.stock, metrics, max_in_flight=cfg.max_in_flight),
         access_log=None,
-        handle_signals=True,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
+    stop = threading.Event()
+    _on_signals(stop)
+    try:
+        engine.run(runner.setup())
+        try:
+            engine.run(web.TCPSite(runner, cfg.http_host, cfg.http_port).start())
+        except OSError as exc:
+            raise InvalidInput(
+                f"cannot listen on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc}",
+                hint="choose another port with --port or FLASHSALE_HTTP_PORT",
+            ) from exc
+        logger.info(
+            "producer listening on http://%s:%d (topic %s)", cfg.http_host, cfg.http_port, settings.deduction_topic
+        )
+        stop.wait()
+        # Stop accepting, then let every purchase in flight finish: each half message is settled.
+        engine.run(runner.cleanup())
+    finally:
+        engine.close()
     logger.info("producer stopped")
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -38,8 +37,8 @@ class PidRecord:
             return None
 
 
-#: Children spawned by this process, kept so that they can be reaped (no zombies while we run).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+#: Children spawned by this process: reaped when seen dead, so no zombie outlives a check.
+_CHILDREN: set[int] = set()
 
 
 def start_ticks(pid: int) -> int | None:
@@ -53,10 +52,14 @@ def start_ticks(pid: int) -> int | None:
 
 
 def is_alive(record: PidRecord) -> bool:
-    child = _CHILDREN.get(record.pid)
-    if child is not None and child.poll() is not None:
-        del _CHILDREN[record.pid]
-        return False
+    if record.pid in _CHILDREN:
+        try:
+            reaped, _ = os.waitpid(record.pid, os.WNOHANG)
+        except ChildProcessError:
+            reaped = record.pid
+        if reaped:
+            _CHILDREN.discard(record.pid)
+            return False
     ticks = start_ticks(record.pid)
     if ticks is None or ticks != record.start_ticks:
         return False
@@ -67,26 +70,31 @@ def is_alive(record: PidRecord) -> bool:
     return state not in ("Z", "X")
 
 
-def spawn(
-    command: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
-) -> PidRecord:
+def spawn(command: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None) -> PidRecord:
     """Start `command` in its own session (it outlives this process), stdout and stderr to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    try:
+        pid = os.posix_spawnp(
+            command[0],
             list(command),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-            cwd=str(cwd) if cwd else None,
-            start_new_session=True,
+            dict(os.environ if env is None else env),
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, stdin, 0),
+                (os.POSIX_SPAWN_DUP2, log, 1),
+                (os.POSIX_SPAWN_DUP2, log, 2),
+            ],
+            setsid=True,
         )
-    _CHILDREN[proc.pid] = proc
-    ticks = start_ticks(proc.pid)
+    finally:
+        os.close(log)
+        os.close(stdin)
+    _CHILDREN.add(pid)
+    ticks = start_ticks(pid)
     if ticks is None:
         raise OSError(f"{command[0]} exited immediately; see {log_path}")
-    return PidRecord(pid=proc.pid, start_ticks=ticks, command=" ".join(command[:1]))
+    return PidRecord(pid=pid, start_ticks=ticks, command=command[0])
 
 
 def terminate(record: PidRecord, grace_s: float) -> None:

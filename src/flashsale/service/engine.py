@@ -1,0 +1,76 @@
+"""The producer's machinery: a RocketMQ producer client, Redis, and the purchase service on the client's loop.
+
+The RocketMQ client runs one asyncio loop per process on a thread of its own. The whole purchase path
+(HTTP included) runs on that loop: a purchase awaits the broker and Redis, and never hops between
+threads. The broker's transaction checks arrive on the client's check thread and use a plain Redis
+client of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.redis_stock_async import AsyncRedisStock
+from flashsale.adapters.rocketmq_client import RocketMQProducer
+from flashsale.config import Settings
+from flashsale.errors import FlashSaleError
+from flashsale.models import PurchaseResult
+from flashsale.pipeline.checker import DeductionChecker
+from flashsale.pipeline.producer import PurchaseService
+from flashsale.service.metrics import Metrics
+
+T = TypeVar("T")
+
+
+class PurchaseEngine:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        cfg = settings.producer
+        self.settings = settings
+        self._check_stock = RedisStock(settings.redis_url, timeout_s=cfg.redis_timeout_s)
+        # Every producer answers checks too: the broker may route a check to any producer of the topic.
+        checker = DeductionChecker(
+            self._check_stock, settings.check_grace_s, observe=metrics.check if metrics else None
+        )
+        try:
+            self.bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
+        except FlashSaleError:
+            self._check_stock.close()
+            raise
+        self.loop = self.bus.loop
+        self.stock = AsyncRedisStock(
+            settings.redis_url, timeout_s=cfg.redis_timeout_s, max_connections=cfg.redis_connections
+        )
+        self.service = PurchaseService(
+            self.stock,
+            self.bus,
+            settings.deduction_topic,
+            sold_out_cache_s=cfg.sold_out_cache_s,
+            failpoint_names=settings.failpoints,
+            observe=metrics.purchase if metrics else None,
+        )
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the engine's loop from another thread and wait for its result."""
+        if threading.current_thread() is getattr(self.loop, "_thread", None) or _running_loop() is self.loop:
+            raise RuntimeError("PurchaseEngine.run() called from its own event loop; await the coroutine instead")
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def purchase(self, sku: object, user_id: object, qty: object, token: object) -> PurchaseResult:
+        """The synchronous entry (Python API): safe from any thread but the engine's loop."""
+        return self.run(self.service.purchase(sku, user_id, qty, token))
+
+    def close(self) -> None:
+        self.run(self.stock.close())
+        self.bus.shutdown()
+        self._check_stock.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
