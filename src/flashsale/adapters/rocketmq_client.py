@@ -277,6 +277,12 @@ def _message(topic: str, key: str, body: bytes, tag: str) -> Message:
     return message
 
 
+#: The proxy hands out at most this many messages per receive call.
+RECEIVE_MAX = 32
+#: Most receive calls in flight per topic.
+MAX_RECEIVERS = 4
+
+
 class _Pump:
     """One SimpleConsumer per topic, long-polling on its own thread into a shared, bounded inbox.
 
@@ -312,10 +318,6 @@ class _Pump:
                     continue
 
 
-#: The proxy hands out at most this many messages per receive call.
-RECEIVE_MAX = 32
-
-
 class RocketMQConsumer:
     """A pull consumer of several topics: receive batches, ack them in one request per topic, or nack."""
 
@@ -327,6 +329,7 @@ class RocketMQConsumer:
         *,
         poll_wait_s: int,
         invisible_s: int,
+        prefetch: int = RECEIVE_MAX,
         request_timeout_s: float = 3.0,
     ) -> None:
         self.endpoint = endpoint
@@ -334,31 +337,35 @@ class RocketMQConsumer:
         self._poll_wait_s = poll_wait_s
         self._request_timeout_s = request_timeout_s
         self._stop = threading.Event()
-        # Two pages per topic at most wait in memory; their invisible time bounds how stale they can get.
-        self._inbox: queue.Queue[list[Message]] = queue.Queue(maxsize=max(2, len(topics)))
-        self._pumps = [
-            _Pump(
-                SimpleConsumer(
-                    _config(endpoint, request_timeout_s), group, {topic: FilterExpression()}, await_duration=poll_wait_s
-                ),
-                topic,
-                self._inbox,
-                self._stop,
-                invisible_s,
+        # About `prefetch` messages (a batch) wait in memory, in pages of at most RECEIVE_MAX; their
+        # invisible time bounds how stale they can get.
+        pages = max(2, len(topics), -(-prefetch // RECEIVE_MAX))
+        self._inbox: queue.Queue[list[Message]] = queue.Queue(maxsize=pages)
+        self._carry: list[Message] = []  # the part of a page a smaller receive() did not take
+        # One client per topic; several receives in flight on it keep a large batch fed (one receive
+        # call brings at most RECEIVE_MAX messages and takes a few milliseconds).
+        self._by_topic = {
+            topic: SimpleConsumer(
+                _config(endpoint, request_timeout_s), group, {topic: FilterExpression()}, await_duration=poll_wait_s
             )
             for topic in topics
+        }
+        receivers = min(MAX_RECEIVERS, max(1, pages // 2))
+        self._pumps = [
+            _Pump(consumer, topic, self._inbox, self._stop, invisible_s)
+            for topic, consumer in self._by_topic.items()
+            for _ in range(receivers)
         ]
-        self._by_topic = {pump.topic: pump.consumer for pump in self._pumps}
 
     def start(self) -> RocketMQConsumer:
         started = []
         try:
-            for pump in self._pumps:
-                _start(pump.consumer, self.endpoint, f"consumer of {pump.topic} in group {self.group}")
-                started.append(pump)
+            for topic, consumer in self._by_topic.items():
+                _start(consumer, self.endpoint, f"consumer of {topic} in group {self.group}")
+                started.append(consumer)
         except ServiceUnavailable:
-            for pump in started:
-                _quiet_shutdown(pump.consumer)
+            for consumer in started:
+                _quiet_shutdown(consumer)
             raise
         for pump in self._pumps:
             pump.thread.start()
@@ -366,18 +373,21 @@ class RocketMQConsumer:
 
     def receive(self, max_messages: int) -> list[Delivery]:
         """Up to `max_messages` received messages, waiting at most the poll wait for the first ones."""
-        try:
-            messages = list(self._inbox.get(timeout=self._poll_wait_s))
-        except queue.Empty:
-            failing = [f"{p.topic}: {p.error}" for p in self._pumps if p.error is not None]
-            if failing:
-                raise BusError(f"receive for group {self.group} failed: {'; '.join(failing)}") from None
-            return []
+        messages, self._carry = self._carry, []
+        if not messages:
+            try:
+                messages = list(self._inbox.get(timeout=self._poll_wait_s))
+            except queue.Empty:
+                failing = [f"{p.topic}: {p.error}" for p in self._pumps if p.error is not None]
+                if failing:
+                    raise BusError(f"receive for group {self.group} failed: {'; '.join(failing)}") from None
+                return []
         while len(messages) < max_messages:
             try:
                 messages += self._inbox.get_nowait()
             except queue.Empty:
                 break
+        messages, self._carry = messages[:max_messages], messages[max_messages:]
         return [_delivery(m) for m in messages]
 
     def ack(self, deliveries: Sequence[Delivery]) -> int:
@@ -425,7 +435,8 @@ class RocketMQConsumer:
         self._stop.set()
         for pump in self._pumps:
             pump.thread.join(timeout=self._poll_wait_s + self._request_timeout_s + 1)
-        leftover: list[Delivery] = []
+        leftover = [_delivery(m) for m in self._carry]
+        self._carry = []
         while True:
             try:
                 leftover += [_delivery(m) for m in self._inbox.get_nowait()]
@@ -433,8 +444,8 @@ class RocketMQConsumer:
                 break
         if leftover:
             self.nack(leftover, 1)
-        for pump in self._pumps:
-            _quiet_shutdown(pump.consumer)
+        for consumer in self._by_topic.values():
+            _quiet_shutdown(consumer)
 
 
 def probe_send(endpoint: str, topic: str, timeout_s: float = 30.0) -> str:

@@ -54,6 +54,7 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
         ("latency p95 ms", lambda r: f"{r.p95_ms:.1f}"),
         ("latency p99 ms", lambda r: f"{r.p99_ms:.1f}"),
         ("drain s", lambda r: f"{r.drain_s:.2f}"),
+        ("consumer rows/s (backlog)", lambda r: f"{r.applied_per_s:.0f}" if r.applied_per_s else "-"),
         ("books", lambda r: "[green]balanced[/]" if r.consistent else "[red]DRIFT[/]"),
         (f"x {bench_ops.BASELINE} (attempts/s)", lambda r: f"{r.ratio:.2f}" if r.ratio is not None else "-"),
     ]
@@ -81,6 +82,10 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     metavar="URL",
     help="A running producer to load; by default the bench starts its own three processes.",
 )
+@click.option(
+    "--backlog", is_flag=True, help="Pipeline: sell with no consumer running, then time how fast one applies it."
+)
+@click.option("--batch-size", type=int, default=None, help="Pipeline: batch size of the bench's own consumer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (no progress bars).")
 @click.pass_obj
 def bench(
@@ -92,6 +97,8 @@ def bench(
     attempts: int,
     per_user_limit: int,
     producer_url: str | None,
+    backlog: bool,
+    batch_size: int | None,
     as_json: bool,
 ) -> None:
     """A flash sale per strategy against the running stack; a table of throughput, latency, drain and books."""
@@ -103,7 +110,13 @@ def bench(
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput(f"--producer-url {producer_url!r} is not an http:// URL")
     config = bench_ops.BenchConfig(
-        skus=skus, stock=stock, buyers=buyers, attempts=attempts, per_user_limit=per_user_limit
+        skus=skus,
+        stock=stock,
+        buyers=buyers,
+        attempts=attempts,
+        per_user_limit=per_user_limit,
+        backlog=backlog,
+        batch_size=batch_size,
     )
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
         results = bench_ops.run_bench(ctx.settings, config, chosen, producer_url=producer_url, on_start=start)

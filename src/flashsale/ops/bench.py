@@ -47,6 +47,10 @@ class BenchConfig:
     buyers: int = 200
     attempts: int = 5000
     per_user_limit: int = 0
+    #: Pipeline only: sell with no consumer running, then start one and time how fast it applies the backlog.
+    backlog: bool = False
+    #: Pipeline only: FLASHSALE_BATCH_SIZE of the bench's own consumer (None: the configured one).
+    batch_size: int | None = None
 
     def check(self) -> None:
         for name in ("skus", "stock", "buyers", "attempts"):
@@ -54,6 +58,8 @@ class BenchConfig:
                 raise InvalidInput(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.per_user_limit < 0:
             raise InvalidInput(f"--per-user-limit must be >= 0, got {self.per_user_limit}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InvalidInput(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -70,6 +76,7 @@ class StrategyResult:
     p95_ms: float
     p99_ms: float
     drain_s: float
+    applied_per_s: float | None  # with --backlog: rows the consumer applied per second from a cold start
     consistent: bool
     problems: list[str] = field(default_factory=list)
     ratio: float | None = None  # throughput relative to mysql-lock in the same run
@@ -86,7 +93,9 @@ def parse_strategies(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def _result(strategy: str, load: LoadReport, drain_s: float, problems: list[str]) -> StrategyResult:
+def _result(
+    strategy: str, load: LoadReport, drain_s: float, problems: list[str], applied_per_s: float | None = None
+) -> StrategyResult:
     accepted = load.statuses.get("accepted", 0)
     return StrategyResult(
         strategy=strategy,
@@ -101,6 +110,7 @@ def _result(strategy: str, load: LoadReport, drain_s: float, problems: list[str]
         p95_ms=round(load.percentile(0.95) * 1000, 2),
         p99_ms=round(load.percentile(0.99) * 1000, 2),
         drain_s=round(drain_s, 3),
+        applied_per_s=round(applied_per_s, 1) if applied_per_s is not None else None,
         consistent=not problems,
         problems=problems,
     )
@@ -152,14 +162,23 @@ def _baseline(
 
 
 def _pipeline(
-    settings: Settings, config: BenchConfig, skus: list[str], run: str, url: str, tick: Tick
+    settings: Settings,
+    config: BenchConfig,
+    skus: list[str],
+    run: str,
+    url: str,
+    tick: Tick,
+    start_consumer: Callable[[], object] | None,
 ) -> StrategyResult:
+    """`start_consumer` is given in backlog mode: the sale ran with no consumer, it starts one."""
     for sku in skus:
         setup.set_stock(settings, sku, config.stock, per_user_limit=config.per_user_limit)
     load = asyncio.run(run_load(url, skus, attempts=config.attempts, concurrency=config.buyers, run_id=run, tick=tick))
     accepted = load.statuses.get("accepted", 0)
     store, stock = MySQLStore(settings.mysql_url), RedisStock(settings.redis_url)
     try:
+        if start_consumer:
+            start_consumer()
         started = time.perf_counter()
         deadline = started + DRAIN_TIMEOUT_S
         while store.applied(skus)[0] < accepted and time.perf_counter() < deadline:
@@ -169,7 +188,8 @@ def _pipeline(
         for sku in skus:
             report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
             problems += [f"{sku}: {p}" for p in report.problems]
-        return _result("pipeline", load, drain_s, problems)
+        rate = accepted / drain_s if start_consumer and drain_s else None
+        return _result("pipeline", load, drain_s, problems, rate)
     finally:
         store.close()
         stock.close()
@@ -186,6 +206,8 @@ def run_bench(
 ) -> list[StrategyResult]:
     """Run each strategy in turn; `on_start(strategy, attempts)` returns the tick called per attempt."""
     config.check()
+    if producer_url is not None and (config.backlog or config.batch_size):
+        raise InvalidInput("--backlog and --batch-size need the bench's own processes; leave --producer-url out")
     run = uuid.uuid4().hex[:6]
     results: list[StrategyResult] = []
     fleet: Fleet | None = None
@@ -197,17 +219,23 @@ def run_bench(
                 results.append(_baseline(settings, strategy, config, skus, f"{run}-{strategy}", tick))
                 continue
             url = producer_url
-            if url is None or not healthy(url):
-                if producer_url is not None:
+            start_consumer: Callable[[], object] | None = None
+            if url is not None:
+                if not healthy(url):
                     raise InvalidInput(
                         f"no producer answers at {producer_url}",
                         hint="start one (`flashsale producer run`) or leave --producer-url out",
                     )
-                fleet = Fleet(environment(), logs or settings.home / "logs" / f"bench-{run}")
+            else:
+                env = {"FLASHSALE_BATCH_SIZE": str(config.batch_size)} if config.batch_size else {}
+                fleet = Fleet(environment(**env), logs or settings.home.resolve() / "logs" / f"bench-{run}")
                 fleet.checker()
-                fleet.consumer()
+                if config.backlog:
+                    start_consumer = fleet.consumer
+                else:
+                    fleet.consumer()
                 _, url = fleet.producer()
-            results.append(_pipeline(settings, config, skus, f"{run}-p", url, tick))
+            results.append(_pipeline(settings, config, skus, f"{run}-p", url, tick, start_consumer))
     finally:
         if fleet:
             fleet.stop()

@@ -101,6 +101,7 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
         [settings.deduction_topic, settings.replay_topic],
         poll_wait_s=cfg.poll_wait_s,
         invisible_s=cfg.invisible_s,
+        prefetch=cfg.batch_size,
     ).start()
     consumer = DeductionConsumer(
         receiver,
