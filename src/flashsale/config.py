@@ -7,14 +7,17 @@ Every variable is declared once in `VARIABLES` (name, default, meaning); the CLI
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import ConfigError
+
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True)
@@ -75,23 +78,19 @@ class _Env:
         return self._environ.get(var.env, var.default).strip()
 
     def integer(self, name: str, *, minimum: int = 0) -> int:
-        raw = self.text(name)
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{_BY_NAME[name].env}={raw!r} is not an integer") from None
-        if value < minimum:
-            raise ConfigError(f"{_BY_NAME[name].env}={value} must be >= {minimum}")
-        return value
+        return self._parsed(name, int, "an integer", minimum)
 
     def number(self, name: str, *, minimum: float = 0.0) -> float:
-        raw = self.text(name)
+        return self._parsed(name, float, "a number", minimum)
+
+    def _parsed(self, name: str, convert: Callable[[str], N], kind: str, minimum: N) -> N:
+        env, raw = _BY_NAME[name].env, self.text(name)
         try:
-            value = float(raw)
+            value = convert(raw)
         except ValueError:
-            raise ConfigError(f"{_BY_NAME[name].env}={raw!r} is not a number") from None
+            raise ConfigError(f"{env}={raw!r} is not {kind}") from None
         if value < minimum:
-            raise ConfigError(f"{_BY_NAME[name].env}={value} must be >= {minimum}")
+            raise ConfigError(f"{env}={value} must be >= {minimum}")
         return value
 
     def port(self, name: str) -> int:

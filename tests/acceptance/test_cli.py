@@ -155,3 +155,26 @@ def test_demo_runs_a_whole_sale_and_ends_with_balanced_books(settings: Settings)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "accepted 60" in result.stdout and "sold_out 240" in result.stdout
     assert "consistent" in result.stdout and "flashsale stack down" in result.stdout
+
+
+def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(settings: Settings) -> None:
+    result = run(
+        settings,
+        "bench",
+        "--strategy",
+        "pipeline",
+        "--backlog",
+        "--batch-size",
+        "64",
+        "--json",
+        "--stock",
+        "300",
+        "--attempts",
+        "300",
+        "--buyers",
+        "20",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (pipeline,) = json.loads(result.stdout)["results"]
+    assert pipeline["accepted"] == 300 and pipeline["consistent"]
+    assert pipeline["applied_per_s"] > 0 and pipeline["drain_s"] > 0

@@ -7,8 +7,6 @@ import re
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -27,13 +25,6 @@ from tests.acceptance.books import applied_tokens, drained
 from tests.acceptance.harness import Pipeline, free_port, post
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, tmp_path)
-    yield p
-    p.stop()
 
 
 def buy(url: str, sku: str, token: str, user: str = "u1", qty: int = 1) -> None:

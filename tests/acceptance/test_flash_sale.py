@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
@@ -17,20 +13,11 @@ from tests.acceptance.books import applied_tokens, drained
 from tests.acceptance.harness import Pipeline
 
 
-@pytest.fixture
-def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, tmp_path)
-    yield p
-    p.stop()
-
-
 def test_a_flash_sale_sells_exactly_the_stock_and_the_books_balance(
     pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
 ) -> None:
     set_stock(settings, sku, 1000)
-    _, url = pipeline.producer()
-    pipeline.consumer()
-    pipeline.checker()
+    url = pipeline.start_all()
 
     load = asyncio.run(run_load(url, [sku], attempts=5000, concurrency=200))
 

@@ -6,8 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -19,13 +17,6 @@ from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
 from tests.acceptance.books import applied_tokens, drained
 from tests.acceptance.harness import Pipeline
-
-
-@pytest.fixture
-def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, tmp_path)
-    yield p
-    p.stop()
 
 
 def flashsale(pipeline: Pipeline, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -47,9 +38,7 @@ def test_reconcile_reports_hand_made_drift_and_replay_and_repair_fix_it(
     pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
 ) -> None:
     set_stock(settings, sku, 100)
-    _, url = pipeline.producer()
-    pipeline.consumer()
-    pipeline.checker()
+    url = pipeline.start_all()
     load = asyncio.run(run_load(url, [sku], attempts=30, concurrency=5))
     assert load.statuses["accepted"] == 30
     assert drained(redis_stock, mysql_store, sku).consistent
@@ -137,9 +126,7 @@ def test_repair_puts_back_a_deduction_redis_lost_entirely(
 ) -> None:
     """As after a Redis failover: the entry, the stock taken and the counter are all gone."""
     set_stock(settings, sku, 10)
-    _, url = pipeline.producer()
-    pipeline.consumer()
-    pipeline.checker()
+    url = pipeline.start_all()
     assert asyncio.run(run_load(url, [sku], attempts=3, concurrency=1)).statuses["accepted"] == 3
     assert drained(redis_stock, mysql_store, sku).consistent
     lost = applied_tokens(mysql_store, sku)[0]

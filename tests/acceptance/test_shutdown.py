@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,13 +17,6 @@ from tests.acceptance.books import drained
 from tests.acceptance.harness import Pipeline
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def pipeline(settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(settings, tmp_path)
-    yield p
-    p.stop()
 
 
 def load_in_background(

@@ -12,6 +12,7 @@ from rich.table import Table
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.cli.context import Context
+from flashsale.cli.options import json_output, wait_seconds
 from flashsale.errors import InvalidInput
 from flashsale.ops import reconcile as reconcile_ops
 from flashsale.ops.replay import Replayer
@@ -53,17 +54,9 @@ def print_reconcile(reports: list[reconcile_ops.SkuReport], console: Console | N
 
 @click.command()
 @click.argument("skus", nargs=-1, metavar="[SKU]...")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_output("the report")
 @click.option("--repair", is_flag=True, help="Replay what MySQL lacks, write back what Redis lacks, add lost orders.")
-@click.option(
-    "--wait",
-    "wait_s",
-    type=click.FloatRange(0),
-    default=0,
-    show_default=True,
-    metavar="SECONDS",
-    help="After --repair, keep checking until the books balance (the consumer applies replays).",
-)
+@wait_seconds("After --repair, keep checking until the books balance (the consumer applies replays).")
 @click.pass_obj
 def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, wait_s: float) -> None:
     """Compare Redis and MySQL per SKU (every loaded SKU by default). Exit 0 when consistent, 1 on drift.
@@ -111,7 +104,7 @@ def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, 
 )
 @click.option("--dead-letters", is_flag=True, help="Replay dead-lettered deductions whose SKU MySQL now knows.")
 @click.option("--dry-run", is_flag=True, help="Count what would be replayed; publish nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@json_output("the counts")
 @click.pass_obj
 def replay(
     ctx: Context,

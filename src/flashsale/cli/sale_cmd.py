@@ -14,6 +14,7 @@ from rich.table import Table
 
 from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
+from flashsale.cli.options import json_output
 from flashsale.errors import InvalidInput
 from flashsale.ops import bench as bench_ops
 from flashsale.ops.demo import DemoConfig, run_demo
@@ -86,7 +87,7 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     "--backlog", is_flag=True, help="Pipeline: sell with no consumer running, then time how fast one applies it."
 )
 @click.option("--batch-size", type=int, default=None, help="Pipeline: batch size of the bench's own consumer.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (no progress bars).")
+@json_output("the results (no progress bars)")
 @click.pass_obj
 def bench(
     ctx: Context,

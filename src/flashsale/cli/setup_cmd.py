@@ -13,21 +13,14 @@ from rich.table import Table
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.cli.context import Context
+from flashsale.cli.options import json_output, wait_seconds
 from flashsale.errors import UnknownSku
 from flashsale.ops import setup
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
-@click.option(
-    "--wait",
-    "wait_s",
-    type=click.FloatRange(0),
-    default=0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Keep asking servers that do not answer yet, for up to this long.",
-)
+@json_output("what was done")
+@wait_seconds("Keep asking servers that do not answer yet, for up to this long.")
 @click.pass_obj
 def init(ctx: Context, as_json: bool, wait_s: float) -> None:
     """Apply the SQL migrations and create the topics (deductions as TRANSACTION) and the consumer group."""
@@ -91,7 +84,7 @@ def stock_report(ctx: Context, sku: str) -> dict[str, Any]:
 
 @stock.command("show")
 @click.argument("sku")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_output()
 @click.pass_obj
 def stock_show(ctx: Context, sku: str, as_json: bool) -> None:
     """Stock of SKU in Redis and MySQL, side by side."""

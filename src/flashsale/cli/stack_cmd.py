@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flashsale.cli.context import Context
+from flashsale.cli.options import json_output
 from flashsale.stack.manager import ServiceState, Stack
 
 SERVICES_ARG = click.argument("services", nargs=-1, metavar="[SERVICE]...")
@@ -38,7 +39,7 @@ def stack() -> None:
 
 @stack.command()
 @SERVICES_ARG
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@json_output("the status")
 @click.pass_obj
 def up(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
     """Install what is missing, start what is not running, wait until every service really serves."""
@@ -49,7 +50,7 @@ def up(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
 
 @stack.command()
 @SERVICES_ARG
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@json_output("the status")
 @click.pass_obj
 def down(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
     """Stop the services this stack started (by their recorded PIDs); data stays in FLASHSALE_HOME."""
@@ -59,7 +60,7 @@ def down(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
 
 @stack.command()
 @SERVICES_ARG
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@json_output("the status")
 @click.pass_obj
 def status(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
     """Address, PID, health and listening sockets of each service. Exit 1 unless all are healthy."""

@@ -1,0 +1,20 @@
+"""Options several commands share, declared once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def json_output(what: str = "the result") -> Decorator:
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON.")
+
+
+def wait_seconds(meaning: str) -> Decorator:
+    return click.option(
+        "--wait", "wait_s", type=click.FloatRange(0), default=0, show_default=True, metavar="SECONDS", help=meaning
+    )
