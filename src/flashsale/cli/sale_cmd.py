@@ -128,6 +128,8 @@ def bench(
         for r in results:
             for problem in r.problems:
                 click.echo(f"{r.strategy}: {problem}")
+            for error in r.transport_errors:
+                click.echo(f"{r.strategy}: no answer: {error}")
     sys.exit(0 if all(r.consistent for r in results) else 1)
 
 
@@ -160,6 +162,8 @@ def demo(ctx: Context, sku: str, stock: int, attempts: int, buyers: int, per_use
         f"latency p50 {load.percentile(0.5) * 1000:.1f} ms, p99 {load.percentile(0.99) * 1000:.1f} ms; "
         f"MySQL caught up {result.drain_s:.2f} s after the last answer\n"
     )
+    for error in load.errors:
+        console.print(f"no answer: {error}")
     print_reconcile([result.report], console)
     console.print(
         f"\nProcess logs: {result.logs}\nThe stack keeps running (`flashsale stack status`); "

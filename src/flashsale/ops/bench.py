@@ -79,6 +79,7 @@ class StrategyResult:
     applied_per_s: float | None  # with --backlog: rows the consumer applied per second from a cold start
     consistent: bool
     problems: list[str] = field(default_factory=list)
+    transport_errors: list[str] = field(default_factory=list)  # the first attempts that got no HTTP answer
     ratio: float | None = None  # throughput relative to mysql-lock in the same run
 
     def to_json(self) -> dict[str, Any]:
@@ -113,6 +114,7 @@ def _result(
         applied_per_s=round(applied_per_s, 1) if applied_per_s is not None else None,
         consistent=not problems,
         problems=problems,
+        transport_errors=load.errors,
     )
 
 

@@ -70,12 +70,6 @@ class Child:
     def wait_log(self, marker: str, timeout_s: float = 60) -> None:
         self.wait_for(lambda: marker in self.text(), f"logging {marker!r}", timeout_s)
 
-    def kill(self) -> None:
-        """kill -9: no clean-up at all."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(30)
-
     def terminate(self, timeout_s: float = 60) -> int | None:
         """SIGTERM, then wait for the graceful stop (SIGKILL after `timeout_s`)."""
         if self.popen.poll() is None:

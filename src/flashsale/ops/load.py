@@ -27,8 +27,7 @@ class LoadReport:
     latencies_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     accepted: list[tuple[str, str, int]] = field(default_factory=list)  # (sku, token, qty)
-    pending: list[tuple[str, str, int]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first few attempts that got no HTTP answer
     started: float = 0.0
     last_accepted: float = 0.0  # perf_counter of the last accepted answer
 
@@ -81,8 +80,6 @@ async def _buyer(
         if status == "accepted":
             report.accepted.append((sku, token, qty))
             report.last_accepted = time.perf_counter()
-        elif status == "pending":
-            report.pending.append((sku, token, qty))
         tick()
 
 
