@@ -48,12 +48,6 @@ class Pipeline(Fleet):
         extra = ("--metrics-port", str(metrics_port)) if metrics_port else ()
         return super().consumer(*options, *extra, FLASHSALE_FAILPOINTS=failpoints, **env)
 
-    def start_all(self) -> str:
-        """Checker, consumer and producer; returns the producer's URL."""
-        self.checker()
-        self.consumer()
-        return self.producer()[1]
-
 
 def post(url: str, payload: dict[str, object], timeout_s: float = 10) -> tuple[int, dict[str, object]]:
     request = urllib.request.Request(

@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 # The client configures a rotating log file under ~/logs at import; logs.configure() reroutes it.
 from rocketmq import (
@@ -49,6 +49,7 @@ from flashsale.errors import BusError, ServiceUnavailable
 from flashsale.models import Delivery, Resolution
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _RESOLUTIONS = {
     Resolution.COMMIT: TransactionResolution.COMMIT,
@@ -117,23 +118,18 @@ class _Checker(TransactionChecker):  # type: ignore[misc]
 
 
 class HalfMessage:
-    """A sent, not yet visible, transactional message."""
+    """A blocking handle on an AsyncHalfMessage (see RocketMQProducer.send_half)."""
 
-    def __init__(self, transaction: Any, message_id: str) -> None:
-        self._transaction = transaction
-        self.message_id = message_id
+    def __init__(self, half: AsyncHalfMessage, run: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self._half = half
+        self._run = run
+        self.message_id = half.message_id
 
     def commit(self) -> None:
-        self._end("commit", self._transaction.commit)
+        self._run(self._half.commit())
 
     def rollback(self) -> None:
-        self._end("rollback", self._transaction.rollback)
-
-    def _end(self, what: str, action: Callable[[], Any]) -> None:
-        try:
-            action()
-        except Exception as exc:
-            raise BusError(f"{what} of half message {self.message_id} failed: {exc}") from exc
+        self._run(self._half.rollback())
 
 
 class AsyncHalfMessage:
@@ -248,13 +244,11 @@ class RocketMQProducer:
         return self
 
     def send_half(self, topic: str, key: str, body: bytes, tag: str) -> HalfMessage:
-        message = _message(topic, key, body, tag)
-        try:
-            transaction = self._producer.begin_transaction()
-            receipt = self._producer.send(message, transaction)
-        except Exception as exc:
-            raise BusError(f"sending the half message for {key} to {topic} failed: {exc}") from exc
-        return HalfMessage(transaction, receipt.message_id)
+        """`send_half_async`, for callers on any thread but the client's loop."""
+        return HalfMessage(self._on_loop(self.send_half_async(topic, key, body, tag)), self._on_loop)
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def send(self, topic: str, key: str, body: bytes, tag: str) -> str:
         try:

@@ -181,11 +181,7 @@ def _pipeline(
     try:
         if start_consumer:
             start_consumer()
-        started = time.perf_counter()
-        deadline = started + DRAIN_TIMEOUT_S
-        while store.applied(skus)[0] < accepted and time.perf_counter() < deadline:
-            time.sleep(0.05)
-        drain_s = time.perf_counter() - started
+        drain_s = reconcile.wait_applied(store, skus, accepted, timeout_s=DRAIN_TIMEOUT_S)
         problems = []
         for sku in skus:
             report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
@@ -231,12 +227,12 @@ def run_bench(
             else:
                 env = {"FLASHSALE_BATCH_SIZE": str(config.batch_size)} if config.batch_size else {}
                 fleet = Fleet(environment(**env), logs or settings.home.resolve() / "logs" / f"bench-{run}")
-                fleet.checker()
                 if config.backlog:
+                    fleet.checker()
+                    _, url = fleet.producer()
                     start_consumer = fleet.consumer
                 else:
-                    fleet.consumer()
-                _, url = fleet.producer()
+                    url = fleet.start_all()
             results.append(_pipeline(settings, config, skus, f"{run}-p", url, tick, start_consumer))
     finally:
         if fleet:

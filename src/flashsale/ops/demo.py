@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from flashsale.adapters.mysql_store import MySQLStore
@@ -35,17 +34,13 @@ class DemoResult:
     drain_s: float
     report: reconcile.SkuReport
     logs: str
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def run_demo(
     settings: Settings, config: DemoConfig, *, say: Say, on_sale_start: Callable[[int], Callable[[], None]]
 ) -> DemoResult:
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     say("1/6 local stack: Redis, MariaDB, RocketMQ (installed and started if needed)")
     Stack(settings).up(progress=lambda line: say(f"    {line}"))
-    timings["stack_s"] = time.perf_counter() - t0
 
     say("2/6 schema and topics")
     setup.init(settings, wait_s=30)
@@ -57,25 +52,18 @@ def run_demo(
     say(f"4/6 producer, consumer and checker processes (logs in {logs})")
     fleet = Fleet(environment(), logs)
     try:
-        fleet.checker()
-        fleet.consumer()
-        _, url = fleet.producer()
+        url = fleet.start_all()
         say(f"5/6 the sale: {config.attempts} purchase attempts from {config.buyers} buyers at once on {url}")
         tick = on_sale_start(config.attempts)
         load = asyncio.run(run_load(url, [sku], attempts=config.attempts, concurrency=config.buyers, tick=tick))
-        timings["sale_s"] = load.elapsed_s
         say("6/6 waiting for MySQL to hold every deduction, then reconciling Redis, MySQL and orders")
         stock, store = RedisStock(settings.redis_url), MySQLStore(settings.mysql_url)
         try:
-            started = time.perf_counter()
-            accepted = load.statuses.get("accepted", 0)
-            while store.applied([sku])[0] < accepted and time.perf_counter() - started < 120:
-                time.sleep(0.1)
-            drain_s = time.perf_counter() - started
+            drain_s = reconcile.wait_applied(store, [sku], load.statuses.get("accepted", 0), timeout_s=120)
             report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
         finally:
             stock.close()
             store.close()
     finally:
         fleet.stop()
-    return DemoResult(sku=sku, load=load, drain_s=drain_s, report=report, logs=str(logs), timings=timings)
+    return DemoResult(sku=sku, load=load, drain_s=drain_s, report=report, logs=str(logs))

@@ -118,6 +118,12 @@ class Fleet:
         child.wait_log(READY_MARKERS["checker"])
         return child
 
+    def start_all(self) -> str:
+        """Checker, consumer, then producer, so the first purchase already has both; returns the producer's URL."""
+        self.checker()
+        self.consumer()
+        return self.producer()[1]
+
     def stop(self) -> None:
         """SIGTERM every child (all at once), then wait for each to finish its work."""
         for child in self.children:

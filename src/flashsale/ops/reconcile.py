@@ -83,6 +83,14 @@ OnMissing = Callable[[list[LogEntry]], None]
 OnOrphan = Callable[[Any, LogEntry | None, SkuReport], None]
 
 
+def wait_applied(store: MySQLStore, skus: list[str], count: int, *, timeout_s: float) -> float:
+    """Wait until MySQL holds `count` deductions of `skus` (or the time is up); returns the seconds waited."""
+    started = time.perf_counter()
+    while store.applied(skus)[0] < count and time.perf_counter() - started < timeout_s:
+        time.sleep(0.05)
+    return time.perf_counter() - started
+
+
 def reconcile_sku(
     stock: RedisStock,
     store: MySQLStore,
