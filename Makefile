@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml $(shell find src infra -type f -not -name "*.pyc")
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flashsale needs Python >= 3.11"'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -22,8 +22,10 @@ DEDUCTION_TAG = "deduction"
 TOPIC_QUEUES = 8
 #: RocketMQ cluster name used by the local stack.
 CLUSTER_NAME = "DefaultCluster"
-#: Version of the JSON body of a deduction message.
-MESSAGE_VERSION = 1
+#: Version of the JSON body of a deduction message (1: one purchase; 2: the purchases of a group).
+MESSAGE_VERSION = 2
+#: Most purchases one deduction message may carry.
+MAX_GROUP = 1024
 
 # --- Redis keys -------------------------------------------------------------------------------------
 # Every key of one SKU carries the hash tag {sku}, so every script touches one Redis Cluster slot.
@@ -35,6 +37,8 @@ LOG_KEY = "fs:{{{sku}}}:log"
 USERS_KEY = "fs:{{{sku}}}:users"
 #: initial, per_user_limit, sold_out and running counters.
 META_KEY = "fs:{{{sku}}}:meta"
+#: message id -> JSON record of that half message's pre-deduct: {state: ran|fenced, codes, accepted, ts}.
+TX_KEY = "fs:{{{sku}}}:tx"
 #: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
 SKUS_KEY = "fs:skus"
 
@@ -42,6 +46,14 @@ SKUS_KEY = "fs:skus"
 STATE_DEDUCTED = "deducted"
 STATE_FENCED = "fenced"
 STATE_RETURNED = "returned"
+#: States of an entry whose deduction happened (a returned one happened, then was given back).
+DEDUCTED_STATES = frozenset({STATE_DEDUCTED, STATE_RETURNED})
+
+# --- Transaction record states (Redis, per half message) -----------------------------------------------
+#: The message's pre-deduct ran; its record lists each purchase's outcome.
+TX_RAN = "ran"
+#: The checker rolled the message back before its pre-deduct ran; a late pre-deduct deducts nothing.
+TX_FENCED = "fenced"
 
 # --- Validation ---------------------------------------------------------------------------------------
 # Patterns are applied with fullmatch (a `$` would let a trailing newline through).
@@ -55,6 +67,10 @@ NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
 DIGITS = re.compile(r"[0-9]{1,18}")
 #: Largest quantity one purchase may ask for.
 MAX_QTY = 1_000_000
+#: Largest stock of one SKU (load_stock.lua takes at most 15 digits; MySQL's BIGINT far more).
+MAX_STOCK = 10**12
+#: Largest per-user limit (load_stock.lua takes at most 9 digits; MySQL's INT up to 2^31-1).
+MAX_PER_USER_LIMIT = 999_999_999
 
 # --- Default ports of the local stack (all on 127.0.0.1) --------------------------------------------
 DEFAULT_HOST = "127.0.0.1"

@@ -34,13 +34,20 @@ class UnknownSku(InvalidInput):
 
 
 class ServiceUnavailable(FlashSaleError):
-    """A server (Redis, MySQL, RocketMQ) cannot be reached or did not answer in time."""
+    """A server (Redis, MySQL, RocketMQ) cannot be reached or did not answer in time.
+
+    `reached` is False when the request certainly never got to the server (connection refused, no free
+    connection in the pool): a write it carried did not happen. True means it may have.
+    """
 
     retriable = True
 
-    def __init__(self, service: str, address: str, detail: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self, service: str, address: str, detail: str, *, hint: str | None = None, reached: bool = True
+    ) -> None:
         self.service = service
         self.address = address
+        self.reached = reached
         super().__init__(
             f"{service} at {address} is unavailable: {detail.rstrip('. ')}",
             hint=hint or "is the stack running? try `flashsale stack status`",

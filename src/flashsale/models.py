@@ -6,7 +6,7 @@ import enum
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from flashsale import constants as c
@@ -56,8 +56,8 @@ def parse_qty(value: object) -> int:
     return value
 
 
-def parse_count(value: object, name: str) -> int:
-    """A stock quantity or limit: a whole number >= 0 (0 means none)."""
+def parse_count(value: object, name: str, maximum: int = c.MAX_STOCK) -> int:
+    """A stock quantity or limit: a whole number from 0 (none) to `maximum`."""
     if value is None:
         return 0
     if isinstance(value, bool):
@@ -66,8 +66,8 @@ def parse_count(value: object, name: str) -> int:
         value = int(value.strip())
     if not isinstance(value, int) or value < 0:
         raise InvalidInput(f"{name} must be a whole number >= 0, got {value!r}")
-    if value > 10**12:
-        raise InvalidInput(f"{name} must be at most 10^12, got {value}")
+    if value > maximum:
+        raise InvalidInput(f"{name} must be at most {maximum:,}, got {value:,}")
     return value
 
 
@@ -125,7 +125,7 @@ SOURCE_REPLAY = "replay"
 
 @dataclass(frozen=True)
 class Deduction:
-    """The body of a deduction message (versioned JSON). Ids are strings; qty and ts are integers."""
+    """One deduction: a purchase the Redis pre-deduct accepted, the unit MySQL applies. Ids are strings."""
 
     token: str
     sku: str
@@ -133,13 +133,62 @@ class Deduction:
     qty: int
     ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     source: str = SOURCE_PURCHASE
-    v: int = c.MESSAGE_VERSION
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """One purchase inside a deduction message."""
+
+    token: str
+    user_id: str
+    qty: int
+
+
+@dataclass(frozen=True)
+class DeductionMessage:
+    """The body of a deduction message (versioned JSON): purchases of one SKU, carried by one message.
+
+    On the deduction topic `gid` is the id of the half message itself: the pre-deduct names it in every
+    log entry it writes, which is how the checker and the consumer learn which purchases it accepted.
+    Replays carry no gid: the consumer applies what the Redis log holds for each token.
+    """
+
+    sku: str
+    purchases: tuple[Purchase, ...]
+    gid: str = ""
+    ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    source: str = SOURCE_PURCHASE
+
+    @property
+    def tokens(self) -> list[str]:
+        return [p.token for p in self.purchases]
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        body = {
+            "v": c.MESSAGE_VERSION,
+            "sku": self.sku,
+            "gid": self.gid,
+            "ts_ms": self.ts_ms,
+            "source": self.source,
+            "purchases": [{"token": p.token, "user_id": p.user_id, "qty": p.qty} for p in self.purchases],
+        }
+        return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, body: bytes) -> Deduction:
+    def decode(cls, body: bytes, message_id: str | None = None) -> DeductionMessage:
+        """Any body at all: a valid message, or MalformedMessage saying what is wrong. Never another error.
+
+        `message_id` stands in for the gid of a version-1 body (one purchase, sent before groups existed).
+        """
+        try:
+            return cls._decode(body, message_id)
+        except MalformedMessage:
+            raise
+        except Exception as exc:  # noqa: BLE001 - huge integers, deep nesting, odd types: all malformed
+            raise MalformedMessage(f"body cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    @classmethod
+    def _decode(cls, body: bytes, message_id: str | None) -> DeductionMessage:
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -147,22 +196,54 @@ class Deduction:
         if not isinstance(data, dict):
             raise MalformedMessage("body is not a JSON object")
         version = data.get("v")
-        if type(version) is not int or version != c.MESSAGE_VERSION:
-            raise MalformedMessage(f"unsupported message version {version!r}")
-        missing = [k for k in ("token", "sku", "user_id", "qty", "ts_ms") if k not in data]
-        if missing:
-            raise MalformedMessage(f"missing field(s): {', '.join(missing)}")
+        if type(version) is not int or version not in (1, c.MESSAGE_VERSION):
+            raise MalformedMessage(f"unsupported message version {_shown(version)}")
+        if version == 1:
+            _require(data, ("token", "sku", "user_id", "qty", "ts_ms"))
+            items = [{"token": data["token"], "user_id": data["user_id"], "qty": data["qty"]}]
+            gid = message_id or ""
+        else:
+            _require(data, ("sku", "gid", "purchases", "ts_ms"))
+            items, gid = data["purchases"], data["gid"]
+            if not isinstance(items, list) or not 1 <= len(items) <= c.MAX_GROUP:
+                raise MalformedMessage(f"purchases must be a list of 1 to {c.MAX_GROUP} purchases")
         try:
-            request = PurchaseRequest.build(data["sku"], data["user_id"], data["qty"], data["token"])
+            sku = require_id(data["sku"], "sku")
+            gid = require_id(gid, "gid", c.TOKEN_PATTERN) if gid != "" else ""
         except InvalidInput as exc:
             raise MalformedMessage(str(exc)) from None
+        purchases = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise MalformedMessage("each purchase must be a JSON object")
+            _require(item, ("token", "user_id", "qty"))
+            try:
+                request = PurchaseRequest.build(sku, item["user_id"], item["qty"], item["token"])
+            except InvalidInput as exc:
+                raise MalformedMessage(str(exc)) from None
+            purchases.append(Purchase(request.token, request.user_id, request.qty))
         ts_ms = data["ts_ms"]
-        if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or ts_ms < 0:
-            raise MalformedMessage(f"ts_ms must be a non-negative integer, got {ts_ms!r}")
+        if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms < 10**15:
+            raise MalformedMessage(f"ts_ms must be a non-negative integer, got {_shown(ts_ms)}")
         source = data.get("source", SOURCE_PURCHASE)
         if source not in (SOURCE_PURCHASE, SOURCE_REPLAY):
-            raise MalformedMessage(f"unknown source {source!r}")
-        return cls(request.token, request.sku, request.user_id, request.qty, ts_ms, source)
+            raise MalformedMessage(f"unknown source {_shown(source)}")
+        return cls(sku, tuple(purchases), gid, ts_ms, source)
+
+
+def _shown(value: object) -> str:
+    """A value for an error message: its repr, cut short (a body may hold megabytes, or 5,000-digit numbers)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _require(data: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    missing = [k for k in names if k not in data]
+    if missing:
+        raise MalformedMessage(f"missing field(s): {', '.join(missing)}")
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,20 @@ The pipeline modules depend on these only; the adapters in flashsale.adapters im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from flashsale.models import Delivery
-from flashsale.records import ApplyReport, DeadLetter, Incoming, LogEntry, PredeductResult
+from flashsale.models import Delivery, Purchase
+from flashsale.records import (
+    ApplyReport,
+    CheckView,
+    Conflict,
+    DeadLetter,
+    Incoming,
+    LogEntry,
+    PredeductResult,
+    TxRecord,
+)
 
 
 class HalfMessagePort(Protocol):
@@ -23,13 +32,21 @@ class HalfMessagePort(Protocol):
 class TxBusPort(Protocol):
     """The producer's broker, used from its event loop."""
 
-    async def send_half_async(self, topic: str, key: str, body: bytes, tag: str) -> HalfMessagePort: ...
+    def new_message_id(self) -> str: ...
+
+    async def send_half_async(
+        self, topic: str, key: str, body: bytes, tag: str, message_id: str | None = None
+    ) -> HalfMessagePort: ...
 
 
 class PurchaseStockPort(Protocol):
     """The producer's Redis, used from its event loop."""
 
-    async def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult: ...
+    async def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
+        """Raises ServiceUnavailable with `reached` False when the script certainly did not run."""
+        ...
+
+    async def log_entry(self, sku: str, token: str) -> LogEntry | None: ...
 
     async def is_sold_out(self, sku: str) -> bool: ...
 
@@ -37,9 +54,17 @@ class PurchaseStockPort(Protocol):
 class CheckStockPort(Protocol):
     """The checker's Redis (called on the client's check thread)."""
 
-    def log_entry(self, sku: str, token: str) -> LogEntry | None: ...
+    def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView: ...
 
-    def fence(self, sku: str, token: str, user: str, qty: int) -> LogEntry: ...
+
+class LogPort(Protocol):
+    """The consumer's Redis: what the pre-deducts really accepted."""
+
+    def lookup(
+        self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
+    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]]: ...
+
+    def ping(self) -> None: ...
 
 
 class ReceiverPort(Protocol):
@@ -51,8 +76,18 @@ class ReceiverPort(Protocol):
         """Best effort, never raises: an un-nacked message still comes back when its invisible time ends."""
         ...
 
+    def pause(self) -> None:
+        """Stop receiving and hand back whatever was received and not yet taken by `receive`."""
+        ...
+
+    def resume(self) -> None: ...
+
 
 class StorePort(Protocol):
-    def apply_batch(self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = ()) -> ApplyReport: ...
+    def apply_batch(
+        self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = (), conflicts: Sequence[Conflict] = ()
+    ) -> ApplyReport: ...
 
-    def ping(self) -> None: ...
+    def ping(self) -> None:
+        """Raises unless the database answers and takes a write."""
+        ...

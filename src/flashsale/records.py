@@ -56,10 +56,41 @@ class LogEntry:
 
 @dataclass(frozen=True)
 class PredeductResult:
+    """The outcome of one purchase of a pre-deduct (prededuct.lua)."""
+
     code: Prededuct
     remaining: int | None
     entry: LogEntry | None = None
     bought: int | None = None
+
+
+@dataclass(frozen=True)
+class TxRecord:
+    """What Redis knows of one half message's pre-deduct (fs:{sku}:tx)."""
+
+    state: str  # constants.TX_RAN or TX_FENCED
+    codes: tuple[Prededuct, ...] = ()  # per purchase, in the message's order (ran only)
+    accepted: int = 0
+    ts_ms: int = 0
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> TxRecord:
+        data = json.loads(raw)
+        return cls(
+            state=str(data["state"]),
+            codes=tuple(Prededuct(int(ch)) for ch in str(data.get("codes", ""))),
+            accepted=int(data.get("accepted", 0)),
+            ts_ms=int(data.get("ts", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class CheckView:
+    """The checker's view of a half message (fence.lua): its record, and the log entry of each token it carries."""
+
+    state: str  # constants.TX_RAN, TX_FENCED, or "young" (no record; too young to fence)
+    record: TxRecord | None
+    entries: dict[str, LogEntry | None]
 
 
 @dataclass(frozen=True)
@@ -80,11 +111,20 @@ class StockView:
 
 @dataclass(frozen=True)
 class Incoming:
-    """A decoded deduction message."""
+    """A deduction to apply, with the values of its Redis log entry."""
+
+    deduction: Deduction
+    message_id: str  # of the half message that deducted it in Redis
+    topic: str = ""
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A deduction MySQL must not apply as it stands; recorded for reconcile and an operator."""
 
     deduction: Deduction
     message_id: str
-    topic: str = ""
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -104,6 +144,7 @@ class ApplyReport:
     restored: int = 0  # rows re-created for orders that existed: their stock was already deducted
     conflicts: list[Deduction] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    skipped: int = 0  # purchases a message carried that its pre-deduct did not accept
 
 
 @dataclass(frozen=True)
@@ -116,3 +157,39 @@ class InventoryView:
     deducted_qty: int
     orders: int
     ordered_qty: int
+
+
+@dataclass(frozen=True)
+class DeductionRow:
+    """A row of stock_deductions, as reconcile pages through them."""
+
+    id: int
+    token: str
+    user_id: str
+    qty: int
+    message_id: str
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    """A row of dead_letters not replayed yet."""
+
+    id: int
+    message_id: str
+    topic: str
+    message_key: str | None
+    sku: str | None
+    reason: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Bookkeeping:
+    """Counts reconcile needs besides the totals of InventoryView."""
+
+    orders_without_deduction: int
+    deductions_without_order: int
+    dead_letters: int
+    conflicts: int
+    conflict_qty: int

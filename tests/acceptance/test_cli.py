@@ -10,6 +10,7 @@ import pytest
 
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.config import Settings
+from flashsale.models import Purchase
 from flashsale.ops.setup import set_stock
 from flashsale.stack import procs
 from tests.conftest import clean_environment
@@ -124,12 +125,47 @@ def test_stock_set_refuses_to_overwrite_a_sale_in_progress(
     settings: Settings, redis_stock: RedisStock, sku: str
 ) -> None:
     set_stock(settings, sku, 5)
-    redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
+    # A deduction in Redis that the consumer has not applied to MySQL yet: it is in flight.
+    redis_stock.prededuct(sku, "m1", [Purchase("t1", "u1", 1)])
     result = run(settings, "stock", "set", sku, "500")
     assert result.returncode == 4 and "--reset" in result.stderr
+    refused = run(settings, "stock", "set", sku, "500", "--reset")
+    assert refused.returncode == 4 and "not applied yet" in refused.stderr and "--force" in refused.stderr
     assert redis_stock.view(sku).stock == 4
-    assert run(settings, "stock", "set", sku, "500", "--reset").returncode == 0
+    assert mysql_view(settings, sku) == (5, 5)
+    assert run(settings, "stock", "set", sku, "500", "--reset", "--force").returncode == 0
     assert redis_stock.view(sku).stock == 500
+    assert mysql_view(settings, sku) == (500, 500)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["7", "--per-user-limit", "1000000000"], "per-user limit must be at most 999,999,999"),
+        (["1000000000001"], "quantity must be at most 1,000,000,000,000"),
+    ],
+)
+def test_stock_set_checks_every_bound_before_writing_anything(
+    settings: Settings, redis_stock: RedisStock, sku: str, args: list[str], message: str
+) -> None:
+    set_stock(settings, sku, 5)
+    result = run(settings, "stock", "set", sku, *args, "--reset")
+    assert result.returncode == 2 and message in result.stderr
+    assert redis_stock.view(sku).stock == 5
+    assert mysql_view(settings, sku) == (5, 5)
+
+
+def mysql_view(settings: Settings, sku: str) -> tuple[int, int]:
+    """(initial, stock) of the SKU, read with plain SQL."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(settings.mysql_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT initial_stock, stock FROM inventory WHERE sku = :s"), {"s": sku}).one()
+            return int(row.initial_stock), int(row.stock)
+    finally:
+        engine.dispose()
 
 
 def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settings) -> None:

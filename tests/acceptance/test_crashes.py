@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 import urllib.request
@@ -14,12 +15,13 @@ import sqlalchemy as sa
 from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.rocketmq_client import RocketMQProducer
+from flashsale.adapters.redis_stock import RedisStock, SkuKeys
+from flashsale.adapters.rocketmq_producer import RocketMQProducer
 from flashsale.config import Settings
-from flashsale.models import Deduction, Resolution
+from flashsale.models import DeductionMessage, Purchase, Resolution
 from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
+from flashsale.records import Prededuct
 from flashsale.stack.manager import Stack
 from tests.acceptance.books import applied_tokens, drained
 from tests.acceptance.harness import Pipeline, free_port, post
@@ -36,7 +38,7 @@ def buy(url: str, sku: str, token: str, user: str = "u1", qty: int = 1) -> None:
     raise AssertionError("the producer answered although it should have been killed")
 
 
-def test_producer_killed_after_the_half_message_is_rolled_back_and_the_token_fenced(
+def test_producer_killed_after_the_half_message_is_rolled_back_and_its_message_fenced(
     pipeline: Pipeline, settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
 ) -> None:
     set_stock(settings, sku, 10)
@@ -47,15 +49,20 @@ def test_producer_killed_after_the_half_message_is_rolled_back_and_the_token_fen
     assert doomed.wait_exit(10) != 0
 
     checker.wait_log("key t-crash -> rollback", timeout_s=60)
-    entry = redis_stock.log_entry(sku, "t-crash")
-    assert entry is not None and entry.state == c.STATE_FENCED
-    # The buyer retries the same token on a healthy producer: the fence refuses it, nothing is deducted.
+    gid = re.search(r"check message (\S+) key t-crash -> rollback", checker.text())
+    assert gid is not None
+    record = redis_stock.client.hget(SkuKeys.of(sku).tx, gid[1])
+    assert record is not None and json.loads(record)["state"] == c.TX_FENCED
+    # The dead producer's pre-deduct, arriving late, deducts nothing.
+    late = redis_stock.prededuct(sku, gid[1], [Purchase("t-crash", "u1", 1)])
+    assert [r.code for r in late] == [Prededuct.FENCED]
+    # The buyer retries the same token on a healthy producer: nothing was deducted, so it is a new purchase.
     _, healthy = pipeline.producer()
     status, body = post(healthy, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t-crash"})
-    assert (status, body["status"]) == (503, "error")
+    assert (status, body["status"]) == (200, "accepted")
     books = drained(redis_stock, mysql_store, sku)
     assert books.consistent, books.problems
-    assert (books.redis_stock, books.mysql_stock, books.orders, books.redis_fenced) == (10, 10, 0, 1)
+    assert (books.redis_stock, books.mysql_stock, books.orders, books.redis_fenced) == (9, 9, 1, 1)
 
 
 def test_producer_killed_after_the_prededuct_is_committed_by_the_checker(
@@ -156,12 +163,14 @@ def test_a_duplicate_and_a_malformed_message_injected_into_the_topic_change_noth
         settings.rocketmq_endpoint, [settings.deduction_topic], lambda _: Resolution.ROLLBACK
     ).start()
     try:
-        duplicate = Deduction("t-real", sku, "u1", 2).encode()
-        injector.send_half(settings.deduction_topic, "t-real", duplicate, c.DEDUCTION_TAG).commit()
+        # The real message again, under a new id: the log names the first one, so it deducts nothing.
+        again = injector.new_message_id()
+        duplicate = DeductionMessage(sku, (Purchase("t-real", "u1", 2),), again).encode()
+        injector.send_half(settings.deduction_topic, "t-real", duplicate, c.DEDUCTION_TAG, again).commit()
         malformed_key = f"bad-{uuid.uuid4().hex[:8]}"
         malformed = injector.send_half(settings.deduction_topic, malformed_key, b'{"v": 1, "sku": ', c.DEDUCTION_TAG)
         malformed.commit()
-        replayed_twice = Deduction("t-real", sku, "u1", 2, source="replay").encode()
+        replayed_twice = DeductionMessage(sku, (Purchase("t-real", "u1", 2),), source="replay").encode()
         injector.send(settings.replay_topic, "t-real", replayed_twice, c.DEDUCTION_TAG)
     finally:
         injector.shutdown()

@@ -160,7 +160,7 @@ def test_reconcile_streams_a_sale_of_100k_deductions_in_pages(
     pipe = redis_stock.client.pipeline(transaction=False)
     for i in range(n):
         pipe.evalsha(
-            redis_stock._scripts["prededuct"].sha, 4, *SkuKeys.of(sku).all(), f"t{i}", f"u{i % 997}", "1", f"m{i}", sku
+            redis_stock._scripts["prededuct"].sha, 5, *SkuKeys.of(sku).all(), f"m{i}", sku, f"t{i}", f"u{i % 997}", "1"
         )
         if i % 5000 == 4999:
             pipe.execute()

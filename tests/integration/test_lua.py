@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
 from flashsale import constants as c
 from flashsale.adapters.redis_stock import RedisStock, SkuKeys
 from flashsale.errors import StockError
-from flashsale.records import Prededuct, StockReturn
+from flashsale.models import Purchase
+from flashsale.records import Prededuct, PredeductResult, StockReturn
+
+OLD_MS = 1_000  # a born time far in the past: older than any grace
+GRACE_MS = 3_000
 
 
-def deduct(stock: RedisStock, sku: str, token: str, qty: int | str = 1, user: str = "u1"):
-    keys = SkuKeys.of(sku)
+def deduct(stock: RedisStock, sku: str, token: str, qty: int | str = 1, user: str = "u1") -> tuple[Prededuct, int]:
     # Straight to the script, so that arguments the Python API would refuse reach it too.
-    code, remaining, detail = stock._scripts["prededuct"](
-        keys=keys.all(), args=[token, user, str(qty), "m-" + token, sku]
+    code, remaining, _ = stock._scripts["prededuct"](
+        keys=SkuKeys.of(sku).all(), args=["m-" + token, sku, token, user, str(qty)]
     )
-    return Prededuct(code), remaining, detail
+    return Prededuct(code), remaining
+
+
+def one(stock: RedisStock, sku: str, token: str, user: str, qty: int, gid: str) -> PredeductResult:
+    """A pre-deduct of one purchase, in a message of its own."""
+    return stock.prededuct(sku, gid, [Purchase(token, user, qty)])[0]
 
 
 def test_prededuct_sells_exactly_the_stock_then_reports_sold_out(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 3)
-    results = [redis_stock.prededuct(sku, f"t{i}", f"u{i}", 1, f"m{i}") for i in range(5)]
+    results = [one(redis_stock, sku, f"t{i}", f"u{i}", 1, f"m{i}") for i in range(5)]
     assert [r.code for r in results] == [Prededuct.ACCEPTED] * 3 + [Prededuct.SOLD_OUT] * 2
     assert [r.remaining for r in results] == [2, 1, 0, 0, 0]
     view = redis_stock.view(sku)
@@ -33,7 +42,7 @@ def test_prededuct_sells_exactly_the_stock_then_reports_sold_out(redis_stock: Re
 
 def test_prededuct_refuses_more_than_the_stock_without_writing(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 2)
-    result = redis_stock.prededuct(sku, "t1", "u1", 3, "m1")
+    result = one(redis_stock, sku, "t1", "u1", 3, "m1")
     assert (result.code, result.remaining) == (Prededuct.INSUFFICIENT, 2)
     assert redis_stock.log_entry(sku, "t1") is None
     assert redis_stock.view(sku).stock == 2
@@ -44,7 +53,7 @@ def test_prededuct_rejects_a_quantity_that_is_not_a_positive_integer(
     redis_stock: RedisStock, sku: str, qty: str
 ) -> None:
     redis_stock.load(sku, 10)
-    code, _, _ = deduct(redis_stock, sku, "t1", qty)
+    code, _ = deduct(redis_stock, sku, "t1", qty)
     assert code is Prededuct.INVALID_QTY
     assert redis_stock.view(sku).stock == 10
     assert redis_stock.log_entry(sku, "t1") is None
@@ -52,8 +61,8 @@ def test_prededuct_rejects_a_quantity_that_is_not_a_positive_integer(
 
 def test_a_repeated_token_returns_the_original_outcome_and_deducts_nothing(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 10)
-    first = redis_stock.prededuct(sku, "t1", "u1", 2, "m1")
-    again = redis_stock.prededuct(sku, "t1", "u1", 2, "m2")
+    first = one(redis_stock, sku, "t1", "u1", 2, "m1")
+    again = one(redis_stock, sku, "t1", "u1", 2, "m2")
     assert first.code is Prededuct.ACCEPTED and again.code is Prededuct.DUPLICATE
     assert again.entry is not None and again.entry.message_id == "m1" and again.entry.qty == 2
     assert again.remaining == 8
@@ -62,79 +71,155 @@ def test_a_repeated_token_returns_the_original_outcome_and_deducts_nothing(redis
 
 def test_per_user_limit_counts_every_purchase_of_the_user(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 10, per_user_limit=3)
-    assert redis_stock.prededuct(sku, "t1", "alice", 2, "m").code is Prededuct.ACCEPTED
-    over = redis_stock.prededuct(sku, "t2", "alice", 2, "m")
+    assert one(redis_stock, sku, "t1", "alice", 2, "m1").code is Prededuct.ACCEPTED
+    over = one(redis_stock, sku, "t2", "alice", 2, "m2")
     assert (over.code, over.bought) == (Prededuct.LIMIT_EXCEEDED, 2)
-    assert redis_stock.prededuct(sku, "t3", "alice", 1, "m").code is Prededuct.ACCEPTED
-    assert redis_stock.prededuct(sku, "t4", "bob", 3, "m").code is Prededuct.ACCEPTED
+    assert one(redis_stock, sku, "t3", "alice", 1, "m3").code is Prededuct.ACCEPTED
+    assert one(redis_stock, sku, "t4", "bob", 3, "m4").code is Prededuct.ACCEPTED
     assert redis_stock.view(sku).stock == 4
 
 
 def test_unknown_sku_is_reported_and_nothing_is_created(redis_stock: RedisStock, sku: str) -> None:
-    result = redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
+    result = one(redis_stock, sku, "t1", "u1", 1, "m1")
     assert result.code is Prededuct.UNKNOWN_SKU
     assert redis_stock.client.exists(*SkuKeys.of(sku).all()) == 0
 
 
 def test_the_log_entry_is_json_with_ids_as_strings(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 5)
-    redis_stock.prededuct(sku, "123456789012345678", "98765432109876543", 2, "0102FC00")
+    one(redis_stock, sku, "123456789012345678", "98765432109876543", 2, "0102FC00")
     raw = json.loads(redis_stock.client.hget(SkuKeys.of(sku).log, "123456789012345678"))
     assert raw["user"] == "98765432109876543" and raw["sku"] == sku and raw["msg"] == "0102FC00"
     assert (raw["state"], raw["qty"], raw["from"], raw["to"]) == (c.STATE_DEDUCTED, 2, 5, 3)
     assert raw["ts"] > 1_700_000_000_000
 
 
-def test_fence_blocks_a_late_prededuct_of_the_same_token(redis_stock: RedisStock, sku: str) -> None:
+def test_check_of_a_young_message_that_never_ran_writes_nothing(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 5)
-    assert redis_stock.fence(sku, "t1", "u1", 1).state == c.STATE_FENCED
-    late = redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
-    assert late.code is Prededuct.FENCED
-    view = redis_stock.view(sku)
-    assert (view.stock, view.deducted_count, view.fenced_count) == (5, 0, 1)
+    view = redis_stock.check(sku, "m1", ["t1"], born_ms=int(time.time() * 1000), grace_ms=60_000)
+    assert (view.state, view.record, view.entries) == ("young", None, {"t1": None})
+    assert redis_stock.client.hlen(SkuKeys.of(sku).tx) == 0
 
 
-def test_fence_after_a_deduction_reports_the_deduction_and_writes_nothing(redis_stock: RedisStock, sku: str) -> None:
+def test_check_fences_an_old_message_and_a_late_prededuct_of_it_deducts_nothing(
+    redis_stock: RedisStock, sku: str
+) -> None:
     redis_stock.load(sku, 5)
-    redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
-    assert redis_stock.fence(sku, "t1", "u1", 1).state == c.STATE_DEDUCTED
+    view = redis_stock.check(sku, "m1", ["t1", "t2"], born_ms=OLD_MS, grace_ms=GRACE_MS)
+    assert view.state == c.TX_FENCED and view.record is not None and view.record.state == c.TX_FENCED
+    late = redis_stock.prededuct(sku, "m1", [Purchase("t1", "u1", 1), Purchase("t2", "u2", 1)])
+    assert [r.code for r in late] == [Prededuct.FENCED, Prededuct.FENCED]
+    stock_view = redis_stock.view(sku)
+    assert (stock_view.stock, stock_view.deducted_count, stock_view.fenced_count) == (5, 0, 1)
+    # The tokens themselves are free: a retry in a new message is a purchase like any other.
+    assert one(redis_stock, sku, "t1", "u1", 1, "m2").code is Prededuct.ACCEPTED
+
+
+def test_check_after_the_prededuct_reports_what_it_accepted_and_writes_nothing(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    redis_stock.load(sku, 1)
+    redis_stock.prededuct(sku, "m1", [Purchase("t1", "u1", 1), Purchase("t2", "u2", 1)])
+    view = redis_stock.check(sku, "m1", ["t1", "t2"], born_ms=OLD_MS, grace_ms=GRACE_MS)
+    assert view.state == c.TX_RAN and view.record is not None
+    assert (view.record.codes, view.record.accepted) == ((Prededuct.ACCEPTED, Prededuct.SOLD_OUT), 1)
+    assert view.entries["t1"] is not None and view.entries["t1"].message_id == "m1"
+    assert view.entries["t2"] is None
     assert redis_stock.view(sku).fenced_count == 0
+
+
+def test_a_group_is_decided_in_arrival_order_with_every_rule(redis_stock: RedisStock, sku: str) -> None:
+    redis_stock.load(sku, 4, per_user_limit=2)
+    one(redis_stock, sku, "old", "carol", 1, "m0")
+    purchases = [
+        Purchase("a", "alice", 2),  # accepted
+        Purchase("b", "alice", 1),  # alice is at her limit after a
+        Purchase("old", "carol", 1),  # seen before, in m0
+        Purchase("c", "bob", 1),  # accepted: the last unit
+        Purchase("a", "alice", 2),  # the same token twice in one group
+        Purchase("d", "dave", 1),  # sold out
+    ]
+    results = redis_stock.prededuct(sku, "m1", purchases)
+    assert [r.code for r in results] == [
+        Prededuct.ACCEPTED,
+        Prededuct.LIMIT_EXCEEDED,
+        Prededuct.DUPLICATE,
+        Prededuct.ACCEPTED,
+        Prededuct.DUPLICATE,
+        Prededuct.SOLD_OUT,
+    ]
+    assert [r.remaining for r in results] == [1, 1, 1, 0, 0, 0]
+    assert results[2].entry is not None and results[2].entry.message_id == "m0"
+    assert results[4].entry is not None and results[4].entry.message_id == "m1"
+    view = redis_stock.view(sku)
+    assert (view.stock, view.deducted_qty, view.deducted_count, view.sold_out) == (0, 4, 3, True)
+    assert redis_stock.client.hget(SkuKeys.of(sku).users, "alice") == "2"
+    entries = redis_stock.log_entries(sku, ["a", "c", "b", "d"])
+    assert [e.message_id if e else None for e in entries.values()] == ["m1", "m1", None, None]
+
+
+def test_running_a_message_twice_answers_the_same_and_deducts_once(redis_stock: RedisStock, sku: str) -> None:
+    redis_stock.load(sku, 2, per_user_limit=1)
+    purchases = [Purchase("a", "u1", 1), Purchase("b", "u1", 1), Purchase("c", "u2", 1), Purchase("d", "u3", 1)]
+    first = redis_stock.prededuct(sku, "m1", purchases)
+    again = redis_stock.prededuct(sku, "m1", purchases)
+    assert [r.code for r in first] == [
+        Prededuct.ACCEPTED,
+        Prededuct.LIMIT_EXCEEDED,
+        Prededuct.ACCEPTED,
+        Prededuct.SOLD_OUT,
+    ]
+    assert [(r.code, r.entry, r.bought) for r in again] == [(r.code, r.entry, r.bought) for r in first]
+    assert [r.remaining for r in again] == [1, 0, 0, 0]  # an accepted one says what it left; the others, what is left
+    view = redis_stock.view(sku)
+    assert (view.stock, view.deducted_count) == (0, 2)
+
+
+def test_a_group_that_fails_while_deciding_writes_nothing(redis_stock: RedisStock, sku: str) -> None:
+    redis_stock.load(sku, 10)
+    redis_stock.client.hset(SkuKeys.of(sku).log, "corrupt", "{not json")
+    with pytest.raises(StockError):
+        redis_stock.prededuct(sku, "m1", [Purchase("a", "u1", 1), Purchase("corrupt", "u2", 1)])
+    assert redis_stock.log_entry(sku, "a") is None
+    assert redis_stock.client.hlen(SkuKeys.of(sku).tx) == 0
+    assert redis_stock.view(sku).stock == 10
 
 
 def test_stock_return_gives_back_once(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 1, per_user_limit=1)
-    redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
+    one(redis_stock, sku, "t1", "u1", 1, "m1")
     assert redis_stock.view(sku).sold_out
     assert redis_stock.return_stock(sku, "t1") == (StockReturn.RETURNED, 1)
     assert redis_stock.return_stock(sku, "t1") == (StockReturn.ALREADY_RETURNED, 1)
     view = redis_stock.view(sku)
     assert (view.stock, view.returned_qty, view.returned_count, view.sold_out) == (1, 1, 1, False)
     # the user's limit is freed with the stock
-    assert redis_stock.prededuct(sku, "t2", "u1", 1, "m2").code is Prededuct.ACCEPTED
+    assert one(redis_stock, sku, "t2", "u1", 1, "m2").code is Prededuct.ACCEPTED
 
 
 def test_stock_return_of_a_token_never_deducted_changes_nothing(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 3)
     assert redis_stock.return_stock(sku, "nope")[0] is StockReturn.NOT_DEDUCTED
-    redis_stock.fence(sku, "fenced", "u1", 1)
+    redis_stock.check(sku, "m-fenced", ["fenced"], born_ms=OLD_MS, grace_ms=GRACE_MS)
     assert redis_stock.return_stock(sku, "fenced")[0] is StockReturn.NOT_DEDUCTED
     assert redis_stock.view(sku).stock == 3
 
 
 def test_load_refuses_a_sku_with_history_unless_reset(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 3)
-    redis_stock.prededuct(sku, "t1", "u1", 1, "m1")
+    one(redis_stock, sku, "t1", "u1", 1, "m1")
     with pytest.raises(StockError, match="1 deduction"):
         redis_stock.load(sku, 10)
     assert redis_stock.view(sku).stock == 2
     redis_stock.load(sku, 10, reset=True)
     assert redis_stock.view(sku).stock == 10 and redis_stock.log_entry(sku, "t1") is None
+    assert redis_stock.client.hlen(SkuKeys.of(sku).tx) == 0
 
 
 def test_scripts_are_reloaded_after_the_server_forgets_them(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 2)
     redis_stock.client.script_flush()
-    assert redis_stock.prededuct(sku, "t1", "u1", 1, "m1").code is Prededuct.ACCEPTED
+    assert one(redis_stock, sku, "t1", "u1", 1, "m1").code is Prededuct.ACCEPTED
 
 
 def test_every_key_of_a_sku_hashes_to_one_cluster_slot(redis_stock: RedisStock) -> None:
@@ -152,7 +237,7 @@ def test_concurrent_prededucts_never_oversell(redis_stock: RedisStock, sku: str)
 
     def buyer(n: int) -> None:
         for i in range(25):
-            r = redis_stock.prededuct(sku, f"t{n}-{i}", f"u{n}", 1, "m")
+            r = one(redis_stock, sku, f"t{n}-{i}", f"u{n}", 1, f"m{n}-{i}")
             with lock:
                 results.append(r.code)
 

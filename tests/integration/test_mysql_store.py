@@ -148,3 +148,40 @@ def test_missing_orders_are_created_from_their_deduction_rows(mysql_store: MySQL
     with mysql_store.transaction("read") as conn:
         row = conn.execute(sa.text("SELECT user_id, qty FROM orders WHERE sku = :s AND token = 'a'"), {"s": sku}).one()
     assert (row.user_id, row.qty) == ("alice", 1)
+
+
+def test_tokens_and_skus_that_differ_only_in_case_are_different_purchases(mysql_store: MySQLStore, sku: str) -> None:
+    upper = sku.upper()
+    mysql_store.load_stock(sku, 10)
+    mysql_store.load_stock(upper, 5)
+    report = mysql_store.apply_batch([incoming(sku, "Ab1"), incoming(sku, "aB1"), incoming(upper, "Ab1")])
+    assert sorted((d.sku, d.token) for d in report.applied) == sorted([(sku, "Ab1"), (sku, "aB1"), (upper, "Ab1")])
+    assert report.duplicates == 0
+    assert counts(mysql_store, sku) == (8, 2, 2)
+    assert counts(mysql_store, upper) == (4, 1, 1)
+    with mysql_store.transaction("read") as conn:
+        tokens = conn.execute(sa.text("SELECT token FROM orders WHERE sku = :s ORDER BY token"), {"s": sku}).scalars()
+        assert list(tokens) == ["Ab1", "aB1"]
+
+
+def test_a_conflict_the_consumer_refuses_is_recorded_with_its_reason(mysql_store: MySQLStore, sku: str) -> None:
+    from flashsale.records import Conflict
+
+    mysql_store.load_stock(sku, 10)
+    conflict = Conflict(Deduction("t-lost", sku, "u1", 2), "msg-9", "Redis has no record of message msg-9")
+    report = mysql_store.apply_batch([], conflicts=[conflict])
+    assert [d.token for d in report.conflicts] == ["t-lost"]
+    books = mysql_store.bookkeeping(sku)
+    assert (books.conflicts, books.conflict_qty) == (1, 2)
+    with mysql_store.transaction("read") as conn:
+        row = conn.execute(
+            sa.text("SELECT message_id, mysql_stock, reason FROM conflicts WHERE sku = :s"), {"s": sku}
+        ).one()
+    assert (row.message_id, row.mysql_stock, row.reason) == ("msg-9", 10, "Redis has no record of message msg-9")
+    assert counts(mysql_store, sku) == (10, 0, 0)
+
+
+def test_ping_writes_a_heartbeat_so_a_read_only_server_fails_it(mysql_store: MySQLStore) -> None:
+    mysql_store.ping()
+    with mysql_store.transaction("read") as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM heartbeats")).scalar_one() >= 1

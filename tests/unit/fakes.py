@@ -1,15 +1,16 @@
 """Test doubles of the ports (flashsale.ports): they record calls and answer what a test sets.
 
-The producer's ports are coroutines (it runs on an event loop); the checker's are plain calls.
+The producer's ports are coroutines (it runs on an event loop); the checker's and consumer's are plain calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flashsale.errors import BusError
-from flashsale.records import LogEntry, Prededuct, PredeductResult
+from flashsale.models import Purchase
+from flashsale.records import CheckView, LogEntry, Prededuct, PredeductResult, TxRecord
 
 
 @dataclass
@@ -33,32 +34,44 @@ class FakeBus:
     sent: list[tuple[str, str, bytes, str]] = field(default_factory=list)
     fail_send: bool = False
     fail_commit: bool = False
+    _ids: int = 0
 
-    async def send_half_async(self, topic: str, key: str, body: bytes, tag: str) -> FakeHalf:
+    def new_message_id(self) -> str:
+        self._ids += 1
+        return f"msg-{self._ids}"
+
+    async def send_half_async(
+        self, topic: str, key: str, body: bytes, tag: str, message_id: str | None = None
+    ) -> FakeHalf:
         self.calls.append(f"send_half {key}")
         if self.fail_send:
             raise BusError("broker down")
         self.sent.append((topic, key, body, tag))
-        return FakeHalf(f"msg-{len(self.sent)}", self.calls, self.fail_commit)
+        return FakeHalf(message_id or self.new_message_id(), self.calls, self.fail_commit)
 
 
 @dataclass
 class FakeStock:
-    """Answers `result` to every pre-deduct (or raises `error`); log and fence answers are set per test."""
+    """The producer's Redis: answers `result` to every purchase of a pre-deduct (or raises `error`)."""
 
     result: PredeductResult = field(default_factory=lambda: PredeductResult(Prededuct.ACCEPTED, 9))
     error: Exception | None = None
     sold_out: bool = False
     entry: LogEntry | None = None
-    fence_state: str = "fenced"
     on_ping: Callable[[], None] = lambda: None
     calls: list[str] = field(default_factory=list)
 
-    async def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult:
-        self.calls.append(f"prededuct {sku} {token} {message_id}")
+    async def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
+        self.calls.append(f"prededuct {sku} {' '.join(p.token for p in purchases)} {gid}")
         if self.error:
             raise self.error
-        return self.result
+        return [self.result for _ in purchases]
+
+    async def log_entry(self, sku: str, token: str) -> LogEntry | None:
+        self.calls.append(f"log_entry {sku} {token}")
+        if self.error:
+            raise self.error
+        return self.entry
 
     async def is_sold_out(self, sku: str) -> bool:
         self.calls.append(f"is_sold_out {sku}")
@@ -66,16 +79,56 @@ class FakeStock:
             raise self.error
         return self.sold_out
 
-    def log_entry(self, sku: str, token: str) -> LogEntry | None:
-        self.calls.append(f"log_entry {sku} {token}")
-        if self.error:
-            raise self.error
-        return self.entry
-
-    def fence(self, sku: str, token: str, user: str, qty: int) -> LogEntry:
-        self.calls.append(f"fence {sku} {token}")
-        return LogEntry(token, self.fence_state, sku, user, qty, ts_ms=0)
-
     async def ping(self) -> None:
         self.calls.append("ping")
         self.on_ping()
+
+
+@dataclass
+class FakeCheckStock:
+    """The checker's Redis: answers `view` to every check (or raises `error`)."""
+
+    view: CheckView = field(default_factory=lambda: CheckView("young", None, {}))
+    error: Exception | None = None
+    calls: list[tuple[str, str, tuple[str, ...], int, int]] = field(default_factory=list)
+
+    def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView:
+        self.calls.append((sku, gid, tuple(tokens), born_ms, grace_ms))
+        if self.error:
+            raise self.error
+        return self.view
+
+
+@dataclass
+class FakeLog:
+    """The consumer's Redis: log entries and message records set per test."""
+
+    entries: dict[tuple[str, str], LogEntry] = field(default_factory=dict)
+    records: dict[tuple[str, str], TxRecord] = field(default_factory=dict)
+    error: Exception | None = None
+    lookups: int = 0
+
+    def lookup(
+        self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
+    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]]:
+        self.lookups += 1
+        if self.error:
+            raise self.error
+        return {
+            sku: (
+                {t: self.entries.get((sku, t)) for t in tokens},
+                {g: self.records.get((sku, g)) for g in gids},
+            )
+            for sku, (tokens, gids) in wanted.items()
+        }
+
+    def ping(self) -> None:
+        if self.error:
+            raise self.error
+
+    def deducted(self, sku: str, token: str, user: str, qty: int, gid: str) -> None:
+        """Record that message `gid` deducted `token`, as prededuct.lua would."""
+        self.entries[(sku, token)] = LogEntry(token, "deducted", sku, user, qty, 1_000, message_id=gid)
+        record = self.records.get((sku, gid))
+        codes = (record.codes if record else ()) + (Prededuct.ACCEPTED,)
+        self.records[(sku, gid)] = TxRecord("ran", codes, len(codes), 1_000)

@@ -3,81 +3,101 @@ from __future__ import annotations
 import pytest
 
 from flashsale.errors import ServiceUnavailable
-from flashsale.models import Deduction, Delivery, Resolution
+from flashsale.models import DeductionMessage, Delivery, Purchase, Resolution
 from flashsale.pipeline.checker import DeductionChecker
-from flashsale.records import LogEntry
-from tests.unit.fakes import FakeStock
+from flashsale.records import CheckView, LogEntry, Prededuct, TxRecord
+from tests.unit.fakes import FakeCheckStock
 
 BORN_MS = 1_700_000_000_000
 GRACE_S = 6.0
+GID = "msg-1"
+PURCHASES = (Purchase("tok-1", "u1", 2), Purchase("tok-2", "u2", 1))
 
 
-def _delivery(body: bytes | None = None, born_ms: int | None = BORN_MS) -> Delivery:
-    body = body or Deduction("tok-1", "sku-1", "u1", 2, ts_ms=BORN_MS).encode()
-    return Delivery("msg-1", "ns-deductions", "tok-1", body, born_ms, attempt=1)
+def _delivery(body: bytes | None = None, born_ms: int | None = BORN_MS, message_id: str = GID) -> Delivery:
+    body = body or DeductionMessage("sku-1", PURCHASES, GID, ts_ms=BORN_MS - 5).encode()
+    return Delivery(message_id, "ns-deductions", "tok-1", body, born_ms, attempt=1)
 
 
-def _check(stock: FakeStock, age_s: float, delivery: Delivery | None = None) -> Resolution:
-    checker = DeductionChecker(stock, GRACE_S, clock=lambda: BORN_MS / 1000 + age_s)
-    return checker.check(delivery or _delivery())
+def _entry(token: str, user: str, qty: int, state: str = "deducted", gid: str = GID) -> LogEntry:
+    return LogEntry(token, state, "sku-1", user, qty, BORN_MS, message_id=gid)
 
 
-def _entry(state: str) -> LogEntry:
-    return LogEntry("tok-1", state, "sku-1", "u1", 2, BORN_MS)
+def _ran(*entries: LogEntry | None) -> CheckView:
+    accepted = sum(1 for e in entries if e is not None)
+    record = TxRecord("ran", (Prededuct.ACCEPTED,) * accepted, accepted, BORN_MS)
+    return CheckView("ran", record, {p.token: e for p, e in zip(PURCHASES, entries, strict=False)})
 
 
-@pytest.mark.parametrize(
-    ("state", "resolution"),
-    [("deducted", Resolution.COMMIT), ("returned", Resolution.COMMIT), ("fenced", Resolution.ROLLBACK)],
-)
-def test_checker_answers_from_the_logged_state(state: str, resolution: Resolution) -> None:
-    stock = FakeStock(entry=_entry(state))
-    assert _check(stock, age_s=60) is resolution
-    assert stock.calls == ["log_entry sku-1 tok-1"]
+def _check(stock: FakeCheckStock, delivery: Delivery | None = None) -> Resolution:
+    return DeductionChecker(stock, GRACE_S).check(delivery or _delivery())
 
 
-def test_checker_answers_unknown_for_a_young_message_without_fencing() -> None:
-    stock = FakeStock()
-    assert _check(stock, age_s=GRACE_S - 0.5) is Resolution.UNKNOWN
-    assert stock.calls == ["log_entry sku-1 tok-1"]
+def test_checker_asks_redis_about_the_message_with_its_tokens_born_time_and_grace() -> None:
+    stock = FakeCheckStock()
+    _check(stock)
+    assert stock.calls == [("sku-1", GID, ("tok-1", "tok-2"), BORN_MS, 6000)]
 
 
-def test_checker_fences_token_before_rollback() -> None:
-    stock = FakeStock(fence_state="fenced")
-    assert _check(stock, age_s=GRACE_S + 0.5) is Resolution.ROLLBACK
-    assert stock.calls == ["log_entry sku-1 tok-1", "fence sku-1 tok-1"]
+@pytest.mark.parametrize("state", ["deducted", "returned"])
+def test_checker_commits_when_the_log_names_the_message_with_the_bodys_values(state: str) -> None:
+    stock = FakeCheckStock(_ran(_entry("tok-1", "u1", 2, state), None))
+    assert _check(stock) is Resolution.COMMIT
 
 
-def test_checker_commits_when_the_prededuct_won_the_race_with_the_fence() -> None:
-    stock = FakeStock(fence_state="deducted")
-    assert _check(stock, age_s=GRACE_S + 0.5) is Resolution.COMMIT
-    assert stock.calls[-1] == "fence sku-1 tok-1"
+def test_checker_rolls_back_a_message_whose_prededuct_accepted_nothing() -> None:
+    assert _check(FakeCheckStock(_ran(None, None))) is Resolution.ROLLBACK
+
+
+def test_checker_does_not_commit_for_an_entry_written_by_another_message() -> None:
+    stock = FakeCheckStock(_ran(_entry("tok-1", "u1", 2, gid="msg-other"), None))
+    assert _check(stock) is Resolution.ROLLBACK
+
+
+@pytest.mark.parametrize(("user", "qty"), [("u1", 3), ("u9", 2)])
+def test_checker_rolls_back_a_body_that_disagrees_with_the_log(user: str, qty: int) -> None:
+    stock = FakeCheckStock(_ran(_entry("tok-1", user, qty), _entry("tok-2", "u2", 1)))
+    assert _check(stock) is Resolution.ROLLBACK
+
+
+def test_checker_rolls_back_a_body_that_names_another_message() -> None:
+    stock = FakeCheckStock(_ran(_entry("tok-1", "u1", 2)))
+    assert _check(stock, _delivery(message_id="msg-forged")) is Resolution.ROLLBACK
+    assert stock.calls == []
+
+
+def test_checker_answers_unknown_for_a_young_message() -> None:
+    assert _check(FakeCheckStock(CheckView("young", None, {}))) is Resolution.UNKNOWN
+
+
+def test_checker_rolls_back_a_fenced_message() -> None:
+    view = CheckView("fenced", TxRecord("fenced", ts_ms=BORN_MS), {"tok-1": None, "tok-2": None})
+    assert _check(FakeCheckStock(view)) is Resolution.ROLLBACK
 
 
 def test_checker_answers_unknown_when_redis_is_unreachable() -> None:
-    stock = FakeStock(error=ServiceUnavailable("Redis", "127.0.0.1:6379", "refused"))
-    assert _check(stock, age_s=60) is Resolution.UNKNOWN
+    stock = FakeCheckStock(error=ServiceUnavailable("Redis", "127.0.0.1:6379", "refused"))
+    assert _check(stock) is Resolution.UNKNOWN
 
 
-@pytest.mark.parametrize("body", [b"garbage", b'{"v": 1}', b"[]"])
+@pytest.mark.parametrize("body", [b"garbage", b'{"v": 2}', b"[]", b'{"v": 1, "token": 5}', b"\xff\xfe"])
 def test_checker_rolls_back_a_malformed_half_message_without_asking_redis(body: bytes) -> None:
-    stock = FakeStock()
-    assert _check(stock, age_s=60, delivery=_delivery(body)) is Resolution.ROLLBACK
+    stock = FakeCheckStock()
+    assert _check(stock, _delivery(body)) is Resolution.ROLLBACK
     assert stock.calls == []
 
 
 def test_checker_ages_a_message_by_born_ms_first_then_by_the_body_timestamp() -> None:
-    body = Deduction("tok-1", "sku-1", "u1", 2, ts_ms=BORN_MS + 5_000).encode()
-    with_born = FakeStock()
-    assert _check(with_born, age_s=GRACE_S + 1, delivery=_delivery(body)) is Resolution.ROLLBACK
-    assert with_born.calls[-1] == "fence sku-1 tok-1"
-    without_born = FakeStock()
-    assert _check(without_born, age_s=GRACE_S + 1, delivery=_delivery(body, born_ms=None)) is Resolution.UNKNOWN
-    assert without_born.calls == ["log_entry sku-1 tok-1"]
+    with_born, without_born = FakeCheckStock(), FakeCheckStock()
+    _check(with_born)
+    _check(without_born, _delivery(born_ms=None))
+    assert with_born.calls[0][3] == BORN_MS
+    assert without_born.calls[0][3] == BORN_MS - 5
 
 
-def test_checker_reports_each_resolution_to_its_observer() -> None:
-    seen: list[Resolution] = []
-    checker = DeductionChecker(FakeStock(entry=_entry("deducted")), GRACE_S, clock=lambda: 0.0, observe=seen.append)
-    checker.check(_delivery())
-    assert seen == [Resolution.COMMIT]
+def test_checker_reports_each_resolution_and_its_time_to_its_observer() -> None:
+    seen: list[tuple[Resolution, float]] = []
+    stock = FakeCheckStock(_ran(_entry("tok-1", "u1", 2)))
+    DeductionChecker(stock, GRACE_S, observe=lambda r, s: seen.append((r, s))).check(_delivery())
+    assert [r for r, _ in seen] == [Resolution.COMMIT]
+    assert 0 <= seen[0][1] < 5

@@ -1,18 +1,22 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 import pytest
 
-from flashsale.errors import FlashSaleError, StoreError
-from flashsale.models import Deduction, Delivery
+from flashsale.errors import FlashSaleError, ServiceUnavailable, StoreError
+from flashsale.models import SOURCE_REPLAY, DeductionMessage, Delivery, Purchase
 from flashsale.pipeline.consumer import DeductionConsumer
-from flashsale.records import ApplyReport, DeadLetter, Incoming
+from flashsale.records import ApplyReport, Conflict, DeadLetter, Incoming, Prededuct, TxRecord
+from tests.unit.fakes import FakeLog
 
 
-def _delivery(token: str, body: bytes | None = None) -> Delivery:
-    body = body or Deduction(token, "sku-1", "u1", 1, ts_ms=1).encode()
-    return Delivery(f"msg-{token}", "ns-deductions", token, body, born_ms=1, attempt=1)
+def _delivery(*tokens: str, gid: str | None = None, body: bytes | None = None, source: str = "purchase") -> Delivery:
+    gid = gid if gid is not None else f"msg-{tokens[0]}"
+    purchases = tuple(Purchase(t, "u1", 1) for t in tokens)
+    body = body or DeductionMessage("sku-1", purchases, "" if source == SOURCE_REPLAY else gid, 1, source).encode()
+    return Delivery(gid or f"replay-{tokens[0]}", "ns-deductions", tokens[0], body, born_ms=1, attempt=1)
 
 
 class FakeStore:
@@ -20,17 +24,29 @@ class FakeStore:
         self.calls = calls
         self.fail = fail
         self.dead: list[DeadLetter] = []
+        self.conflicts: list[Conflict] = []
+        self.pings: list[Exception | None] = []
 
-    def apply_batch(self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = ()) -> ApplyReport:
-        self.calls.append(f"apply {[i.message_id for i in items]} dead {[d.message_id for d in dead]}")
+    def apply_batch(
+        self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = (), conflicts: Sequence[Conflict] = ()
+    ) -> ApplyReport:
+        self.calls.append(f"apply {[i.deduction.token for i in items]} dead {[d.message_id for d in dead]}")
         error = self.fail(items)
         if error:
             raise error
         self.dead += dead
-        return ApplyReport(applied=[i.deduction for i in items], dead_letters=list(dead))
+        self.conflicts += conflicts
+        return ApplyReport(
+            applied=[i.deduction for i in items],
+            dead_letters=list(dead),
+            conflicts=[c.deduction for c in conflicts],
+        )
 
     def ping(self) -> None:
         self.calls.append("ping")
+        error = self.pings.pop(0) if self.pings else None
+        if error:
+            raise error
 
 
 class FakeReceiver:
@@ -54,38 +70,130 @@ class FakeReceiver:
     def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None:
         self.calls.append(f"nack {[d.message_id for d in deliveries]}")
 
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
 
 def _consumer(
     fail: Callable[[Sequence[Incoming]], FlashSaleError | None] = lambda _: None,
     batches: list[list[Delivery]] | None = None,
-) -> tuple[DeductionConsumer, FakeStore, list[str]]:
+    log: FakeLog | None = None,
+) -> tuple[DeductionConsumer, FakeStore, list[str], FakeLog]:
     calls: list[str] = []
+    log = log or FakeLog()
     store, receiver = FakeStore(calls, fail), FakeReceiver(calls, batches or [])
-    consumer = DeductionConsumer(receiver, store, batch_size=16, max_backoff_s=0.01)
+    consumer = DeductionConsumer(receiver, store, log, batch_size=16, max_backoff_s=0.01)
     receiver.consumer = consumer
-    return consumer, store, calls
+    return consumer, store, calls, log
+
+
+def _deducted(log: FakeLog, *tokens: str, gid: str | None = None) -> None:
+    for token in tokens:
+        log.deducted("sku-1", token, "u1", 1, gid or f"msg-{token}")
 
 
 def test_consumer_acks_a_batch_only_after_it_was_applied() -> None:
-    consumer, _, calls = _consumer()
+    consumer, _, calls, log = _consumer()
+    _deducted(log, "a", "b")
     report = consumer.process([_delivery("a"), _delivery("b")])
     assert [d.token for d in report.applied] == ["a", "b"]
-    assert calls == ["apply ['msg-a', 'msg-b'] dead []", "ack ['msg-a', 'msg-b']"]
+    assert calls == ["apply ['a', 'b'] dead []", "ack ['msg-a', 'msg-b']"]
+
+
+def test_consumer_applies_exactly_the_purchases_the_prededuct_accepted() -> None:
+    log = FakeLog()
+    consumer, _, _, _ = _consumer(log=log)
+    # The group carried three purchases; the pre-deduct accepted a and c, b was a duplicate of another message.
+    _deducted(log, "a", "c", gid="msg-g")
+    log.deducted("sku-1", "b", "u1", 1, "msg-earlier")
+    log.records[("sku-1", "msg-g")] = TxRecord(
+        "ran", (Prededuct.ACCEPTED, Prededuct.DUPLICATE, Prededuct.ACCEPTED, Prededuct.SOLD_OUT), 2
+    )
+    report = consumer.process([_delivery("a", "b", "c", "d", gid="msg-g")])
+    assert sorted(d.token for d in report.applied) == ["a", "c"]
+    assert (report.duplicates, report.skipped, report.conflicts) == (1, 1, [])
+
+
+def test_consumer_applies_the_logs_values_not_the_bodys() -> None:
+    consumer, _, _, log = _consumer()
+    log.deducted("sku-1", "a", "u-real", 3, "msg-a")
+    report = consumer.process([_delivery("a")])
+    assert [(d.user_id, d.qty) for d in report.applied] == [("u-real", 3)]
+
+
+def test_consumer_records_a_conflict_when_an_accepted_purchase_is_missing_from_the_log() -> None:
+    consumer, store, _, log = _consumer()
+    log.records[("sku-1", "msg-a")] = TxRecord("ran", (Prededuct.ACCEPTED,), 1)
+    report = consumer.process([_delivery("a")])
+    assert report.applied == []
+    assert [c.deduction.token for c in store.conflicts] == ["a"]
+    assert "no deduction by that message" in store.conflicts[0].reason
+
+
+def test_consumer_records_a_conflict_for_a_committed_message_redis_knows_nothing_of() -> None:
+    consumer, store, _, _ = _consumer()
+    consumer.process([_delivery("a", "b")])
+    assert [c.deduction.token for c in store.conflicts] == ["a", "b"]
+    assert "no record" in store.conflicts[0].reason
+
+
+def test_consumer_applies_a_replay_from_the_log_whatever_message_deducted_it() -> None:
+    consumer, _, _, log = _consumer()
+    _deducted(log, "a", gid="msg-original")
+    report = consumer.process([_delivery("a", "never-deducted", source=SOURCE_REPLAY)])
+    assert [d.token for d in report.applied] == ["a"]
+    assert report.skipped == 1
 
 
 def test_consumer_dead_letters_a_malformed_message_in_the_same_apply() -> None:
-    consumer, store, calls = _consumer()
-    consumer.process([_delivery("a"), _delivery("bad", b"not json")])
-    assert calls == ["apply ['msg-a'] dead ['msg-bad']", "ack ['msg-a', 'msg-bad']"]
+    consumer, store, calls, log = _consumer()
+    _deducted(log, "a")
+    consumer.process([_delivery("a"), _delivery("bad", body=b"not json")])
+    assert calls == ["apply ['a'] dead ['msg-bad']", "ack ['msg-a', 'msg-bad']"]
     assert store.dead[0].body == b"not json"
     assert "not JSON" in store.dead[0].reason
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"v": 2, "sku": "s", "gid": "g", "ts_ms": 1, "purchases": [{"token": "t", "user_id": "u", "qty": '
+        + b"9" * 5000
+        + b"}]}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe\xfd",
+        json.dumps({"v": 2, "sku": ["x"], "gid": "g", "ts_ms": 1, "purchases": []}).encode(),
+        json.dumps({"v": 2, "sku": "s", "gid": {}, "ts_ms": 1, "purchases": [{}]}).encode(),
+        json.dumps(
+            {"v": 2, "sku": "s", "gid": "g", "ts_ms": 1.5, "purchases": [{"token": "t", "user_id": "u", "qty": 1}]}
+        ).encode(),
+    ],
+    ids=["5000-digit-int", "deep-nesting", "invalid-utf8", "sku-a-list", "gid-an-object", "float-ts"],
+)
+def test_no_body_can_stop_the_consumer(body: bytes) -> None:
+    consumer, store, calls, _ = _consumer()
+    consumer.process([_delivery("x", body=body)])
+    assert [d.message_id for d in store.dead] == ["msg-x"]
+    assert calls[-1] == "ack ['msg-x']"
+
+
 def test_consumer_does_not_ack_when_the_database_is_unavailable() -> None:
-    consumer, _, calls = _consumer(lambda _: StoreError("connection lost", retriable=True))
+    consumer, _, calls, log = _consumer(lambda _: StoreError("connection lost", retriable=True))
+    _deducted(log, "a", "b")
     with pytest.raises(StoreError):
         consumer.process([_delivery("a"), _delivery("b")])
     assert not [c for c in calls if c.startswith("ack")]
+
+
+def test_consumer_does_not_ack_when_redis_is_unavailable() -> None:
+    log = FakeLog(error=ServiceUnavailable("Redis", "127.0.0.1:6379", "refused"))
+    consumer, _, calls, _ = _consumer(log=log)
+    with pytest.raises(ServiceUnavailable):
+        consumer.process([_delivery("a")])
+    assert calls == []
 
 
 def test_consumer_applies_a_rejected_batch_one_by_one_and_dead_letters_the_culprit() -> None:
@@ -94,7 +202,8 @@ def test_consumer_applies_a_rejected_batch_one_by_one_and_dead_letters_the_culpr
             return StoreError("data too long", retriable=False)
         return None
 
-    consumer, store, calls = _consumer(fail)
+    consumer, store, calls, log = _consumer(fail)
+    _deducted(log, "a", "b", "c")
     report = consumer.process([_delivery("a"), _delivery("b"), _delivery("c")])
     assert [d.token for d in report.applied] == ["a", "c"]
     assert [d.message_id for d in report.dead_letters] == ["msg-b"]
@@ -102,28 +211,40 @@ def test_consumer_applies_a_rejected_batch_one_by_one_and_dead_letters_the_culpr
     assert calls[-1] == "ack ['msg-a', 'msg-b', 'msg-c']"
 
 
-def test_consumer_dead_letters_a_single_message_the_database_rejects_for_good() -> None:
-    def fail(items: Sequence[Incoming]) -> StoreError | None:
-        return StoreError("data too long", retriable=False) if items else None
+def test_consumer_dead_letters_a_message_whose_apply_raises_anything_at_all() -> None:
+    def fail(items: Sequence[Incoming]) -> FlashSaleError | None:
+        if any(i.deduction.token == "b" for i in items):
+            raise RecursionError("a bug nobody foresaw")
+        return None
 
-    consumer, store, calls = _consumer(fail)
-    consumer.process([_delivery("a")])
-    assert [d.message_id for d in store.dead] == ["msg-a"]
-    assert calls[-1] == "ack ['msg-a']"
+    consumer, store, calls, log = _consumer(fail)
+    _deducted(log, "a", "b")
+    report = consumer.process([_delivery("a"), _delivery("b")])
+    assert [d.token for d in report.applied] == ["a"]
+    assert [d.message_id for d in store.dead] == ["msg-b"]
+    assert "RecursionError" in store.dead[0].reason
+    assert calls[-1] == "ack ['msg-a', 'msg-b']"
 
 
 @pytest.mark.timeout(10)
-def test_consumer_hands_a_failed_batch_back_and_waits_for_the_database() -> None:
-    failures = [StoreError("connection lost", retriable=True)]
-    consumer, _, calls = _consumer(lambda _: failures.pop() if failures else None, [[_delivery("a")], [_delivery("a")]])
+def test_consumer_pauses_receipt_until_the_database_takes_writes_again() -> None:
+    failures = [StoreError("read-only", retriable=True)]
+    consumer, store, calls, log = _consumer(
+        lambda _: failures.pop() if failures else None, [[_delivery("a")], [_delivery("a")]]
+    )
+    _deducted(log, "a")
+    store.pings = [StoreError("still read-only", retriable=True), None]
     consumer.run()
     assert calls == [
         "receive",
-        "apply ['msg-a'] dead []",
+        "apply ['a'] dead []",
         "nack ['msg-a']",
+        "pause",
         "ping",
+        "ping",
+        "resume",
         "receive",
-        "apply ['msg-a'] dead []",
+        "apply ['a'] dead []",
         "ack ['msg-a']",
         "receive",
     ]

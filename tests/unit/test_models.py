@@ -8,7 +8,8 @@ from flashsale import constants as c
 from flashsale.errors import InvalidInput, MalformedMessage
 from flashsale.models import (
     SOURCE_REPLAY,
-    Deduction,
+    DeductionMessage,
+    Purchase,
     PurchaseRequest,
     PurchaseResult,
     PurchaseStatus,
@@ -80,20 +81,46 @@ def test_parse_count_refuses_and_names_the_value(raw: object) -> None:
         parse_count(raw, "quantity")
 
 
-def test_deduction_survives_an_encode_decode_round_trip() -> None:
-    deduction = Deduction("tok-1", "sku-1", "user-1", 3, ts_ms=1_700_000_000_000, source=SOURCE_REPLAY)
-    assert Deduction.decode(deduction.encode()) == deduction
+def test_deduction_message_survives_an_encode_decode_round_trip() -> None:
+    purchases = (Purchase("tok-1", "user-1", 3), Purchase("tok-2", "user-2", 1))
+    message = DeductionMessage("sku-1", purchases, "gid-1", ts_ms=1_700_000_000_000, source=SOURCE_REPLAY)
+    assert DeductionMessage.decode(message.encode()) == message
 
 
-def test_deduction_encodes_a_versioned_json_object() -> None:
-    data = json.loads(Deduction("t", "s", "u", 1, ts_ms=5).encode())
-    assert data == {"token": "t", "sku": "s", "user_id": "u", "qty": 1, "ts_ms": 5, "source": "purchase", "v": 1}
+def test_deduction_message_encodes_a_versioned_json_object() -> None:
+    data = json.loads(DeductionMessage("s", (Purchase("t", "u", 1),), "g", ts_ms=5).encode())
+    assert data == {
+        "v": 2,
+        "sku": "s",
+        "gid": "g",
+        "ts_ms": 5,
+        "source": "purchase",
+        "purchases": [{"token": "t", "user_id": "u", "qty": 1}],
+    }
+
+
+def test_a_version_1_body_decodes_as_a_group_of_one_named_by_its_message_id() -> None:
+    body = json.dumps({"token": "t", "sku": "s", "user_id": "u", "qty": 2, "ts_ms": 5, "v": 1}).encode()
+    message = DeductionMessage.decode(body, "msg-7")
+    assert (message.sku, message.gid, message.purchases) == ("s", "msg-7", (Purchase("t", "u", 2),))
 
 
 def _body(**changes: object) -> bytes:
-    data: dict[str, object] = {"token": "t", "sku": "s", "user_id": "u", "qty": 1, "ts_ms": 5, "v": 1}
+    data: dict[str, object] = {
+        "v": 2,
+        "sku": "s",
+        "gid": "g",
+        "ts_ms": 5,
+        "purchases": [{"token": "t", "user_id": "u", "qty": 1}],
+    }
     data.update(changes)
     return json.dumps({k: v for k, v in data.items() if v is not ...}).encode()
+
+
+def _one(**changes: object) -> list[dict[str, object]]:
+    purchase: dict[str, object] = {"token": "t", "user_id": "u", "qty": 1}
+    purchase.update(changes)
+    return [{k: v for k, v in purchase.items() if v is not ...}]
 
 
 @pytest.mark.parametrize(
@@ -102,21 +129,35 @@ def _body(**changes: object) -> bytes:
         (b"not json", "not JSON"),
         (b"\xff\xfe\x00", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
-        (_body(v=2), "unsupported message version 2"),
+        (_body(v=3), "unsupported message version 3"),
         (_body(v=...), "unsupported message version None"),
-        (_body(qty=...), "missing field\\(s\\): qty"),
+        (_body(purchases=...), "missing field\\(s\\): purchases"),
         (_body(ts_ms=...), "missing field\\(s\\): ts_ms"),
         (_body(ts_ms="5"), "ts_ms must be"),
         (_body(ts_ms=-1), "ts_ms must be"),
         (_body(ts_ms=True), "ts_ms must be"),
         (_body(source="elsewhere"), "unknown source 'elsewhere'"),
         (_body(sku="a b"), "sku must be"),
-        (_body(qty=0), "qty must be at least 1"),
+        (_body(gid="a b"), "gid must be"),
+        (_body(purchases=[]), "purchases must be a list of 1 to"),
+        (_body(purchases=[{"token": "t"}] * 2000), "purchases must be a list of 1 to"),
+        (_body(purchases=["t"]), "each purchase must be a JSON object"),
+        (_body(purchases=_one(qty=0)), "qty must be at least 1"),
+        (_body(purchases=_one(qty=...)), "missing field\\(s\\): qty"),
+        (_body(purchases=_one(token=7)), "token must be"),
+        (_body(purchases=_one(qty="9" * 5000)), "qty must be"),
+        (
+            b'{"v": 2, "sku": "s", "gid": "g", "ts_ms": 1, "purchases": [{"token": "t", "user_id": "u", "qty": '
+            + b"9" * 5000
+            + b"}]}",
+            "cannot be decoded: ValueError",
+        ),
+        (b"[" * 100_000, "cannot be decoded: RecursionError"),
     ],
 )
-def test_deduction_decode_refuses_a_malformed_body(body: bytes, reason: str) -> None:
+def test_deduction_message_decode_refuses_a_malformed_body_with_its_reason(body: bytes, reason: str) -> None:
     with pytest.raises(MalformedMessage, match=reason):
-        Deduction.decode(body)
+        DeductionMessage.decode(body)
 
 
 def test_purchase_result_to_json_leaves_out_an_empty_message() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from flashsale import constants as c
 from flashsale.errors import ServiceUnavailable, StockError
-from flashsale.models import Deduction, PurchaseResult, PurchaseStatus
+from flashsale.models import DeductionMessage, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.producer import PurchaseService, SoldOutCache
 from flashsale.records import LogEntry, Prededuct, PredeductResult
 from tests.unit.fakes import FakeBus, FakeStock
@@ -34,13 +34,14 @@ def test_accepted_purchase_commits_the_half_message() -> None:
     assert stock.calls == ["prededuct sku-1 tok-1 msg-1"]
 
 
-def test_half_message_carries_the_deduction_on_the_deduction_topic() -> None:
+def test_half_message_carries_the_purchase_and_names_its_own_id() -> None:
     bus = FakeBus()
     _service(FakeStock(), bus).purchase("sku-1", "u1", "2", "tok-1")
     topic, key, body, tag = bus.sent[0]
     assert (topic, key, tag) == ("ns-deductions", "tok-1", c.DEDUCTION_TAG)
-    deduction = Deduction.decode(body)
-    assert (deduction.token, deduction.sku, deduction.user_id, deduction.qty) == ("tok-1", "sku-1", "u1", 2)
+    message = DeductionMessage.decode(body)
+    assert (message.sku, message.gid) == ("sku-1", "msg-1")
+    assert [(p.token, p.user_id, p.qty) for p in message.purchases] == [("tok-1", "u1", 2)]
 
 
 @pytest.mark.parametrize(
@@ -83,6 +84,15 @@ def test_unknown_outcome_of_the_prededuct_is_left_pending_to_the_checker() -> No
     assert bus.calls == ["send_half tok-1"]
 
 
+def test_a_prededuct_that_certainly_did_not_run_rolls_back_and_answers_error_at_once() -> None:
+    refused = ServiceUnavailable("Redis", "127.0.0.1:6379", "connection refused", reached=False)
+    stock, bus = FakeStock(error=refused), FakeBus()
+    result = _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1")
+    assert result.status is PurchaseStatus.ERROR
+    assert "nothing was deducted" in result.message
+    assert bus.calls == ["send_half tok-1", "rollback msg-1"]
+
+
 def test_failed_script_rolls_back_and_answers_error() -> None:
     bus = FakeBus()
     result = _service(FakeStock(error=StockError("script failed")), bus).purchase("sku-1", "u1", 1, "tok-1")
@@ -112,7 +122,26 @@ def test_sold_out_sku_is_refused_without_a_half_message_within_the_cache_ttl(cod
     result = service.purchase("sku-1", "u2", 1, "tok-2")
     assert (result.status, result.remaining) == (PurchaseStatus.SOLD_OUT, 0)
     assert len(bus.sent) == 1
-    assert stock.calls == ["prededuct sku-1 tok-1 msg-1"]
+    assert stock.calls == ["prededuct sku-1 tok-1 msg-1", "log_entry sku-1 tok-2"]
+
+
+def test_a_retry_of_an_accepted_token_after_the_sell_out_gets_duplicate_with_its_message_id() -> None:
+    stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 0)), FakeBus()
+    service = _service(stock, bus)
+    first = service.purchase("sku-1", "u1", 1, "tok-1")
+    stock.entry = LogEntry("tok-1", "deducted", "sku-1", "u1", 1, 0, message_id=first.message_id)
+    retry = service.purchase("sku-1", "u1", 1, "tok-1")
+    assert (first.status, retry.status) == (PurchaseStatus.ACCEPTED, PurchaseStatus.DUPLICATE)
+    assert retry.message_id == first.message_id == "msg-1"
+    assert len(bus.sent) == 1
+
+
+def test_the_sold_out_fast_path_answers_error_when_it_cannot_look_the_token_up() -> None:
+    stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 0)), FakeBus()
+    service = _service(stock, bus)
+    service.purchase("sku-1", "u1", 1, "tok-1")
+    stock.error = ServiceUnavailable("Redis", "127.0.0.1:6379", "refused", reached=False)
+    assert service.purchase("sku-1", "u1", 1, "tok-2").status is PurchaseStatus.ERROR
 
 
 def test_invalid_input_answers_invalid_without_a_half_message() -> None:

@@ -48,9 +48,15 @@ def test_migrations_are_numbered_from_one_without_gaps() -> None:
     assert migrations[0].name == "initial"
 
 
-def test_every_migration_statement_creates_a_table() -> None:
+def test_every_migration_statement_creates_or_alters_a_table() -> None:
     statements = [s for m in sql.migrations() for s in m.statements]
     assert statements
-    assert all(s.upper().startswith("CREATE TABLE") for s in statements)
-    created = {s.split()[5] for s in statements}
-    assert {"inventory", "stock_deductions", "orders", "dead_letters", "conflicts"} <= created
+    assert all(s.upper().startswith(("CREATE TABLE", "ALTER TABLE")) for s in statements)
+    created = {s.split()[5] for s in statements if s.upper().startswith("CREATE TABLE")}
+    assert {"inventory", "stock_deductions", "orders", "dead_letters", "conflicts", "heartbeats"} <= created
+
+
+def test_every_table_with_ids_is_converted_to_a_binary_collation() -> None:
+    altered = [s for m in sql.migrations() for s in m.statements if s.upper().startswith("ALTER TABLE")]
+    converted = {s.split()[2] for s in altered if "COLLATE utf8mb4_bin" in s}
+    assert converted == {"inventory", "stock_deductions", "orders", "dead_letters", "conflicts"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -15,12 +17,24 @@ from sqlalchemy.engine.url import make_url
 
 from flashsale import sql
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
-from flashsale.records import ApplyReport, DeadLetter, Incoming, InventoryView
+from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
+from flashsale.records import (
+    ApplyReport,
+    Bookkeeping,
+    Conflict,
+    DeadLetter,
+    DeadLetterRow,
+    DeductionRow,
+    Incoming,
+    InventoryView,
+)
 
 logger = logging.getLogger(__name__)
 
 #: MySQL error numbers that mean "this server is not reachable right now".
 _UNREACHABLE = {2002, 2003, 2006, 2013, 2055, 1053}
+#: The row this process writes to prove the database takes writes.
+_HEARTBEAT_NAME = f"{socket.gethostname()}:{os.getpid()}"[:128]
 #: Errors that go away when the same transaction is simply run again (deadlock, lock wait timeout,
 #: read-only during a failover, too many connections).
 _TRANSIENT = {1213, 1205, 1290, 1040, 1614}
@@ -72,8 +86,9 @@ class MySQLStore:
             yield conn
 
     def ping(self) -> None:
-        with self.transaction("ping") as conn:
-            conn.execute(query("ping"))
+        """The database answers and takes a write: a read-only server (a replica, a failover) refuses it."""
+        with self.transaction("write probe") as conn:
+            conn.execute(query("heartbeat"), {"name": _HEARTBEAT_NAME})
 
     # --- schema -------------------------------------------------------------------------------------
     def ensure_database(self) -> bool:
@@ -165,15 +180,22 @@ class MySQLStore:
             rows = conn.execute(query("existing_tokens", "tokens"), {"sku": sku, "tokens": list(tokens)})
             return {r[0] for r in rows}
 
-    def deductions_page(self, sku: str, after: int, limit: int) -> list[Any]:
+    def deductions_page(self, sku: str, after: int, limit: int) -> list[DeductionRow]:
         """Applied deductions of the SKU with id > `after`, in id order (keyset paging)."""
         with self.transaction(f"page deductions of {sku}") as conn:
-            return list(conn.execute(query("deductions_page"), {"sku": sku, "after": after, "limit": limit}))
+            rows = conn.execute(query("deductions_page"), {"sku": sku, "after": after, "limit": limit})
+            return [
+                DeductionRow(int(r.id), r.token, r.user_id, int(r.qty), r.message_id, int(r.created_ms)) for r in rows
+            ]
 
-    def dead_letters_page(self, after: int, limit: int) -> list[Any]:
+    def dead_letters_page(self, after: int, limit: int) -> list[DeadLetterRow]:
         """Dead letters not replayed yet with id > `after`, in id order."""
         with self.transaction("page dead letters") as conn:
-            return list(conn.execute(query("dead_letters_page"), {"after": after, "limit": limit}))
+            rows = conn.execute(query("dead_letters_page"), {"after": after, "limit": limit})
+            return [
+                DeadLetterRow(int(r.id), r.message_id, r.topic, r.message_key, r.sku, r.reason, bytes(r.body))
+                for r in rows
+            ]
 
     def mark_replayed(self, ids: Sequence[int]) -> None:
         if ids:
@@ -191,163 +213,235 @@ class MySQLStore:
         with self.transaction(f"create missing orders of {sku}") as conn:
             return int(conn.execute(query("create_missing_orders"), {"sku": sku}).rowcount)
 
-    def bookkeeping(self, sku: str) -> dict[str, int]:
+    def bookkeeping(self, sku: str) -> Bookkeeping:
         """Counts reconcile needs besides the totals of `view`."""
         with self.transaction(f"read bookkeeping of {sku}") as conn:
             params = {"sku": sku}
             conflicts, conflict_qty = conn.execute(query("open_conflicts"), params).one()
-            return {
-                "orders_without_deduction": int(conn.execute(query("orders_without_deduction"), params).scalar_one()),
-                "deductions_without_order": int(conn.execute(query("deductions_without_order"), params).scalar_one()),
-                "dead_letters": int(conn.execute(query("open_dead_letters"), params).scalar_one()),
-                "conflicts": int(conflicts),
-                "conflict_qty": int(conflict_qty),
-            }
+            return Bookkeeping(
+                orders_without_deduction=int(conn.execute(query("orders_without_deduction"), params).scalar_one()),
+                deductions_without_order=int(conn.execute(query("deductions_without_order"), params).scalar_one()),
+                dead_letters=int(conn.execute(query("open_dead_letters"), params).scalar_one()),
+                conflicts=int(conflicts),
+                conflict_qty=int(conflict_qty),
+            )
 
     def skus(self) -> list[str]:
         with self.transaction("list skus") as conn:
             return [r[0] for r in conn.execute(query("inventory_skus"))]
 
     # --- the consumer's batch ---------------------------------------------------------------------------
-    def apply_batch(self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = ()) -> ApplyReport:
-        """Apply a batch in ONE transaction: token-unique rows, one guarded UPDATE per SKU, orders.
+    def apply_batch(
+        self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = (), conflicts: Sequence[Conflict] = ()
+    ) -> ApplyReport:
+        """Apply a batch in ONE transaction: token-unique rows, one guarded UPDATE per SKU, orders, conflicts.
 
         Rows are inserted in token order and SKUs updated in name order, so two consumers sharing
         tokens or SKUs take their locks in the same order and cannot deadlock each other.
         """
         report = ApplyReport(dead_letters=list(dead))
-        unique: dict[tuple[str, str], Incoming] = {}
-        for item in items:
-            key = (item.deduction.sku, item.deduction.token)
-            if key in unique:
-                report.duplicates += 1
-            else:
-                unique[key] = item
+        unique = _unique(items, report)
         batch_id = uuid.uuid4().hex
         with self.transaction("apply batch") as conn:
-            skus = sorted({sku for sku, _ in unique})
-            known = {r[0] for r in conn.execute(query("known_skus", "skus"), {"skus": skus})} if skus else set()
-            rows = []
-            for key in sorted(unique):
-                item = unique[key]
-                d = item.deduction
-                if d.sku not in known:
-                    report.dead_letters.append(
-                        DeadLetter(
-                            item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", d.encode(), sku=d.sku
-                        )
-                    )
-                    continue
-                rows.append(
-                    {
-                        "token": d.token,
-                        "sku": d.sku,
-                        "user_id": d.user_id,
-                        "qty": d.qty,
-                        "message_id": item.message_id,
-                        "source": d.source,
-                        "batch_id": batch_id,
-                        "created_ms": d.ts_ms,
-                    }
-                )
-            if rows:
-                conn.execute(query("insert_deductions"), rows)
-            new = conn.execute(query("batch_deductions"), {"batch_id": batch_id}).all()
-            report.duplicates += len(rows) - len(new)
-            by_sku: dict[str, list[Any]] = defaultdict(list)
-            for row in new:
-                by_sku[row.sku].append(row)
-            # Tokens whose row existed before this batch are applied already; their orders are checked too.
-            new_keys = {(r.sku, r.token) for r in new}
-            to_order: dict[str, list[str]] = defaultdict(list)
-            for sku, token in unique:
-                if sku in known and (sku, token) not in new_keys:
-                    to_order[sku].append(token)
-            for sku in sorted(by_sku):
-                fresh = by_sku[sku]
-                # An order is written in the same transaction as its stock deduction: a row that comes back
-                # for a token that has an order (the row was lost, the order was not) deducts nothing again.
-                ordered = {
-                    r[0]
-                    for r in conn.execute(
-                        query("ordered_tokens", "tokens"), {"sku": sku, "tokens": [r.token for r in fresh]}
-                    )
-                }
-                report.restored += len(ordered)
-                applied, conflicts = self._deduct(
-                    conn, batch_id, sku, [r for r in fresh if r.token not in ordered], unique
-                )
-                report.applied += [unique[(sku, r.token)].deduction for r in applied]
-                report.conflicts += [unique[(sku, r.token)].deduction for r in conflicts]
-                done = [r.token for r in applied] + sorted(ordered)
-                if done:
-                    conn.execute(query("resolve_conflicts", "tokens"), {"sku": sku, "tokens": done})
-                to_order[sku] += done
+            known = _known_skus(conn, {sku for sku, _ in unique})
+            rows = _deduction_rows(unique, known, batch_id, report)
+            fresh = _insert_deductions(conn, rows, batch_id, report)
+            to_order = _applied_before(unique, known, fresh)
+            for sku in sorted(fresh):
+                to_order[sku] += _deduct_sku(conn, batch_id, sku, fresh[sku], unique, report)
             for sku, tokens in sorted(to_order.items()):
                 # Every applied token has its order, made from its deduction row: a no-op for a redelivery,
                 # the missing order put back for a replay after an order was lost.
                 conn.execute(query("insert_orders", "tokens"), {"sku": sku, "tokens": tokens})
-            for conflict in report.conflicts:
-                logger.warning(
-                    "conflict: token %s sku %s qty %d does not fit MySQL stock",
-                    conflict.token,
-                    conflict.sku,
-                    conflict.qty,
-                )
-            if report.dead_letters:
-                conn.execute(
-                    query("insert_dead_letter"),
-                    [
-                        {
-                            "message_id": d.message_id,
-                            "topic": d.topic,
-                            "message_key": d.key,
-                            "sku": d.sku,
-                            "reason": d.reason[:512],
-                            "body": d.body,
-                        }
-                        for d in report.dead_letters
-                    ],
-                )
+            _record_conflicts(conn, conflicts, report)
+            _insert_dead_letters(conn, report.dead_letters)
         return report
 
-    def _deduct(
-        self, conn: Connection, batch_id: str, sku: str, rows: list[Any], items: dict[tuple[str, str], Incoming]
-    ) -> tuple[list[Any], list[Any]]:
-        """One guarded UPDATE for the SKU's whole share of the batch (hot-row group commit).
 
-        If MySQL does not hold enough (Redis and MySQL disagree), apply what fits in arrival order and
-        record the rest as conflicts; their deduction rows are removed so they can be applied later.
-        """
-        total = sum(r.qty for r in rows)
-        if conn.execute(query("deduct_stock"), {"sku": sku, "total": total}).rowcount == 1:
-            return rows, []
-        stock = int(conn.execute(query("stock_for_update"), {"sku": sku}).scalar_one())
-        fit, rest, room = [], [], stock
-        for row in rows:
-            if row.qty <= room:
-                fit.append(row)
-                room -= row.qty
-            else:
-                rest.append(row)
-        if fit:
-            conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
-        conn.execute(
-            query("delete_deductions", "tokens"), {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]}
+Key = tuple[str, str]  # (sku, token)
+
+
+def _unique(items: Sequence[Incoming], report: ApplyReport) -> dict[Key, Incoming]:
+    unique: dict[Key, Incoming] = {}
+    for item in items:
+        key = (item.deduction.sku, item.deduction.token)
+        if key in unique:
+            report.duplicates += 1
+        else:
+            unique[key] = item
+    return unique
+
+
+def _known_skus(conn: Connection, skus: set[str]) -> set[str]:
+    if not skus:
+        return set()
+    return {r[0] for r in conn.execute(query("known_skus", "skus"), {"skus": sorted(skus)})}
+
+
+def _deduction_rows(
+    unique: dict[Key, Incoming], known: set[str], batch_id: str, report: ApplyReport
+) -> list[dict[str, object]]:
+    """Rows for stock_deductions in token order; a deduction of a SKU MySQL does not know is dead-lettered."""
+    rows = []
+    for key in sorted(unique):
+        item = unique[key]
+        d = item.deduction
+        if d.sku not in known:
+            body = DeductionMessage(d.sku, (Purchase(d.token, d.user_id, d.qty),), "", d.ts_ms, SOURCE_REPLAY)
+            report.dead_letters.append(
+                DeadLetter(item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", body.encode(), sku=d.sku)
+            )
+            continue
+        rows.append(
+            {
+                "token": d.token,
+                "sku": d.sku,
+                "user_id": d.user_id,
+                "qty": d.qty,
+                "message_id": item.message_id,
+                "source": d.source,
+                "batch_id": batch_id,
+                "created_ms": d.ts_ms,
+            }
         )
+    return rows
+
+
+def _insert_deductions(
+    conn: Connection, rows: list[dict[str, object]], batch_id: str, report: ApplyReport
+) -> dict[str, list[Any]]:
+    """Insert the rows (existing tokens are ignored); returns the ones new in this batch, by SKU."""
+    if rows:
+        conn.execute(query("insert_deductions"), rows)
+    new = conn.execute(query("batch_deductions"), {"batch_id": batch_id}).all()
+    report.duplicates += len(rows) - len(new)
+    fresh: dict[str, list[Any]] = defaultdict(list)
+    for row in new:
+        fresh[row.sku].append(row)
+    return fresh
+
+
+def _applied_before(unique: dict[Key, Incoming], known: set[str], fresh: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """Tokens whose row existed before this batch: applied already; their orders are checked too."""
+    new_keys = {(sku, r.token) for sku, rows in fresh.items() for r in rows}
+    to_order: dict[str, list[str]] = defaultdict(list)
+    for sku, token in unique:
+        if sku in known and (sku, token) not in new_keys:
+            to_order[sku].append(token)
+    return to_order
+
+
+def _deduct_sku(
+    conn: Connection, batch_id: str, sku: str, fresh: list[Any], unique: dict[Key, Incoming], report: ApplyReport
+) -> list[str]:
+    """Take the SKU's new deductions from its stock; returns the tokens that now need an order.
+
+    An order is written in the same transaction as its stock deduction: a row that comes back for a token
+    that has an order (the row was lost, the order was not) deducts nothing again.
+    """
+    ordered = {
+        r[0] for r in conn.execute(query("ordered_tokens", "tokens"), {"sku": sku, "tokens": [r.token for r in fresh]})
+    }
+    report.restored += len(ordered)
+    applied, conflicts = _guarded_update(conn, batch_id, sku, [r for r in fresh if r.token not in ordered], unique)
+    report.applied += [unique[(sku, r.token)].deduction for r in applied]
+    report.conflicts += [unique[(sku, r.token)].deduction for r in conflicts]
+    done = [r.token for r in applied] + sorted(ordered)
+    if done:
+        conn.execute(query("resolve_conflicts", "tokens"), {"sku": sku, "tokens": done})
+    return done
+
+
+def _guarded_update(
+    conn: Connection, batch_id: str, sku: str, rows: list[Any], items: dict[Key, Incoming]
+) -> tuple[list[Any], list[Any]]:
+    """One guarded UPDATE for the SKU's whole share of the batch (hot-row group commit).
+
+    If MySQL does not hold enough (Redis and MySQL disagree), apply what fits in arrival order and
+    record the rest as conflicts; their deduction rows are removed so they can be applied later.
+    """
+    total = sum(r.qty for r in rows)
+    if conn.execute(query("deduct_stock"), {"sku": sku, "total": total}).rowcount == 1:
+        return rows, []
+    stock = int(conn.execute(query("stock_for_update"), {"sku": sku}).scalar_one())
+    fit, rest, room = [], [], stock
+    for row in rows:
+        if row.qty <= room:
+            fit.append(row)
+            room -= row.qty
+        else:
+            rest.append(row)
+    if fit:
+        conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
+    conn.execute(
+        query("delete_deductions", "tokens"), {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]}
+    )
+    for r in rest:
+        logger.warning("conflict: token %s sku %s qty %d does not fit MySQL stock %d", r.token, sku, r.qty, stock)
+    _insert_conflicts(
+        conn,
+        [
+            (
+                items[(sku, r.token)].deduction,
+                items[(sku, r.token)].message_id,
+                stock,
+                f"MySQL stock {stock} cannot cover this deduction",
+            )
+            for r in rest
+        ],
+    )
+    return fit, rest
+
+
+def _record_conflicts(conn: Connection, conflicts: Sequence[Conflict], report: ApplyReport) -> None:
+    """Deductions the consumer refused to apply (see pipeline/accepted.py), kept for reconcile."""
+    if not conflicts:
+        return
+    for conflict in conflicts:
+        d = conflict.deduction
+        logger.warning("conflict: token %s sku %s message %s: %s", d.token, d.sku, conflict.message_id, conflict.reason)
+    stocks = {
+        sku: conn.execute(query("stock_of"), {"sku": sku}).scalar()
+        for sku in sorted({c.deduction.sku for c in conflicts})
+    }
+    _insert_conflicts(
+        conn, [(c.deduction, c.message_id, int(stocks[c.deduction.sku] or 0), c.reason) for c in conflicts]
+    )
+    report.conflicts += [c.deduction for c in conflicts]
+
+
+def _insert_conflicts(conn: Connection, conflicts: list[tuple[Deduction, str, int, str]]) -> None:
+    if conflicts:
         conn.execute(
             query("insert_conflict"),
             [
                 {
-                    "token": r.token,
-                    "sku": sku,
-                    "user_id": r.user_id,
-                    "qty": r.qty,
-                    "message_id": items[(sku, r.token)].message_id,
+                    "token": d.token,
+                    "sku": d.sku,
+                    "user_id": d.user_id,
+                    "qty": d.qty,
+                    "message_id": message_id,
                     "mysql_stock": stock,
-                    "reason": f"MySQL stock {stock} cannot cover this deduction",
+                    "reason": reason[:255],
                 }
-                for r in rest
+                for d, message_id, stock, reason in conflicts
             ],
         )
-        return fit, rest
+
+
+def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter]) -> None:
+    if letters:
+        conn.execute(
+            query("insert_dead_letter"),
+            [
+                {
+                    "message_id": d.message_id,
+                    "topic": d.topic,
+                    "message_key": (d.key or "")[:255] or None,
+                    "sku": (d.sku or "")[:64] or None,
+                    "reason": d.reason[:512],
+                    "body": d.body,
+                }
+                for d in letters
+            ],
+        )

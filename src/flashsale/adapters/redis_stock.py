@@ -7,7 +7,7 @@ Scripts are registered once per client; redis-py runs them with EVALSHA and, aft
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,8 @@ import redis
 from flashsale import constants as c
 from flashsale import lua
 from flashsale.errors import ServiceUnavailable, StockError, UnknownSku
-from flashsale.records import LogEntry, Prededuct, PredeductResult, StockReturn, StockView
+from flashsale.models import Purchase
+from flashsale.records import CheckView, LogEntry, Prededuct, PredeductResult, StockReturn, StockView, TxRecord
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class SkuKeys:
     log: str
     users: str
     meta: str
+    tx: str
 
     @classmethod
     def of(cls, sku: str) -> SkuKeys:
@@ -35,24 +37,42 @@ class SkuKeys:
             log=c.LOG_KEY.format(sku=sku),
             users=c.USERS_KEY.format(sku=sku),
             meta=c.META_KEY.format(sku=sku),
+            tx=c.TX_KEY.format(sku=sku),
         )
 
-    def all(self) -> list[str]:
+    def sale(self) -> list[str]:
+        """KEYS of the scripts that change stock (return_stock, adopt)."""
         return [self.stock, self.log, self.users, self.meta]
 
+    def all(self) -> list[str]:
+        """KEYS of prededuct.lua and load_stock.lua."""
+        return [*self.sale(), self.tx]
 
-def prededuct_call(sku: str, token: str, user: str, qty: int, message_id: str) -> tuple[list[str], list[str]]:
+
+def prededuct_call(sku: str, gid: str, purchases: Sequence[Purchase]) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of prededuct.lua."""
-    return SkuKeys.of(sku).all(), [token, user, str(qty), message_id, sku]
+    args = [gid, sku]
+    for p in purchases:
+        args += [p.token, p.user_id, str(p.qty)]
+    return SkuKeys.of(sku).all(), args
 
 
-def parse_prededuct(token: str, reply: list[Any]) -> PredeductResult:
-    code, remaining, detail = reply
-    result = Prededuct(int(code))
-    logged = (Prededuct.ACCEPTED, Prededuct.DUPLICATE, Prededuct.FENCED)
-    entry = LogEntry.parse(token, detail) if result in logged else None
-    bought = int(detail) if result is Prededuct.LIMIT_EXCEEDED else None
-    return PredeductResult(result, int(remaining) if int(remaining) >= 0 else None, entry, bought)
+def parse_prededuct(purchases: Sequence[Purchase], reply: list[Any]) -> list[PredeductResult]:
+    """One result per purchase, from prededuct.lua's flat {code, remaining, detail} reply."""
+    results = []
+    for i, purchase in enumerate(purchases):
+        code, remaining, detail = reply[3 * i : 3 * i + 3]
+        result = Prededuct(int(code))
+        logged = result in (Prededuct.ACCEPTED, Prededuct.DUPLICATE)
+        results.append(
+            PredeductResult(
+                result,
+                int(remaining) if int(remaining) >= 0 else None,
+                entry=LogEntry.parse(purchase.token, detail) if logged else None,
+                bought=int(detail) if result is Prededuct.LIMIT_EXCEEDED else None,
+            )
+        )
+    return results
 
 
 def parse_view(sku: str, stock: str | None, meta: dict[str, str], entries: int) -> StockView:
@@ -80,8 +100,17 @@ def parse_view(sku: str, stock: str | None, meta: dict[str, str], entries: int) 
     )
 
 
-def unavailable(url: str, what: str, exc: Exception) -> ServiceUnavailable:
-    return ServiceUnavailable("Redis", url, f"{what}: {exc or type(exc).__name__}")
+def unavailable(url: str, what: str, exc: Exception, *, reached: bool = True) -> ServiceUnavailable:
+    return ServiceUnavailable("Redis", url, f"{what}: {exc or type(exc).__name__}", reached=reached)
+
+
+def parse_check(tokens: Sequence[str], reply: list[Any]) -> CheckView:
+    state, record, *entries = reply
+    return CheckView(
+        state=str(state),
+        record=TxRecord.parse(record) if record else None,
+        entries={t: (LogEntry.parse(t, raw) if raw else None) for t, raw in zip(tokens, entries, strict=True)},
+    )
 
 
 #: redis-py errors that mean "the server did not answer": the outcome of a write is unknown.
@@ -134,27 +163,41 @@ class RedisStock:
             raise StockError(f"Redis refused to load {sku}: invalid {detail}")
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
 
-    def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult:
-        keys = SkuKeys.of(sku)
-        code, remaining, detail = self._run("prededuct", keys.all(), [token, user, str(qty), message_id, sku])
-        result = Prededuct(int(code))
-        entry = (
-            LogEntry.parse(token, detail)
-            if result in (Prededuct.ACCEPTED, Prededuct.DUPLICATE, Prededuct.FENCED)
-            else None
-        )
-        bought = int(detail) if result is Prededuct.LIMIT_EXCEEDED else None
-        return PredeductResult(result, int(remaining) if int(remaining) >= 0 else None, entry, bought)
+    def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
+        keys, args = prededuct_call(sku, gid, purchases)
+        return parse_prededuct(purchases, self._run("prededuct", keys, args))
 
-    def fence(self, sku: str, token: str, user: str, qty: int) -> LogEntry:
-        """The token's log entry; writes a fence first if there was none (see fence.lua)."""
+    def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView:
+        """What Redis knows of half message `gid`; fences it first when it never ran and is older than the grace."""
         keys = SkuKeys.of(sku)
-        _, detail = self._run("fence", [keys.log, keys.meta], [token, sku, user, str(qty)])
-        return LogEntry.parse(token, detail)
+        reply = self._run("fence", [keys.tx, keys.log, keys.meta], [gid, str(born_ms), str(grace_ms), *tokens])
+        return parse_check(tokens, reply)
+
+    def lookup(
+        self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
+    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]]:
+        """Per SKU, the log entries of some tokens and the records of some messages, in one round trip."""
+        skus = [sku for sku, (tokens, gids) in wanted.items() if tokens or gids]
+        pipe = self.client.pipeline(transaction=False)
+        for sku in skus:
+            tokens, gids = wanted[sku]
+            keys = SkuKeys.of(sku)
+            pipe.hmget(keys.log, list(tokens) or ["-"])
+            pipe.hmget(keys.tx, list(gids) or ["-"])
+        replies = self._call("read log", pipe.execute)
+        found: dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]] = {}
+        for i, sku in enumerate(skus):
+            tokens, gids = wanted[sku]
+            raw_entries, raw_records = replies[2 * i], replies[2 * i + 1]
+            found[sku] = (
+                {t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens, raw_entries, strict=False)},
+                {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},
+            )
+        return found
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
         keys = SkuKeys.of(sku)
-        code, remaining, _ = self._run("return_stock", keys.all(), [token])
+        code, remaining, _ = self._run("return_stock", keys.sale(), [token])
         return StockReturn(int(code)), int(remaining) if int(remaining) >= 0 else None
 
     def adopt(
@@ -163,7 +206,7 @@ class RedisStock:
         """Write back a deduction MySQL has and the log lacks; see adopt.lua for the codes."""
         keys = SkuKeys.of(sku)
         code, detail = self._run(
-            "adopt", keys.all(), [token, user, str(qty), str(ts_ms), message_id, sku, "deduct" if deduct else "entry"]
+            "adopt", keys.sale(), [token, user, str(qty), str(ts_ms), message_id, sku, "deduct" if deduct else "entry"]
         )
         return int(code), str(detail)
 

@@ -1,14 +1,21 @@
-"""The producer's hot path in Redis, on an asyncio loop: pre-deduct, sold-out flag, stock view, ping.
+"""The producer's hot path in Redis, on an asyncio loop: pre-deduct, token look-up, sold-out flag, stock view.
 
-Same keys, scripts and replies as RedisStock (see redis_stock.py); only the I/O model differs.
+Same keys, scripts and replies as RedisStock (see redis_stock.py); only the I/O model differs, and one
+thing is added: a pre-deduct that fails says whether it may have run. The connection is taken from the
+pool before the script is sent, so "refused" and "no free connection" are told apart from a timeout
+after sending: only the latter leaves the outcome unknown. Because the script is idempotent per message
+id, a failure after sending is tried once more on a fresh connection, which turns most unknowns into
+an answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from redis.exceptions import NoScriptError
 
 from flashsale import lua
 from flashsale.adapters.redis_stock import (
@@ -19,15 +26,16 @@ from flashsale.adapters.redis_stock import (
     prededuct_call,
     unavailable,
 )
-from flashsale.errors import StockError
-from flashsale.records import PredeductResult, StockView
+from flashsale.errors import ServiceUnavailable, StockError
+from flashsale.models import Purchase
+from flashsale.records import LogEntry, PredeductResult, StockView
 
 
 class AsyncRedisStock:
     def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> None:
         self.url = url
         # A blocking pool: a burst waits for a free connection instead of failing with "too many".
-        pool = aredis.BlockingConnectionPool.from_url(
+        self._pool = aredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
             timeout=timeout_s,
@@ -35,21 +43,58 @@ class AsyncRedisStock:
             socket_connect_timeout=timeout_s,
             decode_responses=True,
         )
-        self.client = aredis.Redis(connection_pool=pool)
-        self._prededuct = self.client.register_script(lua.source("prededuct"))
+        self.client = aredis.Redis(connection_pool=self._pool)
+        self._source = lua.source("prededuct")
+        self._sha = lua.sha1("prededuct")
 
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def prededuct(self, sku: str, token: str, user: str, qty: int, message_id: str) -> PredeductResult:
-        keys, args = prededuct_call(sku, token, user, qty, message_id)
+    async def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
+        keys, args = prededuct_call(sku, gid, purchases)
         try:
-            reply: list[Any] = await self._prededuct(keys=keys, args=args)
+            reply = await self._prededuct(keys, args)
+        except ServiceUnavailable as first:
+            if not first.reached:
+                raise
+            try:  # the script may have run: ask again; a run that happened answers the same, deducting nothing
+                reply = await self._prededuct(keys, args)
+            except ServiceUnavailable as second:
+                raise unavailable(self.url, "prededuct", second) from second
+        return parse_prededuct(purchases, reply)
+
+    async def _prededuct(self, keys: list[str], args: list[str]) -> list[Any]:
+        try:
+            conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         except UNREACHABLE as exc:
+            raise unavailable(self.url, "prededuct (not sent)", exc, reached=False) from exc
+        try:
+            try:
+                reply = await self._evalsha(conn, keys, args)
+            except NoScriptError:  # a restarted or flushed server: load the script, then run it
+                await conn.send_command("SCRIPT", "LOAD", self._source)
+                await conn.read_response()
+                reply = await self._evalsha(conn, keys, args)
+        except UNREACHABLE as exc:
+            await conn.disconnect()
             raise unavailable(self.url, "prededuct", exc) from exc
         except redis.ResponseError as exc:
             raise StockError(f"Redis script prededuct failed: {exc}") from exc
-        return parse_prededuct(token, reply)
+        finally:
+            await self._pool.release(conn)
+        return reply
+
+    async def _evalsha(self, conn: Any, keys: list[str], args: list[str]) -> list[Any]:
+        await conn.send_command("EVALSHA", self._sha, len(keys), *keys, *args)
+        reply: list[Any] = await conn.read_response()
+        return reply
+
+    async def log_entry(self, sku: str, token: str) -> LogEntry | None:
+        try:
+            raw = await self.client.hget(SkuKeys.of(sku).log, token)
+        except UNREACHABLE as exc:
+            raise unavailable(self.url, "read log", exc) from exc
+        return LogEntry.parse(token, raw) if raw is not None else None
 
     async def is_sold_out(self, sku: str) -> bool:
         try:

@@ -52,10 +52,13 @@ def stock() -> None:
 @click.option(
     "--reset", is_flag=True, help="Discard the SKU's previous sale (Redis log, MySQL deductions, orders, conflicts)."
 )
+@click.option(
+    "--force", is_flag=True, help="With --reset: go ahead even while deductions are still on their way to MySQL."
+)
 @click.pass_obj
-def stock_set(ctx: Context, sku: str, qty: str, per_user_limit: str, reset: bool) -> None:
+def stock_set(ctx: Context, sku: str, qty: str, per_user_limit: str, reset: bool, force: bool) -> None:
     """Load SKU with QTY units into MySQL and Redis, consistently."""
-    setup.set_stock(ctx.settings, sku, qty, per_user_limit=per_user_limit, reset=reset)
+    setup.set_stock(ctx.settings, sku, qty, per_user_limit=per_user_limit, reset=reset, force=force)
     click.echo(f"{sku}: {qty} units loaded" + (f", at most {per_user_limit} per user" if per_user_limit != "0" else ""))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from importlib import resources
 
@@ -9,6 +10,12 @@ from importlib import resources
 @cache
 def source(name: str) -> str:
     return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+@cache
+def sha1(name: str) -> str:
+    """The name EVALSHA knows the script by."""
+    return hashlib.sha1(source(name).encode("utf-8")).hexdigest()
 
 
 NAMES = ("prededuct", "fence", "return_stock", "load_stock", "adopt")

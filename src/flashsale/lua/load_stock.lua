@@ -4,15 +4,16 @@
 -- KEYS[2] fs:{sku}:log
 -- KEYS[3] fs:{sku}:users
 -- KEYS[4] fs:{sku}:meta
+-- KEYS[5] fs:{sku}:tx
 -- ARGV[1] quantity        decimal digits, >= 0
 -- ARGV[2] per-user limit  decimal digits, 0 = none
--- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters), '0' otherwise
+-- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, message records), '0' otherwise
 --
 -- Returns {code, detail}:
 --   1 loaded
 --   2 refused: the SKU has deductions on record (detail = how many log entries) and ARGV[3] is '0'
 --   3 invalid argument (detail names it)
-local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local qty_arg, limit_arg, reset = ARGV[1], ARGV[2], ARGV[3]
 
 if not string.match(qty_arg, '^%d+$') or #qty_arg > 15 then
@@ -28,7 +29,7 @@ end
 
 local now = redis.call('TIME')
 local qty = tonumber(qty_arg)
-redis.call('DEL', log_key, users_key, meta_key)
+redis.call('DEL', log_key, users_key, meta_key, tx_key)
 redis.call('SET', stock_key, qty)
 redis.call('HSET', meta_key,
   'initial', qty,

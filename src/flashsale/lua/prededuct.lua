@@ -1,77 +1,136 @@
--- Pre-deduct stock for one purchase, atomically. The local transaction of the producer.
+-- Pre-deduct stock for the purchases one half message carries, atomically: the producer's local transaction.
 --
 -- KEYS[1] fs:{sku}:stock  remaining stock (integer string)
 -- KEYS[2] fs:{sku}:log    hash token -> JSON log entry
 -- KEYS[3] fs:{sku}:users  hash user -> quantity bought (kept only when a per-user limit is set)
 -- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, counters
--- ARGV[1] token       idempotency token
--- ARGV[2] user id
--- ARGV[3] quantity    decimal digits, 1..999999999
--- ARGV[4] message id  of the half message this deduction belongs to
--- ARGV[5] sku         (written into the log entry; the keys already name it)
+-- KEYS[5] fs:{sku}:tx     hash message id -> JSON record of that message's pre-deduct
+-- ARGV[1] message id of the half message (written into every log entry it deducts)
+-- ARGV[2] sku             (written into the log entries; the keys already name it)
+-- ARGV[3..] token, user id, quantity: one triple per purchase, in arrival order
 --
--- Returns {code, remaining, detail}:
---   1 accepted        remaining after the deduction, detail = the new log entry
---   2 duplicate       token seen before with state deducted/returned; detail = that entry
+-- Returns a flat array, {code, remaining, detail} per purchase in ARGV order:
+--   1 accepted        remaining after it, detail = its new log entry
+--   2 duplicate       token seen before; detail = that entry (it names the message that deducted it)
 --   3 sold out        remaining = 0
 --   4 insufficient    0 < remaining < qty
 --   5 limit exceeded  detail = quantity the user already bought
 --   6 invalid qty
---   7 unknown sku     the SKU was never loaded
---   8 fenced          the checker rolled this token back; detail = the fence entry
--- Every check runs before the first write, so an error never leaves a partial deduction.
-local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local token, user, qty_arg, message_id, sku = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+--   7 unknown sku     the SKU was never loaded (nothing at all is written)
+--   8 fenced          the checker rolled this message back before it ran; detail = the record
+--
+-- The purchases are decided in order, each seeing the ones before it, then written at the end: an error
+-- while deciding leaves nothing behind. The record in KEYS[5] makes the script idempotent per message:
+-- run again, it deducts nothing and gives each purchase the outcome of the first run (a rejection's
+-- `remaining` is then the stock left now).
+local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local gid, sku = ARGV[1], ARGV[2]
+local n = math.floor((#ARGV - 2) / 3)
+local out = {}
 
-if not string.match(qty_arg, '^[1-9]%d*$') or #qty_arg > 9 then
-  return {6, -1, ''}
+local function answer(code, remaining, detail)
+  out[#out + 1] = code
+  out[#out + 1] = remaining
+  out[#out + 1] = detail
 end
-local qty = tonumber(qty_arg)
 
-local seen = redis.call('HGET', log_key, token)
 local stock_raw = redis.call('GET', stock_key)
-local remaining = tonumber(stock_raw or '-1')
-if seen then
-  if cjson.decode(seen)['state'] == 'fenced' then
-    return {8, remaining, seen}
-  end
-  return {2, remaining, seen}
-end
-if not stock_raw then
-  return {7, -1, ''}
-end
-if remaining < qty then
-  if remaining == 0 then
-    return {3, 0, ''}
-  end
-  return {4, remaining, ''}
-end
-
+local stock = tonumber(stock_raw or '-1')
 local limit = tonumber(redis.call('HGET', meta_key, 'per_user_limit') or '0') or 0
-if limit > 0 then
-  local bought = tonumber(redis.call('HGET', users_key, user) or '0')
-  if bought + qty > limit then
-    return {5, remaining, tostring(bought)}
+
+local record = redis.call('HGET', tx_key, gid)
+if record then
+  local tx = cjson.decode(record)
+  for i = 1, n do
+    local token, user = ARGV[3 * i], ARGV[3 * i + 1]
+    if tx['state'] == 'fenced' then
+      answer(8, stock, record)
+    else
+      local code = tonumber(string.sub(tx['codes'], i, i)) or 6
+      local seen = redis.call('HGET', log_key, token)
+      if (code == 1 or code == 2) and seen then
+        local entry = cjson.decode(seen)
+        answer(code, code == 1 and tonumber(entry['to']) or stock, seen)
+      elseif code == 5 then
+        answer(5, stock, redis.call('HGET', users_key, user) or '0')
+      else
+        answer(code, stock, '')
+      end
+    end
   end
+  return out
 end
 
--- All checks passed: write.
+if not stock_raw then
+  for i = 1, n do
+    answer(7, -1, '')
+  end
+  return out
+end
+
+-- Decide every purchase first.
 local now = redis.call('TIME')
-local left = remaining - qty
-local entry = cjson.encode({
-  state = 'deducted', sku = sku, user = user, qty = qty,
-  from = remaining, to = left,
-  ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
-  msg = message_id,
-})
-redis.call('SET', stock_key, left)
-redis.call('HSET', log_key, token, entry)
-if limit > 0 then
-  redis.call('HINCRBY', users_key, user, qty)
+local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local codes, entries, taken, bought, changed = {}, {}, {}, {}, {}
+local deducted_qty, deducted_count = 0, 0
+for i = 1, n do
+  local token, user, qty_arg = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
+  local code, detail = 0, ''
+  if not string.match(qty_arg, '^[1-9]%d*$') or #qty_arg > 9 then
+    code = 6
+  else
+    local qty = tonumber(qty_arg)
+    local seen = taken[token] or redis.call('HGET', log_key, token)
+    if seen then
+      code = cjson.decode(seen)['state'] == 'fenced' and 8 or 2
+      detail = seen
+    elseif stock < qty then
+      code = stock == 0 and 3 or 4
+    else
+      if limit > 0 and bought[user] == nil then
+        bought[user] = tonumber(redis.call('HGET', users_key, user) or '0')
+      end
+      if limit > 0 and bought[user] + qty > limit then
+        code = 5
+        detail = tostring(bought[user])
+      else
+        code = 1
+        detail = cjson.encode({
+          state = 'deducted', sku = sku, user = user, qty = qty,
+          from = stock, to = stock - qty, ts = ts, msg = gid,
+        })
+        stock = stock - qty
+        taken[token] = detail
+        if limit > 0 then
+          bought[user] = bought[user] + qty
+          changed[user] = true
+        end
+        entries[#entries + 1] = {token, detail}
+        deducted_qty = deducted_qty + qty
+        deducted_count = deducted_count + 1
+      end
+    end
+  end
+  codes[i] = tostring(code)
+  answer(code, stock, detail)
 end
-redis.call('HINCRBY', meta_key, 'deducted_qty', qty)
-redis.call('HINCRBY', meta_key, 'deducted_count', 1)
-if left == 0 then
-  redis.call('HSET', meta_key, 'sold_out', 1)
+
+-- Then write.
+for _, pair in ipairs(entries) do
+  redis.call('HSET', log_key, pair[1], pair[2])
 end
-return {1, left, entry}
+if deducted_count > 0 then
+  redis.call('SET', stock_key, stock)
+  for user in pairs(changed) do
+    redis.call('HSET', users_key, user, bought[user])
+  end
+  redis.call('HINCRBY', meta_key, 'deducted_qty', deducted_qty)
+  redis.call('HINCRBY', meta_key, 'deducted_count', deducted_count)
+  if stock == 0 then
+    redis.call('HSET', meta_key, 'sold_out', 1)
+  end
+end
+redis.call('HSET', tx_key, gid, cjson.encode({
+  state = 'ran', codes = table.concat(codes), accepted = deducted_count, ts = ts,
+}))
+return out

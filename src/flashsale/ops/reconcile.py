@@ -23,7 +23,6 @@ from flashsale.records import LogEntry
 PAGE = 1000
 #: Most tokens listed per kind of drift (the counts are always complete).
 SAMPLE = 100
-_DEDUCTED = {c.STATE_DEDUCTED, c.STATE_RETURNED}
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,7 @@ def reconcile_sku(
         redis_view = stock.view(sku)
         report.initial, report.redis_stock = redis_view.initial, redis_view.stock
         report.redis_counter_qty, report.redis_returned_qty = redis_view.deducted_qty, redis_view.returned_qty
+        report.redis_fenced = redis_view.fenced_count
     except UnknownSku:
         report.problems.append("not loaded in Redis")
     try:
@@ -115,8 +115,11 @@ def reconcile_sku(
         report.mysql_initial, report.mysql_stock = mysql_view.initial, mysql_view.stock
         report.mysql_applied, report.mysql_applied_qty = mysql_view.deductions, mysql_view.deducted_qty
         report.orders, report.ordered_qty = mysql_view.orders, mysql_view.ordered_qty
-        for name, value in store.bookkeeping(sku).items():
-            setattr(report, name, value)
+        books = store.bookkeeping(sku)
+        report.orders_without_deduction = books.orders_without_deduction
+        report.deductions_without_order = books.deductions_without_order
+        report.dead_letters = books.dead_letters
+        report.conflicts, report.conflict_qty = books.conflicts, books.conflict_qty
     except UnknownSku:
         report.problems.append("not loaded in MySQL")
     if report.problems:
@@ -124,8 +127,7 @@ def reconcile_sku(
 
     # Redis -> MySQL: every deduction in the log must be applied (or still be young: in flight).
     for page in pages(stock.scan_log(sku, page=PAGE), PAGE):
-        deducted = [e for e in page if e.state in _DEDUCTED]
-        report.redis_fenced += sum(1 for e in page if e.state == c.STATE_FENCED)
+        deducted = [e for e in page if e.state in c.DEDUCTED_STATES]
         report.redis_deducted += len(deducted)
         report.redis_deducted_qty += sum(e.qty for e in deducted)
         applied = store.existing_tokens(sku, [e.token for e in deducted])
@@ -155,7 +157,7 @@ def reconcile_sku(
         entries = stock.log_entries(sku, [r.token for r in rows])
         for row in rows:
             logged = entries[row.token]
-            if logged is None or logged.state not in _DEDUCTED:
+            if logged is None or logged.state not in c.DEDUCTED_STATES:
                 report.mysql_without_log += 1
                 report.mysql_without_log_qty += int(row.qty)
                 if len(report.without_log_tokens) < SAMPLE:
@@ -191,6 +193,11 @@ def _judge(r: SkuReport) -> None:
         )
     if r.orders_without_deduction or r.deductions_without_order or r.orders != r.mysql_applied:
         r.problems.append(f"{r.mysql_applied} deductions but {r.orders} orders")
+    if r.conflicts:
+        r.problems.append(
+            f"{r.conflicts} deduction(s) ({r.conflict_qty} units) are open conflicts: MySQL could not apply them "
+            f"as they stand (see the conflicts table)"
+        )
     if r.redis_returned_qty:
         r.problems.append(f"{r.redis_returned_qty} units were returned in Redis; MySQL knows of no return")
 
@@ -250,6 +257,18 @@ def repair_sku(
     stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float, replay: Callable[[list[LogEntry]], int]
 ) -> tuple[SkuReport, RepairReport]:
     """Reconcile `sku` and repair what can be repaired (see _Repairer); returns both reports."""
+    try:
+        redis_initial, mysql_initial = stock.view(sku).initial, store.view(sku).initial
+    except UnknownSku:  # loaded on one side only: reconcile reports it, and nothing can be replayed
+        redis_initial = mysql_initial = 0
+    if redis_initial != mysql_initial:
+        # Replaying into books that were loaded differently would make them balance by accident.
+        refused = RepairReport(sku)
+        refused.needs_operator.append(
+            f"initial stock differs (Redis {redis_initial}, MySQL {mysql_initial}): nothing repaired; "
+            f"reload the SKU with `flashsale stock set {sku} QTY --reset` once its sale is over"
+        )
+        return reconcile_sku(stock, store, sku, settle_s=settle_s), refused
     repairer = _Repairer(stock, sku, replay)
     report = reconcile_sku(
         stock, store, sku, settle_s=settle_s, on_missing=repairer.on_missing, on_orphan=repairer.on_orphan

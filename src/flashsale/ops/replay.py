@@ -16,19 +16,20 @@ from typing import Any
 from flashsale import constants as c
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.rocketmq_client import RocketMQProducer
+from flashsale.adapters.rocketmq_producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import MalformedMessage
-from flashsale.models import SOURCE_REPLAY, Deduction, Resolution
+from flashsale.models import SOURCE_REPLAY, DeductionMessage, Purchase, Resolution
 from flashsale.ops.paging import pages
 from flashsale.records import LogEntry
 
 logger = logging.getLogger(__name__)
 
 PAGE = 1000
+#: Most deductions one replay message carries.
+REPLAY_GROUP = 100
 #: Sends in flight at once when publishing a large replay.
 SENDERS = 16
-_DEDUCTED = {c.STATE_DEDUCTED, c.STATE_RETURNED}
 
 
 @dataclass
@@ -44,8 +45,22 @@ class ReplayReport:
         return asdict(self)
 
 
-def deduction_of(entry: LogEntry) -> Deduction:
-    return Deduction(entry.token, entry.sku, entry.user, entry.qty, entry.ts_ms, source=SOURCE_REPLAY)
+def replay_messages(entries: Iterable[LogEntry]) -> list[DeductionMessage]:
+    """Replay messages for log entries: one per SKU and REPLAY_GROUP entries, carrying the log's values."""
+    by_sku: dict[str, list[LogEntry]] = defaultdict(list)
+    for entry in entries:
+        by_sku[entry.sku].append(entry)
+    return [
+        DeductionMessage(
+            sku,
+            tuple(Purchase(e.token, e.user, e.qty) for e in chunk),
+            gid="",
+            ts_ms=min(e.ts_ms for e in chunk),
+            source=SOURCE_REPLAY,
+        )
+        for sku, logged in by_sku.items()
+        for chunk in pages(iter(logged), REPLAY_GROUP)
+    ]
 
 
 class Replayer:
@@ -63,16 +78,15 @@ class Replayer:
         if self._producer:
             self._producer.shutdown()
 
-    def _publish(self, deductions: list[Deduction]) -> None:
-        if not deductions:
+    def _publish(self, entries: list[LogEntry]) -> None:
+        """Replay deductions the Redis log holds (callers pass only entries in a deducted state)."""
+        if not entries:
             return
-        by_sku: dict[str, list[str]] = defaultdict(list)
-        for d in deductions:
-            by_sku[d.sku].append(d.token)
-        for sku, tokens in by_sku.items():
-            self.report.already_applied += len(self.store.existing_tokens(sku, tokens))
+        messages = replay_messages(entries)
+        for message in messages:
+            self.report.already_applied += len(self.store.existing_tokens(message.sku, message.tokens))
         if self.report.dry_run:
-            self.report.published += len(deductions)
+            self.report.published += len(entries)
             return
         if self._producer is None:
             topic = self.settings.replay_topic
@@ -80,54 +94,64 @@ class Replayer:
             self._producer.start()
         producer, topic = self._producer, self.settings.replay_topic
         with ThreadPoolExecutor(SENDERS) as pool:
-            ids = list(pool.map(lambda d: producer.send(topic, d.token, d.encode(), c.DEDUCTION_TAG), deductions))
-        self.report.published += len(ids)
-        logger.info("replayed %d deduction(s) on %s", len(ids), topic)
+            list(pool.map(lambda m: producer.send(topic, m.tokens[0], m.encode(), c.DEDUCTION_TAG), messages))
+        self.report.published += len(entries)
+        logger.info("replayed %d deduction(s) in %d message(s) on %s", len(entries), len(messages), topic)
+
+    def _deducted(self, sku: str, tokens: list[str]) -> list[LogEntry]:
+        entries = self.stock.log_entries(sku, tokens)
+        return [e for e in entries.values() if e is not None and e.state in c.DEDUCTED_STATES]
 
     # --- sources ------------------------------------------------------------------------------------
     def tokens(self, tokens: Iterable[str], sku: str | None = None) -> None:
         """Replay the named tokens; without `sku`, each token is looked for in every SKU's log."""
         wanted = list(dict.fromkeys(tokens))
-        skus = [sku] if sku else self.stock.skus()
-        found: dict[str, LogEntry] = {}
-        for name in skus:
-            missing = [t for t in wanted if t not in found]
-            for token, entry in self.stock.log_entries(name, missing).items():
-                if entry is not None and entry.state in _DEDUCTED:
-                    found[token] = entry
-        self.report.not_deducted += [t for t in wanted if t not in found]
-        self._publish([deduction_of(found[t]) for t in wanted if t in found])
+        found: list[LogEntry] = []
+        for name in [sku] if sku else self.stock.skus():
+            found += self._deducted(name, wanted)
+        seen = {e.token for e in found}
+        self.report.not_deducted += [t for t in wanted if t not in seen]
+        self._publish(found)
 
     def since(self, sku: str, since_ms: int) -> None:
         """Replay every deduction of `sku` logged at or after `since_ms`."""
         self.stock.view(sku)  # an unknown SKU is an error, not an empty replay
-        logged = (e for e in self.stock.scan_log(sku, page=PAGE) if e.state in _DEDUCTED and e.ts_ms >= since_ms)
+        logged = (
+            e for e in self.stock.scan_log(sku, page=PAGE) if e.state in c.DEDUCTED_STATES and e.ts_ms >= since_ms
+        )
         for page in pages(logged, PAGE):
-            self._publish([deduction_of(e) for e in page])
+            self._publish(page)
 
     def entries(self, entries: Iterable[LogEntry]) -> None:
         for page in pages(entries, PAGE):
-            self._publish([deduction_of(e) for e in page])
+            self._publish(page)
 
     def dead_letters(self) -> None:
-        """Replay dead-lettered deductions that decode and whose SKU MySQL now knows; mark them replayed."""
+        """Replay what the Redis log holds for each dead letter's tokens; mark the letters replayed.
+
+        The letter's body only says which tokens to look up: what is replayed comes from the log. A body
+        that cannot be decoded, or whose SKU MySQL still does not know, is reported and left in place.
+        """
         known = set(self.store.skus())
         after = 0
         while rows := self.store.dead_letters_page(after, PAGE):
             after = rows[-1].id
-            batch, ids = [], []
+            found, ids = [], []
             for row in rows:
                 try:
-                    d = Deduction.decode(bytes(row.body))
+                    message = DeductionMessage.decode(row.body, row.message_id)
                 except MalformedMessage as exc:
                     self.report.unreplayable.append(f"{row.message_id}: {exc}")
                     continue
-                if d.sku not in known:
-                    self.report.unreplayable.append(f"{row.message_id}: SKU {d.sku!r} is still unknown to MySQL")
+                if message.sku not in known:
+                    self.report.unreplayable.append(f"{row.message_id}: SKU {message.sku!r} is still unknown to MySQL")
                     continue
-                batch.append(Deduction(d.token, d.sku, d.user_id, d.qty, d.ts_ms, source=SOURCE_REPLAY))
+                deducted = self._deducted(message.sku, message.tokens)
+                seen = {e.token for e in deducted}
+                self.report.not_deducted += [t for t in message.tokens if t not in seen]
+                found += deducted
                 ids.append(row.id)
-            self._publish(batch)
+            self._publish(found)
             if not self.report.dry_run:
                 self.store.mark_replayed(ids)
                 self.report.dead_letters_marked += len(ids)

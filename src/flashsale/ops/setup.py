@@ -12,7 +12,7 @@ from flashsale.adapters import rocketmq_admin
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.config import Settings
-from flashsale.errors import ServiceUnavailable, StackError, StockError
+from flashsale.errors import ServiceUnavailable, StackError, StockError, UnknownSku
 from flashsale.models import parse_count, require_id
 
 logger = logging.getLogger(__name__)
@@ -77,24 +77,35 @@ def _init(settings: Settings) -> InitReport:
     return report
 
 
-def set_stock(settings: Settings, sku: str, qty: object, *, per_user_limit: object = 0, reset: bool = False) -> None:
+def set_stock(
+    settings: Settings, sku: str, qty: object, *, per_user_limit: object = 0, reset: bool = False, force: bool = False
+) -> None:
     """Load a SKU: MySQL first (the books), then Redis (the gate).
 
-    A SKU with deductions on record is refused unless `reset`: both sides are checked before either is
-    written, so a refusal changes nothing anywhere.
+    Every argument is checked against the bounds of both stores, and both sides are read, before either
+    is written: a refusal changes nothing anywhere. A SKU with a sale on record is refused unless
+    `reset`; a reset is refused while Redis holds deductions MySQL has not applied yet (they are in
+    flight, or lost: `reconcile --repair` brings them over), unless `force`.
     """
     require_id(sku, "sku")
-    quantity = parse_count(qty, "quantity")
-    limit = parse_count(per_user_limit, "per-user limit")
+    quantity = parse_count(qty, "quantity", c.MAX_STOCK)
+    limit = parse_count(per_user_limit, "per-user limit", c.MAX_PER_USER_LIMIT)
     store = MySQLStore(settings.mysql_url)
     stock = RedisStock(settings.redis_url)
     try:
-        if not reset:
-            applied, logged = store.history(sku), stock.history(sku)
-            if applied or logged:
+        applied, logged = store.history(sku), stock.history(sku)
+        if (applied or logged) and not reset:
+            raise StockError(
+                f"{sku} already has a sale on record ({logged} Redis log entries, {applied} MySQL deductions)",
+                hint="use another SKU, or pass --reset to discard its history on both sides",
+            )
+        if reset and not force:
+            in_flight = _in_flight(stock, sku, applied)
+            if in_flight > 0:
                 raise StockError(
-                    f"{sku} already has a sale on record ({logged} Redis log entries, {applied} MySQL deductions)",
-                    hint="use another SKU, or pass --reset to discard its history on both sides",
+                    f"{sku} has {in_flight} deduction(s) in Redis that MySQL has not applied yet",
+                    hint="let the consumer catch up (or run `flashsale reconcile --repair`) and try again; "
+                    "--force discards them",
                 )
         store.load_stock(sku, quantity, per_user_limit=limit, reset=reset)
         stock.load(sku, quantity, per_user_limit=limit, reset=reset)
@@ -102,3 +113,10 @@ def set_stock(settings: Settings, sku: str, qty: object, *, per_user_limit: obje
         store.close()
         stock.close()
     logger.info("loaded %s: %d units, per-user limit %s", sku, quantity, limit or "none")
+
+
+def _in_flight(stock: RedisStock, sku: str, applied: int) -> int:
+    try:
+        return stock.view(sku).deducted_count - applied
+    except UnknownSku:
+        return 0

@@ -1,11 +1,14 @@
-"""The answer to the broker's transaction check, read from the Redis log.
+"""The answer to the broker's transaction check of a half message, read from Redis (see lua/fence.lua).
 
-- token logged as deducted (or deducted then returned): COMMIT;
-- token fenced: ROLLBACK;
-- no entry yet and the half message is younger than the grace period: UNKNOWN (the producer may still
-  be running its pre-deduct; the broker asks again);
-- no entry and older: write the fence and read the entry in one script, so either the pre-deduct ran
-  first (COMMIT) or the fence did and a late pre-deduct will refuse (ROLLBACK);
+- the message's pre-deduct ran and accepted purchases whose log entries name this message, with the
+  user and quantity the body carries: COMMIT;
+- it ran and accepted nothing, or a log entry disagrees with the body: ROLLBACK (only what the log
+  says is ever committed);
+- it never ran and the message is younger than the grace period: UNKNOWN (the producer may still be
+  running it; the broker asks again);
+- it never ran and the message is older: the fence is written in the same script that looked, so
+  either the pre-deduct ran first (answered as above) or the fence did and a late pre-deduct of this
+  message deducts nothing: ROLLBACK;
 - Redis unreachable: UNKNOWN.
 """
 
@@ -17,12 +20,13 @@ from collections.abc import Callable
 
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError, MalformedMessage
-from flashsale.models import Deduction, Delivery, Resolution
+from flashsale.models import DeductionMessage, Delivery, Resolution
 from flashsale.ports import CheckStockPort
 
 logger = logging.getLogger(__name__)
 
-_COMMIT_STATES = {c.STATE_DEDUCTED, c.STATE_RETURNED}
+#: What fence.lua answers for a message too young to fence.
+YOUNG = "young"
 
 
 class DeductionChecker:
@@ -31,43 +35,63 @@ class DeductionChecker:
         stock: CheckStockPort,
         grace_s: float,
         *,
-        clock: Callable[[], float] = time.time,
-        observe: Callable[[Resolution], None] | None = None,
+        observe: Callable[[Resolution, float], None] | None = None,
     ) -> None:
         self._stock = stock
-        self._grace_ms = grace_s * 1000
-        self._clock = clock
+        self._grace_ms = round(grace_s * 1000)
         self._observe = observe
 
     def check(self, delivery: Delivery) -> Resolution:
+        started = time.perf_counter()
         resolution = self._resolve(delivery)
         logger.info("check message %s key %s -> %s", delivery.message_id, delivery.key, resolution.value)
         if self._observe:
-            self._observe(resolution)
+            self._observe(resolution, time.perf_counter() - started)
         return resolution
 
     def _resolve(self, delivery: Delivery) -> Resolution:
         try:
-            deduction = Deduction.decode(delivery.body)
+            message = DeductionMessage.decode(delivery.body, delivery.message_id)
         except MalformedMessage as exc:
             # No producer of ours sent this, and no consumer could apply it: it never becomes visible.
             logger.error("half message %s is malformed (%s); rolling back", delivery.message_id, exc)
             return Resolution.ROLLBACK
+        if message.gid != delivery.message_id:
+            logger.error("half message %s names message %s in its body; rolling back", delivery.message_id, message.gid)
+            return Resolution.ROLLBACK
         try:
-            entry = self._stock.log_entry(deduction.sku, deduction.token)
-            if entry is None:
-                born_ms = delivery.born_ms or deduction.ts_ms
-                if self._clock() * 1000 - born_ms < self._grace_ms:
-                    return Resolution.UNKNOWN
-                entry = self._stock.fence(deduction.sku, deduction.token, deduction.user_id, deduction.qty)
-                if entry.state == c.STATE_FENCED:
-                    logger.warning(
-                        "fenced token %s sku %s: no pre-deduct within %.1f s",
-                        deduction.token,
-                        deduction.sku,
-                        self._grace_ms / 1000,
-                    )
+            view = self._stock.check(
+                message.sku,
+                message.gid,
+                message.tokens,
+                born_ms=delivery.born_ms or message.ts_ms,
+                grace_ms=self._grace_ms,
+            )
         except FlashSaleError as exc:
-            logger.warning("cannot check token %s (%s); answering unknown", deduction.token, exc)
+            logger.warning("cannot check message %s (%s); answering unknown", delivery.message_id, exc)
             return Resolution.UNKNOWN
-        return Resolution.COMMIT if entry.state in _COMMIT_STATES else Resolution.ROLLBACK
+        if view.state == YOUNG:
+            return Resolution.UNKNOWN
+        if view.state == c.TX_FENCED:
+            logger.warning(
+                "fenced message %s sku %s: no pre-deduct within %.1f s", message.gid, message.sku, self._grace_ms / 1000
+            )
+            return Resolution.ROLLBACK
+        accepted = 0
+        for purchase in message.purchases:
+            entry = view.entries.get(purchase.token)
+            if entry is None or entry.state not in c.DEDUCTED_STATES or entry.message_id != message.gid:
+                continue
+            if (entry.user, entry.qty, entry.sku) != (purchase.user_id, purchase.qty, message.sku):
+                logger.error(
+                    "message %s says token %s is user %s qty %d; the log says user %s qty %d: rolling back",
+                    message.gid,
+                    purchase.token,
+                    purchase.user_id,
+                    purchase.qty,
+                    entry.user,
+                    entry.qty,
+                )
+                return Resolution.ROLLBACK
+            accepted += 1
+        return Resolution.COMMIT if accepted else Resolution.ROLLBACK

@@ -1,10 +1,13 @@
-"""Apply committed deductions to MySQL: batch, one transaction, commit, then ack.
+"""Apply committed deductions to MySQL: batch, learn from Redis what was accepted, one transaction, commit, ack.
 
+- What is applied comes from the Redis log, never from a message body (see accepted.py).
 - A message is acked only after the transaction that applied it committed. A crash in between means
   redelivery, and the (sku, token) key makes the second apply a no-op.
-- A malformed message goes to dead_letters (in the same transaction) and is acked.
-- The database unreachable: nothing is acked, the batch is handed back (nack) and the consumer stops
-  receiving until the database answers again, so an outage does not burn the messages' delivery attempts.
+- A malformed message goes to dead_letters (in the same transaction) and is acked. Nothing a body
+  holds can stop the consumer: any failure while decoding or applying one message dead-letters it.
+- MySQL or Redis unavailable, or MySQL refusing writes (read-only): nothing is acked, receiving is
+  paused and what was received is handed back, so an outage costs each message one delivery attempt;
+  receiving resumes once both answer and MySQL takes a write again.
 - A statement the database rejects for good (not an outage): the batch is applied one message at a time,
   and the message that still fails alone is dead-lettered instead of blocking everything behind it.
 """
@@ -18,26 +21,34 @@ from collections.abc import Callable, Sequence
 
 from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, MalformedMessage
-from flashsale.models import Deduction, Delivery
-from flashsale.ports import ReceiverPort, StorePort
-from flashsale.records import ApplyReport, DeadLetter, Incoming
+from flashsale.models import DeductionMessage, Delivery
+from flashsale.pipeline import accepted
+from flashsale.pipeline.accepted import Decoded
+from flashsale.ports import LogPort, ReceiverPort, StorePort
+from flashsale.records import ApplyReport, DeadLetter
 
 logger = logging.getLogger(__name__)
 
 Observer = Callable[[ApplyReport, int, float], None]
+#: Longest reason kept with a dead letter.
+REASON_MAX = 512
 
 
-def decode(batch: Sequence[Delivery]) -> tuple[list[Incoming], list[DeadLetter]]:
-    incoming, dead = [], []
+def decode(batch: Sequence[Delivery]) -> tuple[list[Decoded], list[DeadLetter]]:
+    decoded, dead = [], []
     for delivery in batch:
         try:
-            deduction = Deduction.decode(delivery.body)
+            message = DeductionMessage.decode(delivery.body, delivery.message_id)
         except MalformedMessage as exc:
             logger.error("message %s on %s is malformed: %s", delivery.message_id, delivery.topic, exc)
-            dead.append(DeadLetter(delivery.message_id, delivery.topic, delivery.key, str(exc), delivery.body))
+            dead.append(_dead(delivery, str(exc)))
             continue
-        incoming.append(Incoming(deduction, delivery.message_id, delivery.topic))
-    return incoming, dead
+        decoded.append(Decoded(delivery, message))
+    return decoded, dead
+
+
+def _dead(delivery: Delivery, reason: str) -> DeadLetter:
+    return DeadLetter(delivery.message_id, delivery.topic, delivery.key, reason[:REASON_MAX], delivery.body)
 
 
 class DeductionConsumer:
@@ -45,6 +56,7 @@ class DeductionConsumer:
         self,
         receiver: ReceiverPort,
         store: StorePort,
+        log: LogPort,
         *,
         batch_size: int,
         max_backoff_s: float,
@@ -53,6 +65,7 @@ class DeductionConsumer:
     ) -> None:
         self._receiver = receiver
         self._store = store
+        self._log = log
         self._batch_size = batch_size
         self._max_backoff_s = max_backoff_s
         self._failpoints = failpoint_names
@@ -68,14 +81,9 @@ class DeductionConsumer:
         return self._stop.is_set()
 
     def run(self) -> None:
-        backoff_s = 0.0
         while not self._stop.is_set():
-            if backoff_s:
-                self._wait_for_store(backoff_s)
-                if self._stop.is_set():
-                    break
             try:
-                batch = self._collect()
+                batch = self._receiver.receive(self._batch_size)
             except BusError as exc:
                 logger.warning("receive failed: %s", exc)
                 self._stop.wait(1.0)
@@ -84,28 +92,30 @@ class DeductionConsumer:
                 continue
             try:
                 self.process(batch)
-                backoff_s = 0.0
             except FlashSaleError as exc:
-                backoff_s = min(self._max_backoff_s, max(0.5, backoff_s * 2))
                 logger.warning(
-                    "batch of %d not applied (%s); handing it back, retrying in %.1f s", len(batch), exc, backoff_s
+                    "batch of %d not applied (%s); handing it back and pausing receipt until the stores answer",
+                    len(batch),
+                    exc,
                 )
-                self._receiver.nack(batch, max(1, round(backoff_s)))
+                self._receiver.nack(batch, 1)
+                self._receiver.pause()
+                self._wait_for_stores()
+                self._receiver.resume()
         logger.info("consumer stopped")
-
-    def _collect(self) -> list[Delivery]:
-        """What arrived: waits up to the poll wait for the first messages, then takes what is ready."""
-        return self._receiver.receive(self._batch_size)
 
     def process(self, batch: Sequence[Delivery]) -> ApplyReport:
         started = time.perf_counter()
-        incoming, dead = decode(batch)
+        decoded, dead = decode(batch)
         try:
-            report = self._store.apply_batch(incoming, dead)
+            report = self._apply(decoded, dead)
         except FlashSaleError as exc:
             if exc.retriable:
                 raise
             logger.warning("batch of %d rejected (%s); applying its messages one by one", len(batch), exc)
+            report = self._apply_one_by_one(batch)
+        except Exception:  # a message nobody foresaw: find it by applying the batch one message at a time
+            logger.exception("batch of %d failed; applying its messages one by one", len(batch))
             report = self._apply_one_by_one(batch)
         failpoints.hit(self._failpoints, failpoints.AFTER_DB_COMMIT)
         try:
@@ -116,9 +126,10 @@ class DeductionConsumer:
                 "ack of %d committed messages failed (%s); their redelivery will be a no-op", len(batch), exc
             )
         logger.info(
-            "batch: %d applied, %d duplicate, %d conflict, %d dead-lettered, %d/%d acked",
+            "batch: %d applied, %d duplicate, %d skipped, %d conflict, %d dead-lettered, %d/%d acked",
             len(report.applied),
             report.duplicates,
+            report.skipped,
             len(report.conflicts),
             len(report.dead_letters),
             acked,
@@ -128,37 +139,47 @@ class DeductionConsumer:
             self._observe(report, len(batch), time.perf_counter() - started)
         return report
 
+    def _apply(self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]) -> ApplyReport:
+        found = self._log.lookup(accepted.wanted(decoded)) if decoded else {}
+        todo = accepted.plan(decoded, found)
+        report = self._store.apply_batch(todo.apply, dead, todo.conflicts)
+        report.skipped += todo.skipped
+        report.duplicates += todo.duplicates
+        return report
+
     def _apply_one_by_one(self, batch: Sequence[Delivery]) -> ApplyReport:
         total = ApplyReport()
         for delivery in batch:
-            incoming, dead = decode([delivery])
             try:
-                report = self._store.apply_batch(incoming, dead)
+                report = self._apply(*decode([delivery]))
             except FlashSaleError as exc:
                 if exc.retriable:
                     raise
-                logger.error("message %s cannot be applied (%s); dead-lettering it", delivery.message_id, exc)
-                letter = DeadLetter(
-                    delivery.message_id,
-                    delivery.topic,
-                    delivery.key,
-                    f"database rejected it: {exc}"[:512],
-                    delivery.body,
-                )
-                report = self._store.apply_batch([], [letter])
+                report = self._dead_letter(delivery, f"database rejected it: {exc}")
+            except Exception as exc:
+                logger.exception("message %s cannot be applied; dead-lettering it", delivery.message_id)
+                report = self._dead_letter(delivery, f"applying it failed: {type(exc).__name__}: {exc}")
             total.applied += report.applied
             total.duplicates += report.duplicates
+            total.skipped += report.skipped
             total.conflicts += report.conflicts
             total.dead_letters += report.dead_letters
         return total
 
-    def _wait_for_store(self, pause_s: float) -> None:
-        """Sleep, then ping the database until it answers (or we are asked to stop)."""
+    def _dead_letter(self, delivery: Delivery, reason: str) -> ApplyReport:
+        logger.error("message %s cannot be applied (%s); dead-lettering it", delivery.message_id, reason)
+        return self._store.apply_batch([], [_dead(delivery, reason)])
+
+    def _wait_for_stores(self) -> None:
+        """Back off, then ask MySQL (for a write) and Redis until both answer, or until asked to stop."""
+        pause_s = 0.5
         while not self._stop.wait(pause_s):
             try:
                 self._store.ping()
-                logger.info("database answers again; resuming")
-                return
+                self._log.ping()
             except FlashSaleError as exc:
-                logger.warning("database still unavailable: %s", exc)
+                logger.warning("receipt paused: %s", exc)
                 pause_s = min(self._max_backoff_s, pause_s * 2)
+                continue
+            logger.info("MySQL takes writes and Redis answers again; resuming receipt")
+            return

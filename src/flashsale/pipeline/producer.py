@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, InvalidInput, ServiceUnavailable
-from flashsale.models import Deduction, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.ports import PurchaseStockPort, TxBusPort
 from flashsale.records import Prededuct, PredeductResult
 
 logger = logging.getLogger(__name__)
 
 Observer = Callable[[PurchaseResult, float], None]
+
+_DUPLICATE = "this token was accepted before; nothing new was deducted"
+_BROKER_DOWN = "the message broker is unavailable; nothing was deducted, try again"
+_NOT_RUN = "stock could not be reached; nothing was deducted, try again"
+_PENDING = "the outcome is not known yet; it will be settled within seconds: retry with the same token to learn it"
 
 
 class SoldOutCache:
@@ -91,59 +96,79 @@ class PurchaseService:
         return result
 
     async def submit(self, request: PurchaseRequest) -> PurchaseResult:
-        token, sku = request.token, request.sku
-        if await self._sold_out.is_sold_out(sku):
-            return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
+        if await self._sold_out.is_sold_out(request.sku):
+            return await self._sold_out_answer(request)
+        return (await self.commit_group(request.sku, [request]))[0]
 
-        body = Deduction(token, sku, request.user_id, request.qty).encode()
+    async def _sold_out_answer(self, request: PurchaseRequest) -> PurchaseResult:
+        """Sold out, with no broker call; but a token that was accepted before still gets its original answer."""
+        token, sku = request.token, request.sku
         try:
-            half = await self._bus.send_half_async(self._topic, token, body, c.DEDUCTION_TAG)
+            entry = await self._stock.log_entry(sku, token)
+        except FlashSaleError as exc:
+            logger.warning("cannot look up token %s sku %s: %s", token, sku, exc)
+            return PurchaseResult(PurchaseStatus.ERROR, token, message="stock could not be checked; try again")
+        if entry is not None and entry.state in c.DEDUCTED_STATES:
+            return PurchaseResult(PurchaseStatus.DUPLICATE, token, 0, entry.message_id, message=_DUPLICATE)
+        return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
+
+    async def commit_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        """One half message and one pre-deduct for purchases of one SKU; an answer for each, in order."""
+        gid = self._bus.new_message_id()
+        purchases = tuple(Purchase(r.token, r.user_id, r.qty) for r in requests)
+        body = DeductionMessage(sku, purchases, gid).encode()
+        try:
+            half = await self._bus.send_half_async(self._topic, requests[0].token, body, c.DEDUCTION_TAG, gid)
         except BusError as exc:
-            logger.warning("half message for token %s sku %s not sent: %s", token, sku, exc)
-            return PurchaseResult(
-                PurchaseStatus.ERROR,
-                token,
-                message="the message broker is unavailable; nothing was deducted, try again",
-            )
+            logger.warning("half message for sku %s (%d purchases) not sent: %s", sku, len(requests), exc)
+            return self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
 
         try:
-            outcome = await self._stock.prededuct(sku, token, request.user_id, request.qty, half.message_id)
+            outcomes = await self._stock.prededuct(sku, gid, purchases)
         except ServiceUnavailable as exc:
+            if not exc.reached:
+                logger.warning("pre-deduct of message %s sku %s not run (%s); rolling back", gid, sku, exc)
+                await self._end(half.rollback, "rollback", gid)
+                return self._all(requests, PurchaseStatus.ERROR, _NOT_RUN)
             # The script may or may not have run: neither commit nor roll back, the checker will know.
             logger.warning(
-                "pre-deduct of token %s sku %s has an unknown outcome (%s); left to the checker", token, sku, exc
+                "pre-deduct of message %s sku %s has an unknown outcome (%s); left to the checker", gid, sku, exc
             )
-            return PurchaseResult(
-                PurchaseStatus.PENDING,
-                token,
-                message_id=half.message_id,
-                message="the outcome is not known yet; it will be settled within seconds",
-            )
+            return self._all(requests, PurchaseStatus.PENDING, _PENDING, gid)
         except FlashSaleError as exc:
-            # A script error writes nothing (every check runs before the first write): roll back.
-            logger.error("pre-deduct of token %s sku %s failed: %s", token, sku, exc)
-            await self._end(half.rollback, "rollback", token, half.message_id)
-            return PurchaseResult(PurchaseStatus.ERROR, token, message="stock could not be checked; try again")
+            # A script error writes nothing (every purchase is decided before the first write): roll back.
+            logger.error("pre-deduct of message %s sku %s failed: %s", gid, sku, exc)
+            await self._end(half.rollback, "rollback", gid)
+            return self._all(
+                requests, PurchaseStatus.ERROR, "stock could not be checked; nothing was deducted, try again"
+            )
         failpoints.hit(self._failpoints, failpoints.AFTER_PREDEDUCT)
 
-        if outcome.code is Prededuct.ACCEPTED:
-            # If the commit is lost, the checker commits from the Redis log: the purchase stands.
-            await self._end(half.commit, "commit", token, half.message_id)
-            if outcome.remaining == 0:
-                self._sold_out.mark(sku)
-            return PurchaseResult(PurchaseStatus.ACCEPTED, token, outcome.remaining, half.message_id)
+        if any(o.code is Prededuct.ACCEPTED for o in outcomes):
+            # If the commit is lost, the checker commits from the Redis log: the purchases stand.
+            await self._end(half.commit, "commit", gid)
+        else:
+            # Nothing was deducted. If this rollback is lost, the checker rolls back too: the log names
+            # no purchase of this message.
+            await self._end(half.rollback, "rollback", gid)
+        if any(o.remaining == 0 for o in outcomes):
+            self._sold_out.mark(sku)
+        return [self._answer(r, o, gid) for r, o in zip(requests, outcomes, strict=True)]
 
-        # A rejection deducted nothing. If this rollback is lost the checker decides from the log:
-        # no entry -> fence and roll back; a duplicate's entry -> commit, which the consumer ignores.
-        await self._end(half.rollback, "rollback", token, half.message_id)
-        return self._rejection(request, outcome)
+    @staticmethod
+    def _all(
+        requests: Sequence[PurchaseRequest], status: PurchaseStatus, message: str, gid: str | None = None
+    ) -> list[PurchaseResult]:
+        return [PurchaseResult(status, r.token, message_id=gid, message=message) for r in requests]
 
-    def _rejection(self, request: PurchaseRequest, outcome: PredeductResult) -> PurchaseResult:
+    @staticmethod
+    def _answer(request: PurchaseRequest, outcome: PredeductResult, gid: str) -> PurchaseResult:
         token, sku, code = request.token, request.sku, outcome.code
+        if code is Prededuct.ACCEPTED:
+            return PurchaseResult(PurchaseStatus.ACCEPTED, token, outcome.remaining, gid)
         if code in (Prededuct.SOLD_OUT, Prededuct.INSUFFICIENT):
             if outcome.remaining == 0:
-                self._sold_out.mark(sku)
                 return PurchaseResult(PurchaseStatus.SOLD_OUT, token, 0, message=f"{sku} is sold out")
             return PurchaseResult(
                 PurchaseStatus.SOLD_OUT,
@@ -153,13 +178,7 @@ class PurchaseService:
             )
         if code is Prededuct.DUPLICATE:
             original = outcome.entry.message_id if outcome.entry else None
-            return PurchaseResult(
-                PurchaseStatus.DUPLICATE,
-                token,
-                outcome.remaining,
-                original,
-                message="this token was accepted before; nothing new was deducted",
-            )
+            return PurchaseResult(PurchaseStatus.DUPLICATE, token, outcome.remaining, original, message=_DUPLICATE)
         if code is Prededuct.LIMIT_EXCEEDED:
             return PurchaseResult(
                 PurchaseStatus.LIMIT_EXCEEDED,
@@ -172,17 +191,15 @@ class PurchaseService:
                 PurchaseStatus.ERROR,
                 token,
                 outcome.remaining,
-                message="this token timed out and was rolled back; nothing was deducted, retry with a new token",
+                message="this attempt timed out and was rolled back; nothing was deducted, try again",
             )
         if code is Prededuct.UNKNOWN_SKU:
             return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
         return PurchaseResult(PurchaseStatus.INVALID, token, message=f"invalid quantity {request.qty}")
 
     @staticmethod
-    async def _end(action: Callable[[], Awaitable[None]], what: str, token: str, message_id: str) -> None:
+    async def _end(action: Callable[[], Awaitable[None]], what: str, gid: str) -> None:
         try:
             await action()
         except BusError as exc:
-            logger.warning(
-                "%s of token %s message %s failed (%s); the checker will settle it", what, token, message_id, exc
-            )
+            logger.warning("%s of message %s failed (%s); the checker will settle it", what, gid, exc)

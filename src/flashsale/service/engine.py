@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.adapters.redis_stock_async import AsyncRedisStock
-from flashsale.adapters.rocketmq_client import RocketMQProducer
+from flashsale.adapters.rocketmq_producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError
 from flashsale.models import PurchaseResult

@@ -22,6 +22,9 @@ class Metrics:
         self.checks = Counter(
             "flashsale_checks", "Transaction checks answered, by resolution", ["resolution"], registry=r
         )
+        self.check_seconds = Histogram(
+            "flashsale_check_seconds", "Time to answer a transaction check", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.messages = Counter(
             "flashsale_consumer_messages", "Messages handled by the consumer, by outcome", ["outcome"], registry=r
         )
@@ -34,13 +37,15 @@ class Metrics:
         self.purchases.labels(result.status.value).inc()
         self.purchase_seconds.observe(seconds)
 
-    def check(self, resolution: Resolution) -> None:
+    def check(self, resolution: Resolution, seconds: float) -> None:
         self.checks.labels(resolution.value).inc()
+        self.check_seconds.observe(seconds)
 
     def batch(self, report: ApplyReport, size: int, seconds: float) -> None:
         self.batches.inc()
         self.batch_seconds.observe(seconds)
         self.messages.labels("applied").inc(len(report.applied))
         self.messages.labels("duplicate").inc(report.duplicates)
+        self.messages.labels("skipped").inc(report.skipped)
         self.messages.labels("conflict").inc(len(report.conflicts))
         self.messages.labels("dead_letter").inc(len(report.dead_letters))

@@ -12,7 +12,8 @@ from prometheus_client import start_http_server
 
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.rocketmq_client import RocketMQConsumer, RocketMQProducer
+from flashsale.adapters.rocketmq_consumer import RocketMQConsumer
+from flashsale.adapters.rocketmq_producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import InvalidInput
 from flashsale.pipeline.checker import DeductionChecker
@@ -95,6 +96,8 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
     cfg = settings.consumer
     store = MySQLStore(settings.mysql_url)
     store.ping()
+    log = RedisStock(settings.redis_url, timeout_s=settings.producer.redis_timeout_s)
+    log.ping()
     receiver = RocketMQConsumer(
         settings.rocketmq_endpoint,
         settings.consumer_group,
@@ -106,6 +109,7 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
     consumer = DeductionConsumer(
         receiver,
         store,
+        log,
         batch_size=cfg.batch_size,
         max_backoff_s=cfg.max_backoff_s,
         failpoint_names=settings.failpoints,
@@ -132,3 +136,4 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
     finally:
         receiver.shutdown()
         store.close()
+        log.close()

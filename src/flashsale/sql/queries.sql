@@ -153,3 +153,9 @@ INSERT INTO orders (token, sku, user_id, qty) VALUES (:token, :sku, :user_id, :q
 
 -- name: applied_qty
 SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM stock_deductions WHERE sku IN :skus
+
+-- name: heartbeat
+INSERT INTO heartbeats (name) VALUES (:name) ON DUPLICATE KEY UPDATE seen_at = CURRENT_TIMESTAMP(6)
+
+-- name: stock_of
+SELECT stock FROM inventory WHERE sku = :sku

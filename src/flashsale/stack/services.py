@@ -424,14 +424,14 @@ class BrokerService(_RocketMQService):
         ]
 
     def check(self) -> str:
-        from flashsale.adapters import rocketmq_admin, rocketmq_client
+        from flashsale.adapters import rocketmq_admin, rocketmq_producer
 
         if self.broker_addr not in rocketmq_admin.cluster_brokers(self.namesrv_addr, c.CLUSTER_NAME):
             raise StackError(f"broker {self.broker_addr} is not registered with the name server yet")
         if rocketmq_admin.topic_info(self.broker_addr, PROBE_TOPIC) is None:
             rocketmq_admin.create_topic(self.broker_addr, PROBE_TOPIC, queues=1, message_type="NORMAL")
         try:
-            message_id = rocketmq_client.probe_send(self.address, PROBE_TOPIC, timeout_s=15)
+            message_id = rocketmq_producer.probe_send(self.address, PROBE_TOPIC, timeout_s=15)
         except FlashSaleError as exc:
             raise StackError(f"the proxy does not accept a send yet: {exc}") from exc
         return f"accepted a send ({message_id})"

@@ -1,0 +1,277 @@
+"""Everything flashsale takes from rocketmq-python-client 5.1.2 beyond its public API, in one place.
+
+The public API (Producer.send, SimpleConsumer.receive/ack) cannot send a half message from an asyncio
+loop, ack a batch in one request, or recover from a proxy restart. This module reaches under it, and
+nothing else in flashsale does. What it relies on, all checked by `shape_problems()`:
+
+- `Client.rpc_client`: `send_message_async`, `end_transaction_async` and `ack_message_async`, each
+  `(endpoints, request, metadata, timeout) -> concurrent.futures.Future`, and `get_channel_io_loop()`
+  (the one asyncio loop the client runs per process); `Client.sign()` for the call metadata.
+- `Client._retrieve_topic_route_data(topic)`, a blocking route fetch, and
+  `QueueSelector.producer_queue_selector(route).select_next_queue().endpoints`.
+- `Client._init_settings_event`, set by the first settings the proxy sends on the telemetry stream, and
+  `Client.reset_setting(settings)`, the hook the stream calls with every settings reply.
+- `Client.route_manager.get_all_endpoints()`, `Client.on_new_endpoints(endpoints)` (opens a telemetry
+  stream and writes the client's settings on it), `RpcClient.channels.get(endpoints)`, and the grpc call
+  under `channel.telemetry_stream_stream_call` (`_RpcStreamStreamCall__stream_stream_call`).
+- The protobuf requests SendMessageRequest, EndTransactionRequest and AckMessageRequest, the codes of
+  `Code`, `MessagingResultChecker.check`, and `MessageIdCodec().next_message_id()`.
+
+Why the stream matters: the proxy keeps a client's settings (its subscription, the topics it produces)
+only while that client's telemetry stream is open, and sends transaction checks down the same stream.
+When the proxy restarts, the client's read loop ends quietly and the client re-opens the stream only
+when its next 300-second settings sync fails. Until then its consumers get "settings is null" and its
+producers get no checks. `dead_streams` and `resync` let a watchdog (rocketmq_recovery.py) do in
+seconds what the client does in minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from rocketmq import ClientConfiguration, Credentials, Producer, SimpleConsumer
+from rocketmq.grpc_protocol import (
+    AckMessageEntry,
+    AckMessageRequest,
+    Code,
+    Encoding,
+    EndTransactionRequest,
+    MessageType,
+    SendMessageRequest,
+    TransactionResolution,
+    TransactionSource,
+)
+from rocketmq.v5.client.balancer import QueueSelector
+from rocketmq.v5.client.connection.rpc_channel import RpcStreamStreamCall
+from rocketmq.v5.client.connection.rpc_client import RpcClient
+from rocketmq.v5.exception import TooManyRequestsException
+from rocketmq.v5.util import MessageIdCodec, MessagingResultChecker
+
+_HOSTNAME = socket.gethostname()
+#: Codes in a reply that mean the proxy does not know this client's settings (it restarted).
+SETTINGS_LOST_MARKERS = ("40015", "settings is null", "cannot find client settings")
+#: Where RpcStreamStreamCall keeps the grpc call of a telemetry stream (a name-mangled private attribute).
+_STREAM_CALL = "_RpcStreamStreamCall__stream_stream_call"
+
+
+class Throttled(Exception):
+    """The broker sheds load: trying again at once makes it worse."""
+
+
+def config(endpoint: str, request_timeout_s: float) -> Any:
+    return ClientConfiguration(endpoint, Credentials(), request_timeout=max(1, round(request_timeout_s)))
+
+
+# --- clients that remember when the proxy last sent them settings ----------------------------------------
+class _SettingsClock:
+    """Mixed into the client classes: `reset_setting` is the hook every settings reply reaches."""
+
+    settings_at: float = 0.0
+
+    def reset_setting(self, settings: Any) -> None:
+        super().reset_setting(settings)  # type: ignore[misc]
+        self.settings_at = time.monotonic()
+
+
+class _Producer(_SettingsClock, Producer):  # type: ignore[misc]
+    pass
+
+
+class _SimpleConsumer(_SettingsClock, SimpleConsumer):  # type: ignore[misc]
+    pass
+
+
+def new_producer(endpoint: str, request_timeout_s: float, topics: Iterable[str], checker: Any) -> Any:
+    return _Producer(config(endpoint, request_timeout_s), topics=tuple(topics), checker=checker)
+
+
+def new_simple_consumer(
+    endpoint: str, request_timeout_s: float, group: str, subscription: dict[str, Any], await_s: int
+) -> Any:
+    return _SimpleConsumer(config(endpoint, request_timeout_s), group, subscription, await_duration=await_s)
+
+
+def wait_for_settings(client: Any, timeout_s: float) -> bool:
+    """`startup()` returns even when nothing answered; the first settings prove the proxy knows us."""
+    event: threading.Event = client._init_settings_event
+    return event.wait(timeout_s)
+
+
+def settings_age_s(client: Any) -> float | None:
+    """Seconds since the proxy last sent this client its settings (None: never)."""
+    at = getattr(client, "settings_at", 0.0)
+    return time.monotonic() - at if at else None
+
+
+# --- the telemetry stream ---------------------------------------------------------------------------------
+def _endpoints(client: Any) -> list[Any]:
+    return list(client.route_manager.get_all_endpoints().values())
+
+
+def dead_streams(client: Any) -> list[Any]:
+    """The endpoints whose telemetry stream has ended (or was never opened)."""
+    dead = []
+    for endpoints in _endpoints(client):
+        channel = client.rpc_client.channels.get(endpoints)
+        stream = channel.telemetry_stream_stream_call if channel is not None else None
+        call = getattr(stream, _STREAM_CALL, None)
+        if call is None or call.done():
+            dead.append(endpoints)
+    return dead
+
+
+def resync(client: Any, endpoints: Iterable[Any] | None = None) -> int:
+    """Open a new telemetry stream to each endpoint and write the client's settings on it.
+
+    A grpc.aio stream is created on the loop that will run it: the work is handed to the client's loop.
+    """
+    chosen = list(endpoints) if endpoints is not None else _endpoints(client)
+
+    def reopen() -> None:
+        for each in chosen:
+            client.on_new_endpoints(each)
+
+    io_loop(client).call_soon_threadsafe(reopen)
+    return len(chosen)
+
+
+def settings_lost(error: BaseException) -> bool:
+    text = str(error)
+    return any(marker in text for marker in SETTINGS_LOST_MARKERS)
+
+
+# --- raw RPCs on the client's loop ------------------------------------------------------------------------
+def io_loop(client: Any) -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop = client.rpc_client.get_channel_io_loop()
+    return loop
+
+
+async def call(client: Any, method: str, endpoints: Any, request: Any, timeout_s: float) -> Any:
+    """One RPC (`send_message_async`, `end_transaction_async`, `ack_message_async`), awaited on the client's loop."""
+    future = getattr(client.rpc_client, method)(endpoints, request, client.sign(), timeout_s)
+    return await asyncio.wrap_future(future)
+
+
+def blocking_call(client: Any, method: str, endpoints: Any, request: Any, timeout_s: float) -> Any:
+    future = getattr(client.rpc_client, method)(endpoints, request, metadata=client.sign(), timeout=timeout_s)
+    return future.result()
+
+
+def queue_selector(client: Any, topic: str) -> Any:
+    """A round-robin selector over the topic's writable queues (a blocking route fetch: not on the loop)."""
+    return QueueSelector.producer_queue_selector(client._retrieve_topic_route_data(topic))
+
+
+def next_endpoints(selector: Any) -> Any:
+    return selector.select_next_queue().endpoints
+
+
+def new_message_id() -> str:
+    message_id: str = MessageIdCodec().next_message_id()
+    return message_id
+
+
+def half_message_request(topic: str, key: str, body: bytes, tag: str, message_id: str, born_ms: int) -> Any:
+    request = SendMessageRequest()
+    message = request.messages.add()
+    message.topic.name = topic
+    message.body = body
+    message.system_properties.tag = tag
+    message.system_properties.keys.append(key)
+    message.system_properties.message_id = message_id
+    message.system_properties.message_type = MessageType.TRANSACTION
+    message.system_properties.born_timestamp.FromMilliseconds(born_ms)
+    message.system_properties.born_host = _HOSTNAME
+    message.system_properties.body_encoding = Encoding.IDENTITY
+    return request
+
+
+def sent(response: Any) -> tuple[str, str]:
+    """(message id, transaction id) of an accepted send; raises Throttled or the client's own error."""
+    try:
+        MessagingResultChecker.check(response.status)
+    except TooManyRequestsException as exc:
+        raise Throttled(str(exc)) from exc
+    entry = response.entries[0]
+    return entry.message_id, entry.transaction_id
+
+
+def end_transaction_request(topic: str, message_id: str, transaction_id: str, *, commit: bool) -> Any:
+    request = EndTransactionRequest()
+    request.topic.name = topic
+    request.message_id = message_id
+    request.transaction_id = transaction_id
+    request.resolution = TransactionResolution.COMMIT if commit else TransactionResolution.ROLLBACK
+    request.source = TransactionSource.SOURCE_CLIENT
+    return request
+
+
+def ok(response: Any) -> bool:
+    return bool(response.status.code == Code.OK)
+
+
+def ack_request(group: str, topic: str, handles: Iterable[tuple[str, str]]) -> Any:
+    """One AckMessageRequest for many (message id, receipt handle) pairs of one topic."""
+    request = AckMessageRequest()
+    request.group.name = group
+    request.topic.name = topic
+    for message_id, receipt_handle in handles:
+        entry = AckMessageEntry()
+        entry.message_id = message_id
+        entry.receipt_handle = receipt_handle
+        request.entries.append(entry)
+    return request
+
+
+def ack_results(response: Any) -> list[tuple[str, bool, str]]:
+    """(message id, accepted, status message) per entry of an ack reply."""
+    return [(e.message_id, e.status.code == Code.OK, e.status.message) for e in response.entries]
+
+
+# --- the shape the code above relies on ---------------------------------------------------------------------
+def shape_problems() -> list[str]:
+    """What the installed client lacks of what this module uses; empty when the client is the one we know."""
+    problems: list[str] = []
+
+    def need(owner: Any, name: str, params: tuple[str, ...] = ()) -> None:
+        member = getattr(owner, name, None)
+        if member is None:
+            problems.append(f"{owner.__name__}.{name} is gone")
+            return
+        if params:
+            found = tuple(inspect.signature(member).parameters)
+            if found[: len(params)] != params:
+                problems.append(f"{owner.__name__}.{name}{found} no longer takes {params}")
+
+    for method in ("send_message_async", "end_transaction_async", "ack_message_async"):
+        need(RpcClient, method, ("self", "endpoints", "req", "metadata", "timeout"))
+    need(RpcClient, "get_channel_io_loop")
+    for owner in (Producer, SimpleConsumer):
+        need(owner, "_retrieve_topic_route_data", ("self", "topic"))
+        need(owner, "reset_setting", ("self", "settings"))
+        need(owner, "on_new_endpoints", ("self", "endpoints"))
+        need(owner, "sign")
+        need(owner, "route_manager")
+        need(owner, "rpc_client")
+    need(QueueSelector, "producer_queue_selector", ("route",))
+    need(MessageIdCodec, "next_message_id")
+    need(MessagingResultChecker, "check", ("status",))
+    sentinel = object()
+    if getattr(RpcStreamStreamCall(None, sentinel, None), _STREAM_CALL, None) is not sentinel:
+        problems.append(f"RpcStreamStreamCall no longer keeps its grpc call in {_STREAM_CALL}")
+    if "_init_settings_event" not in inspect.getsource(Producer.reset_setting):
+        problems.append("Producer.reset_setting no longer sets _init_settings_event")
+    for message, fields in (
+        (SendMessageRequest().messages.add().system_properties, ("born_timestamp", "message_id", "keys", "tag")),
+        (EndTransactionRequest(), ("topic", "message_id", "transaction_id", "resolution", "source")),
+        (AckMessageRequest(), ("group", "topic", "entries")),
+    ):
+        names = {f.name for f in message.DESCRIPTOR.fields}
+        problems += [f"{message.DESCRIPTOR.name}.{f} is gone" for f in fields if f not in names]
+    return problems

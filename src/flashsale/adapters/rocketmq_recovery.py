@@ -1,0 +1,98 @@
+"""A watchdog that brings RocketMQ clients back after a proxy restart, in the same process, within seconds.
+
+A restarted proxy has forgotten every client: consumers are refused ("settings is null", code 40015)
+and transaction checks no longer reach producers, because both hang on the client's telemetry stream,
+which the client itself reopens only every 300 s (see rocketmq_internals.py). The watchdog looks at each
+watched client's streams twice a second and, when one has ended or an adapter reports a refusal that
+means lost settings, reopens the stream and sends the settings again.
+
+It never touches messages: what was received and not acked stays unacked, and comes back from the
+broker when its invisible time ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flashsale.adapters import rocketmq_internals as internals
+
+logger = logging.getLogger(__name__)
+
+#: How often the streams are looked at.
+INTERVAL_S = 0.5
+#: Least time between two resyncs of one client: a new stream needs a moment to open.
+MIN_GAP_S = 2.0
+
+
+@dataclass
+class _Watched:
+    client: Any
+    name: str
+    poked: bool = False
+    last_resync: float = 0.0
+
+
+class StreamWatchdog:
+    def __init__(self, *, interval_s: float = INTERVAL_S, min_gap_s: float = MIN_GAP_S) -> None:
+        self._interval_s = interval_s
+        self._min_gap_s = min_gap_s
+        self._watched: dict[int, _Watched] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.resyncs = 0
+
+    def watch(self, client: Any, name: str) -> None:
+        with self._lock:
+            self._watched[id(client)] = _Watched(client, name, last_resync=time.monotonic())
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rocketmq-watchdog", daemon=True)
+                self._thread.start()
+
+    def forget(self, client: Any) -> None:
+        with self._lock:
+            self._watched.pop(id(client), None)
+
+    def poke(self, client: Any) -> None:
+        """An adapter saw a reply that means the proxy lost this client's settings: resync soon."""
+        with self._lock:
+            watched = self._watched.get(id(client))
+            if watched is not None:
+                watched.poked = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            with self._lock:
+                watched = list(self._watched.values())
+            for each in watched:
+                try:
+                    self._look_at(each)
+                except Exception:  # the watchdog must outlive any one failure
+                    logger.exception("could not check the telemetry streams of %s", each.name)
+
+    def _look_at(self, each: _Watched) -> None:
+        dead = internals.dead_streams(each.client)
+        if not dead and not each.poked:
+            return
+        now = time.monotonic()
+        if now - each.last_resync < self._min_gap_s:
+            return
+        each.poked = False
+        each.last_resync = now
+        count = internals.resync(each.client, dead or None)
+        self.resyncs += 1
+        logger.warning(
+            "%s: %s; reopened %d telemetry stream(s) and re-sent its settings",
+            each.name,
+            "the broker's telemetry stream ended" if dead else "the broker no longer knows its settings",
+            count,
+        )

@@ -1,0 +1,118 @@
+"""Which purchases of a batch of deduction messages were really deducted: the Redis log decides, never the body.
+
+A half message's body is written before its pre-deduct runs, so it lists every purchase it carries, the
+rejected ones too. The pre-deduct names the message in the log entry of each purchase it accepts, and
+keeps a record of each purchase's outcome (fs:{sku}:tx). From those the consumer learns what to apply:
+
+- a purchase whose log entry names its message: applied, with the log's user, quantity and time;
+- on a replay (no message of its own): a purchase whose token the log holds as deducted;
+- a purchase whose token another message deducted: a duplicate, nothing to apply;
+- a purchase the record says was accepted but whose token the log does not hold, or one of a committed
+  message Redis has no record of at all: a conflict, for reconcile and an operator (Redis lost data);
+- anything else: skipped, it was rejected (sold out, limit) and deducted nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from flashsale import constants as c
+from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Delivery, Purchase
+from flashsale.records import Conflict, Incoming, LogEntry, Prededuct, TxRecord
+
+logger = logging.getLogger(__name__)
+
+Found = Mapping[str, tuple[Mapping[str, LogEntry | None], Mapping[str, TxRecord | None]]]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    delivery: Delivery
+    message: DeductionMessage
+
+    @property
+    def replay(self) -> bool:
+        return self.message.source == SOURCE_REPLAY or not self.message.gid
+
+
+@dataclass
+class Plan:
+    apply: list[Incoming] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+    duplicates: int = 0
+    skipped: int = 0
+
+
+def wanted(decoded: Sequence[Decoded]) -> dict[str, tuple[list[str], list[str]]]:
+    """Per SKU, the tokens whose log entries and the messages whose records the plan needs."""
+    need: dict[str, tuple[list[str], list[str]]] = {}
+    for d in decoded:
+        tokens, gids = need.setdefault(d.message.sku, ([], []))
+        tokens += [t for t in d.message.tokens if t not in tokens]
+        if not d.replay and d.message.gid not in gids:
+            gids.append(d.message.gid)
+    return need
+
+
+def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
+    result = Plan()
+    for d in decoded:
+        message = d.message
+        entries, records = found[message.sku]
+        if d.replay:
+            for purchase in message.purchases:
+                entry = entries.get(purchase.token)
+                if entry is not None and entry.state in c.DEDUCTED_STATES:
+                    result.apply.append(_incoming(d, entry))
+                else:
+                    result.skipped += 1
+            continue
+        record = records.get(message.gid)
+        logged = [entries.get(p.token) for p in message.purchases]
+        deducted = [e if e is not None and e.state in c.DEDUCTED_STATES else None for e in logged]
+        named = [e if e is not None and e.message_id == message.gid else None for e in deducted]
+        for i, (purchase, entry) in enumerate(zip(message.purchases, named, strict=True)):
+            if entry is not None:
+                if (entry.user, entry.qty) != (purchase.user_id, purchase.qty):
+                    logger.warning(
+                        "message %s carries token %s as user %s qty %d; applying the log's user %s qty %d",
+                        message.gid,
+                        purchase.token,
+                        purchase.user_id,
+                        purchase.qty,
+                        entry.user,
+                        entry.qty,
+                    )
+                result.apply.append(_incoming(d, entry))
+            elif deducted[i] is not None:
+                result.duplicates += 1
+            elif _lost(record, i, any(named)):
+                reason = (
+                    f"message {message.gid} was committed but Redis has no record of its pre-deduct"
+                    if record is None
+                    else f"message {message.gid} accepted it, but the Redis log has no deduction by that message"
+                )
+                result.conflicts.append(Conflict(_deduction(message, purchase), message.gid, reason))
+            else:
+                result.skipped += 1
+    return result
+
+
+def _lost(record: TxRecord | None, index: int, any_named: bool) -> bool:
+    """Was purchase `index` accepted, yet its log entry is gone?"""
+    if record is None:
+        # A committed message always has a record; without one, only a message none of whose
+        # purchases the log names is certainly a loss (the others may have been rejections).
+        return not any_named
+    return record.state == c.TX_RAN and index < len(record.codes) and record.codes[index] is Prededuct.ACCEPTED
+
+
+def _incoming(d: Decoded, entry: LogEntry) -> Incoming:
+    deduction = Deduction(entry.token, d.message.sku, entry.user, entry.qty, entry.ts_ms, d.message.source)
+    return Incoming(deduction, entry.message_id or d.delivery.message_id, d.delivery.topic)
+
+
+def _deduction(message: DeductionMessage, purchase: Purchase) -> Deduction:
+    return Deduction(purchase.token, message.sku, purchase.user_id, purchase.qty, message.ts_ms, message.source)
