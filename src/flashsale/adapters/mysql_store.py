@@ -36,8 +36,10 @@ _UNREACHABLE = {2002, 2003, 2006, 2013, 2055, 1053}
 #: The row this process writes to prove the database takes writes.
 _HEARTBEAT_NAME = f"{socket.gethostname()}:{os.getpid()}"[:128]
 #: Errors that go away when the same transaction is simply run again (deadlock, lock wait timeout,
-#: read-only during a failover, too many connections).
-_TRANSIENT = {1213, 1205, 1290, 1040, 1614}
+#: too many connections).
+_TRANSIENT = {1213, 1205, 1040, 1614}
+#: The server is read-only (--read-only, or innodb_read_only): a replica, or a failover in progress.
+_READ_ONLY = {1290, 1836}
 
 
 def query(name: str, *expanding: str) -> sa.TextClause:
@@ -76,6 +78,10 @@ class MySQLStore:
             code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
             if exc.connection_invalidated or code in _UNREACHABLE:
                 raise ServiceUnavailable("MySQL", self.address, f"{what}: {exc.orig}") from exc
+            if code in _READ_ONLY:
+                raise ServiceUnavailable(
+                    "MySQL", self.address, f"it refuses writes (read-only): {what}: {exc.orig}"
+                ) from exc
             raise StoreError(f"{what} failed: {exc.orig}", retriable=code in _TRANSIENT) from exc
         except sa.exc.SQLAlchemyError as exc:  # pool exhausted, connection closed under us, ...
             raise StoreError(f"{what} failed: {exc}", retriable=True) from exc

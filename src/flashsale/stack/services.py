@@ -14,7 +14,7 @@ from flashsale import constants as c
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, StackError
 from flashsale.stack import install
-from flashsale.stack.layout import StackLayout
+from flashsale.stack.layout import StackLayout, infra_file
 
 HOST = c.DEFAULT_HOST
 #: The stack's own NORMAL topic, used to prove the broker accepts a send.
@@ -27,14 +27,19 @@ JDK17_OPENS = (
     "--add-opens=java.base/sun.nio.ch=ALL-UNNAMED",
     "--add-exports=java.base/sun.nio.ch=ALL-UNNAMED",
 )
-#: Transaction checks: a half message is checked once older than TIMEOUT (the broker default), every
-#: INTERVAL (default 30 s; shorter here so a crashed producer's purchase settles within seconds), at most
-#: MAX times (a 90 s window; reconcile catches what it drops). Op markers ("this one is resolved") are
-#: written every OP_BATCH (default 3 s): well inside TIMEOUT, so resolved messages are not checked again.
-TRANSACTION_TIMEOUT_MS = 6000
-TRANSACTION_CHECK_INTERVAL_MS = 3000
-TRANSACTION_CHECK_MAX = 30
-TRANSACTION_OP_BATCH_MS = 500
+#: The broker's settings shared with docker-compose.yml (transaction checks among them).
+BROKER_CONF = "rocketmq/broker.conf"
+
+
+def broker_settings() -> dict[str, str]:
+    """The shared broker settings, as the broker reads them (java.util.Properties: a later key wins)."""
+    settings = {}
+    for line in infra_file(BROKER_CONF).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
 
 
 class Service(ABC):
@@ -361,35 +366,22 @@ class BrokerService(_RocketMQService):
         install.rocketmq_lib()
         store = self.dir / "store"
         self.conf_dir.mkdir(parents=True, exist_ok=True)
-        (self.conf_dir / "broker.conf").write_text(
-            "\n".join(
-                [
-                    f"brokerClusterName={c.CLUSTER_NAME}",
-                    "brokerName=broker-a",
-                    "brokerId=0",
-                    "brokerRole=ASYNC_MASTER",
-                    "flushDiskType=ASYNC_FLUSH",
-                    f"namesrvAddr={self.namesrv_addr}",
-                    # Routes handed to gRPC clients carry brokerIP1: it must be loopback, never a NIC address.
-                    f"brokerIP1={HOST}",
-                    f"brokerIP2={HOST}",
-                    f"bindAddress={HOST}",
-                    f"listenPort={self.settings.ports.broker}",
-                    f"haListenPort={self.settings.ports.broker + 1}",
-                    f"storePathRootDir={store}",
-                    f"storePathCommitLog={store / 'commitlog'}",
-                    "mappedFileSizeCommitLog=134217728",
-                    "deleteWhen=04",
-                    "fileReservedTime=48",
-                    "autoCreateSubscriptionGroup=true",
-                    f"transactionTimeOut={TRANSACTION_TIMEOUT_MS}",
-                    f"transactionCheckInterval={TRANSACTION_CHECK_INTERVAL_MS}",
-                    f"transactionCheckMax={TRANSACTION_CHECK_MAX}",
-                    f"transactionOpBatchInterval={TRANSACTION_OP_BATCH_MS}",
-                    "",
-                ]
-            )
-        )
+        overrides = [
+            "",
+            "# The native stack's own ports and paths (flashsale stack up).",
+            f"brokerClusterName={c.CLUSTER_NAME}",
+            f"namesrvAddr={self.namesrv_addr}",
+            f"brokerIP1={HOST}",
+            f"brokerIP2={HOST}",
+            f"bindAddress={HOST}",
+            f"listenPort={self.settings.ports.broker}",
+            f"haListenPort={self.settings.ports.broker + 1}",
+            f"storePathRootDir={store}",
+            f"storePathCommitLog={store / 'commitlog'}",
+            "",
+        ]
+        shared = infra_file(BROKER_CONF).read_text()
+        (self.conf_dir / "broker.conf").write_text(shared.rstrip("\n") + "\n" + "\n".join(overrides))
         (self.conf_dir / "rmq-proxy.json").write_text(
             json.dumps(
                 {

@@ -1,0 +1,140 @@
+"""The books, read back with plain SQL and plain Redis commands: an oracle that shares no code with flashsale.
+
+Every acceptance test judges the pipeline with this module, never with flashsale's own reconcile, so
+that a blind spot in reconcile cannot hide the same defect from the tests. The Redis key layout and the
+SQL tables are written out here a second time on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import pymysql
+import redis
+from sqlalchemy.engine.url import make_url
+
+#: Answers after which a buyer holds a purchase: each such token must have exactly one order.
+HOLDS = frozenset({"accepted", "duplicate"})
+
+
+@dataclass
+class Books:
+    sku: str
+    redis_initial: int
+    redis_stock: int
+    redis_deducted: dict[str, int]  # token -> qty, log entries whose deduction stands
+    redis_counter_qty: int
+    mysql_initial: int
+    mysql_stock: int
+    mysql_deducted: dict[str, int]  # token -> qty, rows of stock_deductions
+    orders: Counter[str]  # token -> orders
+    ordered_qty: int
+    open_conflicts: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def sold(self) -> int:
+        return sum(self.redis_deducted.values())
+
+    def oversold(self) -> int:
+        """Units sold beyond the initial stock, on the worst of the three books."""
+        return max(
+            0,
+            self.sold - self.redis_initial,
+            sum(self.mysql_deducted.values()) - self.mysql_initial,
+            self.ordered_qty - self.mysql_initial,
+            -self.redis_stock,
+            -self.mysql_stock,
+        )
+
+    def lost(self, answers: Mapping[str, Iterable[str]]) -> list[str]:
+        """Tokens a buyer was told they hold (accepted or duplicate) that do not have exactly one order."""
+        return sorted(t for t, said in answers.items() if HOLDS & set(said) and self.orders.get(t, 0) != 1)
+
+    def balance(self) -> list[str]:
+        """What keeps the three books from agreeing, or [] when Redis, MySQL and the orders say the same."""
+        problems = []
+        if self.redis_initial != self.mysql_initial:
+            problems.append(f"initial stock: Redis {self.redis_initial}, MySQL {self.mysql_initial}")
+        if self.redis_stock + self.sold != self.redis_initial:
+            problems.append(f"Redis stock {self.redis_stock} + sold {self.sold} != initial {self.redis_initial}")
+        if self.redis_counter_qty != self.sold:
+            problems.append(f"Redis counter {self.redis_counter_qty} != log {self.sold}")
+        applied = sum(self.mysql_deducted.values())
+        if self.mysql_stock + applied != self.mysql_initial:
+            problems.append(f"MySQL stock {self.mysql_stock} + applied {applied} != initial {self.mysql_initial}")
+        if self.redis_deducted != self.mysql_deducted:
+            missing = sorted(set(self.redis_deducted) - set(self.mysql_deducted))
+            extra = sorted(set(self.mysql_deducted) - set(self.redis_deducted))
+            problems.append(
+                f"{len(missing)} deduction(s) not in MySQL {missing[:5]}, {len(extra)} not in Redis {extra[:5]}"
+            )
+        doubled = sorted(t for t, n in self.orders.items() if n != 1)
+        if set(self.orders) != set(self.mysql_deducted) or doubled:
+            problems.append(f"orders do not match deductions ({len(self.orders)} vs {len(self.mysql_deducted)})")
+        if self.ordered_qty != applied:
+            problems.append(f"ordered {self.ordered_qty} units, applied {applied}")
+        if self.open_conflicts:
+            problems.append(f"{self.open_conflicts} open conflict(s)")
+        return problems
+
+
+def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
+    """The SKU's books as they are now, from both stores (Redis first; MySQL only ever lags behind it)."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        tag = "{" + sku + "}"
+        stock = r.get(f"fs:{tag}:stock")
+        meta = r.hgetall(f"fs:{tag}:meta")
+        deducted: dict[str, int] = {}
+        for token, raw in r.hscan_iter(f"fs:{tag}:log", count=1000):
+            entry = json.loads(raw)
+            if entry["state"] == "deducted":
+                deducted[token] = int(entry["qty"])
+    finally:
+        r.close()
+    url = make_url(mysql_url)
+    conn = pymysql.connect(
+        host=url.host, port=url.port or 3306, user=url.username, password=url.password, database=url.database
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT initial_stock, stock FROM inventory WHERE sku = %s", (sku,))
+            inventory = cur.fetchone()
+            cur.execute("SELECT token, qty FROM stock_deductions WHERE sku = %s", (sku,))
+            rows = {token: int(qty) for token, qty in cur.fetchall()}
+            cur.execute("SELECT token, qty FROM orders WHERE sku = %s", (sku,))
+            orders = cur.fetchall()
+            cur.execute("SELECT COUNT(*) FROM conflicts WHERE sku = %s AND resolved_at IS NULL", (sku,))
+            conflicts = cur.fetchone()
+    finally:
+        conn.close()
+    return Books(
+        sku=sku,
+        redis_initial=int(meta.get("initial", -1)),
+        redis_stock=int(stock) if stock is not None else -1,
+        redis_deducted=deducted,
+        redis_counter_qty=int(meta.get("deducted_qty", 0)),
+        mysql_initial=int(inventory[0]) if inventory else -1,
+        mysql_stock=int(inventory[1]) if inventory else -1,
+        mysql_deducted=rows,
+        orders=Counter(token for token, _ in orders),
+        ordered_qty=sum(int(qty) for _, qty in orders),
+        open_conflicts=int(conflicts[0]) if conflicts else 0,
+    )
+
+
+def wait_balanced(redis_url: str, mysql_url: str, sku: str, timeout_s: float) -> tuple[Books, float]:
+    """Read the books until they balance or `timeout_s` passes; returns them and the seconds it took."""
+    started = time.monotonic()
+    while True:
+        books = read_books(redis_url, mysql_url, sku)
+        books.problems = books.balance()
+        elapsed = time.monotonic() - started
+        if not books.problems or elapsed > timeout_s:
+            return books, elapsed
+        time.sleep(0.25)
