@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import BusyLoadingError, NoScriptError
 
 from flashsale import lua
 from flashsale.adapters.redis_stock import (
@@ -26,9 +26,18 @@ from flashsale.adapters.redis_stock import (
     prededuct_call,
     unavailable,
 )
-from flashsale.errors import ServiceUnavailable, StockError
+from flashsale.errors import StockError
 from flashsale.models import Purchase
 from flashsale.records import LogEntry, PredeductResult, StockView
+
+
+class _Failed(Exception):
+    """The pre-deduct failed to reach Redis; `reached` says whether the script may have run."""
+
+    def __init__(self, cause: Exception, *, reached: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.reached = reached
 
 
 class AsyncRedisStock:
@@ -54,20 +63,20 @@ class AsyncRedisStock:
         keys, args = prededuct_call(sku, gid, purchases)
         try:
             reply = await self._prededuct(keys, args)
-        except ServiceUnavailable as first:
+        except _Failed as first:
             if not first.reached:
-                raise
+                raise unavailable(self.url, "prededuct (not sent)", first.cause, reached=False) from first.cause
             try:  # the script may have run: ask again; a run that happened answers the same, deducting nothing
                 reply = await self._prededuct(keys, args)
-            except ServiceUnavailable as second:
-                raise unavailable(self.url, "prededuct", second) from second
+            except _Failed as second:
+                raise unavailable(self.url, "prededuct", first.cause) from second.cause
         return parse_prededuct(purchases, reply)
 
     async def _prededuct(self, keys: list[str], args: list[str]) -> list[Any]:
         try:
             conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         except UNREACHABLE as exc:
-            raise unavailable(self.url, "prededuct (not sent)", exc, reached=False) from exc
+            raise _Failed(exc, reached=False) from exc
         try:
             try:
                 reply = await self._evalsha(conn, keys, args)
@@ -75,9 +84,11 @@ class AsyncRedisStock:
                 await conn.send_command("SCRIPT", "LOAD", self._source)
                 await conn.read_response()
                 reply = await self._evalsha(conn, keys, args)
+        except BusyLoadingError as exc:  # a restarted server still reading its data refuses every command
+            raise _Failed(exc, reached=False) from exc
         except UNREACHABLE as exc:
             await conn.disconnect()
-            raise unavailable(self.url, "prededuct", exc) from exc
+            raise _Failed(exc, reached=True) from exc
         except redis.ResponseError as exc:
             raise StockError(f"Redis script prededuct failed: {exc}") from exc
         finally:
