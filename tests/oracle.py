@@ -12,10 +12,17 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pymysql
 import redis
 from sqlalchemy.engine.url import make_url
+
+
+class _HasUrls(Protocol):
+    redis_url: str
+    mysql_url: str
+
 
 #: Answers after which a buyer holds a purchase: each such token must have exactly one order.
 HOLDS = frozenset({"accepted", "duplicate"})
@@ -34,11 +41,21 @@ class Books:
     orders: Counter[str]  # token -> orders
     ordered_qty: int
     open_conflicts: int
+    redis_fenced: int = 0  # messages the checker fenced (the meta counter)
     problems: list[str] = field(default_factory=list)
 
     @property
     def sold(self) -> int:
         return sum(self.redis_deducted.values())
+
+    @property
+    def applied(self) -> list[str]:
+        """Tokens MySQL applied, sorted."""
+        return sorted(self.mysql_deducted)
+
+    @property
+    def order_count(self) -> int:
+        return sum(self.orders.values())
 
     def oversold(self) -> int:
         """Units sold beyond the initial stock, on the worst of the three books."""
@@ -125,7 +142,18 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
         orders=Counter(token for token, _ in orders),
         ordered_qty=sum(int(qty) for _, qty in orders),
         open_conflicts=int(conflicts[0]) if conflicts else 0,
+        redis_fenced=int(meta.get("fenced_count", 0)),
     )
+
+
+def now(settings: _HasUrls, sku: str) -> Books:
+    """The books as they are right now."""
+    return read_books(settings.redis_url, settings.mysql_url, sku)
+
+
+def balanced(settings: _HasUrls, sku: str, timeout_s: float = 90) -> Books:
+    """The books once they balance (or as they are after `timeout_s`: then `problems` says why not)."""
+    return wait_balanced(settings.redis_url, settings.mysql_url, sku, timeout_s)[0]
 
 
 def wait_balanced(redis_url: str, mysql_url: str, sku: str, timeout_s: float) -> tuple[Books, float]:

@@ -1,8 +1,13 @@
-"""Run the real `flashsale ... run` processes for a test, in the session's namespace (see ops/fleet.py)."""
+"""Run the real `flashsale ... run` processes for a test, in the session's namespace (see ops/fleet.py).
+
+Every child is watched: a child that exits without the test asking for it, stops with a non-zero code,
+or logs a traceback from flashsale's own code fails the test, with each such child's log attached.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +17,22 @@ from flashsale.ops.fleet import Child, Fleet, free_port
 from tests.conftest import clean_environment
 
 __all__ = ["Child", "Pipeline", "free_port", "post"]
+
+#: The head of a log line: time, level, process, logger name (see flashsale/logs.py).
+_HEAD = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ \S+ (?P<logger>[\w.\-]+): ")
+
+
+def tracebacks(log: str) -> list[str]:
+    """The log lines of flashsale's own loggers that carry a traceback."""
+    found, head = [], ""
+    for line in log.splitlines():
+        if _HEAD.match(line):
+            head = line
+        elif line.startswith("Traceback (most recent call last)"):
+            match = _HEAD.match(head)
+            if match is None or match["logger"].startswith("flashsale"):
+                found.append(head or line)
+    return found
 
 
 class Pipeline(Fleet):
@@ -28,6 +49,12 @@ class Pipeline(Fleet):
         )
         super().__init__(env, logs)
         self.settings = settings
+        self._doomed: set[int] = set()
+
+    def doomed(self, child: Child) -> Child:
+        """The test kills this child, or a failpoint does: its death is not a failure."""
+        self._doomed.add(id(child))
+        return child
 
     def producer(
         self,
@@ -36,7 +63,10 @@ class Pipeline(Fleet):
         failpoints: str = "",  # type: ignore[override]
         **env: str,
     ) -> tuple[Child, str]:
-        return super().producer(*options, port=port, FLASHSALE_FAILPOINTS=failpoints, **env)
+        child, url = super().producer(*options, port=port, FLASHSALE_FAILPOINTS=failpoints, **env)
+        if failpoints:
+            self.doomed(child)
+        return child, url
 
     def consumer(
         self,
@@ -46,7 +76,27 @@ class Pipeline(Fleet):
         **env: str,
     ) -> Child:
         extra = ("--metrics-port", str(metrics_port)) if metrics_port else ()
-        return super().consumer(*options, *extra, FLASHSALE_FAILPOINTS=failpoints, **env)
+        child = super().consumer(*options, *extra, FLASHSALE_FAILPOINTS=failpoints, **env)
+        if failpoints:
+            self.doomed(child)
+        return child
+
+    def stop(self) -> None:
+        """Stop every child gracefully, then fail if any of them misbehaved."""
+        died = {id(c) for c in self.children if c.popen.poll() is not None and not c.stopping}
+        super().stop()
+        problems = []
+        for child in self.children:
+            if id(child) in self._doomed:
+                continue
+            own = [f"{child.role} logged a traceback: {line}" for line in tracebacks(child.text())]
+            if id(child) in died:
+                own.append(f"{child.role} exited on its own with code {child.popen.returncode}")
+            elif child.popen.returncode != 0:
+                own.append(f"{child.role} stopped with code {child.popen.returncode}")
+            if own:
+                problems += [*own, f"--- {child.log} ---\n{child.text()[-4000:]}"]
+        assert not problems, "\n".join(problems)
 
 
 def post(url: str, payload: dict[str, object], timeout_s: float = 10) -> tuple[int, dict[str, object]]:

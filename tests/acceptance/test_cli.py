@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from flashsale.models import Purchase
 from flashsale.ops.setup import set_stock
 from flashsale.stack import procs
 from tests.conftest import clean_environment
+from tests.oracle import balanced, now
 
 
 def run(settings: Settings, *args: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
@@ -113,11 +115,14 @@ def test_bad_input_gets_one_clear_line_a_nonzero_exit_and_changes_nothing(
     says: str,
 ) -> None:
     set_stock(settings, sku, 7)
+    before = now(settings, sku)
     result = run(settings, *(a.format(sku=sku) for a in args), **env)
     assert result.returncode == expected_code, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    after = now(settings, sku)
+    assert after == before  # Redis, MySQL and the orders, read back with plain commands
     assert redis_stock.view(sku).stock == 7 and redis_stock.history(sku) == 0
 
 
@@ -156,16 +161,9 @@ def test_stock_set_checks_every_bound_before_writing_anything(
 
 
 def mysql_view(settings: Settings, sku: str) -> tuple[int, int]:
-    """(initial, stock) of the SKU, read with plain SQL."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(settings.mysql_url)
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(sa.text("SELECT initial_stock, stock FROM inventory WHERE sku = :s"), {"s": sku}).one()
-            return int(row.initial_stock), int(row.stock)
-    finally:
-        engine.dispose()
+    """(initial, stock) of the SKU in MySQL, read with plain SQL."""
+    books = now(settings, sku)
+    return books.mysql_initial, books.mysql_stock
 
 
 def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settings) -> None:
@@ -186,18 +184,31 @@ def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settin
     results = {r["strategy"]: r for r in json.loads(result.stdout)["results"]}
     assert set(results) == {"mysql-lock", "mysql-optimistic", "pipeline"}
     for r in results.values():
+        (sku,) = r["skus"]
+        books = now(settings, sku)
+        # What the bench says it sold is what MySQL holds, read back with plain SQL.
         assert r["attempts"] == 400 and r["consistent"], r
-        assert r["accepted"] <= 100  # never oversold
-        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["accepted"] == books.order_count == len(books.mysql_deducted) <= 100
+        assert books.mysql_stock + sum(books.mysql_deducted.values()) == books.mysql_initial == 100
+        # No latency exceeds the whole run, and the rate is the attempts over the run's time.
+        assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["elapsed_s"] * 1000
+        assert r["throughput"] == pytest.approx(400 / r["elapsed_s"], rel=0.01)
     assert results["mysql-lock"]["accepted"] == results["pipeline"]["accepted"] == 100
-    assert results["mysql-lock"]["ratio"] == 1.0 and results["pipeline"]["ratio"] > 0
+    assert balanced(settings, results["pipeline"]["skus"][0]).problems == []
+    lock = results["mysql-lock"]["throughput"]
+    for r in results.values():
+        assert r["ratio"] == pytest.approx(r["throughput"] / lock, abs=0.01)
 
 
 def test_demo_runs_a_whole_sale_and_ends_with_balanced_books(settings: Settings) -> None:
     result = run(settings, "demo", "--stock", "60", "--attempts", "300", "--buyers", "30")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "accepted 60" in result.stdout and "sold_out 240" in result.stdout
-    assert "consistent" in result.stdout and "flashsale stack down" in result.stdout
+    assert "flashsale stack down" in result.stdout
+    sku = re.search(r"3/6 (demo-\S+): 60 units", result.stdout)
+    assert sku is not None, result.stdout
+    books = balanced(settings, sku[1])
+    assert books.problems == [] and books.order_count == 60 and books.mysql_stock == 0
 
 
 def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(settings: Settings) -> None:
@@ -220,4 +231,7 @@ def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(sett
     assert result.returncode == 0, result.stdout + result.stderr
     (pipeline,) = json.loads(result.stdout)["results"]
     assert pipeline["accepted"] == 300 and pipeline["consistent"]
-    assert pipeline["applied_per_s"] > 0 and pipeline["drain_s"] > 0
+    books = balanced(settings, pipeline["skus"][0])
+    assert books.problems == [] and books.order_count == 300
+    assert pipeline["drain_s"] > 0
+    assert pipeline["applied_per_s"] == pytest.approx(300 / pipeline["drain_s"], rel=0.05)

@@ -23,8 +23,8 @@ from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
 from flashsale.records import Prededuct
 from flashsale.stack.manager import Stack
-from tests.acceptance.books import applied_tokens, drained
 from tests.acceptance.harness import Pipeline, free_port, post
+from tests.oracle import balanced, now
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +60,9 @@ def test_producer_killed_after_the_half_message_is_rolled_back_and_its_message_f
     _, healthy = pipeline.producer()
     status, body = post(healthy, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t-crash"})
     assert (status, body["status"]) == (200, "accepted")
-    books = drained(redis_stock, mysql_store, sku)
-    assert books.consistent, books.problems
-    assert (books.redis_stock, books.mysql_stock, books.orders, books.redis_fenced) == (9, 9, 1, 1)
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert (books.redis_stock, books.mysql_stock, books.order_count, books.redis_fenced) == (9, 9, 1, 1)
 
 
 def test_producer_killed_after_the_prededuct_is_committed_by_the_checker(
@@ -76,10 +76,10 @@ def test_producer_killed_after_the_prededuct_is_committed_by_the_checker(
     assert doomed.wait_exit(10) != 0
 
     checker.wait_log("key t-crash -> commit", timeout_s=60)
-    books = drained(redis_stock, mysql_store, sku)
-    assert books.consistent, books.problems
-    assert (books.redis_stock, books.mysql_stock, books.orders) == (7, 7, 1)
-    assert applied_tokens(mysql_store, sku) == ["t-crash"]
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert (books.redis_stock, books.mysql_stock, books.order_count) == (7, 7, 1)
+    assert now(settings, sku).applied == ["t-crash"]
 
 
 def test_consumer_killed_between_commit_and_ack_gets_a_redelivery_that_changes_nothing(
@@ -92,13 +92,13 @@ def test_consumer_killed_between_commit_and_ack_gets_a_redelivery_that_changes_n
     load = asyncio.run(run_load(url, [sku], attempts=20, concurrency=4))
     assert load.statuses["accepted"] == 20
     assert doomed.wait_exit(30) != 0
-    committed = len(applied_tokens(mysql_store, sku))
+    committed = len(now(settings, sku).applied)
     assert committed > 0  # the killed consumer had committed its batch but acked nothing
 
     survivor = pipeline.consumer(FLASHSALE_INVISIBLE_S="5")
-    books = drained(redis_stock, mysql_store, sku, timeout_s=90)
-    assert books.consistent, books.problems
-    assert (books.mysql_applied, books.orders, books.mysql_stock) == (20, 20, 30)
+    books = balanced(settings, sku, 90)
+    assert books.problems == [], books.problems
+    assert (len(books.mysql_deducted), books.order_count, books.mysql_stock) == (20, 20, 30)
     # the redelivered messages reached the new consumer and were recognised as already applied
     survivor.wait_for(lambda: _duplicates(survivor.text()) >= committed, "seeing the redelivered batch", 60)
 
@@ -129,7 +129,7 @@ def test_mariadb_down_for_20_seconds_mid_sale_acks_nothing_and_loses_nothing(
 
     first = asyncio.run(run_load(url, [sku], attempts=100, concurrency=10, run_id="before"))
     assert first.statuses["accepted"] == 100
-    drained(redis_stock, mysql_store, sku, timeout_s=30)
+    balanced(settings, sku, 30)
 
     db = Stack(stack)
     db.down(["mariadb"])
@@ -142,9 +142,9 @@ def test_mariadb_down_for_20_seconds_mid_sale_acks_nothing_and_loses_nothing(
     finally:
         db.up(["mariadb"])
 
-    books = drained(redis_stock, mysql_store, sku, timeout_s=120)
-    assert books.consistent, books.problems
-    assert (books.mysql_applied, books.orders, books.mysql_stock, books.redis_stock) == (300, 300, 100, 100)
+    books = balanced(settings, sku, 120)
+    assert books.problems == [], books.problems
+    assert (len(books.mysql_deducted), books.order_count, books.mysql_stock, books.redis_stock) == (300, 300, 100, 100)
     assert _metric(metrics_url, "flashsale_consumer_batches_total") > acked_before
 
 
@@ -157,7 +157,7 @@ def test_a_duplicate_and_a_malformed_message_injected_into_the_topic_change_noth
     consumer = pipeline.consumer()
     _, body = post(url, {"sku": sku, "user_id": "u1", "qty": 2, "token": "t-real"})
     assert body["status"] == "accepted"
-    assert drained(redis_stock, mysql_store, sku).consistent
+    assert balanced(settings, sku).problems == []
 
     injector = RocketMQProducer(
         settings.rocketmq_endpoint, [settings.deduction_topic], lambda _: Resolution.ROLLBACK
@@ -187,6 +187,6 @@ def test_a_duplicate_and_a_malformed_message_injected_into_the_topic_change_noth
             conn.commit()
             time.sleep(0.5)
     assert len(rows) == 1 and "not JSON" in rows[0].reason
-    books = drained(redis_stock, mysql_store, sku)
-    assert books.consistent, books.problems
-    assert (books.mysql_applied, books.orders, books.mysql_stock) == (1, 1, 8)
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert (len(books.mysql_deducted), books.order_count, books.mysql_stock) == (1, 1, 8)

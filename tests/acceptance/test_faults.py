@@ -67,7 +67,7 @@ class Sale:
 
     def kill(self, victim: str) -> None:
         if victim in PROCESSES:
-            self.children[victim].popen.send_signal(signal.SIGKILL)
+            self.pipeline.doomed(self.children[victim]).popen.send_signal(signal.SIGKILL)
             self.children[victim].popen.wait(10)
             return
         record = procs.PidRecord.load(self.stack.layout.pid_file(victim))

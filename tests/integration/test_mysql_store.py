@@ -185,3 +185,37 @@ def test_ping_writes_a_heartbeat_so_a_read_only_server_fails_it(mysql_store: MyS
     mysql_store.ping()
     with mysql_store.transaction("read") as conn:
         assert conn.execute(sa.text("SELECT COUNT(*) FROM heartbeats")).scalar_one() >= 1
+
+
+def test_two_consumers_applying_overlapping_batches_at_once_never_deadlock(mysql_store: MySQLStore, sku: str) -> None:
+    import random
+    import threading
+
+    skus = [f"{sku}-{i}" for i in range(3)]
+    for name in skus:
+        mysql_store.load_stock(name, 10_000)
+    errors: list[Exception] = []
+
+    def consumer(seed: int) -> None:
+        rng = random.Random(seed)
+        store = MySQLStore(mysql_store.url)
+        try:
+            for _ in range(40):
+                # Shuffled batches over the same SKUs and tokens: without a lock order they would deadlock.
+                batch = [incoming(rng.choice(skus), f"t{rng.randrange(300)}") for _ in range(30)]
+                rng.shuffle(batch)
+                store.apply_batch(batch)
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=consumer, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for name in skus:
+        stock, deductions, orders = counts(mysql_store, name)
+        assert stock + deductions == 10_000 and deductions == orders > 0

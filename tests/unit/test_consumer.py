@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from flashsale.errors import FlashSaleError, ServiceUnavailable, StoreError
+from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StoreError
 from flashsale.models import SOURCE_REPLAY, DeductionMessage, Delivery, Purchase
 from flashsale.pipeline.consumer import DeductionConsumer
 from flashsale.records import ApplyReport, Conflict, DeadLetter, Incoming, Prededuct, TxRecord
@@ -249,3 +249,20 @@ def test_consumer_pauses_receipt_until_the_database_takes_writes_again() -> None
         "receive",
     ]
     assert consumer.stopping
+
+
+def test_an_ack_that_fails_after_the_commit_neither_reapplies_nor_hands_back() -> None:
+    consumer, _, calls, log = _consumer()
+    _deducted(log, "a")
+    receiver = consumer._receiver
+    assert isinstance(receiver, FakeReceiver)
+
+    def broken_ack(deliveries: Sequence[Delivery]) -> int:
+        calls.append("ack failed")
+        raise BusError("the broker went away")
+
+    receiver.ack = broken_ack  # type: ignore[method-assign]
+    report = consumer.process([_delivery("a")])
+    assert [d.token for d in report.applied] == ["a"]
+    # Committed is committed: the message will come back, and its second apply is a duplicate.
+    assert calls == ["apply ['a'] dead []", "ack failed"]

@@ -65,6 +65,7 @@ class BenchConfig:
 @dataclass
 class StrategyResult:
     strategy: str
+    skus: list[str]  # sold in this run: what to reconcile or look at afterwards
     attempts: int
     accepted: int
     rejected: dict[str, int]
@@ -95,11 +96,14 @@ def parse_strategies(text: str) -> list[str]:
 
 
 def _result(
-    strategy: str, load: LoadReport, drain_s: float, problems: list[str], applied_per_s: float | None = None
+    strategy: str,
+    skus: list[str],
+    load: LoadReport, drain_s: float, problems: list[str], applied_per_s: float | None = None
 ) -> StrategyResult:
     accepted = load.statuses.get("accepted", 0)
     return StrategyResult(
         strategy=strategy,
+        skus=skus,
         attempts=load.attempts,
         accepted=accepted,
         rejected={k: v for k, v in sorted(load.statuses.items()) if k != "accepted"},
@@ -158,7 +162,7 @@ def _baseline(
         applied, _ = store.applied(skus)
         if applied != load.statuses.get("accepted", 0):
             problems.append(f"{load.statuses.get('accepted', 0)} accepted but {applied} applied")
-        return _result(strategy, load, 0.0, problems)
+        return _result(strategy, skus, load, 0.0, problems)
     finally:
         store.close()
 
@@ -179,15 +183,17 @@ def _pipeline(
     accepted = load.statuses.get("accepted", 0)
     store, stock = MySQLStore(settings.mysql_url), RedisStock(settings.redis_url)
     try:
-        if start_consumer:
+        started = time.perf_counter()
+        if start_consumer:  # its start-up counts: the backlog waits for it too
             start_consumer()
-        drain_s = reconcile.wait_applied(store, skus, accepted, timeout_s=DRAIN_TIMEOUT_S)
+        reconcile.wait_applied(store, skus, accepted, timeout_s=DRAIN_TIMEOUT_S)
+        drain_s = time.perf_counter() - started
         problems = []
         for sku in skus:
             report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
             problems += [f"{sku}: {p}" for p in report.problems]
         rate = accepted / drain_s if start_consumer and drain_s else None
-        return _result("pipeline", load, drain_s, problems, rate)
+        return _result("pipeline", skus, load, drain_s, problems, rate)
     finally:
         store.close()
         stock.close()

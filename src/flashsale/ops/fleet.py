@@ -40,6 +40,7 @@ class Child:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(log, "wb")
+        self.stopping = False
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "flashsale", *args],
             env=dict(env),
@@ -70,10 +71,16 @@ class Child:
     def wait_log(self, marker: str, timeout_s: float = 60) -> None:
         self.wait_for(lambda: marker in self.text(), f"logging {marker!r}", timeout_s)
 
+    def ask_to_stop(self) -> None:
+        """One SIGTERM (a second one would stop the process at once, unfinished)."""
+        if self.popen.poll() is None and not self.stopping:
+            self.stopping = True
+            self.popen.send_signal(signal.SIGTERM)
+
     def terminate(self, timeout_s: float = 60) -> int | None:
         """SIGTERM, then wait for the graceful stop (SIGKILL after `timeout_s`)."""
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.ask_to_stop()
             try:
                 self.popen.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -127,8 +134,7 @@ class Fleet:
     def stop(self) -> None:
         """SIGTERM every child (all at once), then wait for each to finish its work."""
         for child in self.children:
-            if child.popen.poll() is None:
-                child.popen.send_signal(signal.SIGTERM)
+            child.ask_to_stop()
         for child in self.children:
             child.terminate()
 

@@ -1,0 +1,174 @@
+"""The failures the unit tests fake, produced for real: each adapter against a real server, or none at all."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import redis
+
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.redis_stock_async import AsyncRedisStock
+from flashsale.adapters.rocketmq_consumer import RocketMQConsumer
+from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.config import Settings
+from flashsale.errors import BusError, ServiceUnavailable, StoreError
+from flashsale.models import Deduction, DeductionMessage, Delivery, Purchase, Resolution
+from flashsale.ops.fleet import free_port
+from flashsale.pipeline.consumer import DeductionConsumer
+from flashsale.records import Incoming, Prededuct
+from tests.unit.fakes import FakeLog
+
+#: Lua that keeps the (single-threaded) server busy for about this long, so that calls behind it time out.
+BUSY_S = 1.5
+_BUSY = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) + tonumber(t[2]) / 1e6
+repeat
+  t = redis.call('TIME')
+until tonumber(t[1]) + tonumber(t[2]) / 1e6 - start > tonumber(ARGV[1])
+return 1
+"""
+
+
+def test_a_prededuct_against_an_unreachable_redis_certainly_did_not_run() -> None:
+    stock = AsyncRedisStock(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+
+    async def attempt() -> ServiceUnavailable:
+        try:
+            await stock.prededuct("sku", "m1", [Purchase("t1", "u1", 1)])
+        except ServiceUnavailable as exc:
+            return exc
+        finally:
+            await stock.close()
+        raise AssertionError("no error from a Redis that is not there")
+
+    error = asyncio.run(attempt())
+    assert error.reached is False and "not sent" in str(error)
+
+
+def _while_redis_is_busy(settings: Settings, sku: str, *, warm: bool) -> ServiceUnavailable:
+    """A pre-deduct of t1 (2 units, message m1) sent while the server runs a long script."""
+    stock = AsyncRedisStock(settings.redis_url, timeout_s=0.3)
+    blocker = redis.Redis.from_url(settings.redis_url)
+    busy = threading.Thread(target=lambda: blocker.eval(_BUSY, 0, str(BUSY_S)))
+
+    async def attempt() -> ServiceUnavailable:
+        try:
+            if warm:
+                await stock.ping()  # a pooled connection, ready: the script itself is what gets sent
+            busy.start()
+            await asyncio.sleep(0.1)  # the server is now inside the busy script; all else queues behind it
+            await stock.prededuct(sku, "m1", [Purchase("t1", "u1", 2)])
+        except ServiceUnavailable as exc:
+            return exc
+        finally:
+            await stock.close()
+        raise AssertionError("the pre-deduct answered although Redis was busy")
+
+    try:
+        return asyncio.run(attempt())
+    finally:
+        busy.join()
+        blocker.close()
+
+
+def test_a_prededuct_on_a_new_connection_to_a_busy_redis_certainly_did_not_run(
+    redis_stock: RedisStock, settings: Settings, sku: str
+) -> None:
+    redis_stock.load(sku, 5)
+    error = _while_redis_is_busy(settings, sku, warm=False)
+    # The connection's own handshake timed out: the script was never sent.
+    assert error.reached is False
+    assert redis_stock.log_entry(sku, "t1") is None and redis_stock.view(sku).stock == 5
+
+
+def test_a_prededuct_that_times_out_mid_script_may_have_run_and_ran_exactly_once(
+    redis_stock: RedisStock, settings: Settings, sku: str
+) -> None:
+    redis_stock.load(sku, 5)
+    error = _while_redis_is_busy(settings, sku, warm=True)
+    assert error.reached is True
+    # Both sends (the first and the retry) ran once the server was free: one deduction, not two.
+    entry = redis_stock.log_entry(sku, "t1")
+    assert entry is not None and entry.message_id == "m1"
+    view = redis_stock.view(sku)
+    assert (view.stock, view.deducted_count) == (3, 1)
+    again = redis_stock.prededuct(sku, "m1", [Purchase("t1", "u1", 2)])
+    assert [r.code for r in again] == [Prededuct.ACCEPTED]
+    assert redis_stock.view(sku).deducted_count == 1
+
+
+def test_the_checker_side_of_redis_reports_an_unreachable_server() -> None:
+    stock = RedisStock(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+    with pytest.raises(ServiceUnavailable):
+        stock.check("sku", "m1", ["t1"], born_ms=0, grace_ms=1000)
+    stock.close()
+
+
+def test_an_unreachable_broker_fails_startup_and_sends_with_clear_errors() -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    producer = RocketMQProducer(endpoint, ["nowhere"], lambda _: Resolution.UNKNOWN)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match=endpoint):
+        producer.start()
+    consumer = RocketMQConsumer(endpoint, "g", ["nowhere"], poll_wait_s=1, invisible_s=10)
+    with pytest.raises(ServiceUnavailable, match=endpoint):
+        consumer.start()
+    assert time.monotonic() - started < 60
+
+    # A half message to a broker that never answered: a BusError, never a hang.
+    sender = RocketMQProducer(endpoint, ["nowhere"], lambda _: Resolution.UNKNOWN, request_timeout_s=1)
+    loop = sender.loop
+    body = DeductionMessage("sku", (Purchase("t1", "u1", 1),), "m1").encode()
+    with pytest.raises(BusError):
+        asyncio.run_coroutine_threadsafe(sender.send_half_async("nowhere", "t1", body, "d", "m1"), loop).result(60)
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.acked: list[str] = []
+
+    def receive(self, max_messages: int) -> list[Delivery]:
+        return []
+
+    def ack(self, deliveries: Sequence[Delivery]) -> int:
+        self.acked += [d.message_id for d in deliveries]
+        return len(deliveries)
+
+    def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None:
+        raise AssertionError("nothing should be handed back")
+
+    def pause(self) -> None:
+        raise AssertionError("nothing should pause")
+
+    def resume(self) -> None:
+        raise AssertionError("nothing should resume")
+
+
+def test_mysql_refusing_a_row_for_good_dead_letters_that_message_alone(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 10)
+    too_long = "u" * 65  # the user_id column holds 64 characters; strict mode refuses, it never truncates
+    with pytest.raises(StoreError) as refused:
+        mysql_store.apply_batch([Incoming(Deduction("t-bad", sku, too_long, 1), "m-bad")])
+    assert refused.value.retriable is False
+
+    log = FakeLog()
+    log.deducted(sku, "t-ok", "u1", 1, "m-ok")
+    log.deducted(sku, "t-bad", too_long, 1, "m-bad")
+    receiver = _Receiver()
+    consumer = DeductionConsumer(receiver, mysql_store, log, batch_size=10, max_backoff_s=1)
+    batch = [
+        Delivery(gid, "t", token, DeductionMessage(sku, (Purchase(token, "u1", 1),), gid).encode(), 1, 1)
+        for token, gid in (("t-ok", "m-ok"), ("t-bad", "m-bad"))
+    ]
+    report = consumer.process(batch)
+    assert [d.token for d in report.applied] == ["t-ok"]
+    assert [d.message_id for d in report.dead_letters] == ["m-bad"]
+    assert receiver.acked == ["m-ok", "m-bad"]
+    view = mysql_store.view(sku)
+    assert (view.stock, view.deductions, view.orders) == (9, 1, 1)
