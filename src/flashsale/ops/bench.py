@@ -98,7 +98,10 @@ def parse_strategies(text: str) -> list[str]:
 def _result(
     strategy: str,
     skus: list[str],
-    load: LoadReport, drain_s: float, problems: list[str], applied_per_s: float | None = None
+    load: LoadReport,
+    drain_s: float,
+    problems: list[str],
+    applied_per_s: float | None = None,
 ) -> StrategyResult:
     accepted = load.statuses.get("accepted", 0)
     return StrategyResult(
