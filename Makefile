@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/flashsale stack up
 	$(BIN)/flashsale init
 	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline
+	$(BIN)/python -m tests.benchmarks.ops_bounds
 
 stack-down: install
 	$(BIN)/flashsale stack down
