@@ -72,11 +72,10 @@ class Pipeline(Fleet):
         self,
         *options: str,
         failpoints: str = "",
-        metrics_port: int | None = None,  # type: ignore[override]
+        metrics_port: int | None = None,
         **env: str,
     ) -> Child:
-        extra = ("--metrics-port", str(metrics_port)) if metrics_port else ()
-        child = super().consumer(*options, *extra, FLASHSALE_FAILPOINTS=failpoints, **env)
+        child = super().consumer(*options, metrics_port=metrics_port, FLASHSALE_FAILPOINTS=failpoints, **env)
         if failpoints:
             self.doomed(child)
         return child

@@ -50,6 +50,28 @@ def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(se
     }
 
 
+def _probe_topic_offset(settings: Settings) -> int:
+    """Messages ever written to the stack's probe topic (queue 0), asked of the broker directly."""
+    from flashsale.adapters import rocketmq_admin
+    from flashsale.stack.services import PROBE_TOPIC
+
+    get_max_offset = 30  # RequestCode.GET_MAX_OFFSET
+    header, _ = rocketmq_admin.call(
+        f"127.0.0.1:{settings.ports.broker}", get_max_offset, {"topic": PROBE_TOPIC, "queueId": 0}
+    )
+    return int(header["extFields"]["offset"])
+
+
+def test_stack_status_only_reads_and_probe_sends_one_message(settings: Settings) -> None:
+    before = _probe_topic_offset(settings)
+    assert run(settings, "stack", "status").returncode == 0
+    assert _probe_topic_offset(settings) == before
+    probed = run(settings, "stack", "status", "broker", "--probe", "--json")
+    assert probed.returncode == 0, probed.stderr
+    assert "accepted a send" in json.loads(probed.stdout)["services"][0]["note"]
+    assert _probe_topic_offset(settings) == before + 1
+
+
 def test_a_second_stack_up_keeps_what_runs(settings: Settings) -> None:
     before = {s["name"]: s["pid"] for s in json.loads(run(settings, "stack", "status", "--json").stdout)["services"]}
     result = run(settings, "stack", "up", "--json")

@@ -97,7 +97,9 @@ def test_a_retry_after_the_sell_out_gets_duplicate_with_the_original_message_id(
     assert books.problems == [] and dict(books.orders) == {"tok-1": 1}
 
 
-def test_stock_and_health_answer_503_while_redis_is_unreachable(pipeline: Pipeline, sku: str) -> None:
+def test_stock_and_readiness_answer_503_while_redis_is_unreachable_and_liveness_200(
+    pipeline: Pipeline, sku: str
+) -> None:
     import json
     import time
     import urllib.error
@@ -122,5 +124,39 @@ def test_stock_and_health_answer_503_while_redis_is_unreachable(pipeline: Pipeli
 
     status, body = get(f"/stock/{sku}")
     assert status == 503 and dead_redis in str(body["error"])
-    status, body = get("/healthz")
-    assert status == 503 and body["status"] == "unavailable"
+    status, body = get("/readyz")
+    assert status == 503 and body["status"] == "unavailable" and dead_redis in str(body["redis"])
+    assert body["broker"] == "ok"
+    assert get("/healthz") == (200, {"status": "ok"})
+
+
+def test_every_metric_the_dashboard_queries_is_in_the_processes_real_metrics(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    import urllib.request
+
+    from flashsale import failpoints
+    from tests.integration.test_docker_compose import dashboard_metric_names
+
+    set_stock(settings, sku, 10)
+    checker = pipeline.checker()
+    consumer = pipeline.consumer()
+    producer, url = pipeline.producer()
+    assert post(url, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t-metrics"})[1]["status"] == "accepted"
+    # A producer that dies after its half message: the checker's answer fills the check series.
+    _, doomed_url = pipeline.producer(failpoints=failpoints.AFTER_HALF_MESSAGE)
+    try:
+        post(doomed_url, {"sku": sku, "user_id": "u2", "qty": 1, "token": "t-doomed"}, timeout_s=15)
+    except OSError:
+        pass
+    checker.wait_log("key t-doomed -> rollback", timeout_s=60)
+    balanced(settings, sku, 60)
+
+    exported: set[str] = set()
+    for child in (producer, consumer, checker):
+        with urllib.request.urlopen(child.url + "/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line and not line.startswith("#"):
+                    exported.add(line.split("{", 1)[0].split(" ", 1)[0])
+    missing = sorted(dashboard_metric_names() - exported)
+    assert missing == [], f"the dashboard queries series no process exports: {missing}"

@@ -103,10 +103,10 @@ def test_reconcile_reports_hand_made_drift_and_replay_and_repair_fix_it(
     assert row["orders_without_deduction"] == 1
     assert row["dead_letters"] == 1
 
-    dry = flashsale(pipeline, "replay", "--dead-letters", "--dry-run", "--json")
+    dry = flashsale(pipeline, "replay", "--dead-letters", "--sku", sku, "--dry-run", "--json")
     assert dry.returncode == 0 and json.loads(dry.stdout)["published"] == 1
     assert reconcile_json(pipeline, sku)[1]["skus"][0]["dead_letters"] == 1  # a dry run changes nothing
-    replayed = flashsale(pipeline, "replay", "--dead-letters", "--json")
+    replayed = flashsale(pipeline, "replay", "--dead-letters", "--sku", sku, "--json")
     assert replayed.returncode == 0, replayed.stderr
     assert json.loads(replayed.stdout)["published"] == 1
 

@@ -24,11 +24,17 @@ class FakeRedisStock(FakeStock):
         return StockView(sku, 9, 10, 0, False, 1, 1, 0, 0, 0, 1, 0)
 
 
-def _app(stock: FakeRedisStock | None = None, *, max_in_flight: int = 8) -> web.Application:
+def _app(stock: FakeRedisStock | None = None, *, max_in_flight: int = 8, broker: str | None = None) -> web.Application:
     stock = stock or FakeRedisStock()
     metrics = Metrics()
     service = PurchaseService(stock, FakeBus(), "ns-deductions", observe=metrics.purchase)
-    return build_app(service, stock, metrics, max_in_flight=max_in_flight)  # type: ignore[arg-type]
+    return build_app(
+        service,
+        stock,  # type: ignore[arg-type]
+        metrics,
+        max_in_flight=max_in_flight,
+        broker_problem=lambda: broker,
+    )
 
 
 def _call(app: web.Application, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:
@@ -95,16 +101,26 @@ def test_metrics_count_purchases_by_status() -> None:
     assert 'flashsale_purchases_total{status="accepted"} 1.0' in text
 
 
-def test_healthz_answers_200_when_redis_answers() -> None:
-    assert _call(_app(), ("GET", "/healthz", None))[0] == (200, {"status": "ok"})
+def test_readyz_answers_200_when_redis_and_the_broker_answer() -> None:
+    assert _call(_app(), ("GET", "/readyz", None))[0] == (200, {"status": "ready", "redis": "ok", "broker": "ok"})
 
 
-def test_healthz_answers_503_when_redis_is_unavailable() -> None:
+def test_readyz_answers_503_naming_what_is_down_and_healthz_stays_200() -> None:
     def down() -> None:
         raise ServiceUnavailable("Redis", "127.0.0.1:6379", "refused")
 
-    status, body = _call(_app(FakeRedisStock(on_ping=down)), ("GET", "/healthz", None))[0]
+    app = _app(FakeRedisStock(on_ping=down), broker="telemetry stream to 127.0.0.1:8081 is down")
+    (status, body), alive = _call(app, ("GET", "/readyz", None), ("GET", "/healthz", None))
     assert (status, body["status"]) == (503, "unavailable")
+    assert "refused" in body["redis"] and body["broker"] == "telemetry stream to 127.0.0.1:8081 is down"
+    assert alive == (200, {"status": "ok"})
+
+
+def test_metrics_carry_the_build_and_the_standard_process_series() -> None:
+    ((_, text),) = _call(_app(), ("GET", "/metrics", None))
+    assert 'flashsale_build_info{version="' in text
+    for series in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info", "python_gc_"):
+        assert series in text
 
 
 def test_stock_answers_the_view_of_a_loaded_sku_and_404_otherwise() -> None:

@@ -194,10 +194,14 @@ class MySQLStore:
                 DeductionRow(int(r.id), r.token, r.user_id, int(r.qty), r.message_id, int(r.created_ms)) for r in rows
             ]
 
-    def dead_letters_page(self, after: int, limit: int) -> list[DeadLetterRow]:
-        """Dead letters not replayed yet with id > `after`, in id order."""
+    def dead_letters_page(self, after: int, limit: int, sku: str | None = None) -> list[DeadLetterRow]:
+        """Dead letters not replayed yet with id > `after`, in id order (of one SKU, when given)."""
         with self.transaction("page dead letters") as conn:
-            rows = conn.execute(query("dead_letters_page"), {"after": after, "limit": limit})
+            if sku is None:
+                rows = conn.execute(query("dead_letters_page"), {"after": after, "limit": limit})
+            else:
+                params = {"after": after, "limit": limit, "sku": sku}
+                rows = conn.execute(query("sku_dead_letters_page"), params)
             return [
                 DeadLetterRow(int(r.id), r.message_id, r.topic, r.message_key, r.sku, r.reason, bytes(r.body))
                 for r in rows

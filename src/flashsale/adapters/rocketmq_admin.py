@@ -21,7 +21,6 @@ from flashsale.errors import BusError, ServiceUnavailable
 
 # Request codes (RequestCode.java).
 UPDATE_AND_CREATE_TOPIC = 17
-GET_ROUTEINFO_BY_TOPIC = 105
 GET_BROKER_CLUSTER_INFO = 106
 UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
 GET_SUBSCRIPTIONGROUP_CONFIG = 352
@@ -121,16 +120,6 @@ def cluster_brokers(namesrv: str, cluster: str) -> list[str]:
         if master:
             addrs.append(master)
     return sorted(addrs)
-
-
-def topic_route(namesrv: str, topic: str) -> dict[str, Any] | None:
-    """The topic's route, or None when the name server does not know the topic."""
-    header, body = call(namesrv, GET_ROUTEINFO_BY_TOPIC, {"topic": topic})
-    if header.get("code") == TOPIC_NOT_EXIST:
-        return None
-    _expect_success(namesrv, f"route of {topic}", header)
-    route: dict[str, Any] = _loads(body)
-    return route
 
 
 def topic_info(broker: str, topic: str) -> TopicInfo | None:

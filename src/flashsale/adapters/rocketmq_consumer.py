@@ -189,6 +189,12 @@ class RocketMQConsumer:
             except Exception as exc:  # noqa: BLE001 - the message still comes back when its invisible time ends
                 logger.warning("nack of message %s failed: %s", delivery.message_id, exc)
 
+    def problem(self) -> str | None:
+        """Why this consumer cannot receive right now, or None."""
+        problems = self.watchdog.problems()
+        problems += sorted({f"receive on {p.topic} failed: {p.error}" for p in self._pumps if p.error is not None})
+        return "; ".join(problems) or None
+
     def pause(self) -> None:
         """Stop receiving; hand back what was received and not yet taken (see ReceiverPort)."""
         self._running.clear()

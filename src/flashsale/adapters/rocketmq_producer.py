@@ -134,6 +134,10 @@ class RocketMQProducer:
         self.watchdog.stop()
         shutdown_quietly(self._client)
 
+    def problem(self) -> str | None:
+        """Why this producer cannot reach the broker right now (sends or checks), or None."""
+        return "; ".join(self.watchdog.problems()) or None
+
     async def call(self, method: str, endpoints: Any, request: Any) -> Any:
         return await internals.call(self._client, method, endpoints, request, self._timeout_s)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,14 @@ class _Watched:
 
 
 class StreamWatchdog:
-    def __init__(self, *, interval_s: float = INTERVAL_S, min_gap_s: float = MIN_GAP_S) -> None:
+    def __init__(
+        self,
+        *,
+        interval_s: float = INTERVAL_S,
+        min_gap_s: float = MIN_GAP_S,
+        on_resync: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.on_resync = on_resync
         self._interval_s = interval_s
         self._min_gap_s = min_gap_s
         self._watched: dict[int, _Watched] = {}
@@ -63,6 +71,17 @@ class StreamWatchdog:
             watched = self._watched.get(id(client))
             if watched is not None:
                 watched.poked = True
+
+    def problems(self) -> list[str]:
+        """Why a watched client cannot use the broker right now (streams down), or []."""
+        with self._lock:
+            watched = list(self._watched.values())
+        found = []
+        for each in watched:
+            dead = internals.dead_streams(each.client)
+            if dead:
+                found.append(f"{each.name}: telemetry stream to {', '.join(map(str, dead))} is down")
+        return found
 
     def stop(self) -> None:
         self._stop.set()
@@ -90,6 +109,7 @@ class StreamWatchdog:
         each.last_resync = now
         count = internals.resync(each.client, dead or None)
         self.resyncs += 1
+        self.on_resync()
         logger.warning(
             "%s: %s; reopened %d telemetry stream(s) and re-sent its settings",
             each.name,

@@ -95,7 +95,11 @@ def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, 
 
 @click.command()
 @click.option("--token", "tokens", multiple=True, metavar="TOKEN", help="Replay this token (repeatable).")
-@click.option("--sku", default=None, help="With --since: the SKU to replay; with --token: where to look.")
+@click.option(
+    "--sku",
+    default=None,
+    help="With --since: the SKU to replay; with --token: where to look; with --dead-letters: only its letters.",
+)
 @click.option(
     "--since",
     default=None,
@@ -138,7 +142,7 @@ def replay(
             elif since is not None and sku:
                 replayer.since(sku, since_ms)
             else:
-                replayer.dead_letters()
+                replayer.dead_letters(sku)
         report = replayer.report
     finally:
         stock.close()

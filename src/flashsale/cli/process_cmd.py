@@ -13,7 +13,7 @@ METRICS_PORT = click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
     default=None,
-    help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.",
+    help="Serve /metrics (Prometheus), /healthz (alive) and /readyz (its servers answer) on PORT.",
 )
 
 

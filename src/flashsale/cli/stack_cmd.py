@@ -60,11 +60,12 @@ def down(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
 
 @stack.command()
 @SERVICES_ARG
+@click.option("--probe", is_flag=True, help="Also send one message through the broker (status alone only reads).")
 @json_output("the status")
 @click.pass_obj
-def status(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
+def status(ctx: Context, services: tuple[str, ...], probe: bool, as_json: bool) -> None:
     """Address, PID, health and listening sockets of each service. Exit 1 unless all are healthy."""
-    states = Stack(ctx.settings).status(services)
+    states = Stack(ctx.settings).status(services, probe=probe)
     _print(states, as_json)
     if not all(s.healthy for s in states):
         sys.exit(1)

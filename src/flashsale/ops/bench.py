@@ -27,7 +27,7 @@ from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput
 from flashsale.models import PurchaseRequest
 from flashsale.ops import reconcile, setup
-from flashsale.ops.fleet import Fleet, environment, healthy
+from flashsale.ops.fleet import Fleet, environment, ready
 from flashsale.ops.load import LoadReport, run_load
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def run_bench(
             url = producer_url
             start_consumer: Callable[[], object] | None = None
             if url is not None:
-                if not healthy(url):
+                if not ready(url):
                     raise InvalidInput(
                         f"no producer answers at {producer_url}",
                         hint="start one (`flashsale producer run`) or leave --producer-url out",

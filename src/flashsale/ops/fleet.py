@@ -16,9 +16,6 @@ from pathlib import Path
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError
 
-#: Lines each process logs once it serves.
-READY_MARKERS = {"consumer": "consumer of group", "checker": "checker answering"}
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -26,12 +23,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def healthy(url: str) -> bool:
+def answers(url: str, path: str) -> bool:
+    """Does `url` answer `path` (/healthz: alive, /readyz: its servers answer) with 200?"""
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=2) as resp:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=2) as resp:
             return bool(resp.status == 200)
     except (OSError, urllib.error.URLError):
         return False
+
+
+def healthy(url: str) -> bool:
+    return answers(url, "/healthz")
+
+
+def ready(url: str) -> bool:
+    return answers(url, "/readyz")
 
 
 class Child:
@@ -41,6 +47,8 @@ class Child:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(log, "wb")
         self.stopping = False
+        #: Where it serves /metrics, /healthz and /readyz.
+        self.url = ""
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "flashsale", *args],
             env=dict(env),
@@ -111,18 +119,22 @@ class Fleet:
     def producer(self, *options: str, port: int | None = None, **env: str) -> tuple[Child, str]:
         port = port or free_port()
         child = self.start("producer", *options, FLASHSALE_HTTP_PORT=str(port), **env)
-        url = f"http://{c.DEFAULT_HOST}:{port}"
-        child.wait_for(lambda: healthy(url), "answering /healthz")
-        return child, url
+        child.url = f"http://{c.DEFAULT_HOST}:{port}"
+        child.wait_for(lambda: ready(child.url), "ready (/readyz)")
+        return child, child.url
 
-    def consumer(self, *options: str, **env: str) -> Child:
-        child = self.start("consumer", *options, **env)
-        child.wait_log(READY_MARKERS["consumer"])
-        return child
+    def consumer(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
+        return self._with_status("consumer", options, metrics_port, env)
 
-    def checker(self, *options: str, **env: str) -> Child:
-        child = self.start("checker", *options, **env)
-        child.wait_log(READY_MARKERS["checker"])
+    def checker(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
+        return self._with_status("checker", options, metrics_port, env)
+
+    def _with_status(self, role: str, options: tuple[str, ...], port: int | None, env: dict[str, str]) -> Child:
+        """Start a consumer or checker with its status port, and wait until it says it is ready."""
+        port = port or free_port()
+        child = self.start(role, *options, "--metrics-port", str(port), **env)
+        child.url = f"http://{c.DEFAULT_HOST}:{port}"
+        child.wait_for(lambda: ready(child.url), "ready (/readyz)")
         return child
 
     def start_all(self) -> str:

@@ -279,7 +279,7 @@ def repair_sku(
 
 
 def run(
-    settings: Settings, skus: list[str], *, repair: bool = False, wait_s: float = 0.0, dry_run: bool = False
+    settings: Settings, skus: list[str], *, repair: bool = False, wait_s: float = 0.0
 ) -> tuple[list[SkuReport], list[RepairReport]]:
     """Reconcile the given SKUs (all known ones when empty); with `repair`, fix and reconcile again.
 
@@ -301,7 +301,7 @@ def run(
         if not repair:
             return [reconcile_sku(stock, store, sku, settle_s=settings.settle_s) for sku in names], []
         repairs: list[RepairReport] = []
-        with Replayer(settings, stock, store, dry_run=dry_run) as replayer:
+        with Replayer(settings, stock, store, dry_run=False) as replayer:
 
             def replay(entries: list[LogEntry]) -> int:
                 before = replayer.report.published

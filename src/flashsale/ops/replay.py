@@ -126,7 +126,7 @@ class Replayer:
         for page in pages(entries, PAGE):
             self._publish(page)
 
-    def dead_letters(self) -> None:
+    def dead_letters(self, sku: str | None = None) -> None:
         """Replay what the Redis log holds for each dead letter's tokens; mark the letters replayed.
 
         The letter's body only says which tokens to look up: what is replayed comes from the log. A body
@@ -134,7 +134,7 @@ class Replayer:
         """
         known = set(self.store.skus())
         after = 0
-        while rows := self.store.dead_letters_page(after, PAGE):
+        while rows := self.store.dead_letters_page(after, PAGE, sku):
             after = rows[-1].id
             found, ids = [], []
             for row in rows:

@@ -47,8 +47,8 @@ def decode(batch: Sequence[Delivery]) -> tuple[list[Decoded], list[DeadLetter]]:
     return decoded, dead
 
 
-def _dead(delivery: Delivery, reason: str) -> DeadLetter:
-    return DeadLetter(delivery.message_id, delivery.topic, delivery.key, reason[:REASON_MAX], delivery.body)
+def _dead(delivery: Delivery, reason: str, sku: str | None = None) -> DeadLetter:
+    return DeadLetter(delivery.message_id, delivery.topic, delivery.key, reason[:REASON_MAX], delivery.body, sku)
 
 
 class DeductionConsumer:
@@ -168,7 +168,11 @@ class DeductionConsumer:
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> ApplyReport:
         logger.error("message %s cannot be applied (%s); dead-lettering it", delivery.message_id, reason)
-        return self._store.apply_batch([], [_dead(delivery, reason)])
+        try:
+            sku: str | None = DeductionMessage.decode(delivery.body, delivery.message_id).sku
+        except MalformedMessage:
+            sku = None
+        return self._store.apply_batch([], [_dead(delivery, reason, sku)])
 
     def _wait_for_stores(self) -> None:
         """Back off, then ask MySQL (for a write) and Redis until both answer, or until asked to stop."""

@@ -36,7 +36,10 @@ class PurchaseEngine:
             self._check_stock, settings.check_grace_s, observe=metrics.check if metrics else None
         )
         try:
-            self.bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
+            self.bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check)
+            if metrics:
+                self.bus.watchdog.on_resync = metrics.resyncs.inc
+            self.bus.start()
         except FlashSaleError:
             self._check_stock.close()
             raise

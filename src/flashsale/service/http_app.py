@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 
 from aiohttp import web
@@ -32,6 +33,8 @@ HTTP_STATUS = {
 _SERVICE = web.AppKey("service", PurchaseService)
 _STOCK = web.AppKey("stock", AsyncRedisStock)
 _METRICS = web.AppKey("metrics", Metrics)
+BrokerProblem = Callable[[], "str | None"]
+_BROKER: web.AppKey[BrokerProblem] = web.AppKey("broker")
 
 
 class Admission:
@@ -118,11 +121,21 @@ async def stock(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and its event loop answer."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Redis answers and the broker knows this producer (sends and checks reach it)."""
+    states: dict[str, str] = {}
     try:
         await request.app[_STOCK].ping()
+        states["redis"] = "ok"
     except ServiceUnavailable as exc:
-        return web.json_response({"status": "unavailable", "redis": str(exc)}, status=503)
-    return web.json_response({"status": "ok"})
+        states["redis"] = str(exc)
+    states["broker"] = request.app[_BROKER]() or "ok"
+    ready = all(v == "ok" for v in states.values())
+    return web.json_response({"status": "ready" if ready else "unavailable", **states}, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -131,15 +144,22 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(
-    service: PurchaseService, stock_: AsyncRedisStock, metrics_: Metrics, *, max_in_flight: int
+    service: PurchaseService,
+    stock_: AsyncRedisStock,
+    metrics_: Metrics,
+    *,
+    max_in_flight: int,
+    broker_problem: Callable[[], str | None] = lambda: None,
 ) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[_SERVICE] = service
     app[_STOCK] = stock_
     app[_METRICS] = metrics_
+    app[_BROKER] = broker_problem
     app[_ADMISSION] = Admission(max_in_flight, metrics_)
     app.router.add_post("/purchase", purchase)
     app.router.add_get("/stock/{sku}", stock)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
+from flashsale import __version__
 from flashsale.models import PurchaseResult, Resolution
 from flashsale.records import ApplyReport
 
@@ -14,6 +23,17 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The standard process (CPU, memory, file descriptors), platform and garbage-collector series.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        Gauge("flashsale_build_info", "The running flashsale's version", ["version"], registry=r).labels(
+            __version__
+        ).set(1)
+        self.resyncs = Counter(
+            "flashsale_broker_resyncs",
+            "Times a RocketMQ client re-sent its settings after the broker forgot it (a proxy restart)",
+            registry=r,
+        )
         self.purchases = Counter("flashsale_purchases", "Purchases answered, by status", ["status"], registry=r)
         self.purchase_seconds = Histogram(
             "flashsale_purchase_seconds", "Time to answer a purchase", buckets=_LATENCY_BUCKETS, registry=r

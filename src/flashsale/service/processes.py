@@ -1,14 +1,18 @@
-"""The three long-running processes: where adapters and pipeline are put together, and SIGTERM is handled."""
+"""The three long-running processes: where adapters and pipeline are put together, and signals are handled.
+
+The first SIGTERM or Ctrl-C stops a process gracefully (the purchases or the batch in hand are
+finished); a second one stops it at once.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
 
 from aiohttp import web
-from prometheus_client import start_http_server
 
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
@@ -21,26 +25,40 @@ from flashsale.pipeline.consumer import DeductionConsumer
 from flashsale.service.engine import PurchaseEngine
 from flashsale.service.http_app import build_app
 from flashsale.service.metrics import Metrics
+from flashsale.service.status import Readiness, StatusServer
 
 logger = logging.getLogger(__name__)
 
 #: Seconds the producer waits for in-flight purchases after SIGTERM.
 SHUTDOWN_TIMEOUT_S = 30.0
+#: Exit code of a process stopped by a second signal, unfinished.
+EXIT_INTERRUPTED = 130
 
 
-def _on_signals(callback: threading.Event) -> None:
+def _on_signals(stop: threading.Event) -> None:
     def handler(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received %s; stopping gracefully", signal.Signals(signum).name)
-        callback.set()
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            logger.warning("received %s again; stopping now, without finishing", name)
+            for each in logging.getLogger("flashsale").handlers:
+                each.flush()
+            os._exit(EXIT_INTERRUPTED)
+        logger.info("received %s; stopping gracefully (send it again to stop at once)", name)
+        stop.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
-def _serve_metrics(metrics: Metrics, host: str, port: int | None) -> None:
-    if port:
-        start_http_server(port, addr=host, registry=metrics.registry)
-        logger.info("metrics on http://%s:%d/metrics", host, port)
+def _status(metrics: Metrics, readiness: Readiness, host: str, port: int | None) -> StatusServer | None:
+    if not port:
+        return None
+    try:
+        return StatusServer(metrics, readiness, host, port).start()
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="choose another --metrics-port"
+        ) from exc
 
 
 def run_producer(settings: Settings) -> None:
@@ -48,7 +66,9 @@ def run_producer(settings: Settings) -> None:
     cfg = settings.producer
     engine = PurchaseEngine(settings, metrics)
     runner = web.AppRunner(
-        build_app(engine.service, engine.stock, metrics, max_in_flight=cfg.max_in_flight),
+        build_app(
+            engine.service, engine.stock, metrics, max_in_flight=cfg.max_in_flight, broker_problem=engine.bus.problem
+        ),
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
@@ -80,12 +100,17 @@ def run_checker(settings: Settings, *, metrics_port: int | None = None) -> None:
     checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check)
     stop = threading.Event()
     _on_signals(stop)
-    bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check).start()
-    _serve_metrics(metrics, settings.producer.http_host, metrics_port)
+    bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check)
+    bus.watchdog.on_resync = metrics.resyncs.inc
+    bus.start()
+    readiness = Readiness({"broker": bus.problem, "redis": lambda: stock.ping()})
+    status = _status(metrics, readiness, settings.producer.http_host, metrics_port)
     logger.info(
         "checker answering transaction checks for %s (grace %.1f s)", settings.deduction_topic, settings.check_grace_s
     )
     stop.wait()
+    if status:
+        status.stop()
     bus.shutdown()
     stock.close()
     logger.info("checker stopped")
@@ -105,7 +130,9 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
         poll_wait_s=cfg.poll_wait_s,
         invisible_s=cfg.invisible_s,
         prefetch=cfg.batch_size,
-    ).start()
+    )
+    receiver.watchdog.on_resync = metrics.resyncs.inc
+    receiver.start()
     consumer = DeductionConsumer(
         receiver,
         store,
@@ -123,7 +150,9 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
         consumer.stop()
 
     threading.Thread(target=stop_when_asked, daemon=True, name="stop-watcher").start()
-    _serve_metrics(metrics, settings.producer.http_host, metrics_port)
+    # Ready means MySQL takes a write (a heartbeat row): a read-only MySQL pauses the consumer.
+    readiness = Readiness({"broker": receiver.problem, "mysql": lambda: store.ping(), "redis": lambda: log.ping()})
+    status = _status(metrics, readiness, settings.producer.http_host, metrics_port)
     logger.info(
         "consumer of group %s applying %s and %s to %s",
         settings.consumer_group,
@@ -134,6 +163,8 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
     try:
         consumer.run()
     finally:
+        if status:
+            status.stop()
         receiver.shutdown()
         store.close()
         log.close()

@@ -125,6 +125,10 @@ WHERE d.sku = :sku AND o.id IS NULL
 SELECT id, message_id, topic, message_key, sku, reason, body FROM dead_letters
 WHERE replayed_at IS NULL AND id > :after ORDER BY id LIMIT :limit
 
+-- name: sku_dead_letters_page
+SELECT id, message_id, topic, message_key, sku, reason, body FROM dead_letters
+WHERE replayed_at IS NULL AND sku = :sku AND id > :after ORDER BY id LIMIT :limit
+
 -- name: mark_dead_letters_replayed
 UPDATE dead_letters SET replayed_at = CURRENT_TIMESTAMP(6) WHERE id IN :ids
 

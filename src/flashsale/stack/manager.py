@@ -106,7 +106,7 @@ class Stack:
         last = ""
         while True:
             try:
-                note = service.check()
+                note = service.probe()  # starting: a write proves it serves (status itself only reads)
                 break
             except FlashSaleError as exc:
                 last = str(exc)
@@ -144,15 +144,18 @@ class Stack:
         return [self._state(s) for s in services]
 
     # --- status -----------------------------------------------------------------------------------
-    def status(self, names: Iterable[str] | None = None) -> list[ServiceState]:
-        return [self._state(s) for s in self.select(names)]
+    def status(self, names: Iterable[str] | None = None, *, probe: bool = False) -> list[ServiceState]:
+        """Each service's state; reads only, unless `probe` (the broker then sends a message)."""
+        return [self._state(s, probe=probe) for s in self.select(names)]
 
-    def _state(self, service: Service, *, started: bool = False, seconds: float | None = None) -> ServiceState:
+    def _state(
+        self, service: Service, *, started: bool = False, seconds: float | None = None, probe: bool = False
+    ) -> ServiceState:
         record = self._record(service)
         healthy, note = False, "not running"
         if record:
             try:
-                note, healthy = service.check(), True
+                note, healthy = (service.probe() if probe else service.check()), True
             except FlashSaleError as exc:
                 note = str(exc)
         return ServiceState(

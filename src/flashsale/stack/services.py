@@ -96,7 +96,11 @@ class Service(ABC):
 
     @abstractmethod
     def check(self) -> str:
-        """Raise if the service is not serving yet; return a short health note when it is."""
+        """Raise if the service is not serving yet; return a short health note when it is. Reads only."""
+
+    def probe(self) -> str:
+        """A check that writes (the broker sends a message); by default the read-only check."""
+        return self.check()
 
 
 class RedisService(Service):
@@ -416,10 +420,20 @@ class BrokerService(_RocketMQService):
         ]
 
     def check(self) -> str:
-        from flashsale.adapters import rocketmq_admin, rocketmq_producer
+        """Read-only: registered with the name server, and its gRPC proxy port answers."""
+        from flashsale.adapters import rocketmq_admin
+        from flashsale.stack.procs import port_open
 
         if self.broker_addr not in rocketmq_admin.cluster_brokers(self.namesrv_addr, c.CLUSTER_NAME):
             raise StackError(f"broker {self.broker_addr} is not registered with the name server yet")
+        if not port_open(HOST, self.port):
+            raise StackError(f"the gRPC proxy on {self.address} does not answer")
+        return f"registered as {self.broker_addr}"
+
+    def probe(self) -> str:
+        """Send one message through the proxy (on the stack's own probe topic): proof that it takes writes."""
+        from flashsale.adapters import rocketmq_admin, rocketmq_producer
+
         if rocketmq_admin.topic_info(self.broker_addr, PROBE_TOPIC) is None:
             rocketmq_admin.create_topic(self.broker_addr, PROBE_TOPIC, queues=1, message_type="NORMAL")
         try:
