@@ -1,23 +1,35 @@
 """Settings: frozen dataclasses built from FLASHSALE_* environment variables.
 
-Every variable is declared once in `VARIABLES` (name, default, meaning); the CLI prints that table in
-`--help`, and a malformed value is reported with the variable's name.
+Each setting is declared once, as a dataclass field made by `setting(default, name, meaning)`: that one
+line gives its default, its variable and what it means. `VARIABLES` (printed by `--help`) and
+`Settings.from_env` are both read off those fields, and a malformed value is reported with its
+variable's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import ConfigError
 
-N = TypeVar("N", int, float)
+#: How a variable's text becomes a value.
+Kind = Literal["text", "int", "number", "port", "path", "names"]
+
+
+def setting(default: Any, name: str, meaning: str, *, kind: Kind = "text", minimum: float = 0) -> Any:
+    """A settings field whose value comes from FLASHSALE_<name> (see the module docstring)."""
+    metadata = {"env": name, "meaning": meaning, "kind": kind, "minimum": minimum}
+    if isinstance(default, frozenset):
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -31,117 +43,102 @@ class Variable:
         return c.ENV_PREFIX + self.name
 
 
-VARIABLES: tuple[Variable, ...] = (
-    Variable("HOME", "./.flashsale", "state folder of the local stack: data, logs, PIDs"),
-    Variable("REDIS_PORT", str(c.DEFAULT_REDIS_PORT), "port of the stack's Redis"),
-    Variable("MYSQL_PORT", str(c.DEFAULT_MYSQL_PORT), "port of the stack's MariaDB"),
-    Variable("NAMESRV_PORT", str(c.DEFAULT_NAMESRV_PORT), "port of the stack's RocketMQ name server"),
-    Variable(
-        "BROKER_PORT", str(c.DEFAULT_BROKER_PORT), "broker remoting port (the broker also uses port-2 and port+1)"
-    ),
-    Variable("PROXY_PORT", str(c.DEFAULT_PROXY_GRPC_PORT), "RocketMQ gRPC proxy port (what clients use)"),
-    Variable("PROXY_REMOTING_PORT", str(c.DEFAULT_PROXY_REMOTING_PORT), "RocketMQ proxy remoting port"),
-    Variable("REDIS_URL", "", "Redis URL (default: redis://127.0.0.1:<REDIS_PORT>/0)"),
-    Variable(
-        "MYSQL_URL",
-        "",
-        "SQLAlchemy URL (default: mysql+pymysql://flashsale:flashsale@127.0.0.1:<MYSQL_PORT>/flashsale)",
-    ),
-    Variable("ROCKETMQ_ENDPOINT", "", "gRPC proxy host:port (default: 127.0.0.1:<PROXY_PORT>)"),
-    Variable("NAMESRV_ADDR", "", "name server host:port for topic admin (default: 127.0.0.1:<NAMESRV_PORT>)"),
-    Variable("NAMESPACE", c.DEFAULT_NAMESPACE, "prefix of topic and consumer group names"),
-    Variable("HTTP_HOST", c.DEFAULT_HOST, "address the producer's HTTP service listens on"),
-    Variable("HTTP_PORT", str(c.DEFAULT_HTTP_PORT), "port the producer's HTTP service listens on"),
-    Variable("REDIS_CONNECTIONS", "64", "Redis connections of one producer (purchases beyond it wait for one)"),
-    Variable("MAX_IN_FLIGHT", "2048", "purchases queued in the producer before it answers 503"),
-    Variable("REDIS_TIMEOUT_S", "1.0", "Redis socket timeout; past it a purchase is reported pending"),
-    Variable("SOLD_OUT_CACHE_S", "0.5", "how long a producer trusts its local sold-out flag"),
-    Variable("CHECK_GRACE_S", "6", "age before the checker fences and rolls back a half message with no log"),
-    Variable("BATCH_SIZE", "256", "most deductions the consumer applies in one database transaction"),
-    Variable("INVISIBLE_S", "30", "seconds a received message stays hidden from other consumers"),
-    Variable("POLL_WAIT_S", "2", "long-poll wait of one receive call"),
-    Variable("MAX_BACKOFF_S", "8", "longest pause of the consumer after a database failure"),
-    Variable("SETTLE_S", "30", "reconcile ignores Redis deductions younger than this (still in flight)"),
-    Variable("FAILPOINTS", "", "comma-separated crash points for fault-injection tests (see docs/operations.md)"),
-)
-_BY_NAME = {v.name: v for v in VARIABLES}
-
-
-class _Env:
-    """Typed, named access to FLASHSALE_* variables."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def text(self, name: str) -> str:
-        var = _BY_NAME[name]
-        return self._environ.get(var.env, var.default).strip()
-
-    def integer(self, name: str, *, minimum: int = 0) -> int:
-        return self._parsed(name, int, "an integer", minimum)
-
-    def number(self, name: str, *, minimum: float = 0.0) -> float:
-        return self._parsed(name, float, "a number", minimum)
-
-    def _parsed(self, name: str, convert: Callable[[str], N], kind: str, minimum: N) -> N:
-        env, raw = _BY_NAME[name].env, self.text(name)
-        try:
-            value = convert(raw)
-        except ValueError:
-            raise ConfigError(f"{env}={raw!r} is not {kind}") from None
-        if value < minimum:
-            raise ConfigError(f"{env}={value} must be >= {minimum}")
-        return value
-
-    def port(self, name: str) -> int:
-        value = self.integer(name, minimum=1)
-        if value > 65535:
-            raise ConfigError(f"{_BY_NAME[name].env}={value} is not a TCP port (1-65535)")
-        return value
-
-
 @dataclass(frozen=True)
 class StackPorts:
-    redis: int = c.DEFAULT_REDIS_PORT
-    mysql: int = c.DEFAULT_MYSQL_PORT
-    namesrv: int = c.DEFAULT_NAMESRV_PORT
-    broker: int = c.DEFAULT_BROKER_PORT
-    proxy_grpc: int = c.DEFAULT_PROXY_GRPC_PORT
-    proxy_remoting: int = c.DEFAULT_PROXY_REMOTING_PORT
+    redis: int = setting(c.DEFAULT_REDIS_PORT, "REDIS_PORT", "port of the stack's Redis", kind="port")
+    mysql: int = setting(c.DEFAULT_MYSQL_PORT, "MYSQL_PORT", "port of the stack's MariaDB", kind="port")
+    namesrv: int = setting(
+        c.DEFAULT_NAMESRV_PORT, "NAMESRV_PORT", "port of the stack's RocketMQ name server", kind="port"
+    )
+    broker: int = setting(
+        c.DEFAULT_BROKER_PORT,
+        "BROKER_PORT",
+        "broker remoting port (the broker also uses port-2 and port+1)",
+        kind="port",
+    )
+    proxy_grpc: int = setting(
+        c.DEFAULT_PROXY_GRPC_PORT, "PROXY_PORT", "RocketMQ gRPC proxy port (what clients use)", kind="port"
+    )
+    proxy_remoting: int = setting(
+        c.DEFAULT_PROXY_REMOTING_PORT, "PROXY_REMOTING_PORT", "RocketMQ proxy remoting port", kind="port"
+    )
 
 
 @dataclass(frozen=True)
 class ProducerSettings:
-    http_host: str = c.DEFAULT_HOST
-    http_port: int = c.DEFAULT_HTTP_PORT
-    redis_connections: int = 64
-    max_in_flight: int = 2048
-    redis_timeout_s: float = 1.0
-    sold_out_cache_s: float = 0.5
+    http_host: str = setting(c.DEFAULT_HOST, "HTTP_HOST", "address the producer's HTTP service listens on")
+    http_port: int = setting(
+        c.DEFAULT_HTTP_PORT, "HTTP_PORT", "port the producer's HTTP service listens on", kind="port"
+    )
+    redis_connections: int = setting(
+        64,
+        "REDIS_CONNECTIONS",
+        "Redis connections of one producer (purchases beyond it wait for one)",
+        kind="int",
+        minimum=1,
+    )
+    max_in_flight: int = setting(
+        2048, "MAX_IN_FLIGHT", "purchases queued in the producer before it answers 503", kind="int", minimum=1
+    )
+    redis_timeout_s: float = setting(
+        1.0,
+        "REDIS_TIMEOUT_S",
+        "Redis socket timeout; past it a purchase is reported pending",
+        kind="number",
+        minimum=0.01,
+    )
+    sold_out_cache_s: float = setting(
+        0.5, "SOLD_OUT_CACHE_S", "how long a producer trusts its local sold-out flag", kind="number"
+    )
 
 
 @dataclass(frozen=True)
 class ConsumerSettings:
-    batch_size: int = 256
-    invisible_s: int = 30
-    poll_wait_s: int = 2
-    max_backoff_s: float = 8.0
+    batch_size: int = setting(
+        256, "BATCH_SIZE", "most deductions the consumer applies in one database transaction", kind="int", minimum=1
+    )
+    invisible_s: int = setting(
+        30, "INVISIBLE_S", "seconds a received message stays hidden from other consumers", kind="int", minimum=2
+    )
+    poll_wait_s: int = setting(2, "POLL_WAIT_S", "long-poll wait of one receive call", kind="int", minimum=1)
+    max_backoff_s: float = setting(
+        8.0, "MAX_BACKOFF_S", "longest pause of the consumer after a database failure", kind="number", minimum=0.1
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path = Path(".flashsale")
+    home: Path = setting(Path(".flashsale"), "HOME", "state folder of the local stack: data, logs, PIDs", kind="path")
     ports: StackPorts = field(default_factory=StackPorts)
-    redis_url: str = ""
-    mysql_url: str = ""
-    rocketmq_endpoint: str = ""
-    namesrv_addr: str = ""
-    namespace: str = c.DEFAULT_NAMESPACE
+    redis_url: str = setting("", "REDIS_URL", "Redis URL (default: redis://127.0.0.1:<REDIS_PORT>/0)")
+    mysql_url: str = setting(
+        "",
+        "MYSQL_URL",
+        "SQLAlchemy URL (default: mysql+pymysql://flashsale:flashsale@127.0.0.1:<MYSQL_PORT>/flashsale)",
+    )
+    rocketmq_endpoint: str = setting("", "ROCKETMQ_ENDPOINT", "gRPC proxy host:port (default: 127.0.0.1:<PROXY_PORT>)")
+    namesrv_addr: str = setting(
+        "", "NAMESRV_ADDR", "name server host:port for topic admin (default: 127.0.0.1:<NAMESRV_PORT>)"
+    )
+    namespace: str = setting(c.DEFAULT_NAMESPACE, "NAMESPACE", "prefix of topic and consumer group names")
     producer: ProducerSettings = field(default_factory=ProducerSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
-    check_grace_s: float = 6.0
-    settle_s: float = 30.0
-    failpoints: frozenset[str] = frozenset()
+    check_grace_s: float = setting(
+        6.0,
+        "CHECK_GRACE_S",
+        "age before the checker fences and rolls back a half message that never ran",
+        kind="number",
+    )
+    settle_s: float = setting(
+        30.0, "SETTLE_S", "reconcile ignores Redis deductions younger than this (still in flight)", kind="number"
+    )
+    failpoints: frozenset[str] = setting(
+        frozenset(),
+        "FAILPOINTS",
+        "comma-separated crash points for fault-injection tests (see docs/operations.md)",
+        kind="names",
+    )
+    log_format: str = setting("text", "LOG_FORMAT", "text (one line per event) or json (one object per line)")
 
     def __post_init__(self) -> None:
         # Client addresses default to the local stack's ports: one place decides each port.
@@ -165,6 +162,8 @@ class Settings:
             raise ConfigError(
                 f"{c.ENV_PREFIX}NAMESPACE={self.namespace!r} must be 1-40 letters, digits, '-' or '_' (it names topics)"
             )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"{c.ENV_PREFIX}LOG_FORMAT={self.log_format!r} must be text or json")
         unknown = sorted(self.failpoints - failpoints.KNOWN)
         if unknown:
             raise ConfigError(
@@ -193,43 +192,83 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = _Env(os.environ if environ is None else environ)
-        ports = StackPorts(
-            redis=env.port("REDIS_PORT"),
-            mysql=env.port("MYSQL_PORT"),
-            namesrv=env.port("NAMESRV_PORT"),
-            broker=env.port("BROKER_PORT"),
-            proxy_grpc=env.port("PROXY_PORT"),
-            proxy_remoting=env.port("PROXY_REMOTING_PORT"),
-        )
-        producer = ProducerSettings(
-            http_host=env.text("HTTP_HOST"),
-            http_port=env.port("HTTP_PORT"),
-            redis_connections=env.integer("REDIS_CONNECTIONS", minimum=1),
-            max_in_flight=env.integer("MAX_IN_FLIGHT", minimum=1),
-            redis_timeout_s=env.number("REDIS_TIMEOUT_S", minimum=0.01),
-            sold_out_cache_s=env.number("SOLD_OUT_CACHE_S"),
-        )
-        consumer = ConsumerSettings(
-            batch_size=env.integer("BATCH_SIZE", minimum=1),
-            invisible_s=env.integer("INVISIBLE_S", minimum=2),
-            poll_wait_s=env.integer("POLL_WAIT_S", minimum=1),
-            max_backoff_s=env.number("MAX_BACKOFF_S", minimum=0.1),
-        )
-        return cls(
-            home=Path(env.text("HOME") or ".flashsale").expanduser(),
-            ports=ports,
-            redis_url=env.text("REDIS_URL"),
-            mysql_url=env.text("MYSQL_URL"),
-            rocketmq_endpoint=env.text("ROCKETMQ_ENDPOINT"),
-            namesrv_addr=env.text("NAMESRV_ADDR"),
-            namespace=env.text("NAMESPACE"),
-            producer=producer,
-            consumer=consumer,
-            check_grace_s=env.number("CHECK_GRACE_S"),
-            settle_s=env.number("SETTLE_S"),
-            failpoints=frozenset(p.strip() for p in env.text("FAILPOINTS").split(",") if p.strip()),
-        )
+        settings: Settings = _from_env(cls, os.environ if environ is None else environ)
+        return settings
+
+
+def _fields(cls: type) -> Iterator[dataclasses.Field[Any]]:
+    """Every setting of `cls` and of the settings dataclasses it holds, in declaration order."""
+    for f in dataclasses.fields(cls):
+        nested = _NESTED.get(f.name)
+        if nested is not None:
+            yield from _fields(nested)
+        elif "env" in f.metadata:
+            yield f
+
+
+def _from_env(cls: type, environ: Mapping[str, str]) -> Any:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        nested = _NESTED.get(f.name)
+        if nested is not None:
+            values[f.name] = _from_env(nested, environ)
+        elif "env" in f.metadata:
+            values[f.name] = _parse(f, environ.get(c.ENV_PREFIX + f.metadata["env"]))
+    return cls(**values)
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
+
+
+def _parse(f: dataclasses.Field[Any], raw: str | None) -> Any:
+    env, kind, minimum = c.ENV_PREFIX + f.metadata["env"], f.metadata["kind"], f.metadata["minimum"]
+    if raw is None or not raw.strip():
+        return _default(f)
+    text = raw.strip()
+    if kind == "text":
+        return text
+    if kind == "path":
+        return Path(text).expanduser()
+    if kind == "names":
+        return frozenset(p.strip() for p in text.split(",") if p.strip())
+    convert, what = (float, "a number") if kind == "number" else (int, "an integer")
+    try:
+        value = convert(text)
+    except ValueError:
+        raise ConfigError(f"{env}={text!r} is not {what}") from None
+    if kind == "port" and not 0 < value < 65536:
+        raise ConfigError(f"{env}={value} is not a TCP port (1-65535)")
+    if value < minimum:
+        raise ConfigError(f"{env}={value} must be >= {minimum}")
+    return value
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, frozenset):
+        return ",".join(sorted(default))
+    return str(default)
+
+
+#: The settings dataclasses a Settings holds, by field name.
+_NESTED: dict[str, type] = {"ports": StackPorts, "producer": ProducerSettings, "consumer": ConsumerSettings}
+#: Every FLASHSALE_* variable, read off the settings fields (what `flashsale --help` lists).
+VARIABLES: tuple[Variable, ...] = tuple(
+    Variable(f.metadata["env"], _shown(_default(f)), f.metadata["meaning"]) for f in _fields(Settings)
+)
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of one setting, for a CLI option that overrides it."""
+    return _default(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
+def variable(cls: type, name: str) -> str:
+    """The FLASHSALE_* variable of one setting, for a CLI option's envvar."""
+    return str(c.ENV_PREFIX + next(f for f in dataclasses.fields(cls) if f.name == name).metadata["env"])
 
 
 def _check_url(url: str, schemes: tuple[str, ...], var: str) -> None:

@@ -14,6 +14,7 @@ from flashsale.config import Settings
 from flashsale.models import Purchase
 from flashsale.ops.setup import set_stock
 from flashsale.stack import procs
+from tests.acceptance.harness import Pipeline
 from tests.conftest import clean_environment
 from tests.oracle import balanced, now
 
@@ -109,9 +110,9 @@ def test_stock_set_then_show_side_by_side(settings: Settings, sku: str) -> None:
 @pytest.mark.parametrize(
     ("args", "env", "expected_code", "says"),
     [
-        (("stock", "set", "{sku}", "-5"), {}, 2, "quantity must be a whole number"),
-        (("stock", "set", "{sku}", "2.5"), {}, 2, "quantity must be a whole number"),
-        (("stock", "set", "{sku}", "10", "--per-user-limit", "x"), {}, 2, "per-user limit"),
+        (("stock", "set", "{sku}", "-5"), {}, 2, "'QTY': -5 is not in the range 0<=x<="),
+        (("stock", "set", "{sku}", "2.5"), {}, 2, "'QTY': '2.5' is not a valid integer"),
+        (("stock", "set", "{sku}", "10", "--per-user-limit", "x"), {}, 2, "'--per-user-limit': 'x' is not a valid"),
         (("stock", "set", "bad sku", "10"), {}, 2, "sku must be"),
         (("stock", "show", "no-such-{sku}"), {}, 2, "unknown SKU"),
         (("reconcile", "no-such-{sku}"), {}, 2, "unknown SKU"),
@@ -119,7 +120,8 @@ def test_stock_set_then_show_side_by_side(settings: Settings, sku: str) -> None:
         (("replay",), {}, 2, "choose exactly one"),
         (("bench", "--strategy", "warp-speed"), {}, 2, "unknown strategy"),
         (("bench", "--producer-url", "ftp:/x", "--attempts", "1"), {}, 2, "not an http:// URL"),
-        (("bench", "--stock", "0"), {}, 2, "--stock must be at least 1"),
+        (("bench", "--stock", "0"), {}, 2, "'--stock': 0 is not in the range x>=1"),
+        (("producer", "run"), {"FLASHSALE_HTTP_PORT": "abc"}, 2, "(env var: 'FLASHSALE_HTTP_PORT'): 'abc'"),
         (("demo", "--buyers", "0"), {}, 2, "--buyers"),
         (("stock", "show", "{sku}"), {"FLASHSALE_REDIS_URL": "redis://127.0.0.1:1/0"}, 3, "redis://127.0.0.1:1/0"),
         (("init",), {"FLASHSALE_MYSQL_URL": "postgres://x/y"}, 2, "FLASHSALE_MYSQL_URL"),
@@ -168,8 +170,8 @@ def test_stock_set_refuses_to_overwrite_a_sale_in_progress(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["7", "--per-user-limit", "1000000000"], "per-user limit must be at most 999,999,999"),
-        (["1000000000001"], "quantity must be at most 1,000,000,000,000"),
+        (["7", "--per-user-limit", "1000000000"], "1000000000 is not in the range 0<=x<=999999999"),
+        (["1000000000001"], "1000000000001 is not in the range 0<=x<=1000000000000"),
     ],
 )
 def test_stock_set_checks_every_bound_before_writing_anything(
@@ -257,3 +259,11 @@ def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(sett
     assert books.problems == [] and books.order_count == 300
     assert pipeline["drain_s"] > 0
     assert pipeline["applied_per_s"] == pytest.approx(300 / pipeline["drain_s"], rel=0.05)
+
+
+def test_a_process_logs_one_json_object_per_line_when_asked(pipeline: Pipeline) -> None:
+    checker = pipeline.checker(FLASHSALE_LOG_FORMAT="json")
+    checker.terminate()
+    events = [json.loads(line) for line in checker.text().splitlines() if line.strip()]
+    assert any(e["message"].startswith("checker answering transaction checks") for e in events)
+    assert all(e["process"] == "checker" and e["pid"] == checker.popen.pid for e in events if "process" in e)

@@ -17,6 +17,7 @@ from sqlalchemy.engine.url import make_url
 
 from flashsale import sql
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
+from flashsale.logs import ids
 from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
 from flashsale.records import (
     ApplyReport,
@@ -387,7 +388,14 @@ def _guarded_update(
         query("delete_deductions", "tokens"), {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]}
     )
     for r in rest:
-        logger.warning("conflict: token %s sku %s qty %d does not fit MySQL stock %d", r.token, sku, r.qty, stock)
+        logger.warning(
+            "conflict: token %s sku %s qty %d does not fit MySQL stock %d",
+            r.token,
+            sku,
+            r.qty,
+            stock,
+            extra=ids(token=r.token, sku=sku),
+        )
     _insert_conflicts(
         conn,
         [
@@ -409,7 +417,14 @@ def _record_conflicts(conn: Connection, conflicts: Sequence[Conflict], report: A
         return
     for conflict in conflicts:
         d = conflict.deduction
-        logger.warning("conflict: token %s sku %s message %s: %s", d.token, d.sku, conflict.message_id, conflict.reason)
+        logger.warning(
+            "conflict: token %s sku %s message %s: %s",
+            d.token,
+            d.sku,
+            conflict.message_id,
+            conflict.reason,
+            extra=ids(token=d.token, sku=d.sku, message_id=conflict.message_id),
+        )
     stocks = {
         sku: conn.execute(query("stock_of"), {"sku": sku}).scalar()
         for sku in sorted({c.deduction.sku for c in conflicts})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -10,7 +11,7 @@ import click
 
 from flashsale import __version__, logs
 from flashsale.cli import context
-from flashsale.config import VARIABLES
+from flashsale.config import VARIABLES, Settings, variable
 from flashsale.errors import ConfigError, FlashSaleError, InvalidInput, ServiceUnavailable
 
 #: Exit codes, documented in docs/operations.md.
@@ -85,7 +86,9 @@ def main(ctx: click.Context, log_level: str | None) -> None:
     """flashsale: sell a hot item's stock to a flood of buyers, never oversell, never lose a deduction."""
     command = ctx.invoked_subcommand or "flashsale"
     level = log_level or ("INFO" if command in LONG_RUNNING else "WARNING")
-    logs.configure(level.upper(), process=command)
+    # Read before the settings: a malformed setting must still be reported in the chosen format.
+    fmt = os.environ.get(variable(Settings, "log_format"), "text").strip() or "text"
+    logs.configure(level.upper(), process=command, fmt=fmt)
     ctx.obj = context.Context()
 
 

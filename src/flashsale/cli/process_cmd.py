@@ -7,6 +7,7 @@ from dataclasses import replace
 import click
 
 from flashsale.cli.context import Context
+from flashsale.config import ConsumerSettings, ProducerSettings, field_default, variable
 from flashsale.service import processes
 
 METRICS_PORT = click.option(
@@ -23,14 +24,28 @@ def producer() -> None:
 
 
 @producer.command("run")
-@click.option("--host", default=None, help="Listen address [env FLASHSALE_HTTP_HOST].")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Listen port [env FLASHSALE_HTTP_PORT].")
+@click.option(
+    "--host",
+    envvar=variable(ProducerSettings, "http_host"),
+    show_envvar=True,
+    default=field_default(ProducerSettings, "http_host"),
+    show_default=True,
+    help="Listen address.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    envvar=variable(ProducerSettings, "http_port"),
+    show_envvar=True,
+    default=field_default(ProducerSettings, "http_port"),
+    show_default=True,
+    help="Listen port.",
+)
 @click.pass_obj
-def producer_run(ctx: Context, host: str | None, port: int | None) -> None:
-    """Serve POST /purchase, GET /stock/{sku}, GET /healthz and GET /metrics until SIGTERM."""
+def producer_run(ctx: Context, host: str, port: int) -> None:
+    """Serve POST /purchase, GET /stock/{sku}, /healthz, /readyz and /metrics until SIGTERM."""
     settings = ctx.settings
-    cfg = settings.producer
-    chosen = replace(cfg, http_host=host or cfg.http_host, http_port=port or cfg.http_port)
+    chosen = replace(settings.producer, http_host=host, http_port=port)
     processes.run_producer(settings.with_overrides(producer=chosen))
 
 
@@ -43,16 +58,18 @@ def consumer() -> None:
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 10000),
-    default=None,
-    help="Most deductions per database transaction [env FLASHSALE_BATCH_SIZE].",
+    envvar=variable(ConsumerSettings, "batch_size"),
+    show_envvar=True,
+    default=field_default(ConsumerSettings, "batch_size"),
+    show_default=True,
+    help="Most deductions per database transaction.",
 )
 @METRICS_PORT
 @click.pass_obj
-def consumer_run(ctx: Context, batch_size: int | None, metrics_port: int | None) -> None:
+def consumer_run(ctx: Context, batch_size: int, metrics_port: int | None) -> None:
     """Consume the deduction and replay topics until SIGTERM (the batch in hand is finished first)."""
     settings = ctx.settings
-    if batch_size is not None:
-        settings = settings.with_overrides(consumer=replace(settings.consumer, batch_size=batch_size))
+    settings = settings.with_overrides(consumer=replace(settings.consumer, batch_size=batch_size))
     processes.run_consumer(settings, metrics_port=metrics_port)
 
 

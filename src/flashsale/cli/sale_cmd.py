@@ -72,11 +72,17 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     show_default=True,
     help=f"Comma-separated, run in turn with the same load: {', '.join(bench_ops.STRATEGIES)}.",
 )
-@click.option("--skus", type=int, default=1, show_default=True, help="SKUs on sale (attempts spread over them).")
-@click.option("--stock", type=int, default=1000, show_default=True, help="Units per SKU.")
-@click.option("--buyers", type=int, default=200, show_default=True, help="Buyers in flight at once (concurrency).")
-@click.option("--attempts", type=int, default=5000, show_default=True, help="Purchase attempts in all.")
-@click.option("--per-user-limit", type=int, default=0, show_default=True, help="Units one buyer may get (0 = none).")
+@click.option(
+    "--skus", type=click.IntRange(1), default=1, show_default=True, help="SKUs on sale (attempts spread over them)."
+)
+@click.option("--stock", type=click.IntRange(1), default=1000, show_default=True, help="Units per SKU.")
+@click.option(
+    "--buyers", type=click.IntRange(1), default=200, show_default=True, help="Buyers in flight at once (concurrency)."
+)
+@click.option("--attempts", type=click.IntRange(1), default=5000, show_default=True, help="Purchase attempts in all.")
+@click.option(
+    "--per-user-limit", type=click.IntRange(0), default=0, show_default=True, help="Units one buyer may get (0 = none)."
+)
 @click.option(
     "--producer-url",
     default=None,
@@ -86,7 +92,9 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
 @click.option(
     "--backlog", is_flag=True, help="Pipeline: sell with no consumer running, then time how fast one applies it."
 )
-@click.option("--batch-size", type=int, default=None, help="Pipeline: batch size of the bench's own consumer.")
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=None, help="Pipeline: batch size of the bench's own consumer."
+)
 @json_output("the results (no progress bars)")
 @click.pass_obj
 def bench(

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from flashsale import constants as c
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.cli.context import Context
@@ -45,9 +46,14 @@ def stock() -> None:
 
 @stock.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("sku")
-@click.argument("qty")
+@click.argument("qty", type=click.IntRange(0, c.MAX_STOCK))
 @click.option(
-    "--per-user-limit", default="0", show_default=True, metavar="N", help="Most units one user may buy (0 = no limit)."
+    "--per-user-limit",
+    type=click.IntRange(0, c.MAX_PER_USER_LIMIT),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Most units one user may buy (0 = no limit).",
 )
 @click.option(
     "--reset", is_flag=True, help="Discard the SKU's previous sale (Redis log, MySQL deductions, orders, conflicts)."
@@ -56,10 +62,10 @@ def stock() -> None:
     "--force", is_flag=True, help="With --reset: go ahead even while deductions are still on their way to MySQL."
 )
 @click.pass_obj
-def stock_set(ctx: Context, sku: str, qty: str, per_user_limit: str, reset: bool, force: bool) -> None:
+def stock_set(ctx: Context, sku: str, qty: int, per_user_limit: int, reset: bool, force: bool) -> None:
     """Load SKU with QTY units into MySQL and Redis, consistently."""
     setup.set_stock(ctx.settings, sku, qty, per_user_limit=per_user_limit, reset=reset, force=force)
-    click.echo(f"{sku}: {qty} units loaded" + (f", at most {per_user_limit} per user" if per_user_limit != "0" else ""))
+    click.echo(f"{sku}: {qty} units loaded" + (f", at most {per_user_limit} per user" if per_user_limit else ""))
 
 
 def stock_report(ctx: Context, sku: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flashsale import constants as c
+from flashsale.logs import ids
 from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Delivery, Purchase
 from flashsale.records import Conflict, Incoming, LogEntry, Prededuct, TxRecord
 
@@ -84,6 +85,7 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
                         purchase.qty,
                         entry.user,
                         entry.qty,
+                        extra=ids(message_id=message.gid, sku=message.sku, token=purchase.token),
                     )
                 result.apply.append(_incoming(d, entry))
             elif deducted[i] is not None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError, MalformedMessage
+from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Delivery, Resolution
 from flashsale.ports import CheckStockPort
 
@@ -44,7 +45,13 @@ class DeductionChecker:
     def check(self, delivery: Delivery) -> Resolution:
         started = time.perf_counter()
         resolution = self._resolve(delivery)
-        logger.info("check message %s key %s -> %s", delivery.message_id, delivery.key, resolution.value)
+        logger.info(
+            "check message %s key %s -> %s",
+            delivery.message_id,
+            delivery.key,
+            resolution.value,
+            extra=ids(message_id=delivery.message_id, token=delivery.key),
+        )
         if self._observe:
             self._observe(resolution, time.perf_counter() - started)
         return resolution
@@ -54,7 +61,12 @@ class DeductionChecker:
             message = DeductionMessage.decode(delivery.body, delivery.message_id)
         except MalformedMessage as exc:
             # No producer of ours sent this, and no consumer could apply it: it never becomes visible.
-            logger.error("half message %s is malformed (%s); rolling back", delivery.message_id, exc)
+            logger.error(
+                "half message %s is malformed (%s); rolling back",
+                delivery.message_id,
+                exc,
+                extra=ids(message_id=delivery.message_id),
+            )
             return Resolution.ROLLBACK
         if message.gid != delivery.message_id:
             logger.error("half message %s names message %s in its body; rolling back", delivery.message_id, message.gid)
@@ -68,13 +80,22 @@ class DeductionChecker:
                 grace_ms=self._grace_ms,
             )
         except FlashSaleError as exc:
-            logger.warning("cannot check message %s (%s); answering unknown", delivery.message_id, exc)
+            logger.warning(
+                "cannot check message %s (%s); answering unknown",
+                delivery.message_id,
+                exc,
+                extra=ids(message_id=delivery.message_id, sku=message.sku),
+            )
             return Resolution.UNKNOWN
         if view.state == YOUNG:
             return Resolution.UNKNOWN
         if view.state == c.TX_FENCED:
             logger.warning(
-                "fenced message %s sku %s: no pre-deduct within %.1f s", message.gid, message.sku, self._grace_ms / 1000
+                "fenced message %s sku %s: no pre-deduct within %.1f s",
+                message.gid,
+                message.sku,
+                self._grace_ms / 1000,
+                extra=ids(message_id=message.gid, sku=message.sku),
             )
             return Resolution.ROLLBACK
         accepted = 0
@@ -91,6 +112,7 @@ class DeductionChecker:
                     purchase.qty,
                     entry.user,
                     entry.qty,
+                    extra=ids(message_id=message.gid, sku=message.sku, token=purchase.token),
                 )
                 return Resolution.ROLLBACK
             accepted += 1

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, MalformedMessage
+from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Delivery
 from flashsale.pipeline import accepted
 from flashsale.pipeline.accepted import Decoded
@@ -40,7 +41,13 @@ def decode(batch: Sequence[Delivery]) -> tuple[list[Decoded], list[DeadLetter]]:
         try:
             message = DeductionMessage.decode(delivery.body, delivery.message_id)
         except MalformedMessage as exc:
-            logger.error("message %s on %s is malformed: %s", delivery.message_id, delivery.topic, exc)
+            logger.error(
+                "message %s on %s is malformed: %s",
+                delivery.message_id,
+                delivery.topic,
+                exc,
+                extra=ids(message_id=delivery.message_id),
+            )
             dead.append(_dead(delivery, str(exc)))
             continue
         decoded.append(Decoded(delivery, message))
@@ -167,7 +174,12 @@ class DeductionConsumer:
         return total
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> ApplyReport:
-        logger.error("message %s cannot be applied (%s); dead-lettering it", delivery.message_id, reason)
+        logger.error(
+            "message %s cannot be applied (%s); dead-lettering it",
+            delivery.message_id,
+            reason,
+            extra=ids(message_id=delivery.message_id),
+        )
         try:
             sku: str | None = DeductionMessage.decode(delivery.body, delivery.message_id).sku
         except MalformedMessage:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, InvalidInput, ServiceUnavailable
+from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.ports import PurchaseStockPort, TxBusPort
 from flashsale.records import Prededuct, PredeductResult
@@ -106,7 +107,7 @@ class PurchaseService:
         try:
             entry = await self._stock.log_entry(sku, token)
         except FlashSaleError as exc:
-            logger.warning("cannot look up token %s sku %s: %s", token, sku, exc)
+            logger.warning("cannot look up token %s sku %s: %s", token, sku, exc, extra=ids(token=token, sku=sku))
             return PurchaseResult(PurchaseStatus.ERROR, token, message="stock could not be checked; try again")
         if entry is not None and entry.state in c.DEDUCTED_STATES:
             return PurchaseResult(PurchaseStatus.DUPLICATE, token, 0, entry.message_id, message=_DUPLICATE)
@@ -120,7 +121,13 @@ class PurchaseService:
         try:
             half = await self._bus.send_half_async(self._topic, requests[0].token, body, c.DEDUCTION_TAG, gid)
         except BusError as exc:
-            logger.warning("half message for sku %s (%d purchases) not sent: %s", sku, len(requests), exc)
+            logger.warning(
+                "half message for sku %s (%d purchases) not sent: %s",
+                sku,
+                len(requests),
+                exc,
+                extra=ids(sku=sku, message_id=gid),
+            )
             return self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
 
@@ -128,7 +135,13 @@ class PurchaseService:
             outcomes = await self._stock.prededuct(sku, gid, purchases)
         except ServiceUnavailable as exc:
             if not exc.reached:
-                logger.warning("pre-deduct of message %s sku %s not run (%s); rolling back", gid, sku, exc)
+                logger.warning(
+                    "pre-deduct of message %s sku %s not run (%s); rolling back",
+                    gid,
+                    sku,
+                    exc,
+                    extra=ids(sku=sku, message_id=gid),
+                )
                 await self._end(half.rollback, "rollback", gid)
                 return self._all(requests, PurchaseStatus.ERROR, _NOT_RUN)
             # The script may or may not have run: neither commit nor roll back, the checker will know.
@@ -138,7 +151,9 @@ class PurchaseService:
             return self._all(requests, PurchaseStatus.PENDING, _PENDING, gid)
         except FlashSaleError as exc:
             # A script error writes nothing (every purchase is decided before the first write): roll back.
-            logger.error("pre-deduct of message %s sku %s failed: %s", gid, sku, exc)
+            logger.error(
+                "pre-deduct of message %s sku %s failed: %s", gid, sku, exc, extra=ids(sku=sku, message_id=gid)
+            )
             await self._end(half.rollback, "rollback", gid)
             return self._all(
                 requests, PurchaseStatus.ERROR, "stock could not be checked; nothing was deducted, try again"
@@ -202,4 +217,6 @@ class PurchaseService:
         try:
             await action()
         except BusError as exc:
-            logger.warning("%s of message %s failed (%s); the checker will settle it", what, gid, exc)
+            logger.warning(
+                "%s of message %s failed (%s); the checker will settle it", what, gid, exc, extra=ids(message_id=gid)
+            )
