@@ -26,6 +26,22 @@ class StockReturn(enum.IntEnum):
     NOT_DEDUCTED = 3
 
 
+class LoadStock(enum.IntEnum):
+    """load_stock.lua's answers."""
+
+    LOADED = 1
+    HAS_HISTORY = 2  # deductions on record, and no reset asked
+    INVALID = 3
+
+
+class Adopt(enum.IntEnum):
+    """adopt.lua's answers."""
+
+    ALREADY_LOGGED = 0  # the token has a log entry: nothing to do
+    ADOPTED = 1
+    NO_STOCK = 2  # taking the deduction again needs more stock than Redis has: an operator decides
+
+
 @dataclass(frozen=True)
 class LogEntry:
     token: str

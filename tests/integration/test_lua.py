@@ -250,3 +250,25 @@ def test_concurrent_prededucts_never_oversell(redis_stock: RedisStock, sku: str)
     view = redis_stock.view(sku)
     assert view.stock == 0 and view.deducted_qty == 100
     assert sum(e.qty for e in redis_stock.scan_log(sku, page=7)) == 100
+
+
+def test_adopt_writes_back_an_entry_or_a_whole_deduction_and_names_each_outcome(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    from flashsale.records import Adopt
+
+    redis_stock.load(sku, 2)
+    one(redis_stock, sku, "t1", "u1", 1, "m1")
+    assert redis_stock.adopt(sku, "t1", "u1", 1, 5, "m1", deduct=False) == (Adopt.ALREADY_LOGGED, "deducted")
+    redis_stock.client.hdel(SkuKeys.of(sku).log, "t1")
+    assert redis_stock.adopt(sku, "t1", "u1", 1, 5, "m1", deduct=False) == (Adopt.ADOPTED, "")
+    assert redis_stock.view(sku).stock == 1  # the entry alone: the stock already counted it
+    assert redis_stock.adopt(sku, "t2", "u2", 1, 5, "m2", deduct=True) == (Adopt.ADOPTED, "")
+    assert redis_stock.view(sku).stock == 0
+    assert redis_stock.adopt(sku, "t3", "u3", 1, 5, "m3", deduct=True) == (Adopt.NO_STOCK, "0")
+
+
+def test_load_refuses_an_invalid_argument_with_its_name(redis_stock: RedisStock, sku: str) -> None:
+    with pytest.raises(StockError, match="invalid per-user limit"):
+        redis_stock.load(sku, 5, per_user_limit=10**10)
+    assert not redis_stock.exists(sku)

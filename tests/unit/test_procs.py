@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -11,14 +12,14 @@ from flashsale.stack.procs import PidRecord
 
 
 def test_pid_record_survives_a_save_load_round_trip(tmp_path: Path) -> None:
-    record = PidRecord(pid=1234, start_ticks=5678, command="redis-server")
+    record = PidRecord(pid=1234, started=1_700_000_000.25, command="redis-server")
     path = tmp_path / "run" / "redis.json"
     record.save(path)
     assert PidRecord.load(path) == record
     assert not path.with_suffix(".tmp").exists()
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"pid": 1}', '{"pid": "x", "start_ticks": 1, "command": ""}'])
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"pid": 1}', '{"pid": "x", "started": 1, "command": ""}'])
 def test_pid_record_load_of_a_corrupt_file_is_none(tmp_path: Path, text: str) -> None:
     path = tmp_path / "redis.json"
     path.write_text(text)
@@ -30,15 +31,24 @@ def test_pid_record_load_of_a_missing_file_is_none(tmp_path: Path) -> None:
 
 
 def test_is_alive_recognises_the_current_process() -> None:
-    ticks = procs.start_ticks(os.getpid())
-    assert ticks is not None
-    assert procs.is_alive(PidRecord(os.getpid(), ticks, "python"))
+    started = procs.started_at(os.getpid())
+    assert started is not None
+    assert procs.is_alive(PidRecord(os.getpid(), started, "python"))
 
 
 def test_is_alive_refuses_a_pid_whose_start_time_differs() -> None:
-    ticks = procs.start_ticks(os.getpid())
-    assert ticks is not None
-    assert not procs.is_alive(PidRecord(os.getpid(), ticks + 1, "python"))
+    started = procs.started_at(os.getpid())
+    assert started is not None
+    assert not procs.is_alive(PidRecord(os.getpid(), started + 1, "python"))
+
+
+def test_a_record_of_an_earlier_flashsale_in_clock_ticks_still_recognises_its_process(tmp_path: Path) -> None:
+    stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"pid": os.getpid(), "start_ticks": ticks, "command": "python"}))
+    record = PidRecord.load(path)
+    assert record is not None and procs.is_alive(record)
 
 
 def test_listening_addresses_finds_a_socket_this_process_listens_on() -> None:
@@ -50,23 +60,17 @@ def test_listening_addresses_finds_a_socket_this_process_listens_on() -> None:
     assert f"127.0.0.1:{port}" not in procs.listening_addresses(os.getpid())
 
 
+def test_listening_addresses_shows_ipv6_in_brackets() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.bind(("::1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert f"[::1]:{port}" in procs.listening_addresses(os.getpid())
+
+
 @pytest.mark.parametrize(
     ("address", "loopback"),
     [("127.0.0.1:1", True), ("[::1]:2", True), ("[::]:3", False), ("0.0.0.0:4", False), ("10.0.0.1:5", False)],
 )
 def test_is_loopback_tells_local_only_addresses_apart(address: str, loopback: bool) -> None:
     assert procs.is_loopback(address) is loopback
-
-
-@pytest.mark.parametrize(
-    ("hex_addr", "width", "text"),
-    [
-        ("0100007F", 8, "127.0.0.1"),
-        ("00000000", 8, "0.0.0.0"),
-        ("0000000000000000FFFF00000100007F", 32, "127.0.0.1"),
-        ("00000000000000000000000001000000", 32, "[::1]"),
-        ("00000000000000000000000000000000", 32, "[::]"),
-    ],
-)
-def test_decode_addr_reads_the_proc_net_tcp_hex_format(hex_addr: str, width: int, text: str) -> None:
-    assert procs._decode_addr(hex_addr, width) == text

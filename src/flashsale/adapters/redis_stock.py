@@ -17,7 +17,17 @@ from flashsale import constants as c
 from flashsale import lua
 from flashsale.errors import ServiceUnavailable, StockError, UnknownSku
 from flashsale.models import Purchase
-from flashsale.records import CheckView, LogEntry, Prededuct, PredeductResult, StockReturn, StockView, TxRecord
+from flashsale.records import (
+    Adopt,
+    CheckView,
+    LoadStock,
+    LogEntry,
+    Prededuct,
+    PredeductResult,
+    StockReturn,
+    StockView,
+    TxRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +163,14 @@ class RedisStock:
     # --- the sale -----------------------------------------------------------------------------------
     def load(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
         keys = SkuKeys.of(sku)
-        code, detail = self._run("load_stock", keys.all(), [str(qty), str(per_user_limit), "1" if reset else "0"])
-        if code == 2:
+        raw, detail = self._run("load_stock", keys.all(), [str(qty), str(per_user_limit), "1" if reset else "0"])
+        code = LoadStock(int(raw))
+        if code is LoadStock.HAS_HISTORY:
             raise StockError(
                 f"{sku} already has {detail} deduction(s) on record in Redis",
                 hint="pass --reset to discard that history (orders already applied stay in MySQL)",
             )
-        if code != 1:
+        if code is not LoadStock.LOADED:
             raise StockError(f"Redis refused to load {sku}: invalid {detail}")
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
 
@@ -202,13 +213,13 @@ class RedisStock:
 
     def adopt(
         self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *, deduct: bool
-    ) -> tuple[int, str]:
-        """Write back a deduction MySQL has and the log lacks; see adopt.lua for the codes."""
+    ) -> tuple[Adopt, str]:
+        """Write back a deduction MySQL has and the log lacks; `detail` is the entry's state, or the stock left."""
         keys = SkuKeys.of(sku)
         code, detail = self._run(
             "adopt", keys.sale(), [token, user, str(qty), str(ts_ms), message_id, sku, "deduct" if deduct else "entry"]
         )
-        return int(code), str(detail)
+        return Adopt(int(code)), str(detail)
 
     # --- reading ------------------------------------------------------------------------------------
     def log_entry(self, sku: str, token: str) -> LogEntry | None:

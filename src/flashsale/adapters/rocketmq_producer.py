@@ -23,6 +23,7 @@ from flashsale.adapters.rocketmq_base import shutdown_quietly, start_client, to_
 from flashsale.adapters.rocketmq_recovery import StreamWatchdog
 from flashsale.errors import BusError, ServiceUnavailable
 from flashsale.models import Delivery, Resolution
+from flashsale.polling import poll_until
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,16 +200,20 @@ class RocketMQProducer:
 
 def probe_send(endpoint: str, topic: str, timeout_s: float = 30.0) -> str:
     """Send one normal message through the proxy; returns its id. Proves the broker really accepts writes."""
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    last: list[Exception] = []
+
+    def attempt() -> str | None:
         producer = RocketMQProducer(endpoint, [topic], lambda _: Resolution.UNKNOWN)
         try:
             producer.start()
             return producer.send(topic, "probe", b"probe", "probe")
         except (ServiceUnavailable, BusError) as exc:
-            last = exc
-            time.sleep(1.0)
+            last[:] = [exc]
+            return None
         finally:
             producer.shutdown()
-    raise ServiceUnavailable("RocketMQ", endpoint, f"no probe message accepted on {topic}: {last}")
+
+    message_id = poll_until(attempt, timeout_s, interval_s=1.0)
+    if message_id is None:
+        raise ServiceUnavailable("RocketMQ", endpoint, f"no probe message accepted on {topic}: {last[0]}")
+    return message_id

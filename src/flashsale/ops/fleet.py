@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError
+from flashsale.polling import poll_until
 
 
 def free_port() -> int:
@@ -64,17 +64,16 @@ class Child:
             return ""
 
     def wait_for(self, ready: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def check() -> bool:
             if self.popen.poll() is not None:
                 raise FlashSaleError(
                     f"{self.role} exited ({self.popen.returncode}) before {what}; log {self.log}:\n"
                     f"{self.text()[-2000:]}"
                 )
-            if ready():
-                return
-            time.sleep(0.2)
-        raise FlashSaleError(f"{self.role} not {what} after {timeout_s:.0f} s; log {self.log}")
+            return ready()
+
+        if not poll_until(check, timeout_s, interval_s=0.2):
+            raise FlashSaleError(f"{self.role} not {what} after {timeout_s:.0f} s; log {self.log}")
 
     def wait_log(self, marker: str, timeout_s: float = 60) -> None:
         self.wait_for(lambda: marker in self.text(), f"logging {marker!r}", timeout_s)

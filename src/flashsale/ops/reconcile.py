@@ -17,7 +17,8 @@ from flashsale.adapters.redis_stock import RedisStock
 from flashsale.config import Settings
 from flashsale.errors import UnknownSku
 from flashsale.ops.paging import pages
-from flashsale.records import LogEntry
+from flashsale.polling import poll_until
+from flashsale.records import Adopt, LogEntry
 
 #: Log entries / rows read per round trip.
 PAGE = 1000
@@ -85,8 +86,7 @@ OnOrphan = Callable[[Any, LogEntry | None, SkuReport], None]
 def wait_applied(store: MySQLStore, skus: list[str], count: int, *, timeout_s: float) -> float:
     """Wait until MySQL holds `count` deductions of `skus` (or the time is up); returns the seconds waited."""
     started = time.perf_counter()
-    while store.applied(skus)[0] < count and time.perf_counter() - started < timeout_s:
-        time.sleep(0.05)
+    poll_until(lambda: store.applied(skus)[0] >= count, timeout_s, interval_s=0.05)
     return time.perf_counter() - started
 
 
@@ -244,12 +244,12 @@ class _Repairer:
         code, detail = self.stock.adopt(
             seen.sku, row.token, row.user_id, int(row.qty), int(row.created_ms), row.message_id, deduct=not entry_only
         )
-        if code == 1 and entry_only:
+        if code is Adopt.ADOPTED and entry_only:
             self.report.adopted_entries += 1
             self._entries_qty += int(row.qty)
-        elif code == 1:
+        elif code is Adopt.ADOPTED:
             self.report.adopted_deductions += 1
-        elif code == 2:
+        elif code is Adopt.NO_STOCK:
             self.report.needs_operator.append(f"{row.token}: Redis has {detail} left, cannot take {row.qty} again")
 
 
@@ -310,12 +310,14 @@ def run(
 
             for sku in names:
                 repairs.append(repair_sku(stock, store, sku, settle_s=settings.settle_s, replay=replay)[1])
-        deadline = time.monotonic() + wait_s
-        while True:
-            reports = [reconcile_sku(stock, store, sku, settle_s=settings.settle_s) for sku in names]
-            if all(r.consistent for r in reports) or time.monotonic() >= deadline:
-                return reports, repairs
-            time.sleep(1.0)
+        latest: list[SkuReport] = []
+
+        def balanced() -> bool:
+            latest[:] = [reconcile_sku(stock, store, sku, settle_s=settings.settle_s) for sku in names]
+            return all(r.consistent for r in latest)
+
+        poll_until(balanced, wait_s, interval_s=1.0)
+        return latest, repairs
     finally:
         stock.close()
         store.close()

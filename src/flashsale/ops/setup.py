@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +13,7 @@ from flashsale.adapters.redis_stock import RedisStock
 from flashsale.config import Settings
 from flashsale.errors import ServiceUnavailable, StackError, StockError, UnknownSku
 from flashsale.models import parse_count, require_id
+from flashsale.polling import poll_until
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,20 @@ def init(settings: Settings, *, wait_s: float = 0.0) -> InitReport:
 
     With `wait_s`, servers that do not answer yet are asked again until that many seconds have passed.
     """
-    deadline = time.monotonic() + wait_s
-    while True:
+    last: list[ServiceUnavailable] = []
+
+    def attempt() -> InitReport | None:
         try:
             return _init(settings)
         except ServiceUnavailable as exc:
-            if time.monotonic() >= deadline:
-                raise
             logger.info("waiting for %s", exc)
-            time.sleep(2.0)
+            last[:] = [exc]
+            return None
+
+    report = poll_until(attempt, wait_s, interval_s=2.0)
+    if report is None:
+        raise last[0]
+    return report
 
 
 def _init(settings: Settings) -> InitReport:

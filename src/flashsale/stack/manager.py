@@ -10,6 +10,7 @@ from typing import Any
 
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput, StackError
+from flashsale.polling import poll_until
 from flashsale.stack import install, procs
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.services import HOST, SERVICES, BrokerService, Service
@@ -95,26 +96,29 @@ class Stack:
         if record is None:
             raise self._died(service)
         deadline = time.monotonic() + service.ready_timeout_s
-        if service.name in started:
-            while not service.ping():
-                if not procs.is_alive(record):
-                    raise self._died(service)
-                if time.monotonic() > deadline:
-                    raise self._timeout(service, "it never answered")
-                time.sleep(0.25)
-            service.after_start()
-        last = ""
-        while True:
-            try:
-                note = service.probe()  # starting: a write proves it serves (status itself only reads)
-                break
-            except FlashSaleError as exc:
-                last = str(exc)
+
+        def alive() -> bool:
             if not procs.is_alive(record):
                 raise self._died(service)
-            if time.monotonic() > deadline:
-                raise self._timeout(service, last)
-            time.sleep(0.5)
+            return True
+
+        if service.name in started:
+            if not poll_until(lambda: alive() and service.ping(), service.ready_timeout_s):
+                raise self._timeout(service, "it never answered")
+            service.after_start()
+        last = [""]
+
+        def serves() -> str | None:
+            alive()
+            try:
+                return service.probe()  # starting: a write proves it serves (status itself only reads)
+            except FlashSaleError as exc:
+                last[0] = str(exc)
+                return None
+
+        note = poll_until(serves, max(0.0, deadline - time.monotonic()), interval_s=0.5)
+        if note is None:
+            raise self._timeout(service, last[0])
         if service.name in started:
             started[service.name] = round(time.monotonic() - started[service.name], 2)
             progress(f"{service.name} ready in {started[service.name]} s: {note}")

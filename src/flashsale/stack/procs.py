@@ -1,7 +1,7 @@
 """Processes the stack starts: spawn detached, record, recognise again, stop, and see what they listen on.
 
 A PID alone can be reused by an unrelated process after a reboot or a crash, so a record also keeps the
-process start time (field 22 of /proc/<pid>/stat); a PID whose start time differs is not ours.
+process's start time; a PID whose start time differs is not ours.
 """
 
 from __future__ import annotations
@@ -10,16 +10,22 @@ import json
 import os
 import signal
 import socket
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import psutil
+
+from flashsale.polling import poll_until
+
+#: Start times of one process, read twice, agree to far better than this (seconds).
+_SAME_START_S = 0.05
 
 
 @dataclass(frozen=True)
 class PidRecord:
     pid: int
-    start_ticks: int
+    started: float  # seconds since the epoch, as psutil reports a process's creation
     command: str
 
     def save(self, path: Path) -> None:
@@ -32,7 +38,11 @@ class PidRecord:
     def load(cls, path: Path) -> PidRecord | None:
         try:
             data = json.loads(path.read_text())
-            return cls(pid=int(data["pid"]), start_ticks=int(data["start_ticks"]), command=str(data["command"]))
+            if "start_ticks" in data:  # written by an earlier flashsale: clock ticks since boot
+                started = psutil.boot_time() + int(data["start_ticks"]) / os.sysconf("SC_CLK_TCK")
+            else:
+                started = float(data["started"])
+            return cls(pid=int(data["pid"]), started=started, command=str(data["command"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -41,14 +51,11 @@ class PidRecord:
 _CHILDREN: set[int] = set()
 
 
-def start_ticks(pid: int) -> int | None:
+def started_at(pid: int) -> float | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    # The command name (field 2) may hold spaces or parentheses: split after its closing parenthesis.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
 
 
 def is_alive(record: PidRecord) -> bool:
@@ -60,14 +67,13 @@ def is_alive(record: PidRecord) -> bool:
         if reaped:
             _CHILDREN.discard(record.pid)
             return False
-    ticks = start_ticks(record.pid)
-    if ticks is None or ticks != record.start_ticks:
-        return False
     try:
-        state = Path(f"/proc/{record.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        process = psutil.Process(record.pid)
+        if abs(process.create_time() - record.started) > _SAME_START_S:
+            return False
+        return process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    return state not in ("Z", "X")
 
 
 def spawn(command: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None) -> PidRecord:
@@ -91,10 +97,10 @@ def spawn(command: Sequence[str], *, log_path: Path, env: Mapping[str, str] | No
         os.close(log)
         os.close(stdin)
     _CHILDREN.add(pid)
-    ticks = start_ticks(pid)
-    if ticks is None:
+    started = started_at(pid)
+    if started is None:
         raise OSError(f"{command[0]} exited immediately; see {log_path}")
-    return PidRecord(pid=pid, start_ticks=ticks, command=command[0])
+    return PidRecord(pid=pid, started=started, command=command[0])
 
 
 def terminate(record: PidRecord, grace_s: float) -> None:
@@ -105,23 +111,13 @@ def terminate(record: PidRecord, grace_s: float) -> None:
         os.kill(record.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    if wait_until(lambda: not is_alive(record), grace_s, interval_s=0.1):
+    if poll_until(lambda: not is_alive(record), grace_s, interval_s=0.1):
         return
     try:
         os.kill(record.pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    wait_until(lambda: not is_alive(record), 10, interval_s=0.1)
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if check():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)
+    poll_until(lambda: not is_alive(record), 10, interval_s=0.1)
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -131,43 +127,20 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
 
 
 def listening_addresses(pid: int) -> list[str]:
-    """TCP addresses (host:port) the process listens on, read from /proc (what `ss -ltnp` shows)."""
-    inodes = set()
+    """TCP addresses (host:port) the process listens on (what `ss -ltnp` shows)."""
     try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
-    found = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
+    found = set()
+    for conn in connections:
+        if conn.status != psutil.CONN_LISTEN:
             continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] != "0A" or parts[9] not in inodes:  # 0A = LISTEN
-                continue
-            hex_addr, hex_port = parts[1].split(":")
-            found.append(f"{_decode_addr(hex_addr, width)}:{int(hex_port, 16)}")
-    return sorted(set(found))
-
-
-def _decode_addr(hex_addr: str, width: int) -> str:
-    raw = bytes.fromhex(hex_addr)
-    if width == 8:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    # /proc stores IPv6 as four little-endian 32-bit words.
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    text = socket.inet_ntop(socket.AF_INET6, words)
-    if text.startswith("::ffff:") and "." in text:
-        return text[7:]
-    return f"[{text}]"
+        host, port = conn.laddr.ip, conn.laddr.port
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        found.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return sorted(found)
 
 
 def is_loopback(address: str) -> bool:
