@@ -1,21 +1,30 @@
-# flashsale: make install | lint | test | demo | bench | stack-down
+# flashsale: make install | lint | test | demo | bench | stack-down | lock
 # Everything runs from a local virtualenv (.venv) built with the machine's python3 (>= 3.11).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every dependency, transitive ones included, pinned with its hashes (`make lock` writes both files).
+LOCK     := requirements.lock
+DEV_LOCK := requirements-dev.lock
+UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes -q
 
-.PHONY: install lint format typecheck test test-fast demo bench stack-down clean compose-validator
+.PHONY: install lint format typecheck test test-fast demo bench stack-down clean compose-validator lock
 
-$(STAMP): pyproject.toml $(shell find src infra -type f -not -name "*.pyc")
+$(STAMP): pyproject.toml $(DEV_LOCK) $(shell find src infra -type f -not -name "*.pyc")
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flashsale needs Python >= 3.11"'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r $(DEV_LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# After changing the dependencies in pyproject.toml: pin them again, then `make install`.
+lock: install
+	$(UV_COMPILE) -o $(LOCK)
+	$(UV_COMPILE) --extra dev -o $(DEV_LOCK)
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -55,7 +55,7 @@ from rocketmq.v5.util import MessageIdCodec, MessagingResultChecker
 
 _HOSTNAME = socket.gethostname()
 #: Codes in a reply that mean the proxy does not know this client's settings (it restarted).
-SETTINGS_LOST_MARKERS = ("40015", "settings is null", "cannot find client settings")
+SETTINGS_LOST_MARKERS = ("40015", "cannot find client settings", '"settings" is null')
 #: Where RpcStreamStreamCall keeps the grpc call of a telemetry stream (a name-mangled private attribute).
 _STREAM_CALL = "_RpcStreamStreamCall__stream_stream_call"
 
@@ -259,7 +259,7 @@ def shape_problems() -> list[str]:
         need(owner, "sign")
         need(owner, "route_manager")
         need(owner, "rpc_client")
-    need(QueueSelector, "producer_queue_selector", ("route",))
+    need(QueueSelector, "producer_queue_selector", ("topic_route",))
     need(MessageIdCodec, "next_message_id")
     need(MessagingResultChecker, "check", ("status",))
     sentinel = object()

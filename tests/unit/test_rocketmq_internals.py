@@ -1,0 +1,40 @@
+"""The pinned RocketMQ client still has the shape flashsale relies on (see adapters/rocketmq_internals.py).
+
+When this fails after an upgrade of rocketmq-python-client, read the list: each line names a private
+attribute or a signature the adapters use, and each must be checked before the new client is trusted.
+"""
+
+from __future__ import annotations
+
+import pytest
+from rocketmq import Producer
+from rocketmq.v5.client import Client
+
+from flashsale.adapters import rocketmq_internals as internals
+
+
+def test_the_installed_client_has_every_internal_the_adapters_use() -> None:
+    assert internals.shape_problems() == []
+
+
+def test_a_client_that_changed_shape_is_reported_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(Client, "_retrieve_topic_route_data")
+    monkeypatch.setattr(Producer, "on_new_endpoints", lambda self: None)
+    problems = internals.shape_problems()
+    assert "Producer._retrieve_topic_route_data is gone" in problems
+    assert any(p.startswith("Producer.on_new_endpoints") and "no longer takes" in p for p in problems)
+
+
+def test_half_message_requests_carry_the_id_the_caller_chose_and_a_millisecond_born_time() -> None:
+    request = internals.half_message_request("t", "key", b"body", "tag", "MSG-1", 1_700_000_000_123)
+    props = request.messages[0].system_properties
+    assert props.message_id == "MSG-1" and list(props.keys) == ["key"]
+    assert props.born_timestamp.ToMilliseconds() == 1_700_000_000_123
+
+
+def test_settings_loss_is_recognised_in_the_proxy_s_refusals() -> None:
+    assert internals.settings_lost(
+        Exception('50001, Cannot invoke "Settings.getSubscription()" because "settings" is null')
+    )
+    assert internals.settings_lost(Exception("code:40015, message:cannot find client settings for this client"))
+    assert not internals.settings_lost(Exception("deadline exceeded"))
