@@ -1,8 +1,9 @@
 """Fixtures on the real stack: `flashsale stack up` once per session, then a namespace of our own.
 
 Integration and acceptance tests never skip: a server that cannot be started is a failure.
-Each session gets its own topics and consumer group (a random namespace) and the `flashsale_test`
-database; each test uses SKUs nobody else uses, so tests do not see each other's data.
+Each session gets its own topics and consumer group (a random namespace), the `flashsale_test`
+database and Redis database 15, emptied before and after the session, so the user's own sale on the
+same stack is never touched; each test uses SKUs nobody else uses, so tests do not see each other's data.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from flashsale.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE = "flashsale_test"
+#: The tests' own Redis database (the user's sales live in database 0).
+TEST_REDIS_DB = 15
 #: The only FLASHSALE_* variables a developer's shell may pass on to tests: which stack to use.
 _INHERITED = {
     "FLASHSALE_HOME",
@@ -65,17 +68,44 @@ def settings(stack: Settings) -> Iterator[Settings]:
     from flashsale.ops.setup import init
 
     namespace = f"t{uuid.uuid4().hex[:10]}"
-    mysql_url = stack.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}"
     session = Settings.from_env(
-        {**clean_environment(), "FLASHSALE_NAMESPACE": namespace, "FLASHSALE_MYSQL_URL": mysql_url}
+        {
+            **clean_environment(),
+            "FLASHSALE_NAMESPACE": namespace,
+            "FLASHSALE_MYSQL_URL": stack.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
+            "FLASHSALE_REDIS_URL": stack.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
+        }
     )
+    _empty_redis(session)
     init(session)
     yield session
+    _empty_redis(session)
     brokers = rocketmq_admin.cluster_brokers(session.namesrv_addr, c.CLUSTER_NAME)
     for topic in (session.deduction_topic, session.replay_topic):
         rocketmq_admin.delete_topic(session.namesrv_addr, brokers, topic)
     for broker in brokers:
         rocketmq_admin.delete_group(broker, session.consumer_group)
+
+
+def _empty_redis(settings: Settings) -> None:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert client.connection_pool.connection_kwargs["db"] == TEST_REDIS_DB
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def session_env(settings: Settings) -> dict[str, str]:
+    """The environment of a flashsale process (or command) of this session: its namespace and databases."""
+    return {
+        **clean_environment(),
+        "FLASHSALE_NAMESPACE": settings.namespace,
+        "FLASHSALE_MYSQL_URL": settings.mysql_url,
+        "FLASHSALE_REDIS_URL": settings.redis_url,
+    }
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flashsale.config import Settings
 from flashsale.ops.fleet import Child, Fleet, free_port
-from tests.conftest import clean_environment
+from tests.conftest import session_env
 
 __all__ = ["Child", "Pipeline", "free_port", "post"]
 
@@ -39,15 +39,7 @@ class Pipeline(Fleet):
     """Producer, consumer and checker of one test. The checker's grace is short so crash tests settle fast."""
 
     def __init__(self, settings: Settings, logs: Path) -> None:
-        env = clean_environment()
-        env.update(
-            {
-                "FLASHSALE_NAMESPACE": settings.namespace,
-                "FLASHSALE_MYSQL_URL": settings.mysql_url,
-                "FLASHSALE_CHECK_GRACE_S": "3",
-            }
-        )
-        super().__init__(env, logs)
+        super().__init__({**session_env(settings), "FLASHSALE_CHECK_GRACE_S": "3"}, logs)
         self.settings = settings
         self._doomed: set[int] = set()
 

@@ -15,17 +15,12 @@ from flashsale.models import Purchase
 from flashsale.ops.setup import set_stock
 from flashsale.stack import procs
 from tests.acceptance.harness import Pipeline
-from tests.conftest import clean_environment
+from tests.conftest import session_env
 from tests.oracle import balanced, now
 
 
 def run(settings: Settings, *args: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {
-        **clean_environment(),
-        "FLASHSALE_NAMESPACE": settings.namespace,
-        "FLASHSALE_MYSQL_URL": settings.mysql_url,
-        **env,
-    }
+    environ = {**session_env(settings), **env}
     return subprocess.run(
         [sys.executable, "-m", "flashsale", *args], capture_output=True, text=True, timeout=timeout_s, env=environ
     )

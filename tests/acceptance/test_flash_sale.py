@@ -160,3 +160,23 @@ def test_every_metric_the_dashboard_queries_is_in_the_processes_real_metrics(
                     exported.add(line.split("{", 1)[0].split(" ", 1)[0])
     missing = sorted(dashboard_metric_names() - exported)
     assert missing == [], f"the dashboard queries series no process exports: {missing}"
+
+
+def test_a_test_sale_leaves_the_users_own_redis_database_alone(
+    pipeline: Pipeline, settings: Settings, stack: Settings, sku: str
+) -> None:
+    import redis
+
+    from tests.conftest import TEST_REDIS_DB
+
+    users = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        before = users.smembers("fs:skus")
+        set_stock(settings, sku, 5)
+        url = pipeline.start_all()
+        assert post(url, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t1"})[1]["status"] == "accepted"
+        assert balanced(settings, sku).problems == []
+        assert settings.redis_url.endswith(f"/{TEST_REDIS_DB}") and not stack.redis_url.endswith(f"/{TEST_REDIS_DB}")
+        assert users.smembers("fs:skus") == before and not users.exists(f"fs:{{{sku}}}:stock")
+    finally:
+        users.close()

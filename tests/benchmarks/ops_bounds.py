@@ -25,7 +25,7 @@ from flashsale.ops.reconcile import reconcile_sku
 from flashsale.ops.setup import init, set_stock
 from flashsale.records import Incoming
 from tests.acceptance.harness import Pipeline
-from tests.conftest import TEST_DATABASE, clean_environment
+from tests.conftest import TEST_DATABASE, TEST_REDIS_DB, clean_environment
 
 
 def _settings() -> Settings:
@@ -35,6 +35,7 @@ def _settings() -> Settings:
             **clean_environment(),
             "FLASHSALE_NAMESPACE": f"b{uuid.uuid4().hex[:10]}",
             "FLASHSALE_MYSQL_URL": base.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
+            "FLASHSALE_REDIS_URL": base.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
         }
     )
 

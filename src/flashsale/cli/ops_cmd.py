@@ -18,38 +18,55 @@ from flashsale.ops import reconcile as reconcile_ops
 from flashsale.ops.replay import Replayer
 from flashsale.ops.times import parse_time, to_ms
 
+#: (field, heading) of the numbers shown per SKU (initial = Redis + sold); the rest is in --json.
 _COLUMNS = (
-    ("initial", "initial"),
-    ("redis_stock", "Redis stock"),
-    ("mysql_stock", "MySQL stock"),
-    ("redis_deducted", "Redis deducted"),
-    ("mysql_applied", "MySQL applied"),
+    ("redis_stock", "Redis"),
+    ("mysql_stock", "MySQL"),
+    ("redis_deducted", "sold"),
+    ("mysql_applied", "applied"),
     ("orders", "orders"),
-    ("in_flight", "in flight"),
-    ("missing_in_mysql", "missing in MySQL"),
-    ("mysql_without_log", "MySQL w/o log"),
-    ("dead_letters", "dead letters"),
-    ("conflicts", "conflicts"),
+    ("in_flight", "flight"),
 )
+#: Drifting SKUs whose problems are spelled out below the table; the others are counted.
+PROBLEMS_SHOWN = 20
 
 
-def print_reconcile(reports: list[reconcile_ops.SkuReport], console: Console | None = None) -> None:
-    console = console or Console(soft_wrap=True)
-    table = Table(title="reconcile")
-    table.add_column("")
-    for r in reports:
-        table.add_column(r.sku, justify="right")
-    for key, title in _COLUMNS:
-        table.add_row(title, *(str(getattr(r, key)) if getattr(r, key) is not None else "-" for r in reports))
-    table.add_row("consistent", *("[green]yes[/]" if r.consistent else "[red]NO[/]" for r in reports))
-    console.print(table)
-    for r in reports:
+def print_reconcile(
+    reports: list[reconcile_ops.SkuReport], console: Console | None = None, *, only_drift: bool = False
+) -> None:
+    """One row per SKU, a summary line, then what is wrong with each drifting SKU. Fits 80 columns."""
+    console = console or Console(soft_wrap=False)
+    drifting = [r for r in reports if not r.consistent]
+    shown = drifting if only_drift else reports
+    cells = [[f"{v:,}" if isinstance(v := getattr(r, key), int) else "-" for key, _ in _COLUMNS] for r in shown]
+    widths = [max([len(heading), *(len(row[i]) for row in cells)]) for i, (_, heading) in enumerate(_COLUMNS)]
+    # Numbers are never cut: the SKU column alone gives way when the terminal is narrow.
+    room = console.width - sum(widths) - len("DRIFT") - 2 * (len(widths) + 1)
+    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1))
+    table.add_column("SKU", overflow="ellipsis", no_wrap=True, max_width=max(8, room))
+    for width, (_, heading) in zip(widths, _COLUMNS, strict=True):
+        table.add_column(heading, justify="right", no_wrap=True, min_width=width)
+    table.add_column("books", no_wrap=True, min_width=len("DRIFT"))
+    for r, numbers in zip(shown, cells, strict=True):
+        table.add_row(r.sku, *numbers, "[green]ok[/]" if r.consistent else "[red]DRIFT[/]")
+    if shown:
+        console.print(table)
+    sold = sum(r.redis_deducted for r in reports)
+    in_flight = sum(r.in_flight for r in reports)
+    console.print(
+        f"{len(reports):,} SKU(s): {len(reports) - len(drifting):,} consistent, "
+        + (f"[red]{len(drifting):,} with drift[/]" if drifting else "0 with drift")
+        + f"; {sold:,} sold, {in_flight:,} in flight"
+    )
+    for r in drifting[:PROBLEMS_SHOWN]:
         for problem in r.problems:
             console.print(f"[red]{r.sku}[/]: {problem}")
         if r.missing_tokens:
             console.print(f"  missing in MySQL, e.g. {', '.join(r.missing_tokens[:5])}")
         if r.without_log_tokens:
             console.print(f"  without Redis log, e.g. {', '.join(r.without_log_tokens[:5])}")
+    if len(drifting) > PROBLEMS_SHOWN:
+        console.print(f"... and {len(drifting) - PROBLEMS_SHOWN:,} more SKU(s) with drift: `--json` lists them all")
 
 
 @click.command()
@@ -57,8 +74,11 @@ def print_reconcile(reports: list[reconcile_ops.SkuReport], console: Console | N
 @json_output("the report")
 @click.option("--repair", is_flag=True, help="Replay what MySQL lacks, write back what Redis lacks, add lost orders.")
 @wait_seconds("After --repair, keep checking until the books balance (the consumer applies replays).")
+@click.option("--only-drift", is_flag=True, help="List only the SKUs with drift (the summary counts all).")
 @click.pass_obj
-def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, wait_s: float) -> None:
+def reconcile(
+    ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, wait_s: float, only_drift: bool
+) -> None:
     """Compare Redis and MySQL per SKU (every loaded SKU by default). Exit 0 when consistent, 1 on drift.
 
     Deductions younger than FLASHSALE_SETTLE_S count as in flight, not as drift.
@@ -89,7 +109,7 @@ def reconcile(ctx: Context, skus: tuple[str, ...], as_json: bool, repair: bool, 
         if not reports:
             click.echo("no SKU is loaded")
         else:
-            print_reconcile(reports)
+            print_reconcile(reports, only_drift=only_drift)
     sys.exit(0 if consistent else 1)
 
 
