@@ -46,6 +46,30 @@ class Plan:
     skipped: int = 0
 
 
+def named(entry: LogEntry | None, gid: str) -> LogEntry | None:
+    """The entry, when it records a deduction that message `gid` made; None otherwise."""
+    if entry is not None and entry.state in c.DEDUCTED_STATES and entry.message_id == gid:
+        return entry
+    return None
+
+
+def disagrees(entry: LogEntry, purchase: Purchase, message: DeductionMessage) -> bool:
+    """Does the body say another user or quantity than the log? Logged with every id, when it does."""
+    if (entry.user, entry.qty) == (purchase.user_id, purchase.qty):
+        return False
+    logger.warning(
+        "message %s carries token %s as user %s qty %d; the log says user %s qty %d",
+        message.gid,
+        purchase.token,
+        purchase.user_id,
+        purchase.qty,
+        entry.user,
+        entry.qty,
+        extra=ids(message_id=message.gid, sku=message.sku, token=purchase.token),
+    )
+    return True
+
+
 def wanted(decoded: Sequence[Decoded]) -> dict[str, tuple[list[str], list[str]]]:
     """Per SKU, the tokens whose log entries and the messages whose records the plan needs."""
     need: dict[str, tuple[list[str], list[str]]] = {}
@@ -72,25 +96,14 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
             continue
         record = records.get(message.gid)
         logged = [entries.get(p.token) for p in message.purchases]
-        deducted = [e if e is not None and e.state in c.DEDUCTED_STATES else None for e in logged]
-        named = [e if e is not None and e.message_id == message.gid else None for e in deducted]
-        for i, (purchase, entry) in enumerate(zip(message.purchases, named, strict=True)):
+        ours = [named(e, message.gid) for e in logged]
+        for i, (purchase, entry) in enumerate(zip(message.purchases, ours, strict=True)):
             if entry is not None:
-                if (entry.user, entry.qty) != (purchase.user_id, purchase.qty):
-                    logger.warning(
-                        "message %s carries token %s as user %s qty %d; applying the log's user %s qty %d",
-                        message.gid,
-                        purchase.token,
-                        purchase.user_id,
-                        purchase.qty,
-                        entry.user,
-                        entry.qty,
-                        extra=ids(message_id=message.gid, sku=message.sku, token=purchase.token),
-                    )
+                disagrees(entry, purchase, message)  # the log's values are applied either way
                 result.apply.append(_incoming(d, entry))
-            elif deducted[i] is not None:
+            elif (seen := logged[i]) is not None and seen.state in c.DEDUCTED_STATES:
                 result.duplicates += 1
-            elif _lost(record, i, any(named)):
+            elif _lost(record, i, any(ours)):
                 reason = (
                     f"message {message.gid} was committed but Redis has no record of its pre-deduct"
                     if record is None

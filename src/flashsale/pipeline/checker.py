@@ -22,6 +22,7 @@ from flashsale import constants as c
 from flashsale.errors import FlashSaleError, MalformedMessage
 from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Delivery, Resolution
+from flashsale.pipeline.accepted import disagrees, named
 from flashsale.ports import CheckStockPort
 
 logger = logging.getLogger(__name__)
@@ -98,22 +99,7 @@ class DeductionChecker:
                 extra=ids(message_id=message.gid, sku=message.sku),
             )
             return Resolution.ROLLBACK
-        accepted = 0
-        for purchase in message.purchases:
-            entry = view.entries.get(purchase.token)
-            if entry is None or entry.state not in c.DEDUCTED_STATES or entry.message_id != message.gid:
-                continue
-            if (entry.user, entry.qty, entry.sku) != (purchase.user_id, purchase.qty, message.sku):
-                logger.error(
-                    "message %s says token %s is user %s qty %d; the log says user %s qty %d: rolling back",
-                    message.gid,
-                    purchase.token,
-                    purchase.user_id,
-                    purchase.qty,
-                    entry.user,
-                    entry.qty,
-                    extra=ids(message_id=message.gid, sku=message.sku, token=purchase.token),
-                )
-                return Resolution.ROLLBACK
-            accepted += 1
-        return Resolution.COMMIT if accepted else Resolution.ROLLBACK
+        ours = [(p, e) for p in message.purchases if (e := named(view.entries.get(p.token), message.gid))]
+        if any(disagrees(entry, purchase, message) for purchase, entry in ours):
+            return Resolution.ROLLBACK  # only what the log says is ever committed
+        return Resolution.COMMIT if ours else Resolution.ROLLBACK
