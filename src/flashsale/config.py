@@ -90,6 +90,16 @@ class ProducerSettings:
     sold_out_cache_s: float = setting(
         0.5, "SOLD_OUT_CACHE_S", "how long a producer trusts its local sold-out flag", kind="number"
     )
+    group_size: int = setting(
+        64,
+        "GROUP_SIZE",
+        "most purchases of one SKU sharing one transaction (1: a transaction each)",
+        kind="int",
+        minimum=1,
+    )
+    group_wait_ms: float = setting(
+        2.0, "GROUP_WAIT_MS", "longest a purchase waits for others to share its transaction", kind="number"
+    )
 
 
 @dataclass(frozen=True)

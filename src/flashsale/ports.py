@@ -16,6 +16,7 @@ from flashsale.records import (
     DeadLetter,
     Incoming,
     LogEntry,
+    Peek,
     PredeductResult,
     TxRecord,
 )
@@ -46,7 +47,7 @@ class PurchaseStockPort(Protocol):
         """Raises ServiceUnavailable with `reached` False when the script certainly did not run."""
         ...
 
-    async def log_entry(self, sku: str, token: str) -> LogEntry | None: ...
+    async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek: ...
 
     async def is_sold_out(self, sku: str) -> bool: ...
 

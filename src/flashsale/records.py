@@ -81,6 +81,16 @@ class PredeductResult:
 
 
 @dataclass(frozen=True)
+class Peek:
+    """What Redis says of some purchases of one SKU before they are sent (one read, no script)."""
+
+    stock: int | None  # None: the SKU is not loaded
+    per_user_limit: int
+    entries: dict[str, LogEntry | None]  # token -> its log entry
+    bought: dict[str, int]  # user -> units bought (only read when there is a limit)
+
+
+@dataclass(frozen=True)
 class TxRecord:
     """What Redis knows of one half message's pre-deduct (fs:{sku}:tx)."""
 

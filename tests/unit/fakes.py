@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from flashsale.errors import BusError
 from flashsale.models import Purchase
-from flashsale.records import CheckView, LogEntry, Prededuct, PredeductResult, TxRecord
+from flashsale.records import CheckView, LogEntry, Peek, Prededuct, PredeductResult, TxRecord
 
 
 @dataclass
@@ -52,12 +52,17 @@ class FakeBus:
 
 @dataclass
 class FakeStock:
-    """The producer's Redis: answers `result` to every purchase of a pre-deduct (or raises `error`)."""
+    """The producer's Redis: answers `result` to every purchase of a pre-deduct (or raises `error`), and
+    `stock`, `limit`, `entries` and `bought` to a peek (or raises `peek_error`)."""
 
     result: PredeductResult = field(default_factory=lambda: PredeductResult(Prededuct.ACCEPTED, 9))
     error: Exception | None = None
     sold_out: bool = False
-    entry: LogEntry | None = None
+    stock: int | None = 10
+    limit: int = 0
+    entries: dict[str, LogEntry] = field(default_factory=dict)
+    bought: dict[str, int] = field(default_factory=dict)
+    peek_error: Exception | None = None
     on_ping: Callable[[], None] = lambda: None
     calls: list[str] = field(default_factory=list)
 
@@ -67,11 +72,16 @@ class FakeStock:
             raise self.error
         return [self.result for _ in purchases]
 
-    async def log_entry(self, sku: str, token: str) -> LogEntry | None:
-        self.calls.append(f"log_entry {sku} {token}")
-        if self.error:
-            raise self.error
-        return self.entry
+    async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek:
+        self.calls.append(f"peek {sku} {' '.join(p.token for p in purchases)}")
+        if self.peek_error:
+            raise self.peek_error
+        return Peek(
+            self.stock,
+            self.limit,
+            {p.token: self.entries.get(p.token) for p in purchases},
+            {p.user_id: self.bought.get(p.user_id, 0) for p in purchases},
+        )
 
     async def is_sold_out(self, sku: str) -> bool:
         self.calls.append(f"is_sold_out {sku}")

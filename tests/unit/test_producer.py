@@ -26,12 +26,34 @@ def _service(stock: FakeStock, bus: FakeBus) -> _Service:
     return _Service(PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=60))
 
 
+def test_purchases_arriving_together_share_one_transaction_and_keep_their_own_answers() -> None:
+    stock, bus = FakeStock(), FakeBus()
+    stock.entries["seen"] = LogEntry("seen", "deducted", "sku-1", "u1", 1, 0, message_id="msg-before")
+    service = PurchaseService(stock, bus, "ns-deductions", group_size=3, group_wait_s=5.0)
+    groups: list[int] = []
+    service._observe_group = groups.append
+
+    async def crowd() -> list[PurchaseResult]:
+        return list(
+            await asyncio.gather(
+                *(service.purchase("sku-1", f"u{i}", 1, token) for i, token in enumerate(["a", "seen", "b"]))
+            )
+        )
+
+    results = asyncio.run(crowd())
+    assert [r.status for r in results] == [PurchaseStatus.ACCEPTED, PurchaseStatus.DUPLICATE, PurchaseStatus.ACCEPTED]
+    assert results[1].message_id == "msg-before" and results[0].message_id == results[2].message_id == "msg-1"
+    # Three purchases closed the group at once (no 5 s wait): one read, one half message, one pre-deduct.
+    assert stock.calls == ["peek sku-1 a seen b", "prededuct sku-1 a b msg-1"]
+    assert bus.calls == ["send_half a", "commit msg-1"] and groups == [2]
+
+
 def test_accepted_purchase_commits_the_half_message() -> None:
     stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 9)), FakeBus()
     result = _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1")
     assert (result.status, result.remaining, result.message_id) == (PurchaseStatus.ACCEPTED, 9, "msg-1")
     assert bus.calls == ["send_half tok-1", "commit msg-1"]
-    assert stock.calls == ["prededuct sku-1 tok-1 msg-1"]
+    assert stock.calls == ["peek sku-1 tok-1", "prededuct sku-1 tok-1 msg-1"]
 
 
 def test_half_message_carries_the_purchase_and_names_its_own_id() -> None:
@@ -104,7 +126,7 @@ def test_unsent_half_message_answers_error_without_touching_stock() -> None:
     stock, bus = FakeStock(), FakeBus(fail_send=True)
     result = _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1")
     assert result.status is PurchaseStatus.ERROR
-    assert stock.calls == []
+    assert stock.calls == ["peek sku-1 tok-1"]  # a read; nothing was deducted
 
 
 def test_lost_commit_still_answers_accepted() -> None:
@@ -122,14 +144,16 @@ def test_sold_out_sku_is_refused_without_a_half_message_within_the_cache_ttl(cod
     result = service.purchase("sku-1", "u2", 1, "tok-2")
     assert (result.status, result.remaining) == (PurchaseStatus.SOLD_OUT, 0)
     assert len(bus.sent) == 1
-    assert stock.calls == ["prededuct sku-1 tok-1 msg-1", "log_entry sku-1 tok-2"]
+    # The token was looked up all the same: a sold-out answer never stands in for a retry's own answer.
+    assert stock.calls == ["peek sku-1 tok-1", "prededuct sku-1 tok-1 msg-1", "peek sku-1 tok-2"]
 
 
 def test_a_retry_of_an_accepted_token_after_the_sell_out_gets_duplicate_with_its_message_id() -> None:
     stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 0)), FakeBus()
     service = _service(stock, bus)
     first = service.purchase("sku-1", "u1", 1, "tok-1")
-    stock.entry = LogEntry("tok-1", "deducted", "sku-1", "u1", 1, 0, message_id=first.message_id)
+    stock.entries["tok-1"] = LogEntry("tok-1", "deducted", "sku-1", "u1", 1, 0, message_id=first.message_id)
+    stock.stock = 0
     retry = service.purchase("sku-1", "u1", 1, "tok-1")
     assert (first.status, retry.status) == (PurchaseStatus.ACCEPTED, PurchaseStatus.DUPLICATE)
     assert retry.message_id == first.message_id == "msg-1"
@@ -140,8 +164,42 @@ def test_the_sold_out_fast_path_answers_error_when_it_cannot_look_the_token_up()
     stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 0)), FakeBus()
     service = _service(stock, bus)
     service.purchase("sku-1", "u1", 1, "tok-1")
-    stock.error = ServiceUnavailable("Redis", "127.0.0.1:6379", "refused", reached=False)
+    stock.peek_error = ServiceUnavailable("Redis", "127.0.0.1:6379", "refused", reached=False)
     assert service.purchase("sku-1", "u1", 1, "tok-2").status is PurchaseStatus.ERROR
+    assert len(bus.sent) == 1
+
+
+def test_a_failed_read_ahead_of_a_live_sku_leaves_the_decision_to_the_pre_deduct() -> None:
+    stock, bus = FakeStock(peek_error=ServiceUnavailable("Redis", "x:1", "timeout")), FakeBus()
+    assert _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1").status is PurchaseStatus.ACCEPTED
+    assert bus.calls == ["send_half tok-1", "commit msg-1"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "status", "remaining"),
+    [
+        ("seen", PurchaseStatus.DUPLICATE, 10),
+        ("unknown", PurchaseStatus.INVALID, None),
+        ("empty", PurchaseStatus.SOLD_OUT, 0),
+        ("limit", PurchaseStatus.LIMIT_EXCEEDED, 10),
+    ],
+)
+def test_what_one_read_can_answer_is_answered_without_the_broker(
+    setup: str, status: PurchaseStatus, remaining: int | None
+) -> None:
+    stock, bus = FakeStock(), FakeBus()
+    if setup == "seen":
+        stock.entries["tok-1"] = LogEntry("tok-1", "deducted", "sku-1", "u1", 1, 0, message_id="msg-before")
+    elif setup == "unknown":
+        stock.stock = None
+    elif setup == "empty":
+        stock.stock = 0
+    else:
+        stock.limit, stock.bought = 2, {"u1": 2}
+    result = _service(stock, bus).purchase("sku-1", "u1", 1, "tok-1")
+    assert (result.status, result.remaining) == (status, remaining)
+    assert result.message_id == ("msg-before" if setup == "seen" else None)
+    assert bus.calls == [] and stock.calls == ["peek sku-1 tok-1"]
 
 
 def test_invalid_input_answers_invalid_without_a_half_message() -> None:

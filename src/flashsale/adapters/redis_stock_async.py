@@ -1,4 +1,4 @@
-"""The producer's hot path in Redis, on an asyncio loop: pre-deduct, token look-up, sold-out flag, stock view.
+"""The producer's hot path in Redis, on an asyncio loop: peek, pre-deduct, sold-out flag, stock view.
 
 Same keys, scripts and replies as RedisStock (see redis_stock.py); only the I/O model differs, and one
 thing is added: a pre-deduct that fails says whether it may have run. The connection is taken from the
@@ -28,7 +28,7 @@ from flashsale.adapters.redis_stock import (
 )
 from flashsale.errors import StockError
 from flashsale.models import Purchase
-from flashsale.records import LogEntry, PredeductResult, StockView
+from flashsale.records import LogEntry, Peek, PredeductResult, StockView
 
 
 class _Failed(Exception):
@@ -100,12 +100,27 @@ class AsyncRedisStock:
         reply: list[Any] = await conn.read_response()
         return reply
 
-    async def log_entry(self, sku: str, token: str) -> LogEntry | None:
+    async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek:
+        """Stock, limit, and the purchases' log entries and buyers' counts, in one round trip (a hint: the
+        pre-deduct decides)."""
+        keys = SkuKeys.of(sku)
+        tokens = [p.token for p in purchases]
+        users = list(dict.fromkeys(p.user_id for p in purchases))
         try:
-            raw = await self.client.hget(SkuKeys.of(sku).log, token)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(keys.stock)
+                pipe.hget(keys.meta, "per_user_limit")
+                pipe.hmget(keys.log, tokens)
+                pipe.hmget(keys.users, users)
+                stock, limit, entries, bought = await pipe.execute()
         except UNREACHABLE as exc:
-            raise unavailable(self.url, "read log", exc) from exc
-        return LogEntry.parse(token, raw) if raw is not None else None
+            raise unavailable(self.url, "peek", exc) from exc
+        return Peek(
+            stock=int(stock) if stock is not None else None,
+            per_user_limit=int(limit or 0),
+            entries={t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens, entries, strict=True)},
+            bought={u: int(n or 0) for u, n in zip(users, bought, strict=True)},
+        )
 
     async def is_sold_out(self, sku: str) -> bool:
         try:

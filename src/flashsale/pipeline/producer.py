@@ -1,12 +1,17 @@
-"""A purchase: half message, Redis pre-deduct as the local transaction, then commit or roll back.
+"""Purchases: grouped, answered from one Redis read when they cannot succeed, else one transaction per group.
 
-The service is a coroutine on the producer's event loop (see service/engine.py): a purchase awaits the
-broker and Redis without holding a thread.
+A transaction is a half message, the Redis pre-deduct of its purchases as the local transaction, then
+commit or roll back. The service runs on the producer's event loop (see service/engine.py): a purchase
+awaits the broker and Redis without holding a thread.
 
-The order matters. The half message goes first so that a deduction can never exist in Redis without a
-message that will carry it to MySQL: if this process dies after the pre-deduct, the broker asks a
-checker, which finds the token in the Redis log and commits. A pre-deduct whose outcome is unknown
-(Redis timed out) is neither committed nor rolled back: the checker settles it from the log.
+- Purchases of one SKU arriving within a few milliseconds form a group (grouping.py): one half message
+  and one pre-deduct serve them all, each purchase keeping its own rules and answer.
+- Before a group is sent, one Redis read answers those that cannot succeed, with no broker call: a
+  token seen before (its original answer), an unknown SKU, a sold-out SKU, a buyer at the limit.
+- The order of a transaction matters. The half message goes first so that a deduction can never exist
+  in Redis without a message that will carry it to MySQL: if this process dies after the pre-deduct,
+  the broker asks a checker, which finds the purchases in the Redis log and commits. A pre-deduct whose
+  outcome is unknown (Redis timed out) is neither committed nor rolled back: the checker settles it.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, InvalidInput, ServiceUnavailable
 from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.pipeline.grouping import Grouper
 from flashsale.ports import PurchaseStockPort, TxBusPort
-from flashsale.records import Prededuct, PredeductResult
+from flashsale.records import Peek, Prededuct, PredeductResult
 
 logger = logging.getLogger(__name__)
 
 Observer = Callable[[PurchaseResult, float], None]
+#: Called with the size of each group sent to the broker as one transaction.
+GroupObserver = Callable[[int], None]
 
 _DUPLICATE = "this token was accepted before; nothing new was deducted"
 _BROKER_DOWN = "the message broker is unavailable; nothing was deducted, try again"
@@ -72,9 +80,12 @@ class PurchaseService:
         bus: TxBusPort,
         topic: str,
         *,
+        group_size: int = 1,
+        group_wait_s: float = 0.0,
         sold_out_cache_s: float = 0.5,
         failpoint_names: frozenset[str] = frozenset(),
         observe: Observer | None = None,
+        observe_group: GroupObserver | None = None,
     ) -> None:
         self._stock = stock
         self._bus = bus
@@ -82,6 +93,8 @@ class PurchaseService:
         self._sold_out = SoldOutCache(stock, sold_out_cache_s)
         self._failpoints = failpoint_names
         self._observe = observe
+        self._observe_group = observe_group
+        self._grouper = Grouper(self._handle_group, size=group_size, wait_s=group_wait_s)
 
     async def purchase(self, sku: object, user_id: object, qty: object, token: object) -> PurchaseResult:
         """Validate and submit one purchase. Never raises for a business outcome."""
@@ -97,21 +110,47 @@ class PurchaseService:
         return result
 
     async def submit(self, request: PurchaseRequest) -> PurchaseResult:
-        if await self._sold_out.is_sold_out(request.sku):
-            return await self._sold_out_answer(request)
-        return (await self.commit_group(request.sku, [request]))[0]
+        return await self._grouper.submit(request)
 
-    async def _sold_out_answer(self, request: PurchaseRequest) -> PurchaseResult:
-        """Sold out, with no broker call; but a token that was accepted before still gets its original answer."""
-        token, sku = request.token, request.sku
+    async def _handle_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        """Answer what one Redis read can answer; send the rest as one transaction."""
+        sold_out = await self._sold_out.is_sold_out(sku)
         try:
-            entry = await self._stock.log_entry(sku, token)
+            peek = await self._stock.peek(sku, [Purchase(r.token, r.user_id, r.qty) for r in requests])
         except FlashSaleError as exc:
-            logger.warning("cannot look up token %s sku %s: %s", token, sku, exc, extra=ids(token=token, sku=sku))
-            return PurchaseResult(PurchaseStatus.ERROR, token, message="stock could not be checked; try again")
+            logger.warning("cannot read %s ahead of its transaction: %s", sku, exc, extra=ids(sku=sku))
+            if sold_out:  # no broker call for a sold-out SKU; and no answer for a token not looked up
+                return self._all(requests, PurchaseStatus.ERROR, "stock could not be checked; try again")
+            return await self.commit_group(sku, requests)
+        answers = [self._early(r, peek, sold_out) for r in requests]
+        rest = [i for i, a in enumerate(answers) if a is None]
+        if rest:
+            for i, result in zip(rest, await self.commit_group(sku, [requests[i] for i in rest]), strict=True):
+                answers[i] = result
+        return [a for a in answers if a is not None]
+
+    def _early(self, request: PurchaseRequest, peek: Peek, sold_out: bool) -> PurchaseResult | None:
+        """The answer of a purchase that cannot succeed, or None: then the pre-deduct decides."""
+        token, sku = request.token, request.sku
+        entry = peek.entries.get(token)
         if entry is not None and entry.state in c.DEDUCTED_STATES:
-            return PurchaseResult(PurchaseStatus.DUPLICATE, token, 0, entry.message_id, message=_DUPLICATE)
-        return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
+            return PurchaseResult(PurchaseStatus.DUPLICATE, token, peek.stock, entry.message_id, message=_DUPLICATE)
+        if entry is not None:  # a fence a checker wrote for this very token (before fences named messages)
+            return None
+        if peek.stock is None:
+            return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
+        if sold_out or peek.stock == 0:
+            self._sold_out.mark(sku)
+            return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
+        bought = peek.bought.get(request.user_id, 0)
+        if peek.per_user_limit and bought + request.qty > peek.per_user_limit:
+            return PurchaseResult(
+                PurchaseStatus.LIMIT_EXCEEDED,
+                token,
+                peek.stock,
+                message=f"user {request.user_id} already bought {bought} of {sku}",
+            )
+        return None
 
     async def commit_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         """One half message and one pre-deduct for purchases of one SKU; an answer for each, in order."""
@@ -129,6 +168,8 @@ class PurchaseService:
                 extra=ids(sku=sku, message_id=gid),
             )
             return self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)
+        if self._observe_group:
+            self._observe_group(len(requests))
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
 
         try:

@@ -51,9 +51,12 @@ class PurchaseEngine:
             self.stock,
             self.bus,
             settings.deduction_topic,
+            group_size=cfg.group_size,
+            group_wait_s=cfg.group_wait_ms / 1000,
             sold_out_cache_s=cfg.sold_out_cache_s,
             failpoint_names=settings.failpoints,
             observe=metrics.purchase if metrics else None,
+            observe_group=metrics.group if metrics else None,
         )
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:

@@ -39,6 +39,12 @@ class Metrics:
             "flashsale_purchase_seconds", "Time to answer a purchase", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.in_flight = Gauge("flashsale_purchases_in_flight", "Purchases being processed", registry=r)
+        self.group_sizes = Histogram(
+            "flashsale_transaction_purchases",
+            "Purchases one transaction (one half message and one pre-deduct) carried",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
         self.checks = Counter(
             "flashsale_checks", "Transaction checks answered, by resolution", ["resolution"], registry=r
         )
@@ -56,6 +62,9 @@ class Metrics:
     def purchase(self, result: PurchaseResult, seconds: float) -> None:
         self.purchases.labels(result.status.value).inc()
         self.purchase_seconds.observe(seconds)
+
+    def group(self, size: int) -> None:
+        self.group_sizes.observe(size)
 
     def check(self, resolution: Resolution, seconds: float) -> None:
         self.checks.labels(resolution.value).inc()

@@ -1,0 +1,82 @@
+"""Group commit of purchases: those of one SKU arriving within a few milliseconds travel together.
+
+A group opens with its first purchase and closes when it holds `size` purchases or `wait_s` after it
+opened, whichever comes first (the two triggers of seed 000's batched persistence, applied to the
+transaction itself). A closed group is handed to `handle`, which answers each purchase; groups of one
+SKU may be in flight at once. With `size` 1 every purchase is its own group, at once.
+
+Used from one event loop only, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[str, Sequence[PurchaseRequest]], Awaitable[list[PurchaseResult]]]
+
+
+@dataclass
+class _Group:
+    requests: list[PurchaseRequest] = field(default_factory=list)
+    answers: list[asyncio.Future[PurchaseResult]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Grouper:
+    def __init__(self, handle: Handler, *, size: int, wait_s: float) -> None:
+        if size < 1:
+            raise ValueError("a group holds at least one purchase")
+        self._handle = handle
+        self.size = size
+        self.wait_s = wait_s
+        self._open: dict[str, _Group] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(self, request: PurchaseRequest) -> PurchaseResult:
+        loop = asyncio.get_running_loop()
+        group = self._open.get(request.sku)
+        if group is None:
+            group = self._open[request.sku] = _Group()
+            if self.size > 1:
+                group.timer = loop.call_later(self.wait_s, self._close, request.sku, group)
+        answer: asyncio.Future[PurchaseResult] = loop.create_future()
+        group.requests.append(request)
+        group.answers.append(answer)
+        if len(group.requests) >= self.size:
+            self._close(request.sku, group)
+        return await answer
+
+    @property
+    def in_flight(self) -> int:
+        """Groups handed to the handler and not answered yet."""
+        return len(self._running)
+
+    def _close(self, sku: str, group: _Group) -> None:
+        if self._open.get(sku) is group:
+            del self._open[sku]
+        if group.timer is not None:
+            group.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._run(sku, group))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, sku: str, group: _Group) -> None:
+        try:
+            results = await self._handle(sku, group.requests)
+        except Exception:  # the handler answers every failure itself; this is a bug, not an outcome
+            logger.exception("a group of %d purchases of %s failed", len(group.requests), sku)
+            # Whether its pre-deduct ran is not known here: the buyers learn it by asking again.
+            results = [
+                PurchaseResult(PurchaseStatus.PENDING, r.token, message="the outcome is not known; ask again")
+                for r in group.requests
+            ]
+        for answer, result in zip(group.answers, results, strict=True):
+            if not answer.done():
+                answer.set_result(result)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.pipeline.grouping import Grouper
+
+
+def _request(sku: str, token: str) -> PurchaseRequest:
+    return PurchaseRequest(sku, "u1", 1, token)
+
+
+class Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.groups: list[tuple[str, list[str], float]] = []
+        self.fail = fail
+
+    async def handle(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        self.groups.append((sku, [r.token for r in requests], time.monotonic()))
+        await asyncio.sleep(0)
+        if self.fail:
+            raise RuntimeError("a bug")
+        return [PurchaseResult(PurchaseStatus.ACCEPTED, r.token) for r in requests]
+
+
+def _submit_all(grouper: Grouper, requests: list[PurchaseRequest]) -> list[PurchaseResult]:
+    async def run() -> list[PurchaseResult]:
+        return list(await asyncio.gather(*(grouper.submit(r) for r in requests)))
+
+    return asyncio.run(run())
+
+
+def test_a_group_closes_at_its_size_and_each_purchase_gets_its_own_answer() -> None:
+    recorder = Recorder()
+    grouper = Grouper(recorder.handle, size=2, wait_s=10)
+    results = _submit_all(grouper, [_request("s", t) for t in ("a", "b", "c", "d")])
+    assert [r.token for r in results] == ["a", "b", "c", "d"]
+    assert [tokens for _, tokens, _ in recorder.groups] == [["a", "b"], ["c", "d"]]
+
+
+def test_a_group_that_does_not_fill_closes_after_its_wait() -> None:
+    recorder = Recorder()
+    grouper = Grouper(recorder.handle, size=100, wait_s=0.05)
+    started = time.monotonic()
+    results = _submit_all(grouper, [_request("s", "a"), _request("s", "b")])
+    assert [r.status for r in results] == [PurchaseStatus.ACCEPTED] * 2
+    assert [tokens for _, tokens, _ in recorder.groups] == [["a", "b"]]
+    assert 0.04 <= recorder.groups[0][2] - started < 1.0
+
+
+def test_each_sku_has_groups_of_its_own() -> None:
+    recorder = Recorder()
+    grouper = Grouper(recorder.handle, size=10, wait_s=0.01)
+    _submit_all(grouper, [_request("x", "a"), _request("y", "b"), _request("x", "c")])
+    assert sorted((sku, tokens) for sku, tokens, _ in recorder.groups) == [("x", ["a", "c"]), ("y", ["b"])]
+
+
+def test_a_size_of_one_sends_every_purchase_at_once() -> None:
+    recorder = Recorder()
+    grouper = Grouper(recorder.handle, size=1, wait_s=10)
+    started = time.monotonic()
+    _submit_all(grouper, [_request("s", "a"), _request("s", "b")])
+    assert [tokens for _, tokens, _ in recorder.groups] == [["a"], ["b"]]
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_group_whose_handler_fails_unexpectedly_is_answered_pending_not_error() -> None:
+    grouper = Grouper(Recorder(fail=True).handle, size=2, wait_s=10)
+    results = _submit_all(grouper, [_request("s", "a"), _request("s", "b")])
+    # Whether its pre-deduct ran is unknown: the buyers ask again with their tokens.
+    assert [r.status for r in results] == [PurchaseStatus.PENDING] * 2
