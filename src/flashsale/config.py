@@ -91,7 +91,7 @@ class ProducerSettings:
         0.5, "SOLD_OUT_CACHE_S", "how long a producer trusts its local sold-out flag", kind="number"
     )
     group_size: int = setting(
-        64,
+        256,
         "GROUP_SIZE",
         "most purchases of one SKU sharing one transaction (1: a transaction each)",
         kind="int",

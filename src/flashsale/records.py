@@ -172,6 +172,14 @@ class ApplyReport:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     skipped: int = 0  # purchases a message carried that its pre-deduct did not accept
 
+    def add(self, other: ApplyReport) -> None:
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.restored += other.restored
+        self.conflicts += other.conflicts
+        self.dead_letters += other.dead_letters
+        self.skipped += other.skipped
+
 
 @dataclass(frozen=True)
 class InventoryView:

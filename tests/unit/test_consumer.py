@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Callable, Sequence
 
@@ -266,3 +267,14 @@ def test_an_ack_that_fails_after_the_commit_neither_reapplies_nor_hands_back() -
     assert [d.token for d in report.applied] == ["a"]
     # Committed is committed: the message will come back, and its second apply is a duplicate.
     assert calls == ["apply ['a'] dead []", "ack failed"]
+
+
+def test_a_message_of_many_purchases_is_applied_in_transactions_of_at_most_the_batch_size() -> None:
+    consumer, _, calls, log = _consumer()
+    tokens = [f"p{i:02d}" for i in range(40)]
+    _deducted(log, *tokens, gid="msg-big")
+    report = consumer.process([_delivery(*tokens, gid="msg-big")])
+    assert len(report.applied) == 40
+    applies = [c for c in calls if c.startswith("apply")]
+    assert [len(ast.literal_eval(c.split(" dead ")[0].removeprefix("apply "))) for c in applies] == [16, 16, 8]
+    assert calls[-1] == "ack ['msg-big']" and sum(c.startswith("ack") for c in calls) == 1

@@ -2,15 +2,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import test_utils, web
 
 from flashsale.errors import ServiceUnavailable, UnknownSku
 from flashsale.pipeline.producer import PurchaseService
 from flashsale.records import Prededuct, PredeductResult, StockView
-from flashsale.service.http_app import build_app
+from flashsale.service.http_app import MAX_BODY, HttpApp
 from flashsale.service.metrics import Metrics
 from tests.unit.fakes import FakeBus, FakeStock
 
@@ -24,36 +24,54 @@ class FakeRedisStock(FakeStock):
         return StockView(sku, 9, 10, 0, False, 1, 1, 0, 0, 0, 1, 0)
 
 
-def _app(stock: FakeRedisStock | None = None, *, max_in_flight: int = 8, broker: str | None = None) -> web.Application:
+def _app(stock: FakeRedisStock | None = None, *, max_in_flight: int = 8, broker: str | None = None) -> HttpApp:
     stock = stock or FakeRedisStock()
     metrics = Metrics()
     service = PurchaseService(stock, FakeBus(), "ns-deductions", observe=metrics.purchase)
-    return build_app(
-        service,
-        stock,  # type: ignore[arg-type]
-        metrics,
-        max_in_flight=max_in_flight,
-        broker_problem=lambda: broker,
-    )
+    return HttpApp(service, stock, metrics, max_in_flight=max_in_flight, broker_problem=lambda: broker)
 
 
-def _call(app: web.Application, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:
-    """Send the requests in order to a served app; answer (status, JSON or text) of each."""
+@dataclass
+class _Scope:
+    """What granian hands an RSGI app for a request (the parts the app reads)."""
+
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    proto: str = "http"
+
+
+@dataclass
+class _Proto:
+    body: bytes
+    answer: tuple[int, list[tuple[str, str]], bytes] | None = None
+
+    async def __call__(self) -> bytes:
+        return self.body
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.answer = (status, headers, body)
+
+
+def _call(app: HttpApp, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:
+    """Hand the requests in order to the app; answer (status, JSON or text) of each."""
 
     async def run() -> list[tuple[int, Any]]:
         answers = []
-        async with test_utils.TestClient(test_utils.TestServer(app)) as client:
-            for method, path, data in requests:
-                response = await client.request(method, path, data=data)
-                text = await response.text()
-                is_json = response.content_type == "application/json"
-                answers.append((response.status, json.loads(text) if is_json else text))
+        for method, path, data in requests:
+            body = data.encode() if isinstance(data, str) else b""
+            proto = _Proto(body)
+            await app.__rsgi__(_Scope(method, path, {"content-length": str(len(body))}), proto)
+            assert proto.answer is not None
+            status, headers, raw = proto.answer
+            is_json = dict(headers)["content-type"] == "application/json"
+            answers.append((status, json.loads(raw) if is_json else raw.decode()))
         return answers
 
     return asyncio.run(run())
 
 
-def _purchase(app: web.Application, payload: object) -> tuple[int, Any]:
+def _purchase(app: HttpApp, payload: object) -> tuple[int, Any]:
     body = payload if isinstance(payload, str) else json.dumps(payload)
     return _call(app, ("POST", "/purchase", body))[0]
 
@@ -127,3 +145,18 @@ def test_stock_answers_the_view_of_a_loaded_sku_and_404_otherwise() -> None:
     (status, body), (missing, _) = _call(_app(), ("GET", "/stock/sku-1", None), ("GET", "/stock/other", None))
     assert (status, body["stock"], body["initial"]) == (200, 9, 10)
     assert missing == 404
+
+
+def test_a_body_larger_than_the_limit_is_refused_unread() -> None:
+    status, body = _purchase(_app(), "x" * (MAX_BODY + 1))
+    assert (status, body["status"]) == (413, "invalid")
+
+
+def test_unknown_paths_and_methods_get_clear_errors() -> None:
+    (missing, _), (wrong, body) = _call(_app(), ("GET", "/nope", None), ("GET", "/purchase", None))
+    assert missing == 404 and wrong == 405 and "POST /purchase" in body["error"]
+
+
+def test_invalid_requests_are_counted_in_the_metrics() -> None:
+    (_, _), (_, text) = _call(_app(), ("POST", "/purchase", "{not json"), ("GET", "/metrics", None))
+    assert 'flashsale_purchases_total{status="invalid"} 1.0' in text

@@ -147,9 +147,17 @@ class DeductionConsumer:
         return report
 
     def _apply(self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]) -> ApplyReport:
+        """One Redis look-up for the batch, then one transaction per `batch_size` deductions.
+
+        A message may carry hundreds of purchases: a transaction is bounded by deductions, not messages.
+        Nothing is acked before every transaction of the batch committed; a redelivery after a failure
+        halfway is a no-op for what was committed.
+        """
         found = self._log.lookup(accepted.wanted(decoded)) if decoded else {}
         todo = accepted.plan(decoded, found)
-        report = self._store.apply_batch(todo.apply, dead, todo.conflicts)
+        report = self._store.apply_batch(todo.apply[: self._batch_size], dead, todo.conflicts)
+        for start in range(self._batch_size, len(todo.apply), self._batch_size):
+            report.add(self._store.apply_batch(todo.apply[start : start + self._batch_size]))
         report.skipped += todo.skipped
         report.duplicates += todo.duplicates
         return report
@@ -166,11 +174,7 @@ class DeductionConsumer:
             except Exception as exc:
                 logger.exception("message %s cannot be applied; dead-lettering it", delivery.message_id)
                 report = self._dead_letter(delivery, f"applying it failed: {type(exc).__name__}: {exc}")
-            total.applied += report.applied
-            total.duplicates += report.duplicates
-            total.skipped += report.skipped
-            total.conflicts += report.conflicts
-            total.dead_letters += report.dead_letters
+            total.add(report)
         return total
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> ApplyReport:

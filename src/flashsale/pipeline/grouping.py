@@ -54,9 +54,9 @@ class Grouper:
         return await answer
 
     @property
-    def in_flight(self) -> int:
-        """Groups handed to the handler and not answered yet."""
-        return len(self._running)
+    def idle(self) -> bool:
+        """No group is open, and none is being handled."""
+        return not self._open and not self._running
 
     def _close(self, sku: str, group: _Group) -> None:
         if self._open.get(sku) is group:

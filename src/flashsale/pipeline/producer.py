@@ -98,19 +98,27 @@ class PurchaseService:
 
     async def purchase(self, sku: object, user_id: object, qty: object, token: object) -> PurchaseResult:
         """Validate and submit one purchase. Never raises for a business outcome."""
-        started = time.perf_counter()
         try:
             request = PurchaseRequest.build(sku, user_id, qty, token)
         except InvalidInput as exc:
             result = PurchaseResult(PurchaseStatus.INVALID, token=str(token), message=str(exc))
-        else:
-            result = await self.submit(request)
+            if self._observe:
+                self._observe(result, 0.0)
+            return result
+        return await self.submit(request)
+
+    @property
+    def idle(self) -> bool:
+        """No purchase waits for its group, and no group for its answer."""
+        return self._grouper.idle
+
+    async def submit(self, request: PurchaseRequest) -> PurchaseResult:
+        """A valid purchase: its answer, once its group has one."""
+        started = time.perf_counter()
+        result = await self._grouper.submit(request)
         if self._observe:
             self._observe(result, time.perf_counter() - started)
         return result
-
-    async def submit(self, request: PurchaseRequest) -> PurchaseResult:
-        return await self._grouper.submit(request)
 
     async def _handle_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         """Answer what one Redis read can answer; send the rest as one transaction."""

@@ -21,6 +21,7 @@ from flashsale.errors import FlashSaleError
 from flashsale.models import PurchaseResult
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.producer import PurchaseService
+from flashsale.polling import poll_until
 from flashsale.service.metrics import Metrics
 
 T = TypeVar("T")
@@ -68,6 +69,13 @@ class PurchaseEngine:
     def purchase(self, sku: object, user_id: object, qty: object, token: object) -> PurchaseResult:
         """The synchronous entry (Python API): safe from any thread but the engine's loop."""
         return self.run(self.service.purchase(sku, user_id, qty, token))
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every purchase handed in has its answer (its half message settled); False on timeout."""
+        return poll_until(lambda: self.run(self._idle()), timeout_s, interval_s=0.05)
+
+    async def _idle(self) -> bool:
+        return self.service.idle
 
     def close(self) -> None:
         self.run(self.stock.close())

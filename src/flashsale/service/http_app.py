@@ -1,20 +1,27 @@
-"""The producer's HTTP ingress (aiohttp), served on the purchase engine's event loop."""
+"""The producer's HTTP ingress: an RSGI application, served by granian on the purchase engine's event loop.
+
+Routes: POST /purchase, GET /stock/{sku}, /healthz, /readyz, /metrics.
+
+Why RSGI and granian: the HTTP layer is most of a sold-out answer's cost, and granian's Rust server
+leaves the Python side only the handler; the purchase path stays on the one loop where the broker
+client and Redis live. A purchase is never cut short by its client: it runs in its group's task
+(pipeline/grouping.py), and a client that hangs up only loses the answer, which a retry with the same
+token gets back.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import Any, Protocol
 
-from aiohttp import web
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from flashsale.adapters.redis_stock_async import AsyncRedisStock
 from flashsale.errors import FlashSaleError, InvalidInput, ServiceUnavailable, UnknownSku
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
-from flashsale.pipeline.producer import PurchaseService
+from flashsale.records import StockView
 from flashsale.service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -29,137 +36,158 @@ HTTP_STATUS = {
     PurchaseStatus.PENDING: 202,
     PurchaseStatus.ERROR: 503,
 }
+#: Largest request body read; a purchase is under 300 bytes.
+MAX_BODY = 64 * 1024
+_JSON = [("content-type", "application/json")]
+_METRICS = [("content-type", CONTENT_TYPE_LATEST)]
+_BAD_JSON = 'the body is not valid JSON; send {"sku","user_id","qty","token"}'
 
-_SERVICE = web.AppKey("service", PurchaseService)
-_STOCK = web.AppKey("stock", AsyncRedisStock)
-_METRICS = web.AppKey("metrics", Metrics)
 BrokerProblem = Callable[[], "str | None"]
-_BROKER: web.AppKey[BrokerProblem] = web.AppKey("broker")
+
+
+class Purchaser(Protocol):
+    async def submit(self, request: PurchaseRequest) -> PurchaseResult: ...
+
+
+class StockReader(Protocol):
+    async def view(self, sku: str) -> StockView: ...
+
+    async def ping(self) -> None: ...
 
 
 class Admission:
     """Purchases in flight, counted on the event loop thread; past the limit the producer sheds load."""
 
-    def __init__(self, limit: int, metrics_: Metrics) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.current = 0
-        self._gauge = metrics_.in_flight
-
-    def enter(self) -> bool:
-        if self.current >= self.limit:
-            return False
-        self.current += 1
-        self._gauge.inc()
-        return True
-
-    def leave(self) -> None:
-        self.current -= 1
-        self._gauge.dec()
 
 
-_ADMISSION = web.AppKey("admission", Admission)
+class HttpApp:
+    """The RSGI application (granian calls `__rsgi__` once per request)."""
 
+    def __init__(
+        self,
+        service: Purchaser,
+        stock: StockReader,
+        metrics: Metrics,
+        *,
+        max_in_flight: int,
+        broker_problem: BrokerProblem = lambda: None,
+    ) -> None:
+        self._service = service
+        self._stock = stock
+        self._metrics = metrics
+        self._broker_problem = broker_problem
+        self.admission = Admission(max_in_flight)
+        metrics.in_flight.set_function(lambda: self.admission.current)
+        self._gets: dict[str, Callable[[], Awaitable[tuple[int, bytes]]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+        }
 
-def _answer(result: PurchaseResult, status: int | None = None) -> web.Response:
-    return web.json_response(result.to_json(), status=status or HTTP_STATUS[result.status])
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        try:
+            if scope.path == "/purchase" and scope.method == "POST":  # the hot path, first
+                status, body = await self.purchase(await _body(scope, proto))
+                proto.response_bytes(status, _JSON, body)
+                return
+            if scope.proto != "http":
+                return
+            status, body, headers = await self._route(scope, proto)
+        except Exception:  # a bug: answer it, log it, and keep serving
+            logger.exception("%s %s failed", scope.method, scope.path)
+            status, body, headers = 500, orjson.dumps({"error": "internal error"}), _JSON
+        proto.response_bytes(status, headers, body)
 
+    async def _route(self, scope: Any, proto: Any) -> tuple[int, bytes, list[tuple[str, str]]]:
+        path, method = scope.path, scope.method
+        if path == "/purchase":
+            if method != "POST":
+                return 405, orjson.dumps({"error": "use POST /purchase"}), _JSON
+            status, body = await self.purchase(await _body(scope, proto))
+            return status, body, _JSON
+        if method != "GET":
+            return 405, orjson.dumps({"error": f"use GET {path}"}), _JSON
+        if path == "/metrics":
+            return 200, generate_latest(self._metrics.registry), _METRICS
+        if path.startswith("/stock/"):
+            return (*await self._view(path.removeprefix("/stock/")), _JSON)
+        handler = self._gets.get(path)
+        if handler is None:
+            return 404, orjson.dumps({"error": f"no route {path}"}), _JSON
+        return (*await handler(), _JSON)
 
-def _invalid(reason: str, status: int, token: object = None) -> web.Response:
-    body = {
-        "status": PurchaseStatus.INVALID.value,
-        "token": token if isinstance(token, str) else None,
-        "remaining": None,
-        "message_id": None,
-        "message": reason,
-    }
-    return web.json_response(body, status=status)
-
-
-async def purchase(request: web.Request) -> web.Response:
-    app = request.app
-    try:
-        payload = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _invalid('the body is not valid JSON; send {"sku","user_id","qty","token"}', 400)
-    token = payload.get("token") if isinstance(payload, dict) else None
-    try:
-        purchase_request = PurchaseRequest.from_json(payload)
-    except InvalidInput as exc:
-        return _invalid(str(exc), 422 if isinstance(payload, dict) else 400, token)
-    admission = app[_ADMISSION]
-    if not admission.enter():
-        return _answer(
-            PurchaseResult(
-                PurchaseStatus.ERROR,
-                purchase_request.token,
-                message="the producer is overloaded; nothing was deducted, retry shortly",
+    async def purchase(self, raw: bytes | None) -> tuple[int, bytes]:
+        """Status and JSON body of the answer to a POST /purchase body."""
+        if raw is None:
+            return self._invalid(f"the body is larger than {MAX_BODY} bytes", 413)
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return self._invalid(_BAD_JSON, 400)
+        token = payload.get("token") if isinstance(payload, dict) else None
+        try:
+            request = PurchaseRequest.from_json(payload)
+        except InvalidInput as exc:
+            return self._invalid(str(exc), 422 if isinstance(payload, dict) else 400, token)
+        admission = self.admission
+        if admission.current >= admission.limit:
+            result = PurchaseResult(
+                PurchaseStatus.ERROR, request.token, message="the producer is overloaded; nothing was deducted"
             )
-        )
-    try:
-        # Shielded: a client that hangs up does not leave its purchase half done (committed or rolled back).
-        result = await asyncio.shield(
-            app[_SERVICE].purchase(
-                purchase_request.sku, purchase_request.user_id, purchase_request.qty, purchase_request.token
-            )
-        )
-    finally:
-        admission.leave()
-    if result.status is PurchaseStatus.INVALID and result.message.startswith("unknown SKU"):
-        return _answer(result, 404)
-    return _answer(result)
+            return HTTP_STATUS[result.status], orjson.dumps(result.to_json())
+        admission.current += 1
+        try:
+            result = await self._service.submit(request)
+        finally:
+            admission.current -= 1
+        status = HTTP_STATUS[result.status]
+        if result.status is PurchaseStatus.INVALID and result.message.startswith("unknown SKU"):
+            status = 404
+        return status, orjson.dumps(result.to_json())
+
+    async def _view(self, sku: str) -> tuple[int, bytes]:
+        try:
+            view = await self._stock.view(sku)
+        except UnknownSku as exc:
+            return 404, orjson.dumps({"error": str(exc)})
+        except FlashSaleError as exc:
+            return 503, orjson.dumps({"error": str(exc)})
+        return 200, orjson.dumps(asdict(view))
+
+    async def _healthz(self) -> tuple[int, bytes]:
+        """Liveness: the process and its event loop answer."""
+        return 200, orjson.dumps({"status": "ok"})
+
+    async def _readyz(self) -> tuple[int, bytes]:
+        """Readiness: Redis answers and the broker knows this producer (sends and checks reach it)."""
+        states: dict[str, str] = {}
+        try:
+            await self._stock.ping()
+            states["redis"] = "ok"
+        except ServiceUnavailable as exc:
+            states["redis"] = str(exc)
+        states["broker"] = self._broker_problem() or "ok"
+        ready = all(v == "ok" for v in states.values())
+        return (200 if ready else 503), orjson.dumps({"status": "ready" if ready else "unavailable", **states})
+
+    def _invalid(self, reason: str, status: int, token: object = None) -> tuple[int, bytes]:
+        self._metrics.invalid()
+        body = {
+            "status": PurchaseStatus.INVALID.value,
+            "token": token if isinstance(token, str) else None,
+            "remaining": None,
+            "message_id": None,
+            "message": reason,
+        }
+        return status, orjson.dumps(body)
 
 
-async def stock(request: web.Request) -> web.Response:
-    sku = request.match_info["sku"]
-    try:
-        view = await request.app[_STOCK].view(sku)
-    except UnknownSku as exc:
-        return web.json_response({"error": str(exc)}, status=404)
-    except FlashSaleError as exc:
-        return web.json_response({"error": str(exc)}, status=503)
-    return web.json_response(asdict(view))
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process and its event loop answer."""
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers and the broker knows this producer (sends and checks reach it)."""
-    states: dict[str, str] = {}
-    try:
-        await request.app[_STOCK].ping()
-        states["redis"] = "ok"
-    except ServiceUnavailable as exc:
-        states["redis"] = str(exc)
-    states["broker"] = request.app[_BROKER]() or "ok"
-    ready = all(v == "ok" for v in states.values())
-    return web.json_response({"status": "ready" if ready else "unavailable", **states}, status=200 if ready else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[_METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def build_app(
-    service: PurchaseService,
-    stock_: AsyncRedisStock,
-    metrics_: Metrics,
-    *,
-    max_in_flight: int,
-    broker_problem: Callable[[], str | None] = lambda: None,
-) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
-    app[_SERVICE] = service
-    app[_STOCK] = stock_
-    app[_METRICS] = metrics_
-    app[_BROKER] = broker_problem
-    app[_ADMISSION] = Admission(max_in_flight, metrics_)
-    app.router.add_post("/purchase", purchase)
-    app.router.add_get("/stock/{sku}", stock)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    return app
+async def _body(scope: Any, proto: Any) -> bytes | None:
+    """The request body, or None when it is larger than MAX_BODY (it is then not read)."""
+    length = scope.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        return None
+    body: bytes = await proto()
+    return body if len(body) <= MAX_BODY else None

@@ -1,0 +1,199 @@
+"""What a client really sees, measured from outside with Debian's wrk (`make wrk`).
+
+For each group size (1: a transaction per purchase; and the configured default), on fresh processes:
+
+- live: a SKU that never sells out, wrk for DURATION s with CONNECTIONS connections and a token of its
+  own per request; accepted purchases per second end to end (from the first request until MySQL holds
+  every accepted one), wrk's latency percentiles, broker transactions per accepted purchase, and the CPU
+  each process spent per accepted purchase;
+- sold out: a SKU with no stock left; rejections per second of the one producer process.
+
+Run on the local stack: `python -m tests.benchmarks.wrk_bench [--duration 10] [--connections 200]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.config import Settings
+from flashsale.ops.fleet import Child, Fleet
+from flashsale.ops.setup import init, set_stock
+from flashsale.polling import poll_until
+from flashsale.stack import procs
+from flashsale.stack.manager import Stack
+from tests.conftest import ROOT, TEST_DATABASE, TEST_REDIS_DB, clean_environment
+
+SCRIPT = ROOT / "infra" / "wrk" / "purchase.lua"
+#: Servers of the stack whose CPU is counted too.
+SERVERS = ("redis", "mariadb", "broker")
+
+
+@dataclass
+class Run:
+    group_size: int
+    mode: str  # live | sold_out
+    group_wait_ms: float | None
+    requests_per_s: float
+    latency_ms: dict[str, float]
+    accepted: int = 0
+    end_to_end_s: float = 0.0
+    accepted_per_s: float = 0.0
+    transactions_per_accepted: float | None = None
+    cpu_ms_per_accepted: dict[str, float] = field(default_factory=dict)
+    cpu_percent: dict[str, float] = field(default_factory=dict)
+
+
+def _settings() -> Settings:
+    base = Settings.from_env(clean_environment())
+    return Settings.from_env(
+        {
+            **clean_environment(),
+            "FLASHSALE_NAMESPACE": f"w{uuid.uuid4().hex[:10]}",
+            "FLASHSALE_MYSQL_URL": base.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
+            "FLASHSALE_REDIS_URL": base.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
+        }
+    )
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + labels + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    seconds = {}
+    for name, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+            seconds[name] = times.user + times.system + times.children_user + times.children_system
+        except psutil.NoSuchProcess:
+            seconds[name] = 0.0
+    return seconds
+
+
+def _wrk(url: str, sku: str, duration_s: int, connections: int) -> tuple[float, dict[str, float]]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration_s}s",
+            "--latency",
+            "-s",
+            str(SCRIPT),
+            url,
+            "--",
+            sku,
+            uuid.uuid4().hex[:8],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    latency = {}
+    for pct, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        latency[f"p{pct}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return rate, latency
+
+
+def measure(
+    settings: Settings,
+    group_size: int,
+    mode: str,
+    duration_s: int,
+    connections: int,
+    group_wait_ms: float | None = None,
+) -> Run:
+    sku = f"wrk-{mode}-{group_size}-{uuid.uuid4().hex[:6]}"
+    set_stock(settings, sku, 10**9 if mode == "live" else 0)
+    env = {
+        **clean_environment(),
+        "FLASHSALE_NAMESPACE": settings.namespace,
+        "FLASHSALE_MYSQL_URL": settings.mysql_url,
+        "FLASHSALE_REDIS_URL": settings.redis_url,
+        "FLASHSALE_GROUP_SIZE": str(group_size),
+    }
+    stack = Stack(settings)
+    with tempfile.TemporaryDirectory() as logs:
+        fleet = Fleet(env, Path(logs))
+        try:
+            children: dict[str, Child] = {"checker": fleet.checker(), "consumer": fleet.consumer()}
+            producer, url = fleet.producer()
+            children["producer"] = producer
+            pids = {name: c.popen.pid for name, c in children.items()}
+            for name in SERVERS:
+                record = procs.PidRecord.load(stack.layout.pid_file(name))
+                if record:
+                    pids[name] = record.pid
+            accepted_before = _metric(url, "flashsale_purchases_total", '{status="accepted"}')
+            tx_before = _metric(url, "flashsale_transaction_purchases_count")
+            cpu_before = _cpu(pids)
+            started = time.perf_counter()
+            rate, latency = _wrk(url, sku, duration_s, connections)
+            accepted = int(_metric(url, "flashsale_purchases_total", '{status="accepted"}') - accepted_before)
+            transactions = _metric(url, "flashsale_transaction_purchases_count") - tx_before
+            store = MySQLStore(settings.mysql_url)
+            try:
+                poll_until(lambda: store.applied([sku])[0] >= accepted, 300, interval_s=0.05)
+            finally:
+                store.close()
+            end_to_end_s = time.perf_counter() - started
+            cpu_after = _cpu(pids)
+        finally:
+            fleet.stop()
+    used = {name: cpu_after[name] - cpu_before[name] for name in pids}
+    run = Run(group_size, mode, group_wait_ms, round(rate, 1), latency)
+    run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
+    if mode == "live" and accepted:
+        run.accepted = accepted
+        run.end_to_end_s = round(end_to_end_s, 2)
+        run.accepted_per_s = round(accepted / end_to_end_s, 1)
+        run.transactions_per_accepted = round(transactions / accepted, 4)
+        run.cpu_ms_per_accepted = {name: round(1000 * s / accepted, 3) for name, s in used.items()}
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--group-sizes", default=f"1,{Settings().producer.group_size}")
+    parser.add_argument("--group-waits", default="", help="comma-separated FLASHSALE_GROUP_WAIT_MS values")
+    parser.add_argument("--modes", default="live,sold_out")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    settings = _settings()
+    init(settings)
+    waits = [float(w) for w in args.group_waits.split(",")] if args.group_waits else [None]
+    modes = args.modes.split(",")
+    runs = [
+        measure(settings, int(size), mode, args.duration, args.connections, wait)
+        for size in args.group_sizes.split(",")
+        for wait in waits
+        for mode in modes
+    ]
+    if args.json:
+        print(json.dumps([asdict(r) for r in runs], indent=2))
+        return
+    for r in runs:
+        print(json.dumps(asdict(r)))
+
+
+if __name__ == "__main__":
+    main()
