@@ -10,7 +10,7 @@ LOCK     := requirements.lock
 DEV_LOCK := requirements-dev.lock
 UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes -q
 
-.PHONY: install lint format typecheck test test-fast demo bench stack-down clean compose-validator lock
+.PHONY: install lint format typecheck test test-fast demo bench wrk stack-down clean compose-validator lock
 
 $(STAMP): pyproject.toml $(DEV_LOCK) $(shell find src infra -type f -not -name "*.pyc")
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flashsale needs Python >= 3.11"'
@@ -60,8 +60,14 @@ demo: install
 bench: install
 	$(BIN)/flashsale stack up
 	$(BIN)/flashsale init
-	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline
+	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline-b1,pipeline --plot bench.png
 	$(BIN)/python -m tests.benchmarks.ops_bounds
+
+# What a client sees, from outside: Debian's wrk against a producer, live stock and sold out.
+wrk: install
+	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk >/dev/null
+	$(BIN)/flashsale stack up
+	$(BIN)/python -m tests.benchmarks.wrk_bench
 
 stack-down: install
 	$(BIN)/flashsale stack down

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -185,12 +186,15 @@ def mysql_view(settings: Settings, sku: str) -> tuple[int, int]:
     return books.mysql_initial, books.mysql_stock
 
 
-def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settings) -> None:
+def test_bench_compares_every_strategy_over_the_same_http_with_the_same_load(
+    settings: Settings, tmp_path: Path
+) -> None:
+    picture = tmp_path / "bench.png"
     result = run(
         settings,
         "bench",
         "--strategy",
-        "mysql-lock,mysql-optimistic,pipeline",
+        "mysql-lock,mysql-optimistic,pipeline-b1,pipeline",
         "--json",
         "--stock",
         "100",
@@ -198,10 +202,12 @@ def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settin
         "400",
         "--buyers",
         "20",
+        "--plot",
+        str(picture),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     results = {r["strategy"]: r for r in json.loads(result.stdout)["results"]}
-    assert set(results) == {"mysql-lock", "mysql-optimistic", "pipeline"}
+    assert set(results) == {"mysql-lock", "mysql-optimistic", "pipeline-b1", "pipeline"}
     for r in results.values():
         (sku,) = r["skus"]
         books = now(settings, sku)
@@ -212,11 +218,43 @@ def test_bench_compares_the_three_strategies_with_the_same_load(settings: Settin
         # No latency exceeds the whole run, and the rate is the attempts over the run's time.
         assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["elapsed_s"] * 1000
         assert r["throughput"] == pytest.approx(400 / r["elapsed_s"], rel=0.01)
+        assert r["cpu_ms_per_accepted"]["mariadb"] > 0  # every strategy's books live in MariaDB
     assert results["mysql-lock"]["accepted"] == results["pipeline"]["accepted"] == 100
+    assert results["mysql-lock"]["cpu_ms_per_accepted"]["baseline"] > 0
+    assert {"producer", "consumer", "checker", "broker", "redis"} <= set(results["pipeline"]["cpu_ms_per_accepted"])
+    # One transaction per purchase, then far fewer with group commit (the bench's own count of half messages).
+    assert results["pipeline-b1"]["transactions_per_accepted"] >= 1.0
+    assert results["pipeline"]["transactions_per_accepted"] < results["pipeline-b1"]["transactions_per_accepted"]
     assert balanced(settings, results["pipeline"]["skus"][0]).problems == []
-    lock = results["mysql-lock"]["throughput"]
+    lock = results["mysql-lock"]
     for r in results.values():
-        assert r["ratio"] == pytest.approx(r["throughput"] / lock, abs=0.01)
+        assert r["ratio"] == pytest.approx(r["throughput"] / lock["throughput"], abs=0.01)
+        assert r["p99_ratio"] == pytest.approx(r["p99_ms"] / lock["p99_ms"], abs=0.002)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_takes_a_thousand_buyers_in_an_open_loop(settings: Settings) -> None:
+    result = run(
+        settings,
+        "bench",
+        "--strategy",
+        "pipeline",
+        "--json",
+        "--stock",
+        "200",
+        "--attempts",
+        "2000",
+        "--buyers",
+        "1000",
+        "--rate",
+        "1000",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (pipeline,) = json.loads(result.stdout)["results"]
+    assert pipeline["attempts"] == 2000 and pipeline["accepted"] == 200 and pipeline["consistent"]
+    assert pipeline["rejected"] == {"sold_out": 1800}
+    # Due at 1,000 a second: the sale cannot take much less than two seconds.
+    assert pipeline["elapsed_s"] >= 1.9
 
 
 def test_demo_runs_a_whole_sale_and_ends_with_balanced_books(settings: Settings) -> None:
@@ -262,3 +300,36 @@ def test_a_process_logs_one_json_object_per_line_when_asked(pipeline: Pipeline) 
     events = [json.loads(line) for line in checker.text().splitlines() if line.strip()]
     assert any(e["message"].startswith("checker answering transaction checks") for e in events)
     assert all(e["process"] == "checker" and e["pid"] == checker.popen.pid for e in events if "process" in e)
+
+
+def test_a_baseline_out_of_connections_is_reported_with_its_errors_and_the_run_goes_on(
+    settings: Settings, stack: Settings
+) -> None:
+    from flashsale.stack.manager import Stack
+    from flashsale.stack.services import MariaDBService
+
+    mariadb = MariaDBService(Stack(stack).layout, stack)
+    before = int(mariadb._root_sql("SELECT @@GLOBAL.max_connections").strip())
+    mariadb._root_sql("SET GLOBAL max_connections = 30")  # the baseline wants 64; a few are in use already
+    try:
+        result = run(
+            settings,
+            "bench",
+            "--strategy",
+            "mysql-lock,pipeline",
+            "--json",
+            "--stock",
+            "50",
+            "--attempts",
+            "600",
+            "--buyers",
+            "64",
+        )
+    finally:
+        mariadb._root_sql(f"SET GLOBAL max_connections = {before}")
+    results = {r["strategy"]: r for r in json.loads(result.stdout)["results"]}
+    lock = results["mysql-lock"]
+    assert lock["attempts"] == 600 and lock["rejected"].get("error", 0) > 0
+    assert any("Too many connections" in e for e in lock["errors"]), lock["errors"]
+    assert lock["consistent"]  # what it did accept, it booked
+    assert results["pipeline"]["accepted"] == 50 and results["pipeline"]["consistent"]

@@ -191,8 +191,20 @@ def main() -> None:
     if args.json:
         print(json.dumps([asdict(r) for r in runs], indent=2))
         return
+    print(f"wrk: 1 thread, {args.connections} connections, {args.duration} s per run, a token of its own per request")
+    print("| group size | mode | requests/s | accepted/s end to end | p50 / p99 ms | transactions / accepted |")
+    print("|---|---|---|---|---|---|")
     for r in runs:
-        print(json.dumps(asdict(r)))
+        accepted = f"{r.accepted_per_s:,.0f}" if r.mode == "live" else "-"
+        tx = f"{r.transactions_per_accepted:.3f}" if r.transactions_per_accepted is not None else "-"
+        latency = f"{r.latency_ms.get('p50', 0):.1f} / {r.latency_ms.get('p99', 0):.1f}"
+        print(f"| {r.group_size} | {r.mode} | {r.requests_per_s:,.0f} | {accepted} | {latency} | {tx} |")
+    print()
+    print("CPU ms per accepted purchase (live), and % of a core (each run):")
+    for r in runs:
+        per = ", ".join(f"{k} {v}" for k, v in r.cpu_ms_per_accepted.items()) or "-"
+        pct = ", ".join(f"{k} {v}%" for k, v in r.cpu_percent.items())
+        print(f"  group {r.group_size} {r.mode}: {per}; {pct}")
 
 
 if __name__ == "__main__":

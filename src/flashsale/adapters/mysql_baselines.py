@@ -14,6 +14,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from flashsale import constants as c
 from flashsale.adapters.mysql_store import MySQLStore, query
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 
@@ -50,24 +51,36 @@ def _over_limit(conn: Connection, request: PurchaseRequest, limit: int) -> bool:
     return bought + request.qty > limit
 
 
+def _unknown(request: PurchaseRequest) -> PurchaseResult:
+    return PurchaseResult(
+        PurchaseStatus.INVALID, request.token, message=f"unknown SKU {request.sku!r}: it is not on sale"
+    )
+
+
 class _Duplicate(Exception):
     """Leaves a transaction with a rollback."""
 
 
 class MySQLBaselines:
-    def __init__(self, store: MySQLStore, per_user_limit: int = 0) -> None:
+    """Each SKU's per-user limit is read from its inventory row, in the purchase's own transaction."""
+
+    def __init__(self, store: MySQLStore) -> None:
         self.store = store
-        self.limit = per_user_limit
 
     def strategy(self, name: str) -> Callable[[PurchaseRequest], PurchaseResult]:
-        return {"mysql-lock": self.locked, "mysql-optimistic": self.optimistic}[name]
+        strategies = {"mysql-lock": self.locked, "mysql-optimistic": self.optimistic}
+        assert set(strategies) == set(c.BASELINES)
+        return strategies[name]
 
     def locked(self, request: PurchaseRequest) -> PurchaseResult:
         with self.store.transaction("locked purchase") as conn:
-            stock = int(conn.execute(query("lock_stock"), {"sku": request.sku}).scalar_one())
+            row = conn.execute(query("lock_stock"), {"sku": request.sku}).first()
+            if row is None:
+                return _unknown(request)
+            stock, limit = int(row.stock), int(row.per_user_limit)
             if stock < request.qty:
                 return PurchaseResult(PurchaseStatus.SOLD_OUT, request.token, stock)
-            if _over_limit(conn, request, self.limit):
+            if _over_limit(conn, request, limit):
                 return PurchaseResult(PurchaseStatus.LIMIT_EXCEEDED, request.token, stock)
             if not _claim(conn, request, "mysql-lock"):
                 return PurchaseResult(PurchaseStatus.DUPLICATE, request.token, stock)
@@ -86,10 +99,13 @@ class MySQLBaselines:
             if attempt:
                 time.sleep(random.uniform(0, min(OPTIMISTIC_MAX_BACKOFF_S, 0.001 * 2**attempt)))
             with self.store.transaction("optimistic purchase") as conn:
-                stock, version = conn.execute(query("read_stock_version"), {"sku": request.sku}).one()
+                row = conn.execute(query("read_stock_version"), {"sku": request.sku}).first()
+                if row is None:
+                    return _unknown(request)
+                stock, version = row.stock, row.version
                 if stock < request.qty:
                     return PurchaseResult(PurchaseStatus.SOLD_OUT, request.token, int(stock))
-                if _over_limit(conn, request, self.limit):
+                if _over_limit(conn, request, int(row.per_user_limit)):
                     return PurchaseResult(PurchaseStatus.LIMIT_EXCEEDED, request.token, int(stock))
                 won = (
                     conn.execute(

@@ -22,7 +22,7 @@ EXIT_UNAVAILABLE = 3  # a server could not be reached
 EXIT_FAILED = 4  # anything else that went wrong
 
 #: Commands that run until SIGTERM; they log at INFO by default.
-LONG_RUNNING = {"producer", "consumer", "checker"}
+LONG_RUNNING = {"producer", "consumer", "checker", "baseline"}
 
 
 def exit_code(exc: FlashSaleError) -> int:
@@ -102,6 +102,7 @@ def _register() -> None:
         process_cmd.producer,
         process_cmd.consumer,
         process_cmd.checker,
+        process_cmd.baseline,
         ops_cmd.reconcile,
         ops_cmd.replay,
         sale_cmd.bench,

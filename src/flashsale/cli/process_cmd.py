@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import click
 
+from flashsale import constants as c
 from flashsale.cli.context import Context
 from flashsale.config import ConsumerSettings, ProducerSettings, field_default, variable
 from flashsale.service import processes
@@ -84,3 +85,35 @@ def checker() -> None:
 def checker_run(ctx: Context, metrics_port: int | None) -> None:
     """Answer transaction checks until SIGTERM."""
     processes.run_checker(ctx.settings, metrics_port=metrics_port)
+
+
+@click.group()
+def baseline() -> None:
+    """A plain-MySQL purchase service, served like the producer: what `flashsale bench` compares against."""
+
+
+@baseline.command("run")
+@click.option(
+    "--strategy",
+    type=click.Choice(c.BASELINES),
+    required=True,
+    help="mysql-lock: SELECT ... FOR UPDATE; mysql-optimistic: a version check and retries.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    envvar=variable(ProducerSettings, "http_port"),
+    show_envvar=True,
+    default=field_default(ProducerSettings, "http_port"),
+    show_default=True,
+    help="Listen port.",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 1000), default=64, show_default=True, help="Purchases run at once (threads)."
+)
+@click.pass_obj
+def baseline_run(ctx: Context, strategy: str, port: int, workers: int) -> None:
+    """Serve POST /purchase as one MySQL transaction per purchase, until SIGTERM."""
+    settings = ctx.settings
+    chosen = replace(settings.producer, http_port=port)
+    processes.run_baseline(settings.with_overrides(producer=chosen), strategy, workers=workers)

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -18,6 +19,7 @@ from flashsale.cli.options import json_output
 from flashsale.errors import InvalidInput
 from flashsale.ops import bench as bench_ops
 from flashsale.ops.demo import DemoConfig, run_demo
+from flashsale.ops.plot import plot
 
 
 @contextmanager
@@ -34,6 +36,10 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int], Callable[[], N
             return lambda: bars.advance(task)
 
         yield start
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
@@ -56,8 +62,14 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
         ("latency p99 ms", lambda r: f"{r.p99_ms:.1f}"),
         ("drain s", lambda r: f"{r.drain_s:.2f}"),
         ("consumer rows/s (backlog)", lambda r: f"{r.applied_per_s:.0f}" if r.applied_per_s else "-"),
+        ("broker transactions / accepted", lambda r: _maybe(r.transactions_per_accepted, ".3f")),
+        *(
+            (f"CPU ms / accepted: {name}", lambda r, n=name: _maybe(r.cpu_ms_per_accepted.get(n), ".3f"))
+            for name in dict.fromkeys(n for r in results for n in r.cpu_ms_per_accepted)
+        ),
         ("books", lambda r: "[green]balanced[/]" if r.consistent else "[red]DRIFT[/]"),
-        (f"x {bench_ops.BASELINE} (attempts/s)", lambda r: f"{r.ratio:.2f}" if r.ratio is not None else "-"),
+        (f"x {bench_ops.BASELINE} (attempts/s)", lambda r: _maybe(r.ratio, ".2f")),
+        (f"x {bench_ops.BASELINE} (p99)", lambda r: _maybe(r.p99_ratio, ".3f")),
     ]
     for title, cell in rows:
         table.add_row(title, *(cell(r) for r in results))
@@ -84,6 +96,21 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     "--per-user-limit", type=click.IntRange(0), default=0, show_default=True, help="Units one buyer may get (0 = none)."
 )
 @click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    metavar="R",
+    help="Open loop: R attempts per second, due whatever the answers; latency counts from when each was due.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    metavar="FILE.png",
+    help="Draw accepted/s and p50/p99 latency over time, one line per strategy, sold-out marked.",
+)
+@click.option(
     "--producer-url",
     default=None,
     metavar="URL",
@@ -105,6 +132,8 @@ def bench(
     buyers: int,
     attempts: int,
     per_user_limit: int,
+    rate: float | None,
+    plot_path: Path | None,
     producer_url: str | None,
     backlog: bool,
     batch_size: int | None,
@@ -124,11 +153,14 @@ def bench(
         buyers=buyers,
         attempts=attempts,
         per_user_limit=per_user_limit,
+        rate=rate,
         backlog=backlog,
         batch_size=batch_size,
     )
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
         results = bench_ops.run_bench(ctx.settings, config, chosen, producer_url=producer_url, on_start=start)
+    if plot_path is not None:
+        plot([(r.strategy, r.load) for r in results if r.load is not None], plot_path)
     if as_json:
         click.echo(json.dumps({"config": config.__dict__, "results": [r.to_json() for r in results]}, indent=2))
     else:
@@ -136,8 +168,10 @@ def bench(
         for r in results:
             for problem in r.problems:
                 click.echo(f"{r.strategy}: {problem}")
-            for error in r.transport_errors:
-                click.echo(f"{r.strategy}: no answer: {error}")
+            for error in r.errors:
+                click.echo(f"{r.strategy}: {error}")
+        if plot_path is not None:
+            click.echo(f"plot: {plot_path}")
     sys.exit(0 if all(r.consistent for r in results) else 1)
 
 
@@ -171,7 +205,7 @@ def demo(ctx: Context, sku: str, stock: int, attempts: int, buyers: int, per_use
         f"MySQL caught up {result.drain_s:.2f} s after the last answer\n"
     )
     for error in load.errors:
-        console.print(f"no answer: {error}")
+        console.print(error)
     print_reconcile([result.report], console)
     console.print(
         f"\nProcess logs: {result.logs}\nThe stack keeps running (`flashsale stack status`); "

@@ -1,11 +1,15 @@
 """`flashsale bench`: one flash sale per strategy, same load, results side by side.
 
-- pipeline: buyers post to the producer over HTTP; deductions reach MySQL through RocketMQ and the
-  batched consumer. Drain time is how long MySQL needs after the last answer to hold every deduction.
-- mysql-lock / mysql-optimistic: buyers run the purchase as one MySQL transaction, straight from this
-  process (no HTTP hop, which flatters them): what a team would otherwise build.
+Every strategy is served over the same HTTP stack (granian, the producer's RSGI app), so every one pays
+the same hop, and buyers are the same (closed loop, or open loop with `rate`):
 
-Every strategy gets fresh SKUs with the same stock, and its books are checked at the end.
+- mysql-lock / mysql-optimistic: `flashsale baseline run`, the purchase as one MySQL transaction;
+- pipeline-b1: flashsale with a transaction per purchase (FLASHSALE_GROUP_SIZE=1);
+- pipeline: flashsale as configured (group commit).
+
+Every strategy gets fresh SKUs with the same stock and fresh processes; its books are checked at the
+end, and the CPU each process spent is read for it. A strategy that fails (connections exhausted,
+timeouts) is reported with its errors; the run goes on.
 """
 
 from __future__ import annotations
@@ -13,29 +17,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashsale.adapters.mysql_baselines import MySQLBaselines
+from flashsale import constants as c
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput
-from flashsale.models import PurchaseRequest
 from flashsale.ops import reconcile, setup
-from flashsale.ops.fleet import Fleet, environment, ready
+from flashsale.ops.cpu import CpuMeter
+from flashsale.ops.fleet import Child, Fleet, environment, ready
 from flashsale.ops.load import LoadReport, run_load
+from flashsale.stack import procs
+from flashsale.stack.layout import StackLayout
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("mysql-lock", "mysql-optimistic", "pipeline")
+PIPELINES = ("pipeline-b1", "pipeline")
+STRATEGIES = (*c.BASELINES, *PIPELINES)
 BASELINE = "mysql-lock"
 #: Longest wait for the pipeline's consumer to apply every accepted deduction.
 DRAIN_TIMEOUT_S = 300.0
+#: Most MySQL transactions a baseline runs at once (its threads and connections): the local MariaDB
+#: allows 500 connections, and a team would not open more per service.
+BASELINE_WORKERS = 64
+#: Servers of the local stack whose CPU counts too, when they run.
+SERVERS = ("redis", "mariadb", "broker")
 
 Tick = Callable[[], None]
 
@@ -47,6 +59,8 @@ class BenchConfig:
     buyers: int = 200
     attempts: int = 5000
     per_user_limit: int = 0
+    #: Open loop: attempts per second, due whatever the answers (None: closed loop, `buyers` at once).
+    rate: float | None = None
     #: Pipeline only: sell with no consumer running, then start one and time how fast it applies the backlog.
     backlog: bool = False
     #: Pipeline only: FLASHSALE_BATCH_SIZE of the bench's own consumer (None: the configured one).
@@ -58,8 +72,8 @@ class BenchConfig:
                 raise InvalidInput(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.per_user_limit < 0:
             raise InvalidInput(f"--per-user-limit must be >= 0, got {self.per_user_limit}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InvalidInput(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.rate is not None and self.rate <= 0:
+            raise InvalidInput(f"--rate must be above 0, got {self.rate}")
 
 
 @dataclass
@@ -80,11 +94,17 @@ class StrategyResult:
     applied_per_s: float | None  # with --backlog: rows the consumer applied per second from a cold start
     consistent: bool
     problems: list[str] = field(default_factory=list)
-    transport_errors: list[str] = field(default_factory=list)  # the first attempts that got no HTTP answer
+    errors: list[str] = field(default_factory=list)  # the first unclear answers, and attempts with no answer
+    transactions_per_accepted: float | None = None  # broker transactions (half messages) per accepted purchase
+    cpu_ms_per_accepted: dict[str, float] = field(default_factory=dict)  # by process
     ratio: float | None = None  # throughput relative to mysql-lock in the same run
+    p99_ratio: float | None = None  # p99 relative to mysql-lock's
+    load: LoadReport | None = field(default=None, repr=False)  # every answer, for --plot
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("load")
+        return data
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -95,14 +115,7 @@ def parse_strategies(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def _result(
-    strategy: str,
-    skus: list[str],
-    load: LoadReport,
-    drain_s: float,
-    problems: list[str],
-    applied_per_s: float | None = None,
-) -> StrategyResult:
+def _result(strategy: str, skus: list[str], load: LoadReport, drain_s: float, problems: list[str]) -> StrategyResult:
     accepted = load.statuses.get("accepted", 0)
     return StrategyResult(
         strategy=strategy,
@@ -118,88 +131,142 @@ def _result(
         p95_ms=round(load.percentile(0.95) * 1000, 2),
         p99_ms=round(load.percentile(0.99) * 1000, 2),
         drain_s=round(drain_s, 3),
-        applied_per_s=round(applied_per_s, 1) if applied_per_s is not None else None,
+        applied_per_s=None,
         consistent=not problems,
         problems=problems,
-        transport_errors=load.errors,
+        errors=load.errors,
+        load=load,
     )
 
 
-def _baseline(
-    settings: Settings, strategy: str, config: BenchConfig, skus: list[str], run: str, tick: Tick
-) -> StrategyResult:
-    store = MySQLStore(settings.mysql_url, pool_size=config.buyers)
-    try:
-        for sku in skus:
-            store.load_stock(sku, config.stock, per_user_limit=config.per_user_limit)
-        purchase = MySQLBaselines(store, config.per_user_limit).strategy(strategy)
-        load = LoadReport(started=time.perf_counter())
+def _metric(url: str, name: str) -> float:
+    """The value of one unlabelled series on `url`/metrics (0 when absent)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
-        def buyer(b: int) -> None:
-            for i in range(b, config.attempts, config.buyers):
-                request = PurchaseRequest(skus[i % len(skus)], f"{run}-u{b}", 1, f"{run}-{i}")
+
+def _server_pids(settings: Settings) -> dict[str, int]:
+    layout = StackLayout.at(settings.home)
+    pids = {}
+    for name in SERVERS:
+        record = procs.PidRecord.load(layout.pid_file(name))
+        if record and procs.is_alive(record):
+            pids[name] = record.pid
+    return pids
+
+
+class _Sale:
+    """One strategy's run: its stock, its processes, its load, its books."""
+
+    def __init__(self, settings: Settings, config: BenchConfig, strategy: str, run: str, logs: Path) -> None:
+        self.settings = settings
+        self.config = config
+        self.strategy = strategy
+        self.run = run
+        self.skus = [f"bench-{run}-{strategy}-{i}" for i in range(config.skus)]
+        env = {"FLASHSALE_GROUP_SIZE": "1"} if strategy == "pipeline-b1" else {}
+        if config.batch_size:
+            env["FLASHSALE_BATCH_SIZE"] = str(config.batch_size)
+        self.fleet = Fleet(environment(**env), logs / strategy)
+
+    def load_stock(self) -> None:
+        if self.strategy in c.BASELINES:
+            store = MySQLStore(self.settings.mysql_url)
+            try:
+                for sku in self.skus:
+                    store.load_stock(sku, self.config.stock, per_user_limit=self.config.per_user_limit)
+            finally:
+                store.close()
+            return
+        for sku in self.skus:
+            setup.set_stock(self.settings, sku, self.config.stock, per_user_limit=self.config.per_user_limit)
+
+    def start(self, *, consumer: bool = True) -> tuple[str, dict[str, Child]]:
+        """The strategy's processes; returns the URL buyers post to and the children by role."""
+        if self.strategy in c.BASELINES:
+            child = self.fleet.baseline(self.strategy, workers=min(self.config.buyers, BASELINE_WORKERS))
+            return child.url, {"baseline": child}
+        children = {"checker": self.fleet.checker()}
+        if consumer:
+            children["consumer"] = self.fleet.consumer()
+        producer, url = self.fleet.producer()
+        children["producer"] = producer
+        return url, children
+
+    def books(self) -> list[str]:
+        problems: list[str] = []
+        if self.strategy in c.BASELINES:
+            store = MySQLStore(self.settings.mysql_url)
+            try:
+                for sku in self.skus:
+                    view = store.view(sku)
+                    if view.stock + view.deducted_qty != view.initial or view.orders != view.deductions:
+                        problems.append(
+                            f"{sku}: stock {view.stock} + applied {view.deducted_qty} vs initial {view.initial}, "
+                            f"{view.orders} orders"
+                        )
+            finally:
+                store.close()
+            return problems
+        stock, store = RedisStock(self.settings.redis_url), MySQLStore(self.settings.mysql_url)
+        try:
+            for sku in self.skus:
+                report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
+                problems += [f"{sku}: {p}" for p in report.problems]
+        finally:
+            stock.close()
+            store.close()
+        return problems
+
+
+def _sell(settings: Settings, config: BenchConfig, strategy: str, run: str, logs: Path, tick: Tick) -> StrategyResult:
+    sale = _Sale(settings, config, strategy, run, logs)
+    sale.load_stock()
+    backlog = config.backlog and strategy in PIPELINES
+    try:
+        url, children = sale.start(consumer=not backlog)
+        meter = CpuMeter({**{r: ch.popen.pid for r, ch in children.items()}, **_server_pids(settings)})
+        producer = children.get("producer")
+        transactions = _metric(producer.url, "flashsale_transaction_purchases_count") if producer else 0.0
+        load = asyncio.run(
+            run_load(
+                url,
+                sale.skus,
+                attempts=config.attempts,
+                concurrency=config.buyers,
+                rate=config.rate,
+                run_id=f"{run}-{strategy}",
+                tick=tick,
+            )
+        )
+        accepted = load.statuses.get("accepted", 0)
+        if producer:
+            transactions = _metric(producer.url, "flashsale_transaction_purchases_count") - transactions
+        drain_s = 0.0
+        if strategy in PIPELINES:
+            store = MySQLStore(settings.mysql_url)
+            try:
                 started = time.perf_counter()
-                try:
-                    status = purchase(request).status.value
-                except FlashSaleError as exc:
-                    status = "error"
-                    logger.debug("%s purchase failed: %s", strategy, exc)
-                load.latencies_s.append(time.perf_counter() - started)
-                load.statuses[status] += 1
-                load.attempts += 1
-                if status == "accepted":
-                    load.last_accepted = time.perf_counter()
-                tick()
-
-        with ThreadPoolExecutor(config.buyers) as pool:
-            list(pool.map(buyer, range(config.buyers)))
-        load.elapsed_s = time.perf_counter() - load.started
-        problems = []
-        for sku in skus:
-            view = store.view(sku)
-            if view.stock + view.deducted_qty != view.initial or view.orders != view.deductions or view.stock < 0:
-                problems.append(
-                    f"{sku}: stock {view.stock} + applied {view.deducted_qty} vs initial {view.initial}, "
-                    f"{view.orders} orders"
-                )
-        applied, _ = store.applied(skus)
-        if applied != load.statuses.get("accepted", 0):
-            problems.append(f"{load.statuses.get('accepted', 0)} accepted but {applied} applied")
-        return _result(strategy, skus, load, 0.0, problems)
+                if backlog:  # its start-up counts: the backlog waits for it too
+                    sale.fleet.consumer()
+                reconcile.wait_applied(store, sale.skus, accepted, timeout_s=DRAIN_TIMEOUT_S)
+                drain_s = time.perf_counter() - started
+            finally:
+                store.close()
+        used = meter.used()
     finally:
-        store.close()
-
-
-def _pipeline(
-    settings: Settings,
-    config: BenchConfig,
-    skus: list[str],
-    run: str,
-    url: str,
-    tick: Tick,
-    start_consumer: Callable[[], object] | None,
-) -> StrategyResult:
-    """`start_consumer` is given in backlog mode: the sale ran with no consumer, it starts one."""
-    for sku in skus:
-        setup.set_stock(settings, sku, config.stock, per_user_limit=config.per_user_limit)
-    load = asyncio.run(run_load(url, skus, attempts=config.attempts, concurrency=config.buyers, run_id=run, tick=tick))
-    accepted = load.statuses.get("accepted", 0)
-    store, stock = MySQLStore(settings.mysql_url), RedisStock(settings.redis_url)
-    try:
-        started = time.perf_counter()
-        if start_consumer:  # its start-up counts: the backlog waits for it too
-            start_consumer()
-        reconcile.wait_applied(store, skus, accepted, timeout_s=DRAIN_TIMEOUT_S)
-        drain_s = time.perf_counter() - started
-        problems = []
-        for sku in skus:
-            report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
-            problems += [f"{sku}: {p}" for p in report.problems]
-        rate = accepted / drain_s if start_consumer and drain_s else None
-        return _result("pipeline", skus, load, drain_s, problems, rate)
-    finally:
-        store.close()
-        stock.close()
+        sale.fleet.stop()
+    result = _result(strategy, sale.skus, load, drain_s, sale.books())
+    if backlog and drain_s:
+        result.applied_per_s = round(accepted / drain_s, 1)
+    if accepted:
+        result.cpu_ms_per_accepted = {name: round(1000 * s / accepted, 3) for name, s in used.items()}
+        if producer:
+            result.transactions_per_accepted = round(transactions / accepted, 4)
+    return result
 
 
 def run_bench(
@@ -213,41 +280,57 @@ def run_bench(
 ) -> list[StrategyResult]:
     """Run each strategy in turn; `on_start(strategy, attempts)` returns the tick called per attempt."""
     config.check()
-    if producer_url is not None and (config.backlog or config.batch_size):
-        raise InvalidInput("--backlog and --batch-size need the bench's own processes; leave --producer-url out")
+    if producer_url is not None and (config.backlog or config.batch_size or strategies != ["pipeline"]):
+        raise InvalidInput(
+            "--producer-url measures one running producer: use it with --strategy pipeline, without "
+            "--backlog or --batch-size"
+        )
     run = uuid.uuid4().hex[:6]
+    folder = logs or settings.home.resolve() / "logs" / f"bench-{run}"
     results: list[StrategyResult] = []
-    fleet: Fleet | None = None
-    try:
-        for strategy in strategies:
-            skus = [f"bench-{run}-{strategy}-{i}" for i in range(config.skus)]
-            tick = on_start(strategy, config.attempts) if on_start else (lambda: None)
-            if strategy != "pipeline":
-                results.append(_baseline(settings, strategy, config, skus, f"{run}-{strategy}", tick))
-                continue
-            url = producer_url
-            start_consumer: Callable[[], object] | None = None
-            if url is not None:
-                if not ready(url):
-                    raise InvalidInput(
-                        f"no producer answers at {producer_url}",
-                        hint="start one (`flashsale producer run`) or leave --producer-url out",
-                    )
+    for strategy in strategies:
+        tick = on_start(strategy, config.attempts) if on_start else (lambda: None)
+        try:
+            if producer_url is not None:
+                results.append(_sell_to(settings, config, producer_url, run, tick))
             else:
-                env = {"FLASHSALE_BATCH_SIZE": str(config.batch_size)} if config.batch_size else {}
-                fleet = Fleet(environment(**env), logs or settings.home.resolve() / "logs" / f"bench-{run}")
-                if config.backlog:
-                    fleet.checker()
-                    _, url = fleet.producer()
-                    start_consumer = fleet.consumer
-                else:
-                    url = fleet.start_all()
-            results.append(_pipeline(settings, config, skus, f"{run}-p", url, tick, start_consumer))
-    finally:
-        if fleet:
-            fleet.stop()
+                results.append(_sell(settings, config, strategy, run, folder, tick))
+        except FlashSaleError as exc:  # it could not even start: said as its result, and the run goes on
+            logger.error("strategy %s failed: %s", strategy, exc)
+            results.append(_result(strategy, [], LoadReport(), 0.0, [f"did not run: {exc}"]))
     baseline = next((r for r in results if r.strategy == BASELINE), None)
     if baseline and baseline.throughput:
         for r in results:
             r.ratio = round(r.throughput / baseline.throughput, 2)
+            r.p99_ratio = round(r.p99_ms / baseline.p99_ms, 3) if baseline.p99_ms else None
     return results
+
+
+def _sell_to(settings: Settings, config: BenchConfig, url: str, run: str, tick: Tick) -> StrategyResult:
+    """The pipeline strategy against a producer someone else runs (--producer-url)."""
+    if not ready(url):
+        raise InvalidInput(
+            f"no producer answers at {url}", hint="start one (`flashsale producer run`) or leave --producer-url out"
+        )
+    skus = [f"bench-{run}-pipeline-{i}" for i in range(config.skus)]
+    for sku in skus:
+        setup.set_stock(settings, sku, config.stock, per_user_limit=config.per_user_limit)
+    load = asyncio.run(
+        run_load(
+            url, skus, attempts=config.attempts, concurrency=config.buyers, rate=config.rate, run_id=run, tick=tick
+        )
+    )
+    store = MySQLStore(settings.mysql_url)
+    try:
+        drain_s = reconcile.wait_applied(store, skus, load.statuses.get("accepted", 0), timeout_s=DRAIN_TIMEOUT_S)
+    finally:
+        store.close()
+    stock, store = RedisStock(settings.redis_url), MySQLStore(settings.mysql_url)
+    try:
+        problems = [
+            f"{sku}: {p}" for sku in skus for p in reconcile.reconcile_sku(stock, store, sku, settle_s=0).problems
+        ]
+    finally:
+        stock.close()
+        store.close()
+    return _result("pipeline", skus, load, drain_s, problems)

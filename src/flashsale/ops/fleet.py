@@ -122,6 +122,14 @@ class Fleet:
         child.wait_for(lambda: ready(child.url), "ready (/readyz)")
         return child, child.url
 
+    def baseline(self, strategy: str, *, workers: int) -> Child:
+        """A plain-MySQL purchase service (`flashsale baseline run`), ready to take purchases."""
+        port = free_port()
+        child = self.start("baseline", "--strategy", strategy, "--workers", str(workers), FLASHSALE_HTTP_PORT=str(port))
+        child.url = f"http://{c.DEFAULT_HOST}:{port}"
+        child.wait_for(lambda: ready(child.url), "ready (/readyz)")
+        return child
+
     def consumer(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
         return self._with_status("consumer", options, metrics_port, env)
 

@@ -1,8 +1,13 @@
-"""A flash sale's crowd: many buyers posting purchases over HTTP at once (aiohttp client).
+"""A flash sale's crowd: many buyers posting purchases over HTTP (aiohttp client).
 
 Used by `flashsale bench`, `flashsale demo` and the end-to-end tests. Every attempt carries a fresh
-token; buyer b is user `<run>-u<b>` and makes its attempts one after another, so `concurrency` buyers
-are in flight at any moment.
+token; attempt i is made by user `<run>-u<i mod buyers>`. Two ways to send them:
+
+- closed loop (default): `buyers` buyers, each making its attempts one after another; the sale goes as
+  fast as the answers come back;
+- open loop (`rate`): attempt i is due at start + i/rate, whatever happened to the others, and its
+  latency counts from that moment, so a slow server cannot hide its queue by slowing the senders (no
+  coordinated omission). At most `buyers` are in flight: the rest wait for a connection, on the clock.
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ import aiohttp
 TRANSPORT_ERROR = "transport_error"
 
 
+@dataclass(frozen=True)
+class Answer:
+    at_s: float  # seconds from the start of the sale to the answer
+    status: str
+    latency_s: float
+
+
 @dataclass
 class LoadReport:
     attempts: int = 0
@@ -27,9 +39,10 @@ class LoadReport:
     latencies_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     accepted: list[tuple[str, str, int]] = field(default_factory=list)  # (sku, token, qty)
-    errors: list[str] = field(default_factory=list)  # the first few attempts that got no HTTP answer
+    errors: list[str] = field(default_factory=list)  # the first few unclear answers, and attempts with none
     started: float = 0.0
     last_accepted: float = 0.0  # perf_counter of the last accepted answer
+    answers: list[Answer] = field(default_factory=list)  # every answer, in the order they came
 
     @property
     def sellout_s(self) -> float:
@@ -52,35 +65,34 @@ class LoadReport:
     def throughput(self) -> float:
         return self.attempts / self.elapsed_s if self.elapsed_s else 0.0
 
-
-async def _buyer(
-    session: aiohttp.ClientSession,
-    url: str,
-    user: str,
-    plan: Sequence[tuple[str, str, int]],
-    report: LoadReport,
-    tick: Callable[[], None],
-) -> None:
-    for sku, token, qty in plan:
-        started = time.perf_counter()
-        try:
-            async with session.post(url, json={"sku": sku, "user_id": user, "qty": qty, "token": token}) as resp:
-                try:
-                    body = await resp.json(content_type=None)
-                except ValueError:  # not JSON: a proxy's error page, a crashed handler
-                    body = None
-                status = str(body.get("status")) if isinstance(body, dict) else f"http_{resp.status}"
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            status = TRANSPORT_ERROR
-            if len(report.errors) < 10:
-                report.errors.append(f"{type(exc).__name__}: {exc}")
-        report.latencies_s.append(time.perf_counter() - started)
-        report.attempts += 1
-        report.statuses[status] += 1
+    def record(self, sku: str, token: str, qty: int, status: str, due: float) -> None:
+        now = time.perf_counter()
+        self.latencies_s.append(now - due)
+        self.answers.append(Answer(now - self.started, status, now - due))
+        self.attempts += 1
+        self.statuses[status] += 1
         if status == "accepted":
-            report.accepted.append((sku, token, qty))
-            report.last_accepted = time.perf_counter()
-        tick()
+            self.accepted.append((sku, token, qty))
+            self.last_accepted = now
+
+
+async def _attempt(
+    session: aiohttp.ClientSession, url: str, user: str, sku: str, token: str, qty: int, report: LoadReport
+) -> str:
+    try:
+        async with session.post(url, json={"sku": sku, "user_id": user, "qty": qty, "token": token}) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except ValueError:  # not JSON: a proxy's error page, a crashed handler
+                body = None
+            status = str(body.get("status")) if isinstance(body, dict) else f"http_{resp.status}"
+            if status in ("error", "pending") and len(report.errors) < 10 and isinstance(body, dict):
+                report.errors.append(f"{status}: {body.get('message')}")
+            return status
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if len(report.errors) < 10:
+            report.errors.append(f"{type(exc).__name__}: {exc}")
+        return TRANSPORT_ERROR
 
 
 async def run_load(
@@ -89,22 +101,41 @@ async def run_load(
     *,
     attempts: int,
     concurrency: int,
+    rate: float | None = None,
     qty: int = 1,
     run_id: str | None = None,
     timeout_s: float = 30.0,
     tick: Callable[[], None] = lambda: None,
 ) -> LoadReport:
+    """`concurrency` buyers; with `rate`, open loop at that many attempts per second (see the module docstring)."""
     run = run_id or uuid.uuid4().hex[:8]
     url = base_url.rstrip("/") + "/purchase"
-    plans: list[list[tuple[str, str, int]]] = [[] for _ in range(concurrency)]
-    for i in range(attempts):
-        plans[i % concurrency].append((skus[i % len(skus)], f"{run}-{i}", qty))
+    plan = [(skus[i % len(skus)], f"{run}-{i}", f"{run}-u{i % concurrency}") for i in range(attempts)]
     report = LoadReport(started=time.perf_counter())
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def one(i: int, session: aiohttp.ClientSession, due: float) -> None:
+        sku, token, user = plan[i]
+        report.record(sku, token, qty, await _attempt(session, url, user, sku, token, qty, report), due)
+        tick()
+
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(
-            *(_buyer(session, url, f"{run}-u{b}", plan, report, tick) for b, plan in enumerate(plans) if plan)
-        )
+        if rate is None:
+
+            async def buyer(b: int) -> None:
+                for i in range(b, attempts, concurrency):
+                    await one(i, session, time.perf_counter())
+
+            await asyncio.gather(*(buyer(b) for b in range(min(concurrency, attempts))))
+        else:
+            pending = []
+            for i in range(attempts):
+                due = report.started + i / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                pending.append(asyncio.create_task(one(i, session, due)))
+            await asyncio.gather(*pending)
     report.elapsed_s = time.perf_counter() - report.started
     return report

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
 import uvloop
@@ -22,8 +23,10 @@ from flashsale.adapters.rocketmq_consumer import RocketMQConsumer
 from flashsale.adapters.rocketmq_producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import InvalidInput
+from flashsale.models import PurchaseRequest, PurchaseResult
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.consumer import DeductionConsumer
+from flashsale.service.baseline import BaselineService, StoreReader, loop_in_thread
 from flashsale.service.engine import PurchaseEngine
 from flashsale.service.http_app import HttpApp
 from flashsale.service.http_server import HttpServer
@@ -96,6 +99,44 @@ def run_producer(settings: Settings) -> None:
     finally:
         engine.close()
     logger.info("producer stopped")
+
+
+def run_baseline(settings: Settings, strategy: str, *, workers: int) -> None:
+    """The plain-MySQL purchase behind the producer's HTTP app, until SIGTERM (see service/baseline.py)."""
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    metrics = Metrics()
+    cfg = settings.producer
+    store = MySQLStore(settings.mysql_url, pool_size=workers)
+    store.ping()
+    service = BaselineService(store, strategy, workers)
+    app = HttpApp(_Observed(service, metrics), StoreReader(store), metrics, max_in_flight=cfg.max_in_flight)
+    loop = loop_in_thread()
+    server = HttpServer(app, cfg.http_host, cfg.http_port, loop)
+    stop = threading.Event()
+    _on_signals(stop)
+    try:
+        server.start()
+        logger.info("baseline %s listening on http://%s:%d", strategy, cfg.http_host, cfg.http_port)
+        stop.wait()
+        server.stop(SHUTDOWN_TIMEOUT_S)
+    finally:
+        service.close()
+        store.close()
+    logger.info("baseline stopped")
+
+
+class _Observed:
+    """A Purchaser whose answers are counted and timed, as the producer's are."""
+
+    def __init__(self, inner: BaselineService, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    async def submit(self, request: PurchaseRequest) -> PurchaseResult:
+        started = time.perf_counter()
+        result = await self._inner.submit(request)
+        self._metrics.purchase(result, time.perf_counter() - started)
+        return result
 
 
 def run_checker(settings: Settings, *, metrics_port: int | None = None) -> None:

@@ -133,10 +133,10 @@ WHERE replayed_at IS NULL AND sku = :sku AND id > :after ORDER BY id LIMIT :limi
 UPDATE dead_letters SET replayed_at = CURRENT_TIMESTAMP(6) WHERE id IN :ids
 
 -- name: lock_stock
-SELECT stock FROM inventory WHERE sku = :sku FOR UPDATE
+SELECT stock, per_user_limit FROM inventory WHERE sku = :sku FOR UPDATE
 
 -- name: read_stock_version
-SELECT stock, version FROM inventory WHERE sku = :sku
+SELECT stock, version, per_user_limit FROM inventory WHERE sku = :sku
 
 -- name: take_stock
 UPDATE inventory SET stock = stock - :qty, version = version + 1 WHERE sku = :sku
