@@ -61,21 +61,26 @@ def stack(stack_settings: Settings) -> Settings:
     return stack_settings
 
 
+def isolated_settings(prefix: str, stack: Settings | None = None) -> Settings:
+    """Settings on the stack with a namespace of their own and the tests' databases, never the user's."""
+    stack = stack or Settings.from_env(clean_environment())
+    return Settings.from_env(
+        {
+            **clean_environment(),
+            "FLASHSALE_NAMESPACE": f"{prefix}{uuid.uuid4().hex[:10]}",
+            "FLASHSALE_MYSQL_URL": stack.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
+            "FLASHSALE_REDIS_URL": stack.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
+        }
+    )
+
+
 @pytest.fixture(scope="session")
 def settings(stack: Settings) -> Iterator[Settings]:
     """Settings of this session: own namespace (topics, group) and the test database, initialised."""
     from flashsale.adapters import rocketmq_admin
     from flashsale.ops.setup import init
 
-    namespace = f"t{uuid.uuid4().hex[:10]}"
-    session = Settings.from_env(
-        {
-            **clean_environment(),
-            "FLASHSALE_NAMESPACE": namespace,
-            "FLASHSALE_MYSQL_URL": stack.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
-            "FLASHSALE_REDIS_URL": stack.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
-        }
-    )
+    session = isolated_settings("t", stack)
     _empty_redis(session)
     init(session)
     yield session

@@ -25,19 +25,11 @@ from flashsale.ops.reconcile import reconcile_sku
 from flashsale.ops.setup import init, set_stock
 from flashsale.records import Incoming
 from tests.acceptance.harness import Pipeline
-from tests.conftest import TEST_DATABASE, TEST_REDIS_DB, clean_environment
+from tests.conftest import isolated_settings
 
 
 def _settings() -> Settings:
-    base = Settings.from_env(clean_environment())
-    return Settings.from_env(
-        {
-            **clean_environment(),
-            "FLASHSALE_NAMESPACE": f"b{uuid.uuid4().hex[:10]}",
-            "FLASHSALE_MYSQL_URL": base.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
-            "FLASHSALE_REDIS_URL": base.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
-        }
-    )
+    return isolated_settings("b")
 
 
 def stop_times(settings: Settings) -> dict[str, float]:

@@ -24,16 +24,15 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
-
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.config import Settings
+from flashsale.ops.cpu import CpuMeter
 from flashsale.ops.fleet import Child, Fleet
 from flashsale.ops.setup import init, set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
-from tests.conftest import ROOT, TEST_DATABASE, TEST_REDIS_DB, clean_environment
+from tests.conftest import ROOT, isolated_settings, session_env
 
 SCRIPT = ROOT / "infra" / "wrk" / "purchase.lua"
 #: Servers of the stack whose CPU is counted too.
@@ -56,15 +55,7 @@ class Run:
 
 
 def _settings() -> Settings:
-    base = Settings.from_env(clean_environment())
-    return Settings.from_env(
-        {
-            **clean_environment(),
-            "FLASHSALE_NAMESPACE": f"w{uuid.uuid4().hex[:10]}",
-            "FLASHSALE_MYSQL_URL": base.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
-            "FLASHSALE_REDIS_URL": base.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
-        }
-    )
+    return isolated_settings("w")
 
 
 def _metric(url: str, name: str, labels: str = "") -> float:
@@ -73,17 +64,6 @@ def _metric(url: str, name: str, labels: str = "") -> float:
             if line.startswith(name + labels + " "):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
-    seconds = {}
-    for name, pid in pids.items():
-        try:
-            times = psutil.Process(pid).cpu_times()
-            seconds[name] = times.user + times.system + times.children_user + times.children_system
-        except psutil.NoSuchProcess:
-            seconds[name] = 0.0
-    return seconds
 
 
 def _wrk(url: str, sku: str, duration_s: int, connections: int) -> tuple[float, dict[str, float]]:
@@ -122,13 +102,7 @@ def measure(
 ) -> Run:
     sku = f"wrk-{mode}-{group_size}-{uuid.uuid4().hex[:6]}"
     set_stock(settings, sku, 10**9 if mode == "live" else 0)
-    env = {
-        **clean_environment(),
-        "FLASHSALE_NAMESPACE": settings.namespace,
-        "FLASHSALE_MYSQL_URL": settings.mysql_url,
-        "FLASHSALE_REDIS_URL": settings.redis_url,
-        "FLASHSALE_GROUP_SIZE": str(group_size),
-    }
+    env = {**session_env(settings), "FLASHSALE_GROUP_SIZE": str(group_size)}
     stack = Stack(settings)
     with tempfile.TemporaryDirectory() as logs:
         fleet = Fleet(env, Path(logs))
@@ -143,7 +117,7 @@ def measure(
                     pids[name] = record.pid
             accepted_before = _metric(url, "flashsale_purchases_total", '{status="accepted"}')
             tx_before = _metric(url, "flashsale_transaction_purchases_count")
-            cpu_before = _cpu(pids)
+            meter = CpuMeter(pids)
             started = time.perf_counter()
             rate, latency = _wrk(url, sku, duration_s, connections)
             accepted = int(_metric(url, "flashsale_purchases_total", '{status="accepted"}') - accepted_before)
@@ -154,10 +128,9 @@ def measure(
             finally:
                 store.close()
             end_to_end_s = time.perf_counter() - started
-            cpu_after = _cpu(pids)
+            used = meter.used()
         finally:
             fleet.stop()
-    used = {name: cpu_after[name] - cpu_before[name] for name in pids}
     run = Run(group_size, mode, group_wait_ms, round(rate, 1), latency)
     run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
     if mode == "live" and accepted:

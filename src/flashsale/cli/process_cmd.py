@@ -19,6 +19,17 @@ METRICS_PORT = click.option(
 )
 
 
+HTTP_PORT = click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    envvar=variable(ProducerSettings, "http_port"),
+    show_envvar=True,
+    default=field_default(ProducerSettings, "http_port"),
+    show_default=True,
+    help="Listen port.",
+)
+
+
 @click.group()
 def producer() -> None:
     """The purchase ingress: HTTP API, half message, Redis pre-deduct, commit or roll back."""
@@ -33,15 +44,7 @@ def producer() -> None:
     show_default=True,
     help="Listen address.",
 )
-@click.option(
-    "--port",
-    type=click.IntRange(1, 65535),
-    envvar=variable(ProducerSettings, "http_port"),
-    show_envvar=True,
-    default=field_default(ProducerSettings, "http_port"),
-    show_default=True,
-    help="Listen port.",
-)
+@HTTP_PORT
 @click.pass_obj
 def producer_run(ctx: Context, host: str, port: int) -> None:
     """Serve POST /purchase, GET /stock/{sku}, /healthz, /readyz and /metrics until SIGTERM."""
@@ -99,15 +102,7 @@ def baseline() -> None:
     required=True,
     help="mysql-lock: SELECT ... FOR UPDATE; mysql-optimistic: a version check and retries.",
 )
-@click.option(
-    "--port",
-    type=click.IntRange(1, 65535),
-    envvar=variable(ProducerSettings, "http_port"),
-    show_envvar=True,
-    default=field_default(ProducerSettings, "http_port"),
-    show_default=True,
-    help="Listen port.",
-)
+@HTTP_PORT
 @click.option(
     "--workers", type=click.IntRange(1, 1000), default=64, show_default=True, help="Purchases run at once (threads)."
 )
