@@ -92,6 +92,31 @@ def settings(stack: Settings) -> Iterator[Settings]:
         rocketmq_admin.delete_group(broker, session.consumer_group)
 
 
+#: The tests' own Redis Cluster: 3 masters with a replica each, on ports 7379-7384 (buses 17379-17384).
+CLUSTER_ENV = {"FLASHSALE_REDIS_PORT": "7379", "FLASHSALE_REDIS_MASTERS": "3", "FLASHSALE_REDIS_REPLICAS": "1"}
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Settings]:
+    """A Redis Cluster of the tests' own, created new for the session and stopped after it (stack settings)."""
+    import shutil
+
+    from flashsale.stack.manager import Stack
+
+    home = ROOT / ".flashsale" / "test-cluster"
+    cluster = Settings.from_env({**clean_environment(), **CLUSTER_ENV, "FLASHSALE_HOME": str(home)})
+    stack = Stack(cluster)
+    stack.down()  # what an interrupted session left
+    shutil.rmtree(home, ignore_errors=True)
+    stack.up(["redis"])
+    yield cluster
+    stack.down()
+
+
+def cluster_url(cluster: Settings) -> str:
+    return f"redis://127.0.0.1:{cluster.ports.redis}/0"
+
+
 def _empty_redis(settings: Settings) -> None:
     import redis
 

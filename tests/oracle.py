@@ -100,9 +100,21 @@ class Books:
         return problems
 
 
+def redis_client(url: str) -> redis.Redis | redis.RedisCluster:
+    """A plain redis-py client for the URL: a cluster client if the server says it is a cluster node."""
+    probe = redis.Redis.from_url(url)
+    try:
+        cluster = bool(probe.info("cluster").get("cluster_enabled"))
+    finally:
+        probe.close()
+    if cluster:
+        return redis.RedisCluster.from_url(url, decode_responses=True)
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
 def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
     """The SKU's books as they are now, from both stores (Redis first; MySQL only ever lags behind it)."""
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r = redis_client(redis_url)
     try:
         tag = "{" + sku + "}"
         stock = r.get(f"fs:{tag}:stock")

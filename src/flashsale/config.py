@@ -65,6 +65,43 @@ class StackPorts:
 
 
 @dataclass(frozen=True)
+class StackTopology:
+    redis_masters: int = setting(
+        1,
+        "REDIS_MASTERS",
+        "Redis masters of the stack: 1 is a single node, 3 or more a Redis Cluster on REDIS_PORT and up",
+        kind="int",
+        minimum=1,
+    )
+    redis_replicas: int = setting(
+        0,
+        "REDIS_REPLICAS",
+        "replicas of each Redis Cluster master (a replica takes over when its master dies)",
+        kind="int",
+    )
+
+    def __post_init__(self) -> None:
+        if self.redis_masters == 2:
+            raise ConfigError(
+                f"{c.ENV_PREFIX}REDIS_MASTERS=2: a Redis Cluster needs at least 3 masters",
+                hint="use 1 for a single node, or 3 or more for a cluster",
+            )
+        if self.redis_masters == 1 and self.redis_replicas:
+            raise ConfigError(
+                f"{c.ENV_PREFIX}REDIS_REPLICAS={self.redis_replicas} needs a Redis Cluster",
+                hint=f"set {c.ENV_PREFIX}REDIS_MASTERS to 3 or more",
+            )
+
+    @property
+    def redis_cluster(self) -> bool:
+        return self.redis_masters > 1
+
+    @property
+    def redis_nodes(self) -> int:
+        return self.redis_masters * (1 + self.redis_replicas)
+
+
+@dataclass(frozen=True)
 class ProducerSettings:
     http_host: str = setting(c.DEFAULT_HOST, "HTTP_HOST", "address the producer's HTTP service listens on")
     http_port: int = setting(
@@ -120,6 +157,7 @@ class ConsumerSettings:
 class Settings:
     home: Path = setting(Path(".flashsale"), "HOME", "state folder of the local stack: data, logs, PIDs", kind="path")
     ports: StackPorts = field(default_factory=StackPorts)
+    topology: StackTopology = field(default_factory=StackTopology)
     redis_url: str = setting("", "REDIS_URL", "Redis URL (default: redis://127.0.0.1:<REDIS_PORT>/0)")
     mysql_url: str = setting(
         "",
@@ -264,7 +302,12 @@ def _shown(default: Any) -> str:
 
 
 #: The settings dataclasses a Settings holds, by field name.
-_NESTED: dict[str, type] = {"ports": StackPorts, "producer": ProducerSettings, "consumer": ConsumerSettings}
+_NESTED: dict[str, type] = {
+    "ports": StackPorts,
+    "topology": StackTopology,
+    "producer": ProducerSettings,
+    "consumer": ConsumerSettings,
+}
 #: Every FLASHSALE_* variable, read off the settings fields (what `flashsale --help` lists).
 VARIABLES: tuple[Variable, ...] = tuple(
     Variable(f.metadata["env"], _shown(_default(f)), f.metadata["meaning"]) for f in _fields(Settings)

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import redis
 
 from flashsale import failpoints
 from flashsale.config import Settings
@@ -17,7 +16,7 @@ from flashsale.ops.setup import set_stock
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from tests.acceptance.harness import Pipeline, post
-from tests.oracle import balanced
+from tests.oracle import balanced, redis_client
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +44,7 @@ def _crowd(url: str, sku: str, tokens: list[str], users: list[str] | None = None
 
 
 def _log(settings: Settings, sku: str) -> dict[str, dict[str, object]]:
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_client(settings.redis_url)
     try:
         return {t: json.loads(raw) for t, raw in client.hgetall(f"fs:{{{sku}}}:log").items()}
     finally:

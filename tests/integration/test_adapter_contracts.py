@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import pytest
 import redis
 
+from flashsale import lua
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.adapters.redis_stock_async import AsyncRedisStock
@@ -61,6 +62,7 @@ def _while_redis_is_busy(settings: Settings, sku: str, *, warm: bool) -> Service
         try:
             if warm:
                 await stock.ping()  # a pooled connection, ready: the script itself is what gets sent
+                blocker.script_load(lua.source("prededuct"))  # and cached, so it runs once the server is free
             busy.start()
             await asyncio.sleep(0.1)  # the server is now inside the busy script; all else queues behind it
             await stock.prededuct(sku, "m1", [Purchase("t1", "u1", 2)])

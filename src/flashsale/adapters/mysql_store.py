@@ -37,8 +37,9 @@ _UNREACHABLE = {2002, 2003, 2006, 2013, 2055, 1053}
 #: The row this process writes to prove the database takes writes.
 _HEARTBEAT_NAME = f"{socket.gethostname()}:{os.getpid()}"[:128]
 #: Errors that go away when the same transaction is simply run again (deadlock, lock wait timeout,
-#: too many connections).
-_TRANSIENT = {1213, 1205, 1040, 1614}
+#: too many connections). 1467 is how MariaDB reports a deadlock on a table's AUTO-INC lock, which an
+#: INSERT ... SELECT takes under innodb_autoinc_lock_mode=1 (MariaDB's default; the stack runs mode 2).
+_TRANSIENT = {1213, 1205, 1040, 1614, 1467}
 #: The server is read-only (--read-only, or innodb_read_only): a replica, or a failover in progress.
 _READ_ONLY = {1290, 1836}
 

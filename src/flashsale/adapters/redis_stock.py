@@ -15,6 +15,7 @@ import redis
 
 from flashsale import constants as c
 from flashsale import lua
+from flashsale.adapters.redis_topology import UNREACHABLE, sync_client
 from flashsale.errors import ServiceUnavailable, StockError, UnknownSku
 from flashsale.models import Purchase
 from flashsale.records import (
@@ -123,27 +124,33 @@ def parse_check(tokens: Sequence[str], reply: list[Any]) -> CheckView:
     )
 
 
-#: redis-py errors that mean "the server did not answer": the outcome of a write is unknown.
-UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
-
-
 class RedisStock:
+    """One Redis node or a Redis Cluster (see redis_topology.py), connected on first use."""
+
     def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 128) -> None:
         self.url = url
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=max_connections,
-            decode_responses=True,
-            health_check_interval=30,
-        )
-        self._scripts = {name: self.client.register_script(lua.source(name)) for name in lua.NAMES}
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._client: redis.Redis | redis.RedisCluster | None = None
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def client(self) -> redis.Redis | redis.RedisCluster:
+        if self._client is None:
+            try:
+                client = sync_client(self.url, timeout_s=self._timeout_s, max_connections=self._max_connections)
+            except UNREACHABLE as exc:
+                raise unavailable(self.url, "connect", exc, reached=False) from exc
+            self._scripts = {name: client.register_script(lua.source(name)) for name in lua.NAMES}
+            self._client = client
+        return self._client
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
     def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        _connected = self.client  # the scripts are registered on the client made at first use
         try:
             return self._scripts[script](keys=keys, args=args)
         except UNREACHABLE as exc:

@@ -5,7 +5,7 @@ thing is added: a pre-deduct that fails says whether it may have run. The connec
 pool before the script is sent, so "refused" and "no free connection" are told apart from a timeout
 after sending: only the latter leaves the outcome unknown. Because the script is idempotent per message
 id, a failure after sending is tried once more on a fresh connection, which turns most unknowns into
-an answer.
+an answer, and so is a cluster node's "not my slot" (MOVED), which says the script did not run there.
 """
 
 from __future__ import annotations
@@ -14,68 +14,66 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-import redis.asyncio as aredis
 from redis.exceptions import BusyLoadingError, NoScriptError
 
+from flashsale import constants as c
 from flashsale import lua
 from flashsale.adapters.redis_stock import (
-    UNREACHABLE,
     SkuKeys,
     parse_prededuct,
     parse_view,
     prededuct_call,
     unavailable,
 )
+from flashsale.adapters.redis_topology import MISROUTED, UNREACHABLE, AsyncRouter
 from flashsale.errors import StockError
 from flashsale.models import Purchase
 from flashsale.records import LogEntry, Peek, PredeductResult, StockView
 
 
 class _Failed(Exception):
-    """The pre-deduct failed to reach Redis; `reached` says whether the script may have run."""
+    """The pre-deduct failed to reach Redis; `reached` says whether the script may have run, `again`
+    whether asking once more may well succeed (a misrouted call, or one whose outcome is unknown)."""
 
-    def __init__(self, cause: Exception, *, reached: bool) -> None:
+    def __init__(self, cause: Exception, *, reached: bool, again: bool = False) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.reached = reached
+        self.again = again or reached
 
 
 class AsyncRedisStock:
     def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> None:
         self.url = url
-        # A blocking pool: a burst waits for a free connection instead of failing with "too many".
-        self._pool = aredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            decode_responses=True,
-        )
-        self.client = aredis.Redis(connection_pool=self._pool)
+        # Blocking pools: a burst waits for a free connection instead of failing with "too many".
+        self._router = AsyncRouter(url, timeout_s=timeout_s, max_connections=max_connections)
         self._source = lua.source("prededuct")
         self._sha = lua.sha1("prededuct")
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self._router.close()
 
     async def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
         keys, args = prededuct_call(sku, gid, purchases)
         try:
             reply = await self._prededuct(keys, args)
         except _Failed as first:
-            if not first.reached:
+            if not first.again:
                 raise unavailable(self.url, "prededuct (not sent)", first.cause, reached=False) from first.cause
             try:  # the script may have run: ask again; a run that happened answers the same, deducting nothing
                 reply = await self._prededuct(keys, args)
             except _Failed as second:
-                raise unavailable(self.url, "prededuct", first.cause) from second.cause
+                reached = first.reached or second.reached
+                what = "prededuct" if reached else "prededuct (not run)"
+                raise unavailable(self.url, what, first.cause, reached=reached) from second.cause
         return parse_prededuct(purchases, reply)
 
     async def _prededuct(self, keys: list[str], args: list[str]) -> list[Any]:
         try:
-            conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            pool = await self._router.pool(keys[0])
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         except UNREACHABLE as exc:
+            self._router.stale()
             raise _Failed(exc, reached=False) from exc
         try:
             try:
@@ -86,13 +84,17 @@ class AsyncRedisStock:
                 reply = await self._evalsha(conn, keys, args)
         except BusyLoadingError as exc:  # a restarted server still reading its data refuses every command
             raise _Failed(exc, reached=False) from exc
+        except MISROUTED as exc:  # this node does not serve the slot (now): the script did not run
+            self._router.stale()
+            raise _Failed(exc, reached=False, again=True) from exc
         except UNREACHABLE as exc:
             await conn.disconnect()
+            self._router.stale()
             raise _Failed(exc, reached=True) from exc
         except redis.ResponseError as exc:
             raise StockError(f"Redis script prededuct failed: {exc}") from exc
         finally:
-            await self._pool.release(conn)
+            await pool.release(conn)
         return reply
 
     async def _evalsha(self, conn: Any, keys: list[str], args: list[str]) -> list[Any]:
@@ -107,13 +109,14 @@ class AsyncRedisStock:
         tokens = [p.token for p in purchases]
         users = list(dict.fromkeys(p.user_id for p in purchases))
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with (await self._router.client(keys.stock)).pipeline(transaction=False) as pipe:
                 pipe.get(keys.stock)
                 pipe.hget(keys.meta, "per_user_limit")
                 pipe.hmget(keys.log, tokens)
                 pipe.hmget(keys.users, users)
                 stock, limit, entries, bought = await pipe.execute()
-        except UNREACHABLE as exc:
+        except (*UNREACHABLE, *MISROUTED) as exc:
+            self._router.stale()
             raise unavailable(self.url, "peek", exc) from exc
         return Peek(
             stock=int(stock) if stock is not None else None,
@@ -123,26 +126,30 @@ class AsyncRedisStock:
         )
 
     async def is_sold_out(self, sku: str) -> bool:
+        meta = SkuKeys.of(sku).meta
         try:
-            flag = await self.client.hget(SkuKeys.of(sku).meta, "sold_out")
-        except UNREACHABLE as exc:
+            flag = await (await self._router.client(meta)).hget(meta, "sold_out")
+        except (*UNREACHABLE, *MISROUTED) as exc:
+            self._router.stale()
             raise unavailable(self.url, "read sold-out flag", exc) from exc
         return bool(flag == "1")
 
     async def view(self, sku: str) -> StockView:
         keys = SkuKeys.of(sku)
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
+            async with (await self._router.client(keys.stock)).pipeline(transaction=True) as pipe:
                 pipe.get(keys.stock)
                 pipe.hgetall(keys.meta)
                 pipe.hlen(keys.log)
                 stock, meta, entries = await pipe.execute()
-        except UNREACHABLE as exc:
+        except (*UNREACHABLE, *MISROUTED) as exc:
+            self._router.stale()
             raise unavailable(self.url, "read stock", exc) from exc
         return parse_view(sku, stock, meta, entries)
 
     async def ping(self) -> None:
         try:
-            await self.client.ping()
+            await (await self._router.client(c.SKUS_KEY)).ping()
         except UNREACHABLE as exc:
+            self._router.stale()
             raise unavailable(self.url, "ping", exc) from exc

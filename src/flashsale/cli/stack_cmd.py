@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 from rich.console import Console
@@ -11,9 +13,34 @@ from rich.table import Table
 
 from flashsale.cli.context import Context
 from flashsale.cli.options import json_output
+from flashsale.config import Settings, StackTopology, field_default, variable
 from flashsale.stack.manager import ServiceState, Stack
 
 SERVICES_ARG = click.argument("services", nargs=-1, metavar="[SERVICE]...")
+
+
+def topology_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--redis-masters and --redis-replicas, for every stack command (each must see the same topology)."""
+    for name, meaning in (
+        ("redis_replicas", "Replicas of each Redis Cluster master."),
+        ("redis_masters", "Redis masters: 1 is a single node, 3 or more a Redis Cluster."),
+    ):
+        fn = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            type=click.IntRange(min=1 if name == "redis_masters" else 0),
+            envvar=variable(StackTopology, name),
+            show_envvar=True,
+            default=field_default(StackTopology, name),
+            show_default=True,
+            help=meaning,
+        )(fn)
+    return fn
+
+
+def _settings(ctx: Context, redis_masters: int, redis_replicas: int) -> Settings:
+    topology = StackTopology(redis_masters=redis_masters, redis_replicas=redis_replicas)
+    return ctx.settings.with_overrides(topology=topology)
 
 
 def _print(states: list[ServiceState], as_json: bool) -> None:
@@ -33,39 +60,47 @@ def _print(states: list[ServiceState], as_json: bool) -> None:
 def stack() -> None:
     """Run Redis, MariaDB and RocketMQ natively on 127.0.0.1 (state in FLASHSALE_HOME).
 
-    SERVICE is one of redis, mariadb, namesrv, broker; none means all.
+    SERVICE is one of redis, mariadb, namesrv, broker; none means all. A Redis Cluster's nodes are
+    redis-0, redis-1, ... on REDIS_PORT and up; `redis` names them all.
     """
 
 
 @stack.command()
 @SERVICES_ARG
+@topology_options
 @json_output("the status")
 @click.pass_obj
-def up(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
+def up(ctx: Context, services: tuple[str, ...], redis_masters: int, redis_replicas: int, as_json: bool) -> None:
     """Install what is missing, start what is not running, wait until every service really serves."""
-    stack_ = Stack(ctx.settings)
+    stack_ = Stack(_settings(ctx, redis_masters, redis_replicas))
     states = stack_.up(services, progress=lambda line: click.echo(line, err=True))
     _print(states, as_json)
 
 
 @stack.command()
 @SERVICES_ARG
+@topology_options
 @json_output("the status")
 @click.pass_obj
-def down(ctx: Context, services: tuple[str, ...], as_json: bool) -> None:
+def down(ctx: Context, services: tuple[str, ...], redis_masters: int, redis_replicas: int, as_json: bool) -> None:
     """Stop the services this stack started (by their recorded PIDs); data stays in FLASHSALE_HOME."""
-    states = Stack(ctx.settings).down(services, progress=lambda line: click.echo(line, err=True))
+    states = Stack(_settings(ctx, redis_masters, redis_replicas)).down(
+        services, progress=lambda line: click.echo(line, err=True)
+    )
     _print(states, as_json)
 
 
 @stack.command()
 @SERVICES_ARG
+@topology_options
 @click.option("--probe", is_flag=True, help="Also send one message through the broker (status alone only reads).")
 @json_output("the status")
 @click.pass_obj
-def status(ctx: Context, services: tuple[str, ...], probe: bool, as_json: bool) -> None:
+def status(
+    ctx: Context, services: tuple[str, ...], redis_masters: int, redis_replicas: int, probe: bool, as_json: bool
+) -> None:
     """Address, PID, health and listening sockets of each service. Exit 1 unless all are healthy."""
-    states = Stack(ctx.settings).status(services, probe=probe)
+    states = Stack(_settings(ctx, redis_masters, redis_replicas)).status(services, probe=probe)
     _print(states, as_json)
     if not all(s.healthy for s in states):
         sys.exit(1)

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 #: The program each service needs -> the Debian package that provides it.
 PROGRAMS = {
     "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
     "mariadbd": "mariadb-server",
     "mariadb-install-db": "mariadb-server",
     "mariadb": "mariadb-client",

@@ -11,9 +11,10 @@ from typing import Any
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput, StackError
 from flashsale.polling import poll_until
-from flashsale.stack import install, procs
+from flashsale.stack import install, procs, redis_nodes
 from flashsale.stack.layout import StackLayout
-from flashsale.stack.services import HOST, SERVICES, BrokerService, Service
+from flashsale.stack.redis_nodes import RedisNode
+from flashsale.stack.services import HOST, BrokerService, Service, services
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,30 @@ class Stack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.layout = StackLayout.at(settings.home)
-        self.services = [cls(self.layout, settings) for cls in SERVICES]
+        self.services = services(self.layout, settings)
 
     def select(self, names: Iterable[str] | None) -> list[Service]:
-        wanted = list(names or [])
-        known = {s.name: s for s in self.services}
-        unknown = [n for n in wanted if n not in known]
+        """The services named (`redis` names every node of a cluster); none named means all."""
+        wanted = set(names or [])
+
+        def named(service: Service) -> bool:
+            return service.name in wanted or (isinstance(service, RedisNode) and "redis" in wanted)
+
+        choices = ["redis", *(s.name for s in self.services if not isinstance(s, RedisNode))]
+        unknown = sorted(n for n in wanted if n not in choices and not any(s.name == n for s in self.services))
         if unknown:
-            raise InvalidInput(f"unknown service {', '.join(unknown)}; choose from {', '.join(known)}")
-        return [s for s in self.services if not wanted or s.name in wanted]
+            raise InvalidInput(f"unknown service {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return [s for s in self.services if not wanted or named(s)]
+
+    def _strangers(self) -> list[str]:
+        """Services recorded as running in this home that the configured topology does not have."""
+        ours = {s.name for s in self.services}
+        found = []
+        for pid_file in sorted(self.layout.pid_file("x").parent.glob("*.json")):
+            record = procs.PidRecord.load(pid_file)
+            if pid_file.stem not in ours and record and procs.is_alive(record):
+                found.append(pid_file.stem)
+        return found
 
     def _record(self, service: Service) -> procs.PidRecord | None:
         record = procs.PidRecord.load(self.layout.pid_file(service.name))
@@ -58,6 +74,13 @@ class Stack:
     # --- up ---------------------------------------------------------------------------------------
     def up(self, names: Iterable[str] | None = None, progress: Progress = logger.info) -> list[ServiceState]:
         services = self.select(names)
+        strangers = self._strangers()
+        if strangers:
+            raise StackError(
+                f"{', '.join(strangers)} of another topology run in {self.layout.home}",
+                hint="stop them with `flashsale stack down` (it stops every service it finds running), then start "
+                "again",
+            )
         installed = install.ensure_packages()
         if installed:
             progress(f"installed {', '.join(installed)}")
@@ -68,9 +91,13 @@ class Stack:
         for service in first:
             self._start(service, started, progress)
         for service in first:
+            self._answer(service, started)
+        self._form_redis_cluster(services, progress)
+        for service in first:
             self._wait(service, started, progress)
         for service in later:
             self._start(service, started, progress)
+            self._answer(service, started)
             self._wait(service, started, progress)
         return [self._state(s, started=s.name in started, seconds=started.get(s.name)) for s in services]
 
@@ -91,21 +118,43 @@ class Stack:
         record.save(self.layout.pid_file(service.name))
         started[service.name] = t0
 
-    def _wait(self, service: Service, started: dict[str, float], progress: Progress) -> None:
+    def _alive(self, service: Service) -> Callable[[], bool]:
         record = self._record(service)
         if record is None:
             raise self._died(service)
-        deadline = time.monotonic() + service.ready_timeout_s
 
         def alive() -> bool:
             if not procs.is_alive(record):
                 raise self._died(service)
             return True
 
-        if service.name in started:
-            if not poll_until(lambda: alive() and service.ping(), service.ready_timeout_s):
-                raise self._timeout(service, "it never answered")
-            service.after_start()
+        return alive
+
+    def _answer(self, service: Service, started: dict[str, float]) -> None:
+        """A service just started answers at all, then gets its one-time set-up."""
+        if service.name not in started:
+            return
+        alive = self._alive(service)
+        if not poll_until(lambda: alive() and service.ping(), service.ready_timeout_s):
+            raise self._timeout(service, "it never answered")
+        service.after_start()
+
+    def _form_redis_cluster(self, selected: list[Service], progress: Progress) -> None:
+        members = [s for s in self.services if isinstance(s, RedisNode)]
+        if not self.settings.topology.redis_cluster or not any(s in selected for s in members):
+            return
+        for node in members:
+            self._alive(node)()  # a cluster is formed of all its nodes, or not at all
+        if redis_nodes.form_cluster(members, self.settings.topology.redis_replicas):
+            topology = self.settings.topology
+            progress(
+                f"created a Redis Cluster of {topology.redis_masters} masters, {topology.redis_replicas} "
+                "replica(s) each"
+            )
+
+    def _wait(self, service: Service, started: dict[str, float], progress: Progress) -> None:
+        alive = self._alive(service)
+        deadline = time.monotonic() + service.ready_timeout_s
         last = [""]
 
         def serves() -> str | None:
@@ -137,13 +186,18 @@ class Stack:
 
     # --- down -------------------------------------------------------------------------------------
     def down(self, names: Iterable[str] | None = None, progress: Progress = logger.info) -> list[ServiceState]:
+        """Stop the services named (none: all, and any service of another topology found running)."""
         services = self.select(names)
-        for service in reversed(services):
-            pid_file = self.layout.pid_file(service.name)
+        stems = [s.name for s in services]
+        if not names or "redis" in names:
+            redis_like = [n for n in self._strangers() if n == "redis" or n.startswith("redis-")]
+            stems = [*(self._strangers() if not names else redis_like), *stems]
+        for name in reversed(stems):
+            pid_file = self.layout.pid_file(name)
             record = procs.PidRecord.load(pid_file)
             if record and procs.is_alive(record):
-                progress(f"stopping {service.name} (pid {record.pid})")
-                procs.terminate(record, service.stop_grace_s)
+                progress(f"stopping {name} (pid {record.pid})")
+                procs.terminate(record, _grace(services, name))
             pid_file.unlink(missing_ok=True)
         return [self._state(s) for s in services]
 
@@ -174,6 +228,11 @@ class Stack:
             started=started,
             seconds=seconds,
         )
+
+
+def _grace(services: list[Service], name: str) -> float:
+    """Seconds to wait for `name` after SIGTERM (a service of another topology: the longest)."""
+    return next((s.stop_grace_s for s in services if s.name == name), max(s.stop_grace_s for s in services))
 
 
 def _tail(path: Any, lines: int = 20) -> str:

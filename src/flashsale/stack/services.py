@@ -1,4 +1,7 @@
-"""The four servers of the local stack, each started natively on 127.0.0.1 with its state under FLASHSALE_HOME."""
+"""The servers of the local stack, each started natively on 127.0.0.1 with its state under FLASHSALE_HOME.
+
+MariaDB and RocketMQ are here; Redis, a node or a cluster of them, is in redis_nodes.py.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def broker_settings() -> dict[str, str]:
 
 
 class Service(ABC):
-    name: ClassVar[str]
+    name: str
     #: Seconds `up` waits for the service to become healthy.
     ready_timeout_s: ClassVar[float] = 60.0
     #: Seconds `down` waits after SIGTERM before SIGKILL.
@@ -103,53 +106,6 @@ class Service(ABC):
         return self.check()
 
 
-class RedisService(Service):
-    name = "redis"
-    ready_timeout_s = 30.0
-
-    @property
-    def port(self) -> int:
-        return self.settings.ports.redis
-
-    def prepare(self) -> None:
-        data = self.dir / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        (self.dir / "redis.conf").write_text(
-            "\n".join(
-                [
-                    f"bind {HOST}",
-                    f"port {self.port}",
-                    "protected-mode yes",
-                    "daemonize no",
-                    f"dir {data}",
-                    # Deductions must survive a restart: append-only file, fsync every second.
-                    "appendonly yes",
-                    "appendfsync everysec",
-                    'save ""',
-                    "maxmemory-policy noeviction",
-                    "loglevel notice",
-                    f"logfile {self.log_file}",
-                    "",
-                ]
-            )
-        )
-
-    def command(self) -> list[str]:
-        return [install.program("redis-server"), str(self.dir / "redis.conf")]
-
-    def check(self) -> str:
-        import redis
-
-        client = redis.Redis(host=HOST, port=self.port, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            info = client.info("server")
-        except redis.RedisError as exc:
-            raise StackError(f"redis does not answer: {exc}") from exc
-        finally:
-            client.close()
-        return f"redis {info.get('redis_version')}"
-
-
 class MariaDBService(Service):
     name = "mariadb"
     ready_timeout_s = 90.0
@@ -203,6 +159,8 @@ class MariaDBService(Service):
             "--max-connections=500",
             # Every commit reaches the disk: acked deductions must survive a crash.
             "--innodb-flush-log-at-trx-commit=1",
+            # No table-wide AUTO-INC lock for INSERT ... SELECT (the orders): two consumers never queue on it.
+            "--innodb-autoinc-lock-mode=2",
         ]
         if os.geteuid() == 0:
             cmd.append("--user=root")
@@ -443,4 +401,13 @@ class BrokerService(_RocketMQService):
         return f"accepted a send ({message_id})"
 
 
-SERVICES: tuple[type[Service], ...] = (RedisService, MariaDBService, NamesrvService, BrokerService)
+def services(layout: StackLayout, settings: Settings) -> list[Service]:
+    """Every service of the stack's topology, in start order (the broker registers with the name server)."""
+    from flashsale.stack import redis_nodes
+
+    return [
+        *redis_nodes.nodes(layout, settings),
+        MariaDBService(layout, settings),
+        NamesrvService(layout, settings),
+        BrokerService(layout, settings),
+    ]

@@ -1,0 +1,139 @@
+"""Which Redis a URL names, one node or a Redis Cluster, and clients that route each key to its node.
+
+The mode is read from the server (INFO cluster) the first time a client is needed, so one
+FLASHSALE_REDIS_URL serves both: any node of a cluster is a seed. Nothing connects before that, so
+building a client never fails; using it against a server that is down does, the usual way.
+
+Every key of one SKU carries the SKU's hash tag, so all of a script's or a pipeline's keys live on one
+node; the async router below sends them there over that node's own connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import AskError, ClusterDownError, TryAgainError
+
+from flashsale.errors import ConfigError
+
+#: Replies that mean "this node does not serve that slot now": nothing ran; ask the cluster again.
+MISROUTED = (AskError, ClusterDownError, TryAgainError)
+#: redis-py errors that mean "the server did not answer": the outcome of a write is unknown.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def _is_cluster(info: dict[str, Any], url: str) -> bool:
+    cluster = bool(info.get("cluster_enabled"))
+    if cluster and (urlsplit(url).path.strip("/") or "0") != "0":
+        raise ConfigError(
+            f"{url} names a database other than 0, and a Redis Cluster has only database 0",
+            hint="end FLASHSALE_REDIS_URL with /0",
+        )
+    return cluster
+
+
+def sync_client(url: str, *, timeout_s: float, max_connections: int) -> redis.Redis | redis.RedisCluster:
+    """A client for `url`, single node or cluster as the server says (raises UNREACHABLE if it is down)."""
+    probe = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        cluster = _is_cluster(probe.info("cluster"), url)
+    finally:
+        probe.close()
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "max_connections": max_connections,
+        "decode_responses": True,
+    }
+    if cluster:
+        return redis.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, health_check_interval=30, **options)
+
+
+class AsyncRouter:
+    """Per-node blocking connection pools: `pool(key)` is the pool of the node that serves the key's slot.
+
+    A single node has one pool. In a cluster, redis-py's cluster client keeps the slot map; after a
+    misrouted reply or a node that does not answer, `stale()` makes the next call read the map again
+    (a replica that took over a dead master's slots is found that way).
+    """
+
+    def __init__(self, url: str, *, timeout_s: float, max_connections: int) -> None:
+        self.url = url
+        self._timeout_s = timeout_s
+        self._options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": timeout_s,  # longest wait for a free connection
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "decode_responses": True,
+        }
+        self._resolved = False
+        self._cluster: aredis.RedisCluster | None = None
+        #: node name ("" for a single node) -> its pool and a client on that pool
+        self._nodes: dict[str, tuple[aredis.BlockingConnectionPool, aredis.Redis]] = {}
+        self._stale = False
+        self._lock = asyncio.Lock()
+
+    async def _resolve(self) -> None:
+        async with self._lock:
+            if self._resolved:
+                return
+            pool = aredis.BlockingConnectionPool.from_url(self.url, **self._options)
+            probe = aredis.Redis(connection_pool=pool)
+            try:
+                cluster = _is_cluster(await probe.info("cluster"), self.url)
+            except BaseException:
+                await pool.disconnect()
+                raise
+            if cluster:
+                await pool.disconnect()
+                self._cluster = aredis.RedisCluster.from_url(
+                    self.url,
+                    socket_timeout=self._timeout_s,
+                    socket_connect_timeout=self._timeout_s,
+                    decode_responses=True,
+                )
+                await self._cluster.initialize()
+            else:
+                self._nodes[""] = (pool, probe)
+            self._resolved = True
+
+    async def _node(self, key: str) -> tuple[aredis.BlockingConnectionPool, aredis.Redis]:
+        if not self._resolved:
+            await self._resolve()
+        if self._cluster is None:
+            return self._nodes[""]
+        if self._stale:
+            async with self._lock:
+                if self._stale:
+                    await self._cluster.nodes_manager.initialize()
+                    self._stale = False
+        node = self._cluster.get_node_from_key(key)
+        if node is None:  # the slot has no master now (it died, no replica took over yet)
+            self._stale = True
+            raise redis.ConnectionError(f"no Redis Cluster node serves the slot of {key} now")
+        if node.name not in self._nodes:
+            pool = aredis.BlockingConnectionPool(host=node.host, port=node.port, **self._options)
+            self._nodes[node.name] = (pool, aredis.Redis(connection_pool=pool))
+        return self._nodes[node.name]
+
+    async def pool(self, key: str) -> aredis.BlockingConnectionPool:
+        return (await self._node(key))[0]
+
+    async def client(self, key: str) -> aredis.Redis:
+        """A plain client on the node of `key` (for reads and pipelines of one SKU)."""
+        return (await self._node(key))[1]
+
+    def stale(self) -> None:
+        self._stale = self._cluster is not None
+
+    async def close(self) -> None:
+        for pool, _ in self._nodes.values():
+            await pool.disconnect()
+        if self._cluster is not None:
+            await self._cluster.aclose()

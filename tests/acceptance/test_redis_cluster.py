@@ -1,0 +1,164 @@
+"""The whole pipeline on a real Redis Cluster (3 masters, a replica each), created by `flashsale stack up`.
+
+The module's `settings` are the session's, with Redis on the tests' own cluster, so the tests imported
+at the bottom run here a second time, unchanged, against the cluster: the same assertions hold there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+
+from flashsale.config import Settings
+from flashsale.ops.setup import set_stock
+from flashsale.stack.manager import Stack
+from tests.acceptance.crowd import Crowd
+from tests.acceptance.harness import Pipeline
+from tests.conftest import CLUSTER_ENV, clean_environment, cluster_url
+from tests.oracle import balanced, redis_client
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def settings(settings: Settings, redis_cluster: Settings) -> Settings:
+    """The session's namespace and database, with Redis on the cluster."""
+    return settings.with_overrides(redis_url=cluster_url(redis_cluster))
+
+
+def _nodes(cluster: Settings) -> dict[int, dict[str, object]]:
+    """Each node's INFO replication and CLUSTER INFO, by port, read with plain redis-py."""
+    found = {}
+    for i in range(cluster.topology.redis_nodes):
+        port = cluster.ports.redis + i
+        client = redis.Redis(port=port, decode_responses=True)
+        try:
+            found[port] = {**client.info("replication"), **client.cluster("info")}
+        finally:
+            client.close()
+    return found
+
+
+def _cli(cluster: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**clean_environment(), **CLUSTER_ENV, "FLASHSALE_HOME": str(cluster.home)}
+    return subprocess.run(
+        [sys.executable, "-m", "flashsale", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_stack_up_makes_three_masters_with_a_replica_each_that_serve_every_slot(redis_cluster: Settings) -> None:
+    nodes = _nodes(redis_cluster)
+    masters = [p for p, n in nodes.items() if n["role"] == "master"]
+    replicas = {p: int(str(n["master_port"])) for p, n in nodes.items() if n["role"] == "slave"}
+    assert len(masters) == 3 and len(replicas) == 3
+    assert sorted(replicas.values()) == sorted(masters)  # one replica per master
+    for node in nodes.values():
+        assert node["cluster_state"] == "ok"
+        assert int(str(node["cluster_slots_assigned"])) == 16384
+        assert int(str(node["cluster_known_nodes"])) == 6
+
+    stack = Stack(redis_cluster)
+    before = {s.name: s.pid for s in stack.status(["redis"])}
+    again = stack.up(["redis"])  # idempotent: the same processes, no second `--cluster create`
+    assert {s.name: s.pid for s in again} == before and not any(s.started for s in again)
+
+    status = _cli(redis_cluster, "stack", "status", "redis", "--json")
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)["services"]
+    assert [r["name"] for r in rows] == [f"redis-{i}" for i in range(6)]
+    assert all(r["healthy"] for r in rows)
+    assert sum("replica of" in r["note"] for r in rows) == 3
+
+
+def test_a_cluster_of_two_masters_is_refused_with_what_to_do_and_nothing_starts(redis_cluster: Settings) -> None:
+    result = _cli(redis_cluster, "stack", "up", "redis", "--redis-masters", "2")
+    assert result.returncode != 0
+    assert "at least 3 masters" in result.stderr and "use 1 for a single node" in result.stderr
+    assert len(_nodes(redis_cluster)) == 6  # the running cluster is untouched
+
+
+def _sku_per_master(url: str) -> dict[int, str]:
+    """One new SKU whose keys live on each master, by the master's port."""
+    client = redis_client(url)
+    assert isinstance(client, redis.RedisCluster)
+    found: dict[int, str] = {}
+    try:
+        while len(found) < 3:
+            sku = f"sku-{uuid.uuid4().hex[:12]}"
+            node = client.get_node_from_key(f"fs:{{{sku}}}:stock")
+            found.setdefault(node.port, sku)
+    finally:
+        client.close()
+    return found
+
+
+def test_a_sale_on_every_master_at_once_loses_nothing_and_every_sku_balances(
+    pipeline: Pipeline, settings: Settings
+) -> None:
+    skus = _sku_per_master(settings.redis_url)
+    for sku in skus.values():
+        set_stock(settings, sku, 200, per_user_limit=3)
+    url = pipeline.start_all()
+    crowds = [Crowd(url, sku, buyers=8, run_id=f"c{os.getpid()}").start() for sku in skus.values()]
+    time.sleep(3)
+    for crowd in crowds:
+        crowd.stop()
+
+    for (port, sku), crowd in zip(skus.items(), crowds, strict=True):
+        assert crowd.unclear() == []
+        books = balanced(settings, sku)
+        assert books.problems == [], books.problems
+        assert books.lost(crowd.answers) == [] and books.oversold() == 0
+        assert books.sold == crowd.counts()["accepted"] > 0
+        # The SKU's keys are on that master itself: a plain client there reads them without a redirect.
+        node = redis.Redis(port=port, decode_responses=True)
+        try:
+            assert int(node.get(f"fs:{{{sku}}}:stock") or -1) == 200 - books.sold
+        finally:
+            node.close()
+
+    report = subprocess.run(
+        [sys.executable, "-m", "flashsale", "reconcile", *skus.values(), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**pipeline.base_env, "FLASHSALE_SETTLE_S": "0"},
+    )
+    assert report.returncode == 0, report.stdout + report.stderr
+    rows = json.loads(report.stdout)["skus"]
+    assert sorted(r["sku"] for r in rows) == sorted(skus.values()) and all(r["consistent"] for r in rows)
+
+
+# The same tests as on a single node, run again here on the cluster (they take this module's `settings`).
+from tests.acceptance.test_crashes import (  # noqa: E402
+    test_producer_killed_after_the_half_message_is_rolled_back_and_its_message_fenced,
+    test_producer_killed_after_the_prededuct_is_committed_by_the_checker,
+)
+from tests.acceptance.test_flash_sale import (  # noqa: E402
+    test_a_flash_sale_sells_exactly_the_stock_and_the_books_balance,
+    test_a_retry_after_the_sell_out_gets_duplicate_with_the_original_message_id,
+)
+from tests.acceptance.test_groups import (  # noqa: E402
+    test_one_transaction_carries_the_crowd_and_mysql_gets_exactly_what_its_pre_deduct_accepted,
+)
+from tests.acceptance.test_operations import (  # noqa: E402
+    test_reconcile_reports_hand_made_drift_and_replay_and_repair_fix_it,
+    test_repair_puts_back_a_deduction_redis_lost_entirely,
+)
+
+__all__ = [
+    "test_a_flash_sale_sells_exactly_the_stock_and_the_books_balance",
+    "test_a_retry_after_the_sell_out_gets_duplicate_with_the_original_message_id",
+    "test_one_transaction_carries_the_crowd_and_mysql_gets_exactly_what_its_pre_deduct_accepted",
+    "test_producer_killed_after_the_half_message_is_rolled_back_and_its_message_fenced",
+    "test_producer_killed_after_the_prededuct_is_committed_by_the_checker",
+    "test_reconcile_reports_hand_made_drift_and_replay_and_repair_fix_it",
+    "test_repair_puts_back_a_deduction_redis_lost_entirely",
+]
