@@ -168,6 +168,13 @@ class Settings:
     namesrv_addr: str = setting(
         "", "NAMESRV_ADDR", "name server host:port for topic admin (default: 127.0.0.1:<NAMESRV_PORT>)"
     )
+    redis_wait_ms: int = setting(
+        500,
+        "REDIS_WAIT_MS",
+        "with Redis Cluster replicas: how long a pre-deduct or a check waits for a replica to hold it (WAIT); "
+        "0: never wait (a failover may then lose what a buyer was told)",
+        kind="int",
+    )
     namespace: str = setting(c.DEFAULT_NAMESPACE, "NAMESPACE", "prefix of topic and consumer group names")
     producer: ProducerSettings = field(default_factory=ProducerSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
@@ -209,6 +216,12 @@ class Settings:
         if not c.NAMESPACE_PATTERN.fullmatch(self.namespace):
             raise ConfigError(
                 f"{c.ENV_PREFIX}NAMESPACE={self.namespace!r} must be 1-40 letters, digits, '-' or '_' (it names topics)"
+            )
+        if self.redis_wait_ms >= self.producer.redis_timeout_s * 1000:
+            raise ConfigError(
+                f"{c.ENV_PREFIX}REDIS_WAIT_MS={self.redis_wait_ms} must be shorter than "
+                f"{c.ENV_PREFIX}REDIS_TIMEOUT_S={self.producer.redis_timeout_s} (a WAIT longer than the socket "
+                "timeout always times out)"
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{c.ENV_PREFIX}LOG_FORMAT={self.log_format!r} must be text or json")

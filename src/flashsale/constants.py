@@ -54,6 +54,8 @@ DEDUCTED_STATES = frozenset({STATE_DEDUCTED, STATE_RETURNED})
 TX_RAN = "ran"
 #: The checker rolled the message back before its pre-deduct ran; a late pre-deduct deducts nothing.
 TX_FENCED = "fenced"
+#: What fence.lua answers for a message too young to fence (nothing written, nothing decided).
+TX_YOUNG = "young"
 
 # --- Validation ---------------------------------------------------------------------------------------
 # Patterns are applied with fullmatch (a `$` would let a trailing newline through).

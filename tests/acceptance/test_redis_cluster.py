@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ import redis
 
 from flashsale.config import Settings
 from flashsale.ops.setup import set_stock
+from flashsale.polling import poll_until
+from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline
@@ -134,6 +137,55 @@ def test_a_sale_on_every_master_at_once_loses_nothing_and_every_sku_balances(
     assert report.returncode == 0, report.stdout + report.stderr
     rows = json.loads(report.stdout)["skus"]
     assert sorted(r["sku"] for r in rows) == sorted(skus.values()) and all(r["consistent"] for r in rows)
+
+
+def _role(port: int) -> str:
+    client = redis.Redis(port=port, decode_responses=True, socket_timeout=1)
+    try:
+        return str(client.info("replication")["role"])
+    except redis.RedisError:
+        return "down"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("takeover", [True, False], ids=["replica-takes-over", "master-restarts"])
+def test_a_master_killed_mid_sale_loses_nothing_and_oversells_nothing(
+    pipeline: Pipeline, settings: Settings, redis_cluster: Settings, takeover: bool
+) -> None:
+    skus = _sku_per_master(settings.redis_url)
+    masters = sorted(p for p in skus if _role(p) == "master")
+    victim_port, bystander_port = masters[0], masters[1]
+    victim, bystander = skus[victim_port], skus[bystander_port]
+    for sku in (victim, bystander):
+        set_stock(settings, sku, 400)
+    url = pipeline.start_all()
+    crowds = {sku: Crowd(url, sku, buyers=8, run_id=f"f{os.getpid()}").start() for sku in (victim, bystander)}
+    assert poll_until(lambda: crowds[victim].counts()["accepted"] >= 30, 30)
+
+    stack = Stack(redis_cluster)
+    name = f"redis-{victim_port - redis_cluster.ports.redis}"
+    record = procs.PidRecord.load(stack.layout.pid_file(name))
+    assert record is not None and procs.is_alive(record)
+    replica = next(p for p in _nodes(redis_cluster) if _nodes(redis_cluster)[p].get("master_port") == victim_port)
+    os.kill(record.pid, signal.SIGKILL)
+    assert poll_until(lambda: not procs.is_alive(record), 10)
+    if takeover:  # the replica notices (node timeout), is elected, and serves the slots
+        assert poll_until(lambda: _role(replica) == "master", 60), "the replica never took over"
+    else:  # back before the cluster could mark it failed: the master reloads its append-only file
+        time.sleep(0.5)
+    stack.up([name])  # a master that lost its slots comes back as the new master's replica
+    time.sleep(2)
+    for crowd in crowds.values():
+        crowd.stop()
+
+    assert _role(victim_port) == ("slave" if takeover else "master")
+    for sku, crowd in crowds.items():
+        assert crowd.unclear() == []
+        books = balanced(settings, sku, 120)
+        assert books.problems == [], books.problems
+        assert books.lost(crowd.answers) == [] and books.oversold() == 0
+        assert books.sold >= crowd.counts()["accepted"] > 0
 
 
 # The same tests as on a single node, run again here on the cluster (they take this module's `settings`).

@@ -7,6 +7,7 @@ Scripts are registered once per client; redis-py runs them with EVALSHA and, aft
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ import redis
 
 from flashsale import constants as c
 from flashsale import lua
-from flashsale.adapters.redis_topology import UNREACHABLE, sync_client
+from flashsale.adapters.redis_topology import MAP_TTL_S, MISROUTED, UNREACHABLE, replicas, sync_client, sync_node
 from flashsale.errors import ServiceUnavailable, StockError, UnknownSku
 from flashsale.models import Purchase
 from flashsale.records import (
@@ -127,12 +128,15 @@ def parse_check(tokens: Sequence[str], reply: list[Any]) -> CheckView:
 class RedisStock:
     """One Redis node or a Redis Cluster (see redis_topology.py), connected on first use."""
 
-    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 128) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 128, wait_ms: int = 0) -> None:
         self.url = url
+        #: With replicas, the checker's answer counts once one of them holds what it read or wrote (WAIT).
+        self._wait_ms = wait_ms
         self._timeout_s = timeout_s
         self._max_connections = max_connections
         self._client: redis.Redis | redis.RedisCluster | None = None
         self._scripts: dict[str, Any] = {}
+        self._map_read_at = time.monotonic()
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:
@@ -188,8 +192,37 @@ class RedisStock:
     def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView:
         """What Redis knows of half message `gid`; fences it first when it never ran and is older than the grace."""
         keys = SkuKeys.of(sku)
-        reply = self._run("fence", [keys.tx, keys.log, keys.meta], [gid, str(born_ms), str(grace_ms), *tokens])
-        return parse_check(tokens, reply)
+        script_keys, args = [keys.tx, keys.log, keys.meta], [gid, str(born_ms), str(grace_ms), *tokens]
+        if self._wait_ms and time.monotonic() - self._map_read_at > MAP_TTL_S:
+            self._map_read_at = time.monotonic()
+            self._stale()
+        wanted = replicas(self.client, keys.tx) if self._wait_ms else 0
+        if not wanted:
+            return parse_check(tokens, self._run("fence", script_keys, args))
+        # fence.lua writes whenever it decides, so a WAIT on its connection covers the pre-deduct it read.
+        try:
+            pipe = sync_node(self.client, keys.tx).pipeline(transaction=False)
+            self._scripts["fence"](keys=script_keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", wanted, self._wait_ms)  # type: ignore[no-untyped-call]
+            reply, acked = pipe.execute()
+        except MISROUTED as exc:
+            self._stale()
+            raise unavailable(self.url, "fence", exc, reached=False) from exc
+        except UNREACHABLE as exc:
+            self._stale()
+            raise unavailable(self.url, "fence", exc) from exc
+        view = parse_check(tokens, reply)
+        if view.state != c.TX_YOUNG and int(acked) < wanted:
+            raise unavailable(self.url, "fence", TimeoutError(f"no replica acknowledged within {self._wait_ms} ms"))
+        return view
+
+    def _stale(self) -> None:
+        """After a misrouted or unanswered call, read the cluster's map again (a replica may have taken over)."""
+        if isinstance(self._client, redis.RedisCluster):
+            try:
+                self._client.nodes_manager.initialize()
+            except (*UNREACHABLE, redis.RedisError):
+                pass
 
     def lookup(
         self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]

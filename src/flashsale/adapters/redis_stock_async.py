@@ -43,8 +43,10 @@ class _Failed(Exception):
 
 
 class AsyncRedisStock:
-    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 64) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 64, wait_ms: int = 0) -> None:
         self.url = url
+        #: With replicas, a pre-deduct counts once one of them holds it (WAIT), within this many ms.
+        self._wait_ms = wait_ms
         # Blocking pools: a burst waits for a free connection instead of failing with "too many".
         self._router = AsyncRouter(url, timeout_s=timeout_s, max_connections=max_connections)
         self._source = lua.source("prededuct")
@@ -69,6 +71,15 @@ class AsyncRedisStock:
         return parse_prededuct(purchases, reply)
 
     async def _prededuct(self, keys: list[str], args: list[str]) -> list[Any]:
+        reply, acked, wanted = await self._send(keys, args)
+        if acked < wanted:
+            # The master has it, no replica yet: a failover now would lose it. The checker commits it
+            # once a replica holds it, or rolls it back if the master that ran it is gone.
+            raise _Failed(redis.TimeoutError(f"no replica acknowledged within {self._wait_ms} ms"), reached=True)
+        return reply
+
+    async def _send(self, keys: list[str], args: list[str]) -> tuple[list[Any], int, int]:
+        """The script's reply, and how many replicas acknowledged it of how many were asked for."""
         try:
             pool = await self._router.pool(keys[0])
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -82,6 +93,11 @@ class AsyncRedisStock:
                 await conn.send_command("SCRIPT", "LOAD", self._source)
                 await conn.read_response()
                 reply = await self._evalsha(conn, keys, args)
+            wanted = self._router.replicas(keys[0]) if self._wait_ms else 0
+            acked = 0
+            if wanted:  # on the script's own connection: WAIT counts the replicas that have its writes
+                await conn.send_command("WAIT", wanted, self._wait_ms)
+                acked = int(await conn.read_response())
         except BusyLoadingError as exc:  # a restarted server still reading its data refuses every command
             raise _Failed(exc, reached=False) from exc
         except MISROUTED as exc:  # this node does not serve the slot (now): the script did not run
@@ -95,7 +111,7 @@ class AsyncRedisStock:
             raise StockError(f"Redis script prededuct failed: {exc}") from exc
         finally:
             await pool.release(conn)
-        return reply
+        return reply, acked, wanted
 
     async def _evalsha(self, conn: Any, keys: list[str], args: list[str]) -> list[Any]:
         await conn.send_command("EVALSHA", self._sha, len(keys), *keys, *args)

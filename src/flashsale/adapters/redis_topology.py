@@ -11,6 +11,7 @@ node; the async router below sends them there over that node's own connection po
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +20,9 @@ import redis.asyncio as aredis
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 from flashsale.errors import ConfigError
+
+#: Seconds a cluster's slot map is trusted: replicas that joined since are then seen (and waited for).
+MAP_TTL_S = 5.0
 
 #: Replies that mean "this node does not serve that slot now": nothing ran; ask the cluster again.
 MISROUTED = (AskError, ClusterDownError, TryAgainError)
@@ -54,6 +58,21 @@ def sync_client(url: str, *, timeout_s: float, max_connections: int) -> redis.Re
     return redis.Redis.from_url(url, health_check_interval=30, **options)
 
 
+def replicas(client: Any, key: str) -> int:
+    """How many replicas the cluster map gives the master of `key` (0 for a single node)."""
+    cache = getattr(getattr(client, "nodes_manager", None), "slots_cache", None)
+    if not cache:
+        return 0
+    return max(0, len(cache.get(client.keyslot(key), ())) - 1)
+
+
+def sync_node(client: redis.Redis | redis.RedisCluster, key: str) -> redis.Redis:
+    """A client on the one node that serves `key`: its pipelines use one connection, as WAIT needs."""
+    if isinstance(client, redis.RedisCluster):
+        return client.get_redis_connection(client.get_node_from_key(key))  # type: ignore[no-untyped-call]
+    return client
+
+
 class AsyncRouter:
     """Per-node blocking connection pools: `pool(key)` is the pool of the node that serves the key's slot.
 
@@ -77,6 +96,7 @@ class AsyncRouter:
         #: node name ("" for a single node) -> its pool and a client on that pool
         self._nodes: dict[str, tuple[aredis.BlockingConnectionPool, aredis.Redis]] = {}
         self._stale = False
+        self._read_at = 0.0
         self._lock = asyncio.Lock()
 
     async def _resolve(self) -> None:
@@ -99,6 +119,7 @@ class AsyncRouter:
                     decode_responses=True,
                 )
                 await self._cluster.initialize()
+                self._read_at = time.monotonic()
             else:
                 self._nodes[""] = (pool, probe)
             self._resolved = True
@@ -108,9 +129,10 @@ class AsyncRouter:
             await self._resolve()
         if self._cluster is None:
             return self._nodes[""]
-        if self._stale:
+        if self._stale or time.monotonic() - self._read_at > MAP_TTL_S:
             async with self._lock:
-                if self._stale:
+                if self._stale or time.monotonic() - self._read_at > MAP_TTL_S:
+                    self._read_at = time.monotonic()
                     await self._cluster.nodes_manager.initialize()
                     self._stale = False
         node = self._cluster.get_node_from_key(key)
@@ -128,6 +150,10 @@ class AsyncRouter:
     async def client(self, key: str) -> aredis.Redis:
         """A plain client on the node of `key` (for reads and pipelines of one SKU)."""
         return (await self._node(key))[1]
+
+    def replicas(self, key: str) -> int:
+        """Replicas of the master of `key`, as the cluster map last read says (0 for a single node)."""
+        return replicas(self._cluster, key) if self._cluster is not None else 0
 
     def stale(self) -> None:
         self._stale = self._cluster is not None

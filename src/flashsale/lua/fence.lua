@@ -12,7 +12,9 @@
 --
 -- Returns {state, record, entry...}: state is 'ran', 'fenced' (now or before) or 'young' (nothing
 -- written); one log entry (or false) per token of ARGV[4..]. Age is measured on Redis's clock, so
--- checkers on hosts with skewed clocks agree.
+-- checkers on hosts with skewed clocks agree. A decided answer always writes (a counter when the record
+-- was there already): replication is one ordered stream, so a WAIT on this script's connection then
+-- proves a replica holds the record and the entries it answers from.
 local tx_key, log_key, meta_key = KEYS[1], KEYS[2], KEYS[3]
 local gid, born, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
@@ -26,6 +28,9 @@ end
 
 local record = redis.call('HGET', tx_key, gid)
 if record then
+  if redis.call('EXISTS', meta_key) == 1 then
+    redis.call('HINCRBY', meta_key, 'checks', 1)
+  end
   return entries(cjson.decode(record)['state'], record)
 end
 local now = redis.call('TIME')

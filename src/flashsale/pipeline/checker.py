@@ -27,9 +27,6 @@ from flashsale.ports import CheckStockPort
 
 logger = logging.getLogger(__name__)
 
-#: What fence.lua answers for a message too young to fence.
-YOUNG = "young"
-
 
 class DeductionChecker:
     def __init__(
@@ -88,7 +85,7 @@ class DeductionChecker:
                 extra=ids(message_id=delivery.message_id, sku=message.sku),
             )
             return Resolution.UNKNOWN
-        if view.state == YOUNG:
+        if view.state == c.TX_YOUNG:
             return Resolution.UNKNOWN
         if view.state == c.TX_FENCED:
             logger.warning(

@@ -31,7 +31,9 @@ class PurchaseEngine:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         cfg = settings.producer
         self.settings = settings
-        self._check_stock = RedisStock(settings.redis_url, timeout_s=cfg.redis_timeout_s)
+        self._check_stock = RedisStock(
+            settings.redis_url, timeout_s=cfg.redis_timeout_s, wait_ms=settings.redis_wait_ms
+        )
         # Every producer answers checks too: the broker may route a check to any producer of the topic.
         checker = DeductionChecker(
             self._check_stock, settings.check_grace_s, observe=metrics.check if metrics else None
@@ -46,7 +48,10 @@ class PurchaseEngine:
             raise
         self.loop = self.bus.loop
         self.stock = AsyncRedisStock(
-            settings.redis_url, timeout_s=cfg.redis_timeout_s, max_connections=cfg.redis_connections
+            settings.redis_url,
+            timeout_s=cfg.redis_timeout_s,
+            max_connections=cfg.redis_connections,
+            wait_ms=settings.redis_wait_ms,
         )
         self.service = PurchaseService(
             self.stock,

@@ -141,7 +141,7 @@ class _Observed:
 
 def run_checker(settings: Settings, *, metrics_port: int | None = None) -> None:
     metrics = Metrics()
-    stock = RedisStock(settings.redis_url, timeout_s=settings.producer.redis_timeout_s)
+    stock = RedisStock(settings.redis_url, timeout_s=settings.producer.redis_timeout_s, wait_ms=settings.redis_wait_ms)
     checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check)
     stop = threading.Event()
     _on_signals(stop)

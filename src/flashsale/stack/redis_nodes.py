@@ -69,6 +69,8 @@ class RedisNode(Service):
                 "cluster-require-full-coverage no",
                 # A replica may always take over: pre-deducts are acknowledged by it (WAIT) before buyers hear.
                 "cluster-replica-validity-factor 0",
+                # A new replica's first copy starts at once, not after the default 5 s wait for others.
+                "repl-diskless-sync-delay 0",
             ]
         (self.dir / "redis.conf").write_text("\n".join([*lines, ""]))
 
@@ -100,7 +102,10 @@ class RedisNode(Service):
         if fields.get("cluster_state") != "ok":
             raise StackError(f"{self.name}: cluster state is {fields.get('cluster_state')}, not ok")
         if fields.get("role") == "slave":
-            return f"{note}, replica of {fields.get('master_host')}:{fields.get('master_port')}"
+            master = f"{fields.get('master_host')}:{fields.get('master_port')}"
+            if fields.get("master_link_status") != "up":  # not a copy yet: its master's failover would lose data
+                raise StackError(f"{self.name}: replica of {master}, not in sync yet")
+            return f"{note}, replica of {master}"
         return f"{note}, master ({fields.get('cluster_known_nodes')} nodes)"
 
 
