@@ -24,6 +24,7 @@ from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline
+from tests.acceptance.test_operations import reconcile_json
 from tests.conftest import CLUSTER_ENV, clean_environment, cluster_url
 from tests.oracle import balanced, redis_client
 
@@ -127,15 +128,9 @@ def test_a_sale_on_every_master_at_once_loses_nothing_and_every_sku_balances(
         finally:
             node.close()
 
-    report = subprocess.run(
-        [sys.executable, "-m", "flashsale", "reconcile", *skus.values(), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**pipeline.base_env, "FLASHSALE_SETTLE_S": "0"},
-    )
-    assert report.returncode == 0, report.stdout + report.stderr
-    rows = json.loads(report.stdout)["skus"]
+    code, report = reconcile_json(pipeline, *skus.values())
+    assert code == 0, report
+    rows = report["skus"]
     assert sorted(r["sku"] for r in rows) == sorted(skus.values()) and all(r["consistent"] for r in rows)
 
 
@@ -167,7 +162,7 @@ def test_a_master_killed_mid_sale_loses_nothing_and_oversells_nothing(
     name = f"redis-{victim_port - redis_cluster.ports.redis}"
     record = procs.PidRecord.load(stack.layout.pid_file(name))
     assert record is not None and procs.is_alive(record)
-    replica = next(p for p in _nodes(redis_cluster) if _nodes(redis_cluster)[p].get("master_port") == victim_port)
+    replica = next(p for p, node in _nodes(redis_cluster).items() if node.get("master_port") == victim_port)
     os.kill(record.pid, signal.SIGKILL)
     assert poll_until(lambda: not procs.is_alive(record), 10)
     if takeover:  # the replica notices (node timeout), is elected, and serves the slots

@@ -221,7 +221,7 @@ class RedisStock:
         if isinstance(self._client, redis.RedisCluster):
             try:
                 self._client.nodes_manager.initialize()
-            except (*UNREACHABLE, redis.RedisError):
+            except redis.RedisError:  # no node answers now: the next call finds out and says so
                 pass
 
     def lookup(

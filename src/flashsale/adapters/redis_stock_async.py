@@ -10,7 +10,8 @@ an answer, and so is a cluster node's "not my slot" (MOVED), which says the scri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
@@ -124,16 +125,13 @@ class AsyncRedisStock:
         keys = SkuKeys.of(sku)
         tokens = [p.token for p in purchases]
         users = list(dict.fromkeys(p.user_id for p in purchases))
-        try:
+        async with self._reading("peek"):
             async with (await self._router.client(keys.stock)).pipeline(transaction=False) as pipe:
                 pipe.get(keys.stock)
                 pipe.hget(keys.meta, "per_user_limit")
                 pipe.hmget(keys.log, tokens)
                 pipe.hmget(keys.users, users)
                 stock, limit, entries, bought = await pipe.execute()
-        except (*UNREACHABLE, *MISROUTED) as exc:
-            self._router.stale()
-            raise unavailable(self.url, "peek", exc) from exc
         return Peek(
             stock=int(stock) if stock is not None else None,
             per_user_limit=int(limit or 0),
@@ -143,29 +141,29 @@ class AsyncRedisStock:
 
     async def is_sold_out(self, sku: str) -> bool:
         meta = SkuKeys.of(sku).meta
-        try:
+        async with self._reading("read sold-out flag"):
             flag = await (await self._router.client(meta)).hget(meta, "sold_out")
-        except (*UNREACHABLE, *MISROUTED) as exc:
-            self._router.stale()
-            raise unavailable(self.url, "read sold-out flag", exc) from exc
         return bool(flag == "1")
 
     async def view(self, sku: str) -> StockView:
         keys = SkuKeys.of(sku)
-        try:
+        async with self._reading("read stock"):
             async with (await self._router.client(keys.stock)).pipeline(transaction=True) as pipe:
                 pipe.get(keys.stock)
                 pipe.hgetall(keys.meta)
                 pipe.hlen(keys.log)
                 stock, meta, entries = await pipe.execute()
-        except (*UNREACHABLE, *MISROUTED) as exc:
-            self._router.stale()
-            raise unavailable(self.url, "read stock", exc) from exc
         return parse_view(sku, stock, meta, entries)
 
     async def ping(self) -> None:
-        try:
+        async with self._reading("ping"):
             await (await self._router.client(c.SKUS_KEY)).ping()
-        except UNREACHABLE as exc:
+
+    @asynccontextmanager
+    async def _reading(self, what: str) -> AsyncIterator[None]:
+        """A read that fails unanswered or misrouted: the map is read again next time, the caller hears why."""
+        try:
+            yield
+        except (*UNREACHABLE, *MISROUTED) as exc:
             self._router.stale()
-            raise unavailable(self.url, "ping", exc) from exc
+            raise unavailable(self.url, what, exc) from exc

@@ -188,10 +188,10 @@ class Stack:
     def down(self, names: Iterable[str] | None = None, progress: Progress = logger.info) -> list[ServiceState]:
         """Stop the services named (none: all, and any service of another topology found running)."""
         services = self.select(names)
-        stems = [s.name for s in services]
-        if not names or "redis" in names:
-            redis_like = [n for n in self._strangers() if n == "redis" or n.startswith("redis-")]
-            stems = [*(self._strangers() if not names else redis_like), *stems]
+        strangers = self._strangers()
+        if names:  # only the named services, and nodes of another Redis topology when `redis` is named
+            strangers = [n for n in strangers if "redis" in names and (n == "redis" or n.startswith("redis-"))]
+        stems = [*strangers, *(s.name for s in services)]
         for name in reversed(stems):
             pid_file = self.layout.pid_file(name)
             record = procs.PidRecord.load(pid_file)

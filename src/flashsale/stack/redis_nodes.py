@@ -115,7 +115,7 @@ def nodes(layout: StackLayout, settings: Settings) -> list[RedisNode]:
 
 def form_cluster(members: Sequence[RedisNode], replicas: int) -> bool:
     """Create the cluster if every node is new; returns whether it did. Refuses a cluster of another shape."""
-    states = [node.info("server") for node in members]
+    states = [node.info() for node in members]  # CLUSTER INFO of each
     known = [int(s.get("cluster_known_nodes", 0)) for s in states]
     if all(k == len(members) for k in known):
         return False
