@@ -187,6 +187,11 @@ def test_ping_writes_a_heartbeat_so_a_read_only_server_fails_it(mysql_store: MyS
         assert conn.execute(sa.text("SELECT COUNT(*) FROM heartbeats")).scalar_one() >= 1
 
 
+def _deadlocks(store: MySQLStore) -> int:
+    with store.transaction("read deadlock count") as conn:
+        return int(conn.execute(sa.text("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'")).one()[1])
+
+
 def test_two_consumers_applying_overlapping_batches_at_once_never_deadlock(mysql_store: MySQLStore, sku: str) -> None:
     import random
     import threading
@@ -195,6 +200,7 @@ def test_two_consumers_applying_overlapping_batches_at_once_never_deadlock(mysql
     for name in skus:
         mysql_store.load_stock(name, 10_000)
     errors: list[Exception] = []
+    deadlocks_before = _deadlocks(mysql_store)
 
     def consumer(seed: int) -> None:
         rng = random.Random(seed)
@@ -216,6 +222,8 @@ def test_two_consumers_applying_overlapping_batches_at_once_never_deadlock(mysql
     for t in threads:
         t.join()
     assert errors == []
+    # The server's own count: a deadlock that a retry somewhere had hidden would still show here.
+    assert _deadlocks(mysql_store) == deadlocks_before
     for name in skus:
         stock, deductions, orders = counts(mysql_store, name)
         assert stock + deductions == 10_000 and deductions == orders > 0
