@@ -116,14 +116,8 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
     """The SKU's books as they are now, from both stores (Redis first; MySQL only ever lags behind it)."""
     r = redis_client(redis_url)
     try:
-        tag = "{" + sku + "}"
-        stock = r.get(f"fs:{tag}:stock")
-        meta = r.hgetall(f"fs:{tag}:meta")
-        deducted: dict[str, int] = {}
-        for token, raw in r.hscan_iter(f"fs:{tag}:log", count=1000):
-            entry = json.loads(raw)
-            if entry["state"] == "deducted":
-                deducted[token] = int(entry["qty"])
+        meta = r.hgetall(f"fs:{{{sku}}}:meta")
+        stock, counter, fenced, deducted = _redis_side(r, sku, meta)
     finally:
         r.close()
     url = make_url(mysql_url)
@@ -145,17 +139,56 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
     return Books(
         sku=sku,
         redis_initial=int(meta.get("initial", -1)),
-        redis_stock=int(stock) if stock is not None else -1,
+        redis_stock=stock,
         redis_deducted=deducted,
-        redis_counter_qty=int(meta.get("deducted_qty", 0)),
+        redis_counter_qty=counter,
         mysql_initial=int(inventory[0]) if inventory else -1,
         mysql_stock=int(inventory[1]) if inventory else -1,
         mysql_deducted=rows,
         orders=Counter(token for token, _ in orders),
         ordered_qty=sum(int(qty) for _, qty in orders),
         open_conflicts=int(conflicts[0]) if conflicts else 0,
-        redis_fenced=int(meta.get("fenced_count", 0)),
+        redis_fenced=fenced,
     )
+
+
+def _redis_side(
+    r: redis.Redis | redis.RedisCluster, sku: str, meta: dict[str, str]
+) -> tuple[int, int, int, dict[str, int]]:
+    """Stock, deducted counter, fenced counter and standing deductions (token -> qty) of the SKU.
+
+    A partitioned SKU (its meta lists `parts`) sums its partitions' two sub-domains, its pool, and the
+    units of transfers under way: a refill whose partition has not recorded it yet, a drain whose
+    partition has and whose pool has not (its record is still there).
+    """
+    shards = meta.get("parts", "").split() or [sku]
+    stock = counter = fenced = 0
+    deducted: dict[str, int] = {}
+    received: dict[str, dict[str, str]] = {}
+    for shard in shards:
+        tag = "{" + shard + "}"
+        raw_stock = r.get(f"fs:{tag}:stock")
+        if raw_stock is None:
+            return -1, 0, 0, deducted
+        shard_meta = r.hgetall(f"fs:{tag}:meta")
+        stock += int(raw_stock) + int(shard_meta.get("standby", 0))
+        counter += int(shard_meta.get("deducted_qty", 0))
+        fenced += int(shard_meta.get("fenced_count", 0))
+        received[shard] = r.hgetall(f"fs:{tag}:refills")
+        for token, raw in r.hscan_iter(f"fs:{tag}:log", count=1000):
+            entry = json.loads(raw)
+            if entry["state"] == "deducted":
+                deducted[token] = int(entry["qty"])
+    if shards != [sku]:
+        stock += int(r.get(f"fs:{{{sku}}}:pool") or 0)
+        for transfer_id, raw in r.hgetall(f"fs:{{{sku}}}:transfers").items():
+            transfer = json.loads(raw)
+            done = received.get(transfer["part"], {}).get(transfer_id)
+            if transfer["dir"] == "out" and done is None:
+                stock += int(transfer["qty"])
+            elif transfer["dir"] == "in" and done is not None:
+                stock -= int(done)
+    return stock, counter, fenced, deducted
 
 
 def now(settings: _HasUrls, sku: str) -> Books:

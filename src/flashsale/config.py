@@ -175,6 +175,19 @@ class Settings:
         "0: never wait (a failover may then lose what a buyer was told)",
         kind="int",
     )
+    partition_refill: int = setting(
+        100,
+        "PARTITION_REFILL",
+        "partitioned stock: units one refill moves from a SKU's pool to a partition's standby sub-domain",
+        kind="int",
+        minimum=1,
+    )
+    partition_threshold: int = setting(
+        10,
+        "PARTITION_THRESHOLD",
+        "partitioned stock: a partition switches to its standby sub-domain when the active one falls below this",
+        kind="int",
+    )
     namespace: str = setting(c.DEFAULT_NAMESPACE, "NAMESPACE", "prefix of topic and consumer group names")
     producer: ProducerSettings = field(default_factory=ProducerSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)

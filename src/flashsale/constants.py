@@ -42,6 +42,23 @@ TX_KEY = "fs:{{{sku}}}:tx"
 #: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
 SKUS_KEY = "fs:skus"
 
+# --- Partitioned stock (docs/scaling.md) ----------------------------------------------------------------
+# A partition `sku#n` has the keys above with its own hash tag {sku#n}; `#` is not allowed in a SKU, so a
+# partition's keys never meet a SKU's. n is chosen so that the partitions land on different masters.
+PART_SEP = "#"
+#: (On the SKU's own tag) units not given to a partition yet.
+POOL_KEY = "fs:{{{sku}}}:pool"
+#: (On the SKU's own tag) transfer id -> JSON {dir, part, qty|want, ts}: moves under way to or from the pool.
+TRANSFERS_KEY = "fs:{{{sku}}}:transfers"
+#: (On a partition's tag) transfer id -> units it received (negative: drained out); each applies once.
+REFILLS_KEY = "fs:{{{sku}}}:refills"
+#: "sku token" -> "epoch partition": the partition a token of a partitioned SKU is bound to.
+CLAIMS_KEY = "fs:{{#claims:{shard}}}:tokens"
+#: Claim shards; a token's shard is its crc32 modulo this (spread over every master).
+CLAIM_SHARDS = 64
+#: Most partitions one SKU may have.
+MAX_PARTITIONS = 64
+
 # --- Log entry states (Redis) ------------------------------------------------------------------------
 STATE_DEDUCTED = "deducted"
 STATE_FENCED = "fenced"
@@ -61,6 +78,8 @@ TX_YOUNG = "young"
 # Patterns are applied with fullmatch (a `$` would let a trailing newline through).
 #: SKUs and user ids: no braces (they would break the hash tag), no spaces, bounded length.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+#: A partition of a SKU: the SKU, `#`, a number.
+PART_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}#[0-9]{1,6}")
 #: Idempotency tokens: what a client-side UUID or ULID looks like, plus room for prefixes.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 #: Namespaces name topics and groups: RocketMQ allows letters, digits, '-' and '_' there.

@@ -150,7 +150,8 @@ class DeductionMessage:
 
     On the deduction topic `gid` is the id of the half message itself: the pre-deduct names it in every
     log entry it writes, which is how the checker and the consumer learn which purchases it accepted.
-    Replays carry no gid: the consumer applies what the Redis log holds for each token.
+    Replays carry no gid: the consumer applies what the Redis log holds for each token. `part` names
+    the partition (sku#n) whose keys hold the log, for a partitioned SKU.
     """
 
     sku: str
@@ -158,10 +159,16 @@ class DeductionMessage:
     gid: str = ""
     ts_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     source: str = SOURCE_PURCHASE
+    part: str = ""
 
     @property
     def tokens(self) -> list[str]:
         return [p.token for p in self.purchases]
+
+    @property
+    def shard(self) -> str:
+        """The Redis keys of its pre-deduct: its partition's, or its SKU's."""
+        return self.part or self.sku
 
     def encode(self) -> bytes:
         body = {
@@ -172,6 +179,8 @@ class DeductionMessage:
             "source": self.source,
             "purchases": [{"token": p.token, "user_id": p.user_id, "qty": p.qty} for p in self.purchases],
         }
+        if self.part:
+            body["part"] = self.part
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -228,7 +237,12 @@ class DeductionMessage:
         source = data.get("source", SOURCE_PURCHASE)
         if source not in (SOURCE_PURCHASE, SOURCE_REPLAY):
             raise MalformedMessage(f"unknown source {_shown(source)}")
-        return cls(sku, tuple(purchases), gid, ts_ms, source)
+        part = data.get("part", "")
+        if part != "" and (
+            not isinstance(part, str) or not c.PART_PATTERN.fullmatch(part) or not part.startswith(sku + c.PART_SEP)
+        ):
+            raise MalformedMessage(f"part must name a partition of {sku} ({sku}{c.PART_SEP}N), got {_shown(part)}")
+        return cls(sku, tuple(purchases), gid, ts_ms, source, part)
 
 
 def _shown(value: object) -> str:

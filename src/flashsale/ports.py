@@ -15,9 +15,12 @@ from flashsale.records import (
     Conflict,
     DeadLetter,
     Incoming,
+    Layout,
     LogEntry,
     Peek,
     PredeductResult,
+    Registry,
+    Transfer,
     TxRecord,
 )
 
@@ -50,6 +53,30 @@ class PurchaseStockPort(Protocol):
     async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek: ...
 
     async def is_sold_out(self, sku: str) -> bool: ...
+
+
+class PartitionStockPort(Protocol):
+    """The producer's Redis for partitioned SKUs (see pipeline/partitions.py); every call is idempotent."""
+
+    async def layout(self, sku: str) -> Layout | None: ...
+
+    async def registry(self, layout: Layout) -> Registry: ...
+
+    async def claim(self, layout: Layout, proposals: Sequence[tuple[str, str]]) -> dict[str, str]: ...
+
+    async def take(self, sku: str, transfer_id: str, part: str, want: int) -> int: ...
+
+    async def give(self, part: str, transfer_id: str, qty: int) -> None: ...
+
+    async def expect(self, sku: str, transfer_id: str, part: str, want: int) -> None: ...
+
+    async def drain(self, part: str, transfer_id: str, want: int) -> int: ...
+
+    async def receive(self, sku: str, transfer_id: str, qty: int) -> None: ...
+
+    async def forget(self, sku: str, transfer_id: str) -> None: ...
+
+    async def transfers(self, sku: str) -> list[Transfer]: ...
 
 
 class CheckStockPort(Protocol):

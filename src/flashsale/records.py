@@ -53,6 +53,12 @@ class LogEntry:
     message_id: str | None = None
     from_stock: int | None = None
     to_stock: int | None = None
+    part: str | None = None  # the partition (sku#n) whose log holds it, for a partitioned SKU
+
+    @property
+    def shard(self) -> str:
+        """The Redis keys it lives under: its partition's, or its SKU's."""
+        return self.part or self.sku
 
     @classmethod
     def parse(cls, token: str, raw: str | bytes) -> LogEntry:
@@ -67,6 +73,7 @@ class LogEntry:
             message_id=data.get("msg") or None,
             from_stock=int(data["from"]) if "from" in data else None,
             to_stock=int(data["to"]) if "to" in data else None,
+            part=str(data["part"]) if data.get("part") else None,
         )
 
 
@@ -133,6 +140,68 @@ class StockView:
     fenced_count: int
     log_entries: int
     loaded_ms: int
+    #: A partitioned SKU: `stock` is the pool, the partitions and the units moving between them.
+    pool: int | None = None
+    partitions: tuple[PartitionView, ...] = ()
+    moving: int = 0
+
+
+@dataclass(frozen=True)
+class PartitionView:
+    """One partition of a SKU: its two sub-domains (the active one sells), and what it sold."""
+
+    part: str
+    active: int
+    standby: int
+    deducted_qty: int
+    refilled_qty: int
+    drained_qty: int
+    switches: int
+    node: str = ""
+
+    @property
+    def remaining(self) -> int:
+        return self.active + self.standby
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a partitioned SKU is spread: its partitions, refill size, switch threshold, and load epoch."""
+
+    sku: str
+    parts: tuple[str, ...]
+    refill: int
+    threshold: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Registry:
+    """What a partitioned SKU can sell, as last read: its pool, and each partition's (active, standby)."""
+
+    pool: int
+    parts: dict[str, tuple[int, int]]
+
+    def remaining(self, part: str) -> int:
+        return sum(self.parts.get(part, (0, 0)))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A move between a SKU's pool and one of its partitions, recorded until it is complete."""
+
+    id: str
+    dir: str  # "out": pool -> partition (refill); "in": partition -> pool (drain)
+    part: str
+    qty: int
+    ts_ms: int
+
+    @classmethod
+    def parse(cls, transfer_id: str, raw: str | bytes) -> Transfer:
+        data = json.loads(raw)
+        return cls(
+            transfer_id, str(data["dir"]), str(data["part"]), int(data.get("qty", data.get("want", 0))), int(data["ts"])
+        )
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,78 @@ def test_load_refuses_an_invalid_argument_with_its_name(redis_stock: RedisStock,
     with pytest.raises(StockError, match="invalid per-user limit"):
         redis_stock.load(sku, 5, per_user_limit=10**10)
     assert not redis_stock.exists(sku)
+
+
+# --- partitions (docs/scaling.md) ----------------------------------------------------------------------
+def _script(stock: RedisStock, name: str, keys: list[str], args: list[object]) -> object:
+    _connected = stock.client  # the scripts are registered on the client made at first use
+    return stock._scripts[name](keys=keys, args=[str(a) for a in args])
+
+
+def test_a_partition_switches_to_its_standby_below_the_threshold_and_logs_its_sku_and_partition(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    part = f"{sku}#0"
+    keys = SkuKeys.of(part)
+    assert _script(redis_stock, "load_stock", keys.all(), [3, 0, 1, 2]) == [1, ""]
+    assert _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 5]) == 1
+    results = [one(redis_stock, part, f"t{i}", "u1", 1, f"m{i}") for i in range(3)]
+    # Active 3 -> 2 -> 1 sells on; below the threshold of 2 the standby's 5 join it: 1 + 5 - 1 = 5.
+    assert [r.remaining for r in results] == [7, 6, 5]
+    assert redis_stock.client.get(keys.stock) == "5"
+    meta = redis_stock.client.hgetall(keys.meta)
+    assert (meta["standby"], meta["switches"], meta["deducted_qty"], meta["sold_out"]) == ("0", "1", "3", "0")
+    entry = json.loads(redis_stock.client.hget(keys.log, "t2"))
+    assert (entry["sku"], entry["part"], entry["from"], entry["to"]) == (sku, part, 6, 5)
+
+
+def test_a_purchase_larger_than_the_active_sub_domain_takes_the_standby_too(redis_stock: RedisStock, sku: str) -> None:
+    part = f"{sku}#1"
+    keys = SkuKeys.of(part)
+    _script(redis_stock, "load_stock", keys.all(), [2, 0, 1, 0])
+    _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 3])
+    assert one(redis_stock, part, "t1", "u1", 6, "m1").code is Prededuct.INSUFFICIENT
+    result = one(redis_stock, part, "t2", "u1", 5, "m2")
+    assert (result.code, result.remaining) == (Prededuct.ACCEPTED, 0)
+    assert redis_stock.client.hget(keys.meta, "sold_out") == "1"
+
+
+def test_refill_steps_count_once_per_transfer(redis_stock: RedisStock, sku: str) -> None:
+    base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
+    redis_stock.client.set(base.pool, 10)
+    _script(redis_stock, "load_stock", part.all(), [0, 0, 1, 0])
+    taken, record = _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x1", f"{sku}#0", 4])
+    assert taken == 4 and json.loads(record)["dir"] == "out"
+    assert _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x1", f"{sku}#0", 9])[0] == 4
+    assert redis_stock.client.get(base.pool) == "6"
+    assert _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x2", f"{sku}#0", 9])[0] == 6
+    assert _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x3", f"{sku}#0", 9])[0] == 0
+    assert [_script(redis_stock, "refill_apply", [part.meta, part.refills], ["x1", 4]) for _ in range(2)] == [1, 0]
+    assert redis_stock.client.hget(part.meta, "standby") == "4"
+    assert redis_stock.client.hget(part.meta, "sold_out") == "0"
+
+
+def test_a_drain_takes_standby_first_then_active_once_and_the_pool_receives_it_once(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
+    redis_stock.client.set(base.pool, 0)
+    _script(redis_stock, "load_stock", part.all(), [5, 0, 1, 0])
+    _script(redis_stock, "refill_apply", [part.meta, part.refills], ["r1", 2])
+    _script(redis_stock, "pool_expect", [base.transfers], ["d1", f"{sku}#0", 4])
+    drain = [part.stock, part.meta, part.refills]
+    assert [_script(redis_stock, "drain", drain, ["d1", 4]) for _ in range(2)] == [4, 4]
+    assert (redis_stock.client.get(part.stock), redis_stock.client.hget(part.meta, "standby")) == ("3", "0")
+    assert [_script(redis_stock, "pool_receive", [base.pool, base.transfers], ["d1", 4]) for _ in range(2)] == [1, 0]
+    assert redis_stock.client.get(base.pool) == "4" and redis_stock.client.hlen(base.transfers) == 0
+
+
+def test_a_claim_binds_a_token_to_its_first_partition_for_that_load_only(redis_stock: RedisStock, sku: str) -> None:
+    key = c.CLAIMS_KEY.format(shard=0)
+    assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#0", "t2", f"{sku}#1"]) == [
+        f"{sku}#0",
+        f"{sku}#1",
+    ]
+    assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#2"]) == [f"{sku}#0"]  # a retry
+    assert _script(redis_stock, "claim", [key], [sku, 200, "t1", f"{sku}#2"]) == [f"{sku}#2"]  # a new load
+    assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#0"]) == [""]  # an out-of-date layout

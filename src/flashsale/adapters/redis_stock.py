@@ -6,6 +6,7 @@ Scripts are registered once per client; redis-py runs them with EVALSHA and, aft
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,12 +17,22 @@ import redis
 
 from flashsale import constants as c
 from flashsale import lua
-from flashsale.adapters.redis_topology import MAP_TTL_S, MISROUTED, UNREACHABLE, replicas, sync_client, sync_node
+from flashsale.adapters.redis_partitions import aggregate, moving, parse_layout, parse_partition, place
+from flashsale.adapters.redis_topology import (
+    MAP_TTL_S,
+    MISROUTED,
+    UNREACHABLE,
+    masters,
+    replicas,
+    sync_client,
+    sync_node,
+)
 from flashsale.errors import ServiceUnavailable, StockError, UnknownSku
 from flashsale.models import Purchase
 from flashsale.records import (
     Adopt,
     CheckView,
+    Layout,
     LoadStock,
     LogEntry,
     Prededuct,
@@ -41,15 +52,22 @@ class SkuKeys:
     users: str
     meta: str
     tx: str
+    pool: str
+    transfers: str
+    refills: str
 
     @classmethod
     def of(cls, sku: str) -> SkuKeys:
+        """The keys of a SKU, or of a partition `sku#n`."""
         return cls(
             stock=c.STOCK_KEY.format(sku=sku),
             log=c.LOG_KEY.format(sku=sku),
             users=c.USERS_KEY.format(sku=sku),
             meta=c.META_KEY.format(sku=sku),
             tx=c.TX_KEY.format(sku=sku),
+            pool=c.POOL_KEY.format(sku=sku),
+            transfers=c.TRANSFERS_KEY.format(sku=sku),
+            refills=c.REFILLS_KEY.format(sku=sku),
         )
 
     def sale(self) -> list[str]:
@@ -125,6 +143,11 @@ def parse_check(tokens: Sequence[str], reply: list[Any]) -> CheckView:
     )
 
 
+def _located(entry: LogEntry, sku: str, shard: str) -> LogEntry:
+    """The entry, naming the partition it was found in (one written back by `adopt` does not say)."""
+    return entry if shard == sku or entry.part else dataclasses.replace(entry, part=shard)
+
+
 class RedisStock:
     """One Redis node or a Redis Cluster (see redis_topology.py), connected on first use."""
 
@@ -173,17 +196,69 @@ class RedisStock:
 
     # --- the sale -----------------------------------------------------------------------------------
     def load(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
+        old = self._refuse_history(sku, reset)
+        self._load_one(sku, [str(qty), str(per_user_limit), "1"])
+        self._drop(sku, old.parts if old else (), pool=True)
+        self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
+
+    def load_partitioned(
+        self, sku: str, qty: int, *, partitions: int, refill: int, threshold: int, reset: bool = False
+    ) -> Layout:
+        """Spread `qty` over `partitions` partitions on different masters: each starts with up to one
+        refill in its active sub-domain, the rest waits in the SKU's pool. The partitions are loaded
+        before the layout that names them, so no producer sees a half-loaded SKU."""
+        old = self._refuse_history(sku, reset)
+        names, master_of_slot = masters(self.client)
+        parts = place(sku, partitions, names, master_of_slot)
+        share = min(refill, qty // partitions)
+        for part in parts:
+            self._load_one(part, [str(share), "0", "1", str(threshold)])
+            self._call("clear refills", self.client.delete, SkuKeys.of(part).refills)
+        self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
         keys = SkuKeys.of(sku)
-        raw, detail = self._run("load_stock", keys.all(), [str(qty), str(per_user_limit), "1" if reset else "0"])
-        code = LoadStock(int(raw))
-        if code is LoadStock.HAS_HISTORY:
+        self._run(
+            "load_pool",
+            [*keys.all(), keys.pool, keys.transfers],
+            [str(qty), str(qty - share * partitions), " ".join(parts), str(refill), str(threshold)],
+        )
+        self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
+        layout = self.layout(sku)
+        assert layout is not None
+        return layout
+
+    def _refuse_history(self, sku: str, reset: bool) -> Layout | None:
+        """The SKU's current layout, after refusing to load over a sale on record without `reset`."""
+        old = self.layout(sku)
+        logged = self.history(sku)
+        if logged and not reset:
             raise StockError(
-                f"{sku} already has {detail} deduction(s) on record in Redis",
+                f"{sku} already has {logged} deduction(s) on record in Redis",
                 hint="pass --reset to discard that history (orders already applied stay in MySQL)",
             )
-        if code is not LoadStock.LOADED:
-            raise StockError(f"Redis refused to load {sku}: invalid {detail}")
-        self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
+        return old
+
+    def _load_one(self, shard: str, args: list[str]) -> None:
+        raw, detail = self._run("load_stock", SkuKeys.of(shard).all(), args)
+        if LoadStock(int(raw)) is not LoadStock.LOADED:
+            raise StockError(f"Redis refused to load {shard}: invalid {detail}")
+
+    def _drop(self, sku: str, parts: Sequence[str], *, pool: bool) -> None:
+        """Delete partitions no longer in the SKU's layout (and the pool of a SKU no longer partitioned)."""
+        for part in parts:
+            keys = SkuKeys.of(part)
+            self._call("drop partition", self.client.delete, *keys.all(), keys.refills)
+        if pool:
+            keys = SkuKeys.of(sku)
+            self._call("drop pool", self.client.delete, keys.pool, keys.transfers)
+
+    def layout(self, sku: str) -> Layout | None:
+        """How the SKU is partitioned; None when it is not (or not loaded)."""
+        return parse_layout(sku, self._call("read layout", self.client.hgetall, SkuKeys.of(sku).meta))
+
+    def shards(self, sku: str) -> tuple[str, ...]:
+        """Where the SKU's log lives: its partitions, or the SKU itself."""
+        layout = self.layout(sku)
+        return layout.parts if layout else (sku,)
 
     def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
         keys, args = prededuct_call(sku, gid, purchases)
@@ -247,15 +322,18 @@ class RedisStock:
         return found
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
-        keys = SkuKeys.of(sku)
+        entry = self.log_entry(sku, token)
+        keys = SkuKeys.of(entry.shard if entry else sku)
         code, remaining, _ = self._run("return_stock", keys.sale(), [token])
         return StockReturn(int(code)), int(remaining) if int(remaining) >= 0 else None
 
     def adopt(
         self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *, deduct: bool
     ) -> tuple[Adopt, str]:
-        """Write back a deduction MySQL has and the log lacks; `detail` is the entry's state, or the stock left."""
-        keys = SkuKeys.of(sku)
+        """Write back a deduction MySQL has and the log lacks; `detail` is the entry's state, or the stock left.
+
+        A partitioned SKU writes it to its first partition (which of them does not matter: they sum)."""
+        keys = SkuKeys.of(self.shards(sku)[0])
         code, detail = self._run(
             "adopt", keys.sale(), [token, user, str(qty), str(ts_ms), message_id, sku, "deduct" if deduct else "entry"]
         )
@@ -263,16 +341,17 @@ class RedisStock:
 
     # --- reading ------------------------------------------------------------------------------------
     def log_entry(self, sku: str, token: str) -> LogEntry | None:
-        raw = self._call("read log", self.client.hget, SkuKeys.of(sku).log, token)
-        return LogEntry.parse(token, raw) if raw is not None else None
+        return self.log_entries(sku, [token])[token]
 
     def exists(self, sku: str) -> bool:
-        """Is the SKU loaded (has a stock key)?"""
-        return bool(self._call("read stock", self.client.exists, SkuKeys.of(sku).stock))
+        """Is the SKU loaded (has a stock key, or a pool)?"""
+        keys = SkuKeys.of(sku)
+        return bool(self._call("read stock", self.client.exists, keys.stock, keys.pool))
 
     def history(self, sku: str) -> int:
-        """Log entries (deductions and fences) recorded for the SKU."""
-        return int(self._call("count log entries", self.client.hlen, SkuKeys.of(sku).log))
+        """Log entries (deductions and fences) recorded for the SKU, in every partition it has."""
+        shards = {sku, *self.shards(sku)}
+        return sum(int(self._call("count log entries", self.client.hlen, SkuKeys.of(s).log)) for s in shards)
 
     def is_sold_out(self, sku: str) -> bool:
         return bool(self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out") == "1")
@@ -283,26 +362,59 @@ class RedisStock:
         pipe.get(keys.stock)
         pipe.hgetall(keys.meta)
         pipe.hlen(keys.log)
-        stock, meta, entries = self._call("read stock", pipe.execute)
-        return parse_view(sku, stock, meta, entries)
+        pipe.get(keys.pool)
+        pipe.hgetall(keys.transfers)
+        stock, meta, entries, pool, transfers = self._call("read stock", pipe.execute)
+        layout = parse_layout(sku, meta)
+        if layout is None:
+            return parse_view(sku, stock, meta, entries)
+        return self._partitioned_view(layout, meta, pool, transfers)
+
+    def _partitioned_view(
+        self, layout: Layout, meta: dict[str, str], pool: str | None, transfers: dict[str, str]
+    ) -> StockView:
+        """Each partition read in one snapshot of its own; the SKU's total is exact once no move is under way."""
+        parts = []
+        refills: dict[str, dict[str, str]] = {}
+        for part in layout.parts:
+            keys = SkuKeys.of(part)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(keys.stock)
+            pipe.hgetall(keys.meta)
+            pipe.hlen(keys.log)
+            pipe.hgetall(keys.refills)
+            stock, part_meta, entries, refills[part] = self._call("read partition", pipe.execute)
+            parts.append((parse_partition(part, stock, part_meta, self._node_name(keys.stock)), part_meta, entries))
+        return aggregate(layout.sku, meta, pool, parts, moving(transfers, refills))
+
+    def _node_name(self, key: str) -> str:
+        if isinstance(self.client, redis.RedisCluster):
+            return str(self.client.get_node_from_key(key).name)  # type: ignore[no-untyped-call]
+        return ""
 
     def log_entries(self, sku: str, tokens: list[str]) -> dict[str, LogEntry | None]:
-        """The log entries of `tokens` (HMGET), None where there is none."""
+        """The log entries of `tokens` (HMGET; in each partition of a partitioned SKU), None where there is none."""
+        found: dict[str, LogEntry | None] = dict.fromkeys(tokens)
         if not tokens:
-            return {}
-        raws = self._call("read log", self.client.hmget, SkuKeys.of(sku).log, tokens)
-        return {t: (LogEntry.parse(t, raw) if raw is not None else None) for t, raw in zip(tokens, raws, strict=True)}
+            return found
+        for shard in self.shards(sku):
+            raws = self._call("read log", self.client.hmget, SkuKeys.of(shard).log, tokens)
+            for t, raw in zip(tokens, raws, strict=True):
+                if raw is not None and found[t] is None:
+                    found[t] = _located(LogEntry.parse(t, raw), sku, shard)
+        return found
 
     def skus(self) -> list[str]:
         return sorted(self._call("list skus", self.client.smembers, c.SKUS_KEY))
 
     def scan_log(self, sku: str, page: int = 1000) -> Iterator[LogEntry]:
-        """Every log entry of the SKU, read page by page (HSCAN), never all at once."""
-        log_key = SkuKeys.of(sku).log
-        cursor = 0
-        while True:
-            cursor, chunk = self._call("scan log", self.client.hscan, log_key, cursor, None, page)
-            for token, raw in chunk.items():
-                yield LogEntry.parse(token, raw)
-            if cursor == 0:
-                return
+        """Every log entry of the SKU (in each of its partitions), read page by page (HSCAN), never all at once."""
+        for shard in self.shards(sku):
+            log_key = SkuKeys.of(shard).log
+            cursor = 0
+            while True:
+                cursor, chunk = self._call("scan log", self.client.hscan, log_key, cursor, None, page)
+                for token, raw in chunk.items():
+                    yield _located(LogEntry.parse(token, raw), sku, shard)
+                if cursor == 0:
+                    break

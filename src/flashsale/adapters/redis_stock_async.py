@@ -10,6 +10,7 @@ an answer, and so is a cluster node's "not my slot" (MOVED), which says the scri
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError
 
 from flashsale import constants as c
 from flashsale import lua
+from flashsale.adapters.redis_partitions import aggregate, claims_key, moving, parse_layout, parse_partition
 from flashsale.adapters.redis_stock import (
     SkuKeys,
     parse_prededuct,
@@ -29,7 +31,7 @@ from flashsale.adapters.redis_stock import (
 from flashsale.adapters.redis_topology import MISROUTED, UNREACHABLE, AsyncRouter
 from flashsale.errors import StockError
 from flashsale.models import Purchase
-from flashsale.records import LogEntry, Peek, PredeductResult, StockView
+from flashsale.records import Layout, LogEntry, Peek, PredeductResult, Registry, StockView, Transfer
 
 
 class _Failed(Exception):
@@ -50,36 +52,40 @@ class AsyncRedisStock:
         self._wait_ms = wait_ms
         # Blocking pools: a burst waits for a free connection instead of failing with "too many".
         self._router = AsyncRouter(url, timeout_s=timeout_s, max_connections=max_connections)
-        self._source = lua.source("prededuct")
-        self._sha = lua.sha1("prededuct")
 
     async def close(self) -> None:
         await self._router.close()
 
     async def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
         keys, args = prededuct_call(sku, gid, purchases)
+        return parse_prededuct(purchases, await self.script("prededuct", keys, args))
+
+    async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
+        """Run an idempotent script; its reply counts once a replica holds what it wrote (with replicas).
+
+        Raises ServiceUnavailable, with `reached` False when the script certainly did not run.
+        """
         try:
-            reply = await self._prededuct(keys, args)
+            return await self._counted(name, keys, args)
         except _Failed as first:
             if not first.again:
-                raise unavailable(self.url, "prededuct (not sent)", first.cause, reached=False) from first.cause
-            try:  # the script may have run: ask again; a run that happened answers the same, deducting nothing
-                reply = await self._prededuct(keys, args)
+                raise unavailable(self.url, f"{name} (not sent)", first.cause, reached=False) from first.cause
+            try:  # the script may have run: ask again; a run that happened answers the same, changing nothing
+                return await self._counted(name, keys, args)
             except _Failed as second:
                 reached = first.reached or second.reached
-                what = "prededuct" if reached else "prededuct (not run)"
+                what = name if reached else f"{name} (not run)"
                 raise unavailable(self.url, what, first.cause, reached=reached) from second.cause
-        return parse_prededuct(purchases, reply)
 
-    async def _prededuct(self, keys: list[str], args: list[str]) -> list[Any]:
-        reply, acked, wanted = await self._send(keys, args)
+    async def _counted(self, name: str, keys: list[str], args: list[str]) -> Any:
+        reply, acked, wanted = await self._send(name, keys, args)
         if acked < wanted:
-            # The master has it, no replica yet: a failover now would lose it. The checker commits it
-            # once a replica holds it, or rolls it back if the master that ran it is gone.
+            # The master has it, no replica yet: a failover now would lose it. For a pre-deduct, the
+            # checker commits it once a replica holds it, or rolls it back if the master that ran it is gone.
             raise _Failed(redis.TimeoutError(f"no replica acknowledged within {self._wait_ms} ms"), reached=True)
         return reply
 
-    async def _send(self, keys: list[str], args: list[str]) -> tuple[list[Any], int, int]:
+    async def _send(self, name: str, keys: list[str], args: list[str]) -> tuple[Any, int, int]:
         """The script's reply, and how many replicas acknowledged it of how many were asked for."""
         try:
             pool = await self._router.pool(keys[0])
@@ -89,11 +95,11 @@ class AsyncRedisStock:
             raise _Failed(exc, reached=False) from exc
         try:
             try:
-                reply = await self._evalsha(conn, keys, args)
+                reply = await self._evalsha(conn, name, keys, args)
             except NoScriptError:  # a restarted or flushed server: load the script, then run it
-                await conn.send_command("SCRIPT", "LOAD", self._source)
+                await conn.send_command("SCRIPT", "LOAD", lua.source(name))
                 await conn.read_response()
-                reply = await self._evalsha(conn, keys, args)
+                reply = await self._evalsha(conn, name, keys, args)
             wanted = self._router.replicas(keys[0]) if self._wait_ms else 0
             acked = 0
             if wanted:  # on the script's own connection: WAIT counts the replicas that have its writes
@@ -109,15 +115,15 @@ class AsyncRedisStock:
             self._router.stale()
             raise _Failed(exc, reached=True) from exc
         except redis.ResponseError as exc:
-            raise StockError(f"Redis script prededuct failed: {exc}") from exc
+            raise StockError(f"Redis script {name} failed: {exc}") from exc
         finally:
             await pool.release(conn)
         return reply, acked, wanted
 
-    async def _evalsha(self, conn: Any, keys: list[str], args: list[str]) -> list[Any]:
-        await conn.send_command("EVALSHA", self._sha, len(keys), *keys, *args)
-        reply: list[Any] = await conn.read_response()
-        return reply
+    @staticmethod
+    async def _evalsha(conn: Any, name: str, keys: list[str], args: list[str]) -> Any:
+        await conn.send_command("EVALSHA", lua.sha1(name), len(keys), *keys, *args)
+        return await conn.read_response()
 
     async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek:
         """Stock, limit, and the purchases' log entries and buyers' counts, in one round trip (a hint: the
@@ -128,12 +134,12 @@ class AsyncRedisStock:
         async with self._reading("peek"):
             async with (await self._router.client(keys.stock)).pipeline(transaction=False) as pipe:
                 pipe.get(keys.stock)
-                pipe.hget(keys.meta, "per_user_limit")
+                pipe.hmget(keys.meta, ["per_user_limit", "standby"])
                 pipe.hmget(keys.log, tokens)
                 pipe.hmget(keys.users, users)
-                stock, limit, entries, bought = await pipe.execute()
+                stock, (limit, standby), entries, bought = await pipe.execute()
         return Peek(
-            stock=int(stock) if stock is not None else None,
+            stock=int(stock) + int(standby or 0) if stock is not None else None,
             per_user_limit=int(limit or 0),
             entries={t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens, entries, strict=True)},
             bought={u: int(n or 0) for u, n in zip(users, bought, strict=True)},
@@ -146,14 +152,107 @@ class AsyncRedisStock:
         return bool(flag == "1")
 
     async def view(self, sku: str) -> StockView:
-        keys = SkuKeys.of(sku)
         async with self._reading("read stock"):
+            stock, meta, entries, pool, transfers = await self._snapshot(sku)
+            layout = parse_layout(sku, meta)
+            if layout is None:
+                return parse_view(sku, stock, meta, entries)
+            parts = await asyncio.gather(*(self._snapshot(p, partition=True) for p in layout.parts))
+        views = [(parse_partition(p, s[0], s[1]), s[1], s[2]) for p, s in zip(layout.parts, parts, strict=True)]
+        refills = {p: s[3] for p, s in zip(layout.parts, parts, strict=True)}
+        return aggregate(sku, meta, pool, views, moving(transfers, refills))
+
+    async def _snapshot(self, shard: str, *, partition: bool = False) -> list[Any]:
+        """Stock, meta, log size, and the pool and transfers (of a SKU) or the refills (of a partition)."""
+        keys = SkuKeys.of(shard)
+        async with (await self._router.client(keys.stock)).pipeline(transaction=True) as pipe:
+            pipe.get(keys.stock)
+            pipe.hgetall(keys.meta)
+            pipe.hlen(keys.log)
+            if partition:
+                pipe.hgetall(keys.refills)
+            else:
+                pipe.get(keys.pool)
+                pipe.hgetall(keys.transfers)
+            return list(await pipe.execute())
+
+    # --- partitioned SKUs (docs/scaling.md) ---------------------------------------------------------
+    async def layout(self, sku: str) -> Layout | None:
+        meta = SkuKeys.of(sku).meta
+        async with self._reading("read layout"):
+            found: dict[str, str] = await (await self._router.client(meta)).hgetall(meta)  # type: ignore[assignment]
+        return parse_layout(sku, found)
+
+    async def registry(self, layout: Layout) -> Registry:
+        """The pool and each partition's two sub-domains, each read on its own node, all at once."""
+
+        async def part(name: str) -> tuple[int, int]:
+            keys = SkuKeys.of(name)
             async with (await self._router.client(keys.stock)).pipeline(transaction=True) as pipe:
                 pipe.get(keys.stock)
-                pipe.hgetall(keys.meta)
-                pipe.hlen(keys.log)
-                stock, meta, entries = await pipe.execute()
-        return parse_view(sku, stock, meta, entries)
+                pipe.hget(keys.meta, "standby")
+                stock, standby = await pipe.execute()
+            return int(stock or 0), int(standby or 0)
+
+        pool_key = SkuKeys.of(layout.sku).pool
+        async with self._reading("read partitions"):
+            pool, parts = await asyncio.gather(
+                (await self._router.client(pool_key)).get(pool_key),
+                asyncio.gather(*(part(p) for p in layout.parts)),
+            )
+        return Registry(int(pool or 0), dict(zip(layout.parts, parts, strict=True)))
+
+    async def claim(self, layout: Layout, proposals: Sequence[tuple[str, str]]) -> dict[str, str]:
+        """The partition each token is bound to (claim.lua; '' when the layout is out of date)."""
+        by_key: dict[str, list[str]] = {}
+        for token, part in proposals:
+            by_key.setdefault(claims_key(token), []).extend((token, part))
+
+        async def shard(key: str, pairs: list[str]) -> list[tuple[str, str]]:
+            bound = await self.script("claim", [key], [layout.sku, str(layout.epoch), *pairs])
+            return list(zip(pairs[::2], bound, strict=True))
+
+        found: dict[str, str] = {}
+        for pairs in await asyncio.gather(*(shard(k, p) for k, p in by_key.items())):
+            found.update(pairs)
+        return found
+
+    async def take(self, sku: str, transfer_id: str, part: str, want: int) -> int:
+        """Refill step 1: units taken from the pool for `part` (0: the pool is empty)."""
+        keys = SkuKeys.of(sku)
+        taken, _ = await self.script("pool_take", [keys.pool, keys.transfers], [transfer_id, part, str(want)])
+        return max(0, int(taken))
+
+    async def give(self, part: str, transfer_id: str, qty: int) -> None:
+        """Refill step 2: the units reach the partition's standby sub-domain (once per transfer)."""
+        keys = SkuKeys.of(part)
+        await self.script("refill_apply", [keys.meta, keys.refills], [transfer_id, str(qty)])
+
+    async def expect(self, sku: str, transfer_id: str, part: str, want: int) -> None:
+        """Drain step 1: the transfer is on record before any unit moves."""
+        await self.script("pool_expect", [SkuKeys.of(sku).transfers], [transfer_id, part, str(want)])
+
+    async def drain(self, part: str, transfer_id: str, want: int) -> int:
+        """Drain step 2: units taken out of the partition (once per transfer)."""
+        keys = SkuKeys.of(part)
+        return int(await self.script("drain", [keys.stock, keys.meta, keys.refills], [transfer_id, str(want)]))
+
+    async def receive(self, sku: str, transfer_id: str, qty: int) -> None:
+        """Drain step 3: the units reach the pool, and the record goes (once)."""
+        keys = SkuKeys.of(sku)
+        await self.script("pool_receive", [keys.pool, keys.transfers], [transfer_id, str(qty)])
+
+    async def forget(self, sku: str, transfer_id: str) -> None:
+        """The end of a refill: its record goes (a record found again is only applied again: a no-op)."""
+        key = SkuKeys.of(sku).transfers
+        async with self._reading("forget transfer"):
+            await (await self._router.client(key)).hdel(key, transfer_id)
+
+    async def transfers(self, sku: str) -> list[Transfer]:
+        key = SkuKeys.of(sku).transfers
+        async with self._reading("read transfers"):
+            raw: dict[str, str] = await (await self._router.client(key)).hgetall(key)  # type: ignore[assignment]
+        return [Transfer.parse(i, r) for i, r in raw.items()]
 
     async def ping(self) -> None:
         async with self._reading("ping"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,6 +65,15 @@ def replicas(client: Any, key: str) -> int:
     if not cache:
         return 0
     return max(0, len(cache.get(client.keyslot(key), ())) - 1)
+
+
+def masters(client: redis.Redis | redis.RedisCluster) -> tuple[list[str], Callable[[int], str]]:
+    """The masters' names, and the master of a slot (one unnamed master for a single node)."""
+    if not isinstance(client, redis.RedisCluster):
+        return [""], lambda slot: ""
+    manager = client.nodes_manager
+    primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+    return sorted(n.name for n in primaries), lambda slot: str(manager.get_node_from_slot(slot).name)
 
 
 def sync_node(client: redis.Redis | redis.RedisCluster, key: str) -> redis.Redis:

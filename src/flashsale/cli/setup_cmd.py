@@ -61,11 +61,26 @@ def stock() -> None:
 @click.option(
     "--force", is_flag=True, help="With --reset: go ahead even while deductions are still on their way to MySQL."
 )
+@click.option(
+    "--partitions",
+    type=click.IntRange(1, c.MAX_PARTITIONS),
+    default=1,
+    show_default=True,
+    metavar="P",
+    help="Spread the stock over P partitions on different Redis masters, refilled from a pool "
+    "(FLASHSALE_PARTITION_REFILL units at a time; 1 = one key, not partitioned).",
+)
 @click.pass_obj
-def stock_set(ctx: Context, sku: str, qty: int, per_user_limit: int, reset: bool, force: bool) -> None:
+def stock_set(ctx: Context, sku: str, qty: int, per_user_limit: int, reset: bool, force: bool, partitions: int) -> None:
     """Load SKU with QTY units into MySQL and Redis, consistently."""
-    setup.set_stock(ctx.settings, sku, qty, per_user_limit=per_user_limit, reset=reset, force=force)
-    click.echo(f"{sku}: {qty} units loaded" + (f", at most {per_user_limit} per user" if per_user_limit else ""))
+    setup.set_stock(
+        ctx.settings, sku, qty, per_user_limit=per_user_limit, reset=reset, force=force, partitions=partitions
+    )
+    click.echo(
+        f"{sku}: {qty} units loaded"
+        + (f" in {partitions} partitions" if partitions > 1 else "")
+        + (f", at most {per_user_limit} per user" if per_user_limit else "")
+    )
 
 
 def stock_report(ctx: Context, sku: str) -> dict[str, Any]:
@@ -89,6 +104,19 @@ def stock_report(ctx: Context, sku: str) -> dict[str, Any]:
             f"unknown SKU {sku!r}: not loaded in Redis nor MySQL", hint=f"load it with `flashsale stock set {sku} QTY`"
         )
     return {"sku": sku, "redis": redis_side, "mysql": mysql_side}
+
+
+def _partitions_table(sku: str, redis_side: dict[str, Any]) -> Table:
+    table = Table(title=f"partitions of {sku}: pool {redis_side['pool']}, moving {redis_side['moving']}")
+    for name in ("partition", "node", "active", "standby", "deducted", "refilled", "drained", "switches"):
+        table.add_column(name, justify="left" if name in ("partition", "node") else "right")
+    for p in redis_side["partitions"]:
+        table.add_row(
+            p["part"],
+            p["node"] or "-",
+            *(str(p[k]) for k in ("active", "standby", "deducted_qty", "refilled_qty", "drained_qty", "switches")),
+        )
+    return table
 
 
 @stock.command("show")
@@ -119,6 +147,9 @@ def stock_show(ctx: Context, sku: str, as_json: bool) -> None:
     table.add_row("orders", "-", cell(m, "orders"))
     table.add_row("per-user limit", cell(r, "per_user_limit"), cell(m, "per_user_limit"))
     table.add_row("sold out", cell(r, "sold_out"), "-")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if r.get("partitions"):
+        console.print(_partitions_table(sku, r))
     if not r or not m:
         click.echo(f"warning: {sku} is loaded in {'MySQL' if m else 'Redis'} only", err=True)

@@ -18,4 +18,17 @@ def sha1(name: str) -> str:
     return hashlib.sha1(source(name).encode("utf-8")).hexdigest()
 
 
-NAMES = ("prededuct", "fence", "return_stock", "load_stock", "adopt")
+NAMES = (
+    "prededuct",
+    "fence",
+    "return_stock",
+    "load_stock",
+    "adopt",
+    "claim",
+    "load_pool",
+    "pool_take",
+    "pool_expect",
+    "refill_apply",
+    "drain",
+    "pool_receive",
+)

@@ -8,6 +8,7 @@
 -- ARGV[1] quantity        decimal digits, >= 0
 -- ARGV[2] per-user limit  decimal digits, 0 = none
 -- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, message records), '0' otherwise
+-- ARGV[4] (a partition only) the switch threshold of its sub-domains; its standby starts empty
 --
 -- Returns {code, detail}:
 --   1 loaded
@@ -21,6 +22,9 @@ if not string.match(qty_arg, '^%d+$') or #qty_arg > 15 then
 end
 if not string.match(limit_arg, '^%d+$') or #limit_arg > 9 then
   return {3, 'per-user limit'}
+end
+if ARGV[4] and (not string.match(ARGV[4], '^%d+$') or #ARGV[4] > 15) then
+  return {3, 'threshold'}
 end
 local entries = redis.call('HLEN', log_key)
 if entries > 0 and reset ~= '1' then
@@ -39,4 +43,7 @@ redis.call('HSET', meta_key,
   'returned_qty', 0, 'returned_count', 0,
   'fenced_count', 0,
   'loaded_ms', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+if ARGV[4] then
+  redis.call('HSET', meta_key, 'threshold', tonumber(ARGV[4]), 'standby', 0, 'refilled_qty', 0, 'drained_qty', 0)
+end
 return {1, ''}

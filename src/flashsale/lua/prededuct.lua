@@ -3,10 +3,11 @@
 -- KEYS[1] fs:{sku}:stock  remaining stock (integer string)
 -- KEYS[2] fs:{sku}:log    hash token -> JSON log entry
 -- KEYS[3] fs:{sku}:users  hash user -> quantity bought (kept only when a per-user limit is set)
--- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, counters
+-- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, counters; for a partition also
+--                         standby (its second sub-domain) and threshold
 -- KEYS[5] fs:{sku}:tx     hash message id -> JSON record of that message's pre-deduct
 -- ARGV[1] message id of the half message (written into every log entry it deducts)
--- ARGV[2] sku             (written into the log entries; the keys already name it)
+-- ARGV[2] sku, or the partition `sku#n` the keys belong to (written into the log entries)
 -- ARGV[3..] token, user id, quantity: one triple per purchase, in arrival order
 --
 -- Returns a flat array, {code, remaining, detail} per purchase in ARGV order:
@@ -23,8 +24,17 @@
 -- while deciding leaves nothing behind. The record in KEYS[5] makes the script idempotent per message:
 -- run again, it deducts nothing and gives each purchase the outcome of the first run (a rejection's
 -- `remaining` is then the stock left now).
+--
+-- A partition sells from its active sub-domain (KEYS[1]). When that cannot cover a purchase, or falls
+-- below the threshold, the standby sub-domain is switched in (its units join the active ones) and the
+-- standby is left empty for the pool to refill. `remaining` counts both sub-domains.
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local gid, sku = ARGV[1], ARGV[2]
+local parent = string.match(sku, '^(.-)#')
+local part = nil
+if parent then
+  sku, part = parent, sku
+end
 local n = math.floor((#ARGV - 2) / 3)
 local out = {}
 
@@ -37,6 +47,9 @@ end
 local stock_raw = redis.call('GET', stock_key)
 local stock = tonumber(stock_raw or '-1')
 local limit = tonumber(redis.call('HGET', meta_key, 'per_user_limit') or '0') or 0
+local standby = tonumber(redis.call('HGET', meta_key, 'standby') or '0') or 0
+local threshold = tonumber(redis.call('HGET', meta_key, 'threshold') or '0') or 0
+local switches = 0
 
 local record = redis.call('HGET', tx_key, gid)
 if record then
@@ -44,17 +57,17 @@ if record then
   for i = 1, n do
     local token, user = ARGV[3 * i], ARGV[3 * i + 1]
     if tx['state'] == 'fenced' then
-      answer(8, stock, record)
+      answer(8, stock + standby, record)
     else
       local code = tonumber(string.sub(tx['codes'], i, i)) or 6
       local seen = redis.call('HGET', log_key, token)
       if (code == 1 or code == 2) and seen then
         local entry = cjson.decode(seen)
-        answer(code, code == 1 and tonumber(entry['to']) or stock, seen)
+        answer(code, code == 1 and tonumber(entry['to']) or stock + standby, seen)
       elseif code == 5 then
-        answer(5, stock, redis.call('HGET', users_key, user) or '0')
+        answer(5, stock + standby, redis.call('HGET', users_key, user) or '0')
       else
-        answer(code, stock, '')
+        answer(code, stock + standby, '')
       end
     end
   end
@@ -80,6 +93,9 @@ for i = 1, n do
     code = 6
   else
     local qty = tonumber(qty_arg)
+    if standby > 0 and (stock < qty or stock < threshold) then
+      stock, standby, switches = stock + standby, 0, switches + 1
+    end
     local seen = taken[token] or redis.call('HGET', log_key, token)
     if seen then
       code = cjson.decode(seen)['state'] == 'fenced' and 8 or 2
@@ -96,8 +112,8 @@ for i = 1, n do
       else
         code = 1
         detail = cjson.encode({
-          state = 'deducted', sku = sku, user = user, qty = qty,
-          from = stock, to = stock - qty, ts = ts, msg = gid,
+          state = 'deducted', sku = sku, part = part, user = user, qty = qty,
+          from = stock + standby, to = stock + standby - qty, ts = ts, msg = gid,
         })
         stock = stock - qty
         taken[token] = detail
@@ -112,21 +128,27 @@ for i = 1, n do
     end
   end
   codes[i] = tostring(code)
-  answer(code, stock, detail)
+  answer(code, stock + standby, detail)
 end
 
 -- Then write.
 for _, pair in ipairs(entries) do
   redis.call('HSET', log_key, pair[1], pair[2])
 end
-if deducted_count > 0 then
+if switches > 0 then
+  redis.call('HSET', meta_key, 'standby', 0)
+  redis.call('HINCRBY', meta_key, 'switches', switches)
+end
+if deducted_count > 0 or switches > 0 then
   redis.call('SET', stock_key, stock)
+end
+if deducted_count > 0 then
   for user in pairs(changed) do
     redis.call('HSET', users_key, user, bought[user])
   end
   redis.call('HINCRBY', meta_key, 'deducted_qty', deducted_qty)
   redis.call('HINCRBY', meta_key, 'deducted_count', deducted_count)
-  if stock == 0 then
+  if stock == 0 and standby == 0 then
     redis.call('HSET', meta_key, 'sold_out', 1)
   end
 end

@@ -46,19 +46,21 @@ class ReplayReport:
 
 
 def replay_messages(entries: Iterable[LogEntry]) -> list[DeductionMessage]:
-    """Replay messages for log entries: one per SKU and REPLAY_GROUP entries, carrying the log's values."""
-    by_sku: dict[str, list[LogEntry]] = defaultdict(list)
+    """Replay messages for log entries: one per SKU (or partition) and REPLAY_GROUP entries, carrying the
+    log's values."""
+    by_shard: dict[str, list[LogEntry]] = defaultdict(list)
     for entry in entries:
-        by_sku[entry.sku].append(entry)
+        by_shard[entry.shard].append(entry)
     return [
         DeductionMessage(
-            sku,
+            chunk[0].sku,
             tuple(Purchase(e.token, e.user, e.qty) for e in chunk),
             gid="",
             ts_ms=min(e.ts_ms for e in chunk),
             source=SOURCE_REPLAY,
+            part=chunk[0].part or "",
         )
-        for sku, logged in by_sku.items()
+        for logged in by_shard.values()
         for chunk in pages(iter(logged), REPLAY_GROUP)
     ]
 

@@ -11,7 +11,7 @@ from flashsale.adapters import rocketmq_admin
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.config import Settings
-from flashsale.errors import ServiceUnavailable, StackError, StockError, UnknownSku
+from flashsale.errors import InvalidInput, ServiceUnavailable, StackError, StockError, UnknownSku
 from flashsale.models import parse_count, require_id
 from flashsale.polling import poll_until
 
@@ -83,7 +83,14 @@ def _init(settings: Settings) -> InitReport:
 
 
 def set_stock(
-    settings: Settings, sku: str, qty: object, *, per_user_limit: object = 0, reset: bool = False, force: bool = False
+    settings: Settings,
+    sku: str,
+    qty: object,
+    *,
+    per_user_limit: object = 0,
+    reset: bool = False,
+    force: bool = False,
+    partitions: object = 1,
 ) -> None:
     """Load a SKU: MySQL first (the books), then Redis (the gate).
 
@@ -95,6 +102,14 @@ def set_stock(
     require_id(sku, "sku")
     quantity = parse_count(qty, "quantity", c.MAX_STOCK)
     limit = parse_count(per_user_limit, "per-user limit", c.MAX_PER_USER_LIMIT)
+    parts = parse_count(partitions, "partitions", c.MAX_PARTITIONS)
+    if parts < 1:
+        raise InvalidInput("partitions must be at least 1 (1: the SKU is not partitioned)")
+    if parts > 1 and limit:
+        raise InvalidInput(
+            "a per-user limit on a partitioned SKU is not supported yet",
+            hint="load it with --partitions 1 to keep the limit, or without --per-user-limit",
+        )
     store = MySQLStore(settings.mysql_url)
     stock = RedisStock(settings.redis_url)
     try:
@@ -113,11 +128,21 @@ def set_stock(
                     "--force discards them",
                 )
         store.load_stock(sku, quantity, per_user_limit=limit, reset=reset)
-        stock.load(sku, quantity, per_user_limit=limit, reset=reset)
+        if parts == 1:
+            stock.load(sku, quantity, per_user_limit=limit, reset=reset)
+        else:
+            stock.load_partitioned(
+                sku,
+                quantity,
+                partitions=parts,
+                refill=settings.partition_refill,
+                threshold=settings.partition_threshold,
+                reset=reset,
+            )
     finally:
         store.close()
         stock.close()
-    logger.info("loaded %s: %d units, per-user limit %s", sku, quantity, limit or "none")
+    logger.info("loaded %s: %d units in %d partition(s), per-user limit %s", sku, quantity, parts, limit or "none")
 
 
 def _in_flight(stock: RedisStock, sku: str, applied: int) -> int:

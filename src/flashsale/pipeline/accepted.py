@@ -71,10 +71,10 @@ def disagrees(entry: LogEntry, purchase: Purchase, message: DeductionMessage) ->
 
 
 def wanted(decoded: Sequence[Decoded]) -> dict[str, tuple[list[str], list[str]]]:
-    """Per SKU, the tokens whose log entries and the messages whose records the plan needs."""
+    """Per SKU (or partition), the tokens whose log entries and the messages whose records the plan needs."""
     need: dict[str, tuple[list[str], list[str]]] = {}
     for d in decoded:
-        tokens, gids = need.setdefault(d.message.sku, ([], []))
+        tokens, gids = need.setdefault(d.message.shard, ([], []))
         tokens += [t for t in d.message.tokens if t not in tokens]
         if not d.replay and d.message.gid not in gids:
             gids.append(d.message.gid)
@@ -85,7 +85,7 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
     result = Plan()
     for d in decoded:
         message = d.message
-        entries, records = found[message.sku]
+        entries, records = found[message.shard]
         if d.replay:
             for purchase in message.purchases:
                 entry = entries.get(purchase.token)

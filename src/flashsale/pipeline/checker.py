@@ -71,7 +71,7 @@ class DeductionChecker:
             return Resolution.ROLLBACK
         try:
             view = self._stock.check(
-                message.sku,
+                message.shard,
                 message.gid,
                 message.tokens,
                 born_ms=delivery.born_ms or message.ts_ms,

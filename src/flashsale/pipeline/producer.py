@@ -26,6 +26,7 @@ from flashsale.errors import BusError, FlashSaleError, InvalidInput, ServiceUnav
 from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.grouping import Grouper
+from flashsale.pipeline.partitions import Scheduler
 from flashsale.ports import PurchaseStockPort, TxBusPort
 from flashsale.records import Peek, Prededuct, PredeductResult
 
@@ -86,8 +87,11 @@ class PurchaseService:
         failpoint_names: frozenset[str] = frozenset(),
         observe: Observer | None = None,
         observe_group: GroupObserver | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self._stock = stock
+        #: Places purchases of partitioned SKUs; without one, every SKU is sold from its own keys.
+        self._scheduler = scheduler
         self._bus = bus
         self._topic = topic
         self._sold_out = SoldOutCache(stock, sold_out_cache_s)
@@ -121,23 +125,45 @@ class PurchaseService:
         return result
 
     async def _handle_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
-        """Answer what one Redis read can answer; send the rest as one transaction."""
-        sold_out = await self._sold_out.is_sold_out(sku)
+        """A group of one SKU: sold from the SKU's keys, or spread over its partitions by the scheduler."""
+        if self._scheduler is None:
+            return await self._handle_shard(sku, sku, requests)
         try:
-            peek = await self._stock.peek(sku, [Purchase(r.token, r.user_id, r.qty) for r in requests])
+            layout = await self._scheduler.layout(sku)
         except FlashSaleError as exc:
-            logger.warning("cannot read %s ahead of its transaction: %s", sku, exc, extra=ids(sku=sku))
+            logger.warning("cannot read the layout of %s: %s", sku, exc, extra=ids(sku=sku))
+            return self._all(requests, PurchaseStatus.ERROR, _NOT_RUN)
+        if layout is None:
+            return await self._handle_shard(sku, sku, requests)
+        return await self._scheduler.sell(
+            layout, requests, lambda part, some: self._handle_shard(sku, part, some, cache=False)
+        )
+
+    async def _handle_shard(
+        self, sku: str, shard: str, requests: Sequence[PurchaseRequest], *, cache: bool = True
+    ) -> list[PurchaseResult]:
+        """Answer what one Redis read can answer; send the rest as one transaction.
+
+        `shard` is the SKU, or the partition the scheduler bound these purchases to. A partition's
+        sold-out answer is not final (the scheduler pulls stock to it), so it is never cached.
+        """
+        sold_out = cache and await self._sold_out.is_sold_out(shard)
+        try:
+            peek = await self._stock.peek(shard, [Purchase(r.token, r.user_id, r.qty) for r in requests])
+        except FlashSaleError as exc:
+            logger.warning("cannot read %s ahead of its transaction: %s", shard, exc, extra=ids(sku=sku))
             if sold_out:  # no broker call for a sold-out SKU; and no answer for a token not looked up
                 return self._all(requests, PurchaseStatus.ERROR, "stock could not be checked; try again")
-            return await self.commit_group(sku, requests)
-        answers = [self._early(r, peek, sold_out) for r in requests]
+            return await self.commit_group(sku, requests, shard)
+        answers = [self._early(r, peek, sold_out, cache) for r in requests]
         rest = [i for i, a in enumerate(answers) if a is None]
         if rest:
-            for i, result in zip(rest, await self.commit_group(sku, [requests[i] for i in rest]), strict=True):
+            done = await self.commit_group(sku, [requests[i] for i in rest], shard)
+            for i, result in zip(rest, done, strict=True):
                 answers[i] = result
         return [a for a in answers if a is not None]
 
-    def _early(self, request: PurchaseRequest, peek: Peek, sold_out: bool) -> PurchaseResult | None:
+    def _early(self, request: PurchaseRequest, peek: Peek, sold_out: bool, cache: bool) -> PurchaseResult | None:
         """The answer of a purchase that cannot succeed, or None: then the pre-deduct decides."""
         token, sku = request.token, request.sku
         entry = peek.entries.get(token)
@@ -148,7 +174,8 @@ class PurchaseService:
         if peek.stock is None:
             return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
         if sold_out or peek.stock == 0:
-            self._sold_out.mark(sku)
+            if cache:
+                self._sold_out.mark(sku)
             return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
         bought = peek.bought.get(request.user_id, 0)
         if peek.per_user_limit and bought + request.qty > peek.per_user_limit:
@@ -160,11 +187,15 @@ class PurchaseService:
             )
         return None
 
-    async def commit_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
-        """One half message and one pre-deduct for purchases of one SKU; an answer for each, in order."""
+    async def commit_group(
+        self, sku: str, requests: Sequence[PurchaseRequest], shard: str | None = None
+    ) -> list[PurchaseResult]:
+        """One half message and one pre-deduct for purchases of one SKU (on one of its partitions, if
+        `shard` names one); an answer for each, in order."""
         gid = self._bus.new_message_id()
+        shard = shard or sku
         purchases = tuple(Purchase(r.token, r.user_id, r.qty) for r in requests)
-        body = DeductionMessage(sku, purchases, gid).encode()
+        body = DeductionMessage(sku, purchases, gid, part="" if shard == sku else shard).encode()
         try:
             half = await self._bus.send_half_async(self._topic, requests[0].token, body, c.DEDUCTION_TAG, gid)
         except BusError as exc:
@@ -181,7 +212,7 @@ class PurchaseService:
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
 
         try:
-            outcomes = await self._stock.prededuct(sku, gid, purchases)
+            outcomes = await self._stock.prededuct(shard, gid, purchases)
         except ServiceUnavailable as exc:
             if not exc.reached:
                 logger.warning(
@@ -216,7 +247,7 @@ class PurchaseService:
             # Nothing was deducted. If this rollback is lost, the checker rolls back too: the log names
             # no purchase of this message.
             await self._end(half.rollback, "rollback", gid)
-        if any(o.remaining == 0 for o in outcomes):
+        if shard == sku and any(o.remaining == 0 for o in outcomes):
             self._sold_out.mark(sku)
         return [self._answer(r, o, gid) for r, o in zip(requests, outcomes, strict=True)]
 

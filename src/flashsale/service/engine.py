@@ -20,6 +20,7 @@ from flashsale.config import Settings
 from flashsale.errors import FlashSaleError
 from flashsale.models import PurchaseResult
 from flashsale.pipeline.checker import DeductionChecker
+from flashsale.pipeline.partitions import Scheduler
 from flashsale.pipeline.producer import PurchaseService
 from flashsale.polling import poll_until
 from flashsale.service.metrics import Metrics
@@ -53,6 +54,7 @@ class PurchaseEngine:
             max_connections=cfg.redis_connections,
             wait_ms=settings.redis_wait_ms,
         )
+        self.scheduler = Scheduler(self.stock)
         self.service = PurchaseService(
             self.stock,
             self.bus,
@@ -63,6 +65,7 @@ class PurchaseEngine:
             failpoint_names=settings.failpoints,
             observe=metrics.purchase if metrics else None,
             observe_group=metrics.group if metrics else None,
+            scheduler=self.scheduler,
         )
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -83,6 +86,7 @@ class PurchaseEngine:
         return self.service.idle
 
     def close(self) -> None:
+        self.run(self.scheduler.close())
         self.run(self.stock.close())
         self.bus.shutdown()
         self._check_stock.close()

@@ -101,6 +101,9 @@ class RedisNode(Service):
             return note
         if fields.get("cluster_state") != "ok":
             raise StackError(f"{self.name}: cluster state is {fields.get('cluster_state')}, not ok")
+        known, expected = int(fields.get("cluster_known_nodes", 0)), self.settings.topology.redis_nodes
+        if known != expected:  # gossip still spreading: a failover now could not count every vote
+            raise StackError(f"{self.name}: knows {known} of the cluster's {expected} nodes so far")
         if fields.get("role") == "slave":
             master = f"{fields.get('master_host')}:{fields.get('master_port')}"
             if fields.get("master_link_status") != "up":  # not a copy yet: its master's failover would lose data
@@ -145,8 +148,14 @@ def form_cluster(members: Sequence[RedisNode], replicas: int) -> bool:
         raise StackError(f"redis-cli --cluster create failed:\n{tail}")
 
     def agreed() -> bool:
-        return all(node.info().get("cluster_state") == "ok" for node in members)
+        states = [node.info() for node in members]
+        return all(
+            s.get("cluster_state") == "ok" and int(s.get("cluster_known_nodes", 0)) == len(members) for s in states
+        )
 
     if not poll_until(agreed, FORM_TIMEOUT_S, interval_s=0.2):
-        raise StackError(f"the new Redis Cluster did not reach state ok within {FORM_TIMEOUT_S:.0f} s")
+        raise StackError(
+            f"the new Redis Cluster did not reach state ok, every node knowing the others, "
+            f"within {FORM_TIMEOUT_S:.0f} s"
+        )
     return True

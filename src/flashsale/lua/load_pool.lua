@@ -1,0 +1,24 @@
+-- Load a partitioned SKU's own keys, once its partitions are loaded: the layout and the pool.
+--
+-- KEYS[1] fs:{sku}:stock      deleted: a partitioned SKU sells from its partitions only
+-- KEYS[2] fs:{sku}:log        deleted, with KEYS[3] and KEYS[5]: an earlier unpartitioned sale's history
+-- KEYS[3] fs:{sku}:users
+-- KEYS[4] fs:{sku}:meta       initial, parts, refill, threshold, loaded_ms (the epoch claims carry)
+-- KEYS[5] fs:{sku}:tx
+-- KEYS[6] fs:{sku}:pool       units not given to a partition yet
+-- KEYS[7] fs:{sku}:transfers  pending moves between the pool and the partitions (emptied)
+-- ARGV[1] initial stock of the SKU
+-- ARGV[2] pool
+-- ARGV[3] the partitions, space separated
+-- ARGV[4] refill size
+-- ARGV[5] switch threshold
+--
+-- Returns the epoch (loaded_ms).
+local now = redis.call('TIME')
+local epoch = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7])
+redis.call('SET', KEYS[6], tonumber(ARGV[2]))
+redis.call('HSET', KEYS[4],
+  'initial', tonumber(ARGV[1]), 'per_user_limit', 0, 'parts', ARGV[3],
+  'refill', tonumber(ARGV[4]), 'threshold', tonumber(ARGV[5]), 'loaded_ms', epoch)
+return epoch

@@ -1,0 +1,13 @@
+-- Step 1 of a drain (the stranding rebalance): record that transfer `id` will move units of a
+-- partition back to the pool, before drain.lua takes them; pool_receive.lua ends it. Whoever finds
+-- the record (a refiller that died, the sweep) runs the two other steps again: each counts once.
+--
+-- KEYS[1] fs:{sku}:transfers  hash id -> JSON {dir: in, part, want, ts}
+-- ARGV[1] transfer id
+-- ARGV[2] partition (sku#n)
+-- ARGV[3] units wanted
+local now = redis.call('TIME')
+redis.call('HSETNX', KEYS[1], ARGV[1], cjson.encode({
+  dir = 'in', part = ARGV[2], want = tonumber(ARGV[3]), ts = tonumber(now[1]) * 1000,
+}))
+return 1
