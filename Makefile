@@ -60,8 +60,9 @@ demo: install
 bench: install
 	$(BIN)/flashsale stack up
 	$(BIN)/flashsale init
-	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline-b1,pipeline --plot bench.png
+	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline-b1,pipeline,bucketed --plot bench.png
 	$(BIN)/python -m tests.benchmarks.ops_bounds
+	$(BIN)/python -m tests.benchmarks.redis_stage
 
 # What a client sees, from outside: Debian's wrk against a producer, live stock and sold out.
 wrk: install

@@ -54,7 +54,9 @@ TRANSFERS_KEY = "fs:{{{sku}}}:transfers"
 REFILLS_KEY = "fs:{{{sku}}}:refills"
 #: "sku token" -> "epoch partition": the partition a token of a partitioned SKU is bound to.
 CLAIMS_KEY = "fs:{{#claims:{shard}}}:tokens"
-#: Claim shards; a token's shard is its crc32 modulo this (spread over every master).
+#: Per-user limit of a partitioned SKU: b:user -> units held, h:token -> units (sharded by the user's crc32).
+USER_HOLDS_KEY = "fs:{{#users:{shard}}}:{sku}:{epoch}"
+#: Claim and hold shards; a token's (a user's) shard is its crc32 modulo this (spread over every master).
 CLAIM_SHARDS = 64
 #: Most partitions one SKU may have.
 MAX_PARTITIONS = 64

@@ -173,6 +173,7 @@ class Layout:
     refill: int
     threshold: int
     epoch: int
+    per_user_limit: int = 0
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,11 @@ def test_bench_compares_every_strategy_over_the_same_http_with_the_same_load(
         # No latency exceeds the whole run, and the rate is the attempts over the run's time.
         assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["elapsed_s"] * 1000
         assert r["throughput"] == pytest.approx(400 / r["elapsed_s"], rel=0.01)
-        assert r["cpu_ms_per_accepted"]["mariadb"] > 0  # every strategy's books live in MariaDB
+        assert "mariadb" in r["cpu_ms_per_accepted"]  # every strategy's books live in MariaDB
+        if r["strategy"] in ("mysql-lock", "mysql-optimistic"):
+            # MariaDB does all their work. (With group commit, 100 purchases are a batch or two: less than
+            # the 10 ms the kernel counts CPU time in, so a pipeline's share may read 0.)
+            assert r["cpu_ms_per_accepted"]["mariadb"] > 0
     assert results["mysql-lock"]["accepted"] == results["pipeline"]["accepted"] == 100
     assert results["mysql-lock"]["cpu_ms_per_accepted"]["baseline"] > 0
     assert {"producer", "consumer", "checker", "broker", "redis"} <= set(results["pipeline"]["cpu_ms_per_accepted"])

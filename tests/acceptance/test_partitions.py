@@ -13,9 +13,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pymysql
 import pytest
 import redis
+from sqlalchemy.engine.url import make_url
 
+from flashsale.adapters.redis_partitions import claims_key as claims_key_of
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.adapters.redis_stock_async import AsyncRedisStock
 from flashsale.config import Settings
@@ -49,10 +52,10 @@ def _layout(url: str, sku: str) -> tuple[list[str], dict[str, int], int]:
         client.close()
 
 
-def _buy(url: str, sku: str, qty: int, token: str | None = None) -> str:
+def _buy(url: str, sku: str, qty: int, token: str | None = None, user: str | None = None) -> str:
     token = token or uuid.uuid4().hex
     for _ in range(50):  # an unclear answer is asked again with the same token
-        _, body = post(url, {"sku": sku, "user_id": f"u-{token}", "qty": qty, "token": token})
+        _, body = post(url, {"sku": sku, "user_id": user or f"u-{token}", "qty": qty, "token": token})
         if body.get("status") not in ("pending", "error"):
             return str(body["status"])
         time.sleep(0.2)
@@ -76,10 +79,6 @@ def test_stock_set_spreads_partitions_over_the_masters_and_keeps_the_rest_in_the
     redis_side = json.loads(shown.stdout)["redis"]
     assert (redis_side["stock"], redis_side["pool"]) == (1000, 700)
     assert [(p["part"], p["active"], p["standby"]) for p in redis_side["partitions"]] == [(p, 100, 0) for p in parts]
-
-    refused = flashsale(pipeline, "stock", "set", sku, "10", "--partitions", "3", "--per-user-limit", "2", "--reset")
-    assert refused.returncode != 0 and "not supported yet" in refused.stderr
-    assert _layout(settings.redis_url, sku)[2] == 700  # nothing changed
 
 
 def test_a_partitioned_sale_sells_every_unit_once_to_buyers_who_retry(
@@ -184,3 +183,42 @@ def test_concurrent_pulls_at_the_end_of_a_sale_never_oversell(pipeline: Pipeline
     assert books.oversold() == 0 and books.sold == sold
     # 96 units were asked for 40: all but what fits no purchase still coming sold.
     assert books.sold >= 38 and "sold_out" in said
+
+
+def _bought_by_user(settings: Settings, sku: str) -> dict[str, int]:
+    """Units ordered per user, by plain SQL."""
+    url = make_url(settings.mysql_url)
+    conn = pymysql.connect(
+        host=url.host, port=url.port or 3306, user=url.username, password=url.password, database=url.database
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT user_id, SUM(qty) FROM orders WHERE sku = %s GROUP BY user_id", (sku,))
+            return {user: int(qty) for user, qty in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def test_the_per_user_limit_holds_across_partitions(pipeline: Pipeline, settings: Settings, sku: str) -> None:
+    set_stock(settings, sku, 300, per_user_limit=2, partitions=3)
+    pipeline.checker()
+    pipeline.consumer()
+    _, url = pipeline.producer(FLASHSALE_GROUP_SIZE="1")  # a partition picked for every purchase
+    wanted = [(f"user-{u}", f"{sku}-{u}-{n}") for u in range(10) for n in range(5)]
+    with ThreadPoolExecutor(25) as pool:
+        said = dict(zip(wanted, pool.map(lambda w: _buy(url, sku, 1, w[1], w[0]), wanted), strict=True))
+        # Every token retried: a bought one is `duplicate` and takes nothing more from its buyer's limit.
+        again = dict(zip(wanted, pool.map(lambda w: _buy(url, sku, 1, w[1], w[0]), wanted), strict=True))
+    assert sorted(set(said.values())) == ["accepted", "limit_exceeded"]
+    assert all(again[w] == ("duplicate" if said[w] == "accepted" else "limit_exceeded") for w in wanted)
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert _bought_by_user(settings, sku) == {f"user-{u}": 2 for u in range(10)}
+    client = redis_client(settings.redis_url)
+    try:
+        parts_of = {w: client.hget(claims_key_of(w[1]), f"{sku} {w[1]}").split()[1] for w in wanted}
+    finally:
+        client.close()
+    # The tokens went to every partition, and some buyer's to more than one: the limit spans them.
+    assert len(set(parts_of.values())) == 3
+    assert any(len({parts_of[(f"user-{u}", t)] for (user, t) in wanted if user == f"user-{u}"}) > 1 for u in range(10))

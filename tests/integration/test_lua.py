@@ -347,3 +347,13 @@ def test_a_claim_binds_a_token_to_its_first_partition_for_that_load_only(redis_s
     assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#2"]) == [f"{sku}#0"]  # a retry
     assert _script(redis_stock, "claim", [key], [sku, 200, "t1", f"{sku}#2"]) == [f"{sku}#2"]  # a new load
     assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#0"]) == [""]  # an out-of-date layout
+
+
+def test_a_hold_counts_each_token_once_against_its_buyers_limit(redis_stock: RedisStock) -> None:
+    key = c.USER_HOLDS_KEY.format(shard=0, sku="s", epoch=1)
+    redis_stock.client.delete(key)
+    reply = _script(redis_stock, "user_hold", [key], [3, "t1", "u1", 2, "t2", "u1", 2, "t3", "u2", 3, "t1", "u1", 2])
+    # t2 would take u1 to 4 of 3; t1 again (a retry) is held already and counts once.
+    assert reply == [1, "", 5, "2", 1, "", 1, ""]
+    assert _script(redis_stock, "user_hold", [key], [3, "t4", "u1", 1]) == [1, ""]
+    assert redis_stock.client.hget(key, "b:u1") == "3"

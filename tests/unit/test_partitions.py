@@ -66,3 +66,18 @@ def test_a_message_names_only_a_partition_of_its_own_sku() -> None:
         body["part"] = bad
         with pytest.raises(MalformedMessage, match="part must name a partition of hot"):
             DeductionMessage.decode(json.dumps(body).encode())
+
+
+def test_a_group_goes_to_one_partition_when_one_can_cover_it_all() -> None:
+    from flashsale.models import PurchaseRequest
+
+    scheduler = Scheduler(stock=None, rng=random.Random(3))  # type: ignore[arg-type]
+    group = [PurchaseRequest.build("s", f"u{i}", 1, f"t{i}") for i in range(4)]
+    registry = Registry(pool=0, parts={"s#0": (3, 0), "s#1": (2, 2), "s#2": (5, 0)})
+    for _ in range(20):
+        parts = {part for _, part in scheduler.propose(registry, group)}
+        assert len(parts) == 1 and parts <= {"s#1", "s#2"}
+    tight = Registry(pool=0, parts={"s#0": (2, 0), "s#1": (1, 0), "s#2": (1, 0)})
+    # No partition holds 4: each purchase gets its own pick, so the group spreads.
+    picked = {part for _ in range(20) for _, part in scheduler.propose(tight, group)}
+    assert picked == {"s#0", "s#1", "s#2"}

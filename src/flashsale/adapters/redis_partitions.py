@@ -26,8 +26,21 @@ def parent(shard: str) -> str:
     return shard.split(c.PART_SEP, 1)[0]
 
 
+def _shard(name: str) -> int:
+    return zlib.crc32(name.encode()) % c.CLAIM_SHARDS
+
+
 def claims_key(token: str) -> str:
-    return c.CLAIMS_KEY.format(shard=zlib.crc32(token.encode()) % c.CLAIM_SHARDS)
+    return c.CLAIMS_KEY.format(shard=_shard(token))
+
+
+def holds_key(layout: Layout, user: str) -> str:
+    return c.USER_HOLDS_KEY.format(shard=_shard(user), sku=layout.sku, epoch=layout.epoch)
+
+
+def all_holds_keys(layout: Layout) -> list[str]:
+    """Every holds key of one load of the SKU (deleted when it is loaded again)."""
+    return [c.USER_HOLDS_KEY.format(shard=n, sku=layout.sku, epoch=layout.epoch) for n in range(c.CLAIM_SHARDS)]
 
 
 def place(sku: str, count: int, masters: Sequence[str], master_of_slot: Callable[[int], str]) -> list[str]:
@@ -56,6 +69,7 @@ def parse_layout(sku: str, meta: Mapping[str, str]) -> Layout | None:
         refill=int(meta.get("refill") or 0),
         threshold=int(meta.get("threshold") or 0),
         epoch=int(meta.get("loaded_ms") or 0),
+        per_user_limit=int(meta.get("per_user_limit") or 0),
     )
 
 

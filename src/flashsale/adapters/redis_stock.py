@@ -17,7 +17,14 @@ import redis
 
 from flashsale import constants as c
 from flashsale import lua
-from flashsale.adapters.redis_partitions import aggregate, moving, parse_layout, parse_partition, place
+from flashsale.adapters.redis_partitions import (
+    aggregate,
+    all_holds_keys,
+    moving,
+    parse_layout,
+    parse_partition,
+    place,
+)
 from flashsale.adapters.redis_topology import (
     MAP_TTL_S,
     MISROUTED,
@@ -199,10 +206,19 @@ class RedisStock:
         old = self._refuse_history(sku, reset)
         self._load_one(sku, [str(qty), str(per_user_limit), "1"])
         self._drop(sku, old.parts if old else (), pool=True)
+        self._drop_holds(old)
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
 
     def load_partitioned(
-        self, sku: str, qty: int, *, partitions: int, refill: int, threshold: int, reset: bool = False
+        self,
+        sku: str,
+        qty: int,
+        *,
+        partitions: int,
+        refill: int,
+        threshold: int,
+        per_user_limit: int = 0,
+        reset: bool = False,
     ) -> Layout:
         """Spread `qty` over `partitions` partitions on different masters: each starts with up to one
         refill in its active sub-domain, the rest waits in the SKU's pool. The partitions are loaded
@@ -215,11 +231,19 @@ class RedisStock:
             self._load_one(part, [str(share), "0", "1", str(threshold)])
             self._call("clear refills", self.client.delete, SkuKeys.of(part).refills)
         self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
+        self._drop_holds(old)
         keys = SkuKeys.of(sku)
         self._run(
             "load_pool",
             [*keys.all(), keys.pool, keys.transfers],
-            [str(qty), str(qty - share * partitions), " ".join(parts), str(refill), str(threshold)],
+            [
+                str(qty),
+                str(qty - share * partitions),
+                " ".join(parts),
+                str(refill),
+                str(threshold),
+                str(per_user_limit),
+            ],
         )
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
         layout = self.layout(sku)
@@ -250,6 +274,11 @@ class RedisStock:
         if pool:
             keys = SkuKeys.of(sku)
             self._call("drop pool", self.client.delete, keys.pool, keys.transfers)
+
+    def _drop_holds(self, old: Layout | None) -> None:
+        """The per-user holds of the SKU's previous load (one key per shard: each on its own slot)."""
+        for key in all_holds_keys(old) if old else []:
+            self._call("drop holds", self.client.delete, key)
 
     def layout(self, sku: str) -> Layout | None:
         """How the SKU is partitioned; None when it is not (or not loaded)."""

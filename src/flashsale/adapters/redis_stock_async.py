@@ -20,7 +20,14 @@ from redis.exceptions import BusyLoadingError, NoScriptError
 
 from flashsale import constants as c
 from flashsale import lua
-from flashsale.adapters.redis_partitions import aggregate, claims_key, moving, parse_layout, parse_partition
+from flashsale.adapters.redis_partitions import (
+    aggregate,
+    claims_key,
+    holds_key,
+    moving,
+    parse_layout,
+    parse_partition,
+)
 from flashsale.adapters.redis_stock import (
     SkuKeys,
     parse_prededuct,
@@ -207,15 +214,73 @@ class AsyncRedisStock:
         by_key: dict[str, list[str]] = {}
         for token, part in proposals:
             by_key.setdefault(claims_key(token), []).extend((token, part))
-
-        async def shard(key: str, pairs: list[str]) -> list[tuple[str, str]]:
-            bound = await self.script("claim", [key], [layout.sku, str(layout.epoch), *pairs])
-            return list(zip(pairs[::2], bound, strict=True))
-
+        calls = [([key], [layout.sku, str(layout.epoch), *pairs]) for key, pairs in by_key.items()]
         found: dict[str, str] = {}
-        for pairs in await asyncio.gather(*(shard(k, p) for k, p in by_key.items())):
-            found.update(pairs)
+        for (_, args), bound in zip(calls, await self.scripts("claim", calls), strict=True):
+            found.update(zip(args[2::2], bound, strict=True))
         return found
+
+    async def scripts(self, name: str, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+        """Many calls of one idempotent script (each on its own slot): per node, one pipeline and one WAIT,
+        all nodes at once. A node whose pipeline fails has its calls run one by one, as `script` does."""
+        by_pool: dict[int, tuple[Any, list[int]]] = {}
+        try:
+            for i, (keys, _) in enumerate(calls):
+                pool = await self._router.pool(keys[0])
+                by_pool.setdefault(id(pool), (pool, []))[1].append(i)
+        except (*UNREACHABLE, *MISROUTED) as exc:
+            self._router.stale()
+            raise unavailable(self.url, f"{name} (not sent)", exc, reached=False) from exc
+        replies: list[Any] = [None] * len(calls)
+
+        async def node(pool: Any, idxs: list[int]) -> None:
+            done = await self._pipelined(pool, name, [calls[i] for i in idxs])
+            for i, reply in zip(idxs, done or [None] * len(idxs), strict=True):
+                replies[i] = reply if done is not None else await self.script(name, *calls[i])
+
+        await asyncio.gather(*(node(pool, idxs) for pool, idxs in by_pool.values()))
+        return replies
+
+    async def _pipelined(self, pool: Any, name: str, calls: list[tuple[list[str], list[str]]]) -> list[Any] | None:
+        """The replies of calls on one node, over one connection; None when anything went wrong (not
+        loaded, refused, misrouted, no replica in time): the caller then runs them one by one."""
+        first = calls[0][0][0]
+        wanted = self._router.replicas(first) if self._wait_ms else 0
+        commands: list[tuple[Any, ...]] = [("EVALSHA", lua.sha1(name), len(k), *k, *a) for k, a in calls]
+        if wanted:  # one WAIT covers every write sent on this connection before it
+            commands.append(("WAIT", wanted, self._wait_ms))
+        try:
+            conn = await pool.get_connection()
+        except (*UNREACHABLE, *MISROUTED):
+            return None
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies = [await conn.read_response() for _ in commands]
+        except (redis.RedisError, OSError):
+            await conn.disconnect()  # replies may be left unread on it
+            return None
+        finally:
+            await pool.release(conn)
+        if wanted and int(replies[-1]) < wanted:
+            return None
+        return replies[: len(calls)]
+
+    async def hold(self, layout: Layout, purchases: Sequence[Purchase]) -> list[int | None]:
+        """Per purchase: None when held within the per-user limit, else the units its user holds already."""
+        by_key: dict[str, list[int]] = {}
+        for i, p in enumerate(purchases):
+            by_key.setdefault(holds_key(layout, p.user_id), []).append(i)
+        calls = []
+        for key, idxs in by_key.items():
+            args = [str(layout.per_user_limit)]
+            for i in idxs:
+                args += [purchases[i].token, purchases[i].user_id, str(purchases[i].qty)]
+            calls.append(([key], args))
+        held: list[int | None] = [None] * len(purchases)
+        for idxs, reply in zip(by_key.values(), await self.scripts("user_hold", calls), strict=True):
+            for n, i in enumerate(idxs):
+                held[i] = None if int(reply[2 * n]) == 1 else int(reply[2 * n + 1])
+        return held
 
     async def take(self, sku: str, transfer_id: str, part: str, want: int) -> int:
         """Refill step 1: units taken from the pool for `part` (0: the pool is empty)."""

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flashsale import constants as c
 from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
 from flashsale.cli.options import json_output
@@ -122,6 +123,13 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
 @click.option(
     "--batch-size", type=click.IntRange(1), default=None, help="Pipeline: batch size of the bench's own consumer."
 )
+@click.option(
+    "--partitions",
+    type=click.IntRange(1, c.MAX_PARTITIONS),
+    default=3,
+    show_default=True,
+    help="Bucketed: partitions of each SKU (on the masters of the Redis Cluster FLASHSALE_REDIS_URL names).",
+)
 @json_output("the results (no progress bars)")
 @click.pass_obj
 def bench(
@@ -137,6 +145,7 @@ def bench(
     producer_url: str | None,
     backlog: bool,
     batch_size: int | None,
+    partitions: int,
     as_json: bool,
 ) -> None:
     """A flash sale per strategy against the running stack; a table of throughput, latency, drain and books."""
@@ -156,6 +165,7 @@ def bench(
         rate=rate,
         backlog=backlog,
         batch_size=batch_size,
+        partitions=partitions,
     )
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
         results = bench_ops.run_bench(ctx.settings, config, chosen, producer_url=producer_url, on_start=start)

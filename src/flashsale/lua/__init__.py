@@ -25,6 +25,7 @@ NAMES = (
     "load_stock",
     "adopt",
     "claim",
+    "user_hold",
     "load_pool",
     "pool_take",
     "pool_expect",

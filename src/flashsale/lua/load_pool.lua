@@ -12,6 +12,7 @@
 -- ARGV[3] the partitions, space separated
 -- ARGV[4] refill size
 -- ARGV[5] switch threshold
+-- ARGV[6] per-user limit (0: none), kept by user_hold.lua across the partitions
 --
 -- Returns the epoch (loaded_ms).
 local now = redis.call('TIME')
@@ -19,6 +20,6 @@ local epoch = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7])
 redis.call('SET', KEYS[6], tonumber(ARGV[2]))
 redis.call('HSET', KEYS[4],
-  'initial', tonumber(ARGV[1]), 'per_user_limit', 0, 'parts', ARGV[3],
+  'initial', tonumber(ARGV[1]), 'per_user_limit', tonumber(ARGV[6]), 'parts', ARGV[3],
   'refill', tonumber(ARGV[4]), 'threshold', tonumber(ARGV[5]), 'loaded_ms', epoch)
 return epoch

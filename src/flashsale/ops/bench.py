@@ -5,7 +5,9 @@ the same hop, and buyers are the same (closed loop, or open loop with `rate`):
 
 - mysql-lock / mysql-optimistic: `flashsale baseline run`, the purchase as one MySQL transaction;
 - pipeline-b1: flashsale with a transaction per purchase (FLASHSALE_GROUP_SIZE=1);
-- pipeline: flashsale as configured (group commit).
+- pipeline: flashsale as configured (group commit);
+- bucketed: the pipeline with each SKU spread over `partitions` partitions (on the masters of the Redis
+  Cluster the settings name, or on one node), refilled from a pool.
 
 Every strategy gets fresh SKUs with the same stock and fresh processes; its books are checked at the
 end, and the CPU each process spent is read for it. A strategy that fails (connections exhausted,
@@ -38,7 +40,7 @@ from flashsale.stack.layout import StackLayout
 
 logger = logging.getLogger(__name__)
 
-PIPELINES = ("pipeline-b1", "pipeline")
+PIPELINES = ("pipeline-b1", "pipeline", "bucketed")
 STRATEGIES = (*c.BASELINES, *PIPELINES)
 BASELINE = "mysql-lock"
 #: Longest wait for the pipeline's consumer to apply every accepted deduction.
@@ -65,6 +67,8 @@ class BenchConfig:
     backlog: bool = False
     #: Pipeline only: FLASHSALE_BATCH_SIZE of the bench's own consumer (None: the configured one).
     batch_size: int | None = None
+    #: Bucketed only: partitions of each SKU.
+    partitions: int = 3
 
     def check(self) -> None:
         for name in ("skus", "stock", "buyers", "attempts"):
@@ -74,6 +78,8 @@ class BenchConfig:
             raise InvalidInput(f"--per-user-limit must be >= 0, got {self.per_user_limit}")
         if self.rate is not None and self.rate <= 0:
             raise InvalidInput(f"--rate must be above 0, got {self.rate}")
+        if not 1 <= self.partitions <= c.MAX_PARTITIONS:
+            raise InvalidInput(f"--partitions must be 1 to {c.MAX_PARTITIONS}, got {self.partitions}")
 
 
 @dataclass
@@ -151,7 +157,8 @@ def _metric(url: str, name: str) -> float:
 def _server_pids(settings: Settings) -> dict[str, int]:
     layout = StackLayout.at(settings.home)
     pids = {}
-    for name in SERVERS:
+    nodes = [f"redis-{i}" for i in range(settings.topology.redis_nodes)] if settings.topology.redis_cluster else []
+    for name in (*SERVERS, *nodes):
         record = procs.PidRecord.load(layout.pid_file(name))
         if record and procs.is_alive(record):
             pids[name] = record.pid
@@ -181,8 +188,11 @@ class _Sale:
             finally:
                 store.close()
             return
+        partitions = self.config.partitions if self.strategy == "bucketed" else 1
         for sku in self.skus:
-            setup.set_stock(self.settings, sku, self.config.stock, per_user_limit=self.config.per_user_limit)
+            setup.set_stock(
+                self.settings, sku, self.config.stock, per_user_limit=self.config.per_user_limit, partitions=partitions
+            )
 
     def start(self, *, consumer: bool = True) -> tuple[str, dict[str, Child]]:
         """The strategy's processes; returns the URL buyers post to and the children by role."""

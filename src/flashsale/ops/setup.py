@@ -105,11 +105,6 @@ def set_stock(
     parts = parse_count(partitions, "partitions", c.MAX_PARTITIONS)
     if parts < 1:
         raise InvalidInput("partitions must be at least 1 (1: the SKU is not partitioned)")
-    if parts > 1 and limit:
-        raise InvalidInput(
-            "a per-user limit on a partitioned SKU is not supported yet",
-            hint="load it with --partitions 1 to keep the limit, or without --per-user-limit",
-        )
     store = MySQLStore(settings.mysql_url)
     stock = RedisStock(settings.redis_url)
     try:
@@ -137,6 +132,7 @@ def set_stock(
                 partitions=parts,
                 refill=settings.partition_refill,
                 threshold=settings.partition_threshold,
+                per_user_limit=limit,
                 reset=reset,
             )
     finally:

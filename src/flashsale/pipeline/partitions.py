@@ -1,9 +1,13 @@
 """The scheduler of partitioned SKUs: which partition sells each purchase, and stock moved to where it sells.
 
 - A purchase goes to a partition picked at random among those that can cover it, from a registry of
-  the partitions' stock read at most every REGISTRY_TTL_S. Exhausted partitions are never picked.
+  the partitions' stock read at most every REGISTRY_TTL_S. Exhausted partitions are never picked. A
+  group of purchases goes to one partition when one can cover the group: one transaction per group,
+  as for a SKU that is not partitioned; groups spread over the partitions.
 - A token is bound to its partition by a claim (claim.lua) before anything is sent, so a retry with
   the same token goes where its first attempt went, and that partition's log answers `duplicate`.
+- With a per-user limit, each token takes a hold on its buyer's count (user_hold.lua, sharded by user)
+  before it goes to its partition; a buyer past the limit is answered at once.
 - A partition whose standby sub-domain is empty is refilled from the pool in the background. A refill
   is two steps on two slots (pool_take.lua, refill_apply.lua) joined by a transfer record.
 - A purchase its partition cannot cover pulls stock there, from the pool, else from the other
@@ -25,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from flashsale.errors import FlashSaleError
 from flashsale.logs import ids
-from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.ports import PartitionStockPort
 from flashsale.records import Layout, Registry
 
@@ -81,15 +85,25 @@ class Scheduler:
         """Bind each purchase to a partition, sell it there, and pull stock to it while it is short."""
         try:
             registry = await self._registry(layout)
-            bound = await self._stock.claim(layout, [(r.token, self.pick(registry, r.qty)) for r in requests])
+            bound = await self._stock.claim(layout, self.propose(registry, requests))
+            held = await self._hold(layout, requests)
         except FlashSaleError as exc:
             logger.warning("cannot place purchases of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
             return [PurchaseResult(PurchaseStatus.ERROR, r.token, message=_NOT_RUN) for r in requests]
         if any(not bound[r.token] for r in requests):  # the SKU was loaded again since this layout was read
             self._layouts.pop(layout.sku, None)
             return [PurchaseResult(PurchaseStatus.ERROR, r.token, message=_NOT_RUN) for r in requests]
-        answers: list[PurchaseResult | None] = [None] * len(requests)
-        await self._sell_at(bound, requests, range(len(requests)), answers, sell)
+        answers: list[PurchaseResult | None] = [
+            None
+            if bought is None
+            else PurchaseResult(
+                PurchaseStatus.LIMIT_EXCEEDED,
+                r.token,
+                message=f"user {r.user_id} already bought {bought} of {layout.sku}",
+            )
+            for r, bought in zip(requests, held, strict=True)
+        ]
+        await self._sell_at(bound, requests, [i for i, a in enumerate(answers) if a is None], answers, sell)
         for _ in range(PULLS):
             short = [i for i, a in enumerate(answers) if a is not None and a.status is PurchaseStatus.SOLD_OUT]
             if not short:
@@ -100,6 +114,21 @@ class Scheduler:
             await self._sell_at(bound, requests, again, answers, sell)
         self._top_up(layout, registry)
         return [a for a in answers if a is not None]
+
+    async def _hold(self, layout: Layout, requests: Sequence[PurchaseRequest]) -> list[int | None]:
+        """Per purchase, None when its user may buy it (a hold is taken), else the units the user holds."""
+        if not layout.per_user_limit:
+            return [None] * len(requests)
+        return await self._stock.hold(layout, [Purchase(r.token, r.user_id, r.qty) for r in requests])
+
+    def propose(self, registry: Registry, requests: Sequence[PurchaseRequest]) -> list[tuple[str, str]]:
+        """A partition for each purchase: one for the whole group when one can cover it all, so the group
+        stays one transaction (the broker's work is per message); else one for each purchase."""
+        total = sum(r.qty for r in requests)
+        if any(registry.remaining(p) >= total for p in registry.parts):
+            part = self.pick(registry, total)
+            return [(r.token, part) for r in requests]
+        return [(r.token, self.pick(registry, r.qty)) for r in requests]
 
     def pick(self, registry: Registry, qty: int) -> str:
         """A partition at random among those that can cover `qty`; else the fullest (a pull tops it up)."""
