@@ -25,9 +25,11 @@ from flashsale.config import Settings
 from flashsale.ops.setup import set_stock
 from flashsale.pipeline import partitions
 from flashsale.pipeline.partitions import Scheduler
+from flashsale.polling import poll_until
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline, post
 from tests.acceptance.test_operations import flashsale, reconcile_json
+from tests.acceptance.test_redis_cluster import kill_master
 from tests.conftest import cluster_url
 from tests.oracle import balanced, now, redis_client
 
@@ -222,3 +224,35 @@ def test_the_per_user_limit_holds_across_partitions(pipeline: Pipeline, settings
     # The tokens went to every partition, and some buyer's to more than one: the limit spans them.
     assert len(set(parts_of.values())) == 3
     assert any(len({parts_of[(f"user-{u}", t)] for (user, t) in wanted if user == f"user-{u}"}) > 1 for u in range(10))
+
+
+@pytest.mark.parametrize("takeover", [True, False], ids=["replica-takes-over", "master-restarts"])
+def test_the_master_of_a_partitioned_skus_pool_killed_mid_sale_loses_and_oversells_nothing(
+    pipeline: Pipeline, settings: Settings, redis_cluster: Settings, sku: str, takeover: bool
+) -> None:
+    # Small refills, so that transfers between the pool and the partitions are under way at the kill;
+    # a per-user limit, so that holds are taken on every master too.
+    set_stock(settings.with_overrides(partition_refill=10), sku, 400, per_user_limit=100, partitions=3)
+    client = redis_client(settings.redis_url)
+    assert isinstance(client, redis.RedisCluster)
+    try:
+        victim_port = client.get_node_from_key(f"fs:{{{sku}}}:pool").port  # the pool, the layout, transfers
+    finally:
+        client.close()
+    url = pipeline.start_all()
+    crowd = Crowd(url, sku, buyers=8, run_id=f"k{os.getpid()}").start()
+    assert poll_until(lambda: crowd.counts()["accepted"] >= 30, 30)
+
+    kill_master(redis_cluster, victim_port, takeover=takeover)
+    deadline = time.monotonic() + 120
+    while now(settings, sku).sold < 400 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    crowd.stop()
+
+    assert crowd.unclear() == []
+    books = balanced(settings, sku, 120)
+    assert books.problems == [], books.problems
+    assert books.lost(crowd.answers) == [] and books.oversold() == 0
+    # Every unit sold: nothing was lost in a transfer cut by the kill, nor stranded.
+    assert books.sold == 400 and books.redis_stock == 0
+    assert max(_bought_by_user(settings, sku).values()) <= 100

@@ -144,6 +144,22 @@ def _role(port: int) -> str:
         client.close()
 
 
+def kill_master(redis_cluster: Settings, port: int, *, takeover: bool) -> None:
+    """kill -9 the master on `port`; then its replica takes over, or it is back at once; then it runs again."""
+    stack = Stack(redis_cluster)
+    name = f"redis-{port - redis_cluster.ports.redis}"
+    record = procs.PidRecord.load(stack.layout.pid_file(name))
+    assert record is not None and procs.is_alive(record)
+    replica = next(p for p, node in _nodes(redis_cluster).items() if node.get("master_port") == port)
+    os.kill(record.pid, signal.SIGKILL)
+    assert poll_until(lambda: not procs.is_alive(record), 10)
+    if takeover:  # the replica notices (node timeout), is elected, and serves the slots
+        assert poll_until(lambda: _role(replica) == "master", 60), "the replica never took over"
+    else:  # back before the cluster could mark it failed: the master reloads its append-only file
+        time.sleep(0.5)
+    stack.up([name])  # a master that lost its slots comes back as the new master's replica
+
+
 @pytest.mark.parametrize("takeover", [True, False], ids=["replica-takes-over", "master-restarts"])
 def test_a_master_killed_mid_sale_loses_nothing_and_oversells_nothing(
     pipeline: Pipeline, settings: Settings, redis_cluster: Settings, takeover: bool
@@ -158,18 +174,7 @@ def test_a_master_killed_mid_sale_loses_nothing_and_oversells_nothing(
     crowds = {sku: Crowd(url, sku, buyers=8, run_id=f"f{os.getpid()}").start() for sku in (victim, bystander)}
     assert poll_until(lambda: crowds[victim].counts()["accepted"] >= 30, 30)
 
-    stack = Stack(redis_cluster)
-    name = f"redis-{victim_port - redis_cluster.ports.redis}"
-    record = procs.PidRecord.load(stack.layout.pid_file(name))
-    assert record is not None and procs.is_alive(record)
-    replica = next(p for p, node in _nodes(redis_cluster).items() if node.get("master_port") == victim_port)
-    os.kill(record.pid, signal.SIGKILL)
-    assert poll_until(lambda: not procs.is_alive(record), 10)
-    if takeover:  # the replica notices (node timeout), is elected, and serves the slots
-        assert poll_until(lambda: _role(replica) == "master", 60), "the replica never took over"
-    else:  # back before the cluster could mark it failed: the master reloads its append-only file
-        time.sleep(0.5)
-    stack.up([name])  # a master that lost its slots comes back as the new master's replica
+    kill_master(redis_cluster, victim_port, takeover=takeover)
     time.sleep(2)
     for crowd in crowds.values():
         crowd.stop()
