@@ -182,9 +182,15 @@ class Registry:
 
     pool: int
     parts: dict[str, tuple[int, int]]
+    transfers: int = 0  # moves under way between the pool and the partitions
 
     def remaining(self, part: str) -> int:
         return sum(self.parts.get(part, (0, 0)))
+
+    @property
+    def sold_out(self) -> bool:
+        """Nothing left anywhere, and no unit on its way between two places."""
+        return self.pool == 0 and self.transfers == 0 and not any(self.remaining(p) for p in self.parts)
 
 
 @dataclass(frozen=True)

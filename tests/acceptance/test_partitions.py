@@ -125,9 +125,20 @@ def test_the_last_units_sell_even_when_no_single_partition_holds_enough(
     # 10 units, 3 partitions of 3 each and 1 in the pool: a purchase of 4 fits no partition alone.
     set_stock(settings.with_overrides(partition_refill=3), sku, 10, partitions=3)
     url = pipeline.start_all()
-    assert _buy(url, sku, 4) == "accepted"
+    first = uuid.uuid4().hex
+    assert _buy(url, sku, 4, first) == "accepted"
     assert _buy(url, sku, 6) == "accepted"  # every remaining unit, gathered from all the partitions
     assert _buy(url, sku, 1) == "sold_out"
+    time.sleep(0.2)  # the producer's registry of the partitions (50 ms) now says sold out
+    fresh = uuid.uuid4().hex
+    assert _buy(url, sku, 1, fresh) == "sold_out"
+    assert _buy(url, sku, 4, first) == "duplicate"  # a token seen before still gets its original answer
+    client = redis_client(settings.redis_url)
+    try:  # the sold-out answer came from a read: no claim was written for the fresh token
+        assert client.hget(claims_key_of(fresh), f"{sku} {fresh}") is None
+        assert client.hget(claims_key_of(first), f"{sku} {first}") is not None
+    finally:
+        client.close()
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
     assert books.sold == 10 and books.redis_stock == 0 and books.oversold() == 0

@@ -81,3 +81,11 @@ def test_a_group_goes_to_one_partition_when_one_can_cover_it_all() -> None:
     # No partition holds 4: each purchase gets its own pick, so the group spreads.
     picked = {part for _ in range(20) for _, part in scheduler.propose(tight, group)}
     assert picked == {"s#0", "s#1", "s#2"}
+
+
+def test_a_sku_is_sold_out_only_with_nothing_anywhere_and_nothing_on_its_way() -> None:
+    empty = {"s#0": (0, 0), "s#1": (0, 0)}
+    assert Registry(pool=0, parts=empty).sold_out
+    assert not Registry(pool=0, parts=empty, transfers=1).sold_out  # units between the pool and a partition
+    assert not Registry(pool=1, parts=empty).sold_out
+    assert not Registry(pool=0, parts={"s#0": (0, 1), "s#1": (0, 0)}).sold_out  # a standby still holds one

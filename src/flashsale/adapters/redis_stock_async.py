@@ -201,13 +201,38 @@ class AsyncRedisStock:
                 stock, standby = await pipe.execute()
             return int(stock or 0), int(standby or 0)
 
-        pool_key = SkuKeys.of(layout.sku).pool
+        async def pool() -> tuple[int, int]:
+            keys = SkuKeys.of(layout.sku)
+            async with (await self._router.client(keys.pool)).pipeline(transaction=True) as pipe:
+                pipe.get(keys.pool)
+                pipe.hlen(keys.transfers)
+                units, moves = await pipe.execute()
+            return int(units or 0), int(moves)
+
         async with self._reading("read partitions"):
-            pool, parts = await asyncio.gather(
-                (await self._router.client(pool_key)).get(pool_key),
-                asyncio.gather(*(part(p) for p in layout.parts)),
-            )
-        return Registry(int(pool or 0), dict(zip(layout.parts, parts, strict=True)))
+            (units, moves), parts = await asyncio.gather(pool(), asyncio.gather(*(part(p) for p in layout.parts)))
+        return Registry(units, dict(zip(layout.parts, parts, strict=True)), moves)
+
+    async def claimed(self, layout: Layout, tokens: Sequence[str]) -> dict[str, str | None]:
+        """The partition each token is bound to in this load of the SKU, or None: a read, no claim is made."""
+        by_key: dict[str, list[str]] = {}
+        for token in tokens:
+            by_key.setdefault(claims_key(token), []).append(token)
+
+        async def shard(key: str, some: list[str]) -> list[str | None]:
+            held: list[str | None] = await (await self._router.client(key)).hmget(
+                key, [f"{layout.sku} {t}" for t in some]
+            )  # type: ignore[assignment]
+            return held
+
+        async with self._reading("read claims"):
+            replies = await asyncio.gather(*(shard(k, some) for k, some in by_key.items()))
+        found: dict[str, str | None] = {}
+        for some, held in zip(by_key.values(), replies, strict=True):
+            for token, raw in zip(some, held, strict=True):
+                epoch, _, part = (raw or "").partition(" ")
+                found[token] = part if epoch == str(layout.epoch) else None
+        return found
 
     async def claim(self, layout: Layout, proposals: Sequence[tuple[str, str]]) -> dict[str, str]:
         """The partition each token is bound to (claim.lua; '' when the layout is out of date)."""

@@ -82,9 +82,33 @@ class Scheduler:
         return layout
 
     async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], sell: Sell) -> list[PurchaseResult]:
-        """Bind each purchase to a partition, sell it there, and pull stock to it while it is short."""
+        """Bind each purchase to a partition, sell it there, and pull stock to it while it is short.
+
+        Once the SKU is sold out, a token never seen before is answered from one read of the claims: no
+        claim, hold or pre-deduct is written for it. A token seen before goes to its partition, whose log
+        gives it its original answer.
+        """
         try:
             registry = await self._registry(layout)
+            if registry.sold_out:
+                claimed = await self._stock.claimed(layout, [r.token for r in requests])
+                seen = [r for r in requests if claimed[r.token]]
+                answers = iter(await self._place(layout, registry, seen, sell) if seen else [])
+                return [
+                    next(answers)
+                    if claimed[r.token]
+                    else PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, 0, message=f"{layout.sku} is sold out")
+                    for r in requests
+                ]
+        except FlashSaleError as exc:
+            logger.warning("cannot read the partitions of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
+            return [PurchaseResult(PurchaseStatus.ERROR, r.token, message=_NOT_RUN) for r in requests]
+        return await self._place(layout, registry, requests, sell)
+
+    async def _place(
+        self, layout: Layout, registry: Registry, requests: Sequence[PurchaseRequest], sell: Sell
+    ) -> list[PurchaseResult]:
+        try:
             bound = await self._stock.claim(layout, self.propose(registry, requests))
             held = await self._hold(layout, requests)
         except FlashSaleError as exc:
