@@ -116,16 +116,17 @@ def aggregate(
 ) -> StockView:
     """The SKU's view: its partitions' counters summed, its stock = pool + partitions + units moving."""
     views = tuple(p for p, _, _ in parts)
+    remaining = int(pool or 0) + sum(p.remaining for p in views) + in_transit
 
     def total(name: str) -> int:
         return sum(int(m.get(name) or 0) for _, m, _ in parts)
 
     return StockView(
         sku=sku,
-        stock=int(pool or 0) + sum(p.remaining for p in views) + in_transit,
+        stock=remaining,
         initial=int(meta.get("initial") or 0),
         per_user_limit=int(meta.get("per_user_limit") or 0),
-        sold_out=int(pool or 0) + sum(p.remaining for p in views) + in_transit == 0,
+        sold_out=remaining == 0,
         deducted_qty=total("deducted_qty"),
         deducted_count=total("deducted_count"),
         returned_qty=total("returned_qty"),

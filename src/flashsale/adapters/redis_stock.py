@@ -233,7 +233,7 @@ class RedisStock:
         self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
         self._drop_holds(old)
         keys = SkuKeys.of(sku)
-        self._run(
+        epoch = self._run(
             "load_pool",
             [*keys.all(), keys.pool, keys.transfers],
             [
@@ -246,14 +246,12 @@ class RedisStock:
             ],
         )
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
-        layout = self.layout(sku)
-        assert layout is not None
-        return layout
+        return Layout(sku, tuple(parts), refill, threshold, int(epoch), per_user_limit)
 
     def _refuse_history(self, sku: str, reset: bool) -> Layout | None:
         """The SKU's current layout, after refusing to load over a sale on record without `reset`."""
         old = self.layout(sku)
-        logged = self.history(sku)
+        logged = self._logged(sku, old)
         if logged and not reset:
             raise StockError(
                 f"{sku} already has {logged} deduction(s) on record in Redis",
@@ -379,7 +377,10 @@ class RedisStock:
 
     def history(self, sku: str) -> int:
         """Log entries (deductions and fences) recorded for the SKU, in every partition it has."""
-        shards = {sku, *self.shards(sku)}
+        return self._logged(sku, self.layout(sku))
+
+    def _logged(self, sku: str, layout: Layout | None) -> int:
+        shards = {sku, *(layout.parts if layout else ())}
         return sum(int(self._call("count log entries", self.client.hlen, SkuKeys.of(s).log)) for s in shards)
 
     def is_sold_out(self, sku: str) -> bool:
@@ -426,8 +427,11 @@ class RedisStock:
         found: dict[str, LogEntry | None] = dict.fromkeys(tokens)
         if not tokens:
             return found
-        for shard in self.shards(sku):
-            raws = self._call("read log", self.client.hmget, SkuKeys.of(shard).log, tokens)
+        shards = self.shards(sku)
+        pipe = self.client.pipeline(transaction=False)  # every partition in one round trip per node
+        for shard in shards:
+            pipe.hmget(SkuKeys.of(shard).log, tokens)
+        for shard, raws in zip(shards, self._call("read log", pipe.execute), strict=True):
             for t, raw in zip(tokens, raws, strict=True):
                 if raw is not None and found[t] is None:
                     found[t] = _located(LogEntry.parse(t, raw), sku, shard)

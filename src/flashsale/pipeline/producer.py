@@ -135,19 +135,16 @@ class PurchaseService:
             return self._all(requests, PurchaseStatus.ERROR, _NOT_RUN)
         if layout is None:
             return await self._handle_shard(sku, sku, requests)
-        return await self._scheduler.sell(
-            layout, requests, lambda part, some: self._handle_shard(sku, part, some, cache=False)
-        )
+        return await self._scheduler.sell(layout, requests, lambda part, some: self._handle_shard(sku, part, some))
 
-    async def _handle_shard(
-        self, sku: str, shard: str, requests: Sequence[PurchaseRequest], *, cache: bool = True
-    ) -> list[PurchaseResult]:
+    async def _handle_shard(self, sku: str, shard: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         """Answer what one Redis read can answer; send the rest as one transaction.
 
         `shard` is the SKU, or the partition the scheduler bound these purchases to. A partition's
         sold-out answer is not final (the scheduler pulls stock to it), so it is never cached.
         """
-        sold_out = cache and await self._sold_out.is_sold_out(shard)
+        cache = shard == sku
+        sold_out = cache and await self._sold_out.is_sold_out(sku)
         try:
             peek = await self._stock.peek(shard, [Purchase(r.token, r.user_id, r.qty) for r in requests])
         except FlashSaleError as exc:
