@@ -135,6 +135,8 @@ def session_env(settings: Settings) -> dict[str, str]:
         "FLASHSALE_NAMESPACE": settings.namespace,
         "FLASHSALE_MYSQL_URL": settings.mysql_url,
         "FLASHSALE_REDIS_URL": settings.redis_url,
+        "FLASHSALE_ROCKETMQ_ENDPOINT": settings.rocketmq_endpoint,
+        "FLASHSALE_NAMESRV_ADDR": settings.namesrv_addr,
     }
 
 

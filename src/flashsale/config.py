@@ -79,8 +79,21 @@ class StackTopology:
         "replicas of each Redis Cluster master (a replica takes over when its master dies)",
         kind="int",
     )
+    broker_groups: int = setting(
+        1,
+        "BROKER_GROUPS",
+        "RocketMQ broker groups: 1 is a broker with its own gRPC proxy, 2 or more are broker-a, broker-b, ... "
+        "behind one proxy (group n listens on BROKER_PORT + 10n)",
+        kind="int",
+        minimum=1,
+    )
 
     def __post_init__(self) -> None:
+        if self.broker_groups > c.MAX_BROKER_GROUPS:
+            raise ConfigError(
+                f"{c.ENV_PREFIX}BROKER_GROUPS={self.broker_groups}: the stack runs at most {c.MAX_BROKER_GROUPS}",
+                hint=f"use 1 to {c.MAX_BROKER_GROUPS}",
+            )
         if self.redis_masters == 2:
             raise ConfigError(
                 f"{c.ENV_PREFIX}REDIS_MASTERS=2: a Redis Cluster needs at least 3 masters",

@@ -22,6 +22,8 @@ DEDUCTION_TAG = "deduction"
 TOPIC_QUEUES = 8
 #: RocketMQ cluster name used by the local stack.
 CLUSTER_NAME = "DefaultCluster"
+#: Broker groups the local stack can run (broker-a, broker-b, ...).
+MAX_BROKER_GROUPS = 4
 #: Version of the JSON body of a deduction message (1: one purchase; 2: the purchases of a group).
 MESSAGE_VERSION = 2
 #: Most purchases one deduction message may carry.

@@ -21,6 +21,7 @@ from flashsale.errors import BusError, ServiceUnavailable
 
 # Request codes (RequestCode.java).
 UPDATE_AND_CREATE_TOPIC = 17
+GET_MAX_OFFSET = 30
 GET_BROKER_CLUSTER_INFO = 106
 UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
 GET_SUBSCRIPTIONGROUP_CONFIG = 352
@@ -161,6 +162,13 @@ def create_topic(broker: str, topic: str, *, queues: int, message_type: str) -> 
         },
     )
     _expect_success(broker, f"create topic {topic}", header)
+
+
+def max_offset(broker: str, topic: str, queue_id: int) -> int:
+    """How many messages queue `queue_id` of `topic` on `broker` has ever held (its next offset)."""
+    header, _ = call(broker, GET_MAX_OFFSET, {"topic": topic, "queueId": queue_id})
+    _expect_success(broker, f"max offset of {topic}/{queue_id}", header)
+    return int(header["extFields"]["offset"])
 
 
 def delete_topic(namesrv: str, brokers: list[str], topic: str) -> None:

@@ -20,15 +20,17 @@ SERVICES_ARG = click.argument("services", nargs=-1, metavar="[SERVICE]...")
 
 
 def topology_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--redis-masters and --redis-replicas, for every stack command (each must see the same topology)."""
+    """--redis-masters, --redis-replicas and --broker-groups, for every stack command (each must see the
+    same topology)."""
     for name, meaning in (
+        ("broker_groups", "RocketMQ broker groups: 1 is a broker with its own proxy, 2 or more share one proxy."),
         ("redis_replicas", "Replicas of each Redis Cluster master."),
         ("redis_masters", "Redis masters: 1 is a single node, 3 or more a Redis Cluster."),
     ):
         fn = click.option(
             f"--{name.replace('_', '-')}",
             name,
-            type=click.IntRange(min=1 if name == "redis_masters" else 0),
+            type=click.IntRange(min=0 if name == "redis_replicas" else 1),
             envvar=variable(StackTopology, name),
             show_envvar=True,
             default=field_default(StackTopology, name),
@@ -38,9 +40,8 @@ def topology_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _settings(ctx: Context, redis_masters: int, redis_replicas: int) -> Settings:
-    topology = StackTopology(redis_masters=redis_masters, redis_replicas=redis_replicas)
-    return ctx.settings.with_overrides(topology=topology)
+def _settings(ctx: Context, topology: dict[str, int]) -> Settings:
+    return ctx.settings.with_overrides(topology=StackTopology(**topology))
 
 
 def _print(states: list[ServiceState], as_json: bool) -> None:
@@ -61,7 +62,9 @@ def stack() -> None:
     """Run Redis, MariaDB and RocketMQ natively on 127.0.0.1 (state in FLASHSALE_HOME).
 
     SERVICE is one of redis, mariadb, namesrv, broker; none means all. A Redis Cluster's nodes are
-    redis-0, redis-1, ... on REDIS_PORT and up; `redis` names them all.
+    redis-0, redis-1, ... on REDIS_PORT and up; `redis` names them all. Several broker groups are
+    broker-a, broker-b, ... on BROKER_PORT, BROKER_PORT+10, ..., behind one gRPC proxy named proxy;
+    `broker` names them all.
     """
 
 
@@ -70,9 +73,9 @@ def stack() -> None:
 @topology_options
 @json_output("the status")
 @click.pass_obj
-def up(ctx: Context, services: tuple[str, ...], redis_masters: int, redis_replicas: int, as_json: bool) -> None:
+def up(ctx: Context, /, services: tuple[str, ...], as_json: bool, **topology: int) -> None:
     """Install what is missing, start what is not running, wait until every service really serves."""
-    stack_ = Stack(_settings(ctx, redis_masters, redis_replicas))
+    stack_ = Stack(_settings(ctx, topology))
     states = stack_.up(services, progress=lambda line: click.echo(line, err=True))
     _print(states, as_json)
 
@@ -82,11 +85,9 @@ def up(ctx: Context, services: tuple[str, ...], redis_masters: int, redis_replic
 @topology_options
 @json_output("the status")
 @click.pass_obj
-def down(ctx: Context, services: tuple[str, ...], redis_masters: int, redis_replicas: int, as_json: bool) -> None:
+def down(ctx: Context, /, services: tuple[str, ...], as_json: bool, **topology: int) -> None:
     """Stop the services this stack started (by their recorded PIDs); data stays in FLASHSALE_HOME."""
-    states = Stack(_settings(ctx, redis_masters, redis_replicas)).down(
-        services, progress=lambda line: click.echo(line, err=True)
-    )
+    states = Stack(_settings(ctx, topology)).down(services, progress=lambda line: click.echo(line, err=True))
     _print(states, as_json)
 
 
@@ -96,11 +97,9 @@ def down(ctx: Context, services: tuple[str, ...], redis_masters: int, redis_repl
 @click.option("--probe", is_flag=True, help="Also send one message through the broker (status alone only reads).")
 @json_output("the status")
 @click.pass_obj
-def status(
-    ctx: Context, services: tuple[str, ...], redis_masters: int, redis_replicas: int, probe: bool, as_json: bool
-) -> None:
+def status(ctx: Context, /, services: tuple[str, ...], probe: bool, as_json: bool, **topology: int) -> None:
     """Address, PID, health and listening sockets of each service. Exit 1 unless all are healthy."""
-    states = Stack(_settings(ctx, redis_masters, redis_replicas)).status(services, probe=probe)
+    states = Stack(_settings(ctx, topology)).status(services, probe=probe)
     _print(states, as_json)
     if not all(s.healthy for s in states):
         sys.exit(1)

@@ -37,6 +37,7 @@ from flashsale.ops.fleet import Child, Fleet, environment, ready
 from flashsale.ops.load import LoadReport, run_load
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout
+from flashsale.stack.services import family, services
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +158,10 @@ def _metric(url: str, name: str) -> float:
 def _server_pids(settings: Settings) -> dict[str, int]:
     layout = StackLayout.at(settings.home)
     pids = {}
-    nodes = [f"redis-{i}" for i in range(settings.topology.redis_nodes)] if settings.topology.redis_cluster else []
-    for name in (*SERVERS, *nodes):
-        record = procs.PidRecord.load(layout.pid_file(name))
-        if record and procs.is_alive(record):
-            pids[name] = record.pid
+    for service in services(layout, settings):
+        record = procs.PidRecord.load(layout.pid_file(service.name))
+        if family(service.name) in SERVERS and record and procs.is_alive(record):
+            pids[service.name] = record.pid
     return pids
 
 

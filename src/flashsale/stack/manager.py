@@ -14,7 +14,7 @@ from flashsale.polling import poll_until
 from flashsale.stack import install, procs, redis_nodes
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.redis_nodes import RedisNode
-from flashsale.stack.services import HOST, BrokerService, Service, services
+from flashsale.stack.services import HOST, Service, family, services
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,14 @@ class Stack:
         self.services = services(self.layout, settings)
 
     def select(self, names: Iterable[str] | None) -> list[Service]:
-        """The services named (`redis` names every node of a cluster); none named means all."""
+        """The services named (`redis` names every node of a cluster, `broker` every broker group and the
+        proxy); none named means all."""
         wanted = set(names or [])
 
         def named(service: Service) -> bool:
-            return service.name in wanted or (isinstance(service, RedisNode) and "redis" in wanted)
+            return service.name in wanted or family(service.name) in wanted
 
-        choices = ["redis", *(s.name for s in self.services if not isinstance(s, RedisNode))]
+        choices = list(dict.fromkeys(family(s.name) for s in self.services))
         unknown = sorted(n for n in wanted if n not in choices and not any(s.name == n for s in self.services))
         if unknown:
             raise InvalidInput(f"unknown service {', '.join(unknown)}; choose from {', '.join(choices)}")
@@ -85,9 +86,9 @@ class Stack:
         if installed:
             progress(f"installed {', '.join(installed)}")
         started: dict[str, float] = {}
-        # The broker registers with the name server when it starts: start it once the name server answers.
-        first = [s for s in services if not isinstance(s, BrokerService)]
-        later = [s for s in services if isinstance(s, BrokerService)]
+        # Brokers register with the name server when they start, and the proxy needs them: one at a time.
+        first = [s for s in services if not s.after_namesrv]
+        later = [s for s in services if s.after_namesrv]
         for service in first:
             self._start(service, started, progress)
         for service in first:
@@ -189,8 +190,8 @@ class Stack:
         """Stop the services named (none: all, and any service of another topology found running)."""
         services = self.select(names)
         strangers = self._strangers()
-        if names:  # only the named services, and nodes of another Redis topology when `redis` is named
-            strangers = [n for n in strangers if "redis" in names and (n == "redis" or n.startswith("redis-"))]
+        if names:  # only the named services, and those of another topology of a family named
+            strangers = [n for n in strangers if family(n) in names]
         stems = [*strangers, *(s.name for s in services)]
         for name in reversed(stems):
             pid_file = self.layout.pid_file(name)

@@ -32,6 +32,17 @@ JDK17_OPENS = (
 )
 #: The broker's settings shared with docker-compose.yml (transaction checks among them).
 BROKER_CONF = "rocketmq/broker.conf"
+#: The gRPC proxy's settings shared with docker-compose.yml (the stack sets its own ports and mode).
+PROXY_CONF = "rocketmq/rmq-proxy.json"
+#: Broker group n listens on BROKER_PORT + n * this (each group uses its port, port-2 and port+1).
+BROKER_PORT_STEP = 10
+
+
+def family(name: str) -> str:
+    """The name `stack` commands know a service by: `redis` for every Redis node, `broker` for every broker
+    group and their proxy."""
+    kind = name.split("-")[0]
+    return "broker" if kind == "proxy" else kind
 
 
 def broker_settings() -> dict[str, str]:
@@ -51,6 +62,8 @@ class Service(ABC):
     ready_timeout_s: ClassVar[float] = 60.0
     #: Seconds `down` waits after SIGTERM before SIGKILL.
     stop_grace_s: ClassVar[float] = 20.0
+    #: Started once the name server answers, one after another in the topology's order.
+    after_namesrv: ClassVar[bool] = False
 
     def __init__(self, layout: StackLayout, settings: Settings) -> None:
         self.layout = layout
@@ -214,9 +227,10 @@ class MariaDBService(Service):
 
 
 class _RocketMQService(Service):
-    """Name server and broker run from the same Maven-resolved jars and the same folder."""
+    """Name server, brokers and proxy run from the same Maven-resolved jars, under one folder."""
 
     stop_grace_s = 40.0
+    after_namesrv = True
 
     def __init__(self, layout: StackLayout, settings: Settings) -> None:
         super().__init__(layout, settings)
@@ -227,12 +241,17 @@ class _RocketMQService(Service):
         return self.dir / "conf"
 
     @property
+    def user_home(self) -> Path:
+        """The JVM's user.home, where its logs go: one per process of a broker group topology."""
+        return self.dir / "home"
+
+    @property
     def namesrv_addr(self) -> str:
         return f"{HOST}:{self.settings.ports.namesrv}"
 
     @property
     def detail_log(self) -> Path:
-        return self.dir / "home" / "logs" / "rocketmqlogs" / f"{self.logback}.log"
+        return self.user_home / "logs" / "rocketmqlogs" / f"{self.logback}.log"
 
     logback: ClassVar[str]
 
@@ -254,7 +273,7 @@ class _RocketMQService(Service):
             "-XX:-OmitStackTraceInFastThrow",
             *JDK17_OPENS,
             *extra,
-            f"-Duser.home={self.dir / 'home'}",
+            f"-Duser.home={self.user_home}",
             f"-Drocketmq.home.dir={self.dir}",
             f"-Drmq.logback.configurationFile=rmq.{self.logback}.logback.xml",
             # -Dflashsale.home tells `ps` readers which stack a JVM belongs to.
@@ -264,10 +283,29 @@ class _RocketMQService(Service):
             main,
         ]
 
+    def brokers(self) -> list[str]:
+        from flashsale.adapters import rocketmq_admin
+
+        return rocketmq_admin.cluster_brokers(self.namesrv_addr, c.CLUSTER_NAME)
+
+    def send_probe(self, proxy: str) -> str:
+        """Send one message through the proxy on the stack's own probe topic, which every broker carries."""
+        from flashsale.adapters import rocketmq_admin, rocketmq_producer
+
+        for broker in self.brokers():
+            if rocketmq_admin.topic_info(broker, PROBE_TOPIC) is None:
+                rocketmq_admin.create_topic(broker, PROBE_TOPIC, queues=1, message_type="NORMAL")
+        try:
+            message_id = rocketmq_producer.probe_send(proxy, PROBE_TOPIC, timeout_s=15)
+        except FlashSaleError as exc:
+            raise StackError(f"the proxy does not accept a send yet: {exc}") from exc
+        return f"accepted a send ({message_id})"
+
 
 class NamesrvService(_RocketMQService):
     name = "namesrv"
     logback = "namesrv"
+    after_namesrv = False
 
     @property
     def port(self) -> int:
@@ -297,14 +335,77 @@ class NamesrvService(_RocketMQService):
         ]
 
     def check(self) -> str:
-        from flashsale.adapters import rocketmq_admin
-
-        brokers = rocketmq_admin.cluster_brokers(self.address, c.CLUSTER_NAME)
-        return f"{len(brokers)} broker(s) registered"
+        return f"{len(self.brokers())} broker(s) registered"
 
 
-class BrokerService(_RocketMQService):
-    """The broker and its gRPC proxy in one JVM: `mqbroker --enable-proxy` is ProxyStartup in local mode."""
+class _Broker(_RocketMQService):
+    """One broker group's master: its settings are the shared file's plus its own name, ports and paths."""
+
+    broker_name: str = "broker-a"
+
+    @property
+    def remoting_port(self) -> int:
+        return self.settings.ports.broker
+
+    @property
+    def broker_addr(self) -> str:
+        return f"{HOST}:{self.remoting_port}"
+
+    @property
+    def broker_ports(self) -> tuple[int, ...]:
+        b = self.remoting_port
+        return (b, b - 2, b + 1)  # remoting, fast (VIP) channel = port-2, HA = port+1
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "store"
+
+    @property
+    def conf_file(self) -> Path:
+        return self.conf_dir / "broker.conf"
+
+    def write_broker_conf(self) -> None:
+        install.rocketmq_lib()
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        overrides = [
+            "",
+            "# The native stack's own name, ports and paths (flashsale stack up).",
+            f"brokerClusterName={c.CLUSTER_NAME}",
+            f"brokerName={self.broker_name}",
+            f"namesrvAddr={self.namesrv_addr}",
+            f"brokerIP1={HOST}",
+            f"brokerIP2={HOST}",
+            f"bindAddress={HOST}",
+            f"listenPort={self.remoting_port}",
+            f"haListenPort={self.remoting_port + 1}",
+            f"storePathRootDir={self.store}",
+            f"storePathCommitLog={self.store / 'commitlog'}",
+            "",
+        ]
+        shared = infra_file(BROKER_CONF).read_text()
+        self.conf_file.write_text(shared.rstrip("\n") + "\n" + "\n".join(overrides))
+
+    def registered(self) -> str:
+        if self.broker_addr not in self.brokers():
+            raise StackError(f"broker {self.broker_addr} is not registered with the name server yet")
+        return f"registered as {self.broker_name} on {self.broker_addr}"
+
+    def write_proxy_conf(self, path: Path, **own: object) -> None:
+        """The shared proxy settings with the stack's own name server and ports (`own` wins)."""
+        settings = json.loads(infra_file(PROXY_CONF).read_text())
+        settings.update(
+            namesrvAddr=self.namesrv_addr,
+            localServeAddr=HOST,
+            grpcServerPort=self.settings.ports.proxy_grpc,
+            remotingListenPort=self.settings.ports.proxy_remoting,
+            **own,
+        )
+        path.write_text(json.dumps(settings, indent=2))
+
+
+class BrokerService(_Broker):
+    """One broker group: the broker and its gRPC proxy in one JVM (`mqbroker --enable-proxy` is
+    ProxyStartup in local mode). Its proxy serves only its own broker's queues."""
 
     name = "broker"
     logback = "proxy"
@@ -315,54 +416,12 @@ class BrokerService(_RocketMQService):
         return self.settings.ports.proxy_grpc
 
     @property
-    def broker_addr(self) -> str:
-        return f"{HOST}:{self.settings.ports.broker}"
-
-    @property
     def ports(self) -> tuple[int, ...]:
-        b = self.settings.ports.broker
-        # remoting, fast (VIP) channel = port-2, HA = port+1, gRPC proxy, proxy remoting
-        return (b, b - 2, b + 1, self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
+        return (*self.broker_ports, self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
 
     def prepare(self) -> None:
-        install.rocketmq_lib()
-        store = self.dir / "store"
-        self.conf_dir.mkdir(parents=True, exist_ok=True)
-        overrides = [
-            "",
-            "# The native stack's own ports and paths (flashsale stack up).",
-            f"brokerClusterName={c.CLUSTER_NAME}",
-            f"namesrvAddr={self.namesrv_addr}",
-            f"brokerIP1={HOST}",
-            f"brokerIP2={HOST}",
-            f"bindAddress={HOST}",
-            f"listenPort={self.settings.ports.broker}",
-            f"haListenPort={self.settings.ports.broker + 1}",
-            f"storePathRootDir={store}",
-            f"storePathCommitLog={store / 'commitlog'}",
-            "",
-        ]
-        shared = infra_file(BROKER_CONF).read_text()
-        (self.conf_dir / "broker.conf").write_text(shared.rstrip("\n") + "\n" + "\n".join(overrides))
-        (self.conf_dir / "rmq-proxy.json").write_text(
-            json.dumps(
-                {
-                    "rocketMQClusterName": c.CLUSTER_NAME,
-                    "proxyMode": "local",
-                    "namesrvAddr": self.namesrv_addr,
-                    "localServeAddr": HOST,
-                    "grpcServerPort": self.settings.ports.proxy_grpc,
-                    "remotingListenPort": self.settings.ports.proxy_remoting,
-                    "brokerConfigPath": str(self.conf_dir / "broker.conf"),
-                    "grpcShutdownTimeSeconds": 3,
-                    "transactionDataMaxWaitClearMillis": 1000,
-                    "minInvisibleTimeMillsForRecv": 1000,
-                    "grpcClientConsumerMinLongPollingTimeoutMillis": 1000,
-                    "enablePrintJstack": False,
-                },
-                indent=2,
-            )
-        )
+        self.write_broker_conf()
+        self.write_proxy_conf(self.conf_dir / "rmq-proxy.json", proxyMode="local", brokerConfigPath=str(self.conf_file))
 
     def command(self) -> list[str]:
         return [
@@ -370,7 +429,7 @@ class BrokerService(_RocketMQService):
             "-pm",
             "local",
             "-bc",
-            str(self.conf_dir / "broker.conf"),
+            str(self.conf_file),
             "-pc",
             str(self.conf_dir / "rmq-proxy.json"),
             "-n",
@@ -379,35 +438,133 @@ class BrokerService(_RocketMQService):
 
     def check(self) -> str:
         """Read-only: registered with the name server, and its gRPC proxy port answers."""
-        from flashsale.adapters import rocketmq_admin
         from flashsale.stack.procs import port_open
 
-        if self.broker_addr not in rocketmq_admin.cluster_brokers(self.namesrv_addr, c.CLUSTER_NAME):
-            raise StackError(f"broker {self.broker_addr} is not registered with the name server yet")
+        note = self.registered()
         if not port_open(HOST, self.port):
             raise StackError(f"the gRPC proxy on {self.address} does not answer")
-        return f"registered as {self.broker_addr}"
+        return note
 
     def probe(self) -> str:
-        """Send one message through the proxy (on the stack's own probe topic): proof that it takes writes."""
-        from flashsale.adapters import rocketmq_admin, rocketmq_producer
+        return self.send_probe(self.address)
 
-        if rocketmq_admin.topic_info(self.broker_addr, PROBE_TOPIC) is None:
-            rocketmq_admin.create_topic(self.broker_addr, PROBE_TOPIC, queues=1, message_type="NORMAL")
-        try:
-            message_id = rocketmq_producer.probe_send(self.address, PROBE_TOPIC, timeout_s=15)
-        except FlashSaleError as exc:
-            raise StackError(f"the proxy does not accept a send yet: {exc}") from exc
-        return f"accepted a send ({message_id})"
+
+class GroupBroker(_Broker):
+    """Broker group n of several (broker-a, broker-b, ...): a plain broker on BROKER_PORT + 10n; the
+    proxy reaches every group."""
+
+    logback = "broker"
+    ready_timeout_s = 120.0
+
+    def __init__(self, layout: StackLayout, settings: Settings, index: int) -> None:
+        self.index = index
+        self.broker_name = self.name = f"broker-{chr(ord('a') + index)}"
+        super().__init__(layout, settings)
+
+    @property
+    def remoting_port(self) -> int:
+        return self.settings.ports.broker + BROKER_PORT_STEP * self.index
+
+    @property
+    def port(self) -> int:
+        return self.remoting_port
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return self.broker_ports
+
+    @property
+    def user_home(self) -> Path:
+        return self.dir / self.name / "home"
+
+    @property
+    def store(self) -> Path:
+        return self.dir / self.name / "store"
+
+    @property
+    def conf_file(self) -> Path:
+        return self.conf_dir / f"{self.name}.conf"
+
+    def prepare(self) -> None:
+        self.write_broker_conf()
+
+    def command(self) -> list[str]:
+        return [
+            *self.java("1g", "org.apache.rocketmq.broker.BrokerStartup", "-XX:MaxDirectMemorySize=1g"),
+            "-c",
+            str(self.conf_file),
+            "-n",
+            self.namesrv_addr,
+        ]
+
+    def check(self) -> str:
+        return self.registered()
+
+
+class ProxyService(_Broker):
+    """The gRPC proxy in cluster mode, in front of every broker group: clients see one endpoint, and
+    the routes it hands out spread each topic's queues over all the groups."""
+
+    name = "proxy"
+    logback = "proxy"
+
+    @property
+    def port(self) -> int:
+        return self.settings.ports.proxy_grpc
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
+
+    @property
+    def user_home(self) -> Path:
+        return self.dir / self.name / "home"
+
+    def prepare(self) -> None:
+        install.rocketmq_lib()
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        self.write_proxy_conf(self.conf_dir / "rmq-proxy-cluster.json", proxyMode="cluster")
+
+    def command(self) -> list[str]:
+        return [
+            *self.java("512m", "org.apache.rocketmq.proxy.ProxyStartup"),
+            "-pm",
+            "cluster",
+            "-pc",
+            str(self.conf_dir / "rmq-proxy-cluster.json"),
+            "-n",
+            self.namesrv_addr,
+        ]
+
+    def check(self) -> str:
+        from flashsale.stack.procs import port_open
+
+        groups = self.settings.topology.broker_groups
+        registered = self.brokers()
+        if len(registered) < groups:
+            raise StackError(f"{len(registered)} of {groups} broker groups are registered with the name server")
+        if not port_open(HOST, self.port):
+            raise StackError(f"the gRPC proxy on {self.address} does not answer")
+        return f"in front of {len(registered)} broker groups"
+
+    def probe(self) -> str:
+        self.check()
+        return self.send_probe(self.address)
 
 
 def services(layout: StackLayout, settings: Settings) -> list[Service]:
     """Every service of the stack's topology, in start order (the broker registers with the name server)."""
     from flashsale.stack import redis_nodes
 
+    groups = settings.topology.broker_groups
+    rocketmq: list[Service] = (
+        [BrokerService(layout, settings)]
+        if groups == 1
+        else [*(GroupBroker(layout, settings, i) for i in range(groups)), ProxyService(layout, settings)]
+    )
     return [
         *redis_nodes.nodes(layout, settings),
         MariaDBService(layout, settings),
         NamesrvService(layout, settings),
-        BrokerService(layout, settings),
+        *rocketmq,
     ]
