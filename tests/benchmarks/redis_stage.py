@@ -106,11 +106,15 @@ def _logged(url: str, parts: list[tuple[str, int]]) -> int:
 
 
 def _fresh(cluster: Settings) -> None:
-    """Every master empty, and no append-only file rewrite running: each stage starts from the same state."""
+    """Every master empty, with its append-only file compacted: each stage starts from the same state."""
     for i in range(cluster.topology.redis_nodes):
         node = redis.Redis(port=cluster.ports.redis + i)
         try:
             node.flushall()
+            while int(node.info("persistence")["aof_rewrite_in_progress"]):
+                time.sleep(0.1)
+            node.bgrewriteaof()
+            time.sleep(0.2)
             while int(node.info("persistence")["aof_rewrite_in_progress"]):
                 time.sleep(0.1)
         finally:

@@ -4,12 +4,14 @@ watched by a Prometheus and a Grafana that ask the processes only for what they 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -98,23 +100,109 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def test_compose_accepts_the_file() -> None:
+PROFILES = ("single", "cluster")
+
+
+def profile_of(service: dict[str, Any]) -> str | None:
+    """The topology a service belongs to; None: both."""
+    profiles = service.get("profiles")
+    if profiles is None:
+        return None
+    assert len(profiles) == 1 and profiles[0] in PROFILES, profiles
+    return str(profiles[0])
+
+
+def in_profile(profile: str) -> dict[str, Any]:
+    return {name: s for name, s in compose_services().items() if profile_of(s) in (None, profile)}
+
+
+def flags(command: list[str] | str) -> dict[str, str]:
+    """`--name value` pairs of a server's command line (a shell command is split on spaces first)."""
+    words = command.split() if isinstance(command, str) else [w for part in command for w in str(part).split()]
+    return {w[2:]: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_compose_accepts_the_file_in_both_topologies(profile: str) -> None:
     result = subprocess.run(
-        [*compose_command(), "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True, text=True, cwd=ROOT
+        [*compose_command(), "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COMPOSE_PROFILES": profile},
     )
     assert result.returncode == 0, result.stderr
 
 
+def test_compose_runs_the_single_topology_unless_told_otherwise() -> None:
+    env = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines() if "=" in line)
+    assert env["COMPOSE_PROFILES"] == "single"
+
+
 def test_compose_runs_the_same_services_as_the_native_stack() -> None:
     services = compose_services()
-    assert {"redis", "mysql", "namesrv", "broker", "init", "producer", "consumer", "checker"} <= set(services)
+    assert {"mysql", "namesrv", "init", "producer", "consumer", "checker"} <= set(in_profile("single"))
     assert services["namesrv"]["image"].startswith("apache/rocketmq:5")
-    assert services["broker"]["image"].startswith("apache/rocketmq:5")
-    assert "--enable-proxy" in services["broker"]["command"]
-    assert services["redis"]["image"] == "redis:7" and services["mysql"]["image"].startswith("mysql:8")
+    assert services["mysql"]["image"].startswith("mysql:8")
     assert services["producer"]["command"] == ["flashsale", "producer", "run"]
     assert services["consumer"]["command"] == ["flashsale", "consumer", "run", "--metrics-port", "9101"]
     assert services["checker"]["command"] == ["flashsale", "checker", "run", "--metrics-port", "9102"]
+
+    single = in_profile("single")
+    assert {"redis", "broker"} <= set(single) and not {"proxy", "broker-a", "redis-0"} & set(single)
+    assert single["redis"]["image"] == "redis:7"
+    assert "--enable-proxy" in single["broker"]["command"]
+
+
+def test_the_cluster_profile_is_the_native_cluster_topology() -> None:
+    """`flashsale stack up --redis-masters 3 --redis-replicas 1 --broker-groups 2`, in containers."""
+    from flashsale.stack.services import BROKER_PORT_STEP
+
+    cluster = in_profile("cluster")
+    assert not {"redis", "broker"} & set(cluster)
+    nodes = [f"redis-{i}" for i in range(6)]
+    assert {*nodes, "redis-cluster", "broker-a", "broker-b", "proxy"} <= set(cluster)
+    ports = [int(cluster[n]["environment"]["PORT"]) for n in nodes]
+    assert ports == list(range(6379, 6385))
+    for node in nodes:
+        options = flags(cluster[node]["entrypoint"])
+        assert options["cluster-enabled"] == "yes" and options["port"] == "$$PORT"
+    create = str(cluster["redis-cluster"]["entrypoint"][-1])
+    assert "--cluster create " + " ".join(f"127.0.0.1:{p}" for p in ports) in create
+    assert flags(create)["cluster-replicas"] == "1"
+
+    assert "--enable-proxy" not in cluster["broker-a"]["command"]
+    assert "brokerName=broker-b" in cluster["broker-b"]["command"][-1]
+    assert f"listenPort={10911 + BROKER_PORT_STEP}" in cluster["broker-b"]["command"][-1]
+    for name in ("broker-a", "broker-b"):
+        assert mounts(cluster[name])["/home/rocketmq/flashsale/broker.conf"] == "./infra/rocketmq/broker.conf"
+    proxy = cluster["proxy"]
+    assert proxy["command"][:2] == ["sh", "mqproxy"]
+    assert mounts(proxy)["/home/rocketmq/flashsale/rmq-proxy.json"] == "./infra/rocketmq/rmq-proxy.json"
+    proxy_conf = json.loads((ROOT / "infra" / "rocketmq" / "rmq-proxy.json").read_text())
+    assert proxy_conf["proxyMode"] == "cluster" and proxy_conf["grpcServerPort"] == 8081
+
+
+def test_every_redis_in_compose_runs_the_native_nodes_settings(tmp_path: Path) -> None:
+    """The options a native node's redis.conf sets, a compose Redis sets to the same values."""
+    from flashsale.config import Settings, StackTopology
+    from flashsale.stack.layout import StackLayout
+    from flashsale.stack.redis_nodes import RedisNode
+
+    services = compose_services()
+    for native_masters, names in ((1, ["redis"]), (3, [f"redis-{i}" for i in range(6)])):
+        topology = StackTopology(redis_masters=native_masters, redis_replicas=0 if native_masters == 1 else 1)
+        node = RedisNode(StackLayout.at(tmp_path), Settings(home=tmp_path, topology=topology))
+        node.prepare()
+        native = dict(line.split(" ", 1) for line in (node.dir / "redis.conf").read_text().splitlines() if line)
+        shared = {
+            k: v for k, v in native.items() if k.startswith(("append", "auto-aof", "maxmemory", "cluster-", "repl-"))
+        }
+        shared.pop("cluster-config-file", None)
+        assert len(shared) >= (4 if native_masters == 1 else 9), shared
+        for name in names:
+            command = services[name].get("entrypoint") or services[name]["command"]
+            assert {k: flags(command).get(k) for k in shared} == shared, name
 
 
 def test_compose_publishes_ports_on_loopback_only() -> None:
@@ -127,20 +215,26 @@ def test_compose_and_the_native_stack_run_one_rocketmq_version_with_one_broker_c
     from flashsale import constants as c
 
     services = compose_services()
-    for name in ("namesrv", "broker"):
+    for name in ("namesrv", "broker", "broker-a", "broker-b", "proxy"):
         assert services[name]["image"] == f"apache/rocketmq:{c.ROCKETMQ_VERSION}"
-    mounts = [v.split(":")[0] for v in services["broker"]["volumes"] if isinstance(v, str)]
-    assert "./infra/rocketmq/broker.conf" in mounts
-    assert "-c" in services["broker"]["command"]
+    for name in ("broker", "broker-a"):
+        assert mounts(services[name])["/home/rocketmq/flashsale/broker.conf"] == "./infra/rocketmq/broker.conf"
+        assert "-c" in services[name]["command"]
 
 
-def test_prometheus_and_grafana_live_in_the_broker_namespace_with_their_config_from_infra() -> None:
+def test_every_server_but_mysql_and_every_process_live_in_the_name_servers_namespace() -> None:
+    """Brokers advertise 127.0.0.1, and so do Redis Cluster nodes: their clients must share that loopback."""
+    for name, service in compose_services().items():
+        if name not in ("namesrv", "mysql"):
+            assert service["network_mode"] == "service:namesrv", name
+        for source in mounts(service).values():
+            assert (ROOT / source).exists(), f"{name} mounts {source}, which is missing"
+
+
+def test_prometheus_and_grafana_have_their_config_from_infra() -> None:
     services = compose_services()
     for name in ("prometheus", "grafana"):
-        assert services[name]["network_mode"] == "service:broker"
         assert ":" in services[name]["image"] and not services[name]["image"].endswith(":latest")
-        for source in mounts(services[name]).values():
-            assert (ROOT / source).exists(), f"{name} mounts {source}, which is missing"
     assert services["prometheus"]["image"].startswith("prom/prometheus:v")
     assert mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"] == "./infra/prometheus/prometheus.yml"
     assert services["grafana"]["image"].startswith("grafana/grafana:")
@@ -150,9 +244,9 @@ def test_prometheus_and_grafana_live_in_the_broker_namespace_with_their_config_f
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
 
 
-def test_the_broker_publishes_the_proxy_producer_prometheus_and_grafana_ports() -> None:
-    published = {str(p).split(":")[-1] for p in compose_services()["broker"]["ports"]}
-    assert {"8081", "8000", "9090", "3000"} <= published
+def test_the_name_server_publishes_the_proxy_redis_producer_prometheus_and_grafana_ports() -> None:
+    published = {str(p).split(":", 1)[1].rsplit(":", 1)[0] for p in compose_services()["namesrv"]["ports"]}
+    assert {"8081", "6379-6384", "8000", "9090", "3000", "10911", "10921"} <= published
 
 
 def test_prometheus_scrapes_each_process_on_the_port_it_serves_metrics_on() -> None:

@@ -55,7 +55,22 @@ def init(settings: Settings, *, wait_s: float = 0.0) -> InitReport:
     return report
 
 
+def _redis_answers(settings: Settings) -> None:
+    """The processes need Redis from their first purchase: init waits for it too (a cluster still forming
+    answers without serving its slots)."""
+    import redis
+
+    stock = RedisStock(settings.redis_url)
+    try:
+        stock.ping()
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise ServiceUnavailable("Redis", settings.redis_url, str(exc) or type(exc).__name__) from exc
+    finally:
+        stock.close()
+
+
 def _init(settings: Settings) -> InitReport:
+    _redis_answers(settings)
     report = InitReport()
     store = MySQLStore(settings.mysql_url)
     try:
