@@ -63,6 +63,7 @@ bench: install
 	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline-b1,pipeline,bucketed --plot bench.png
 	$(BIN)/python -m tests.benchmarks.ops_bounds
 	$(BIN)/python -m tests.benchmarks.redis_stage
+	$(BIN)/python -m tests.benchmarks.scale_e2e
 
 # What a client sees, from outside: Debian's wrk against a producer, live stock and sold out.
 wrk: install

@@ -52,7 +52,8 @@ class Stage:
     cpu_percent: dict[str, float]
 
 
-def _cluster() -> Settings:
+def bench_cluster() -> Settings:
+    """The benchmarks' own Redis Cluster: 3 masters, no replicas, on ports 7479 and up."""
     home = ROOT / ".flashsale" / "bench-cluster"
     env = {
         **clean_environment(),
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--groups", default="1,16", help="purchases per script call, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    cluster = _cluster()
+    cluster = bench_cluster()
     stack = Stack(cluster)
     stack.down()
     shutil.rmtree(cluster.home, ignore_errors=True)

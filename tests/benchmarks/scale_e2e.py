@@ -1,0 +1,143 @@
+"""End to end, in one run: a partitioned SKU on 3 Redis masters against one SKU on a single Redis node.
+
+The same broker, MariaDB, processes and load for both; only Redis differs. The single node is the
+stack's own (`flashsale stack up`), selling with `pipeline`; the cluster is the Redis stage's (3
+masters, no replicas, on ports 7479 and up), selling with `bucketed` over 3 partitions, refilled 1% of
+the stock at a time. Each round runs both, in turn, through `run_bench` (the engine of `flashsale
+bench`); a first round warms the JVMs and is not counted; the median round is reported, with the CPU
+of every process per accepted purchase (the cluster's Redis nodes measured here, for the same run).
+
+Target: the cluster sells at least as fast as the single node (ratio >= 1.0, within the run-to-run
+spread of about 5% on this 2-core machine, where every process shares the same cores).
+
+Run: `python -m tests.benchmarks.scale_e2e [--attempts 20000] [--rounds 3]` (part of `make bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from flashsale.config import Settings
+from flashsale.ops.bench import BenchConfig, StrategyResult, run_bench
+from flashsale.ops.cpu import CpuMeter
+from flashsale.ops.setup import init
+from flashsale.stack import procs
+from flashsale.stack.layout import StackLayout
+from flashsale.stack.manager import Stack
+from tests.benchmarks.redis_stage import bench_cluster
+from tests.conftest import clean_environment, cluster_url, isolated_settings
+
+PARTITIONS = 3
+
+
+@dataclass
+class Side:
+    redis: str
+    strategy: str
+    accepted_per_s: float
+    p99_ms: float
+    transactions_per_accepted: float | None
+    cpu_ms_per_accepted: dict[str, float]
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """The bench starts its processes with this process's environment: the side's settings go there."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({**clean_environment(), **values})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _side(redis: str, strategy: str, result: StrategyResult, nodes_cpu: dict[str, float]) -> Side:
+    if result.problems or not result.accepted:
+        raise SystemExit(f"{strategy} on {redis}: {result.problems or 'nothing accepted'}")
+    cpu = {k: v for k, v in result.cpu_ms_per_accepted.items() if not (nodes_cpu and k == "redis")}
+    cpu.update({name: round(1000 * s / result.accepted, 3) for name, s in nodes_cpu.items()})
+    return Side(redis, strategy, result.accepted_per_s, result.p99_ms, result.transactions_per_accepted, cpu)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attempts", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    config = BenchConfig(stock=10 * args.attempts, buyers=200, attempts=args.attempts, partitions=PARTITIONS)
+
+    stack = Settings.from_env(clean_environment())
+    Stack(stack).up()
+    cluster = bench_cluster()
+    cluster_stack = Stack(cluster)
+    cluster_stack.down()
+    shutil.rmtree(cluster.home, ignore_errors=True)
+    cluster_stack.up(["redis"])
+    settings = isolated_settings("e", stack)
+    init(settings)
+    sides = {
+        "single node": (settings, "pipeline", {}),
+        "3 masters": (
+            settings.with_overrides(redis_url=cluster_url(cluster)),
+            "bucketed",
+            {"FLASHSALE_PARTITION_REFILL": str(config.stock // 100)},
+        ),
+    }
+    layout = StackLayout.at(cluster.home)
+    nodes = {}
+    for i in range(cluster.topology.redis_nodes):
+        record = procs.PidRecord.load(layout.pid_file(f"redis-{i}"))
+        assert record is not None
+        nodes[f"redis-{i}"] = record.pid
+    rounds: list[tuple[Side, Side, float]] = []
+    try:
+        for n in range(args.rounds + 1):
+            measured = []
+            for name, (side_settings, strategy, extra) in sides.items():
+                env = {
+                    "FLASHSALE_NAMESPACE": side_settings.namespace,
+                    "FLASHSALE_MYSQL_URL": side_settings.mysql_url,
+                    "FLASHSALE_REDIS_URL": side_settings.redis_url,
+                    **extra,
+                }
+                with _environment(env):
+                    meter = CpuMeter(nodes if strategy == "bucketed" else {})
+                    (result,) = run_bench(side_settings.with_overrides(**_overrides(extra)), config, [strategy])
+                    measured.append(_side(name, strategy, result, meter.used()))
+            single, partitioned = measured
+            print(
+                f"round {n}{' (warm-up)' if n == 0 else ''}: single node {single.accepted_per_s:,.0f}/s, "
+                f"3 masters {partitioned.accepted_per_s:,.0f}/s",
+                flush=True,
+            )
+            if n:
+                rounds.append((single, partitioned, partitioned.accepted_per_s / single.accepted_per_s))
+    finally:
+        cluster_stack.down()
+    single, partitioned, ratio = sorted(rounds, key=lambda r: r[2])[len(rounds) // 2]
+    print(
+        json.dumps({"single": single.__dict__, "partitioned": partitioned.__dict__, "ratio": round(ratio, 2)}, indent=2)
+    )
+    print(
+        f"end to end: {PARTITIONS} partitions on 3 masters {partitioned.accepted_per_s:,.0f} accepted/s, "
+        f"single node {single.accepted_per_s:,.0f} accepted/s: {ratio:.2f}x "
+        f"(all rounds: {', '.join(f'{r:.2f}x' for _, _, r in rounds)})"
+    )
+
+
+def _overrides(extra: dict[str, str]) -> dict[str, int]:
+    """The settings the bench itself reads from the side's extra variables (it loads the stock)."""
+    refill = extra.get("FLASHSALE_PARTITION_REFILL")
+    return {"partition_refill": int(refill)} if refill else {}
+
+
+if __name__ == "__main__":
+    main()
