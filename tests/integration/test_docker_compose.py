@@ -301,6 +301,8 @@ def test_the_native_broker_config_is_the_shared_one_plus_its_own_ports_and_paths
     assert {k: v for k, v in native.items() if k not in own} == {k: v for k, v in shared.items() if k not in own}
     assert native["storePathRootDir"].startswith(str(tmp_path))
     assert native["brokerIP1"] == "127.0.0.1"
+    local = json.loads((broker.conf_dir / "rmq-proxy.json").read_text())
+    assert local["proxyMode"] == "local" and local["brokerConfigPath"] == str(broker.conf_file)
 
 
 def test_the_check_window_outlasts_the_worst_recovery() -> None:
@@ -314,3 +316,39 @@ def test_the_check_window_outlasts_the_worst_recovery() -> None:
     assert window_s >= 600
     assert Settings().check_grace_s * 1000 <= int(conf["transactionTimeOut"])
     assert int(conf["transactionOpBatchInterval"]) < int(conf["transactionTimeOut"])
+
+
+def _properties(path: Path) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            found[key] = value  # a later key wins, as in java.util.Properties
+    return found
+
+
+def test_native_broker_groups_are_the_shared_config_with_a_name_and_ports_each(tmp_path: Path) -> None:
+    from flashsale.config import Settings, StackTopology
+    from flashsale.stack.layout import StackLayout
+    from flashsale.stack.services import GroupBroker, ProxyService, broker_settings, services
+
+    settings = Settings(home=tmp_path, topology=StackTopology(broker_groups=2))
+    stack = services(StackLayout.at(tmp_path), settings)
+    assert [s.name for s in stack][-4:] == ["namesrv", "broker-a", "broker-b", "proxy"]
+    groups = [s for s in stack if isinstance(s, GroupBroker)]
+    for group, port in zip(groups, (10911, 10921), strict=True):
+        group.prepare()
+        native = _properties(group.conf_file)
+        assert native["brokerName"] == group.name and native["listenPort"] == str(port)
+        assert native["haListenPort"] == str(port + 1) and native["storePathRootDir"].endswith(f"{group.name}/store")
+        for key in ("transactionCheckMax", "transactionCheckInterval", "transactionTimeOut", "brokerIP1"):
+            assert native[key] == broker_settings()[key]
+    assert groups[0].store != groups[1].store and groups[0].user_home != groups[1].user_home
+
+    proxy = next(s for s in stack if isinstance(s, ProxyService))
+    proxy.prepare()
+    native_proxy = json.loads((proxy.conf_dir / "rmq-proxy-cluster.json").read_text())
+    shared = json.loads((ROOT / "infra" / "rocketmq" / "rmq-proxy.json").read_text())
+    own = {"namesrvAddr", "grpcServerPort", "remotingListenPort"}
+    assert {k: v for k, v in native_proxy.items() if k not in own} == {k: v for k, v in shared.items() if k not in own}
+    assert native_proxy["proxyMode"] == "cluster" and native_proxy["namesrvAddr"] == "127.0.0.1:9876"

@@ -283,6 +283,18 @@ class _RocketMQService(Service):
             main,
         ]
 
+    def write_proxy_conf(self, path: Path, **own: object) -> None:
+        """The shared proxy settings with the stack's own name server and ports (`own` wins)."""
+        settings = json.loads(infra_file(PROXY_CONF).read_text())
+        settings.update(
+            namesrvAddr=self.namesrv_addr,
+            localServeAddr=HOST,
+            grpcServerPort=self.settings.ports.proxy_grpc,
+            remotingListenPort=self.settings.ports.proxy_remoting,
+            **own,
+        )
+        path.write_text(json.dumps(settings, indent=2))
+
     def brokers(self) -> list[str]:
         from flashsale.adapters import rocketmq_admin
 
@@ -390,18 +402,6 @@ class _Broker(_RocketMQService):
             raise StackError(f"broker {self.broker_addr} is not registered with the name server yet")
         return f"registered as {self.broker_name} on {self.broker_addr}"
 
-    def write_proxy_conf(self, path: Path, **own: object) -> None:
-        """The shared proxy settings with the stack's own name server and ports (`own` wins)."""
-        settings = json.loads(infra_file(PROXY_CONF).read_text())
-        settings.update(
-            namesrvAddr=self.namesrv_addr,
-            localServeAddr=HOST,
-            grpcServerPort=self.settings.ports.proxy_grpc,
-            remotingListenPort=self.settings.ports.proxy_remoting,
-            **own,
-        )
-        path.write_text(json.dumps(settings, indent=2))
-
 
 class BrokerService(_Broker):
     """One broker group: the broker and its gRPC proxy in one JVM (`mqbroker --enable-proxy` is
@@ -501,7 +501,7 @@ class GroupBroker(_Broker):
         return self.registered()
 
 
-class ProxyService(_Broker):
+class ProxyService(_RocketMQService):
     """The gRPC proxy in cluster mode, in front of every broker group: clients see one endpoint, and
     the routes it hands out spread each topic's queues over all the groups."""
 
