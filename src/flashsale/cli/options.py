@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from flashsale import constants as c
+
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
@@ -17,4 +19,15 @@ def json_output(what: str = "the result") -> Decorator:
 def wait_seconds(meaning: str) -> Decorator:
     return click.option(
         "--wait", "wait_s", type=click.FloatRange(0), default=0, show_default=True, metavar="SECONDS", help=meaning
+    )
+
+
+def partitions_option(default: int, meaning: str) -> Decorator:
+    return click.option(
+        "--partitions",
+        type=click.IntRange(1, c.MAX_PARTITIONS),
+        default=default,
+        show_default=True,
+        metavar="P",
+        help=meaning,
     )

@@ -13,10 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flashsale import constants as c
 from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
-from flashsale.cli.options import json_output
+from flashsale.cli.options import json_output, partitions_option
 from flashsale.errors import InvalidInput
 from flashsale.ops import bench as bench_ops
 from flashsale.ops.demo import DemoConfig, run_demo
@@ -123,12 +122,8 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
 @click.option(
     "--batch-size", type=click.IntRange(1), default=None, help="Pipeline: batch size of the bench's own consumer."
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(1, c.MAX_PARTITIONS),
-    default=3,
-    show_default=True,
-    help="Bucketed: partitions of each SKU (on the masters of the Redis Cluster FLASHSALE_REDIS_URL names).",
+@partitions_option(
+    3, "Bucketed: partitions of each SKU (on the masters of the Redis Cluster FLASHSALE_REDIS_URL names)."
 )
 @json_output("the results (no progress bars)")
 @click.pass_obj

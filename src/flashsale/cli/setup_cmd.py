@@ -14,7 +14,7 @@ from flashsale import constants as c
 from flashsale.adapters.mysql_store import MySQLStore
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.cli.context import Context
-from flashsale.cli.options import json_output, wait_seconds
+from flashsale.cli.options import json_output, partitions_option, wait_seconds
 from flashsale.errors import UnknownSku
 from flashsale.ops import setup
 
@@ -61,13 +61,9 @@ def stock() -> None:
 @click.option(
     "--force", is_flag=True, help="With --reset: go ahead even while deductions are still on their way to MySQL."
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(1, c.MAX_PARTITIONS),
-    default=1,
-    show_default=True,
-    metavar="P",
-    help="Spread the stock over P partitions on different Redis masters, refilled from a pool "
+@partitions_option(
+    1,
+    "Spread the stock over P partitions on different Redis masters, refilled from a pool "
     "(FLASHSALE_PARTITION_REFILL units at a time; 1 = one key, not partitioned).",
 )
 @click.pass_obj

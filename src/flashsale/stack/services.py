@@ -295,6 +295,17 @@ class _RocketMQService(Service):
         )
         path.write_text(json.dumps(settings, indent=2))
 
+    @property
+    def proxy_ports(self) -> tuple[int, int]:
+        """The gRPC proxy's ports: gRPC (what clients use) and remoting."""
+        return (self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
+
+    def proxy_answers(self) -> None:
+        from flashsale.stack.procs import port_open
+
+        if not port_open(HOST, self.settings.ports.proxy_grpc):
+            raise StackError(f"the gRPC proxy on {HOST}:{self.settings.ports.proxy_grpc} does not answer")
+
     def brokers(self) -> list[str]:
         from flashsale.adapters import rocketmq_admin
 
@@ -417,7 +428,7 @@ class BrokerService(_Broker):
 
     @property
     def ports(self) -> tuple[int, ...]:
-        return (*self.broker_ports, self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
+        return (*self.broker_ports, *self.proxy_ports)
 
     def prepare(self) -> None:
         self.write_broker_conf()
@@ -438,11 +449,8 @@ class BrokerService(_Broker):
 
     def check(self) -> str:
         """Read-only: registered with the name server, and its gRPC proxy port answers."""
-        from flashsale.stack.procs import port_open
-
         note = self.registered()
-        if not port_open(HOST, self.port):
-            raise StackError(f"the gRPC proxy on {self.address} does not answer")
+        self.proxy_answers()
         return note
 
     def probe(self) -> str:
@@ -514,7 +522,7 @@ class ProxyService(_RocketMQService):
 
     @property
     def ports(self) -> tuple[int, ...]:
-        return (self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
+        return self.proxy_ports
 
     @property
     def user_home(self) -> Path:
@@ -537,14 +545,11 @@ class ProxyService(_RocketMQService):
         ]
 
     def check(self) -> str:
-        from flashsale.stack.procs import port_open
-
         groups = self.settings.topology.broker_groups
         registered = self.brokers()
         if len(registered) < groups:
             raise StackError(f"{len(registered)} of {groups} broker groups are registered with the name server")
-        if not port_open(HOST, self.port):
-            raise StackError(f"the gRPC proxy on {self.address} does not answer")
+        self.proxy_answers()
         return f"in front of {len(registered)} broker groups"
 
     def probe(self) -> str:
