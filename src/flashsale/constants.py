@@ -24,8 +24,10 @@ TOPIC_QUEUES = 8
 CLUSTER_NAME = "DefaultCluster"
 #: Broker groups the local stack can run (broker-a, broker-b, ...).
 MAX_BROKER_GROUPS = 4
-#: Version of the JSON body of a deduction message (1: one purchase; 2: the purchases of a group).
-MESSAGE_VERSION = 2
+#: Version of the JSON body of a deduction message (1: one purchase; 2: the purchases of a group; 3: a
+#: group over several partitions, each purchase naming its own). A body is written in the lowest version
+#: that can carry it, so a consumer of an older release still reads every message it could before.
+MESSAGE_VERSION = 3
 #: Most purchases one deduction message may carry.
 MAX_GROUP = 1024
 
@@ -54,12 +56,10 @@ POOL_KEY = "fs:{{{sku}}}:pool"
 TRANSFERS_KEY = "fs:{{{sku}}}:transfers"
 #: (On a partition's tag) transfer id -> units it received (negative: drained out); each applies once.
 REFILLS_KEY = "fs:{{{sku}}}:refills"
-#: "sku token" -> "epoch partition": the partition a token of a partitioned SKU is bound to.
-CLAIMS_KEY = "fs:{{#claims:{shard}}}:tokens"
 #: Per-user limit of a partitioned SKU: b:user -> units held, h:token -> units (sharded by the user's crc32).
 USER_HOLDS_KEY = "fs:{{#users:{shard}}}:{sku}:{epoch}"
-#: Claim and hold shards; a token's (a user's) shard is its crc32 modulo this (spread over every master).
-CLAIM_SHARDS = 64
+#: Hold shards; a user's shard is the crc32 of the user id modulo this (spread over every master).
+HOLD_SHARDS = 64
 #: Most partitions one SKU may have.
 MAX_PARTITIONS = 64
 

@@ -137,11 +137,13 @@ class Deduction:
 
 @dataclass(frozen=True)
 class Purchase:
-    """One purchase inside a deduction message."""
+    """One purchase inside a deduction message; `part` names the partition (sku#n) that sells it, when
+    it is not the message's own."""
 
     token: str
     user_id: str
     qty: int
+    part: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,9 @@ class DeductionMessage:
 
     On the deduction topic `gid` is the id of the half message itself: the pre-deduct names it in every
     log entry it writes, which is how the checker and the consumer learn which purchases it accepted.
-    Replays carry no gid: the consumer applies what the Redis log holds for each token. `part` names
-    the partition (sku#n) whose keys hold the log, for a partitioned SKU.
+    Replays carry no gid: the consumer applies what the Redis log holds for each token. For a
+    partitioned SKU, `part` names the partition (sku#n) whose keys hold the log of every purchase; or
+    each purchase names its own, when one message carries a group spread over several partitions.
     """
 
     sku: str
@@ -165,19 +168,27 @@ class DeductionMessage:
     def tokens(self) -> list[str]:
         return [p.token for p in self.purchases]
 
-    @property
-    def shard(self) -> str:
-        """The Redis keys of its pre-deduct: its partition's, or its SKU's."""
-        return self.part or self.sku
+    def shard_of(self, purchase: Purchase) -> str:
+        """The Redis keys of a purchase's pre-deduct: its partition's, or its SKU's."""
+        return purchase.part or self.part or self.sku
+
+    def shards(self) -> dict[str, list[Purchase]]:
+        """The purchases by the keys of their pre-deduct, in the message's order within each: each
+        partition's pre-deduct ran on its own list, and its record's codes follow that order."""
+        by_shard: dict[str, list[Purchase]] = {}
+        for p in self.purchases:
+            by_shard.setdefault(self.shard_of(p), []).append(p)
+        return by_shard
 
     def encode(self) -> bytes:
-        body = {
-            "v": c.MESSAGE_VERSION,
+        spread = any(p.part for p in self.purchases)
+        body: dict[str, Any] = {
+            "v": c.MESSAGE_VERSION if spread else 2,
             "sku": self.sku,
             "gid": self.gid,
             "ts_ms": self.ts_ms,
             "source": self.source,
-            "purchases": [{"token": p.token, "user_id": p.user_id, "qty": p.qty} for p in self.purchases],
+            "purchases": [_purchase_json(p) for p in self.purchases],
         }
         if self.part:
             body["part"] = self.part
@@ -205,7 +216,7 @@ class DeductionMessage:
         if not isinstance(data, dict):
             raise MalformedMessage("body is not a JSON object")
         version = data.get("v")
-        if type(version) is not int or version not in (1, c.MESSAGE_VERSION):
+        if type(version) is not int or not 1 <= version <= c.MESSAGE_VERSION:
             raise MalformedMessage(f"unsupported message version {_shown(version)}")
         if version == 1:
             _require(data, ("token", "sku", "user_id", "qty", "ts_ms"))
@@ -230,19 +241,31 @@ class DeductionMessage:
                 request = PurchaseRequest.build(sku, item["user_id"], item["qty"], item["token"])
             except InvalidInput as exc:
                 raise MalformedMessage(str(exc)) from None
-            purchases.append(Purchase(request.token, request.user_id, request.qty))
+            own = _part_of(sku, item.get("part", "")) if version >= 3 else ""
+            purchases.append(Purchase(request.token, request.user_id, request.qty, own))
         ts_ms = data["ts_ms"]
         if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms < 10**15:
             raise MalformedMessage(f"ts_ms must be a non-negative integer, got {_shown(ts_ms)}")
         source = data.get("source", SOURCE_PURCHASE)
         if source not in (SOURCE_PURCHASE, SOURCE_REPLAY):
             raise MalformedMessage(f"unknown source {_shown(source)}")
-        part = data.get("part", "")
-        if part != "" and (
-            not isinstance(part, str) or not c.PART_PATTERN.fullmatch(part) or not part.startswith(sku + c.PART_SEP)
-        ):
-            raise MalformedMessage(f"part must name a partition of {sku} ({sku}{c.PART_SEP}N), got {_shown(part)}")
-        return cls(sku, tuple(purchases), gid, ts_ms, source, part)
+        return cls(sku, tuple(purchases), gid, ts_ms, source, _part_of(sku, data.get("part", "")))
+
+
+def _purchase_json(p: Purchase) -> dict[str, Any]:
+    item: dict[str, Any] = {"token": p.token, "user_id": p.user_id, "qty": p.qty}
+    if p.part:
+        item["part"] = p.part
+    return item
+
+
+def _part_of(sku: str, part: object) -> str:
+    """A partition named in a body: '' (none), or a partition of `sku`; MalformedMessage otherwise."""
+    if part != "" and (
+        not isinstance(part, str) or not c.PART_PATTERN.fullmatch(part) or not part.startswith(sku + c.PART_SEP)
+    ):
+        raise MalformedMessage(f"part must name a partition of {sku} ({sku}{c.PART_SEP}N), got {_shown(part)}")
+    return str(part)
 
 
 def _shown(value: object) -> str:

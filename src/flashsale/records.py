@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from flashsale.models import Deduction
@@ -18,6 +20,8 @@ class Prededuct(enum.IntEnum):
     INVALID_QTY = 6
     UNKNOWN_SKU = 7
     FENCED = 8
+    CLOSED = 9  # a partition closed for good (it was empty, and the pool too): the token goes on to its next one
+    STALE_LAYOUT = 10  # the caller's layout is not the partition's load: nothing written, read the layout again
 
 
 class StockReturn(enum.IntEnum):
@@ -158,6 +162,7 @@ class PartitionView:
     drained_qty: int
     switches: int
     node: str = ""
+    closed: bool = False
 
     @property
     def remaining(self) -> int:
@@ -175,17 +180,44 @@ class Layout:
     epoch: int
     per_user_limit: int = 0
 
+    def order(self, token: str) -> Iterator[str]:
+        """The partitions that may sell `token`, in the order it tries them: a permutation fixed by the
+        token's crc32, so every attempt of the token, in any producer, walks the same way. Tokens spread
+        evenly over the first place, and those of a closed partition evenly over the others."""
+        left = list(self.parts)
+        code = zlib.crc32(token.encode())
+        while left:
+            code, i = divmod(code, len(left))
+            yield left.pop(i)
+
+    @property
+    def anchor(self) -> str:
+        """The partition that is never closed, so every token always has one to go to."""
+        return self.parts[0]
+
 
 @dataclass(frozen=True)
 class Registry:
-    """What a partitioned SKU can sell, as last read: its pool, and each partition's (active, standby)."""
+    """What a partitioned SKU can sell, as last read: its pool, each partition's (active, standby), and
+    the partitions closed for good."""
 
     pool: int
     parts: dict[str, tuple[int, int]]
     transfers: int = 0  # moves under way between the pool and the partitions
+    closed: frozenset[str] = frozenset()
 
     def remaining(self, part: str) -> int:
         return sum(self.parts.get(part, (0, 0)))
+
+    def target(self, layout: Layout, token: str) -> tuple[str, list[str]]:
+        """Where `token` is sold now, its first partition not closed; and the closed ones it passes on the
+        way, whose logs may hold an earlier attempt of it."""
+        passed: list[str] = []
+        for part in layout.order(token):
+            if part not in self.closed:
+                return part, passed
+            passed.append(part)
+        return layout.anchor, passed  # the anchor is never closed; a registry that says so is out of date
 
     @property
     def sold_out(self) -> bool:

@@ -12,8 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock, SkuKeys
+from flashsale.adapters.redis_stock import RedisStock, SkuKeys, prededuct_call
 from flashsale.config import Settings
+from flashsale.models import Purchase
 from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
 from tests.acceptance.harness import Pipeline
@@ -219,7 +220,10 @@ def test_reconcile_finds_the_one_deduction_missing_among_100k(
     pipe = redis_stock.client.pipeline(transaction=False)
     for i in range(n):
         pipe.evalsha(
-            redis_stock._scripts["prededuct"].sha, 5, *SkuKeys.of(sku).all(), f"m{i}", sku, f"t{i}", f"u{i % 997}", "1"
+            redis_stock._scripts["prededuct"].sha,
+            5,
+            *SkuKeys.of(sku).all(),
+            *prededuct_call(sku, f"m{i}", [Purchase(f"t{i}", f"u{i % 997}", 1)])[1],
         )
         if i % 5000 == 4999:
             pipe.execute()

@@ -11,6 +11,7 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pymysql
@@ -18,7 +19,8 @@ import pytest
 import redis
 from sqlalchemy.engine.url import make_url
 
-from flashsale.adapters.redis_partitions import claims_key as claims_key_of
+from flashsale import constants as c
+from flashsale.adapters import rocketmq_admin
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.adapters.redis_stock_async import AsyncRedisStock
 from flashsale.config import Settings
@@ -52,6 +54,43 @@ def _layout(url: str, sku: str) -> tuple[list[str], dict[str, int], int]:
         return parts, ports, int(client.get(f"fs:{{{sku}}}:pool"))
     finally:
         client.close()
+
+
+def _sold_on(url: str, sku: str, token: str) -> str | None:
+    """The partition whose log holds the token, read with plain redis-py; None when none does."""
+    client = redis_client(url)
+    try:
+        parts = client.hget(f"fs:{{{sku}}}:meta", "parts").split()
+        found = [p for p in parts if client.hget(f"fs:{{{p}}}:log", token) is not None]
+    finally:
+        client.close()
+    assert len(found) <= 1, f"{token} is in the logs of {found}"
+    return found[0] if found else None
+
+
+def _order(url: str, sku: str, token: str) -> list[str]:
+    """The partitions a token may be sold on: its order, up to and including the first one not closed."""
+    sync = RedisStock(url)
+    try:
+        layout = sync.layout(sku)
+        assert layout is not None
+        client = redis_client(url)
+        try:
+            out = []
+            for part in layout.order(token):
+                out.append(part)
+                if client.hget(f"fs:{{{part}}}:meta", "closed") != "1":
+                    return out
+            return out
+        finally:
+            client.close()
+    finally:
+        sync.close()
+
+
+def _half_messages(settings: Settings) -> int:
+    """Half messages the broker has ever taken (its system topic of half messages has one queue)."""
+    return rocketmq_admin.max_offset(f"{c.DEFAULT_HOST}:{settings.ports.broker}", "RMQ_SYS_TRANS_HALF_TOPIC", 0)
 
 
 def _buy(url: str, sku: str, qty: int, token: str | None = None, user: str | None = None) -> str:
@@ -110,9 +149,11 @@ def test_a_partitioned_sale_sells_every_unit_once_to_buyers_who_retry(
             assert int(meta["switches"]) > 0
     finally:
         client.close()
-    # A retry of a token that bought gets `duplicate`, from the partition it was bound to.
+    # A retry of a token that bought gets `duplicate`, from the partition that sold it.
     bought = next(t for t, said in crowd.answers.items() if said[-1] == "accepted")
     assert _buy(url, sku, 1, bought) == "duplicate"
+    # Every token was sold where its order sends it: its first partition, or past closed ones.
+    assert all(_sold_on(settings.redis_url, sku, t) in _order(settings.redis_url, sku, t) for t in [bought])
 
     code, report = reconcile_json(pipeline, sku)
     assert code == 0, report
@@ -131,17 +172,55 @@ def test_the_last_units_sell_even_when_no_single_partition_holds_enough(
     assert _buy(url, sku, 1) == "sold_out"
     time.sleep(0.2)  # the producer's registry of the partitions (50 ms) now says sold out
     fresh = uuid.uuid4().hex
+    sent = _half_messages(settings)
     assert _buy(url, sku, 1, fresh) == "sold_out"
     assert _buy(url, sku, 4, first) == "duplicate"  # a token seen before still gets its original answer
-    client = redis_client(settings.redis_url)
-    try:  # the sold-out answer came from a read: no claim was written for the fresh token
-        assert client.hget(claims_key_of(fresh), f"{sku} {fresh}") is None
-        assert client.hget(claims_key_of(first), f"{sku} {first}") is not None
-    finally:
-        client.close()
+    # Both answers came from a read of the logs: no half message, no pre-deduct, nothing written.
+    assert _half_messages(settings) == sent
+    assert _sold_on(settings.redis_url, sku, fresh) is None
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
     assert books.sold == 10 and books.redis_stock == 0 and books.oversold() == 0
+
+
+def test_an_exhausted_partition_closes_and_its_tokens_sell_on_the_others(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    set_stock(settings.with_overrides(partition_refill=10), sku, 30, partitions=3)  # 10 each, the pool empty
+    sync = RedisStock(settings.redis_url)
+    layout = sync.layout(sku)
+    sync.close()
+    assert layout is not None
+    # 14 buyers whose token starts at each partition, the anchor's last: the buyers of each other
+    # partition find it empty, while the anchor still holds units (so the SKU is not sold out yet).
+    url = pipeline.start_all()
+    said: dict[str, str] = {}
+    with ThreadPoolExecutor(8) as pool:
+        for part in (*layout.parts[1:], layout.anchor):
+            mine = (uuid.uuid4().hex for _ in iter(int, 1))
+            tokens = [t for t, _ in zip((t for t in mine if next(layout.order(t)) == part), range(14), strict=False)]
+            said.update(zip(tokens, pool.map(lambda t: _buy(url, sku, 1, t), tokens), strict=True))
+        tokens = list(said)
+        again = dict(zip(tokens, pool.map(lambda t: _buy(url, sku, 1, t), tokens), strict=True))
+    assert sorted(Counter(said.values()).items()) == [("accepted", 30), ("sold_out", 12)]
+    assert all(again[t] == ("duplicate" if said[t] == "accepted" else "sold_out") for t in tokens)
+    client = redis_client(settings.redis_url)
+    try:
+        closed = {p for p in layout.parts if client.hget(f"fs:{{{p}}}:meta", "closed") == "1"}
+    finally:
+        client.close()
+    # The two partitions that are not the anchor closed when they ran dry; the anchor never does.
+    assert closed == set(layout.parts[1:])
+    shown = flashsale(pipeline, "stock", "show", sku, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [p["closed"] for p in json.loads(shown.stdout)["redis"]["partitions"]] == [False, True, True]
+    table = flashsale(pipeline, "stock", "show", sku, COLUMNS="200")
+    assert table.returncode == 0 and table.stdout.count(" closed") == 2 and table.stdout.count(" open") == 1
+    for token in (t for t in tokens if said[t] == "accepted"):
+        assert _sold_on(settings.redis_url, sku, token) in _order(settings.redis_url, sku, token)
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert books.sold == 30 and books.redis_stock == 0 and books.oversold() == 0
 
 
 def test_a_refill_or_drain_cut_short_is_completed_once(
@@ -227,14 +306,10 @@ def test_the_per_user_limit_holds_across_partitions(pipeline: Pipeline, settings
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
     assert _bought_by_user(settings, sku) == {f"user-{u}": 2 for u in range(10)}
-    client = redis_client(settings.redis_url)
-    try:
-        parts_of = {w: client.hget(claims_key_of(w[1]), f"{sku} {w[1]}").split()[1] for w in wanted}
-    finally:
-        client.close()
+    parts_of = {w: _sold_on(settings.redis_url, sku, w[1]) for w in wanted if said[w] == "accepted"}
     # The tokens went to every partition, and some buyer's to more than one: the limit spans them.
     assert len(set(parts_of.values())) == 3
-    assert any(len({parts_of[(f"user-{u}", t)] for (user, t) in wanted if user == f"user-{u}"}) > 1 for u in range(10))
+    assert any(len({part for (user, _), part in parts_of.items() if user == f"user-{u}"}) > 1 for u in range(10))
 
 
 @pytest.mark.parametrize("takeover", [True, False], ids=["replica-takes-over", "master-restarts"])

@@ -65,8 +65,9 @@ def bench_cluster() -> Settings:
     return Settings.from_env(env)
 
 
-def _load(url: str, partitions: int) -> list[tuple[str, int]]:
-    """A SKU of (almost) endless stock in `partitions` partitions; each partition and its master's port."""
+def _load(url: str, partitions: int) -> tuple[list[tuple[str, int]], int]:
+    """A SKU of (almost) endless stock in `partitions` partitions: each partition and its master's port,
+    and the layout's epoch (every pre-deduct names it)."""
     sku = f"stage-{partitions}-{uuid.uuid4().hex[:8]}"
     stock = RedisStock(url)
     try:
@@ -74,12 +75,12 @@ def _load(url: str, partitions: int) -> list[tuple[str, int]]:
         layout = stock.load_partitioned(sku, qty, partitions=partitions, refill=qty // partitions, threshold=0)
         client = stock.client
         assert isinstance(client, redis.RedisCluster)
-        return [(p, client.get_node_from_key(SkuKeys.of(p).stock).port) for p in layout.parts]
+        return [(p, client.get_node_from_key(SkuKeys.of(p).stock).port) for p in layout.parts], layout.epoch
     finally:
         stock.close()
 
 
-def _generator(part: str, port: int, group: int) -> subprocess.Popen[bytes]:
+def _generator(part: str, port: int, epoch: int, group: int) -> subprocess.Popen[bytes]:
     node = redis.Redis(port=port)
     try:
         node.script_load(lua.source("prededuct"))  # redis-benchmark sends EVALSHA only
@@ -90,7 +91,7 @@ def _generator(part: str, port: int, group: int) -> subprocess.Popen[bytes]:
         "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q",
         "-c", str(CONNECTIONS), "-P", str(PIPELINE), "-n", "2000000000", "-r", "1000000000",
         "EVALSHA", lua.sha1("prededuct"), str(len(keys)), *keys,
-        "m__rand_int__", part, *(["t__rand_int__", "u__rand_int__", "1"] * group),
+        "m__rand_int__", part, str(epoch), *(["t__rand_int__", "u__rand_int__", "1"] * group),
     ]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -125,8 +126,8 @@ def _fresh(cluster: Settings) -> None:
 def measure(cluster: Settings, partitions: int, seconds: float, group: int) -> Stage:
     _fresh(cluster)
     url = cluster_url(cluster)
-    parts = _load(url, partitions)
-    generators = [_generator(part, port, group) for part, port in parts]
+    parts, epoch = _load(url, partitions)
+    generators = [_generator(part, port, epoch, group) for part, port in parts]
     try:
         time.sleep(WARMUP_S)
         layout = StackLayout.at(cluster.home)

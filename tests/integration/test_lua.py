@@ -16,19 +16,20 @@ from flashsale.records import Prededuct, PredeductResult, StockReturn
 
 OLD_MS = 1_000  # a born time far in the past: older than any grace
 GRACE_MS = 3_000
+EPOCH = 1_700_000_000_000  # the layout epoch a partition is loaded with
 
 
 def deduct(stock: RedisStock, sku: str, token: str, qty: int | str = 1, user: str = "u1") -> tuple[Prededuct, int]:
     # Straight to the script, so that arguments the Python API would refuse reach it too.
     code, remaining, _ = stock._scripts["prededuct"](
-        keys=SkuKeys.of(sku).all(), args=["m-" + token, sku, token, user, str(qty)]
+        keys=SkuKeys.of(sku).all(), args=["m-" + token, sku, "", token, user, str(qty)]
     )
     return Prededuct(code), remaining
 
 
-def one(stock: RedisStock, sku: str, token: str, user: str, qty: int, gid: str) -> PredeductResult:
-    """A pre-deduct of one purchase, in a message of its own."""
-    return stock.prededuct(sku, gid, [Purchase(token, user, qty)])[0]
+def one(stock: RedisStock, sku: str, token: str, user: str, qty: int, gid: str, epoch: int = 0) -> PredeductResult:
+    """A pre-deduct of one purchase, in a message of its own (of a partition: placed by layout `epoch`)."""
+    return stock.prededuct(sku, gid, [Purchase(token, user, qty)], epoch)[0]
 
 
 def test_prededuct_sells_exactly_the_stock_then_reports_sold_out(redis_stock: RedisStock, sku: str) -> None:
@@ -285,9 +286,9 @@ def test_a_partition_switches_to_its_standby_below_the_threshold_and_logs_its_sk
 ) -> None:
     part = f"{sku}#0"
     keys = SkuKeys.of(part)
-    assert _script(redis_stock, "load_stock", keys.all(), [3, 0, 1, 2]) == [1, ""]
+    assert _script(redis_stock, "load_stock", keys.all(), [3, 0, 1, 2, EPOCH]) == [1, ""]
     assert _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 5]) == 1
-    results = [one(redis_stock, part, f"t{i}", "u1", 1, f"m{i}") for i in range(3)]
+    results = [one(redis_stock, part, f"t{i}", "u1", 1, f"m{i}", EPOCH) for i in range(3)]
     # Active 3 -> 2 -> 1 sells on; below the threshold of 2 the standby's 5 join it: 1 + 5 - 1 = 5.
     assert [r.remaining for r in results] == [7, 6, 5]
     assert redis_stock.client.get(keys.stock) == "5"
@@ -300,10 +301,10 @@ def test_a_partition_switches_to_its_standby_below_the_threshold_and_logs_its_sk
 def test_a_purchase_larger_than_the_active_sub_domain_takes_the_standby_too(redis_stock: RedisStock, sku: str) -> None:
     part = f"{sku}#1"
     keys = SkuKeys.of(part)
-    _script(redis_stock, "load_stock", keys.all(), [2, 0, 1, 0])
+    _script(redis_stock, "load_stock", keys.all(), [2, 0, 1, 0, EPOCH])
     _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 3])
-    assert one(redis_stock, part, "t1", "u1", 6, "m1").code is Prededuct.INSUFFICIENT
-    result = one(redis_stock, part, "t2", "u1", 5, "m2")
+    assert one(redis_stock, part, "t1", "u1", 6, "m1", EPOCH).code is Prededuct.INSUFFICIENT
+    result = one(redis_stock, part, "t2", "u1", 5, "m2", EPOCH)
     assert (result.code, result.remaining) == (Prededuct.ACCEPTED, 0)
     assert redis_stock.client.hget(keys.meta, "sold_out") == "1"
 
@@ -311,7 +312,7 @@ def test_a_purchase_larger_than_the_active_sub_domain_takes_the_standby_too(redi
 def test_refill_steps_count_once_per_transfer(redis_stock: RedisStock, sku: str) -> None:
     base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
     redis_stock.client.set(base.pool, 10)
-    _script(redis_stock, "load_stock", part.all(), [0, 0, 1, 0])
+    _script(redis_stock, "load_stock", part.all(), [0, 0, 1, 0, EPOCH])
     taken, record = _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x1", f"{sku}#0", 4])
     assert taken == 4 and json.loads(record)["dir"] == "out"
     assert _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x1", f"{sku}#0", 9])[0] == 4
@@ -328,7 +329,7 @@ def test_a_drain_takes_standby_first_then_active_once_and_the_pool_receives_it_o
 ) -> None:
     base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
     redis_stock.client.set(base.pool, 0)
-    _script(redis_stock, "load_stock", part.all(), [5, 0, 1, 0])
+    _script(redis_stock, "load_stock", part.all(), [5, 0, 1, 0, EPOCH])
     _script(redis_stock, "refill_apply", [part.meta, part.refills], ["r1", 2])
     _script(redis_stock, "pool_expect", [base.transfers], ["d1", f"{sku}#0", 4])
     drain = [part.stock, part.meta, part.refills]
@@ -338,15 +339,44 @@ def test_a_drain_takes_standby_first_then_active_once_and_the_pool_receives_it_o
     assert redis_stock.client.get(base.pool) == "4" and redis_stock.client.hlen(base.transfers) == 0
 
 
-def test_a_claim_binds_a_token_to_its_first_partition_for_that_load_only(redis_stock: RedisStock, sku: str) -> None:
-    key = c.CLAIMS_KEY.format(shard=0)
-    assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#0", "t2", f"{sku}#1"]) == [
-        f"{sku}#0",
-        f"{sku}#1",
-    ]
-    assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#2"]) == [f"{sku}#0"]  # a retry
-    assert _script(redis_stock, "claim", [key], [sku, 200, "t1", f"{sku}#2"]) == [f"{sku}#2"]  # a new load
-    assert _script(redis_stock, "claim", [key], [sku, 100, "t1", f"{sku}#0"]) == [""]  # an out-of-date layout
+def test_only_an_empty_partition_closes_and_then_it_sells_nothing_new_but_answers_what_it_saw(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    part = f"{sku}#0"
+    keys = SkuKeys.of(part)
+    _script(redis_stock, "load_stock", keys.all(), [1, 0, 1, 0, EPOCH])
+    _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 1])
+    close = [keys.stock, keys.meta]
+    assert _script(redis_stock, "close", close, [EPOCH]) == 0  # the standby still holds a unit
+    assert one(redis_stock, part, "t1", "u1", 2, "m1", EPOCH).code is Prededuct.ACCEPTED
+    assert redis_stock.client.hget(keys.meta, "closed") is None
+    assert _script(redis_stock, "close", close, [EPOCH - 1]) == -1  # by the layout of another load
+    assert redis_stock.client.hget(keys.meta, "closed") is None
+    assert [_script(redis_stock, "close", close, [EPOCH]) for _ in range(2)] == [1, 1]
+    assert redis_stock.client.hget(keys.meta, "closed") == "1"
+    # A unit a late refill brings is not sold: the token goes on to its next partition.
+    _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r2", 1])
+    late = one(redis_stock, part, "t2", "u2", 1, "m2", EPOCH)
+    assert late.code is Prededuct.CLOSED
+    assert redis_stock.log_entry(part, "t2") is None and redis_stock.client.hget(keys.meta, "standby") == "1"
+    again = one(redis_stock, part, "t1", "u1", 2, "m3", EPOCH)  # a token it sold: its original answer
+    assert (again.code, again.entry.message_id if again.entry else None) == (Prededuct.DUPLICATE, "m1")
+    assert one(redis_stock, part, "t2", "u2", 1, "m2", EPOCH).code is Prededuct.CLOSED  # run again: the same
+
+
+def test_a_partition_refuses_purchases_placed_by_another_load_and_writes_nothing(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    part = f"{sku}#0"
+    keys = SkuKeys.of(part)
+    assert _script(redis_stock, "load_stock", keys.all(), [5, 0, 1, 0]) == [3, "epoch"]  # a partition needs one
+    _script(redis_stock, "load_stock", keys.all(), [5, 0, 1, 0, EPOCH])
+    for epoch in (EPOCH - 1, 0):  # an older layout, or none at all
+        assert one(redis_stock, part, "t1", "u1", 1, "m1", epoch).code is Prededuct.STALE_LAYOUT
+    assert redis_stock.client.hlen(keys.log) == 0 and redis_stock.client.hlen(keys.tx) == 0
+    gone = one(redis_stock, f"{sku}#7", "t1", "u1", 1, "m1", EPOCH)  # a partition no load has (any more)
+    assert (gone.code, gone.remaining) == (Prededuct.STALE_LAYOUT, None)
+    assert one(redis_stock, part, "t1", "u1", 1, "m1", EPOCH).code is Prededuct.ACCEPTED
 
 
 def test_a_hold_counts_each_token_once_against_its_buyers_limit(redis_stock: RedisStock) -> None:

@@ -9,8 +9,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flashsale.errors import BusError
-from flashsale.models import Purchase
-from flashsale.records import CheckView, LogEntry, Peek, Prededuct, PredeductResult, TxRecord
+from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.records import (
+    CheckView,
+    Layout,
+    LogEntry,
+    Peek,
+    Prededuct,
+    PredeductResult,
+    Registry,
+    Transfer,
+    TxRecord,
+)
 
 
 @dataclass
@@ -63,13 +73,17 @@ class FakeStock:
     entries: dict[str, LogEntry] = field(default_factory=dict)
     bought: dict[str, int] = field(default_factory=dict)
     peek_error: Exception | None = None
+    errors: dict[str, Exception] = field(default_factory=dict)  # per SKU or partition, before `error`
     on_ping: Callable[[], None] = lambda: None
     calls: list[str] = field(default_factory=list)
 
-    async def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
+    async def prededuct(
+        self, sku: str, gid: str, purchases: Sequence[Purchase], epoch: int = 0
+    ) -> list[PredeductResult]:
         self.calls.append(f"prededuct {sku} {' '.join(p.token for p in purchases)} {gid}")
-        if self.error:
-            raise self.error
+        error = self.errors.get(sku, self.error)
+        if error:
+            raise error
         return [self.result for _ in purchases]
 
     async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek:
@@ -100,13 +114,17 @@ class FakeCheckStock:
 
     view: CheckView = field(default_factory=lambda: CheckView("young", None, {}))
     error: Exception | None = None
+    views: dict[str, CheckView | Exception] = field(default_factory=dict)  # per SKU or partition, before `view`
     calls: list[tuple[str, str, tuple[str, ...], int, int]] = field(default_factory=list)
 
     def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView:
         self.calls.append((sku, gid, tuple(tokens), born_ms, grace_ms))
         if self.error:
             raise self.error
-        return self.view
+        view = self.views.get(sku, self.view)
+        if isinstance(view, Exception):
+            raise view
+        return view
 
 
 @dataclass
@@ -142,3 +160,89 @@ class FakeLog:
         record = self.records.get((sku, gid))
         codes = (record.codes if record else ()) + (Prededuct.ACCEPTED,)
         self.records[(sku, gid)] = TxRecord("ran", codes, len(codes), 1_000)
+
+
+@dataclass
+class FakePartitions:
+    """A partitioned SKU in memory (the scheduler's PartitionStockPort), and `sell`, a transaction that sells
+    from it as prededuct.lua would: per partition, its log first, then closed, then its stock."""
+
+    shape: Layout
+    pool: int
+    stock: dict[str, int]  # per partition, both sub-domains in one
+    closed: set[str] = field(default_factory=set)
+    logs: dict[str, dict[str, LogEntry]] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)  # user -> units
+    calls: list[str] = field(default_factory=list)
+    sales: list[list[tuple[str, str]]] = field(default_factory=list)  # per transaction: (token, partition)
+
+    async def layout(self, sku: str) -> Layout | None:
+        return self.shape
+
+    async def registry(self, layout: Layout) -> Registry:
+        return Registry(self.pool, {p: (n, 0) for p, n in self.stock.items()}, 0, frozenset(self.closed))
+
+    async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:
+        self.calls.append("entries " + " ".join(sorted(wanted)))
+        return {p: {t: self.logs.get(p, {}).get(t) for t in tokens} for p, tokens in wanted.items()}
+
+    async def close_partition(self, layout: Layout, part: str) -> bool:
+        self.calls.append(f"close {part}")
+        if self.stock[part]:
+            return False
+        self.closed.add(part)
+        return True
+
+    async def hold(self, layout: Layout, purchases: Sequence[Purchase]) -> list[int | None]:
+        out: list[int | None] = []
+        for p in purchases:
+            bought = self.held.get(p.user_id, 0)
+            if bought + p.qty > layout.per_user_limit:
+                out.append(bought)
+            else:
+                self.held[p.user_id] = bought + p.qty
+                out.append(None)
+        return out
+
+    async def take(self, sku: str, transfer_id: str, part: str, want: int) -> int:
+        taken = min(self.pool, want)
+        self.pool -= taken
+        self.calls.append(f"take {part} {taken}")
+        return taken
+
+    async def give(self, part: str, transfer_id: str, qty: int) -> None:
+        self.stock[part] += qty
+
+    async def expect(self, sku: str, transfer_id: str, part: str, want: int) -> None:
+        pass
+
+    async def drain(self, part: str, transfer_id: str, want: int) -> int:
+        qty = min(self.stock[part], want)
+        self.stock[part] -= qty
+        self.calls.append(f"drain {part} {qty}")
+        return qty
+
+    async def receive(self, sku: str, transfer_id: str, qty: int) -> None:
+        self.pool += qty
+
+    async def forget(self, sku: str, transfer_id: str) -> None:
+        pass
+
+    async def transfers(self, sku: str) -> list[Transfer]:
+        return []
+
+    async def sell(self, requests: Sequence[PurchaseRequest], parts: Sequence[str]) -> list[PurchaseResult]:
+        self.sales.append([(r.token, part) for r, part in zip(requests, parts, strict=True)])
+        gid = f"m{len(self.sales)}"
+        out = []
+        for r, part in zip(requests, parts, strict=True):
+            seen = self.logs.setdefault(part, {}).get(r.token)
+            if seen is not None:
+                out.append(PurchaseResult(PurchaseStatus.DUPLICATE, r.token, message_id=seen.message_id))
+            elif part in self.closed or self.stock[part] < r.qty:
+                out.append(PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, self.stock[part]))
+            else:
+                self.stock[part] -= r.qty
+                self.logs[part][r.token] = LogEntry(r.token, "deducted", r.sku, r.user_id, r.qty, 0, gid, part=part)
+                out.append(PurchaseResult(PurchaseStatus.ACCEPTED, r.token, self.stock[part], gid))
+        return out

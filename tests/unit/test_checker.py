@@ -101,3 +101,29 @@ def test_checker_reports_each_resolution_and_its_time_to_its_observer() -> None:
     DeductionChecker(stock, GRACE_S, observe=lambda r, s: seen.append((r, s))).check(_delivery())
     assert [r for r, _ in seen] == [Resolution.COMMIT]
     assert 0 <= seen[0][1] < 5
+
+
+def _spread() -> Delivery:
+    purchases = (Purchase("tok-1", "u1", 2, "sku-1#0"), Purchase("tok-2", "u2", 1, "sku-1#3"))
+    return _delivery(DeductionMessage("sku-1", purchases, GID, ts_ms=BORN_MS - 5).encode())
+
+
+def test_checker_looks_at_each_partition_a_spread_message_went_to_with_its_own_tokens() -> None:
+    stock = FakeCheckStock()
+    _check(stock, _spread())
+    assert [(sku, tokens) for sku, _, tokens, _, _ in stock.calls] == [("sku-1#0", ("tok-1",))]  # young: asked again
+    ran = CheckView("ran", TxRecord("ran", (Prededuct.SOLD_OUT,)), {"tok-1": None})
+    stock = FakeCheckStock(views={"sku-1#0": ran, "sku-1#3": _ran(None, _entry("tok-2", "u2", 1))})
+    assert _check(stock, _spread()) is Resolution.COMMIT
+    assert [(sku, tokens) for sku, _, tokens, _, _ in stock.calls] == [("sku-1#0", ("tok-1",)), ("sku-1#3", ("tok-2",))]
+
+
+def test_checker_commits_a_spread_message_once_every_share_ran_or_is_fenced() -> None:
+    fenced = CheckView("fenced", TxRecord("fenced"), {"tok-1": None})
+    accepted = _ran(None, _entry("tok-2", "u2", 1))
+    assert _check(FakeCheckStock(views={"sku-1#0": fenced, "sku-1#3": accepted}), _spread()) is Resolution.COMMIT
+    young = CheckView("young", None, {"tok-2": None})
+    assert _check(FakeCheckStock(views={"sku-1#0": fenced, "sku-1#3": young}), _spread()) is Resolution.UNKNOWN
+    down = ServiceUnavailable("Redis", "127.0.0.1:7001", "timeout")
+    assert _check(FakeCheckStock(views={"sku-1#0": accepted, "sku-1#3": down}), _spread()) is Resolution.UNKNOWN
+    assert _check(FakeCheckStock(views={"sku-1#0": fenced, "sku-1#3": fenced}), _spread()) is Resolution.ROLLBACK

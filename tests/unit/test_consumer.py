@@ -278,3 +278,18 @@ def test_a_message_of_many_purchases_is_applied_in_transactions_of_at_most_the_b
     applies = [c for c in calls if c.startswith("apply")]
     assert [len(ast.literal_eval(c.split(" dead ")[0].removeprefix("apply "))) for c in applies] == [16, 16, 8]
     assert calls[-1] == "ack ['msg-big']" and sum(c.startswith("ack") for c in calls) == 1
+
+
+def test_consumer_applies_each_share_of_a_spread_message_from_its_own_partitions_log_and_record() -> None:
+    consumer, store, _, log = _consumer()
+    # One message over two partitions: hot#0 accepted a, rejected b; hot#4 accepted c, and lost d.
+    purchases = (Purchase("a", "u1", 1, "hot#0"), Purchase("c", "u1", 1, "hot#4"))
+    purchases += (Purchase("b", "u1", 1, "hot#0"), Purchase("d", "u1", 1, "hot#4"))
+    log.deducted("hot#0", "a", "u1", 1, "msg-g")
+    log.records[("hot#0", "msg-g")] = TxRecord("ran", (Prededuct.ACCEPTED, Prededuct.SOLD_OUT), 1)
+    log.deducted("hot#4", "c", "u1", 1, "msg-g")
+    log.records[("hot#4", "msg-g")] = TxRecord("ran", (Prededuct.ACCEPTED, Prededuct.ACCEPTED), 2)
+    body = DeductionMessage("hot", purchases, "msg-g", 1).encode()
+    report = consumer.process([Delivery("msg-g", "ns-deductions", "a", body, born_ms=1, attempt=1)])
+    assert sorted(d.token for d in report.applied) == ["a", "c"]
+    assert report.skipped == 1 and [c.deduction.token for c in store.conflicts] == ["d"]

@@ -129,7 +129,7 @@ def _one(**changes: object) -> list[dict[str, object]]:
         (b"not json", "not JSON"),
         (b"\xff\xfe\x00", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
-        (_body(v=3), "unsupported message version 3"),
+        (_body(v=4), "unsupported message version 4"),
         (_body(v=...), "unsupported message version None"),
         (_body(purchases=...), "missing field\\(s\\): purchases"),
         (_body(ts_ms=...), "missing field\\(s\\): ts_ms"),

@@ -1,23 +1,42 @@
-"""Placement, picking and the arithmetic of transfers under way: the pure parts of partitioned stock."""
+"""Placement, the scheduler's choices and the arithmetic of transfers under way: the pure parts of partitioned stock.
+
+The scheduler runs here against FakePartitions, a partitioned SKU in memory; the real scripts and the
+real cluster are in tests/integration/test_lua.py and tests/acceptance/test_partitions.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import random
+from collections import Counter
 
 import pytest
 from redis.crc import key_slot
 
 from flashsale import constants as c
-from flashsale.adapters.redis_partitions import claims_key, moving, parent, place
+from flashsale.adapters.redis_partitions import moving, parent, place
 from flashsale.errors import MalformedMessage
-from flashsale.models import DeductionMessage, Purchase
+from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseStatus
 from flashsale.pipeline.partitions import Scheduler
-from flashsale.records import Registry
+from flashsale.records import Layout, LogEntry, Registry
+from tests.unit.fakes import FakePartitions
+
+PARTS = ("s#0", "s#1", "s#2")
+LAYOUT = Layout("s", PARTS, refill=5, threshold=0, epoch=1)
 
 
 def _three_masters(slot: int) -> str:
     return ("a", "b", "c")[slot * 3 // 16384]
+
+
+def _token_for(part: str, *, then: str | None = None, avoid: str = "") -> str:
+    """A token whose order starts at `part` (and goes on to `then`)."""
+    for n in range(10_000):
+        token = f"tok{avoid}-{n}"
+        order = list(LAYOUT.order(token))
+        if order[0] == part and (then is None or order[1] == then):
+            return token
+    raise AssertionError("no such token")
 
 
 def test_partitions_land_on_the_masters_in_turn_and_never_share_a_name() -> None:
@@ -31,18 +50,23 @@ def test_on_one_node_partitions_are_numbered_in_order() -> None:
     assert place("hot", 3, [""], lambda slot: "") == ["hot#0", "hot#1", "hot#2"]
 
 
-def test_claims_of_one_token_always_go_to_the_same_shard_and_tokens_spread() -> None:
-    assert claims_key("tok-1") == claims_key("tok-1")
-    assert len({claims_key(f"tok-{i}") for i in range(1000)}) == c.CLAIM_SHARDS
+def test_a_tokens_order_is_fixed_and_tokens_spread_evenly_over_every_place() -> None:
+    orders = [tuple(LAYOUT.order(f"tok-{i}")) for i in range(3000)]
+    assert all(sorted(o) == sorted(PARTS) for o in orders)
+    assert orders[17] == tuple(LAYOUT.order("tok-17"))  # every attempt, in any process, walks the same way
+    first = Counter(o[0] for o in orders)
+    assert set(first) == set(PARTS) and min(first.values()) > 900
+    # The tokens of one partition spread over the others when it closes.
+    after = Counter(o[1] for o in orders if o[0] == "s#1")
+    assert set(after) == {"s#0", "s#2"} and min(after.values()) > 0.4 * sum(after.values())
 
 
-def test_pick_chooses_at_random_among_partitions_that_can_cover_and_never_an_exhausted_one() -> None:
-    scheduler = Scheduler(stock=None, rng=random.Random(7))  # type: ignore[arg-type]
-    registry = Registry(pool=0, parts={"s#0": (0, 0), "s#1": (2, 0), "s#2": (0, 5)})
-    picks = {scheduler.pick(registry, 1) for _ in range(200)}
-    assert picks == {"s#1", "s#2"}
-    assert {scheduler.pick(registry, 3) for _ in range(50)} == {"s#2"}
-    assert scheduler.pick(registry, 9) == "s#2"  # none can: the fullest, which a pull then tops up
+def test_a_token_is_sold_on_its_first_open_partition_passing_the_closed_ones() -> None:
+    token = _token_for("s#1", then="s#2")
+    assert Registry(0, {}).target(LAYOUT, token) == ("s#1", [])
+    assert Registry(0, {}, closed=frozenset({"s#1"})).target(LAYOUT, token) == ("s#2", ["s#1"])
+    # The anchor never closes, so every token has somewhere to go.
+    assert Registry(0, {}, closed=frozenset({"s#1", "s#2"})).target(LAYOUT, token) == ("s#0", ["s#1", "s#2"])
 
 
 def test_units_under_way_are_those_between_two_steps() -> None:
@@ -59,28 +83,37 @@ def test_units_under_way_are_those_between_two_steps() -> None:
 def test_a_message_names_only_a_partition_of_its_own_sku() -> None:
     message = DeductionMessage("hot", (Purchase("t1", "u1", 1),), "g1", part="hot#3")
     decoded = DeductionMessage.decode(message.encode())
-    assert (decoded.part, decoded.shard) == ("hot#3", "hot#3")
-    assert DeductionMessage.decode(DeductionMessage("hot", (Purchase("t1", "u1", 1),), "g1").encode()).shard == "hot"
+    assert decoded.part == "hot#3" and list(decoded.shards()) == ["hot#3"]
+    assert list(
+        DeductionMessage.decode(DeductionMessage("hot", (Purchase("t1", "u1", 1),), "g1").encode()).shards()
+    ) == ["hot"]
+    spread = DeductionMessage("hot", (Purchase("t1", "u1", 1, "hot#3"),), "g1").encode()
     for bad in ("cold#3", "hot#", "hot#x", 7, "hot"):
-        body = json.loads(message.encode())
-        body["part"] = bad
-        with pytest.raises(MalformedMessage, match="part must name a partition of hot"):
-            DeductionMessage.decode(json.dumps(body).encode())
+        for body, where in ((json.loads(message.encode()), None), (json.loads(spread), 0)):
+            if where is None:
+                body["part"] = bad
+            else:
+                body["purchases"][where]["part"] = bad
+            with pytest.raises(MalformedMessage, match="part must name a partition of hot"):
+                DeductionMessage.decode(json.dumps(body).encode())
 
 
-def test_a_group_goes_to_one_partition_when_one_can_cover_it_all() -> None:
-    from flashsale.models import PurchaseRequest
-
-    scheduler = Scheduler(stock=None, rng=random.Random(3))  # type: ignore[arg-type]
-    group = [PurchaseRequest.build("s", f"u{i}", 1, f"t{i}") for i in range(4)]
-    registry = Registry(pool=0, parts={"s#0": (3, 0), "s#1": (2, 2), "s#2": (5, 0)})
-    for _ in range(20):
-        parts = {part for _, part in scheduler.propose(registry, group)}
-        assert len(parts) == 1 and parts <= {"s#1", "s#2"}
-    tight = Registry(pool=0, parts={"s#0": (2, 0), "s#1": (1, 0), "s#2": (1, 0)})
-    # No partition holds 4: each purchase gets its own pick, so the group spreads.
-    picked = {part for _ in range(20) for _, part in scheduler.propose(tight, group)}
-    assert picked == {"s#0", "s#1", "s#2"}
+def test_a_group_spread_over_partitions_is_one_message_each_purchase_naming_its_own() -> None:
+    purchases = (Purchase("t1", "u1", 1, "hot#0"), Purchase("t2", "u2", 2, "hot#4"), Purchase("t3", "u3", 1, "hot#0"))
+    body = DeductionMessage("hot", purchases, "g1").encode()
+    assert json.loads(body)["v"] == 3  # what a consumer that knows only one partition per message refuses
+    decoded = DeductionMessage.decode(body)
+    assert decoded.purchases == purchases
+    assert {shard: [p.token for p in ps] for shard, ps in decoded.shards().items()} == {
+        "hot#0": ["t1", "t3"],
+        "hot#4": ["t2"],
+    }
+    # A body of one partition (or none) keeps version 2, which every consumer reads.
+    assert json.loads(DeductionMessage("hot", (Purchase("t1", "u1", 1),), "g1", part="hot#0").encode())["v"] == 2
+    # Version 2 bodies knew no partition per purchase: one there is not read as one.
+    old = json.loads(body)
+    old["v"] = 2
+    assert {p.part for p in DeductionMessage.decode(json.dumps(old).encode()).purchases} == {""}
 
 
 def test_a_sku_is_sold_out_only_with_nothing_anywhere_and_nothing_on_its_way() -> None:
@@ -89,3 +122,93 @@ def test_a_sku_is_sold_out_only_with_nothing_anywhere_and_nothing_on_its_way() -
     assert not Registry(pool=0, parts=empty, transfers=1).sold_out  # units between the pool and a partition
     assert not Registry(pool=1, parts=empty).sold_out
     assert not Registry(pool=0, parts={"s#0": (0, 1), "s#1": (0, 0)}).sold_out  # a standby still holds one
+
+
+def _requests(tokens: list[str], qty: int = 1) -> list[PurchaseRequest]:
+    return [PurchaseRequest.build("s", f"u-{t}", qty, t) for t in tokens]
+
+
+def _sell(fake: FakePartitions, requests: list[PurchaseRequest], layout: Layout = LAYOUT) -> list[PurchaseStatus]:
+    async def run() -> list[PurchaseStatus]:
+        scheduler = Scheduler(fake)
+        try:
+            return [r.status for r in await scheduler.sell(layout, requests, fake.sell)]
+        finally:
+            await scheduler.close()
+
+    return asyncio.run(run())
+
+
+def test_a_group_is_one_transaction_with_each_purchase_on_its_own_partition() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 10 for p in PARTS})
+    tokens = [_token_for(p, avoid=str(i)) for i, p in enumerate(PARTS * 2)]
+    assert _sell(fake, _requests(tokens)) == [PurchaseStatus.ACCEPTED] * 6
+    assert fake.sales == [[(t, next(LAYOUT.order(t))) for t in tokens]]
+    assert fake.stock == {p: 8 for p in PARTS}
+    assert fake.calls == []  # nothing read or written beside the transaction
+
+
+def test_a_retry_goes_where_its_first_attempt_went_and_hears_duplicate() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 10 for p in PARTS})
+    token = _token_for("s#2")
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.ACCEPTED]
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.DUPLICATE]
+    assert fake.sales[1] == [(token, "s#2")] and fake.stock["s#2"] == 9
+
+
+def test_a_short_partition_is_refilled_from_the_pool_and_the_purchase_sells_there() -> None:
+    fake = FakePartitions(LAYOUT, pool=20, stock={"s#0": 5, "s#1": 0, "s#2": 5})
+    token = _token_for("s#1")
+    assert _sell(fake, _requests([token], qty=3)) == [PurchaseStatus.ACCEPTED]
+    assert fake.sales == [[(token, "s#1")], [(token, "s#1")]]
+    assert "take s#1 5" in fake.calls and fake.stock["s#1"] == 2 and fake.closed == set()
+
+
+def test_an_exhausted_partition_with_an_empty_pool_closes_and_its_tokens_sell_on_their_next() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 5, "s#1": 0, "s#2": 5})
+    token = _token_for("s#1", then="s#2")
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.ACCEPTED]
+    assert fake.closed == {"s#1"}
+    assert fake.sales == [[(token, "s#1")], [(token, "s#2")]]
+    # Nothing was drained to the empty partition: its tokens moved instead.
+    assert not any(call.startswith("drain") for call in fake.calls)
+    # The next token of s#1 goes straight to its next one, once the log of s#1 is read for it.
+    other = _token_for("s#1", then="s#0", avoid="x")
+    fake.calls.clear()
+    assert _sell(fake, _requests([other])) == [PurchaseStatus.ACCEPTED]
+    assert fake.sales[-1] == [(other, "s#0")] and fake.calls == ["entries s#1"]
+
+
+def test_a_token_sold_on_a_partition_before_it_closed_still_hears_duplicate() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 5, "s#1": 1, "s#2": 5})
+    token = _token_for("s#1", then="s#2")
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.ACCEPTED]  # the last unit of s#1
+    fake.closed.add("s#1")
+    sales = len(fake.sales)
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.DUPLICATE]
+    assert len(fake.sales) == sales  # answered from the closed partition's log, with no transaction
+
+
+def test_the_anchor_never_closes_it_takes_the_units_of_the_others() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 0, "s#1": 1, "s#2": 2})
+    token = _token_for("s#0")
+    assert _sell(fake, _requests([token], qty=3)) == [PurchaseStatus.ACCEPTED]
+    assert fake.closed == set() and fake.stock == {"s#0": 0, "s#1": 0, "s#2": 0}
+    assert "close s#0" not in fake.calls
+
+
+def test_sold_out_is_answered_from_the_logs_with_no_transaction_and_a_seen_token_keeps_its_answer() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1", "s#2"})
+    seen = _token_for("s#2", then="s#1")
+    fake.logs["s#2"] = {seen: LogEntry(seen, "deducted", "s", "u", 1, 0, "m-old", part="s#2")}
+    fresh = _token_for("s#1", avoid="f")
+    assert _sell(fake, _requests([seen, fresh])) == [PurchaseStatus.DUPLICATE, PurchaseStatus.SOLD_OUT]
+    assert fake.sales == [] and fake.held == {}
+
+
+def test_a_buyer_past_the_limit_is_answered_before_any_transaction() -> None:
+    layout = Layout("s", PARTS, refill=5, threshold=0, epoch=1, per_user_limit=2)
+    fake = FakePartitions(layout, pool=0, stock={p: 10 for p in PARTS})
+    group = [PurchaseRequest.build("s", "u1", 1, _token_for(p, avoid=p[-1])) for p in PARTS]
+    assert _sell(fake, group, layout) == [PurchaseStatus.ACCEPTED] * 2 + [PurchaseStatus.LIMIT_EXCEEDED]
+    assert [t for t, _ in fake.sales[0]] == [r.token for r in group[:2]]

@@ -6,7 +6,7 @@ import pytest
 
 from flashsale import constants as c
 from flashsale.errors import ServiceUnavailable, StockError
-from flashsale.models import DeductionMessage, PurchaseResult, PurchaseStatus
+from flashsale.models import DeductionMessage, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.producer import PurchaseService, SoldOutCache
 from flashsale.records import LogEntry, Prededuct, PredeductResult
 from tests.unit.fakes import FakeBus, FakeStock
@@ -258,3 +258,43 @@ def test_sold_out_cache_lets_the_prededuct_decide_when_the_stock_cannot_tell() -
     cache.mark("sku-1")
     clock.now += 1
     assert not asyncio.run(cache.is_sold_out("sku-1"))
+
+
+def _spread(stock: FakeStock, bus: FakeBus) -> list[PurchaseResult]:
+    """Three purchases of one SKU on two partitions, as the scheduler places them: one transaction."""
+    service = PurchaseService(stock, bus, "ns-deductions")
+    requests = [PurchaseRequest.build("hot", f"u{i}", 1, f"t{i}") for i in range(3)]
+    return asyncio.run(service.commit_group("hot", requests, ["hot#0", "hot#2", "hot#0"], 7))
+
+
+def test_a_group_spread_over_partitions_is_one_half_message_and_a_pre_deduct_on_each() -> None:
+    stock, bus = FakeStock(), FakeBus()
+    assert [r.status for r in _spread(stock, bus)] == [PurchaseStatus.ACCEPTED] * 3
+    assert sorted(stock.calls) == ["prededuct hot#0 t0 t2 msg-1", "prededuct hot#2 t1 msg-1"]
+    assert bus.calls == ["send_half t0", "commit msg-1"]
+    message = DeductionMessage.decode(bus.sent[0][2])
+    assert [(p.token, p.part) for p in message.purchases] == [("t0", "hot#0"), ("t1", "hot#2"), ("t2", "hot#0")]
+
+
+def test_a_share_with_an_unknown_outcome_leaves_the_whole_message_to_the_checker() -> None:
+    stock, bus = FakeStock(errors={"hot#2": ServiceUnavailable("Redis", "127.0.0.1:7001", "timeout")}), FakeBus()
+    # hot#0 accepted t0 and t2, but the message is not committed: its buyers hear pending, as t1's does.
+    assert [r.status for r in _spread(stock, bus)] == [PurchaseStatus.PENDING] * 3
+    assert bus.calls == ["send_half t0"]
+
+
+def test_a_share_that_did_not_run_beside_one_that_deducted_is_left_to_the_checker() -> None:
+    refused = ServiceUnavailable("Redis", "127.0.0.1:7001", "connection refused", reached=False)
+    stock, bus = FakeStock(errors={"hot#2": refused}), FakeBus()
+    statuses = [r.status for r in _spread(stock, bus)]
+    assert statuses == [PurchaseStatus.PENDING, PurchaseStatus.ERROR, PurchaseStatus.PENDING]
+    assert bus.calls == ["send_half t0"]  # committed by the checker once hot#2 is fenced
+
+
+def test_a_share_that_did_not_run_beside_ones_that_deducted_nothing_rolls_back() -> None:
+    refused = ServiceUnavailable("Redis", "127.0.0.1:7001", "connection refused", reached=False)
+    stock = FakeStock(result=PredeductResult(Prededuct.SOLD_OUT, 0), errors={"hot#2": refused})
+    bus = FakeBus()
+    statuses = [r.status for r in _spread(stock, bus)]
+    assert statuses == [PurchaseStatus.SOLD_OUT, PurchaseStatus.ERROR, PurchaseStatus.SOLD_OUT]
+    assert bus.calls == ["send_half t0", "rollback msg-1"]

@@ -26,21 +26,14 @@ def parent(shard: str) -> str:
     return shard.split(c.PART_SEP, 1)[0]
 
 
-def _shard(name: str) -> int:
-    return zlib.crc32(name.encode()) % c.CLAIM_SHARDS
-
-
-def claims_key(token: str) -> str:
-    return c.CLAIMS_KEY.format(shard=_shard(token))
-
-
 def holds_key(layout: Layout, user: str) -> str:
-    return c.USER_HOLDS_KEY.format(shard=_shard(user), sku=layout.sku, epoch=layout.epoch)
+    shard = zlib.crc32(user.encode()) % c.HOLD_SHARDS
+    return c.USER_HOLDS_KEY.format(shard=shard, sku=layout.sku, epoch=layout.epoch)
 
 
 def all_holds_keys(layout: Layout) -> list[str]:
     """Every holds key of one load of the SKU (deleted when it is loaded again)."""
-    return [c.USER_HOLDS_KEY.format(shard=n, sku=layout.sku, epoch=layout.epoch) for n in range(c.CLAIM_SHARDS)]
+    return [c.USER_HOLDS_KEY.format(shard=n, sku=layout.sku, epoch=layout.epoch) for n in range(c.HOLD_SHARDS)]
 
 
 def place(sku: str, count: int, masters: Sequence[str], master_of_slot: Callable[[int], str]) -> list[str]:
@@ -86,6 +79,7 @@ def parse_partition(part: str, stock: str | None, meta: Mapping[str, str], node:
         drained_qty=num("drained_qty"),
         switches=num("switches"),
         node=node,
+        closed=meta.get("closed") == "1",
     )
 
 

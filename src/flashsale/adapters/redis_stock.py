@@ -86,9 +86,9 @@ class SkuKeys:
         return [*self.sale(), self.tx]
 
 
-def prededuct_call(sku: str, gid: str, purchases: Sequence[Purchase]) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of prededuct.lua."""
-    args = [gid, sku]
+def prededuct_call(sku: str, gid: str, purchases: Sequence[Purchase], epoch: int = 0) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of prededuct.lua; `epoch` is that of the layout a partition's purchases were placed by."""
+    args = [gid, sku, str(epoch) if epoch else ""]
     for p in purchases:
         args += [p.token, p.user_id, str(p.qty)]
     return SkuKeys.of(sku).all(), args
@@ -227,8 +227,11 @@ class RedisStock:
         names, master_of_slot = masters(self.client)
         parts = place(sku, partitions, names, master_of_slot)
         share = min(refill, qty // partitions)
+        # Each load has an epoch of its own, later than the one before: it names the holds' keys, and
+        # every partition keeps it to refuse purchases placed by another load's layout.
+        epoch = max(int(time.time() * 1000), old.epoch + 1 if old else 0)
         for part in parts:
-            self._load_one(part, [str(share), "0", "1", str(threshold)])
+            self._load_one(part, [str(share), "0", "1", str(threshold), str(epoch)])
             self._call("clear refills", self.client.delete, SkuKeys.of(part).refills)
         self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
         self._drop_holds(old)
@@ -243,6 +246,7 @@ class RedisStock:
                 str(refill),
                 str(threshold),
                 str(per_user_limit),
+                str(epoch),
             ],
         )
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
@@ -287,8 +291,8 @@ class RedisStock:
         layout = self.layout(sku)
         return layout.parts if layout else (sku,)
 
-    def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
-        keys, args = prededuct_call(sku, gid, purchases)
+    def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase], epoch: int = 0) -> list[PredeductResult]:
+        keys, args = prededuct_call(sku, gid, purchases, epoch)
         return parse_prededuct(purchases, self._run("prededuct", keys, args))
 
     def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView:
@@ -359,8 +363,10 @@ class RedisStock:
     ) -> tuple[Adopt, str]:
         """Write back a deduction MySQL has and the log lacks; `detail` is the entry's state, or the stock left.
 
-        A partitioned SKU writes it to its first partition (which of them does not matter: they sum)."""
-        keys = SkuKeys.of(self.shards(sku)[0])
+        A partitioned SKU writes it to the token's first partition, which every attempt of the token
+        looks at (records.Layout.order)."""
+        layout = self.layout(sku)
+        keys = SkuKeys.of(next(layout.order(token)) if layout else sku)
         code, detail = self._run(
             "adopt", keys.sale(), [token, user, str(qty), str(ts_ms), message_id, sku, "deduct" if deduct else "entry"]
         )

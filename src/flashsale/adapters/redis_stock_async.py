@@ -11,7 +11,7 @@ an answer, and so is a cluster node's "not my slot" (MOVED), which says the scri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,6 @@ from flashsale import constants as c
 from flashsale import lua
 from flashsale.adapters.redis_partitions import (
     aggregate,
-    claims_key,
     holds_key,
     moving,
     parse_layout,
@@ -63,8 +62,10 @@ class AsyncRedisStock:
     async def close(self) -> None:
         await self._router.close()
 
-    async def prededuct(self, sku: str, gid: str, purchases: Sequence[Purchase]) -> list[PredeductResult]:
-        keys, args = prededuct_call(sku, gid, purchases)
+    async def prededuct(
+        self, sku: str, gid: str, purchases: Sequence[Purchase], epoch: int = 0
+    ) -> list[PredeductResult]:
+        keys, args = prededuct_call(sku, gid, purchases, epoch)
         return parse_prededuct(purchases, await self.script("prededuct", keys, args))
 
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
@@ -191,15 +192,16 @@ class AsyncRedisStock:
         return parse_layout(sku, found)
 
     async def registry(self, layout: Layout) -> Registry:
-        """The pool and each partition's two sub-domains, each read on its own node, all at once."""
+        """The pool, each partition's two sub-domains and which are closed, each read on its own node, all
+        at once."""
 
-        async def part(name: str) -> tuple[int, int]:
+        async def part(name: str) -> tuple[int, int, bool]:
             keys = SkuKeys.of(name)
             async with (await self._router.client(keys.stock)).pipeline(transaction=True) as pipe:
                 pipe.get(keys.stock)
-                pipe.hget(keys.meta, "standby")
-                stock, standby = await pipe.execute()
-            return int(stock or 0), int(standby or 0)
+                pipe.hmget(keys.meta, ["standby", "closed"])
+                stock, (standby, closed) = await pipe.execute()
+            return int(stock or 0), int(standby or 0), closed == "1"
 
         async def pool() -> tuple[int, int]:
             keys = SkuKeys.of(layout.sku)
@@ -211,39 +213,28 @@ class AsyncRedisStock:
 
         async with self._reading("read partitions"):
             (units, moves), parts = await asyncio.gather(pool(), asyncio.gather(*(part(p) for p in layout.parts)))
-        return Registry(units, dict(zip(layout.parts, parts, strict=True)), moves)
+        closed = frozenset(name for name, (_, _, shut) in zip(layout.parts, parts, strict=True) if shut)
+        return Registry(
+            units, {name: (a, s) for name, (a, s, _) in zip(layout.parts, parts, strict=True)}, moves, closed
+        )
 
-    async def claimed(self, layout: Layout, tokens: Sequence[str]) -> dict[str, str | None]:
-        """The partition each token is bound to in this load of the SKU, or None: a read, no claim is made."""
-        by_key: dict[str, list[str]] = {}
-        for token in tokens:
-            by_key.setdefault(claims_key(token), []).append(token)
+    async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:
+        """Per partition (or SKU), the log entries of some tokens: every partition read at once."""
 
-        async def shard(key: str, some: list[str]) -> list[str | None]:
-            held: list[str | None] = await (await self._router.client(key)).hmget(
-                key, [f"{layout.sku} {t}" for t in some]
-            )  # type: ignore[assignment]
-            return held
+        async def one(shard: str, tokens: Sequence[str]) -> dict[str, LogEntry | None]:
+            key = SkuKeys.of(shard).log
+            raws: list[str | None] = await (await self._router.client(key)).hmget(key, list(tokens))  # type: ignore[assignment]
+            return {t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens, raws, strict=True)}
 
-        async with self._reading("read claims"):
-            replies = await asyncio.gather(*(shard(k, some) for k, some in by_key.items()))
-        found: dict[str, str | None] = {}
-        for some, held in zip(by_key.values(), replies, strict=True):
-            for token, raw in zip(some, held, strict=True):
-                epoch, _, part = (raw or "").partition(" ")
-                found[token] = part if epoch == str(layout.epoch) else None
-        return found
+        async with self._reading("read log"):
+            found = await asyncio.gather(*(one(shard, tokens) for shard, tokens in wanted.items()))
+        return dict(zip(wanted, found, strict=True))
 
-    async def claim(self, layout: Layout, proposals: Sequence[tuple[str, str]]) -> dict[str, str]:
-        """The partition each token is bound to (claim.lua; '' when the layout is out of date)."""
-        by_key: dict[str, list[str]] = {}
-        for token, part in proposals:
-            by_key.setdefault(claims_key(token), []).extend((token, part))
-        calls = [([key], [layout.sku, str(layout.epoch), *pairs]) for key, pairs in by_key.items()]
-        found: dict[str, str] = {}
-        for (_, args), bound in zip(calls, await self.scripts("claim", calls), strict=True):
-            found.update(zip(args[2::2], bound, strict=True))
-        return found
+    async def close_partition(self, layout: Layout, part: str) -> bool:
+        """Close an empty partition of this load for good (close.lua); False when it still holds units
+        (or belongs to another load)."""
+        keys = SkuKeys.of(part)
+        return int(await self.script("close", [keys.stock, keys.meta], [str(layout.epoch)])) == 1
 
     async def scripts(self, name: str, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
         """Many calls of one idempotent script (each on its own slot): per node, one pipeline and one WAIT,

@@ -104,13 +104,14 @@ def stock_report(ctx: Context, sku: str) -> dict[str, Any]:
 
 def _partitions_table(sku: str, redis_side: dict[str, Any]) -> Table:
     table = Table(title=f"partitions of {sku}: pool {redis_side['pool']}, moving {redis_side['moving']}")
-    for name in ("partition", "node", "active", "standby", "deducted", "refilled", "drained", "switches"):
-        table.add_column(name, justify="left" if name in ("partition", "node") else "right")
+    for name in ("partition", "node", "active", "standby", "deducted", "refilled", "drained", "switches", "state"):
+        table.add_column(name, justify="left" if name in ("partition", "node", "state") else "right")
     for p in redis_side["partitions"]:
         table.add_row(
             p["part"],
             p["node"] or "-",
             *(str(p[k]) for k in ("active", "standby", "deducted_qty", "refilled_qty", "drained_qty", "switches")),
+            "closed" if p["closed"] else "open",
         )
     return table
 

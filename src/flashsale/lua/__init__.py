@@ -24,7 +24,7 @@ NAMES = (
     "return_stock",
     "load_stock",
     "adopt",
-    "claim",
+    "close",
     "user_hold",
     "load_pool",
     "pool_take",

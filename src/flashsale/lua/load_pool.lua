@@ -3,7 +3,8 @@
 -- KEYS[1] fs:{sku}:stock      deleted: a partitioned SKU sells from its partitions only
 -- KEYS[2] fs:{sku}:log        deleted, with KEYS[3] and KEYS[5]: an earlier unpartitioned sale's history
 -- KEYS[3] fs:{sku}:users
--- KEYS[4] fs:{sku}:meta       initial, parts, refill, threshold, loaded_ms (the epoch claims carry)
+-- KEYS[4] fs:{sku}:meta       initial, parts, refill, threshold, loaded_ms (the epoch: each partition
+--                             keeps it too, and refuses a pre-deduct placed by another one)
 -- KEYS[5] fs:{sku}:tx
 -- KEYS[6] fs:{sku}:pool       units not given to a partition yet
 -- KEYS[7] fs:{sku}:transfers  pending moves between the pool and the partitions (emptied)
@@ -13,10 +14,10 @@
 -- ARGV[4] refill size
 -- ARGV[5] switch threshold
 -- ARGV[6] per-user limit (0: none), kept by user_hold.lua across the partitions
+-- ARGV[7] the epoch, given to the partitions when they were loaded
 --
--- Returns the epoch (loaded_ms).
-local now = redis.call('TIME')
-local epoch = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+-- Returns the epoch.
+local epoch = tonumber(ARGV[7])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7])
 redis.call('SET', KEYS[6], tonumber(ARGV[2]))
 redis.call('HSET', KEYS[4],

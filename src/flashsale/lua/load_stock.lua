@@ -9,6 +9,7 @@
 -- ARGV[2] per-user limit  decimal digits, 0 = none
 -- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, message records), '0' otherwise
 -- ARGV[4] (a partition only) the switch threshold of its sub-domains; its standby starts empty
+-- ARGV[5] (a partition only) the epoch of its SKU's layout: a pre-deduct placed by another layout is refused
 --
 -- Returns {code, detail}:
 --   1 loaded
@@ -25,6 +26,9 @@ if not string.match(limit_arg, '^%d+$') or #limit_arg > 9 then
 end
 if ARGV[4] and (not string.match(ARGV[4], '^%d+$') or #ARGV[4] > 15) then
   return {3, 'threshold'}
+end
+if ARGV[4] and (not ARGV[5] or not string.match(ARGV[5], '^%d+$')) then
+  return {3, 'epoch'}
 end
 local entries = redis.call('HLEN', log_key)
 if entries > 0 and reset ~= '1' then
@@ -44,6 +48,7 @@ redis.call('HSET', meta_key,
   'fenced_count', 0,
   'loaded_ms', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
 if ARGV[4] then
-  redis.call('HSET', meta_key, 'threshold', tonumber(ARGV[4]), 'standby', 0, 'refilled_qty', 0, 'drained_qty', 0)
+  redis.call('HSET', meta_key, 'threshold', tonumber(ARGV[4]), 'standby', 0, 'refilled_qty', 0, 'drained_qty', 0,
+    'epoch', ARGV[5])
 end
 return {1, ''}

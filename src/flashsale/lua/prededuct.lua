@@ -4,11 +4,12 @@
 -- KEYS[2] fs:{sku}:log    hash token -> JSON log entry
 -- KEYS[3] fs:{sku}:users  hash user -> quantity bought (kept only when a per-user limit is set)
 -- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, counters; for a partition also
---                         standby (its second sub-domain) and threshold
+--                         standby (its second sub-domain), threshold, epoch and closed
 -- KEYS[5] fs:{sku}:tx     hash message id -> JSON record of that message's pre-deduct
 -- ARGV[1] message id of the half message (written into every log entry it deducts)
 -- ARGV[2] sku, or the partition `sku#n` the keys belong to (written into the log entries)
--- ARGV[3..] token, user id, quantity: one triple per purchase, in arrival order
+-- ARGV[3] for a partition, the epoch of the layout the caller placed the purchases by; '' for a SKU
+-- ARGV[4..] token, user id, quantity: one triple per purchase, in arrival order
 --
 -- Returns a flat array, {code, remaining, detail} per purchase in ARGV order:
 --   1 accepted        remaining after it, detail = its new log entry
@@ -19,6 +20,9 @@
 --   6 invalid qty
 --   7 unknown sku     the SKU was never loaded (nothing at all is written)
 --   8 fenced          the checker rolled this message back before it ran; detail = the record
+--   9 closed          a partition closed for good, and the token never seen here: sell it elsewhere
+--  10 stale layout    ARGV[3] is not this partition's load, or the partition is gone: the caller's
+--                     layout is out of date (nothing at all is written)
 --
 -- The purchases are decided in order, each seeing the ones before it, then written at the end: an error
 -- while deciding leaves nothing behind. The record in KEYS[5] makes the script idempotent per message:
@@ -28,14 +32,17 @@
 -- A partition sells from its active sub-domain (KEYS[1]). When that cannot cover a purchase, or falls
 -- below the threshold, the standby sub-domain is switched in (its units join the active ones) and the
 -- standby is left empty for the pool to refill. `remaining` counts both sub-domains.
+--
+-- A closed partition (see close.lua) sells nothing more, so that the tokens it never saw may be sold
+-- on their next partition: a token it did see still gets its original answer.
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local gid, sku = ARGV[1], ARGV[2]
+local gid, sku, epoch = ARGV[1], ARGV[2], ARGV[3]
 local parent = string.match(sku, '^(.-)#')
 local part = nil
 if parent then
   sku, part = parent, sku
 end
-local n = math.floor((#ARGV - 2) / 3)
+local n = math.floor((#ARGV - 3) / 3)
 local out = {}
 
 local function answer(code, remaining, detail)
@@ -46,16 +53,27 @@ end
 
 local stock_raw = redis.call('GET', stock_key)
 local stock = tonumber(stock_raw or '-1')
-local limit = tonumber(redis.call('HGET', meta_key, 'per_user_limit') or '0') or 0
-local standby = tonumber(redis.call('HGET', meta_key, 'standby') or '0') or 0
-local threshold = tonumber(redis.call('HGET', meta_key, 'threshold') or '0') or 0
+local meta = redis.call('HMGET', meta_key, 'per_user_limit', 'standby', 'threshold', 'epoch', 'closed')
+local limit = tonumber(meta[1] or '0') or 0
+local standby = tonumber(meta[2] or '0') or 0
+local threshold = tonumber(meta[3] or '0') or 0
+local closed = meta[5] == '1'
 local switches = 0
+
+-- A partition dropped by a new load, or loaded by another layout than the caller's: read it again.
+-- (A partition loaded before partitions knew their epoch has none, and takes any.)
+if part and (not stock_raw or (meta[4] and meta[4] ~= epoch)) then
+  for i = 1, n do
+    answer(10, -1, '')
+  end
+  return out
+end
 
 local record = redis.call('HGET', tx_key, gid)
 if record then
   local tx = cjson.decode(record)
   for i = 1, n do
-    local token, user = ARGV[3 * i], ARGV[3 * i + 1]
+    local token, user = ARGV[3 * i + 1], ARGV[3 * i + 2]
     if tx['state'] == 'fenced' then
       answer(8, stock + standby, record)
     else
@@ -87,19 +105,21 @@ local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local codes, entries, taken, bought, changed = {}, {}, {}, {}, {}
 local deducted_qty, deducted_count = 0, 0
 for i = 1, n do
-  local token, user, qty_arg = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
+  local token, user, qty_arg = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
   local code, detail = 0, ''
   if not string.match(qty_arg, '^[1-9]%d*$') or #qty_arg > 9 then
     code = 6
   else
     local qty = tonumber(qty_arg)
-    if standby > 0 and (stock < qty or stock < threshold) then
+    if standby > 0 and not closed and (stock < qty or stock < threshold) then
       stock, standby, switches = stock + standby, 0, switches + 1
     end
     local seen = taken[token] or redis.call('HGET', log_key, token)
     if seen then
       code = cjson.decode(seen)['state'] == 'fenced' and 8 or 2
       detail = seen
+    elseif closed then
+      code = 9
     elseif stock < qty then
       code = stock == 0 and 3 or 4
     else

@@ -74,52 +74,72 @@ def wanted(decoded: Sequence[Decoded]) -> dict[str, tuple[list[str], list[str]]]
     """Per SKU (or partition), the tokens whose log entries and the messages whose records the plan needs."""
     need: dict[str, tuple[list[str], list[str]]] = {}
     for d in decoded:
-        tokens, gids = need.setdefault(d.message.shard, ([], []))
-        tokens += [t for t in d.message.tokens if t not in tokens]
-        if not d.replay and d.message.gid not in gids:
-            gids.append(d.message.gid)
+        for shard, purchases in d.message.shards().items():
+            tokens, gids = need.setdefault(shard, ([], []))
+            tokens += [p.token for p in purchases if p.token not in tokens]
+            if not d.replay and d.message.gid not in gids:
+                gids.append(d.message.gid)
     return need
 
 
 def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
+    """What to apply of each message, one share (the purchases of one partition, or of the SKU) at a
+    time: each share's pre-deduct wrote its own log entries and its own record."""
     result = Plan()
     for d in decoded:
-        message = d.message
-        entries, records = found[message.shard]
-        if d.replay:
-            for purchase in message.purchases:
-                entry = entries.get(purchase.token)
-                if entry is not None and entry.state in c.DEDUCTED_STATES:
-                    result.apply.append(_incoming(d, entry))
-                else:
-                    result.skipped += 1
-            continue
-        record = records.get(message.gid)
-        logged = [entries.get(p.token) for p in message.purchases]
-        ours = [named(e, message.gid) for e in logged]
-        for i, (purchase, entry) in enumerate(zip(message.purchases, ours, strict=True)):
-            if entry is not None:
-                disagrees(entry, purchase, message)  # the log's values are applied either way
-                result.apply.append(_incoming(d, entry))
-            elif (seen := logged[i]) is not None and seen.state in c.DEDUCTED_STATES:
-                result.duplicates += 1
-            elif _lost(record, i, any(ours)):
-                reason = (
-                    f"message {message.gid} was committed but Redis has no record of its pre-deduct"
-                    if record is None
-                    else f"message {message.gid} accepted it, but the Redis log has no deduction by that message"
-                )
-                result.conflicts.append(Conflict(_deduction(message, purchase), message.gid, reason))
+        for shard, purchases in d.message.shards().items():
+            entries, records = found[shard]
+            if d.replay:
+                _plan_replay(d, purchases, entries, result)
             else:
-                result.skipped += 1
+                _plan_share(d, purchases, entries, records.get(d.message.gid), result)
     return result
 
 
+def _plan_replay(
+    d: Decoded, purchases: Sequence[Purchase], entries: Mapping[str, LogEntry | None], result: Plan
+) -> None:
+    for purchase in purchases:
+        entry = entries.get(purchase.token)
+        if entry is not None and entry.state in c.DEDUCTED_STATES:
+            result.apply.append(_incoming(d, entry))
+        else:
+            result.skipped += 1
+
+
+def _plan_share(
+    d: Decoded,
+    purchases: Sequence[Purchase],
+    entries: Mapping[str, LogEntry | None],
+    record: TxRecord | None,
+    result: Plan,
+) -> None:
+    message = d.message
+    logged = [entries.get(p.token) for p in purchases]
+    ours = [named(e, message.gid) for e in logged]
+    for i, (purchase, entry) in enumerate(zip(purchases, ours, strict=True)):
+        if entry is not None:
+            disagrees(entry, purchase, message)  # the log's values are applied either way
+            result.apply.append(_incoming(d, entry))
+        elif (seen := logged[i]) is not None and seen.state in c.DEDUCTED_STATES:
+            result.duplicates += 1
+        elif _lost(record, i, any(ours)):
+            reason = (
+                f"message {message.gid} was committed but Redis has no record of its pre-deduct"
+                if record is None
+                else f"message {message.gid} accepted it, but the Redis log has no deduction by that message"
+            )
+            result.conflicts.append(Conflict(_deduction(message, purchase), message.gid, reason))
+        else:
+            result.skipped += 1
+
+
 def _lost(record: TxRecord | None, index: int, any_named: bool) -> bool:
-    """Was purchase `index` accepted, yet its log entry is gone?"""
+    """Was purchase `index` of its share accepted, yet its log entry is gone?"""
     if record is None:
-        # A committed message always has a record; without one, only a message none of whose
-        # purchases the log names is certainly a loss (the others may have been rejections).
+        # A committed message always has a record on each of its shares (the producer commits only
+        # when every share ran; the checker, once each ran or is fenced). Without one, only a share
+        # none of whose purchases the log names is certainly a loss (the others may be rejections).
         return not any_named
     return record.state == c.TX_RAN and index < len(record.codes) and record.codes[index] is Prededuct.ACCEPTED
 

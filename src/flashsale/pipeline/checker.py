@@ -10,6 +10,10 @@
   either the pre-deduct ran first (answered as above) or the fence did and a late pre-deduct of this
   message deducts nothing: ROLLBACK;
 - Redis unreachable: UNKNOWN.
+
+A message whose purchases are spread over partitions has a pre-deduct (a share) on each: every share
+is looked at as above, and the message is committed only once each one ran or is fenced, when the
+shares that ran accepted something. Any share too young, or unreachable: UNKNOWN.
 """
 
 from __future__ import annotations
@@ -69,34 +73,37 @@ class DeductionChecker:
         if message.gid != delivery.message_id:
             logger.error("half message %s names message %s in its body; rolling back", delivery.message_id, message.gid)
             return Resolution.ROLLBACK
-        try:
-            view = self._stock.check(
-                message.shard,
-                message.gid,
-                message.tokens,
-                born_ms=delivery.born_ms or message.ts_ms,
-                grace_ms=self._grace_ms,
-            )
-        except FlashSaleError as exc:
-            logger.warning(
-                "cannot check message %s (%s); answering unknown",
-                delivery.message_id,
-                exc,
-                extra=ids(message_id=delivery.message_id, sku=message.sku),
-            )
-            return Resolution.UNKNOWN
-        if view.state == c.TX_YOUNG:
-            return Resolution.UNKNOWN
-        if view.state == c.TX_FENCED:
-            logger.warning(
-                "fenced message %s sku %s: no pre-deduct within %.1f s",
-                message.gid,
-                message.sku,
-                self._grace_ms / 1000,
-                extra=ids(message_id=message.gid, sku=message.sku),
-            )
-            return Resolution.ROLLBACK
-        ours = [(p, e) for p in message.purchases if (e := named(view.entries.get(p.token), message.gid))]
+        ours = []
+        for shard, purchases in message.shards().items():  # each share of the message: its own pre-deduct
+            try:
+                view = self._stock.check(
+                    shard,
+                    message.gid,
+                    [p.token for p in purchases],
+                    born_ms=delivery.born_ms or message.ts_ms,
+                    grace_ms=self._grace_ms,
+                )
+            except FlashSaleError as exc:
+                logger.warning(
+                    "cannot check message %s on %s (%s); answering unknown",
+                    delivery.message_id,
+                    shard,
+                    exc,
+                    extra=ids(message_id=delivery.message_id, sku=message.sku),
+                )
+                return Resolution.UNKNOWN
+            if view.state == c.TX_YOUNG:
+                return Resolution.UNKNOWN  # the shares fenced already stay fenced: asked again, this one is too
+            if view.state == c.TX_FENCED:
+                logger.warning(
+                    "fenced message %s on %s: no pre-deduct within %.1f s",
+                    message.gid,
+                    shard,
+                    self._grace_ms / 1000,
+                    extra=ids(message_id=message.gid, sku=message.sku),
+                )
+                continue
+            ours += [(p, e) for p in purchases if (e := named(view.entries.get(p.token), message.gid))]
         if any(disagrees(entry, purchase, message) for purchase, entry in ours):
             return Resolution.ROLLBACK  # only what the log says is ever committed
         return Resolution.COMMIT if ours else Resolution.ROLLBACK

@@ -1,19 +1,24 @@
 """The scheduler of partitioned SKUs: which partition sells each purchase, and stock moved to where it sells.
 
-- A purchase goes to a partition picked at random among those that can cover it, from a registry of
-  the partitions' stock read at most every REGISTRY_TTL_S. Exhausted partitions are never picked. A
-  group of purchases goes to one partition when one can cover the group: one transaction per group,
-  as for a SKU that is not partitioned; groups spread over the partitions.
-- A token is bound to its partition by a claim (claim.lua) before anything is sent, so a retry with
-  the same token goes where its first attempt went, and that partition's log answers `duplicate`.
+- Each token has a fixed order of the SKU's partitions (records.Layout.order, from its crc32): it is
+  sold on the first one that is not closed. Every attempt of a token, in any producer, goes to the same
+  partition, whose log answers `duplicate` to a retry: idempotent across partitions with nothing written
+  before the purchase, and tokens spread evenly over the partitions.
+- A group of purchases stays one half message, whose pre-deduct runs on every partition it touches.
+- The registry of the partitions (active + standby, closed or not) and the pool is read at most every
+  REGISTRY_TTL_S. A partition whose standby sub-domain is empty is refilled from the pool in the
+  background; a refill is two steps on two slots (pool_take.lua, refill_apply.lua) joined by a transfer
+  record.
+- A purchase its partition cannot cover pulls stock there from the pool and is tried again. When the
+  pool is empty too, an exhausted partition is closed for good (close.lua) and leaves the registry: its
+  tokens go on to their next partition. A partition that still holds some units, or the anchor (which
+  never closes), gets the units of the others instead (drain.lua, the stranding rebalance). `sold_out`
+  is answered only when that finds nothing: no partition and no pool could have covered the purchase,
+  short of a race with another purchase for the same last units.
+- A token whose order passes closed partitions may have been sold on one of them before it closed:
+  their logs (final once closed) are read first, and a token found there gets its original answer.
 - With a per-user limit, each token takes a hold on its buyer's count (user_hold.lua, sharded by user)
   before it goes to its partition; a buyer past the limit is answered at once.
-- A partition whose standby sub-domain is empty is refilled from the pool in the background. A refill
-  is two steps on two slots (pool_take.lua, refill_apply.lua) joined by a transfer record.
-- A purchase its partition cannot cover pulls stock there, from the pool, else from the other
-  partitions (drain.lua, the stranding rebalance), and is tried again. `sold_out` is answered only when
-  that pull finds nothing: no partition and no pool could have covered it, short of a race with
-  another purchase for the same last units.
 - Transfers older than SWEEP_AGE_MS are completed by whoever reads the layout: a refiller that died
   midway loses nothing, and each step counts once.
 """
@@ -22,43 +27,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+from flashsale import constants as c
 from flashsale.errors import FlashSaleError
 from flashsale.logs import ids
 from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.pipeline import local_tx
 from flashsale.ports import PartitionStockPort
 from flashsale.records import Layout, Registry
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a SKU's layout is trusted (a reload is seen within this).
+#: Seconds a SKU's layout is trusted (a reload is seen within this, or at once by a refused pre-deduct).
 LAYOUT_TTL_S = 2.0
-#: Seconds a registry read is trusted when picking partitions.
+#: Seconds a registry read is trusted when placing purchases.
 REGISTRY_TTL_S = 0.05
 #: A transfer record older than this belongs to a refiller that died (or is very slow): complete it.
 SWEEP_AGE_MS = 5_000
 #: Most pulls for one group before the purchases still short are told `sold_out`.
 PULLS = 4
 
-Sell = Callable[[str, Sequence[PurchaseRequest]], Awaitable[list[PurchaseResult]]]
+#: Sells purchases of one SKU, each on the partition named beside it, as one transaction.
+Sell = Callable[[Sequence[PurchaseRequest], Sequence[str]], Awaitable[list[PurchaseResult]]]
 
 _NOT_RUN = "stock could not be checked; nothing was deducted, try again"
 
 
 class Scheduler:
-    def __init__(
-        self,
-        stock: PartitionStockPort,
-        *,
-        rng: random.Random | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, stock: PartitionStockPort, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._stock = stock
-        self._rng = rng or random.Random()
         self._clock = clock
         self._layouts: dict[str, tuple[float, Layout | None]] = {}
         self._registries: dict[str, tuple[float, Registry]] = {}
@@ -81,85 +81,116 @@ class Scheduler:
             self._spawn(self._sweep(layout))
         return layout
 
-    async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], sell: Sell) -> list[PurchaseResult]:
-        """Bind each purchase to a partition, sell it there, and pull stock to it while it is short.
+    def forget(self, sku: str) -> None:
+        """A partition refused the layout as another load's: read it again next time."""
+        self._layouts.pop(sku, None)
+        self._registries.pop(sku, None)
 
-        Once the SKU is sold out, a token never seen before is answered from one read of the claims: no
-        claim, hold or pre-deduct is written for it. A token seen before goes to its partition, whose log
-        gives it its original answer.
+    async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], sell: Sell) -> list[PurchaseResult]:
+        """Sell each purchase on its partition, pulling stock to it while it is short.
+
+        Once the SKU is sold out, a token is answered from a read of the logs it may be in: no hold or
+        pre-deduct is written, and a token seen before still gets its original answer.
         """
+        answers: list[PurchaseResult | None] = [None] * len(requests)
+        looked: list[set[str]] = [set() for _ in requests]  # partitions whose log does not hold the token
+        pending = list(range(len(requests)))
+        held = False
         try:
             registry = await self._registry(layout)
-            if registry.sold_out:
-                claimed = await self._stock.claimed(layout, [r.token for r in requests])
-                seen = [r for r in requests if claimed[r.token]]
-                answers = iter(await self._place(layout, registry, seen, sell) if seen else [])
-                return [
-                    next(answers)
-                    if claimed[r.token]
-                    else PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, 0, message=f"{layout.sku} is sold out")
-                    for r in requests
-                ]
-        except FlashSaleError as exc:
-            logger.warning("cannot read the partitions of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
-            return [PurchaseResult(PurchaseStatus.ERROR, r.token, message=_NOT_RUN) for r in requests]
-        return await self._place(layout, registry, requests, sell)
-
-    async def _place(
-        self, layout: Layout, registry: Registry, requests: Sequence[PurchaseRequest], sell: Sell
-    ) -> list[PurchaseResult]:
-        try:
-            bound = await self._stock.claim(layout, self.propose(registry, requests))
-            held = await self._hold(layout, requests)
+            for attempt in range(PULLS + 1):
+                targets = await self._answer_seen(layout, registry, requests, pending, looked, answers)
+                pending = [i for i in pending if answers[i] is None]
+                if registry.sold_out:
+                    for i in pending:
+                        answers[i] = self._sold_out(requests[i], layout)
+                    break
+                if not held:
+                    await self._hold(layout, requests, pending, answers)
+                    pending = [i for i in pending if answers[i] is None]
+                    held = True
+                if not pending:
+                    break
+                results = await sell([requests[i] for i in pending], [targets[i] for i in pending])
+                short: dict[str, list[int]] = {}
+                for i, result in zip(pending, results, strict=True):
+                    answers[i] = result
+                    if result.status is PurchaseStatus.SOLD_OUT:
+                        short.setdefault(targets[i], []).append(i)
+                if not short or attempt == PULLS:
+                    break
+                pending = await self._pull_for(layout, requests, short, answers)
+                if not pending:
+                    break
+                for i in pending:
+                    answers[i] = None
+                registry = await self._registry(layout, fresh=True)
         except FlashSaleError as exc:
             logger.warning("cannot place purchases of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
-            return [PurchaseResult(PurchaseStatus.ERROR, r.token, message=_NOT_RUN) for r in requests]
-        if any(not bound[r.token] for r in requests):  # the SKU was loaded again since this layout was read
-            self._layouts.pop(layout.sku, None)
-            return [PurchaseResult(PurchaseStatus.ERROR, r.token, message=_NOT_RUN) for r in requests]
-        answers: list[PurchaseResult | None] = [
-            None
-            if bought is None
-            else PurchaseResult(
-                PurchaseStatus.LIMIT_EXCEEDED,
-                r.token,
-                message=f"user {r.user_id} already bought {bought} of {layout.sku}",
-            )
-            for r, bought in zip(requests, held, strict=True)
-        ]
-        await self._sell_at(bound, requests, [i for i, a in enumerate(answers) if a is None], answers, sell)
-        for _ in range(PULLS):
-            short = [i for i, a in enumerate(answers) if a is not None and a.status is PurchaseStatus.SOLD_OUT]
-            if not short:
-                break
-            again = await self._pull_for(layout, bound, requests, short, answers)
-            if not again:
-                break
-            await self._sell_at(bound, requests, again, answers, sell)
+            for i in pending:
+                answers[i] = PurchaseResult(PurchaseStatus.ERROR, requests[i].token, message=_NOT_RUN)
+            return [a or self._not_run(r) for a, r in zip(answers, requests, strict=True)]
         self._top_up(layout, registry)
-        return [a for a in answers if a is not None]
+        return [a or self._not_run(r) for a, r in zip(answers, requests, strict=True)]
 
-    async def _hold(self, layout: Layout, requests: Sequence[PurchaseRequest]) -> list[int | None]:
-        """Per purchase, None when its user may buy it (a hold is taken), else the units the user holds."""
-        if not layout.per_user_limit:
-            return [None] * len(requests)
-        return await self._stock.hold(layout, [Purchase(r.token, r.user_id, r.qty) for r in requests])
+    async def _answer_seen(
+        self,
+        layout: Layout,
+        registry: Registry,
+        requests: Sequence[PurchaseRequest],
+        pending: Sequence[int],
+        looked: list[set[str]],
+        answers: list[PurchaseResult | None],
+    ) -> dict[int, str]:
+        """Each pending purchase's partition; a token found in the log of a partition it passes (closed),
+        or once the SKU is sold out in its own, is answered `duplicate` from that entry."""
+        targets: dict[int, str] = {}
+        wanted: dict[str, list[int]] = {}
+        for i in pending:
+            target, passed = registry.target(layout, requests[i].token)
+            targets[i] = target
+            for part in [*passed, target] if registry.sold_out else passed:
+                if part not in looked[i]:
+                    wanted.setdefault(part, []).append(i)
+        if not wanted:
+            return targets
+        found = await self._stock.entries({p: [requests[i].token for i in idxs] for p, idxs in wanted.items()})
+        for part, idxs in wanted.items():
+            for i in idxs:
+                entry = found[part][requests[i].token]
+                if entry is not None and entry.state in c.DEDUCTED_STATES and answers[i] is None:
+                    answers[i] = PurchaseResult(
+                        PurchaseStatus.DUPLICATE, entry.token, None, entry.message_id, message=local_tx.DUPLICATE
+                    )
+                looked[i].add(part)
+        return targets
 
-    def propose(self, registry: Registry, requests: Sequence[PurchaseRequest]) -> list[tuple[str, str]]:
-        """A partition for each purchase: one for the whole group when one can cover it all, so the group
-        stays one transaction (the broker's work is per message); else one for each purchase."""
-        total = sum(r.qty for r in requests)
-        if any(registry.remaining(p) >= total for p in registry.parts):
-            part = self.pick(registry, total)
-            return [(r.token, part) for r in requests]
-        return [(r.token, self.pick(registry, r.qty)) for r in requests]
+    async def _hold(
+        self,
+        layout: Layout,
+        requests: Sequence[PurchaseRequest],
+        pending: Sequence[int],
+        answers: list[PurchaseResult | None],
+    ) -> None:
+        """With a per-user limit, a hold for each pending purchase; a buyer past the limit is answered now."""
+        if not layout.per_user_limit or not pending:
+            return
+        purchases = [Purchase(requests[i].token, requests[i].user_id, requests[i].qty) for i in pending]
+        for i, bought in zip(pending, await self._stock.hold(layout, purchases), strict=True):
+            if bought is not None:
+                answers[i] = PurchaseResult(
+                    PurchaseStatus.LIMIT_EXCEEDED,
+                    requests[i].token,
+                    message=f"user {requests[i].user_id} already bought {bought} of {layout.sku}",
+                )
 
-    def pick(self, registry: Registry, qty: int) -> str:
-        """A partition at random among those that can cover `qty`; else the fullest (a pull tops it up)."""
-        able = [p for p in registry.parts if registry.remaining(p) >= qty]
-        if able:
-            return self._rng.choice(able)
-        return max(registry.parts, key=registry.remaining)
+    @staticmethod
+    def _sold_out(request: PurchaseRequest, layout: Layout) -> PurchaseResult:
+        return PurchaseResult(PurchaseStatus.SOLD_OUT, request.token, 0, message=f"{layout.sku} is sold out")
+
+    @staticmethod
+    def _not_run(request: PurchaseRequest) -> PurchaseResult:
+        return PurchaseResult(PurchaseStatus.ERROR, request.token, message=_NOT_RUN)
 
     async def close(self) -> None:
         """Cancel background refills: a transfer cut short is completed by the next sweep."""
@@ -167,57 +198,41 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    # --- selling ------------------------------------------------------------------------------------
-    @staticmethod
-    async def _sell_at(
-        bound: dict[str, str],
-        requests: Sequence[PurchaseRequest],
-        indexes: Sequence[int],
-        answers: list[PurchaseResult | None],
-        sell: Sell,
-    ) -> None:
-        by_part: dict[str, list[int]] = {}
-        for i in indexes:
-            by_part.setdefault(bound[requests[i].token], []).append(i)
-
-        async def one(part: str, idxs: list[int]) -> None:
-            for i, result in zip(idxs, await sell(part, [requests[i] for i in idxs]), strict=True):
-                answers[i] = result
-
-        await asyncio.gather(*(one(p, idxs) for p, idxs in by_part.items()))
-
+    # --- moving stock ---------------------------------------------------------------------------------
     async def _pull_for(
         self,
         layout: Layout,
-        bound: dict[str, str],
         requests: Sequence[PurchaseRequest],
-        short: list[int],
+        short: dict[str, list[int]],
         answers: list[PurchaseResult | None],
     ) -> list[int]:
-        """Pull stock to the partitions of the purchases told sold out; returns those to try again."""
-        by_part: dict[str, list[int]] = {}
-        for i in short:
-            by_part.setdefault(bound[requests[i].token], []).append(i)
+        """Pull stock to the partitions of the purchases told sold out (or close them); those to try again."""
         again: list[int] = []
-        for part, idxs in by_part.items():
+        for part, idxs in short.items():
             try:
                 moved = await self._pull(layout, part, sum(requests[i].qty for i in idxs))
             except FlashSaleError as exc:
                 logger.warning("cannot move stock to %s: %s", part, exc, extra=ids(sku=layout.sku))
                 for i in idxs:
-                    answers[i] = PurchaseResult(PurchaseStatus.ERROR, requests[i].token, message=_NOT_RUN)
+                    answers[i] = self._not_run(requests[i])
                 continue
             if moved:
                 again += idxs
         return sorted(again)
 
-    # --- moving stock ---------------------------------------------------------------------------------
-    async def _pull(self, layout: Layout, part: str, need: int) -> int:
-        """Move at least `need` units to `part` if the SKU has them anywhere; returns the units moved."""
-        got = await self._refill(layout, part, max(need, layout.refill))
-        if got >= need:
-            return got
+    async def _pull(self, layout: Layout, part: str, need: int) -> bool:
+        """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when
+        the purchases short there are worth trying again."""
         registry = await self._registry(layout, fresh=True)
+        if part in registry.closed:
+            return True  # closed meanwhile: its tokens go on to their next partition
+        got = await self._refill(layout, part, max(need, layout.refill)) if registry.pool else 0
+        if got >= need:
+            return True
+        if not got and part != layout.anchor and registry.remaining(part) == 0:
+            if await self._stock.close_partition(layout, part):
+                logger.info("closed %s: it is empty, and so is the pool", part, extra=ids(sku=layout.sku))
+                return True
         drained = 0
         for other in sorted(registry.parts, key=registry.remaining, reverse=True):
             if got + drained >= need:
@@ -226,7 +241,7 @@ class Scheduler:
                 drained += await self._drain(layout, other, need - got - drained)
         if drained:
             got += await self._refill(layout, part, drained)
-        return got
+        return got > 0
 
     async def _refill(self, layout: Layout, part: str, want: int) -> int:
         transfer_id = uuid.uuid4().hex
@@ -245,19 +260,24 @@ class Scheduler:
         return qty
 
     def _top_up(self, layout: Layout, registry: Registry) -> None:
-        """Refill, in the background, the partitions whose standby sub-domain is empty."""
-        if registry.pool <= 0:
-            return
-        for part, (_, standby) in registry.parts.items():
-            if standby == 0 and part not in self._refilling:
+        """In the background: refill the open partitions whose standby sub-domain is empty, and drain
+        back to the pool what a refill brought to a partition that had closed meanwhile."""
+        for part, (active, standby) in registry.parts.items():
+            if part in self._refilling:
+                continue
+            if part in registry.closed:
+                if active + standby:
+                    self._refilling.add(part)
+                    self._spawn(self._background(layout, part, self._drain(layout, part, active + standby)))
+            elif standby == 0 and registry.pool > 0:
                 self._refilling.add(part)
-                self._spawn(self._background_refill(layout, part))
+                self._spawn(self._background(layout, part, self._refill(layout, part, layout.refill)))
 
-    async def _background_refill(self, layout: Layout, part: str) -> None:
+    async def _background(self, layout: Layout, part: str, move: Awaitable[int]) -> None:
         try:
-            await self._refill(layout, part, layout.refill)
+            await move
         except FlashSaleError as exc:
-            logger.warning("refill of %s failed: %s", part, exc, extra=ids(sku=layout.sku))
+            logger.warning("moving stock of %s failed: %s", part, exc, extra=ids(sku=layout.sku))
         finally:
             self._refilling.discard(part)
             self._registries.pop(layout.sku, None)

@@ -8,6 +8,8 @@ awaits the broker and Redis without holding a thread.
   and one pre-deduct serve them all, each purchase keeping its own rules and answer.
 - Before a group is sent, one Redis read answers those that cannot succeed, with no broker call: a
   token seen before (its original answer), an unknown SKU, a sold-out SKU, a buyer at the limit.
+- A partitioned SKU's group is placed by the scheduler (partitions.py): still one half message, whose
+  pre-deduct runs on each partition its purchases go to (local_tx.py).
 - The order of a transaction matters. The half message goes first so that a deduction can never exist
   in Redis without a message that will carry it to MySQL: if this process dies after the pre-deduct,
   the broker asks a checker, which finds the purchases in the Redis log and commits. A pre-deduct whose
@@ -22,13 +24,15 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from flashsale import constants as c
 from flashsale import failpoints
-from flashsale.errors import BusError, FlashSaleError, InvalidInput, ServiceUnavailable
+from flashsale.errors import BusError, FlashSaleError, InvalidInput
 from flashsale.logs import ids
-from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.pipeline import local_tx
 from flashsale.pipeline.grouping import Grouper
+from flashsale.pipeline.local_tx import LocalTransaction
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.ports import PurchaseStockPort, TxBusPort
-from flashsale.records import Peek, Prededuct, PredeductResult
+from flashsale.records import Peek, Prededuct
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +40,7 @@ Observer = Callable[[PurchaseResult, float], None]
 #: Called with the size of each group sent to the broker as one transaction.
 GroupObserver = Callable[[int], None]
 
-_DUPLICATE = "this token was accepted before; nothing new was deducted"
 _BROKER_DOWN = "the message broker is unavailable; nothing was deducted, try again"
-_NOT_RUN = "stock could not be reached; nothing was deducted, try again"
-_PENDING = "the outcome is not known yet; it will be settled within seconds: retry with the same token to learn it"
 
 
 class SoldOutCache:
@@ -127,52 +128,50 @@ class PurchaseService:
     async def _handle_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         """A group of one SKU: sold from the SKU's keys, or spread over its partitions by the scheduler."""
         if self._scheduler is None:
-            return await self._handle_shard(sku, sku, requests)
+            return await self._handle_sku(sku, requests)
         try:
             layout = await self._scheduler.layout(sku)
         except FlashSaleError as exc:
             logger.warning("cannot read the layout of %s: %s", sku, exc, extra=ids(sku=sku))
-            return self._all(requests, PurchaseStatus.ERROR, _NOT_RUN)
+            return self._all(requests, PurchaseStatus.ERROR, local_tx.NOT_RUN)
         if layout is None:
-            return await self._handle_shard(sku, sku, requests)
-        return await self._scheduler.sell(layout, requests, lambda part, some: self._handle_shard(sku, part, some))
+            return await self._handle_sku(sku, requests)
+        return await self._scheduler.sell(
+            layout, requests, lambda some, parts: self.commit_group(sku, some, parts, layout.epoch)
+        )
 
-    async def _handle_shard(self, sku: str, shard: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
-        """Answer what one Redis read can answer; send the rest as one transaction.
-
-        `shard` is the SKU, or the partition the scheduler bound these purchases to. A partition's
-        sold-out answer is not final (the scheduler pulls stock to it), so it is never cached.
-        """
-        cache = shard == sku
-        sold_out = cache and await self._sold_out.is_sold_out(sku)
+    async def _handle_sku(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        """Answer what one Redis read can answer; send the rest as one transaction."""
+        sold_out = await self._sold_out.is_sold_out(sku)
         try:
-            peek = await self._stock.peek(shard, [Purchase(r.token, r.user_id, r.qty) for r in requests])
+            peek = await self._stock.peek(sku, [Purchase(r.token, r.user_id, r.qty) for r in requests])
         except FlashSaleError as exc:
-            logger.warning("cannot read %s ahead of its transaction: %s", shard, exc, extra=ids(sku=sku))
+            logger.warning("cannot read %s ahead of its transaction: %s", sku, exc, extra=ids(sku=sku))
             if sold_out:  # no broker call for a sold-out SKU; and no answer for a token not looked up
                 return self._all(requests, PurchaseStatus.ERROR, "stock could not be checked; try again")
-            return await self.commit_group(sku, requests, shard)
-        answers = [self._early(r, peek, sold_out, cache) for r in requests]
+            return await self.commit_group(sku, requests)
+        answers = [self._early(r, peek, sold_out) for r in requests]
         rest = [i for i, a in enumerate(answers) if a is None]
         if rest:
-            done = await self.commit_group(sku, [requests[i] for i in rest], shard)
+            done = await self.commit_group(sku, [requests[i] for i in rest])
             for i, result in zip(rest, done, strict=True):
                 answers[i] = result
         return [a for a in answers if a is not None]
 
-    def _early(self, request: PurchaseRequest, peek: Peek, sold_out: bool, cache: bool) -> PurchaseResult | None:
+    def _early(self, request: PurchaseRequest, peek: Peek, sold_out: bool) -> PurchaseResult | None:
         """The answer of a purchase that cannot succeed, or None: then the pre-deduct decides."""
         token, sku = request.token, request.sku
         entry = peek.entries.get(token)
         if entry is not None and entry.state in c.DEDUCTED_STATES:
-            return PurchaseResult(PurchaseStatus.DUPLICATE, token, peek.stock, entry.message_id, message=_DUPLICATE)
+            return PurchaseResult(
+                PurchaseStatus.DUPLICATE, token, peek.stock, entry.message_id, message=local_tx.DUPLICATE
+            )
         if entry is not None:  # a fence a checker wrote for this very token (before fences named messages)
             return None
         if peek.stock is None:
             return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
         if sold_out or peek.stock == 0:
-            if cache:
-                self._sold_out.mark(sku)
+            self._sold_out.mark(sku)
             return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
         bought = peek.bought.get(request.user_id, 0)
         if peek.per_user_limit and bought + request.qty > peek.per_user_limit:
@@ -185,14 +184,14 @@ class PurchaseService:
         return None
 
     async def commit_group(
-        self, sku: str, requests: Sequence[PurchaseRequest], shard: str | None = None
+        self, sku: str, requests: Sequence[PurchaseRequest], parts: Sequence[str] | None = None, epoch: int = 0
     ) -> list[PurchaseResult]:
-        """One half message and one pre-deduct for purchases of one SKU (on one of its partitions, if
-        `shard` names one); an answer for each, in order."""
+        """One half message for purchases of one SKU, then their pre-deduct as its local transaction: on
+        the SKU's keys, or on the partition `parts` names for each purchase (placed by the layout of
+        `epoch`), every partition's share at once. An answer for each purchase, in order."""
         gid = self._bus.new_message_id()
-        shard = shard or sku
-        purchases = tuple(Purchase(r.token, r.user_id, r.qty) for r in requests)
-        body = DeductionMessage(sku, purchases, gid, part="" if shard == sku else shard).encode()
+        shards = list(parts) if parts else [sku] * len(requests)
+        body = local_tx.message(sku, requests, shards, gid).encode()
         try:
             half = await self._bus.send_half_async(self._topic, requests[0].token, body, c.DEDUCTION_TAG, gid)
         except BusError as exc:
@@ -208,86 +207,47 @@ class PurchaseService:
             self._observe_group(len(requests))
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
 
-        try:
-            outcomes = await self._stock.prededuct(shard, gid, purchases)
-        except ServiceUnavailable as exc:
-            if not exc.reached:
-                logger.warning(
-                    "pre-deduct of message %s sku %s not run (%s); rolling back",
-                    gid,
-                    sku,
-                    exc,
-                    extra=ids(sku=sku, message_id=gid),
-                )
-                await self._end(half.rollback, "rollback", gid)
-                return self._all(requests, PurchaseStatus.ERROR, _NOT_RUN)
-            # The script may or may not have run: neither commit nor roll back, the checker will know.
-            logger.warning(
-                "pre-deduct of message %s sku %s has an unknown outcome (%s); left to the checker", gid, sku, exc
-            )
-            return self._all(requests, PurchaseStatus.PENDING, _PENDING, gid)
-        except FlashSaleError as exc:
-            # A script error writes nothing (every purchase is decided before the first write): roll back.
-            logger.error(
-                "pre-deduct of message %s sku %s failed: %s", gid, sku, exc, extra=ids(sku=sku, message_id=gid)
-            )
-            await self._end(half.rollback, "rollback", gid)
-            return self._all(
-                requests, PurchaseStatus.ERROR, "stock could not be checked; nothing was deducted, try again"
-            )
+        run = LocalTransaction(requests, shards)
+        await run.run(self._stock, gid, 0 if parts is None else epoch)
         failpoints.hit(self._failpoints, failpoints.AFTER_PREDEDUCT)
-
-        if any(o.code is Prededuct.ACCEPTED for o in outcomes):
+        if run.unsettled:
+            # A share may have deducted with no answer (or did, beside one that did not run): neither
+            # commit nor roll back. The checker settles it once every share ran or is fenced.
+            logger.warning(
+                "pre-deduct of message %s sku %s has an unknown outcome (%s); left to the checker",
+                gid,
+                sku,
+                run.failures,
+                extra=ids(sku=sku, message_id=gid),
+            )
+        elif run.accepted:
             # If the commit is lost, the checker commits from the Redis log: the purchases stand.
             await self._end(half.commit, "commit", gid)
         else:
             # Nothing was deducted. If this rollback is lost, the checker rolls back too: the log names
             # no purchase of this message.
+            if run.failures:
+                logger.warning(
+                    "pre-deduct of message %s sku %s not run (%s); rolling back",
+                    gid,
+                    sku,
+                    run.failures,
+                    extra=ids(sku=sku, message_id=gid),
+                )
             await self._end(half.rollback, "rollback", gid)
-        if shard == sku and any(o.remaining == 0 for o in outcomes):
+        if parts is None and any(o is not None and o.remaining == 0 for o in run.outcomes):
             self._sold_out.mark(sku)
-        return [self._answer(r, o, gid) for r, o in zip(requests, outcomes, strict=True)]
+        if self._scheduler is not None and any(
+            o is not None and o.code is Prededuct.STALE_LAYOUT for o in run.outcomes
+        ):
+            self._scheduler.forget(sku)
+        return [run.answer(i, gid) for i in range(len(requests))]
 
     @staticmethod
     def _all(
         requests: Sequence[PurchaseRequest], status: PurchaseStatus, message: str, gid: str | None = None
     ) -> list[PurchaseResult]:
         return [PurchaseResult(status, r.token, message_id=gid, message=message) for r in requests]
-
-    @staticmethod
-    def _answer(request: PurchaseRequest, outcome: PredeductResult, gid: str) -> PurchaseResult:
-        token, sku, code = request.token, request.sku, outcome.code
-        if code is Prededuct.ACCEPTED:
-            return PurchaseResult(PurchaseStatus.ACCEPTED, token, outcome.remaining, gid)
-        if code in (Prededuct.SOLD_OUT, Prededuct.INSUFFICIENT):
-            if outcome.remaining == 0:
-                return PurchaseResult(PurchaseStatus.SOLD_OUT, token, 0, message=f"{sku} is sold out")
-            return PurchaseResult(
-                PurchaseStatus.SOLD_OUT,
-                token,
-                outcome.remaining,
-                message=f"only {outcome.remaining} left, {request.qty} asked",
-            )
-        if code is Prededuct.DUPLICATE:
-            original = outcome.entry.message_id if outcome.entry else None
-            return PurchaseResult(PurchaseStatus.DUPLICATE, token, outcome.remaining, original, message=_DUPLICATE)
-        if code is Prededuct.LIMIT_EXCEEDED:
-            return PurchaseResult(
-                PurchaseStatus.LIMIT_EXCEEDED,
-                token,
-                outcome.remaining,
-                message=f"user {request.user_id} already bought {outcome.bought} of {sku}",
-            )
-        if code is Prededuct.FENCED:
-            return PurchaseResult(
-                PurchaseStatus.ERROR,
-                token,
-                outcome.remaining,
-                message="this attempt timed out and was rolled back; nothing was deducted, try again",
-            )
-        if code is Prededuct.UNKNOWN_SKU:
-            return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
-        return PurchaseResult(PurchaseStatus.INVALID, token, message=f"invalid quantity {request.qty}")
 
     @staticmethod
     async def _end(action: Callable[[], Awaitable[None]], what: str, gid: str) -> None:
