@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -20,16 +21,21 @@ import redis
 from sqlalchemy.engine.url import make_url
 
 from flashsale import constants as c
+from flashsale import failpoints
 from flashsale.adapters import rocketmq_admin
 from flashsale.adapters.redis_stock import RedisStock
 from flashsale.adapters.redis_stock_async import AsyncRedisStock
 from flashsale.config import Settings
+from flashsale.models import DeductionMessage, Delivery, Purchase, Resolution
 from flashsale.ops.setup import set_stock
-from flashsale.pipeline import partitions
+from flashsale.pipeline import accepted, partitions
+from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.polling import poll_until
+from flashsale.records import Layout, Prededuct
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline, post
+from tests.acceptance.test_crashes import buy
 from tests.acceptance.test_operations import flashsale, reconcile_json
 from tests.acceptance.test_redis_cluster import kill_master
 from tests.conftest import cluster_url
@@ -54,6 +60,16 @@ def _layout(url: str, sku: str) -> tuple[list[str], dict[str, int], int]:
         return parts, ports, int(client.get(f"fs:{{{sku}}}:pool"))
     finally:
         client.close()
+
+
+def _layout_of(settings: Settings, sku: str) -> Layout:
+    sync = RedisStock(settings.redis_url)
+    try:
+        layout = sync.layout(sku)
+    finally:
+        sync.close()
+    assert layout is not None
+    return layout
 
 
 def _sold_on(url: str, sku: str, token: str) -> str | None:
@@ -221,6 +237,108 @@ def test_an_exhausted_partition_closes_and_its_tokens_sell_on_the_others(
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
     assert books.sold == 30 and books.redis_stock == 0 and books.oversold() == 0
+
+
+def _spread_group(layout: Layout) -> list[str]:
+    """Three tokens that start at three different partitions: one group of them is one message over all."""
+    tokens: list[str] = []
+    while len(tokens) < 3:
+        token = uuid.uuid4().hex
+        if next(layout.order(token)) == layout.parts[len(tokens)]:
+            tokens.append(token)
+    return tokens
+
+
+def _die_with(pipeline: Pipeline, failpoint: str, sku: str, tokens: list[str]) -> None:
+    """A producer that dies at `failpoint` while it sells one group of `tokens` (it waits 300 ms for them)."""
+    doomed, url = pipeline.producer(failpoints=failpoint, FLASHSALE_GROUP_WAIT_MS="300")
+    with ThreadPoolExecutor(len(tokens)) as pool:
+        list(pool.map(lambda t: buy(url, sku, t, user=f"u-{t}"), tokens))
+    assert doomed.wait_exit(10) != 0
+
+
+def _records(url: str, layout: Layout, gid: str) -> dict[str, str | None]:
+    """Each partition's record of message `gid` (its state), read with plain redis-py."""
+    client = redis_client(url)
+    try:
+        raw = {p: client.hget(f"fs:{{{p}}}:tx", gid) for p in layout.parts}
+    finally:
+        client.close()
+    return {p: json.loads(r)["state"] if r else None for p, r in raw.items()}
+
+
+def test_a_producer_killed_after_a_spread_groups_pre_deducts_is_committed_by_the_checker(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    set_stock(settings, sku, 30, partitions=3)
+    layout = _layout_of(settings, sku)
+    tokens = _spread_group(layout)
+    pipeline.consumer()
+    checker = pipeline.checker()
+    _die_with(pipeline, failpoints.AFTER_PREDEDUCT, sku, tokens)
+    checker.wait_log(" -> commit", timeout_s=60)
+    gid = re.search(r"check message (\S+) key \S+ -> commit", checker.text())
+    assert gid is not None
+    # One message over the three partitions: each ran its share of it.
+    assert _records(settings.redis_url, layout, gid[1]) == dict.fromkeys(layout.parts, c.TX_RAN)
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert books.order_count == 3 and books.redis_stock == 27
+    _, healthy = pipeline.producer()
+    assert [_buy(healthy, sku, 1, t, f"u-{t}") for t in tokens] == ["duplicate"] * 3
+
+
+def test_a_producer_killed_after_a_spread_groups_half_message_is_rolled_back_with_every_share_fenced(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    set_stock(settings, sku, 30, partitions=3)
+    layout = _layout_of(settings, sku)
+    tokens = _spread_group(layout)
+    pipeline.consumer()
+    checker = pipeline.checker()
+    _die_with(pipeline, failpoints.AFTER_HALF_MESSAGE, sku, tokens)
+    checker.wait_log(" -> rollback", timeout_s=60)
+    gid = re.search(r"check message (\S+) key \S+ -> rollback", checker.text())
+    assert gid is not None
+    assert _records(settings.redis_url, layout, gid[1]) == dict.fromkeys(layout.parts, c.TX_FENCED)
+    # Nothing was deducted: the buyers, asking again with the same tokens, buy anew.
+    _, healthy = pipeline.producer()
+    assert [_buy(healthy, sku, 1, t, f"u-{t}") for t in tokens] == ["accepted"] * 3
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert books.order_count == 3 and books.redis_stock == 27
+
+
+def test_a_spread_message_whose_share_never_ran_is_committed_for_the_share_that_did_once_it_is_fenced(
+    settings: Settings, sku: str
+) -> None:
+    set_stock(settings, sku, 30, partitions=3)
+    layout = _layout_of(settings, sku)
+    tokens = _spread_group(layout)
+    purchases = tuple(Purchase(t, f"u-{t}", 1, p) for t, p in zip(tokens, layout.parts, strict=True))
+    body = DeductionMessage(sku, purchases, "m-spread").encode()
+    delivery = Delivery("m-spread", settings.deduction_topic, tokens[0], body, int(time.time() * 1000), 1)
+    stock = RedisStock(settings.redis_url)
+    try:
+        # Only the first share ran (its producer died, or the others' masters never got theirs).
+        assert stock.prededuct(layout.parts[0], "m-spread", [purchases[0]], layout.epoch)[0].code is Prededuct.ACCEPTED
+        assert DeductionChecker(stock, grace_s=60).check(delivery) is Resolution.UNKNOWN  # the others may still run
+        assert _records(settings.redis_url, layout, "m-spread")[layout.parts[1]] is None
+        assert DeductionChecker(stock, grace_s=0).check(delivery) is Resolution.COMMIT
+        assert _records(settings.redis_url, layout, "m-spread") == {
+            layout.parts[0]: c.TX_RAN,
+            layout.parts[1]: c.TX_FENCED,
+            layout.parts[2]: c.TX_FENCED,
+        }
+        # A share arriving late deducts nothing; what the consumer applies is the share that ran.
+        late = stock.prededuct(layout.parts[1], "m-spread", [purchases[1]], layout.epoch)
+        assert [r.code for r in late] == [Prededuct.FENCED]
+        decoded = [accepted.Decoded(delivery, DeductionMessage.decode(body))]
+        todo = accepted.plan(decoded, stock.lookup(accepted.wanted(decoded)))
+        assert [i.deduction.token for i in todo.apply] == [tokens[0]] and todo.conflicts == []
+        assert todo.skipped == 2
+    finally:
+        stock.close()
 
 
 def test_a_refill_or_drain_cut_short_is_completed_once(

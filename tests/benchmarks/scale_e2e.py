@@ -4,9 +4,9 @@ The same broker, MariaDB, processes and load for all; only Redis differs. The si
 stack's own (`flashsale stack up`), selling one SKU with `pipeline`, then a SKU of 3 partitions with
 `bucketed`; the cluster is the Redis stage's (3 masters, no replicas, on ports 7479 and up), selling
 with `bucketed` over 3 partitions. Partitions are refilled 1% of the stock at a time. Each round runs
-the three in turn through `run_bench` (the engine of `flashsale bench`); a first round warms the JVMs
-and is not counted; the median round is reported, with the CPU of every process per accepted
-purchase (the cluster's Redis nodes measured here, for the same run).
+the three in turn through `run_bench` (the engine of `flashsale bench`), each round starting with
+another one; a first round warms the JVMs and is not counted; the median round is reported, with the
+CPU of every process per accepted purchase (the cluster's Redis nodes measured here, for the same run).
 
 Target: the cluster sells at least as fast as the single node (ratio >= 1.0, within the run-to-run
 spread of about 5% on this 2-core machine, where every process shares the same cores).
@@ -101,8 +101,10 @@ def main() -> None:
     rounds: list[list[Side]] = []
     try:
         for n in range(args.rounds + 1):
-            measured = []
-            for label, side_settings, strategy, extra, measured_nodes in sides:
+            # Each round starts with another side, so none of them always runs first (or last).
+            measured: list[Side | None] = [None] * len(sides)
+            for k in [(n + i) % len(sides) for i in range(len(sides))]:
+                label, side_settings, strategy, extra, measured_nodes = sides[k]
                 env = {
                     "FLASHSALE_NAMESPACE": side_settings.namespace,
                     "FLASHSALE_MYSQL_URL": side_settings.mysql_url,
@@ -112,14 +114,15 @@ def main() -> None:
                 with _environment(env):
                     meter = CpuMeter(measured_nodes)
                     (result,) = run_bench(side_settings.with_overrides(**_overrides(extra)), config, [strategy])
-                    measured.append(_side(label, strategy, result, meter.used()))
+                    measured[k] = _side(label, strategy, result, meter.used())
+            done = [m for m in measured if m is not None]
             print(
                 f"round {n}{' (warm-up)' if n == 0 else ''}: "
-                + ", ".join(f"{m.strategy} on {m.redis} {m.accepted_per_s:,.0f}/s" for m in measured),
+                + ", ".join(f"{m.strategy} on {m.redis} {m.accepted_per_s:,.0f}/s" for m in done),
                 flush=True,
             )
             if n:
-                rounds.append(measured)
+                rounds.append(done)
     finally:
         cluster_stack.down()
 
