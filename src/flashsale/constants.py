@@ -24,10 +24,11 @@ TOPIC_QUEUES = 8
 CLUSTER_NAME = "DefaultCluster"
 #: Broker groups the local stack can run (broker-a, broker-b, ...).
 MAX_BROKER_GROUPS = 4
-#: Version of the JSON body of a deduction message (1: one purchase; 2: the purchases of a group; 3: a
-#: group over several partitions, each purchase naming its own). A body is written in the lowest version
-#: that can carry it, so a consumer of an older release still reads every message it could before.
+#: Versions of the JSON body of a deduction message: 1, one purchase; 2, the purchases of a group on one
+#: shard (a SKU, or one partition); 3, a group over several partitions, each purchase naming its own. A
+#: body is written in the lowest version that can carry it, so an older consumer reads all it could before.
 MESSAGE_VERSION = 3
+MESSAGE_VERSION_ONE_SHARD = 2
 #: Most purchases one deduction message may carry.
 MAX_GROUP = 1024
 

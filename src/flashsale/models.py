@@ -183,7 +183,7 @@ class DeductionMessage:
     def encode(self) -> bytes:
         spread = any(p.part for p in self.purchases)
         body: dict[str, Any] = {
-            "v": c.MESSAGE_VERSION if spread else 2,
+            "v": c.MESSAGE_VERSION if spread else c.MESSAGE_VERSION_ONE_SHARD,
             "sku": self.sku,
             "gid": self.gid,
             "ts_ms": self.ts_ms,

@@ -267,43 +267,32 @@ def _records(url: str, layout: Layout, gid: str) -> dict[str, str | None]:
     return {p: json.loads(r)["state"] if r else None for p, r in raw.items()}
 
 
-def test_a_producer_killed_after_a_spread_groups_pre_deducts_is_committed_by_the_checker(
-    pipeline: Pipeline, settings: Settings, sku: str
+@pytest.mark.parametrize(
+    ("failpoint", "resolution", "state", "retried"),
+    [
+        # Every share ran: the checker commits, and a retry of each token hears `duplicate`.
+        (failpoints.AFTER_PREDEDUCT, "commit", c.TX_RAN, "duplicate"),
+        # None ran: the checker fences every share and rolls back; the buyers, asking again, buy anew.
+        (failpoints.AFTER_HALF_MESSAGE, "rollback", c.TX_FENCED, "accepted"),
+    ],
+    ids=["after-pre-deducts", "after-half-message"],
+)
+def test_a_producer_killed_amid_a_spread_groups_transaction_is_settled_by_the_checker_on_every_share(
+    pipeline: Pipeline, settings: Settings, sku: str, failpoint: str, resolution: str, state: str, retried: str
 ) -> None:
     set_stock(settings, sku, 30, partitions=3)
     layout = _layout_of(settings, sku)
     tokens = _spread_group(layout)
     pipeline.consumer()
     checker = pipeline.checker()
-    _die_with(pipeline, failpoints.AFTER_PREDEDUCT, sku, tokens)
-    checker.wait_log(" -> commit", timeout_s=60)
-    gid = re.search(r"check message (\S+) key \S+ -> commit", checker.text())
+    _die_with(pipeline, failpoint, sku, tokens)
+    checker.wait_log(f" -> {resolution}", timeout_s=60)
+    gid = re.search(rf"check message (\S+) key \S+ -> {resolution}", checker.text())
     assert gid is not None
-    # One message over the three partitions: each ran its share of it.
-    assert _records(settings.redis_url, layout, gid[1]) == dict.fromkeys(layout.parts, c.TX_RAN)
-    books = balanced(settings, sku)
-    assert books.problems == [], books.problems
-    assert books.order_count == 3 and books.redis_stock == 27
+    # One message over the three partitions: each share of it settled the same way.
+    assert _records(settings.redis_url, layout, gid[1]) == dict.fromkeys(layout.parts, state)
     _, healthy = pipeline.producer()
-    assert [_buy(healthy, sku, 1, t, f"u-{t}") for t in tokens] == ["duplicate"] * 3
-
-
-def test_a_producer_killed_after_a_spread_groups_half_message_is_rolled_back_with_every_share_fenced(
-    pipeline: Pipeline, settings: Settings, sku: str
-) -> None:
-    set_stock(settings, sku, 30, partitions=3)
-    layout = _layout_of(settings, sku)
-    tokens = _spread_group(layout)
-    pipeline.consumer()
-    checker = pipeline.checker()
-    _die_with(pipeline, failpoints.AFTER_HALF_MESSAGE, sku, tokens)
-    checker.wait_log(" -> rollback", timeout_s=60)
-    gid = re.search(r"check message (\S+) key \S+ -> rollback", checker.text())
-    assert gid is not None
-    assert _records(settings.redis_url, layout, gid[1]) == dict.fromkeys(layout.parts, c.TX_FENCED)
-    # Nothing was deducted: the buyers, asking again with the same tokens, buy anew.
-    _, healthy = pipeline.producer()
-    assert [_buy(healthy, sku, 1, t, f"u-{t}") for t in tokens] == ["accepted"] * 3
+    assert [_buy(healthy, sku, 1, t, f"u-{t}") for t in tokens] == [retried] * 3
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
     assert books.order_count == 3 and books.redis_stock == 27

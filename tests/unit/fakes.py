@@ -177,6 +177,7 @@ class FakePartitions:
     sales: list[list[tuple[str, str]]] = field(default_factory=list)  # per transaction: (token, partition)
 
     async def layout(self, sku: str) -> Layout | None:
+        self.calls.append(f"layout {sku}")
         return self.shape
 
     async def registry(self, layout: Layout) -> Registry:

@@ -7,9 +7,10 @@ import pytest
 from flashsale import constants as c
 from flashsale.errors import ServiceUnavailable, StockError
 from flashsale.models import DeductionMessage, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.pipeline.partitions import Scheduler
 from flashsale.pipeline.producer import PurchaseService, SoldOutCache
-from flashsale.records import LogEntry, Prededuct, PredeductResult
-from tests.unit.fakes import FakeBus, FakeStock
+from flashsale.records import Layout, LogEntry, Prededuct, PredeductResult
+from tests.unit.fakes import FakeBus, FakePartitions, FakeStock
 
 
 class _Service:
@@ -298,3 +299,23 @@ def test_a_share_that_did_not_run_beside_ones_that_deducted_nothing_rolls_back()
     statuses = [r.status for r in _spread(stock, bus)]
     assert statuses == [PurchaseStatus.SOLD_OUT, PurchaseStatus.ERROR, PurchaseStatus.SOLD_OUT]
     assert bus.calls == ["send_half t0", "rollback msg-1"]
+
+
+def test_a_partition_of_another_load_answers_error_and_the_layout_is_read_again() -> None:
+    fake = FakePartitions(Layout("hot", ("hot#0",), refill=5, threshold=0, epoch=7), pool=0, stock={"hot#0": 5})
+    stock, bus = FakeStock(result=PredeductResult(Prededuct.STALE_LAYOUT, None)), FakeBus()
+    scheduler = Scheduler(fake)
+    service = PurchaseService(stock, bus, "ns-deductions", scheduler=scheduler)
+
+    async def twice() -> list[PurchaseResult]:
+        first = await service.purchase("hot", "u1", 1, "t1")
+        second = await service.purchase("hot", "u1", 1, "t2")
+        await scheduler.close()
+        return [first, second]
+
+    results = asyncio.run(twice())
+    assert [r.status for r in results] == [PurchaseStatus.ERROR] * 2
+    assert "loaded again" in results[0].message
+    assert bus.calls == ["send_half t1", "rollback msg-1", "send_half t2", "rollback msg-2"]
+    # The layout was read for each purchase: the first refusal dropped the one cached (for 2 s).
+    assert [call for call in fake.calls if call.startswith("layout")] == ["layout hot", "layout hot"]

@@ -126,11 +126,10 @@ class Scheduler:
                     answers[i] = None
                 registry = await self._registry(layout, fresh=True)
         except FlashSaleError as exc:
+            # What was answered stands; the purchases still pending were not sent, and hear `error`.
             logger.warning("cannot place purchases of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
-            for i in pending:
-                answers[i] = PurchaseResult(PurchaseStatus.ERROR, requests[i].token, message=_NOT_RUN)
-            return [a or self._not_run(r) for a, r in zip(answers, requests, strict=True)]
-        self._top_up(layout, registry)
+        else:
+            self._top_up(layout, registry)
         return [a or self._not_run(r) for a, r in zip(answers, requests, strict=True)]
 
     async def _answer_seen(
