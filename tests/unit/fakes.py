@@ -175,12 +175,15 @@ class FakePartitions:
     held: dict[str, int] = field(default_factory=dict)  # user -> units
     calls: list[str] = field(default_factory=list)
     sales: list[list[tuple[str, str]]] = field(default_factory=list)  # per transaction: (token, partition)
+    registries: list[Registry] = field(default_factory=list)  # out-of-date reads handed out first
 
     async def layout(self, sku: str) -> Layout | None:
         self.calls.append(f"layout {sku}")
         return self.shape
 
     async def registry(self, layout: Layout) -> Registry:
+        if self.registries:
+            return self.registries.pop(0)
         return Registry(self.pool, {p: (n, 0) for p, n in self.stock.items()}, 0, frozenset(self.closed))
 
     async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:

@@ -156,12 +156,21 @@ def test_a_retry_goes_where_its_first_attempt_went_and_hears_duplicate() -> None
     assert fake.sales[1] == [(token, "s#2")] and fake.stock["s#2"] == 9
 
 
-def test_a_short_partition_is_refilled_from_the_pool_and_the_purchase_sells_there() -> None:
+def test_a_partition_short_of_its_share_is_refilled_from_the_pool_before_anything_is_sent_there() -> None:
     fake = FakePartitions(LAYOUT, pool=20, stock={"s#0": 5, "s#1": 0, "s#2": 5})
     token = _token_for("s#1")
     assert _sell(fake, _requests([token], qty=3)) == [PurchaseStatus.ACCEPTED]
-    assert fake.sales == [[(token, "s#1")], [(token, "s#1")]]
+    assert fake.sales == [[(token, "s#1")]]  # one transaction: none was sent to be refused
     assert "take s#1 5" in fake.calls and fake.stock["s#1"] == 2 and fake.closed == set()
+
+
+def test_a_purchase_refused_by_a_partition_the_registry_thought_could_cover_it_pulls_stock_and_sells() -> None:
+    fake = FakePartitions(LAYOUT, pool=20, stock={"s#0": 5, "s#1": 0, "s#2": 5})
+    fake.registries = [Registry(20, {p: (5, 0) for p in PARTS})]  # read before s#1 sold its last units
+    token = _token_for("s#1")
+    assert _sell(fake, _requests([token], qty=3)) == [PurchaseStatus.ACCEPTED]
+    assert fake.sales == [[(token, "s#1")], [(token, "s#1")]]
+    assert "take s#1 5" in fake.calls and fake.stock["s#1"] == 2
 
 
 def test_an_exhausted_partition_with_an_empty_pool_closes_and_its_tokens_sell_on_their_next() -> None:
@@ -169,7 +178,7 @@ def test_an_exhausted_partition_with_an_empty_pool_closes_and_its_tokens_sell_on
     token = _token_for("s#1", then="s#2")
     assert _sell(fake, _requests([token])) == [PurchaseStatus.ACCEPTED]
     assert fake.closed == {"s#1"}
-    assert fake.sales == [[(token, "s#1")], [(token, "s#2")]]
+    assert fake.sales == [[(token, "s#2")]]  # closed before anything was sent to it
     # Nothing was drained to the empty partition: its tokens moved instead.
     assert not any(call.startswith("drain") for call in fake.calls)
     # The next token of s#1 goes straight to its next one, once the log of s#1 is read for it.

@@ -111,13 +111,18 @@ class Scheduler:
                     held = True
                 if not pending:
                     break
-                results = await sell([requests[i] for i in pending], [targets[i] for i in pending])
-                short: dict[str, list[int]] = {}
-                for i, result in zip(pending, results, strict=True):
-                    answers[i] = result
-                    if result.status is PurchaseStatus.SOLD_OUT:
-                        short.setdefault(targets[i], []).append(i)
-                if not short or attempt == PULLS:
+                last = attempt == PULLS
+                # A partition the registry says cannot cover its share gets stock first (or is closed): a
+                # transaction sent there would only be refused. On the last attempt the scripts decide.
+                short = {} if last else self._uncovered(registry, requests, pending, targets)
+                sent = [i for i in pending if targets[i] not in short]
+                if sent:
+                    results = await sell([requests[i] for i in sent], [targets[i] for i in sent])
+                    for i, result in zip(sent, results, strict=True):
+                        answers[i] = result
+                        if result.status is PurchaseStatus.SOLD_OUT and not last:
+                            short.setdefault(targets[i], []).append(i)
+                if not short:
                     break
                 pending = await self._pull_for(layout, requests, short, answers)
                 if not pending:
@@ -184,6 +189,16 @@ class Scheduler:
                 )
 
     @staticmethod
+    def _uncovered(
+        registry: Registry, requests: Sequence[PurchaseRequest], pending: Sequence[int], targets: dict[int, str]
+    ) -> dict[str, list[int]]:
+        """The pending purchases of each partition that, by the registry, cannot cover them all."""
+        share: dict[str, list[int]] = {}
+        for i in pending:
+            share.setdefault(targets[i], []).append(i)
+        return {p: idxs for p, idxs in share.items() if registry.remaining(p) < sum(requests[i].qty for i in idxs)}
+
+    @staticmethod
     def _sold_out(request: PurchaseRequest, layout: Layout) -> PurchaseResult:
         return PurchaseResult(PurchaseStatus.SOLD_OUT, request.token, 0, message=f"{layout.sku} is sold out")
 
@@ -205,7 +220,8 @@ class Scheduler:
         short: dict[str, list[int]],
         answers: list[PurchaseResult | None],
     ) -> list[int]:
-        """Pull stock to the partitions of the purchases told sold out (or close them); those to try again."""
+        """Pull stock to the partitions short of their purchases (or close them); those to try again. A
+        purchase whose pull found nothing keeps the answer its partition gave, or hears `sold_out`."""
         again: list[int] = []
         for part, idxs in short.items():
             try:
@@ -217,14 +233,17 @@ class Scheduler:
                 continue
             if moved:
                 again += idxs
+            else:
+                for i in idxs:
+                    answers[i] = answers[i] or self._sold_out(requests[i], layout)
         return sorted(again)
 
     async def _pull(self, layout: Layout, part: str, need: int) -> bool:
         """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when
         the purchases short there are worth trying again."""
         registry = await self._registry(layout, fresh=True)
-        if part in registry.closed:
-            return True  # closed meanwhile: its tokens go on to their next partition
+        if part in registry.closed or registry.remaining(part) >= need:
+            return True  # closed meanwhile (its tokens go on to their next partition), or refilled meanwhile
         got = await self._refill(layout, part, max(need, layout.refill)) if registry.pool else 0
         if got >= need:
             return True
