@@ -9,15 +9,15 @@
 -- Returns 1 when the partition is closed (now or before), 0 when it still holds units, -1 when it
 -- belongs to another load (or to none).
 local stock_key, meta_key = KEYS[1], KEYS[2]
+local stock = redis.call('GET', stock_key)
 local meta = redis.call('HMGET', meta_key, 'standby', 'epoch', 'closed')
-if not redis.call('GET', stock_key) or (meta[2] and meta[2] ~= ARGV[1]) then
+if not stock or (meta[2] and meta[2] ~= ARGV[1]) then
   return -1
 end
 if meta[3] == '1' then
   return 1
 end
-local stock = tonumber(redis.call('GET', stock_key))
-if stock + tonumber(meta[1] or '0') > 0 then
+if tonumber(stock) + tonumber(meta[1] or '0') > 0 then
   return 0
 end
 redis.call('HSET', meta_key, 'closed', 1)

@@ -45,14 +45,15 @@ def message(sku: str, requests: Sequence[PurchaseRequest], shards: Sequence[str]
 
 
 class LocalTransaction:
-    """The pre-deduct of one message's purchases, share by share; `shards` names each purchase's keys."""
+    """The pre-deduct of one message's purchases (`requests`, in the order its body carries them), share
+    by share, each on the keys the body names for it."""
 
-    def __init__(self, requests: Sequence[PurchaseRequest], shards: Sequence[str]) -> None:
+    def __init__(self, requests: Sequence[PurchaseRequest], body: DeductionMessage) -> None:
         self._requests = requests
-        self._purchases = [Purchase(r.token, r.user_id, r.qty) for r in requests]
+        self._purchases = body.purchases
         self._by_shard: dict[str, list[int]] = {}
-        for i, shard in enumerate(shards):
-            self._by_shard.setdefault(shard, []).append(i)
+        for i, purchase in enumerate(body.purchases):
+            self._by_shard.setdefault(body.shard_of(purchase), []).append(i)
         self.outcomes: list[PredeductResult | None] = [None] * len(requests)
         self._unknown: set[int] = set()  # purchases whose share may have run unanswered
         self._not_run: dict[int, str] = {}  # purchases whose share certainly did not run: why

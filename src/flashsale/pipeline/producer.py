@@ -190,10 +190,11 @@ class PurchaseService:
         the SKU's keys, or on the partition `parts` names for each purchase (placed by the layout of
         `epoch`), every partition's share at once. An answer for each purchase, in order."""
         gid = self._bus.new_message_id()
-        shards = list(parts) if parts else [sku] * len(requests)
-        body = local_tx.message(sku, requests, shards, gid).encode()
+        message = local_tx.message(sku, requests, list(parts) if parts else [sku] * len(requests), gid)
         try:
-            half = await self._bus.send_half_async(self._topic, requests[0].token, body, c.DEDUCTION_TAG, gid)
+            half = await self._bus.send_half_async(
+                self._topic, requests[0].token, message.encode(), c.DEDUCTION_TAG, gid
+            )
         except BusError as exc:
             logger.warning(
                 "half message for sku %s (%d purchases) not sent: %s",
@@ -207,7 +208,7 @@ class PurchaseService:
             self._observe_group(len(requests))
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
 
-        run = LocalTransaction(requests, shards)
+        run = LocalTransaction(requests, message)
         await run.run(self._stock, gid, 0 if parts is None else epoch)
         failpoints.hit(self._failpoints, failpoints.AFTER_PREDEDUCT)
         if run.unsettled:
