@@ -313,12 +313,13 @@ def test_refill_steps_count_once_per_transfer(redis_stock: RedisStock, sku: str)
     base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
     redis_stock.client.set(base.pool, 10)
     _script(redis_stock, "load_stock", part.all(), [0, 0, 1, 0, EPOCH])
-    taken, record = _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x1", f"{sku}#0", 4])
+    taken, record = _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x1", f"{sku}#0", 4])
     assert taken == 4 and json.loads(record)["dir"] == "out"
-    assert _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x1", f"{sku}#0", 9])[0] == 4
+    assert _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x1", f"{sku}#0", 9])[0] == 4
     assert redis_stock.client.get(base.pool) == "6"
-    assert _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x2", f"{sku}#0", 9])[0] == 6
-    assert _script(redis_stock, "pool_take", [base.pool, base.transfers], ["x3", f"{sku}#0", 9])[0] == 0
+    assert _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x2", f"{sku}#0", 9])[0] == 6
+    assert _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x3", f"{sku}#0", 9])[0] == 0
+    assert redis_stock.client.hget(base.meta, "moves") == "2"  # x1 and x2 began; x1 again and x3 took nothing
     assert [_script(redis_stock, "refill_apply", [part.meta, part.refills], ["x1", 4]) for _ in range(2)] == [1, 0]
     assert redis_stock.client.hget(part.meta, "standby") == "4"
     assert redis_stock.client.hget(part.meta, "sold_out") == "0"
@@ -331,7 +332,9 @@ def test_a_drain_takes_standby_first_then_active_once_and_the_pool_receives_it_o
     redis_stock.client.set(base.pool, 0)
     _script(redis_stock, "load_stock", part.all(), [5, 0, 1, 0, EPOCH])
     _script(redis_stock, "refill_apply", [part.meta, part.refills], ["r1", 2])
-    _script(redis_stock, "pool_expect", [base.transfers], ["d1", f"{sku}#0", 4])
+    for _ in range(2):
+        _script(redis_stock, "pool_expect", [base.transfers, base.meta], ["d1", f"{sku}#0", 4])
+    assert redis_stock.client.hget(base.meta, "moves") == "1"  # one transfer began, however often expected
     drain = [part.stock, part.meta, part.refills]
     assert [_script(redis_stock, "drain", drain, ["d1", 4]) for _ in range(2)] == [4, 4]
     assert (redis_stock.client.get(part.stock), redis_stock.client.hget(part.meta, "standby")) == ("3", "0")

@@ -206,6 +206,22 @@ def test_the_anchor_never_closes_it_takes_the_units_of_the_others() -> None:
     assert "close s#0" not in fake.calls
 
 
+def test_a_group_larger_than_the_last_units_buys_them_and_only_the_rest_hear_sold_out() -> None:
+    # The anchor holds 2 units, the others are closed and the pool is empty: nothing can be pulled, but 2 of
+    # the 5 purchases still fit, so they are sent and the scripts say which.
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 2, "s#1": 0, "s#2": 0}, closed={"s#1", "s#2"})
+    tokens = [_token_for("s#0", avoid=str(i)) for i in range(5)]
+    assert Counter(_sell(fake, _requests(tokens))) == {PurchaseStatus.ACCEPTED: 2, PurchaseStatus.SOLD_OUT: 3}
+    assert fake.stock == {p: 0 for p in PARTS} and len(fake.sales) == 1
+
+
+def test_a_partition_that_can_cover_part_of_a_group_sells_that_part_before_it_closes() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 0, "s#1": 1, "s#2": 0}, closed={"s#2"})
+    tokens = [_token_for("s#1", then="s#0", avoid=str(i)) for i in range(3)]
+    assert Counter(_sell(fake, _requests(tokens))) == {PurchaseStatus.ACCEPTED: 1, PurchaseStatus.SOLD_OUT: 2}
+    assert fake.stock == {p: 0 for p in PARTS}
+
+
 def test_sold_out_is_answered_from_the_logs_with_no_transaction_and_a_seen_token_keeps_its_answer() -> None:
     fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1", "s#2"})
     seen = _token_for("s#2", then="s#1")

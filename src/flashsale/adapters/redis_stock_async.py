@@ -203,16 +203,27 @@ class AsyncRedisStock:
                 stock, (standby, closed) = await pipe.execute()
             return int(stock or 0), int(standby or 0), closed == "1"
 
-        async def pool() -> tuple[int, int]:
+        async def pool() -> tuple[int, int, int]:
             keys = SkuKeys.of(layout.sku)
             async with (await self._router.client(keys.pool)).pipeline(transaction=True) as pipe:
                 pipe.get(keys.pool)
                 pipe.hlen(keys.transfers)
-                units, moves = await pipe.execute()
-            return int(units or 0), int(moves)
+                pipe.hget(keys.meta, "moves")
+                units, moves, begun = await pipe.execute()
+            return int(units or 0), int(moves), int(begun or 0)
 
         async with self._reading("read partitions"):
-            (units, moves), parts = await asyncio.gather(pool(), asyncio.gather(*(part(p) for p in layout.parts)))
+            (units, moves, begun), parts = await asyncio.gather(
+                pool(), asyncio.gather(*(part(p) for p in layout.parts))
+            )
+            if not (units or moves or any(a or s for a, s, _ in parts)):
+                # Read side by side, units on their way can slip between the reads: a refill seen in none
+                # (the pool read after it, the partition before), or a drain (the other way round). Sold
+                # out stands only if the partitions, then the pool, read after that first pool read, hold
+                # nothing either, and no transfer began in between.
+                parts = await asyncio.gather(*(part(p) for p in layout.parts))
+                units, moves, again = await pool()
+                moves = max(moves, int(again != begun))
         closed = frozenset(name for name, (_, _, shut) in zip(layout.parts, parts, strict=True) if shut)
         return Registry(
             units, {name: (a, s) for name, (a, s, _) in zip(layout.parts, parts, strict=True)}, moves, closed
@@ -301,7 +312,9 @@ class AsyncRedisStock:
     async def take(self, sku: str, transfer_id: str, part: str, want: int) -> int:
         """Refill step 1: units taken from the pool for `part` (0: the pool is empty)."""
         keys = SkuKeys.of(sku)
-        taken, _ = await self.script("pool_take", [keys.pool, keys.transfers], [transfer_id, part, str(want)])
+        taken, _ = await self.script(
+            "pool_take", [keys.pool, keys.transfers, keys.meta], [transfer_id, part, str(want)]
+        )
         return max(0, int(taken))
 
     async def give(self, part: str, transfer_id: str, qty: int) -> None:
@@ -311,7 +324,8 @@ class AsyncRedisStock:
 
     async def expect(self, sku: str, transfer_id: str, part: str, want: int) -> None:
         """Drain step 1: the transfer is on record before any unit moves."""
-        await self.script("pool_expect", [SkuKeys.of(sku).transfers], [transfer_id, part, str(want)])
+        keys = SkuKeys.of(sku)
+        await self.script("pool_expect", [keys.transfers, keys.meta], [transfer_id, part, str(want)])
 
     async def drain(self, part: str, transfer_id: str, want: int) -> int:
         """Drain step 2: units taken out of the partition (once per transfer)."""

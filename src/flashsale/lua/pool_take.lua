@@ -4,6 +4,7 @@
 --
 -- KEYS[1] fs:{sku}:pool       units not given to any partition yet
 -- KEYS[2] fs:{sku}:transfers  hash id -> JSON {dir: out|in, part, qty, ts}
+-- KEYS[3] fs:{sku}:meta       `moves`: transfers ever begun (a sold-out read checks none began meanwhile)
 -- ARGV[1] transfer id
 -- ARGV[2] partition (sku#n)
 -- ARGV[3] units wanted
@@ -29,4 +30,5 @@ local now = redis.call('TIME')
 record = cjson.encode({dir = 'out', part = part, qty = qty, ts = tonumber(now[1]) * 1000})
 redis.call('SET', pool_key, pool - qty)
 redis.call('HSET', transfers_key, id, record)
+redis.call('HINCRBY', KEYS[3], 'moves', 1)
 return {qty, record}

@@ -12,9 +12,10 @@
 - A purchase its partition cannot cover pulls stock there from the pool and is tried again. When the
   pool is empty too, an exhausted partition is closed for good (close.lua) and leaves the registry: its
   tokens go on to their next partition. A partition that still holds some units, or the anchor (which
-  never closes), gets the units of the others instead (drain.lua, the stranding rebalance). `sold_out`
-  is answered only when that finds nothing: no partition and no pool could have covered the purchase,
-  short of a race with another purchase for the same last units.
+  never closes), gets the units of the others instead (drain.lua, the stranding rebalance). Once pulled
+  to, a partition's scripts decide what fits: a group larger than what is left still buys what is left.
+  `sold_out` is answered only when that finds nothing: no partition and no pool could have covered the
+  purchase, short of a race with another purchase for the same last units.
 - A token whose order passes closed partitions may have been sold on one of them before it closed:
   their logs (final once closed) are read first, and a token found there gets its original answer.
 - With a per-user limit, each token takes a hold on its buyer's count (user_hold.lua, sharded by user)
@@ -95,6 +96,7 @@ class Scheduler:
         answers: list[PurchaseResult | None] = [None] * len(requests)
         looked: list[set[str]] = [set() for _ in requests]  # partitions whose log does not hold the token
         pending = list(range(len(requests)))
+        pulled: set[str] = set()  # partitions stock was pulled to: from then on the scripts say what fits
         held = False
         try:
             registry = await self._registry(layout)
@@ -113,8 +115,9 @@ class Scheduler:
                     break
                 last = attempt == PULLS
                 # A partition the registry says cannot cover its share gets stock first (or is closed): a
-                # transaction sent there would only be refused. On the last attempt the scripts decide.
-                short = {} if last else self._uncovered(registry, requests, pending, targets)
+                # transaction sent there would only be refused. Once pulled to, or on the last attempt, the
+                # scripts decide: a pull that found less than the share leaves some of it that still fits.
+                short = {} if last else self._uncovered(registry, requests, pending, targets, pulled)
                 sent = [i for i in pending if targets[i] not in short]
                 if sent:
                     results = await sell([requests[i] for i in sent], [targets[i] for i in sent])
@@ -124,6 +127,7 @@ class Scheduler:
                             short.setdefault(targets[i], []).append(i)
                 if not short:
                     break
+                pulled.update(short)
                 pending = await self._pull_for(layout, requests, short, answers)
                 if not pending:
                     break
@@ -190,12 +194,17 @@ class Scheduler:
 
     @staticmethod
     def _uncovered(
-        registry: Registry, requests: Sequence[PurchaseRequest], pending: Sequence[int], targets: dict[int, str]
+        registry: Registry,
+        requests: Sequence[PurchaseRequest],
+        pending: Sequence[int],
+        targets: dict[int, str],
+        pulled: set[str],
     ) -> dict[str, list[int]]:
-        """The pending purchases of each partition that, by the registry, cannot cover them all."""
+        """The pending purchases of each partition not pulled to yet that, by the registry, cannot cover them all."""
         share: dict[str, list[int]] = {}
         for i in pending:
-            share.setdefault(targets[i], []).append(i)
+            if targets[i] not in pulled:
+                share.setdefault(targets[i], []).append(i)
         return {p: idxs for p, idxs in share.items() if registry.remaining(p) < sum(requests[i].qty for i in idxs)}
 
     @staticmethod
@@ -225,7 +234,8 @@ class Scheduler:
         again: list[int] = []
         for part, idxs in short.items():
             try:
-                moved = await self._pull(layout, part, sum(requests[i].qty for i in idxs))
+                qty = [requests[i].qty for i in idxs]
+                moved = await self._pull(layout, part, sum(qty), min(qty))
             except FlashSaleError as exc:
                 logger.warning("cannot move stock to %s: %s", part, exc, extra=ids(sku=layout.sku))
                 for i in idxs:
@@ -238,9 +248,10 @@ class Scheduler:
                     answers[i] = answers[i] or self._sold_out(requests[i], layout)
         return sorted(again)
 
-    async def _pull(self, layout: Layout, part: str, need: int) -> bool:
+    async def _pull(self, layout: Layout, part: str, need: int, least: int) -> bool:
         """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when
-        the purchases short there are worth trying again."""
+        the purchases short there are worth trying again, which they are while it holds `least`, the
+        smallest of them, even when nothing could be moved there."""
         registry = await self._registry(layout, fresh=True)
         if part in registry.closed or registry.remaining(part) >= need:
             return True  # closed meanwhile (its tokens go on to their next partition), or refilled meanwhile
@@ -259,7 +270,7 @@ class Scheduler:
                 drained += await self._drain(layout, other, need - got - drained)
         if drained:
             got += await self._refill(layout, part, drained)
-        return got > 0
+        return got > 0 or registry.remaining(part) >= least
 
     async def _refill(self, layout: Layout, part: str, want: int) -> int:
         transfer_id = uuid.uuid4().hex
