@@ -215,11 +215,14 @@ def test_a_group_larger_than_the_last_units_buys_them_and_only_the_rest_hear_sol
     assert fake.stock == {p: 0 for p in PARTS} and len(fake.sales) == 1
 
 
-def test_a_partition_that_can_cover_part_of_a_group_sells_that_part_before_it_closes() -> None:
-    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 0, "s#1": 1, "s#2": 0}, closed={"s#2"})
-    tokens = [_token_for("s#1", then="s#0", avoid=str(i)) for i in range(3)]
-    assert Counter(_sell(fake, _requests(tokens))) == {PurchaseStatus.ACCEPTED: 1, PurchaseStatus.SOLD_OUT: 2}
-    assert fake.stock == {p: 0 for p in PARTS}
+def test_a_partition_that_can_cover_part_of_a_group_sells_that_part_then_closes_and_the_rest_go_on() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 5, "s#1": 2, "s#2": 5})
+    tokens = [_token_for("s#1", then="s#2", avoid=str(i)) for i in range(4)]
+    assert _sell(fake, _requests(tokens)) == [PurchaseStatus.ACCEPTED] * 4
+    # s#1 sold the 2 it held; the other 2 found it empty, closed it and sold on their next partition.
+    assert fake.stock == {"s#0": 5, "s#1": 0, "s#2": 3} and fake.closed == {"s#1"}
+    assert not any(call.startswith("drain") for call in fake.calls)  # no unit was moved for them
+    assert [len(sale) for sale in fake.sales] == [4, 2]
 
 
 def test_sold_out_is_answered_from_the_logs_with_no_transaction_and_a_seen_token_keeps_its_answer() -> None:

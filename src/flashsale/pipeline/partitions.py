@@ -11,9 +11,10 @@
   record.
 - A purchase its partition cannot cover pulls stock there from the pool and is tried again. When the
   pool is empty too, an exhausted partition is closed for good (close.lua) and leaves the registry: its
-  tokens go on to their next partition. A partition that still holds some units, or the anchor (which
-  never closes), gets the units of the others instead (drain.lua, the stranding rebalance). Once pulled
-  to, a partition's scripts decide what fits: a group larger than what is left still buys what is left.
+  tokens go on to their next partition. A partition that holds less than the smallest purchase short
+  there, or the anchor (which never closes), gets the units of the others instead (drain.lua, the
+  stranding rebalance). Once pulled to, a partition's scripts decide what fits: a group larger than
+  what is left buys what is left, and the rest find the partition empty and go on once it closes.
   `sold_out` is answered only when that finds nothing: no partition and no pool could have covered the
   purchase, short of a race with another purchase for the same last units.
 - A token whose order passes closed partitions may have been sold on one of them before it closed:
@@ -251,26 +252,33 @@ class Scheduler:
     async def _pull(self, layout: Layout, part: str, need: int, least: int) -> bool:
         """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when
         the purchases short there are worth trying again, which they are while it holds `least`, the
-        smallest of them, even when nothing could be moved there."""
+        smallest of them, even when no more could be moved there."""
         registry = await self._registry(layout, fresh=True)
-        if part in registry.closed or registry.remaining(part) >= need:
+        have = registry.remaining(part)
+        if part in registry.closed or have >= need:
             return True  # closed meanwhile (its tokens go on to their next partition), or refilled meanwhile
-        got = await self._refill(layout, part, max(need, layout.refill)) if registry.pool else 0
-        if got >= need:
-            return True
-        if not got and part != layout.anchor and registry.remaining(part) == 0:
-            if await self._stock.close_partition(layout, part):
+        if registry.pool:
+            have += await self._refill(layout, part, max(need, layout.refill))
+            if have >= need:
+                return True
+        if part != layout.anchor:
+            # With the pool empty, what fits sells here and the rest find it empty next time: it closes
+            # and its tokens go on, no unit moved. Only a purchase larger than all it holds, or the
+            # anchor (which never closes), gets the other partitions' units.
+            if have >= least:
+                return True
+            if have == 0 and await self._stock.close_partition(layout, part):
                 logger.info("closed %s: it is empty, and so is the pool", part, extra=ids(sku=layout.sku))
                 return True
         drained = 0
         for other in sorted(registry.parts, key=registry.remaining, reverse=True):
-            if got + drained >= need:
+            if have + drained >= need:
                 break
             if other != part and registry.remaining(other) > 0:
-                drained += await self._drain(layout, other, need - got - drained)
+                drained += await self._drain(layout, other, need - have - drained)
         if drained:
-            got += await self._refill(layout, part, drained)
-        return got > 0 or registry.remaining(part) >= least
+            have += await self._refill(layout, part, drained)
+        return have >= least
 
     async def _refill(self, layout: Layout, part: str, want: int) -> int:
         transfer_id = uuid.uuid4().hex
