@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from flashsale import constants as c
+from flashsale.adapters import rocketmq_admin
 from flashsale.config import Settings
 from flashsale.ops.setup import set_stock
 from flashsale.stack import procs
@@ -88,6 +90,9 @@ class Sale:
             self.children[victim] = start[victim]()
         else:
             self.stack.up([victim])
+            if victim == "namesrv":
+                # Up means routes are served again: the running broker registered with the new name server.
+                assert rocketmq_admin.cluster_brokers(self.stack.settings.namesrv_addr, c.CLUSTER_NAME)
 
 
 def _run(

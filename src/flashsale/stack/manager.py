@@ -100,6 +100,12 @@ class Stack:
             self._start(service, started, progress)
             self._answer(service, started)
             self._wait(service, started, progress)
+        if any(s.name == "namesrv" for s in first if s.name in started):
+            # A name server just started knows no broker, so it hands out no route, until each broker
+            # registers again (every 10 s, broker.conf): the stack is up once those already running have.
+            for service in self.services:
+                if service.after_namesrv and service not in later and self._record(service):
+                    self._wait(service, started, progress, write=False)
         return [self._state(s, started=s.name in started, seconds=started.get(s.name)) for s in services]
 
     def _start(self, service: Service, started: dict[str, float], progress: Progress) -> None:
@@ -153,7 +159,7 @@ class Stack:
                 "replica(s) each"
             )
 
-    def _wait(self, service: Service, started: dict[str, float], progress: Progress) -> None:
+    def _wait(self, service: Service, started: dict[str, float], progress: Progress, *, write: bool = True) -> None:
         alive = self._alive(service)
         deadline = time.monotonic() + service.ready_timeout_s
         last = [""]
@@ -161,7 +167,8 @@ class Stack:
         def serves() -> str | None:
             alive()
             try:
-                return service.probe()  # starting: a write proves it serves (status itself only reads)
+                # Starting: a write proves it serves (status itself only reads).
+                return service.probe() if write else service.check()
             except FlashSaleError as exc:
                 last[0] = str(exc)
                 return None
