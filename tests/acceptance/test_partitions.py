@@ -204,10 +204,7 @@ def test_an_exhausted_partition_closes_and_its_tokens_sell_on_the_others(
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings.with_overrides(partition_refill=10), sku, 30, partitions=3)  # 10 each, the pool empty
-    sync = RedisStock(settings.redis_url)
-    layout = sync.layout(sku)
-    sync.close()
-    assert layout is not None
+    layout = _layout_of(settings, sku)
     # 14 buyers whose token starts at each partition, the anchor's last: the buyers of each other
     # partition find it empty, while the anchor still holds units (so the SKU is not sold out yet).
     url = pipeline.start_all()
@@ -335,10 +332,7 @@ def test_a_refill_or_drain_cut_short_is_completed_once(
     settings: Settings, sku: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_stock(settings.with_overrides(partition_refill=5), sku, 100, partitions=3)
-    sync = RedisStock(settings.redis_url)
-    layout = sync.layout(sku)
-    sync.close()
-    assert layout is not None
+    layout = _layout_of(settings, sku)
     first, second = layout.parts[0], layout.parts[1]
 
     async def scenario() -> None:
@@ -380,10 +374,7 @@ def test_a_registry_read_while_the_last_unit_moves_between_partitions_never_says
     # The reader is paused between sending its read of the pool and those of the partitions, as a process
     # on a loaded box is: the unit can leave a partition not read yet for the pool already read.
     set_stock(settings, sku, 1, partitions=3)  # less than a unit per partition: the one unit is in the pool
-    sync = RedisStock(settings.redis_url)
-    layout = sync.layout(sku)
-    sync.close()
-    assert layout is not None
+    layout = _layout_of(settings, sku)
     moves, reads = 300, 0
 
     async def scenario() -> None:

@@ -212,22 +212,25 @@ class AsyncRedisStock:
                 units, moves, begun = await pipe.execute()
             return int(units or 0), int(moves), int(begun or 0)
 
+        def assemble(units: int, moves: int, parts: Sequence[tuple[int, int, bool]]) -> Registry:
+            named = dict(zip(layout.parts, parts, strict=True))
+            closed = frozenset(name for name, (_, _, shut) in named.items() if shut)
+            return Registry(units, {name: (a, s) for name, (a, s, _) in named.items()}, moves, closed)
+
         async with self._reading("read partitions"):
             (units, moves, begun), parts = await asyncio.gather(
                 pool(), asyncio.gather(*(part(p) for p in layout.parts))
             )
-            if not (units or moves or any(a or s for a, s, _ in parts)):
+            found = assemble(units, moves, parts)
+            if found.sold_out:
                 # Read side by side, units on their way can slip between the reads: a refill seen in none
                 # (the pool read after it, the partition before), or a drain (the other way round). Sold
                 # out stands only if the partitions, then the pool, read after that first pool read, hold
-                # nothing either, and no transfer began in between.
+                # nothing either, and no transfer began in between (one that did counts as under way).
                 parts = await asyncio.gather(*(part(p) for p in layout.parts))
                 units, moves, again = await pool()
-                moves = max(moves, int(again != begun))
-        closed = frozenset(name for name, (_, _, shut) in zip(layout.parts, parts, strict=True) if shut)
-        return Registry(
-            units, {name: (a, s) for name, (a, s, _) in zip(layout.parts, parts, strict=True)}, moves, closed
-        )
+                found = assemble(units, max(moves, int(again != begun)), parts)
+        return found
 
     async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:
         """Per partition (or SKU), the log entries of some tokens: every partition read at once."""

@@ -100,7 +100,7 @@ class Stack:
             self._start(service, started, progress)
             self._answer(service, started)
             self._wait(service, started, progress)
-        if any(s.name == "namesrv" for s in first if s.name in started):
+        if "namesrv" in started:
             # A name server just started knows no broker, so it hands out no route, until each broker
             # registers again (every 10 s, broker.conf): the stack is up once those already running have.
             for service in self.services:
