@@ -313,12 +313,13 @@ def test_refill_steps_count_once_per_transfer(redis_stock: RedisStock, sku: str)
     base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
     redis_stock.client.set(base.pool, 10)
     _script(redis_stock, "load_stock", part.all(), [0, 0, 1, 0, EPOCH])
-    taken, record = _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x1", f"{sku}#0", 4])
+    take = [base.pool, base.transfers, base.meta]
+    taken, record = _script(redis_stock, "pool_take", take, ["x1", f"{sku}#0", 4])
     assert taken == 4 and json.loads(record)["dir"] == "out"
-    assert _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x1", f"{sku}#0", 9])[0] == 4
+    assert _script(redis_stock, "pool_take", take, ["x1", f"{sku}#0", 9])[0] == 4
     assert redis_stock.client.get(base.pool) == "6"
-    assert _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x2", f"{sku}#0", 9])[0] == 6
-    assert _script(redis_stock, "pool_take", [base.pool, base.transfers, base.meta], ["x3", f"{sku}#0", 9])[0] == 0
+    assert _script(redis_stock, "pool_take", take, ["x2", f"{sku}#0", 9])[0] == 6
+    assert _script(redis_stock, "pool_take", take, ["x3", f"{sku}#0", 9])[0] == 0
     assert redis_stock.client.hget(base.meta, "moves") == "2"  # x1 and x2 began; x1 again and x3 took nothing
     assert [_script(redis_stock, "refill_apply", [part.meta, part.refills], ["x1", 4]) for _ in range(2)] == [1, 0]
     assert redis_stock.client.hget(part.meta, "standby") == "4"
