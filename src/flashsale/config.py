@@ -251,11 +251,11 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{c.ENV_PREFIX}LOG_FORMAT={self.log_format!r} must be text or json")
-        unknown = sorted(self.failpoints - failpoints.KNOWN)
+        unknown = sorted(f for f in self.failpoints if not _is_failpoint(f))
         if unknown:
             raise ConfigError(
                 f"{c.ENV_PREFIX}FAILPOINTS names unknown point(s) {', '.join(unknown)}",
-                hint=f"known: {', '.join(sorted(failpoints.KNOWN))}",
+                hint=f"known: {', '.join(sorted(failpoints.KNOWN))}, each alone or as name@N (the N-th time)",
             )
 
     @property
@@ -361,6 +361,14 @@ def field_default(cls: type, name: str) -> Any:
 def variable(cls: type, name: str) -> str:
     """The FLASHSALE_* variable of one setting, for a CLI option's envvar."""
     return str(c.ENV_PREFIX + next(f for f in dataclasses.fields(cls) if f.name == name).metadata["env"])
+
+
+def _is_failpoint(entry: str) -> bool:
+    try:
+        failpoints.parse(entry)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_url(url: str, schemes: tuple[str, ...], var: str) -> None:

@@ -42,8 +42,10 @@ LOG_KEY = "fs:{{{sku}}}:log"
 USERS_KEY = "fs:{{{sku}}}:users"
 #: initial, per_user_limit, sold_out and running counters.
 META_KEY = "fs:{{{sku}}}:meta"
-#: message id -> JSON record of that half message's pre-deduct: {state: ran|fenced, codes, accepted, ts}.
+#: message id -> JSON record of that half message's pre-deduct: {state: ran|fenced|stale, codes, accepted, ts}.
 TX_KEY = "fs:{{{sku}}}:tx"
+#: message id -> when a transaction check first found no record (ms, Redis's clock): the grace runs from it.
+CHECKS_KEY = "fs:{{{sku}}}:checks"
 #: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
 SKUS_KEY = "fs:skus"
 
@@ -55,6 +57,9 @@ PART_SEP = "#"
 POOL_KEY = "fs:{{{sku}}}:pool"
 #: (On the SKU's own tag) transfer id -> JSON {dir, part, qty|want, ts}: moves under way to or from the pool.
 TRANSFERS_KEY = "fs:{{{sku}}}:transfers"
+#: (On the SKU's own tag) transfer id -> units: completed moves, kept for the life of the load so that a step
+#: run again after the end counts nothing.
+TRANSFERS_DONE_KEY = "fs:{{{sku}}}:done"
 #: (On a partition's tag) transfer id -> units it received (negative: drained out); each applies once.
 REFILLS_KEY = "fs:{{{sku}}}:refills"
 #: Per-user limit of a partitioned SKU: b:user -> units held, h:token -> units (sharded by the user's crc32).
@@ -76,6 +81,8 @@ DEDUCTED_STATES = frozenset({STATE_DEDUCTED, STATE_RETURNED})
 TX_RAN = "ran"
 #: The checker rolled the message back before its pre-deduct ran; a late pre-deduct deducts nothing.
 TX_FENCED = "fenced"
+#: The pre-deduct was refused as placed by another load (or during a reload): it deducted nothing.
+TX_STALE = "stale"
 #: What fence.lua answers for a message too young to fence (nothing written, nothing decided).
 TX_YOUNG = "young"
 

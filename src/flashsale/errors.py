@@ -58,6 +58,16 @@ class StockError(FlashSaleError):
     """Redis refused or failed a stock operation."""
 
 
+class StaleLayout(StockError):
+    """A partitioned SKU was loaded again: a step placed by the old layout was refused, nothing written."""
+
+
+class NotReplicated(StockError):
+    """A Redis master took a write that no replica acknowledged in time: a failover now would lose it."""
+
+    retriable = True
+
+
 class StoreError(FlashSaleError):
     """The database refused or failed a statement."""
 

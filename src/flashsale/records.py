@@ -105,7 +105,7 @@ class Peek:
 class TxRecord:
     """What Redis knows of one half message's pre-deduct (fs:{sku}:tx)."""
 
-    state: str  # constants.TX_RAN or TX_FENCED
+    state: str  # constants.TX_RAN, TX_FENCED or TX_STALE
     codes: tuple[Prededuct, ...] = ()  # per purchase, in the message's order (ran only)
     accepted: int = 0
     ts_ms: int = 0
@@ -125,7 +125,7 @@ class TxRecord:
 class CheckView:
     """The checker's view of a half message (fence.lua): its record, and the log entry of each token it carries."""
 
-    state: str  # constants.TX_RAN, TX_FENCED, or "young" (no record; too young to fence)
+    state: str  # constants.TX_RAN, TX_FENCED, TX_STALE, or TX_YOUNG (no record; too young to fence)
     record: TxRecord | None
     entries: dict[str, LogEntry | None]
 

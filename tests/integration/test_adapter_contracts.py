@@ -108,7 +108,7 @@ def test_a_prededuct_that_times_out_mid_script_may_have_run_and_ran_exactly_once
 def test_the_checker_side_of_redis_reports_an_unreachable_server() -> None:
     stock = RedisStock(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
     with pytest.raises(ServiceUnavailable):
-        stock.check("sku", "m1", ["t1"], born_ms=0, grace_ms=1000)
+        stock.check("sku", "m1", ["t1"], grace_ms=1000)
     stock.close()
 
 

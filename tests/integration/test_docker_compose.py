@@ -150,8 +150,23 @@ def test_compose_runs_the_same_services_as_the_native_stack() -> None:
 
     single = in_profile("single")
     assert {"redis", "broker"} <= set(single) and not {"proxy", "broker-a", "redis-0"} & set(single)
-    assert single["redis"]["image"] == "redis:7"
+    assert single["redis"]["image"] == f"redis:{native_redis_line()}"
     assert "--enable-proxy" in single["broker"]["command"]
+
+
+def native_redis_line() -> str:
+    """The release line (7.0) of the native stack's redis-server: compose runs the same one, since how a
+    WAIT counts a connection's writes changed between lines."""
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"v=(\d+\.\d+)\.", version)
+    assert match, version
+    return match[1]
+
+
+def test_every_redis_of_compose_is_the_native_stacks_release_line() -> None:
+    redises = [s for name, s in compose_services().items() if name == "redis" or name.startswith("redis-")]
+    assert len(redises) >= 7  # the single node, and the six nodes of the cluster profile
+    assert {s["image"] for s in redises} == {f"redis:{native_redis_line()}"}
 
 
 def test_the_cluster_profile_is_the_native_cluster_topology() -> None:

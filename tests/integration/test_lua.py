@@ -14,7 +14,6 @@ from flashsale.errors import StockError
 from flashsale.models import Purchase
 from flashsale.records import Prededuct, PredeductResult, StockReturn
 
-OLD_MS = 1_000  # a born time far in the past: older than any grace
 GRACE_MS = 3_000
 EPOCH = 1_700_000_000_000  # the layout epoch a partition is loaded with
 
@@ -95,18 +94,28 @@ def test_the_log_entry_is_json_with_ids_as_strings(redis_stock: RedisStock, sku:
     assert raw["ts"] > 1_700_000_000_000
 
 
-def test_check_of_a_young_message_that_never_ran_writes_nothing(redis_stock: RedisStock, sku: str) -> None:
+def test_a_message_that_never_ran_is_young_until_the_grace_has_passed_since_it_was_first_asked_about(
+    redis_stock: RedisStock, sku: str
+) -> None:
     redis_stock.load(sku, 5)
-    view = redis_stock.check(sku, "m1", ["t1"], born_ms=int(time.time() * 1000), grace_ms=60_000)
+    view = redis_stock.check(sku, "m1", ["t1"], grace_ms=60_000)
     assert (view.state, view.record, view.entries) == ("young", None, {"t1": None})
     assert redis_stock.client.hlen(SkuKeys.of(sku).tx) == 0
+    # The grace runs from that first check, on Redis's clock: no producer's or checker's clock enters it.
+    first = int(redis_stock.client.hget(SkuKeys.of(sku).checks, "m1"))
+    assert abs(first - int(redis_stock.client.time()[0]) * 1000) < 5_000
+    assert redis_stock.check(sku, "m1", ["t1"], grace_ms=60_000).state == c.TX_YOUNG
+    assert int(redis_stock.client.hget(SkuKeys.of(sku).checks, "m1")) == first
+    redis_stock.client.hset(SkuKeys.of(sku).checks, "m1", first - 61_000)  # as if asked a minute ago
+    assert redis_stock.check(sku, "m1", ["t1"], grace_ms=60_000).state == c.TX_FENCED
+    assert redis_stock.client.hlen(SkuKeys.of(sku).checks) == 0
 
 
 def test_check_fences_an_old_message_and_a_late_prededuct_of_it_deducts_nothing(
     redis_stock: RedisStock, sku: str
 ) -> None:
     redis_stock.load(sku, 5)
-    view = redis_stock.check(sku, "m1", ["t1", "t2"], born_ms=OLD_MS, grace_ms=GRACE_MS)
+    view = redis_stock.check(sku, "m1", ["t1", "t2"], grace_ms=0)
     assert view.state == c.TX_FENCED and view.record is not None and view.record.state == c.TX_FENCED
     late = redis_stock.prededuct(sku, "m1", [Purchase("t1", "u1", 1), Purchase("t2", "u2", 1)])
     assert [r.code for r in late] == [Prededuct.FENCED, Prededuct.FENCED]
@@ -121,7 +130,7 @@ def test_check_after_the_prededuct_reports_what_it_accepted_and_writes_nothing(
 ) -> None:
     redis_stock.load(sku, 1)
     redis_stock.prededuct(sku, "m1", [Purchase("t1", "u1", 1), Purchase("t2", "u2", 1)])
-    view = redis_stock.check(sku, "m1", ["t1", "t2"], born_ms=OLD_MS, grace_ms=GRACE_MS)
+    view = redis_stock.check(sku, "m1", ["t1", "t2"], grace_ms=0)
     assert view.state == c.TX_RAN and view.record is not None
     assert (view.record.codes, view.record.accepted) == ((Prededuct.ACCEPTED, Prededuct.SOLD_OUT), 1)
     assert view.entries["t1"] is not None and view.entries["t1"].message_id == "m1"
@@ -201,7 +210,7 @@ def test_stock_return_gives_back_once(redis_stock: RedisStock, sku: str) -> None
 def test_stock_return_of_a_token_never_deducted_changes_nothing(redis_stock: RedisStock, sku: str) -> None:
     redis_stock.load(sku, 3)
     assert redis_stock.return_stock(sku, "nope")[0] is StockReturn.NOT_DEDUCTED
-    redis_stock.check(sku, "m-fenced", ["fenced"], born_ms=OLD_MS, grace_ms=GRACE_MS)
+    redis_stock.check(sku, "m-fenced", ["fenced"], grace_ms=0)
     assert redis_stock.return_stock(sku, "fenced")[0] is StockReturn.NOT_DEDUCTED
     assert redis_stock.view(sku).stock == 3
 
@@ -227,7 +236,7 @@ def test_every_key_of_a_sku_hashes_to_one_cluster_slot(redis_stock: RedisStock) 
     from redis.crc import key_slot
 
     for sku in ("a", "sku-1", "X.Y:Z@1"):
-        slots = {key_slot(k.encode()) for k in SkuKeys.of(sku).all()}
+        slots = {key_slot(k.encode()) for k in SkuKeys.of(sku).every()}
         assert len(slots) == 1
 
 
@@ -286,8 +295,8 @@ def test_a_partition_switches_to_its_standby_below_the_threshold_and_logs_its_sk
 ) -> None:
     part = f"{sku}#0"
     keys = SkuKeys.of(part)
-    assert _script(redis_stock, "load_stock", keys.all(), [3, 0, 1, 2, EPOCH]) == [1, ""]
-    assert _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 5]) == 1
+    assert _script(redis_stock, "load_stock", keys.load(), [3, 0, 1, 2, EPOCH]) == [1, ""]
+    assert _apply(redis_stock, part, "r1", 5) == 1
     results = [one(redis_stock, part, f"t{i}", "u1", 1, f"m{i}", EPOCH) for i in range(3)]
     # Active 3 -> 2 -> 1 sells on; below the threshold of 2 the standby's 5 join it: 1 + 5 - 1 = 5.
     assert [r.remaining for r in results] == [7, 6, 5]
@@ -301,46 +310,134 @@ def test_a_partition_switches_to_its_standby_below_the_threshold_and_logs_its_sk
 def test_a_purchase_larger_than_the_active_sub_domain_takes_the_standby_too(redis_stock: RedisStock, sku: str) -> None:
     part = f"{sku}#1"
     keys = SkuKeys.of(part)
-    _script(redis_stock, "load_stock", keys.all(), [2, 0, 1, 0, EPOCH])
-    _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 3])
+    _script(redis_stock, "load_stock", keys.load(), [2, 0, 1, 0, EPOCH])
+    _apply(redis_stock, part, "r1", 3)
     assert one(redis_stock, part, "t1", "u1", 6, "m1", EPOCH).code is Prededuct.INSUFFICIENT
     result = one(redis_stock, part, "t2", "u1", 5, "m2", EPOCH)
     assert (result.code, result.remaining) == (Prededuct.ACCEPTED, 0)
     assert redis_stock.client.hget(keys.meta, "sold_out") == "1"
 
 
-def test_refill_steps_count_once_per_transfer(redis_stock: RedisStock, sku: str) -> None:
+def _apply(stock: RedisStock, part: str, transfer_id: str, qty: int, epoch: int = EPOCH) -> object:
+    keys = SkuKeys.of(part)
+    return _script(stock, "refill_apply", [keys.stock, keys.meta, keys.refills], [transfer_id, qty, epoch])
+
+
+def _pool(stock: RedisStock, sku: str, units: int, parts: int = 1) -> tuple[SkuKeys, SkuKeys]:
+    """A SKU's pool and layout as load_pool.lua writes them (epoch EPOCH), and its first partition loaded empty."""
     base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
-    redis_stock.client.set(base.pool, 10)
-    _script(redis_stock, "load_stock", part.all(), [0, 0, 1, 0, EPOCH])
-    take = [base.pool, base.transfers, base.meta]
-    taken, record = _script(redis_stock, "pool_take", take, ["x1", f"{sku}#0", 4])
-    assert taken == 4 and json.loads(record)["dir"] == "out"
-    assert _script(redis_stock, "pool_take", take, ["x1", f"{sku}#0", 9])[0] == 4
+    stock.client.set(base.pool, units)
+    stock.client.hset(base.meta, mapping={"loaded_ms": EPOCH, "parts": " ".join(f"{sku}#{n}" for n in range(parts))})
+    _script(stock, "load_stock", part.load(), [0, 0, 1, 0, EPOCH])
+    return base, part
+
+
+def _take(stock: RedisStock, sku: str, transfer_id: str, want: int, epoch: int = EPOCH, part: str = "") -> list[object]:
+    base = SkuKeys.of(sku)
+    keys = [base.pool, base.transfers, base.meta, base.done]
+    return _script(stock, "pool_take", keys, [transfer_id, part or f"{sku}#0", want, epoch])  # type: ignore[return-value]
+
+
+def _end(stock: RedisStock, sku: str, transfer_id: str, epoch: int = EPOCH) -> object:
+    base = SkuKeys.of(sku)
+    return _script(stock, "refill_end", [base.transfers, base.done, base.meta], [transfer_id, epoch])
+
+
+def _expect(stock: RedisStock, sku: str, transfer_id: str, want: int, epoch: int = EPOCH) -> object:
+    base = SkuKeys.of(sku)
+    return _script(stock, "pool_expect", [base.transfers, base.meta, base.done], [transfer_id, f"{sku}#0", want, epoch])
+
+
+def _drain(stock: RedisStock, part: str, transfer_id: str, want: int, epoch: int = EPOCH) -> object:
+    keys = SkuKeys.of(part)
+    return _script(stock, "drain", [keys.stock, keys.meta, keys.refills], [transfer_id, want, epoch])
+
+
+def _receive(stock: RedisStock, sku: str, transfer_id: str, qty: int, epoch: int = EPOCH) -> object:
+    base = SkuKeys.of(sku)
+    return _script(stock, "pool_receive", [base.pool, base.transfers, base.done, base.meta], [transfer_id, qty, epoch])
+
+
+def test_refill_steps_count_once_per_transfer(redis_stock: RedisStock, sku: str) -> None:
+    base, part = _pool(redis_stock, sku, 10)
+    taken, record = _take(redis_stock, sku, "x1", 4)
+    assert taken == 4 and json.loads(record)["dir"] == "out"  # type: ignore[arg-type]
+    assert _take(redis_stock, sku, "x1", 9)[0] == 4
     assert redis_stock.client.get(base.pool) == "6"
-    assert _script(redis_stock, "pool_take", take, ["x2", f"{sku}#0", 9])[0] == 6
-    assert _script(redis_stock, "pool_take", take, ["x3", f"{sku}#0", 9])[0] == 0
+    assert _take(redis_stock, sku, "x2", 9)[0] == 6
+    assert _take(redis_stock, sku, "x3", 9)[0] == 0
     assert redis_stock.client.hget(base.meta, "moves") == "2"  # x1 and x2 began; x1 again and x3 took nothing
-    assert [_script(redis_stock, "refill_apply", [part.meta, part.refills], ["x1", 4]) for _ in range(2)] == [1, 0]
+    assert [_apply(redis_stock, f"{sku}#0", "x1", 4) for _ in range(2)] == [1, 0]
     assert redis_stock.client.hget(part.meta, "standby") == "4"
     assert redis_stock.client.hget(part.meta, "sold_out") == "0"
+
+
+def test_a_refill_step_run_again_after_the_transfer_completed_counts_nothing(redis_stock: RedisStock, sku: str) -> None:
+    """A refiller whose reply was lost (or whose WAIT fell short) runs a step again after a sweep has
+    completed the whole transfer: the completed transfer is still known, so nothing is taken twice."""
+    base, part = _pool(redis_stock, sku, 10)
+    assert _take(redis_stock, sku, "x1", 4)[0] == 4
+    assert _apply(redis_stock, f"{sku}#0", "x1", 4) == 1
+    assert [_end(redis_stock, sku, "x1") for _ in range(2)] == [1, 0]
+    assert redis_stock.client.hlen(base.transfers) == 0 and redis_stock.client.hget(base.done, "x1") == "4"
+    assert _take(redis_stock, sku, "x1", 4)[0] == 4  # the late step 1: the transfer's own units, none taken
+    assert _apply(redis_stock, f"{sku}#0", "x1", 4) == 0
+    assert _end(redis_stock, sku, "x1") == 0
+    assert (redis_stock.client.get(base.pool), redis_stock.client.hget(part.meta, "standby")) == ("6", "4")
+    assert redis_stock.client.hlen(base.transfers) == 0 and redis_stock.client.hget(base.meta, "moves") == "1"
 
 
 def test_a_drain_takes_standby_first_then_active_once_and_the_pool_receives_it_once(
     redis_stock: RedisStock, sku: str
 ) -> None:
-    base, part = SkuKeys.of(sku), SkuKeys.of(f"{sku}#0")
-    redis_stock.client.set(base.pool, 0)
-    _script(redis_stock, "load_stock", part.all(), [5, 0, 1, 0, EPOCH])
-    _script(redis_stock, "refill_apply", [part.meta, part.refills], ["r1", 2])
-    for _ in range(2):
-        _script(redis_stock, "pool_expect", [base.transfers, base.meta], ["d1", f"{sku}#0", 4])
+    base, part = _pool(redis_stock, sku, 0)
+    _script(redis_stock, "load_stock", part.load(), [5, 0, 1, 0, EPOCH])
+    _apply(redis_stock, f"{sku}#0", "r1", 2)
+    assert [_expect(redis_stock, sku, "d1", 4) for _ in range(2)] == [1, 0]
     assert redis_stock.client.hget(base.meta, "moves") == "1"  # one transfer began, however often expected
-    drain = [part.stock, part.meta, part.refills]
-    assert [_script(redis_stock, "drain", drain, ["d1", 4]) for _ in range(2)] == [4, 4]
+    assert [_drain(redis_stock, f"{sku}#0", "d1", 4) for _ in range(2)] == [4, 4]
     assert (redis_stock.client.get(part.stock), redis_stock.client.hget(part.meta, "standby")) == ("3", "0")
-    assert [_script(redis_stock, "pool_receive", [base.pool, base.transfers], ["d1", 4]) for _ in range(2)] == [1, 0]
+    assert [_receive(redis_stock, sku, "d1", 4) for _ in range(2)] == [1, 0]
     assert redis_stock.client.get(base.pool) == "4" and redis_stock.client.hlen(base.transfers) == 0
+    # Run again after the end, every step counts nothing: the first begins no transfer, the last adds nothing.
+    assert _expect(redis_stock, sku, "d1", 4) == 0 and redis_stock.client.hlen(base.transfers) == 0
+    assert _drain(redis_stock, f"{sku}#0", "d1", 4) == 4 and redis_stock.client.get(part.stock) == "3"
+    assert _receive(redis_stock, sku, "d1", 4) == 0 and redis_stock.client.get(base.pool) == "4"
+
+
+def test_every_step_that_moves_stock_refuses_another_load_or_a_partition_that_is_gone(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """A producer that still holds the layout of the load before (or names a partition the new load
+    dropped) moves nothing: no unit is stranded in a dropped partition or carried into the new load."""
+    base, part = _pool(redis_stock, sku, 10)
+    before = {k: redis_stock.client.dump(k) for k in (base.pool, base.meta, part.stock, part.meta)}
+    old = EPOCH - 1
+    assert _take(redis_stock, sku, "x1", 4, epoch=old) == [-2, ""]
+    assert _take(redis_stock, sku, "x1", 4, part=f"{sku}#5") == [-2, ""]  # not in the layout
+    assert _apply(redis_stock, f"{sku}#0", "x1", 4, epoch=old) == -2
+    assert _apply(redis_stock, f"{sku}#5", "x1", 4) == -2  # a partition that is gone
+    assert redis_stock.client.exists(*SkuKeys.of(f"{sku}#5").every()) == 0
+    assert _end(redis_stock, sku, "x1", epoch=old) == -2
+    assert _expect(redis_stock, sku, "d1", 1, epoch=old) == -2
+    assert _drain(redis_stock, f"{sku}#0", "d1", 1, epoch=old) == -2
+    assert _drain(redis_stock, f"{sku}#5", "d1", 1) == -2
+    assert _receive(redis_stock, sku, "d1", 1, epoch=old) == -2
+    assert {k: redis_stock.client.dump(k) for k in before} == before
+    assert redis_stock.client.exists(base.transfers, base.done, part.refills) == 0
+
+
+def test_the_transfers_due_for_a_sweep_are_judged_on_redis_clock(redis_stock: RedisStock, sku: str) -> None:
+    base, _ = _pool(redis_stock, sku, 10)
+    _take(redis_stock, sku, "x1", 4)
+    due = [base.transfers, base.meta]
+    assert _script(redis_stock, "transfers_due", due, [60_000, EPOCH]) == []  # a second old, on Redis's clock
+    reply = _script(redis_stock, "transfers_due", due, [0, EPOCH])
+    assert reply[0] == "x1" and json.loads(reply[1])["qty"] == 4  # type: ignore[index]
+    # Its age is in ms of Redis's clock, whatever the clock of the host that began it.
+    now_ms = int(redis_stock.client.time()[0]) * 1000
+    assert abs(json.loads(reply[1])["ts"] - now_ms) < 5_000  # type: ignore[index]
+    assert _script(redis_stock, "transfers_due", due, [0, EPOCH - 1]) == [-2]
 
 
 def test_only_an_empty_partition_closes_and_then_it_sells_nothing_new_but_answers_what_it_saw(
@@ -348,8 +445,8 @@ def test_only_an_empty_partition_closes_and_then_it_sells_nothing_new_but_answer
 ) -> None:
     part = f"{sku}#0"
     keys = SkuKeys.of(part)
-    _script(redis_stock, "load_stock", keys.all(), [1, 0, 1, 0, EPOCH])
-    _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r1", 1])
+    _script(redis_stock, "load_stock", keys.load(), [1, 0, 1, 0, EPOCH])
+    _apply(redis_stock, part, "r1", 1)
     close = [keys.stock, keys.meta]
     assert _script(redis_stock, "close", close, [EPOCH]) == 0  # the standby still holds a unit
     assert one(redis_stock, part, "t1", "u1", 2, "m1", EPOCH).code is Prededuct.ACCEPTED
@@ -359,7 +456,7 @@ def test_only_an_empty_partition_closes_and_then_it_sells_nothing_new_but_answer
     assert [_script(redis_stock, "close", close, [EPOCH]) for _ in range(2)] == [1, 1]
     assert redis_stock.client.hget(keys.meta, "closed") == "1"
     # A unit a late refill brings is not sold: the token goes on to its next partition.
-    _script(redis_stock, "refill_apply", [keys.meta, keys.refills], ["r2", 1])
+    _apply(redis_stock, part, "r2", 1)
     late = one(redis_stock, part, "t2", "u2", 1, "m2", EPOCH)
     assert late.code is Prededuct.CLOSED
     assert redis_stock.log_entry(part, "t2") is None and redis_stock.client.hget(keys.meta, "standby") == "1"
@@ -368,19 +465,40 @@ def test_only_an_empty_partition_closes_and_then_it_sells_nothing_new_but_answer
     assert one(redis_stock, part, "t2", "u2", 1, "m2", EPOCH).code is Prededuct.CLOSED  # run again: the same
 
 
-def test_a_partition_refuses_purchases_placed_by_another_load_and_writes_nothing(
+def test_a_partition_refuses_purchases_placed_by_another_load_and_deducts_nothing(
     redis_stock: RedisStock, sku: str
 ) -> None:
     part = f"{sku}#0"
     keys = SkuKeys.of(part)
-    assert _script(redis_stock, "load_stock", keys.all(), [5, 0, 1, 0]) == [3, "epoch"]  # a partition needs one
-    _script(redis_stock, "load_stock", keys.all(), [5, 0, 1, 0, EPOCH])
-    for epoch in (EPOCH - 1, 0):  # an older layout, or none at all
-        assert one(redis_stock, part, "t1", "u1", 1, "m1", epoch).code is Prededuct.STALE_LAYOUT
-    assert redis_stock.client.hlen(keys.log) == 0 and redis_stock.client.hlen(keys.tx) == 0
-    gone = one(redis_stock, f"{sku}#7", "t1", "u1", 1, "m1", EPOCH)  # a partition no load has (any more)
+    assert _script(redis_stock, "load_stock", keys.load(), [5, 0, 1, 0]) == [3, "epoch"]  # a partition needs one
+    _script(redis_stock, "load_stock", keys.load(), [5, 0, 1, 0, EPOCH])
+    for n, epoch in enumerate((EPOCH - 1, 0)):  # an older layout, or none at all
+        assert one(redis_stock, part, "t1", "u1", 1, f"m{n}", epoch).code is Prededuct.STALE_LAYOUT
+    assert redis_stock.client.hlen(keys.log) == 0 and redis_stock.client.get(keys.stock) == "5"
+    # The message's record says it deducted nothing here, for the checker and the consumer.
+    assert json.loads(redis_stock.client.hget(keys.tx, "m0"))["state"] == c.TX_STALE
+    gone = one(redis_stock, f"{sku}#7", "t1", "u1", 1, "m7", EPOCH)  # a partition no load has (any more)
     assert (gone.code, gone.remaining) == (Prededuct.STALE_LAYOUT, None)
-    assert one(redis_stock, part, "t1", "u1", 1, "m1", EPOCH).code is Prededuct.ACCEPTED
+    assert redis_stock.client.pttl(SkuKeys.of(f"{sku}#7").tx) > 0  # what it wrote there expires
+    assert one(redis_stock, part, "t1", "u1", 1, "m9", EPOCH).code is Prededuct.ACCEPTED
+
+
+def test_a_hold_names_its_user_and_quantity_and_a_larger_retry_of_the_token_holds_the_difference(
+    redis_stock: RedisStock,
+) -> None:
+    """A token sent at qty 1, then at qty 2 (a double click with another quantity), may be deducted at 2:
+    the hold must cover 2, or the buyer's fresh tokens would pass the limit."""
+    key = c.USER_HOLDS_KEY.format(shard=1, sku="s", epoch=1)
+    redis_stock.client.delete(key)
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 1]) == [1, ""]
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 2]) == [1, ""]  # one more unit held
+    assert redis_stock.client.hget(key, "b:u1") == "2"
+    assert _script(redis_stock, "user_hold", [key], [2, "t2", "u1", 1]) == [5, "2"]  # at the limit
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 1]) == [1, ""]  # within what it holds
+    # The same token from another user holds on that user's own count, not on the first one's hold.
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u2", 2]) == [1, ""]
+    assert (redis_stock.client.hget(key, "b:u1"), redis_stock.client.hget(key, "b:u2")) == ("2", "2")
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u2", 3]) == [5, "2"]
 
 
 def test_a_hold_counts_each_token_once_against_its_buyers_limit(redis_stock: RedisStock) -> None:
@@ -391,3 +509,29 @@ def test_a_hold_counts_each_token_once_against_its_buyers_limit(redis_stock: Red
     assert reply == [1, "", 5, "2", 1, "", 1, ""]
     assert _script(redis_stock, "user_hold", [key], [3, "t4", "u1", 1]) == [1, ""]
     assert redis_stock.client.hget(key, "b:u1") == "3"
+
+
+def test_a_frozen_sku_refuses_every_purchase_until_thawed_or_until_the_freeze_runs_out(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """`stock set` freezes the SKU while it reads its history and loads it: no purchase lands in between."""
+    redis_stock.load(sku, 5)
+    with redis_stock.frozen(sku):
+        refused = one(redis_stock, sku, "t1", "u1", 1, "m1")
+        assert (refused.code, redis_stock.view(sku).stock) == (Prededuct.STALE_LAYOUT, 5)
+        assert json.loads(redis_stock.client.hget(SkuKeys.of(sku).tx, "m1"))["state"] == c.TX_STALE
+    assert one(redis_stock, sku, "t1", "u1", 1, "m2").code is Prededuct.ACCEPTED
+    # A `stock set` that dies while the SKU is frozen stops the sale only for as long as the freeze lasts.
+    with redis_stock.frozen(sku, for_s=0.3):
+        time.sleep(0.4)  # the command hangs, or died: nothing has thawed the SKU
+        assert one(redis_stock, sku, "t2", "u2", 1, "m3").code is Prededuct.ACCEPTED
+
+
+def test_a_frozen_partitioned_sku_refuses_purchases_on_every_partition(redis_stock: RedisStock, sku: str) -> None:
+    layout = redis_stock.load_partitioned(sku, 6, partitions=3, refill=2, threshold=0)
+    with redis_stock.frozen(sku):
+        for part in layout.parts:
+            assert (
+                one(redis_stock, part, f"t-{part}", "u1", 1, f"m-{part}", layout.epoch).code is Prededuct.STALE_LAYOUT
+            )
+    assert one(redis_stock, layout.parts[0], "t9", "u1", 1, "m9", layout.epoch).code is Prededuct.ACCEPTED

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from flashsale.errors import BusError
 from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.pipeline.partitions import Placed
 from flashsale.records import (
     CheckView,
     Layout,
@@ -73,6 +74,7 @@ class FakeStock:
     entries: dict[str, LogEntry] = field(default_factory=dict)
     bought: dict[str, int] = field(default_factory=dict)
     peek_error: Exception | None = None
+    unconfirmed: Exception | None = None
     errors: dict[str, Exception] = field(default_factory=dict)  # per SKU or partition, before `error`
     on_ping: Callable[[], None] = lambda: None
     calls: list[str] = field(default_factory=list)
@@ -97,6 +99,14 @@ class FakeStock:
             {p.user_id: self.bought.get(p.user_id, 0) for p in purchases},
         )
 
+    async def confirm(self, found: Mapping[str, Mapping[str, LogEntry]]) -> dict[str, dict[str, LogEntry | None]]:
+        """Entries a replica holds: with none (one node) no call is made; `unconfirmed` raises as a WAIT
+        that no replica answered in time."""
+        if self.unconfirmed:
+            self.calls.append("confirm " + " ".join(t for entries in found.values() for t in entries))
+            raise self.unconfirmed
+        return {shard: dict(entries) for shard, entries in found.items()}
+
     async def is_sold_out(self, sku: str) -> bool:
         self.calls.append(f"is_sold_out {sku}")
         if self.error:
@@ -115,10 +125,10 @@ class FakeCheckStock:
     view: CheckView = field(default_factory=lambda: CheckView("young", None, {}))
     error: Exception | None = None
     views: dict[str, CheckView | Exception] = field(default_factory=dict)  # per SKU or partition, before `view`
-    calls: list[tuple[str, str, tuple[str, ...], int, int]] = field(default_factory=list)
+    calls: list[tuple[str, str, tuple[str, ...], int]] = field(default_factory=list)
 
-    def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView:
-        self.calls.append((sku, gid, tuple(tokens), born_ms, grace_ms))
+    def check(self, sku: str, gid: str, tokens: Sequence[str], *, grace_ms: int) -> CheckView:
+        self.calls.append((sku, gid, tuple(tokens), grace_ms))
         if self.error:
             raise self.error
         view = self.views.get(sku, self.view)
@@ -176,6 +186,8 @@ class FakePartitions:
     calls: list[str] = field(default_factory=list)
     sales: list[list[tuple[str, str]]] = field(default_factory=list)  # per transaction: (token, partition)
     registries: list[Registry] = field(default_factory=list)  # out-of-date reads handed out first
+    unconfirmed: Exception | None = None  # what confirm raises: no replica acknowledged in time
+    stale: set[str] = field(default_factory=set)  # partitions of another load: their pre-deducts are refused
 
     async def layout(self, sku: str) -> Layout | None:
         self.calls.append(f"layout {sku}")
@@ -208,45 +220,59 @@ class FakePartitions:
                 out.append(None)
         return out
 
-    async def take(self, sku: str, transfer_id: str, part: str, want: int) -> int:
+    async def confirm(self, found: Mapping[str, Mapping[str, LogEntry]]) -> dict[str, dict[str, LogEntry | None]]:
+        if self.unconfirmed:
+            raise self.unconfirmed
+        return {p: dict(entries) for p, entries in found.items()}
+
+    async def take(self, layout: Layout, transfer_id: str, part: str, want: int) -> int:
         taken = min(self.pool, want)
         self.pool -= taken
         self.calls.append(f"take {part} {taken}")
         return taken
 
-    async def give(self, part: str, transfer_id: str, qty: int) -> None:
+    async def give(self, layout: Layout, part: str, transfer_id: str, qty: int) -> None:
         self.stock[part] += qty
 
-    async def expect(self, sku: str, transfer_id: str, part: str, want: int) -> None:
+    async def end_refill(self, layout: Layout, transfer_id: str) -> None:
         pass
 
-    async def drain(self, part: str, transfer_id: str, want: int) -> int:
+    async def expect(self, layout: Layout, transfer_id: str, part: str, want: int) -> None:
+        pass
+
+    async def drain(self, layout: Layout, part: str, transfer_id: str, want: int) -> int:
         qty = min(self.stock[part], want)
         self.stock[part] -= qty
         self.calls.append(f"drain {part} {qty}")
         return qty
 
-    async def receive(self, sku: str, transfer_id: str, qty: int) -> None:
+    async def receive(self, layout: Layout, transfer_id: str, qty: int) -> None:
         self.pool += qty
 
-    async def forget(self, sku: str, transfer_id: str) -> None:
-        pass
-
-    async def transfers(self, sku: str) -> list[Transfer]:
+    async def due(self, layout: Layout, age_ms: int) -> list[Transfer]:
         return []
 
-    async def sell(self, requests: Sequence[PurchaseRequest], parts: Sequence[str]) -> list[PurchaseResult]:
+    async def sell(self, requests: Sequence[PurchaseRequest], parts: Sequence[str]) -> list[Placed]:
+        """As prededuct.lua would answer, per partition: its log first, then closed, then its stock."""
         self.sales.append([(r.token, part) for r, part in zip(requests, parts, strict=True)])
         gid = f"m{len(self.sales)}"
-        out = []
+        out: list[Placed] = []
         for r, part in zip(requests, parts, strict=True):
             seen = self.logs.setdefault(part, {}).get(r.token)
-            if seen is not None:
-                out.append(PurchaseResult(PurchaseStatus.DUPLICATE, r.token, message_id=seen.message_id))
-            elif part in self.closed or self.stock[part] < r.qty:
-                out.append(PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, self.stock[part]))
+            if part in self.stale:
+                out.append((PurchaseResult(PurchaseStatus.ERROR, r.token), Prededuct.STALE_LAYOUT))
+            elif seen is not None:
+                out.append(
+                    (PurchaseResult(PurchaseStatus.DUPLICATE, r.token, message_id=seen.message_id), Prededuct.DUPLICATE)
+                )
+            elif part in self.closed:
+                out.append((PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, self.stock[part]), Prededuct.CLOSED))
+            elif self.stock[part] < r.qty:
+                out.append((PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, self.stock[part]), Prededuct.SOLD_OUT))
             else:
                 self.stock[part] -= r.qty
                 self.logs[part][r.token] = LogEntry(r.token, "deducted", r.sku, r.user_id, r.qty, 0, gid, part=part)
-                out.append(PurchaseResult(PurchaseStatus.ACCEPTED, r.token, self.stock[part], gid))
+                out.append(
+                    (PurchaseResult(PurchaseStatus.ACCEPTED, r.token, self.stock[part], gid), Prededuct.ACCEPTED)
+                )
         return out

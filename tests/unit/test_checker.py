@@ -33,10 +33,11 @@ def _check(stock: FakeCheckStock, delivery: Delivery | None = None) -> Resolutio
     return DeductionChecker(stock, GRACE_S).check(delivery or _delivery())
 
 
-def test_checker_asks_redis_about_the_message_with_its_tokens_born_time_and_grace() -> None:
+def test_checker_asks_redis_about_the_message_with_its_tokens_and_grace_and_no_clock_of_its_own() -> None:
     stock = FakeCheckStock()
     _check(stock)
-    assert stock.calls == [("sku-1", GID, ("tok-1", "tok-2"), BORN_MS, 6000)]
+    # The grace runs on Redis's clock (fence.lua): neither the producer's born time nor the checker's clock.
+    assert stock.calls == [("sku-1", GID, ("tok-1", "tok-2"), 6000)]
 
 
 @pytest.mark.parametrize("state", ["deducted", "returned"])
@@ -55,9 +56,11 @@ def test_checker_does_not_commit_for_an_entry_written_by_another_message() -> No
 
 
 @pytest.mark.parametrize(("user", "qty"), [("u1", 3), ("u9", 2)])
-def test_checker_rolls_back_a_body_that_disagrees_with_the_log(user: str, qty: int) -> None:
+def test_checker_commits_a_message_whose_log_names_it_even_where_the_body_disagrees(user: str, qty: int) -> None:
+    # The units are deducted in Redis by this message: rolling it back would leave them with no order. The
+    # consumer applies the log's user and quantity, never the body's.
     stock = FakeCheckStock(_ran(_entry("tok-1", user, qty), _entry("tok-2", "u2", 1)))
-    assert _check(stock) is Resolution.ROLLBACK
+    assert _check(stock) is Resolution.COMMIT
 
 
 def test_checker_rolls_back_a_body_that_names_another_message() -> None:
@@ -68,6 +71,13 @@ def test_checker_rolls_back_a_body_that_names_another_message() -> None:
 
 def test_checker_answers_unknown_for_a_young_message() -> None:
     assert _check(FakeCheckStock(CheckView("young", None, {}))) is Resolution.UNKNOWN
+
+
+def test_checker_treats_a_share_refused_as_another_loads_as_one_that_deducted_nothing() -> None:
+    stale = CheckView("stale", TxRecord("stale"), {"tok-1": None})
+    accepted = _ran(None, _entry("tok-2", "u2", 1))
+    assert _check(FakeCheckStock(views={"sku-1#0": stale, "sku-1#3": accepted}), _spread()) is Resolution.COMMIT
+    assert _check(FakeCheckStock(views={"sku-1#0": stale, "sku-1#3": stale}), _spread()) is Resolution.ROLLBACK
 
 
 def test_checker_rolls_back_a_fenced_message() -> None:
@@ -87,14 +97,6 @@ def test_checker_rolls_back_a_malformed_half_message_without_asking_redis(body: 
     assert stock.calls == []
 
 
-def test_checker_ages_a_message_by_born_ms_first_then_by_the_body_timestamp() -> None:
-    with_born, without_born = FakeCheckStock(), FakeCheckStock()
-    _check(with_born)
-    _check(without_born, _delivery(born_ms=None))
-    assert with_born.calls[0][3] == BORN_MS
-    assert without_born.calls[0][3] == BORN_MS - 5
-
-
 def test_checker_reports_each_resolution_and_its_time_to_its_observer() -> None:
     seen: list[tuple[Resolution, float]] = []
     stock = FakeCheckStock(_ran(_entry("tok-1", "u1", 2)))
@@ -111,11 +113,11 @@ def _spread() -> Delivery:
 def test_checker_looks_at_each_partition_a_spread_message_went_to_with_its_own_tokens() -> None:
     stock = FakeCheckStock()
     _check(stock, _spread())
-    assert [(sku, tokens) for sku, _, tokens, _, _ in stock.calls] == [("sku-1#0", ("tok-1",))]  # young: asked again
+    assert [(sku, tokens) for sku, _, tokens, _ in stock.calls] == [("sku-1#0", ("tok-1",))]  # young: asked again
     ran = CheckView("ran", TxRecord("ran", (Prededuct.SOLD_OUT,)), {"tok-1": None})
     stock = FakeCheckStock(views={"sku-1#0": ran, "sku-1#3": _ran(None, _entry("tok-2", "u2", 1))})
     assert _check(stock, _spread()) is Resolution.COMMIT
-    assert [(sku, tokens) for sku, _, tokens, _, _ in stock.calls] == [("sku-1#0", ("tok-1",)), ("sku-1#3", ("tok-2",))]
+    assert [(sku, tokens) for sku, _, tokens, _ in stock.calls] == [("sku-1#0", ("tok-1",)), ("sku-1#3", ("tok-2",))]
 
 
 def test_checker_commits_a_spread_message_once_every_share_ran_or_is_fenced() -> None:

@@ -96,3 +96,24 @@ def test_settings_refuse_a_misspelt_failpoint_instead_of_ignoring_it() -> None:
 def test_every_variable_has_a_flashsale_prefix_and_a_meaning() -> None:
     assert all(v.env.startswith("FLASHSALE_") and v.meaning for v in VARIABLES)
     assert len({v.name for v in VARIABLES}) == len(VARIABLES)
+
+
+def test_a_failpoint_may_name_the_time_it_kills_and_a_malformed_one_is_refused() -> None:
+    settings = Settings.from_env({"FLASHSALE_FAILPOINTS": "producer-after-prededuct@300,consumer-after-db-commit"})
+    assert settings.failpoints == {"producer-after-prededuct@300", "consumer-after-db-commit"}
+    for bad in ("producer-after-prededuct@0", "producer-after-prededuct@x", "no-such-point@3"):
+        with pytest.raises(ConfigError, match="unknown point"):
+            Settings.from_env({"FLASHSALE_FAILPOINTS": bad})
+
+
+def test_a_failpoint_at_n_kills_the_process_the_nth_time_it_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    kills: list[int] = []
+    monkeypatch.setattr(failpoints.os, "kill", lambda pid, sig: kills.append(pid))
+    monkeypatch.setattr(failpoints, "_reached", {})
+    active = frozenset({f"{failpoints.AFTER_PREDEDUCT}@3"})
+    for _ in range(2):
+        failpoints.hit(active, failpoints.AFTER_PREDEDUCT)
+        failpoints.hit(active, failpoints.AFTER_HALF_MESSAGE)  # another point: not counted
+    assert kills == []
+    failpoints.hit(active, failpoints.AFTER_PREDEDUCT)
+    assert len(kills) == 1

@@ -293,3 +293,16 @@ def test_consumer_applies_each_share_of_a_spread_message_from_its_own_partitions
     report = consumer.process([Delivery("msg-g", "ns-deductions", "a", body, born_ms=1, attempt=1)])
     assert sorted(d.token for d in report.applied) == ["a", "c"]
     assert report.skipped == 1 and [c.deduction.token for c in store.conflicts] == ["d"]
+
+
+def test_a_share_refused_as_another_loads_is_skipped_not_filed_as_a_conflict() -> None:
+    consumer, store, _, log = _consumer()
+    # hot#0 accepted a; hot#4 belonged to another load by then and refused b (its record says stale).
+    purchases = (Purchase("a", "u1", 1, "hot#0"), Purchase("b", "u1", 1, "hot#4"))
+    log.deducted("hot#0", "a", "u1", 1, "msg-g")
+    log.records[("hot#0", "msg-g")] = TxRecord("ran", (Prededuct.ACCEPTED,), 1)
+    log.records[("hot#4", "msg-g")] = TxRecord("stale")
+    body = DeductionMessage("hot", purchases, "msg-g", 1).encode()
+    report = consumer.process([Delivery("msg-g", "ns-deductions", "a", body, born_ms=1, attempt=1)])
+    assert [d.token for d in report.applied] == ["a"]
+    assert report.skipped == 1 and store.conflicts == []

@@ -71,3 +71,15 @@ def test_a_group_whose_handler_fails_unexpectedly_is_answered_pending_not_error(
     results = _submit_all(grouper, [_request("s", "a"), _request("s", "b")])
     # Whether its pre-deduct ran is unknown: the buyers ask again with their tokens.
     assert [r.status for r in results] == [PurchaseStatus.PENDING] * 2
+
+
+def test_a_token_twice_in_the_window_waits_for_its_first_group_and_joins_a_later_one() -> None:
+    recorder = Recorder()
+    grouper = Grouper(recorder.handle, size=10, wait_s=0.01)
+    first, again = PurchaseRequest("s", "u1", 1, "a"), PurchaseRequest("s", "u1", 2, "a")
+    results = _submit_all(grouper, [first, _request("s", "b"), again, _request("s", "c")])
+    assert [r.token for r in results] == ["a", "b", "a", "c"]
+    # One message never carries a token twice: the double click went with the next group, once the first
+    # had its answer.
+    assert [tokens for _, tokens, _ in recorder.groups] == [["a", "b", "c"], ["a"]]
+    assert all(len(set(tokens)) == len(tokens) for _, tokens, _ in recorder.groups)

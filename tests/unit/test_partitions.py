@@ -15,8 +15,9 @@ from redis.crc import key_slot
 
 from flashsale import constants as c
 from flashsale.adapters.redis_partitions import moving, parent, place
-from flashsale.errors import MalformedMessage
+from flashsale.errors import MalformedMessage, ServiceUnavailable
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseStatus
+from flashsale.pipeline import partitions
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.records import Layout, LogEntry, Registry
 from tests.unit.fakes import FakePartitions
@@ -240,3 +241,47 @@ def test_a_buyer_past_the_limit_is_answered_before_any_transaction() -> None:
     group = [PurchaseRequest.build("s", "u1", 1, _token_for(p, avoid=p[-1])) for p in PARTS]
     assert _sell(fake, group, layout) == [PurchaseStatus.ACCEPTED] * 2 + [PurchaseStatus.LIMIT_EXCEEDED]
     assert [t for t, _ in fake.sales[0]] == [r.token for r in group[:2]]
+
+
+def test_a_token_whose_partition_closed_meanwhile_goes_on_to_its_next_one_without_spending_a_pull(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No pull is left (the last round sends everything as it stands): a partition that closed under the
+    # registry's feet still sends its tokens on, rather than telling them `sold_out` beside stock elsewhere.
+    monkeypatch.setattr(partitions, "PULLS", 0)
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 5, "s#1": 0, "s#2": 5}, closed={"s#1"})
+    fake.registries = [Registry(0, {p: (5, 0) for p in PARTS})]  # read before s#1 closed
+    token = _token_for("s#1", then="s#2")
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.ACCEPTED]
+    assert fake.sales == [[(token, "s#1")], [(token, "s#2")]]
+
+
+def test_a_layout_a_pre_deduct_reports_stale_moves_no_stock_and_is_read_again() -> None:
+    fake = FakePartitions(LAYOUT, pool=20, stock={"s#0": 0, "s#1": 0, "s#2": 0}, stale={"s#1"})
+    token = _token_for("s#1")
+
+    async def run() -> tuple[list[PurchaseStatus], bool]:
+        scheduler = Scheduler(fake)
+        await scheduler.layout("s")
+        fake.registries = [Registry(20, {p: (5, 0) for p in PARTS})]  # says s#1 can cover it: sent at once
+        results = await scheduler.sell(LAYOUT, _requests([token]), fake.sell)
+        await asyncio.sleep(0)  # a top-up would have been spawned by now
+        cached = "s" in scheduler._layouts
+        await scheduler.close()
+        return [r.status for r in results], cached
+
+    statuses, cached = asyncio.run(run())
+    assert statuses == [PurchaseStatus.ERROR] and not cached
+    assert not any(call.startswith(("take", "drain", "close")) for call in fake.calls)  # no pull, no top-up
+    assert fake.pool == 20
+
+
+def test_a_token_seen_before_is_told_pending_until_a_replica_holds_its_entry() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1", "s#2"})
+    seen = _token_for("s#2", then="s#1")
+    fake.logs["s#2"] = {seen: LogEntry(seen, "deducted", "s", "u", 1, 0, "m-old", part="s#2")}
+    fake.unconfirmed = ServiceUnavailable("Redis", "127.0.0.1:7000", "no replica acknowledged within 500 ms")
+    assert _sell(fake, _requests([seen])) == [PurchaseStatus.PENDING]
+    fake.unconfirmed = None
+    assert _sell(fake, _requests([seen])) == [PurchaseStatus.DUPLICATE]
+    assert fake.sales == []

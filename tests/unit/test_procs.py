@@ -5,6 +5,7 @@ import os
 import socket
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flashsale.stack import procs
@@ -47,6 +48,26 @@ def test_a_record_of_an_earlier_flashsale_in_clock_ticks_still_recognises_its_pr
     ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
     path = tmp_path / "old.json"
     path.write_text(json.dumps({"pid": os.getpid(), "start_ticks": ticks, "command": "python"}))
+    record = PidRecord.load(path)
+    assert record is not None and procs.is_alive(record)
+
+
+def test_a_record_still_recognises_its_process_after_the_wall_clock_is_set_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record = PidRecord(os.getpid(), procs.started_at(os.getpid()) or 0.0, "python")
+    # A clock set 6 s forward moves the boot's wall-clock time (psutil reads it again each time) and
+    # every process's creation with it, as NTP stepping the clock of a running machine does.
+    stepped = psutil.boot_time() + 6.0
+    monkeypatch.setattr(psutil, "boot_time", lambda: stepped)
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: stepped)
+    assert abs(psutil.Process(os.getpid()).create_time() - (stepped + record.started)) < 0.05
+    assert procs.is_alive(record)
+
+
+def test_a_record_of_an_earlier_flashsale_in_wall_clock_seconds_still_recognises_its_process(tmp_path: Path) -> None:
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"pid": os.getpid(), "started": psutil.Process().create_time(), "command": "python"}))
     record = PidRecord.load(path)
     assert record is not None and procs.is_alive(record)
 

@@ -265,7 +265,8 @@ def _spread(stock: FakeStock, bus: FakeBus) -> list[PurchaseResult]:
     """Three purchases of one SKU on two partitions, as the scheduler places them: one transaction."""
     service = PurchaseService(stock, bus, "ns-deductions")
     requests = [PurchaseRequest.build("hot", f"u{i}", 1, f"t{i}") for i in range(3)]
-    return asyncio.run(service.commit_group("hot", requests, ["hot#0", "hot#2", "hot#0"], 7))
+    placed = asyncio.run(service._transact("hot", requests, ["hot#0", "hot#2", "hot#0"], 7))
+    return [result for result, _ in placed]
 
 
 def test_a_group_spread_over_partitions_is_one_half_message_and_a_pre_deduct_on_each() -> None:
@@ -319,3 +320,16 @@ def test_a_partition_of_another_load_answers_error_and_the_layout_is_read_again(
     assert bus.calls == ["send_half t1", "rollback msg-1", "send_half t2", "rollback msg-2"]
     # The layout was read for each purchase: the first refusal dropped the one cached (for 2 s).
     assert [call for call in fake.calls if call.startswith("layout")] == ["layout hot", "layout hot"]
+
+
+def test_a_token_seen_before_is_told_duplicate_only_once_a_replica_holds_its_entry() -> None:
+    entry = LogEntry("seen", "deducted", "sku-1", "u1", 1, 0, message_id="msg-before")
+    stock = FakeStock(entries={"seen": entry})
+    stock.unconfirmed = ServiceUnavailable("Redis", "127.0.0.1:7000", "no replica acknowledged within 500 ms")
+    service = PurchaseService(stock, FakeBus(), "ns-deductions")
+    pending = asyncio.run(service.purchase("sku-1", "u1", 1, "seen"))
+    # The master holds the entry, no replica does yet: a failover could still lose it, so not `duplicate`.
+    assert (pending.status, pending.message_id) == (PurchaseStatus.PENDING, "msg-before")
+    stock.unconfirmed = None
+    again = asyncio.run(service.purchase("sku-1", "u1", 1, "seen"))
+    assert (again.status, again.message_id) == (PurchaseStatus.DUPLICATE, "msg-before")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +30,12 @@ from flashsale.adapters.redis_topology import (
     MAP_TTL_S,
     MISROUTED,
     UNREACHABLE,
+    Replicas,
     masters,
-    replicas,
     sync_client,
     sync_node,
 )
-from flashsale.errors import ServiceUnavailable, StockError, UnknownSku
+from flashsale.errors import NotReplicated, ServiceUnavailable, StockError, UnknownSku
 from flashsale.models import Purchase
 from flashsale.records import (
     Adopt,
@@ -51,6 +52,9 @@ from flashsale.records import (
 
 logger = logging.getLogger(__name__)
 
+#: Longest a reload keeps a SKU frozen if the process loading it dies midway (see RedisStock.frozen).
+FREEZE_S = 30.0
+
 
 @dataclass(frozen=True)
 class SkuKeys:
@@ -59,8 +63,10 @@ class SkuKeys:
     users: str
     meta: str
     tx: str
+    checks: str
     pool: str
     transfers: str
+    done: str
     refills: str
 
     @classmethod
@@ -72,8 +78,10 @@ class SkuKeys:
             users=c.USERS_KEY.format(sku=sku),
             meta=c.META_KEY.format(sku=sku),
             tx=c.TX_KEY.format(sku=sku),
+            checks=c.CHECKS_KEY.format(sku=sku),
             pool=c.POOL_KEY.format(sku=sku),
             transfers=c.TRANSFERS_KEY.format(sku=sku),
+            done=c.TRANSFERS_DONE_KEY.format(sku=sku),
             refills=c.REFILLS_KEY.format(sku=sku),
         )
 
@@ -82,8 +90,16 @@ class SkuKeys:
         return [self.stock, self.log, self.users, self.meta]
 
     def all(self) -> list[str]:
-        """KEYS of prededuct.lua and load_stock.lua."""
+        """KEYS of prededuct.lua."""
         return [*self.sale(), self.tx]
+
+    def load(self) -> list[str]:
+        """KEYS of load_stock.lua."""
+        return [*self.all(), self.checks]
+
+    def every(self) -> list[str]:
+        """Every key a SKU or a partition may have (those of its pool and transfers too)."""
+        return [*self.load(), self.pool, self.transfers, self.done, self.refills]
 
 
 def prededuct_call(sku: str, gid: str, purchases: Sequence[Purchase], epoch: int = 0) -> tuple[list[str], list[str]]:
@@ -167,6 +183,7 @@ class RedisStock:
         self._client: redis.Redis | redis.RedisCluster | None = None
         self._scripts: dict[str, Any] = {}
         self._map_read_at = time.monotonic()
+        self._replicas = Replicas()
 
     @property
     def client(self) -> redis.Redis | redis.RedisCluster:
@@ -176,6 +193,7 @@ class RedisStock:
             except UNREACHABLE as exc:
                 raise unavailable(self.url, "connect", exc, reached=False) from exc
             self._scripts = {name: client.register_script(lua.source(name)) for name in lua.NAMES}
+            self._replicas.read(client)
             self._client = client
         return self._client
 
@@ -236,9 +254,10 @@ class RedisStock:
         self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
         self._drop_holds(old)
         keys = SkuKeys.of(sku)
-        epoch = self._run(
+        epoch = self._script_held(
+            keys.meta,
             "load_pool",
-            [*keys.all(), keys.pool, keys.transfers],
+            [*keys.all(), keys.pool, keys.transfers, keys.done, keys.checks],
             [
                 str(qty),
                 str(qty - share * partitions),
@@ -252,6 +271,23 @@ class RedisStock:
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
         return Layout(sku, tuple(parts), refill, threshold, int(epoch), per_user_limit)
 
+    @contextmanager
+    def frozen(self, sku: str, *, for_s: float = FREEZE_S) -> Iterator[None]:
+        """While the block runs, every pre-deduct of the SKU (on each of its partitions) is refused as
+        placed by another load: nothing deducted, the buyer asks again. A reload reads the sale's history
+        inside it, so that no purchase lands between that read and the load. The freeze ends with the
+        block, or by itself after `for_s` if this process dies."""
+        shards = self.shards(sku)
+        try:
+            for shard in shards:
+                keys = SkuKeys.of(shard)
+                self._script_held(keys.meta, "freeze", [keys.stock, keys.meta], [str(round(for_s * 1000))])
+            yield
+        finally:
+            for shard in {*shards, *self.shards(sku)}:
+                keys = SkuKeys.of(shard)
+                self._run("freeze", [keys.stock, keys.meta], ["0"])
+
     def _refuse_history(self, sku: str, reset: bool) -> Layout | None:
         """The SKU's current layout, after refusing to load over a sale on record without `reset`."""
         old = self.layout(sku)
@@ -264,23 +300,56 @@ class RedisStock:
         return old
 
     def _load_one(self, shard: str, args: list[str]) -> None:
-        raw, detail = self._run("load_stock", SkuKeys.of(shard).all(), args)
+        raw, detail = self._script_held(SkuKeys.of(shard).meta, "load_stock", SkuKeys.of(shard).load(), args)
         if LoadStock(int(raw)) is not LoadStock.LOADED:
             raise StockError(f"Redis refused to load {shard}: invalid {detail}")
 
     def _drop(self, sku: str, parts: Sequence[str], *, pool: bool) -> None:
         """Delete partitions no longer in the SKU's layout (and the pool of a SKU no longer partitioned)."""
         for part in parts:
-            keys = SkuKeys.of(part)
-            self._call("drop partition", self.client.delete, *keys.all(), keys.refills)
+            self._delete_held("drop partition", SkuKeys.of(part).every())
         if pool:
             keys = SkuKeys.of(sku)
-            self._call("drop pool", self.client.delete, keys.pool, keys.transfers)
+            self._delete_held("drop pool", [keys.pool, keys.transfers, keys.done])
 
     def _drop_holds(self, old: Layout | None) -> None:
         """The per-user holds of the SKU's previous load (one key per shard: each on its own slot)."""
         for key in all_holds_keys(old) if old else []:
-            self._call("drop holds", self.client.delete, key)
+            self._delete_held("drop holds", [key])
+
+    def _delete_held(self, what: str, keys: list[str]) -> None:
+        """Delete keys of one slot, as `_held` writes."""
+        self._held(keys[0], what, lambda r: r.delete(*keys))
+
+    def _script_held(self, key: str, script: str, keys: list[str], args: list[str]) -> Any:
+        _connected = self.client  # the scripts are registered on the client made at first use
+        return self._held(key, script, lambda r: self._scripts[script](keys=keys, args=args, client=r))
+
+    def _held(self, key: str, what: str, write: Callable[[Any], Any]) -> Any:
+        """The reply of `write`, a write on `key`'s slot that a failover must not undo (a load's). Where
+        that master has replicas, a WAIT follows on the same connection (replication is one ordered
+        stream, so it proves every earlier write there too); none acknowledging in time raises
+        NotReplicated: the master holds the write, a failover now would bring back what it replaced."""
+        wanted = self._replicas.of(self.client, key) if self._wait_ms else 0
+        try:
+            if not wanted:
+                return write(self.client)
+            try:
+                reply, acked = self._then_wait(key, wanted, write)
+            except MISROUTED:  # the slot moved (a failover): nothing ran; once more on its master now
+                self._stale()
+                reply, acked = self._then_wait(key, wanted, write)
+        except (*UNREACHABLE, *MISROUTED) as exc:
+            self._stale()
+            raise unavailable(self.url, what, exc) from exc
+        except redis.ResponseError as exc:
+            raise StockError(f"Redis {what} failed: {exc}") from exc
+        if int(acked) < wanted:
+            raise NotReplicated(
+                f"Redis took the {what} of {key}, but no replica acknowledged it within {self._wait_ms} ms",
+                hint="a failover now would undo it: check the replicas (INFO replication), then run it again",
+            )
+        return reply
 
     def layout(self, sku: str) -> Layout | None:
         """How the SKU is partitioned; None when it is not (or not loaded)."""
@@ -295,14 +364,15 @@ class RedisStock:
         keys, args = prededuct_call(sku, gid, purchases, epoch)
         return parse_prededuct(purchases, self._run("prededuct", keys, args))
 
-    def check(self, sku: str, gid: str, tokens: Sequence[str], *, born_ms: int, grace_ms: int) -> CheckView:
-        """What Redis knows of half message `gid`; fences it first when it never ran and is older than the grace."""
+    def check(self, sku: str, gid: str, tokens: Sequence[str], *, grace_ms: int) -> CheckView:
+        """What Redis knows of half message `gid`; fences it first when it never ran and was first asked
+        about longer than the grace ago (on Redis's clock)."""
         keys = SkuKeys.of(sku)
-        script_keys, args = [keys.tx, keys.log, keys.meta], [gid, str(born_ms), str(grace_ms), *tokens]
+        script_keys, args = [keys.tx, keys.log, keys.meta, keys.checks], [gid, str(grace_ms), *tokens]
         if self._wait_ms and time.monotonic() - self._map_read_at > MAP_TTL_S:
             self._map_read_at = time.monotonic()
             self._stale()
-        wanted = replicas(self.client, keys.tx) if self._wait_ms else 0
+        wanted = self._replicas.of(self.client, keys.tx) if self._wait_ms else 0
         if not wanted:
             return parse_check(tokens, self._run("fence", script_keys, args))
         # fence.lua writes whenever it decides, so a WAIT on its connection covers the pre-deduct it read.
@@ -322,13 +392,21 @@ class RedisStock:
             raise unavailable(self.url, "fence", TimeoutError(f"no replica acknowledged within {self._wait_ms} ms"))
         return view
 
+    def _then_wait(self, key: str, wanted: int, write: Callable[[Any], Any]) -> tuple[Any, Any]:
+        pipe = sync_node(self.client, key).pipeline(transaction=False)
+        write(pipe)
+        pipe.execute_command("WAIT", wanted, self._wait_ms)  # type: ignore[no-untyped-call]
+        reply, acked = pipe.execute()
+        return reply, acked
+
     def _stale(self) -> None:
         """After a misrouted or unanswered call, read the cluster's map again (a replica may have taken over)."""
         if isinstance(self._client, redis.RedisCluster):
             try:
                 self._client.nodes_manager.initialize()
             except redis.RedisError:  # no node answers now: the next call finds out and says so
-                pass
+                return
+            self._replicas.read(self._client)
 
     def lookup(
         self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]

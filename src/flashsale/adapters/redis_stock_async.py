@@ -35,9 +35,12 @@ from flashsale.adapters.redis_stock import (
     unavailable,
 )
 from flashsale.adapters.redis_topology import MISROUTED, UNREACHABLE, AsyncRouter
-from flashsale.errors import StockError
+from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
 from flashsale.records import Layout, LogEntry, Peek, PredeductResult, Registry, StockView, Transfer
+
+#: What a script that moves stock answers when the caller's layout is not the SKU's load.
+STALE = -2
 
 
 class _Failed(Exception):
@@ -245,10 +248,13 @@ class AsyncRedisStock:
         return dict(zip(wanted, found, strict=True))
 
     async def close_partition(self, layout: Layout, part: str) -> bool:
-        """Close an empty partition of this load for good (close.lua); False when it still holds units
-        (or belongs to another load)."""
+        """Close an empty partition of this load for good (close.lua); False when it still holds units.
+        Raises StaleLayout for a partition of another load (or none)."""
         keys = SkuKeys.of(part)
-        return int(await self.script("close", [keys.stock, keys.meta], [str(layout.epoch)])) == 1
+        closed = int(await self.script("close", [keys.stock, keys.meta], [str(layout.epoch)]))
+        if closed < 0:
+            raise StaleLayout(f"{part} is not a partition of load {layout.epoch} of {layout.sku}")
+        return closed == 1
 
     async def scripts(self, name: str, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
         """Many calls of one idempotent script (each on its own slot): per node, one pipeline and one WAIT,
@@ -312,45 +318,96 @@ class AsyncRedisStock:
                 held[i] = None if int(reply[2 * n]) == 1 else int(reply[2 * n + 1])
         return held
 
-    async def take(self, sku: str, transfer_id: str, part: str, want: int) -> int:
+    # Every step that moves stock carries the layout's epoch; each answers STALE (-2) for another load.
+    async def take(self, layout: Layout, transfer_id: str, part: str, want: int) -> int:
         """Refill step 1: units taken from the pool for `part` (0: the pool is empty)."""
-        keys = SkuKeys.of(sku)
-        taken, _ = await self.script(
-            "pool_take", [keys.pool, keys.transfers, keys.meta], [transfer_id, part, str(want)]
+        keys = SkuKeys.of(layout.sku)
+        taken, _ = await self._moving(
+            "pool_take",
+            [keys.pool, keys.transfers, keys.meta, keys.done],
+            [transfer_id, part, str(want), str(layout.epoch)],
+            layout,
         )
         return max(0, int(taken))
 
-    async def give(self, part: str, transfer_id: str, qty: int) -> None:
+    async def give(self, layout: Layout, part: str, transfer_id: str, qty: int) -> None:
         """Refill step 2: the units reach the partition's standby sub-domain (once per transfer)."""
         keys = SkuKeys.of(part)
-        await self.script("refill_apply", [keys.meta, keys.refills], [transfer_id, str(qty)])
+        await self._moving(
+            "refill_apply", [keys.stock, keys.meta, keys.refills], [transfer_id, str(qty), str(layout.epoch)], layout
+        )
 
-    async def expect(self, sku: str, transfer_id: str, part: str, want: int) -> None:
+    async def end_refill(self, layout: Layout, transfer_id: str) -> None:
+        """Refill step 3: the transfer is complete, and stays known as such for the life of the load."""
+        keys = SkuKeys.of(layout.sku)
+        await self._moving(
+            "refill_end", [keys.transfers, keys.done, keys.meta], [transfer_id, str(layout.epoch)], layout
+        )
+
+    async def expect(self, layout: Layout, transfer_id: str, part: str, want: int) -> None:
         """Drain step 1: the transfer is on record before any unit moves."""
-        keys = SkuKeys.of(sku)
-        await self.script("pool_expect", [keys.transfers, keys.meta], [transfer_id, part, str(want)])
+        keys = SkuKeys.of(layout.sku)
+        await self._moving(
+            "pool_expect",
+            [keys.transfers, keys.meta, keys.done],
+            [transfer_id, part, str(want), str(layout.epoch)],
+            layout,
+        )
 
-    async def drain(self, part: str, transfer_id: str, want: int) -> int:
+    async def drain(self, layout: Layout, part: str, transfer_id: str, want: int) -> int:
         """Drain step 2: units taken out of the partition (once per transfer)."""
         keys = SkuKeys.of(part)
-        return int(await self.script("drain", [keys.stock, keys.meta, keys.refills], [transfer_id, str(want)]))
+        return int(
+            await self._moving(
+                "drain", [keys.stock, keys.meta, keys.refills], [transfer_id, str(want), str(layout.epoch)], layout
+            )
+        )
 
-    async def receive(self, sku: str, transfer_id: str, qty: int) -> None:
-        """Drain step 3: the units reach the pool, and the record goes (once)."""
-        keys = SkuKeys.of(sku)
-        await self.script("pool_receive", [keys.pool, keys.transfers], [transfer_id, str(qty)])
+    async def receive(self, layout: Layout, transfer_id: str, qty: int) -> None:
+        """Drain step 3: the units reach the pool, and the transfer is complete (once)."""
+        keys = SkuKeys.of(layout.sku)
+        await self._moving(
+            "pool_receive",
+            [keys.pool, keys.transfers, keys.done, keys.meta],
+            [transfer_id, str(qty), str(layout.epoch)],
+            layout,
+        )
 
-    async def forget(self, sku: str, transfer_id: str) -> None:
-        """The end of a refill: its record goes (a record found again is only applied again: a no-op)."""
-        key = SkuKeys.of(sku).transfers
-        async with self._reading("forget transfer"):
-            await (await self._router.client(key)).hdel(key, transfer_id)
+    async def due(self, layout: Layout, age_ms: int) -> list[Transfer]:
+        """The transfers under way older than `age_ms` on Redis's clock, once a replica holds their records."""
+        keys = SkuKeys.of(layout.sku)
+        reply = await self._moving(
+            "transfers_due", [keys.transfers, keys.meta], [str(age_ms), str(layout.epoch)], layout
+        )
+        return [Transfer.parse(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
 
-    async def transfers(self, sku: str) -> list[Transfer]:
-        key = SkuKeys.of(sku).transfers
-        async with self._reading("read transfers"):
-            raw: dict[str, str] = await (await self._router.client(key)).hgetall(key)  # type: ignore[assignment]
-        return [Transfer.parse(i, r) for i, r in raw.items()]
+    async def _moving(self, name: str, keys: list[str], args: list[str], layout: Layout) -> Any:
+        reply = await self.script(name, keys, args)
+        first = reply[0] if isinstance(reply, list) and reply else reply
+        if first == STALE:
+            raise StaleLayout(f"{name} refused epoch {layout.epoch} of {layout.sku}: it was loaded again")
+        return reply
+
+    async def confirm(self, found: Mapping[str, Mapping[str, LogEntry]]) -> dict[str, dict[str, LogEntry | None]]:
+        """The entries `found` holds, as a replica holds them: per SKU or partition with replicas, read again
+        by seen.lua with one WAIT per node (raises ServiceUnavailable when none acknowledged in time);
+        where there are none, `found` itself, with no call."""
+        held: dict[str, dict[str, LogEntry | None]] = {}
+        proved: list[str] = []
+        for shard, entries in found.items():
+            if self._wait_ms and self._router.replicas(SkuKeys.of(shard).log):
+                proved.append(shard)
+            else:
+                held[shard] = dict(entries)
+        if not proved:
+            return held
+        tokens = {shard: list(found[shard]) for shard in proved}
+        calls = [([SkuKeys.of(s).log, SkuKeys.of(s).meta], tokens[s]) for s in proved]
+        for shard, reply in zip(proved, await self.scripts("seen", calls), strict=True):
+            held[shard] = {
+                t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens[shard], reply, strict=True)
+            }
+        return held
 
     async def ping(self) -> None:
         async with self._reading("ping"):

@@ -59,12 +59,39 @@ def sync_client(url: str, *, timeout_s: float, max_connections: int) -> redis.Re
     return redis.Redis.from_url(url, health_check_interval=30, **options)
 
 
-def replicas(client: Any, key: str) -> int:
-    """How many replicas the cluster map gives the master of `key` (0 for a single node)."""
-    cache = getattr(getattr(client, "nodes_manager", None), "slots_cache", None)
-    if not cache:
-        return 0
-    return max(0, len(cache.get(client.keyslot(key), ())) - 1)
+class Replicas:
+    """How many replicas to wait for on the master of a key: the most its slot has ever had in the cluster's
+    map, as this client read it.
+
+    The map can leave a replica out for a while: after a failover, the old master that comes back as the
+    new one's replica is listed only once it reports an offset, and a redirect rewrites a slot's entry
+    with its master alone. Waiting for fewer replicas then would tell a buyer `accepted` for a
+    pre-deduct no replica holds. So the count never goes down: with a replica missing, `WAIT` finds
+    fewer than it wants, and the answer is `pending` until the replica is back. (A process started after
+    replicas were removed for good waits for the ones left.)
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+
+    def read(self, client: Any) -> None:
+        """Learn every slot's replicas from the client's map (after the map was read)."""
+        for slot, nodes in _slots(client).items():
+            self._seen[slot] = max(self._seen.get(slot, 0), len(nodes) - 1)
+
+    def of(self, client: Any, key: str) -> int:
+        """Replicas to wait for on the master of `key` (0 for a single node)."""
+        cache = _slots(client)
+        if not cache:
+            return 0
+        slot = client.keyslot(key)
+        seen = max(self._seen.get(slot, 0), len(cache.get(slot, ())) - 1)
+        self._seen[slot] = seen
+        return seen
+
+
+def _slots(client: Any) -> dict[int, list[Any]]:
+    return getattr(getattr(client, "nodes_manager", None), "slots_cache", None) or {}
 
 
 def masters(client: redis.Redis | redis.RedisCluster) -> tuple[list[str], Callable[[int], str]]:
@@ -108,6 +135,7 @@ class AsyncRouter:
         self._stale = False
         self._read_at = 0.0
         self._lock = asyncio.Lock()
+        self._replicas = Replicas()
 
     async def _resolve(self) -> None:
         async with self._lock:
@@ -129,6 +157,7 @@ class AsyncRouter:
                     decode_responses=True,
                 )
                 await self._cluster.initialize()
+                self._replicas.read(self._cluster)
                 self._read_at = time.monotonic()
             else:
                 self._nodes[""] = (pool, probe)
@@ -144,6 +173,7 @@ class AsyncRouter:
                 if self._stale or time.monotonic() - self._read_at > MAP_TTL_S:
                     self._read_at = time.monotonic()
                     await self._cluster.nodes_manager.initialize()
+                    self._replicas.read(self._cluster)
                     self._stale = False
         node = self._cluster.get_node_from_key(key)
         if node is None:  # the slot has no master now (it died, no replica took over yet)
@@ -162,8 +192,8 @@ class AsyncRouter:
         return (await self._node(key))[1]
 
     def replicas(self, key: str) -> int:
-        """Replicas of the master of `key`, as the cluster map last read says (0 for a single node)."""
-        return replicas(self._cluster, key) if self._cluster is not None else 0
+        """Replicas to wait for on the master of `key` (see Replicas; 0 for a single node)."""
+        return self._replicas.of(self._cluster, key) if self._cluster is not None else 0
 
     def stale(self) -> None:
         self._stale = self._cluster is not None

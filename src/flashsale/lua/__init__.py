@@ -32,4 +32,8 @@ NAMES = (
     "refill_apply",
     "drain",
     "pool_receive",
+    "refill_end",
+    "transfers_due",
+    "seen",
+    "freeze",
 )

@@ -6,8 +6,9 @@
 -- KEYS[2] fs:{sku#n}:meta   standby, epoch, closed
 -- ARGV[1] the epoch of the caller's layout: a partition of another load is left alone
 --
--- Returns 1 when the partition is closed (now or before), 0 when it still holds units, -1 when it
--- belongs to another load (or to none).
+-- Returns 1 when the partition is closed (now or before: a counter is written then, so that a WAIT
+-- after it proves a replica holds the close), 0 when it still holds units, -1 when it belongs to
+-- another load (or to none).
 local stock_key, meta_key = KEYS[1], KEYS[2]
 local stock = redis.call('GET', stock_key)
 local meta = redis.call('HMGET', meta_key, 'standby', 'epoch', 'closed')
@@ -15,6 +16,7 @@ if not stock or (meta[2] and meta[2] ~= ARGV[1]) then
   return -1
 end
 if meta[3] == '1' then
+  redis.call('HINCRBY', meta_key, 'reruns', 1)
   return 1
 end
 if tonumber(stock) + tonumber(meta[1] or '0') > 0 then

@@ -8,6 +8,8 @@
 -- KEYS[5] fs:{sku}:tx
 -- KEYS[6] fs:{sku}:pool       units not given to a partition yet
 -- KEYS[7] fs:{sku}:transfers  pending moves between the pool and the partitions (emptied)
+-- KEYS[8] fs:{sku}:done       completed moves of the load before (emptied)
+-- KEYS[9] fs:{sku}:checks     the transaction checks of the sale before (emptied)
 -- ARGV[1] initial stock of the SKU
 -- ARGV[2] pool
 -- ARGV[3] the partitions, space separated
@@ -18,7 +20,7 @@
 --
 -- Returns the epoch.
 local epoch = tonumber(ARGV[7])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8], KEYS[9])
 redis.call('SET', KEYS[6], tonumber(ARGV[2]))
 redis.call('HSET', KEYS[4],
   'initial', tonumber(ARGV[1]), 'per_user_limit', tonumber(ARGV[6]), 'parts', ARGV[3],

@@ -5,6 +5,7 @@
 -- KEYS[3] fs:{sku}:users
 -- KEYS[4] fs:{sku}:meta
 -- KEYS[5] fs:{sku}:tx
+-- KEYS[6] fs:{sku}:checks
 -- ARGV[1] quantity        decimal digits, >= 0
 -- ARGV[2] per-user limit  decimal digits, 0 = none
 -- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, message records), '0' otherwise
@@ -37,7 +38,7 @@ end
 
 local now = redis.call('TIME')
 local qty = tonumber(qty_arg)
-redis.call('DEL', log_key, users_key, meta_key, tx_key)
+redis.call('DEL', log_key, users_key, meta_key, tx_key, KEYS[6])
 redis.call('SET', stock_key, qty)
 redis.call('HSET', meta_key,
   'initial', qty,

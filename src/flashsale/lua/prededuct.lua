@@ -3,8 +3,8 @@
 -- KEYS[1] fs:{sku}:stock  remaining stock (integer string)
 -- KEYS[2] fs:{sku}:log    hash token -> JSON log entry
 -- KEYS[3] fs:{sku}:users  hash user -> quantity bought (kept only when a per-user limit is set)
--- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, counters; for a partition also
---                         standby (its second sub-domain), threshold, epoch and closed
+-- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, frozen_until, counters; for a
+--                         partition also standby (its second sub-domain), threshold, epoch and closed
 -- KEYS[5] fs:{sku}:tx     hash message id -> JSON record of that message's pre-deduct
 -- ARGV[1] message id of the half message (written into every log entry it deducts)
 -- ARGV[2] sku, or the partition `sku#n` the keys belong to (written into the log entries)
@@ -21,8 +21,12 @@
 --   7 unknown sku     the SKU was never loaded (nothing at all is written)
 --   8 fenced          the checker rolled this message back before it ran; detail = the record
 --   9 closed          a partition closed for good, and the token never seen here: sell it elsewhere
---  10 stale layout    ARGV[3] is not this partition's load, or the partition is gone: the caller's
---                     layout is out of date (nothing at all is written)
+--  10 stale layout    ARGV[3] is not this partition's load, or the partition is gone, or the SKU is
+--                     being loaded again (meta `frozen_until`): the caller's layout is out of date;
+--                     nothing is deducted, and the message's record says 'stale'
+--
+-- A rerun of a message that ran here gives each purchase the outcome of that run, and still writes (a
+-- counter), so that a WAIT after it proves a replica holds the record and the entries it answers from.
 --
 -- The purchases are decided in order, each seeing the ones before it, then written at the end: an error
 -- while deciding leaves nothing behind. The record in KEYS[5] makes the script idempotent per message:
@@ -44,6 +48,7 @@ if parent then
 end
 local n = math.floor((#ARGV - 3) / 3)
 local out = {}
+local DAY_MS = 86400000
 
 local function answer(code, remaining, detail)
   out[#out + 1] = code
@@ -53,29 +58,31 @@ end
 
 local stock_raw = redis.call('GET', stock_key)
 local stock = tonumber(stock_raw or '-1')
-local meta = redis.call('HMGET', meta_key, 'per_user_limit', 'standby', 'threshold', 'epoch', 'closed')
+local meta = redis.call('HMGET', meta_key, 'per_user_limit', 'standby', 'threshold', 'epoch', 'closed', 'frozen_until')
 local limit = tonumber(meta[1] or '0') or 0
 local standby = tonumber(meta[2] or '0') or 0
 local threshold = tonumber(meta[3] or '0') or 0
 local closed = meta[5] == '1'
 local switches = 0
+local now = redis.call('TIME')
+local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
--- A partition dropped by a new load, or loaded by another layout than the caller's: read it again.
--- (A partition loaded before partitions knew their epoch has none, and takes any.)
-if part and (not stock_raw or (meta[4] and meta[4] ~= epoch)) then
-  for i = 1, n do
-    answer(10, -1, '')
-  end
-  return out
-end
-
+-- A message that ran here before gets the outcome of that run, whatever happened since. A rerun still
+-- writes (a counter): a WAIT after it then proves a replica holds what it answers from.
 local record = redis.call('HGET', tx_key, gid)
 if record then
+  if stock_raw then
+    redis.call('HINCRBY', meta_key, 'reruns', 1)
+  else
+    redis.call('PEXPIRE', tx_key, DAY_MS)
+  end
   local tx = cjson.decode(record)
   for i = 1, n do
     local token, user = ARGV[3 * i + 1], ARGV[3 * i + 2]
     if tx['state'] == 'fenced' then
       answer(8, stock + standby, record)
+    elseif tx['state'] == 'stale' then
+      answer(10, -1, '')
     else
       local code = tonumber(string.sub(tx['codes'], i, i)) or 6
       local seen = redis.call('HGET', log_key, token)
@@ -92,6 +99,22 @@ if record then
   return out
 end
 
+-- A partition dropped by a new load, or loaded by another layout than the caller's, or any SKU being
+-- loaded again right now (frozen): the caller reads the layout again. Nothing is deducted; the record
+-- says so to the checker and the consumer (on keys that are gone, it expires).
+-- (A partition loaded before partitions knew their epoch has none, and takes any.)
+local frozen = meta[6] and ts < tonumber(meta[6])
+if frozen or (part and (not stock_raw or (meta[4] and meta[4] ~= epoch))) then
+  redis.call('HSET', tx_key, gid, cjson.encode({state = 'stale', ts = ts}))
+  if not stock_raw then
+    redis.call('PEXPIRE', tx_key, DAY_MS)
+  end
+  for i = 1, n do
+    answer(10, -1, '')
+  end
+  return out
+end
+
 if not stock_raw then
   for i = 1, n do
     answer(7, -1, '')
@@ -100,8 +123,6 @@ if not stock_raw then
 end
 
 -- Decide every purchase first.
-local now = redis.call('TIME')
-local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local codes, entries, taken, bought, changed = {}, {}, {}, {}, {}
 local deducted_qty, deducted_count = 0, 0
 for i = 1, n do

@@ -113,6 +113,10 @@ def set_stock(
     is written: a refusal changes nothing anywhere. A SKU with a sale on record is refused unless
     `reset`; a reset is refused while Redis holds deductions MySQL has not applied yet (they are in
     flight, or lost: `reconcile --repair` brings them over), unless `force`.
+
+    A live sale may be loaded again: for the moment of the load the SKU is frozen (its purchases hear
+    `error` and are asked again), and every producer then sells by the new layout, since a step placed
+    by the old one (a pre-deduct or a transfer of stock) is refused and the layout read again.
     """
     require_id(sku, "sku")
     quantity = parse_count(qty, "quantity", c.MAX_STOCK)
@@ -121,35 +125,40 @@ def set_stock(
     if parts < 1:
         raise InvalidInput("partitions must be at least 1 (1: the SKU is not partitioned)")
     store = MySQLStore(settings.mysql_url)
-    stock = RedisStock(settings.redis_url)
+    # With replicas, each write of the load waits for one to hold it: a failover must not bring back
+    # the stock it replaced (MySQL already holds the new quantity).
+    stock = RedisStock(settings.redis_url, wait_ms=settings.redis_wait_ms)
     try:
-        applied, logged = store.history(sku), stock.history(sku)
-        if (applied or logged) and not reset:
-            raise StockError(
-                f"{sku} already has a sale on record ({logged} Redis log entries, {applied} MySQL deductions)",
-                hint="use another SKU, or pass --reset to discard its history on both sides",
-            )
-        if reset and not force:
-            in_flight = _in_flight(stock, sku, applied)
-            if in_flight > 0:
+        # Frozen, the SKU takes no purchase while its history is read and it is loaded: none can land in
+        # between, to be discarded by a reset or to slip past the in-flight check.
+        with stock.frozen(sku):
+            applied, logged = store.history(sku), stock.history(sku)
+            if (applied or logged) and not reset:
                 raise StockError(
-                    f"{sku} has {in_flight} deduction(s) in Redis that MySQL has not applied yet",
-                    hint="let the consumer catch up (or run `flashsale reconcile --repair`) and try again; "
-                    "--force discards them",
+                    f"{sku} already has a sale on record ({logged} Redis log entries, {applied} MySQL deductions)",
+                    hint="use another SKU, or pass --reset to discard its history on both sides",
                 )
-        store.load_stock(sku, quantity, per_user_limit=limit, reset=reset)
-        if parts == 1:
-            stock.load(sku, quantity, per_user_limit=limit, reset=reset)
-        else:
-            stock.load_partitioned(
-                sku,
-                quantity,
-                partitions=parts,
-                refill=settings.partition_refill,
-                threshold=settings.partition_threshold,
-                per_user_limit=limit,
-                reset=reset,
-            )
+            if reset and not force:
+                in_flight = _in_flight(stock, sku, applied)
+                if in_flight > 0:
+                    raise StockError(
+                        f"{sku} has {in_flight} deduction(s) in Redis that MySQL has not applied yet",
+                        hint="let the consumer catch up (or run `flashsale reconcile --repair`) and try again; "
+                        "--force discards them",
+                    )
+            store.load_stock(sku, quantity, per_user_limit=limit, reset=reset)
+            if parts == 1:
+                stock.load(sku, quantity, per_user_limit=limit, reset=reset)
+            else:
+                stock.load_partitioned(
+                    sku,
+                    quantity,
+                    partitions=parts,
+                    refill=settings.partition_refill,
+                    threshold=settings.partition_threshold,
+                    per_user_limit=limit,
+                    reset=reset,
+                )
     finally:
         store.close()
         stock.close()

@@ -1,14 +1,15 @@
 """The answer to the broker's transaction check of a half message, read from Redis (see lua/fence.lua).
 
-- the message's pre-deduct ran and accepted purchases whose log entries name this message, with the
-  user and quantity the body carries: COMMIT;
-- it ran and accepted nothing, or a log entry disagrees with the body: ROLLBACK (only what the log
-  says is ever committed);
-- it never ran and the message is younger than the grace period: UNKNOWN (the producer may still be
-  running it; the broker asks again);
-- it never ran and the message is older: the fence is written in the same script that looked, so
-  either the pre-deduct ran first (answered as above) or the fence did and a late pre-deduct of this
+- the message's pre-deduct ran and accepted purchases whose log entries name this message: COMMIT. A
+  body that says another user or quantity than the log is logged, and committed all the same: the
+  deduction happened, and the consumer applies the log's values, never the body's;
+- it ran and accepted nothing: ROLLBACK;
+- it never ran, and the first check that found it so is more recent than the grace period (on Redis's
+  clock): UNKNOWN (the producer may still be running it; the broker asks again);
+- it never ran, and that first check is older: the fence is written in the same script that looked,
+  so either the pre-deduct ran first (answered as above) or the fence did and a late pre-deduct of this
   message deducts nothing: ROLLBACK;
+- its pre-deduct was refused as placed by another load (stale): it deducted nothing, as if fenced;
 - Redis unreachable: UNKNOWN.
 
 A message whose purchases are spread over partitions has a pre-deduct (a share) on each: every share
@@ -76,13 +77,7 @@ class DeductionChecker:
         ours = []
         for shard, purchases in message.shards().items():  # each share of the message: its own pre-deduct
             try:
-                view = self._stock.check(
-                    shard,
-                    message.gid,
-                    [p.token for p in purchases],
-                    born_ms=delivery.born_ms or message.ts_ms,
-                    grace_ms=self._grace_ms,
-                )
+                view = self._stock.check(shard, message.gid, [p.token for p in purchases], grace_ms=self._grace_ms)
             except FlashSaleError as exc:
                 logger.warning(
                     "cannot check message %s on %s (%s); answering unknown",
@@ -94,6 +89,8 @@ class DeductionChecker:
                 return Resolution.UNKNOWN
             if view.state == c.TX_YOUNG:
                 return Resolution.UNKNOWN  # the shares fenced already stay fenced: asked again, this one is too
+            if view.state == c.TX_STALE:
+                continue  # refused as another load's: it deducted nothing
             if view.state == c.TX_FENCED:
                 logger.warning(
                     "fenced message %s on %s: no pre-deduct within %.1f s",
@@ -104,6 +101,6 @@ class DeductionChecker:
                 )
                 continue
             ours += [(p, e) for p in purchases if (e := named(view.entries.get(p.token), message.gid))]
-        if any(disagrees(entry, purchase, message) for purchase, entry in ours):
-            return Resolution.ROLLBACK  # only what the log says is ever committed
+        for purchase, entry in ours:
+            disagrees(entry, purchase, message)
         return Resolution.COMMIT if ours else Resolution.ROLLBACK

@@ -5,6 +5,11 @@ opened, whichever comes first (the two triggers of seed 000's batched persistenc
 transaction itself). A closed group is handed to `handle`, which answers each purchase; groups of one
 SKU may be in flight at once. With `size` 1 every purchase is its own group, at once.
 
+A group never carries one token twice: a purchase whose token is in the open group already (a double
+click) waits until that group is answered and then joins a later one, where it is answered as any
+retry is (`duplicate` when the first was accepted). One message's pre-deduct would otherwise accept the
+token once and find it a duplicate of itself, and the log entry would name the message for both.
+
 Used from one event loop only, so it needs no lock.
 """
 
@@ -24,8 +29,10 @@ Handler = Callable[[str, Sequence[PurchaseRequest]], Awaitable[list[PurchaseResu
 
 @dataclass
 class _Group:
+    answered: asyncio.Future[None]
     requests: list[PurchaseRequest] = field(default_factory=list)
     answers: list[asyncio.Future[PurchaseResult]] = field(default_factory=list)
+    tokens: set[str] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -41,14 +48,16 @@ class Grouper:
 
     async def submit(self, request: PurchaseRequest) -> PurchaseResult:
         loop = asyncio.get_running_loop()
-        group = self._open.get(request.sku)
+        while (group := self._open.get(request.sku)) is not None and request.token in group.tokens:
+            await asyncio.shield(group.answered)
         if group is None:
-            group = self._open[request.sku] = _Group()
+            group = self._open[request.sku] = _Group(loop.create_future())
             if self.size > 1:
                 group.timer = loop.call_later(self.wait_s, self._close, request.sku, group)
         answer: asyncio.Future[PurchaseResult] = loop.create_future()
         group.requests.append(request)
         group.answers.append(answer)
+        group.tokens.add(request.token)
         if len(group.requests) >= self.size:
             self._close(request.sku, group)
         return await answer
@@ -80,3 +89,4 @@ class Grouper:
         for answer, result in zip(group.answers, results, strict=True):
             if not answer.done():
                 answer.set_result(result)
+        group.answered.set_result(None)

@@ -23,7 +23,7 @@ from flashsale.errors import FlashSaleError, ServiceUnavailable
 from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.ports import PurchaseStockPort
-from flashsale.records import Prededuct, PredeductResult
+from flashsale.records import LogEntry, Prededuct, PredeductResult
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,14 @@ class LocalTransaction:
         if outcome.code is Prededuct.ACCEPTED and self.unsettled:
             return PurchaseResult(PurchaseStatus.PENDING, request.token, message_id=gid, message=PENDING)
         return answer(request, outcome, gid)
+
+
+def seen(token: str, entry: LogEntry, *, confirmed: bool, remaining: int | None = None) -> PurchaseResult:
+    """The answer to a token found deducted in the log before its transaction: `duplicate`, with the
+    message that deducted it, once a replica holds the entry (`confirmed`); until then `pending`."""
+    if confirmed:
+        return PurchaseResult(PurchaseStatus.DUPLICATE, token, remaining, entry.message_id, message=DUPLICATE)
+    return PurchaseResult(PurchaseStatus.PENDING, token, message_id=entry.message_id, message=PENDING)
 
 
 def answer(request: PurchaseRequest, outcome: PredeductResult, gid: str) -> PurchaseResult:

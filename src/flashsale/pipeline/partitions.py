@@ -21,8 +21,13 @@
   their logs (final once closed) are read first, and a token found there gets its original answer.
 - With a per-user limit, each token takes a hold on its buyer's count (user_hold.lua, sharded by user)
   before it goes to its partition; a buyer past the limit is answered at once.
-- Transfers older than SWEEP_AGE_MS are completed by whoever reads the layout: a refiller that died
-  midway loses nothing, and each step counts once.
+- Transfers older than SWEEP_AGE_MS on Redis's clock are completed by whoever reads the layout: a
+  refiller that died midway loses nothing, and each step counts once, run again at any time.
+- Every step that moves stock carries the layout's epoch. A step of another load is refused (StaleLayout),
+  writing nothing: the scheduler then drops the layout and moves nothing more by it. So does a group one
+  of whose pre-deducts reports the layout stale.
+- A token found in the log of a partition (a retry) is answered `duplicate` only once a replica holds the
+  entry, where there are replicas: else `pending`, and the buyer asks again.
 """
 
 from __future__ import annotations
@@ -31,15 +36,16 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from flashsale import constants as c
-from flashsale.errors import FlashSaleError
+from flashsale.errors import FlashSaleError, StaleLayout
 from flashsale.logs import ids
 from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline import local_tx
 from flashsale.ports import PartitionStockPort
-from flashsale.records import Layout, Registry
+from flashsale.records import Layout, LogEntry, Prededuct, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +58,54 @@ SWEEP_AGE_MS = 5_000
 #: Most pulls for one group before the purchases still short are told `sold_out`.
 PULLS = 4
 
+#: What a transaction told a purchase, and the pre-deduct's code behind it (None: it has none, e.g. pending).
+Placed = tuple[PurchaseResult, Prededuct | None]
 #: Sells purchases of one SKU, each on the partition named beside it, as one transaction.
-Sell = Callable[[Sequence[PurchaseRequest], Sequence[str]], Awaitable[list[PurchaseResult]]]
+Sell = Callable[[Sequence[PurchaseRequest], Sequence[str]], Awaitable[list[Placed]]]
 
 _NOT_RUN = "stock could not be checked; nothing was deducted, try again"
+
+
+@dataclass
+class Placement:
+    """One group of a partitioned SKU on its way to its partitions, round after round: what each purchase
+    was told so far, and what the scheduler learned of where its token is not."""
+
+    layout: Layout
+    requests: Sequence[PurchaseRequest]
+    answers: list[PurchaseResult | None]
+    #: Per purchase, the partitions whose log was read and does not hold its token.
+    looked: list[set[str]]
+    #: The purchases still to place.
+    pending: list[int]
+    #: Partitions stock was pulled to: from then on their scripts decide what fits.
+    pulled: set[str] = field(default_factory=set)
+    pulls: int = 0
+    held: bool = False
+
+    @classmethod
+    def of(cls, layout: Layout, requests: Sequence[PurchaseRequest]) -> Placement:
+        n = len(requests)
+        return cls(layout, requests, [None] * n, [set() for _ in range(n)], list(range(n)))
+
+    def answer(self, i: int, status: PurchaseStatus, **fields: object) -> None:
+        self.answers[i] = PurchaseResult(status, self.requests[i].token, **fields)  # type: ignore[arg-type]
+
+    def settle_answered(self) -> None:
+        self.pending = [i for i in self.pending if self.answers[i] is None]
+
+    def retry(self, again: Sequence[int]) -> None:
+        """These purchases are placed once more (their answers so far are dropped)."""
+        self.pending = sorted(again)
+        for i in self.pending:
+            self.answers[i] = None
+
+    def results(self) -> list[PurchaseResult]:
+        """Every purchase's answer; one never sent hears `error` (nothing was deducted)."""
+        return [
+            a or PurchaseResult(PurchaseStatus.ERROR, r.token, message=_NOT_RUN)
+            for a, r in zip(self.answers, self.requests, strict=True)
+        ]
 
 
 class Scheduler:
@@ -94,127 +144,133 @@ class Scheduler:
         Once the SKU is sold out, a token is answered from a read of the logs it may be in: no hold or
         pre-deduct is written, and a token seen before still gets its original answer.
         """
-        answers: list[PurchaseResult | None] = [None] * len(requests)
-        looked: list[set[str]] = [set() for _ in requests]  # partitions whose log does not hold the token
-        pending = list(range(len(requests)))
-        pulled: set[str] = set()  # partitions stock was pulled to: from then on the scripts say what fits
-        held = False
+        placing = Placement.of(layout, requests)
         try:
             registry = await self._registry(layout)
-            for attempt in range(PULLS + 1):
-                targets = await self._answer_seen(layout, registry, requests, pending, looked, answers)
-                pending = [i for i in pending if answers[i] is None]
-                if registry.sold_out:
-                    for i in pending:
-                        answers[i] = self._sold_out(requests[i], layout)
+            # Each round but the last may pull stock; a purchase whose partition closed meanwhile is placed
+            # on its next one without a pull, and partitions close only once.
+            for _ in range(PULLS + len(layout.parts) + 1):
+                if not await self._round(placing, registry, sell):
                     break
-                if not held:
-                    await self._hold(layout, requests, pending, answers)
-                    pending = [i for i in pending if answers[i] is None]
-                    held = True
-                if not pending:
-                    break
-                last = attempt == PULLS
-                # A partition the registry says cannot cover its share gets stock first (or is closed): a
-                # transaction sent there would only be refused. Once pulled to, or on the last attempt, the
-                # scripts decide: a pull that found less than the share leaves some of it that still fits.
-                short = {} if last else self._uncovered(registry, requests, pending, targets, pulled)
-                sent = [i for i in pending if targets[i] not in short]
-                if sent:
-                    results = await sell([requests[i] for i in sent], [targets[i] for i in sent])
-                    for i, result in zip(sent, results, strict=True):
-                        answers[i] = result
-                        if result.status is PurchaseStatus.SOLD_OUT and not last:
-                            short.setdefault(targets[i], []).append(i)
-                if not short:
-                    break
-                pulled.update(short)
-                pending = await self._pull_for(layout, requests, short, answers)
-                if not pending:
-                    break
-                for i in pending:
-                    answers[i] = None
                 registry = await self._registry(layout, fresh=True)
+        except StaleLayout as exc:
+            # What was answered stands; nothing more moves by this layout.
+            logger.info("layout of %s is out of date: %s", layout.sku, exc, extra=ids(sku=layout.sku))
+            self.forget(layout.sku)
         except FlashSaleError as exc:
             # What was answered stands; the purchases still pending were not sent, and hear `error`.
             logger.warning("cannot place purchases of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
         else:
             self._top_up(layout, registry)
-        return [a or self._not_run(r) for a, r in zip(answers, requests, strict=True)]
+        return placing.results()
 
-    async def _answer_seen(
-        self,
-        layout: Layout,
-        registry: Registry,
-        requests: Sequence[PurchaseRequest],
-        pending: Sequence[int],
-        looked: list[set[str]],
-        answers: list[PurchaseResult | None],
-    ) -> dict[int, str]:
+    async def _round(self, placing: Placement, registry: Registry, sell: Sell) -> bool:
+        """Place the pending purchases once; True when some are to be placed again."""
+        targets = await self._answer_seen(placing, registry)
+        if registry.sold_out:
+            for i in placing.pending:
+                placing.answer(i, PurchaseStatus.SOLD_OUT, remaining=0, message=f"{placing.layout.sku} is sold out")
+            return False
+        if not placing.held:
+            await self._hold(placing)
+            placing.held = True
+        if not placing.pending:
+            return False
+        last = placing.pulls >= PULLS
+        # A partition the registry says cannot cover its share gets stock first (or is closed): a
+        # transaction sent there would only be refused. Once pulled to, or on the last pull, the scripts
+        # decide: a pull that found less than the share leaves some of it that still fits.
+        short = {} if last else self._uncovered(registry, placing, targets)
+        sent = [i for i in placing.pending if targets[i] not in short]
+        again: list[int] = []
+        if sent:
+            placed = await sell([placing.requests[i] for i in sent], [targets[i] for i in sent])
+            for i, (result, code) in zip(sent, placed, strict=True):
+                placing.answers[i] = result
+                if code is Prededuct.CLOSED:
+                    again.append(i)  # its partition closed meanwhile: on to the next one, no pull needed
+                elif result.status is PurchaseStatus.SOLD_OUT and not last:
+                    short.setdefault(targets[i], []).append(i)
+            if any(code is Prededuct.STALE_LAYOUT for _, code in placed):
+                raise StaleLayout(f"a pre-deduct of {placing.layout.sku} refused epoch {placing.layout.epoch}")
+        if short:
+            placing.pulled.update(short)
+            placing.pulls += 1
+            again += await self._pull_for(placing, short)
+        placing.retry(again)
+        return bool(again)
+
+    async def _answer_seen(self, placing: Placement, registry: Registry) -> dict[int, str]:
         """Each pending purchase's partition; a token found in the log of a partition it passes (closed),
-        or once the SKU is sold out in its own, is answered `duplicate` from that entry."""
+        or once the SKU is sold out in its own, is answered `duplicate` from that entry, once a replica
+        holds it (where there are replicas)."""
         targets: dict[int, str] = {}
         wanted: dict[str, list[int]] = {}
-        for i in pending:
-            target, passed = registry.target(layout, requests[i].token)
+        for i in placing.pending:
+            target, passed = registry.target(placing.layout, placing.requests[i].token)
             targets[i] = target
             for part in [*passed, target] if registry.sold_out else passed:
-                if part not in looked[i]:
+                if part not in placing.looked[i]:
                     wanted.setdefault(part, []).append(i)
         if not wanted:
             return targets
-        found = await self._stock.entries({p: [requests[i].token for i in idxs] for p, idxs in wanted.items()})
+        token = [r.token for r in placing.requests]
+        found = await self._stock.entries({p: [token[i] for i in idxs] for p, idxs in wanted.items()})
+        seen: dict[str, dict[str, LogEntry]] = {}
         for part, idxs in wanted.items():
             for i in idxs:
-                entry = found[part][requests[i].token]
-                if entry is not None and entry.state in c.DEDUCTED_STATES and answers[i] is None:
-                    answers[i] = PurchaseResult(
-                        PurchaseStatus.DUPLICATE, entry.token, None, entry.message_id, message=local_tx.DUPLICATE
-                    )
-                looked[i].add(part)
+                entry = found[part][token[i]]
+                if entry is not None and entry.state in c.DEDUCTED_STATES:
+                    seen.setdefault(part, {})[token[i]] = entry
+                placing.looked[i].add(part)
+        if seen:
+            await self._answer_duplicates(placing, wanted, seen)
+        placing.settle_answered()
         return targets
 
-    async def _hold(
-        self,
-        layout: Layout,
-        requests: Sequence[PurchaseRequest],
-        pending: Sequence[int],
-        answers: list[PurchaseResult | None],
+    async def _answer_duplicates(
+        self, placing: Placement, wanted: Mapping[str, list[int]], seen: Mapping[str, Mapping[str, LogEntry]]
     ) -> None:
+        held: Mapping[str, Mapping[str, LogEntry | None]] = seen
+        confirmed = True
+        try:
+            held = await self._stock.confirm(seen)
+        except FlashSaleError as exc:
+            # No replica holds them yet: a failover now could lose them. The buyers ask again.
+            logger.warning("log entries of %s not confirmed: %s", placing.layout.sku, exc)
+            confirmed = False
+        for part, idxs in wanted.items():
+            for i in idxs:
+                entry = held.get(part, {}).get(placing.requests[i].token)
+                if entry is not None and entry.state in c.DEDUCTED_STATES and placing.answers[i] is None:
+                    placing.answers[i] = local_tx.seen(entry.token, entry, confirmed=confirmed)
+
+    async def _hold(self, placing: Placement) -> None:
         """With a per-user limit, a hold for each pending purchase; a buyer past the limit is answered now."""
+        layout, pending = placing.layout, placing.pending
         if not layout.per_user_limit or not pending:
             return
+        requests = placing.requests
         purchases = [Purchase(requests[i].token, requests[i].user_id, requests[i].qty) for i in pending]
         for i, bought in zip(pending, await self._stock.hold(layout, purchases), strict=True):
             if bought is not None:
-                answers[i] = PurchaseResult(
+                placing.answer(
+                    i,
                     PurchaseStatus.LIMIT_EXCEEDED,
-                    requests[i].token,
                     message=f"user {requests[i].user_id} already bought {bought} of {layout.sku}",
                 )
+        placing.settle_answered()
 
     @staticmethod
-    def _uncovered(
-        registry: Registry,
-        requests: Sequence[PurchaseRequest],
-        pending: Sequence[int],
-        targets: dict[int, str],
-        pulled: set[str],
-    ) -> dict[str, list[int]]:
+    def _uncovered(registry: Registry, placing: Placement, targets: dict[int, str]) -> dict[str, list[int]]:
         """The pending purchases of each partition not pulled to yet that, by the registry, cannot cover them all."""
         share: dict[str, list[int]] = {}
-        for i in pending:
-            if targets[i] not in pulled:
+        for i in placing.pending:
+            if targets[i] not in placing.pulled:
                 share.setdefault(targets[i], []).append(i)
-        return {p: idxs for p, idxs in share.items() if registry.remaining(p) < sum(requests[i].qty for i in idxs)}
-
-    @staticmethod
-    def _sold_out(request: PurchaseRequest, layout: Layout) -> PurchaseResult:
-        return PurchaseResult(PurchaseStatus.SOLD_OUT, request.token, 0, message=f"{layout.sku} is sold out")
-
-    @staticmethod
-    def _not_run(request: PurchaseRequest) -> PurchaseResult:
-        return PurchaseResult(PurchaseStatus.ERROR, request.token, message=_NOT_RUN)
+        return {
+            p: idxs for p, idxs in share.items() if registry.remaining(p) < sum(placing.requests[i].qty for i in idxs)
+        }
 
     async def close(self) -> None:
         """Cancel background refills: a transfer cut short is completed by the next sweep."""
@@ -223,31 +279,29 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # --- moving stock ---------------------------------------------------------------------------------
-    async def _pull_for(
-        self,
-        layout: Layout,
-        requests: Sequence[PurchaseRequest],
-        short: dict[str, list[int]],
-        answers: list[PurchaseResult | None],
-    ) -> list[int]:
+    async def _pull_for(self, placing: Placement, short: dict[str, list[int]]) -> list[int]:
         """Pull stock to the partitions short of their purchases (or close them); those to try again. A
         purchase whose pull found nothing keeps the answer its partition gave, or hears `sold_out`."""
+        layout, requests = placing.layout, placing.requests
         again: list[int] = []
         for part, idxs in short.items():
             try:
                 qty = [requests[i].qty for i in idxs]
                 moved = await self._pull(layout, part, sum(qty), min(qty))
+            except StaleLayout:
+                raise
             except FlashSaleError as exc:
                 logger.warning("cannot move stock to %s: %s", part, exc, extra=ids(sku=layout.sku))
                 for i in idxs:
-                    answers[i] = self._not_run(requests[i])
+                    placing.answer(i, PurchaseStatus.ERROR, message=_NOT_RUN)
                 continue
             if moved:
                 again += idxs
             else:
                 for i in idxs:
-                    answers[i] = answers[i] or self._sold_out(requests[i], layout)
-        return sorted(again)
+                    if placing.answers[i] is None:
+                        placing.answer(i, PurchaseStatus.SOLD_OUT, remaining=0, message=f"{layout.sku} is sold out")
+        return again
 
     async def _pull(self, layout: Layout, part: str, need: int, least: int) -> bool:
         """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when
@@ -282,17 +336,17 @@ class Scheduler:
 
     async def _refill(self, layout: Layout, part: str, want: int) -> int:
         transfer_id = uuid.uuid4().hex
-        taken = await self._stock.take(layout.sku, transfer_id, part, want)
+        taken = await self._stock.take(layout, transfer_id, part, want)
         if taken:
-            await self._stock.give(part, transfer_id, taken)
-            await self._stock.forget(layout.sku, transfer_id)
+            await self._stock.give(layout, part, transfer_id, taken)
+            await self._stock.end_refill(layout, transfer_id)
         return taken
 
     async def _drain(self, layout: Layout, part: str, want: int) -> int:
         transfer_id = uuid.uuid4().hex
-        await self._stock.expect(layout.sku, transfer_id, part, want)
-        qty = await self._stock.drain(part, transfer_id, want)
-        await self._stock.receive(layout.sku, transfer_id, qty)
+        await self._stock.expect(layout, transfer_id, part, want)
+        qty = await self._stock.drain(layout, part, transfer_id, want)
+        await self._stock.receive(layout, transfer_id, qty)
         logger.info("rebalance: %d unit(s) of %s back to the pool", qty, part, extra=ids(sku=layout.sku))
         return qty
 
@@ -313,6 +367,8 @@ class Scheduler:
     async def _background(self, layout: Layout, part: str, move: Awaitable[int]) -> None:
         try:
             await move
+        except StaleLayout:
+            self.forget(layout.sku)
         except FlashSaleError as exc:
             logger.warning("moving stock of %s failed: %s", part, exc, extra=ids(sku=layout.sku))
         finally:
@@ -320,18 +376,18 @@ class Scheduler:
             self._registries.pop(layout.sku, None)
 
     async def _sweep(self, layout: Layout) -> None:
-        """Complete the transfers a refiller left behind (each step counts once, so running one again is safe)."""
+        """Complete the transfers a refiller left behind, older than SWEEP_AGE_MS on Redis's clock (each
+        step counts once, whenever it runs again)."""
         try:
-            now_ms = int(time.time() * 1000)
-            for t in await self._stock.transfers(layout.sku):
-                if now_ms - t.ts_ms < SWEEP_AGE_MS:
-                    continue
+            for t in await self._stock.due(layout, SWEEP_AGE_MS):
                 if t.dir == "out":
-                    await self._stock.give(t.part, t.id, t.qty)
-                    await self._stock.forget(layout.sku, t.id)
+                    await self._stock.give(layout, t.part, t.id, t.qty)
+                    await self._stock.end_refill(layout, t.id)
                 else:
-                    await self._stock.receive(layout.sku, t.id, await self._stock.drain(t.part, t.id, t.qty))
+                    await self._stock.receive(layout, t.id, await self._stock.drain(layout, t.part, t.id, t.qty))
                 logger.warning("completed transfer %s (%s %s, %d)", t.id, t.dir, t.part, t.qty)
+        except StaleLayout:
+            self.forget(layout.sku)
         except FlashSaleError as exc:
             logger.warning("sweep of %s failed: %s", layout.sku, exc, extra=ids(sku=layout.sku))
 

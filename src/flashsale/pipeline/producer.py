@@ -7,7 +7,8 @@ awaits the broker and Redis without holding a thread.
 - Purchases of one SKU arriving within a few milliseconds form a group (grouping.py): one half message
   and one pre-deduct serve them all, each purchase keeping its own rules and answer.
 - Before a group is sent, one Redis read answers those that cannot succeed, with no broker call: a
-  token seen before (its original answer), an unknown SKU, a sold-out SKU, a buyer at the limit.
+  token seen before (its original answer: `duplicate` once a replica holds its entry, where there are
+  replicas, else `pending`), an unknown SKU, a sold-out SKU, a buyer at the limit.
 - A partitioned SKU's group is placed by the scheduler (partitions.py): still one half message, whose
   pre-deduct runs on each partition its purchases go to (local_tx.py).
 - The order of a transaction matters. The half message goes first so that a deduction can never exist
@@ -30,9 +31,9 @@ from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, Purchase
 from flashsale.pipeline import local_tx
 from flashsale.pipeline.grouping import Grouper
 from flashsale.pipeline.local_tx import LocalTransaction
-from flashsale.pipeline.partitions import Scheduler
+from flashsale.pipeline.partitions import Placed, Scheduler
 from flashsale.ports import PurchaseStockPort, TxBusPort
-from flashsale.records import Peek, Prededuct
+from flashsale.records import LogEntry, Peek
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class PurchaseService:
         if layout is None:
             return await self._handle_sku(sku, requests)
         return await self._scheduler.sell(
-            layout, requests, lambda some, parts: self.commit_group(sku, some, parts, layout.epoch)
+            layout, requests, lambda some, parts: self._transact(sku, some, parts, layout.epoch)
         )
 
     async def _handle_sku(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
@@ -150,7 +151,8 @@ class PurchaseService:
             if sold_out:  # no broker call for a sold-out SKU; and no answer for a token not looked up
                 return self._all(requests, PurchaseStatus.ERROR, "stock could not be checked; try again")
             return await self.commit_group(sku, requests)
-        answers = [self._early(r, peek, sold_out) for r in requests]
+        answers = await self._seen(sku, requests, peek)
+        answers = [a or self._early(r, peek, sold_out) for a, r in zip(answers, requests, strict=True)]
         rest = [i for i, a in enumerate(answers) if a is None]
         if rest:
             done = await self.commit_group(sku, [requests[i] for i in rest])
@@ -158,15 +160,33 @@ class PurchaseService:
                 answers[i] = result
         return [a for a in answers if a is not None]
 
+    async def _seen(self, sku: str, requests: Sequence[PurchaseRequest], peek: Peek) -> list[PurchaseResult | None]:
+        """The answers of tokens seen before: `duplicate` from their log entries, once a replica holds them
+        (where there are replicas); `pending` when none does yet, for a failover could still lose them."""
+        found = {t: e for t, e in peek.entries.items() if e is not None and e.state in c.DEDUCTED_STATES}
+        held: dict[str, LogEntry | None] = dict(found)
+        confirmed = True
+        if found:
+            try:
+                held = (await self._stock.confirm({sku: found}))[sku]
+            except FlashSaleError as exc:
+                logger.warning("log entries of %s not confirmed by a replica: %s", sku, exc, extra=ids(sku=sku))
+                confirmed = False
+        answers: list[PurchaseResult | None] = []
+        for r in requests:
+            entry = held.get(r.token)
+            if entry is not None and entry.state in c.DEDUCTED_STATES:
+                answers.append(local_tx.seen(r.token, entry, confirmed=confirmed, remaining=peek.stock))
+            else:
+                answers.append(None)
+        return answers
+
     def _early(self, request: PurchaseRequest, peek: Peek, sold_out: bool) -> PurchaseResult | None:
         """The answer of a purchase that cannot succeed, or None: then the pre-deduct decides."""
         token, sku = request.token, request.sku
-        entry = peek.entries.get(token)
-        if entry is not None and entry.state in c.DEDUCTED_STATES:
-            return PurchaseResult(
-                PurchaseStatus.DUPLICATE, token, peek.stock, entry.message_id, message=local_tx.DUPLICATE
-            )
-        if entry is not None:  # a fence a checker wrote for this very token (before fences named messages)
+        if peek.entries.get(token) is not None:
+            # Seen before, and not confirmed as deducted: a fence a checker wrote for this very token (before
+            # fences named messages), or an entry gone with a failover. The pre-deduct decides.
             return None
         if peek.stock is None:
             return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
@@ -183,12 +203,17 @@ class PurchaseService:
             )
         return None
 
-    async def commit_group(
+    async def commit_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        """One transaction for purchases of one SKU sold from its own keys: an answer for each, in order."""
+        return [result for result, _ in await self._transact(sku, requests)]
+
+    async def _transact(
         self, sku: str, requests: Sequence[PurchaseRequest], parts: Sequence[str] | None = None, epoch: int = 0
-    ) -> list[PurchaseResult]:
+    ) -> list[Placed]:
         """One half message for purchases of one SKU, then their pre-deduct as its local transaction: on
         the SKU's keys, or on the partition `parts` names for each purchase (placed by the layout of
-        `epoch`), every partition's share at once. An answer for each purchase, in order."""
+        `epoch`), every partition's share at once. An answer for each purchase, in order, with the
+        pre-deduct's code behind it (None where there is none)."""
         gid = self._bus.new_message_id()
         message = local_tx.message(sku, requests, list(parts) if parts else [sku] * len(requests), gid)
         try:
@@ -203,7 +228,7 @@ class PurchaseService:
                 exc,
                 extra=ids(sku=sku, message_id=gid),
             )
-            return self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)
+            return [(r, None) for r in self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)]
         if self._observe_group:
             self._observe_group(len(requests))
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
@@ -238,11 +263,7 @@ class PurchaseService:
             await self._end(half.rollback, "rollback", gid)
         if parts is None and any(o is not None and o.remaining == 0 for o in run.outcomes):
             self._sold_out.mark(sku)
-        if self._scheduler is not None and any(
-            o is not None and o.code is Prededuct.STALE_LAYOUT for o in run.outcomes
-        ):
-            self._scheduler.forget(sku)
-        return [run.answer(i, gid) for i in range(len(requests))]
+        return [(run.answer(i, gid), o.code if o else None) for i, o in enumerate(run.outcomes)]
 
     @staticmethod
     def _all(

@@ -1,7 +1,9 @@
 """Processes the stack starts: spawn detached, record, recognise again, stop, and see what they listen on.
 
 A PID alone can be reused by an unrelated process after a reboot or a crash, so a record also keeps the
-process's start time; a PID whose start time differs is not ours.
+process's start time; a PID whose start time differs is not ours. The start time is counted from the
+machine's boot, as the kernel keeps it: a wall clock set forward or back (NTP, a resumed VM) moves the
+boot's wall-clock time and every process's with it, and would make the stack disown its own servers.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -25,23 +27,25 @@ _SAME_START_S = 0.05
 @dataclass(frozen=True)
 class PidRecord:
     pid: int
-    started: float  # seconds since the epoch, as psutil reports a process's creation
+    started: float  # seconds from the machine's boot to the process's creation
     command: str
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
+        tmp.write_text(json.dumps({"pid": self.pid, "since_boot": self.started, "command": self.command}))
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> PidRecord | None:
         try:
             data = json.loads(path.read_text())
-            if "start_ticks" in data:  # written by an earlier flashsale: clock ticks since boot
-                started = psutil.boot_time() + int(data["start_ticks"]) / os.sysconf("SC_CLK_TCK")
-            else:
-                started = float(data["started"])
+            if "since_boot" in data:
+                started = float(data["since_boot"])
+            elif "start_ticks" in data:  # written by an earlier flashsale: clock ticks since boot
+                started = int(data["start_ticks"]) / os.sysconf("SC_CLK_TCK")
+            else:  # written by an earlier flashsale: seconds since the epoch
+                started = float(data["started"]) - psutil.boot_time()
             return cls(pid=int(data["pid"]), started=started, command=str(data["command"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -52,8 +56,10 @@ _CHILDREN: set[int] = set()
 
 
 def started_at(pid: int) -> float | None:
+    """Seconds from boot to the process's creation (psutil adds the boot's wall-clock time, read now)."""
     try:
-        return float(psutil.Process(pid).create_time())
+        boot = psutil.boot_time()
+        return float(psutil.Process(pid).create_time()) - boot
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
@@ -68,10 +74,10 @@ def is_alive(record: PidRecord) -> bool:
             _CHILDREN.discard(record.pid)
             return False
     try:
-        process = psutil.Process(record.pid)
-        if abs(process.create_time() - record.started) > _SAME_START_S:
+        started = started_at(record.pid)
+        if started is None or abs(started - record.started) > _SAME_START_S:
             return False
-        return process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        return psutil.Process(record.pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
