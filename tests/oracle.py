@@ -42,6 +42,7 @@ class Books:
     ordered_qty: int
     open_conflicts: int
     redis_fenced: int = 0  # messages the checker fenced (the meta counter)
+    order_rows: dict[str, tuple[str, int]] = field(default_factory=dict)  # token -> (user, qty) of its order
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -67,6 +68,33 @@ class Books:
             -self.redis_stock,
             -self.mysql_stock,
         )
+
+    def against(
+        self,
+        answers: Mapping[str, Iterable[str]],
+        asked: Mapping[str, Iterable[int]],
+        users: Mapping[str, str],
+        limit: int = 0,
+    ) -> list[str]:
+        """Where the orders disagree with what the buyers heard, in both directions: every token told
+        `accepted` or `duplicate` has exactly one order and no other token has any; each order is for
+        the token's buyer and a quantity it was sent with; no buyer holds more than `limit` units."""
+        told = {t for t, said in answers.items() if HOLDS & set(said)}
+        problems = [f"told {sorted(answers[t])}, {self.orders.get(t, 0)} order(s): {t}" for t in self.lost(answers)]
+        theirs = set(self.orders) & set(answers)  # orders of these buyers (others may buy the same SKU)
+        problems += [f"an order for {t}, whose buyer was never told so" for t in sorted(theirs - told)]
+        for token, (user, qty) in sorted(self.order_rows.items()):
+            if token in users and user != users[token]:
+                problems.append(f"{token} ordered for {user}, bought by {users[token]}")
+            if token in asked and qty not in set(asked[token]):
+                problems.append(f"{token} ordered {qty} unit(s), asked {sorted(asked[token])}")
+        if limit:
+            held: Counter[str] = Counter()
+            for token, (user, qty) in self.order_rows.items():
+                if token in answers:
+                    held[user] += qty
+            problems += [f"{user} holds {n} units, past the limit of {limit}" for user, n in held.items() if n > limit]
+        return problems
 
     def lost(self, answers: Mapping[str, Iterable[str]]) -> list[str]:
         """Tokens a buyer was told they hold (accepted or duplicate) that do not have exactly one order."""
@@ -130,7 +158,7 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
             inventory = cur.fetchone()
             cur.execute("SELECT token, qty FROM stock_deductions WHERE sku = %s", (sku,))
             rows = {token: int(qty) for token, qty in cur.fetchall()}
-            cur.execute("SELECT token, qty FROM orders WHERE sku = %s", (sku,))
+            cur.execute("SELECT token, user_id, qty FROM orders WHERE sku = %s", (sku,))
             orders = cur.fetchall()
             cur.execute("SELECT COUNT(*) FROM conflicts WHERE sku = %s AND resolved_at IS NULL", (sku,))
             conflicts = cur.fetchone()
@@ -145,8 +173,9 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
         mysql_initial=int(inventory[0]) if inventory else -1,
         mysql_stock=int(inventory[1]) if inventory else -1,
         mysql_deducted=rows,
-        orders=Counter(token for token, _ in orders),
-        ordered_qty=sum(int(qty) for _, qty in orders),
+        orders=Counter(token for token, _, _ in orders),
+        ordered_qty=sum(int(qty) for _, _, qty in orders),
+        order_rows={token: (str(user), int(qty)) for token, user, qty in orders},
         open_conflicts=int(conflicts[0]) if conflicts else 0,
         redis_fenced=fenced,
     )
@@ -189,6 +218,15 @@ def _redis_side(
             elif transfer["dir"] == "in" and done is not None:
                 stock -= int(done)
     return stock, counter, fenced, deducted
+
+
+def redis_stock(redis_url: str, sku: str) -> int:
+    """The units the SKU still has on sale (or moving between its pool and partitions), from Redis alone."""
+    r = redis_client(redis_url)
+    try:
+        return _redis_side(r, sku, r.hgetall(f"fs:{{{sku}}}:meta"))[0]
+    finally:
+        r.close()
 
 
 def now(settings: _HasUrls, sku: str) -> Books:
