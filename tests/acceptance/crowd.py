@@ -96,9 +96,15 @@ class Crowd:
             return sum(1 for at, _, said in self._timeline if start <= at < end and said in statuses)
 
     def retried_into(self, statuses: frozenset[str] = CLEAR) -> list[str]:
-        """Tokens that got an unclear answer (or none) first, then a clear one when asked again."""
+        """Tokens that got an unclear answer (or none), then a clear one when asked again. (Not only a
+        token's first answer: a double click's second click waits for the first's answer, so a fault can
+        leave only second clicks in flight, after their first clicks were answered.)"""
         unclear = UNCLEAR | {NO_ANSWER}
-        return sorted(t for t, said in self.answers.items() if said and said[0] in unclear and statuses & set(said[1:]))
+        return sorted(
+            t
+            for t, said in self.answers.items()
+            if any(s in unclear and statuses & set(said[i + 1 :]) for i, s in enumerate(said))
+        )
 
     async def _run(self, give_up_s: float) -> None:
         timeout = aiohttp.ClientTimeout(total=10)
