@@ -377,10 +377,8 @@ class RedisStock:
             return parse_check(tokens, self._run("fence", script_keys, args))
         # fence.lua writes whenever it decides, so a WAIT on its connection covers the pre-deduct it read.
         try:
-            pipe = sync_node(self.client, keys.tx).pipeline(transaction=False)
-            self._scripts["fence"](keys=script_keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", wanted, self._wait_ms)  # type: ignore[no-untyped-call]
-            reply, acked = pipe.execute()
+            fence = self._scripts["fence"]
+            reply, acked = self._then_wait(keys.tx, wanted, lambda r: fence(keys=script_keys, args=args, client=r))
         except MISROUTED as exc:
             self._stale()
             raise unavailable(self.url, "fence", exc, reached=False) from exc
@@ -393,6 +391,7 @@ class RedisStock:
         return view
 
     def _then_wait(self, key: str, wanted: int, write: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """`write`'s reply and the replicas that acknowledged it: one pipeline on `key`'s node, as WAIT needs."""
         pipe = sync_node(self.client, key).pipeline(transaction=False)
         write(pipe)
         pipe.execute_command("WAIT", wanted, self._wait_ms)  # type: ignore[no-untyped-call]
