@@ -115,3 +115,37 @@ def test_a_load_no_replica_holds_is_refused_and_holds_once_run_again(redis_clust
         paused.close()
     finally:
         stock.close()
+
+
+def test_a_reload_cut_short_and_run_again_leaves_nothing_of_the_old_layout(redis_cluster: Settings) -> None:
+    """A partitioned SKU loaded again on one key, cut short by NotReplicated after its first write, then
+    run again: the old partitions (and the pool) must be gone. Were the SKU's own key rewritten first, the
+    run again would read no layout, never drop the partitions, and a lookup would still find the old
+    load's deductions there."""
+    sku = "repl-reload"
+    Failovers(Node("127.0.0.1", redis_cluster.ports.redis))  # a cluster just made: until it lists its replicas
+    stock = RedisStock(cluster_url(redis_cluster), wait_ms=200)
+    try:
+        old = stock.load_partitioned(sku, 30, partitions=3, refill=5, threshold=2, reset=True)
+        client = stock.client
+        assert isinstance(client, redis.RedisCluster)
+        before = [k for part in old.parts for k in SkuKeys.of(part).every() if client.exists(k)]
+        assert before, "the partitioned load wrote no partition keys"
+        slot = client.keyslot(SkuKeys.of(sku).meta)
+        replica = client.nodes_manager.slots_cache[slot][1]
+        with redis.Redis(host=replica.host, port=replica.port) as paused:
+            paused.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            try:
+                with pytest.raises(NotReplicated):
+                    stock.load(sku, 7, reset=True)
+            finally:
+                paused.execute_command("CLIENT", "UNPAUSE")
+        stock.load(sku, 7, reset=True)  # the operator runs it again
+        left = [k for part in old.parts for k in SkuKeys.of(part).every() if client.exists(k)]
+        assert left == [], f"the old load's partitions survived the reload: {left}"
+        keys = SkuKeys.of(sku)
+        assert [k for k in (keys.pool, keys.transfers, keys.done) if client.exists(k)] == []
+        assert client.get(keys.stock) == "7"  # the client decodes replies
+        assert client.hget(keys.meta, "parts") is None
+    finally:
+        stock.close()

@@ -222,9 +222,12 @@ class RedisStock:
     # --- the sale -----------------------------------------------------------------------------------
     def load(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
         old = self._refuse_history(sku, reset)
-        self._load_one(sku, [str(qty), str(per_user_limit), "1"])
+        # What the old load had goes first, while its layout still names it: the SKU's own load below
+        # rewrites that layout, so a load cut short after it (a crash, NotReplicated) and run again would
+        # read no layout and leave the old partitions, their deductions still found by a lookup.
         self._drop(sku, old.parts if old else (), pool=True)
         self._drop_holds(old)
+        self._load_one(sku, [str(qty), str(per_user_limit), "1"])
         self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
 
     def load_partitioned(
@@ -248,11 +251,12 @@ class RedisStock:
         # Each load has an epoch of its own, later than the one before: it names the holds' keys, and
         # every partition keeps it to refuse purchases placed by another load's layout.
         epoch = max(int(time.time() * 1000), old.epoch + 1 if old else 0)
+        # The old load's leftovers go first, while its layout still names them (see `load`).
+        self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
+        self._drop_holds(old)
         for part in parts:
             self._load_one(part, [str(share), "0", "1", str(threshold), str(epoch)])
             self._call("clear refills", self.client.delete, SkuKeys.of(part).refills)
-        self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
-        self._drop_holds(old)
         keys = SkuKeys.of(sku)
         epoch = self._script_held(
             keys.meta,
