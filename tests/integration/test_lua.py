@@ -125,6 +125,36 @@ def test_check_fences_an_old_message_and_a_late_prededuct_of_it_deducts_nothing(
     assert one(redis_stock, sku, "t1", "u1", 1, "m2").code is Prededuct.ACCEPTED
 
 
+def test_a_fence_outlives_a_reload_so_a_late_prededuct_of_its_message_still_deducts_nothing(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """`stock set --reset` discards the sale's history, but not what the checker decided: a message it
+    rolled back (fenced, or refused while frozen) may still be in its producer's hands, and its late
+    pre-deduct would otherwise deduct on the new load with no message left to carry it."""
+    redis_stock.load(sku, 5)
+    assert redis_stock.check(sku, "m1", ["t1"], grace_ms=0).state == c.TX_FENCED
+    with redis_stock.frozen(sku):
+        assert one(redis_stock, sku, "t2", "u2", 1, "m2").code is Prededuct.STALE_LAYOUT
+    assert redis_stock.check(sku, "m2", ["t2"], grace_ms=0).state == c.TX_STALE
+    redis_stock.load(sku, 5, reset=True)
+    assert one(redis_stock, sku, "t1", "u1", 1, "m1").code is Prededuct.FENCED
+    assert one(redis_stock, sku, "t2", "u2", 1, "m2").code is Prededuct.STALE_LAYOUT
+    assert redis_stock.client.get(SkuKeys.of(sku).stock) == "5"
+    assert redis_stock.client.hlen(SkuKeys.of(sku).log) == 0
+    # What the new load sells is its own: the same tokens in new messages are purchases like any other.
+    assert one(redis_stock, sku, "t1", "u1", 1, "m3").code is Prededuct.ACCEPTED
+
+
+def test_a_fence_outlives_a_partitioned_load_in_between(redis_stock: RedisStock, sku: str) -> None:
+    redis_stock.load(sku, 5)
+    assert redis_stock.check(sku, "m1", ["t1"], grace_ms=0).state == c.TX_FENCED
+    redis_stock.load_partitioned(sku, 6, partitions=2, refill=2, threshold=0, reset=True)
+    assert one(redis_stock, sku, "t1", "u1", 1, "m1").code is Prededuct.FENCED
+    redis_stock.load(sku, 5, reset=True)
+    assert one(redis_stock, sku, "t1", "u1", 1, "m1").code is Prededuct.FENCED
+    assert redis_stock.client.get(SkuKeys.of(sku).stock) == "5"
+
+
 def test_check_after_the_prededuct_reports_what_it_accepted_and_writes_nothing(
     redis_stock: RedisStock, sku: str
 ) -> None:

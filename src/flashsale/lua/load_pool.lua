@@ -5,7 +5,7 @@
 -- KEYS[3] fs:{sku}:users
 -- KEYS[4] fs:{sku}:meta       initial, parts, refill, threshold, loaded_ms (the epoch: each partition
 --                             keeps it too, and refuses a pre-deduct placed by another one)
--- KEYS[5] fs:{sku}:tx
+-- KEYS[5] fs:{sku}:tx       emptied but for the messages the checker rolled back
 -- KEYS[6] fs:{sku}:pool       units not given to a partition yet
 -- KEYS[7] fs:{sku}:transfers  pending moves between the pool and the partitions (emptied)
 -- KEYS[8] fs:{sku}:done       completed moves of the load before (emptied)
@@ -20,7 +20,21 @@
 --
 -- Returns the epoch.
 local epoch = tonumber(ARGV[7])
+-- The records of messages the checker rolled back stay, as in load_stock.lua: a late pre-deduct of one
+-- must find it after any later load of the SKU's own key.
+local decided = {}
+local records = redis.call('HGETALL', KEYS[5])
+for i = 1, #records, 2 do
+  local state = cjson.decode(records[i + 1])['state']
+  if state == 'fenced' or state == 'stale' then
+    decided[#decided + 1] = records[i]
+    decided[#decided + 1] = records[i + 1]
+  end
+end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8], KEYS[9])
+for i = 1, #decided, 200 do
+  redis.call('HSET', KEYS[5], unpack(decided, i, math.min(i + 199, #decided)))
+end
 redis.call('SET', KEYS[6], tonumber(ARGV[2]))
 redis.call('HSET', KEYS[4],
   'initial', tonumber(ARGV[1]), 'per_user_limit', tonumber(ARGV[6]), 'parts', ARGV[3],

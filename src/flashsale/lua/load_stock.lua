@@ -8,7 +8,8 @@
 -- KEYS[6] fs:{sku}:checks
 -- ARGV[1] quantity        decimal digits, >= 0
 -- ARGV[2] per-user limit  decimal digits, 0 = none
--- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, message records), '0' otherwise
+-- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, the records of messages
+--         that ran: those the checker rolled back stay), '0' otherwise
 -- ARGV[4] (a partition only) the switch threshold of its sub-domains; its standby starts empty
 -- ARGV[5] (a partition only) the epoch of its SKU's layout: a pre-deduct placed by another layout is refused
 --
@@ -36,9 +37,25 @@ if entries > 0 and reset ~= '1' then
   return {2, tostring(entries)}
 end
 
+-- What the checker decided outlives the history: a message it rolled back (fenced, or refused while
+-- frozen: 'stale') may still be in its producer's hands, and its late pre-deduct must find that record
+-- and deduct nothing on the new load, where no message would carry it. Every other record goes.
+local decided = {}
+local records = redis.call('HGETALL', tx_key)
+for i = 1, #records, 2 do
+  local state = cjson.decode(records[i + 1])['state']
+  if state == 'fenced' or state == 'stale' then
+    decided[#decided + 1] = records[i]
+    decided[#decided + 1] = records[i + 1]
+  end
+end
+
 local now = redis.call('TIME')
 local qty = tonumber(qty_arg)
 redis.call('DEL', log_key, users_key, meta_key, tx_key, KEYS[6])
+for i = 1, #decided, 200 do  -- in slices: unpack's arguments are bounded
+  redis.call('HSET', tx_key, unpack(decided, i, math.min(i + 199, #decided)))
+end
 redis.call('SET', stock_key, qty)
 redis.call('HSET', meta_key,
   'initial', qty,
