@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,11 +242,18 @@ class ProtocolMachine(RuleBasedStateMachine):
         self._load(qty, parts, limit if self.limits else 0, refill, threshold)
 
     def _fresh_sku(self, home: int) -> str:
-        run = uuid.uuid4().hex[:8]
+        """The example's SKU, with nothing left of an earlier example's. Its name is the same in every
+        example on the same master: the name decides the partitions' names and where each token sells,
+        so a random one would make a run that found something take other paths when replayed."""
         if self.failovers is None:
-            return f"pm-{run}"
-        lo, hi = self.failovers.home(home)
-        return next(f"pm-{run}-{n}" for n in range(100_000) if lo <= key_slot(f"pm-{run}-{n}".encode()) <= hi)
+            sku = "pm"
+        else:
+            lo, hi = self.failovers.home(home)
+            sku = next(f"pm-{n}" for n in range(100_000) if lo <= key_slot(f"pm-{n}".encode()) <= hi)
+        for pattern in (f"fs:{{{sku}}}:*", f"fs:{{{sku}#*"):  # the SKU's keys and its partitions'
+            for key in list(self.raw.scan_iter(match=pattern, count=1000)):
+                self.raw.delete(key)
+        return sku
 
     def _load(self, qty: int, parts: int, limit: int, refill: int, threshold: int) -> None:
         if parts == 1:
@@ -347,7 +353,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         layout = self._layout_of(p)
         if layout is None:
             return
-        step = TransferStep(uuid.uuid4().hex, kind, layout, data.draw(st.sampled_from(layout.parts)), want)
+        step = TransferStep(f"x{len(self.transfers)}", kind, layout, data.draw(st.sampled_from(layout.parts)), want)
         self.transfers.append(step)
         self._step(step, "first")
 

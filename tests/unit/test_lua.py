@@ -23,6 +23,14 @@ def test_every_script_header_documents_each_key_and_argument_it_uses(name: str) 
         assert f"-- {used} " in header, f"{name}.lua uses {used} without documenting it"
 
 
+@pytest.mark.parametrize("name", ["load_stock", "load_pool"])
+def test_a_script_that_includes_a_fragment_gets_its_text(name: str) -> None:
+    text = lua.source(name)
+    assert "local function decided_records(tx_key)" in text
+    assert "decided_records(" in text.split("local function put_back", 1)[1]  # defined, then called
+    assert not lua.INCLUDE.search(text)
+
+
 def test_an_unknown_script_name_does_not_load() -> None:
     with pytest.raises(FileNotFoundError):
         lua.source("no_such_script")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import cache
 from importlib import resources
+
+#: A line `-- include: NAME` stands for the fragment NAME.lua: a script reaches Redis as one text, so
+#: Lua that several scripts share is pasted in here.
+INCLUDE = re.compile(r"^-- include: (\w+)$", re.MULTILINE)
+
+
+def _read(name: str) -> str:
+    return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
 @cache
 def source(name: str) -> str:
-    return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    return INCLUDE.sub(lambda m: _read(m.group(1)).rstrip("\n"), _read(name))
 
 
 @cache

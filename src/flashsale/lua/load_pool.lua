@@ -19,22 +19,13 @@
 -- ARGV[7] the epoch, given to the partitions when they were loaded
 --
 -- Returns the epoch.
+
+-- include: decided
+
 local epoch = tonumber(ARGV[7])
--- The records of messages the checker rolled back stay, as in load_stock.lua: a late pre-deduct of one
--- must find it after any later load of the SKU's own key.
-local decided = {}
-local records = redis.call('HGETALL', KEYS[5])
-for i = 1, #records, 2 do
-  local state = cjson.decode(records[i + 1])['state']
-  if state == 'fenced' or state == 'stale' then
-    decided[#decided + 1] = records[i]
-    decided[#decided + 1] = records[i + 1]
-  end
-end
+local decided = decided_records(KEYS[5])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8], KEYS[9])
-for i = 1, #decided, 200 do
-  redis.call('HSET', KEYS[5], unpack(decided, i, math.min(i + 199, #decided)))
-end
+put_back(KEYS[5], decided)
 redis.call('SET', KEYS[6], tonumber(ARGV[2]))
 redis.call('HSET', KEYS[4],
   'initial', tonumber(ARGV[1]), 'per_user_limit', tonumber(ARGV[6]), 'parts', ARGV[3],

@@ -17,6 +17,8 @@
 --   1 loaded
 --   2 refused: the SKU has deductions on record (detail = how many log entries) and ARGV[3] is '0'
 --   3 invalid argument (detail names it)
+-- include: decided
+
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local qty_arg, limit_arg, reset = ARGV[1], ARGV[2], ARGV[3]
 
@@ -37,25 +39,12 @@ if entries > 0 and reset ~= '1' then
   return {2, tostring(entries)}
 end
 
--- What the checker decided outlives the history: a message it rolled back (fenced, or refused while
--- frozen: 'stale') may still be in its producer's hands, and its late pre-deduct must find that record
--- and deduct nothing on the new load, where no message would carry it. Every other record goes.
-local decided = {}
-local records = redis.call('HGETALL', tx_key)
-for i = 1, #records, 2 do
-  local state = cjson.decode(records[i + 1])['state']
-  if state == 'fenced' or state == 'stale' then
-    decided[#decided + 1] = records[i]
-    decided[#decided + 1] = records[i + 1]
-  end
-end
+local decided = decided_records(tx_key)
 
 local now = redis.call('TIME')
 local qty = tonumber(qty_arg)
 redis.call('DEL', log_key, users_key, meta_key, tx_key, KEYS[6])
-for i = 1, #decided, 200 do  -- in slices: unpack's arguments are bounded
-  redis.call('HSET', tx_key, unpack(decided, i, math.min(i + 199, #decided)))
-end
+put_back(tx_key, decided)
 redis.call('SET', stock_key, qty)
 redis.call('HSET', meta_key,
   'initial', qty,
