@@ -1,4 +1,4 @@
-"""Redis Lua scripts, one per file, loaded by name from the installed package."""
+"""Redis Lua scripts, one per file, loaded by name from the installed package (with the fragments they include)."""
 
 from __future__ import annotations
 
