@@ -1,11 +1,11 @@
 -- Load a partitioned SKU's own keys, once its partitions are loaded: the layout and the pool.
 --
 -- KEYS[1] fs:{sku}:stock      deleted: a partitioned SKU sells from its partitions only
--- KEYS[2] fs:{sku}:log        deleted, with KEYS[3] and KEYS[5]: an earlier unpartitioned sale's history
+-- KEYS[2] fs:{sku}:log        deleted, with KEYS[3] (and KEYS[5], see there): an earlier unpartitioned sale's history
 -- KEYS[3] fs:{sku}:users
 -- KEYS[4] fs:{sku}:meta       initial, parts, refill, threshold, loaded_ms (the epoch: each partition
 --                             keeps it too, and refuses a pre-deduct placed by another one)
--- KEYS[5] fs:{sku}:tx       emptied but for the messages the checker rolled back
+-- KEYS[5] fs:{sku}:tx         emptied but for the messages the checker rolled back
 -- KEYS[6] fs:{sku}:pool       units not given to a partition yet
 -- KEYS[7] fs:{sku}:transfers  pending moves between the pool and the partitions (emptied)
 -- KEYS[8] fs:{sku}:done       completed moves of the load before (emptied)

@@ -17,6 +17,7 @@
 --   1 loaded
 --   2 refused: the SKU has deductions on record (detail = how many log entries) and ARGV[3] is '0'
 --   3 invalid argument (detail names it)
+
 -- include: decided
 
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
