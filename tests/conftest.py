@@ -77,7 +77,7 @@ def isolated_settings(prefix: str, stack: Settings | None = None) -> Settings:
 @pytest.fixture(scope="session")
 def settings(stack: Settings) -> Iterator[Settings]:
     """Settings of this session: own namespace (topics, group) and the test database, initialised."""
-    from flashsale.adapters import rocketmq_admin
+    from flashsale.adapters.rocketmq import admin as rocketmq_admin
     from flashsale.ops.setup import init
 
     session = isolated_settings("t", stack)
@@ -147,7 +147,7 @@ def sku() -> str:
 
 @pytest.fixture
 def redis_stock(settings: Settings) -> Iterator[object]:
-    from flashsale.adapters.redis_stock import RedisStock
+    from flashsale.adapters.redis.stock import RedisStock
 
     stock = RedisStock(settings.redis_url)
     yield stock
@@ -156,7 +156,7 @@ def redis_stock(settings: Settings) -> Iterator[object]:
 
 @pytest.fixture
 def mysql_store(settings: Settings) -> Iterator[object]:
-    from flashsale.adapters.mysql_store import MySQLStore
+    from flashsale.adapters.mysql.store import MySQLStore
 
     store = MySQLStore(settings.mysql_url)
     yield store

@@ -1,4 +1,4 @@
-"""Run the real `flashsale ... run` processes for a test, in the session's namespace (see ops/fleet.py).
+"""Run the real `flashsale ... run` processes for a test, in the session's namespace (see bench/fleet.py).
 
 Every child is watched: a child that exits without the test asking for it, stops with a non-zero code,
 or logs a traceback from flashsale's own code fails the test, with each such child's log attached.
@@ -12,8 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from flashsale.bench.fleet import Child, Fleet, free_port
 from flashsale.config import Settings
-from flashsale.ops.fleet import Child, Fleet, free_port
 from tests.conftest import session_env
 
 __all__ = ["Child", "Pipeline", "free_port", "post"]

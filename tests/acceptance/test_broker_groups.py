@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from flashsale import constants as c
-from flashsale.adapters import rocketmq_admin
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
 from flashsale.config import Settings
 from flashsale.ops.setup import init, set_stock
 from flashsale.polling import poll_until

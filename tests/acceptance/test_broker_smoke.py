@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from flashsale import constants as c
-from flashsale.adapters import rocketmq_admin
-from flashsale.adapters.rocketmq_consumer import RocketMQConsumer
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
+from flashsale.adapters.rocketmq.consumer import RocketMQConsumer
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.models import Delivery, Resolution
 
@@ -105,7 +105,7 @@ def test_a_rolled_back_half_message_is_never_delivered(
 
 DYING_PRODUCER = textwrap.dedent("""
     import os, signal, sys
-    from flashsale.adapters.rocketmq_producer import RocketMQProducer
+    from flashsale.adapters.rocketmq.producer import RocketMQProducer
     from flashsale.models import Resolution
     endpoint, topic, keys = sys.argv[1], sys.argv[2], sys.argv[3:]
     producer = RocketMQProducer(endpoint, [topic], lambda d: Resolution.UNKNOWN).start()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.models import Purchase
 from flashsale.ops.setup import set_stock
@@ -49,7 +49,7 @@ def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(se
 
 def _probe_topic_offset(settings: Settings) -> int:
     """Messages ever written to the stack's probe topic (queue 0), asked of the broker directly."""
-    from flashsale.adapters import rocketmq_admin
+    from flashsale.adapters.rocketmq import admin as rocketmq_admin
     from flashsale.stack.services import PROBE_TOPIC
 
     get_max_offset = 30  # RequestCode.GET_MAX_OFFSET
@@ -84,7 +84,7 @@ def test_init_is_idempotent_and_says_what_exists(settings: Settings) -> None:
     assert report["migrations_applied"] == [] and report["schema_version"] >= 1
     assert report["topics"] == {settings.deduction_topic: "TRANSACTION", settings.replay_topic: "NORMAL"}
     from flashsale import constants as c
-    from flashsale.adapters import rocketmq_admin
+    from flashsale.adapters.rocketmq import admin as rocketmq_admin
     from flashsale.ops.setup import RETRY_MAX_TIMES
 
     for broker in rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME):

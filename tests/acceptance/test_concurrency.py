@@ -8,8 +8,8 @@ import re
 import aiohttp
 import pytest
 
+from flashsale.bench.load import run_load
 from flashsale.config import Settings
-from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
 from tests.acceptance.harness import Pipeline
 from tests.oracle import balanced

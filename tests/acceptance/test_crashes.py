@@ -14,12 +14,12 @@ import sqlalchemy as sa
 
 from flashsale import constants as c
 from flashsale import failpoints
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock, SkuKeys
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.bench.load import run_load
 from flashsale.config import Settings
 from flashsale.models import DeductionMessage, Purchase, Resolution
-from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
 from flashsale.records import Prededuct
 from flashsale.stack.manager import Stack

@@ -24,9 +24,9 @@ import redis
 
 from flashsale import constants as c
 from flashsale import failpoints
-from flashsale.adapters import rocketmq_admin
-from flashsale.adapters import rocketmq_internals as internals
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
+from flashsale.adapters.rocketmq import internals
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.models import Resolution
 from flashsale.ops.setup import set_stock

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from flashsale.bench.load import run_load
 from flashsale.config import Settings
-from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
 from tests.acceptance.harness import Pipeline, free_port, post
 from tests.oracle import balanced

@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from flashsale import constants as c
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import MalformedMessage
 from flashsale.models import DeductionMessage, Resolution

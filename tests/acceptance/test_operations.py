@@ -11,11 +11,11 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock, SkuKeys, prededuct_call
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock, SkuKeys, prededuct_call
+from flashsale.bench.load import run_load
 from flashsale.config import Settings
 from flashsale.models import Purchase
-from flashsale.ops.load import run_load
 from flashsale.ops.setup import set_stock
 from tests.acceptance.harness import Pipeline
 from tests.oracle import balanced, now

@@ -23,9 +23,9 @@ from sqlalchemy.engine.url import make_url
 
 from flashsale import constants as c
 from flashsale import failpoints
-from flashsale.adapters import rocketmq_admin
-from flashsale.adapters.redis_stock import RedisStock, SkuKeys
-from flashsale.adapters.redis_stock_async import AsyncRedisStock
+from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.stock_async import AsyncRedisStock
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
 from flashsale.config import Settings
 from flashsale.models import DeductionMessage, Delivery, Purchase, Resolution
 from flashsale.ops.setup import set_stock

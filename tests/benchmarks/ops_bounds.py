@@ -16,11 +16,11 @@ import tracemalloc
 import uuid
 from pathlib import Path
 
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.bench.load import run_load
 from flashsale.config import Settings
 from flashsale.models import Deduction, Purchase
-from flashsale.ops.load import run_load
 from flashsale.ops.reconcile import reconcile_sku
 from flashsale.ops.setup import init, set_stock
 from flashsale.records import Incoming

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 import redis
 
 from flashsale import constants as c
-from flashsale import lua
-from flashsale.adapters.redis_stock import RedisStock, SkuKeys
+from flashsale.adapters.redis import lua
+from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.bench.cpu import CpuMeter
 from flashsale.config import Settings
-from flashsale.ops.cpu import CpuMeter
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.manager import Stack

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from flashsale.bench.cpu import CpuMeter
+from flashsale.bench.runner import BenchConfig, StrategyResult, run_bench
 from flashsale.config import Settings
-from flashsale.ops.bench import BenchConfig, StrategyResult, run_bench
-from flashsale.ops.cpu import CpuMeter
 from flashsale.ops.setup import init
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout

@@ -24,10 +24,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.bench.cpu import CpuMeter
+from flashsale.bench.fleet import Child, Fleet
 from flashsale.config import Settings
-from flashsale.ops.cpu import CpuMeter
-from flashsale.ops.fleet import Child, Fleet
 from flashsale.ops.setup import init, set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs

@@ -10,16 +10,16 @@ from collections.abc import Sequence
 import pytest
 import redis
 
-from flashsale import lua
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.redis_stock_async import AsyncRedisStock
-from flashsale.adapters.rocketmq_consumer import RocketMQConsumer
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis import lua
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.redis.stock_async import AsyncRedisStock
+from flashsale.adapters.rocketmq.consumer import RocketMQConsumer
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.bench.fleet import free_port
 from flashsale.config import Settings
 from flashsale.errors import BusError, ServiceUnavailable, StoreError
 from flashsale.models import Deduction, DeductionMessage, Delivery, Purchase, Resolution
-from flashsale.ops.fleet import free_port
 from flashsale.pipeline.consumer import DeductionConsumer
 from flashsale.records import Incoming, Prededuct
 from tests.unit.fakes import FakeLog

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from flashsale import constants as c
-from flashsale.adapters.redis_stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.stock import RedisStock, SkuKeys
 from flashsale.errors import StockError
 from flashsale.models import Purchase
 from flashsale.records import Prededuct, PredeductResult, StockReturn

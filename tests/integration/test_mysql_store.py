@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from flashsale import sql
-from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.mysql import sql
+from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.errors import StockError, StoreError
 from flashsale.models import Deduction
 from flashsale.records import DeadLetter, Incoming
@@ -29,7 +29,9 @@ def test_migrations_are_recorded_and_a_second_run_applies_nothing(mysql_store: M
 def test_every_named_query_is_used_by_the_code() -> None:
     import pathlib
 
-    source = "\n".join(p.read_text() for p in pathlib.Path(sql.__file__).parent.parent.rglob("*.py"))
+    import flashsale
+
+    source = "\n".join(p.read_text() for p in pathlib.Path(flashsale.__file__).parent.rglob("*.py"))
     unused = [name for name in sql.queries() if f'"{name}"' not in source]
     assert unused == []
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from flashsale import constants as c
-from flashsale.adapters.redis_stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.stock import RedisStock, SkuKeys
 from flashsale.config import Settings
 from flashsale.errors import NotReplicated
 from tests.conftest import cluster_url

@@ -22,7 +22,8 @@ from hypothesis import core, settings
 from hypothesis.errors import FlakyStrategyDefinition
 from hypothesis.stateful import run_state_machine_as_test
 
-from flashsale.adapters import redis_stock, redis_topology
+from flashsale.adapters.redis import stock as redis_stock
+from flashsale.adapters.redis import topology as redis_topology
 from flashsale.config import Settings
 from flashsale.stack.manager import Stack
 from tests.conftest import CLUSTER_ENV, ROOT, TEST_REDIS_DB, clean_environment

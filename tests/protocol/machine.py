@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from redis.crc import key_slot
 
-from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.redis_stock_async import AsyncRedisStock
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.redis.stock_async import AsyncRedisStock
 from flashsale.errors import BusError, FlashSaleError, NotReplicated
 from flashsale.models import DeductionMessage, Delivery, PurchaseRequest, PurchaseResult, Resolution
 from flashsale.pipeline import accepted, partitions

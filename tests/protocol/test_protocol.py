@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 
-from flashsale.adapters import redis_stock, redis_topology
+from flashsale.adapters.redis import stock as redis_stock
+from flashsale.adapters.redis import topology as redis_topology
 from flashsale.config import Settings
 from tests.conftest import cluster_url
 from tests.protocol.cluster import Failovers, Node

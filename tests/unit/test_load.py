@@ -6,8 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from flashsale.ops.load import run_load
-from flashsale.ops.plot import series
+from flashsale.bench.load import run_load
+from flashsale.bench.plot import series
 
 
 async def _slow_server(delay_s: float) -> tuple[web.AppRunner, str]:
@@ -52,7 +52,7 @@ def test_a_closed_loop_buyer_sends_when_its_answer_came_so_latency_stays_flat() 
 
 
 def test_the_plot_series_bins_answers_and_marks_accepted_per_second() -> None:
-    from flashsale.ops.load import Answer, LoadReport
+    from flashsale.bench.load import Answer, LoadReport
 
     report = LoadReport()
     report.answers = [Answer(0.1, "accepted", 0.01), Answer(0.2, "sold_out", 0.03), Answer(0.6, "accepted", 0.02)]

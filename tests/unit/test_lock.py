@@ -32,7 +32,7 @@ def test_every_dependency_is_pinned_with_hashes_in_both_lock_files() -> None:
 
 
 def test_the_pinned_rocketmq_client_is_the_one_its_internals_module_names() -> None:
-    from flashsale.adapters import rocketmq_internals
+    from flashsale.adapters.rocketmq import internals as rocketmq_internals
 
     assert _pinned("requirements.lock")["rocketmq-python-client"] == "5.1.2"
     assert "5.1.2" in (rocketmq_internals.__doc__ or "")

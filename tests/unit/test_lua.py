@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from flashsale import lua
+from flashsale.adapters.redis import lua
 
 
 @pytest.mark.parametrize("name", lua.NAMES)

@@ -14,7 +14,7 @@ import pytest
 from redis.crc import key_slot
 
 from flashsale import constants as c
-from flashsale.adapters.redis_partitions import moving, parent, place
+from flashsale.adapters.redis.partitions import moving, parent, place
 from flashsale.errors import MalformedMessage, ServiceUnavailable
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseStatus
 from flashsale.pipeline import partitions

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from flashsale.adapters import rocketmq_admin
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
 from flashsale.errors import ServiceUnavailable
 
 

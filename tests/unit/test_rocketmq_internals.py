@@ -1,4 +1,4 @@
-"""The pinned RocketMQ client still has the shape flashsale relies on (see adapters/rocketmq_internals.py).
+"""The pinned RocketMQ client still has the shape flashsale relies on (see adapters/rocketmq/internals.py).
 
 When this fails after an upgrade of rocketmq-python-client, read the list: each line names a private
 attribute or a signature the adapters use, and each must be checked before the new client is trusted.
@@ -10,7 +10,7 @@ import pytest
 from rocketmq import Producer
 from rocketmq.v5.client import Client
 
-from flashsale.adapters import rocketmq_internals as internals
+from flashsale.adapters.rocketmq import internals
 
 
 def test_the_installed_client_has_every_internal_the_adapters_use() -> None:

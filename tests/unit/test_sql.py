@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashsale import sql
+from flashsale.adapters.mysql import sql
 
 
 def test_queries_parse_every_named_block_into_a_non_empty_statement() -> None:

@@ -4,8 +4,8 @@ import json
 import urllib.error
 import urllib.request
 
+from flashsale.bench.fleet import free_port
 from flashsale.errors import ServiceUnavailable
-from flashsale.ops.fleet import free_port
 from flashsale.service.metrics import Metrics
 from flashsale.service.status import Readiness, StatusServer
 

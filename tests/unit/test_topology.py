@@ -1,10 +1,10 @@
-"""How many replicas a pre-deduct waits for: the pure part of adapters/redis_topology.py."""
+"""How many replicas a pre-deduct waits for: the pure part of adapters/redis/topology.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flashsale.adapters.redis_topology import Replicas
+from flashsale.adapters.redis.topology import Replicas
 
 
 @dataclass

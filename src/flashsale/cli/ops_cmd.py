@@ -9,8 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.cli.context import Context
 from flashsale.cli.options import json_output, wait_seconds
 from flashsale.errors import InvalidInput

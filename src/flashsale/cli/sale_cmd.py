@@ -13,13 +13,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flashsale.bench import runner as bench_ops
+from flashsale.bench.demo import DemoConfig, run_demo
+from flashsale.bench.plot import plot
 from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
 from flashsale.cli.options import json_output, partitions_option
 from flashsale.errors import InvalidInput
-from flashsale.ops import bench as bench_ops
-from flashsale.ops.demo import DemoConfig, run_demo
-from flashsale.ops.plot import plot
 
 
 @contextmanager

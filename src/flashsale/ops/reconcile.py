@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import constants as c
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.errors import UnknownSku
 from flashsale.ops.paging import pages

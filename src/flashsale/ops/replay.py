@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import constants as c
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import MalformedMessage
 from flashsale.models import SOURCE_REPLAY, DeductionMessage, Purchase, Resolution

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import constants as c
-from flashsale.adapters import rocketmq_admin
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
 from flashsale.config import Settings
 from flashsale.errors import InvalidInput, ServiceUnavailable, StackError, StockError, UnknownSku
 from flashsale.models import parse_count, require_id

@@ -1,4 +1,4 @@
-"""The answer to the broker's transaction check of a half message, read from Redis (see lua/fence.lua).
+"""The answer to the broker's transaction check of a half message, read from Redis (see adapters/redis/lua/fence.lua).
 
 - the message's pre-deduct ran and accepted purchases whose log entries name this message: COMMIT. A
   body that says another user or quantity than the log is logged, and committed all the same: the

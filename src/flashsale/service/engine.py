@@ -13,9 +13,9 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.redis_stock_async import AsyncRedisStock
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.redis.stock_async import AsyncRedisStock
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError
 from flashsale.models import PurchaseResult

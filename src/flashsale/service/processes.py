@@ -17,16 +17,16 @@ from types import FrameType
 
 import uvloop
 
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
-from flashsale.adapters.rocketmq_consumer import RocketMQConsumer
-from flashsale.adapters.rocketmq_producer import RocketMQProducer
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.rocketmq.consumer import RocketMQConsumer
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.bench.baseline import BaselineService, StoreReader, loop_in_thread
 from flashsale.config import Settings
 from flashsale.errors import InvalidInput
 from flashsale.models import PurchaseRequest, PurchaseResult
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.consumer import DeductionConsumer
-from flashsale.service.baseline import BaselineService, StoreReader, loop_in_thread
 from flashsale.service.engine import PurchaseEngine
 from flashsale.service.http_app import HttpApp
 from flashsale.service.http_server import HttpServer
@@ -102,7 +102,7 @@ def run_producer(settings: Settings) -> None:
 
 
 def run_baseline(settings: Settings, strategy: str, *, workers: int) -> None:
-    """The plain-MySQL purchase behind the producer's HTTP app, until SIGTERM (see service/baseline.py)."""
+    """The plain-MySQL purchase behind the producer's HTTP app, until SIGTERM (see bench/baseline.py)."""
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     metrics = Metrics()
     cfg = settings.producer

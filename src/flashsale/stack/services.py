@@ -307,13 +307,14 @@ class _RocketMQService(Service):
             raise StackError(f"the gRPC proxy on {HOST}:{self.settings.ports.proxy_grpc} does not answer")
 
     def brokers(self) -> list[str]:
-        from flashsale.adapters import rocketmq_admin
+        from flashsale.adapters.rocketmq import admin as rocketmq_admin
 
         return rocketmq_admin.cluster_brokers(self.namesrv_addr, c.CLUSTER_NAME)
 
     def send_probe(self, proxy: str) -> str:
         """Send one message through the proxy on the stack's own probe topic, which every broker carries."""
-        from flashsale.adapters import rocketmq_admin, rocketmq_producer
+        from flashsale.adapters.rocketmq import admin as rocketmq_admin
+        from flashsale.adapters.rocketmq import producer as rocketmq_producer
 
         for broker in self.brokers():
             if rocketmq_admin.topic_info(broker, PROBE_TOPIC) is None:

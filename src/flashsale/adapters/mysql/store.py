@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 
-from flashsale import sql
+from flashsale.adapters.mysql import sql
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
 from flashsale.logs import ids
 from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase

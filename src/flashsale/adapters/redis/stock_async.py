@@ -19,22 +19,22 @@ import redis
 from redis.exceptions import BusyLoadingError, NoScriptError
 
 from flashsale import constants as c
-from flashsale import lua
-from flashsale.adapters.redis_partitions import (
+from flashsale.adapters.redis import lua
+from flashsale.adapters.redis.partitions import (
     aggregate,
     holds_key,
     moving,
     parse_layout,
     parse_partition,
 )
-from flashsale.adapters.redis_stock import (
+from flashsale.adapters.redis.stock import (
     SkuKeys,
     parse_prededuct,
     parse_view,
     prededuct_call,
     unavailable,
 )
-from flashsale.adapters.redis_topology import MISROUTED, UNREACHABLE, AsyncRouter
+from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter
 from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
 from flashsale.records import Layout, LogEntry, Peek, PredeductResult, Registry, StockView, Transfer

@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from flashsale import constants as c
-from flashsale import lua
-from flashsale.adapters.redis_partitions import (
+from flashsale.adapters.redis import lua
+from flashsale.adapters.redis.partitions import (
     aggregate,
     all_holds_keys,
     moving,
@@ -26,7 +26,7 @@ from flashsale.adapters.redis_partitions import (
     parse_partition,
     place,
 )
-from flashsale.adapters.redis_topology import (
+from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
     MISROUTED,
     UNREACHABLE,

@@ -11,8 +11,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from flashsale.bench.load import LoadReport
 from flashsale.errors import InvalidInput
-from flashsale.ops.load import LoadReport
 
 #: Width of one interval of the plot, in seconds.
 BIN_S = 0.25

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from flashsale import constants as c
-from flashsale.adapters.mysql_store import MySQLStore, query
+from flashsale.adapters.mysql.store import MySQLStore, query
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 
 #: Lost races an optimistic purchase retries before giving up with `error`.

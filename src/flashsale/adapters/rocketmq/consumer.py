@@ -18,9 +18,9 @@ from typing import Any
 
 from rocketmq import FilterExpression, Message
 
-from flashsale.adapters import rocketmq_internals as internals
-from flashsale.adapters.rocketmq_base import shutdown_quietly, start_client, to_delivery
-from flashsale.adapters.rocketmq_recovery import StreamWatchdog
+from flashsale.adapters.rocketmq import internals
+from flashsale.adapters.rocketmq.base import shutdown_quietly, start_client, to_delivery
+from flashsale.adapters.rocketmq.recovery import StreamWatchdog
 from flashsale.errors import BusError, ServiceUnavailable
 from flashsale.models import Delivery
 

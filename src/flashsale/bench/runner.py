@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from flashsale import constants as c
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.bench.cpu import CpuMeter
+from flashsale.bench.fleet import Child, Fleet, environment, ready
+from flashsale.bench.load import LoadReport, run_load
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput
 from flashsale.ops import reconcile, setup
-from flashsale.ops.cpu import CpuMeter
-from flashsale.ops.fleet import Child, Fleet, environment, ready
-from flashsale.ops.load import LoadReport, run_load
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.services import family, services

@@ -11,7 +11,7 @@ from typing import Any
 
 from rocketmq import Message
 
-from flashsale.adapters import rocketmq_internals as internals
+from flashsale.adapters.rocketmq import internals
 from flashsale.errors import ServiceUnavailable
 from flashsale.models import Delivery
 

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from flashsale.adapters.mysql_store import MySQLStore
-from flashsale.adapters.redis_stock import RedisStock
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.bench.fleet import Fleet, environment
+from flashsale.bench.load import LoadReport, run_load
 from flashsale.config import Settings
 from flashsale.ops import reconcile, setup
-from flashsale.ops.fleet import Fleet, environment
-from flashsale.ops.load import LoadReport, run_load
 from flashsale.stack.manager import Stack
 
 Say = Callable[[str], None]

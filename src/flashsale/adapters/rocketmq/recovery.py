@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flashsale.adapters import rocketmq_internals as internals
+from flashsale.adapters.rocketmq import internals
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from flashsale.adapters.mysql_baselines import MySQLBaselines
-from flashsale.adapters.mysql_store import MySQLStore
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.bench.mysql_baselines import MySQLBaselines
 from flashsale.errors import FlashSaleError
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.records import StockView
