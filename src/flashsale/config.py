@@ -115,6 +115,26 @@ class StackTopology:
 
 
 @dataclass(frozen=True)
+class ClientSettings:
+    """What every process's Redis client shares."""
+
+    redis_timeout_s: float = setting(
+        1.0,
+        "REDIS_TIMEOUT_S",
+        "Redis socket timeout; past it a purchase is reported pending",
+        kind="number",
+        minimum=0.01,
+    )
+    redis_wait_ms: int = setting(
+        500,
+        "REDIS_WAIT_MS",
+        "with Redis Cluster replicas: how long a pre-deduct or a check waits for a replica to hold it (WAIT); "
+        "0: never wait (a failover may then lose what a buyer was told)",
+        kind="int",
+    )
+
+
+@dataclass(frozen=True)
 class ProducerSettings:
     http_host: str = setting(c.DEFAULT_HOST, "HTTP_HOST", "address the producer's HTTP service listens on")
     http_port: int = setting(
@@ -129,13 +149,6 @@ class ProducerSettings:
     )
     max_in_flight: int = setting(
         2048, "MAX_IN_FLIGHT", "purchases queued in the producer before it answers 503", kind="int", minimum=1
-    )
-    redis_timeout_s: float = setting(
-        1.0,
-        "REDIS_TIMEOUT_S",
-        "Redis socket timeout; past it a purchase is reported pending",
-        kind="number",
-        minimum=0.01,
     )
     sold_out_cache_s: float = setting(
         0.5, "SOLD_OUT_CACHE_S", "how long a producer trusts its local sold-out flag", kind="number"
@@ -181,13 +194,6 @@ class Settings:
     namesrv_addr: str = setting(
         "", "NAMESRV_ADDR", "name server host:port for topic admin (default: 127.0.0.1:<NAMESRV_PORT>)"
     )
-    redis_wait_ms: int = setting(
-        500,
-        "REDIS_WAIT_MS",
-        "with Redis Cluster replicas: how long a pre-deduct or a check waits for a replica to hold it (WAIT); "
-        "0: never wait (a failover may then lose what a buyer was told)",
-        kind="int",
-    )
     partition_refill: int = setting(
         100,
         "PARTITION_REFILL",
@@ -201,7 +207,11 @@ class Settings:
         "partitioned stock: a partition switches to its standby sub-domain when the active one falls below this",
         kind="int",
     )
+    clients: ClientSettings = field(default_factory=ClientSettings)
     namespace: str = setting(c.DEFAULT_NAMESPACE, "NAMESPACE", "prefix of topic and consumer group names")
+    metrics_host: str = setting(
+        c.DEFAULT_HOST, "METRICS_HOST", "address the consumer's and checker's /metrics and /readyz listen on"
+    )
     producer: ProducerSettings = field(default_factory=ProducerSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
     check_grace_s: float = setting(
@@ -243,10 +253,10 @@ class Settings:
             raise ConfigError(
                 f"{c.ENV_PREFIX}NAMESPACE={self.namespace!r} must be 1-40 letters, digits, '-' or '_' (it names topics)"
             )
-        if self.redis_wait_ms >= self.producer.redis_timeout_s * 1000:
+        if self.clients.redis_wait_ms >= self.clients.redis_timeout_s * 1000:
             raise ConfigError(
-                f"{c.ENV_PREFIX}REDIS_WAIT_MS={self.redis_wait_ms} must be shorter than "
-                f"{c.ENV_PREFIX}REDIS_TIMEOUT_S={self.producer.redis_timeout_s} (a WAIT longer than the socket "
+                f"{c.ENV_PREFIX}REDIS_WAIT_MS={self.clients.redis_wait_ms} must be shorter than "
+                f"{c.ENV_PREFIX}REDIS_TIMEOUT_S={self.clients.redis_timeout_s} (a WAIT longer than the socket "
                 "timeout always times out)"
             )
         if self.log_format not in ("text", "json"):
@@ -344,6 +354,7 @@ def _shown(default: Any) -> str:
 _NESTED: dict[str, type] = {
     "ports": StackPorts,
     "topology": StackTopology,
+    "clients": ClientSettings,
     "producer": ProducerSettings,
     "consumer": ConsumerSettings,
 }

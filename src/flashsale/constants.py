@@ -120,9 +120,5 @@ DEFAULT_DATABASE = "flashsale"
 DEFAULT_DB_USER = "flashsale"
 DEFAULT_DB_PASSWORD = "flashsale"
 
-# --- What `flashsale bench` measures flashsale against ------------------------------------------------
-#: The purchase as one plain MySQL transaction: with a row lock, or a version check and retries.
-BASELINES = ("mysql-lock", "mysql-optimistic")
-
 # --- RocketMQ server version resolved from Maven Central by infra/rocketmq/pom.xml --------------------
 ROCKETMQ_VERSION = "5.3.3"

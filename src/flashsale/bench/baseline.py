@@ -10,27 +10,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import uvloop
+
+from flashsale import wiring
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.bench.mysql_baselines import MySQLBaselines
+from flashsale.config import Settings
 from flashsale.errors import FlashSaleError
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.records import StockView
+from flashsale.service.http_app import HttpApp
+from flashsale.service.http_server import HttpServer
+from flashsale.service.metrics import Metrics
+from flashsale.service.processes import SHUTDOWN_TIMEOUT_S, on_signals
 
 logger = logging.getLogger(__name__)
 
 
-class BaselineService:
-    """A Purchaser (see service/http_app.py) whose purchase is one MySQL transaction on a worker thread."""
+def run_baseline(settings: Settings, strategy: str, *, workers: int) -> None:
+    """The plain-MySQL purchase behind the producer's HTTP app, until SIGTERM."""
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    metrics = Metrics()
+    cfg = settings.producer
+    stop = on_signals()
+    with wiring.mysql_store(settings, pool_size=workers, pinged=True) as store:
+        service = BaselineService(store, strategy, workers, metrics)
+        app = HttpApp(service, StoreReader(store), metrics, max_in_flight=cfg.max_in_flight)
+        server = HttpServer(app, cfg.http_host, cfg.http_port, loop_in_thread())
+        try:
+            server.start()
+            logger.info("baseline %s listening on http://%s:%d", strategy, cfg.http_host, cfg.http_port)
+            stop.wait()
+            server.stop(SHUTDOWN_TIMEOUT_S)
+        finally:
+            service.close()
+    logger.info("baseline stopped")
 
-    def __init__(self, store: MySQLStore, strategy: str, workers: int) -> None:
+
+class BaselineService:
+    """A Purchaser (see service/http_app.py) whose purchase is one MySQL transaction on a worker thread,
+    counted and timed as the producer's are."""
+
+    def __init__(self, store: MySQLStore, strategy: str, workers: int, metrics: Metrics) -> None:
         self._store = store
         self._purchase = MySQLBaselines(store).strategy(strategy)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=strategy)
+        self._metrics = metrics
 
     async def submit(self, request: PurchaseRequest) -> PurchaseResult:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._attempt, request)
+        started = time.perf_counter()
+        result = await asyncio.get_running_loop().run_in_executor(self._pool, self._attempt, request)
+        self._metrics.purchase(result, time.perf_counter() - started)
+        return result
 
     def _attempt(self, request: PurchaseRequest) -> PurchaseResult:
         try:

@@ -7,8 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.stock import RedisStock
+from flashsale import wiring
 from flashsale.bench.fleet import Fleet, environment
 from flashsale.bench.load import LoadReport, run_load
 from flashsale.config import Settings
@@ -57,13 +56,9 @@ def run_demo(
         tick = on_sale_start(config.attempts)
         load = asyncio.run(run_load(url, [sku], attempts=config.attempts, concurrency=config.buyers, tick=tick))
         say("6/6 waiting for MySQL to hold every deduction, then reconciling Redis, MySQL and orders")
-        stock, store = RedisStock(settings.redis_url), MySQLStore(settings.mysql_url)
-        try:
+        with wiring.books(settings) as (stock, store):
             drain_s = reconcile.wait_applied(store, [sku], load.statuses.get("accepted", 0), timeout_s=120)
             report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
-        finally:
-            stock.close()
-            store.close()
     finally:
         fleet.stop()
     return DemoResult(sku=sku, load=load, drain_s=drain_s, report=report, logs=str(logs))

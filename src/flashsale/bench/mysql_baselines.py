@@ -14,10 +14,11 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore, query
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 
+#: The purchase as one plain MySQL transaction: with a row lock, or a version check and retries.
+BASELINES = ("mysql-lock", "mysql-optimistic")
 #: Lost races an optimistic purchase retries before giving up with `error`.
 OPTIMISTIC_RETRIES = 50
 #: Longest pause between two tries; the pause grows with each lost race, jittered (what anyone would add).
@@ -69,7 +70,7 @@ class MySQLBaselines:
 
     def strategy(self, name: str) -> Callable[[PurchaseRequest], PurchaseResult]:
         strategies = {"mysql-lock": self.locked, "mysql-optimistic": self.optimistic}
-        assert set(strategies) == set(c.BASELINES)
+        assert set(strategies) == set(BASELINES)
         return strategies[name]
 
     def locked(self, request: PurchaseRequest) -> PurchaseResult:

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from flashsale import constants as c
-from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.stock import RedisStock
+from flashsale import wiring
 from flashsale.bench.cpu import CpuMeter
 from flashsale.bench.fleet import Child, Fleet, environment, ready
 from flashsale.bench.load import LoadReport, run_load
+from flashsale.bench.mysql_baselines import BASELINES
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput
 from flashsale.ops import reconcile, setup
@@ -42,7 +42,7 @@ from flashsale.stack.services import family, services
 logger = logging.getLogger(__name__)
 
 PIPELINES = ("pipeline-b1", "pipeline", "bucketed")
-STRATEGIES = (*c.BASELINES, *PIPELINES)
+STRATEGIES = (*BASELINES, *PIPELINES)
 BASELINE = "mysql-lock"
 #: Longest wait for the pipeline's consumer to apply every accepted deduction.
 DRAIN_TIMEOUT_S = 300.0
@@ -180,13 +180,10 @@ class _Sale:
         self.fleet = Fleet(environment(**env), logs / strategy)
 
     def load_stock(self) -> None:
-        if self.strategy in c.BASELINES:
-            store = MySQLStore(self.settings.mysql_url)
-            try:
+        if self.strategy in BASELINES:
+            with wiring.mysql_store(self.settings) as store:
                 for sku in self.skus:
                     store.load_stock(sku, self.config.stock, per_user_limit=self.config.per_user_limit)
-            finally:
-                store.close()
             return
         partitions = self.config.partitions if self.strategy == "bucketed" else 1
         for sku in self.skus:
@@ -196,7 +193,7 @@ class _Sale:
 
     def start(self, *, consumer: bool = True) -> tuple[str, dict[str, Child]]:
         """The strategy's processes; returns the URL buyers post to and the children by role."""
-        if self.strategy in c.BASELINES:
+        if self.strategy in BASELINES:
             child = self.fleet.baseline(self.strategy, workers=min(self.config.buyers, BASELINE_WORKERS))
             return child.url, {"baseline": child}
         children = {"checker": self.fleet.checker()}
@@ -208,9 +205,8 @@ class _Sale:
 
     def books(self) -> list[str]:
         problems: list[str] = []
-        if self.strategy in c.BASELINES:
-            store = MySQLStore(self.settings.mysql_url)
-            try:
+        if self.strategy in BASELINES:
+            with wiring.mysql_store(self.settings) as store:
                 for sku in self.skus:
                     view = store.view(sku)
                     if view.stock + view.deducted_qty != view.initial or view.orders != view.deductions:
@@ -218,18 +214,8 @@ class _Sale:
                             f"{sku}: stock {view.stock} + applied {view.deducted_qty} vs initial {view.initial}, "
                             f"{view.orders} orders"
                         )
-            finally:
-                store.close()
             return problems
-        stock, store = RedisStock(self.settings.redis_url), MySQLStore(self.settings.mysql_url)
-        try:
-            for sku in self.skus:
-                report = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
-                problems += [f"{sku}: {p}" for p in report.problems]
-        finally:
-            stock.close()
-            store.close()
-        return problems
+        return _drift(self.settings, self.skus)
 
 
 def _sell(settings: Settings, config: BenchConfig, strategy: str, run: str, logs: Path, tick: Tick) -> StrategyResult:
@@ -257,15 +243,12 @@ def _sell(settings: Settings, config: BenchConfig, strategy: str, run: str, logs
             transactions = _metric(producer.url, "flashsale_transaction_purchases_count") - transactions
         drain_s = 0.0
         if strategy in PIPELINES:
-            store = MySQLStore(settings.mysql_url)
-            try:
+            with wiring.mysql_store(settings) as store:
                 started = time.perf_counter()
                 if backlog:  # its start-up counts: the backlog waits for it too
                     sale.fleet.consumer()
                 reconcile.wait_applied(store, sale.skus, accepted, timeout_s=DRAIN_TIMEOUT_S)
                 drain_s = time.perf_counter() - started
-            finally:
-                store.close()
         used = meter.used()
     finally:
         sale.fleet.stop()
@@ -330,17 +313,12 @@ def _sell_to(settings: Settings, config: BenchConfig, url: str, run: str, tick: 
             url, skus, attempts=config.attempts, concurrency=config.buyers, rate=config.rate, run_id=run, tick=tick
         )
     )
-    store = MySQLStore(settings.mysql_url)
-    try:
+    with wiring.mysql_store(settings) as store:
         drain_s = reconcile.wait_applied(store, skus, load.statuses.get("accepted", 0), timeout_s=DRAIN_TIMEOUT_S)
-    finally:
-        store.close()
-    stock, store = RedisStock(settings.redis_url), MySQLStore(settings.mysql_url)
-    try:
-        problems = [
-            f"{sku}: {p}" for sku in skus for p in reconcile.reconcile_sku(stock, store, sku, settle_s=0).problems
-        ]
-    finally:
-        stock.close()
-        store.close()
-    return _result("pipeline", skus, load, drain_s, problems)
+    return _result("pipeline", skus, load, drain_s, _drift(settings, skus))
+
+
+def _drift(settings: Settings, skus: list[str]) -> list[str]:
+    """What reconcile finds wrong with the books of `skus`, each problem named by its SKU."""
+    with wiring.books(settings) as (stock, store):
+        return [f"{sku}: {p}" for sku in skus for p in reconcile.reconcile_sku(stock, store, sku, settle_s=0).problems]

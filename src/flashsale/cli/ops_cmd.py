@@ -9,13 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.stock import RedisStock
 from flashsale.cli.context import Context
 from flashsale.cli.options import json_output, wait_seconds
 from flashsale.errors import InvalidInput
 from flashsale.ops import reconcile as reconcile_ops
-from flashsale.ops.replay import Replayer
+from flashsale.ops import replay as replay_ops
 from flashsale.ops.times import parse_time, to_ms
 
 #: (field, heading) of the numbers shown per SKU (initial = Redis + sold); the rest is in --json.
@@ -140,6 +138,16 @@ def replay(
     as_json: bool,
 ) -> None:
     """Re-publish deductions as ordinary messages; the consumer applies each token at most once."""
+    since_ms = _replay_since(tokens, sku, since, dead_letters)
+    report = replay_ops.run(ctx.settings, tokens, sku=sku, since_ms=since_ms, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    _print_replay(report, ctx.settings.replay_topic)
+
+
+def _replay_since(tokens: tuple[str, ...], sku: str | None, since: str | None, dead_letters: bool) -> int | None:
+    """Check that exactly one source was chosen; returns --since in ms (None without it)."""
     chosen = [
         name
         for name, on in (("--token", bool(tokens)), ("--since", since is not None), ("--dead-letters", dead_letters))
@@ -150,29 +158,17 @@ def replay(
             "choose exactly one of --token, --sku with --since, --dead-letters",
             hint="e.g. `flashsale replay --sku SKU --since 15m --dry-run`",
         )
-    if since is not None and not sku:
+    if since is None:
+        return None
+    if not sku:
         raise InvalidInput("--since needs --sku")
-    since_ms = to_ms(parse_time(since, what="--since")) if since is not None else 0
-    settings = ctx.settings
-    stock, store = RedisStock(settings.redis_url), MySQLStore(settings.mysql_url)
-    try:
-        with Replayer(settings, stock, store, dry_run=dry_run) as replayer:
-            if tokens:
-                replayer.tokens(tokens, sku)
-            elif since is not None and sku:
-                replayer.since(sku, since_ms)
-            else:
-                replayer.dead_letters(sku)
-        report = replayer.report
-    finally:
-        stock.close()
-        store.close()
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-        return
-    verb = "would publish" if dry_run else "published"
+    return to_ms(parse_time(since, what="--since"))
+
+
+def _print_replay(report: replay_ops.ReplayReport, topic: str) -> None:
+    verb = "would publish" if report.dry_run else "published"
     click.echo(
-        f"{verb} {report.published} deduction(s) to {settings.replay_topic} "
+        f"{verb} {report.published} deduction(s) to {topic} "
         f"({report.already_applied} already applied in MySQL: their replay changes nothing)"
     )
     if report.not_deducted:

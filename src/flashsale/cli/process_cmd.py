@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import click
 
-from flashsale import constants as c
+from flashsale.bench.baseline import run_baseline
+from flashsale.bench.mysql_baselines import BASELINES
 from flashsale.cli.context import Context
 from flashsale.config import ConsumerSettings, ProducerSettings, field_default, variable
 from flashsale.service import processes
@@ -98,7 +99,7 @@ def baseline() -> None:
 @baseline.command("run")
 @click.option(
     "--strategy",
-    type=click.Choice(c.BASELINES),
+    type=click.Choice(BASELINES),
     required=True,
     help="mysql-lock: SELECT ... FOR UPDATE; mysql-optimistic: a version check and retries.",
 )
@@ -111,4 +112,4 @@ def baseline_run(ctx: Context, strategy: str, port: int, workers: int) -> None:
     """Serve POST /purchase as one MySQL transaction per purchase, until SIGTERM."""
     settings = ctx.settings
     chosen = replace(settings.producer, http_port=port)
-    processes.run_baseline(settings.with_overrides(producer=chosen), strategy, workers=workers)
+    run_baseline(settings.with_overrides(producer=chosen), strategy, workers=workers)

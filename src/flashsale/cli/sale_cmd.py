@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -18,7 +20,7 @@ from flashsale.bench.demo import DemoConfig, run_demo
 from flashsale.bench.plot import plot
 from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
-from flashsale.cli.options import json_output, partitions_option
+from flashsale.cli.options import Decorator, json_output, partitions_option
 from flashsale.errors import InvalidInput
 
 
@@ -76,6 +78,54 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     return table
 
 
+def _sale_shape(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that shape each strategy's sale (the fields of BenchConfig)."""
+    for option in reversed(_SHAPE):
+        command = option(command)
+    return command
+
+
+_SHAPE: list[Decorator] = [
+    click.option(
+        "--skus", type=click.IntRange(1), default=1, show_default=True, help="SKUs on sale (attempts spread over them)."
+    ),
+    click.option("--stock", type=click.IntRange(1), default=1000, show_default=True, help="Units per SKU."),
+    click.option(
+        "--buyers",
+        type=click.IntRange(1),
+        default=200,
+        show_default=True,
+        help="Buyers in flight at once (concurrency).",
+    ),
+    click.option(
+        "--attempts", type=click.IntRange(1), default=5000, show_default=True, help="Purchase attempts in all."
+    ),
+    click.option(
+        "--per-user-limit",
+        type=click.IntRange(0),
+        default=0,
+        show_default=True,
+        help="Units one buyer may get (0 = none).",
+    ),
+    click.option(
+        "--rate",
+        type=click.FloatRange(0, min_open=True),
+        default=None,
+        metavar="R",
+        help="Open loop: R attempts per second, due whatever the answers; latency counts from when each was due.",
+    ),
+    click.option(
+        "--backlog", is_flag=True, help="Pipeline: sell with no consumer running, then time how fast one applies it."
+    ),
+    click.option(
+        "--batch-size", type=click.IntRange(1), default=None, help="Pipeline: batch size of the bench's own consumer."
+    ),
+    partitions_option(
+        3, "Bucketed: partitions of each SKU (on the masters of the Redis Cluster FLASHSALE_REDIS_URL names)."
+    ),
+]
+
+
 @click.command()
 @click.option(
     "--strategy",
@@ -83,24 +133,6 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     default="pipeline",
     show_default=True,
     help=f"Comma-separated, run in turn with the same load: {', '.join(bench_ops.STRATEGIES)}.",
-)
-@click.option(
-    "--skus", type=click.IntRange(1), default=1, show_default=True, help="SKUs on sale (attempts spread over them)."
-)
-@click.option("--stock", type=click.IntRange(1), default=1000, show_default=True, help="Units per SKU.")
-@click.option(
-    "--buyers", type=click.IntRange(1), default=200, show_default=True, help="Buyers in flight at once (concurrency)."
-)
-@click.option("--attempts", type=click.IntRange(1), default=5000, show_default=True, help="Purchase attempts in all.")
-@click.option(
-    "--per-user-limit", type=click.IntRange(0), default=0, show_default=True, help="Units one buyer may get (0 = none)."
-)
-@click.option(
-    "--rate",
-    type=click.FloatRange(0, min_open=True),
-    default=None,
-    metavar="R",
-    help="Open loop: R attempts per second, due whatever the answers; latency counts from when each was due.",
 )
 @click.option(
     "--plot",
@@ -116,52 +148,19 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     metavar="URL",
     help="A running producer to load; by default the bench starts its own three processes.",
 )
-@click.option(
-    "--backlog", is_flag=True, help="Pipeline: sell with no consumer running, then time how fast one applies it."
-)
-@click.option(
-    "--batch-size", type=click.IntRange(1), default=None, help="Pipeline: batch size of the bench's own consumer."
-)
-@partitions_option(
-    3, "Bucketed: partitions of each SKU (on the masters of the Redis Cluster FLASHSALE_REDIS_URL names)."
-)
+@_sale_shape
 @json_output("the results (no progress bars)")
 @click.pass_obj
 def bench(
-    ctx: Context,
-    strategies: str,
-    skus: int,
-    stock: int,
-    buyers: int,
-    attempts: int,
-    per_user_limit: int,
-    rate: float | None,
-    plot_path: Path | None,
-    producer_url: str | None,
-    backlog: bool,
-    batch_size: int | None,
-    partitions: int,
-    as_json: bool,
+    ctx: Context, /, strategies: str, plot_path: Path | None, producer_url: str | None, as_json: bool, **shape: Any
 ) -> None:
     """A flash sale per strategy against the running stack; a table of throughput, latency, drain and books."""
     chosen = bench_ops.parse_strategies(strategies)
     if producer_url is not None:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(producer_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput(f"--producer-url {producer_url!r} is not an http:// URL")
-    config = bench_ops.BenchConfig(
-        skus=skus,
-        stock=stock,
-        buyers=buyers,
-        attempts=attempts,
-        per_user_limit=per_user_limit,
-        rate=rate,
-        backlog=backlog,
-        batch_size=batch_size,
-        partitions=partitions,
-    )
+    config = bench_ops.BenchConfig(**shape)
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
         results = bench_ops.run_bench(ctx.settings, config, chosen, producer_url=producer_url, on_start=start)
     if plot_path is not None:
@@ -169,15 +168,19 @@ def bench(
     if as_json:
         click.echo(json.dumps({"config": config.__dict__, "results": [r.to_json() for r in results]}, indent=2))
     else:
-        Console().print(_bench_table(results))
-        for r in results:
-            for problem in r.problems:
-                click.echo(f"{r.strategy}: {problem}")
-            for error in r.errors:
-                click.echo(f"{r.strategy}: {error}")
-        if plot_path is not None:
-            click.echo(f"plot: {plot_path}")
+        _print_bench(results, plot_path)
     sys.exit(0 if all(r.consistent for r in results) else 1)
+
+
+def _print_bench(results: list[bench_ops.StrategyResult], plot_path: Path | None) -> None:
+    Console().print(_bench_table(results))
+    for r in results:
+        for problem in r.problems:
+            click.echo(f"{r.strategy}: {problem}")
+        for error in r.errors:
+            click.echo(f"{r.strategy}: {error}")
+    if plot_path is not None:
+        click.echo(f"plot: {plot_path}")
 
 
 @click.command()

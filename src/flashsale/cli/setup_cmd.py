@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Any
 
 import click
@@ -11,11 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flashsale import constants as c
-from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.stock import RedisStock
 from flashsale.cli.context import Context
 from flashsale.cli.options import json_output, partitions_option, wait_seconds
-from flashsale.errors import UnknownSku
 from flashsale.ops import setup
 
 
@@ -79,29 +75,6 @@ def stock_set(ctx: Context, sku: str, qty: int, per_user_limit: int, reset: bool
     )
 
 
-def stock_report(ctx: Context, sku: str) -> dict[str, Any]:
-    redis_side: dict[str, Any] | None = None
-    mysql_side: dict[str, Any] | None = None
-    store, cache = MySQLStore(ctx.settings.mysql_url), RedisStock(ctx.settings.redis_url)
-    try:
-        try:
-            redis_side = asdict(cache.view(sku))
-        except UnknownSku:
-            pass
-        try:
-            mysql_side = asdict(store.view(sku))
-        except UnknownSku:
-            pass
-    finally:
-        store.close()
-        cache.close()
-    if redis_side is None and mysql_side is None:
-        raise UnknownSku(
-            f"unknown SKU {sku!r}: not loaded in Redis nor MySQL", hint=f"load it with `flashsale stock set {sku} QTY`"
-        )
-    return {"sku": sku, "redis": redis_side, "mysql": mysql_side}
-
-
 def _partitions_table(sku: str, redis_side: dict[str, Any]) -> Table:
     table = Table(title=f"partitions of {sku}: pool {redis_side['pool']}, moving {redis_side['moving']}")
     for name in ("partition", "node", "active", "standby", "deducted", "refilled", "drained", "switches", "state"):
@@ -122,7 +95,7 @@ def _partitions_table(sku: str, redis_side: dict[str, Any]) -> Table:
 @click.pass_obj
 def stock_show(ctx: Context, sku: str, as_json: bool) -> None:
     """Stock of SKU in Redis and MySQL, side by side."""
-    report = stock_report(ctx, sku)
+    report = setup.stock_report(ctx.settings, sku)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -7,11 +7,12 @@ side in one round trip, so a sale with millions of entries never sits in memory 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import constants as c
+from flashsale import wiring
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
@@ -100,73 +101,94 @@ def reconcile_sku(
     on_missing: OnMissing | None = None,
     on_orphan: OnOrphan | None = None,
 ) -> SkuReport:
-    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    settle_ms = settle_s * 1000
     report = SkuReport(sku)
-    try:
-        redis_view = stock.view(sku)
-        report.initial, report.redis_stock = redis_view.initial, redis_view.stock
-        report.redis_counter_qty, report.redis_returned_qty = redis_view.deducted_qty, redis_view.returned_qty
-        report.redis_fenced = redis_view.fenced_count
-    except UnknownSku:
-        report.problems.append("not loaded in Redis")
-    try:
-        mysql_view = store.view(sku)
-        report.mysql_initial, report.mysql_stock = mysql_view.initial, mysql_view.stock
-        report.mysql_applied, report.mysql_applied_qty = mysql_view.deductions, mysql_view.deducted_qty
-        report.orders, report.ordered_qty = mysql_view.orders, mysql_view.ordered_qty
-        books = store.bookkeeping(sku)
-        report.orders_without_deduction = books.orders_without_deduction
-        report.deductions_without_order = books.deductions_without_order
-        report.dead_letters = books.dead_letters
-        report.conflicts, report.conflict_qty = books.conflicts, books.conflict_qty
-    except UnknownSku:
-        report.problems.append("not loaded in MySQL")
+    _read_redis(stock, report)
+    _read_mysql(store, report)
     if report.problems:
         return report
-
+    # A deduction logged after this is young: still on its way to MySQL, not missing.
+    settled_ms = (now_ms if now_ms is not None else int(time.time() * 1000)) - settle_s * 1000
     # Redis -> MySQL: every deduction in the log must be applied (or still be young: in flight).
     for page in pages(stock.scan_log(sku, page=PAGE), PAGE):
-        deducted = [e for e in page if e.state in c.DEDUCTED_STATES]
-        report.redis_deducted += len(deducted)
-        report.redis_deducted_qty += sum(e.qty for e in deducted)
-        applied = store.existing_tokens(sku, [e.token for e in deducted])
-        missing = []
-        for entry in deducted:
-            if entry.token in applied:
-                continue
-            if now_ms - entry.ts_ms < settle_ms:
-                report.in_flight += 1
-                report.in_flight_qty += entry.qty
-            else:
-                missing.append(entry)
-                report.missing_in_mysql += 1
-                report.missing_qty += entry.qty
-                if len(report.missing_tokens) < SAMPLE:
-                    report.missing_tokens.append(entry.token)
+        missing = _check_applied(store, report, page, settled_ms)
         if missing and on_missing:
             on_missing(missing)
-
     # MySQL -> Redis: every applied deduction must have a deduction in the log.
-    after = 0
-    while True:
-        rows = store.deductions_page(sku, after, PAGE)
-        if not rows:
-            break
-        after = rows[-1].id
-        entries = stock.log_entries(sku, [r.token for r in rows])
-        for row in rows:
-            logged = entries[row.token]
-            if logged is None or logged.state not in c.DEDUCTED_STATES:
-                report.mysql_without_log += 1
-                report.mysql_without_log_qty += int(row.qty)
-                if len(report.without_log_tokens) < SAMPLE:
-                    report.without_log_tokens.append(row.token)
-                if on_orphan:
-                    on_orphan(row, logged, report)
-
+    for rows in _deduction_pages(store, sku):
+        _check_logged(stock, report, rows, on_orphan)
     _judge(report)
     return report
+
+
+def _read_redis(stock: RedisStock, report: SkuReport) -> None:
+    try:
+        view = stock.view(report.sku)
+    except UnknownSku:
+        report.problems.append("not loaded in Redis")
+        return
+    report.initial, report.redis_stock = view.initial, view.stock
+    report.redis_counter_qty, report.redis_returned_qty = view.deducted_qty, view.returned_qty
+    report.redis_fenced = view.fenced_count
+
+
+def _read_mysql(store: MySQLStore, report: SkuReport) -> None:
+    try:
+        view = store.view(report.sku)
+        books = store.bookkeeping(report.sku)
+    except UnknownSku:
+        report.problems.append("not loaded in MySQL")
+        return
+    report.mysql_initial, report.mysql_stock = view.initial, view.stock
+    report.mysql_applied, report.mysql_applied_qty = view.deductions, view.deducted_qty
+    report.orders, report.ordered_qty = view.orders, view.ordered_qty
+    report.orders_without_deduction = books.orders_without_deduction
+    report.deductions_without_order = books.deductions_without_order
+    report.dead_letters = books.dead_letters
+    report.conflicts, report.conflict_qty = books.conflicts, books.conflict_qty
+
+
+def _check_applied(store: MySQLStore, report: SkuReport, page: list[LogEntry], settled_ms: float) -> list[LogEntry]:
+    """Count one page of the Redis log against MySQL; returns its settled deductions MySQL lacks."""
+    deducted = [e for e in page if e.state in c.DEDUCTED_STATES]
+    report.redis_deducted += len(deducted)
+    report.redis_deducted_qty += sum(e.qty for e in deducted)
+    applied = store.existing_tokens(report.sku, [e.token for e in deducted])
+    missing = []
+    for entry in deducted:
+        if entry.token in applied:
+            continue
+        if entry.ts_ms > settled_ms:
+            report.in_flight += 1
+            report.in_flight_qty += entry.qty
+            continue
+        missing.append(entry)
+        report.missing_in_mysql += 1
+        report.missing_qty += entry.qty
+        if len(report.missing_tokens) < SAMPLE:
+            report.missing_tokens.append(entry.token)
+    return missing
+
+
+def _deduction_pages(store: MySQLStore, sku: str) -> Iterator[list[Any]]:
+    after = 0
+    while rows := store.deductions_page(sku, after, PAGE):
+        after = rows[-1].id
+        yield rows
+
+
+def _check_logged(stock: RedisStock, report: SkuReport, rows: list[Any], on_orphan: OnOrphan | None) -> None:
+    """Count one page of MySQL deductions against the Redis log: each must be a deduction there."""
+    entries = stock.log_entries(report.sku, [r.token for r in rows])
+    for row in rows:
+        logged = entries[row.token]
+        if logged is not None and logged.state in c.DEDUCTED_STATES:
+            continue
+        report.mysql_without_log += 1
+        report.mysql_without_log_qty += int(row.qty)
+        if len(report.without_log_tokens) < SAMPLE:
+            report.without_log_tokens.append(row.token)
+        if on_orphan:
+            on_orphan(row, logged, report)
 
 
 def _judge(r: SkuReport) -> None:
@@ -288,8 +310,7 @@ def run(
     """
     from flashsale.ops.replay import Replayer
 
-    stock, store = RedisStock(settings.redis_url), MySQLStore(settings.mysql_url)
-    try:
+    with wiring.books(settings) as (stock, store):
         names = skus or sorted(set(stock.skus()) | set(store.skus()))
         mysql_skus = set(store.skus())
         for sku in skus:
@@ -318,6 +339,3 @@ def run(
 
         poll_until(balanced, wait_s, interval_s=1.0)
         return latest, repairs
-    finally:
-        stock.close()
-        store.close()

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import constants as c
+from flashsale import wiring
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import MalformedMessage
-from flashsale.models import SOURCE_REPLAY, DeductionMessage, Purchase, Resolution
+from flashsale.models import SOURCE_REPLAY, DeductionMessage, Purchase
 from flashsale.ops.paging import pages
 from flashsale.records import LogEntry
 
@@ -71,14 +73,14 @@ class Replayer:
         self.stock = stock
         self.store = store
         self.report = ReplayReport(dry_run=dry_run)
+        self._clients = ExitStack()
         self._producer: RocketMQProducer | None = None
 
     def __enter__(self) -> Replayer:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self._producer:
-            self._producer.shutdown()
+        self._clients.close()
 
     def _publish(self, entries: list[LogEntry]) -> None:
         """Replay deductions the Redis log holds (callers pass only entries in a deducted state)."""
@@ -90,11 +92,10 @@ class Replayer:
         if self.report.dry_run:
             self.report.published += len(entries)
             return
-        if self._producer is None:
-            topic = self.settings.replay_topic
-            self._producer = RocketMQProducer(self.settings.rocketmq_endpoint, [topic], lambda _: Resolution.UNKNOWN)
-            self._producer.start()
-        producer, topic = self._producer, self.settings.replay_topic
+        topic = self.settings.replay_topic
+        if self._producer is None:  # started on the first message: a dry run or an empty replay needs no broker
+            self._producer = self._clients.enter_context(wiring.producer(self.settings, [topic]))
+        producer = self._producer
         with ThreadPoolExecutor(SENDERS) as pool:
             list(pool.map(lambda m: producer.send(topic, m.tokens[0], m.encode(), c.DEDUCTION_TAG), messages))
         self.report.published += len(entries)
@@ -157,3 +158,17 @@ class Replayer:
             if not self.report.dry_run:
                 self.store.mark_replayed(ids)
                 self.report.dead_letters_marked += len(ids)
+
+
+def run(
+    settings: Settings, tokens: Sequence[str], *, sku: str | None, since_ms: int | None, dry_run: bool
+) -> ReplayReport:
+    """Replay the named tokens, or `sku`'s deductions since `since_ms`, or else the dead letters."""
+    with wiring.books(settings) as (stock, store), Replayer(settings, stock, store, dry_run=dry_run) as replayer:
+        if tokens:
+            replayer.tokens(tokens, sku)
+        elif since_ms is not None and sku:
+            replayer.since(sku, since_ms)
+        else:
+            replayer.dead_letters(sku)
+    return replayer.report

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import constants as c
+from flashsale import wiring
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.rocketmq import admin as rocketmq_admin
@@ -60,25 +62,20 @@ def _redis_answers(settings: Settings) -> None:
     answers without serving its slots)."""
     import redis
 
-    stock = RedisStock(settings.redis_url)
-    try:
-        stock.ping()
-    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-        raise ServiceUnavailable("Redis", settings.redis_url, str(exc) or type(exc).__name__) from exc
-    finally:
-        stock.close()
+    with wiring.redis_stock(settings) as stock:
+        try:
+            stock.ping()
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise ServiceUnavailable("Redis", settings.redis_url, str(exc) or type(exc).__name__) from exc
 
 
 def _init(settings: Settings) -> InitReport:
     _redis_answers(settings)
     report = InitReport()
-    store = MySQLStore(settings.mysql_url)
-    try:
+    with wiring.mysql_store(settings) as store:
         report.database_created = store.ensure_database()
         report.migrations_applied = store.migrate()
         report.schema_version = store.schema_version()
-    finally:
-        store.close()
     brokers = rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME)
     if not brokers:
         raise ServiceUnavailable("RocketMQ", settings.namesrv_addr, f"no broker of {c.CLUSTER_NAME} is registered")
@@ -119,50 +116,71 @@ def set_stock(
     by the old one (a pre-deduct or a transfer of stock) is refused and the layout read again.
     """
     require_id(sku, "sku")
-    quantity = parse_count(qty, "quantity", c.MAX_STOCK)
-    limit = parse_count(per_user_limit, "per-user limit", c.MAX_PER_USER_LIMIT)
-    parts = parse_count(partitions, "partitions", c.MAX_PARTITIONS)
-    if parts < 1:
+    load = _Load(
+        sku,
+        quantity=parse_count(qty, "quantity", c.MAX_STOCK),
+        per_user_limit=parse_count(per_user_limit, "per-user limit", c.MAX_PER_USER_LIMIT),
+        parts=parse_count(partitions, "partitions", c.MAX_PARTITIONS),
+    )
+    if load.parts < 1:
         raise InvalidInput("partitions must be at least 1 (1: the SKU is not partitioned)")
-    store = MySQLStore(settings.mysql_url)
     # With replicas, each write of the load waits for one to hold it: a failover must not bring back
     # the stock it replaced (MySQL already holds the new quantity).
-    stock = RedisStock(settings.redis_url, wait_ms=settings.redis_wait_ms)
-    try:
+    with wiring.mysql_store(settings) as store, wiring.redis_stock(settings, replicated=True) as stock:
         # Frozen, the SKU takes no purchase while its history is read and it is loaded: none can land in
         # between, to be discarded by a reset or to slip past the in-flight check.
         with stock.frozen(sku):
-            applied, logged = store.history(sku), stock.history(sku)
-            if (applied or logged) and not reset:
-                raise StockError(
-                    f"{sku} already has a sale on record ({logged} Redis log entries, {applied} MySQL deductions)",
-                    hint="use another SKU, or pass --reset to discard its history on both sides",
-                )
-            if reset and not force:
-                in_flight = _in_flight(stock, sku, applied)
-                if in_flight > 0:
-                    raise StockError(
-                        f"{sku} has {in_flight} deduction(s) in Redis that MySQL has not applied yet",
-                        hint="let the consumer catch up (or run `flashsale reconcile --repair`) and try again; "
-                        "--force discards them",
-                    )
-            store.load_stock(sku, quantity, per_user_limit=limit, reset=reset)
-            if parts == 1:
-                stock.load(sku, quantity, per_user_limit=limit, reset=reset)
-            else:
-                stock.load_partitioned(
-                    sku,
-                    quantity,
-                    partitions=parts,
-                    refill=settings.partition_refill,
-                    threshold=settings.partition_threshold,
-                    per_user_limit=limit,
-                    reset=reset,
-                )
-    finally:
-        store.close()
-        stock.close()
-    logger.info("loaded %s: %d units in %d partition(s), per-user limit %s", sku, quantity, parts, limit or "none")
+            _refuse_history(stock, store, sku, reset=reset, force=force)
+            store.load_stock(sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset)
+            _load_redis(settings, stock, load, reset=reset)
+    logger.info(
+        "loaded %s: %d units in %d partition(s), per-user limit %s",
+        sku,
+        load.quantity,
+        load.parts,
+        load.per_user_limit or "none",
+    )
+
+
+@dataclass(frozen=True)
+class _Load:
+    sku: str
+    quantity: int
+    per_user_limit: int
+    parts: int
+
+
+def _refuse_history(stock: RedisStock, store: MySQLStore, sku: str, *, reset: bool, force: bool) -> None:
+    """Refuse a load over a sale on record without `reset`, and a reset over deductions still in flight."""
+    applied, logged = store.history(sku), stock.history(sku)
+    if (applied or logged) and not reset:
+        raise StockError(
+            f"{sku} already has a sale on record ({logged} Redis log entries, {applied} MySQL deductions)",
+            hint="use another SKU, or pass --reset to discard its history on both sides",
+        )
+    if reset and not force:
+        in_flight = _in_flight(stock, sku, applied)
+        if in_flight > 0:
+            raise StockError(
+                f"{sku} has {in_flight} deduction(s) in Redis that MySQL has not applied yet",
+                hint="let the consumer catch up (or run `flashsale reconcile --repair`) and try again; "
+                "--force discards them",
+            )
+
+
+def _load_redis(settings: Settings, stock: RedisStock, load: _Load, *, reset: bool) -> None:
+    if load.parts == 1:
+        stock.load(load.sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset)
+        return
+    stock.load_partitioned(
+        load.sku,
+        load.quantity,
+        partitions=load.parts,
+        refill=settings.partition_refill,
+        threshold=settings.partition_threshold,
+        per_user_limit=load.per_user_limit,
+        reset=reset,
+    )
 
 
 def _in_flight(stock: RedisStock, sku: str, applied: int) -> int:
@@ -170,3 +188,19 @@ def _in_flight(stock: RedisStock, sku: str, applied: int) -> int:
         return stock.view(sku).deducted_count - applied
     except UnknownSku:
         return 0
+
+
+def stock_report(settings: Settings, sku: str) -> dict[str, Any]:
+    """What Redis and MySQL each hold of `sku` (None for a side that never loaded it)."""
+    redis_side: dict[str, Any] | None = None
+    mysql_side: dict[str, Any] | None = None
+    with wiring.books(settings) as (stock, store):
+        with contextlib.suppress(UnknownSku):
+            redis_side = asdict(stock.view(sku))
+        with contextlib.suppress(UnknownSku):
+            mysql_side = asdict(store.view(sku))
+    if redis_side is None and mysql_side is None:
+        raise UnknownSku(
+            f"unknown SKU {sku!r}: not loaded in Redis nor MySQL", hint=f"load it with `flashsale stock set {sku} QTY`"
+        )
+    return {"sku": sku, "redis": redis_side, "mysql": mysql_side}

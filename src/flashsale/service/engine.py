@@ -11,13 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
+from contextlib import ExitStack
 from typing import Any, TypeVar
 
-from flashsale.adapters.redis.stock import RedisStock
-from flashsale.adapters.redis.stock_async import AsyncRedisStock
-from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale import wiring
 from flashsale.config import Settings
-from flashsale.errors import FlashSaleError
 from flashsale.models import PurchaseResult
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.partitions import Scheduler
@@ -32,28 +30,22 @@ class PurchaseEngine:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         cfg = settings.producer
         self.settings = settings
-        self._check_stock = RedisStock(
-            settings.redis_url, timeout_s=cfg.redis_timeout_s, wait_ms=settings.redis_wait_ms
-        )
-        # Every producer answers checks too: the broker may route a check to any producer of the topic.
-        checker = DeductionChecker(
-            self._check_stock, settings.check_grace_s, observe=metrics.check if metrics else None
-        )
-        try:
-            self.bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check)
-            if metrics:
-                self.bus.watchdog.on_resync = metrics.resyncs.inc
-            self.bus.start()
-        except FlashSaleError:
-            self._check_stock.close()
-            raise
+        self._clients = ExitStack()
+        with self._clients as opening:
+            check_stock = opening.enter_context(wiring.redis_stock(settings, replicated=True))
+            # Every producer answers checks too: the broker may route a check to any producer of the topic.
+            checker = DeductionChecker(check_stock, settings.check_grace_s, observe=metrics.check if metrics else None)
+            self.bus = opening.enter_context(
+                wiring.producer(
+                    settings,
+                    [settings.deduction_topic],
+                    checker.check,
+                    on_resync=metrics.resyncs.inc if metrics else None,
+                )
+            )
+            self._clients = opening.pop_all()  # open: kept until close()
         self.loop = self.bus.loop
-        self.stock = AsyncRedisStock(
-            settings.redis_url,
-            timeout_s=cfg.redis_timeout_s,
-            max_connections=cfg.redis_connections,
-            wait_ms=settings.redis_wait_ms,
-        )
+        self.stock = wiring.async_redis_stock(settings)
         self.scheduler = Scheduler(self.stock)
         self.service = PurchaseService(
             self.stock,
@@ -88,8 +80,7 @@ class PurchaseEngine:
     def close(self) -> None:
         self.run(self.scheduler.close())
         self.run(self.stock.close())
-        self.bus.shutdown()
-        self._check_stock.close()
+        self._clients.close()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

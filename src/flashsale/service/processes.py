@@ -12,19 +12,15 @@ import logging
 import os
 import signal
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from types import FrameType
 
 import uvloop
 
-from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.stock import RedisStock
-from flashsale.adapters.rocketmq.consumer import RocketMQConsumer
-from flashsale.adapters.rocketmq.producer import RocketMQProducer
-from flashsale.bench.baseline import BaselineService, StoreReader, loop_in_thread
+from flashsale import wiring
 from flashsale.config import Settings
 from flashsale.errors import InvalidInput
-from flashsale.models import PurchaseRequest, PurchaseResult
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.consumer import DeductionConsumer
 from flashsale.service.engine import PurchaseEngine
@@ -41,7 +37,9 @@ SHUTDOWN_TIMEOUT_S = 30.0
 EXIT_INTERRUPTED = 130
 
 
-def _on_signals(stop: threading.Event) -> None:
+def on_signals() -> threading.Event:
+    """An event set by the first SIGTERM or SIGINT; a second one ends the process at once."""
+    stop = threading.Event()
     received: list[int] = []
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -57,17 +55,25 @@ def _on_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    return stop
 
 
-def _status(metrics: Metrics, readiness: Readiness, host: str, port: int | None) -> StatusServer | None:
+@contextmanager
+def _status(metrics: Metrics, readiness: Readiness, host: str, port: int | None) -> Iterator[None]:
+    """/metrics, /healthz and /readyz on host:port while the block runs (nothing without a port)."""
     if not port:
-        return None
+        yield
+        return
     try:
-        return StatusServer(metrics, readiness, host, port).start()
+        server = StatusServer(metrics, readiness, host, port).start()
     except OSError as exc:
         raise InvalidInput(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="choose another --metrics-port"
         ) from exc
+    try:
+        yield
+    finally:
+        server.stop()
 
 
 def run_producer(settings: Settings) -> None:
@@ -81,8 +87,7 @@ def run_producer(settings: Settings) -> None:
         engine.service, engine.stock, metrics, max_in_flight=cfg.max_in_flight, broker_problem=engine.bus.problem
     )
     server = HttpServer(app, cfg.http_host, cfg.http_port, engine.loop)
-    stop = threading.Event()
-    _on_signals(stop)
+    stop = on_signals()
     try:
         server.start()
         # Everything built so far lives as long as the process: keep the collector from walking it on
@@ -101,115 +106,62 @@ def run_producer(settings: Settings) -> None:
     logger.info("producer stopped")
 
 
-def run_baseline(settings: Settings, strategy: str, *, workers: int) -> None:
-    """The plain-MySQL purchase behind the producer's HTTP app, until SIGTERM (see bench/baseline.py)."""
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    metrics = Metrics()
-    cfg = settings.producer
-    store = MySQLStore(settings.mysql_url, pool_size=workers)
-    store.ping()
-    service = BaselineService(store, strategy, workers)
-    app = HttpApp(_Observed(service, metrics), StoreReader(store), metrics, max_in_flight=cfg.max_in_flight)
-    loop = loop_in_thread()
-    server = HttpServer(app, cfg.http_host, cfg.http_port, loop)
-    stop = threading.Event()
-    _on_signals(stop)
-    try:
-        server.start()
-        logger.info("baseline %s listening on http://%s:%d", strategy, cfg.http_host, cfg.http_port)
-        stop.wait()
-        server.stop(SHUTDOWN_TIMEOUT_S)
-    finally:
-        service.close()
-        store.close()
-    logger.info("baseline stopped")
-
-
-class _Observed:
-    """A Purchaser whose answers are counted and timed, as the producer's are."""
-
-    def __init__(self, inner: BaselineService, metrics: Metrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    async def submit(self, request: PurchaseRequest) -> PurchaseResult:
-        started = time.perf_counter()
-        result = await self._inner.submit(request)
-        self._metrics.purchase(result, time.perf_counter() - started)
-        return result
-
-
 def run_checker(settings: Settings, *, metrics_port: int | None = None) -> None:
     metrics = Metrics()
-    stock = RedisStock(settings.redis_url, timeout_s=settings.producer.redis_timeout_s, wait_ms=settings.redis_wait_ms)
-    checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check)
-    stop = threading.Event()
-    _on_signals(stop)
-    bus = RocketMQProducer(settings.rocketmq_endpoint, [settings.deduction_topic], checker.check)
-    bus.watchdog.on_resync = metrics.resyncs.inc
-    bus.start()
-    readiness = Readiness({"broker": bus.problem, "redis": lambda: stock.ping()})
-    status = _status(metrics, readiness, settings.producer.http_host, metrics_port)
-    logger.info(
-        "checker answering transaction checks for %s (grace %.1f s)", settings.deduction_topic, settings.check_grace_s
-    )
-    stop.wait()
-    if status:
-        status.stop()
-    bus.shutdown()
-    stock.close()
+    stop = on_signals()
+    with ExitStack() as clients:
+        stock = clients.enter_context(wiring.redis_stock(settings, replicated=True))
+        checker = DeductionChecker(stock, settings.check_grace_s, observe=metrics.check)
+        bus = clients.enter_context(
+            wiring.producer(settings, [settings.deduction_topic], checker.check, on_resync=metrics.resyncs.inc)
+        )
+        readiness = Readiness({"broker": bus.problem, "redis": lambda: stock.ping()})
+        clients.enter_context(_status(metrics, readiness, settings.metrics_host, metrics_port))
+        logger.info(
+            "checker answering transaction checks for %s (grace %.1f s)",
+            settings.deduction_topic,
+            settings.check_grace_s,
+        )
+        stop.wait()
     logger.info("checker stopped")
 
 
 def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None:
     metrics = Metrics()
     cfg = settings.consumer
-    store = MySQLStore(settings.mysql_url)
-    store.ping()
-    log = RedisStock(settings.redis_url, timeout_s=settings.producer.redis_timeout_s)
-    log.ping()
-    receiver = RocketMQConsumer(
-        settings.rocketmq_endpoint,
-        settings.consumer_group,
-        [settings.deduction_topic, settings.replay_topic],
-        poll_wait_s=cfg.poll_wait_s,
-        invisible_s=cfg.invisible_s,
-        prefetch=cfg.batch_size,
-    )
-    receiver.watchdog.on_resync = metrics.resyncs.inc
-    receiver.start()
-    consumer = DeductionConsumer(
-        receiver,
-        store,
-        log,
-        batch_size=cfg.batch_size,
-        max_backoff_s=cfg.max_backoff_s,
-        failpoint_names=settings.failpoints,
-        observe=metrics.batch,
-    )
-    stop = threading.Event()
-    _on_signals(stop)
+    with ExitStack() as clients:
+        store = clients.enter_context(wiring.mysql_store(settings, pinged=True))
+        log = clients.enter_context(wiring.redis_stock(settings, pinged=True))
+        receiver = clients.enter_context(wiring.deduction_receiver(settings, on_resync=metrics.resyncs.inc))
+        consumer = DeductionConsumer(
+            receiver,
+            store,
+            log,
+            batch_size=cfg.batch_size,
+            max_backoff_s=cfg.max_backoff_s,
+            failpoint_names=settings.failpoints,
+            observe=metrics.batch,
+        )
+        _stop_on_signals(consumer)
+        # Ready means MySQL takes a write (a heartbeat row): a read-only MySQL pauses the consumer.
+        readiness = Readiness({"broker": receiver.problem, "mysql": lambda: store.ping(), "redis": lambda: log.ping()})
+        clients.enter_context(_status(metrics, readiness, settings.metrics_host, metrics_port))
+        logger.info(
+            "consumer of group %s applying %s and %s to %s",
+            settings.consumer_group,
+            settings.deduction_topic,
+            settings.replay_topic,
+            store.address,
+        )
+        consumer.run()
+
+
+def _stop_on_signals(consumer: DeductionConsumer) -> None:
+    """The first signal asks the consumer to stop after the batch in hand."""
+    stop = on_signals()
 
     def stop_when_asked() -> None:
         stop.wait()
         consumer.stop()
 
     threading.Thread(target=stop_when_asked, daemon=True, name="stop-watcher").start()
-    # Ready means MySQL takes a write (a heartbeat row): a read-only MySQL pauses the consumer.
-    readiness = Readiness({"broker": receiver.problem, "mysql": lambda: store.ping(), "redis": lambda: log.ping()})
-    status = _status(metrics, readiness, settings.producer.http_host, metrics_port)
-    logger.info(
-        "consumer of group %s applying %s and %s to %s",
-        settings.consumer_group,
-        settings.deduction_topic,
-        settings.replay_topic,
-        store.address,
-    )
-    try:
-        consumer.run()
-    finally:
-        if status:
-            status.stop()
-        receiver.shutdown()
-        store.close()
-        log.close()

@@ -1,0 +1,108 @@
+"""The one place that builds clients: each opened as a context manager, with the settings of its process.
+
+Every command and process gets its Redis, MySQL and RocketMQ clients here, so timeouts, pool sizes and
+replica waits are decided once, and every client is closed on the way out, whatever went wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.redis.stock_async import AsyncRedisStock
+from flashsale.adapters.rocketmq.consumer import RocketMQConsumer
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.config import Settings
+from flashsale.models import Delivery, Resolution
+
+
+@contextmanager
+def redis_stock(settings: Settings, *, replicated: bool = False, pinged: bool = False) -> Iterator[RedisStock]:
+    """Redis for commands and the checker. `replicated`: each write waits for a replica (REDIS_WAIT_MS)."""
+    stock = RedisStock(
+        settings.redis_url,
+        timeout_s=settings.clients.redis_timeout_s,
+        wait_ms=settings.clients.redis_wait_ms if replicated else 0,
+    )
+    try:
+        if pinged:
+            stock.ping()
+        yield stock
+    finally:
+        stock.close()
+
+
+def async_redis_stock(settings: Settings) -> AsyncRedisStock:
+    """The producer's Redis, on its event loop (closed there: `await stock.close()`)."""
+    return AsyncRedisStock(
+        settings.redis_url,
+        timeout_s=settings.clients.redis_timeout_s,
+        max_connections=settings.producer.redis_connections,
+        wait_ms=settings.clients.redis_wait_ms,
+    )
+
+
+@contextmanager
+def mysql_store(settings: Settings, *, pool_size: int | None = None, pinged: bool = False) -> Iterator[MySQLStore]:
+    store = MySQLStore(settings.mysql_url) if pool_size is None else MySQLStore(settings.mysql_url, pool_size=pool_size)
+    try:
+        if pinged:
+            store.ping()
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def books(settings: Settings) -> Iterator[tuple[RedisStock, MySQLStore]]:
+    """Both stores a command reads the books from: Redis (the gate) and MySQL (the books)."""
+    with ExitStack() as opened:
+        yield opened.enter_context(redis_stock(settings)), opened.enter_context(mysql_store(settings))
+
+
+def _never_checked(_: Delivery) -> Resolution:
+    return Resolution.UNKNOWN
+
+
+@contextmanager
+def producer(
+    settings: Settings,
+    topics: Sequence[str],
+    check: Callable[[Delivery], Resolution] = _never_checked,
+    *,
+    on_resync: Callable[[], None] | None = None,
+) -> Iterator[RocketMQProducer]:
+    """A started RocketMQ producer of `topics`; `check` answers the broker's transaction checks."""
+    bus = RocketMQProducer(settings.rocketmq_endpoint, topics, check)
+    if on_resync:
+        bus.watchdog.on_resync = on_resync
+    bus.start()
+    try:
+        yield bus
+    finally:
+        bus.shutdown()
+
+
+@contextmanager
+def deduction_receiver(
+    settings: Settings, *, on_resync: Callable[[], None] | None = None
+) -> Iterator[RocketMQConsumer]:
+    """The consumer group's receiver of deductions and replays, started."""
+    cfg = settings.consumer
+    receiver = RocketMQConsumer(
+        settings.rocketmq_endpoint,
+        settings.consumer_group,
+        [settings.deduction_topic, settings.replay_topic],
+        poll_wait_s=cfg.poll_wait_s,
+        invisible_s=cfg.invisible_s,
+        prefetch=cfg.batch_size,
+    )
+    if on_resync:
+        receiver.watchdog.on_resync = on_resync
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.shutdown()
