@@ -32,40 +32,10 @@ MESSAGE_VERSION_ONE_SHARD = 2
 #: Most purchases one deduction message may carry.
 MAX_GROUP = 1024
 
-# --- Redis keys -------------------------------------------------------------------------------------
-# Every key of one SKU carries the hash tag {sku}, so every script touches one Redis Cluster slot.
-#: Remaining stock (integer string).
-STOCK_KEY = "fs:{{{sku}}}:stock"
-#: token -> JSON log entry {state, sku, user, qty, from, to, ts, msg}.
-LOG_KEY = "fs:{{{sku}}}:log"
-#: user_id -> quantity bought (per-user limit).
-USERS_KEY = "fs:{{{sku}}}:users"
-#: initial, per_user_limit, sold_out and running counters.
-META_KEY = "fs:{{{sku}}}:meta"
-#: message id -> JSON record of that half message's pre-deduct: {state: ran|fenced|stale, codes, accepted, ts}.
-TX_KEY = "fs:{{{sku}}}:tx"
-#: message id -> when a transaction check first found no record (ms, Redis's clock): the grace runs from it.
-CHECKS_KEY = "fs:{{{sku}}}:checks"
-#: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
-SKUS_KEY = "fs:skus"
-
 # --- Partitioned stock (docs/scaling.md) ----------------------------------------------------------------
-# A partition `sku#n` has the keys above with its own hash tag {sku#n}; `#` is not allowed in a SKU, so a
-# partition's keys never meet a SKU's. n is chosen so that the partitions land on different masters.
+# A partition `sku#n` is named by its SKU, this separator and a number; `#` is not allowed in a SKU, so a
+# partition's name (and its Redis keys: adapters/redis/keys.py) never meets a SKU's.
 PART_SEP = "#"
-#: (On the SKU's own tag) units not given to a partition yet.
-POOL_KEY = "fs:{{{sku}}}:pool"
-#: (On the SKU's own tag) transfer id -> JSON {dir, part, qty|want, ts}: moves under way to or from the pool.
-TRANSFERS_KEY = "fs:{{{sku}}}:transfers"
-#: (On the SKU's own tag) transfer id -> units: completed moves, kept for the life of the load so that a step
-#: run again after the end counts nothing.
-TRANSFERS_DONE_KEY = "fs:{{{sku}}}:done"
-#: (On a partition's tag) transfer id -> units it received (negative: drained out); each applies once.
-REFILLS_KEY = "fs:{{{sku}}}:refills"
-#: Per-user limit of a partitioned SKU: b:user -> units held, h:token -> units (sharded by the user's crc32).
-USER_HOLDS_KEY = "fs:{{#users:{shard}}}:{sku}:{epoch}"
-#: Hold shards; a user's shard is the crc32 of the user id modulo this (spread over every master).
-HOLD_SHARDS = 64
 #: Most partitions one SKU may have.
 MAX_PARTITIONS = 64
 

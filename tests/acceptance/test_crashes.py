@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.bench.load import run_load
 from flashsale.config import Settings

@@ -12,7 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.stock import RedisStock, SkuKeys, prededuct_call
+from flashsale.adapters.redis.codec import prededuct_call
+from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.bench.load import run_load
 from flashsale.config import Settings
 from flashsale.models import Purchase

@@ -23,7 +23,8 @@ from sqlalchemy.engine.url import make_url
 
 from flashsale import constants as c
 from flashsale import failpoints
-from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.redis.stock_async import AsyncRedisStock
 from flashsale.adapters.rocketmq import admin as rocketmq_admin
 from flashsale.config import Settings

@@ -28,7 +28,8 @@ import redis
 
 from flashsale import constants as c
 from flashsale.adapters.redis import lua
-from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.bench.cpu import CpuMeter
 from flashsale.config import Settings
 from flashsale.stack import procs

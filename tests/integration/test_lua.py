@@ -9,7 +9,8 @@ import time
 import pytest
 
 from flashsale import constants as c
-from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.keys import USER_HOLDS_KEY, SkuKeys
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.errors import StockError
 from flashsale.models import Purchase
 from flashsale.records import Prededuct, PredeductResult, StockReturn
@@ -518,7 +519,7 @@ def test_a_hold_names_its_user_and_quantity_and_a_larger_retry_of_the_token_hold
 ) -> None:
     """A token sent at qty 1, then at qty 2 (a double click with another quantity), may be deducted at 2:
     the hold must cover 2, or the buyer's fresh tokens would pass the limit."""
-    key = c.USER_HOLDS_KEY.format(shard=1, sku="s", epoch=1)
+    key = USER_HOLDS_KEY.format(shard=1, sku="s", epoch=1)
     redis_stock.client.delete(key)
     assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 1]) == [1, ""]
     assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 2]) == [1, ""]  # one more unit held
@@ -532,7 +533,7 @@ def test_a_hold_names_its_user_and_quantity_and_a_larger_retry_of_the_token_hold
 
 
 def test_a_hold_counts_each_token_once_against_its_buyers_limit(redis_stock: RedisStock) -> None:
-    key = c.USER_HOLDS_KEY.format(shard=0, sku="s", epoch=1)
+    key = USER_HOLDS_KEY.format(shard=0, sku="s", epoch=1)
     redis_stock.client.delete(key)
     reply = _script(redis_stock, "user_hold", [key], [3, "t1", "u1", 2, "t2", "u1", 2, "t3", "u2", 3, "t1", "u1", 2])
     # t2 would take u1 to 4 of 3; t1 again (a retry) is held already and counts once.

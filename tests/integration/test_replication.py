@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from flashsale import constants as c
-from flashsale.adapters.redis.stock import RedisStock, SkuKeys
+from flashsale.adapters.redis.keys import USER_HOLDS_KEY, SkuKeys
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.errors import NotReplicated
 from tests.conftest import cluster_url
@@ -85,7 +85,7 @@ def test_every_script_a_wait_proves_writes_when_run_again(stock: RedisStock) -> 
     _writes_every_run(stock, p.meta, lambda: _run(stock, "prededuct", pre, ["m2", part, EPOCH, "t2", "u2", 4]))
     _writes_every_run(stock, p.meta, lambda: _run(stock, "close", [p.stock, p.meta], [EPOCH]))
 
-    holds = c.USER_HOLDS_KEY.format(shard=3, sku="repl-hot", epoch=EPOCH)
+    holds = USER_HOLDS_KEY.format(shard=3, sku="repl-hot", epoch=EPOCH)
     _writes_every_run(stock, holds, lambda: _run(stock, "user_hold", [holds], [2, "t3", "u3", 1]))
 
 

@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 from redis.crc import key_slot
 
-from flashsale import constants as c
-from flashsale.adapters.redis.partitions import moving, parent, place
+from flashsale.adapters.redis.codec import moving
+from flashsale.adapters.redis.keys import STOCK_KEY, parent, place
 from flashsale.errors import MalformedMessage, ServiceUnavailable
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseStatus
 from flashsale.pipeline import partitions
@@ -43,7 +43,7 @@ def _token_for(part: str, *, then: str | None = None, avoid: str = "") -> str:
 def test_partitions_land_on_the_masters_in_turn_and_never_share_a_name() -> None:
     names = place("hot", 6, ["a", "b", "c"], _three_masters)
     assert len(set(names)) == 6 and all(parent(n) == "hot" for n in names)
-    owners = [_three_masters(key_slot(c.STOCK_KEY.format(sku=n).encode())) for n in names]
+    owners = [_three_masters(key_slot(STOCK_KEY.format(sku=n).encode())) for n in names]
     assert owners == ["a", "b", "c", "a", "b", "c"]
 
 

@@ -1,31 +1,36 @@
-"""Stock in Redis: the Lua scripts behind typed methods. The only module that imports redis (with the stack's probe).
+"""Stock in Redis, the synchronous client: the Lua scripts behind typed methods (the producer's hot path,
+on an asyncio loop, is stock_async.py).
 
 Scripts are registered once per client; redis-py runs them with EVALSHA and, after a NOSCRIPT reply
-(a restarted or flushed server), loads them again and retries.
+(a restarted or flushed server), loads them again and retries. Keys are named in keys.py, calls built
+and replies read in codec.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from flashsale import constants as c
 from flashsale.adapters.redis import lua
-from flashsale.adapters.redis.partitions import (
-    aggregate,
-    all_holds_keys,
-    moving,
+from flashsale.adapters.redis.codec import (
+    located,
+    parse_check,
     parse_layout,
-    parse_partition,
-    place,
+    parse_lookup,
+    parse_prededuct,
+    parse_view,
+    partitioned_view,
+    prededuct_call,
+    queue_snapshot,
+    sold_out,
 )
+from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, place
 from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
     MISROUTED,
@@ -34,8 +39,9 @@ from flashsale.adapters.redis.topology import (
     masters,
     sync_client,
     sync_node,
+    unavailable,
 )
-from flashsale.errors import NotReplicated, ServiceUnavailable, StockError, UnknownSku
+from flashsale.errors import NotReplicated, StockError
 from flashsale.models import Purchase
 from flashsale.records import (
     Adopt,
@@ -43,7 +49,6 @@ from flashsale.records import (
     Layout,
     LoadStock,
     LogEntry,
-    Prededuct,
     PredeductResult,
     StockReturn,
     StockView,
@@ -56,123 +61,8 @@ logger = logging.getLogger(__name__)
 FREEZE_S = 30.0
 
 
-@dataclass(frozen=True)
-class SkuKeys:
-    stock: str
-    log: str
-    users: str
-    meta: str
-    tx: str
-    checks: str
-    pool: str
-    transfers: str
-    done: str
-    refills: str
-
-    @classmethod
-    def of(cls, sku: str) -> SkuKeys:
-        """The keys of a SKU, or of a partition `sku#n`."""
-        return cls(
-            stock=c.STOCK_KEY.format(sku=sku),
-            log=c.LOG_KEY.format(sku=sku),
-            users=c.USERS_KEY.format(sku=sku),
-            meta=c.META_KEY.format(sku=sku),
-            tx=c.TX_KEY.format(sku=sku),
-            checks=c.CHECKS_KEY.format(sku=sku),
-            pool=c.POOL_KEY.format(sku=sku),
-            transfers=c.TRANSFERS_KEY.format(sku=sku),
-            done=c.TRANSFERS_DONE_KEY.format(sku=sku),
-            refills=c.REFILLS_KEY.format(sku=sku),
-        )
-
-    def sale(self) -> list[str]:
-        """KEYS of the scripts that change stock (return_stock, adopt)."""
-        return [self.stock, self.log, self.users, self.meta]
-
-    def all(self) -> list[str]:
-        """KEYS of prededuct.lua."""
-        return [*self.sale(), self.tx]
-
-    def load(self) -> list[str]:
-        """KEYS of load_stock.lua."""
-        return [*self.all(), self.checks]
-
-    def every(self) -> list[str]:
-        """Every key a SKU or a partition may have (those of its pool and transfers too)."""
-        return [*self.load(), self.pool, self.transfers, self.done, self.refills]
-
-
-def prededuct_call(sku: str, gid: str, purchases: Sequence[Purchase], epoch: int = 0) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of prededuct.lua; `epoch` is that of the layout a partition's purchases were placed by."""
-    args = [gid, sku, str(epoch) if epoch else ""]
-    for p in purchases:
-        args += [p.token, p.user_id, str(p.qty)]
-    return SkuKeys.of(sku).all(), args
-
-
-def parse_prededuct(purchases: Sequence[Purchase], reply: list[Any]) -> list[PredeductResult]:
-    """One result per purchase, from prededuct.lua's flat {code, remaining, detail} reply."""
-    results = []
-    for i, purchase in enumerate(purchases):
-        code, remaining, detail = reply[3 * i : 3 * i + 3]
-        result = Prededuct(int(code))
-        logged = result in (Prededuct.ACCEPTED, Prededuct.DUPLICATE)
-        results.append(
-            PredeductResult(
-                result,
-                int(remaining) if int(remaining) >= 0 else None,
-                entry=LogEntry.parse(purchase.token, detail) if logged else None,
-                bought=int(detail) if result is Prededuct.LIMIT_EXCEEDED else None,
-            )
-        )
-    return results
-
-
-def parse_view(sku: str, stock: str | None, meta: dict[str, str], entries: int) -> StockView:
-    if stock is None:
-        raise UnknownSku(
-            f"unknown SKU {sku!r}: it is not loaded in Redis", hint=f"load it with `flashsale stock set {sku} QTY`"
-        )
-
-    def num(name: str) -> int:
-        return int(meta.get(name) or 0)
-
-    return StockView(
-        sku=sku,
-        stock=int(stock),
-        initial=num("initial"),
-        per_user_limit=num("per_user_limit"),
-        sold_out=meta.get("sold_out") == "1",
-        deducted_qty=num("deducted_qty"),
-        deducted_count=num("deducted_count"),
-        returned_qty=num("returned_qty"),
-        returned_count=num("returned_count"),
-        fenced_count=num("fenced_count"),
-        log_entries=int(entries),
-        loaded_ms=num("loaded_ms"),
-    )
-
-
-def unavailable(url: str, what: str, exc: Exception, *, reached: bool = True) -> ServiceUnavailable:
-    return ServiceUnavailable("Redis", url, f"{what}: {exc or type(exc).__name__}", reached=reached)
-
-
-def parse_check(tokens: Sequence[str], reply: list[Any]) -> CheckView:
-    state, record, *entries = reply
-    return CheckView(
-        state=str(state),
-        record=TxRecord.parse(record) if record else None,
-        entries={t: (LogEntry.parse(t, raw) if raw else None) for t, raw in zip(tokens, entries, strict=True)},
-    )
-
-
-def _located(entry: LogEntry, sku: str, shard: str) -> LogEntry:
-    """The entry, naming the partition it was found in (one written back by `adopt` does not say)."""
-    return entry if shard == sku or entry.part else dataclasses.replace(entry, part=shard)
-
-
 class RedisStock:
-    """One Redis node or a Redis Cluster (see redis_topology.py), connected on first use."""
+    """One Redis node or a Redis Cluster (see topology.py), connected on first use."""
 
     def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 128, wait_ms: int = 0) -> None:
         self.url = url
@@ -228,7 +118,7 @@ class RedisStock:
         self._drop(sku, old.parts if old else (), pool=True)
         self._drop_holds(old)
         self._load_one(sku, [str(qty), str(per_user_limit), "1"])
-        self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
+        self._call("register sku", self.client.sadd, SKUS_KEY, sku)
 
     def load_partitioned(
         self,
@@ -272,7 +162,7 @@ class RedisStock:
                 str(epoch),
             ],
         )
-        self._call("register sku", self.client.sadd, c.SKUS_KEY, sku)
+        self._call("register sku", self.client.sadd, SKUS_KEY, sku)
         return Layout(sku, tuple(parts), refill, threshold, int(epoch), per_user_limit)
 
     @contextmanager
@@ -422,16 +312,7 @@ class RedisStock:
             keys = SkuKeys.of(sku)
             pipe.hmget(keys.log, list(tokens) or ["-"])
             pipe.hmget(keys.tx, list(gids) or ["-"])
-        replies = self._call("read log", pipe.execute)
-        found: dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]] = {}
-        for i, sku in enumerate(skus):
-            tokens, gids = wanted[sku]
-            raw_entries, raw_records = replies[2 * i], replies[2 * i + 1]
-            found[sku] = (
-                {t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens, raw_entries, strict=False)},
-                {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},
-            )
-        return found
+        return parse_lookup(skus, wanted, self._call("read log", pipe.execute))
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
         entry = self.log_entry(sku, token)
@@ -471,38 +352,24 @@ class RedisStock:
         return sum(int(self._call("count log entries", self.client.hlen, SkuKeys.of(s).log)) for s in shards)
 
     def is_sold_out(self, sku: str) -> bool:
-        return bool(self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out") == "1")
+        return sold_out(self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out"))
 
     def view(self, sku: str) -> StockView:
-        keys = SkuKeys.of(sku)
-        pipe = self.client.pipeline(transaction=True)  # one snapshot: no script runs in between
-        pipe.get(keys.stock)
-        pipe.hgetall(keys.meta)
-        pipe.hlen(keys.log)
-        pipe.get(keys.pool)
-        pipe.hgetall(keys.transfers)
-        stock, meta, entries, pool, transfers = self._call("read stock", pipe.execute)
+        stock, meta, entries, pool, transfers = self._snapshot("read stock", sku)
         layout = parse_layout(sku, meta)
         if layout is None:
             return parse_view(sku, stock, meta, entries)
-        return self._partitioned_view(layout, meta, pool, transfers)
+        # Each partition is read in one snapshot of its own.
+        parts = [
+            (self._snapshot("read partition", part, partition=True), self._node_name(SkuKeys.of(part).stock))
+            for part in layout.parts
+        ]
+        return partitioned_view(layout, meta, pool, transfers, parts)
 
-    def _partitioned_view(
-        self, layout: Layout, meta: dict[str, str], pool: str | None, transfers: dict[str, str]
-    ) -> StockView:
-        """Each partition read in one snapshot of its own; the SKU's total is exact once no move is under way."""
-        parts = []
-        refills: dict[str, dict[str, str]] = {}
-        for part in layout.parts:
-            keys = SkuKeys.of(part)
-            pipe = self.client.pipeline(transaction=True)
-            pipe.get(keys.stock)
-            pipe.hgetall(keys.meta)
-            pipe.hlen(keys.log)
-            pipe.hgetall(keys.refills)
-            stock, part_meta, entries, refills[part] = self._call("read partition", pipe.execute)
-            parts.append((parse_partition(part, stock, part_meta, self._node_name(keys.stock)), part_meta, entries))
-        return aggregate(layout.sku, meta, pool, parts, moving(transfers, refills))
+    def _snapshot(self, what: str, shard: str, *, partition: bool = False) -> list[Any]:
+        pipe = self.client.pipeline(transaction=True)  # one snapshot: no script runs in between
+        queue_snapshot(pipe, shard, partition=partition)
+        return list(self._call(what, pipe.execute))
 
     def _node_name(self, key: str) -> str:
         if isinstance(self.client, redis.RedisCluster):
@@ -521,11 +388,11 @@ class RedisStock:
         for shard, raws in zip(shards, self._call("read log", pipe.execute), strict=True):
             for t, raw in zip(tokens, raws, strict=True):
                 if raw is not None and found[t] is None:
-                    found[t] = _located(LogEntry.parse(t, raw), sku, shard)
+                    found[t] = located(LogEntry.parse(t, raw), sku, shard)
         return found
 
     def skus(self) -> list[str]:
-        return sorted(self._call("list skus", self.client.smembers, c.SKUS_KEY))
+        return sorted(self._call("list skus", self.client.smembers, SKUS_KEY))
 
     def scan_log(self, sku: str, page: int = 1000) -> Iterator[LogEntry]:
         """Every log entry of the SKU (in each of its partitions), read page by page (HSCAN), never all at once."""
@@ -535,6 +402,6 @@ class RedisStock:
             while True:
                 cursor, chunk = self._call("scan log", self.client.hscan, log_key, cursor, None, page)
                 for token, raw in chunk.items():
-                    yield _located(LogEntry.parse(token, raw), sku, shard)
+                    yield located(LogEntry.parse(token, raw), sku, shard)
                 if cursor == 0:
                     break

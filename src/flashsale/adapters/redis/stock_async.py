@@ -1,11 +1,12 @@
 """The producer's hot path in Redis, on an asyncio loop: peek, pre-deduct, sold-out flag, stock view.
 
-Same keys, scripts and replies as RedisStock (see redis_stock.py); only the I/O model differs, and one
-thing is added: a pre-deduct that fails says whether it may have run. The connection is taken from the
-pool before the script is sent, so "refused" and "no free connection" are told apart from a timeout
-after sending: only the latter leaves the outcome unknown. Because the script is idempotent per message
-id, a failure after sending is tried once more on a fresh connection, which turns most unknowns into
-an answer, and so is a cluster node's "not my slot" (MOVED), which says the script did not run there.
+Same keys, scripts and replies as RedisStock (stock.py): both name keys with keys.py, and build calls
+and read replies with codec.py. Only the I/O model differs, and one thing is added: a pre-deduct that
+fails says whether it may have run. The connection is taken from the pool before the script is sent, so
+"refused" and "no free connection" are told apart from a timeout after sending: only the latter leaves
+the outcome unknown. Because the script is idempotent per message id, a failure after sending is tried
+once more on a fresh connection, which turns most unknowns into an answer, and so is a cluster node's
+"not my slot" (MOVED), which says the script did not run there.
 """
 
 from __future__ import annotations
@@ -18,29 +19,25 @@ from typing import Any
 import redis
 from redis.exceptions import BusyLoadingError, NoScriptError
 
-from flashsale import constants as c
 from flashsale.adapters.redis import lua
-from flashsale.adapters.redis.partitions import (
-    aggregate,
-    holds_key,
-    moving,
+from flashsale.adapters.redis.codec import (
+    is_stale,
+    parse_entries,
     parse_layout,
-    parse_partition,
-)
-from flashsale.adapters.redis.stock import (
-    SkuKeys,
+    parse_peek,
     parse_prededuct,
+    parse_transfers,
     parse_view,
+    partitioned_view,
     prededuct_call,
-    unavailable,
+    queue_snapshot,
+    sold_out,
 )
-from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter
+from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key
+from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, unavailable
 from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
 from flashsale.records import Layout, LogEntry, Peek, PredeductResult, Registry, StockView, Transfer
-
-#: What a script that moves stock answers when the caller's layout is not the SKU's load.
-STALE = -2
 
 
 class _Failed(Exception):
@@ -148,19 +145,14 @@ class AsyncRedisStock:
                 pipe.hmget(keys.meta, ["per_user_limit", "standby"])
                 pipe.hmget(keys.log, tokens)
                 pipe.hmget(keys.users, users)
-                stock, (limit, standby), entries, bought = await pipe.execute()
-        return Peek(
-            stock=int(stock) + int(standby or 0) if stock is not None else None,
-            per_user_limit=int(limit or 0),
-            entries={t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens, entries, strict=True)},
-            bought={u: int(n or 0) for u, n in zip(users, bought, strict=True)},
-        )
+                reply = await pipe.execute()
+        return parse_peek(tokens, users, reply)
 
     async def is_sold_out(self, sku: str) -> bool:
         meta = SkuKeys.of(sku).meta
         async with self._reading("read sold-out flag"):
             flag = await (await self._router.client(meta)).hget(meta, "sold_out")
-        return bool(flag == "1")
+        return sold_out(flag)
 
     async def view(self, sku: str) -> StockView:
         async with self._reading("read stock"):
@@ -169,22 +161,13 @@ class AsyncRedisStock:
             if layout is None:
                 return parse_view(sku, stock, meta, entries)
             parts = await asyncio.gather(*(self._snapshot(p, partition=True) for p in layout.parts))
-        views = [(parse_partition(p, s[0], s[1]), s[1], s[2]) for p, s in zip(layout.parts, parts, strict=True)]
-        refills = {p: s[3] for p, s in zip(layout.parts, parts, strict=True)}
-        return aggregate(sku, meta, pool, views, moving(transfers, refills))
+        return partitioned_view(layout, meta, pool, transfers, [(snap, "") for snap in parts])
 
     async def _snapshot(self, shard: str, *, partition: bool = False) -> list[Any]:
         """Stock, meta, log size, and the pool and transfers (of a SKU) or the refills (of a partition)."""
-        keys = SkuKeys.of(shard)
-        async with (await self._router.client(keys.stock)).pipeline(transaction=True) as pipe:
-            pipe.get(keys.stock)
-            pipe.hgetall(keys.meta)
-            pipe.hlen(keys.log)
-            if partition:
-                pipe.hgetall(keys.refills)
-            else:
-                pipe.get(keys.pool)
-                pipe.hgetall(keys.transfers)
+        key = SkuKeys.of(shard).stock
+        async with (await self._router.client(key)).pipeline(transaction=True) as pipe:
+            queue_snapshot(pipe, shard, partition=partition)
             return list(await pipe.execute())
 
     # --- partitioned SKUs (docs/scaling.md) ---------------------------------------------------------
@@ -241,7 +224,7 @@ class AsyncRedisStock:
         async def one(shard: str, tokens: Sequence[str]) -> dict[str, LogEntry | None]:
             key = SkuKeys.of(shard).log
             raws: list[str | None] = await (await self._router.client(key)).hmget(key, list(tokens))  # type: ignore[assignment]
-            return {t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens, raws, strict=True)}
+            return parse_entries(tokens, raws)
 
         async with self._reading("read log"):
             found = await asyncio.gather(*(one(shard, tokens) for shard, tokens in wanted.items()))
@@ -379,12 +362,11 @@ class AsyncRedisStock:
         reply = await self._moving(
             "transfers_due", [keys.transfers, keys.meta], [str(age_ms), str(layout.epoch)], layout
         )
-        return [Transfer.parse(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+        return parse_transfers(reply)
 
     async def _moving(self, name: str, keys: list[str], args: list[str], layout: Layout) -> Any:
         reply = await self.script(name, keys, args)
-        first = reply[0] if isinstance(reply, list) and reply else reply
-        if first == STALE:
+        if is_stale(reply):
             raise StaleLayout(f"{name} refused epoch {layout.epoch} of {layout.sku}: it was loaded again")
         return reply
 
@@ -404,14 +386,12 @@ class AsyncRedisStock:
         tokens = {shard: list(found[shard]) for shard in proved}
         calls = [([SkuKeys.of(s).log, SkuKeys.of(s).meta], tokens[s]) for s in proved]
         for shard, reply in zip(proved, await self.scripts("seen", calls), strict=True):
-            held[shard] = {
-                t: LogEntry.parse(t, raw) if raw else None for t, raw in zip(tokens[shard], reply, strict=True)
-            }
+            held[shard] = parse_entries(tokens[shard], reply)
         return held
 
     async def ping(self) -> None:
         async with self._reading("ping"):
-            await (await self._router.client(c.SKUS_KEY)).ping()
+            await (await self._router.client(SKUS_KEY)).ping()
 
     @asynccontextmanager
     async def _reading(self, what: str) -> AsyncIterator[None]:

@@ -1,4 +1,5 @@
-"""Which Redis a URL names, one node or a Redis Cluster, and clients that route each key to its node.
+"""Which Redis a URL names, one node or a Redis Cluster, clients that route each key to its node, and
+which failures mean that Redis did not answer.
 
 The mode is read from the server (INFO cluster) the first time a client is needed, so one
 FLASHSALE_REDIS_URL serves both: any node of a cluster is a seed. Nothing connects before that, so
@@ -20,7 +21,7 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
-from flashsale.errors import ConfigError
+from flashsale.errors import ConfigError, ServiceUnavailable
 
 #: Seconds a cluster's slot map is trusted: replicas that joined since are then seen (and waited for).
 MAP_TTL_S = 5.0
@@ -29,6 +30,11 @@ MAP_TTL_S = 5.0
 MISROUTED = (AskError, ClusterDownError, TryAgainError)
 #: redis-py errors that mean "the server did not answer": the outcome of a write is unknown.
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def unavailable(url: str, what: str, exc: Exception, *, reached: bool = True) -> ServiceUnavailable:
+    """What a caller hears when Redis did not answer `what` (`reached` False: the request never got there)."""
+    return ServiceUnavailable("Redis", url, f"{what}: {exc or type(exc).__name__}", reached=reached)
 
 
 def _is_cluster(info: dict[str, Any], url: str) -> bool:
