@@ -58,15 +58,9 @@ def init(settings: Settings, *, wait_s: float = 0.0) -> InitReport:
 
 
 def _redis_answers(settings: Settings) -> None:
-    """The processes need Redis from their first purchase: init waits for it too (a cluster still forming
-    answers without serving its slots)."""
-    import redis
-
-    with wiring.redis_stock(settings) as stock:
-        try:
-            stock.ping()
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise ServiceUnavailable("Redis", settings.redis_url, str(exc) or type(exc).__name__) from exc
+    """The processes need Redis from their first purchase: init waits for it too."""
+    with wiring.redis_stock(settings, pinged=True):
+        pass
 
 
 def _init(settings: Settings) -> InitReport:

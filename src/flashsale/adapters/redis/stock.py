@@ -107,7 +107,12 @@ class RedisStock:
             raise unavailable(self.url, what, exc) from exc
 
     def ping(self) -> None:
-        self._call("ping", self.client.ping)
+        """Raises ServiceUnavailable while Redis does not serve (a cluster still forming answers without
+        serving its slots)."""
+        try:
+            self._call("ping", lambda: self.client.ping())
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise unavailable(self.url, "ping", exc) from exc
 
     # --- the sale -----------------------------------------------------------------------------------
     def load(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
