@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError, StaleLayout
@@ -60,10 +61,18 @@ PULLS = 4
 
 #: What a transaction told a purchase, and the pre-deduct's code behind it (None: it has none, e.g. pending).
 Placed = tuple[PurchaseResult, Prededuct | None]
-#: Sells purchases of one SKU, each on the partition named beside it, as one transaction.
-Sell = Callable[[Sequence[PurchaseRequest], Sequence[str]], Awaitable[list[Placed]]]
 
 _NOT_RUN = "stock could not be checked; nothing was deducted, try again"
+
+
+class Sender(Protocol):
+    """Sells purchases of one partitioned SKU as one transaction, each on the partition named beside it,
+    by `layout` (whose epoch each pre-deduct carries): what each purchase was told, in order. The
+    purchase service's `_send_to_parts` is the one the producer passes."""
+
+    async def __call__(
+        self, layout: Layout, requests: Sequence[PurchaseRequest], parts: Sequence[str], /
+    ) -> list[Placed]: ...
 
 
 @dataclass
@@ -138,7 +147,7 @@ class Scheduler:
         self._layouts.pop(sku, None)
         self._registries.pop(sku, None)
 
-    async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], sell: Sell) -> list[PurchaseResult]:
+    async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], send: Sender) -> list[PurchaseResult]:
         """Sell each purchase on its partition, pulling stock to it while it is short.
 
         Once the SKU is sold out, a token is answered from a read of the logs it may be in: no hold or
@@ -150,7 +159,7 @@ class Scheduler:
             # Each round but the last may pull stock; a purchase whose partition closed meanwhile is placed
             # on its next one without a pull, and partitions close only once.
             for _ in range(PULLS + len(layout.parts) + 1):
-                if not await self._round(placing, registry, sell):
+                if not await self._round(placing, registry, send):
                     break
                 registry = await self._registry(layout, fresh=True)
         except StaleLayout as exc:
@@ -164,7 +173,7 @@ class Scheduler:
             self._top_up(layout, registry)
         return placing.results()
 
-    async def _round(self, placing: Placement, registry: Registry, sell: Sell) -> bool:
+    async def _round(self, placing: Placement, registry: Registry, send: Sender) -> bool:
         """Place the pending purchases once; True when some are to be placed again."""
         targets = await self._answer_seen(placing, registry)
         if registry.sold_out:
@@ -184,7 +193,7 @@ class Scheduler:
         sent = [i for i in placing.pending if targets[i] not in short]
         again: list[int] = []
         if sent:
-            placed = await sell([placing.requests[i] for i in sent], [targets[i] for i in sent])
+            placed = await send(placing.layout, [placing.requests[i] for i in sent], [targets[i] for i in sent])
             for i, (result, code) in zip(sent, placed, strict=True):
                 placing.answers[i] = result
                 if code is Prededuct.CLOSED:

@@ -33,7 +33,7 @@ from flashsale.pipeline.grouping import Grouper
 from flashsale.pipeline.local_tx import LocalTransaction
 from flashsale.pipeline.partitions import Placed, Scheduler
 from flashsale.ports import PurchaseStockPort, TxBusPort
-from flashsale.records import LogEntry, Peek
+from flashsale.records import Layout, LogEntry, Peek
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +137,7 @@ class PurchaseService:
             return self._all(requests, PurchaseStatus.ERROR, local_tx.NOT_RUN)
         if layout is None:
             return await self._handle_sku(sku, requests)
-        return await self._scheduler.sell(
-            layout, requests, lambda some, parts: self._transact(sku, some, parts, layout.epoch)
-        )
+        return await self._scheduler.sell(layout, requests, self._send_to_parts)
 
     async def _handle_sku(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         """Answer what one Redis read can answer; send the rest as one transaction."""
@@ -206,6 +204,13 @@ class PurchaseService:
     async def commit_group(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         """One transaction for purchases of one SKU sold from its own keys: an answer for each, in order."""
         return [result for result, _ in await self._transact(sku, requests)]
+
+    async def _send_to_parts(
+        self, layout: Layout, requests: Sequence[PurchaseRequest], parts: Sequence[str]
+    ) -> list[Placed]:
+        """The scheduler's Sender: purchases of a partitioned SKU as one transaction, each on the partition
+        the scheduler placed it on by `layout`, whose epoch every share's pre-deduct carries."""
+        return await self._transact(layout.sku, requests, parts, layout.epoch)
 
     async def _transact(
         self, sku: str, requests: Sequence[PurchaseRequest], parts: Sequence[str] | None = None, epoch: int = 0
