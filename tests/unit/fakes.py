@@ -252,7 +252,7 @@ class FakePartitions:
     async def due(self, layout: Layout, age_ms: int) -> list[Transfer]:
         return []
 
-    async def sell(self, requests: Sequence[PurchaseRequest], parts: Sequence[str]) -> list[Placed]:
+    async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], parts: Sequence[str]) -> list[Placed]:
         """As prededuct.lua would answer, per partition: its log first, then closed, then its stock."""
         self.sales.append([(r.token, part) for r, part in zip(requests, parts, strict=True)])
         gid = f"m{len(self.sales)}"

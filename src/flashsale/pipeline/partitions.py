@@ -36,8 +36,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError, StaleLayout
@@ -60,16 +61,25 @@ PULLS = 4
 
 #: What a transaction told a purchase, and the pre-deduct's code behind it (None: it has none, e.g. pending).
 Placed = tuple[PurchaseResult, Prededuct | None]
-#: Sells purchases of one SKU, each on the partition named beside it, as one transaction.
-Sell = Callable[[Sequence[PurchaseRequest], Sequence[str]], Awaitable[list[Placed]]]
 
 _NOT_RUN = "stock could not be checked; nothing was deducted, try again"
+
+
+class Sender(Protocol):
+    """Sells purchases of one partitioned SKU as one transaction, each on the partition named beside it,
+    by `layout` (whose epoch each pre-deduct carries): what each purchase was told, in order. The
+    purchase service's `_send_to_parts` is the one the producer passes."""
+
+    async def __call__(
+        self, layout: Layout, requests: Sequence[PurchaseRequest], parts: Sequence[str], /
+    ) -> list[Placed]: ...
 
 
 @dataclass
 class Placement:
     """One group of a partitioned SKU on its way to its partitions, round after round: what each purchase
-    was told so far, and what the scheduler learned of where its token is not."""
+    was told so far, and what the scheduler learned of where its token is not. Its methods are the steps
+    of a round that only read and write this state; the scheduler does the reads and writes of Redis."""
 
     layout: Layout
     requests: Sequence[PurchaseRequest]
@@ -80,7 +90,9 @@ class Placement:
     pending: list[int]
     #: Partitions stock was pulled to: from then on their scripts decide what fits.
     pulled: set[str] = field(default_factory=set)
+    #: Pulls made for this group so far (at most PULLS).
     pulls: int = 0
+    #: Whether the per-user holds were taken (in the first round).
     held: bool = False
 
     @classmethod
@@ -90,6 +102,76 @@ class Placement:
 
     def answer(self, i: int, status: PurchaseStatus, **fields: object) -> None:
         self.answers[i] = PurchaseResult(status, self.requests[i].token, **fields)  # type: ignore[arg-type]
+
+    def sold_out(self, idxs: Iterable[int]) -> None:
+        """These purchases hear `sold_out`: no partition and no pool could cover them."""
+        for i in idxs:
+            self.answer(i, PurchaseStatus.SOLD_OUT, remaining=0, message=f"{self.layout.sku} is sold out")
+
+    @property
+    def may_pull(self) -> bool:
+        """Whether this round may still pull stock; after the last pull the scripts decide alone."""
+        return self.pulls < PULLS
+
+    def place(self, registry: Registry) -> tuple[dict[int, str], dict[str, list[int]]]:
+        """Each pending purchase's partition: the first in its token's order that is not closed. And, per
+        partition, the purchases whose token may be in its log, not read for them yet: the closed ones
+        it passes, and its own once the SKU is sold out."""
+        targets: dict[int, str] = {}
+        wanted: dict[str, list[int]] = {}
+        for i in self.pending:
+            target, passed = registry.target(self.layout, self.requests[i].token)
+            targets[i] = target
+            for part in [*passed, target] if registry.sold_out else passed:
+                if part not in self.looked[i]:
+                    wanted.setdefault(part, []).append(i)
+        return targets, wanted
+
+    def note_logs(
+        self, wanted: Mapping[str, list[int]], found: Mapping[str, Mapping[str, LogEntry | None]]
+    ) -> dict[str, dict[str, LogEntry]]:
+        """Note the logs read for the purchases `wanted` names; the entries found of tokens deducted there,
+        by partition."""
+        seen: dict[str, dict[str, LogEntry]] = {}
+        for part, idxs in wanted.items():
+            for i in idxs:
+                token = self.requests[i].token
+                entry = found[part][token]
+                if entry is not None and entry.state in c.DEDUCTED_STATES:
+                    seen.setdefault(part, {})[token] = entry
+                self.looked[i].add(part)
+        return seen
+
+    def uncovered(self, registry: Registry, targets: Mapping[int, str]) -> dict[str, list[int]]:
+        """The pending purchases of each partition not pulled to yet that, by the registry, cannot cover them all."""
+        share: dict[str, list[int]] = {}
+        for i in self.pending:
+            if targets[i] not in self.pulled:
+                share.setdefault(targets[i], []).append(i)
+        return {p: idxs for p, idxs in share.items() if registry.remaining(p) < sum(self.requests[i].qty for i in idxs)}
+
+    def record(
+        self, sent: Sequence[int], targets: Mapping[int, str], placed: Sequence[Placed]
+    ) -> tuple[list[int], dict[str, list[int]]]:
+        """What one transaction told the purchases `sent`: those whose partition closed meanwhile, to place
+        on their next one, and those it refused as short, by partition. Raises StaleLayout when a
+        pre-deduct refused the layout (what the others were told stands)."""
+        closed: list[int] = []
+        short: dict[str, list[int]] = {}
+        for i, (result, code) in zip(sent, placed, strict=True):
+            self.answers[i] = result
+            if code is Prededuct.CLOSED:
+                closed.append(i)  # its partition closed meanwhile: on to the next one, no pull needed
+            elif result.status is PurchaseStatus.SOLD_OUT:
+                short.setdefault(targets[i], []).append(i)
+        if any(code is Prededuct.STALE_LAYOUT for _, code in placed):
+            raise StaleLayout(f"a pre-deduct of {self.layout.sku} refused epoch {self.layout.epoch}")
+        return closed, short
+
+    def pulling(self, short: Mapping[str, list[int]]) -> None:
+        """One more pull, to the partitions `short`: from then on their scripts decide what fits."""
+        self.pulled.update(short)
+        self.pulls += 1
 
     def settle_answered(self) -> None:
         self.pending = [i for i in self.pending if self.answers[i] is None]
@@ -138,7 +220,7 @@ class Scheduler:
         self._layouts.pop(sku, None)
         self._registries.pop(sku, None)
 
-    async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], sell: Sell) -> list[PurchaseResult]:
+    async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], send: Sender) -> list[PurchaseResult]:
         """Sell each purchase on its partition, pulling stock to it while it is short.
 
         Once the SKU is sold out, a token is answered from a read of the logs it may be in: no hold or
@@ -150,7 +232,7 @@ class Scheduler:
             # Each round but the last may pull stock; a purchase whose partition closed meanwhile is placed
             # on its next one without a pull, and partitions close only once.
             for _ in range(PULLS + len(layout.parts) + 1):
-                if not await self._round(placing, registry, sell):
+                if not await self._round(placing, registry, send):
                     break
                 registry = await self._registry(layout, fresh=True)
         except StaleLayout as exc:
@@ -164,65 +246,50 @@ class Scheduler:
             self._top_up(layout, registry)
         return placing.results()
 
-    async def _round(self, placing: Placement, registry: Registry, sell: Sell) -> bool:
+    async def _round(self, placing: Placement, registry: Registry, send: Sender) -> bool:
         """Place the pending purchases once; True when some are to be placed again."""
         targets = await self._answer_seen(placing, registry)
         if registry.sold_out:
-            for i in placing.pending:
-                placing.answer(i, PurchaseStatus.SOLD_OUT, remaining=0, message=f"{placing.layout.sku} is sold out")
+            placing.sold_out(placing.pending)
             return False
-        if not placing.held:
-            await self._hold(placing)
-            placing.held = True
+        await self._hold(placing)
         if not placing.pending:
             return False
-        last = placing.pulls >= PULLS
+        may_pull = placing.may_pull
         # A partition the registry says cannot cover its share gets stock first (or is closed): a
         # transaction sent there would only be refused. Once pulled to, or on the last pull, the scripts
         # decide: a pull that found less than the share leaves some of it that still fits.
-        short = {} if last else self._uncovered(registry, placing, targets)
-        sent = [i for i in placing.pending if targets[i] not in short]
-        again: list[int] = []
-        if sent:
-            placed = await sell([placing.requests[i] for i in sent], [targets[i] for i in sent])
-            for i, (result, code) in zip(sent, placed, strict=True):
-                placing.answers[i] = result
-                if code is Prededuct.CLOSED:
-                    again.append(i)  # its partition closed meanwhile: on to the next one, no pull needed
-                elif result.status is PurchaseStatus.SOLD_OUT and not last:
-                    short.setdefault(targets[i], []).append(i)
-            if any(code is Prededuct.STALE_LAYOUT for _, code in placed):
-                raise StaleLayout(f"a pre-deduct of {placing.layout.sku} refused epoch {placing.layout.epoch}")
+        short = placing.uncovered(registry, targets) if may_pull else {}
+        again, refused = await self._send(placing, send, targets, short)
+        if may_pull:
+            short.update(refused)
         if short:
-            placing.pulled.update(short)
-            placing.pulls += 1
+            placing.pulling(short)
             again += await self._pull_for(placing, short)
         placing.retry(again)
         return bool(again)
+
+    @staticmethod
+    async def _send(
+        placing: Placement, send: Sender, targets: Mapping[int, str], short: Mapping[str, list[int]]
+    ) -> tuple[list[int], dict[str, list[int]]]:
+        """The pending purchases whose partition is not `short`, sent as one transaction: those whose
+        partition closed meanwhile, and those refused as short, by partition (see Placement.record)."""
+        sent = [i for i in placing.pending if targets[i] not in short]
+        if not sent:
+            return [], {}
+        placed = await send(placing.layout, [placing.requests[i] for i in sent], [targets[i] for i in sent])
+        return placing.record(sent, targets, placed)
 
     async def _answer_seen(self, placing: Placement, registry: Registry) -> dict[int, str]:
         """Each pending purchase's partition; a token found in the log of a partition it passes (closed),
         or once the SKU is sold out in its own, is answered `duplicate` from that entry, once a replica
         holds it (where there are replicas)."""
-        targets: dict[int, str] = {}
-        wanted: dict[str, list[int]] = {}
-        for i in placing.pending:
-            target, passed = registry.target(placing.layout, placing.requests[i].token)
-            targets[i] = target
-            for part in [*passed, target] if registry.sold_out else passed:
-                if part not in placing.looked[i]:
-                    wanted.setdefault(part, []).append(i)
+        targets, wanted = placing.place(registry)
         if not wanted:
             return targets
-        token = [r.token for r in placing.requests]
-        found = await self._stock.entries({p: [token[i] for i in idxs] for p, idxs in wanted.items()})
-        seen: dict[str, dict[str, LogEntry]] = {}
-        for part, idxs in wanted.items():
-            for i in idxs:
-                entry = found[part][token[i]]
-                if entry is not None and entry.state in c.DEDUCTED_STATES:
-                    seen.setdefault(part, {})[token[i]] = entry
-                placing.looked[i].add(part)
+        found = await self._stock.entries({p: [placing.requests[i].token for i in idxs] for p, idxs in wanted.items()})
+        seen = placing.note_logs(wanted, found)
         if seen:
             await self._answer_duplicates(placing, wanted, seen)
         placing.settle_answered()
@@ -246,7 +313,11 @@ class Scheduler:
                     placing.answers[i] = local_tx.seen(entry.token, entry, confirmed=confirmed)
 
     async def _hold(self, placing: Placement) -> None:
-        """With a per-user limit, a hold for each pending purchase; a buyer past the limit is answered now."""
+        """In a group's first round, with a per-user limit: a hold for each pending purchase; a buyer past
+        the limit is answered now."""
+        if placing.held:
+            return
+        placing.held = True
         layout, pending = placing.layout, placing.pending
         if not layout.per_user_limit or not pending:
             return
@@ -260,17 +331,6 @@ class Scheduler:
                     message=f"user {requests[i].user_id} already bought {bought} of {layout.sku}",
                 )
         placing.settle_answered()
-
-    @staticmethod
-    def _uncovered(registry: Registry, placing: Placement, targets: dict[int, str]) -> dict[str, list[int]]:
-        """The pending purchases of each partition not pulled to yet that, by the registry, cannot cover them all."""
-        share: dict[str, list[int]] = {}
-        for i in placing.pending:
-            if targets[i] not in placing.pulled:
-                share.setdefault(targets[i], []).append(i)
-        return {
-            p: idxs for p, idxs in share.items() if registry.remaining(p) < sum(placing.requests[i].qty for i in idxs)
-        }
 
     async def close(self) -> None:
         """Cancel background refills: a transfer cut short is completed by the next sweep."""
@@ -298,9 +358,7 @@ class Scheduler:
             if moved:
                 again += idxs
             else:
-                for i in idxs:
-                    if placing.answers[i] is None:
-                        placing.answer(i, PurchaseStatus.SOLD_OUT, remaining=0, message=f"{layout.sku} is sold out")
+                placing.sold_out([i for i in idxs if placing.answers[i] is None])
         return again
 
     async def _pull(self, layout: Layout, part: str, need: int, least: int) -> bool:
@@ -324,15 +382,21 @@ class Scheduler:
             if have == 0 and await self._stock.close_partition(layout, part):
                 logger.info("closed %s: it is empty, and so is the pool", part, extra=ids(sku=layout.sku))
                 return True
-        drained = 0
-        for other in sorted(registry.parts, key=registry.remaining, reverse=True):
-            if have + drained >= need:
-                break
-            if other != part and registry.remaining(other) > 0:
-                drained += await self._drain(layout, other, need - have - drained)
+        drained = await self._rebalance(layout, registry, part, need - have)
         if drained:
             have += await self._refill(layout, part, drained)
         return have >= least
+
+    async def _rebalance(self, layout: Layout, registry: Registry, part: str, want: int) -> int:
+        """The stranding rebalance: up to `want` units of the other partitions, fullest first, drained back
+        to the pool for `part`; the units drained."""
+        drained = 0
+        for other in sorted(registry.parts, key=registry.remaining, reverse=True):
+            if drained >= want:
+                break
+            if other != part and registry.remaining(other) > 0:
+                drained += await self._drain(layout, other, want - drained)
+        return drained
 
     async def _refill(self, layout: Layout, part: str, want: int) -> int:
         transfer_id = uuid.uuid4().hex

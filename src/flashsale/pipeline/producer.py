@@ -27,13 +27,13 @@ from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, InvalidInput
 from flashsale.logs import ids
-from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline import local_tx
 from flashsale.pipeline.grouping import Grouper
 from flashsale.pipeline.local_tx import LocalTransaction
 from flashsale.pipeline.partitions import Placed, Scheduler
-from flashsale.ports import PurchaseStockPort, TxBusPort
-from flashsale.records import LogEntry, Peek
+from flashsale.ports import HalfMessagePort, PurchaseStockPort, TxBusPort
+from flashsale.records import Layout, LogEntry, Peek
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +137,7 @@ class PurchaseService:
             return self._all(requests, PurchaseStatus.ERROR, local_tx.NOT_RUN)
         if layout is None:
             return await self._handle_sku(sku, requests)
-        return await self._scheduler.sell(
-            layout, requests, lambda some, parts: self._transact(sku, some, parts, layout.epoch)
-        )
+        return await self._scheduler.sell(layout, requests, self._send_to_parts)
 
     async def _handle_sku(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         """Answer what one Redis read can answer; send the rest as one transaction."""
@@ -207,6 +205,13 @@ class PurchaseService:
         """One transaction for purchases of one SKU sold from its own keys: an answer for each, in order."""
         return [result for result, _ in await self._transact(sku, requests)]
 
+    async def _send_to_parts(
+        self, layout: Layout, requests: Sequence[PurchaseRequest], parts: Sequence[str]
+    ) -> list[Placed]:
+        """The scheduler's Sender: purchases of a partitioned SKU as one transaction, each on the partition
+        the scheduler placed it on by `layout`, whose epoch every share's pre-deduct carries."""
+        return await self._transact(layout.sku, requests, parts, layout.epoch)
+
     async def _transact(
         self, sku: str, requests: Sequence[PurchaseRequest], parts: Sequence[str] | None = None, epoch: int = 0
     ) -> list[Placed]:
@@ -216,6 +221,22 @@ class PurchaseService:
         pre-deduct's code behind it (None where there is none)."""
         gid = self._bus.new_message_id()
         message = local_tx.message(sku, requests, list(parts) if parts else [sku] * len(requests), gid)
+        half = await self._send_half(sku, requests, message, gid)
+        if half is None:
+            return [(r, None) for r in self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)]
+        run = LocalTransaction(requests, message)
+        await run.run(self._stock, gid, 0 if parts is None else epoch)
+        failpoints.hit(self._failpoints, failpoints.AFTER_PREDEDUCT)
+        await self._settle(sku, gid, run, half)
+        if parts is None and any(o is not None and o.remaining == 0 for o in run.outcomes):
+            self._sold_out.mark(sku)
+        return [(run.answer(i, gid), o.code if o else None) for i, o in enumerate(run.outcomes)]
+
+    async def _send_half(
+        self, sku: str, requests: Sequence[PurchaseRequest], message: DeductionMessage, gid: str
+    ) -> HalfMessagePort | None:
+        """The half message of a transaction, sent ahead of its pre-deduct; None when the broker did not
+        take it (then nothing is deducted)."""
         try:
             half = await self._bus.send_half_async(
                 self._topic, requests[0].token, message.encode(), c.DEDUCTION_TAG, gid
@@ -228,14 +249,15 @@ class PurchaseService:
                 exc,
                 extra=ids(sku=sku, message_id=gid),
             )
-            return [(r, None) for r in self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)]
+            return None
         if self._observe_group:
             self._observe_group(len(requests))
         failpoints.hit(self._failpoints, failpoints.AFTER_HALF_MESSAGE)
+        return half
 
-        run = LocalTransaction(requests, message)
-        await run.run(self._stock, gid, 0 if parts is None else epoch)
-        failpoints.hit(self._failpoints, failpoints.AFTER_PREDEDUCT)
+    async def _settle(self, sku: str, gid: str, run: LocalTransaction, half: HalfMessagePort) -> None:
+        """Commit the half message or roll it back, by what its pre-deduct did; or neither, when that is
+        not known."""
         if run.unsettled:
             # A share may have deducted with no answer (or did, beside one that did not run): neither
             # commit nor roll back. The checker settles it once every share ran or is fenced.
@@ -261,9 +283,6 @@ class PurchaseService:
                     extra=ids(sku=sku, message_id=gid),
                 )
             await self._end(half.rollback, "rollback", gid)
-        if parts is None and any(o is not None and o.remaining == 0 for o in run.outcomes):
-            self._sold_out.mark(sku)
-        return [(run.answer(i, gid), o.code if o else None) for i, o in enumerate(run.outcomes)]
 
     @staticmethod
     def _all(
