@@ -13,8 +13,8 @@ import pytest
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.models import Purchase
+from flashsale.net import is_loopback
 from flashsale.ops.setup import set_stock
-from flashsale.stack import procs
 from tests.acceptance.harness import Pipeline
 from tests.conftest import session_env
 from tests.oracle import balanced, now
@@ -35,11 +35,11 @@ def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(se
     for service in services.values():
         assert service["healthy"] and service["pid"] and service["address"].startswith("127.0.0.1:")
     for name in ("redis", "mariadb", "namesrv"):
-        assert services[name]["listening"] and all(procs.is_loopback(a) for a in services[name]["listening"])
+        assert services[name]["listening"] and all(is_loopback(a) for a in services[name]["listening"])
     broker = services["broker"]["listening"]
     assert f"127.0.0.1:{settings.ports.broker}" in broker and f"127.0.0.1:{settings.ports.broker - 2}" in broker
     # RocketMQ 5.3 binds these three to the wildcard address whatever its configuration says (see README).
-    wildcard = {a.rsplit(":", 1)[1] for a in broker if not procs.is_loopback(a)}
+    wildcard = {a.rsplit(":", 1)[1] for a in broker if not is_loopback(a)}
     assert wildcard <= {
         str(settings.ports.broker + 1),
         str(settings.ports.proxy_grpc),

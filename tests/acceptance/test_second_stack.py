@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flashsale.config import Settings
-from flashsale.stack import procs
+from flashsale.net import port_open
 from flashsale.stack.manager import Stack
 from tests.conftest import clean_environment
 
@@ -42,7 +42,7 @@ def test_a_second_stack_runs_beside_the_first_and_stops_alone(stack: Settings, t
     finally:
         stopped = stack2.down()
     assert not any(s.running for s in stopped)
-    assert not any(procs.port_open("127.0.0.1", int(port)) for port in PORTS.values())
+    assert not any(port_open("127.0.0.1", int(port)) for port in PORTS.values())
     first_after = Stack(stack).status()
     assert {s.name: s.pid for s in first_after} == first_before and all(s.healthy for s in first_after)
 

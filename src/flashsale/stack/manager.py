@@ -10,6 +10,7 @@ from typing import Any
 
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput, StackError
+from flashsale.net import port_open
 from flashsale.polling import poll_until
 from flashsale.stack import install, procs, redis_nodes
 from flashsale.stack.layout import StackLayout
@@ -111,7 +112,7 @@ class Stack:
     def _start(self, service: Service, started: dict[str, float], progress: Progress) -> None:
         if self._record(service):
             return
-        busy = [p for p in service.ports if procs.port_open(HOST, p)]
+        busy = [p for p in service.ports if port_open(HOST, p)]
         if busy:
             raise StackError(
                 f"{service.name} cannot start: port {', '.join(map(str, busy))} on {HOST} is taken by a process "

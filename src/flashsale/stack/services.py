@@ -16,6 +16,7 @@ from typing import ClassVar
 from flashsale import constants as c
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, StackError
+from flashsale.net import port_open
 from flashsale.stack import install
 from flashsale.stack.layout import StackLayout, infra_file
 
@@ -103,8 +104,6 @@ class Service(ABC):
 
     def ping(self) -> bool:
         """Cheap liveness: is it answering at all? (`after_start` runs once this is true.)"""
-        from flashsale.stack.procs import port_open
-
         return port_open(HOST, self.port)
 
     def after_start(self) -> None:
@@ -301,8 +300,6 @@ class _RocketMQService(Service):
         return (self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
 
     def proxy_answers(self) -> None:
-        from flashsale.stack.procs import port_open
-
         if not port_open(HOST, self.settings.ports.proxy_grpc):
             raise StackError(f"the gRPC proxy on {HOST}:{self.settings.ports.proxy_grpc} does not answer")
 
