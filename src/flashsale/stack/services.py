@@ -15,8 +15,10 @@ from typing import ClassVar
 
 from flashsale import constants as c
 from flashsale.config import Settings
-from flashsale.errors import FlashSaleError, StackError
+from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StackError
+from flashsale.models import Resolution
 from flashsale.net import port_open
+from flashsale.polling import poll_until
 from flashsale.stack import install
 from flashsale.stack.layout import StackLayout, infra_file
 
@@ -311,13 +313,12 @@ class _RocketMQService(Service):
     def send_probe(self, proxy: str) -> str:
         """Send one message through the proxy on the stack's own probe topic, which every broker carries."""
         from flashsale.adapters.rocketmq import admin as rocketmq_admin
-        from flashsale.adapters.rocketmq import producer as rocketmq_producer
 
         for broker in self.brokers():
             if rocketmq_admin.topic_info(broker, PROBE_TOPIC) is None:
                 rocketmq_admin.create_topic(broker, PROBE_TOPIC, queues=1, message_type="NORMAL")
         try:
-            message_id = rocketmq_producer.probe_send(proxy, PROBE_TOPIC, timeout_s=15)
+            message_id = probe_send(proxy, PROBE_TOPIC, timeout_s=15)
         except FlashSaleError as exc:
             raise StackError(f"the proxy does not accept a send yet: {exc}") from exc
         return f"accepted a send ({message_id})"
@@ -553,6 +554,29 @@ class ProxyService(_RocketMQService):
     def probe(self) -> str:
         self.check()
         return self.send_probe(self.address)
+
+
+def probe_send(endpoint: str, topic: str, timeout_s: float = 30.0) -> str:
+    """Send one normal message through the proxy; returns its id. Proves the broker really accepts writes."""
+    from flashsale.adapters.rocketmq.producer import RocketMQProducer
+
+    last: list[Exception] = []
+
+    def attempt() -> str | None:
+        producer = RocketMQProducer(endpoint, [topic], lambda _: Resolution.UNKNOWN)
+        try:
+            producer.start()
+            return producer.send(topic, "probe", b"probe", "probe")
+        except (ServiceUnavailable, BusError) as exc:
+            last[:] = [exc]
+            return None
+        finally:
+            producer.shutdown()
+
+    message_id = poll_until(attempt, timeout_s, interval_s=1.0)
+    if message_id is None:
+        raise ServiceUnavailable("RocketMQ", endpoint, f"no probe message accepted on {topic}: {last[0]}")
+    return message_id
 
 
 def services(layout: StackLayout, settings: Settings) -> list[Service]:
