@@ -50,7 +50,7 @@ def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(se
 def _probe_topic_offset(settings: Settings) -> int:
     """Messages ever written to the stack's probe topic (queue 0), asked of the broker directly."""
     from flashsale.adapters.rocketmq import admin as rocketmq_admin
-    from flashsale.stack.services import PROBE_TOPIC
+    from flashsale.stack.rocketmq import PROBE_TOPIC
 
     get_max_offset = 30  # RequestCode.GET_MAX_OFFSET
     header, _ = rocketmq_admin.call(
@@ -310,7 +310,7 @@ def test_a_baseline_out_of_connections_is_reported_with_its_errors_and_the_run_g
     settings: Settings, stack: Settings
 ) -> None:
     from flashsale.stack.manager import Stack
-    from flashsale.stack.services import MariaDBService
+    from flashsale.stack.mariadb import MariaDBService
 
     mariadb = MariaDBService(Stack(stack).layout, stack)
     before = int(mariadb._root_sql("SELECT @@GLOBAL.max_connections").strip())

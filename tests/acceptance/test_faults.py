@@ -33,7 +33,7 @@ from flashsale.ops.setup import set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
-from flashsale.stack.services import MariaDBService
+from flashsale.stack.mariadb import MariaDBService
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Child, Pipeline, free_port
 from tests.acceptance.test_crashes import buy

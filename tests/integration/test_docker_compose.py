@@ -171,7 +171,7 @@ def test_every_redis_of_compose_is_the_native_stacks_release_line() -> None:
 
 def test_the_cluster_profile_is_the_native_cluster_topology() -> None:
     """`flashsale stack up --redis-masters 3 --redis-replicas 1 --broker-groups 2`, in containers."""
-    from flashsale.stack.services import BROKER_PORT_STEP
+    from flashsale.stack.rocketmq import BROKER_PORT_STEP
 
     cluster = in_profile("cluster")
     assert not {"redis", "broker"} & set(cluster)
@@ -301,7 +301,7 @@ def test_the_dashboard_queries_only_metrics_the_processes_export() -> None:
 def test_the_native_broker_config_is_the_shared_one_plus_its_own_ports_and_paths(tmp_path: Path) -> None:
     from flashsale.config import Settings
     from flashsale.stack.layout import StackLayout
-    from flashsale.stack.services import BrokerService, broker_settings
+    from flashsale.stack.rocketmq import BrokerService, broker_settings
 
     settings = Settings(home=tmp_path)
     broker = BrokerService(StackLayout.at(tmp_path), settings)
@@ -324,7 +324,7 @@ def test_the_check_window_outlasts_the_worst_recovery() -> None:
     """docs/operations.md, "The check window": 10 minutes cover a broker restart with its clients' reconnect
     (about 30 s), and a Redis or checker outage an operator fixes within minutes."""
     from flashsale.config import Settings
-    from flashsale.stack.services import broker_settings
+    from flashsale.stack.rocketmq import broker_settings
 
     conf = broker_settings()
     window_s = int(conf["transactionCheckMax"]) * int(conf["transactionCheckInterval"]) / 1000
@@ -345,7 +345,8 @@ def _properties(path: Path) -> dict[str, str]:
 def test_native_broker_groups_are_the_shared_config_with_a_name_and_ports_each(tmp_path: Path) -> None:
     from flashsale.config import Settings, StackTopology
     from flashsale.stack.layout import StackLayout
-    from flashsale.stack.services import GroupBroker, ProxyService, broker_settings, services
+    from flashsale.stack.rocketmq import GroupBroker, ProxyService, broker_settings
+    from flashsale.stack.topology import services
 
     settings = Settings(home=tmp_path, topology=StackTopology(broker_groups=2))
     stack = services(StackLayout.at(tmp_path), settings)

@@ -37,7 +37,8 @@ from flashsale.errors import FlashSaleError, InvalidInput
 from flashsale.ops import reconcile, setup
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout
-from flashsale.stack.services import family, services
+from flashsale.stack.service import family
+from flashsale.stack.topology import services
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from flashsale.polling import poll_until
 from flashsale.stack import install, procs, redis_nodes
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.redis_nodes import RedisNode
-from flashsale.stack.services import HOST, Service, family, services
+from flashsale.stack.service import HOST, Service, family
+from flashsale.stack.topology import services
 
 logger = logging.getLogger(__name__)
 

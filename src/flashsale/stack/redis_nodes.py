@@ -16,7 +16,7 @@ from flashsale.errors import StackError
 from flashsale.polling import poll_until
 from flashsale.stack import install
 from flashsale.stack.layout import StackLayout
-from flashsale.stack.services import HOST, Service
+from flashsale.stack.service import HOST, Service
 
 #: A Redis Cluster node's bus port is its client port plus this (Redis's fixed rule).
 BUS_OFFSET = 10000
