@@ -21,8 +21,12 @@ class StackLayout:
     def service_dir(self, name: str) -> Path:
         return self.home / name
 
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
     def log_file(self, name: str) -> Path:
-        return self.home / "logs" / f"{name}.log"
+        return self.logs / f"{name}.log"
 
     def pid_file(self, name: str) -> Path:
         return self.home / "run" / f"{name}.json"

@@ -74,6 +74,12 @@ class Stack:
         record = procs.PidRecord.load(self.layout.pid_file(service.name))
         return record if record and procs.is_alive(record) else None
 
+    def pids(self, families: Iterable[str]) -> dict[str, int]:
+        """The PID of each running service of these families, by service name."""
+        wanted = set(families)
+        running = ((s.name, self._record(s)) for s in self.services if family(s.name) in wanted)
+        return {name: record.pid for name, record in running if record}
+
     # --- up ---------------------------------------------------------------------------------------
     def up(self, names: Iterable[str] | None = None, progress: Progress = logger.info) -> list[ServiceState]:
         services = self.select(names)
