@@ -15,6 +15,7 @@ from flashsale.config import Settings
 from flashsale.models import Purchase
 from flashsale.net import is_loopback
 from flashsale.ops.setup import set_stock
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline
 from tests.conftest import session_env
 from tests.oracle import balanced, now
@@ -307,12 +308,12 @@ def test_a_process_logs_one_json_object_per_line_when_asked(pipeline: Pipeline) 
 
 
 def test_a_baseline_out_of_connections_is_reported_with_its_errors_and_the_run_goes_on(
-    settings: Settings, stack: Settings
+    settings: Settings, stack_settings: StackSettings
 ) -> None:
     from flashsale.stack.manager import Stack
     from flashsale.stack.mariadb import MariaDBService
 
-    mariadb = MariaDBService(Stack(stack).layout, stack)
+    mariadb = MariaDBService(Stack(stack_settings).layout, stack_settings)
     before = int(mariadb._root_sql("SELECT @@GLOBAL.max_connections").strip())
     mariadb._root_sql("SET GLOBAL max_connections = 30")  # the baseline wants 64; a few are in use already
     try:

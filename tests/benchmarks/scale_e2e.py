@@ -34,6 +34,7 @@ from flashsale.ops.setup import init
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.benchmarks.redis_stage import bench_cluster
 from tests.conftest import clean_environment, cluster_url, isolated_settings
 
@@ -79,7 +80,7 @@ def main() -> None:
     config = BenchConfig(stock=10 * args.attempts, buyers=200, attempts=args.attempts, partitions=PARTITIONS)
 
     stack = Settings.from_env(clean_environment())
-    own_stack = Stack(stack)
+    own_stack = Stack(StackSettings.from_env(clean_environment()))
     own_stack.up()
     cluster = bench_cluster()
     cluster_stack = Stack(cluster)

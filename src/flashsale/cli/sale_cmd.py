@@ -159,7 +159,7 @@ def bench(
         batch_size=batch_size,
         partitions=partitions,
     )
-    stack = Stack(ctx.settings)
+    stack = Stack(ctx.stack_settings)
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
         results = bench_ops.run_bench(
             ctx.settings,
@@ -215,7 +215,7 @@ def demo(ctx: Context, sku: str, stock: int, attempts: int, buyers: int, per_use
     """The whole story on the real stack: stack up, schema, stock, three processes, a sale, the books."""
     config = DemoConfig(sku=sku, stock=stock, attempts=attempts, buyers=buyers, per_user_limit=per_user_limit)
     console = Console(soft_wrap=True)
-    stack = Stack(ctx.settings)
+    stack = Stack(ctx.stack_settings)
     with progress_bars(sys.stderr.isatty()) as start:
         result = run_demo(
             ctx.settings,

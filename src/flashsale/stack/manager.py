@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput, StackError
 from flashsale.net import port_open
 from flashsale.polling import poll_until
@@ -16,6 +15,7 @@ from flashsale.stack import install, procs, redis_nodes
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.redis_nodes import RedisNode
 from flashsale.stack.service import HOST, Service, family
+from flashsale.stack.settings import StackSettings
 from flashsale.stack.topology import services
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class ServiceState:
 
 
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
         self.layout = StackLayout.at(settings.home)
         self.services = services(self.layout, settings)

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from flashsale import constants as c
+from flashsale.config import DEFAULT_DATABASE, DEFAULT_DB_PASSWORD, DEFAULT_DB_USER
 from flashsale.errors import StackError
 from flashsale.stack import install
 from flashsale.stack.service import HOST, Service
@@ -92,13 +92,13 @@ class MariaDBService(Service):
         return True
 
     def after_start(self) -> None:
-        user, password = c.DEFAULT_DB_USER, c.DEFAULT_DB_PASSWORD
-        statements = [f"CREATE DATABASE IF NOT EXISTS `{self.settings.mysql_database}` CHARACTER SET utf8mb4"]
+        user, password = DEFAULT_DB_USER, DEFAULT_DB_PASSWORD
+        statements = [f"CREATE DATABASE IF NOT EXISTS `{self.settings.database}` CHARACTER SET utf8mb4"]
         for host in ("127.0.0.1", "localhost"):
             statements += [
                 f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY '{password}'",
                 # `flashsale%` also covers the test databases (flashsale_test_*).
-                f"GRANT ALL PRIVILEGES ON `{c.DEFAULT_DATABASE}%`.* TO '{user}'@'{host}'",
+                f"GRANT ALL PRIVILEGES ON `{DEFAULT_DATABASE}%`.* TO '{user}'@'{host}'",
             ]
         self._root_sql("; ".join(statements))
 
@@ -107,7 +107,7 @@ class MariaDBService(Service):
 
         try:
             conn = pymysql.connect(
-                host=HOST, port=self.port, user=c.DEFAULT_DB_USER, password=c.DEFAULT_DB_PASSWORD, connect_timeout=2
+                host=HOST, port=self.port, user=DEFAULT_DB_USER, password=DEFAULT_DB_PASSWORD, connect_timeout=2
             )
         except pymysql.MySQLError as exc:
             raise StackError(f"mariadb does not accept the application user: {exc}") from exc

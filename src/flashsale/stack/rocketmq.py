@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from flashsale import constants as c
-from flashsale.config import Settings
 from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StackError
 from flashsale.models import Resolution
 from flashsale.net import port_open
@@ -17,6 +16,7 @@ from flashsale.polling import poll_until
 from flashsale.stack import install
 from flashsale.stack.layout import StackLayout, infra_file
 from flashsale.stack.service import HOST, Service
+from flashsale.stack.settings import StackSettings
 
 #: The stack's own NORMAL topic, used to prove the broker accepts a send.
 PROBE_TOPIC = "flashsale-stack-probe"
@@ -53,7 +53,7 @@ class _RocketMQService(Service):
     stop_grace_s = 40.0
     after_namesrv = True
 
-    def __init__(self, layout: StackLayout, settings: Settings) -> None:
+    def __init__(self, layout: StackLayout, settings: StackSettings) -> None:
         super().__init__(layout, settings)
         self.dir = layout.service_dir("rocketmq")
 
@@ -283,7 +283,7 @@ class GroupBroker(_Broker):
     logback = "broker"
     ready_timeout_s = 120.0
 
-    def __init__(self, layout: StackLayout, settings: Settings, index: int) -> None:
+    def __init__(self, layout: StackLayout, settings: StackSettings, index: int) -> None:
         self.index = index
         self.broker_name = self.name = f"broker-{chr(ord('a') + index)}"
         super().__init__(layout, settings)

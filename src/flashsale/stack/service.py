@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from flashsale import constants as c
-from flashsale.config import Settings
 from flashsale.net import port_open
 from flashsale.stack.layout import StackLayout
+from flashsale.stack.settings import StackSettings
 
 HOST = c.DEFAULT_HOST
 
@@ -31,7 +31,7 @@ class Service(ABC):
     #: Started once the name server answers, one after another in the topology's order.
     after_namesrv: ClassVar[bool] = False
 
-    def __init__(self, layout: StackLayout, settings: Settings) -> None:
+    def __init__(self, layout: StackLayout, settings: StackSettings) -> None:
         self.layout = layout
         self.settings = settings
         self.dir = layout.service_dir(self.name)

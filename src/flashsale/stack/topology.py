@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from flashsale.config import Settings
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.mariadb import MariaDBService
 from flashsale.stack.redis_nodes import nodes
 from flashsale.stack.rocketmq import BrokerService, GroupBroker, NamesrvService, ProxyService
 from flashsale.stack.service import Service
+from flashsale.stack.settings import StackSettings
 
 
-def services(layout: StackLayout, settings: Settings) -> list[Service]:
+def services(layout: StackLayout, settings: StackSettings) -> list[Service]:
     """Every service of the stack's topology, in start order (the broker registers with the name server)."""
     groups = settings.topology.broker_groups
     rocketmq: list[Service] = (
