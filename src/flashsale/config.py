@@ -3,8 +3,8 @@
 Each setting is declared once, as a dataclass field made by `setting(default, name, meaning)`: that one
 line gives its default, its variable and what it means. `variables()` (printed by `--help`) and
 `from_env` are both read off those fields, and a malformed value is reported with its variable's name.
-A settings dataclass may hold another (`group`); the local stack's own settings (flashsale.stack.settings)
-are built the same way and hold the same `ServerPorts`.
+A settings dataclass may hold another (`group`); the local stack's own settings (StackSettings, in the
+stack package) are built the same way and hold the same `ServerPorts`.
 """
 
 from __future__ import annotations
