@@ -17,6 +17,7 @@ import pytest
 
 from flashsale import constants as c
 from flashsale.config import Settings
+from flashsale.stack.settings import StackSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE = "flashsale_test"
@@ -48,17 +49,18 @@ def clean_environment() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def stack_settings() -> Settings:
-    return Settings.from_env(clean_environment())
+def stack_settings() -> StackSettings:
+    return StackSettings.from_env(clean_environment())
 
 
 @pytest.fixture(scope="session")
-def stack(stack_settings: Settings) -> Settings:
-    """The local stack, started (and installed) if it is not running. Left running after the session."""
+def stack(stack_settings: StackSettings) -> Settings:
+    """The local stack, started (and installed) if it is not running, and the settings of its clients. Left
+    running after the session."""
     from flashsale.stack.manager import Stack
 
     Stack(stack_settings).up()
-    return stack_settings
+    return Settings.from_env(clean_environment())
 
 
 def isolated_settings(prefix: str, stack: Settings | None = None) -> Settings:
@@ -97,14 +99,14 @@ CLUSTER_ENV = {"FLASHSALE_REDIS_PORT": "7379", "FLASHSALE_REDIS_MASTERS": "3", "
 
 
 @pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[Settings]:
+def redis_cluster() -> Iterator[StackSettings]:
     """A Redis Cluster of the tests' own, created new for the session and stopped after it (stack settings)."""
     import shutil
 
     from flashsale.stack.manager import Stack
 
     home = ROOT / ".flashsale" / "test-cluster"
-    cluster = Settings.from_env({**clean_environment(), **CLUSTER_ENV, "FLASHSALE_HOME": str(home)})
+    cluster = StackSettings.from_env({**clean_environment(), **CLUSTER_ENV, "FLASHSALE_HOME": str(home)})
     stack = Stack(cluster)
     stack.down()  # what an interrupted session left
     shutil.rmtree(home, ignore_errors=True)
@@ -113,7 +115,7 @@ def redis_cluster() -> Iterator[Settings]:
     stack.down()
 
 
-def cluster_url(cluster: Settings) -> str:
+def cluster_url(cluster: StackSettings) -> str:
     return f"redis://127.0.0.1:{cluster.ports.redis}/0"
 
 

@@ -1,9 +1,10 @@
 """Settings: frozen dataclasses built from FLASHSALE_* environment variables.
 
 Each setting is declared once, as a dataclass field made by `setting(default, name, meaning)`: that one
-line gives its default, its variable and what it means. `VARIABLES` (printed by `--help`) and
-`Settings.from_env` are both read off those fields, and a malformed value is reported with its
-variable's name.
+line gives its default, its variable and what it means. `variables()` (printed by `--help`) and
+`from_env` are both read off those fields, and a malformed value is reported with its variable's name.
+A settings dataclass may hold another (`group`); the local stack's own settings (StackSettings, in the
+stack package) are built the same way and hold the same `ServerPorts`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import ConfigError
 
+# The application's database and user: the default MYSQL_URL names them, and the local stack creates them.
+DEFAULT_DATABASE = "flashsale"
+DEFAULT_DB_USER = "flashsale"
+DEFAULT_DB_PASSWORD = "flashsale"
+
 #: How a variable's text becomes a value.
 Kind = Literal["text", "int", "number", "port", "path", "names"]
 
@@ -30,6 +36,11 @@ def setting(default: Any, name: str, meaning: str, *, kind: Kind = "text", minim
     if isinstance(default, frozenset):
         return field(default_factory=lambda: default, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def group(cls: type) -> Any:
+    """A settings field holding another settings dataclass, whose own settings are read the same way."""
+    return field(default_factory=cls, metadata={"group": cls})
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,10 @@ class Variable:
 
 
 @dataclass(frozen=True)
-class StackPorts:
+class ServerPorts:
+    """Where the servers listen: client addresses default to these ports, and the local stack starts its
+    servers on them."""
+
     redis: int = setting(c.DEFAULT_REDIS_PORT, "REDIS_PORT", "port of the stack's Redis", kind="port")
     mysql: int = setting(c.DEFAULT_MYSQL_PORT, "MYSQL_PORT", "port of the stack's MariaDB", kind="port")
     namesrv: int = setting(
@@ -62,56 +76,6 @@ class StackPorts:
     proxy_remoting: int = setting(
         c.DEFAULT_PROXY_REMOTING_PORT, "PROXY_REMOTING_PORT", "RocketMQ proxy remoting port", kind="port"
     )
-
-
-@dataclass(frozen=True)
-class StackTopology:
-    redis_masters: int = setting(
-        1,
-        "REDIS_MASTERS",
-        "Redis masters of the stack: 1 is a single node, 3 or more a Redis Cluster on REDIS_PORT and up",
-        kind="int",
-        minimum=1,
-    )
-    redis_replicas: int = setting(
-        0,
-        "REDIS_REPLICAS",
-        "replicas of each Redis Cluster master (a replica takes over when its master dies)",
-        kind="int",
-    )
-    broker_groups: int = setting(
-        1,
-        "BROKER_GROUPS",
-        "RocketMQ broker groups: 1 is a broker with its own gRPC proxy, 2 or more are broker-a, broker-b, ... "
-        "behind one proxy (group n listens on BROKER_PORT + 10n)",
-        kind="int",
-        minimum=1,
-    )
-
-    def __post_init__(self) -> None:
-        if self.broker_groups > c.MAX_BROKER_GROUPS:
-            raise ConfigError(
-                f"{c.ENV_PREFIX}BROKER_GROUPS={self.broker_groups}: the stack runs at most {c.MAX_BROKER_GROUPS}",
-                hint=f"use 1 to {c.MAX_BROKER_GROUPS}",
-            )
-        if self.redis_masters == 2:
-            raise ConfigError(
-                f"{c.ENV_PREFIX}REDIS_MASTERS=2: a Redis Cluster needs at least 3 masters",
-                hint="use 1 for a single node, or 3 or more for a cluster",
-            )
-        if self.redis_masters == 1 and self.redis_replicas:
-            raise ConfigError(
-                f"{c.ENV_PREFIX}REDIS_REPLICAS={self.redis_replicas} needs a Redis Cluster",
-                hint=f"set {c.ENV_PREFIX}REDIS_MASTERS to 3 or more",
-            )
-
-    @property
-    def redis_cluster(self) -> bool:
-        return self.redis_masters > 1
-
-    @property
-    def redis_nodes(self) -> int:
-        return self.redis_masters * (1 + self.redis_replicas)
 
 
 @dataclass(frozen=True)
@@ -181,9 +145,7 @@ class ConsumerSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path = setting(Path(".flashsale"), "HOME", "state folder of the local stack: data, logs, PIDs", kind="path")
-    ports: StackPorts = field(default_factory=StackPorts)
-    topology: StackTopology = field(default_factory=StackTopology)
+    ports: ServerPorts = group(ServerPorts)
     redis_url: str = setting("", "REDIS_URL", "Redis URL (default: redis://127.0.0.1:<REDIS_PORT>/0)")
     mysql_url: str = setting(
         "",
@@ -207,13 +169,13 @@ class Settings:
         "partitioned stock: a partition switches to its standby sub-domain when the active one falls below this",
         kind="int",
     )
-    clients: ClientSettings = field(default_factory=ClientSettings)
+    clients: ClientSettings = group(ClientSettings)
     namespace: str = setting(c.DEFAULT_NAMESPACE, "NAMESPACE", "prefix of topic and consumer group names")
     metrics_host: str = setting(
         c.DEFAULT_HOST, "METRICS_HOST", "address the consumer's and checker's /metrics and /readyz listen on"
     )
-    producer: ProducerSettings = field(default_factory=ProducerSettings)
-    consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
+    producer: ProducerSettings = group(ProducerSettings)
+    consumer: ConsumerSettings = group(ConsumerSettings)
     check_grace_s: float = setting(
         6.0,
         "CHECK_GRACE_S",
@@ -237,7 +199,7 @@ class Settings:
         defaults = {
             "redis_url": f"redis://{host}:{self.ports.redis}/0",
             "mysql_url": (
-                f"mysql+pymysql://{c.DEFAULT_DB_USER}:{c.DEFAULT_DB_PASSWORD}@{host}:{self.ports.mysql}/{c.DEFAULT_DATABASE}"
+                f"mysql+pymysql://{DEFAULT_DB_USER}:{DEFAULT_DB_PASSWORD}@{host}:{self.ports.mysql}/{DEFAULT_DATABASE}"
             ),
             "rocketmq_endpoint": f"{host}:{self.ports.proxy_grpc}",
             "namesrv_addr": f"{host}:{self.ports.namesrv}",
@@ -282,23 +244,27 @@ class Settings:
 
     @property
     def mysql_database(self) -> str:
-        return urlsplit(self.mysql_url).path.lstrip("/") or c.DEFAULT_DATABASE
+        return urlsplit(self.mysql_url).path.lstrip("/") or DEFAULT_DATABASE
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        settings: Settings = _from_env(cls, os.environ if environ is None else environ)
+        settings: Settings = from_env(cls, environ)
         return settings
+
+
+def from_env(cls: type, environ: Mapping[str, str] | None = None) -> Any:
+    """A settings dataclass read from FLASHSALE_* variables (`environ`, by default the process's)."""
+    return _from_env(cls, os.environ if environ is None else environ)
 
 
 def _fields(cls: type) -> Iterator[dataclasses.Field[Any]]:
     """Every setting of `cls` and of the settings dataclasses it holds, in declaration order."""
     for f in dataclasses.fields(cls):
-        nested = _NESTED.get(f.name)
-        if nested is not None:
-            yield from _fields(nested)
+        if "group" in f.metadata:
+            yield from _fields(f.metadata["group"])
         elif "env" in f.metadata:
             yield f
 
@@ -306,9 +272,8 @@ def _fields(cls: type) -> Iterator[dataclasses.Field[Any]]:
 def _from_env(cls: type, environ: Mapping[str, str]) -> Any:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        nested = _NESTED.get(f.name)
-        if nested is not None:
-            values[f.name] = _from_env(nested, environ)
+        if "group" in f.metadata:
+            values[f.name] = _from_env(f.metadata["group"], environ)
         elif "env" in f.metadata:
             values[f.name] = _parse(f, environ.get(c.ENV_PREFIX + f.metadata["env"]))
     return cls(**values)
@@ -350,18 +315,11 @@ def _shown(default: Any) -> str:
     return str(default)
 
 
-#: The settings dataclasses a Settings holds, by field name.
-_NESTED: dict[str, type] = {
-    "ports": StackPorts,
-    "topology": StackTopology,
-    "clients": ClientSettings,
-    "producer": ProducerSettings,
-    "consumer": ConsumerSettings,
-}
-#: Every FLASHSALE_* variable, read off the settings fields (what `flashsale --help` lists).
-VARIABLES: tuple[Variable, ...] = tuple(
-    Variable(f.metadata["env"], _shown(_default(f)), f.metadata["meaning"]) for f in _fields(Settings)
-)
+def variables(*classes: type) -> tuple[Variable, ...]:
+    """The FLASHSALE_* variables of these settings dataclasses, in declaration order; a settings field two
+    of them hold (the server ports) is listed once."""
+    fields = dict.fromkeys(f for cls in classes for f in _fields(cls))
+    return tuple(Variable(f.metadata["env"], _shown(_default(f)), f.metadata["meaning"]) for f in fields)
 
 
 def field_default(cls: type, name: str) -> Any:

@@ -22,8 +22,6 @@ DEDUCTION_TAG = "deduction"
 TOPIC_QUEUES = 8
 #: RocketMQ cluster name used by the local stack.
 CLUSTER_NAME = "DefaultCluster"
-#: Broker groups the local stack can run (broker-a, broker-b, ...).
-MAX_BROKER_GROUPS = 4
 #: Versions of the JSON body of a deduction message: 1, one purchase; 2, the purchases of a group on one
 #: shard (a SKU, or one partition); 3, a group over several partitions, each purchase naming its own. A
 #: body is written in the lowest version that can carry it, so an older consumer reads all it could before.
@@ -84,11 +82,3 @@ DEFAULT_BROKER_PORT = 10911
 DEFAULT_PROXY_GRPC_PORT = 8081
 DEFAULT_PROXY_REMOTING_PORT = 8080
 DEFAULT_HTTP_PORT = 8000
-
-# --- Database ----------------------------------------------------------------------------------------
-DEFAULT_DATABASE = "flashsale"
-DEFAULT_DB_USER = "flashsale"
-DEFAULT_DB_PASSWORD = "flashsale"
-
-# --- RocketMQ server version resolved from Maven Central by infra/rocketmq/pom.xml --------------------
-ROCKETMQ_VERSION = "5.3.3"

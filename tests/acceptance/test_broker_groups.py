@@ -25,6 +25,7 @@ from flashsale.ops.setup import init, set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline
 from tests.acceptance.test_operations import reconcile_json
@@ -49,10 +50,10 @@ def _env(home: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def broker_groups() -> Iterator[Settings]:
+def broker_groups() -> Iterator[StackSettings]:
     """Name server, broker-a, broker-b and the proxy, created new for the module and stopped after it."""
     home = ROOT / ".flashsale" / "test-brokers"
-    groups = Settings.from_env(_env(str(home)))
+    groups = StackSettings.from_env(_env(str(home)))
     stack = Stack(groups)
     stack.down()  # what an interrupted session left
     shutil.rmtree(home, ignore_errors=True)
@@ -62,16 +63,15 @@ def broker_groups() -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="module")
-def settings(settings: Settings, broker_groups: Settings) -> Iterator[Settings]:
+def settings(settings: Settings, broker_groups: StackSettings) -> Iterator[Settings]:
     """The session's namespace, database and Redis, with RocketMQ on the two groups (topics created there)."""
-    on_groups = settings.with_overrides(
-        rocketmq_endpoint=broker_groups.rocketmq_endpoint, namesrv_addr=broker_groups.namesrv_addr
-    )
+    clients = Settings.from_env(_env(str(broker_groups.home)))
+    on_groups = settings.with_overrides(rocketmq_endpoint=clients.rocketmq_endpoint, namesrv_addr=clients.namesrv_addr)
     init(on_groups)
     yield on_groups
 
 
-def _cli(groups: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(groups: StackSettings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "flashsale", *args],
         capture_output=True,
@@ -89,9 +89,9 @@ def _carried(topic: str) -> dict[str, int]:
 
 
 def test_stack_up_runs_two_broker_groups_behind_one_proxy_and_the_topics_span_both(
-    broker_groups: Settings, settings: Settings
+    broker_groups: StackSettings, settings: Settings
 ) -> None:
-    assert rocketmq_admin.cluster_brokers(broker_groups.namesrv_addr, c.CLUSTER_NAME) == list(BROKERS)
+    assert rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME) == list(BROKERS)
     for broker in BROKERS:
         for topic, kind in ((settings.deduction_topic, "TRANSACTION"), (settings.replay_topic, "NORMAL")):
             info = rocketmq_admin.topic_info(broker, topic)
@@ -144,7 +144,7 @@ def test_a_sale_over_two_broker_groups_loses_nothing_and_both_groups_carry_it(
     assert code == 0 and report["skus"][0]["consistent"], report
 
 
-def _kill(groups: Settings, name: str) -> None:
+def _kill(groups: StackSettings, name: str) -> None:
     record = procs.PidRecord.load(Stack(groups).layout.pid_file(name))
     assert record is not None and procs.is_alive(record)
     os.kill(record.pid, signal.SIGKILL)
@@ -160,7 +160,7 @@ def _books_exact(settings: Settings, sku: str, crowd: Crowd) -> None:
 
 
 def test_a_broker_group_killed_mid_sale_loses_nothing_and_oversells_nothing(
-    pipeline: Pipeline, settings: Settings, broker_groups: Settings, sku: str
+    pipeline: Pipeline, settings: Settings, broker_groups: StackSettings, sku: str
 ) -> None:
     set_stock(settings, sku, 600)
     before = _carried(settings.deduction_topic)[BROKERS[1]]
@@ -180,7 +180,7 @@ def test_a_broker_group_killed_mid_sale_loses_nothing_and_oversells_nothing(
 
 
 def test_the_proxy_killed_mid_sale_loses_nothing_and_the_sale_resumes_once_it_is_back(
-    pipeline: Pipeline, settings: Settings, broker_groups: Settings, sku: str
+    pipeline: Pipeline, settings: Settings, broker_groups: StackSettings, sku: str
 ) -> None:
     """Every group's half messages wait on their brokers; checks reach the producers again through the
     restarted proxy, and the clients reconnect to it."""

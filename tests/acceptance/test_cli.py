@@ -13,8 +13,9 @@ import pytest
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.models import Purchase
+from flashsale.net import is_loopback
 from flashsale.ops.setup import set_stock
-from flashsale.stack import procs
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline
 from tests.conftest import session_env
 from tests.oracle import balanced, now
@@ -35,11 +36,11 @@ def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(se
     for service in services.values():
         assert service["healthy"] and service["pid"] and service["address"].startswith("127.0.0.1:")
     for name in ("redis", "mariadb", "namesrv"):
-        assert services[name]["listening"] and all(procs.is_loopback(a) for a in services[name]["listening"])
+        assert services[name]["listening"] and all(is_loopback(a) for a in services[name]["listening"])
     broker = services["broker"]["listening"]
     assert f"127.0.0.1:{settings.ports.broker}" in broker and f"127.0.0.1:{settings.ports.broker - 2}" in broker
     # RocketMQ 5.3 binds these three to the wildcard address whatever its configuration says (see README).
-    wildcard = {a.rsplit(":", 1)[1] for a in broker if not procs.is_loopback(a)}
+    wildcard = {a.rsplit(":", 1)[1] for a in broker if not is_loopback(a)}
     assert wildcard <= {
         str(settings.ports.broker + 1),
         str(settings.ports.proxy_grpc),
@@ -50,7 +51,7 @@ def test_stack_status_reports_every_service_healthy_and_listening_on_loopback(se
 def _probe_topic_offset(settings: Settings) -> int:
     """Messages ever written to the stack's probe topic (queue 0), asked of the broker directly."""
     from flashsale.adapters.rocketmq import admin as rocketmq_admin
-    from flashsale.stack.services import PROBE_TOPIC
+    from flashsale.stack.rocketmq import PROBE_TOPIC
 
     get_max_offset = 30  # RequestCode.GET_MAX_OFFSET
     header, _ = rocketmq_admin.call(
@@ -307,12 +308,12 @@ def test_a_process_logs_one_json_object_per_line_when_asked(pipeline: Pipeline) 
 
 
 def test_a_baseline_out_of_connections_is_reported_with_its_errors_and_the_run_goes_on(
-    settings: Settings, stack: Settings
+    settings: Settings, stack_settings: StackSettings
 ) -> None:
     from flashsale.stack.manager import Stack
-    from flashsale.stack.services import MariaDBService
+    from flashsale.stack.mariadb import MariaDBService
 
-    mariadb = MariaDBService(Stack(stack).layout, stack)
+    mariadb = MariaDBService(Stack(stack_settings).layout, stack_settings)
     before = int(mariadb._root_sql("SELECT @@GLOBAL.max_connections").strip())
     mariadb._root_sql("SET GLOBAL max_connections = 30")  # the baseline wants 64; a few are in use already
     try:

@@ -24,6 +24,7 @@ from flashsale.models import DeductionMessage, Purchase, Resolution
 from flashsale.ops.setup import set_stock
 from flashsale.records import Prededuct
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline, free_port, post
 from tests.oracle import balanced, now
 
@@ -119,7 +120,12 @@ def _metric(url: str, name: str) -> float:
 
 
 def test_mariadb_down_for_20_seconds_mid_sale_acks_nothing_and_loses_nothing(
-    pipeline: Pipeline, settings: Settings, stack: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+    pipeline: Pipeline,
+    settings: Settings,
+    stack_settings: StackSettings,
+    redis_stock: RedisStock,
+    mysql_store: MySQLStore,
+    sku: str,
 ) -> None:
     set_stock(settings, sku, 400)
     _, url = pipeline.producer()
@@ -132,7 +138,7 @@ def test_mariadb_down_for_20_seconds_mid_sale_acks_nothing_and_loses_nothing(
     assert first.statuses["accepted"] == 100
     balanced(settings, sku, 30)
 
-    db = Stack(stack)
+    db = Stack(stack_settings)
     db.down(["mariadb"])
     try:
         acked_before = _metric(metrics_url, "flashsale_consumer_batches_total")

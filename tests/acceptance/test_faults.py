@@ -33,7 +33,8 @@ from flashsale.ops.setup import set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
-from flashsale.stack.services import MariaDBService
+from flashsale.stack.mariadb import MariaDBService
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Child, Pipeline, free_port
 from tests.acceptance.test_crashes import buy
@@ -73,7 +74,9 @@ RESULTS: list[Outcome] = []
 class Sale:
     """The three processes of one test, the victim's kill and its return, and the crowd."""
 
-    def __init__(self, pipeline: Pipeline, stack: Settings, settings: Settings, sku: str, victim: str = "") -> None:
+    def __init__(
+        self, pipeline: Pipeline, stack: StackSettings, settings: Settings, sku: str, victim: str = ""
+    ) -> None:
         self.pipeline = pipeline
         self.stack = Stack(stack)
         self.settings = settings
@@ -126,7 +129,7 @@ class Sale:
             self.stack.up([victim])
             if victim == "namesrv":
                 # Up means routes are served again: the running broker registered with the new name server.
-                assert rocketmq_admin.cluster_brokers(self.stack.settings.namesrv_addr, c.CLUSTER_NAME)
+                assert rocketmq_admin.cluster_brokers(self.settings.namesrv_addr, c.CLUSTER_NAME)
             if victim in ("namesrv", "broker"):
                 # The proxy may have cached "no route" for a topic while no broker was registered (for its
                 # topicRouteServiceCacheRefreshSeconds): a process starting now (the next test's) would exit.
@@ -232,10 +235,10 @@ def _ran(victim: str, sale: Sale, run: Run) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("victim", SERVERS + PROCESSES)
 def test_a_server_or_process_killed_mid_sale_loses_nothing_and_the_books_converge(
-    pipeline: Pipeline, settings: Settings, stack: Settings, sku: str, victim: str, shape: str
+    pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str, victim: str, shape: str
 ) -> None:
     set_stock(settings, sku, STOCK, per_user_limit=LIMIT, partitions=SHAPES[shape])
-    sale = Sale(pipeline, stack, settings, sku, victim)
+    sale = Sale(pipeline, stack_settings, settings, sku, victim)
 
     def doom_a_producer(victim: str) -> None:
         if victim == "checker":  # a message that needs a check while no checker runs
@@ -249,21 +252,21 @@ def test_a_server_or_process_killed_mid_sale_loses_nothing_and_the_books_converg
 
 
 def test_soak_several_faults_in_a_row_lose_nothing(
-    pipeline: Pipeline, settings: Settings, stack: Settings, sku: str
+    pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str
 ) -> None:
     set_stock(settings, sku, STOCK, per_user_limit=LIMIT, partitions=3)
-    sale = Sale(pipeline, stack, settings, sku)
+    sale = Sale(pipeline, stack_settings, settings, sku)
     faults = [("consumer", 1.0), ("broker", 2.0), ("redis", 1.0), ("checker", 1.0), ("mariadb", 2.0)]
     run = _run(sale, faults)
     _judge("soak: " + ", ".join(v for v, _ in faults), run)
 
 
 def test_a_read_only_database_pauses_the_consumer_without_burning_delivery_attempts(
-    pipeline: Pipeline, settings: Settings, stack: Settings, sku: str
+    pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str
 ) -> None:
     set_stock(settings, sku, STOCK, per_user_limit=LIMIT)
-    sale = Sale(pipeline, stack, settings, sku)
-    mariadb = MariaDBService(Stack(stack).layout, stack)
+    sale = Sale(pipeline, stack_settings, settings, sku)
+    mariadb = MariaDBService(Stack(stack_settings).layout, stack_settings)
     consumer = sale.children["consumer"]
     crowd = _crowd(sale).start()
     try:

@@ -15,6 +15,7 @@ from flashsale.config import Settings
 from flashsale.ops.setup import set_stock
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline, post
 from tests.oracle import balanced, redis_client
 
@@ -95,7 +96,7 @@ def test_a_producer_killed_mid_group_leaves_every_purchase_of_the_group_to_its_r
 
 
 def test_a_group_pre_deducted_when_its_producer_and_the_broker_both_die_is_committed_after_the_restart(
-    pipeline: Pipeline, settings: Settings, stack: Settings, sku: str
+    pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str
 ) -> None:
     set_stock(settings, sku, 100)
     pipeline.consumer()
@@ -103,7 +104,7 @@ def test_a_group_pre_deducted_when_its_producer_and_the_broker_both_die_is_commi
     _, doomed = pipeline.producer(failpoints=failpoints.AFTER_PREDEDUCT, **GROUP)
     tokens = [f"h{i}" for i in range(5)]
     assert set(_crowd(doomed, sku, tokens).values()) == {None}  # pre-deducted, never committed
-    broker = Stack(stack)
+    broker = Stack(stack_settings)
     record = procs.PidRecord.load(broker.layout.pid_file("broker"))
     assert record is not None
     os.kill(record.pid, signal.SIGKILL)

@@ -35,6 +35,7 @@ from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.polling import poll_until
 from flashsale.records import Layout, Prededuct
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline, post
 from tests.acceptance.test_crashes import buy
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def settings(settings: Settings, redis_cluster: Settings) -> Settings:
+def settings(settings: Settings, redis_cluster: StackSettings) -> Settings:
     """The session's namespace and database, with Redis on the cluster."""
     return settings.with_overrides(redis_url=cluster_url(redis_cluster))
 
@@ -476,7 +477,7 @@ def test_the_per_user_limit_holds_across_partitions(pipeline: Pipeline, settings
 
 @pytest.mark.parametrize("takeover", [True, False], ids=["replica-takes-over", "master-restarts"])
 def test_the_master_of_a_partitioned_skus_pool_killed_mid_sale_loses_and_oversells_nothing(
-    pipeline: Pipeline, settings: Settings, redis_cluster: Settings, sku: str, takeover: bool
+    pipeline: Pipeline, settings: Settings, redis_cluster: StackSettings, sku: str, takeover: bool
 ) -> None:
     # Small refills, so that transfers between the pool and the partitions are under way at the kill;
     # a per-user limit, so that holds are taken on every master too.

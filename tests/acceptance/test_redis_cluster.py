@@ -22,6 +22,7 @@ from flashsale.ops.setup import set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline, post
 from tests.acceptance.test_operations import reconcile_json
@@ -33,12 +34,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def settings(settings: Settings, redis_cluster: Settings) -> Settings:
+def settings(settings: Settings, redis_cluster: StackSettings) -> Settings:
     """The session's namespace and database, with Redis on the cluster."""
     return settings.with_overrides(redis_url=cluster_url(redis_cluster))
 
 
-def _nodes(cluster: Settings) -> dict[int, dict[str, object]]:
+def _nodes(cluster: StackSettings) -> dict[int, dict[str, object]]:
     """Each node's INFO replication and CLUSTER INFO, by port, read with plain redis-py."""
     found = {}
     for i in range(cluster.topology.redis_nodes):
@@ -51,14 +52,14 @@ def _nodes(cluster: Settings) -> dict[int, dict[str, object]]:
     return found
 
 
-def _cli(cluster: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(cluster: StackSettings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**clean_environment(), **CLUSTER_ENV, "FLASHSALE_HOME": str(cluster.home)}
     return subprocess.run(
         [sys.executable, "-m", "flashsale", *args], capture_output=True, text=True, timeout=120, env=env
     )
 
 
-def test_stack_up_makes_three_masters_with_a_replica_each_that_serve_every_slot(redis_cluster: Settings) -> None:
+def test_stack_up_makes_three_masters_with_a_replica_each_that_serve_every_slot(redis_cluster: StackSettings) -> None:
     nodes = _nodes(redis_cluster)
     masters = [p for p, n in nodes.items() if n["role"] == "master"]
     replicas = {p: int(str(n["master_port"])) for p, n in nodes.items() if n["role"] == "slave"}
@@ -82,7 +83,7 @@ def test_stack_up_makes_three_masters_with_a_replica_each_that_serve_every_slot(
     assert sum("replica of" in r["note"] for r in rows) == 3
 
 
-def test_a_cluster_of_two_masters_is_refused_with_what_to_do_and_nothing_starts(redis_cluster: Settings) -> None:
+def test_a_cluster_of_two_masters_is_refused_with_what_to_do_and_nothing_starts(redis_cluster: StackSettings) -> None:
     result = _cli(redis_cluster, "stack", "up", "redis", "--redis-masters", "2")
     assert result.returncode != 0
     assert "at least 3 masters" in result.stderr and "use 1 for a single node" in result.stderr
@@ -145,7 +146,7 @@ def _role(port: int) -> str:
         client.close()
 
 
-def kill_master(redis_cluster: Settings, port: int, *, takeover: bool) -> None:
+def kill_master(redis_cluster: StackSettings, port: int, *, takeover: bool) -> None:
     """kill -9 the master on `port`; then its replica takes over, or it is back at once; then it runs again."""
     stack = Stack(redis_cluster)
     name = f"redis-{port - redis_cluster.ports.redis}"
@@ -163,7 +164,7 @@ def kill_master(redis_cluster: Settings, port: int, *, takeover: bool) -> None:
 
 @pytest.mark.parametrize("takeover", [True, False], ids=["replica-takes-over", "master-restarts"])
 def test_a_master_killed_mid_sale_loses_nothing_and_oversells_nothing(
-    pipeline: Pipeline, settings: Settings, redis_cluster: Settings, takeover: bool
+    pipeline: Pipeline, settings: Settings, redis_cluster: StackSettings, takeover: bool
 ) -> None:
     skus = _sku_per_master(settings.redis_url)
     masters = sorted(p for p in skus if _role(p) == "master")
@@ -194,7 +195,7 @@ def test_a_master_killed_mid_sale_loses_nothing_and_oversells_nothing(
 
 
 def test_a_retry_hears_duplicate_only_once_a_replica_holds_the_purchase(
-    pipeline: Pipeline, settings: Settings, redis_cluster: Settings
+    pipeline: Pipeline, settings: Settings, redis_cluster: StackSettings
 ) -> None:
     """A buyer told `pending` (no replica acknowledged the pre-deduct) asks again: while no replica holds
     the purchase the answer stays `pending`, for the master may fail over without it. It does: the

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from flashsale.config import Settings
-from flashsale.stack import procs
+from flashsale.net import port_open
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.conftest import clean_environment
 
 pytestmark = pytest.mark.slow
@@ -24,10 +24,11 @@ PORTS = {
 }
 
 
-def test_a_second_stack_runs_beside_the_first_and_stops_alone(stack: Settings, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("stack")
+def test_a_second_stack_runs_beside_the_first_and_stops_alone(stack_settings: StackSettings, tmp_path: Path) -> None:
     env = {k: v for k, v in clean_environment().items() if not k.endswith("_PORT")}
-    second = Settings.from_env({**env, **PORTS, "FLASHSALE_HOME": str(tmp_path / "second")})
-    first_before = {s.name: s.pid for s in Stack(stack).status()}
+    second = StackSettings.from_env({**env, **PORTS, "FLASHSALE_HOME": str(tmp_path / "second")})
+    first_before = {s.name: s.pid for s in Stack(stack_settings).status()}
     assert all(first_before.values())
 
     stack2 = Stack(second)
@@ -42,8 +43,8 @@ def test_a_second_stack_runs_beside_the_first_and_stops_alone(stack: Settings, t
     finally:
         stopped = stack2.down()
     assert not any(s.running for s in stopped)
-    assert not any(procs.port_open("127.0.0.1", int(port)) for port in PORTS.values())
-    first_after = Stack(stack).status()
+    assert not any(port_open("127.0.0.1", int(port)) for port in PORTS.values())
+    first_after = Stack(stack_settings).status()
     assert {s.name: s.pid for s in first_after} == first_before and all(s.healthy for s in first_after)
 
 

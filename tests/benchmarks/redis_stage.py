@@ -31,10 +31,10 @@ from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.bench.cpu import CpuMeter
-from flashsale.config import Settings
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.conftest import ROOT, clean_environment, cluster_url
 
 PORT = 7479
@@ -53,7 +53,7 @@ class Stage:
     cpu_percent: dict[str, float]
 
 
-def bench_cluster() -> Settings:
+def bench_cluster() -> StackSettings:
     """The benchmarks' own Redis Cluster: 3 masters, no replicas, on ports 7479 and up."""
     home = ROOT / ".flashsale" / "bench-cluster"
     env = {
@@ -63,7 +63,7 @@ def bench_cluster() -> Settings:
         "FLASHSALE_REDIS_MASTERS": "3",
         "FLASHSALE_REDIS_REPLICAS": "0",
     }
-    return Settings.from_env(env)
+    return StackSettings.from_env(env)
 
 
 def _load(url: str, partitions: int) -> tuple[list[tuple[str, int]], int]:
@@ -108,7 +108,7 @@ def _logged(url: str, parts: list[tuple[str, int]]) -> int:
     return total
 
 
-def _fresh(cluster: Settings) -> None:
+def _fresh(cluster: StackSettings) -> None:
     """Every master empty, with its append-only file compacted: each stage starts from the same state."""
     for i in range(cluster.topology.redis_nodes):
         node = redis.Redis(port=cluster.ports.redis + i)
@@ -124,7 +124,7 @@ def _fresh(cluster: Settings) -> None:
             node.close()
 
 
-def measure(cluster: Settings, partitions: int, seconds: float, group: int) -> Stage:
+def measure(cluster: StackSettings, partitions: int, seconds: float, group: int) -> Stage:
     _fresh(cluster)
     url = cluster_url(cluster)
     parts, epoch = _load(url, partitions)

@@ -28,12 +28,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flashsale.bench.cpu import CpuMeter
-from flashsale.bench.runner import BenchConfig, StrategyResult, run_bench
+from flashsale.bench.runner import SERVERS, BenchConfig, StrategyResult, run_bench
 from flashsale.config import Settings
 from flashsale.ops.setup import init
 from flashsale.stack import procs
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.benchmarks.redis_stage import bench_cluster
 from tests.conftest import clean_environment, cluster_url, isolated_settings
 
@@ -79,7 +80,8 @@ def main() -> None:
     config = BenchConfig(stock=10 * args.attempts, buyers=200, attempts=args.attempts, partitions=PARTITIONS)
 
     stack = Settings.from_env(clean_environment())
-    Stack(stack).up()
+    own_stack = Stack(StackSettings.from_env(clean_environment()))
+    own_stack.up()
     cluster = bench_cluster()
     cluster_stack = Stack(cluster)
     cluster_stack.down()
@@ -116,7 +118,13 @@ def main() -> None:
                 }
                 with _environment(env):
                     meter = CpuMeter(measured_nodes)
-                    (result,) = run_bench(side_settings.with_overrides(**_overrides(extra)), config, [strategy])
+                    (result,) = run_bench(
+                        side_settings.with_overrides(**_overrides(extra)),
+                        config,
+                        [strategy],
+                        logs_root=own_stack.layout.logs,
+                        server_pids=lambda: own_stack.pids(SERVERS),
+                    )
                     measured[k] = _side(label, strategy, result, meter.used())
             done = [m for m in measured if m is not None]
             print(

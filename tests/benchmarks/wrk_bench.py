@@ -32,7 +32,8 @@ from flashsale.ops.setup import init, set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
-from tests.conftest import ROOT, isolated_settings, session_env
+from flashsale.stack.settings import StackSettings
+from tests.conftest import ROOT, clean_environment, isolated_settings, session_env
 
 SCRIPT = ROOT / "infra" / "wrk" / "purchase.lua"
 #: Servers of the stack whose CPU is counted too.
@@ -103,7 +104,7 @@ def measure(
     sku = f"wrk-{mode}-{group_size}-{uuid.uuid4().hex[:6]}"
     set_stock(settings, sku, 10**9 if mode == "live" else 0)
     env = {**session_env(settings), "FLASHSALE_GROUP_SIZE": str(group_size)}
-    stack = Stack(settings)
+    stack = Stack(StackSettings.from_env(clean_environment()))
     with tempfile.TemporaryDirectory() as logs:
         fleet = Fleet(env, Path(logs))
         try:

@@ -171,7 +171,7 @@ def test_every_redis_of_compose_is_the_native_stacks_release_line() -> None:
 
 def test_the_cluster_profile_is_the_native_cluster_topology() -> None:
     """`flashsale stack up --redis-masters 3 --redis-replicas 1 --broker-groups 2`, in containers."""
-    from flashsale.stack.services import BROKER_PORT_STEP
+    from flashsale.stack.rocketmq import BROKER_PORT_STEP
 
     cluster = in_profile("cluster")
     assert not {"redis", "broker"} & set(cluster)
@@ -200,14 +200,14 @@ def test_the_cluster_profile_is_the_native_cluster_topology() -> None:
 
 def test_every_redis_in_compose_runs_the_native_nodes_settings(tmp_path: Path) -> None:
     """The options a native node's redis.conf sets, a compose Redis sets to the same values."""
-    from flashsale.config import Settings, StackTopology
     from flashsale.stack.layout import StackLayout
     from flashsale.stack.redis_nodes import RedisNode
+    from flashsale.stack.settings import StackSettings, StackTopology
 
     services = compose_services()
     for native_masters, names in ((1, ["redis"]), (3, [f"redis-{i}" for i in range(6)])):
         topology = StackTopology(redis_masters=native_masters, redis_replicas=0 if native_masters == 1 else 1)
-        node = RedisNode(StackLayout.at(tmp_path), Settings(home=tmp_path, topology=topology))
+        node = RedisNode(StackLayout.at(tmp_path), StackSettings(home=tmp_path, topology=topology))
         node.prepare()
         native = dict(line.split(" ", 1) for line in (node.dir / "redis.conf").read_text().splitlines() if line)
         shared = {
@@ -227,11 +227,11 @@ def test_compose_publishes_ports_on_loopback_only() -> None:
 
 
 def test_compose_and_the_native_stack_run_one_rocketmq_version_with_one_broker_config() -> None:
-    from flashsale import constants as c
+    from flashsale.stack.layout import ROCKETMQ_VERSION
 
     services = compose_services()
     for name in ("namesrv", "broker", "broker-a", "broker-b", "proxy"):
-        assert services[name]["image"] == f"apache/rocketmq:{c.ROCKETMQ_VERSION}"
+        assert services[name]["image"] == f"apache/rocketmq:{ROCKETMQ_VERSION}"
     for name in ("broker", "broker-a"):
         assert mounts(services[name])["/home/rocketmq/flashsale/broker.conf"] == "./infra/rocketmq/broker.conf"
         assert "-c" in services[name]["command"]
@@ -299,11 +299,11 @@ def test_the_dashboard_queries_only_metrics_the_processes_export() -> None:
 
 
 def test_the_native_broker_config_is_the_shared_one_plus_its_own_ports_and_paths(tmp_path: Path) -> None:
-    from flashsale.config import Settings
     from flashsale.stack.layout import StackLayout
-    from flashsale.stack.services import BrokerService, broker_settings
+    from flashsale.stack.rocketmq import BrokerService, broker_settings
+    from flashsale.stack.settings import StackSettings
 
-    settings = Settings(home=tmp_path)
+    settings = StackSettings(home=tmp_path)
     broker = BrokerService(StackLayout.at(tmp_path), settings)
     broker.prepare()
     native: dict[str, str] = {}
@@ -324,7 +324,7 @@ def test_the_check_window_outlasts_the_worst_recovery() -> None:
     """docs/operations.md, "The check window": 10 minutes cover a broker restart with its clients' reconnect
     (about 30 s), and a Redis or checker outage an operator fixes within minutes."""
     from flashsale.config import Settings
-    from flashsale.stack.services import broker_settings
+    from flashsale.stack.rocketmq import broker_settings
 
     conf = broker_settings()
     window_s = int(conf["transactionCheckMax"]) * int(conf["transactionCheckInterval"]) / 1000
@@ -343,11 +343,12 @@ def _properties(path: Path) -> dict[str, str]:
 
 
 def test_native_broker_groups_are_the_shared_config_with_a_name_and_ports_each(tmp_path: Path) -> None:
-    from flashsale.config import Settings, StackTopology
     from flashsale.stack.layout import StackLayout
-    from flashsale.stack.services import GroupBroker, ProxyService, broker_settings, services
+    from flashsale.stack.rocketmq import GroupBroker, ProxyService, broker_settings
+    from flashsale.stack.settings import StackSettings, StackTopology
+    from flashsale.stack.topology import services
 
-    settings = Settings(home=tmp_path, topology=StackTopology(broker_groups=2))
+    settings = StackSettings(home=tmp_path, topology=StackTopology(broker_groups=2))
     stack = services(StackLayout.at(tmp_path), settings)
     assert [s.name for s in stack][-4:] == ["namesrv", "broker-a", "broker-b", "proxy"]
     groups = [s for s in stack if isinstance(s, GroupBroker)]

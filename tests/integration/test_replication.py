@@ -15,8 +15,8 @@ import redis
 
 from flashsale.adapters.redis.keys import USER_HOLDS_KEY, SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
-from flashsale.config import Settings
 from flashsale.errors import NotReplicated
+from flashsale.stack.settings import StackSettings
 from tests.conftest import cluster_url
 from tests.protocol.cluster import Failovers, Node
 
@@ -24,7 +24,7 @@ EPOCH = 1_700_000_000_000
 
 
 @pytest.fixture
-def stock(redis_cluster: Settings) -> Iterator[RedisStock]:
+def stock(redis_cluster: StackSettings) -> Iterator[RedisStock]:
     s = RedisStock(cluster_url(redis_cluster))
     yield s
     s.close()
@@ -89,7 +89,7 @@ def test_every_script_a_wait_proves_writes_when_run_again(stock: RedisStock) -> 
     _writes_every_run(stock, holds, lambda: _run(stock, "user_hold", [holds], [2, "t3", "u3", 1]))
 
 
-def test_a_load_no_replica_holds_is_refused_and_holds_once_run_again(redis_cluster: Settings) -> None:
+def test_a_load_no_replica_holds_is_refused_and_holds_once_run_again(redis_cluster: StackSettings) -> None:
     """A load the master took but no replica holds would come undone in a failover (the old stock back
     on sale after MySQL took the new quantity): `stock set` hears NotReplicated and says to run it again."""
     sku = "repl-load"
@@ -117,7 +117,7 @@ def test_a_load_no_replica_holds_is_refused_and_holds_once_run_again(redis_clust
         stock.close()
 
 
-def test_a_reload_cut_short_and_run_again_leaves_nothing_of_the_old_layout(redis_cluster: Settings) -> None:
+def test_a_reload_cut_short_and_run_again_leaves_nothing_of_the_old_layout(redis_cluster: StackSettings) -> None:
     """A partitioned SKU loaded again on one key, cut short by NotReplicated after its first write, then
     run again: the old partitions (and the pool) must be gone. Were the SKU's own key rewritten first, the
     run again would read no layout, never drop the partitions, and a lookup would still find the old

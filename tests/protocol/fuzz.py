@@ -26,6 +26,7 @@ from flashsale.adapters.redis import stock as redis_stock
 from flashsale.adapters.redis import topology as redis_topology
 from flashsale.config import Settings
 from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
 from tests.conftest import CLUSTER_ENV, ROOT, TEST_REDIS_DB, clean_environment
 from tests.protocol import machine
 from tests.protocol.test_protocol import on_cluster, run_settings, single
@@ -35,10 +36,10 @@ ROUND_EXAMPLES = 50
 
 
 @contextmanager
-def test_cluster() -> Iterator[Settings]:
+def test_cluster() -> Iterator[StackSettings]:
     """The tests' Redis Cluster (as the `redis_cluster` fixture makes it), stopped after the run."""
     home = ROOT / ".flashsale" / "test-cluster"
-    cluster = Settings.from_env({**clean_environment(), **CLUSTER_ENV, "FLASHSALE_HOME": str(home)})
+    cluster = StackSettings.from_env({**clean_environment(), **CLUSTER_ENV, "FLASHSALE_HOME": str(home)})
     stack = Stack(cluster)
     stack.up(["redis"])
     try:

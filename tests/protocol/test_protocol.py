@@ -16,6 +16,7 @@ from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 from flashsale.adapters.redis import stock as redis_stock
 from flashsale.adapters.redis import topology as redis_topology
 from flashsale.config import Settings
+from flashsale.stack.settings import StackSettings
 from tests.conftest import cluster_url
 from tests.protocol.cluster import Failovers, Node
 from tests.protocol.machine import ProtocolMachine
@@ -74,7 +75,7 @@ def single(redis_url: str) -> type[ProtocolMachine]:
     return type("SingleNodeMachine", (ProtocolMachine,), {"url": redis_url})
 
 
-def on_cluster(cluster: Settings) -> type[ProtocolMachine]:
+def on_cluster(cluster: StackSettings) -> type[ProtocolMachine]:
     failovers = Failovers(Node("127.0.0.1", cluster.ports.redis))
     return type(
         "OnCluster", (ClusterMachine,), {"url": cluster_url(cluster), "wait_ms": WAIT_MS, "failovers": failovers}
@@ -87,7 +88,7 @@ def test_the_protocol_keeps_its_invariants_on_one_redis_node(settings: Settings)
 
 @pytest.mark.slow
 def test_the_protocol_keeps_its_invariants_on_a_redis_cluster_through_failovers(
-    redis_cluster: Settings, monkeypatch: pytest.MonkeyPatch
+    redis_cluster: StackSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The clients read the map again only when a reply says it moved, never on a timer: a run then
     # depends on its steps alone, so that a failing one replays the same way and can be shrunk.

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from flashsale.cli.main import EXIT_BAD_INPUT, main
-from flashsale.config import VARIABLES
+from flashsale.cli.main import EXIT_BAD_INPUT, VARIABLES, main
 
 _LOGGERS = ("", "flashsale", "rocketmq-python-client", "aiohttp.access")
 
@@ -47,6 +46,8 @@ def test_help_lists_every_flashsale_variable(tmp_path: Path) -> None:
     assert result.exit_code == 0
     missing = [v.env for v in VARIABLES if v.env not in result.output]
     assert missing == []
+    listed = [line.split()[0] for line in result.output.splitlines() if line.strip().startswith("FLASHSALE_")]
+    assert listed == [v.env for v in VARIABLES]  # each once, the stack's first
 
 
 def test_stock_set_refuses_a_bad_sku_in_one_line_before_any_connection(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from flashsale import failpoints
-from flashsale.config import VARIABLES, Settings
+from flashsale.cli.main import VARIABLES
+from flashsale.config import Settings, variables
 from flashsale.errors import ConfigError
+from flashsale.stack.settings import StackSettings
 
 
 def test_settings_default_to_the_local_stack() -> None:
@@ -15,8 +17,44 @@ def test_settings_default_to_the_local_stack() -> None:
     assert settings.mysql_url == "mysql+pymysql://flashsale:flashsale@127.0.0.1:3306/flashsale"
     assert settings.rocketmq_endpoint == "127.0.0.1:8081"
     assert settings.namesrv_addr == "127.0.0.1:9876"
-    assert settings.home == Path(".flashsale")
     assert settings.failpoints == frozenset()
+
+
+def test_stack_settings_default_to_a_state_folder_here_and_one_node_of_each_server() -> None:
+    stack = StackSettings.from_env({})
+    assert stack.home == Path(".flashsale")
+    assert (stack.topology.redis_masters, stack.topology.redis_replicas, stack.topology.broker_groups) == (1, 0, 1)
+    assert stack.database == "flashsale"
+
+
+def test_the_stack_starts_its_servers_on_the_ports_the_client_addresses_default_to() -> None:
+    env = {
+        "FLASHSALE_REDIS_PORT": "7000",
+        "FLASHSALE_MYSQL_PORT": "7001",
+        "FLASHSALE_PROXY_PORT": "7002",
+        "FLASHSALE_NAMESRV_PORT": "7003",
+        "FLASHSALE_HOME": "/tmp/elsewhere",
+    }
+    stack, settings = StackSettings.from_env(env), Settings.from_env(env)
+    assert stack.ports == settings.ports
+    ports = stack.ports
+    assert (ports.redis, ports.mysql, ports.proxy_grpc, ports.namesrv) == (7000, 7001, 7002, 7003)
+    assert stack.home == Path("/tmp/elsewhere")
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"FLASHSALE_BROKER_PORT": "0"}, "FLASHSALE_BROKER_PORT"),
+        ({"FLASHSALE_REDIS_MASTERS": "2"}, "FLASHSALE_REDIS_MASTERS"),
+        ({"FLASHSALE_REDIS_REPLICAS": "1"}, "FLASHSALE_REDIS_REPLICAS"),
+        ({"FLASHSALE_BROKER_GROUPS": "5"}, "FLASHSALE_BROKER_GROUPS"),
+        ({"FLASHSALE_BROKER_GROUPS": "x"}, "FLASHSALE_BROKER_GROUPS"),
+    ],
+)
+def test_stack_settings_name_the_variable_of_a_bad_value(env: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        StackSettings.from_env(env)
 
 
 def test_settings_derive_client_addresses_from_the_stack_ports() -> None:
@@ -96,6 +134,15 @@ def test_settings_refuse_a_misspelt_failpoint_instead_of_ignoring_it() -> None:
 def test_every_variable_has_a_flashsale_prefix_and_a_meaning() -> None:
     assert all(v.env.startswith("FLASHSALE_") and v.meaning for v in VARIABLES)
     assert len({v.name for v in VARIABLES}) == len(VARIABLES)
+
+
+def test_the_variables_are_the_stacks_then_the_products_the_shared_ports_once() -> None:
+    stack, product = variables(StackSettings), variables(Settings)
+    assert [v.name for v in VARIABLES] == list(dict.fromkeys(v.name for v in (*stack, *product)))
+    assert {"HOME", "REDIS_MASTERS", "BROKER_GROUPS"} <= {v.name for v in stack} - {v.name for v in product}
+    assert {"REDIS_PORT", "MYSQL_PORT", "PROXY_PORT", "NAMESRV_PORT"} <= {v.name for v in stack} & {
+        v.name for v in product
+    }
 
 
 def test_a_failpoint_may_name_the_time_it_kills_and_a_malformed_one_is_refused() -> None:

@@ -87,11 +87,3 @@ def test_listening_addresses_shows_ipv6_in_brackets() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         assert f"[::1]:{port}" in procs.listening_addresses(os.getpid())
-
-
-@pytest.mark.parametrize(
-    ("address", "loopback"),
-    [("127.0.0.1:1", True), ("[::1]:2", True), ("[::]:3", False), ("0.0.0.0:4", False), ("10.0.0.1:5", False)],
-)
-def test_is_loopback_tells_local_only_addresses_apart(address: str, loopback: bool) -> None:
-    assert procs.is_loopback(address) is loopback

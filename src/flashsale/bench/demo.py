@@ -6,15 +6,17 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from flashsale import wiring
 from flashsale.bench.fleet import Fleet, environment
 from flashsale.bench.load import LoadReport, run_load
 from flashsale.config import Settings
 from flashsale.ops import reconcile, setup
-from flashsale.stack.manager import Stack
 
 Say = Callable[[str], None]
+#: Brings the local stack up, saying each step with the function given.
+StackUp = Callable[[Say], object]
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,17 @@ class DemoResult:
 
 
 def run_demo(
-    settings: Settings, config: DemoConfig, *, say: Say, on_sale_start: Callable[[int], Callable[[], None]]
+    settings: Settings,
+    config: DemoConfig,
+    *,
+    stack_up: StackUp,
+    logs_root: Path,
+    say: Say,
+    on_sale_start: Callable[[int], Callable[[], None]],
 ) -> DemoResult:
+    """The demo's six steps; its processes log under `logs_root`/<sku>."""
     say("1/6 local stack: Redis, MariaDB, RocketMQ (installed and started if needed)")
-    Stack(settings).up(progress=lambda line: say(f"    {line}"))
+    stack_up(lambda line: say(f"    {line}"))
 
     say("2/6 schema and topics")
     setup.init(settings, wait_s=30)
@@ -47,7 +56,7 @@ def run_demo(
     say(f"3/6 {sku}: {config.stock} units" + (f", {config.per_user_limit} per user" if config.per_user_limit else ""))
     setup.set_stock(settings, sku, config.stock, per_user_limit=config.per_user_limit)
 
-    logs = settings.home.resolve() / "logs" / sku
+    logs = logs_root / sku
     say(f"4/6 producer, consumer and checker processes (logs in {logs})")
     fleet = Fleet(environment(), logs)
     try:

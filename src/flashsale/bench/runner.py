@@ -35,9 +35,6 @@ from flashsale.bench.mysql_baselines import BASELINES
 from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput
 from flashsale.ops import reconcile, setup
-from flashsale.stack import procs
-from flashsale.stack.layout import StackLayout
-from flashsale.stack.services import family, services
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +46,12 @@ DRAIN_TIMEOUT_S = 300.0
 #: Most MySQL transactions a baseline runs at once (its threads and connections): the local MariaDB
 #: allows 500 connections, and a team would not open more per service.
 BASELINE_WORKERS = 64
-#: Servers of the local stack whose CPU counts too, when they run.
+#: Servers of the local stack whose CPU counts too, when they run (`server_pids` finds them).
 SERVERS = ("redis", "mariadb", "broker")
 
 Tick = Callable[[], None]
+#: The PIDs of the servers the bench measures too, by name: asked when a strategy's processes have started.
+ServerPids = Callable[[], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -155,16 +154,6 @@ def _metric(url: str, name: str) -> float:
     return 0.0
 
 
-def _server_pids(settings: Settings) -> dict[str, int]:
-    layout = StackLayout.at(settings.home)
-    pids = {}
-    for service in services(layout, settings):
-        record = procs.PidRecord.load(layout.pid_file(service.name))
-        if family(service.name) in SERVERS and record and procs.is_alive(record):
-            pids[service.name] = record.pid
-    return pids
-
-
 class _Sale:
     """One strategy's run: its stock, its processes, its load, its books."""
 
@@ -218,13 +207,15 @@ class _Sale:
         return _drift(self.settings, self.skus)
 
 
-def _sell(settings: Settings, config: BenchConfig, strategy: str, run: str, logs: Path, tick: Tick) -> StrategyResult:
+def _sell(
+    settings: Settings, config: BenchConfig, strategy: str, run: str, logs: Path, tick: Tick, server_pids: ServerPids
+) -> StrategyResult:
     sale = _Sale(settings, config, strategy, run, logs)
     sale.load_stock()
     backlog = config.backlog and strategy in PIPELINES
     try:
         url, children = sale.start(consumer=not backlog)
-        meter = CpuMeter({**{r: ch.popen.pid for r, ch in children.items()}, **_server_pids(settings)})
+        meter = CpuMeter({**{r: ch.popen.pid for r, ch in children.items()}, **server_pids()})
         producer = children.get("producer")
         transactions = _metric(producer.url, "flashsale_transaction_purchases_count") if producer else 0.0
         load = asyncio.run(
@@ -267,11 +258,13 @@ def run_bench(
     config: BenchConfig,
     strategies: list[str],
     *,
+    logs_root: Path,
+    server_pids: ServerPids = dict,
     producer_url: str | None = None,
-    logs: Path | None = None,
     on_start: Callable[[str, int], Tick] | None = None,
 ) -> list[StrategyResult]:
-    """Run each strategy in turn; `on_start(strategy, attempts)` returns the tick called per attempt."""
+    """Run each strategy in turn, its processes logging under `logs_root`/bench-<run>; `on_start(strategy,
+    attempts)` returns the tick called per attempt."""
     config.check()
     if producer_url is not None and (config.backlog or config.batch_size or strategies != ["pipeline"]):
         raise InvalidInput(
@@ -279,7 +272,7 @@ def run_bench(
             "--backlog or --batch-size"
         )
     run = uuid.uuid4().hex[:6]
-    folder = logs or settings.home.resolve() / "logs" / f"bench-{run}"
+    folder = logs_root / f"bench-{run}"
     results: list[StrategyResult] = []
     for strategy in strategies:
         tick = on_start(strategy, config.attempts) if on_start else (lambda: None)
@@ -287,7 +280,7 @@ def run_bench(
             if producer_url is not None:
                 results.append(_sell_to(settings, config, producer_url, run, tick))
             else:
-                results.append(_sell(settings, config, strategy, run, folder, tick))
+                results.append(_sell(settings, config, strategy, run, folder, tick, server_pids))
         except FlashSaleError as exc:  # it could not even start: said as its result, and the run goes on
             logger.error("strategy %s failed: %s", strategy, exc)
             results.append(_result(strategy, [], LoadReport(), 0.0, [f"did not run: {exc}"]))

@@ -11,8 +11,9 @@ import click
 
 from flashsale import __version__, logs
 from flashsale.cli import context
-from flashsale.config import VARIABLES, Settings, variable
+from flashsale.config import Settings, variable, variables
 from flashsale.errors import ConfigError, FlashSaleError, InvalidInput, ServiceUnavailable
+from flashsale.stack.settings import StackSettings
 
 #: Exit codes, documented in docs/operations.md.
 EXIT_OK = 0
@@ -21,6 +22,8 @@ EXIT_BAD_INPUT = 2  # usage, arguments, configuration
 EXIT_UNAVAILABLE = 3  # a server could not be reached
 EXIT_FAILED = 4  # anything else that went wrong
 
+#: Every FLASHSALE_* variable, the local stack's and the product's (what `--help` lists).
+VARIABLES = variables(StackSettings, Settings)
 #: Commands that run until SIGTERM; they log at INFO by default.
 LONG_RUNNING = {"producer", "consumer", "checker", "baseline"}
 

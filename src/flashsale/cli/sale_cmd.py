@@ -22,6 +22,7 @@ from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
 from flashsale.cli.options import Decorator, json_output, partitions_option
 from flashsale.errors import InvalidInput
+from flashsale.stack.manager import Stack
 
 
 @contextmanager
@@ -157,22 +158,31 @@ def bench(
     """A flash sale per strategy against the running stack; a table of throughput, latency, drain and books."""
     chosen = bench_ops.parse_strategies(strategies)
     if producer_url is not None:
-        parts = urlsplit(producer_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput(f"--producer-url {producer_url!r} is not an http:// URL")
+        _check_url(producer_url)
     config = bench_ops.BenchConfig(**shape)
+    stack = Stack(ctx.stack_settings)
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
-        results = bench_ops.run_bench(ctx.settings, config, chosen, producer_url=producer_url, on_start=start)
+        results = bench_ops.run_bench(
+            ctx.settings,
+            config,
+            chosen,
+            logs_root=stack.layout.logs,
+            server_pids=lambda: stack.pids(bench_ops.SERVERS),
+            producer_url=producer_url,
+            on_start=start,
+        )
     if plot_path is not None:
         plot([(r.strategy, r.load) for r in results if r.load is not None], plot_path)
-    if as_json:
-        click.echo(json.dumps({"config": config.__dict__, "results": [r.to_json() for r in results]}, indent=2))
-    else:
-        _print_bench(results, plot_path)
+    _print_bench(config, results, plot_path, as_json)
     sys.exit(0 if all(r.consistent for r in results) else 1)
 
 
-def _print_bench(results: list[bench_ops.StrategyResult], plot_path: Path | None) -> None:
+def _print_bench(
+    config: bench_ops.BenchConfig, results: list[bench_ops.StrategyResult], plot_path: Path | None, as_json: bool
+) -> None:
+    if as_json:
+        click.echo(json.dumps({"config": config.__dict__, "results": [r.to_json() for r in results]}, indent=2))
+        return
     Console().print(_bench_table(results))
     for r in results:
         for problem in r.problems:
@@ -181,6 +191,12 @@ def _print_bench(results: list[bench_ops.StrategyResult], plot_path: Path | None
             click.echo(f"{r.strategy}: {error}")
     if plot_path is not None:
         click.echo(f"plot: {plot_path}")
+
+
+def _check_url(producer_url: str) -> None:
+    parts = urlsplit(producer_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"--producer-url {producer_url!r} is not an http:// URL")
 
 
 @click.command()
@@ -198,10 +214,13 @@ def demo(ctx: Context, sku: str, stock: int, attempts: int, buyers: int, per_use
     """The whole story on the real stack: stack up, schema, stock, three processes, a sale, the books."""
     config = DemoConfig(sku=sku, stock=stock, attempts=attempts, buyers=buyers, per_user_limit=per_user_limit)
     console = Console(soft_wrap=True)
+    stack = Stack(ctx.stack_settings)
     with progress_bars(sys.stderr.isatty()) as start:
         result = run_demo(
             ctx.settings,
             config,
+            stack_up=lambda say: stack.up(progress=say),
+            logs_root=stack.layout.logs,
             say=lambda line: console.print(line, highlight=False),
             on_sale_start=lambda total: start("purchases", total),
         )

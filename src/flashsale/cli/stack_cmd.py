@@ -13,8 +13,9 @@ from rich.table import Table
 
 from flashsale.cli.context import Context
 from flashsale.cli.options import json_output
-from flashsale.config import Settings, StackTopology, field_default, variable
+from flashsale.config import field_default, variable
 from flashsale.stack.manager import ServiceState, Stack
+from flashsale.stack.settings import StackSettings, StackTopology
 
 SERVICES_ARG = click.argument("services", nargs=-1, metavar="[SERVICE]...")
 
@@ -40,8 +41,8 @@ def topology_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _settings(ctx: Context, topology: dict[str, int]) -> Settings:
-    return ctx.settings.with_overrides(topology=StackTopology(**topology))
+def _settings(ctx: Context, topology: dict[str, int]) -> StackSettings:
+    return ctx.stack_settings.with_overrides(topology=StackTopology(**topology))
 
 
 def _print(states: list[ServiceState], as_json: bool) -> None:

@@ -17,8 +17,8 @@ from granian.log import LogLevels
 from granian.server.embed import Server
 
 from flashsale.errors import InvalidInput
+from flashsale.net import port_open
 from flashsale.polling import poll_until
-from flashsale.stack.procs import port_open
 
 logger = logging.getLogger(__name__)
 

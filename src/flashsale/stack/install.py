@@ -9,9 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from flashsale import constants as c
 from flashsale.errors import StackError
-from flashsale.stack.layout import infra_file, jar_cache
+from flashsale.stack.layout import ROCKETMQ_VERSION, infra_file, jar_cache
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +92,11 @@ def rocketmq_lib() -> Path:
     cache = jar_cache()
     lib = cache / "lib"
     stamp = cache / "resolved.sha256"
-    digest = hashlib.sha256(pom.read_bytes() + c.ROCKETMQ_VERSION.encode()).hexdigest()
+    digest = hashlib.sha256(pom.read_bytes() + ROCKETMQ_VERSION.encode()).hexdigest()
     if lib.is_dir() and stamp.is_file() and stamp.read_text().strip() == digest:
         return lib
     mvn = program("mvn")
-    logger.info("resolving RocketMQ %s jars with Maven into %s", c.ROCKETMQ_VERSION, lib)
+    logger.info("resolving RocketMQ %s jars with Maven into %s", ROCKETMQ_VERSION, lib)
     partial = cache / "lib.partial"
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [
@@ -106,7 +105,7 @@ def rocketmq_lib() -> Path:
         "-q",
         "-f",
         str(pom),
-        f"-Drocketmq.version={c.ROCKETMQ_VERSION}",
+        f"-Drocketmq.version={ROCKETMQ_VERSION}",
         "dependency:copy-dependencies",
         f"-DoutputDirectory={partial}",
         "-DincludeScope=runtime",

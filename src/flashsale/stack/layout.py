@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashsale import constants as c
 from flashsale.errors import StackError
+
+#: RocketMQ server version resolved from Maven Central by infra/rocketmq/pom.xml.
+ROCKETMQ_VERSION = "5.3.3"
 
 
 @dataclass(frozen=True)
@@ -21,8 +23,12 @@ class StackLayout:
     def service_dir(self, name: str) -> Path:
         return self.home / name
 
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
     def log_file(self, name: str) -> Path:
-        return self.home / "logs" / f"{name}.log"
+        return self.logs / f"{name}.log"
 
     def pid_file(self, name: str) -> Path:
         return self.home / "run" / f"{name}.json"
@@ -31,7 +37,7 @@ class StackLayout:
 def jar_cache() -> Path:
     """RocketMQ jars are shared by every state folder of this user and survive `stack down`."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "flashsale" / f"rocketmq-{c.ROCKETMQ_VERSION}"
+    return base / "flashsale" / f"rocketmq-{ROCKETMQ_VERSION}"
 
 
 def infra_file(relative: str) -> Path:

@@ -8,13 +8,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flashsale.config import Settings
 from flashsale.errors import FlashSaleError, InvalidInput, StackError
+from flashsale.net import port_open
 from flashsale.polling import poll_until
 from flashsale.stack import install, procs, redis_nodes
 from flashsale.stack.layout import StackLayout
 from flashsale.stack.redis_nodes import RedisNode
-from flashsale.stack.services import HOST, Service, family, services
+from flashsale.stack.service import HOST, Service, family
+from flashsale.stack.settings import StackSettings
+from flashsale.stack.topology import services
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class ServiceState:
 
 
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
         self.layout = StackLayout.at(settings.home)
         self.services = services(self.layout, settings)
@@ -71,6 +73,12 @@ class Stack:
     def _record(self, service: Service) -> procs.PidRecord | None:
         record = procs.PidRecord.load(self.layout.pid_file(service.name))
         return record if record and procs.is_alive(record) else None
+
+    def pids(self, families: Iterable[str]) -> dict[str, int]:
+        """The PID of each running service of these families, by service name."""
+        wanted = set(families)
+        running = ((s.name, self._record(s)) for s in self.services if family(s.name) in wanted)
+        return {name: record.pid for name, record in running if record}
 
     # --- up ---------------------------------------------------------------------------------------
     def up(self, names: Iterable[str] | None = None, progress: Progress = logger.info) -> list[ServiceState]:
@@ -111,7 +119,7 @@ class Stack:
     def _start(self, service: Service, started: dict[str, float], progress: Progress) -> None:
         if self._record(service):
             return
-        busy = [p for p in service.ports if procs.port_open(HOST, p)]
+        busy = [p for p in service.ports if port_open(HOST, p)]
         if busy:
             raise StackError(
                 f"{service.name} cannot start: port {', '.join(map(str, busy))} on {HOST} is taken by a process "

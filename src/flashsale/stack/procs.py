@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,12 +125,6 @@ def terminate(record: PidRecord, grace_s: float) -> None:
     poll_until(lambda: not is_alive(record), 10, interval_s=0.1)
 
 
-def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        return sock.connect_ex((host, port)) == 0
-
-
 def listening_addresses(pid: int) -> list[str]:
     """TCP addresses (host:port) the process listens on (what `ss -ltnp` shows)."""
     try:
@@ -147,8 +140,3 @@ def listening_addresses(pid: int) -> list[str]:
             host = host[7:]
         found.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     return sorted(found)
-
-
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0]
-    return host.startswith("127.") or host == "[::1]"

@@ -11,12 +11,12 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Sequence
 
-from flashsale.config import Settings
 from flashsale.errors import StackError
 from flashsale.polling import poll_until
 from flashsale.stack import install
 from flashsale.stack.layout import StackLayout
-from flashsale.stack.services import HOST, Service
+from flashsale.stack.service import HOST, Service
+from flashsale.stack.settings import StackSettings
 
 #: A Redis Cluster node's bus port is its client port plus this (Redis's fixed rule).
 BUS_OFFSET = 10000
@@ -29,7 +29,7 @@ FORM_TIMEOUT_S = 60.0
 class RedisNode(Service):
     ready_timeout_s = 30.0
 
-    def __init__(self, layout: StackLayout, settings: Settings, index: int = 0) -> None:
+    def __init__(self, layout: StackLayout, settings: StackSettings, index: int = 0) -> None:
         self.index = index
         self.cluster = settings.topology.redis_cluster
         self.name = f"redis-{index}" if self.cluster else "redis"
@@ -116,7 +116,7 @@ class RedisNode(Service):
         return f"{note}, master ({fields.get('cluster_known_nodes')} nodes)"
 
 
-def nodes(layout: StackLayout, settings: Settings) -> list[RedisNode]:
+def nodes(layout: StackLayout, settings: StackSettings) -> list[RedisNode]:
     return [RedisNode(layout, settings, i) for i in range(settings.topology.redis_nodes)]
 
 

@@ -21,9 +21,8 @@ from rocketmq import Message, TransactionChecker, TransactionResolution
 from flashsale.adapters.rocketmq import internals
 from flashsale.adapters.rocketmq.base import shutdown_quietly, start_client, to_delivery
 from flashsale.adapters.rocketmq.recovery import StreamWatchdog
-from flashsale.errors import BusError, ServiceUnavailable
+from flashsale.errors import BusError
 from flashsale.models import Delivery, Resolution
-from flashsale.polling import poll_until
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -196,24 +195,3 @@ class RocketMQProducer:
             raise BusError(f"sending {key} to {topic} failed: {exc}") from exc
         message_id: str = receipt.message_id
         return message_id
-
-
-def probe_send(endpoint: str, topic: str, timeout_s: float = 30.0) -> str:
-    """Send one normal message through the proxy; returns its id. Proves the broker really accepts writes."""
-    last: list[Exception] = []
-
-    def attempt() -> str | None:
-        producer = RocketMQProducer(endpoint, [topic], lambda _: Resolution.UNKNOWN)
-        try:
-            producer.start()
-            return producer.send(topic, "probe", b"probe", "probe")
-        except (ServiceUnavailable, BusError) as exc:
-            last[:] = [exc]
-            return None
-        finally:
-            producer.shutdown()
-
-    message_id = poll_until(attempt, timeout_s, interval_s=1.0)
-    if message_id is None:
-        raise ServiceUnavailable("RocketMQ", endpoint, f"no probe message accepted on {topic}: {last[0]}")
-    return message_id

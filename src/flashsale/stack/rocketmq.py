@@ -1,25 +1,23 @@
-"""The servers of the local stack, each started natively on 127.0.0.1 with its state under FLASHSALE_HOME.
-
-MariaDB and RocketMQ are here; Redis, a node or a cluster of them, is in redis_nodes.py.
-"""
+"""RocketMQ of the local stack: the name server, then one broker group with its own gRPC proxy, or several
+broker groups behind one proxy in cluster mode."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import subprocess
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
 from flashsale import constants as c
-from flashsale.config import Settings
-from flashsale.errors import FlashSaleError, StackError
+from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StackError
+from flashsale.models import Resolution
+from flashsale.net import port_open
+from flashsale.polling import poll_until
 from flashsale.stack import install
 from flashsale.stack.layout import StackLayout, infra_file
+from flashsale.stack.service import HOST, Service
+from flashsale.stack.settings import StackSettings
 
-HOST = c.DEFAULT_HOST
 #: The stack's own NORMAL topic, used to prove the broker accepts a send.
 PROBE_TOPIC = "flashsale-stack-probe"
 #: JDK 17 module openings RocketMQ's store and controller code may reflect into.
@@ -38,13 +36,6 @@ PROXY_CONF = "rocketmq/rmq-proxy.json"
 BROKER_PORT_STEP = 10
 
 
-def family(name: str) -> str:
-    """The name `stack` commands know a service by: `redis` for every Redis node, `broker` for every broker
-    group and their proxy."""
-    kind = name.split("-")[0]
-    return "broker" if kind == "proxy" else kind
-
-
 def broker_settings() -> dict[str, str]:
     """The shared broker settings, as the broker reads them (java.util.Properties: a later key wins)."""
     settings = {}
@@ -56,183 +47,13 @@ def broker_settings() -> dict[str, str]:
     return settings
 
 
-class Service(ABC):
-    name: str
-    #: Seconds `up` waits for the service to become healthy.
-    ready_timeout_s: ClassVar[float] = 60.0
-    #: Seconds `down` waits after SIGTERM before SIGKILL.
-    stop_grace_s: ClassVar[float] = 20.0
-    #: Started once the name server answers, one after another in the topology's order.
-    after_namesrv: ClassVar[bool] = False
-
-    def __init__(self, layout: StackLayout, settings: Settings) -> None:
-        self.layout = layout
-        self.settings = settings
-        self.dir = layout.service_dir(self.name)
-
-    @property
-    @abstractmethod
-    def port(self) -> int: ...
-
-    @property
-    def ports(self) -> tuple[int, ...]:
-        """Every port the service binds: all must be free before it starts."""
-        return (self.port,)
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    @property
-    def log_file(self) -> Path:
-        return self.layout.log_file(self.name)
-
-    @property
-    def detail_log(self) -> Path:
-        """Where to look first when the service fails."""
-        return self.log_file
-
-    def prepare(self) -> None:
-        """Write config files and initialise data folders (idempotent)."""
-
-    @abstractmethod
-    def command(self) -> list[str]: ...
-
-    def env(self) -> dict[str, str] | None:
-        return None
-
-    def ping(self) -> bool:
-        """Cheap liveness: is it answering at all? (`after_start` runs once this is true.)"""
-        from flashsale.stack.procs import port_open
-
-        return port_open(HOST, self.port)
-
-    def after_start(self) -> None:
-        """Work to do once the service answers, e.g. creating users (idempotent)."""
-
-    @abstractmethod
-    def check(self) -> str:
-        """Raise if the service is not serving yet; return a short health note when it is. Reads only."""
-
-    def probe(self) -> str:
-        """A check that writes (the broker sends a message); by default the read-only check."""
-        return self.check()
-
-
-class MariaDBService(Service):
-    name = "mariadb"
-    ready_timeout_s = 90.0
-    stop_grace_s = 60.0
-
-    @property
-    def port(self) -> int:
-        return self.settings.ports.mysql
-
-    @property
-    def socket(self) -> Path:
-        return self.dir / "mariadb.sock"
-
-    def prepare(self) -> None:
-        datadir = self.dir / "data"
-        if (datadir / "mysql").is_dir():
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        user = getpass.getuser()
-        result = subprocess.run(
-            [
-                install.program("mariadb-install-db"),
-                "--no-defaults",
-                f"--datadir={datadir}",
-                f"--user={user}",
-                "--auth-root-authentication-method=socket",
-                f"--auth-root-socket-user={user}",
-                "--skip-test-db",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-            raise StackError(f"mariadb-install-db failed:\n{tail}")
-
-    def command(self) -> list[str]:
-        cmd = [
-            install.program("mariadbd"),
-            "--no-defaults",
-            f"--datadir={self.dir / 'data'}",
-            f"--socket={self.socket}",
-            f"--pid-file={self.dir / 'mariadb.pid'}",
-            f"--port={self.port}",
-            f"--bind-address={HOST}",
-            f"--log-error={self.log_file}",
-            "--skip-name-resolve",
-            "--character-set-server=utf8mb4",
-            "--collation-server=utf8mb4_unicode_ci",
-            "--innodb-buffer-pool-size=256M",
-            "--max-connections=500",
-            # Every commit reaches the disk: acked deductions must survive a crash.
-            "--innodb-flush-log-at-trx-commit=1",
-            # No table-wide AUTO-INC lock for INSERT ... SELECT (the orders): two consumers never queue on it.
-            "--innodb-autoinc-lock-mode=2",
-        ]
-        if os.geteuid() == 0:
-            cmd.append("--user=root")
-        return cmd
-
-    def _root_sql(self, sql: str) -> str:
-        result = subprocess.run(
-            [install.program("mariadb"), "--no-defaults", f"--socket={self.socket}", "-u", "root", "-N", "-e", sql],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if result.returncode != 0:
-            raise StackError(f"mariadb refused the bootstrap SQL: {result.stderr.strip()}")
-        return result.stdout
-
-    def ping(self) -> bool:
-        try:
-            self._root_sql("SELECT 1")
-        except (StackError, subprocess.TimeoutExpired):
-            return False
-        return True
-
-    def after_start(self) -> None:
-        user, password = c.DEFAULT_DB_USER, c.DEFAULT_DB_PASSWORD
-        statements = [f"CREATE DATABASE IF NOT EXISTS `{self.settings.mysql_database}` CHARACTER SET utf8mb4"]
-        for host in ("127.0.0.1", "localhost"):
-            statements += [
-                f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY '{password}'",
-                # `flashsale%` also covers the test databases (flashsale_test_*).
-                f"GRANT ALL PRIVILEGES ON `{c.DEFAULT_DATABASE}%`.* TO '{user}'@'{host}'",
-            ]
-        self._root_sql("; ".join(statements))
-
-    def check(self) -> str:
-        import pymysql
-
-        try:
-            conn = pymysql.connect(
-                host=HOST, port=self.port, user=c.DEFAULT_DB_USER, password=c.DEFAULT_DB_PASSWORD, connect_timeout=2
-            )
-        except pymysql.MySQLError as exc:
-            raise StackError(f"mariadb does not accept the application user: {exc}") from exc
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT VERSION()")
-                row = cur.fetchone()
-        finally:
-            conn.close()
-        return f"mariadb {row[0] if row else '?'}"
-
-
 class _RocketMQService(Service):
     """Name server, brokers and proxy run from the same Maven-resolved jars, under one folder."""
 
     stop_grace_s = 40.0
     after_namesrv = True
 
-    def __init__(self, layout: StackLayout, settings: Settings) -> None:
+    def __init__(self, layout: StackLayout, settings: StackSettings) -> None:
         super().__init__(layout, settings)
         self.dir = layout.service_dir("rocketmq")
 
@@ -301,8 +122,6 @@ class _RocketMQService(Service):
         return (self.settings.ports.proxy_grpc, self.settings.ports.proxy_remoting)
 
     def proxy_answers(self) -> None:
-        from flashsale.stack.procs import port_open
-
         if not port_open(HOST, self.settings.ports.proxy_grpc):
             raise StackError(f"the gRPC proxy on {HOST}:{self.settings.ports.proxy_grpc} does not answer")
 
@@ -314,13 +133,12 @@ class _RocketMQService(Service):
     def send_probe(self, proxy: str) -> str:
         """Send one message through the proxy on the stack's own probe topic, which every broker carries."""
         from flashsale.adapters.rocketmq import admin as rocketmq_admin
-        from flashsale.adapters.rocketmq import producer as rocketmq_producer
 
         for broker in self.brokers():
             if rocketmq_admin.topic_info(broker, PROBE_TOPIC) is None:
                 rocketmq_admin.create_topic(broker, PROBE_TOPIC, queues=1, message_type="NORMAL")
         try:
-            message_id = rocketmq_producer.probe_send(proxy, PROBE_TOPIC, timeout_s=15)
+            message_id = probe_send(proxy, PROBE_TOPIC, timeout_s=15)
         except FlashSaleError as exc:
             raise StackError(f"the proxy does not accept a send yet: {exc}") from exc
         return f"accepted a send ({message_id})"
@@ -465,7 +283,7 @@ class GroupBroker(_Broker):
     logback = "broker"
     ready_timeout_s = 120.0
 
-    def __init__(self, layout: StackLayout, settings: Settings, index: int) -> None:
+    def __init__(self, layout: StackLayout, settings: StackSettings, index: int) -> None:
         self.index = index
         self.broker_name = self.name = f"broker-{chr(ord('a') + index)}"
         super().__init__(layout, settings)
@@ -558,19 +376,24 @@ class ProxyService(_RocketMQService):
         return self.send_probe(self.address)
 
 
-def services(layout: StackLayout, settings: Settings) -> list[Service]:
-    """Every service of the stack's topology, in start order (the broker registers with the name server)."""
-    from flashsale.stack import redis_nodes
+def probe_send(endpoint: str, topic: str, timeout_s: float = 30.0) -> str:
+    """Send one normal message through the proxy; returns its id. Proves the broker really accepts writes."""
+    from flashsale.adapters.rocketmq.producer import RocketMQProducer
 
-    groups = settings.topology.broker_groups
-    rocketmq: list[Service] = (
-        [BrokerService(layout, settings)]
-        if groups == 1
-        else [*(GroupBroker(layout, settings, i) for i in range(groups)), ProxyService(layout, settings)]
-    )
-    return [
-        *redis_nodes.nodes(layout, settings),
-        MariaDBService(layout, settings),
-        NamesrvService(layout, settings),
-        *rocketmq,
-    ]
+    last: list[Exception] = []
+
+    def attempt() -> str | None:
+        producer = RocketMQProducer(endpoint, [topic], lambda _: Resolution.UNKNOWN)
+        try:
+            producer.start()
+            return producer.send(topic, "probe", b"probe", "probe")
+        except (ServiceUnavailable, BusError) as exc:
+            last[:] = [exc]
+            return None
+        finally:
+            producer.shutdown()
+
+    message_id = poll_until(attempt, timeout_s, interval_s=1.0)
+    if message_id is None:
+        raise ServiceUnavailable("RocketMQ", endpoint, f"no probe message accepted on {topic}: {last[0]}")
+    return message_id
