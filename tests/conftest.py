@@ -88,10 +88,11 @@ def settings(stack: Settings) -> Iterator[Settings]:
     yield session
     _empty_redis(session)
     brokers = rocketmq_admin.cluster_brokers(session.namesrv_addr, c.CLUSTER_NAME)
-    for topic in (session.deduction_topic, session.replay_topic):
+    for topic in (session.deduction_topic, session.replay_topic, session.deadline_topic):
         rocketmq_admin.delete_topic(session.namesrv_addr, brokers, topic)
     for broker in brokers:
-        rocketmq_admin.delete_group(broker, session.consumer_group)
+        for group in (session.consumer_group, session.expiry_group):
+            rocketmq_admin.delete_group(broker, group)
 
 
 #: The tests' own Redis Cluster: 3 masters with a replica each, on ports 7379-7384 (buses 17379-17384).

@@ -43,6 +43,9 @@ class Books:
     open_conflicts: int
     redis_fenced: int = 0  # messages the checker fenced (the meta counter)
     order_rows: dict[str, tuple[str, int]] = field(default_factory=dict)  # token -> (user, qty) of its order
+    redis_returned: dict[str, int] = field(default_factory=dict)  # token -> qty, cancelled or expired in the log
+    mysql_returned: dict[str, int] = field(default_factory=dict)  # token -> qty, rows of stock_returns
+    order_status: dict[str, str] = field(default_factory=dict)  # token -> orders.status
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -63,7 +66,7 @@ class Books:
         return max(
             0,
             self.sold - self.redis_initial,
-            sum(self.mysql_deducted.values()) - self.mysql_initial,
+            sum(self.mysql_deducted.values()) - sum(self.mysql_returned.values()) - self.mysql_initial,
             self.ordered_qty - self.mysql_initial,
             -self.redis_stock,
             -self.mysql_stock,
@@ -107,14 +110,21 @@ class Books:
             problems.append(f"initial stock: Redis {self.redis_initial}, MySQL {self.mysql_initial}")
         if self.redis_stock + self.sold != self.redis_initial:
             problems.append(f"Redis stock {self.redis_stock} + sold {self.sold} != initial {self.redis_initial}")
-        if self.redis_counter_qty != self.sold:
-            problems.append(f"Redis counter {self.redis_counter_qty} != log {self.sold}")
+        if self.redis_counter_qty != self.sold + sum(self.redis_returned.values()):
+            problems.append(f"Redis counter {self.redis_counter_qty} != log {self.sold} + returned")
         applied = sum(self.mysql_deducted.values())
-        if self.mysql_stock + applied != self.mysql_initial:
-            problems.append(f"MySQL stock {self.mysql_stock} + applied {applied} != initial {self.mysql_initial}")
-        if self.redis_deducted != self.mysql_deducted:
-            missing = sorted(set(self.redis_deducted) - set(self.mysql_deducted))
-            extra = sorted(set(self.mysql_deducted) - set(self.redis_deducted))
+        given_back = sum(self.mysql_returned.values())
+        if self.mysql_stock + applied - given_back != self.mysql_initial:
+            problems.append(
+                f"MySQL stock {self.mysql_stock} + applied {applied} - returned {given_back} "
+                f"!= initial {self.mysql_initial}"
+            )
+        if self.redis_returned != self.mysql_returned:
+            problems.append(f"returned in Redis {sorted(self.redis_returned)}, in MySQL {sorted(self.mysql_returned)}")
+        ever = {**self.redis_deducted, **self.redis_returned}
+        if ever != self.mysql_deducted:
+            missing = sorted(set(ever) - set(self.mysql_deducted))
+            extra = sorted(set(self.mysql_deducted) - set(ever))
             problems.append(
                 f"{len(missing)} deduction(s) not in MySQL {missing[:5]}, {len(extra)} not in Redis {extra[:5]}"
             )
@@ -146,6 +156,7 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
     try:
         meta = r.hgetall(f"fs:{{{sku}}}:meta")
         stock, counter, fenced, deducted = _redis_side(r, sku, meta)
+        returned = _returned(r, sku, meta)
     finally:
         r.close()
     url = make_url(mysql_url)
@@ -158,8 +169,10 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
             inventory = cur.fetchone()
             cur.execute("SELECT token, qty FROM stock_deductions WHERE sku = %s", (sku,))
             rows = {token: int(qty) for token, qty in cur.fetchall()}
-            cur.execute("SELECT token, user_id, qty FROM orders WHERE sku = %s", (sku,))
+            cur.execute("SELECT token, user_id, qty, status FROM orders WHERE sku = %s", (sku,))
             orders = cur.fetchall()
+            cur.execute("SELECT token, qty FROM stock_returns WHERE sku = %s", (sku,))
+            given_back = {token: int(qty) for token, qty in cur.fetchall()}
             cur.execute("SELECT COUNT(*) FROM conflicts WHERE sku = %s AND resolved_at IS NULL", (sku,))
             conflicts = cur.fetchone()
     finally:
@@ -173,9 +186,12 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
         mysql_initial=int(inventory[0]) if inventory else -1,
         mysql_stock=int(inventory[1]) if inventory else -1,
         mysql_deducted=rows,
-        orders=Counter(token for token, _, _ in orders),
-        ordered_qty=sum(int(qty) for _, _, qty in orders),
-        order_rows={token: (str(user), int(qty)) for token, user, qty in orders},
+        orders=Counter(token for token, *_ in orders),
+        ordered_qty=sum(int(qty) for _, _, qty, _ in orders),
+        order_rows={token: (str(user), int(qty)) for token, user, qty, _ in orders},
+        order_status={token: str(status) for token, _, _, status in orders},
+        redis_returned=returned,
+        mysql_returned=given_back,
         open_conflicts=int(conflicts[0]) if conflicts else 0,
         redis_fenced=fenced,
     )
@@ -218,6 +234,17 @@ def _redis_side(
             elif transfer["dir"] == "in" and done is not None:
                 stock -= int(done)
     return stock, counter, fenced, deducted
+
+
+def _returned(r: redis.Redis | redis.RedisCluster, sku: str, meta: dict[str, str]) -> dict[str, int]:
+    """Tokens whose order was cancelled or expired, their units back on sale (token -> qty)."""
+    returned: dict[str, int] = {}
+    for shard in meta.get("parts", "").split() or [sku]:
+        for token, raw in r.hscan_iter(f"fs:{{{shard}}}:log", count=1000):
+            entry = json.loads(raw)
+            if entry["state"] == "returned":
+                returned[token] = int(entry["qty"])
+    return returned
 
 
 def redis_stock(redis_url: str, sku: str) -> int:

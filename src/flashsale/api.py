@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
+from flashsale import constants as c
 from flashsale.config import Settings
 from flashsale.models import PurchaseResult
+from flashsale.pipeline.orders import OrderAnswer
+from flashsale.records import LogEntry
 
 
 class FlashSale:
@@ -32,6 +35,23 @@ class FlashSale:
         return await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(self._engine.service.purchase(sku, user_id, qty, token), self._engine.loop)
         )
+
+    def pay(self, sku: str, token: str, payment_id: str) -> OrderAnswer:
+        """The payment service's confirmation of an order awaiting payment; the same `payment_id` asked again
+        hears the first answer. A payment after the deadline is refused (`already_expired`)."""
+        return self._engine.decide(sku, token, "pay", decision_id=payment_id)
+
+    def cancel(self, sku: str, token: str, user_id: str, request_id: str) -> OrderAnswer:
+        """The buyer gives an order awaiting payment up: its units go back on sale."""
+        return self._engine.decide(sku, token, "cancel", decision_id=request_id, user=user_id)
+
+    def expire(self, sku: str, token: str) -> OrderAnswer:
+        """End an order whose deadline has passed (`not_due` before it): its units go back on sale."""
+        return self._engine.decide(sku, token, "expire", decision_id=c.EXPIRY_DECISION)
+
+    def order(self, sku: str, token: str) -> LogEntry | None:
+        """Where the order of `token` stands (its log entry); None when no purchase of that token stands."""
+        return self._engine.run(self._engine.orders.show(sku, token))
 
     def close(self) -> None:
         self._engine.close()

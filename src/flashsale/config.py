@@ -99,6 +99,24 @@ class ClientSettings:
 
 
 @dataclass(frozen=True)
+class PaymentSettings:
+    """How the producer trusts the payment service's confirmations (POST /orders/{token}/pay)."""
+
+    secret: str = setting(
+        "",
+        "PAYMENT_SECRET",
+        "shared secret the payment service signs its confirmations with (HMAC-SHA256); empty: payments are refused",
+    )
+    max_age_s: float = setting(
+        300.0,
+        "PAYMENT_MAX_AGE_S",
+        "a signed payment is refused when its ts_ms is further than this from the producer's clock, either way",
+        kind="number",
+        minimum=1,
+    )
+
+
+@dataclass(frozen=True)
 class ProducerSettings:
     http_host: str = setting(c.DEFAULT_HOST, "HTTP_HOST", "address the producer's HTTP service listens on")
     http_port: int = setting(
@@ -127,6 +145,7 @@ class ProducerSettings:
     group_wait_ms: float = setting(
         2.0, "GROUP_WAIT_MS", "longest a purchase waits for others to share its transaction", kind="number"
     )
+    payments: PaymentSettings = group(PaymentSettings)
 
 
 @dataclass(frozen=True)
@@ -241,6 +260,14 @@ class Settings:
     @property
     def consumer_group(self) -> str:
         return f"{self.namespace}-{c.CONSUMER_GROUP_SUFFIX}"
+
+    @property
+    def deadline_topic(self) -> str:
+        return f"{self.namespace}-{c.DEADLINE_TOPIC_SUFFIX}"
+
+    @property
+    def expiry_group(self) -> str:
+        return f"{self.namespace}-{c.EXPIRY_GROUP_SUFFIX}"
 
     @property
     def mysql_database(self) -> str:

@@ -16,8 +16,16 @@ DEDUCTION_TOPIC_SUFFIX = "deductions"
 REPLAY_TOPIC_SUFFIX = "replays"
 #: The consumer group that applies deductions to MySQL.
 CONSUMER_GROUP_SUFFIX = "apply"
+#: Payment deadlines travel on this DELAY-type topic: timer messages due when their orders are.
+DEADLINE_TOPIC_SUFFIX = "deadlines"
+#: The consumer group that expires orders still unpaid when their deadline fires.
+EXPIRY_GROUP_SUFFIX = "expire"
+#: Tag on every deadline message.
+DEADLINE_TAG = "deadline"
 #: Tag on every deduction message (lets other consumers filter).
 DEDUCTION_TAG = "deduction"
+#: Tag on a message carrying an order's payment, cancellation or expiry (same topic: one consumer applies both).
+DECISION_TAG = "decision"
 #: Queues per topic: the unit of consumer parallelism.
 TOPIC_QUEUES = 8
 #: RocketMQ cluster name used by the local stack.
@@ -43,6 +51,11 @@ STATE_FENCED = "fenced"
 STATE_RETURNED = "returned"
 #: States of an entry whose deduction happened (a returned one happened, then was given back).
 DEDUCTED_STATES = frozenset({STATE_DEDUCTED, STATE_RETURNED})
+
+# --- Order states (a SKU sold with a payment deadline) -------------------------------------------------
+#: The orders table's status for each order state of the Redis log (`created`: final on acceptance).
+ORDER_STATUS = {"awaiting": "awaiting_payment", "paid": "paid", "cancelled": "cancelled", "expired": "expired"}
+ORDER_FINAL = "created"
 
 # --- Transaction record states (Redis, per half message) -----------------------------------------------
 #: The message's pre-deduct ran; its record lists each purchase's outcome.
@@ -70,6 +83,10 @@ DIGITS = re.compile(r"[0-9]{1,18}")
 MAX_QTY = 1_000_000
 #: Largest stock of one SKU (load_stock.lua takes at most 15 digits; MySQL's BIGINT far more).
 MAX_STOCK = 10**12
+#: Longest payment deadline: a day, the longest a timer message may wait in RocketMQ's proxy by default.
+MAX_PAY_WITHIN_MS = 86_400_000
+#: The decision id of every expiry: an order expires once, whichever timer (or call) asks.
+EXPIRY_DECISION = "deadline"
 #: Largest per-user limit (load_stock.lua takes at most 9 digits; MySQL's INT up to 2^31-1).
 MAX_PER_USER_LIMIT = 999_999_999
 

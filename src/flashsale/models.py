@@ -121,6 +121,8 @@ class PurchaseResult:
 #: Where a deduction message came from.
 SOURCE_PURCHASE = "purchase"
 SOURCE_REPLAY = "replay"
+#: A message carrying an order's payment, cancellation or expiry (decide.lua): one purchase, the order's.
+SOURCE_DECISION = "decision"
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ class DeductionMessage:
         if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms < 10**15:
             raise MalformedMessage(f"ts_ms must be a non-negative integer, got {_shown(ts_ms)}")
         source = data.get("source", SOURCE_PURCHASE)
-        if source not in (SOURCE_PURCHASE, SOURCE_REPLAY):
+        if source not in (SOURCE_PURCHASE, SOURCE_REPLAY, SOURCE_DECISION):
             raise MalformedMessage(f"unknown source {_shown(source)}")
         return cls(sku, tuple(purchases), gid, ts_ms, source, _part_of(sku, data.get("part", "")))
 
@@ -294,3 +296,35 @@ class Delivery:
     born_ms: int | None
     attempt: int
     handle: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The body of a timer message: orders of one SKU that must be paid by `due_ms` (Redis's clock)."""
+
+    sku: str
+    tokens: tuple[str, ...]
+    due_ms: int
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": 1, "sku": self.sku, "due_ms": self.due_ms, "tokens": list(self.tokens)}).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Deadline:
+        """A valid deadline, or MalformedMessage saying what is wrong."""
+        try:
+            data = json.loads(body)
+            if not isinstance(data, dict) or data.get("v") != 1:
+                raise MalformedMessage("not a version-1 deadline")
+            tokens = data["tokens"]
+            if not isinstance(tokens, list) or not 1 <= len(tokens) <= c.MAX_GROUP:
+                raise MalformedMessage(f"tokens must be a list of 1 to {c.MAX_GROUP} tokens")
+            due_ms = data["due_ms"]
+            if not isinstance(due_ms, int) or isinstance(due_ms, bool) or not 0 <= due_ms < 10**15:
+                raise MalformedMessage(f"due_ms must be a non-negative integer, got {_shown(due_ms)}")
+            sku = require_id(data["sku"], "sku")
+            return cls(sku, tuple(require_id(t, "token", c.TOKEN_PATTERN) for t in tokens), due_ms)
+        except MalformedMessage:
+            raise
+        except (InvalidInput, KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise MalformedMessage(f"deadline cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}") from None

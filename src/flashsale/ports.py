@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from flashsale.models import Delivery, Purchase
+from flashsale.models import Deadline, Delivery, Purchase
 from flashsale.records import (
     ApplyReport,
     CheckView,
     Conflict,
     DeadLetter,
+    Decision,
     Incoming,
     Layout,
     LogEntry,
@@ -62,6 +63,27 @@ class PurchaseStockPort(Protocol):
         ...
 
     async def is_sold_out(self, sku: str) -> bool: ...
+
+
+class OrderStockPort(Protocol):
+    """The producer's Redis for decisions on orders (see pipeline/orders.py)."""
+
+    async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]: ...
+
+    async def decide(
+        self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+    ) -> tuple[Decision, LogEntry | None]:
+        """Raises ServiceUnavailable with `reached` False when the script certainly did not run."""
+        ...
+
+
+class DeadlinePort(Protocol):
+    """Where the consumer schedules payment deadlines: timer messages, each due when its orders are."""
+
+    def schedule(self, deadlines: Sequence[Deadline]) -> None:
+        """Raises BusError or ServiceUnavailable when the broker did not take them all (the batch is then
+        not acked)."""
+        ...
 
 
 class PartitionStockPort(Protocol):

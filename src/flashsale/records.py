@@ -30,6 +30,24 @@ class StockReturn(enum.IntEnum):
     NOT_DEDUCTED = 3
 
 
+class Decision(enum.IntEnum):
+    """decide.lua's answers: what became of an order awaiting payment."""
+
+    PAID = 1
+    CANCELLED = 2  # its units are back on sale
+    EXPIRED = 3  # its units are back on sale
+    ALREADY_PAID = 4
+    ALREADY_CANCELLED = 5
+    ALREADY_EXPIRED = 6  # a payment after the deadline hears this too: the order expired then and there
+    NOT_DUE = 7  # expire before the deadline: nothing changed
+    NO_ORDER = 8  # no deducted entry for the token
+    FINAL = 9  # the SKU takes no payments: its orders were final on acceptance
+    NOT_YOURS = 10  # cancel by another user: nothing changed
+    FROZEN = 11  # the SKU is being loaded again: ask again
+    INVALID_ACTION = 12
+    FENCED = 13  # the checker rolled the decision's message back before it ran: nothing was decided
+
+
 class LoadStock(enum.IntEnum):
     """load_stock.lua's answers."""
 
@@ -58,6 +76,10 @@ class LogEntry:
     from_stock: int | None = None
     to_stock: int | None = None
     part: str | None = None  # the partition (sku#n) whose log holds it, for a partitioned SKU
+    order: str | None = None  # awaiting, paid, cancelled or expired; None: final on acceptance
+    due_ms: int | None = None  # the payment deadline, on Redis's clock
+    decided_ms: int | None = None  # when the order was paid, cancelled or expired
+    decided_by: str | None = None  # the message that carries that decision
 
     @property
     def shard(self) -> str:
@@ -78,6 +100,10 @@ class LogEntry:
             from_stock=int(data["from"]) if "from" in data else None,
             to_stock=int(data["to"]) if "to" in data else None,
             part=str(data["part"]) if data.get("part") else None,
+            order=str(data["order"]) if data.get("order") else None,
+            due_ms=int(data["due"]) if "due" in data else None,
+            decided_ms=int(data["decided_ts"]) if "decided_ts" in data else None,
+            decided_by=data.get("decided_msg") or None,
         )
 
 
@@ -250,6 +276,29 @@ class Incoming:
     deduction: Deduction
     message_id: str  # of the half message that deducted it in Redis
     topic: str = ""
+    order: Order | None = None  # its order's state in the log, for a SKU sold with a payment deadline
+    attempt: int = 1  # deliveries of the message that carries it
+
+
+@dataclass(frozen=True)
+class Order:
+    """Where an order awaiting payment stands in the Redis log (decide.lua), for MySQL to follow."""
+
+    state: str  # awaiting, paid, cancelled or expired
+    due_ms: int
+    decided_ms: int | None = None
+    decided_by: str | None = None  # the message that carries the decision
+
+    @property
+    def returned(self) -> bool:
+        """Cancelled or expired: its units went back on sale."""
+        return self.state in ("cancelled", "expired")
+
+    @classmethod
+    def of(cls, entry: LogEntry) -> Order | None:
+        if entry.order is None or entry.due_ms is None:
+            return None
+        return cls(entry.order, entry.due_ms, entry.decided_ms, entry.decided_by)
 
 
 @dataclass(frozen=True)
@@ -279,6 +328,7 @@ class ApplyReport:
     conflicts: list[Deduction] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     skipped: int = 0  # purchases a message carried that its pre-deduct did not accept
+    returned_qty: int = 0  # units of cancelled or expired orders given back to MySQL's stock
 
     def add(self, other: ApplyReport) -> None:
         self.applied += other.applied
@@ -287,6 +337,7 @@ class ApplyReport:
         self.conflicts += other.conflicts
         self.dead_letters += other.dead_letters
         self.skipped += other.skipped
+        self.returned_qty += other.returned_qty
 
 
 @dataclass(frozen=True)
@@ -299,6 +350,9 @@ class InventoryView:
     deducted_qty: int
     orders: int
     ordered_qty: int
+    returns: int = 0
+    returned_qty: int = 0
+    order_states: dict[str, tuple[int, int]] = field(default_factory=dict)  # status -> (orders, units)
 
 
 @dataclass(frozen=True)

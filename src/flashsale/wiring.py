@@ -13,7 +13,7 @@ from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.redis.stock_async import AsyncRedisStock
 from flashsale.adapters.rocketmq.consumer import RocketMQConsumer
-from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.adapters.rocketmq.producer import DeadlineSender, RocketMQProducer
 from flashsale.config import Settings
 from flashsale.models import Delivery, Resolution
 
@@ -86,15 +86,44 @@ def producer(
 
 
 @contextmanager
+def deadline_sender(settings: Settings) -> Iterator[DeadlineSender]:
+    """Timer messages of payment deadlines (the consumer schedules them; its producer starts at the first)."""
+    topic = settings.deadline_topic
+    sender = DeadlineSender(
+        lambda: RocketMQProducer(settings.rocketmq_endpoint, [topic], _never_checked).start(), topic
+    )
+    try:
+        yield sender
+    finally:
+        sender.close()
+
+
+@contextmanager
+def deadline_receiver(settings: Settings, *, on_resync: Callable[[], None] | None = None) -> Iterator[RocketMQConsumer]:
+    """The expiry group's receiver of deadlines, started."""
+    with _receiver(settings, settings.expiry_group, [settings.deadline_topic], on_resync=on_resync) as receiver:
+        yield receiver
+
+
+@contextmanager
 def deduction_receiver(
     settings: Settings, *, on_resync: Callable[[], None] | None = None
 ) -> Iterator[RocketMQConsumer]:
     """The consumer group's receiver of deductions and replays, started."""
+    topics = [settings.deduction_topic, settings.replay_topic]
+    with _receiver(settings, settings.consumer_group, topics, on_resync=on_resync) as receiver:
+        yield receiver
+
+
+@contextmanager
+def _receiver(
+    settings: Settings, group: str, topics: Sequence[str], *, on_resync: Callable[[], None] | None
+) -> Iterator[RocketMQConsumer]:
     cfg = settings.consumer
     receiver = RocketMQConsumer(
         settings.rocketmq_endpoint,
-        settings.consumer_group,
-        [settings.deduction_topic, settings.replay_topic],
+        group,
+        topics,
         poll_wait_s=cfg.poll_wait_s,
         invisible_s=cfg.invisible_s,
         prefetch=cfg.batch_size,

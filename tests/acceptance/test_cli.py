@@ -83,14 +83,19 @@ def test_init_is_idempotent_and_says_what_exists(settings: Settings) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["migrations_applied"] == [] and report["schema_version"] >= 1
-    assert report["topics"] == {settings.deduction_topic: "TRANSACTION", settings.replay_topic: "NORMAL"}
+    assert report["topics"] == {
+        settings.deduction_topic: "TRANSACTION",
+        settings.replay_topic: "NORMAL",
+        settings.deadline_topic: "DELAY",
+    }
     from flashsale import constants as c
     from flashsale.adapters.rocketmq import admin as rocketmq_admin
     from flashsale.ops.setup import RETRY_MAX_TIMES
 
     for broker in rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME):
-        group = rocketmq_admin.group_config(broker, settings.consumer_group)
-        assert group["retryMaxTimes"] == RETRY_MAX_TIMES
+        for name in (settings.consumer_group, settings.expiry_group):
+            assert rocketmq_admin.group_config(broker, name)["retryMaxTimes"] == RETRY_MAX_TIMES
+        assert rocketmq_admin.topic_info(broker, settings.deadline_topic).message_type == "DELAY"
 
 
 def test_stock_set_then_show_side_by_side(settings: Settings, sku: str) -> None:

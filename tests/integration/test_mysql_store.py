@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sqlalchemy as sa
 
@@ -9,7 +11,7 @@ from flashsale.adapters.mysql import sql
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.errors import StockError, StoreError
 from flashsale.models import Deduction
-from flashsale.records import DeadLetter, Incoming
+from flashsale.records import DeadLetter, Incoming, Order
 
 
 def incoming(sku: str, token: str, qty: int = 1, user: str = "u1") -> Incoming:
@@ -229,3 +231,77 @@ def test_two_consumers_applying_overlapping_batches_at_once_never_deadlock(mysql
     for name in skus:
         stock, deductions, orders = counts(mysql_store, name)
         assert stock + deductions == 10_000 and deductions == orders > 0
+
+
+def _order(store: MySQLStore, sku: str, token: str) -> tuple[str, int, int]:
+    """The order's status, its return rows and the SKU's stock, by plain SQL."""
+    with store.transaction("read order") as conn:
+        status = conn.execute(
+            sa.text("SELECT status FROM orders WHERE sku = :s AND token = :t"), {"s": sku, "t": token}
+        ).scalar_one()
+        returns = conn.execute(
+            sa.text("SELECT COUNT(*) FROM stock_returns WHERE sku = :s AND token = :t"), {"s": sku, "t": token}
+        ).scalar_one()
+        stock = conn.execute(sa.text("SELECT stock FROM inventory WHERE sku = :s"), {"s": sku}).scalar_one()
+    return str(status), int(returns), int(stock)
+
+
+def _with_order(item: Incoming, state: str, decided_by: str | None = None) -> Incoming:
+    return dataclasses.replace(item, order=Order(state, 1_000, 2_000 if decided_by else None, decided_by))
+
+
+def test_an_order_follows_the_log_once_and_a_return_gives_its_units_back_once(
+    mysql_store: MySQLStore, sku: str
+) -> None:
+    mysql_store.load_stock(sku, 5)
+    bought = incoming(sku, "t1", qty=2)
+    mysql_store.apply_batch([_with_order(bought, "awaiting")])
+    assert _order(mysql_store, sku, "t1") == ("awaiting_payment", 0, 3)
+    cancelled = _with_order(bought, "cancelled", "m-cancel")
+    for _ in range(2):  # a redelivered decision gives nothing back twice
+        mysql_store.apply_batch([cancelled])
+        assert _order(mysql_store, sku, "t1") == ("cancelled", 1, 5)
+    mysql_store.apply_batch([_with_order(bought, "awaiting")])  # the purchase's message, late: no way back
+    assert _order(mysql_store, sku, "t1") == ("cancelled", 1, 5)
+    assert mysql_store.view(sku).returned_qty == 2
+
+
+def test_a_decision_that_arrives_before_its_purchase_applies_both_in_one_go(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 5)
+    mysql_store.apply_batch([_with_order(incoming(sku, "t1"), "expired", "m-expire")])
+    assert _order(mysql_store, sku, "t1") == ("expired", 1, 5)
+    mysql_store.apply_batch([_with_order(incoming(sku, "t2"), "paid", "m-pay")])
+    assert _order(mysql_store, sku, "t2") == ("paid", 0, 4)
+    view = mysql_store.view(sku)
+    assert view.stock + view.deducted_qty - view.returned_qty == view.initial
+    assert view.order_states == {"expired": (1, 1), "paid": (1, 1)}
+
+
+def test_a_unit_given_back_and_sold_again_in_one_batch_goes_to_its_new_buyer(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 1)
+    mysql_store.apply_batch([_with_order(incoming(sku, "a"), "awaiting")])
+    report = mysql_store.apply_batch(
+        [_with_order(incoming(sku, "b", user="u2"), "awaiting"), _with_order(incoming(sku, "a"), "cancelled", "m-c")]
+    )
+    assert (report.conflicts, report.returned_qty) == ([], 1)
+    assert _order(mysql_store, sku, "a") == ("cancelled", 1, 0)
+    assert _order(mysql_store, sku, "b")[0] == "awaiting_payment"
+
+
+def test_a_resale_ahead_of_its_return_waits_for_it_then_applies(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 1)
+    mysql_store.apply_batch([_with_order(incoming(sku, "a"), "awaiting")])
+    resale = _with_order(incoming(sku, "b", user="u2"), "awaiting")
+    with pytest.raises(StoreError) as refused:
+        mysql_store.apply_batch([resale])  # the unit it bought is still A's in MySQL
+    assert refused.value.retriable and mysql_store.existing_tokens(sku, ["b"]) == set()
+    mysql_store.apply_batch([_with_order(incoming(sku, "a"), "expired", "m-x")])
+    assert mysql_store.apply_batch([resale]).conflicts == []
+    assert _order(mysql_store, sku, "b") == ("awaiting_payment", 0, 0)
+
+
+def test_a_shortfall_that_outlasts_its_deliveries_is_a_conflict(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 1)
+    mysql_store.apply_batch([_with_order(incoming(sku, "a"), "awaiting")])
+    late = dataclasses.replace(_with_order(incoming(sku, "b", user="u2"), "awaiting"), attempt=10)
+    assert [d.token for d in mysql_store.apply_batch([late]).conflicts] == ["b"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from flashsale.errors import ServiceUnavailable
-from flashsale.models import DeductionMessage, Delivery, Purchase, Resolution
+from flashsale.models import SOURCE_DECISION, DeductionMessage, Delivery, Purchase, Resolution
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.records import CheckView, LogEntry, Prededuct, TxRecord
 from tests.unit.fakes import FakeCheckStock
@@ -129,3 +129,34 @@ def test_checker_commits_a_spread_message_once_every_share_ran_or_is_fenced() ->
     down = ServiceUnavailable("Redis", "127.0.0.1:7001", "timeout")
     assert _check(FakeCheckStock(views={"sku-1#0": accepted, "sku-1#3": down}), _spread()) is Resolution.UNKNOWN
     assert _check(FakeCheckStock(views={"sku-1#0": fenced, "sku-1#3": fenced}), _spread()) is Resolution.ROLLBACK
+
+
+def _decision(gid: str = GID) -> Delivery:
+    body = DeductionMessage("sku-1", (Purchase("tok-1", "u1", 2),), gid, ts_ms=BORN_MS, source=SOURCE_DECISION)
+    return Delivery(gid, "ns-deductions", "tok-1", body.encode(), BORN_MS, attempt=1)
+
+
+def _ordered(decided_by: str, order: str = "paid") -> CheckView:
+    entry = LogEntry(
+        "tok-1",
+        "deducted",
+        "sku-1",
+        "u1",
+        2,
+        BORN_MS,
+        "msg-purchase",
+        order=order,
+        due_ms=BORN_MS + 1,
+        decided_by=decided_by,
+    )
+    return CheckView("ran", TxRecord("ran", (), 0, BORN_MS), {"tok-1": entry})
+
+
+def test_checker_commits_a_decision_whose_order_names_it_as_its_decision() -> None:
+    assert _check(FakeCheckStock(_ordered(GID)), _decision()) is Resolution.COMMIT
+
+
+def test_checker_rolls_back_a_decision_that_changed_nothing_even_where_the_log_names_its_purchase() -> None:
+    # The entry names the purchase's message, and another decision: this one (already_paid) carries nothing.
+    assert _check(FakeCheckStock(_ordered("msg-other")), _decision()) is Resolution.ROLLBACK
+    assert _check(FakeCheckStock(_ordered(GID)), _decision("msg-purchase")) is Resolution.ROLLBACK

@@ -56,6 +56,22 @@ def test_stock_set_refuses_a_bad_sku_in_one_line_before_any_connection(tmp_path:
     assert "sku must be" in _one_error_line(result)
 
 
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (("--pay-within", "5"), "'5' is not a duration"),
+        (("--pay-within", "8d"), "payment deadline (ms) must be"),
+        (("--pay-within", "15m", "--partitions", "3"), "a payment deadline needs the SKU on one key"),
+    ],
+)
+def test_stock_set_refuses_a_payment_deadline_it_cannot_keep_before_any_connection(
+    tmp_path: Path, options: tuple[str, ...], said: str
+) -> None:
+    ports = {"FLASHSALE_REDIS_PORT": "1", "FLASHSALE_MYSQL_PORT": "1"}
+    result = _invoke(tmp_path, "stock", "set", "sku-1", "5", *options, **ports)
+    assert said in _one_error_line(result) and result.exit_code == 2
+
+
 def test_stack_up_of_an_unknown_service_names_it(tmp_path: Path) -> None:
     line = _one_error_line(_invoke(tmp_path, "stack", "up", "nosuch"))
     assert "unknown service nosuch" in line

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import asyncio
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -13,6 +11,7 @@ from flashsale.records import Prededuct, PredeductResult, StockView
 from flashsale.service.http_app import MAX_BODY, HttpApp
 from flashsale.service.metrics import Metrics
 from tests.unit.fakes import FakeBus, FakeStock
+from tests.unit.rsgi import Request, call
 
 PURCHASE = {"sku": "sku-1", "user_id": "u1", "qty": 1, "token": "tok-1"}
 
@@ -31,44 +30,12 @@ def _app(stock: FakeRedisStock | None = None, *, max_in_flight: int = 8, broker:
     return HttpApp(service, stock, metrics, max_in_flight=max_in_flight, broker_problem=lambda: broker)
 
 
-@dataclass
-class _Scope:
-    """What granian hands an RSGI app for a request (the parts the app reads)."""
-
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    proto: str = "http"
-
-
-@dataclass
-class _Proto:
-    body: bytes
-    answer: tuple[int, list[tuple[str, str]], bytes] | None = None
-
-    async def __call__(self) -> bytes:
-        return self.body
-
-    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.answer = (status, headers, body)
-
-
 def _call(app: HttpApp, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:
     """Hand the requests in order to the app; answer (status, JSON or text) of each."""
-
-    async def run() -> list[tuple[int, Any]]:
-        answers = []
-        for method, path, data in requests:
-            body = data.encode() if isinstance(data, str) else b""
-            proto = _Proto(body)
-            await app.__rsgi__(_Scope(method, path, {"content-length": str(len(body))}), proto)
-            assert proto.answer is not None
-            status, headers, raw = proto.answer
-            is_json = dict(headers)["content-type"] == "application/json"
-            answers.append((status, json.loads(raw) if is_json else raw.decode()))
-        return answers
-
-    return asyncio.run(run())
+    return call(
+        app,
+        *(Request(method, path, data.encode() if isinstance(data, str) else b"") for method, path, data in requests),
+    )
 
 
 def _purchase(app: HttpApp, payload: object) -> tuple[int, Any]:

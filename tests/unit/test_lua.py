@@ -34,3 +34,10 @@ def test_a_script_that_includes_a_fragment_gets_its_text(name: str) -> None:
 def test_an_unknown_script_name_does_not_load() -> None:
     with pytest.raises(FileNotFoundError):
         lua.source("no_such_script")
+
+
+@pytest.mark.parametrize("name", ["decide", "return_stock"])
+def test_the_scripts_that_give_units_back_share_one_fragment(name: str) -> None:
+    text = lua.source(name)
+    assert text.count("local function give_back(") == 1 and "give_back(stock_key, users_key, meta_key, entry)" in text
+    assert not lua.INCLUDE.search(text)

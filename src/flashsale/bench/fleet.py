@@ -136,6 +136,9 @@ class Fleet:
     def checker(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
         return self._with_status("checker", options, metrics_port, env)
 
+    def expirer(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
+        return self._with_status("expirer", options, metrics_port, env)
+
     def _with_status(self, role: str, options: tuple[str, ...], port: int | None, env: dict[str, str]) -> Child:
         """Start a consumer or checker with its status port, and wait until it says it is ready."""
         port = port or free_port()

@@ -96,7 +96,7 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 
 def _register() -> None:
-    from flashsale.cli import ops_cmd, process_cmd, sale_cmd, setup_cmd, stack_cmd
+    from flashsale.cli import ops_cmd, order_cmd, process_cmd, sale_cmd, setup_cmd, stack_cmd
 
     for command in (
         stack_cmd.stack,
@@ -105,7 +105,9 @@ def _register() -> None:
         process_cmd.producer,
         process_cmd.consumer,
         process_cmd.checker,
+        process_cmd.expirer,
         process_cmd.baseline,
+        order_cmd.order,
         ops_cmd.reconcile,
         ops_cmd.replay,
         sale_cmd.bench,

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from flashsale import constants as c
 from flashsale.cli.context import Context
 from flashsale.cli.options import json_output, wait_seconds
 from flashsale.errors import InvalidInput
@@ -49,6 +50,7 @@ def print_reconcile(
         table.add_row(r.sku, *numbers, "[green]ok[/]" if r.consistent else "[red]DRIFT[/]")
     if shown:
         console.print(table)
+    _print_orders(shown, console)
     sold = sum(r.redis_deducted for r in reports)
     in_flight = sum(r.in_flight for r in reports)
     console.print(
@@ -63,8 +65,19 @@ def print_reconcile(
             console.print(f"  missing in MySQL, e.g. {', '.join(r.missing_tokens[:5])}")
         if r.without_log_tokens:
             console.print(f"  without Redis log, e.g. {', '.join(r.without_log_tokens[:5])}")
+        if r.order_drift_tokens:
+            console.print(f"  orders otherwise in MySQL, e.g. {', '.join(r.order_drift_tokens[:5])}")
     if len(drifting) > PROBLEMS_SHOWN:
         console.print(f"... and {len(drifting) - PROBLEMS_SHOWN:,} more SKU(s) with drift: `--json` lists them all")
+
+
+def _print_orders(reports: list[reconcile_ops.SkuReport], console: Console) -> None:
+    """For SKUs sold with a payment deadline: their orders by state in MySQL, and the units given back."""
+    for r in reports[:PROBLEMS_SHOWN]:
+        states = {k: v for k, v in r.orders_by_state.items() if k != c.ORDER_FINAL}
+        if states:
+            counts = ", ".join(f"{n:,} {state.replace('_', ' ')}" for state, n in states.items())
+            console.print(f"{r.sku}: orders {counts}; {r.mysql_returned_qty:,} unit(s) given back")
 
 
 @click.command()

@@ -92,6 +92,19 @@ def checker_run(ctx: Context, metrics_port: int | None) -> None:
 
 
 @click.group()
+def expirer() -> None:
+    """Expires the orders still unpaid when their payment deadline fires."""
+
+
+@expirer.command("run")
+@METRICS_PORT
+@click.pass_obj
+def expirer_run(ctx: Context, metrics_port: int | None) -> None:
+    """Fire payment deadlines until SIGTERM (the timer in hand is finished first)."""
+    processes.run_expirer(ctx.settings, metrics_port=metrics_port)
+
+
+@click.group()
 def baseline() -> None:
     """A plain-MySQL purchase service, served like the producer: what `flashsale bench` compares against."""
 

@@ -13,6 +13,7 @@ from flashsale import constants as c
 from flashsale.cli.context import Context
 from flashsale.cli.options import json_output, partitions_option, wait_seconds
 from flashsale.ops import setup
+from flashsale.ops.times import parse_duration_ms
 
 
 @click.command()
@@ -40,10 +41,7 @@ def stock() -> None:
     """Load a SKU's stock before a sale and look at it during and after."""
 
 
-@stock.command("set", context_settings={"ignore_unknown_options": True})
-@click.argument("sku")
-@click.argument("qty", type=click.IntRange(0, c.MAX_STOCK))
-@click.option(
+_per_user_limit = click.option(
     "--per-user-limit",
     type=click.IntRange(0, c.MAX_PER_USER_LIMIT),
     default=0,
@@ -51,27 +49,41 @@ def stock() -> None:
     metavar="N",
     help="Most units one user may buy (0 = no limit).",
 )
+_pay_within = click.option(
+    "--pay-within",
+    default=None,
+    metavar="DURATION",
+    help="Orders await payment this long (90s, 15m, 2h), then expire and their units sell again "
+    "(`flashsale expirer run`); without it orders are final on acceptance. One key only.",
+)
+
+
+@stock.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("sku")
+@click.argument("qty", type=click.IntRange(0, c.MAX_STOCK))
+@_per_user_limit
 @click.option(
     "--reset", is_flag=True, help="Discard the SKU's previous sale (Redis log, MySQL deductions, orders, conflicts)."
 )
 @click.option(
     "--force", is_flag=True, help="With --reset: go ahead even while deductions are still on their way to MySQL."
 )
+@_pay_within
 @partitions_option(
     1,
     "Spread the stock over P partitions on different Redis masters, refilled from a pool "
     "(FLASHSALE_PARTITION_REFILL units at a time; 1 = one key, not partitioned).",
 )
 @click.pass_obj
-def stock_set(ctx: Context, sku: str, qty: int, per_user_limit: int, reset: bool, force: bool, partitions: int) -> None:
+def stock_set(ctx: Context, /, sku: str, qty: int, pay_within: str | None, **load: Any) -> None:
     """Load SKU with QTY units into MySQL and Redis, consistently."""
-    setup.set_stock(
-        ctx.settings, sku, qty, per_user_limit=per_user_limit, reset=reset, force=force, partitions=partitions
-    )
+    pay_within_ms = parse_duration_ms(pay_within, what="--pay-within") if pay_within else 0
+    setup.set_stock(ctx.settings, sku, qty, pay_within_ms=pay_within_ms, **load)
     click.echo(
         f"{sku}: {qty} units loaded"
-        + (f" in {partitions} partitions" if partitions > 1 else "")
-        + (f", at most {per_user_limit} per user" if per_user_limit else "")
+        + (f" in {load['partitions']} partitions" if load["partitions"] > 1 else "")
+        + (f", at most {load['per_user_limit']} per user" if load["per_user_limit"] else "")
+        + (f", orders to be paid within {pay_within}" if pay_within else "")
     )
 
 

@@ -66,6 +66,11 @@ class SkuReport:
     dead_letters: int = 0
     conflicts: int = 0
     conflict_qty: int = 0
+    mysql_returned_qty: int = 0  # units of cancelled or expired orders MySQL gave back
+    orders_by_state: dict[str, int] = field(default_factory=dict)  # MySQL: created, awaiting_payment, paid, ...
+    order_drift: int = 0  # orders whose state (or return) in MySQL is not the log's, settled
+    order_drift_tokens: list[str] = field(default_factory=list)
+    orders_in_flight: int = 0  # the same, younger than the settle time: on their way
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -78,7 +83,8 @@ class SkuReport:
         return data
 
 
-#: Called with each page of Redis deductions MySQL lacks (older than the settle time).
+#: Called with each page of Redis deductions MySQL lacks, or holds with its order in another state (older
+#: than the settle time).
 OnMissing = Callable[[list[LogEntry]], None]
 #: Called with each MySQL deduction row whose token has no deduction in the Redis log, and its entry.
 OnOrphan = Callable[[Any, LogEntry | None, SkuReport], None]
@@ -141,6 +147,8 @@ def _read_mysql(store: MySQLStore, report: SkuReport) -> None:
     report.mysql_initial, report.mysql_stock = view.initial, view.stock
     report.mysql_applied, report.mysql_applied_qty = view.deductions, view.deducted_qty
     report.orders, report.ordered_qty = view.orders, view.ordered_qty
+    report.mysql_returned_qty = view.returned_qty
+    report.orders_by_state = {status: count for status, (count, _) in sorted(view.order_states.items())}
     report.orders_without_deduction = books.orders_without_deduction
     report.deductions_without_order = books.deductions_without_order
     report.dead_letters = books.dead_letters
@@ -148,14 +156,17 @@ def _read_mysql(store: MySQLStore, report: SkuReport) -> None:
 
 
 def _check_applied(store: MySQLStore, report: SkuReport, page: list[LogEntry], settled_ms: float) -> list[LogEntry]:
-    """Count one page of the Redis log against MySQL; returns its settled deductions MySQL lacks."""
+    """Count one page of the Redis log against MySQL; returns its settled deductions MySQL lacks, and those
+    whose order MySQL holds in another state (a replay of either brings MySQL to the log)."""
     deducted = [e for e in page if e.state in c.DEDUCTED_STATES]
     report.redis_deducted += len(deducted)
     report.redis_deducted_qty += sum(e.qty for e in deducted)
-    applied = store.existing_tokens(report.sku, [e.token for e in deducted])
+    applied = store.order_facts(report.sku, [e.token for e in deducted])
     missing = []
     for entry in deducted:
         if entry.token in applied:
+            if _order_drifts(report, entry, applied[entry.token], settled_ms):
+                missing.append(entry)
             continue
         if entry.ts_ms > settled_ms:
             report.in_flight += 1
@@ -167,6 +178,23 @@ def _check_applied(store: MySQLStore, report: SkuReport, page: list[LogEntry], s
         if len(report.missing_tokens) < SAMPLE:
             report.missing_tokens.append(entry.token)
     return missing
+
+
+def _order_drifts(report: SkuReport, entry: LogEntry, facts: tuple[str | None, bool], settled_ms: float) -> bool:
+    """An applied deduction's order must stand in MySQL as the log has it, its units back when it ended
+    cancelled or expired; a decision younger than the settle time may still be on its way. (A deduction
+    without any order is counted apart: see Bookkeeping.)"""
+    status, returned = facts
+    want = c.ORDER_STATUS[entry.order] if entry.order else c.ORDER_FINAL
+    if status is None or (status == want and returned == (entry.state == c.STATE_RETURNED)):
+        return False
+    if (entry.decided_ms or entry.ts_ms) > settled_ms:
+        report.orders_in_flight += 1
+        return False
+    report.order_drift += 1
+    if len(report.order_drift_tokens) < SAMPLE:
+        report.order_drift_tokens.append(entry.token)
+    return True
 
 
 def _deduction_pages(store: MySQLStore, sku: str) -> Iterator[list[Any]]:
@@ -204,8 +232,11 @@ def _judge(r: SkuReport) -> None:
         r.problems.append(
             f"Redis log holds {r.redis_deducted_qty} units of deductions, its counter says {r.redis_counter_qty}"
         )
-    if r.mysql_stock + r.mysql_applied_qty != r.initial:
-        r.problems.append(f"MySQL stock {r.mysql_stock} + applied {r.mysql_applied_qty} != initial {r.initial}")
+    if r.mysql_stock + r.mysql_applied_qty - r.mysql_returned_qty != r.initial:
+        r.problems.append(
+            f"MySQL stock {r.mysql_stock} + applied {r.mysql_applied_qty} - returned {r.mysql_returned_qty} "
+            f"!= initial {r.initial}"
+        )
     if r.missing_in_mysql:
         r.problems.append(f"{r.missing_in_mysql} deduction(s) ({r.missing_qty} units) in Redis are missing in MySQL")
     if r.mysql_without_log:
@@ -220,8 +251,10 @@ def _judge(r: SkuReport) -> None:
             f"{r.conflicts} deduction(s) ({r.conflict_qty} units) are open conflicts: MySQL could not apply them "
             f"as they stand (see the conflicts table)"
         )
-    if r.redis_returned_qty:
-        r.problems.append(f"{r.redis_returned_qty} units were returned in Redis; MySQL knows of no return")
+    if r.order_drift:
+        r.problems.append(
+            f"{r.order_drift} order(s) stand otherwise in MySQL than in the Redis log (state or units given back)"
+        )
 
 
 @dataclass
@@ -240,7 +273,8 @@ class RepairReport:
 class _Repairer:
     """The fixes that need no guessing, applied while reconcile streams through the SKU:
 
-    - deductions the Redis log has and MySQL lacks are replayed (the consumer applies each once);
+    - deductions the Redis log has and MySQL lacks are replayed (the consumer applies each once), and so
+      are those whose order MySQL holds in another state than the log (the replay applies the log's);
     - deductions MySQL applied and the Redis log lacks are written back to Redis: the entry alone while
       the Redis counters still include units no entry explains, otherwise the whole deduction (Redis lost
       it, e.g. in a failover); when Redis has no stock left to take, or fenced the token, an operator

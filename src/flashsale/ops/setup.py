@@ -73,7 +73,11 @@ def _init(settings: Settings) -> InitReport:
     brokers = rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME)
     if not brokers:
         raise ServiceUnavailable("RocketMQ", settings.namesrv_addr, f"no broker of {c.CLUSTER_NAME} is registered")
-    topics = {settings.deduction_topic: "TRANSACTION", settings.replay_topic: "NORMAL"}
+    topics = {
+        settings.deduction_topic: "TRANSACTION",
+        settings.replay_topic: "NORMAL",
+        settings.deadline_topic: "DELAY",
+    }
     for broker in brokers:
         for topic, message_type in topics.items():
             existing = rocketmq_admin.topic_info(broker, topic)
@@ -82,7 +86,8 @@ def _init(settings: Settings) -> InitReport:
             info = rocketmq_admin.topic_info(broker, topic)
             if info is None or info.message_type != message_type:
                 raise StackError(f"topic {topic} on {broker} is not of type {message_type} after creation")
-        rocketmq_admin.create_group(broker, settings.consumer_group, retry_max_times=RETRY_MAX_TIMES)
+        for group in (settings.consumer_group, settings.expiry_group):
+            rocketmq_admin.create_group(broker, group, retry_max_times=RETRY_MAX_TIMES)
     report.topics = topics
     report.consumer_group = settings.consumer_group
     return report
@@ -97,6 +102,7 @@ def set_stock(
     reset: bool = False,
     force: bool = False,
     partitions: object = 1,
+    pay_within_ms: object = 0,
 ) -> None:
     """Load a SKU: MySQL first (the books), then Redis (the gate).
 
@@ -109,15 +115,7 @@ def set_stock(
     `error` and are asked again), and every producer then sells by the new layout, since a step placed
     by the old one (a pre-deduct or a transfer of stock) is refused and the layout read again.
     """
-    require_id(sku, "sku")
-    load = _Load(
-        sku,
-        quantity=parse_count(qty, "quantity", c.MAX_STOCK),
-        per_user_limit=parse_count(per_user_limit, "per-user limit", c.MAX_PER_USER_LIMIT),
-        parts=parse_count(partitions, "partitions", c.MAX_PARTITIONS),
-    )
-    if load.parts < 1:
-        raise InvalidInput("partitions must be at least 1 (1: the SKU is not partitioned)")
+    load = _Load.checked(sku, qty, per_user_limit, partitions, pay_within_ms)
     # With replicas, each write of the load waits for one to hold it: a failover must not bring back
     # the stock it replaced (MySQL already holds the new quantity).
     with wiring.mysql_store(settings) as store, wiring.redis_stock(settings, replicated=True) as stock:
@@ -128,11 +126,12 @@ def set_stock(
             store.load_stock(sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset)
             _load_redis(settings, stock, load, reset=reset)
     logger.info(
-        "loaded %s: %d units in %d partition(s), per-user limit %s",
+        "loaded %s: %d units in %d partition(s), per-user limit %s, payment within %s ms",
         sku,
         load.quantity,
         load.parts,
         load.per_user_limit or "none",
+        load.pay_within_ms or "none",
     )
 
 
@@ -142,6 +141,26 @@ class _Load:
     quantity: int
     per_user_limit: int
     parts: int
+    pay_within_ms: int = 0
+
+    @classmethod
+    def checked(cls, sku: str, qty: object, per_user_limit: object, parts: object, pay_within_ms: object) -> _Load:
+        """The load asked for, each argument checked against the bounds of both stores."""
+        load = cls(
+            require_id(sku, "sku"),
+            quantity=parse_count(qty, "quantity", c.MAX_STOCK),
+            per_user_limit=parse_count(per_user_limit, "per-user limit", c.MAX_PER_USER_LIMIT),
+            parts=parse_count(parts, "partitions", c.MAX_PARTITIONS),
+            pay_within_ms=parse_count(pay_within_ms, "payment deadline (ms)", c.MAX_PAY_WITHIN_MS),
+        )
+        if load.parts < 1:
+            raise InvalidInput("partitions must be at least 1 (1: the SKU is not partitioned)")
+        if load.pay_within_ms and load.parts > 1:
+            raise InvalidInput(
+                "a payment deadline needs the SKU on one key for now (its returned units go back to its stock)",
+                hint="load it without --partitions, or without a payment deadline",
+            )
+        return load
 
 
 def _refuse_history(stock: RedisStock, store: MySQLStore, sku: str, *, reset: bool, force: bool) -> None:
@@ -164,7 +183,9 @@ def _refuse_history(stock: RedisStock, store: MySQLStore, sku: str, *, reset: bo
 
 def _load_redis(settings: Settings, stock: RedisStock, load: _Load, *, reset: bool) -> None:
     if load.parts == 1:
-        stock.load(load.sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset)
+        stock.load(
+            load.sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset, pay_within_ms=load.pay_within_ms
+        )
         return
     stock.load_partitioned(
         load.sku,

@@ -30,5 +30,13 @@ def parse_time(text: str, *, now: datetime | None = None, what: str = "time") ->
     return moment
 
 
+def parse_duration_ms(text: str, *, what: str = "duration") -> int:
+    """'90s', '15m', '2h', '1d' or '500ms' as milliseconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise InvalidInput(f"{what}: {text!r} is not a duration", hint="e.g. 90s, 15m, 2h, 1d or 500ms")
+    return round(float(match[1]) * _UNITS[match[2]] * 1000)
+
+
 def to_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)

@@ -15,13 +15,21 @@ keeps a record of each purchase's outcome (fs:{sku}:tx). From those the consumer
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flashsale import constants as c
 from flashsale.logs import ids
-from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Delivery, Purchase
-from flashsale.records import Conflict, Incoming, LogEntry, Prededuct, TxRecord
+from flashsale.models import (
+    SOURCE_DECISION,
+    SOURCE_PURCHASE,
+    SOURCE_REPLAY,
+    Deduction,
+    DeductionMessage,
+    Delivery,
+    Purchase,
+)
+from flashsale.records import Conflict, Incoming, LogEntry, Order, Prededuct, TxRecord
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,18 @@ def named(entry: LogEntry | None, gid: str) -> LogEntry | None:
     if entry is not None and entry.state in c.DEDUCTED_STATES and entry.message_id == gid:
         return entry
     return None
+
+
+def decided(entry: LogEntry | None, gid: str) -> LogEntry | None:
+    """The entry, when message `gid` carries the decision on its order (paid, cancelled or expired)."""
+    if entry is not None and entry.state in c.DEDUCTED_STATES and entry.decided_by == gid:
+        return entry
+    return None
+
+
+def naming(message: DeductionMessage) -> Callable[[LogEntry | None, str], LogEntry | None]:
+    """How the log names what a message did: a purchase's deduction, or a decision on an order."""
+    return decided if message.source == SOURCE_DECISION else named
 
 
 def disagrees(entry: LogEntry, purchase: Purchase, message: DeductionMessage) -> bool:
@@ -91,6 +111,8 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
             entries, records = found[shard]
             if d.replay:
                 _plan_replay(d, purchases, entries, result)
+            elif d.message.source == SOURCE_DECISION:
+                _plan_decision(d, purchases, entries, result)
             else:
                 _plan_share(d, purchases, entries, records.get(d.message.gid), result)
     return result
@@ -102,6 +124,18 @@ def _plan_replay(
     for purchase in purchases:
         entry = entries.get(purchase.token)
         if entry is not None and entry.state in c.DEDUCTED_STATES:
+            result.apply.append(_incoming(d, entry))
+        else:
+            result.skipped += 1
+
+
+def _plan_decision(
+    d: Decoded, purchases: Sequence[Purchase], entries: Mapping[str, LogEntry | None], result: Plan
+) -> None:
+    """A decision applies its order's entry (the deduction too, if its own message is still on its way)."""
+    for purchase in purchases:
+        entry = decided(entries.get(purchase.token), d.message.gid)
+        if entry is not None:
             result.apply.append(_incoming(d, entry))
         else:
             result.skipped += 1
@@ -145,8 +179,11 @@ def _lost(record: TxRecord | None, index: int, any_named: bool) -> bool:
 
 
 def _incoming(d: Decoded, entry: LogEntry) -> Incoming:
-    deduction = Deduction(entry.token, d.message.sku, entry.user, entry.qty, entry.ts_ms, d.message.source)
-    return Incoming(deduction, entry.message_id or d.delivery.message_id, d.delivery.topic)
+    # The deduction a decision brings along (its purchase's message not applied yet) is a purchase's.
+    source = SOURCE_PURCHASE if d.message.source == SOURCE_DECISION else d.message.source
+    deduction = Deduction(entry.token, d.message.sku, entry.user, entry.qty, entry.ts_ms, source)
+    message_id = entry.message_id or d.delivery.message_id
+    return Incoming(deduction, message_id, d.delivery.topic, Order.of(entry), d.delivery.attempt)
 
 
 def _deduction(message: DeductionMessage, purchase: Purchase) -> Deduction:

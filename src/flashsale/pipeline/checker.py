@@ -10,6 +10,8 @@
   so either the pre-deduct ran first (answered as above) or the fence did and a late pre-deduct of this
   message deducts nothing: ROLLBACK;
 - its pre-deduct was refused as placed by another load (stale): it deducted nothing, as if fenced;
+- a decision on an order (pay, cancel, expire: pipeline/orders.py) is looked at the same way, its
+  decide.lua in place of the pre-deduct: COMMIT when the order's entry names it as its decision;
 - Redis unreachable: UNKNOWN.
 
 A message whose purchases are spread over partitions has a pre-deduct (a share) on each: every share
@@ -27,7 +29,7 @@ from flashsale import constants as c
 from flashsale.errors import FlashSaleError, MalformedMessage
 from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Delivery, Resolution
-from flashsale.pipeline.accepted import disagrees, named
+from flashsale.pipeline.accepted import disagrees, naming
 from flashsale.ports import CheckStockPort
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class DeductionChecker:
             logger.error("half message %s names message %s in its body; rolling back", delivery.message_id, message.gid)
             return Resolution.ROLLBACK
         ours = []
+        by = naming(message)
         for shard, purchases in message.shards().items():  # each share of the message: its own pre-deduct
             try:
                 view = self._stock.check(shard, message.gid, [p.token for p in purchases], grace_ms=self._grace_ms)
@@ -100,7 +103,7 @@ class DeductionChecker:
                     extra=ids(message_id=message.gid, sku=message.sku),
                 )
                 continue
-            ours += [(p, e) for p in purchases if (e := named(view.entries.get(p.token), message.gid))]
+            ours += [(p, e) for p in purchases if (e := by(view.entries.get(p.token), message.gid))]
         for purchase, entry in ours:
             disagrees(entry, purchase, message)
         return Resolution.COMMIT if ours else Resolution.ROLLBACK

@@ -19,14 +19,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, MalformedMessage
 from flashsale.logs import ids
-from flashsale.models import DeductionMessage, Delivery
+from flashsale.models import Deadline, DeductionMessage, Delivery
 from flashsale.pipeline import accepted
 from flashsale.pipeline.accepted import Decoded
-from flashsale.ports import LogPort, ReceiverPort, StorePort
-from flashsale.records import ApplyReport, DeadLetter
+from flashsale.ports import DeadlinePort, LogPort, ReceiverPort, StorePort
+from flashsale.records import ApplyReport, DeadLetter, Incoming
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ class DeductionConsumer:
         max_backoff_s: float,
         failpoint_names: frozenset[str] = frozenset(),
         observe: Observer | None = None,
+        deadlines: DeadlinePort | None = None,
     ) -> None:
         self._receiver = receiver
+        self._deadlines = deadlines
         self._store = store
         self._log = log
         self._batch_size = batch_size
@@ -114,17 +117,19 @@ class DeductionConsumer:
     def process(self, batch: Sequence[Delivery]) -> ApplyReport:
         started = time.perf_counter()
         decoded, dead = decode(batch)
+        awaiting: list[Incoming] = []
         try:
-            report = self._apply(decoded, dead)
+            report = self._apply(decoded, dead, awaiting)
         except FlashSaleError as exc:
             if exc.retriable:
                 raise
             logger.warning("batch of %d rejected (%s); applying its messages one by one", len(batch), exc)
-            report = self._apply_one_by_one(batch)
+            report = self._apply_one_by_one(batch, awaiting)
         except Exception:  # a message nobody foresaw: find it by applying the batch one message at a time
             logger.exception("batch of %d failed; applying its messages one by one", len(batch))
-            report = self._apply_one_by_one(batch)
+            report = self._apply_one_by_one(batch, awaiting)
         failpoints.hit(self._failpoints, failpoints.AFTER_DB_COMMIT)
+        self._schedule(awaiting)
         try:
             acked = self._receiver.ack(batch)
         except BusError as exc:
@@ -146,7 +151,27 @@ class DeductionConsumer:
             self._observe(report, len(batch), time.perf_counter() - started)
         return report
 
-    def _apply(self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]) -> ApplyReport:
+    def _schedule(self, awaiting: Sequence[Incoming]) -> None:
+        """A timer message per SKU and deadline for the orders awaiting payment, before the batch is acked:
+        a consumer that dies first gets the batch again and schedules them again (an expiry is idempotent)."""
+        if not awaiting or self._deadlines is None:
+            return
+        # One timer per SKU and second (the broker's timer ticks by the second), at most MAX_GROUP orders each.
+        by_due: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        for item in awaiting:
+            if item.order is not None:
+                key = (item.deduction.sku, -(-item.order.due_ms // 1000))
+                by_due.setdefault(key, []).append((item.deduction.token, item.order.due_ms))
+        deadlines = [
+            Deadline(sku, tuple(t for t, _ in chunk), max(due for _, due in chunk))
+            for (sku, _), orders in sorted(by_due.items())
+            for chunk in (orders[i : i + c.MAX_GROUP] for i in range(0, len(orders), c.MAX_GROUP))
+        ]
+        self._deadlines.schedule(deadlines)
+
+    def _apply(
+        self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter], awaiting: list[Incoming] | None = None
+    ) -> ApplyReport:
         """One Redis look-up for the batch, then one transaction per `batch_size` deductions.
 
         A message may carry hundreds of purchases: a transaction is bounded by deductions, not messages.
@@ -155,6 +180,8 @@ class DeductionConsumer:
         """
         found = self._log.lookup(accepted.wanted(decoded)) if decoded else {}
         todo = accepted.plan(decoded, found)
+        if awaiting is not None:
+            awaiting += [i for i in todo.apply if i.order is not None and i.order.state == "awaiting"]
         report = self._store.apply_batch(todo.apply[: self._batch_size], dead, todo.conflicts)
         for start in range(self._batch_size, len(todo.apply), self._batch_size):
             report.add(self._store.apply_batch(todo.apply[start : start + self._batch_size]))
@@ -162,11 +189,12 @@ class DeductionConsumer:
         report.duplicates += todo.duplicates
         return report
 
-    def _apply_one_by_one(self, batch: Sequence[Delivery]) -> ApplyReport:
+    def _apply_one_by_one(self, batch: Sequence[Delivery], awaiting: list[Incoming]) -> ApplyReport:
         total = ApplyReport()
+        awaiting.clear()
         for delivery in batch:
             try:
-                report = self._apply(*decode([delivery]))
+                report = self._apply(*decode([delivery]), awaiting)
             except FlashSaleError as exc:
                 if exc.retriable:
                     raise

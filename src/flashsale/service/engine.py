@@ -18,6 +18,7 @@ from flashsale import wiring
 from flashsale.config import Settings
 from flashsale.models import PurchaseResult
 from flashsale.pipeline.checker import DeductionChecker
+from flashsale.pipeline.orders import OrderAnswer, OrderDesk
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.pipeline.producer import PurchaseService
 from flashsale.polling import poll_until
@@ -59,6 +60,7 @@ class PurchaseEngine:
             observe_group=metrics.group if metrics else None,
             scheduler=self.scheduler,
         )
+        self.orders = OrderDesk(self.stock, self.bus, settings.deduction_topic)
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the engine's loop from another thread and wait for its result."""
@@ -69,6 +71,10 @@ class PurchaseEngine:
     def purchase(self, sku: object, user_id: object, qty: object, token: object) -> PurchaseResult:
         """The synchronous entry (Python API): safe from any thread but the engine's loop."""
         return self.run(self.service.purchase(sku, user_id, qty, token))
+
+    def decide(self, sku: str, token: str, action: str, *, decision_id: str, user: str = "") -> OrderAnswer:
+        """Pay, cancel or expire an order (see pipeline/orders.py): safe from any thread but the engine's loop."""
+        return self.run(self.orders.decide(sku, token, action, decision_id=decision_id, user=user))
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every purchase handed in has its answer (its half message settled); False on timeout."""

@@ -1,6 +1,7 @@
 """The producer's HTTP ingress: an RSGI application, served by granian on the purchase engine's event loop.
 
-Routes: POST /purchase, GET /stock/{sku}, /healthz, /readyz, /metrics.
+Routes: POST /purchase, GET /stock/{sku}, the order routes under /orders/ (service/orders_http.py),
+/healthz, /readyz, /metrics, and /openapi.json, the document of them all (service/openapi.py).
 
 Why RSGI and granian: the HTTP layer is most of a sold-out answer's cost, and granian's Rust server
 leaves the Python side only the handler; the purchase path stays on the one loop where the broker
@@ -19,10 +20,14 @@ from typing import Any, Protocol
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from flashsale.config import PaymentSettings
 from flashsale.errors import FlashSaleError, InvalidInput, ServiceUnavailable, UnknownSku
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.records import StockView
+from flashsale.service import openapi
+from flashsale.service.http_body import MAX_BODY, read_body
 from flashsale.service.metrics import Metrics
+from flashsale.service.orders_http import OrderDeskLike, OrderRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +41,18 @@ HTTP_STATUS = {
     PurchaseStatus.PENDING: 202,
     PurchaseStatus.ERROR: 503,
 }
-#: Largest request body read; a purchase is under 300 bytes.
-MAX_BODY = 64 * 1024
+#: Every route served, as (method, path): the OpenAPI document describes these and no others.
+ROUTES = (
+    ("POST", "/purchase"),
+    ("GET", "/stock/{sku}"),
+    ("GET", "/orders/{token}"),
+    ("POST", "/orders/{token}/cancel"),
+    ("POST", "/orders/{token}/pay"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+)
 _JSON = [("content-type", "application/json")]
 _METRICS = [("content-type", CONTENT_TYPE_LATEST)]
 _BAD_JSON = 'the body is not valid JSON; send {"sku","user_id","qty","token"}'
@@ -74,22 +89,29 @@ class HttpApp:
         *,
         max_in_flight: int,
         broker_problem: BrokerProblem = lambda: None,
+        orders: OrderDeskLike | None = None,
+        payments: PaymentSettings | None = None,
     ) -> None:
+        """`orders`: the order desk (None: a service that sells without orders, whose order routes answer
+        404); `payments`: how a payment's signature is checked (by default none is accepted)."""
         self._service = service
         self._stock = stock
         self._metrics = metrics
         self._broker_problem = broker_problem
         self.admission = Admission(max_in_flight)
         metrics.in_flight.set_function(lambda: self.admission.current)
+        self._orders = OrderRoutes(orders, payments or PaymentSettings())
+        self._openapi = orjson.dumps(openapi.document())
         self._gets: dict[str, Callable[[], Awaitable[tuple[int, bytes]]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
+            "/openapi.json": self._document,
         }
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         try:
             if scope.path == "/purchase" and scope.method == "POST":  # the hot path, first
-                status, body = await self.purchase(await _body(scope, proto))
+                status, body = await self.purchase(await read_body(scope, proto))
                 proto.response_bytes(status, _JSON, body)
                 return
             if scope.proto != "http":
@@ -105,8 +127,10 @@ class HttpApp:
         if path == "/purchase":
             if method != "POST":
                 return 405, orjson.dumps({"error": "use POST /purchase"}), _JSON
-            status, body = await self.purchase(await _body(scope, proto))
+            status, body = await self.purchase(await read_body(scope, proto))
             return status, body, _JSON
+        if path.startswith("/orders/"):
+            return (*await self._orders.handle(scope, proto), _JSON)
         if method != "GET":
             return 405, orjson.dumps({"error": f"use GET {path}"}), _JSON
         if path == "/metrics":
@@ -160,6 +184,10 @@ class HttpApp:
         """Liveness: the process and its event loop answer."""
         return 200, orjson.dumps({"status": "ok"})
 
+    async def _document(self) -> tuple[int, bytes]:
+        """The OpenAPI 3.1 document of every route (service/openapi.py)."""
+        return 200, self._openapi
+
     async def _readyz(self) -> tuple[int, bytes]:
         """Readiness: Redis answers and the broker knows this producer (sends and checks reach it)."""
         states: dict[str, str] = {}
@@ -182,12 +210,3 @@ class HttpApp:
             "message": reason,
         }
         return status, orjson.dumps(body)
-
-
-async def _body(scope: Any, proto: Any) -> bytes | None:
-    """The request body, or None when it is larger than MAX_BODY (it is then not read)."""
-    length = scope.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        return None
-    body: bytes = await proto()
-    return body if len(body) <= MAX_BODY else None

@@ -12,17 +12,19 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from types import FrameType
 
 import uvloop
 
+from flashsale import constants as c
 from flashsale import wiring
 from flashsale.config import Settings
 from flashsale.errors import InvalidInput
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.consumer import DeductionConsumer
+from flashsale.pipeline.expiry import Expirer
 from flashsale.service.engine import PurchaseEngine
 from flashsale.service.http_app import HttpApp
 from flashsale.service.http_server import HttpServer
@@ -84,8 +86,16 @@ def run_producer(settings: Settings) -> None:
     cfg = settings.producer
     engine = PurchaseEngine(settings, metrics)
     app = HttpApp(
-        engine.service, engine.stock, metrics, max_in_flight=cfg.max_in_flight, broker_problem=engine.bus.problem
+        engine.service,
+        engine.stock,
+        metrics,
+        max_in_flight=cfg.max_in_flight,
+        broker_problem=engine.bus.problem,
+        orders=engine.orders,
+        payments=cfg.payments,
     )
+    if not cfg.payments.secret:
+        logger.info("payments are refused (503) until FLASHSALE_PAYMENT_SECRET is set")
     server = HttpServer(app, cfg.http_host, cfg.http_port, engine.loop)
     stop = on_signals()
     try:
@@ -133,6 +143,7 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
         store = clients.enter_context(wiring.mysql_store(settings, pinged=True))
         log = clients.enter_context(wiring.redis_stock(settings, pinged=True))
         receiver = clients.enter_context(wiring.deduction_receiver(settings, on_resync=metrics.resyncs.inc))
+        deadlines = clients.enter_context(wiring.deadline_sender(settings))
         consumer = DeductionConsumer(
             receiver,
             store,
@@ -141,6 +152,7 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
             max_backoff_s=cfg.max_backoff_s,
             failpoint_names=settings.failpoints,
             observe=metrics.batch,
+            deadlines=deadlines,
         )
         _stop_on_signals(consumer)
         # Ready means MySQL takes a write (a heartbeat row): a read-only MySQL pauses the consumer.
@@ -158,10 +170,35 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
 
 def _stop_on_signals(consumer: DeductionConsumer) -> None:
     """The first signal asks the consumer to stop after the batch in hand."""
-    stop = on_signals()
+    _stop_when(on_signals(), consumer.stop)
 
+
+def _stop_when(stop: threading.Event, then: Callable[[], None]) -> None:
     def stop_when_asked() -> None:
         stop.wait()
-        consumer.stop()
+        then()
 
     threading.Thread(target=stop_when_asked, daemon=True, name="stop-watcher").start()
+
+
+def run_expirer(settings: Settings, *, metrics_port: int | None = None) -> None:
+    """Expire the orders still unpaid when their deadline fires, until SIGTERM."""
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    metrics = Metrics()
+    stop = on_signals()
+    engine = PurchaseEngine(settings, metrics)
+    try:
+        with ExitStack() as clients:
+            receiver = clients.enter_context(wiring.deadline_receiver(settings, on_resync=metrics.resyncs.inc))
+            expirer = Expirer(
+                receiver,
+                lambda sku, token: engine.orders.decide(sku, token, "expire", decision_id=c.EXPIRY_DECISION),
+                engine.run,
+            )
+            _stop_when(stop, expirer.stop)
+            readiness = Readiness({"broker": receiver.problem, "redis": lambda: engine.run(engine.stock.ping())})
+            clients.enter_context(_status(metrics, readiness, settings.metrics_host, metrics_port))
+            logger.info("expirer of group %s firing deadlines of %s", settings.expiry_group, settings.deadline_topic)
+            expirer.run()
+    finally:
+        engine.close()

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 
-from flashsale.adapters.mysql import sql
+from flashsale.adapters.mysql import lifecycle, sql
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
 from flashsale.logs import ids
 from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
@@ -42,6 +42,9 @@ _HEARTBEAT_NAME = f"{socket.gethostname()}:{os.getpid()}"[:128]
 _TRANSIENT = {1213, 1205, 1040, 1614, 1467}
 #: The server is read-only (--read-only, or innodb_read_only): a replica, or a failover in progress.
 _READ_ONLY = {1290, 1836}
+#: Deliveries of a message during which a shortfall of a SKU sold with a payment deadline is waited out
+#: (a return on its way), before it is recorded as a conflict.
+SHORTFALL_ATTEMPTS = 10
 
 
 def query(name: str, *expanding: str) -> sa.TextClause:
@@ -150,7 +153,7 @@ class MySQLStore:
                     hint="pass --reset to discard the SKU's deductions, orders and conflicts",
                 )
             if reset:
-                for name in ("delete_sku_history", "delete_sku_orders", "delete_sku_conflicts"):
+                for name in ("delete_sku_history", "delete_sku_orders", "delete_sku_conflicts", "delete_sku_returns"):
                     conn.execute(query(name), {"sku": sku})
             conn.execute(query("upsert_inventory"), {"sku": sku, "qty": qty, "per_user_limit": per_user_limit})
 
@@ -169,6 +172,8 @@ class MySQLStore:
                 )
             deductions, deducted = conn.execute(query("deduction_totals"), {"sku": sku}).one()
             orders, ordered = conn.execute(query("order_totals"), {"sku": sku}).one()
+            returns, returned = conn.execute(query("return_totals"), {"sku": sku}).one()
+            states = {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(query("order_states"), {"sku": sku})}
         return InventoryView(
             sku=sku,
             initial=int(row.initial_stock),
@@ -178,6 +183,9 @@ class MySQLStore:
             deducted_qty=int(deducted),
             orders=int(orders),
             ordered_qty=int(ordered),
+            returns=int(returns),
+            returned_qty=int(returned),
+            order_states=states,
         )
 
     # --- reconcile ----------------------------------------------------------------------------------
@@ -187,6 +195,14 @@ class MySQLStore:
         with self.transaction(f"look up tokens of {sku}") as conn:
             rows = conn.execute(query("existing_tokens", "tokens"), {"sku": sku, "tokens": list(tokens)})
             return {r[0] for r in rows}
+
+    def order_facts(self, sku: str, tokens: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
+        """For each token MySQL applied: its order's status (None: no order) and whether its units came back."""
+        if not tokens:
+            return {}
+        with self.transaction(f"look up orders of {sku}") as conn:
+            rows = conn.execute(query("order_facts", "tokens"), {"sku": sku, "tokens": list(tokens)})
+            return {r[0]: (r[1], bool(r[2])) for r in rows}
 
     def deductions_page(self, sku: str, after: int, limit: int) -> list[DeductionRow]:
         """Applied deductions of the SKU with id > `after`, in id order (keyset paging)."""
@@ -256,15 +272,22 @@ class MySQLStore:
         batch_id = uuid.uuid4().hex
         with self.transaction("apply batch") as conn:
             known = _known_skus(conn, {sku for sku, _ in unique})
+            # A SKU sold with a payment deadline may have its stock updated twice (units given back, then
+            # new deductions): its row is locked first, in one order, so two consumers cannot take such
+            # rows in opposite orders.
+            if paid_later := lifecycle.lifecycle_skus(list(unique.values())):
+                conn.execute(query("lock_known_skus", "skus"), {"skus": paid_later})
             rows = _deduction_rows(unique, known, batch_id, report)
             fresh = _insert_deductions(conn, rows, batch_id, report)
             to_order = _applied_before(unique, known, fresh)
+            lifecycle.give_back(conn, list(unique.values()), batch_id, report)
             for sku in sorted(fresh):
                 to_order[sku] += _deduct_sku(conn, batch_id, sku, fresh[sku], unique, report)
             for sku, tokens in sorted(to_order.items()):
                 # Every applied token has its order, made from its deduction row: a no-op for a redelivery,
                 # the missing order put back for a replay after an order was lost.
                 conn.execute(query("insert_orders", "tokens"), {"sku": sku, "tokens": tokens})
+            lifecycle.set_states(conn, list(unique.values()))
             _record_conflicts(conn, conflicts, report)
             _insert_dead_letters(conn, report.dead_letters)
         return report
@@ -370,21 +393,34 @@ def _guarded_update(
     """One guarded UPDATE for the SKU's whole share of the batch (hot-row group commit).
 
     If MySQL does not hold enough (Redis and MySQL disagree), apply what fits in arrival order and
-    record the rest as conflicts; their deduction rows are removed so they can be applied later.
+    record the rest as conflicts; their deduction rows are removed so they can be applied later. Rows
+    whose units this batch gives back already (lifecycle.give_back) come first: they always fit.
+
+    A SKU sold with a payment deadline may be short for a while: a unit given back in Redis and sold again
+    there, whose return has not reached MySQL yet. Its batch is refused then (retriable), to come back
+    once the return is applied; only a shortfall that outlasts SHORTFALL_ATTEMPTS deliveries is a conflict.
     """
     total = sum(r.qty for r in rows)
     if conn.execute(query("deduct_stock"), {"sku": sku, "total": total}).rowcount == 1:
         return rows, []
     stock = int(conn.execute(query("stock_for_update"), {"sku": sku}).scalar_one())
     fit, rest, room = [], [], stock
-    for row in rows:
+    for row in sorted(rows, key=lambda r: not _given_back(items[(sku, r.token)])):
         if row.qty <= room:
             fit.append(row)
             room -= row.qty
         else:
             rest.append(row)
+    if any(_may_wait(items[(sku, r.token)]) for r in rest):
+        raise StoreError(f"MySQL stock {stock} of {sku} is short while units given back are on their way")
     if fit:
         conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
+    _refuse(conn, batch_id, sku, rest, items, stock)
+    return fit, rest
+
+
+def _refuse(conn: Connection, batch_id: str, sku: str, rest: list[Any], items: dict[Key, Incoming], stock: int) -> None:
+    """The deductions MySQL's stock cannot cover: their rows removed, each recorded as a conflict."""
     conn.execute(
         query("delete_deductions", "tokens"), {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]}
     )
@@ -409,7 +445,15 @@ def _guarded_update(
             for r in rest
         ],
     )
-    return fit, rest
+
+
+def _given_back(item: Incoming) -> bool:
+    return item.order is not None and item.order.returned
+
+
+def _may_wait(item: Incoming) -> bool:
+    """A deduction of a SKU sold with a payment deadline, delivered fewer than SHORTFALL_ATTEMPTS times."""
+    return item.order is not None and item.attempt < SHORTFALL_ATTEMPTS
 
 
 def _record_conflicts(conn: Connection, conflicts: Sequence[Conflict], report: ApplyReport) -> None:

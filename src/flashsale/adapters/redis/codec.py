@@ -15,6 +15,7 @@ from flashsale.errors import UnknownSku
 from flashsale.models import Purchase
 from flashsale.records import (
     CheckView,
+    Decision,
     Layout,
     LogEntry,
     PartitionView,
@@ -256,3 +257,9 @@ def is_stale(reply: Any) -> bool:
 def parse_transfers(reply: Sequence[Any]) -> list[Transfer]:
     """transfers_due.lua's flat {id, record} reply."""
     return [Transfer.parse(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+
+
+def parse_decision(token: str, reply: list[Any]) -> tuple[Decision, LogEntry | None]:
+    """decide.lua's reply: the answer, and the order's log entry after it."""
+    code, raw = reply
+    return Decision(int(code)), LogEntry.parse(token, raw) if raw else None

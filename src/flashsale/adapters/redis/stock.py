@@ -21,6 +21,7 @@ from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
     located,
     parse_check,
+    parse_decision,
     parse_layout,
     parse_lookup,
     parse_prededuct,
@@ -46,6 +47,7 @@ from flashsale.models import Purchase
 from flashsale.records import (
     Adopt,
     CheckView,
+    Decision,
     Layout,
     LoadStock,
     LogEntry,
@@ -115,14 +117,15 @@ class RedisStock:
             raise unavailable(self.url, "ping", exc) from exc
 
     # --- the sale -----------------------------------------------------------------------------------
-    def load(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
+    def load(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False, pay_within_ms: int = 0) -> None:
+        """Load a SKU on one key; with `pay_within_ms`, each accepted purchase awaits payment that long."""
         old = self._refuse_history(sku, reset)
         # What the old load had goes first, while its layout still names it: the SKU's own load below
         # rewrites that layout, so a load cut short after it (a crash, NotReplicated) and run again would
         # read no layout and leave the old partitions, their deductions still found by a lookup.
         self._drop(sku, old.parts if old else (), pool=True)
         self._drop_holds(old)
-        self._load_one(sku, [str(qty), str(per_user_limit), "1"])
+        self._load_one(sku, [str(qty), str(per_user_limit), "1", "", "", str(pay_within_ms)])
         self._call("register sku", self.client.sadd, SKUS_KEY, sku)
 
     def load_partitioned(
@@ -324,6 +327,13 @@ class RedisStock:
         keys = SkuKeys.of(entry.shard if entry else sku)
         code, remaining, _ = self._run("return_stock", keys.sale(), [token])
         return StockReturn(int(code)), int(remaining) if int(remaining) >= 0 else None
+
+    def decide(
+        self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+    ) -> tuple[Decision, LogEntry | None]:
+        """Pay, cancel or expire the order of `token` (decide.lua); returns the answer and the entry after it."""
+        reply = self._run("decide", SkuKeys.of(sku).all(), [action, token, user, decision_id, message_id])
+        return parse_decision(token, reply)
 
     def adopt(
         self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *, deduct: bool

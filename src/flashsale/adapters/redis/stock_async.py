@@ -22,6 +22,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
     is_stale,
+    parse_decision,
     parse_entries,
     parse_layout,
     parse_peek,
@@ -37,7 +38,7 @@ from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key
 from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, unavailable
 from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
-from flashsale.records import Layout, LogEntry, Peek, PredeductResult, Registry, StockView, Transfer
+from flashsale.records import Decision, Layout, LogEntry, Peek, PredeductResult, Registry, StockView, Transfer
 
 
 class _Failed(Exception):
@@ -67,6 +68,13 @@ class AsyncRedisStock:
     ) -> list[PredeductResult]:
         keys, args = prededuct_call(sku, gid, purchases, epoch)
         return parse_prededuct(purchases, await self.script("prededuct", keys, args))
+
+    async def decide(
+        self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+    ) -> tuple[Decision, LogEntry | None]:
+        """Pay, cancel or expire the order of `token` (decide.lua); counts once a replica holds it."""
+        reply = await self.script("decide", SkuKeys.of(sku).all(), [action, token, user, decision_id, message_id])
+        return parse_decision(token, reply)
 
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
         """Run an idempotent script; its reply counts once a replica holds what it wrote (with replicas).

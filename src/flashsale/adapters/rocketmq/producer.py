@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 
 from rocketmq import Message, TransactionChecker, TransactionResolution
 
+from flashsale import constants as c
 from flashsale.adapters.rocketmq import internals
 from flashsale.adapters.rocketmq.base import shutdown_quietly, start_client, to_delivery
 from flashsale.adapters.rocketmq.recovery import StreamWatchdog
 from flashsale.errors import BusError
-from flashsale.models import Delivery, Resolution
+from flashsale.models import Deadline, Delivery, Resolution
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -182,16 +183,47 @@ class RocketMQProducer:
     def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
-    def send(self, topic: str, key: str, body: bytes, tag: str) -> str:
-        """A normal (not transactional) message, sent with the client's own blocking send."""
+    def send(self, topic: str, key: str, body: bytes, tag: str, *, deliver_at_ms: int | None = None) -> str:
+        """A normal (not transactional) message, sent with the client's own blocking send; with
+        `deliver_at_ms`, a timer message (on a DELAY topic) that no consumer sees before then."""
         message = Message()
         message.topic = topic
         message.body = body
         message.tag = tag
         message.keys = key
+        if deliver_at_ms is not None:
+            # The client sends this field as whole seconds (the broker's timer ticks by the second):
+            # rounded up, a timer never fires before its time.
+            message.delivery_timestamp = -(-deliver_at_ms // 1000)
         try:
             receipt = self._client.send(message)
         except Exception as exc:
             raise BusError(f"sending {key} to {topic} failed: {exc}") from exc
         message_id: str = receipt.message_id
         return message_id
+
+
+class DeadlineSender:
+    """Payment deadlines as timer messages on the deadline topic (a DeadlinePort).
+
+    Its producer starts at the first deadline, not before: a consumer of SKUs sold without deadlines never
+    needs it, and one that starts while the name server has no route for the topic yet (it learns them
+    again after a restart) still starts.
+    """
+
+    def __init__(self, start: Callable[[], RocketMQProducer], topic: str) -> None:
+        self._start = start
+        self._topic = topic
+        self._producer: RocketMQProducer | None = None
+
+    def schedule(self, deadlines: Sequence[Deadline]) -> None:
+        if self._producer is None:
+            self._producer = self._start()
+        for deadline in deadlines:
+            self._producer.send(
+                self._topic, deadline.tokens[0], deadline.encode(), c.DEADLINE_TAG, deliver_at_ms=deadline.due_ms
+            )
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.shutdown()

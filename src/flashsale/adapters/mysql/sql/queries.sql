@@ -35,6 +35,9 @@ SELECT sku FROM inventory ORDER BY sku
 -- name: known_skus
 SELECT sku FROM inventory WHERE sku IN :skus
 
+-- name: lock_known_skus
+SELECT sku FROM inventory WHERE sku IN :skus ORDER BY sku FOR UPDATE
+
 -- name: deduction_count
 SELECT COUNT(*) FROM stock_deductions WHERE sku = :sku
 
@@ -163,3 +166,35 @@ INSERT INTO heartbeats (name) VALUES (:name) ON DUPLICATE KEY UPDATE seen_at = C
 
 -- name: stock_of
 SELECT stock FROM inventory WHERE sku = :sku
+
+-- name: set_order_states
+UPDATE orders SET status = :status, due_ms = :due_ms, decided_ms = :decided_ms
+WHERE sku = :sku AND token = :token AND status IN ('created', 'awaiting_payment')
+
+-- name: insert_returns
+INSERT INTO stock_returns (sku, token, qty, reason, message_id, batch_id, created_ms)
+SELECT sku, token, qty, :reason, :message_id, :batch_id, :created_ms FROM stock_deductions
+WHERE sku = :sku AND token = :token
+ON DUPLICATE KEY UPDATE token = stock_returns.token
+
+-- name: batch_returns
+SELECT sku, SUM(qty) AS qty FROM stock_returns WHERE batch_id = :batch_id GROUP BY sku ORDER BY sku
+
+-- name: give_stock_back
+UPDATE inventory SET stock = stock + :total, version = version + 1 WHERE sku = :sku
+
+-- name: return_totals
+SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM stock_returns WHERE sku = :sku
+
+-- name: order_states
+SELECT status, COUNT(*), COALESCE(SUM(qty), 0) FROM orders WHERE sku = :sku GROUP BY status
+
+-- name: delete_sku_returns
+DELETE FROM stock_returns WHERE sku = :sku
+
+-- name: order_facts
+SELECT d.token, o.status, r.token IS NOT NULL AS returned
+FROM stock_deductions d
+LEFT JOIN orders o ON o.sku = d.sku AND o.token = d.token
+LEFT JOIN stock_returns r ON r.sku = d.sku AND r.token = d.token
+WHERE d.sku = :sku AND d.token IN :tokens

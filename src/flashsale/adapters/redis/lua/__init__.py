@@ -45,4 +45,5 @@ NAMES = (
     "transfers_due",
     "seen",
     "freeze",
+    "decide",
 )

@@ -10,8 +10,11 @@
 -- ARGV[2] per-user limit  decimal digits, 0 = none
 -- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, the records of messages
 --         that ran: those the checker rolled back stay), '0' otherwise
--- ARGV[4] (a partition only) the switch threshold of its sub-domains; its standby starts empty
--- ARGV[5] (a partition only) the epoch of its SKU's layout: a pre-deduct placed by another layout is refused
+-- ARGV[4] (a partition only, else '') the switch threshold of its sub-domains; its standby starts empty
+-- ARGV[5] (a partition only, else '') the epoch of its SKU's layout: a pre-deduct placed by another layout
+--         is refused
+-- ARGV[6] (optional) milliseconds a buyer has to pay an accepted purchase ('' or '0': orders are final on
+--         acceptance); prededuct.lua writes each entry's deadline from it
 --
 -- Returns {code, detail}:
 --   1 loaded
@@ -22,6 +25,7 @@
 
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local qty_arg, limit_arg, reset = ARGV[1], ARGV[2], ARGV[3]
+local threshold_arg, epoch_arg, pay_arg = ARGV[4] or '', ARGV[5] or '', ARGV[6] or ''
 
 if not string.match(qty_arg, '^%d+$') or #qty_arg > 15 then
   return {3, 'quantity'}
@@ -29,11 +33,14 @@ end
 if not string.match(limit_arg, '^%d+$') or #limit_arg > 9 then
   return {3, 'per-user limit'}
 end
-if ARGV[4] and (not string.match(ARGV[4], '^%d+$') or #ARGV[4] > 15) then
+if threshold_arg ~= '' and (not string.match(threshold_arg, '^%d+$') or #threshold_arg > 15) then
   return {3, 'threshold'}
 end
-if ARGV[4] and (not ARGV[5] or not string.match(ARGV[5], '^%d+$')) then
+if threshold_arg ~= '' and not string.match(epoch_arg, '^%d+$') then
   return {3, 'epoch'}
+end
+if pay_arg ~= '' and (not string.match(pay_arg, '^%d+$') or #pay_arg > 12) then
+  return {3, 'pay within'}
 end
 local entries = redis.call('HLEN', log_key)
 if entries > 0 and reset ~= '1' then
@@ -54,9 +61,10 @@ redis.call('HSET', meta_key,
   'deducted_qty', 0, 'deducted_count', 0,
   'returned_qty', 0, 'returned_count', 0,
   'fenced_count', 0,
+  'pay_within_ms', tonumber(pay_arg ~= '' and pay_arg or '0'),
   'loaded_ms', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
-if ARGV[4] then
-  redis.call('HSET', meta_key, 'threshold', tonumber(ARGV[4]), 'standby', 0, 'refilled_qty', 0, 'drained_qty', 0,
-    'epoch', ARGV[5])
+if threshold_arg ~= '' then
+  redis.call('HSET', meta_key, 'threshold', tonumber(threshold_arg), 'standby', 0, 'refilled_qty', 0,
+    'drained_qty', 0, 'epoch', epoch_arg)
 end
 return {1, ''}

@@ -3,8 +3,8 @@
 -- KEYS[1] fs:{sku}:stock  remaining stock (integer string)
 -- KEYS[2] fs:{sku}:log    hash token -> JSON log entry
 -- KEYS[3] fs:{sku}:users  hash user -> quantity bought (kept only when a per-user limit is set)
--- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, frozen_until, counters; for a
---                         partition also standby (its second sub-domain), threshold, epoch and closed
+-- KEYS[4] fs:{sku}:meta   hash: initial, per_user_limit, sold_out, frozen_until, pay_within_ms, counters;
+--                         for a partition also standby (its second sub-domain), threshold, epoch and closed
 -- KEYS[5] fs:{sku}:tx     hash message id -> JSON record of that message's pre-deduct
 -- ARGV[1] message id of the half message (written into every log entry it deducts)
 -- ARGV[2] sku, or the partition `sku#n` the keys belong to (written into the log entries)
@@ -58,11 +58,14 @@ end
 
 local stock_raw = redis.call('GET', stock_key)
 local stock = tonumber(stock_raw or '-1')
-local meta = redis.call('HMGET', meta_key, 'per_user_limit', 'standby', 'threshold', 'epoch', 'closed', 'frozen_until')
+local meta = redis.call(
+  'HMGET', meta_key, 'per_user_limit', 'standby', 'threshold', 'epoch', 'closed', 'frozen_until', 'pay_within_ms'
+)
 local limit = tonumber(meta[1] or '0') or 0
 local standby = tonumber(meta[2] or '0') or 0
 local threshold = tonumber(meta[3] or '0') or 0
 local closed = meta[5] == '1'
+local pay_within = tonumber(meta[7] or '0') or 0
 local switches = 0
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -152,9 +155,11 @@ for i = 1, n do
         detail = tostring(bought[user])
       else
         code = 1
+        -- With a payment deadline the order awaits payment until `due` (decide.lua); without, it is final.
         detail = cjson.encode({
           state = 'deducted', sku = sku, part = part, user = user, qty = qty,
           from = stock + standby, to = stock + standby - qty, ts = ts, msg = gid,
+          order = pay_within > 0 and 'awaiting' or nil, due = pay_within > 0 and ts + pay_within or nil,
         })
         stock = stock - qty
         taken[token] = detail

@@ -10,6 +10,8 @@
 --   1 returned          stock given back; entry = the updated log entry
 --   2 already returned  nothing changed
 --   3 not deducted      no log entry, or a fence: there is nothing to give back
+-- include: give_back
+
 local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token = ARGV[1]
 
@@ -22,22 +24,14 @@ local entry = cjson.decode(seen)
 if entry['state'] == 'returned' then
   return {2, remaining, seen}
 end
-if entry['state'] ~= 'deducted' or remaining < 0 then
+if entry['state'] ~= 'deducted' or remaining < 0 or type(entry['order']) == 'string' then
+  -- (An order awaiting payment, or decided, gives its units back through decide.lua alone.)
   return {3, remaining, seen}
 end
 
 local now = redis.call('TIME')
-local qty = tonumber(entry['qty'])
-entry['state'] = 'returned'
+local left = give_back(stock_key, users_key, meta_key, entry)
 entry['returned_ts'] = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local updated = cjson.encode(entry)
-local left = remaining + qty
-redis.call('SET', stock_key, left)
 redis.call('HSET', log_key, token, updated)
-if redis.call('HEXISTS', users_key, entry['user']) == 1 then
-  redis.call('HINCRBY', users_key, entry['user'], -qty)
-end
-redis.call('HINCRBY', meta_key, 'returned_qty', qty)
-redis.call('HINCRBY', meta_key, 'returned_count', 1)
-redis.call('HSET', meta_key, 'sold_out', 0)
 return {1, left, updated}

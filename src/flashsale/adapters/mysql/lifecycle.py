@@ -1,0 +1,81 @@
+"""The order lifecycle in the consumer's transaction: each order follows its state in the Redis log.
+
+An order of a SKU sold with a payment deadline is `awaiting_payment`, then `paid`, `cancelled` or
+`expired`, once: a state is only ever written over `created` or `awaiting_payment`, so a message that
+arrives late (a purchase redelivered after its payment) never takes an order back. A cancelled or expired
+order gives its units back: one stock_returns row per token (a redelivery inserts nothing) and, in the
+same transaction, the units of the rows new in this batch added to the SKU's stock, before the batch's
+new deductions are taken from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from flashsale import constants as c
+from flashsale.adapters.mysql import sql
+from flashsale.records import ApplyReport, Incoming
+
+
+def _query(name: str) -> sa.TextClause:
+    return sa.text(sql.query(name))
+
+
+def lifecycle_skus(items: Sequence[Incoming]) -> list[str]:
+    """The SKUs of a batch sold with a payment deadline (their purchases carry an order), sorted."""
+    return sorted({i.deduction.sku for i in items if i.order is not None})
+
+
+def give_back(conn: Connection, items: Sequence[Incoming], batch_id: str, report: ApplyReport) -> None:
+    """The units of the orders cancelled or expired, back in their SKUs' stock: one stock_returns row per
+    token (a redelivery inserts nothing), made from its deduction row (a deduction not applied gives
+    nothing back). Run before the batch's new deductions are taken, so that a unit given back and sold
+    again in the same batch is there for its new buyer."""
+    returned = sorted(
+        (i for i in items if i.order is not None and i.order.returned),
+        key=lambda i: (i.deduction.sku, i.deduction.token),
+    )
+    if not returned:
+        return
+    conn.execute(
+        _query("insert_returns"),
+        [
+            {
+                "sku": i.deduction.sku,
+                "token": i.deduction.token,
+                "reason": i.order.state,
+                "message_id": i.order.decided_by or i.message_id,
+                "batch_id": batch_id,
+                "created_ms": i.order.decided_ms or 0,
+            }
+            for i in returned
+            if i.order is not None
+        ],
+    )
+    for sku, qty in conn.execute(_query("batch_returns"), {"batch_id": batch_id}).all():
+        conn.execute(_query("give_stock_back"), {"sku": sku, "total": int(qty)})
+        report.returned_qty += int(qty)
+
+
+def set_states(conn: Connection, items: Sequence[Incoming]) -> None:
+    """Each order's status, as the log has it (never back from a decision: see the module's docstring)."""
+    tracked = sorted((i for i in items if i.order is not None), key=lambda i: (i.deduction.sku, i.deduction.token))
+    if not tracked:
+        return
+    conn.execute(
+        _query("set_order_states"),
+        [
+            {
+                "sku": i.deduction.sku,
+                "token": i.deduction.token,
+                "status": c.ORDER_STATUS[i.order.state],
+                "due_ms": i.order.due_ms,
+                "decided_ms": i.order.decided_ms,
+            }
+            for i in tracked
+            if i.order is not None
+        ],
+    )

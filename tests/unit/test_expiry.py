@@ -1,0 +1,88 @@
+"""When a deadline fires: which timers are acked, and when the others come back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from flashsale.errors import ServiceUnavailable
+from flashsale.models import Deadline, Delivery
+from flashsale.pipeline.expiry import Expirer
+from flashsale.pipeline.orders import OrderAnswer
+from flashsale.records import Decision, LogEntry
+
+
+def _timer(due_ms: int, *tokens: str) -> Delivery:
+    return Delivery("timer-1", "ns-deadlines", tokens[0], Deadline("sku", tokens, due_ms).encode(), due_ms, 1)
+
+
+def _expirer(answers: dict[str, Decision | Exception]) -> tuple[Expirer, list[str]]:
+    asked: list[str] = []
+
+    async def expire(sku: str, token: str) -> OrderAnswer:
+        asked.append(token)
+        answer = answers[token]
+        if isinstance(answer, Exception):
+            raise answer
+        entry = LogEntry(token, "returned", sku, "u1", 1, 0, "m", order="expired", due_ms=1000)
+        return OrderAnswer(answer, entry)
+
+    def run(coroutine: Coroutine[Any, Any, OrderAnswer]) -> OrderAnswer:
+        return asyncio.run(coroutine)
+
+    return Expirer(receiver=None, expire=expire, run=run), asked  # type: ignore[arg-type]
+
+
+def test_a_timer_whose_orders_are_all_decided_is_acked_whatever_each_answer() -> None:
+    expirer, asked = _expirer({"a": Decision.EXPIRED, "b": Decision.ALREADY_PAID, "c": Decision.NO_ORDER})
+    assert expirer.fire(_timer(1000, "a", "b", "c")) is None
+    assert asked == ["a", "b", "c"]
+
+
+def test_a_timer_fired_before_its_deadline_comes_back_when_it_is_due() -> None:
+    expirer, _ = _expirer({"a": Decision.NOT_DUE})
+    due_ms = int(time.time() * 1000) + 4_500
+    assert expirer.fire(_timer(due_ms, "a")) == 5
+
+
+def test_a_timer_that_could_not_be_decided_comes_back_a_second_later() -> None:
+    expirer, _ = _expirer({"a": ServiceUnavailable("Redis", "x", "down"), "b": Decision.EXPIRED})
+    assert expirer.fire(_timer(1000, "a", "b")) == 1
+
+
+def test_a_malformed_timer_is_dropped() -> None:
+    expirer, asked = _expirer({})
+    assert expirer.fire(Delivery("t", "ns-deadlines", "k", b"{not json", 0, 1)) is None
+    assert asked == []
+
+
+class _Timers:
+    def __init__(self) -> None:
+        self.sent: list[Deadline] = []
+
+    def schedule(self, deadlines: Sequence[Deadline]) -> None:
+        self.sent += deadlines
+
+
+def test_the_consumer_schedules_one_timer_per_sku_and_second_of_at_most_a_group_each() -> None:
+    from flashsale.constants import MAX_GROUP
+    from flashsale.models import Deduction
+    from flashsale.pipeline.consumer import DeductionConsumer
+    from flashsale.records import Incoming, Order
+
+    def awaiting(sku: str, token: str, due_ms: int) -> Incoming:
+        return Incoming(Deduction(token, sku, "u1", 1), "m", "topic", Order("awaiting", due_ms))
+
+    timers = _Timers()
+    consumer = DeductionConsumer(None, None, None, batch_size=1, max_backoff_s=1, deadlines=timers)  # type: ignore[arg-type]
+    items = [awaiting("a", f"t{i}", 10_001 + i % 900) for i in range(MAX_GROUP + 5)]  # all due in second 11
+    items += [awaiting("a", "later", 11_001), awaiting("b", "other", 10_500)]  # second 12; another SKU
+    consumer._schedule(items)
+    assert [(d.sku, len(d.tokens), d.due_ms) for d in timers.sent] == [
+        ("a", MAX_GROUP, 10_900),
+        ("a", 5, 10_129),
+        ("a", 1, 11_001),
+        ("b", 1, 10_500),
+    ]
