@@ -14,7 +14,8 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from flashsale.adapters.mysql.store import MySQLStore, query
+from flashsale.adapters.mysql.statements import query
+from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 
 #: The purchase as one plain MySQL transaction: with a row lock, or a version check and retries.

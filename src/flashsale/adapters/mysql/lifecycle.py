@@ -12,16 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from flashsale import constants as c
-from flashsale.adapters.mysql import sql
+from flashsale.adapters.mysql.statements import query
 from flashsale.records import ApplyReport, Incoming
-
-
-def _query(name: str) -> sa.TextClause:
-    return sa.text(sql.query(name))
 
 
 def lifecycle_skus(items: Sequence[Incoming]) -> list[str]:
@@ -41,7 +36,7 @@ def give_back(conn: Connection, items: Sequence[Incoming], batch_id: str, report
     if not returned:
         return
     conn.execute(
-        _query("insert_returns"),
+        query("insert_returns"),
         [
             {
                 "sku": i.deduction.sku,
@@ -55,8 +50,8 @@ def give_back(conn: Connection, items: Sequence[Incoming], batch_id: str, report
             if i.order is not None
         ],
     )
-    for sku, qty in conn.execute(_query("batch_returns"), {"batch_id": batch_id}).all():
-        conn.execute(_query("give_stock_back"), {"sku": sku, "total": int(qty)})
+    for sku, qty in conn.execute(query("batch_returns"), {"batch_id": batch_id}).all():
+        conn.execute(query("give_stock_back"), {"sku": sku, "total": int(qty)})
         report.returned_qty += int(qty)
 
 
@@ -66,7 +61,7 @@ def set_states(conn: Connection, items: Sequence[Incoming]) -> None:
     if not tracked:
         return
     conn.execute(
-        _query("set_order_states"),
+        query("set_order_states"),
         [
             {
                 "sku": i.deduction.sku,

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 
 from flashsale.adapters.mysql import lifecycle, sql
+from flashsale.adapters.mysql.statements import query
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
 from flashsale.logs import ids
 from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
@@ -45,13 +46,6 @@ _READ_ONLY = {1290, 1836}
 #: Deliveries of a message during which a shortfall of a SKU sold with a payment deadline is waited out
 #: (a return on its way), before it is recorded as a conflict.
 SHORTFALL_ATTEMPTS = 10
-
-
-def query(name: str, *expanding: str) -> sa.TextClause:
-    clause = sa.text(sql.query(name))
-    if expanding:
-        clause = clause.bindparams(*(sa.bindparam(p, expanding=True) for p in expanding))
-    return clause
 
 
 class MySQLStore:
