@@ -6,6 +6,8 @@ one over HTTP does: half message, decide.lua, commit or roll back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flashsale.config import Settings
@@ -17,12 +19,18 @@ from flashsale.service.engine import PurchaseEngine
 DONE = ("paid", "cancelled", "expired")
 
 
-def show(settings: Settings, sku: str, token: str) -> dict[str, Any]:
+@contextmanager
+def _engine(settings: Settings) -> Iterator[PurchaseEngine]:
     engine = PurchaseEngine(settings)
     try:
-        entry = engine.run(engine.orders.show(sku, token))
+        yield engine
     finally:
         engine.close()
+
+
+def show(settings: Settings, sku: str, token: str) -> dict[str, Any]:
+    with _engine(settings) as engine:
+        entry = engine.run(engine.orders.show(sku, token))
     if entry is None:
         raise UnknownSku(
             f"no purchase of token {token!r} stands for {sku}",
@@ -32,8 +40,5 @@ def show(settings: Settings, sku: str, token: str) -> dict[str, Any]:
 
 
 def decide(settings: Settings, sku: str, token: str, action: str, *, decision_id: str, user: str = "") -> OrderAnswer:
-    engine = PurchaseEngine(settings)
-    try:
+    with _engine(settings) as engine:
         return engine.decide(sku, token, action, decision_id=decision_id, user=user)
-    finally:
-        engine.close()

@@ -10,7 +10,7 @@ new deductions are taken from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from sqlalchemy.engine import Connection
 
@@ -19,12 +19,12 @@ from flashsale.adapters.mysql.statements import query
 from flashsale.records import ApplyReport, Incoming
 
 
-def lifecycle_skus(items: Sequence[Incoming]) -> list[str]:
+def lifecycle_skus(items: Iterable[Incoming]) -> list[str]:
     """The SKUs of a batch sold with a payment deadline (their purchases carry an order), sorted."""
     return sorted({i.deduction.sku for i in items if i.order is not None})
 
 
-def give_back(conn: Connection, items: Sequence[Incoming], batch_id: str, report: ApplyReport) -> None:
+def give_back(conn: Connection, items: Iterable[Incoming], batch_id: str, report: ApplyReport) -> None:
     """The units of the orders cancelled or expired, back in their SKUs' stock: one stock_returns row per
     token (a redelivery inserts nothing), made from its deduction row (a deduction not applied gives
     nothing back). Run before the batch's new deductions are taken, so that a unit given back and sold
@@ -55,7 +55,7 @@ def give_back(conn: Connection, items: Sequence[Incoming], batch_id: str, report
         report.returned_qty += int(qty)
 
 
-def set_states(conn: Connection, items: Sequence[Incoming]) -> None:
+def set_states(conn: Connection, items: Iterable[Incoming]) -> None:
     """Each order's status, as the log has it (never back from a decision: see the module's docstring)."""
     tracked = sorted((i for i in items if i.order is not None), key=lambda i: (i.deduction.sku, i.deduction.token))
     if not tracked:

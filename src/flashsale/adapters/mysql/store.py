@@ -269,19 +269,19 @@ class MySQLStore:
             # A SKU sold with a payment deadline may have its stock updated twice (units given back, then
             # new deductions): its row is locked first, in one order, so two consumers cannot take such
             # rows in opposite orders.
-            if paid_later := lifecycle.lifecycle_skus(list(unique.values())):
+            if paid_later := lifecycle.lifecycle_skus(unique.values()):
                 conn.execute(query("lock_known_skus", "skus"), {"skus": paid_later})
             rows = _deduction_rows(unique, known, batch_id, report)
             fresh = _insert_deductions(conn, rows, batch_id, report)
             to_order = _applied_before(unique, known, fresh)
-            lifecycle.give_back(conn, list(unique.values()), batch_id, report)
+            lifecycle.give_back(conn, unique.values(), batch_id, report)
             for sku in sorted(fresh):
                 to_order[sku] += _deduct_sku(conn, batch_id, sku, fresh[sku], unique, report)
             for sku, tokens in sorted(to_order.items()):
                 # Every applied token has its order, made from its deduction row: a no-op for a redelivery,
                 # the missing order put back for a replay after an order was lost.
                 conn.execute(query("insert_orders", "tokens"), {"sku": sku, "tokens": tokens})
-            lifecycle.set_states(conn, list(unique.values()))
+            lifecycle.set_states(conn, unique.values())
             _record_conflicts(conn, conflicts, report)
             _insert_dead_letters(conn, report.dead_letters)
         return report

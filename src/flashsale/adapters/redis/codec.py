@@ -40,6 +40,13 @@ def prededuct_call(sku: str, gid: str, purchases: Sequence[Purchase], epoch: int
     return SkuKeys.of(sku).all(), args
 
 
+def decide_call(
+    sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of decide.lua."""
+    return SkuKeys.of(sku).all(), [action, token, user, decision_id, message_id]
+
+
 def parse_prededuct(purchases: Sequence[Purchase], reply: list[Any]) -> list[PredeductResult]:
     """One result per purchase, from prededuct.lua's flat {code, remaining, detail} reply."""
     results = []

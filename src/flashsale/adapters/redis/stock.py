@@ -19,6 +19,7 @@ import redis
 from flashsale import constants as c
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
+    decide_call,
     located,
     parse_check,
     parse_decision,
@@ -332,7 +333,8 @@ class RedisStock:
         self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
     ) -> tuple[Decision, LogEntry | None]:
         """Pay, cancel or expire the order of `token` (decide.lua); returns the answer and the entry after it."""
-        reply = self._run("decide", SkuKeys.of(sku).all(), [action, token, user, decision_id, message_id])
+        keys, args = decide_call(sku, token, action, decision_id=decision_id, message_id=message_id, user=user)
+        reply = self._run("decide", keys, args)
         return parse_decision(token, reply)
 
     def adopt(

@@ -21,6 +21,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError
 
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
+    decide_call,
     is_stale,
     parse_decision,
     parse_entries,
@@ -73,7 +74,8 @@ class AsyncRedisStock:
         self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
     ) -> tuple[Decision, LogEntry | None]:
         """Pay, cancel or expire the order of `token` (decide.lua); counts once a replica holds it."""
-        reply = await self.script("decide", SkuKeys.of(sku).all(), [action, token, user, decision_id, message_id])
+        keys, args = decide_call(sku, token, action, decision_id=decision_id, message_id=message_id, user=user)
+        reply = await self.script("decide", keys, args)
         return parse_decision(token, reply)
 
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
