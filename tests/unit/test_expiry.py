@@ -86,3 +86,10 @@ def test_the_consumer_schedules_one_timer_per_sku_and_second_of_at_most_a_group_
         ("a", 1, 11_001),
         ("b", 1, 10_500),
     ]
+
+
+def test_a_timer_whose_expiry_the_checker_fenced_comes_back_for_a_decision() -> None:
+    # A fenced decision decided nothing: acking its timer would leave the order awaiting for good.
+    expirer, _ = _expirer({"a": Decision.FENCED, "b": Decision.FROZEN})
+    assert expirer.fire(_timer(1000, "a")) == 1
+    assert expirer.fire(_timer(1000, "b")) == 1
