@@ -46,6 +46,8 @@ class Books:
     redis_returned: dict[str, int] = field(default_factory=dict)  # token -> qty, cancelled or expired in the log
     mysql_returned: dict[str, int] = field(default_factory=dict)  # token -> qty, rows of stock_returns
     order_status: dict[str, str] = field(default_factory=dict)  # token -> orders.status
+    redis_added: dict[str, int] = field(default_factory=dict)  # request id -> qty, restocks in Redis
+    mysql_added: dict[str, int] = field(default_factory=dict)  # request id -> qty, rows of stock_additions
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -62,12 +64,14 @@ class Books:
         return sum(self.orders.values())
 
     def oversold(self) -> int:
-        """Units sold beyond the initial stock, on the worst of the three books."""
+        """Units sold beyond the initial stock and the restocks, on the worst of the three books."""
+        redis_supply = self.redis_initial + sum(self.redis_added.values())
+        mysql_supply = self.mysql_initial + sum(self.mysql_added.values())
         return max(
             0,
-            self.sold - self.redis_initial,
-            sum(self.mysql_deducted.values()) - sum(self.mysql_returned.values()) - self.mysql_initial,
-            self.ordered_qty - self.mysql_initial,
+            self.sold - redis_supply,
+            sum(self.mysql_deducted.values()) - sum(self.mysql_returned.values()) - mysql_supply,
+            self.ordered_qty - sum(self.mysql_returned.values()) - mysql_supply,
             -self.redis_stock,
             -self.mysql_stock,
         )
@@ -108,16 +112,21 @@ class Books:
         problems = []
         if self.redis_initial != self.mysql_initial:
             problems.append(f"initial stock: Redis {self.redis_initial}, MySQL {self.mysql_initial}")
-        if self.redis_stock + self.sold != self.redis_initial:
-            problems.append(f"Redis stock {self.redis_stock} + sold {self.sold} != initial {self.redis_initial}")
+        added = sum(self.redis_added.values())
+        if self.redis_stock + self.sold != self.redis_initial + added:
+            problems.append(
+                f"Redis stock {self.redis_stock} + sold {self.sold} != initial {self.redis_initial} + added {added}"
+            )
+        if self.redis_added != self.mysql_added:
+            problems.append(f"restocks in Redis {self.redis_added}, in MySQL {self.mysql_added}")
         if self.redis_counter_qty != self.sold + sum(self.redis_returned.values()):
             problems.append(f"Redis counter {self.redis_counter_qty} != log {self.sold} + returned")
         applied = sum(self.mysql_deducted.values())
         given_back = sum(self.mysql_returned.values())
-        if self.mysql_stock + applied - given_back != self.mysql_initial:
+        if self.mysql_stock + applied - given_back != self.mysql_initial + sum(self.mysql_added.values()):
             problems.append(
                 f"MySQL stock {self.mysql_stock} + applied {applied} - returned {given_back} "
-                f"!= initial {self.mysql_initial}"
+                f"!= initial {self.mysql_initial} + added {sum(self.mysql_added.values())}"
             )
         if self.redis_returned != self.mysql_returned:
             problems.append(f"returned in Redis {sorted(self.redis_returned)}, in MySQL {sorted(self.mysql_returned)}")
@@ -157,6 +166,9 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
         meta = r.hgetall(f"fs:{{{sku}}}:meta")
         stock, counter, fenced, deducted = _redis_side(r, sku, meta)
         returned = _returned(r, sku, meta)
+        redis_added = {
+            request: int(json.loads(raw)["qty"]) for request, raw in r.hgetall(f"fs:{{{sku}}}:added").items()
+        }
     finally:
         r.close()
     url = make_url(mysql_url)
@@ -173,6 +185,8 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
             orders = cur.fetchall()
             cur.execute("SELECT token, qty FROM stock_returns WHERE sku = %s", (sku,))
             given_back = {token: int(qty) for token, qty in cur.fetchall()}
+            cur.execute("SELECT request_id, qty FROM stock_additions WHERE sku = %s", (sku,))
+            mysql_added = {request: int(qty) for request, qty in cur.fetchall()}
             cur.execute("SELECT COUNT(*) FROM conflicts WHERE sku = %s AND resolved_at IS NULL", (sku,))
             conflicts = cur.fetchone()
     finally:
@@ -194,6 +208,8 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
         mysql_returned=given_back,
         open_conflicts=int(conflicts[0]) if conflicts else 0,
         redis_fenced=fenced,
+        redis_added=redis_added,
+        mysql_added=mysql_added,
     )
 
 

@@ -16,6 +16,7 @@ from flashsale import constants as c
 from flashsale.config import Settings
 from flashsale.models import PurchaseResult
 from flashsale.pipeline.orders import OrderAnswer
+from flashsale.pipeline.restock import RestockAnswer
 from flashsale.records import LogEntry
 
 
@@ -52,6 +53,12 @@ class FlashSale:
     def order(self, sku: str, token: str) -> LogEntry | None:
         """Where the order of `token` stands (its log entry); None when no purchase of that token stands."""
         return self._engine.run(self._engine.orders.show(sku, token))
+
+    def add_stock(self, sku: str, qty: int, request_id: str) -> RestockAnswer:
+        """Add `qty` units to a SKU on sale (a restock), once per `request_id`: asked again with the same id,
+        it adds nothing and answers `already_added` with the units the first call added. Raises
+        ServiceUnavailable when Redis or the broker cannot say: ask again with the same id."""
+        return self._engine.add_stock(sku, qty, request_id=request_id)
 
     def close(self) -> None:
         self._engine.close()

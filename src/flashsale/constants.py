@@ -26,6 +26,8 @@ DEADLINE_TAG = "deadline"
 DEDUCTION_TAG = "deduction"
 #: Tag on a message carrying an order's payment, cancellation or expiry (same topic: one consumer applies both).
 DECISION_TAG = "decision"
+#: Tag of a restock's message (a transactional message like a purchase's).
+RESTOCK_TAG = "restock"
 #: Queues per topic: the unit of consumer parallelism.
 TOPIC_QUEUES = 8
 #: RocketMQ cluster name used by the local stack.

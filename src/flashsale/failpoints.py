@@ -20,8 +20,10 @@ AFTER_HALF_MESSAGE = "producer-after-half-message"
 AFTER_PREDEDUCT = "producer-after-prededuct"
 #: Consumer: the database transaction committed, the messages were not acked.
 AFTER_DB_COMMIT = "consumer-after-db-commit"
+#: A restock: Redis added the units, the commit was not sent.
+AFTER_RESTOCK = "restock-after-add"
 
-KNOWN = frozenset({AFTER_HALF_MESSAGE, AFTER_PREDEDUCT, AFTER_DB_COMMIT})
+KNOWN = frozenset({AFTER_HALF_MESSAGE, AFTER_PREDEDUCT, AFTER_DB_COMMIT, AFTER_RESTOCK})
 
 
 #: Times each point was reached in this process (counted only where a `name@N` asks for it).

@@ -123,6 +123,10 @@ SOURCE_PURCHASE = "purchase"
 SOURCE_REPLAY = "replay"
 #: A message carrying an order's payment, cancellation or expiry (decide.lua): one purchase, the order's.
 SOURCE_DECISION = "decision"
+#: A message carrying a restock (add_stock.lua): one purchase, whose token is the request id and whose
+#: quantity is the units added (its user is RESTOCK_USER: nobody buys them).
+SOURCE_RESTOCK = "restock"
+RESTOCK_USER = "restock"
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ class DeductionMessage:
         if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms < 10**15:
             raise MalformedMessage(f"ts_ms must be a non-negative integer, got {_shown(ts_ms)}")
         source = data.get("source", SOURCE_PURCHASE)
-        if source not in (SOURCE_PURCHASE, SOURCE_REPLAY, SOURCE_DECISION):
+        if source not in (SOURCE_PURCHASE, SOURCE_REPLAY, SOURCE_DECISION, SOURCE_RESTOCK):
             raise MalformedMessage(f"unknown source {_shown(source)}")
         return cls(sku, tuple(purchases), gid, ts_ms, source, _part_of(sku, data.get("part", "")))
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 from flashsale.models import Deadline, Delivery, Purchase
 from flashsale.records import (
+    Addition,
     ApplyReport,
     CheckView,
     Conflict,
@@ -21,6 +22,7 @@ from flashsale.records import (
     Peek,
     PredeductResult,
     Registry,
+    RestockResult,
     Transfer,
     TxRecord,
 )
@@ -73,6 +75,14 @@ class OrderStockPort(Protocol):
     async def decide(
         self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
     ) -> tuple[Decision, LogEntry | None]:
+        """Raises ServiceUnavailable with `reached` False when the script certainly did not run."""
+        ...
+
+
+class RestockPort(Protocol):
+    """The producer's Redis for restocks (see pipeline/restock.py)."""
+
+    async def add_stock(self, sku: str, qty: int, *, request_id: str, message_id: str) -> RestockResult:
         """Raises ServiceUnavailable with `reached` False when the script certainly did not run."""
         ...
 
@@ -132,7 +142,7 @@ class LogPort(Protocol):
 
     def lookup(
         self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]]: ...
+    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]]: ...
 
     def ping(self) -> None: ...
 
@@ -155,7 +165,11 @@ class ReceiverPort(Protocol):
 
 class StorePort(Protocol):
     def apply_batch(
-        self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = (), conflicts: Sequence[Conflict] = ()
+        self,
+        items: Sequence[Incoming],
+        dead: Sequence[DeadLetter] = (),
+        conflicts: Sequence[Conflict] = (),
+        additions: Sequence[Addition] = (),
     ) -> ApplyReport: ...
 
     def ping(self) -> None:

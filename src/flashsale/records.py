@@ -48,6 +48,28 @@ class Decision(enum.IntEnum):
     FENCED = 13  # the checker rolled the decision's message back before it ran: nothing was decided
 
 
+class Restock(enum.IntEnum):
+    """add_stock.lua's answers."""
+
+    ADDED = 1
+    ALREADY_ADDED = 2  # an earlier message of the same request id added the units
+    UNKNOWN_SKU = 3
+    FROZEN = 4  # the SKU is being loaded again: ask again
+    PARTITIONED = 5  # the SKU sells from partitions
+    INVALID_QTY = 6
+    FENCED = 7  # the checker rolled the restock's message back before it ran: nothing was added
+
+
+@dataclass(frozen=True)
+class RestockResult:
+    """What add_stock.lua answered: its code, the stock after it, and the request's units and message."""
+
+    code: Restock
+    stock: int | None  # None: the SKU is not loaded (as one key)
+    qty: int  # the units the request added (this call, or the first one); 0 when none
+    message_id: str  # the message that carries the addition to MySQL ('' when none)
+
+
 class LoadStock(enum.IntEnum):
     """load_stock.lua's answers."""
 
@@ -135,15 +157,18 @@ class TxRecord:
     codes: tuple[Prededuct, ...] = ()  # per purchase, in the message's order (ran only)
     accepted: int = 0
     ts_ms: int = 0
+    added: int = 0  # a restock (add_stock.lua): the units its message added (0: it added nothing)
 
     @classmethod
     def parse(cls, raw: str | bytes) -> TxRecord:
         data = json.loads(raw)
+        restocked = data.get("kind") == "restock" and int(data.get("code", 0)) == Restock.ADDED
         return cls(
             state=str(data["state"]),
             codes=tuple(Prededuct(int(ch)) for ch in str(data.get("codes", ""))),
             accepted=int(data.get("accepted", 0)),
             ts_ms=int(data.get("ts", 0)),
+            added=int(data["qty"]) if restocked else 0,
         )
 
 
@@ -170,6 +195,7 @@ class StockView:
     fenced_count: int
     log_entries: int
     loaded_ms: int
+    added_qty: int = 0  # units restocks added during the sale (add_stock.lua)
     #: A partitioned SKU: `stock` is the pool, the partitions and the units moving between them.
     pool: int | None = None
     partitions: tuple[PartitionView, ...] = ()
@@ -278,6 +304,18 @@ class Incoming:
     topic: str = ""
     order: Order | None = None  # its order's state in the log, for a SKU sold with a payment deadline
     attempt: int = 1  # deliveries of the message that carries it
+    restocked: bool = False  # its SKU had units added during the sale (MySQL may not have them yet)
+
+
+@dataclass(frozen=True)
+class Addition:
+    """A restock to apply: units its message added to the SKU's stock in Redis (add_stock.lua)."""
+
+    sku: str
+    request_id: str
+    qty: int
+    message_id: str
+    ts_ms: int
 
 
 @dataclass(frozen=True)
@@ -329,6 +367,7 @@ class ApplyReport:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     skipped: int = 0  # purchases a message carried that its pre-deduct did not accept
     returned_qty: int = 0  # units of cancelled or expired orders given back to MySQL's stock
+    added_qty: int = 0  # units restocks added to MySQL's stock
 
     def add(self, other: ApplyReport) -> None:
         self.applied += other.applied
@@ -338,6 +377,7 @@ class ApplyReport:
         self.dead_letters += other.dead_letters
         self.skipped += other.skipped
         self.returned_qty += other.returned_qty
+        self.added_qty += other.added_qty
 
 
 @dataclass(frozen=True)
@@ -352,6 +392,7 @@ class InventoryView:
     ordered_qty: int
     returns: int = 0
     returned_qty: int = 0
+    added_qty: int = 0  # units restocks added (stock_additions)
     order_states: dict[str, tuple[int, int]] = field(default_factory=dict)  # status -> (orders, units)
 
 

@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 
 from flashsale.errors import ServiceUnavailable
-from flashsale.models import SOURCE_DECISION, DeductionMessage, Delivery, Purchase, Resolution
+from flashsale.models import (
+    RESTOCK_USER,
+    SOURCE_DECISION,
+    SOURCE_RESTOCK,
+    DeductionMessage,
+    Delivery,
+    Purchase,
+    Resolution,
+)
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.records import CheckView, LogEntry, Prededuct, TxRecord
 from tests.unit.fakes import FakeCheckStock
@@ -160,3 +168,17 @@ def test_checker_rolls_back_a_decision_that_changed_nothing_even_where_the_log_n
     # The entry names the purchase's message, and another decision: this one (already_paid) carries nothing.
     assert _check(FakeCheckStock(_ordered("msg-other")), _decision()) is Resolution.ROLLBACK
     assert _check(FakeCheckStock(_ordered(GID)), _decision("msg-purchase")) is Resolution.ROLLBACK
+
+
+def _restock() -> Delivery:
+    body = DeductionMessage("sku-1", (Purchase("r-1", RESTOCK_USER, 30),), GID, BORN_MS, SOURCE_RESTOCK).encode()
+    return Delivery(GID, "ns-deductions", "r-1", body, BORN_MS, attempt=1)
+
+
+def test_checker_commits_a_restock_whose_record_says_it_added_units_and_rolls_back_any_other() -> None:
+    added = TxRecord.parse('{"state": "ran", "kind": "restock", "request": "r-1", "qty": 30, "code": 1, "ts": 1}')
+    assert _check(FakeCheckStock(CheckView("ran", added, {"r-1": None})), _restock()) is Resolution.COMMIT
+    fenced = CheckView("fenced", TxRecord("fenced"), {"r-1": None})
+    assert _check(FakeCheckStock(fenced), _restock()) is Resolution.ROLLBACK
+    young = CheckView("young", None, {"r-1": None})
+    assert _check(FakeCheckStock(young), _restock()) is Resolution.UNKNOWN

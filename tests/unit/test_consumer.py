@@ -9,7 +9,7 @@ import pytest
 from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StoreError
 from flashsale.models import SOURCE_REPLAY, DeductionMessage, Delivery, Purchase
 from flashsale.pipeline.consumer import DeductionConsumer
-from flashsale.records import ApplyReport, Conflict, DeadLetter, Incoming, Prededuct, TxRecord
+from flashsale.records import Addition, ApplyReport, Conflict, DeadLetter, Incoming, Prededuct, TxRecord
 from tests.unit.fakes import FakeLog
 
 
@@ -27,11 +27,17 @@ class FakeStore:
         self.dead: list[DeadLetter] = []
         self.conflicts: list[Conflict] = []
         self.pings: list[Exception | None] = []
+        self.additions: list[Addition] = []
 
     def apply_batch(
-        self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = (), conflicts: Sequence[Conflict] = ()
+        self,
+        items: Sequence[Incoming],
+        dead: Sequence[DeadLetter] = (),
+        conflicts: Sequence[Conflict] = (),
+        additions: Sequence[Addition] = (),
     ) -> ApplyReport:
         self.calls.append(f"apply {[i.deduction.token for i in items]} dead {[d.message_id for d in dead]}")
+        self.additions += additions
         error = self.fail(items)
         if error:
             raise error

@@ -138,15 +138,28 @@ def test_lost_commit_still_answers_accepted() -> None:
 
 
 @pytest.mark.parametrize("code", [Prededuct.SOLD_OUT, Prededuct.ACCEPTED])
-def test_sold_out_sku_is_refused_without_a_half_message_within_the_cache_ttl(code: Prededuct) -> None:
+def test_sold_out_sku_is_refused_without_a_half_message(code: Prededuct) -> None:
     stock, bus = FakeStock(PredeductResult(code, 0)), FakeBus()
     service = _service(stock, bus)
     service.purchase("sku-1", "u1", 1, "tok-1")
+    stock.stock = 0
     result = service.purchase("sku-1", "u2", 1, "tok-2")
     assert (result.status, result.remaining) == (PurchaseStatus.SOLD_OUT, 0)
     assert len(bus.sent) == 1
     # The token was looked up all the same: a sold-out answer never stands in for a retry's own answer.
     assert stock.calls == ["peek sku-1 tok-1", "prededuct sku-1 tok-1 msg-1", "peek sku-1 tok-2"]
+
+
+def test_units_back_on_sale_sell_at_once_however_long_the_sku_was_answered_sold_out() -> None:
+    # Each sold-out answer used to renew the producer's sold-out flag: under load it never ran out, and
+    # units given back or restocked were never sold again.
+    stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 0)), FakeBus()
+    service = _service(stock, bus)
+    stock.stock = 0
+    assert {service.purchase("sku-1", f"u{i}", 1, f"t{i}").status for i in range(20)} == {PurchaseStatus.SOLD_OUT}
+    stock.stock = 3
+    assert service.purchase("sku-1", "u-late", 1, "t-late").status is PurchaseStatus.ACCEPTED
+    assert len(bus.sent) == 1
 
 
 def test_a_retry_of_an_accepted_token_after_the_sell_out_gets_duplicate_with_its_message_id() -> None:

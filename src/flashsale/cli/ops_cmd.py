@@ -113,7 +113,8 @@ def reconcile(
         for fix in repairs:
             click.echo(
                 f"{fix.sku}: replayed {fix.replayed}, orders created {fix.orders_created}, log entries "
-                f"written back {fix.adopted_entries}, deductions written back {fix.adopted_deductions}"
+                f"written back {fix.adopted_entries}, deductions written back {fix.adopted_deductions}, "
+                f"restocks replayed {fix.restocks_replayed}"
             )
             for note in fix.needs_operator:
                 click.echo(f"{fix.sku}: needs an operator: {note}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import uuid
 from typing import Any
 
 import click
@@ -14,6 +16,7 @@ from flashsale.cli.context import Context
 from flashsale.cli.options import json_output, partitions_option, wait_seconds
 from flashsale.ops import setup
 from flashsale.ops.times import parse_duration_ms
+from flashsale.service import order_ops
 
 
 @click.command()
@@ -85,6 +88,30 @@ def stock_set(ctx: Context, /, sku: str, qty: int, pay_within: str | None, **loa
         + (f", at most {load['per_user_limit']} per user" if load["per_user_limit"] else "")
         + (f", orders to be paid within {pay_within}" if pay_within else "")
     )
+
+
+@stock.command("add", context_settings={"ignore_unknown_options": True})
+@click.argument("sku")
+@click.argument("qty", type=click.IntRange(1, c.MAX_QTY))
+@click.option(
+    "--request-id",
+    default=None,
+    help="This restock's own id: asked again with it, the units are added once. Default: a new one, printed.",
+)
+@click.pass_obj
+def stock_add(ctx: Context, sku: str, qty: int, request_id: str | None) -> None:
+    """Add QTY units to SKU while it is on sale (Redis and, through the consumer, MySQL), once per request id.
+
+    Exit 0 when the units stand added (by this call or an earlier one with the same id), 1 when nothing was
+    added and asking again with the same id may add them."""
+    request_id = request_id or uuid.uuid4().hex
+    answer = order_ops.add_stock(ctx.settings, sku, qty, request_id=request_id)
+    outcome = answer.outcome.name.lower()
+    shown = {"outcome": outcome, "request_id": request_id, "qty": answer.qty, "stock": answer.stock}
+    click.echo(json.dumps(shown | {"message_id": answer.message_id}))
+    if outcome not in order_ops.ADDED:
+        click.echo(f"nothing added ({outcome}): ask again with --request-id {request_id}", err=True)
+        sys.exit(1)
 
 
 def _partitions_table(sku: str, redis_side: dict[str, Any]) -> Table:

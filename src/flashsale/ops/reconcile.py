@@ -67,6 +67,10 @@ class SkuReport:
     conflicts: int = 0
     conflict_qty: int = 0
     mysql_returned_qty: int = 0  # units of cancelled or expired orders MySQL gave back
+    redis_added_qty: int = 0  # units restocks added during the sale (Redis's counter)
+    mysql_added_qty: int = 0
+    restocks_in_flight: int = 0  # restocks in Redis, younger than the settle time, not in MySQL yet
+    restock_drift: list[str] = field(default_factory=list)  # request ids whose restock the two sides disagree on
     orders_by_state: dict[str, int] = field(default_factory=dict)  # MySQL: created, awaiting_payment, paid, ...
     order_drift: int = 0  # orders whose state (or return) in MySQL is not the log's, settled
     order_drift_tokens: list[str] = field(default_factory=list)
@@ -122,6 +126,7 @@ def reconcile_sku(
     # MySQL -> Redis: every applied deduction must have a deduction in the log.
     for rows in _deduction_pages(store, sku):
         _check_logged(stock, report, rows, on_orphan)
+    _check_restocks(stock.additions(sku), store.additions(sku), report, settled_ms)
     _judge(report)
     return report
 
@@ -135,6 +140,7 @@ def _read_redis(stock: RedisStock, report: SkuReport) -> None:
     report.initial, report.redis_stock = view.initial, view.stock
     report.redis_counter_qty, report.redis_returned_qty = view.deducted_qty, view.returned_qty
     report.redis_fenced = view.fenced_count
+    report.redis_added_qty = view.added_qty
 
 
 def _read_mysql(store: MySQLStore, report: SkuReport) -> None:
@@ -148,6 +154,7 @@ def _read_mysql(store: MySQLStore, report: SkuReport) -> None:
     report.mysql_applied, report.mysql_applied_qty = view.deductions, view.deducted_qty
     report.orders, report.ordered_qty = view.orders, view.ordered_qty
     report.mysql_returned_qty = view.returned_qty
+    report.mysql_added_qty = view.added_qty
     report.orders_by_state = {status: count for status, (count, _) in sorted(view.order_states.items())}
     report.orders_without_deduction = books.orders_without_deduction
     report.deductions_without_order = books.deductions_without_order
@@ -219,23 +226,44 @@ def _check_logged(stock: RedisStock, report: SkuReport, rows: list[Any], on_orph
             on_orphan(row, logged, report)
 
 
+def _check_restocks(
+    redis_side: dict[str, tuple[int, int, str]],
+    mysql_side: dict[str, tuple[int, int]],
+    report: SkuReport,
+    settled_ms: float,
+) -> None:
+    """Every restock Redis made must be in MySQL with the same units (or still be young: in flight), and
+    MySQL must hold none that Redis did not make."""
+    for request in sorted(redis_side.keys() | mysql_side.keys()):
+        ours, theirs = redis_side.get(request), mysql_side.get(request)
+        if ours is not None and theirs is None and ours[1] > settled_ms:
+            report.restocks_in_flight += 1
+        elif ours is None or theirs is None or ours[0] != theirs[0]:
+            report.restock_drift.append(request)
+
+
 def _judge(r: SkuReport) -> None:
     assert r.initial is not None and r.redis_stock is not None and r.mysql_stock is not None
     if r.mysql_initial != r.initial:
         r.problems.append(f"initial stock differs: Redis {r.initial}, MySQL {r.mysql_initial}")
-    if r.redis_stock + r.redis_counter_qty - r.redis_returned_qty != r.initial:
+    if r.redis_stock + r.redis_counter_qty - r.redis_returned_qty != r.initial + r.redis_added_qty:
         r.problems.append(
             f"Redis stock {r.redis_stock} + deducted {r.redis_counter_qty} - returned "
-            f"{r.redis_returned_qty} != initial {r.initial}"
+            f"{r.redis_returned_qty} != initial {r.initial} + added {r.redis_added_qty}"
         )
     if r.redis_deducted_qty != r.redis_counter_qty:
         r.problems.append(
             f"Redis log holds {r.redis_deducted_qty} units of deductions, its counter says {r.redis_counter_qty}"
         )
-    if r.mysql_stock + r.mysql_applied_qty - r.mysql_returned_qty != r.initial:
+    if r.mysql_stock + r.mysql_applied_qty - r.mysql_returned_qty != r.initial + r.mysql_added_qty:
         r.problems.append(
             f"MySQL stock {r.mysql_stock} + applied {r.mysql_applied_qty} - returned {r.mysql_returned_qty} "
-            f"!= initial {r.initial}"
+            f"!= initial {r.initial} + added {r.mysql_added_qty}"
+        )
+    if r.restock_drift:
+        r.problems.append(
+            f"{len(r.restock_drift)} restock(s) stand otherwise in MySQL than in Redis: "
+            + ", ".join(r.restock_drift[:SAMPLE])
         )
     if r.missing_in_mysql:
         r.problems.append(f"{r.missing_in_mysql} deduction(s) ({r.missing_qty} units) in Redis are missing in MySQL")
@@ -264,6 +292,7 @@ class RepairReport:
     replayed: int = 0
     adopted_entries: int = 0  # log entries written back (Redis still counted the deduction)
     adopted_deductions: int = 0  # deductions Redis had lost entirely, taken from its stock again
+    restocks_replayed: int = 0  # restocks Redis made and MySQL lacks, carried to it again
     needs_operator: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -282,11 +311,30 @@ class _Repairer:
     - deductions MySQL applied without an order get their order.
     """
 
-    def __init__(self, stock: RedisStock, sku: str, replay: Callable[[list[LogEntry]], int]) -> None:
+    def __init__(
+        self,
+        stock: RedisStock,
+        sku: str,
+        replay: Callable[[list[LogEntry]], int],
+        replay_restocks: Callable[[str, dict[str, tuple[int, int, str]]], int] = lambda sku, made: 0,
+    ) -> None:
         self.stock = stock
         self.replay = replay
+        self.replay_restocks = replay_restocks
         self.report = RepairReport(sku)
         self._entries_qty = 0  # units explained by the entries written back so far
+
+    def restocks(self, drift: list[str], applied: dict[str, tuple[int, int]]) -> None:
+        """Restocks Redis made and MySQL lacks go to the consumer again, as their own message: it applies
+        the units that message's record says it added, once. Any other difference needs an operator."""
+        made = self.stock.additions(self.report.sku)
+        missing = {r: made[r] for r in drift if r in made and r not in applied}
+        self.report.restocks_replayed += self.replay_restocks(self.report.sku, missing)
+        self.report.needs_operator += [
+            f"restock {r}: {made.get(r, ('none',))[0]} unit(s) in Redis, {applied.get(r, ('none',))[0]} in MySQL"
+            for r in drift
+            if r not in missing
+        ]
 
     def on_missing(self, entries: list[LogEntry]) -> None:
         self.report.replayed += self.replay(entries)
@@ -310,7 +358,13 @@ class _Repairer:
 
 
 def repair_sku(
-    stock: RedisStock, store: MySQLStore, sku: str, *, settle_s: float, replay: Callable[[list[LogEntry]], int]
+    stock: RedisStock,
+    store: MySQLStore,
+    sku: str,
+    *,
+    settle_s: float,
+    replay: Callable[[list[LogEntry]], int],
+    replay_restocks: Callable[[str, dict[str, tuple[int, int, str]]], int] = lambda sku, made: 0,
 ) -> tuple[SkuReport, RepairReport]:
     """Reconcile `sku` and repair what can be repaired (see _Repairer); returns both reports."""
     try:
@@ -325,12 +379,13 @@ def repair_sku(
             f"reload the SKU with `flashsale stock set {sku} QTY --reset` once its sale is over"
         )
         return reconcile_sku(stock, store, sku, settle_s=settle_s), refused
-    repairer = _Repairer(stock, sku, replay)
+    repairer = _Repairer(stock, sku, replay, replay_restocks)
     report = reconcile_sku(
         stock, store, sku, settle_s=settle_s, on_missing=repairer.on_missing, on_orphan=repairer.on_orphan
     )
     if report.deductions_without_order:
         repairer.report.orders_created = store.create_missing_orders(sku)
+    repairer.restocks(report.restock_drift, store.additions(sku))
     return report, repairer.report
 
 
@@ -364,7 +419,11 @@ def run(
                 return replayer.report.published - before
 
             for sku in names:
-                repairs.append(repair_sku(stock, store, sku, settle_s=settings.settle_s, replay=replay)[1])
+                repairs.append(
+                    repair_sku(
+                        stock, store, sku, settle_s=settings.settle_s, replay=replay, replay_restocks=replayer.restocks
+                    )[1]
+                )
         latest: list[SkuReport] = []
 
         def balanced() -> bool:

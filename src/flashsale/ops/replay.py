@@ -21,7 +21,7 @@ from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import MalformedMessage
-from flashsale.models import SOURCE_REPLAY, DeductionMessage, Purchase
+from flashsale.models import RESTOCK_USER, SOURCE_REPLAY, SOURCE_RESTOCK, DeductionMessage, Purchase
 from flashsale.ops.paging import pages
 from flashsale.records import LogEntry
 
@@ -93,9 +93,7 @@ class Replayer:
             self.report.published += len(entries)
             return
         topic = self.settings.replay_topic
-        if self._producer is None:  # started on the first message: a dry run or an empty replay needs no broker
-            self._producer = self._clients.enter_context(wiring.producer(self.settings, [topic]))
-        producer = self._producer
+        producer = self._started()
         with ThreadPoolExecutor(SENDERS) as pool:
             list(pool.map(lambda m: producer.send(topic, m.tokens[0], m.encode(), c.DEDUCTION_TAG), messages))
         self.report.published += len(entries)
@@ -128,6 +126,24 @@ class Replayer:
     def entries(self, entries: Iterable[LogEntry]) -> None:
         for page in pages(entries, PAGE):
             self._publish(page)
+
+    def restocks(self, sku: str, made: dict[str, tuple[int, int, str]]) -> int:
+        """Send restocks Redis made (request id -> units, ms, message) to the consumer again: each as its own
+        message id, whose record tells the consumer what it added (replay topic, no transaction)."""
+        messages = [
+            DeductionMessage(sku, (Purchase(request, RESTOCK_USER, qty),), gid, ts_ms, SOURCE_RESTOCK)
+            for request, (qty, ts_ms, gid) in sorted(made.items())
+        ]
+        if messages and not self.report.dry_run:
+            producer = self._started()
+            for message in messages:
+                producer.send(self.settings.replay_topic, message.tokens[0], message.encode(), c.RESTOCK_TAG)
+        return len(messages)
+
+    def _started(self) -> RocketMQProducer:
+        if self._producer is None:  # started on the first message: a dry run or an empty replay needs no broker
+            self._producer = self._clients.enter_context(wiring.producer(self.settings, [self.settings.replay_topic]))
+        return self._producer
 
     def dead_letters(self, sku: str | None = None) -> None:
         """Replay what the Redis log holds for each dead letter's tokens; mark the letters replayed.

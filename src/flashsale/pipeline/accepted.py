@@ -14,6 +14,7 @@ keeps a record of each purchase's outcome (fs:{sku}:tx). From those the consumer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,16 +25,18 @@ from flashsale.models import (
     SOURCE_DECISION,
     SOURCE_PURCHASE,
     SOURCE_REPLAY,
+    SOURCE_RESTOCK,
     Deduction,
     DeductionMessage,
     Delivery,
     Purchase,
 )
-from flashsale.records import Conflict, Incoming, LogEntry, Order, Prededuct, TxRecord
+from flashsale.records import Addition, Conflict, Incoming, LogEntry, Order, Prededuct, TxRecord
 
 logger = logging.getLogger(__name__)
 
-Found = Mapping[str, tuple[Mapping[str, LogEntry | None], Mapping[str, TxRecord | None]]]
+#: Per SKU or partition: log entries by token, records by message, and whether restocks added units to it.
+Found = Mapping[str, tuple[Mapping[str, LogEntry | None], Mapping[str, TxRecord | None], bool]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Decoded:
 @dataclass
 class Plan:
     apply: list[Incoming] = field(default_factory=list)
+    additions: list[Addition] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     duplicates: int = 0
     skipped: int = 0
@@ -108,14 +112,34 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
     result = Plan()
     for d in decoded:
         for shard, purchases in d.message.shards().items():
-            entries, records = found[shard]
+            entries, records, restocked = found[shard]
+            size = len(result.apply)
             if d.replay:
                 _plan_replay(d, purchases, entries, result)
             elif d.message.source == SOURCE_DECISION:
                 _plan_decision(d, purchases, entries, result)
+            elif d.message.source == SOURCE_RESTOCK:
+                _plan_restock(d, records.get(d.message.gid), result)
             else:
                 _plan_share(d, purchases, entries, records.get(d.message.gid), result)
+            if restocked:  # MySQL may be short of units a restock on its way adds: see the store
+                result.apply[size:] = [dataclasses.replace(i, restocked=True) for i in result.apply[size:]]
     return result
+
+
+def _plan_restock(d: Decoded, record: TxRecord | None, result: Plan) -> None:
+    """A restock applies the units its record says it added (none: it was rolled back, or fenced)."""
+    if record is None or record.added <= 0:
+        if record is None:
+            logger.error(
+                "restock message %s was committed but Redis has no record of it",
+                d.message.gid,
+                extra=ids(message_id=d.message.gid, sku=d.message.sku),
+            )
+        result.skipped += 1
+        return
+    request = d.message.purchases[0].token
+    result.additions.append(Addition(d.message.sku, request, record.added, d.message.gid, record.ts_ms))
 
 
 def _plan_replay(

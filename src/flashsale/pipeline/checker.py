@@ -12,6 +12,8 @@
 - its pre-deduct was refused as placed by another load (stale): it deducted nothing, as if fenced;
 - a decision on an order (pay, cancel, expire: pipeline/orders.py) is looked at the same way, its
   decide.lua in place of the pre-deduct: COMMIT when the order's entry names it as its decision;
+- a restock (pipeline/restock.py) likewise, add_stock.lua in its place: COMMIT when its record says it
+  added the units;
 - Redis unreachable: UNKNOWN.
 
 A message whose purchases are spread over partitions has a pre-deduct (a share) on each: every share
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from flashsale import constants as c
 from flashsale.errors import FlashSaleError, MalformedMessage
 from flashsale.logs import ids
-from flashsale.models import DeductionMessage, Delivery, Resolution
+from flashsale.models import SOURCE_RESTOCK, DeductionMessage, Delivery, Resolution
 from flashsale.pipeline.accepted import disagrees, naming
 from flashsale.ports import CheckStockPort
 
@@ -77,6 +79,7 @@ class DeductionChecker:
             logger.error("half message %s names message %s in its body; rolling back", delivery.message_id, message.gid)
             return Resolution.ROLLBACK
         ours = []
+        restocked = False
         by = naming(message)
         for shard, purchases in message.shards().items():  # each share of the message: its own pre-deduct
             try:
@@ -103,7 +106,10 @@ class DeductionChecker:
                     extra=ids(message_id=message.gid, sku=message.sku),
                 )
                 continue
+            if message.source == SOURCE_RESTOCK:
+                restocked = restocked or (view.record is not None and view.record.added > 0)
+                continue
             ours += [(p, e) for p in purchases if (e := by(view.entries.get(p.token), message.gid))]
         for purchase, entry in ours:
             disagrees(entry, purchase, message)
-        return Resolution.COMMIT if ours else Resolution.ROLLBACK
+        return Resolution.COMMIT if ours or restocked else Resolution.ROLLBACK

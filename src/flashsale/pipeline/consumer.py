@@ -182,7 +182,7 @@ class DeductionConsumer:
         todo = accepted.plan(decoded, found)
         if awaiting is not None:
             awaiting += [i for i in todo.apply if i.order is not None and i.order.state == "awaiting"]
-        report = self._store.apply_batch(todo.apply[: self._batch_size], dead, todo.conflicts)
+        report = self._store.apply_batch(todo.apply[: self._batch_size], dead, todo.conflicts, todo.additions)
         for start in range(self._batch_size, len(todo.apply), self._batch_size):
             report.add(self._store.apply_batch(todo.apply[start : start + self._batch_size]))
         report.skipped += todo.skipped

@@ -150,7 +150,7 @@ class PurchaseService:
                 return self._all(requests, PurchaseStatus.ERROR, "stock could not be checked; try again")
             return await self.commit_group(sku, requests)
         answers = await self._seen(sku, requests, peek)
-        answers = [a or self._early(r, peek, sold_out) for a, r in zip(answers, requests, strict=True)]
+        answers = [a or self._early(r, peek) for a, r in zip(answers, requests, strict=True)]
         rest = [i for i, a in enumerate(answers) if a is None]
         if rest:
             done = await self.commit_group(sku, [requests[i] for i in rest])
@@ -179,8 +179,11 @@ class PurchaseService:
                 answers.append(None)
         return answers
 
-    def _early(self, request: PurchaseRequest, peek: Peek, sold_out: bool) -> PurchaseResult | None:
-        """The answer of a purchase that cannot succeed, or None: then the pre-deduct decides."""
+    def _early(self, request: PurchaseRequest, peek: Peek) -> PurchaseResult | None:
+        """The answer of a purchase that cannot succeed, or None: then the pre-deduct decides.
+
+        Sold out is judged by the stock just read, never by the cached flag: units given back or restocked
+        sell at once, and a cache that each sold-out answer renewed would never see them under load."""
         token, sku = request.token, request.sku
         if peek.entries.get(token) is not None:
             # Seen before, and not confirmed as deducted: a fence a checker wrote for this very token (before
@@ -188,7 +191,7 @@ class PurchaseService:
             return None
         if peek.stock is None:
             return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
-        if sold_out or peek.stock == 0:
+        if peek.stock == 0:
             self._sold_out.mark(sku)
             return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
         bought = peek.bought.get(request.user_id, 0)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
-from contextlib import ExitStack
+from collections.abc import Coroutine, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
 from flashsale import wiring
@@ -21,6 +21,7 @@ from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.orders import OrderAnswer, OrderDesk
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.pipeline.producer import PurchaseService
+from flashsale.pipeline.restock import RestockAnswer, Restocker
 from flashsale.polling import poll_until
 from flashsale.service.metrics import Metrics
 
@@ -61,6 +62,7 @@ class PurchaseEngine:
             scheduler=self.scheduler,
         )
         self.orders = OrderDesk(self.stock, self.bus, settings.deduction_topic)
+        self.restocks = Restocker(self.stock, self.bus, settings.deduction_topic, failpoint_names=settings.failpoints)
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the engine's loop from another thread and wait for its result."""
@@ -76,6 +78,10 @@ class PurchaseEngine:
         """Pay, cancel or expire an order (see pipeline/orders.py): safe from any thread but the engine's loop."""
         return self.run(self.orders.decide(sku, token, action, decision_id=decision_id, user=user))
 
+    def add_stock(self, sku: str, qty: int, *, request_id: str) -> RestockAnswer:
+        """A restock (see pipeline/restock.py): safe from any thread but the engine's loop."""
+        return self.run(self.restocks.add(sku, qty, request_id=request_id))
+
     def drain(self, timeout_s: float) -> bool:
         """Wait until every purchase handed in has its answer (its half message settled); False on timeout."""
         return poll_until(lambda: self.run(self._idle()), timeout_s, interval_s=0.05)
@@ -87,6 +93,16 @@ class PurchaseEngine:
         self.run(self.scheduler.close())
         self.run(self.stock.close())
         self._clients.close()
+
+
+@contextmanager
+def opened(settings: Settings) -> Iterator[PurchaseEngine]:
+    """An engine of its own for one operator's command (the CLI), closed after it."""
+    engine = PurchaseEngine(settings)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -92,7 +92,7 @@ def _purchase_schemas() -> dict[str, Schema]:
 
 def _stock_schemas() -> dict[str, Schema]:
     counts = "stock initial per_user_limit deducted_qty deducted_count returned_qty returned_count".split()
-    counts += ["fenced_count", "log_entries", "loaded_ms", "moving"]
+    counts += ["fenced_count", "log_entries", "loaded_ms", "moving", "added_qty"]
     part_counts = ("active", "standby", "deducted_qty", "refilled_qty", "drained_qty", "switches")
     return {
         "StockView": _answer(

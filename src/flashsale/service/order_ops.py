@@ -1,35 +1,29 @@
-"""`flashsale order show|pay|cancel`: an operator's look at one order, and a decision on it (the CLI's way in).
+"""`flashsale order show|pay|cancel` and `flashsale stock add`: an operator's look at one order, a decision
+on it, a restock (the CLI's way in).
 
 Each call opens a purchase engine of its own (the producer's clients), so a decision travels exactly as
-one over HTTP does: half message, decide.lua, commit or roll back.
+one over HTTP does, and a restock as the Python API's: half message, its script, commit or roll back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from flashsale.config import Settings
-from flashsale.errors import UnknownSku
+from flashsale.errors import InvalidInput, UnknownSku
 from flashsale.pipeline.orders import OrderAnswer, describe
-from flashsale.service.engine import PurchaseEngine
+from flashsale.pipeline.restock import RestockAnswer
+from flashsale.records import Restock
+from flashsale.service.engine import opened
 
 #: Answers after which the order stands as the request asked: this request decided it, or it did before.
 DONE = ("paid", "cancelled", "expired")
-
-
-@contextmanager
-def _engine(settings: Settings) -> Iterator[PurchaseEngine]:
-    engine = PurchaseEngine(settings)
-    try:
-        yield engine
-    finally:
-        engine.close()
+#: Answers after which a restock's units stand added: by this request, or by an earlier one of its id.
+ADDED = ("added", "already_added")
 
 
 def show(settings: Settings, sku: str, token: str) -> dict[str, Any]:
-    with _engine(settings) as engine:
+    with opened(settings) as engine:
         entry = engine.run(engine.orders.show(sku, token))
     if entry is None:
         raise UnknownSku(
@@ -40,5 +34,20 @@ def show(settings: Settings, sku: str, token: str) -> dict[str, Any]:
 
 
 def decide(settings: Settings, sku: str, token: str, action: str, *, decision_id: str, user: str = "") -> OrderAnswer:
-    with _engine(settings) as engine:
+    with opened(settings) as engine:
         return engine.decide(sku, token, action, decision_id=decision_id, user=user)
+
+
+def add_stock(settings: Settings, sku: str, qty: int, *, request_id: str) -> RestockAnswer:
+    """A restock; a SKU that cannot take one is an error that says why (frozen and fenced are answers:
+    asked again with the same request id, they add the units once)."""
+    with opened(settings) as engine:
+        answer = engine.add_stock(sku, qty, request_id=request_id)
+    if answer.outcome is Restock.UNKNOWN_SKU:
+        raise UnknownSku(f"unknown SKU {sku!r}: it is not loaded", hint=f"load it with `flashsale stock set {sku} QTY`")
+    if answer.outcome is Restock.PARTITIONED:
+        raise InvalidInput(
+            f"{sku} sells from partitions, which take no restock during a sale yet",
+            hint=f"load it again with its new quantity once the sale is over (`flashsale stock set {sku} QTY --reset`)",
+        )
+    return answer

@@ -1,11 +1,13 @@
-"""The order lifecycle in the consumer's transaction: each order follows its state in the Redis log.
+"""The order lifecycle and restocks in the consumer's transaction: each order follows its state in the
+Redis log, and each restock adds its units once.
 
 An order of a SKU sold with a payment deadline is `awaiting_payment`, then `paid`, `cancelled` or
 `expired`, once: a state is only ever written over `created` or `awaiting_payment`, so a message that
 arrives late (a purchase redelivered after its payment) never takes an order back. A cancelled or expired
 order gives its units back: one stock_returns row per token (a redelivery inserts nothing) and, in the
 same transaction, the units of the rows new in this batch added to the SKU's stock, before the batch's
-new deductions are taken from it.
+new deductions are taken from it. A restock likewise: one stock_additions row per request id, its units
+added to the stock before the batch's deductions are taken.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from flashsale import constants as c
 from flashsale.adapters.mysql.statements import query
-from flashsale.records import ApplyReport, Incoming
+from flashsale.records import Addition, ApplyReport, Incoming
 
 
 def lifecycle_skus(items: Iterable[Incoming]) -> list[str]:
@@ -74,3 +76,25 @@ def set_states(conn: Connection, items: Iterable[Incoming]) -> None:
             if i.order is not None
         ],
     )
+
+
+def add_units(conn: Connection, additions: Iterable[Addition], batch_id: str, report: ApplyReport) -> None:
+    """The units of the batch's restocks added to their SKUs' stock: one stock_additions row per request id
+    (a redelivery inserts nothing), and the units of the rows new in this batch added."""
+    rows = [
+        {
+            "sku": a.sku,
+            "request_id": a.request_id,
+            "qty": a.qty,
+            "message_id": a.message_id,
+            "batch_id": batch_id,
+            "created_ms": a.ts_ms,
+        }
+        for a in sorted(additions, key=lambda a: (a.sku, a.request_id))
+    ]
+    if not rows:
+        return
+    conn.execute(query("insert_additions"), rows)
+    for sku, qty in conn.execute(query("batch_additions"), {"batch_id": batch_id}).all():
+        conn.execute(query("give_stock_back"), {"sku": sku, "total": int(qty)})
+        report.added_qty += int(qty)

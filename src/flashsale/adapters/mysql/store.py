@@ -19,8 +19,9 @@ from flashsale.adapters.mysql import lifecycle, sql
 from flashsale.adapters.mysql.statements import query
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
 from flashsale.logs import ids
-from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
+from flashsale.models import RESTOCK_USER, SOURCE_REPLAY, SOURCE_RESTOCK, Deduction, DeductionMessage, Purchase
 from flashsale.records import (
+    Addition,
     ApplyReport,
     Bookkeeping,
     Conflict,
@@ -149,6 +150,8 @@ class MySQLStore:
             if reset:
                 for name in ("delete_sku_history", "delete_sku_orders", "delete_sku_conflicts", "delete_sku_returns"):
                     conn.execute(query(name), {"sku": sku})
+            # Restocks belong to a load: a new one starts from its own quantity.
+            conn.execute(query("delete_sku_additions"), {"sku": sku})
             conn.execute(query("upsert_inventory"), {"sku": sku, "qty": qty, "per_user_limit": per_user_limit})
 
     def history(self, sku: str) -> int:
@@ -167,6 +170,7 @@ class MySQLStore:
             deductions, deducted = conn.execute(query("deduction_totals"), {"sku": sku}).one()
             orders, ordered = conn.execute(query("order_totals"), {"sku": sku}).one()
             returns, returned = conn.execute(query("return_totals"), {"sku": sku}).one()
+            added = conn.execute(query("addition_totals"), {"sku": sku}).one()[1]
             states = {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(query("order_states"), {"sku": sku})}
         return InventoryView(
             sku=sku,
@@ -179,6 +183,7 @@ class MySQLStore:
             ordered_qty=int(ordered),
             returns=int(returns),
             returned_qty=int(returned),
+            added_qty=int(added),
             order_states=states,
         )
 
@@ -189,6 +194,11 @@ class MySQLStore:
         with self.transaction(f"look up tokens of {sku}") as conn:
             rows = conn.execute(query("existing_tokens", "tokens"), {"sku": sku, "tokens": list(tokens)})
             return {r[0] for r in rows}
+
+    def additions(self, sku: str) -> dict[str, tuple[int, int]]:
+        """The restocks MySQL applied for the SKU: request id -> (units, ms the restock was made)."""
+        with self.transaction(f"read restocks of {sku}") as conn:
+            return {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(query("sku_additions"), {"sku": sku})}
 
     def order_facts(self, sku: str, tokens: Sequence[str]) -> dict[str, tuple[str | None, bool]]:
         """For each token MySQL applied: its order's status (None: no order) and whether its units came back."""
@@ -254,9 +264,14 @@ class MySQLStore:
 
     # --- the consumer's batch ---------------------------------------------------------------------------
     def apply_batch(
-        self, items: Sequence[Incoming], dead: Sequence[DeadLetter] = (), conflicts: Sequence[Conflict] = ()
+        self,
+        items: Sequence[Incoming],
+        dead: Sequence[DeadLetter] = (),
+        conflicts: Sequence[Conflict] = (),
+        additions: Sequence[Addition] = (),
     ) -> ApplyReport:
-        """Apply a batch in ONE transaction: token-unique rows, one guarded UPDATE per SKU, orders, conflicts.
+        """Apply a batch in ONE transaction: restocks, token-unique rows, one guarded UPDATE per SKU, orders,
+        conflicts.
 
         Rows are inserted in token order and SKUs updated in name order, so two consumers sharing
         tokens or SKUs take their locks in the same order and cannot deadlock each other.
@@ -265,15 +280,18 @@ class MySQLStore:
         unique = _unique(items, report)
         batch_id = uuid.uuid4().hex
         with self.transaction("apply batch") as conn:
-            known = _known_skus(conn, {sku for sku, _ in unique})
-            # A SKU sold with a payment deadline may have its stock updated twice (units given back, then
-            # new deductions): its row is locked first, in one order, so two consumers cannot take such
-            # rows in opposite orders.
-            if paid_later := lifecycle.lifecycle_skus(unique.values()):
-                conn.execute(query("lock_known_skus", "skus"), {"skus": paid_later})
+            known = _known_skus(conn, {sku for sku, _ in unique} | {a.sku for a in additions})
+            # A SKU sold with a payment deadline, or restocked, may have its stock updated twice (units given
+            # back or added, then new deductions): its row is locked first, in one order, so two consumers
+            # cannot take such rows in opposite orders.
+            twice = set(lifecycle.lifecycle_skus(unique.values())) | {a.sku for a in additions if a.sku in known}
+            if twice:
+                conn.execute(query("lock_known_skus", "skus"), {"skus": sorted(twice)})
             rows = _deduction_rows(unique, known, batch_id, report)
             fresh = _insert_deductions(conn, rows, batch_id, report)
             to_order = _applied_before(unique, known, fresh)
+            lifecycle.add_units(conn, [a for a in additions if a.sku in known], batch_id, report)
+            report.dead_letters += [_unknown_addition(a) for a in additions if a.sku not in known]
             lifecycle.give_back(conn, unique.values(), batch_id, report)
             for sku in sorted(fresh):
                 to_order[sku] += _deduct_sku(conn, batch_id, sku, fresh[sku], unique, report)
@@ -446,8 +464,21 @@ def _given_back(item: Incoming) -> bool:
 
 
 def _may_wait(item: Incoming) -> bool:
-    """A deduction of a SKU sold with a payment deadline, delivered fewer than SHORTFALL_ATTEMPTS times."""
-    return item.order is not None and item.attempt < SHORTFALL_ATTEMPTS
+    """A deduction of a SKU sold with a payment deadline, or restocked, delivered fewer than
+    SHORTFALL_ATTEMPTS times: units given back or added may be on their way to MySQL."""
+    return (item.order is not None or item.restocked) and item.attempt < SHORTFALL_ATTEMPTS
+
+
+def _unknown_addition(addition: Addition) -> DeadLetter:
+    body = DeductionMessage(
+        addition.sku,
+        (Purchase(addition.request_id, RESTOCK_USER, addition.qty),),
+        addition.message_id,
+        addition.ts_ms,
+        SOURCE_RESTOCK,
+    )
+    reason = f"unknown sku {addition.sku!r}"
+    return DeadLetter(addition.message_id, "", addition.request_id, reason, body.encode(), sku=addition.sku)
 
 
 def _record_conflicts(conn: Connection, conflicts: Sequence[Conflict], report: ApplyReport) -> None:

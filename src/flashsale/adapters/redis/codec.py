@@ -7,6 +7,7 @@ differs. Everything here is a pure function of names and replies, so each reply 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from flashsale.records import (
     Peek,
     Prededuct,
     PredeductResult,
+    Restock,
+    RestockResult,
     StockView,
     Transfer,
     TxRecord,
@@ -45,6 +48,33 @@ def decide_call(
 ) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of decide.lua."""
     return SkuKeys.of(sku).all(), [action, token, user, decision_id, message_id]
+
+
+def add_stock_call(sku: str, qty: int, *, request_id: str, message_id: str) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of add_stock.lua."""
+    return SkuKeys.of(sku).restock(), [str(qty), request_id, message_id]
+
+
+def parse_restock(reply: list[Any]) -> RestockResult:
+    """add_stock.lua's reply: the answer, the stock after it, and what the request added."""
+    code, stock, raw = reply
+    record = json.loads(raw) if raw else {}
+    return RestockResult(
+        Restock(int(code)),
+        int(stock) if int(stock) >= 0 else None,
+        int(record["qty"]) if record else 0,
+        str(record.get("msg", "")) if record else "",
+    )
+
+
+def parse_additions(raw: Mapping[Any, Any]) -> dict[str, tuple[int, int, str]]:
+    """The added hash (add_stock.lua): request id -> (units, ms, the message that carries them)."""
+    out = {}
+    for request, value in raw.items():
+        record = json.loads(value)
+        name = request.decode() if isinstance(request, bytes) else str(request)
+        out[name] = (int(record["qty"]), int(record["ts"]), str(record["msg"]))
+    return out
 
 
 def parse_prededuct(purchases: Sequence[Purchase], reply: list[Any]) -> list[PredeductResult]:
@@ -82,15 +112,17 @@ def parse_entries(tokens: Sequence[str], raws: Sequence[Any], *, strict: bool = 
 
 def parse_lookup(
     skus: Sequence[str], wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]], replies: Sequence[Any]
-) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]]:
-    """Per SKU, its entries and records from two HMGETs each (of its log, then of its records)."""
-    found: dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]] = {}
+) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]]:
+    """Per SKU, its entries, records and restocked flag from three reads each (its log's HMGET, its
+    records' HMGET, its meta's `added_qty`)."""
+    found: dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]] = {}
     for i, sku in enumerate(skus):
         tokens, gids = wanted[sku]
-        raw_entries, raw_records = replies[2 * i], replies[2 * i + 1]
+        raw_entries, raw_records, added = replies[3 * i : 3 * i + 3]
         found[sku] = (
             parse_entries(tokens, raw_entries, strict=False),
             {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},
+            int(added or 0) > 0,
         )
     return found
 
@@ -154,6 +186,7 @@ def parse_view(sku: str, stock: str | None, meta: dict[str, str], entries: int) 
         fenced_count=count(meta, "fenced_count"),
         log_entries=int(entries),
         loaded_ms=count(meta, "loaded_ms"),
+        added_qty=count(meta, "added_qty"),
     )
 
 

@@ -28,6 +28,8 @@ META_KEY = "fs:{{{sku}}}:meta"
 TX_KEY = "fs:{{{sku}}}:tx"
 #: message id -> when a transaction check first found no record (ms, Redis's clock): the grace runs from it.
 CHECKS_KEY = "fs:{{{sku}}}:checks"
+#: request id -> JSON {qty, msg, ts}: the restocks of this load, each added once (add_stock.lua).
+ADDED_KEY = "fs:{{{sku}}}:added"
 #: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
 SKUS_KEY = "fs:skus"
 
@@ -60,6 +62,7 @@ class SkuKeys:
     transfers: str
     done: str
     refills: str
+    added: str
 
     @classmethod
     def of(cls, sku: str) -> SkuKeys:
@@ -75,6 +78,7 @@ class SkuKeys:
             transfers=TRANSFERS_KEY.format(sku=sku),
             done=TRANSFERS_DONE_KEY.format(sku=sku),
             refills=REFILLS_KEY.format(sku=sku),
+            added=ADDED_KEY.format(sku=sku),
         )
 
     def sale(self) -> list[str]:
@@ -87,7 +91,11 @@ class SkuKeys:
 
     def load(self) -> list[str]:
         """KEYS of load_stock.lua."""
-        return [*self.all(), self.checks]
+        return [*self.all(), self.checks, self.added]
+
+    def restock(self) -> list[str]:
+        """KEYS of add_stock.lua."""
+        return [self.stock, self.meta, self.tx, self.added]
 
     def every(self) -> list[str]:
         """Every key a SKU or a partition may have (those of its pool and transfers too)."""

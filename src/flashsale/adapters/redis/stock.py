@@ -19,13 +19,16 @@ import redis
 from flashsale import constants as c
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
+    add_stock_call,
     decide_call,
     located,
+    parse_additions,
     parse_check,
     parse_decision,
     parse_layout,
     parse_lookup,
     parse_prededuct,
+    parse_restock,
     parse_view,
     partitioned_view,
     prededuct_call,
@@ -53,6 +56,7 @@ from flashsale.records import (
     LoadStock,
     LogEntry,
     PredeductResult,
+    RestockResult,
     StockReturn,
     StockView,
     TxRecord,
@@ -160,7 +164,7 @@ class RedisStock:
         epoch = self._script_held(
             keys.meta,
             "load_pool",
-            [*keys.all(), keys.pool, keys.transfers, keys.done, keys.checks],
+            [*keys.all(), keys.pool, keys.transfers, keys.done, keys.checks, keys.added],
             [
                 str(qty),
                 str(qty - share * partitions),
@@ -312,8 +316,9 @@ class RedisStock:
 
     def lookup(
         self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None]]]:
-        """Per SKU, the log entries of some tokens and the records of some messages, in one round trip."""
+    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]]:
+        """Per SKU, the log entries of some tokens, the records of some messages, and whether restocks added
+        units to it, in one round trip."""
         skus = [sku for sku, (tokens, gids) in wanted.items() if tokens or gids]
         pipe = self.client.pipeline(transaction=False)
         for sku in skus:
@@ -321,6 +326,7 @@ class RedisStock:
             keys = SkuKeys.of(sku)
             pipe.hmget(keys.log, list(tokens) or ["-"])
             pipe.hmget(keys.tx, list(gids) or ["-"])
+            pipe.hget(keys.meta, "added_qty")
         return parse_lookup(skus, wanted, self._call("read log", pipe.execute))
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
@@ -336,6 +342,11 @@ class RedisStock:
         keys, args = decide_call(sku, token, action, decision_id=decision_id, message_id=message_id, user=user)
         reply = self._run("decide", keys, args)
         return parse_decision(token, reply)
+
+    def add_stock(self, sku: str, qty: int, *, request_id: str, message_id: str) -> RestockResult:
+        """Add `qty` units to the SKU's stock once per `request_id` (add_stock.lua)."""
+        keys, args = add_stock_call(sku, qty, request_id=request_id, message_id=message_id)
+        return parse_restock(self._run("add_stock", keys, args))
 
     def adopt(
         self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *, deduct: bool
@@ -367,6 +378,11 @@ class RedisStock:
     def _logged(self, sku: str, layout: Layout | None) -> int:
         shards = {sku, *(layout.parts if layout else ())}
         return sum(int(self._call("count log entries", self.client.hlen, SkuKeys.of(s).log)) for s in shards)
+
+    def additions(self, sku: str) -> dict[str, tuple[int, int, str]]:
+        """The restocks of the SKU's load: request id -> (units, when (ms, Redis's clock), their message)."""
+        raw = self._call("read restocks", self.client.hgetall, SkuKeys.of(sku).added)
+        return parse_additions(raw)
 
     def is_sold_out(self, sku: str) -> bool:
         return sold_out(self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out"))

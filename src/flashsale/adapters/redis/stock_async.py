@@ -21,6 +21,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError
 
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
+    add_stock_call,
     decide_call,
     is_stale,
     parse_decision,
@@ -28,6 +29,7 @@ from flashsale.adapters.redis.codec import (
     parse_layout,
     parse_peek,
     parse_prededuct,
+    parse_restock,
     parse_transfers,
     parse_view,
     partitioned_view,
@@ -39,7 +41,17 @@ from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key
 from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, unavailable
 from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
-from flashsale.records import Decision, Layout, LogEntry, Peek, PredeductResult, Registry, StockView, Transfer
+from flashsale.records import (
+    Decision,
+    Layout,
+    LogEntry,
+    Peek,
+    PredeductResult,
+    Registry,
+    RestockResult,
+    StockView,
+    Transfer,
+)
 
 
 class _Failed(Exception):
@@ -77,6 +89,12 @@ class AsyncRedisStock:
         keys, args = decide_call(sku, token, action, decision_id=decision_id, message_id=message_id, user=user)
         reply = await self.script("decide", keys, args)
         return parse_decision(token, reply)
+
+    async def add_stock(self, sku: str, qty: int, *, request_id: str, message_id: str) -> RestockResult:
+        """Add `qty` units to the SKU's stock once per `request_id` (add_stock.lua); counts once a replica
+        holds it."""
+        keys, args = add_stock_call(sku, qty, request_id=request_id, message_id=message_id)
+        return parse_restock(await self.script("add_stock", keys, args))
 
     async def script(self, name: str, keys: list[str], args: list[str]) -> Any:
         """Run an idempotent script; its reply counts once a replica holds what it wrote (with replicas).

@@ -198,3 +198,20 @@ FROM stock_deductions d
 LEFT JOIN orders o ON o.sku = d.sku AND o.token = d.token
 LEFT JOIN stock_returns r ON r.sku = d.sku AND r.token = d.token
 WHERE d.sku = :sku AND d.token IN :tokens
+
+-- name: insert_additions
+INSERT INTO stock_additions (sku, request_id, qty, message_id, batch_id, created_ms)
+VALUES (:sku, :request_id, :qty, :message_id, :batch_id, :created_ms)
+ON DUPLICATE KEY UPDATE request_id = stock_additions.request_id
+
+-- name: batch_additions
+SELECT sku, SUM(qty) AS qty FROM stock_additions WHERE batch_id = :batch_id GROUP BY sku ORDER BY sku
+
+-- name: addition_totals
+SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM stock_additions WHERE sku = :sku
+
+-- name: sku_additions
+SELECT request_id, qty, created_ms FROM stock_additions WHERE sku = :sku
+
+-- name: delete_sku_additions
+DELETE FROM stock_additions WHERE sku = :sku

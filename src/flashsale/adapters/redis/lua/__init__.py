@@ -46,4 +46,5 @@ NAMES = (
     "seen",
     "freeze",
     "decide",
+    "add_stock",
 )

@@ -10,6 +10,7 @@
 -- KEYS[7] fs:{sku}:transfers  pending moves between the pool and the partitions (emptied)
 -- KEYS[8] fs:{sku}:done       completed moves of the load before (emptied)
 -- KEYS[9] fs:{sku}:checks     the transaction checks of the sale before (emptied)
+-- KEYS[10] fs:{sku}:added     the restocks of an earlier unpartitioned sale (deleted)
 -- ARGV[1] initial stock of the SKU
 -- ARGV[2] pool
 -- ARGV[3] the partitions, space separated
@@ -24,7 +25,7 @@
 
 local epoch = tonumber(ARGV[7])
 local decided = decided_records(KEYS[5])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8], KEYS[9])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7], KEYS[8], KEYS[9], KEYS[10])
 put_back(KEYS[5], decided)
 redis.call('SET', KEYS[6], tonumber(ARGV[2]))
 redis.call('HSET', KEYS[4],

@@ -6,6 +6,7 @@
 -- KEYS[4] fs:{sku}:meta
 -- KEYS[5] fs:{sku}:tx
 -- KEYS[6] fs:{sku}:checks
+-- KEYS[7] fs:{sku}:added   the restocks of the load before
 -- ARGV[1] quantity        decimal digits, >= 0
 -- ARGV[2] per-user limit  decimal digits, 0 = none
 -- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, the records of messages
@@ -51,7 +52,7 @@ local decided = decided_records(tx_key)
 
 local now = redis.call('TIME')
 local qty = tonumber(qty_arg)
-redis.call('DEL', log_key, users_key, meta_key, tx_key, KEYS[6])
+redis.call('DEL', log_key, users_key, meta_key, tx_key, KEYS[6], KEYS[7])
 put_back(tx_key, decided)
 redis.call('SET', stock_key, qty)
 redis.call('HSET', meta_key,
