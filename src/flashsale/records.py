@@ -55,7 +55,6 @@ class Restock(enum.IntEnum):
     ALREADY_ADDED = 2  # an earlier message of the same request id added the units
     UNKNOWN_SKU = 3
     FROZEN = 4  # the SKU is being loaded again: ask again
-    PARTITIONED = 5  # the SKU sells from partitions
     INVALID_QTY = 6
     FENCED = 7  # the checker rolled the restock's message back before it ran: nothing was added
 
@@ -65,7 +64,7 @@ class RestockResult:
     """What add_stock.lua answered: its code, the stock after it, and the request's units and message."""
 
     code: Restock
-    stock: int | None  # None: the SKU is not loaded (as one key)
+    stock: int | None  # after the call (a partitioned SKU's pool); None: the SKU is not loaded
     qty: int  # the units the request added (this call, or the first one); 0 when none
     message_id: str  # the message that carries the addition to MySQL ('' when none)
 

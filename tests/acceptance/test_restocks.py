@@ -123,18 +123,41 @@ def test_a_restock_of_a_sku_with_a_deadline_and_units_given_back_keeps_every_boo
     assert (books.sold, books.mysql_returned, books.mysql_added, books.mysql_stock) == (4, {"t0": 1}, {"r1": 2}, 0)
 
 
-def test_stock_add_refuses_an_unknown_or_partitioned_sku_and_a_bad_quantity_saying_why(
+def test_stock_add_refuses_an_unknown_sku_and_a_bad_quantity_saying_why(
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     unknown = _cli(pipeline, "stock", "add", sku, "5")
-    assert unknown.returncode != 0 and f"unknown SKU {sku!r}" in unknown.stderr
-    set_stock(settings, sku, 10, partitions=2)
-    parted = _cli(pipeline, "stock", "add", sku, "5")
-    assert parted.returncode != 0 and "sells from partitions" in parted.stderr
-    for bad in ("0", "-3", "many"):
+    assert unknown.returncode == 2 and f"unknown SKU {sku!r}" in unknown.stderr, unknown.stderr
+    set_stock(settings, sku, 10)
+    for bad in ("0", "-3", "many", "1000001"):
         refused = _cli(pipeline, "stock", "add", sku, bad)
         assert refused.returncode == 2 and "QTY" in refused.stderr, refused.stderr
     assert balanced(settings, sku).redis_added == {}
+
+
+def test_a_restock_of_a_sold_out_partitioned_sku_goes_to_its_pool_and_sells_once(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    set_stock(settings, sku, 12, partitions=3)
+    pipeline.checker()
+    pipeline.consumer()
+    _, url = pipeline.producer()
+    crowd = Crowd(url, sku, buyers=8, run_id=f"p{os.getpid()}").start()
+    try:
+        assert poll_until(lambda: crowd.counts()["sold_out"] >= 20, 60), crowd.counts()
+        added = _cli(pipeline, "stock", "add", sku, "9", "--request-id", "r-pool")
+        assert added.returncode == 0 and json.loads(added.stdout)["outcome"] == "added", added.stderr
+        assert poll_until(lambda: crowd.counts()["accepted"] == 21, 60), crowd.counts()
+        time.sleep(1)
+    finally:
+        crowd.stop()
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert (books.sold, books.redis_stock, books.mysql_stock, books.oversold()) == (21, 0, 0, 0)
+    assert books.redis_added == books.mysql_added == {"r-pool": 9}
+    assert books.against(crowd.answers, crowd.asked, crowd.users) == []
+    report = reconcile.run(settings.with_overrides(settle_s=0), [sku])[0][0]
+    assert report.problems == [], report.problems
 
 
 def test_reconcile_finds_a_restock_mysql_lost_and_repair_carries_it_again_once(

@@ -65,7 +65,7 @@ def test_a_restock_whose_message_the_checker_fenced_adds_nothing(
     assert int(raw.get(SkuKeys.of(sku).stock) or -1) == 6
 
 
-def test_a_restock_is_refused_for_an_unknown_a_frozen_or_a_partitioned_sku_and_writes_nothing(
+def test_a_restock_is_refused_for_an_unknown_or_a_frozen_sku_and_writes_nothing(
     redis_stock: RedisStock, raw: redis.Redis, sku: str
 ) -> None:
     assert redis_stock.add_stock(sku, 1, request_id="r1", message_id="m1").code is Restock.UNKNOWN_SKU
@@ -74,8 +74,24 @@ def test_a_restock_is_refused_for_an_unknown_a_frozen_or_a_partitioned_sku_and_w
     with redis_stock.frozen(sku):
         assert redis_stock.add_stock(sku, 1, request_id="r1", message_id="m2").code is Restock.FROZEN
     assert int(raw.get(SkuKeys.of(sku).stock) or -1) == 2 and raw.hget(SkuKeys.of(sku).tx, "m2") is None
-    redis_stock.load_partitioned(sku + "-p", 10, partitions=2, refill=2, threshold=1, reset=True)
-    assert redis_stock.add_stock(sku + "-p", 1, request_id="r1", message_id="m3").code is Restock.PARTITIONED
+    assert redis_stock.add_stock(sku, 1, request_id="r1", message_id="m3").code is Restock.ADDED
+
+
+def test_a_restock_of_a_partitioned_sku_goes_to_its_pool_once_and_waits_for_a_reload(
+    redis_stock: RedisStock, raw: redis.Redis, sku: str
+) -> None:
+    layout = redis_stock.load_partitioned(sku, 10, partitions=2, refill=2, threshold=1)
+    pool = SkuKeys.of(sku).pool
+    assert int(raw.get(pool) or -1) == 6
+    added = redis_stock.add_stock(sku, 5, request_id="r1", message_id="m1")
+    retried = redis_stock.add_stock(sku, 5, request_id="r1", message_id="m2")
+    assert (added.code, added.stock, retried.code, retried.qty) == (Restock.ADDED, 11, Restock.ALREADY_ADDED, 5)
+    assert int(raw.get(pool) or -1) == 11 and _meta(raw, sku)["added_qty"] == "5"
+    assert all(raw.get(SkuKeys.of(p).stock) == "2" for p in layout.parts)  # the partitions untouched
+    with redis_stock.frozen(sku):
+        assert redis_stock.add_stock(sku, 3, request_id="r2", message_id="m3").code is Restock.FROZEN
+    assert redis_stock.add_stock(sku, 3, request_id="r2", message_id="m4").code is Restock.ADDED
+    assert redis_stock.view(sku).stock == 18 and redis_stock.view(sku).added_qty == 8
 
 
 def test_a_reload_forgets_the_restocks_of_the_load_before(redis_stock: RedisStock, raw: redis.Redis, sku: str) -> None:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 class RestockAnswer:
     outcome: Restock
     qty: int  # units the request added (by this call, or by the first one of its id)
-    stock: int | None  # the SKU's stock in Redis after the call (None: not loaded as one key)
+    stock: int | None  # the SKU's stock in Redis after the call, a partitioned SKU's pool (None: not loaded)
     message_id: str | None = None  # the message that carries the addition to MySQL (this call added)
 
 

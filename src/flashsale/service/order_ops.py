@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from flashsale.config import Settings
-from flashsale.errors import InvalidInput, UnknownSku
+from flashsale.errors import UnknownSku
 from flashsale.pipeline.orders import OrderAnswer, describe
 from flashsale.pipeline.restock import RestockAnswer
 from flashsale.records import Restock
@@ -39,15 +39,10 @@ def decide(settings: Settings, sku: str, token: str, action: str, *, decision_id
 
 
 def add_stock(settings: Settings, sku: str, qty: int, *, request_id: str) -> RestockAnswer:
-    """A restock; a SKU that cannot take one is an error that says why (frozen and fenced are answers:
-    asked again with the same request id, they add the units once)."""
+    """A restock; an unknown SKU is an error (frozen and fenced are answers: asked again with the same
+    request id, they add the units once)."""
     with opened(settings) as engine:
         answer = engine.add_stock(sku, qty, request_id=request_id)
     if answer.outcome is Restock.UNKNOWN_SKU:
         raise UnknownSku(f"unknown SKU {sku!r}: it is not loaded", hint=f"load it with `flashsale stock set {sku} QTY`")
-    if answer.outcome is Restock.PARTITIONED:
-        raise InvalidInput(
-            f"{sku} sells from partitions, which take no restock during a sale yet",
-            hint=f"load it again with its new quantity once the sale is over (`flashsale stock set {sku} QTY --reset`)",
-        )
     return answer

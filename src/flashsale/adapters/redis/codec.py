@@ -281,6 +281,7 @@ def aggregate(
         fenced_count=total("fenced_count"),
         log_entries=sum(n for _, _, n in parts),
         loaded_ms=count(meta, "loaded_ms"),
+        added_qty=count(meta, "added_qty"),
         pool=int(pool or 0),
         partitions=views,
         moving=in_transit,

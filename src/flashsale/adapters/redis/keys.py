@@ -95,7 +95,7 @@ class SkuKeys:
 
     def restock(self) -> list[str]:
         """KEYS of add_stock.lua."""
-        return [self.stock, self.meta, self.tx, self.added]
+        return [self.stock, self.meta, self.tx, self.added, self.pool]
 
     def every(self) -> list[str]:
         """Every key a SKU or a partition may have (those of its pool and transfers too)."""

@@ -35,7 +35,7 @@ from flashsale.adapters.redis.codec import (
     queue_snapshot,
     sold_out,
 )
-from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, place
+from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, parent, place
 from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
     MISROUTED,
@@ -185,15 +185,20 @@ class RedisStock:
         inside it, so that no purchase lands between that read and the load. The freeze ends with the
         block, or by itself after `for_s` if this process dies."""
         shards = self.shards(sku)
+        own = SkuKeys.of(sku)
+        ms = str(round(for_s * 1000))
         try:
             for shard in shards:
                 keys = SkuKeys.of(shard)
-                self._script_held(keys.meta, "freeze", [keys.stock, keys.meta], [str(round(for_s * 1000))])
+                self._script_held(keys.meta, "freeze", [keys.stock, keys.meta], [ms])
+            if shards != (sku,):  # a partitioned SKU's own meta too (its pool exists): restocks wait for the load
+                self._script_held(own.meta, "freeze", [own.pool, own.meta], [ms])
             yield
         finally:
             for shard in {*shards, *self.shards(sku)}:
                 keys = SkuKeys.of(shard)
                 self._run("freeze", [keys.stock, keys.meta], ["0"])
+            self._run("freeze", [own.pool, own.meta], ["0"])
 
     def _refuse_history(self, sku: str, reset: bool) -> Layout | None:
         """The SKU's current layout, after refusing to load over a sale on record without `reset`."""
@@ -326,7 +331,7 @@ class RedisStock:
             keys = SkuKeys.of(sku)
             pipe.hmget(keys.log, list(tokens) or ["-"])
             pipe.hmget(keys.tx, list(gids) or ["-"])
-            pipe.hget(keys.meta, "added_qty")
+            pipe.hget(SkuKeys.of(parent(sku)).meta, "added_qty")  # a partition's restocks are its SKU's
         return parse_lookup(skus, wanted, self._call("read log", pipe.execute))
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:

@@ -1,20 +1,22 @@
 -- Add units to a SKU's stock while it is on sale, once per request id: a restock's local transaction.
+-- A SKU sold from one key gets them in its stock; a partitioned SKU in its pool, from which the
+-- producers' schedulers refill the partitions (the anchor never closes, so they always sell).
 --
 -- KEYS[1] fs:{sku}:stock
 -- KEYS[2] fs:{sku}:meta
 -- KEYS[3] fs:{sku}:tx     hash message id -> JSON record (the checker and the consumer read this one)
 -- KEYS[4] fs:{sku}:added  hash request id -> JSON {qty, msg, ts}: every restock of this load
+-- KEYS[5] fs:{sku}:pool   a partitioned SKU's units not given to a partition yet
 -- ARGV[1] units to add (decimal digits, >= 1)
 -- ARGV[2] request id: the same id asked again adds nothing and hears what the first one added
 -- ARGV[3] message id of the half message that carries the restock to MySQL
 --
--- Returns {code, stock, record}, stock being the SKU's stock after the call (-1: not loaded) and record
--- the request's {qty, msg, ts} ('' when it added nothing):
+-- Returns {code, stock, record}, stock being the SKU's stock (a partitioned SKU's pool) after the call
+-- (-1: not loaded) and record the request's {qty, msg, ts} ('' when it added nothing):
 --   1 added           this call added the units
 --   2 already added   an earlier message of this request id added them (record = what it added)
 --   3 unknown sku     not loaded here
 --   4 frozen          the SKU is being loaded again: ask again
---   5 partitioned     the SKU sells from partitions: see docs/operations.md
 --   6 invalid qty
 --   7 fenced          the checker rolled this message back before it ran: nothing is added
 --
@@ -22,8 +24,13 @@
 -- counter), so that a WAIT after it proves a replica holds what it answers from. An answer that adds
 -- nothing writes nothing: its message is rolled back.
 
-local stock_key, meta_key, tx_key, added_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta_key, tx_key, added_key = KEYS[2], KEYS[3], KEYS[4]
 local qty_arg, request, gid = ARGV[1], ARGV[2], ARGV[3]
+-- The key the units go to: the SKU's stock, or a partitioned SKU's pool.
+local stock_key = KEYS[1]
+if redis.call('EXISTS', stock_key) == 0 and redis.call('EXISTS', KEYS[5]) == 1 then
+  stock_key = KEYS[5]
+end
 
 local record = redis.call('HGET', tx_key, gid)
 if record then
@@ -37,7 +44,7 @@ if not string.match(qty_arg, '^%d+$') or #qty_arg > 15 or tonumber(qty_arg) < 1 
   return {6, -1, ''}
 end
 if redis.call('EXISTS', stock_key) == 0 then
-  return {redis.call('HEXISTS', meta_key, 'parts') == 1 and 5 or 3, -1, ''}
+  return {3, -1, ''}
 end
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -55,7 +62,9 @@ local qty = tonumber(qty_arg)
 local left = redis.call('INCRBY', stock_key, qty)
 redis.call('HINCRBY', meta_key, 'added_qty', qty)
 redis.call('HINCRBY', meta_key, 'added_count', 1)
-redis.call('HSET', meta_key, 'sold_out', 0)
+if stock_key == KEYS[1] then
+  redis.call('HSET', meta_key, 'sold_out', 0)  -- (a partitioned SKU's registry reads its pool instead)
+end
 local added = cjson.encode({qty = qty, msg = gid, ts = ts})
 redis.call('HSET', added_key, request, added)
 redis.call('HSET', tx_key, gid, cjson.encode({state = 'ran', kind = 'restock', request = request, qty = qty, code = 1, ts = ts}))

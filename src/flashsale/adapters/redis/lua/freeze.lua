@@ -4,7 +4,7 @@
 -- ARGV[1] ms (a `stock set` that died midway never stops a sale for good), or when the load replaces
 -- the meta.
 --
--- KEYS[1] fs:{sku}:stock
+-- KEYS[1] fs:{sku}:stock (a partitioned SKU's own keys: fs:{sku}:pool, so that restocks into it wait)
 -- KEYS[2] fs:{sku}:meta   frozen_until (ms, Redis's clock)
 -- ARGV[1] how long to freeze, ms; 0 thaws
 --
