@@ -13,7 +13,8 @@ from flashsale.service import order_ops as orders
 
 @click.group()
 def order() -> None:
-    """Look at an order, or pay or cancel it (as the payment service or its buyer would)."""
+    """Look at an order, pay or cancel it (as the payment service or its buyer would), or expire the
+    orders whose timer was lost."""
 
 
 @order.command("show")
@@ -46,6 +47,15 @@ def order_pay(ctx: Context, sku: str, token: str, payment_id: str) -> None:
 def order_cancel(ctx: Context, sku: str, token: str, user_id: str, request_id: str) -> None:
     """Cancel an order awaiting payment: its units go back on sale."""
     _decide(ctx, sku, token, "cancel", request_id, user_id)
+
+
+@order.command("expire-due")
+@click.argument("sku")
+@click.pass_obj
+def order_expire_due(ctx: Context, sku: str) -> None:
+    """Expire every order of SKU still awaiting payment past its deadline, as its timer would have (for a
+    timer that was lost: `reconcile` lists such orders). Prints the count of each answer."""
+    click.echo(json.dumps(orders.expire_due(ctx.settings, sku)))
 
 
 def _decide(ctx: Context, sku: str, token: str, action: str, decision_id: str, user: str) -> None:

@@ -25,6 +25,9 @@ from flashsale.records import Adopt, LogEntry
 PAGE = 1000
 #: Most tokens listed per kind of drift (the counts are always complete).
 SAMPLE = 100
+#: An order still awaiting payment this long after its deadline lost its timer (a timer is retried for
+#: far less): `flashsale order expire-due` expires it.
+OVERDUE_S = 300
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class SkuReport:
     order_drift: int = 0  # orders whose state (or return) in MySQL is not the log's, settled
     order_drift_tokens: list[str] = field(default_factory=list)
     orders_in_flight: int = 0  # the same, younger than the settle time: on their way
+    orders_overdue: int = 0  # awaiting payment in Redis more than OVERDUE_S after their deadline
+    overdue_tokens: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -166,6 +171,7 @@ def _check_applied(store: MySQLStore, report: SkuReport, page: list[LogEntry], s
     """Count one page of the Redis log against MySQL; returns its settled deductions MySQL lacks, and those
     whose order MySQL holds in another state (a replay of either brings MySQL to the log)."""
     deducted = [e for e in page if e.state in c.DEDUCTED_STATES]
+    _count_overdue(report, deducted, settled_ms)
     report.redis_deducted += len(deducted)
     report.redis_deducted_qty += sum(e.qty for e in deducted)
     applied = store.order_facts(report.sku, [e.token for e in deducted])
@@ -185,6 +191,15 @@ def _check_applied(store: MySQLStore, report: SkuReport, page: list[LogEntry], s
         if len(report.missing_tokens) < SAMPLE:
             report.missing_tokens.append(entry.token)
     return missing
+
+
+def _count_overdue(report: SkuReport, entries: list[LogEntry], settled_ms: float) -> None:
+    """Orders still awaiting payment long after their deadline: their timer was lost."""
+    for entry in entries:
+        if entry.order == "awaiting" and entry.due_ms is not None and entry.due_ms < settled_ms - OVERDUE_S * 1000:
+            report.orders_overdue += 1
+            if len(report.overdue_tokens) < SAMPLE:
+                report.overdue_tokens.append(entry.token)
 
 
 def _order_drifts(report: SkuReport, entry: LogEntry, facts: tuple[str | None, bool], settled_ms: float) -> bool:
@@ -278,6 +293,11 @@ def _judge(r: SkuReport) -> None:
         r.problems.append(
             f"{r.conflicts} deduction(s) ({r.conflict_qty} units) are open conflicts: MySQL could not apply them "
             f"as they stand (see the conflicts table)"
+        )
+    if r.orders_overdue:
+        r.problems.append(
+            f"{r.orders_overdue} order(s) await payment more than {OVERDUE_S} s past their deadline (their timer was "
+            f"lost): `flashsale order expire-due {r.sku}` expires them"
         )
     if r.order_drift:
         r.problems.append(

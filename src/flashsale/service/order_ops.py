@@ -1,4 +1,4 @@
-"""`flashsale order show|pay|cancel` and `flashsale stock add`: an operator's look at one order, a decision
+"""`flashsale order show|pay|cancel|expire-due` and `flashsale stock add`: an operator's look at one order, a decision
 on it, a restock (the CLI's way in).
 
 Each call opens a purchase engine of its own (the producer's clients), so a decision travels exactly as
@@ -7,8 +7,12 @@ one over HTTP does, and a restock as the Python API's: half message, its script,
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Any
 
+from flashsale import constants as c
+from flashsale import wiring
 from flashsale.config import Settings
 from flashsale.errors import UnknownSku
 from flashsale.pipeline.orders import OrderAnswer, describe
@@ -46,3 +50,18 @@ def add_stock(settings: Settings, sku: str, qty: int, *, request_id: str) -> Res
     if answer.outcome is Restock.UNKNOWN_SKU:
         raise UnknownSku(f"unknown SKU {sku!r}: it is not loaded", hint=f"load it with `flashsale stock set {sku} QTY`")
     return answer
+
+
+def expire_due(settings: Settings, sku: str) -> dict[str, int]:
+    """Expire every order of `sku` still awaiting payment past its deadline (what its timer would have
+    done: an order paid or cancelled meanwhile is left as it is); returns the count of each answer."""
+    with wiring.redis_stock(settings) as stock:
+        stock.view(sku)  # an unknown SKU is an error, not an empty sweep
+        now_ms = int(time.time() * 1000)
+        due = [e for e in stock.scan_log(sku) if e.order == "awaiting" and e.due_ms is not None and e.due_ms <= now_ms]
+    answers: Counter[str] = Counter()
+    with opened(settings) as engine:
+        for entry in due:
+            answer = engine.decide(sku, entry.token, "expire", decision_id=c.EXPIRY_DECISION)
+            answers[answer.decision.name.lower()] += 1
+    return dict(sorted(answers.items()))
