@@ -1,4 +1,4 @@
-"""`flashsale order show|pay|cancel`: one order, looked at or decided by an operator."""
+"""`flashsale order show|pay|cancel|expire-due`: one order looked at or decided, or lost timers made good."""
 
 from __future__ import annotations
 
