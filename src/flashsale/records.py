@@ -405,6 +405,11 @@ class DeductionRow:
     qty: int
     message_id: str
     created_ms: int
+    #: Its order, for a SKU sold with a payment deadline: the log's name of its state (awaiting, paid,
+    #: cancelled, expired), its deadline and when it was decided; None for an order final on acceptance.
+    order: str | None = None
+    due_ms: int | None = None
+    decided_ms: int | None = None
 
 
 @dataclass(frozen=True)

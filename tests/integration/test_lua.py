@@ -296,17 +296,38 @@ def test_concurrent_prededucts_never_oversell(redis_stock: RedisStock, sku: str)
 def test_adopt_writes_back_an_entry_or_a_whole_deduction_and_names_each_outcome(
     redis_stock: RedisStock, sku: str
 ) -> None:
-    from flashsale.records import Adopt
+    from flashsale.records import Adopt, DeductionRow
+
+    def row(token: str) -> DeductionRow:
+        return DeductionRow(0, token, "u" + token, 1, "m" + token, 5)
 
     redis_stock.load(sku, 2)
     one(redis_stock, sku, "t1", "u1", 1, "m1")
-    assert redis_stock.adopt(sku, "t1", "u1", 1, 5, "m1", deduct=False) == (Adopt.ALREADY_LOGGED, "deducted")
+    assert redis_stock.adopt(sku, row("t1"), deduct=False) == (Adopt.ALREADY_LOGGED, "deducted")
     redis_stock.client.hdel(SkuKeys.of(sku).log, "t1")
-    assert redis_stock.adopt(sku, "t1", "u1", 1, 5, "m1", deduct=False) == (Adopt.ADOPTED, "")
+    assert redis_stock.adopt(sku, row("t1"), deduct=False) == (Adopt.ADOPTED, "")
     assert redis_stock.view(sku).stock == 1  # the entry alone: the stock already counted it
-    assert redis_stock.adopt(sku, "t2", "u2", 1, 5, "m2", deduct=True) == (Adopt.ADOPTED, "")
+    assert redis_stock.adopt(sku, row("t2"), deduct=True) == (Adopt.ADOPTED, "")
     assert redis_stock.view(sku).stock == 0
-    assert redis_stock.adopt(sku, "t3", "u3", 1, 5, "m3", deduct=True) == (Adopt.NO_STOCK, "0")
+    assert redis_stock.adopt(sku, row("t3"), deduct=True) == (Adopt.NO_STOCK, "0")
+
+
+def test_adopt_writes_back_an_order_as_mysql_has_it_and_a_returned_one_takes_no_stock(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    from flashsale.records import Adopt, DeductionRow
+
+    redis_stock.load(sku, 2, pay_within_ms=60_000)
+    paid = DeductionRow(0, "t1", "u1", 1, "m1", 5, "paid", 60_005, 70)
+    expired = DeductionRow(0, "t2", "u2", 1, "m2", 5, "expired", 60_005, 60_010)
+    assert redis_stock.adopt(sku, paid, deduct=True) == (Adopt.ADOPTED, "")
+    assert redis_stock.adopt(sku, expired, deduct=True) == (Adopt.ADOPTED, "")
+    entries = redis_stock.log_entries(sku, ["t1", "t2"])
+    assert (entries["t1"].state, entries["t1"].order, entries["t1"].due_ms) == ("deducted", "paid", 60_005)
+    assert (entries["t2"].state, entries["t2"].order, entries["t2"].decided_ms) == ("returned", "expired", 60_010)
+    view = redis_stock.view(sku)
+    # Both deductions count, the expired one's units came back: one unit left.
+    assert (view.stock, view.deducted_qty, view.returned_qty) == (1, 2, 1)
 
 
 def test_load_refuses_an_invalid_argument_with_its_name(redis_stock: RedisStock, sku: str) -> None:

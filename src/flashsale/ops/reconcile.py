@@ -365,9 +365,7 @@ class _Repairer:
             return
         unexplained = seen.redis_counter_qty - seen.redis_deducted_qty - self._entries_qty
         entry_only = unexplained >= int(row.qty)
-        code, detail = self.stock.adopt(
-            seen.sku, row.token, row.user_id, int(row.qty), int(row.created_ms), row.message_id, deduct=not entry_only
-        )
+        code, detail = self.stock.adopt(seen.sku, row, deduct=not entry_only)
         if code is Adopt.ADOPTED and entry_only:
             self.report.adopted_entries += 1
             self._entries_qty += int(row.qty)

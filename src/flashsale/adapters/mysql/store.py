@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 
+from flashsale import constants as c
 from flashsale.adapters.mysql import lifecycle, sql
 from flashsale.adapters.mysql.statements import query
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
@@ -212,9 +213,7 @@ class MySQLStore:
         """Applied deductions of the SKU with id > `after`, in id order (keyset paging)."""
         with self.transaction(f"page deductions of {sku}") as conn:
             rows = conn.execute(query("deductions_page"), {"sku": sku, "after": after, "limit": limit})
-            return [
-                DeductionRow(int(r.id), r.token, r.user_id, int(r.qty), r.message_id, int(r.created_ms)) for r in rows
-            ]
+            return [_deduction_row(r) for r in rows]
 
     def dead_letters_page(self, after: int, limit: int, sku: str | None = None) -> list[DeadLetterRow]:
         """Dead letters not replayed yet with id > `after`, in id order (of one SKU, when given)."""
@@ -540,3 +539,21 @@ def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter]) -> Non
                 for d in letters
             ],
         )
+
+
+#: The log's name of each order status MySQL keeps (`created`: final on acceptance, no name).
+_ORDER_OF_STATUS = {status: state for state, status in c.ORDER_STATUS.items()}
+
+
+def _deduction_row(r: Any) -> DeductionRow:
+    return DeductionRow(
+        int(r.id),
+        r.token,
+        r.user_id,
+        int(r.qty),
+        r.message_id,
+        int(r.created_ms),
+        _ORDER_OF_STATUS.get(r.status),
+        int(r.due_ms) if r.due_ms is not None else None,
+        int(r.decided_ms) if r.decided_ms is not None else None,
+    )

@@ -52,6 +52,7 @@ from flashsale.records import (
     Adopt,
     CheckView,
     Decision,
+    DeductionRow,
     Layout,
     LoadStock,
     LogEntry,
@@ -353,18 +354,17 @@ class RedisStock:
         keys, args = add_stock_call(sku, qty, request_id=request_id, message_id=message_id)
         return parse_restock(self._run("add_stock", keys, args))
 
-    def adopt(
-        self, sku: str, token: str, user: str, qty: int, ts_ms: int, message_id: str, *, deduct: bool
-    ) -> tuple[Adopt, str]:
-        """Write back a deduction MySQL has and the log lacks; `detail` is the entry's state, or the stock left.
+    def adopt(self, sku: str, row: DeductionRow, *, deduct: bool) -> tuple[Adopt, str]:
+        """Write back a deduction MySQL has and the log lacks, with its order as MySQL has it; `detail` is
+        the entry's state, or the stock left.
 
         A partitioned SKU writes it to the token's first partition, which every attempt of the token
         looks at (records.Layout.order)."""
         layout = self.layout(sku)
-        keys = SkuKeys.of(next(layout.order(token)) if layout else sku)
-        code, detail = self._run(
-            "adopt", keys.sale(), [token, user, str(qty), str(ts_ms), message_id, sku, "deduct" if deduct else "entry"]
-        )
+        keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
+        args = [row.token, row.user_id, str(row.qty), str(row.created_ms), row.message_id, sku]
+        args += ["deduct" if deduct else "entry", row.order or "", str(row.due_ms or ""), str(row.decided_ms or "")]
+        code, detail = self._run("adopt", keys.sale(), args)
         return Adopt(int(code)), str(detail)
 
     # --- reading ------------------------------------------------------------------------------------

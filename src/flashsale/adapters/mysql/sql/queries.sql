@@ -98,8 +98,10 @@ SELECT 1
 SELECT token FROM stock_deductions WHERE sku = :sku AND token IN :tokens
 
 -- name: deductions_page
-SELECT id, token, user_id, qty, message_id, created_ms FROM stock_deductions
-WHERE sku = :sku AND id > :after ORDER BY id LIMIT :limit
+SELECT d.id, d.token, d.user_id, d.qty, d.message_id, d.created_ms, o.status, o.due_ms, o.decided_ms
+FROM stock_deductions d
+LEFT JOIN orders o ON o.sku = d.sku AND o.token = d.token
+WHERE d.sku = :sku AND d.id > :after ORDER BY d.id LIMIT :limit
 
 -- name: orders_without_deduction
 SELECT COUNT(*) FROM orders o LEFT JOIN stock_deductions d ON d.sku = o.sku AND d.token = o.token

@@ -12,6 +12,11 @@
 -- ARGV[6] sku
 -- ARGV[7] mode: 'entry'  = only the log entry was lost (stock and counters still count the deduction)
 --               'deduct' = Redis lost the whole deduction (e.g. a failover): take the stock again too
+-- ARGV[8] its order's state as MySQL has it (awaiting, paid, cancelled, expired), '' when final
+-- ARGV[9] the order's deadline (ms), ARGV[10] when it was decided (ms), '' when none
+--
+-- An order cancelled or expired in MySQL gave its units back there: its entry is written back as
+-- returned, and in 'deduct' mode the stock is not taken again (the deduction and its return both count).
 --
 -- Returns {code, detail}:
 --   0 nothing to do: the token already has a log entry (detail = its state)
@@ -19,6 +24,8 @@
 --   2 refused: 'deduct' needs more stock than Redis has (detail = remaining); an operator must decide
 local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, user, qty_arg, ts, message_id, sku, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local order, due, decided = ARGV[8] or '', tonumber(ARGV[9] or ''), tonumber(ARGV[10] or '')
+local returned = order == 'cancelled' or order == 'expired'
 
 local seen = redis.call('HGET', log_key, token)
 if seen then
@@ -27,10 +34,18 @@ end
 local qty = tonumber(qty_arg)
 local stock = tonumber(redis.call('GET', stock_key) or '-1')
 local entry = {
-  state = 'deducted', sku = sku, user = user, qty = qty,
+  state = returned and 'returned' or 'deducted', sku = sku, user = user, qty = qty,
   ts = tonumber(ts), msg = message_id, restored = 1,
 }
-if mode == 'deduct' then
+if order ~= '' then
+  entry['order'], entry['due'], entry['decided_ts'] = order, due, decided
+end
+if mode == 'deduct' and returned then
+  redis.call('HINCRBY', meta_key, 'deducted_qty', qty)
+  redis.call('HINCRBY', meta_key, 'deducted_count', 1)
+  redis.call('HINCRBY', meta_key, 'returned_qty', qty)
+  redis.call('HINCRBY', meta_key, 'returned_count', 1)
+elseif mode == 'deduct' then
   if stock < qty then
     return {2, tostring(stock)}
   end

@@ -1,7 +1,9 @@
-"""An order whose payment timer was lost: reconcile finds it, and `flashsale order expire-due` expires it.
+"""Orders whose timer or whose Redis entry was lost: reconcile finds them, and the operator's tools make
+them good (`flashsale order expire-due`, `reconcile --repair`).
 
 A timer is dead-lettered after 100 deliveries (a long Redis or broker outage): its orders would await
-payment for ever, their units off sale. The books are read back with plain SQL and Redis commands.
+payment for ever, their units off sale. A failover can lose log entries MySQL holds. The books are read
+back with plain SQL and Redis commands.
 """
 
 from __future__ import annotations
@@ -60,3 +62,47 @@ def test_orders_whose_timer_was_lost_are_found_by_reconcile_and_expired_by_expir
     assert books.problems == [], books.problems
     assert (books.redis_stock, books.mysql_stock, books.mysql_returned) == (2, 2, {"t1": 1, "t2": 1})
     assert books.order_status == {"t0": "paid", "t1": "expired", "t2": "expired"}
+
+
+def test_orders_redis_lost_are_written_back_by_repair_in_the_state_mysql_holds(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    import redis
+
+    from flashsale import FlashSale
+
+    set_stock(settings, sku, 3, pay_within_ms=600_000)
+    pipeline.checker()
+    pipeline.consumer()
+    with FlashSale(settings) as sale:
+        assert all(sale.purchase(sku, f"u{i}", 1, f"t{i}").status is PurchaseStatus.ACCEPTED for i in range(3))
+        assert sale.pay(sku, "t0", "p0").decision is Decision.PAID
+        assert sale.cancel(sku, "t1", "u1", "c1").decision is Decision.CANCELLED
+    assert balanced(settings, sku).problems == []
+    # A failover loses both entries and what they did: the paid unit is back in the stock, the counters
+    # forget both deductions and the cancel's return.
+    raw = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    tag = "{" + sku + "}"
+    raw.hdel(f"fs:{tag}:log", "t0", "t1")
+    raw.incrby(f"fs:{tag}:stock", 1)
+    for field, by in (("deducted_qty", -2), ("deducted_count", -2), ("returned_qty", -1), ("returned_count", -1)):
+        raw.hincrby(f"fs:{tag}:meta", field, by)
+    repaired = subprocess.run(
+        [sys.executable, "-m", "flashsale", "reconcile", sku, "--repair", "--wait", "60", "--json"],
+        capture_output=True,
+        text=True,
+        env={**pipeline.base_env, "FLASHSALE_SETTLE_S": "0"},
+        timeout=180,
+    )
+    assert repaired.returncode == 0, (repaired.stdout, repaired.stderr[-2000:])
+    assert json.loads(repaired.stdout)["repairs"][0]["adopted_deductions"] == 2
+    entries = {t: json.loads(v) for t, v in raw.hgetall(f"fs:{tag}:log").items()}
+    assert {t: (e["state"], e.get("order")) for t, e in entries.items()} == {
+        "t0": ("deducted", "paid"),
+        "t1": ("returned", "cancelled"),
+        "t2": ("deducted", "awaiting"),
+    }
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert (books.redis_stock, books.mysql_stock) == (1, 1)
+    assert books.order_status == {"t0": "paid", "t1": "cancelled", "t2": "awaiting_payment"}
