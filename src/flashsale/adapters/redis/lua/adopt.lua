@@ -13,7 +13,8 @@
 -- ARGV[7] mode: 'entry'  = only the log entry was lost (stock and counters still count the deduction)
 --               'deduct' = Redis lost the whole deduction (e.g. a failover): take the stock again too
 -- ARGV[8] its order's state as MySQL has it (awaiting, paid, cancelled, expired), '' when final
--- ARGV[9] the order's deadline (ms), ARGV[10] when it was decided (ms), '' when none
+-- ARGV[9] the order's deadline (ms), '' when none
+-- ARGV[10] when the order was decided (ms), '' when it was not
 --
 -- An order cancelled or expired in MySQL gave its units back there: its entry is written back as
 -- returned, and in 'deduct' mode the stock is not taken again (the deduction and its return both count).
