@@ -151,7 +151,7 @@ def test_every_metric_the_dashboard_queries_is_in_the_processes_real_metrics(
         pass
     # The broker asks any producer of the topic, or the checker: one of them answers.
     checker.wait_for(lambda: "key t-doomed -> rollback" in checker.text() + producer.text(), "answering the check", 60)
-    balanced(settings, sku, 60)
+    assert balanced(settings, sku, 60).problems == []
 
     exported: set[str] = set()
     for child in (producer, consumer, checker):
