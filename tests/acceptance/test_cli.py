@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from flashsale import failpoints
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.models import Purchase
 from flashsale.net import is_loopback
 from flashsale.ops.setup import set_stock
 from flashsale.stack.settings import StackSettings
-from tests.acceptance.harness import Pipeline
+from tests.acceptance.harness import Pipeline, post
 from tests.conftest import session_env
 from tests.oracle import balanced, now
 
@@ -304,12 +305,41 @@ def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(sett
     assert pipeline["applied_per_s"] == pytest.approx(300 / pipeline["drain_s"], rel=0.05)
 
 
-def test_a_process_logs_one_json_object_per_line_when_asked(pipeline: Pipeline) -> None:
-    checker = pipeline.checker(FLASHSALE_LOG_FORMAT="json")
-    checker.terminate()
-    events = [json.loads(line) for line in checker.text().splitlines() if line.strip()]
-    assert any(e["message"].startswith("checker answering transaction checks") for e in events)
-    assert all(e["process"] == "checker" and e["pid"] == checker.popen.pid for e in events if "process" in e)
+def test_every_process_logs_one_json_object_per_line_with_the_ids_of_what_it_did_when_asked(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    json_logs = {"FLASHSALE_LOG_FORMAT": "json"}
+    set_stock(settings, sku, 5)
+    checker = pipeline.checker(**json_logs)
+    consumer = pipeline.consumer(**json_logs)
+    producer, url = pipeline.producer(**json_logs)
+    assert post(url, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t-json"})[1]["status"] == "accepted"
+    # A producer that dies after its half message: the check that rolls it back is logged with its ids.
+    doomed, doomed_url = pipeline.producer(failpoints=failpoints.AFTER_HALF_MESSAGE, **json_logs)
+    try:
+        post(doomed_url, {"sku": sku, "user_id": "u2", "qty": 1, "token": "t-json-doomed"}, timeout_s=15)
+    except OSError:
+        pass
+    checker.wait_for(
+        lambda: "key t-json-doomed -> rollback" in checker.text() + producer.text(), "answering the check", 60
+    )
+    assert balanced(settings, sku, 60).problems == []
+    for child in (checker, consumer, producer):
+        child.terminate()
+    events = {}
+    for role, child in (("checker", checker), ("consumer", consumer), ("producer", producer), ("producer", doomed)):
+        # Every line is one JSON object naming its process: nothing printed around the logger.
+        lines = [json.loads(line) for line in child.text().splitlines() if line.strip()]
+        assert lines and all(e["process"] == role and e["pid"] == child.popen.pid for e in lines), role
+        assert all(e["level"] and e["ts"] and e["logger"] for e in lines)
+        events[child.popen.pid] = lines
+    checks = [
+        e for e in events[checker.popen.pid] + events[producer.popen.pid] if "t-json-doomed -> rollback" in e["message"]
+    ]
+    assert checks and all(e.get("token") == "t-json-doomed" and e.get("message_id") for e in checks), checks
+    assert any(e["message"].startswith("checker answering transaction checks") for e in events[checker.popen.pid])
+    assert any("batch: 1 applied" in e["message"] for e in events[consumer.popen.pid])
+    assert any("failpoint" in e["message"] and e["level"] == "CRITICAL" for e in events[doomed.popen.pid])
 
 
 def test_a_baseline_out_of_connections_is_reported_with_its_errors_and_the_run_goes_on(
