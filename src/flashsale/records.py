@@ -55,6 +55,7 @@ class Restock(enum.IntEnum):
     ALREADY_ADDED = 2  # an earlier message of the same request id added the units
     UNKNOWN_SKU = 3
     FROZEN = 4  # the SKU is being loaded again: ask again
+    OTHER_QTY = 5  # the request id added another quantity before: nothing more was added
     INVALID_QTY = 6
     FENCED = 7  # the checker rolled the restock's message back before it ran: nothing was added
 
@@ -303,7 +304,7 @@ class Incoming:
     topic: str = ""
     order: Order | None = None  # its order's state in the log, for a SKU sold with a payment deadline
     attempt: int = 1  # deliveries of the message that carries it
-    restocked: bool = False  # its SKU had units added during the sale (MySQL may not have them yet)
+    added_qty: int = 0  # units restocks added to its SKU in Redis (MySQL may not hold them all yet)
 
 
 @dataclass(frozen=True)

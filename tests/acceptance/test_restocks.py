@@ -123,16 +123,44 @@ def test_a_restock_of_a_sku_with_a_deadline_and_units_given_back_keeps_every_boo
     assert (books.sold, books.mysql_returned, books.mysql_added, books.mysql_stock) == (4, {"t0": 1}, {"r1": 2}, 0)
 
 
-def test_stock_add_refuses_an_unknown_sku_and_a_bad_quantity_saying_why(
+def test_stock_add_refuses_an_unknown_sku_a_bad_quantity_and_a_request_id_reused_saying_why(
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
-    unknown = _cli(pipeline, "stock", "add", sku, "5")
+    unknown = _cli(pipeline, "stock", "add", sku, "5", "--request-id", "r1")
     assert unknown.returncode == 2 and f"unknown SKU {sku!r}" in unknown.stderr, unknown.stderr
     set_stock(settings, sku, 10)
     for bad in ("0", "-3", "many", "1000001"):
-        refused = _cli(pipeline, "stock", "add", sku, bad)
+        refused = _cli(pipeline, "stock", "add", sku, bad, "--request-id", "r1")
         assert refused.returncode == 2 and "QTY" in refused.stderr, refused.stderr
+    # Without a request id a retry could not be told from a new restock: the id is required.
+    anonymous = _cli(pipeline, "stock", "add", sku, "5")
+    assert anonymous.returncode == 2 and "--request-id" in anonymous.stderr, anonymous.stderr
     assert balanced(settings, sku).redis_added == {}
+    pipeline.checker()
+    assert _cli(pipeline, "stock", "add", sku, "5", "--request-id", "r1").returncode == 0
+    other = _cli(pipeline, "stock", "add", sku, "7", "--request-id", "r1")
+    assert other.returncode == 2 and "added 5 unit(s)" in other.stderr and "not 7" in other.stderr, other.stderr
+    assert balanced(settings, sku, 0).redis_added == {"r1": 5}
+
+
+def test_stock_set_waits_for_a_restock_mysql_has_not_applied_yet(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    from flashsale import FlashSale
+
+    set_stock(settings, sku, 10)
+    pipeline.checker()  # no consumer yet: the restock's message waits in the broker
+    with FlashSale(settings) as sale:
+        assert sale.add_stock(sku, 4, "r-waiting").outcome is Restock.ADDED
+    refused = _cli(pipeline, "stock", "set", sku, "20")
+    assert refused.returncode != 0 and "restock(s) in Redis that MySQL has not applied yet" in refused.stderr
+    assert balanced(settings, sku, 0).redis_added == {"r-waiting": 4}  # nothing was loaded
+    pipeline.consumer()
+    assert balanced(settings, sku).mysql_added == {"r-waiting": 4}
+    loaded = _cli(pipeline, "stock", "set", sku, "20")
+    assert loaded.returncode == 0, loaded.stderr
+    books = balanced(settings, sku)
+    assert books.problems == [] and books.redis_added == books.mysql_added == {} and books.mysql_stock == 20
 
 
 def test_a_restock_of_a_sold_out_partitioned_sku_goes_to_its_pool_and_sells_once(

@@ -11,7 +11,7 @@ from flashsale.adapters.mysql import sql
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.errors import StockError, StoreError
 from flashsale.models import Deduction
-from flashsale.records import DeadLetter, Incoming, Order
+from flashsale.records import Addition, DeadLetter, Incoming, Order
 
 
 def incoming(sku: str, token: str, qty: int = 1, user: str = "u1") -> Incoming:
@@ -305,3 +305,37 @@ def test_a_shortfall_that_outlasts_its_deliveries_is_a_conflict(mysql_store: MyS
     mysql_store.apply_batch([_with_order(incoming(sku, "a"), "awaiting")])
     late = dataclasses.replace(_with_order(incoming(sku, "b", user="u2"), "awaiting"), attempt=10)
     assert [d.token for d in mysql_store.apply_batch([late]).conflicts] == ["b"]
+
+
+def test_a_restock_adds_its_units_once_and_a_sale_of_them_ahead_of_it_waits_for_it(
+    mysql_store: MySQLStore, sku: str
+) -> None:
+    mysql_store.load_stock(sku, 1)
+    mysql_store.apply_batch([incoming(sku, "a")])
+    # Redis added 2 units and sold one of them; its deduction reaches MySQL before the restock does.
+    ahead = dataclasses.replace(incoming(sku, "b", user="u2"), added_qty=2)
+    with pytest.raises(StoreError) as refused:
+        mysql_store.apply_batch([ahead])
+    assert refused.value.retriable and mysql_store.existing_tokens(sku, ["b"]) == set()
+    restock = Addition(sku, "r1", 2, "m-r1", 1_000)
+    for _ in range(2):  # a redelivered restock adds nothing twice
+        assert mysql_store.apply_batch([], additions=[restock]).added_qty in (2, 0)
+    assert counts(mysql_store, sku) == (2, 1, 1) and mysql_store.view(sku).added_qty == 2
+    assert mysql_store.apply_batch([ahead]).conflicts == []
+    assert counts(mysql_store, sku) == (1, 2, 2)
+    assert mysql_store.additions(sku) == {"r1": (2, 1_000)}
+
+
+def test_a_shortfall_with_every_restock_applied_is_a_conflict_at_once(mysql_store: MySQLStore, sku: str) -> None:
+    mysql_store.load_stock(sku, 1)
+    mysql_store.apply_batch([], additions=[Addition(sku, "r1", 1, "m-r1", 1_000)])
+    mysql_store.apply_batch([incoming(sku, "a"), incoming(sku, "b", user="u2")])
+    # Redis says 1 unit was added, and MySQL has it: nothing is on its way, so no wait.
+    late = dataclasses.replace(incoming(sku, "c", user="u3"), added_qty=1)
+    assert [d.token for d in mysql_store.apply_batch([late]).conflicts] == ["c"]
+
+
+def test_a_restock_of_a_sku_mysql_does_not_know_is_dead_lettered(mysql_store: MySQLStore, sku: str) -> None:
+    report = mysql_store.apply_batch([], additions=[Addition(sku, "r1", 3, "m-r1", 1_000)])
+    assert [(d.message_id, d.key, d.sku) for d in report.dead_letters] == [("m-r1", "r1", sku)]
+    assert "unknown sku" in report.dead_letters[0].reason

@@ -35,11 +35,16 @@ def test_a_restock_adds_its_units_once_per_request_id_and_a_sold_out_sku_sells_a
     assert _meta(raw, sku)["sold_out"] == "1"
 
     first = redis_stock.add_stock(sku, 3, request_id="r1", message_id="m-add")
-    again = redis_stock.add_stock(sku, 5, request_id="r1", message_id="m-retry")  # a retry, with a new message
+    reruns = int(_meta(raw, sku).get("reruns", 0))
+    again = redis_stock.add_stock(sku, 3, request_id="r1", message_id="m-retry")  # a retry, with a new message
+    other = redis_stock.add_stock(sku, 5, request_id="r1", message_id="m-other")  # the id, another quantity
     rerun = redis_stock.add_stock(sku, 3, request_id="r1", message_id="m-add")  # the same message run again
     assert (first.code, first.stock, first.qty, first.message_id) == (Restock.ADDED, 3, 3, "m-add")
     assert (again.code, again.stock, again.qty, again.message_id) == (Restock.ALREADY_ADDED, 3, 3, "m-add")
+    assert (other.code, other.stock, other.qty) == (Restock.OTHER_QTY, 3, 3)
     assert (rerun.code, rerun.stock) == (Restock.ADDED, 3)
+    # Every answer read from a record writes (a counter): a WAIT after it proves a replica holds the record.
+    assert int(_meta(raw, sku)["reruns"]) == reruns + 3
     meta = _meta(raw, sku)
     assert (meta["added_qty"], meta["added_count"], meta["sold_out"]) == ("3", "1", "0")
     assert int(raw.get(SkuKeys.of(sku).stock) or -1) == 3
@@ -75,6 +80,8 @@ def test_a_restock_is_refused_for_an_unknown_or_a_frozen_sku_and_writes_nothing(
         assert redis_stock.add_stock(sku, 1, request_id="r1", message_id="m2").code is Restock.FROZEN
     assert int(raw.get(SkuKeys.of(sku).stock) or -1) == 2 and raw.hget(SkuKeys.of(sku).tx, "m2") is None
     assert redis_stock.add_stock(sku, 1, request_id="r1", message_id="m3").code is Restock.ADDED
+    with redis_stock.frozen(sku):  # what a request did stands, a reload under way or not
+        assert redis_stock.add_stock(sku, 1, request_id="r1", message_id="m4").code is Restock.ALREADY_ADDED
 
 
 def test_a_restock_of_a_partitioned_sku_goes_to_its_pool_once_and_waits_for_a_reload(

@@ -143,13 +143,13 @@ class FakeLog:
 
     entries: dict[tuple[str, str], LogEntry] = field(default_factory=dict)
     records: dict[tuple[str, str], TxRecord] = field(default_factory=dict)
-    restocked: set[str] = field(default_factory=set)
+    added: dict[str, int] = field(default_factory=dict)  # sku -> units restocks added
     error: Exception | None = None
     lookups: int = 0
 
     def lookup(
         self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]]:
+    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]]:
         self.lookups += 1
         if self.error:
             raise self.error
@@ -157,7 +157,7 @@ class FakeLog:
             sku: (
                 {t: self.entries.get((sku, t)) for t in tokens},
                 {g: self.records.get((sku, g)) for g in gids},
-                sku in self.restocked,
+                self.added.get(sku, 0),
             )
             for sku, (tokens, gids) in wanted.items()
         }

@@ -31,7 +31,7 @@ def _entry(order: str, decided_by: str | None, state: str = "deducted") -> LogEn
 
 def test_a_decision_applies_its_orders_entry_with_the_deduction_as_a_purchase() -> None:
     entry = _entry("cancelled", "m-cancel", state="returned")
-    plan = accepted.plan([_decoded("m-cancel", SOURCE_DECISION)], {"sku": ({"t1": entry}, {}, False)})
+    plan = accepted.plan([_decoded("m-cancel", SOURCE_DECISION)], {"sku": ({"t1": entry}, {}, 0)})
     assert [i.order for i in plan.apply] == [Order("cancelled", TS + 5000, TS + 10, "m-cancel")]
     (item,) = plan.apply
     assert (item.message_id, item.deduction.source, item.order and item.order.returned) == (
@@ -42,14 +42,14 @@ def test_a_decision_applies_its_orders_entry_with_the_deduction_as_a_purchase() 
 
 
 def test_a_decision_the_log_does_not_name_applies_nothing() -> None:
-    plan = accepted.plan([_decoded("m-late", SOURCE_DECISION)], {"sku": ({"t1": _entry("paid", "m-pay")}, {}, False)})
+    plan = accepted.plan([_decoded("m-late", SOURCE_DECISION)], {"sku": ({"t1": _entry("paid", "m-pay")}, {}, 0)})
     assert (plan.apply, plan.skipped) == ([], 1)
 
 
 def test_a_purchase_carries_its_orders_state_as_the_log_has_it_now() -> None:
     # The purchase's message arrives after the order was paid: MySQL gets both in one go.
     entry = dataclasses.replace(_entry("paid", "m-pay"), message_id="m-buy")
-    plan = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, False)})
+    plan = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, 0)})
     assert [i.order.state if i.order else None for i in plan.apply] == ["paid"]
 
 
@@ -60,19 +60,19 @@ def _restock(gid: str, request: str = "r1", qty: int = 30) -> accepted.Decoded:
 
 def test_a_restock_applies_the_units_its_record_says_it_added_never_the_bodys() -> None:
     record = TxRecord.parse('{"state": "ran", "kind": "restock", "request": "r1", "qty": 20, "code": 1, "ts": 7}')
-    plan = accepted.plan([_restock("m-add", qty=999)], {"sku": ({}, {"m-add": record}, True)})
+    plan = accepted.plan([_restock("m-add", qty=999)], {"sku": ({}, {"m-add": record}, 20)})
     assert (plan.additions, plan.apply, plan.skipped) == ([Addition("sku", "r1", 20, "m-add", 7)], [], 0)
 
 
 def test_a_restock_that_added_nothing_or_has_no_record_applies_nothing() -> None:
     already = TxRecord.parse('{"state": "fenced", "ts": 7}')
-    plan = accepted.plan([_restock("m-a"), _restock("m-b")], {"sku": ({}, {"m-a": already, "m-b": None}, True)})
+    plan = accepted.plan([_restock("m-a"), _restock("m-b")], {"sku": ({}, {"m-a": already, "m-b": None}, 20)})
     assert (plan.additions, plan.skipped) == ([], 2)
 
 
 def test_deductions_of_a_restocked_sku_may_wait_for_units_on_their_way() -> None:
     entry = LogEntry("t1", "deducted", "sku", "u1", 1, TS, "m-buy")
-    restocked = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, True)})
-    plain = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, False)})
-    assert [i.restocked for i in restocked.apply] == [True]
-    assert [i.restocked for i in plain.apply] == [False]
+    restocked = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, 30)})
+    plain = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, 0)})
+    assert [i.added_qty for i in restocked.apply] == [30]
+    assert [i.added_qty for i in plain.apply] == [0]

@@ -185,6 +185,8 @@ def _print_replay(report: replay_ops.ReplayReport, topic: str) -> None:
         f"{verb} {report.published} deduction(s) to {topic} "
         f"({report.already_applied} already applied in MySQL: their replay changes nothing)"
     )
+    if report.restocks:
+        click.echo(f"{verb} {report.restocks} restock(s) to {topic}")
     if report.not_deducted:
         click.echo(f"not deducted in Redis, not replayed: {', '.join(report.not_deducted[:20])}")
     for note in report.unreplayable[:20]:

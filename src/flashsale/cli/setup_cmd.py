@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from typing import Any
 
 import click
@@ -95,16 +94,16 @@ def stock_set(ctx: Context, /, sku: str, qty: int, pay_within: str | None, **loa
 @click.argument("qty", type=click.IntRange(1, c.MAX_QTY))
 @click.option(
     "--request-id",
-    default=None,
-    help="This restock's own id: asked again with it, the units are added once. Default: a new one, printed.",
+    required=True,
+    help="This restock's own id (make one up, and keep it): asked again with it, the units are added once.",
 )
 @click.pass_obj
-def stock_add(ctx: Context, sku: str, qty: int, request_id: str | None) -> None:
+def stock_add(ctx: Context, sku: str, qty: int, request_id: str) -> None:
     """Add QTY units to SKU while it is on sale (Redis and, through the consumer, MySQL), once per request id.
 
     Exit 0 when the units stand added (by this call or an earlier one with the same id), 1 when nothing was
-    added and asking again with the same id may add them."""
-    request_id = request_id or uuid.uuid4().hex
+    added and asking again with the same id may add them. Whatever the answer, or none, ask again with the
+    same id: never with a new one until this one answered."""
     answer = order_ops.add_stock(ctx.settings, sku, qty, request_id=request_id)
     outcome = answer.outcome.name.lower()
     shown = {"outcome": outcome, "request_id": request_id, "qty": answer.qty, "stock": answer.stock}

@@ -42,6 +42,7 @@ class ReplayReport:
     not_deducted: list[str] = field(default_factory=list)  # tokens with no deduction in Redis: never replayed
     unreplayable: list[str] = field(default_factory=list)  # dead letters that cannot be decoded or applied
     dead_letters_marked: int = 0
+    restocks: int = 0  # restocks sent to the consumer again (it applies what each one's record says it added)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +165,11 @@ class Replayer:
                     continue
                 if message.sku not in known:
                     self.report.unreplayable.append(f"{row.message_id}: SKU {message.sku!r} is still unknown to MySQL")
+                    continue
+                if message.source == SOURCE_RESTOCK:  # its own message again: its record says what it added
+                    made = {p.token: (p.qty, message.ts_ms, message.gid) for p in message.purchases}
+                    self.report.restocks += self.restocks(message.sku, made)
+                    ids.append(row.id)
                     continue
                 deducted = self._deducted(message.sku, message.tokens)
                 seen = {e.token for e in deducted}

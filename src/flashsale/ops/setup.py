@@ -179,6 +179,15 @@ def _refuse_history(stock: RedisStock, store: MySQLStore, sku: str, *, reset: bo
                 hint="let the consumer catch up (or run `flashsale reconcile --repair`) and try again; "
                 "--force discards them",
             )
+    # A load forgets the restocks of the one before, on both sides: one MySQL has not applied yet would be
+    # applied after the load, to the new one.
+    restocks = sorted(stock.additions(sku).keys() - store.additions(sku).keys())
+    if restocks and not force:
+        raise StockError(
+            f"{sku} has {len(restocks)} restock(s) in Redis that MySQL has not applied yet ({', '.join(restocks[:5])})",
+            hint="let the consumer catch up (or run `flashsale reconcile --repair`) and try again; "
+            "--force discards them",
+        )
 
 
 def _load_redis(settings: Settings, stock: RedisStock, load: _Load, *, reset: bool) -> None:

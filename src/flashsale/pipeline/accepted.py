@@ -35,8 +35,8 @@ from flashsale.records import Addition, Conflict, Incoming, LogEntry, Order, Pre
 
 logger = logging.getLogger(__name__)
 
-#: Per SKU or partition: log entries by token, records by message, and whether restocks added units to it.
-Found = Mapping[str, tuple[Mapping[str, LogEntry | None], Mapping[str, TxRecord | None], bool]]
+#: Per SKU or partition: log entries by token, records by message, and the units restocks added to its SKU.
+Found = Mapping[str, tuple[Mapping[str, LogEntry | None], Mapping[str, TxRecord | None], int]]
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
     result = Plan()
     for d in decoded:
         for shard, purchases in d.message.shards().items():
-            entries, records, restocked = found[shard]
+            entries, records, added = found[shard]
             size = len(result.apply)
             if d.replay:
                 _plan_replay(d, purchases, entries, result)
@@ -122,8 +122,8 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
                 _plan_restock(d, records.get(d.message.gid), result)
             else:
                 _plan_share(d, purchases, entries, records.get(d.message.gid), result)
-            if restocked:  # MySQL may be short of units a restock on its way adds: see the store
-                result.apply[size:] = [dataclasses.replace(i, restocked=True) for i in result.apply[size:]]
+            if added:  # MySQL may be short of units a restock on its way adds: see the store
+                result.apply[size:] = [dataclasses.replace(i, added_qty=added) for i in result.apply[size:]]
     return result
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
-from flashsale.errors import FlashSaleError, ServiceUnavailable
+from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable
 from flashsale.logs import ids
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.ports import PurchaseStockPort
@@ -153,3 +153,14 @@ def answer(request: PurchaseRequest, outcome: PredeductResult, gid: str) -> Purc
     if code is Prededuct.UNKNOWN_SKU:
         return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
     return PurchaseResult(PurchaseStatus.INVALID, token, message=f"invalid quantity {request.qty}")
+
+
+async def settle(action: Callable[[], Awaitable[None]], what: str, gid: str) -> None:
+    """Commit or roll back a half message; one the broker did not take is left to the checker, which
+    answers from the same record (so what the local transaction did stands either way)."""
+    try:
+        await action()
+    except BusError as exc:
+        logger.warning(
+            "%s of message %s failed (%s); the checker will settle it", what, gid, exc, extra=ids(message_id=gid)
+        )

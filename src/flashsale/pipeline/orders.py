@@ -18,6 +18,7 @@ from flashsale import constants as c
 from flashsale.errors import BusError, InvalidInput, ServiceUnavailable
 from flashsale.logs import ids
 from flashsale.models import SOURCE_DECISION, DeductionMessage, Purchase, require_id
+from flashsale.pipeline import local_tx
 from flashsale.ports import HalfMessagePort, OrderStockPort, TxBusPort
 from flashsale.records import Decision, LogEntry
 
@@ -81,13 +82,13 @@ class OrderDesk:
             )
         except ServiceUnavailable as exc:
             if not exc.reached:
-                await half.rollback()
+                await local_tx.settle(half.rollback, "rollback", gid)
             # Else it may have run: the checker settles the message from the log (commit if it decided).
             raise
         if after is not None and after.decided_by == gid:
-            await half.commit()
+            await local_tx.settle(half.commit, "commit", gid)
             return OrderAnswer(decision, after, gid)
-        await half.rollback()
+        await local_tx.settle(half.rollback, "rollback", gid)
         return OrderAnswer(decision, after)
 
     async def _send_half(self, sku: str, entry: LogEntry, gid: str) -> HalfMessagePort:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from flashsale import constants as c
 from flashsale import failpoints
@@ -273,7 +273,7 @@ class PurchaseService:
             )
         elif run.accepted:
             # If the commit is lost, the checker commits from the Redis log: the purchases stand.
-            await self._end(half.commit, "commit", gid)
+            await local_tx.settle(half.commit, "commit", gid)
         else:
             # Nothing was deducted. If this rollback is lost, the checker rolls back too: the log names
             # no purchase of this message.
@@ -285,19 +285,10 @@ class PurchaseService:
                     run.failures,
                     extra=ids(sku=sku, message_id=gid),
                 )
-            await self._end(half.rollback, "rollback", gid)
+            await local_tx.settle(half.rollback, "rollback", gid)
 
     @staticmethod
     def _all(
         requests: Sequence[PurchaseRequest], status: PurchaseStatus, message: str, gid: str | None = None
     ) -> list[PurchaseResult]:
         return [PurchaseResult(status, r.token, message_id=gid, message=message) for r in requests]
-
-    @staticmethod
-    async def _end(action: Callable[[], Awaitable[None]], what: str, gid: str) -> None:
-        try:
-            await action()
-        except BusError as exc:
-            logger.warning(
-                "%s of message %s failed (%s); the checker will settle it", what, gid, exc, extra=ids(message_id=gid)
-            )

@@ -19,6 +19,7 @@ from flashsale import failpoints
 from flashsale.errors import BusError, InvalidInput, ServiceUnavailable
 from flashsale.logs import ids
 from flashsale.models import RESTOCK_USER, SOURCE_RESTOCK, DeductionMessage, Purchase, parse_qty, require_id
+from flashsale.pipeline import local_tx
 from flashsale.ports import HalfMessagePort, RestockPort, TxBusPort
 from flashsale.records import Restock, RestockResult
 
@@ -57,17 +58,16 @@ class Restocker:
             result = await self._stock.add_stock(sku, units, request_id=request_id, message_id=gid)
         except ServiceUnavailable as exc:
             if not exc.reached:
-                await half.rollback()
+                await local_tx.settle(half.rollback, "rollback", gid)
             # Else it may have run: the checker settles the message from its record (commit if it added).
             raise
         failpoints.hit(self._failpoints, failpoints.AFTER_RESTOCK)
-        if result.code is Restock.INVALID_QTY:  # parse_qty let it through: a bug, never the caller's
-            await half.rollback()
-            raise InvalidInput(f"Redis refused {units} units as a restock")
         if result.code is Restock.ADDED:
-            await half.commit()
+            await local_tx.settle(half.commit, "commit", gid)
             return _answer(result, gid)
-        await half.rollback()
+        await local_tx.settle(half.rollback, "rollback", gid)
+        if result.code is Restock.INVALID_QTY:  # parse_qty let it through: a bug, never the caller's
+            raise InvalidInput(f"Redis refused {units} units as a restock")
         return _answer(result, None)
 
     async def _send_half(self, sku: str, qty: int, request_id: str, gid: str) -> HalfMessagePort:

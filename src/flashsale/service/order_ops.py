@@ -14,7 +14,7 @@ from typing import Any
 from flashsale import constants as c
 from flashsale import wiring
 from flashsale.config import Settings
-from flashsale.errors import UnknownSku
+from flashsale.errors import InvalidInput, UnknownSku
 from flashsale.pipeline.orders import OrderAnswer, describe
 from flashsale.pipeline.restock import RestockAnswer
 from flashsale.records import Restock
@@ -49,6 +49,11 @@ def add_stock(settings: Settings, sku: str, qty: int, *, request_id: str) -> Res
         answer = engine.add_stock(sku, qty, request_id=request_id)
     if answer.outcome is Restock.UNKNOWN_SKU:
         raise UnknownSku(f"unknown SKU {sku!r}: it is not loaded", hint=f"load it with `flashsale stock set {sku} QTY`")
+    if answer.outcome is Restock.OTHER_QTY:
+        raise InvalidInput(
+            f"request id {request_id!r} added {answer.qty} unit(s) to {sku} already, not {qty}: nothing more was added",
+            hint="a restock of another quantity needs a request id of its own",
+        )
     return answer
 
 

@@ -422,8 +422,8 @@ def _guarded_update(
             room -= row.qty
         else:
             rest.append(row)
-    if any(_may_wait(items[(sku, r.token)]) for r in rest):
-        raise StoreError(f"MySQL stock {stock} of {sku} is short while units given back are on their way")
+    if rest and _units_on_their_way(conn, sku, [items[(sku, r.token)] for r in rest]):
+        raise StoreError(f"MySQL stock {stock} of {sku} is short while units given back or added are on their way")
     if fit:
         conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
     _refuse(conn, batch_id, sku, rest, items, stock)
@@ -462,10 +462,15 @@ def _given_back(item: Incoming) -> bool:
     return item.order is not None and item.order.returned
 
 
-def _may_wait(item: Incoming) -> bool:
-    """A deduction of a SKU sold with a payment deadline, or restocked, delivered fewer than
-    SHORTFALL_ATTEMPTS times: units given back or added may be on their way to MySQL."""
-    return (item.order is not None or item.restocked) and item.attempt < SHORTFALL_ATTEMPTS
+def _units_on_their_way(conn: Connection, sku: str, short: list[Incoming]) -> bool:
+    """May deductions MySQL cannot cover wait (delivered fewer than SHORTFALL_ATTEMPTS times) for units on
+    their way: given back (a SKU sold with a payment deadline), or added by a restock Redis made and MySQL
+    has not applied yet?"""
+    short = [i for i in short if i.attempt < SHORTFALL_ATTEMPTS]
+    if any(i.order is not None for i in short):
+        return True
+    added = max((i.added_qty for i in short), default=0)
+    return added > 0 and added > int(conn.execute(query("addition_totals"), {"sku": sku}).one()[1])
 
 
 def _unknown_addition(addition: Addition) -> DeadLetter:

@@ -112,17 +112,17 @@ def parse_entries(tokens: Sequence[str], raws: Sequence[Any], *, strict: bool = 
 
 def parse_lookup(
     skus: Sequence[str], wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]], replies: Sequence[Any]
-) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]]:
-    """Per SKU, its entries, records and restocked flag from three reads each (its log's HMGET, its
-    records' HMGET, its meta's `added_qty`)."""
-    found: dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]] = {}
+) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]]:
+    """Per SKU, its entries, records and restocked units from three reads each (its log's HMGET, its
+    records' HMGET, its SKU's meta `added_qty`)."""
+    found: dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]] = {}
     for i, sku in enumerate(skus):
         tokens, gids = wanted[sku]
         raw_entries, raw_records, added = replies[3 * i : 3 * i + 3]
         found[sku] = (
             parse_entries(tokens, raw_entries, strict=False),
             {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},
-            int(added or 0) > 0,
+            int(added or 0),
         )
     return found
 

@@ -322,9 +322,9 @@ class RedisStock:
 
     def lookup(
         self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], bool]]:
-        """Per SKU, the log entries of some tokens, the records of some messages, and whether restocks added
-        units to it, in one round trip."""
+    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]]:
+        """Per SKU, the log entries of some tokens, the records of some messages, and the units restocks
+        added to it, in one round trip."""
         skus = [sku for sku, (tokens, gids) in wanted.items() if tokens or gids]
         pipe = self.client.pipeline(transaction=False)
         for sku in skus:

@@ -17,12 +17,14 @@
 --   2 already added   an earlier message of this request id added them (record = what it added)
 --   3 unknown sku     not loaded here
 --   4 frozen          the SKU is being loaded again: ask again
+--   5 other qty       an earlier message of this request id added another quantity (record = what it
+--                     added): nothing more is added
 --   6 invalid qty
 --   7 fenced          the checker rolled this message back before it ran: nothing is added
 --
 -- A message that ran here is recorded (KEYS[3]): run again, it gets that answer and still writes (a
--- counter), so that a WAIT after it proves a replica holds what it answers from. An answer that adds
--- nothing writes nothing: its message is rolled back.
+-- counter), so that a WAIT after it proves a replica holds what it answers from; so does an answer from
+-- the request's record (already added, other qty). A refusal writes nothing: its message is rolled back.
 
 local meta_key, tx_key, added_key = KEYS[2], KEYS[3], KEYS[4]
 local qty_arg, request, gid = ARGV[1], ARGV[2], ARGV[3]
@@ -46,19 +48,21 @@ end
 if redis.call('EXISTS', stock_key) == 0 then
   return {3, -1, ''}
 end
+local qty = tonumber(qty_arg)
+local stock = tonumber(redis.call('GET', stock_key))
+-- What the request did stands whatever happens now (a reload under way included).
+local first = redis.call('HGET', added_key, request)
+if first then
+  redis.call('HINCRBY', meta_key, 'reruns', 1)
+  return {tonumber(cjson.decode(first)['qty']) == qty and 2 or 5, stock, first}
+end
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local frozen_until = redis.call('HGET', meta_key, 'frozen_until')
-local stock = tonumber(redis.call('GET', stock_key))
 if frozen_until and ts < tonumber(frozen_until) then
   return {4, stock, ''}
 end
-local first = redis.call('HGET', added_key, request)
-if first then
-  return {2, stock, first}
-end
 
-local qty = tonumber(qty_arg)
 local left = redis.call('INCRBY', stock_key, qty)
 redis.call('HINCRBY', meta_key, 'added_qty', qty)
 redis.call('HINCRBY', meta_key, 'added_count', 1)

@@ -32,7 +32,8 @@
 -- Whichever decision runs first wins: every decision of a token runs on its slot, one at a time. The
 -- deadline is judged on Redis's clock alone. A message whose decision changed the order is recorded
 -- (fs:{sku}:tx): run again, it gets that outcome and still writes (a counter), so that a WAIT after it
--- proves a replica holds the decision. An answer that changes nothing writes nothing.
+-- proves a replica holds the decision; an answer read from a decided entry (already paid, ...) writes a
+-- counter for the same reason. Any other answer that changes nothing writes nothing.
 -- include: give_back
 
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -78,6 +79,8 @@ if action == 'cancel' and user ~= entry['user'] then
   return {10, ''}
 end
 if order ~= 'awaiting' then
+  -- An answer from the entry writes (a counter): a WAIT after it proves a replica holds that entry.
+  redis.call('HINCRBY', meta_key, 'reruns', 1)
   local same = entry['decision'] == decision and ENDS[action] == order
   return {same and DECIDED[order] or ALREADY[order], seen}
 end
