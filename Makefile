@@ -70,6 +70,7 @@ bench: install
 	$(BIN)/flashsale stack up
 	$(BIN)/flashsale init
 	$(BIN)/flashsale bench --strategy mysql-lock,mysql-optimistic,pipeline-b1,pipeline,bucketed --plot bench.png
+	$(BIN)/flashsale bench --unpaid 0.3 --pay-within 5s --stock 1000 --attempts 15000 --buyers 200
 	$(BIN)/python -m tests.benchmarks.ops_bounds
 	$(BIN)/python -m tests.benchmarks.redis_stage
 	$(BIN)/python -m tests.benchmarks.scale_e2e

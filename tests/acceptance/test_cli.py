@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from flashsale.ops.setup import set_stock
 from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline, post
 from tests.conftest import session_env
-from tests.oracle import balanced, now
+from tests.oracle import balanced, now, redis_client
 
 
 def run(settings: Settings, *args: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
@@ -124,6 +125,11 @@ def test_stock_set_then_show_side_by_side(settings: Settings, sku: str) -> None:
         (("bench", "--strategy", "warp-speed"), {}, 2, "unknown strategy"),
         (("bench", "--producer-url", "ftp:/x", "--attempts", "1"), {}, 2, "not an http:// URL"),
         (("bench", "--stock", "0"), {}, 2, "'--stock': 0 is not in the range x>=1"),
+        (("bench", "--unpaid", "1"), {}, 2, "'--unpaid': 1.0 is not in the range 0<=x<1"),
+        (("bench", "--unpaid", "0.3", "--pay-within", "soon"), {}, 2, "--pay-within: 'soon' is not a duration"),
+        (("bench", "--unpaid", "0.3", "--pay-within", "2d"), {}, 2, "at most 1d (as `stock set` allows)"),
+        (("bench", "--pay-within", "5s"), {}, 2, "--pay-within goes with --unpaid"),
+        (("bench", "--unpaid", "0.3", "--strategy", "mysql-lock"), {}, 2, "leave --strategy and --producer-url out"),
         (("producer", "run"), {"FLASHSALE_HTTP_PORT": "abc"}, 2, "(env var: 'FLASHSALE_HTTP_PORT'): 'abc'"),
         (("demo", "--buyers", "0"), {}, 2, "--buyers"),
         (("stock", "show", "{sku}"), {"FLASHSALE_REDIS_URL": "redis://127.0.0.1:1/0"}, 3, "redis://127.0.0.1:1/0"),
@@ -340,6 +346,83 @@ def test_every_process_logs_one_json_object_per_line_with_the_ids_of_what_it_did
     assert any(e["message"].startswith("checker answering transaction checks") for e in events[checker.popen.pid])
     assert any("batch: 1 applied" in e["message"] for e in events[consumer.popen.pid])
     assert any("failpoint" in e["message"] and e["level"] == "CRITICAL" for e in events[doomed.popen.pid])
+
+
+def _log(settings: Settings, sku: str) -> list[dict[str, int | str]]:
+    """The SKU's Redis log entries, read with plain commands."""
+    r = redis_client(settings.redis_url)
+    try:
+        return [json.loads(raw) for raw in r.hgetall(f"fs:{{{sku}}}:log").values()]
+    finally:
+        r.close()
+
+
+def test_bench_with_non_payers_resells_what_expires_and_reports_what_the_books_hold(settings: Settings) -> None:
+    stock, attempts = 40, 480
+    result = run(
+        settings,
+        "bench",
+        "--unpaid",
+        "0.3",
+        "--pay-within",
+        "2s",
+        "--json",
+        "--stock",
+        str(stock),
+        "--attempts",
+        str(attempts),
+        "--buyers",
+        "20",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = json.loads(result.stdout)
+    results = {r["strategy"]: r for r in out["results"]}
+    orders, plain = results["pipeline-orders"], results["pipeline"]
+    assert out["config"]["rate"] == attempts / 6  # spread over three deadlines of 2 s
+    assert orders["consistent"] and plain["consistent"] and orders["attempts"] == plain["attempts"] == attempts
+    life, (sku,) = orders["lifecycle"], orders["skus"]
+    books = balanced(settings, sku)  # Redis and MySQL read with plain commands and SQL, never with reconcile
+    assert books.problems == []
+    statuses = Counter(books.order_status.values())
+    # Units conserved, never oversold: loaded = on sale + paid (+ awaiting payment: none once it settled).
+    assert books.mysql_stock + statuses["paid"] == books.redis_stock + statuses["paid"] == stock
+    # Every purchase the buyers were told was accepted is an order in MySQL; the ones past the stock loaded
+    # sold units given back.
+    assert orders["accepted"] == len(books.mysql_deducted) == books.order_count == life["orders"]
+    assert life["resold"] == orders["accepted"] - stock > 0 and life["oversold"] == life["lost"] == 0
+    # The non-payers' orders expired, each giving back its unit once (a stock_returns row); the rest paid.
+    assert life["expired"] == life["unpaid_buyers"] == statuses["expired"] == len(books.mysql_returned) > 0
+    assert life["paid"] == statuses["paid"] == orders["accepted"] - life["unpaid_buyers"]
+    assert life["payments"] == {"paid": life["paid"]} and set(statuses) == {"paid", "expired"}
+    assert life["back_unsold"] == life["expired"] - life["resold"] == books.mysql_stock == books.redis_stock
+    # Lateness and the time to a resale, bounded by the raw log entries.
+    entries = _log(settings, sku)
+    late = sorted(int(e["decided_ts"]) - int(e["due"]) for e in entries if e["order"] == "expired")
+    assert 0 <= late[0] <= life["lateness_p50_ms"] <= life["lateness_p99_ms"] <= late[-1]
+    bought = sorted(int(e["ts"]) for e in entries)
+    first_back = min(int(e["decided_ts"]) for e in entries if e["order"] == "expired")
+    first_due = min(int(e["due"]) for e in entries if e["order"] == "expired")
+    assert 0 <= life["resold_after_due_p50_ms"] <= life["resold_after_due_p99_ms"] <= bought[-1] - first_due
+    assert life["resold_per_s"] == pytest.approx(life["resold"] / ((bought[-1] - first_back) / 1000), rel=0.01)
+    # The sale without orders: the same load, every unit sold once, nothing decided after.
+    plain_books = balanced(settings, plain["skus"][0])
+    assert plain["accepted"] == stock == plain_books.order_count and plain_books.problems == []
+    assert (plain["lifecycle"]["resold"], plain["lifecycle"]["expired"], plain["lifecycle"]["paid"]) == (0, 0, 0)
+    assert "expirer" in orders["cpu_ms_per_accepted"] and "expirer" not in plain["cpu_ms_per_accepted"]
+    assert plain["cpu_window_s"] >= orders["cpu_window_s"] - 0.1  # the same time, idle processes weigh the same
+    cpu = orders["cpu_ms_per_accepted"]["all"], plain["cpu_ms_per_accepted"]["all"]
+    assert life["cpu_x_plain"] == pytest.approx(cpu[0] / cpu[1], abs=0.01)
+    added_ms = 1000 * (orders["cpu_s"] - plain["cpu_s"]) / orders["accepted"]
+    assert life["cpu_extra_ms_per_accepted"] == pytest.approx(added_ms, abs=0.002)
+    assert orders["cpu_ms_per_accepted"]["all"] == pytest.approx(1000 * orders["cpu_s"] / orders["accepted"], abs=0.01)
+
+
+def test_a_process_logs_one_json_object_per_line_when_asked(pipeline: Pipeline) -> None:
+    checker = pipeline.checker(FLASHSALE_LOG_FORMAT="json")
+    checker.terminate()
+    events = [json.loads(line) for line in checker.text().splitlines() if line.strip()]
+    assert any(e["message"].startswith("checker answering transaction checks") for e in events)
+    assert all(e["process"] == "checker" and e["pid"] == checker.popen.pid for e in events if "process" in e)
 
 
 def test_a_baseline_out_of_connections_is_reported_with_its_errors_and_the_run_goes_on(

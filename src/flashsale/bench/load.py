@@ -8,6 +8,9 @@ token; attempt i is made by user `<run>-u<i mod buyers>`. Two ways to send them:
 - open loop (`rate`): attempt i is due at start + i/rate, whatever happened to the others, and its
   latency counts from that moment, so a slow server cannot hide its queue by slowing the senders (no
   coordinated omission). At most `buyers` are in flight: the rest wait for a connection, on the clock.
+
+A buyer told `accepted` may take a next step before its next attempt (`after_accepted`: the bench's
+payments, bench/payers.py), on the same connections; its time is not in the purchase's latency.
 """
 
 from __future__ import annotations
@@ -16,13 +19,24 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
 
 #: Status given to an attempt that got no HTTP answer (refused, reset, timed out).
 TRANSPORT_ERROR = "transport_error"
+#: Called after an accepted purchase, on the buyer's session, with its SKU, token and user (the buyer's
+#: next step: a payment, say); the buyer's next attempt waits for it.
+AfterAccepted = Callable[[aiohttp.ClientSession, str, str, str], Awaitable[None]]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The value below which a fraction `q` of `values` lies (nearest rank; 0 when there are none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass(frozen=True)
@@ -56,10 +70,7 @@ class LoadReport:
         return accepted / self.sellout_s if self.sellout_s else 0.0
 
     def percentile(self, q: float) -> float:
-        if not self.latencies_s:
-            return 0.0
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.latencies_s, q)
 
     @property
     def throughput(self) -> float:
@@ -106,6 +117,7 @@ async def run_load(
     run_id: str | None = None,
     timeout_s: float = 30.0,
     tick: Callable[[], None] = lambda: None,
+    after_accepted: AfterAccepted | None = None,
 ) -> LoadReport:
     """`concurrency` buyers; with `rate`, open loop at that many attempts per second (see the module docstring)."""
     run = run_id or uuid.uuid4().hex[:8]
@@ -117,8 +129,11 @@ async def run_load(
 
     async def one(i: int, session: aiohttp.ClientSession, due: float) -> None:
         sku, token, user = plan[i]
-        report.record(sku, token, qty, await _attempt(session, url, user, sku, token, qty, report), due)
+        status = await _attempt(session, url, user, sku, token, qty, report)
+        report.record(sku, token, qty, status, due)
         tick()
+        if after_accepted is not None and status == "accepted":
+            await after_accepted(session, sku, token, user)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         if rate is None:

@@ -17,11 +17,13 @@ from rich.table import Table
 
 from flashsale.bench import runner as bench_ops
 from flashsale.bench.demo import DemoConfig, run_demo
+from flashsale.bench.lifecycle import Lifecycle
 from flashsale.bench.plot import plot
 from flashsale.cli.context import Context
 from flashsale.cli.ops_cmd import print_reconcile
 from flashsale.cli.options import Decorator, json_output, partitions_option
 from flashsale.errors import InvalidInput
+from flashsale.ops.times import parse_duration_ms
 from flashsale.stack.manager import Stack
 
 
@@ -45,12 +47,24 @@ def _maybe(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+Row = tuple[str, Callable[[bench_ops.StrategyResult], str]]
+
+
 def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
     table = Table(title="flash sale bench")
     table.add_column("")
     for r in results:
         table.add_column(r.strategy, justify="right")
-    rows: list[tuple[str, Callable[[bench_ops.StrategyResult], str]]] = [
+    rows = _sale_rows(results)
+    if any(r.lifecycle for r in results):
+        rows += _lifecycle_rows()
+    for title, cell in rows:
+        table.add_row(title, *(cell(r) for r in results))
+    return table
+
+
+def _sale_rows(results: list[bench_ops.StrategyResult]) -> list[Row]:
+    return [
         ("attempts", lambda r: str(r.attempts)),
         ("accepted", lambda r: str(r.accepted)),
         *(
@@ -70,13 +84,39 @@ def _bench_table(results: list[bench_ops.StrategyResult]) -> Table:
             (f"CPU ms / accepted: {name}", lambda r, n=name: _maybe(r.cpu_ms_per_accepted.get(n), ".3f"))
             for name in dict.fromkeys(n for r in results for n in r.cpu_ms_per_accepted)
         ),
+        ("CPU s, all, read over s", lambda r: f"{r.cpu_s:.2f} over {r.cpu_window_s:.1f}" if r.cpu_s else "-"),
         ("books", lambda r: "[green]balanced[/]" if r.consistent else "[red]DRIFT[/]"),
         (f"x {bench_ops.BASELINE} (attempts/s)", lambda r: _maybe(r.ratio, ".2f")),
         (f"x {bench_ops.BASELINE} (p99)", lambda r: _maybe(r.p99_ratio, ".3f")),
     ]
-    for title, cell in rows:
-        table.add_row(title, *(cell(r) for r in results))
-    return table
+
+
+def _life(cell: Callable[[Lifecycle], str]) -> Callable[[bench_ops.StrategyResult], str]:
+    return lambda r: "-" if r.lifecycle is None else cell(r.lifecycle)
+
+
+def _lifecycle_rows() -> list[Row]:
+    """The orders' numbers (bench/lifecycle.py says how each is read)."""
+    return [
+        ("orders paid / expired", _life(lambda x: f"{x.paid} / {x.expired}")),
+        ("buyers who never paid", _life(lambda x: str(x.unpaid_buyers))),
+        ("payments p50 / p99 ms", _life(lambda x: f"{x.pay_p50_ms:.1f} / {x.pay_p99_ms:.1f}" if x.payments else "-")),
+        ("units resold", _life(lambda x: str(x.resold))),
+        ("units resold/s", _life(lambda x: f"{x.resold_per_s:.1f}")),
+        ("units given back, unsold at the end", _life(lambda x: str(x.back_unsold))),
+        (
+            "expiry lateness p50 / p99 ms",
+            _life(lambda x: f"{x.lateness_p50_ms:.0f} / {x.lateness_p99_ms:.0f}" if x.expired_under_load else "-"),
+        ),
+        (
+            "deadline to resold p50 / p99 ms",
+            _life(lambda x: f"{x.resold_after_due_p50_ms:.0f} / {x.resold_after_due_p99_ms:.0f}" if x.resold else "-"),
+        ),
+        ("settled after the last answer s", _life(lambda x: f"{x.settle_s:.2f}")),
+        ("oversold / lost", _life(lambda x: f"{x.oversold} / {x.lost}")),
+        ("CPU / accepted, x plain (all)", _life(lambda x: _maybe(x.cpu_x_plain, ".2f"))),
+        ("CPU ms added / accepted (all)", _life(lambda x: _maybe(x.cpu_extra_ms_per_accepted, "+.3f"))),
+    ]
 
 
 def _sale_shape(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -124,6 +164,24 @@ _SHAPE: list[Decorator] = [
     partitions_option(
         3, "Bucketed: partitions of each SKU (on the masters of the Redis Cluster FLASHSALE_REDIS_URL names)."
     ),
+    click.option(
+        "--unpaid",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=None,
+        metavar="FRACTION",
+        help="Orders await payment and this share of the accepted buyers never pays (the rest pay over HTTP): "
+        "runs pipeline-orders, then pipeline, the same sale without orders, and compares them. The buyers "
+        f"come at --rate, by default the attempts spread over {bench_ops.SALE_DEADLINES} deadlines.",
+    ),
+    click.option(
+        "--pay-within",
+        "pay_within_ms",
+        default=None,
+        metavar="DURATION",
+        callback=lambda _ctx, _param, value: None if value is None else parse_duration_ms(value, what="--pay-within"),
+        help=f"With --unpaid: how long an order awaits payment (500ms, 5s, 2m; at most 1d) [default: "
+        f"{bench_ops.DEFAULT_PAY_WITHIN_MS // 1000}s].",
+    ),
 ]
 
 
@@ -159,7 +217,7 @@ def bench(
     chosen = bench_ops.parse_strategies(strategies)
     if producer_url is not None:
         _check_url(producer_url)
-    config = bench_ops.BenchConfig(**shape)
+    config = bench_ops.BenchConfig(**shape).resolved()
     stack = Stack(ctx.stack_settings)
     with progress_bars(not as_json and sys.stderr.isatty()) as start:
         results = bench_ops.run_bench(
