@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -8,10 +9,10 @@ import pytest
 from flashsale.errors import ServiceUnavailable, UnknownSku
 from flashsale.pipeline.producer import PurchaseService
 from flashsale.records import Prededuct, PredeductResult, StockView
-from flashsale.service.http_app import MAX_BODY, HttpApp
+from flashsale.service.http_app import MAX_BODY, ROUTES, HttpApp
 from flashsale.service.metrics import Metrics
 from tests.unit.fakes import FakeBus, FakeStock
-from tests.unit.rsgi import Request, call
+from tests.unit.rsgi import Proto, Request, Scope, call
 
 PURCHASE = {"sku": "sku-1", "user_id": "u1", "qty": 1, "token": "tok-1"}
 
@@ -122,6 +123,33 @@ def test_a_body_larger_than_the_limit_is_refused_unread() -> None:
 def test_unknown_paths_and_methods_get_clear_errors() -> None:
     (missing, _), (wrong, body) = _call(_app(), ("GET", "/nope", None), ("GET", "/purchase", None))
     assert missing == 404 and wrong == 405 and "POST /purchase" in body["error"]
+
+
+def _answer_with_headers(app: HttpApp, method: str, path: str) -> tuple[int, dict[str, str], Any]:
+    proto = Proto(b"{}")
+    asyncio.run(app.__rsgi__(Scope(method, path, {"content-length": "2"}), proto))
+    assert proto.answer is not None
+    status, headers, body = proto.answer
+    return status, dict(headers), json.loads(body)
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_a_wrong_method_answers_405_naming_the_method_to_use_in_allow_too(method: str, path: str) -> None:
+    # RFC 9110: a 405 carries Allow. OPTIONS and TRACE are what a client or a scanner tries first.
+    from tests.unit.test_http_orders import FakeDesk
+    from tests.unit.test_http_orders import _app as orders_app
+
+    target = path.replace("{sku}", "sku-1").replace("{token}", "tok-1")
+    for wrong in sorted({"GET", "POST", "PUT", "DELETE", "OPTIONS", "TRACE"} - {method}):
+        status, headers, body = _answer_with_headers(orders_app(FakeDesk()), wrong, target)
+        assert (status, headers.get("allow"), headers["content-type"]) == (405, method, "application/json")
+        assert body["error"].startswith(f"use {method} "), body
+
+
+def test_a_path_served_by_no_route_answers_404_whatever_the_method() -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        status, headers, body = _answer_with_headers(_app(), method, "/nope")
+        assert (status, "allow" in headers, body) == (404, False, {"error": "no route /nope"})
 
 
 def test_invalid_requests_are_counted_in_the_metrics() -> None:

@@ -25,7 +25,8 @@ from flashsale.errors import FlashSaleError, InvalidInput, ServiceUnavailable, U
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.records import StockView
 from flashsale.service import openapi
-from flashsale.service.http_body import MAX_BODY, read_body
+from flashsale.service.http_body import JSON as _JSON
+from flashsale.service.http_body import MAX_BODY, Headers, read_body, wrong_method
 from flashsale.service.metrics import Metrics
 from flashsale.service.orders_http import OrderDeskLike, OrderRoutes
 
@@ -53,7 +54,6 @@ ROUTES = (
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 )
-_JSON = [("content-type", "application/json")]
 _METRICS = [("content-type", CONTENT_TYPE_LATEST)]
 _BAD_JSON = 'the body is not valid JSON; send {"sku","user_id","qty","token"}'
 
@@ -122,24 +122,24 @@ class HttpApp:
             status, body, headers = 500, orjson.dumps({"error": "internal error"}), _JSON
         proto.response_bytes(status, headers, body)
 
-    async def _route(self, scope: Any, proto: Any) -> tuple[int, bytes, list[tuple[str, str]]]:
+    async def _route(self, scope: Any, proto: Any) -> tuple[int, bytes, Headers]:
         path, method = scope.path, scope.method
         if path == "/purchase":
             if method != "POST":
-                return 405, orjson.dumps({"error": "use POST /purchase"}), _JSON
+                return wrong_method("POST", path)
             status, body = await self.purchase(await read_body(scope, proto))
             return status, body, _JSON
         if path.startswith("/orders/"):
-            return (*await self._orders.handle(scope, proto), _JSON)
+            return await self._orders.handle(scope, proto)
+        handler = self._gets.get(path)
+        if handler is None and path != "/metrics" and not path.startswith("/stock/"):
+            return 404, orjson.dumps({"error": f"no route {path}"}), _JSON
         if method != "GET":
-            return 405, orjson.dumps({"error": f"use GET {path}"}), _JSON
+            return wrong_method("GET", path)
         if path == "/metrics":
             return 200, generate_latest(self._metrics.registry), _METRICS
-        if path.startswith("/stock/"):
-            return (*await self._view(path.removeprefix("/stock/")), _JSON)
-        handler = self._gets.get(path)
         if handler is None:
-            return 404, orjson.dumps({"error": f"no route {path}"}), _JSON
+            return (*await self._view(path.removeprefix("/stock/")), _JSON)
         return (*await handler(), _JSON)
 
     async def purchase(self, raw: bytes | None) -> tuple[int, bytes]:

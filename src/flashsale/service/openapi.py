@@ -28,8 +28,8 @@ deadline sells orders that await payment: GET /orders/{token} shows one, its buy
 the payment service confirms its payment with a signed POST /orders/{token}/pay.
 
 Every answer is JSON but /metrics. Every error names what was wrong and what to do: {"error": "..."}
-(a purchase answers its own shape, with status `invalid` or `error`). A wrong method answers 405 and
-an unknown path 404, both {"error": "..."}.
+(a purchase answers its own shape, with status `invalid` or `error`). A wrong method answers 405,
+naming the method to use in `Allow` too, and an unknown path 404, both {"error": "..."}.
 """
 
 

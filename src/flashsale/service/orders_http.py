@@ -27,7 +27,7 @@ from flashsale.models import require_id
 from flashsale.payments import SIGNATURE_HEADER, verify
 from flashsale.pipeline.orders import FINAL, OrderAnswer, describe
 from flashsale.records import Decision, LogEntry
-from flashsale.service.http_body import MAX_BODY, read_body
+from flashsale.service.http_body import JSON, MAX_BODY, Headers, read_body, wrong_method
 
 Answer = tuple[int, bytes]
 
@@ -103,24 +103,28 @@ class OrderRoutes:
         self._max_age_ms = int(payments.max_age_s * 1000)
         self._clock = clock
 
-    async def handle(self, scope: Any, proto: Any) -> Answer:
+    async def handle(self, scope: Any, proto: Any) -> tuple[int, bytes, Headers]:
         if self._desk is None:
-            return error(404, NO_ORDERS)
+            return (*error(404, NO_ORDERS), JSON)
         token, _, action = scope.path.removeprefix("/orders/").partition("/")
         token = unquote(token)
+        if action not in ("", "cancel", "pay"):
+            return (*error(404, f"no route {scope.path}: use /orders/{{token}}, /cancel or /pay"), JSON)
+        allowed = "POST" if action else "GET"
+        if scope.method != allowed:
+            return wrong_method(allowed, f"/orders/{{token}}/{action}" if action else "/orders/{token}?sku=SKU")
         try:
-            if not action:
-                _allow(scope.method, "GET", "/orders/{token}?sku=SKU")
-                return await self._show(self._desk, token, scope.query_string)
-            if action not in ("cancel", "pay"):
-                raise Refused(404, f"no route {scope.path}: use /orders/{{token}}, /cancel or /pay")
-            _allow(scope.method, "POST", f"/orders/{{token}}/{action}")
-            raw = await read_body(scope, proto)
-            if action == "cancel":
-                return await self._cancel(self._desk, token, raw)
-            return await self._pay(self._desk, token, raw, scope.headers.get(SIGNATURE_HEADER.lower()))
+            return (*await self._answer(self._desk, scope, proto, token, action), JSON)
         except Refused as exc:
-            return error(exc.status, exc.reason)
+            return (*error(exc.status, exc.reason), JSON)
+
+    async def _answer(self, desk: OrderDeskLike, scope: Any, proto: Any, token: str, action: str) -> Answer:
+        if not action:
+            return await self._show(desk, token, scope.query_string)
+        raw = await read_body(scope, proto)
+        if action == "cancel":
+            return await self._cancel(desk, token, raw)
+        return await self._pay(desk, token, raw, scope.headers.get(SIGNATURE_HEADER.lower()))
 
     async def _show(self, desk: OrderDeskLike, token: str, query: str) -> Answer:
         skus = parse_qs(query, keep_blank_values=True).get("sku", [])
@@ -193,11 +197,6 @@ async def _decide(
     if status != 200:
         body["error"] = _REASONS[answer.decision].format(id=id_name)
     return status, orjson.dumps(body)
-
-
-def _allow(method: str, allowed: str, route: str) -> None:
-    if method != allowed:
-        raise Refused(405, f"use {allowed} {route}")
 
 
 def _size_checked(raw: bytes | None) -> bytes:
