@@ -306,11 +306,21 @@ def test_a_payment_dated_too_far_ahead_is_refused_too() -> None:
     assert _refused(_pay(ts_ms=int(time.time() * 1000) + 301_000))[0] == 401
 
 
-@pytest.mark.parametrize("ts", ["1700000000000", 1.7e12, True, None])
+@pytest.mark.parametrize("ts", ["1700000000000", 1.7e12 + 0.5, True, None])
 def test_a_payment_whose_time_is_not_whole_milliseconds_answers_422(ts: Any) -> None:
     path = "/orders/tok-1/pay"
     body = json.dumps({"sku": "phone-x", "payment_id": "pay-1", "ts_ms": ts}).encode()
     assert _refused(Request("POST", path, body, {"x-flashsale-signature": sign(SECRET, body)}))[0] == 422
+
+
+def test_a_payment_whose_time_is_a_whole_number_written_with_a_fraction_is_taken() -> None:
+    # JSON Schema's integer, which the document gives ts_ms, holds 1796000000000.0 and 1.796e12 too.
+    path = "/orders/tok-1/pay"
+    body = json.dumps({"sku": "phone-x", "payment_id": "pay-1", "ts_ms": float(int(time.time() * 1000))}).encode()
+    ((status, answer),) = call(
+        _app(FakeDesk()), Request("POST", path, body, {"x-flashsale-signature": sign(SECRET, body)})
+    )
+    assert (status, answer["decision"]) == (200, "paid")
 
 
 def test_payments_are_refused_with_503_until_a_secret_is_set() -> None:

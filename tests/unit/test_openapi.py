@@ -208,3 +208,14 @@ def test_a_stock_view_matches_the_document() -> None:
     part = PartitionView("hot-1#0", 40, 10, 50, 100, 0, 1, "127.0.0.1:7000")
     view = StockView("hot-1", 0, 100, 2, False, 50, 50, 0, 0, 0, 50, 1, pool=0, partitions=(part,), moving=0)
     assert _documented("GET", "/stock/{sku}", 200, json.loads(orjson.dumps(asdict(view)))) == []
+
+
+def test_a_signing_time_the_json_parser_cannot_hold_as_an_integer_is_outside_the_document() -> None:
+    # orjson reads an integer past 64 bits as a float, which the producer refuses (422): the document
+    # must not promise it, and a time before the epoch is no signing time either.
+    pay = {"$ref": "#/components/schemas/PayRequest"}
+    now = {"sku": "phone-x", "payment_id": "pay-1", "ts_ms": int(time.time() * 1000)}
+    assert _problems(pay, now) == []
+    assert _problems(pay, {**now, "ts_ms": 2**64}) and _problems(pay, {**now, "ts_ms": -1})
+    assert isinstance(orjson.loads(str(2**64)), float)
+    assert _problems(pay, {**now, "ts_ms": 2**63 - 1}) == [] and isinstance(orjson.loads(str(2**63 - 1)), int)

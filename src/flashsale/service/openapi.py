@@ -70,7 +70,8 @@ _TOKEN: Schema = {
 _ID: Schema = {"type": "string", "pattern": _pattern(c.TOKEN_PATTERN)}
 _QTY: Schema = {"type": "integer", "minimum": 1, "maximum": c.MAX_QTY}
 _COUNT: Schema = {"type": "integer", "minimum": 0}
-_MS: Schema = {"type": "integer", "description": "milliseconds since the epoch"}
+#: JSON parsers read integers past 64 bits as floats (orjson among them): a time in ms stays within int64.
+_MS: Schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "description": "milliseconds since the epoch"}
 _STATE: Schema = {"type": "string", "enum": list(ORDER_STATES)}
 
 

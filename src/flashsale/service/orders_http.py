@@ -62,6 +62,8 @@ ORDER_STATES = ("awaiting", "paid", "cancelled", "expired", FINAL)
 NO_ORDERS = "this service sells without orders: order routes are served by the flashsale producer"
 NOT_CONFIGURED = f"payments are not configured: set {c.ENV_PREFIX}PAYMENT_SECRET"
 _SKU_REQUIRED = "the sku is required: a token is unique only within its SKU; ask GET /orders/{token}?sku=SKU"
+#: A header the server cannot read as text (not ASCII) reaches the app as no header at all.
+_UNSIGNED = f"missing {SIGNATURE_HEADER} (or not ASCII): sign the body (sha256=<hex HMAC>); nothing was decided"
 _CANCEL_FIELDS = ("sku", "user_id", "request_id")
 _PAY_FIELDS = ("sku", "payment_id", "ts_ms")
 
@@ -152,7 +154,7 @@ class OrderRoutes:
             raise Refused(503, NOT_CONFIGURED)
         body = _size_checked(raw)
         if signature is None:
-            raise Refused(401, f"missing {SIGNATURE_HEADER}: sign the body (sha256=<hex HMAC>); nothing was decided")
+            raise Refused(401, _UNSIGNED)
         if not verify(self._secret, body, signature):
             raise Refused(
                 401, f"{SIGNATURE_HEADER} does not match the body: sign the exact bytes sent; nothing was decided"
@@ -166,6 +168,8 @@ class OrderRoutes:
 
     def _check_fresh(self, ts_ms: object) -> None:
         """Refuse a confirmation signed too long ago (a replay) or too far ahead, on this producer's clock."""
+        if isinstance(ts_ms, float) and ts_ms.is_integer():
+            ts_ms = int(ts_ms)  # a whole number written 1.7e12 or 1700000000000.0 is still one (JSON Schema's integer)
         if isinstance(ts_ms, bool) or not isinstance(ts_ms, int):
             raise Refused(422, f"ts_ms must be the time of signing in milliseconds since the epoch, got {ts_ms!r}")
         off_s = abs(int(self._clock() * 1000) - ts_ms) / 1000
