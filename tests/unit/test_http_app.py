@@ -18,7 +18,12 @@ PURCHASE = {"sku": "sku-1", "user_id": "u1", "qty": 1, "token": "tok-1"}
 
 
 class FakeRedisStock(FakeStock):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.views: list[str] = []
+
     async def view(self, sku: str) -> StockView:
+        self.views.append(sku)
         if sku != "sku-1":
             raise UnknownSku(f"unknown SKU {sku!r}")
         return StockView(sku, 9, 10, 0, False, 1, 1, 0, 0, 0, 1, 0)
@@ -150,6 +155,15 @@ def test_a_path_served_by_no_route_answers_404_whatever_the_method() -> None:
     for method in ("GET", "PUT", "DELETE"):
         status, headers, body = _answer_with_headers(_app(), method, "/nope")
         assert (status, "allow" in headers, body) == (404, False, {"error": "no route /nope"})
+
+
+@pytest.mark.parametrize("sku", ["sku-1#0", "a{b}", "sku 1", ""])
+def test_stock_of_a_malformed_sku_answers_422_and_reads_nothing(sku: str) -> None:
+    # sku-1#0 is the name of a partition of sku-1: Redis holds its keys, but it is no SKU to show.
+    stock = FakeRedisStock()
+    ((status, body),) = _call(_app(stock), ("GET", f"/stock/{sku}", None))
+    assert status == 422 and body["error"].startswith("sku must be 1-64 characters")
+    assert stock.views == []
 
 
 def test_invalid_requests_are_counted_in_the_metrics() -> None:

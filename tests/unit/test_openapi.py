@@ -173,6 +173,7 @@ EXCHANGES = [
     ("/orders/{token}/pay", _signed("pay-1")),
     ("/orders/{token}/pay", _signed("pay-2", ts_ms=1)),
     ("/orders/{token}/pay", Request("POST", "/orders/tok-1/pay", b"{}")),
+    ("/stock/{sku}", Request("GET", "/stock/phone-x#0")),
     ("/healthz", Request("GET", "/healthz")),
     ("/readyz", Request("GET", "/readyz")),
 ]

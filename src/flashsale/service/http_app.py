@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from flashsale.config import PaymentSettings
 from flashsale.errors import FlashSaleError, InvalidInput, ServiceUnavailable, UnknownSku
-from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus, require_id
 from flashsale.records import StockView
 from flashsale.service import openapi
 from flashsale.service.http_body import JSON as _JSON
@@ -173,9 +173,12 @@ class HttpApp:
 
     async def _view(self, sku: str) -> tuple[int, bytes]:
         try:
-            view = await self._stock.view(sku)
+            checked = require_id(sku, "sku")
+            view = await self._stock.view(checked)
         except UnknownSku as exc:
             return 404, orjson.dumps({"error": str(exc)})
+        except InvalidInput as exc:  # a partition's name among them (sku#0): Redis knows it, but it is no SKU
+            return 422, orjson.dumps({"error": str(exc)})
         except FlashSaleError as exc:
             return 503, orjson.dumps({"error": str(exc)})
         return 200, orjson.dumps(asdict(view))

@@ -209,6 +209,7 @@ def _stock_path() -> Schema:
             "responses": {
                 "200": _json("the SKU's stock", "StockView"),
                 "404": _json("the SKU is not loaded", "Error"),
+                "422": _json("the sku is malformed (a partition's name, sku#0, is no SKU)", "Error"),
                 "503": _json("Redis cannot say now", "Error"),
             },
         }

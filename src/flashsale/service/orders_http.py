@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -108,8 +108,8 @@ class OrderRoutes:
     async def handle(self, scope: Any, proto: Any) -> tuple[int, bytes, Headers]:
         if self._desk is None:
             return (*error(404, NO_ORDERS), JSON)
+        # The server hands the path percent-decoded: decoding it again would read t%2530 as t0.
         token, _, action = scope.path.removeprefix("/orders/").partition("/")
-        token = unquote(token)
         if action not in ("", "cancel", "pay"):
             return (*error(404, f"no route {scope.path}: use /orders/{{token}}, /cancel or /pay"), JSON)
         allowed = "POST" if action else "GET"
