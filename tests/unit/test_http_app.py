@@ -157,6 +157,19 @@ def test_a_path_served_by_no_route_answers_404_whatever_the_method() -> None:
         assert (status, "allow" in headers, body) == (404, False, {"error": "no route /nope"})
 
 
+@pytest.mark.parametrize("qty", ["2", " 2", ""])
+def test_a_quantity_sent_as_a_json_string_answers_422_naming_it(qty: str) -> None:
+    status, body = _purchase(_app(), {**PURCHASE, "qty": qty})
+    assert (status, body["status"], body["token"]) == (422, "invalid", "tok-1")
+    assert body["message"] == f"qty must be a JSON number, got {qty!r}"
+
+
+def test_a_quantity_written_as_a_whole_float_is_a_whole_number() -> None:
+    # JSON Schema's integer, which the document gives qty, holds 2.0 too.
+    status, body = _purchase(_app(), {**PURCHASE, "qty": 2.0})
+    assert (status, body["status"]) == (200, "accepted")
+
+
 @pytest.mark.parametrize("sku", ["sku-1#0", "a{b}", "sku 1", ""])
 def test_stock_of_a_malformed_sku_answers_422_and_reads_nothing(sku: str) -> None:
     # sku-1#0 is the name of a partition of sku-1: Redis holds its keys, but it is no SKU to show.

@@ -152,6 +152,9 @@ class HttpApp:
             return self._invalid(_BAD_JSON, 400)
         token = payload.get("token") if isinstance(payload, dict) else None
         try:
+            if isinstance(payload, dict) and isinstance(payload.get("qty"), str):
+                # The CLI's quantities are strings of digits; JSON has numbers, and the document says qty is one.
+                raise InvalidInput(f"qty must be a JSON number, got {payload['qty']!r}")
             request = PurchaseRequest.from_json(payload)
         except InvalidInput as exc:
             return self._invalid(str(exc), 422 if isinstance(payload, dict) else 400, token)
