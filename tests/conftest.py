@@ -79,7 +79,6 @@ def isolated_settings(prefix: str, stack: Settings | None = None) -> Settings:
 @pytest.fixture(scope="session")
 def settings(stack: Settings) -> Iterator[Settings]:
     """Settings of this session: own namespace (topics, group) and the test database, initialised."""
-    from flashsale.adapters.rocketmq import admin as rocketmq_admin
     from flashsale.ops.setup import init
 
     session = isolated_settings("t", stack)
@@ -87,11 +86,18 @@ def settings(stack: Settings) -> Iterator[Settings]:
     init(session)
     yield session
     _empty_redis(session)
-    brokers = rocketmq_admin.cluster_brokers(session.namesrv_addr, c.CLUSTER_NAME)
-    for topic in (session.deduction_topic, session.replay_topic, session.deadline_topic):
-        rocketmq_admin.delete_topic(session.namesrv_addr, brokers, topic)
+    drop_namespace(session)
+
+
+def drop_namespace(settings: Settings) -> None:
+    """Delete the topics and consumer groups of a namespace the tests made."""
+    from flashsale.adapters.rocketmq import admin as rocketmq_admin
+
+    brokers = rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME)
+    for topic in (settings.deduction_topic, settings.replay_topic, settings.deadline_topic):
+        rocketmq_admin.delete_topic(settings.namesrv_addr, brokers, topic)
     for broker in brokers:
-        for group in (session.consumer_group, session.expiry_group):
+        for group in (settings.consumer_group, settings.expiry_group):
             rocketmq_admin.delete_group(broker, group)
 
 
