@@ -2,8 +2,15 @@
 
 Integration and acceptance tests never skip: a server that cannot be started is a failure.
 Each session gets its own topics and consumer group (a random namespace), the `flashsale_test`
-database and Redis database 15, emptied before and after the session, so the user's own sale on the
-same stack is never touched; each test uses SKUs nobody else uses, so tests do not see each other's data.
+database and Redis database 15, emptied before and after the session, so the user's data on the same
+stack is never read or written; each test uses SKUs nobody else uses, so tests do not see each other's data.
+
+The servers themselves are not the tests' alone, and the suite takes them over: fault tests kill and
+restart Redis, MariaDB, the name server and the broker, set MariaDB's GLOBAL read_only and
+max_connections, flush Redis's script cache, pause its writes and hold it with long scripts. A sale
+running on the same stack meanwhile would go through all of that (README, "make test takes over the
+stack it runs on"): run the suite on a stack of its own (FLASHSALE_HOME and the FLASHSALE_*_PORT
+variables below) beside a live one.
 """
 
 from __future__ import annotations
