@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 
@@ -115,12 +116,14 @@ return 1
 TIMEOUT_S = 0.6
 
 
-def _waiting_scripts(admin: redis.Redis) -> int:
-    """Clients held by CLIENT PAUSE WRITE with a script to run (the flag `b`: blocked)."""
-    return sum(1 for client in admin.client_list() if client["cmd"] == "evalsha" and "b" in client["flags"])
+def _waiting_scripts(admin: redis.Redis, pid: int) -> int:
+    """Connections of process `pid` that CLIENT PAUSE WRITE holds with a script to run (flag `b`: blocked)."""
+    own = {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr}
+    held = [c for c in admin.client_list() if c["cmd"] == "evalsha" and "b" in c["flags"]]
+    return sum(1 for client in held if client["addr"] in own)
 
 
-def _answer_while_redis_is_held(settings: Settings, url: str, sku: str, token: str) -> tuple[dict[str, Any], bool]:
+def _answer_while_held(settings: Settings, producer: Child, sku: str, token: str) -> tuple[dict[str, Any], bool]:
     """Buy `token` while its pre-deduct cannot be answered, and let it run once the producer gave up.
 
     Writes are paused (the producer's read ahead still answers, its pre-deduct waits). Then the server
@@ -132,14 +135,15 @@ def _answer_while_redis_is_held(settings: Settings, url: str, sku: str, token: s
     answer: dict[str, Any] = {}
 
     def buy() -> None:
-        answer.update(_buy(url, sku, token, qty=2))
+        answer.update(_buy(producer.url, sku, token, qty=2))
         answer["at"] = time.monotonic()
 
     buyer = threading.Thread(target=buy)
     admin.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
     try:
         buyer.start()
-        assert poll_until(lambda: _waiting_scripts(admin) == 1, 10, interval_s=0.005), "no pre-deduct waits"
+        waits = poll_until(lambda: _waiting_scripts(admin, producer.popen.pid), 10, interval_s=0.005)
+        assert waits == 1, "the producer's pre-deduct never reached Redis"
         held = admin.pipeline(transaction=False)
         held.execute_command("EVAL_RO", _BUSY, 0, str(BUSY_S))
         held.execute_command("CLIENT", "UNPAUSE")
@@ -161,7 +165,7 @@ def test_a_buyer_told_pending_retries_the_same_token_and_hears_duplicate_with_th
     checker = pipeline.checker()
     assert _buy(url, sku, "t-warm")["status"] == "accepted"  # a pooled connection, and the script cached
 
-    first, unanswered = _answer_while_redis_is_held(settings, url, sku, "t-lost")
+    first, unanswered = _answer_while_held(settings, producer, sku, "t-lost")
     assert unanswered, "the producer answered only after Redis ran the pre-deduct"
     assert (first["http"], first["status"]) == (202, "pending"), first
     message_id = first["message_id"]
