@@ -186,6 +186,11 @@ class DeductionMessage:
             by_shard.setdefault(self.shard_of(p), []).append(p)
         return by_shard
 
+    @classmethod
+    def restock(cls, sku: str, request_id: str, qty: int, gid: str, ts_ms: int) -> DeductionMessage:
+        """The body of a restock's message: one purchase, the request's, for RESTOCK_USER."""
+        return cls(sku, (Purchase(request_id, RESTOCK_USER, qty),), gid, ts_ms, SOURCE_RESTOCK)
+
     def encode(self) -> bytes:
         spread = any(p.part for p in self.purchases)
         body: dict[str, Any] = {

@@ -21,7 +21,7 @@ from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
 from flashsale.errors import MalformedMessage
-from flashsale.models import RESTOCK_USER, SOURCE_REPLAY, SOURCE_RESTOCK, DeductionMessage, Purchase
+from flashsale.models import SOURCE_REPLAY, SOURCE_RESTOCK, DeductionMessage, Purchase
 from flashsale.ops.paging import pages
 from flashsale.records import LogEntry
 
@@ -132,7 +132,7 @@ class Replayer:
         """Send restocks Redis made (request id -> units, ms, message) to the consumer again: each as its own
         message id, whose record tells the consumer what it added (replay topic, no transaction)."""
         messages = [
-            DeductionMessage(sku, (Purchase(request, RESTOCK_USER, qty),), gid, ts_ms, SOURCE_RESTOCK)
+            DeductionMessage.restock(sku, request, qty, gid, ts_ms)
             for request, (qty, ts_ms, gid) in sorted(made.items())
         ]
         if messages and not self.report.dry_run:

@@ -18,7 +18,7 @@ from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import BusError, InvalidInput, ServiceUnavailable
 from flashsale.logs import ids
-from flashsale.models import RESTOCK_USER, SOURCE_RESTOCK, DeductionMessage, Purchase, parse_qty, require_id
+from flashsale.models import DeductionMessage, parse_qty, require_id
 from flashsale.pipeline import local_tx
 from flashsale.ports import HalfMessagePort, RestockPort, TxBusPort
 from flashsale.records import Restock, RestockResult
@@ -71,9 +71,7 @@ class Restocker:
         return _answer(result, None)
 
     async def _send_half(self, sku: str, qty: int, request_id: str, gid: str) -> HalfMessagePort:
-        message = DeductionMessage(
-            sku, (Purchase(request_id, RESTOCK_USER, qty),), gid, int(time.time() * 1000), SOURCE_RESTOCK
-        )
+        message = DeductionMessage.restock(sku, request_id, qty, gid, int(time.time() * 1000))
         try:
             return await self._bus.send_half_async(self._topic, request_id, message.encode(), c.RESTOCK_TAG, gid)
         except BusError as exc:

@@ -52,9 +52,7 @@ def give_back(conn: Connection, items: Iterable[Incoming], batch_id: str, report
             if i.order is not None
         ],
     )
-    for sku, qty in conn.execute(query("batch_returns"), {"batch_id": batch_id}).all():
-        conn.execute(query("give_stock_back"), {"sku": sku, "total": int(qty)})
-        report.returned_qty += int(qty)
+    report.returned_qty += _raise_stock(conn, "batch_returns", batch_id)
 
 
 def set_states(conn: Connection, items: Iterable[Incoming]) -> None:
@@ -95,6 +93,14 @@ def add_units(conn: Connection, additions: Iterable[Addition], batch_id: str, re
     if not rows:
         return
     conn.execute(query("insert_additions"), rows)
-    for sku, qty in conn.execute(query("batch_additions"), {"batch_id": batch_id}).all():
+    report.added_qty += _raise_stock(conn, "batch_additions", batch_id)
+
+
+def _raise_stock(conn: Connection, per_sku: str, batch_id: str) -> int:
+    """Each SKU's stock raised by the units of the rows this batch inserted (query `per_sku`: sku, units);
+    returns the units in all. Rows a redelivery found already there were not inserted, and add nothing."""
+    total = 0
+    for sku, qty in conn.execute(query(per_sku), {"batch_id": batch_id}).all():
         conn.execute(query("give_stock_back"), {"sku": sku, "total": int(qty)})
-        report.added_qty += int(qty)
+        total += int(qty)
+    return total

@@ -20,7 +20,7 @@ from flashsale.adapters.mysql import lifecycle, sql
 from flashsale.adapters.mysql.statements import query
 from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
 from flashsale.logs import ids
-from flashsale.models import RESTOCK_USER, SOURCE_REPLAY, SOURCE_RESTOCK, Deduction, DeductionMessage, Purchase
+from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
 from flashsale.records import (
     Addition,
     ApplyReport,
@@ -473,16 +473,9 @@ def _units_on_their_way(conn: Connection, sku: str, short: list[Incoming]) -> bo
     return added > 0 and added > int(conn.execute(query("addition_totals"), {"sku": sku}).one()[1])
 
 
-def _unknown_addition(addition: Addition) -> DeadLetter:
-    body = DeductionMessage(
-        addition.sku,
-        (Purchase(addition.request_id, RESTOCK_USER, addition.qty),),
-        addition.message_id,
-        addition.ts_ms,
-        SOURCE_RESTOCK,
-    )
-    reason = f"unknown sku {addition.sku!r}"
-    return DeadLetter(addition.message_id, "", addition.request_id, reason, body.encode(), sku=addition.sku)
+def _unknown_addition(a: Addition) -> DeadLetter:
+    body = DeductionMessage.restock(a.sku, a.request_id, a.qty, a.message_id, a.ts_ms)
+    return DeadLetter(a.message_id, "", a.request_id, f"unknown sku {a.sku!r}", body.encode(), sku=a.sku)
 
 
 def _record_conflicts(conn: Connection, conflicts: Sequence[Conflict], report: ApplyReport) -> None:
