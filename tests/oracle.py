@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import pymysql
 import redis
@@ -48,7 +49,7 @@ class Books:
     order_status: dict[str, str] = field(default_factory=dict)  # token -> orders.status
     redis_added: dict[str, int] = field(default_factory=dict)  # request id -> qty, restocks in Redis
     mysql_added: dict[str, int] = field(default_factory=dict)  # request id -> qty, rows of stock_additions
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what balance() found when the books were read
 
     @property
     def sold(self) -> int:
@@ -134,8 +135,10 @@ class Books:
         if ever != self.mysql_deducted:
             missing = sorted(set(ever) - set(self.mysql_deducted))
             extra = sorted(set(self.mysql_deducted) - set(ever))
+            other = sorted(t for t in set(ever) & set(self.mysql_deducted) if ever[t] != self.mysql_deducted[t])
             problems.append(
-                f"{len(missing)} deduction(s) not in MySQL {missing[:5]}, {len(extra)} not in Redis {extra[:5]}"
+                f"{len(missing)} deduction(s) not in MySQL {missing[:5]}, {len(extra)} not in Redis {extra[:5]}, "
+                f"{len(other)} of other quantities there {other[:5]}"
             )
         doubled = sorted(t for t, n in self.orders.items() if n != 1)
         if set(self.orders) != set(self.mysql_deducted) or doubled:
@@ -159,6 +162,14 @@ def redis_client(url: str) -> redis.Redis | redis.RedisCluster:
     return redis.Redis.from_url(url, decode_responses=True)
 
 
+def mysql_connection(mysql_url: str) -> pymysql.connections.Connection:
+    """A plain PyMySQL connection to the database the URL names."""
+    url = make_url(mysql_url)
+    return pymysql.connect(
+        host=url.host, port=url.port or 3306, user=url.username, password=url.password, database=url.database
+    )
+
+
 def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
     """The SKU's books as they are now, from both stores (Redis first; MySQL only ever lags behind it)."""
     r = redis_client(redis_url)
@@ -171,10 +182,24 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
         }
     finally:
         r.close()
-    url = make_url(mysql_url)
-    conn = pymysql.connect(
-        host=url.host, port=url.port or 3306, user=url.username, password=url.password, database=url.database
+    books = Books(
+        sku=sku,
+        redis_initial=int(meta.get("initial", -1)),
+        redis_stock=stock,
+        redis_deducted=deducted,
+        redis_counter_qty=counter,
+        redis_returned=returned,
+        redis_fenced=fenced,
+        redis_added=redis_added,
+        **_mysql_side(mysql_url, sku),
     )
+    books.problems = books.balance()  # filled on every read, so that no check of it can pass unread
+    return books
+
+
+def _mysql_side(mysql_url: str, sku: str) -> dict[str, Any]:
+    """The SKU's fields of Books read from MySQL, by plain SQL."""
+    conn = mysql_connection(mysql_url)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT initial_stock, stock FROM inventory WHERE sku = %s", (sku,))
@@ -191,26 +216,18 @@ def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
             conflicts = cur.fetchone()
     finally:
         conn.close()
-    return Books(
-        sku=sku,
-        redis_initial=int(meta.get("initial", -1)),
-        redis_stock=stock,
-        redis_deducted=deducted,
-        redis_counter_qty=counter,
-        mysql_initial=int(inventory[0]) if inventory else -1,
-        mysql_stock=int(inventory[1]) if inventory else -1,
-        mysql_deducted=rows,
-        orders=Counter(token for token, *_ in orders),
-        ordered_qty=sum(int(qty) for _, _, qty, _ in orders),
-        order_rows={token: (str(user), int(qty)) for token, user, qty, _ in orders},
-        order_status={token: str(status) for token, _, _, status in orders},
-        redis_returned=returned,
-        mysql_returned=given_back,
-        open_conflicts=int(conflicts[0]) if conflicts else 0,
-        redis_fenced=fenced,
-        redis_added=redis_added,
-        mysql_added=mysql_added,
-    )
+    return {
+        "mysql_initial": int(inventory[0]) if inventory else -1,
+        "mysql_stock": int(inventory[1]) if inventory else -1,
+        "mysql_deducted": rows,
+        "orders": Counter(token for token, *_ in orders),
+        "ordered_qty": sum(int(qty) for _, _, qty, _ in orders),
+        "order_rows": {token: (str(user), int(qty)) for token, user, qty, _ in orders},
+        "order_status": {token: str(status) for token, _, _, status in orders},
+        "mysql_returned": given_back,
+        "mysql_added": mysql_added,
+        "open_conflicts": int(conflicts[0]) if conflicts else 0,
+    }
 
 
 def _redis_side(
@@ -272,6 +289,38 @@ def redis_stock(redis_url: str, sku: str) -> int:
         r.close()
 
 
+def partition_order(parts: Sequence[str], token: str) -> list[str]:
+    """The order in which `token` tries a partitioned SKU's partitions, computed here from docs/scaling.md
+    and not with flashsale's Layout: the token's crc32 divided by the number of partitions left, the
+    remainder picks the next partition among them, the quotient goes on to pick from the rest."""
+    left, code, order = list(parts), zlib.crc32(token.encode()), []
+    while left:
+        code, i = divmod(code, len(left))
+        order.append(left.pop(i))
+    return order
+
+
+def misplaced(redis_url: str, sku: str, tokens: Iterable[str]) -> list[str]:
+    """Tokens of a partitioned SKU not sold where their order sends them. Each must be in the log of one
+    partition only: the first of its order not closed, or one before it, closed since it sold there (a
+    partition closes for good, and a token passes only closed ones)."""
+    r = redis_client(redis_url)
+    try:
+        parts = r.hget(f"fs:{{{sku}}}:meta", "parts").split()
+        closed = {p for p in parts if r.hget(f"fs:{{{p}}}:meta", "closed") == "1"}
+        logs = {p: set(r.hkeys(f"fs:{{{p}}}:log")) for p in parts}
+    finally:
+        r.close()
+    problems = []
+    for token in sorted(tokens):
+        order = partition_order(parts, token)
+        reach = next((i for i, p in enumerate(order) if p not in closed), len(order) - 1)
+        where = [p for p in parts if token in logs[p]]
+        if len(where) != 1 or where[0] not in order[: reach + 1]:
+            problems.append(f"{token} sold on {where}: its order {order}, closed {sorted(closed)}")
+    return problems
+
+
 def now(settings: _HasUrls, sku: str) -> Books:
     """The books as they are right now."""
     return read_books(settings.redis_url, settings.mysql_url, sku)
@@ -287,7 +336,6 @@ def wait_balanced(redis_url: str, mysql_url: str, sku: str, timeout_s: float) ->
     started = time.monotonic()
     while True:
         books = read_books(redis_url, mysql_url, sku)
-        books.problems = books.balance()
         elapsed = time.monotonic() - started
         if not books.problems or elapsed > timeout_s:
             return books, elapsed

@@ -167,7 +167,8 @@ def test_repair_puts_back_a_deduction_redis_lost_entirely(
     assert repaired.returncode == 0, repaired.stdout
     assert json.loads(repaired.stdout)["repairs"][0]["adopted_deductions"] == 1
     books = now(settings, sku)
-    assert books.problems == books.balance() == [] and books.redis_stock == 7 and lost in books.redis_deducted
+    assert books.problems == [], books.problems  # the deduction put back agrees with MySQL's, token by token
+    assert books.redis_stock == 7 and lost in books.redis_deducted
 
 
 def _sell(pipeline: Pipeline, settings: Settings, sku: str, stock: int, attempts: int) -> None:
