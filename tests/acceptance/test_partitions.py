@@ -10,10 +10,12 @@ import asyncio
 import json
 import os
 import re
+import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import pymysql
 import pytest
@@ -42,7 +44,7 @@ from tests.acceptance.test_crashes import buy
 from tests.acceptance.test_operations import flashsale, reconcile_json
 from tests.acceptance.test_redis_cluster import kill_master
 from tests.conftest import cluster_url
-from tests.oracle import balanced, now, redis_client
+from tests.oracle import Books, balanced, misplaced, now, partition_order, redis_client
 
 pytestmark = pytest.mark.slow
 
@@ -87,35 +89,40 @@ def _sold_on(url: str, sku: str, token: str) -> str | None:
     return found[0] if found else None
 
 
-def _order(url: str, sku: str, token: str) -> list[str]:
-    """The partitions a token may be sold on: its order, up to and including the first one not closed."""
-    sync = RedisStock(url)
-    try:
-        layout = sync.layout(sku)
-        assert layout is not None
-        client = redis_client(url)
-        try:
-            out = []
-            for part in layout.order(token):
-                out.append(part)
-                if client.hget(f"fs:{{{part}}}:meta", "closed") != "1":
-                    return out
-            return out
-        finally:
-            client.close()
-    finally:
-        sync.close()
-
-
 def _half_messages(settings: Settings) -> int:
     """Half messages the broker has ever taken (its system topic of half messages has one queue)."""
     return rocketmq_admin.max_offset(f"{c.DEFAULT_HOST}:{settings.ports.broker}", "RMQ_SYS_TRANS_HALF_TOPIC", 0)
 
 
-def _buy(url: str, sku: str, qty: int, token: str | None = None, user: str | None = None) -> str:
+@dataclass
+class _Told:
+    """Every answer each token got, the quantities it was sent with and its buyer: what the oracle's
+    `against` judges the orders by, in both directions."""
+
+    answers: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    asked: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    users: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def heard(self, token: str, user: str, qty: int, status: str) -> None:
+        with self.lock:
+            self.answers[token].append(status)
+            self.asked[token].add(qty)
+            self.users[token] = user
+
+    def against(self, books: Books, limit: int = 0) -> list[str]:
+        return books.against(self.answers, self.asked, self.users, limit)
+
+
+def _buy(
+    url: str, sku: str, qty: int, token: str | None = None, user: str | None = None, told: _Told | None = None
+) -> str:
     token = token or uuid.uuid4().hex
+    user = user or f"u-{token}"
     for _ in range(50):  # an unclear answer is asked again with the same token
-        _, body = post(url, {"sku": sku, "user_id": user or f"u-{token}", "qty": qty, "token": token})
+        _, body = post(url, {"sku": sku, "user_id": user, "qty": qty, "token": token})
+        if told is not None:
+            told.heard(token, user, qty, str(body.get("status")))
         if body.get("status") not in ("pending", "error"):
             return str(body["status"])
         time.sleep(0.2)
@@ -171,8 +178,8 @@ def test_a_partitioned_sale_sells_every_unit_once_to_buyers_who_retry(
     # A retry of a token that bought gets `duplicate`, from the partition that sold it.
     bought = next(t for t, said in crowd.answers.items() if said[-1] == "accepted")
     assert _buy(url, sku, 1, bought) == "duplicate"
-    # Every token was sold where its order sends it: its first partition, or past closed ones.
-    assert all(_sold_on(settings.redis_url, sku, t) in _order(settings.redis_url, sku, t) for t in [bought])
+    # Every token that bought was sold where its order sends it: its first partition, or past closed ones.
+    assert misplaced(settings.redis_url, sku, crowd.told()) == []
 
     code, report = reconcile_json(pipeline, sku)
     assert code == 0, report
@@ -185,20 +192,21 @@ def test_the_last_units_sell_even_when_no_single_partition_holds_enough(
     # 10 units, 3 partitions of 3 each and 1 in the pool: a purchase of 4 fits no partition alone.
     set_stock(settings.with_overrides(partition_refill=3), sku, 10, partitions=3)
     url = pipeline.start_all()
-    first = uuid.uuid4().hex
-    assert _buy(url, sku, 4, first) == "accepted"
-    assert _buy(url, sku, 6) == "accepted"  # every remaining unit, gathered from all the partitions
-    assert _buy(url, sku, 1) == "sold_out"
+    first, told = uuid.uuid4().hex, _Told()
+    assert _buy(url, sku, 4, first, told=told) == "accepted"
+    assert _buy(url, sku, 6, told=told) == "accepted"  # every remaining unit, gathered from all the partitions
+    assert _buy(url, sku, 1, told=told) == "sold_out"
     time.sleep(0.2)  # the producer's registry of the partitions (50 ms) now says sold out
     fresh = uuid.uuid4().hex
     sent = _half_messages(settings)
-    assert _buy(url, sku, 1, fresh) == "sold_out"
-    assert _buy(url, sku, 4, first) == "duplicate"  # a token seen before still gets its original answer
+    assert _buy(url, sku, 1, fresh, told=told) == "sold_out"
+    assert _buy(url, sku, 4, first, told=told) == "duplicate"  # a token seen before still gets its original answer
     # Both answers came from a read of the logs: no half message, no pre-deduct, nothing written.
     assert _half_messages(settings) == sent
     assert _sold_on(settings.redis_url, sku, fresh) is None
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
+    assert told.against(books) == []
     assert books.sold == 10 and books.redis_stock == 0 and books.oversold() == 0
 
 
@@ -211,13 +219,15 @@ def test_an_exhausted_partition_closes_and_its_tokens_sell_on_the_others(
     # partition find it empty, while the anchor still holds units (so the SKU is not sold out yet).
     url = pipeline.start_all()
     said: dict[str, str] = {}
+    told = _Told()
     with ThreadPoolExecutor(8) as pool:
         for part in (*layout.parts[1:], layout.anchor):
             mine = (uuid.uuid4().hex for _ in iter(int, 1))
-            tokens = [t for t, _ in zip((t for t in mine if next(layout.order(t)) == part), range(14), strict=False)]
-            said.update(zip(tokens, pool.map(lambda t: _buy(url, sku, 1, t), tokens), strict=True))
+            first = (t for t in mine if partition_order(layout.parts, t)[0] == part)
+            tokens = [t for t, _ in zip(first, range(14), strict=False)]
+            said.update(zip(tokens, pool.map(lambda t: _buy(url, sku, 1, t, told=told), tokens), strict=True))
         tokens = list(said)
-        again = dict(zip(tokens, pool.map(lambda t: _buy(url, sku, 1, t), tokens), strict=True))
+        again = dict(zip(tokens, pool.map(lambda t: _buy(url, sku, 1, t, told=told), tokens), strict=True))
     assert sorted(Counter(said.values()).items()) == [("accepted", 30), ("sold_out", 12)]
     assert all(again[t] == ("duplicate" if said[t] == "accepted" else "sold_out") for t in tokens)
     client = redis_client(settings.redis_url)
@@ -232,10 +242,10 @@ def test_an_exhausted_partition_closes_and_its_tokens_sell_on_the_others(
     assert [p["closed"] for p in json.loads(shown.stdout)["redis"]["partitions"]] == [False, True, True]
     table = flashsale(pipeline, "stock", "show", sku, COLUMNS="200")
     assert table.returncode == 0 and table.stdout.count(" closed") == 2 and table.stdout.count(" open") == 1
-    for token in (t for t in tokens if said[t] == "accepted"):
-        assert _sold_on(settings.redis_url, sku, token) in _order(settings.redis_url, sku, token)
+    assert misplaced(settings.redis_url, sku, [t for t in tokens if said[t] == "accepted"]) == []
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
+    assert told.against(books) == []
     assert books.sold == 30 and books.redis_stock == 0 and books.oversold() == 0
 
 
@@ -244,7 +254,7 @@ def _spread_group(layout: Layout) -> list[str]:
     tokens: list[str] = []
     while len(tokens) < 3:
         token = uuid.uuid4().hex
-        if next(layout.order(token)) == layout.parts[len(tokens)]:
+        if partition_order(layout.parts, token)[0] == layout.parts[len(tokens)]:
             tokens.append(token)
     return tokens
 
@@ -292,9 +302,11 @@ def test_a_producer_killed_amid_a_spread_groups_transaction_is_settled_by_the_ch
     # One message over the three partitions: each share of it settled the same way.
     assert _records(settings.redis_url, layout, gid[1]) == dict.fromkeys(layout.parts, state)
     _, healthy = pipeline.producer()
-    assert [_buy(healthy, sku, 1, t, f"u-{t}") for t in tokens] == [retried] * 3
+    told = _Told()
+    assert [_buy(healthy, sku, 1, t, f"u-{t}", told) for t in tokens] == [retried] * 3
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
+    assert told.against(books) == []
     assert books.order_count == 3 and books.redis_stock == 27
 
 
@@ -430,11 +442,13 @@ def test_a_registry_read_while_the_last_unit_moves_between_partitions_never_says
 def test_concurrent_pulls_at_the_end_of_a_sale_never_oversell(pipeline: Pipeline, settings: Settings, sku: str) -> None:
     set_stock(settings.with_overrides(partition_refill=2), sku, 40, partitions=3)
     url = pipeline.start_all()
+    told = _Told()
     with ThreadPoolExecutor(16) as pool:
-        said = list(pool.map(lambda q: _buy(url, sku, q), [1, 2, 3] * 16))
+        said = list(pool.map(lambda q: _buy(url, sku, q, told=told), [1, 2, 3] * 16))
     sold = sum(q for q, s in zip([1, 2, 3] * 16, said, strict=True) if s == "accepted")
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
+    assert told.against(books) == []
     assert books.oversold() == 0 and books.sold == sold
     # 96 units were asked for 40: all but what fits no purchase still coming sold.
     assert books.sold >= 38 and "sold_out" in said
@@ -460,14 +474,16 @@ def test_the_per_user_limit_holds_across_partitions(pipeline: Pipeline, settings
     pipeline.consumer()
     _, url = pipeline.producer(FLASHSALE_GROUP_SIZE="1")  # a partition picked for every purchase
     wanted = [(f"user-{u}", f"{sku}-{u}-{n}") for u in range(10) for n in range(5)]
+    told = _Told()
     with ThreadPoolExecutor(25) as pool:
-        said = dict(zip(wanted, pool.map(lambda w: _buy(url, sku, 1, w[1], w[0]), wanted), strict=True))
+        said = dict(zip(wanted, pool.map(lambda w: _buy(url, sku, 1, w[1], w[0], told), wanted), strict=True))
         # Every token retried: a bought one is `duplicate` and takes nothing more from its buyer's limit.
-        again = dict(zip(wanted, pool.map(lambda w: _buy(url, sku, 1, w[1], w[0]), wanted), strict=True))
+        again = dict(zip(wanted, pool.map(lambda w: _buy(url, sku, 1, w[1], w[0], told), wanted), strict=True))
     assert sorted(set(said.values())) == ["accepted", "limit_exceeded"]
     assert all(again[w] == ("duplicate" if said[w] == "accepted" else "limit_exceeded") for w in wanted)
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
+    assert told.against(books, 2) == []
     assert _bought_by_user(settings, sku) == {f"user-{u}": 2 for u in range(10)}
     parts_of = {w: _sold_on(settings.redis_url, sku, w[1]) for w in wanted if said[w] == "accepted"}
     # The tokens went to every partition, and some buyer's to more than one: the limit spans them.
