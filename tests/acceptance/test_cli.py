@@ -6,21 +6,25 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from flashsale import failpoints
 from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
 from flashsale.config import Settings
 from flashsale.models import Purchase
 from flashsale.net import is_loopback
 from flashsale.ops.setup import set_stock
+from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline, post
 from tests.conftest import session_env
-from tests.oracle import balanced, now, redis_client
+from tests.oracle import Books, balanced, mysql_connection, now, redis_client
 
 
 def run(settings: Settings, *args: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
@@ -199,10 +203,110 @@ def mysql_view(settings: Settings, sku: str) -> tuple[int, int]:
     return books.mysql_initial, books.mysql_stock
 
 
+def _half_messages(settings: Settings) -> int:
+    """Half messages the broker has ever taken, asked of the broker (its system topic of them has one queue).
+    The broker also writes there again a half message it checks: a count from it is a bound from above."""
+    return rocketmq_admin.max_offset(f"127.0.0.1:{settings.ports.broker}", "RMQ_SYS_TRANS_HALF_TOPIC", 0)
+
+
+def _logged_at(folder: Path, role: str, says: str) -> float:
+    """When the bench's `role` process first logged a line with `says` (any line for ""): the line's own
+    timestamp, in seconds since the epoch."""
+    (log,) = folder.glob(f"{role}-*.log")
+    line = next((line for line in log.read_text().splitlines() if says in line), None)
+    assert line is not None, f"{log} never says {says!r}"
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp()  # local time
+
+
+def _bench_logs(stack_settings: StackSettings, strategy: str, sku: str) -> Path:
+    """Where the bench's processes of `strategy` logged: logs/bench-<run>/<strategy>, the run in the SKU."""
+    run = sku.removeprefix("bench-").split("-", 1)[0]
+    return Stack(stack_settings).layout.logs / f"bench-{run}" / strategy
+
+
+def _served(stack_settings: StackSettings, strategy: str, sku: str) -> tuple[float, float]:
+    """When the strategy's server (a baseline, or the producer) listened, and when the bench stopped it:
+    its buyers could only be answered in between."""
+    folder = _bench_logs(stack_settings, strategy, sku)
+    role = "baseline" if strategy in ("mysql-lock", "mysql-optimistic") else "producer"
+    return _logged_at(folder, role, " listening on "), _logged_at(folder, role, "received SIGTERM")
+
+
+def _sold_at(settings: Settings, strategy: str, sku: str) -> list[float]:
+    """When each accepted purchase was made, in seconds since the epoch, on its store's own clock:
+    MariaDB's for a baseline (its order's created_at), Redis's for the pipeline (its log entry's ts)."""
+    if strategy not in ("mysql-lock", "mysql-optimistic"):
+        return [int(e["ts"]) / 1000 for e in _log(settings, sku)]
+    return [float(t) for t in _column(settings, "SELECT UNIX_TIMESTAMP(created_at) FROM orders WHERE sku = %s", sku)]
+
+
+def _column(settings: Settings, sql: str, sku: str) -> list[object]:
+    conn = mysql_connection(settings.mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, (sku,))
+            return [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def _mysql_problems(books: Books) -> list[str]:
+    """What keeps a baseline's books from agreeing: it sells from MySQL alone, so its books are MySQL's."""
+    problems = []
+    if books.mysql_stock + sum(books.mysql_deducted.values()) != books.mysql_initial:
+        problems.append(f"stock {books.mysql_stock} + {books.mysql_deducted} != initial {books.mysql_initial}")
+    if dict(books.orders) != dict.fromkeys(books.mysql_deducted, 1):
+        problems.append(f"orders {sorted(books.orders)} != deductions {sorted(books.mysql_deducted)}")
+    if books.ordered_qty != sum(books.mysql_deducted.values()):
+        problems.append(f"ordered {books.ordered_qty} units, deducted {sum(books.mysql_deducted.values())}")
+    return problems
+
+
+#: The least and the most attempts a second a strategy can have answered.
+Bounds = tuple[float, float]
+#: Seconds a time may read early: log lines and Redis's log entries give it to the millisecond, cut.
+CUT_S = 0.001
+#: Seconds the bench's times may be off by: it gives them to the millisecond, rounded.
+ROUNDED_S = 0.0005
+
+
+def _check_strategy(settings: Settings, stack_settings: StackSettings, r: dict, clock: tuple[float, float]) -> Bounds:
+    """One strategy's result against what the test sees itself; returns the bounds on its rate.
+
+    Its sale took at least the time between its first and last purchase on the store's own clock, and
+    at most the life of its server (from the server's own log), which lies inside the test's clock."""
+    (sku,) = r["skus"]
+    books = now(settings, sku)
+    # What the bench says it sold is what MySQL holds, read back with plain SQL.
+    assert r["attempts"] == 400 and r["consistent"], r
+    assert r["accepted"] == books.order_count == len(books.mysql_deducted) <= 200
+    assert _mysql_problems(books) == [] and books.mysql_initial == 200
+    listened, stopped = _served(stack_settings, r["strategy"], sku)
+    sold = _sold_at(settings, r["strategy"], sku)
+    assert clock[0] <= listened and stopped <= clock[1]
+    assert listened - CUT_S <= min(sold) and max(sold) <= stopped + CUT_S, (listened, sold, stopped)
+    least, most = max(sold) - min(sold) - CUT_S, stopped - listened + CUT_S
+    assert least <= r["elapsed_s"] + ROUNDED_S and r["elapsed_s"] - ROUNDED_S <= most, (least, r["elapsed_s"], most)
+    assert least <= r["sellout_s"] + ROUNDED_S and r["sellout_s"] <= r["elapsed_s"]
+    # The rate is the attempts over that time: within what the two bounds allow (given to 0.1 a second).
+    low, high = r["attempts"] / most, r["attempts"] / least
+    assert low - 0.05 <= r["throughput"] <= high + 0.05, (low, r["throughput"], high)
+    assert r["throughput"] == pytest.approx(400 / r["elapsed_s"], rel=0.01)
+    # No latency exceeds the whole run.
+    assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["elapsed_s"] * 1000
+    assert "mariadb" in r["cpu_ms_per_accepted"]  # every strategy's books live in MariaDB
+    if r["strategy"] in ("mysql-lock", "mysql-optimistic"):
+        # MariaDB does all their work. (With group commit, 200 purchases are a batch or two: less than
+        # the 10 ms the kernel counts CPU time in, so a pipeline's share may read 0.)
+        assert r["cpu_ms_per_accepted"]["mariadb"] > 0
+    return low, high
+
+
 def test_bench_compares_every_strategy_over_the_same_http_with_the_same_load(
-    settings: Settings, tmp_path: Path
+    settings: Settings, stack_settings: StackSettings, tmp_path: Path
 ) -> None:
     picture = tmp_path / "bench.png"
+    half_before, started = _half_messages(settings), time.time()
     result = run(
         settings,
         "bench",
@@ -210,7 +314,7 @@ def test_bench_compares_every_strategy_over_the_same_http_with_the_same_load(
         "mysql-lock,mysql-optimistic,pipeline-b1,pipeline",
         "--json",
         "--stock",
-        "100",
+        "200",
         "--attempts",
         "400",
         "--buyers",
@@ -218,36 +322,39 @@ def test_bench_compares_every_strategy_over_the_same_http_with_the_same_load(
         "--plot",
         str(picture),
     )
+    clock = (started, time.time())
+    half = _half_messages(settings) - half_before
     assert result.returncode == 0, result.stdout + result.stderr
     results = {r["strategy"]: r for r in json.loads(result.stdout)["results"]}
     assert set(results) == {"mysql-lock", "mysql-optimistic", "pipeline-b1", "pipeline"}
-    for r in results.values():
-        (sku,) = r["skus"]
-        books = now(settings, sku)
-        # What the bench says it sold is what MySQL holds, read back with plain SQL.
-        assert r["attempts"] == 400 and r["consistent"], r
-        assert r["accepted"] == books.order_count == len(books.mysql_deducted) <= 100
-        assert books.mysql_stock + sum(books.mysql_deducted.values()) == books.mysql_initial == 100
-        # No latency exceeds the whole run, and the rate is the attempts over the run's time.
-        assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["elapsed_s"] * 1000
-        assert r["throughput"] == pytest.approx(400 / r["elapsed_s"], rel=0.01)
-        assert "mariadb" in r["cpu_ms_per_accepted"]  # every strategy's books live in MariaDB
-        if r["strategy"] in ("mysql-lock", "mysql-optimistic"):
-            # MariaDB does all their work. (With group commit, 100 purchases are a batch or two: less than
-            # the 10 ms the kernel counts CPU time in, so a pipeline's share may read 0.)
-            assert r["cpu_ms_per_accepted"]["mariadb"] > 0
-    assert results["mysql-lock"]["accepted"] == results["pipeline"]["accepted"] == 100
+    rates = {name: _check_strategy(settings, stack_settings, r, clock) for name, r in results.items()}
+    assert sum(r["elapsed_s"] for r in results.values()) <= clock[1] - clock[0]
+    assert results["mysql-lock"]["accepted"] == results["pipeline"]["accepted"] == 200
     assert results["mysql-lock"]["cpu_ms_per_accepted"]["baseline"] > 0
     assert {"producer", "consumer", "checker", "broker", "redis"} <= set(results["pipeline"]["cpu_ms_per_accepted"])
-    # One transaction per purchase, then far fewer with group commit (the bench's own count of half messages).
-    assert results["pipeline-b1"]["transactions_per_accepted"] >= 1.0
-    assert results["pipeline"]["transactions_per_accepted"] < results["pipeline-b1"]["transactions_per_accepted"]
+    _check_transactions(results, half)
     assert balanced(settings, results["pipeline"]["skus"][0]).problems == []
-    lock = results["mysql-lock"]
-    for r in results.values():
+    lock, (lock_low, lock_high) = results["mysql-lock"], rates["mysql-lock"]
+    for name, r in results.items():
+        # Each ratio lies within what the bounds on the two rates allow (given to 0.01).
+        low, high = rates[name]
+        assert low / lock_high - 0.005 <= r["ratio"] <= high / lock_low + 0.005, (name, r["ratio"])
         assert r["ratio"] == pytest.approx(r["throughput"] / lock["throughput"], abs=0.01)
         assert r["p99_ratio"] == pytest.approx(r["p99_ms"] / lock["p99_ms"], abs=0.002)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_transactions(results: dict[str, dict], half: int) -> None:
+    """One transaction per purchase, then far fewer with group commit: judged by the half messages the
+    broker took over the run (only the two pipelines send any). pipeline-b1 sent at least one per purchase
+    it accepted, so the rest, the most group commit can have sent, must be fewer than its purchases."""
+    b1, grouped = results["pipeline-b1"], results["pipeline"]
+    assert b1["transactions_per_accepted"] >= 1.0 and half >= b1["accepted"]
+    assert half - b1["accepted"] < grouped["accepted"], (half, b1["accepted"], grouped["accepted"])
+    # The producers' own count of them says no more than the broker took.
+    said = b1["transactions_per_accepted"] * b1["accepted"] + grouped["transactions_per_accepted"] * grouped["accepted"]
+    assert said <= half + 0.5, (said, half)
+    assert grouped["transactions_per_accepted"] < b1["transactions_per_accepted"]
 
 
 def test_bench_takes_a_thousand_buyers_in_an_open_loop(settings: Settings) -> None:
@@ -270,6 +377,9 @@ def test_bench_takes_a_thousand_buyers_in_an_open_loop(settings: Settings) -> No
     (pipeline,) = json.loads(result.stdout)["results"]
     assert pipeline["attempts"] == 2000 and pipeline["accepted"] == 200 and pipeline["consistent"]
     assert pipeline["rejected"] == {"sold_out": 1800}
+    books = balanced(settings, pipeline["skus"][0])  # plain Redis commands and SQL, not the bench's reconcile
+    assert books.problems == [], books.problems
+    assert books.order_count == books.sold == 200 and books.redis_stock == books.mysql_stock == 0
     # Due at 1,000 a second: the sale cannot take much less than two seconds.
     assert pipeline["elapsed_s"] >= 1.9
 
@@ -285,7 +395,9 @@ def test_demo_runs_a_whole_sale_and_ends_with_balanced_books(settings: Settings)
     assert books.problems == [] and books.order_count == 60 and books.mysql_stock == 0
 
 
-def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(settings: Settings) -> None:
+def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(
+    settings: Settings, stack_settings: StackSettings
+) -> None:
     result = run(
         settings,
         "bench",
@@ -305,9 +417,20 @@ def test_bench_backlog_times_the_consumer_draining_what_the_broker_buffered(sett
     assert result.returncode == 0, result.stdout + result.stderr
     (pipeline,) = json.loads(result.stdout)["results"]
     assert pipeline["accepted"] == 300 and pipeline["consistent"]
-    books = balanced(settings, pipeline["skus"][0])
-    assert books.problems == [] and books.order_count == 300
-    assert pipeline["drain_s"] > 0
+    (sku,) = pipeline["skus"]
+    books = balanced(settings, sku)
+    assert books.problems == [] and books.order_count == len(books.mysql_deducted) == 300
+    # The drain began after the sale's last purchase (Redis's clock) and before the consumer's first log
+    # line; it ended once MySQL held its last row (MariaDB's clock), before the bench stopped the consumer.
+    folder = _bench_logs(stack_settings, "pipeline", sku)
+    last_sold = max(int(e["ts"]) for e in _log(settings, sku)) / 1000
+    rows = _column(settings, "SELECT UNIX_TIMESTAMP(applied_at) FROM stock_deductions WHERE sku = %s", sku)
+    applied = [float(t) for t in rows]
+    least = max(applied) - _logged_at(folder, "consumer", "") - CUT_S
+    most = _logged_at(folder, "consumer", "received SIGTERM") + CUT_S - last_sold
+    drain_s = pipeline["drain_s"]
+    assert 0 < least <= drain_s + ROUNDED_S and drain_s - ROUNDED_S <= most, (least, drain_s, most)
+    assert 300 / most - 0.05 <= pipeline["applied_per_s"] <= 300 / least + 0.05
     assert pipeline["applied_per_s"] == pytest.approx(300 / pipeline["drain_s"], rel=0.05)
 
 
@@ -451,8 +574,12 @@ def test_a_baseline_out_of_connections_is_reported_with_its_errors_and_the_run_g
     finally:
         mariadb._root_sql(f"SET GLOBAL max_connections = {before}")
     results = {r["strategy"]: r for r in json.loads(result.stdout)["results"]}
-    lock = results["mysql-lock"]
+    lock, pipeline = results["mysql-lock"], results["pipeline"]
     assert lock["attempts"] == 600 and lock["rejected"].get("error", 0) > 0
     assert any("Too many connections" in e for e in lock["errors"]), lock["errors"]
-    assert lock["consistent"]  # what it did accept, it booked
-    assert results["pipeline"]["accepted"] == 50 and results["pipeline"]["consistent"]
+    # What it did accept, it booked, and nothing else: its books read back with plain SQL.
+    lock_books = now(settings, lock["skus"][0])
+    assert lock["consistent"] and _mysql_problems(lock_books) == [] and lock_books.order_count == lock["accepted"]
+    assert pipeline["accepted"] == 50 and pipeline["consistent"]
+    books = balanced(settings, pipeline["skus"][0])
+    assert books.problems == [] and books.order_count == books.sold == 50, books.problems
