@@ -8,7 +8,7 @@ from flashsale.bench.load import run_load
 from flashsale.config import Settings
 from flashsale.ops.setup import set_stock
 from tests.acceptance.harness import Pipeline, free_port, post
-from tests.oracle import balanced
+from tests.oracle import balanced, mysql_connection
 
 
 def test_a_flash_sale_sells_exactly_the_stock_and_the_books_balance(
@@ -163,21 +163,47 @@ def test_every_metric_the_dashboard_queries_is_in_the_processes_real_metrics(
     assert missing == [], f"the dashboard queries series no process exports: {missing}"
 
 
-def test_a_test_sale_leaves_the_users_own_redis_database_alone(
+def _rows_of(mysql_url: str, sku: str) -> dict[str, int]:
+    """Every table of the database `mysql_url` names, with its rows of `sku` (-1 for a table with no sku)."""
+    conn = mysql_connection(mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT t.table_name, MAX(c.column_name = 'sku') FROM information_schema.tables t "
+                "LEFT JOIN information_schema.columns c USING (table_schema, table_name) "
+                "WHERE t.table_schema = DATABASE() GROUP BY t.table_name"
+            )
+            tables = {str(name): bool(has_sku) for name, has_sku in cur.fetchall()}
+            rows = dict.fromkeys(tables, -1)
+            for name in (n for n, has_sku in tables.items() if has_sku):
+                cur.execute(f"SELECT COUNT(*) FROM `{name}` WHERE sku = %s", (sku,))
+                rows[name] = int(cur.fetchone()[0])
+            return rows
+    finally:
+        conn.close()
+
+
+def test_a_test_sale_leaves_the_users_own_databases_alone(
     pipeline: Pipeline, settings: Settings, stack: Settings, sku: str
 ) -> None:
+    """The processes keep to the Redis database and the MySQL database their URLs name: the session's
+    (Redis 15, flashsale_test), never the user's own on the same servers (Redis 0, flashsale)."""
     import redis
 
-    from tests.conftest import TEST_REDIS_DB
-
     users = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    ours = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        before = users.smembers("fs:skus")
+        before, tables = users.smembers("fs:skus"), _rows_of(stack.mysql_url, sku)
         set_stock(settings, sku, 5)
         url = pipeline.start_all()
-        assert post(url, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t1"})[1]["status"] == "accepted"
-        assert balanced(settings, sku).problems == []
-        assert settings.redis_url.endswith(f"/{TEST_REDIS_DB}") and not stack.redis_url.endswith(f"/{TEST_REDIS_DB}")
-        assert users.smembers("fs:skus") == before and not users.exists(f"fs:{{{sku}}}:stock")
+        said = post(url, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t1"})[1]["status"]
+        books = balanced(settings, sku)
+        # Nothing of the sale in the user's databases: no key names the SKU, no row of it, no new table.
+        assert sorted(users.scan_iter(match=f"*{sku}*", count=1000)) == [] and users.smembers("fs:skus") == before
+        assert _rows_of(stack.mysql_url, sku) == tables and set(tables.values()) <= {0, -1}
+        # All of it in the session's: the sale's keys in its Redis database, its order in its MySQL database.
+        assert said == "accepted" and books.problems == [] and books.order_rows == {"t1": ("u1", 1)}
+        assert sku in ours.smembers("fs:skus") and ours.hget(f"fs:{{{sku}}}:log", "t1") is not None
     finally:
         users.close()
+        ours.close()
