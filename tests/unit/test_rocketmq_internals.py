@@ -6,11 +6,15 @@ attribute or a signature the adapters use, and each must be checked before the n
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+from grpc import ChannelConnectivity
 from rocketmq import Producer
 from rocketmq.v5.client import Client
 
 from flashsale.adapters.rocketmq import internals
+from flashsale.adapters.rocketmq.recovery import StreamWatchdog, _Watched
 
 
 def test_the_installed_client_has_every_internal_the_adapters_use() -> None:
@@ -38,3 +42,39 @@ def test_settings_loss_is_recognised_in_the_proxy_s_refusals() -> None:
     )
     assert internals.settings_lost(Exception("code:40015, message:cannot find client settings for this client"))
     assert not internals.settings_lost(Exception("deadline exceeded"))
+
+
+class _Call:
+    def __init__(self, done: bool) -> None:
+        self._done = done
+
+    def done(self) -> bool:
+        return self._done
+
+
+class _Client:
+    """A client with one endpoint whose telemetry stream and channel are as the test says."""
+
+    def __init__(self, *, stream_done: bool, state: ChannelConnectivity) -> None:
+        channel = SimpleNamespace(
+            telemetry_stream_stream_call=SimpleNamespace(**{internals._STREAM_CALL: _Call(stream_done)}),
+            channel_state=lambda wait_for_ready: state,
+        )
+        self.route_manager = SimpleNamespace(get_all_endpoints=lambda: {"proxy": "127.0.0.1:8081"})
+        self.rpc_client = SimpleNamespace(channels={"127.0.0.1:8081": channel})
+
+
+def test_a_stream_waiting_for_a_channel_that_is_not_connected_is_reported_down() -> None:
+    # What a stream reopened while the broker is away looks like: not ended, its channel not connected.
+    waiting = _Client(stream_done=False, state=ChannelConnectivity.TRANSIENT_FAILURE)
+    watchdog = StreamWatchdog()
+    watchdog._watched[id(waiting)] = _Watched(waiting, "producer")
+    assert watchdog.problems() == ["producer: telemetry stream to 127.0.0.1:8081 is down"]
+    assert internals.dead_streams(waiting) == []  # not ended: the watchdog does not reopen it again
+
+
+def test_an_open_stream_on_a_connected_channel_is_no_problem() -> None:
+    watchdog = StreamWatchdog()
+    client = _Client(stream_done=False, state=ChannelConnectivity.READY)
+    watchdog._watched[id(client)] = _Watched(client, "producer")
+    assert watchdog.problems() == []

@@ -12,8 +12,9 @@ nothing else in flashsale does. What it relies on, all checked by `shape_problem
 - `Client._init_settings_event`, set by the first settings the proxy sends on the telemetry stream, and
   `Client.reset_setting(settings)`, the hook the stream calls with every settings reply.
 - `Client.route_manager.get_all_endpoints()`, `Client.on_new_endpoints(endpoints)` (opens a telemetry
-  stream and writes the client's settings on it), `RpcClient.channels.get(endpoints)`, and the grpc call
-  under `channel.telemetry_stream_stream_call` (`_RpcStreamStreamCall__stream_stream_call`).
+  stream and writes the client's settings on it), `RpcClient.channels.get(endpoints)`, the grpc call
+  under `channel.telemetry_stream_stream_call` (`_RpcStreamStreamCall__stream_stream_call`), and
+  `RpcChannel.channel_state(wait_for_ready)`, the grpc channel's connectivity.
 - The protobuf requests SendMessageRequest, EndTransactionRequest and AckMessageRequest, the codes of
   `Code`, `MessagingResultChecker.check`, and `MessageIdCodec().next_message_id()`.
 
@@ -35,6 +36,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from grpc import ChannelConnectivity
 from rocketmq import ClientConfiguration, Credentials, Producer, SimpleConsumer
 from rocketmq.grpc_protocol import (
     AckMessageEntry,
@@ -48,7 +50,7 @@ from rocketmq.grpc_protocol import (
     TransactionSource,
 )
 from rocketmq.v5.client.balancer import QueueSelector
-from rocketmq.v5.client.connection.rpc_channel import RpcStreamStreamCall
+from rocketmq.v5.client.connection.rpc_channel import RpcChannel, RpcStreamStreamCall
 from rocketmq.v5.client.connection.rpc_client import RpcClient
 from rocketmq.v5.exception import TooManyRequestsException
 from rocketmq.v5.util import MessageIdCodec, MessagingResultChecker
@@ -124,6 +126,21 @@ def dead_streams(client: Any) -> list[Any]:
         if call is None or call.done():
             dead.append(endpoints)
     return dead
+
+
+def unconnected(client: Any) -> list[Any]:
+    """The endpoints whose channel is not connected: no telemetry stream on it can be open.
+
+    A stream the watchdog opens while the broker is away does not end: it waits, pending, for the channel
+    to connect (and carries the settings once it does). So a stream that has not ended is not proof of an
+    open one; a channel that is READY is.
+    """
+    found = []
+    for endpoints in _endpoints(client):
+        channel = client.rpc_client.channels.get(endpoints)
+        if channel is None or channel.channel_state(False) is not ChannelConnectivity.READY:
+            found.append(endpoints)
+    return found
 
 
 def resync(client: Any, endpoints: Iterable[Any] | None = None) -> int:
@@ -252,6 +269,7 @@ def shape_problems() -> list[str]:
     for method in ("send_message_async", "end_transaction_async", "ack_message_async"):
         need(RpcClient, method, ("self", "endpoints", "req", "metadata", "timeout"))
     need(RpcClient, "get_channel_io_loop")
+    need(RpcChannel, "channel_state", ("self", "wait_for_ready"))
     for owner in (Producer, SimpleConsumer):
         need(owner, "_retrieve_topic_route_data", ("self", "topic"))
         need(owner, "reset_setting", ("self", "settings"))

@@ -78,9 +78,12 @@ class StreamWatchdog:
             watched = list(self._watched.values())
         found = []
         for each in watched:
-            dead = internals.dead_streams(each.client)
-            if dead:
-                found.append(f"{each.name}: telemetry stream to {', '.join(map(str, dead))} is down")
+            # Ended, or waiting for a channel that is not connected: a stream the watchdog reopened while
+            # the broker was away has not ended, and the broker knows nothing of it yet.
+            down = internals.dead_streams(each.client)
+            down += [e for e in internals.unconnected(each.client) if e not in down]
+            if down:
+                found.append(f"{each.name}: telemetry stream to {', '.join(map(str, down))} is down")
         return found
 
     def stop(self) -> None:
