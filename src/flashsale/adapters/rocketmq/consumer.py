@@ -70,15 +70,19 @@ class _Pump:
                     self._watchdog.poke(self.client)
                 self._stop.wait(1.0)
                 continue
-            while messages and not self._stop.is_set():
-                if not self._running.is_set():  # paused while this receive was in flight
-                    self._hand_back(messages)
-                    break
-                try:
-                    self._inbox.put(messages, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+            if messages:
+                self._deliver(messages)
+
+    def _deliver(self, messages: list[Message]) -> None:
+        """Into the inbox, or back to the broker when receipt is paused or stopped before there is room: a
+        page held here when the consumer stops would otherwise stay hidden for its whole invisible time."""
+        while not self._stop.is_set() and self._running.is_set():
+            try:
+                self._inbox.put(messages, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        self._hand_back(messages)
 
 
 class RocketMQConsumer:
@@ -205,6 +209,7 @@ class RocketMQConsumer:
 
     def _hand_back(self, messages: list[Message]) -> None:
         self.nack([to_delivery(m) for m in messages], 1)
+        logger.info("handed back %d message(s) received and not started", len(messages))
 
     def _hand_back_buffered(self) -> None:
         leftover, self._carry = self._carry, []
