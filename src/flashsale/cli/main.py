@@ -25,7 +25,7 @@ EXIT_FAILED = 4  # anything else that went wrong
 #: Every FLASHSALE_* variable, the local stack's and the product's (what `--help` lists).
 VARIABLES = variables(StackSettings, Settings)
 #: Commands that run until SIGTERM; they log at INFO by default.
-LONG_RUNNING = {"producer", "consumer", "checker", "baseline"}
+LONG_RUNNING = {"producer", "consumer", "checker", "expirer", "baseline"}
 
 
 def exit_code(exc: FlashSaleError) -> int:
@@ -81,8 +81,8 @@ class FlashSaleGroup(click.Group):
     "--log-level",
     default=None,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="Verbosity of the log lines written to stderr [default: INFO for the three processes, "
-    "WARNING for other commands].",
+    help="Verbosity of the log lines written to stderr [default: INFO for the processes that run until "
+    "SIGTERM, WARNING for other commands].",
 )
 @click.pass_context
 def main(ctx: click.Context, log_level: str | None) -> None:
