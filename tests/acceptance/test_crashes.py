@@ -8,9 +8,13 @@ import re
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import pymysql
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine.url import make_url
 
 from flashsale import constants as c
 from flashsale import failpoints
@@ -22,8 +26,10 @@ from flashsale.bench.load import run_load
 from flashsale.config import Settings
 from flashsale.models import DeductionMessage, Purchase, Resolution
 from flashsale.ops.setup import set_stock
+from flashsale.polling import poll_until
 from flashsale.records import Prededuct
 from flashsale.stack.manager import Stack
+from flashsale.stack.mariadb import MariaDBService
 from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline, free_port, post
 from tests.oracle import balanced, now
@@ -204,3 +210,61 @@ def test_a_duplicate_and_a_malformed_message_injected_into_the_topic_change_noth
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
     assert (len(books.mysql_deducted), books.order_count, books.mysql_stock) == (1, 1, 8)
+
+
+@contextmanager
+def row_locked(settings: Settings, sku: str) -> Iterator[None]:
+    """The SKU's inventory row locked by a transaction of our own for the block: a batch that applies the SKU
+    waits for it."""
+    url = make_url(settings.mysql_url)
+    conn = pymysql.connect(
+        host=url.host, port=url.port or 3306, user=url.username, password=url.password, database=url.database
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SELECT stock FROM inventory WHERE sku = %s FOR UPDATE", (sku,))
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def _lock_waits(mariadb: MariaDBService) -> int:
+    return int(mariadb._root_sql("SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"))
+
+
+def test_redis_down_under_a_backlog_pauses_receipt_hands_the_batch_back_and_loses_nothing(
+    pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str
+) -> None:
+    set_stock(settings, sku, 300)
+    _, url = pipeline.producer()
+    pipeline.checker()
+    # A message neither applied nor handed back would stay hidden for two minutes, far past the wait below.
+    consumer = pipeline.consumer(FLASHSALE_INVISIBLE_S="120")
+    stack = Stack(stack_settings)
+    with row_locked(settings, sku):
+        # The consumer's first batch waits on the row; what is sold meanwhile queues up behind it.
+        first = asyncio.run(run_load(url, [sku], attempts=10, concurrency=2, run_id="first"))
+        assert poll_until(lambda: _lock_waits(MariaDBService(stack.layout, stack_settings)) > 0, 30)
+        rest = asyncio.run(run_load(url, [sku], attempts=90, concurrency=10, run_id="rest"))
+        assert first.statuses["accepted"] + rest.statuses["accepted"] == 100
+        stack.down(["redis"])
+        seen = len(consumer.text())
+    # The row is free: the first batch commits, and the next one meets Redis down.
+    try:
+        consumer.wait_for(lambda: "receipt paused" in consumer.text()[seen:], "pausing receipt", 30)
+        time.sleep(4)
+        outage = consumer.text()[seen:]
+    finally:
+        stack.up(["redis"])
+    consumer.wait_for(lambda: "resuming receipt" in consumer.text()[seen:], "resuming receipt", 30)
+    books = balanced(settings, sku, 30)
+    assert books.problems == [], books.problems
+    assert (len(books.mysql_deducted), books.order_count, books.mysql_stock, books.redis_stock) == (100, 100, 200, 200)
+    # One batch met the outage; then receipt stopped, and the consumer only asked the stores until Redis
+    # answered: no second batch was tried meanwhile. That batch was handed back, not left to its invisible
+    # time: the books balanced well within it.
+    assert outage.count("not applied") == 1, outage[-3000:]
+    paused = [line for line in outage.splitlines() if "receipt paused" in line]
+    assert paused and all("Redis at" in line for line in paused), paused
