@@ -70,12 +70,17 @@ class PurchaseStockPort(Protocol):
 class OrderStockPort(Protocol):
     """The producer's Redis for decisions on orders (see pipeline/orders.py)."""
 
-    async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]: ...
+    async def layout(self, sku: str) -> Layout | None: ...
+
+    async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:
+        """Per partition (or SKU), the log entries of some tokens, each naming the partition it was read in."""
+        ...
 
     async def decide(
-        self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+        self, shard: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
     ) -> tuple[Decision, LogEntry | None]:
-        """Raises ServiceUnavailable with `reached` False when the script certainly did not run."""
+        """On the keys of `shard`, the token's partition (or its SKU). Raises ServiceUnavailable with
+        `reached` False when the script certainly did not run."""
         ...
 
 

@@ -5,21 +5,27 @@ The books are read back with plain SQL and plain Redis commands.
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 import time
+import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pymysql
 import redis
 from sqlalchemy.engine.url import make_url
 
+from flashsale import FlashSale
+from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.models import PurchaseStatus
 from flashsale.ops import reconcile
 from flashsale.ops.setup import set_stock
-from flashsale.records import Decision
+from flashsale.records import Decision, Layout
 from tests.acceptance.harness import Pipeline
-from tests.oracle import balanced
+from tests.oracle import balanced, redis_client
 
 DEADLINE_MS = 4_000
 
@@ -210,3 +216,216 @@ def test_an_operator_sells_with_a_deadline_and_shows_pays_and_cancels_orders_fro
     assert json.loads(cli("order", "show", sku, "t0").stdout)["state"] == "paid"
     statuses, returns, mysql_stock = _wait_for(settings, sku, {"t0": "paid", "t1": "cancelled"})
     assert (statuses, returns, mysql_stock) == ({"t0": "paid", "t1": "cancelled"}, {"t1": 1}, 1)
+
+
+# --- partitioned SKUs --------------------------------------------------------------------------------
+PARTS_DEADLINE_MS = 6_000
+
+
+def _layout(settings: Settings, sku: str) -> Layout:
+    stock = RedisStock(settings.redis_url)
+    try:
+        layout = stock.layout(sku)
+    finally:
+        stock.close()
+    assert layout is not None
+    return layout
+
+
+def _tokens_for(layout: Layout, part: str, n: int, tag: str) -> list[str]:
+    """`n` tokens whose order starts at `part` and goes on to the anchor (for the anchor: any)."""
+    ours = (f"{tag}{i}-{uuid.uuid4().hex[:8]}" for i in range(10**9))
+    wanted = [part] if part == layout.anchor else [part, layout.anchor]
+    return list(itertools.islice((t for t in ours if list(layout.order(t))[: len(wanted)] == wanted), n))
+
+
+def _partition_logs(settings: Settings, layout: Layout) -> dict[str, dict[str, dict[str, object]]]:
+    """Each partition's log (token -> entry), read with plain Redis commands."""
+    raw = redis_client(settings.redis_url)
+    try:
+        return {p: {t: json.loads(v) for t, v in raw.hgetall(f"fs:{{{p}}}:log").items()} for p in layout.parts}
+    finally:
+        raw.close()
+
+
+class Buyers:
+    """Every answer each token heard, with its buyer and quantity, for the oracle's `against`."""
+
+    def __init__(self, sale: FlashSale, sku: str) -> None:
+        self.sale, self.sku = sale, sku
+        self.answers: dict[str, list[str]] = {}
+        self.users: dict[str, str] = {}
+
+    def buy(self, tokens: list[str]) -> Counter[PurchaseStatus]:
+        said: Counter[PurchaseStatus] = Counter()
+        for token in tokens:
+            status = self.sale.purchase(self.sku, f"u-{token}", 1, token).status
+            self.answers.setdefault(token, []).append(status.value)
+            self.users[token] = f"u-{token}"
+            said[status] += 1
+        return said
+
+    def accepted(self, tokens: list[str]) -> list[str]:
+        return [t for t in tokens if self.answers.get(t, [""])[0] == "accepted"]
+
+
+def test_units_given_back_on_open_and_closed_partitions_sell_again_once_the_sku_was_sold_out(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    sell_out_give_back_and_sell_again(pipeline, settings, sku)
+
+
+def sell_out_give_back_and_sell_again(pipeline: Pipeline, settings: Settings, sku: str) -> None:
+    """A partitioned SKU with a deadline sold out; orders paid, cancelled and expired on open and closed
+    partitions; every unit given back sold again to exactly one new buyer; the books read back.
+
+    12 units, 4 in each of 3 partitions, the pool empty. The partitions other than the anchor close as
+    they run dry, so orders are given back to open and to closed partitions alike."""
+    set_stock(settings.with_overrides(partition_refill=4), sku, 12, partitions=3, pay_within_ms=PARTS_DEADLINE_MS)
+    layout = _layout(settings, sku)
+    p0, p1, p2 = layout.parts
+    first = {p: _tokens_for(layout, p, 5, f"a{n}") for n, p in enumerate(layout.parts)}
+    pipeline.consumer()
+    pipeline.checker()
+    pipeline.expirer()
+    with FlashSale(settings) as sale:
+        buyers = Buyers(sale, sku)
+        # The fifth token of p1 (and of p2) finds it empty: it closes, and the token is sold on the anchor.
+        sold = [*first[p1], *first[p2], *first[p0][:2]]
+        assert buyers.buy(sold) == {PurchaseStatus.ACCEPTED: 12}
+        assert buyers.buy(first[p0][2:3]) == {PurchaseStatus.SOLD_OUT: 1}
+        assert _closed(settings, layout) == {p1, p2}
+        answers = _decide_before_the_deadline(sale, sku, first)
+        assert answers == {
+            "pay p0": Decision.PAID,
+            "pay p1": Decision.PAID,
+            "pay p2": Decision.PAID,
+            "pay p2 again": Decision.PAID,
+            "pay p2 with another payment": Decision.ALREADY_PAID,
+            "cancel on p1 (closed)": Decision.CANCELLED,
+            "cancel on p0, past p1 (closed)": Decision.CANCELLED,
+            "cancel on p2 by another": Decision.NOT_YOURS,
+            "expire on p2 early": Decision.NOT_DUE,
+        }
+        shown = [sale.order(sku, first[p1][1]), sale.order(sku, first[p1][4])]
+        assert [(e.part, e.order) for e in shown if e] == [(p1, "cancelled"), (p0, "cancelled")]
+        # Two units came back (one to the closed p1): exactly two of six new buyers get them, then sold out.
+        time.sleep(0.2)  # past the producer's last read of the registry (50 ms), which said sold out
+        wave = [t for n, p in enumerate(layout.parts) for t in _tokens_for(layout, p, 2, f"b{n}")]
+        assert buyers.buy(wave) == {PurchaseStatus.ACCEPTED: 2, PurchaseStatus.SOLD_OUT: 4}
+        assert all(sale.pay(sku, t, f"pay-{t}").decision is Decision.PAID for t in buyers.accepted(wave))
+        # The seven orders left unpaid expire on their timers, on the closed partitions too; a payment
+        # past the deadline never lands.
+        unpaid = [first[p0][1], first[p1][2], first[p1][3], *first[p2][1:]]
+        _wait_expired(settings, layout, unpaid)
+        assert sale.pay(sku, first[p2][3], "late").decision is Decision.ALREADY_EXPIRED
+        again = [t for n, p in enumerate(layout.parts) for t in _tokens_for(layout, p, 4, f"c{n}")]
+        assert buyers.buy(again) == {PurchaseStatus.ACCEPTED: 7, PurchaseStatus.SOLD_OUT: 5}
+        resold = [*buyers.accepted(wave), *buyers.accepted(again)]
+        assert all(sale.pay(sku, t, f"pay-{t}").decision is Decision.PAID for t in buyers.accepted(again))
+    # The closed partitions stayed closed: what came back to them was drained to the pool, and sold on.
+    assert _closed(settings, layout) == {p1, p2}
+    logs = _partition_logs(settings, layout)
+    assert {t for p in (p1, p2) for t, e in logs[p].items() if e["order"] == "paid"} == {first[p1][0], first[p2][0]}
+    assert set(resold) <= set(logs[p0])  # resold on the anchor, the one partition open
+    given_back = [first[p1][1], first[p1][4], *unpaid]
+    want = {first[p][0]: "paid" for p in layout.parts} | dict.fromkeys(resold, "paid")
+    want |= {first[p1][1]: "cancelled", first[p1][4]: "cancelled"} | dict.fromkeys(unpaid, "expired")
+    statuses, returns, mysql_stock = _wait_for(settings, sku, want)
+    assert (statuses, returns, mysql_stock) == (want, dict.fromkeys(given_back, 1), 0)
+    books = balanced(settings, sku)
+    assert books.problems == [], books.problems
+    assert books.against(buyers.answers, {t: [1] for t in buyers.answers}, buyers.users) == []
+    assert books.oversold() == 0 and books.redis_stock == 0 and books.redis_returned == dict.fromkeys(given_back, 1)
+    report = reconcile.run(settings.with_overrides(settle_s=0), [sku])[0][0]
+    assert report.problems == [] and report.order_drift == 0
+    assert report.orders_by_state == {"paid": 12, "cancelled": 2, "expired": 7}
+
+
+def _closed(settings: Settings, layout: Layout) -> set[str]:
+    raw = redis_client(settings.redis_url)
+    try:
+        return {p for p in layout.parts if raw.hget(f"fs:{{{p}}}:meta", "closed") == "1"}
+    finally:
+        raw.close()
+
+
+def _decide_before_the_deadline(sale: FlashSale, sku: str, first: dict[str, list[str]]) -> dict[str, Decision]:
+    p0, p1, p2 = first
+    return {
+        "pay p0": sale.pay(sku, first[p0][0], "pay-0").decision,
+        "pay p1": sale.pay(sku, first[p1][0], "pay-1").decision,
+        "pay p2": sale.pay(sku, first[p2][0], "pay-2").decision,
+        "pay p2 again": sale.pay(sku, first[p2][0], "pay-2").decision,
+        "pay p2 with another payment": sale.pay(sku, first[p2][0], "pay-2-other").decision,
+        "cancel on p1 (closed)": sale.cancel(sku, first[p1][1], f"u-{first[p1][1]}", "c-1").decision,
+        "cancel on p0, past p1 (closed)": sale.cancel(sku, first[p1][4], f"u-{first[p1][4]}", "c-4").decision,
+        "cancel on p2 by another": sale.cancel(sku, first[p2][1], "someone-else", "c-2").decision,
+        "expire on p2 early": sale.expire(sku, first[p2][2]).decision,
+    }
+
+
+def _wait_expired(settings: Settings, layout: Layout, tokens: list[str], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        orders = {t: e.get("order") for log in _partition_logs(settings, layout).values() for t, e in log.items()}
+        if all(orders.get(t) == "expired" for t in tokens):
+            return
+        assert time.monotonic() < deadline, {t: orders.get(t) for t in tokens}
+        time.sleep(0.2)
+
+
+def test_a_payment_racing_the_expiry_of_an_order_on_a_partition_is_decided_once_and_mysql_follows(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    # Each order is paid by one producer and expired by another at the same instant: well before its
+    # deadline (the payment lands), at it (either may win), or well after it (the order expires).
+    pay_within_ms, spread_ms = 3_000, (-300, 0, 300)
+    set_stock(settings.with_overrides(partition_refill=5), sku, 9, partitions=3, pay_within_ms=pay_within_ms)
+    pipeline.consumer()
+    pipeline.checker()
+    tokens = [f"race-{i}" for i in range(9)]
+    with FlashSale(settings) as payer, FlashSale(settings) as expirer:
+        assert [payer.purchase(sku, f"u-{t}", 1, t).status for t in tokens] == [PurchaseStatus.ACCEPTED] * 9
+        orders = {t: payer.order(sku, t) for t in tokens}
+        assert len({e.part for e in orders.values() if e}) > 1  # the orders are spread over the partitions
+        answers: dict[str, tuple[Decision, Decision]] = {}
+
+        def race(i: int, token: str) -> None:
+            due_ms = orders[token].due_ms  # type: ignore[union-attr]
+            time.sleep(max(0.0, (due_ms + spread_ms[i % 3]) / 1000 - time.time()))
+            start = threading.Barrier(2)
+
+            def pay() -> Decision:
+                start.wait()
+                return payer.pay(sku, token, f"pay-{token}").decision
+
+            def expire() -> Decision:
+                start.wait()
+                return expirer.expire(sku, token).decision
+
+            with ThreadPoolExecutor(2) as both:
+                paid, expired = both.submit(pay), both.submit(expire)
+                answers[token] = (paid.result(), expired.result())
+
+        with ThreadPoolExecutor(len(tokens)) as pool:
+            list(pool.map(race, range(len(tokens)), tokens))
+    logs = _partition_logs(settings, _layout(settings, sku))
+    ended = {t: e.get("order") for log in logs.values() for t, e in log.items()}
+    for token, (pay, expire) in answers.items():
+        assert ended[token] in ("paid", "expired"), (token, pay, expire)
+        assert (pay is Decision.PAID) == (ended[token] == "paid") and not (pay is expire is Decision.PAID)
+        assert expire in ((Decision.NOT_DUE, Decision.ALREADY_PAID) if pay is Decision.PAID else _EXPIRY_ANSWERS)
+    assert {"paid", "expired"} <= set(ended.values()), answers
+    expired = sorted(t for t in tokens if ended[t] == "expired")
+    statuses, returns, mysql_stock = _wait_for(settings, sku, {t: str(ended[t]) for t in tokens})
+    assert (statuses, sorted(returns), mysql_stock) == ({t: ended[t] for t in tokens}, expired, len(expired))
+    books = balanced(settings, sku)
+    assert books.problems == [] and books.redis_stock == len(expired), books.problems
+    report = reconcile.run(settings.with_overrides(settle_s=0), [sku])[0][0]
+    assert report.problems == [] and report.order_drift == 0
+
+
+#: What an expiry hears when the order did not end paid: it expired it, or the payment came past the
+#: deadline and expired it first, or it came early (and the payment, past the deadline, expired it).
+_EXPIRY_ANSWERS = (Decision.EXPIRED, Decision.ALREADY_EXPIRED, Decision.NOT_DUE)

@@ -42,6 +42,7 @@ from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline, post
 from tests.acceptance.test_crashes import buy
 from tests.acceptance.test_operations import flashsale, reconcile_json
+from tests.acceptance.test_order_lifecycle import sell_out_give_back_and_sell_again
 from tests.acceptance.test_redis_cluster import kill_master
 from tests.conftest import cluster_url
 from tests.oracle import Books, balanced, misplaced, now, partition_order, redis_client
@@ -489,6 +490,14 @@ def test_the_per_user_limit_holds_across_partitions(pipeline: Pipeline, settings
     # The tokens went to every partition, and some buyer's to more than one: the limit spans them.
     assert len(set(parts_of.values())) == 3
     assert any(len({part for (user, _), part in parts_of.items() if user == f"user-{u}"}) > 1 for u in range(10))
+
+
+def test_orders_given_back_on_partitions_over_three_masters_sell_again_once_the_sku_was_sold_out(
+    pipeline: Pipeline, settings: Settings, sku: str
+) -> None:
+    sell_out_give_back_and_sell_again(pipeline, settings, sku)
+    _, ports, _ = _layout(settings.redis_url, sku)
+    assert len(set(ports.values())) == 3  # each partition's orders were decided on its own master
 
 
 @pytest.mark.parametrize("takeover", [True, False], ids=["replica-takes-over", "master-restarts"])

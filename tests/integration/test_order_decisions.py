@@ -13,17 +13,19 @@ import uuid
 import pytest
 import redis
 
-from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis import lua
+from flashsale.adapters.redis.keys import SkuKeys, holds_key
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.models import Purchase
-from flashsale.records import Decision, Prededuct
+from flashsale.records import Decision, Layout, Prededuct
 
 MINUTE_MS = 60_000
 
 
-def buy(stock: RedisStock, sku: str, token: str, user: str = "u1", qty: int = 1) -> Prededuct:
-    return stock.prededuct(sku, "m-" + token, [Purchase(token, user, qty)])[0].code
+def buy(stock: RedisStock, sku: str, token: str, user: str = "u1", qty: int = 1, epoch: int = 0) -> Prededuct:
+    """A pre-deduct on the SKU's keys, or on a partition's (placed by the layout of `epoch`)."""
+    return stock.prededuct(sku, "m-" + token, [Purchase(token, user, qty)], epoch)[0].code
 
 
 def decide(stock: RedisStock, sku: str, token: str, action: str, *, user: str = "", decision: str = "") -> Decision:
@@ -163,19 +165,28 @@ def test_a_decision_message_run_again_gets_its_first_answer_and_still_writes(
     assert _stock(raw, sku) == 2
 
 
+@pytest.mark.parametrize("partitioned", [False, True], ids=["one-key", "partition"])
 @pytest.mark.parametrize("rival", ["cancel", "expire"])
 def test_a_payment_racing_a_rival_decision_on_the_same_token_loses_or_wins_whole_every_time(
-    redis_stock: RedisStock, settings: Settings, raw: redis.Redis, sku: str, rival: str
+    redis_stock: RedisStock, settings: Settings, raw: redis.Redis, sku: str, rival: str, partitioned: bool
 ) -> None:
     rounds = 40
     # Expiry races need orders due as the race starts: a deadline of 0 ms is due at once.
-    redis_stock.load(sku, rounds, pay_within_ms=1 if rival == "expire" else MINUTE_MS)
+    pay_within_ms = 1 if rival == "expire" else MINUTE_MS
+    shard, epoch = sku, 0
+    if partitioned:  # every order on a partition that is not the anchor, which holds `rounds` units
+        layout = redis_stock.load_partitioned(
+            sku, 3 * rounds, partitions=3, refill=rounds, threshold=0, pay_within_ms=pay_within_ms
+        )
+        shard, epoch = layout.parts[1], layout.epoch
+    else:
+        redis_stock.load(sku, rounds, pay_within_ms=pay_within_ms)
     clients = [RedisStock(settings.redis_url) for _ in range(2)]
     try:
         outcomes = []
         for i in range(rounds):
             token = f"r{i}"
-            buy(redis_stock, sku, token)
+            assert buy(redis_stock, shard, token, epoch=epoch) is Prededuct.ACCEPTED
             if rival == "expire":
                 time.sleep(0.005)  # past its 1 ms deadline on Redis's clock before the race starts
             start = threading.Barrier(2)
@@ -189,7 +200,7 @@ def test_a_payment_racing_a_rival_decision_on_the_same_token_loses_or_wins_whole
                 answers: dict[str, Decision] = answers,
             ) -> None:
                 start.wait()
-                answers[action] = decide(client, sku, token, action, user="u1")
+                answers[action] = decide(client, shard, token, action, user="u1")
 
             threads = [
                 threading.Thread(target=run, args=(clients[0], "pay")),
@@ -199,7 +210,7 @@ def test_a_payment_racing_a_rival_decision_on_the_same_token_loses_or_wins_whole
                 t.start()
             for t in threads:
                 t.join()
-            outcomes.append((answers["pay"], answers[rival], _entry(raw, sku, token)["order"]))
+            outcomes.append((answers["pay"], answers[rival], _entry(raw, shard, token)["order"]))
     finally:
         for client in clients:
             client.close()
@@ -214,7 +225,7 @@ def test_a_payment_racing_a_rival_decision_on_the_same_token_loses_or_wins_whole
             assert len(won) == 1 and order in ("paid", ended)
             assert (pay is Decision.PAID) == (order == "paid") == (other is Decision.ALREADY_PAID)
     returned = sum(1 for *_, order in outcomes if order != "paid")
-    assert _stock(raw, sku) == returned  # each unit given back once, none of a paid order
+    assert _stock(raw, shard) == returned  # each unit given back once, none of a paid order
 
 
 def test_a_decision_whose_message_the_checker_fenced_decides_nothing(
@@ -226,3 +237,64 @@ def test_a_decision_whose_message_the_checker_fenced_decides_nothing(
     code, _ = redis_stock.decide(sku, "t1", "cancel", user="u1", decision_id="c", message_id="m-late")
     assert code is Decision.FENCED
     assert (_entry(raw, sku, "t1")["order"], _stock(raw, sku)) == ("awaiting", 0)
+
+
+# --- partitioned SKUs --------------------------------------------------------------------------------
+def _holds(raw: redis.Redis, layout: Layout, user: str) -> int:
+    return int(raw.hget(holds_key(layout, user), f"b:{user}") or 0)
+
+
+def test_every_partition_of_a_sku_loaded_with_a_deadline_sells_orders_that_await_payment(
+    redis_stock: RedisStock, raw: redis.Redis, sku: str
+) -> None:
+    layout = redis_stock.load_partitioned(sku, 9, partitions=3, refill=2, threshold=0, pay_within_ms=MINUTE_MS)
+    for n, part in enumerate(layout.parts):
+        assert buy(redis_stock, part, f"t{n}", epoch=layout.epoch) is Prededuct.ACCEPTED
+        entry = _entry(raw, part, f"t{n}")
+        assert (entry["order"], entry["sku"], entry["part"]) == ("awaiting", sku, part)
+        assert entry["due"] == int(str(entry["ts"])) + MINUTE_MS
+
+
+def test_a_cancel_on_a_partition_gives_the_units_back_to_that_partition_and_keeps_the_buyers_hold(
+    redis_stock: RedisStock, raw: redis.Redis, sku: str
+) -> None:
+    layout = redis_stock.load_partitioned(
+        sku, 9, partitions=3, refill=3, threshold=0, per_user_limit=2, pay_within_ms=MINUTE_MS
+    )
+    part = layout.parts[2]
+    # The limit of a partitioned SKU is a hold on the buyer's count, taken before the pre-deduct.
+    assert raw.eval(lua.source("user_hold"), 1, holds_key(layout, "u1"), 2, "t1", "u1", 2)[0] == 1
+    assert buy(redis_stock, part, "t1", qty=2, epoch=layout.epoch) is Prededuct.ACCEPTED
+    assert decide(redis_stock, part, "t1", "cancel", user="u1", decision="c-1") is Decision.CANCELLED
+    meta = raw.hgetall(SkuKeys.of(part).meta)
+    assert (_stock(raw, part), meta["returned_qty"], meta["returned_count"]) == (3, "2", "1")
+    assert [_stock(raw, p) for p in layout.parts[:2]] == [3, 3] and _entry(raw, part, "t1")["state"] == "returned"
+    # The hold stays: across partitions the count may run ahead of what the buyer holds, never behind.
+    assert _holds(raw, layout, "u1") == 2
+    assert decide(redis_stock, part, "t1", "cancel", user="u1", decision="c-1") is Decision.CANCELLED
+    assert _stock(raw, part) == 3  # given back once
+
+
+def test_units_given_back_to_a_closed_partition_are_not_sold_there_and_a_drain_returns_them_to_the_pool(
+    redis_stock: RedisStock, raw: redis.Redis, sku: str
+) -> None:
+    layout = redis_stock.load_partitioned(sku, 2, partitions=2, refill=1, threshold=0, pay_within_ms=MINUTE_MS)
+    part, epoch = layout.parts[1], str(layout.epoch)
+    keys = SkuKeys.of(part)
+    assert buy(redis_stock, part, "t1", epoch=layout.epoch) is Prededuct.ACCEPTED
+    assert raw.eval(lua.source("close"), 2, keys.stock, keys.meta, epoch) == 1  # empty, the pool too
+    assert decide(redis_stock, part, "t1", "expire") is Decision.NOT_DUE
+    assert decide(redis_stock, part, "t1", "cancel", user="u1") is Decision.CANCELLED
+    # The unit is back in the partition, which stays closed: a new token is sent on, a bought one hears
+    # its first answer.
+    assert (_stock(raw, part), raw.hget(keys.meta, "closed")) == (1, "1")
+    assert buy(redis_stock, part, "t2", user="u2", epoch=layout.epoch) is Prededuct.CLOSED
+    retry = redis_stock.prededuct(part, "m-retry", [Purchase("t1", "u1", 1)], layout.epoch)[0]
+    assert retry.code is Prededuct.DUPLICATE
+    # The scheduler's drain of a closed partition that holds units (pipeline/partitions.py, _top_up).
+    base = SkuKeys.of(sku)
+    raw.eval(lua.source("pool_expect"), 3, base.transfers, base.meta, base.done, "d1", part, 1, epoch)
+    assert raw.eval(lua.source("drain"), 3, keys.stock, keys.meta, keys.refills, "d1", 1, epoch) == 1
+    raw.eval(lua.source("pool_receive"), 4, base.pool, base.transfers, base.done, base.meta, "d1", 1, epoch)
+    assert (_stock(raw, part), int(raw.get(base.pool) or -1)) == (0, 1)
+    assert decide(redis_stock, part, "t1", "expire") is Decision.ALREADY_CANCELLED and _stock(raw, part) == 0

@@ -61,7 +61,6 @@ def test_stock_set_refuses_a_bad_sku_in_one_line_before_any_connection(tmp_path:
     [
         (("--pay-within", "5"), "'5' is not a duration"),
         (("--pay-within", "8d"), "payment deadline (ms) must be"),
-        (("--pay-within", "15m", "--partitions", "3"), "a payment deadline needs the SKU on one key"),
     ],
 )
 def test_stock_set_refuses_a_payment_deadline_it_cannot_keep_before_any_connection(

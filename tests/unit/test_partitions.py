@@ -207,6 +207,57 @@ def test_the_anchor_never_closes_it_takes_the_units_of_the_others() -> None:
     assert "close s#0" not in fake.calls
 
 
+def test_units_given_back_to_a_closed_partition_of_a_sold_out_sku_sell_again_to_one_buyer() -> None:
+    # Sold out: the pool empty, the anchor empty, the others closed. A cancelled order of s#2 gives its unit
+    # back to s#2, which sells nothing more: the anchor takes it (drained to the pool, then refilled).
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1", "s#2"})
+    tokens = [_token_for(p, avoid=f"g{i}") for i, p in enumerate(PARTS)]
+    assert _sell(fake, _requests(tokens[:1])) == [PurchaseStatus.SOLD_OUT] and fake.sales == []
+    fake.stock["s#2"] = 1
+    assert Counter(_sell(fake, _requests(tokens))) == {PurchaseStatus.ACCEPTED: 1, PurchaseStatus.SOLD_OUT: 2}
+    assert "drain s#2 1" in fake.calls and "take s#0 1" in fake.calls
+    assert {part for sale in fake.sales for _, part in sale} == {"s#0"}  # only the anchor sells
+    assert fake.stock == {p: 0 for p in PARTS} and fake.pool == 0 and fake.closed == {"s#1", "s#2"}
+
+
+def test_a_pull_takes_from_the_pool_what_another_producer_drained_before_its_own_drain_came() -> None:
+    # The registry says the closed s#1 holds a unit; another producer drained it to the pool in between.
+    # The anchor's drain of s#1 finds nothing, and the pull takes the unit from the pool all the same.
+    fake = FakePartitions(LAYOUT, pool=1, stock={p: 0 for p in PARTS}, closed={"s#1", "s#2"})
+    stale = Registry(0, {"s#0": (0, 0), "s#1": (1, 0), "s#2": (0, 0)}, closed=frozenset({"s#1", "s#2"}))
+    fake.registries = [stale, stale]
+    token = _token_for("s#0")
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.ACCEPTED]
+    assert "drain s#1 0" in fake.calls and "take s#0 1" in fake.calls
+    assert fake.pool == 0 and fake.sales == [[(token, "s#0")]]
+
+
+def test_a_pull_waits_for_the_units_its_own_producer_is_draining_in_the_background() -> None:
+    # The first sale sells the anchor's last unit, then drains, in the background, the unit an order gave
+    # back to the closed s#2. The next purchase pulls while that unit is on its way: in neither the
+    # partition nor the pool. It waits for it to land, and buys it.
+    class SlowPool(FakePartitions):
+        async def receive(self, layout: Layout, transfer_id: str, qty: int) -> None:
+            await asyncio.sleep(0.05)
+            await super().receive(layout, transfer_id, qty)
+
+    fake = SlowPool(LAYOUT, pool=0, stock={"s#0": 1, "s#1": 0, "s#2": 1}, closed={"s#1", "s#2"})
+    first, second = _token_for("s#0", avoid="a"), _token_for("s#0", avoid="b")
+
+    async def run() -> list[PurchaseStatus]:
+        scheduler = Scheduler(fake)
+        try:
+            said = [r.status for r in await scheduler.sell(LAYOUT, _requests([first]), fake.sell)]
+            await asyncio.sleep(0.01)  # the drain of s#2 has begun: the unit left it, the pool has not got it
+            assert fake.stock["s#2"] == 0 and fake.pool == 0
+            return said + [r.status for r in await scheduler.sell(LAYOUT, _requests([second]), fake.sell)]
+        finally:
+            await scheduler.close()
+
+    assert asyncio.run(run()) == [PurchaseStatus.ACCEPTED] * 2
+    assert fake.stock == {p: 0 for p in PARTS} and fake.pool == 0
+
+
 def test_a_group_larger_than_the_last_units_buys_them_and_only_the_rest_hear_sold_out() -> None:
     # The anchor holds 2 units, the others are closed and the pool is empty: nothing can be pulled, but 2 of
     # the 5 purchases still fit, so they are sent and the scripts say which.

@@ -56,7 +56,7 @@ _pay_within = click.option(
     default=None,
     metavar="DURATION",
     help="Orders await payment this long (90s, 15m, 2h), then expire and their units sell again "
-    "(`flashsale expirer run`); without it orders are final on acceptance. One key only.",
+    "(`flashsale expirer run`); without it orders are final on acceptance.",
 )
 
 

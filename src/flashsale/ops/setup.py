@@ -155,11 +155,6 @@ class _Load:
         )
         if load.parts < 1:
             raise InvalidInput("partitions must be at least 1 (1: the SKU is not partitioned)")
-        if load.pay_within_ms and load.parts > 1:
-            raise InvalidInput(
-                "a payment deadline needs the SKU on one key for now (its returned units go back to its stock)",
-                hint="load it without --partitions, or without a payment deadline",
-            )
         return load
 
 
@@ -204,6 +199,7 @@ def _load_redis(settings: Settings, stock: RedisStock, load: _Load, *, reset: bo
         threshold=settings.partition_threshold,
         per_user_limit=load.per_user_limit,
         reset=reset,
+        pay_within_ms=load.pay_within_ms,
     )
 
 

@@ -6,6 +6,12 @@ log entry names this message as the decision's) and a rollback otherwise (an ans
 `already_paid` changes nothing, so there is nothing to carry). The checker answers from the same entry,
 and the consumer applies the entry's state, never the body's. Whichever decision reaches the script
 first wins; a payment that arrives once the deadline has passed expires the order there and then.
+
+A token of a partitioned SKU was sold on one partition, the first of its order (records.Layout.order)
+that was open then, and its entry stays there: it is looked up along that order, and decided on that
+partition's slot, whose log, records and stock the message names (its `part`) for the checker and the
+consumer. Units given back go to that partition; if it closed meanwhile, the scheduler drains them back
+to the pool (pipeline/partitions.py), so they sell again either way.
 """
 
 from __future__ import annotations
@@ -57,8 +63,16 @@ class OrderDesk:
 
     async def show(self, sku: str, token: str) -> LogEntry | None:
         """The order's log entry: its state, deadline and decision (None: no purchase of that token)."""
-        entry = (await self._stock.entries({sku: [token]}))[sku].get(token)
-        return entry if entry is not None and entry.state in c.DEDUCTED_STATES else None
+        layout = await self._stock.layout(sku)
+        shards = list(layout.order(token)) if layout else [sku]
+        # Nearly every token was sold on the first partition of its order: one read, then the others at once.
+        for wave in (shards[:1], shards[1:]):
+            found = await self._stock.entries({shard: [token] for shard in wave}) if wave else {}
+            for shard in wave:
+                entry = found[shard].get(token)
+                if entry is not None and entry.state in c.DEDUCTED_STATES:
+                    return entry
+        return None
 
     async def decide(self, sku: str, token: str, action: str, *, decision_id: str, user: str = "") -> OrderAnswer:
         """Pay, cancel (as `user`) or expire the order of `token`; `decision_id` makes a retry safe.
@@ -78,7 +92,7 @@ class OrderDesk:
         half = await self._send_half(sku, entry, gid)
         try:
             decision, after = await self._stock.decide(
-                sku, token, action, user=user, decision_id=decision_id, message_id=gid
+                entry.part or sku, token, action, user=user, decision_id=decision_id, message_id=gid
             )
         except ServiceUnavailable as exc:
             if not exc.reached:
@@ -93,7 +107,12 @@ class OrderDesk:
 
     async def _send_half(self, sku: str, entry: LogEntry, gid: str) -> HalfMessagePort:
         message = DeductionMessage(
-            sku, (Purchase(entry.token, entry.user, entry.qty),), gid, int(time.time() * 1000), SOURCE_DECISION
+            sku,
+            (Purchase(entry.token, entry.user, entry.qty),),
+            gid,
+            int(time.time() * 1000),
+            SOURCE_DECISION,
+            entry.part or "",
         )
         try:
             half = await self._bus.send_half_async(self._topic, entry.token, message.encode(), c.DECISION_TAG, gid)

@@ -18,7 +18,11 @@
   `sold_out` is answered only when that finds nothing: no partition and no pool could have covered the
   purchase, short of a race with another purchase for the same last units.
 - A token whose order passes closed partitions may have been sold on one of them before it closed:
-  their logs (final once closed) are read first, and a token found there gets its original answer.
+  their logs (no new token once closed) are read first, and a token found there gets its original answer.
+- Units that reach a closed partition (a refill that came late, an order cancelled or expired there:
+  pipeline/orders.py) are drained back to the pool in the background, or by a pull's rebalance, and sell
+  on an open partition. A pull first waits for the moves this producer has under way, so that units on
+  their way are not taken for none: the registry learns them, and a SKU that was sold out sells again.
 - With a per-user limit, each token takes a hold on its buyer's count (user_hold.lua, sharded by user)
   before it goes to its partition; a buyer past the limit is answered at once.
 - Transfers older than SWEEP_AGE_MS on Redis's clock are completed by whoever reads the layout: a
@@ -197,6 +201,8 @@ class Scheduler:
         self._layouts: dict[str, tuple[float, Layout | None]] = {}
         self._registries: dict[str, tuple[float, Registry]] = {}
         self._refilling: set[str] = set()
+        #: Per SKU, the moves this producer makes in the background (see _top_up).
+        self._moves: dict[str, set[asyncio.Task[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def layout(self, sku: str) -> Layout | None:
@@ -365,6 +371,9 @@ class Scheduler:
         """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when
         the purchases short there are worth trying again, which they are while it holds `least`, the
         smallest of them, even when no more could be moved there."""
+        # A move this producer has under way in the background holds its units in neither place: a pull
+        # that read the registry meanwhile would find them nowhere, and tell a buyer `sold_out` beside them.
+        await self._landed(layout.sku)
         registry = await self._registry(layout, fresh=True)
         have = registry.remaining(part)
         if part in registry.closed or have >= need:
@@ -382,9 +391,10 @@ class Scheduler:
             if have == 0 and await self._stock.close_partition(layout, part):
                 logger.info("closed %s: it is empty, and so is the pool", part, extra=ids(sku=layout.sku))
                 return True
-        drained = await self._rebalance(layout, registry, part, need - have)
-        if drained:
-            have += await self._refill(layout, part, drained)
+        await self._rebalance(layout, registry, part, need - have)
+        # What this rebalance drained is in the pool now, and so is what another producer drained meanwhile
+        # (a closed partition's units, in the background: see _top_up), which this one then found gone.
+        have += await self._refill(layout, part, need - have)
         return have >= least
 
     async def _rebalance(self, layout: Layout, registry: Registry, part: str, want: int) -> int:
@@ -421,12 +431,23 @@ class Scheduler:
             if part in self._refilling:
                 continue
             if part in registry.closed:
-                if active + standby:
-                    self._refilling.add(part)
-                    self._spawn(self._background(layout, part, self._drain(layout, part, active + standby)))
+                if active + standby:  # a refill that came late, or an order given back there
+                    self._move(layout, part, self._drain(layout, part, active + standby))
             elif standby == 0 and registry.pool > 0:
-                self._refilling.add(part)
-                self._spawn(self._background(layout, part, self._refill(layout, part, layout.refill)))
+                self._move(layout, part, self._refill(layout, part, layout.refill))
+
+    def _move(self, layout: Layout, part: str, move: Awaitable[int]) -> None:
+        self._refilling.add(part)
+        task = self._spawn(self._background(layout, part, move))
+        moves = self._moves.setdefault(layout.sku, set())
+        moves.add(task)
+        task.add_done_callback(moves.discard)
+
+    async def _landed(self, sku: str) -> None:
+        """Once the moves of `sku` this producer has under way in the background are complete."""
+        moves = self._moves.get(sku)
+        if moves:
+            await asyncio.wait(list(moves))
 
     async def _background(self, layout: Layout, part: str, move: Awaitable[int]) -> None:
         try:
@@ -463,7 +484,8 @@ class Scheduler:
         self._registries[layout.sku] = (self._clock(), registry)
         return registry
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
+    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

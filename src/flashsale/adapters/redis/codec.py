@@ -44,10 +44,10 @@ def prededuct_call(sku: str, gid: str, purchases: Sequence[Purchase], epoch: int
 
 
 def decide_call(
-    sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+    shard: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
 ) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of decide.lua."""
-    return SkuKeys.of(sku).all(), [action, token, user, decision_id, message_id]
+    """KEYS and ARGV of decide.lua, on the keys of the token's partition (or its SKU)."""
+    return SkuKeys.of(shard).all(), [action, token, user, decision_id, message_id]
 
 
 def add_stock_call(sku: str, qty: int, *, request_id: str, message_id: str) -> tuple[list[str], list[str]]:

@@ -144,10 +144,13 @@ class RedisStock:
         threshold: int,
         per_user_limit: int = 0,
         reset: bool = False,
+        pay_within_ms: int = 0,
     ) -> Layout:
         """Spread `qty` over `partitions` partitions on different masters: each starts with up to one
         refill in its active sub-domain, the rest waits in the SKU's pool. The partitions are loaded
-        before the layout that names them, so no producer sees a half-loaded SKU."""
+        before the layout that names them, so no producer sees a half-loaded SKU. With `pay_within_ms`,
+        each partition's accepted purchases await payment that long (each partition keeps the deadline:
+        its pre-deduct writes it into the entry)."""
         old = self._refuse_history(sku, reset)
         names, master_of_slot = masters(self.client)
         parts = place(sku, partitions, names, master_of_slot)
@@ -159,7 +162,7 @@ class RedisStock:
         self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
         self._drop_holds(old)
         for part in parts:
-            self._load_one(part, [str(share), "0", "1", str(threshold), str(epoch)])
+            self._load_one(part, [str(share), "0", "1", str(threshold), str(epoch), str(pay_within_ms)])
             self._call("clear refills", self.client.delete, SkuKeys.of(part).refills)
         keys = SkuKeys.of(sku)
         epoch = self._script_held(
@@ -342,10 +345,11 @@ class RedisStock:
         return StockReturn(int(code)), int(remaining) if int(remaining) >= 0 else None
 
     def decide(
-        self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+        self, shard: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
     ) -> tuple[Decision, LogEntry | None]:
-        """Pay, cancel or expire the order of `token` (decide.lua); returns the answer and the entry after it."""
-        keys, args = decide_call(sku, token, action, decision_id=decision_id, message_id=message_id, user=user)
+        """Pay, cancel or expire the order of `token` (decide.lua) on the keys of `shard`, its partition (or
+        its SKU); returns the answer and the entry after it."""
+        keys, args = decide_call(shard, token, action, decision_id=decision_id, message_id=message_id, user=user)
         reply = self._run("decide", keys, args)
         return parse_decision(token, reply)
 

@@ -24,6 +24,7 @@ from flashsale.adapters.redis.codec import (
     add_stock_call,
     decide_call,
     is_stale,
+    located,
     parse_decision,
     parse_entries,
     parse_layout,
@@ -37,7 +38,7 @@ from flashsale.adapters.redis.codec import (
     queue_snapshot,
     sold_out,
 )
-from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key
+from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key, parent
 from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, unavailable
 from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
@@ -83,10 +84,11 @@ class AsyncRedisStock:
         return parse_prededuct(purchases, await self.script("prededuct", keys, args))
 
     async def decide(
-        self, sku: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
+        self, shard: str, token: str, action: str, *, decision_id: str, message_id: str, user: str = ""
     ) -> tuple[Decision, LogEntry | None]:
-        """Pay, cancel or expire the order of `token` (decide.lua); counts once a replica holds it."""
-        keys, args = decide_call(sku, token, action, decision_id=decision_id, message_id=message_id, user=user)
+        """Pay, cancel or expire the order of `token` (decide.lua) on the keys of `shard`, its partition (or
+        its SKU); counts once a replica holds it."""
+        keys, args = decide_call(shard, token, action, decision_id=decision_id, message_id=message_id, user=user)
         reply = await self.script("decide", keys, args)
         return parse_decision(token, reply)
 
@@ -247,12 +249,13 @@ class AsyncRedisStock:
         return found
 
     async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:
-        """Per partition (or SKU), the log entries of some tokens: every partition read at once."""
+        """Per partition (or SKU), the log entries of some tokens, each naming the partition it was read
+        in: every partition read at once."""
 
         async def one(shard: str, tokens: Sequence[str]) -> dict[str, LogEntry | None]:
             key = SkuKeys.of(shard).log
             raws: list[str | None] = await (await self._router.client(key)).hmget(key, list(tokens))  # type: ignore[assignment]
-            return parse_entries(tokens, raws)
+            return {t: located(e, parent(shard), shard) if e else None for t, e in parse_entries(tokens, raws).items()}
 
         async with self._reading("read log"):
             found = await asyncio.gather(*(one(shard, tokens) for shard, tokens in wanted.items()))

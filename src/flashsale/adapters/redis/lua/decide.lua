@@ -1,6 +1,9 @@
 -- Decide an order awaiting payment, once: pay, cancel or expire, against its token's log entry.
 --
--- KEYS[1] fs:{sku}:stock
+-- The keys are those of the SKU, or for a partitioned SKU those of the partition `sku#n` whose log holds
+-- the token (the first of its order that does: records.Layout.order); its units go back there.
+--
+-- KEYS[1] fs:{sku}:stock  (a partition's active sub-domain)
 -- KEYS[2] fs:{sku}:log
 -- KEYS[3] fs:{sku}:users
 -- KEYS[4] fs:{sku}:meta

@@ -13,8 +13,10 @@
 -- token is the largest quantity the user sent it with: a retry at that quantity or less counts nothing
 -- more, a retry asking for more holds the difference (within the limit), and the same token sent by
 -- another user holds on that user's count. A user is never sold more than the limit. A hold is kept
--- whatever the purchase's outcome: the count can run ahead of the orders (a buyer who gives up on an
--- unclear answer), never behind them.
+-- whatever the purchase's outcome, and whatever becomes of its order (cancelled or expired, its units
+-- back on sale): the count can run ahead of the orders (a buyer who gives up on an unclear answer, or
+-- lets an order go), never behind them. So a buyer whose order is cancelled or expires does not get that
+-- share of the limit back; on a SKU on one key decide.lua frees it, the count being on the order's slot.
 --
 -- Every call writes (a counter at least), so that a WAIT after it proves a replica holds the holds.
 local key, limit = KEYS[1], tonumber(ARGV[1])
