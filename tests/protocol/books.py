@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from flashsale.models import DeductionMessage
+from flashsale.models import SOURCE_DECISION, DeductionMessage
 
 
 @dataclass
@@ -24,6 +24,7 @@ class State:
     pool: int = 0
     moving: int = 0
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # token -> its deducted entry
+    returned: dict[str, dict[str, Any]] = field(default_factory=dict)  # token -> its entry, units given back
     where: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # token -> shards
     by_user: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     negative: list[str] = field(default_factory=list)
@@ -35,6 +36,11 @@ class State:
     @property
     def deducted_qty(self) -> int:
         return sum(int(e["qty"]) for e in self.entries.values())
+
+    @property
+    def ever(self) -> dict[str, dict[str, Any]]:
+        """Every token whose deduction happened: standing, or given back since (cancelled, expired)."""
+        return {**self.entries, **self.returned}
 
 
 def read(r: Any, sku: str) -> State:
@@ -54,8 +60,11 @@ def read(r: Any, sku: str) -> State:
             entry = json.loads(raw)
             if entry["state"] == "deducted":
                 state.entries[token] = entry
-                state.where[token].append(shard)
                 state.by_user[entry["user"]] += int(entry["qty"])
+            elif entry["state"] == "returned":
+                state.returned[token] = entry
+            if entry["state"] in ("deducted", "returned"):
+                state.where[token].append(shard)
     if shards != [sku]:
         state.pool = int(r.get(f"fs:{{{sku}}}:pool") or 0)
         if state.pool < 0:
@@ -73,12 +82,17 @@ def read(r: Any, sku: str) -> State:
 
 
 def named_by(r: Any, message: DeductionMessage) -> list[str]:
-    """The tokens of a message whose log entries record a deduction by that message."""
+    """The tokens of a message whose log entries record what that message did: a deduction (standing or
+    given back since), or for a decision's message the decision on the order."""
     named = []
     for shard, purchases in message.shards().items():
         log = f"fs:{{{shard}}}:log"
         for p in purchases:
             raw = r.hget(log, p.token)
-            if raw and json.loads(raw).get("msg") == message.gid and json.loads(raw)["state"] == "deducted":
+            entry = json.loads(raw) if raw else {}
+            if message.source == SOURCE_DECISION:
+                if entry.get("decided_msg") == message.gid:
+                    named.append(p.token)
+            elif entry.get("msg") == message.gid and entry["state"] in ("deducted", "returned"):
                 named.append(p.token)
     return named
