@@ -7,7 +7,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from flashsale.errors import ServiceUnavailable
+from flashsale.errors import InvalidInput, ServiceUnavailable
 from flashsale.models import Deadline, Delivery
 from flashsale.pipeline.expiry import Expirer
 from flashsale.pipeline.orders import OrderAnswer
@@ -50,6 +50,21 @@ def test_a_timer_fired_before_its_deadline_comes_back_when_it_is_due() -> None:
 def test_a_timer_that_could_not_be_decided_comes_back_a_second_later() -> None:
     expirer, _ = _expirer({"a": ServiceUnavailable("Redis", "x", "down"), "b": Decision.EXPIRED})
     assert expirer.fire(_timer(1000, "a", "b")) == 1
+
+
+def test_a_timer_met_by_an_outage_stops_at_its_first_order_and_comes_back_a_second_later() -> None:
+    # Each expiry sends a half message first: with the broker down (or hanging), asking for each of a
+    # timer's up to 1,024 orders would cost one timeout each, and a warning each, for nothing.
+    down = ServiceUnavailable("RocketMQ", "ns-deductions", "connection refused")
+    expirer, asked = _expirer({"a": down, "b": down, "c": down})
+    assert expirer.fire(_timer(1000, "a", "b", "c")) == 1
+    assert asked == ["a"]
+
+
+def test_an_order_that_cannot_be_decided_for_good_does_not_hold_back_the_others_of_its_timer() -> None:
+    expirer, asked = _expirer({"a": InvalidInput("token 'a' is malformed"), "b": Decision.EXPIRED})
+    assert expirer.fire(_timer(1000, "a", "b")) == 1
+    assert asked == ["a", "b"]
 
 
 def test_a_malformed_timer_is_dropped() -> None:

@@ -6,7 +6,8 @@ decision as a cancel (pipeline/orders.py): an order paid or cancelled meanwhile 
 came late) hears `already_expired`. A timer is acked once every order it names is decided; a timer that
 fires before its deadline on Redis's clock (the broker's timer ticks by the second, on its own clock)
 comes back when the deadline is due, and one that could not be decided (Redis or the broker down)
-comes back a second later.
+comes back a second later: the first order that meets the outage stops the timer, so that its other
+orders do not each wait out a timeout against a server that is down.
 """
 
 from __future__ import annotations
@@ -81,17 +82,21 @@ class Expirer:
             return None
         later_s: int | None = None
         for token in deadline.tokens:
-            wait_s = self._expire_one(deadline, token)
+            try:
+                wait_s = self._expire_one(deadline, token)
+            except FlashSaleError as exc:
+                logger.warning("cannot expire %s of %s yet: %s", token, deadline.sku, exc, extra=ids(token=token))
+                if exc.retriable:
+                    # Redis or the broker is out: every other order of the timer would meet the same outage,
+                    # each after its own timeout. The whole timer comes back instead.
+                    return 1
+                wait_s = 1
             if wait_s is not None:
                 later_s = max(later_s or 0, wait_s)
         return later_s
 
     def _expire_one(self, deadline: Deadline, token: str) -> int | None:
-        try:
-            answer = self._run(self._expire(deadline.sku, token))
-        except FlashSaleError as exc:
-            logger.warning("cannot expire %s of %s yet: %s", token, deadline.sku, exc, extra=ids(token=token))
-            return 1
+        answer = self._run(self._expire(deadline.sku, token))
         if answer.decision is Decision.NOT_DUE:
             return max(1, -(-(deadline.due_ms - int(time.time() * 1000)) // 1000))
         if answer.decision in (Decision.FROZEN, Decision.FENCED):
