@@ -29,3 +29,22 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line("|---|---|---|---|---|")
         for o in RESULTS:
             terminalreporter.write_line(f"| {o.victim} | {o.accepted} | {o.lost} | {o.oversold} | {o.converge_s} |")
+    _lifecycle_faults_summary(terminalreporter)
+
+
+def _lifecycle_faults_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The lifecycle fault suite's table: seconds to converge and expiry lateness per victim."""
+    from tests.acceptance.test_lifecycle_faults import RESULTS
+
+    if RESULTS:
+        terminalreporter.section("lifecycle faults")
+        terminalreporter.write_line(
+            "| victim | orders | expired | s from back to sold out for good | s MySQL then took "
+            "| expiry lateness p50 / p99 / max ms | decisions the checker committed |"
+        )
+        terminalreporter.write_line("|---|---|---|---|---|---|---|")
+        for o in RESULTS:
+            terminalreporter.write_line(
+                f"| {o.victim} | {o.orders} | {o.expired} | {o.final_s} | {o.settle_s} "
+                f"| {o.late_p50_ms} / {o.late_p99_ms} / {o.late_max_ms} | {o.checked_decisions} |"
+            )

@@ -48,6 +48,16 @@ class Pipeline(Fleet):
         self._doomed.add(id(child))
         return child
 
+    def start(self, role: str, *options: str, **env: str) -> Child:
+        if role != "expirer":
+            return super().start(role, *options, **env)
+        # The CLI logs INFO only for the processes it lists as long-running, and the expirer is not among
+        # them: without this its log would hold no line of what it expired, nor a traceback's header.
+        log = self.logs / f"{role}-{len(self.children)}.log"
+        child = Child(role, ["--log-level", "INFO", role, "run", *options], {**self.base_env, **env}, log)
+        self.children.append(child)
+        return child
+
     def producer(
         self,
         *options: str,

@@ -1,0 +1,285 @@
+"""kill -9 of the broker, the consumer, the expirer or the producer while deadlines fire and payments arrive.
+
+The sale of tests/acceptance/test_lifecycle_sale.py (buyers who pay, pay late, cancel or never pay, and
+buy again until the sale is sold out for good) runs with the producer, consumer, checker and expirer.
+Once deadlines are firing and payments are landing, one victim is killed with SIGKILL, stays down a few
+seconds and is brought back as an operator would (the broker through `flashsale stack up broker`, a
+process started anew). The sale goes on; orders keep being paid, cancelled and expired for a deadline
+and more after it is back; then the sale must still end sold out for good, and the books read with plain
+SQL and Redis must hold everything the unfaulted sale holds, and: nothing paid is expired, no unit given
+back twice, every deadline fired (late by no more than the victim's outage and a received timer's
+invisible time), every payer told `paid` has a paid order, and reconcile finds nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flashsale import constants as c
+from flashsale import failpoints
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
+from flashsale.adapters.rocketmq import internals
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.config import Settings
+from flashsale.models import Resolution
+from flashsale.ops.setup import set_stock
+from flashsale.polling import poll_until
+from flashsale.stack import procs
+from flashsale.stack.manager import Stack
+from flashsale.stack.settings import StackSettings
+from tests.acceptance import lifecycle_books
+from tests.acceptance.harness import Child, Pipeline, free_port
+from tests.acceptance.lifecycle_books import BY_DEADLINE, RETURNED, LifecycleBooks, percentile
+from tests.acceptance.lifecycle_crowd import NO_ANSWER, LifecycleCrowd, Order
+from tests.acceptance.test_lifecycle_sale import DEADLINE_MS, PRODUCER_ENV, SECRET, STOCK, Sold, judge, sell
+
+pytestmark = pytest.mark.slow
+
+
+class DeadlinesLate(AssertionError):
+    """Orders left awaiting payment past their deadline longer than the bound."""
+
+
+BUYERS = 200
+#: A received message stays hidden this long (consumer and expirer): what a killed process held comes
+#: back after it. Shorter than the default 30 s so that each test stays within its time.
+INVISIBLE_S = 10
+#: How long a killed process stays down (the broker: plus its own start).
+DOWN_S = 3.0
+#: After the victim is back, orders keep their fates this long: deadlines fire and payments land again.
+AFTER_S = DEADLINE_MS / 1000 + 3
+#: Every deadline fires within this after max(its due time, the victim back): a timer the dead process
+#: had received comes back after INVISIBLE_S, and the broker's timer ticks by the second.
+LATE_BOUND_MS = (INVISIBLE_S + 6) * 1000
+#: pipeline/consumer.py hands a batch back whole when a resale in it is short in MySQL, the units given
+#: back in the same batch with it, and schedules the batch's timers only once it applies: after a
+#: consumer's death, batches can be refused at every delivery for up to 10 deliveries (about a minute),
+#: and the deadlines of the orders they carry wait as long. Remove the mark once that is fixed.
+SHORTFALL_HOLDS_TIMERS = (
+    "a batch refused as short in MySQL takes its returns back with it and holds its orders' timers "
+    "(pipeline/consumer.py): deadlines fire up to a minute late after a consumer's death"
+)
+VICTIMS = (
+    "broker",
+    pytest.param(
+        "consumer", marks=pytest.mark.xfail(raises=DeadlinesLate, strict=False, reason=SHORTFALL_HOLDS_TIMERS)
+    ),
+    "expirer",
+    "producer",
+)
+UNCLEAR = frozenset({"pending", "error", NO_ANSWER, "http_503"})
+
+
+@dataclass
+class Outcome:
+    victim: str
+    orders: int
+    expired: int
+    final_s: float  # from the victim back until the sale is sold out for good
+    settle_s: float  # then until MySQL holds every order as Redis does
+    late_p50_ms: int
+    late_p99_ms: int
+    late_max_ms: int
+    #: decisions whose message the checker committed (their producer died before it could)
+    checked_decisions: int
+
+
+RESULTS: list[Outcome] = []
+
+
+class Sale:
+    """The four processes of one test, the victim's kill and its return."""
+
+    def __init__(self, pipeline: Pipeline, stack: StackSettings, settings: Settings) -> None:
+        self.pipeline = pipeline
+        self.stack = Stack(stack)
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.children: dict[str, Child] = {}
+        for role in ("checker", "consumer", "expirer", "producer"):
+            self.start(role)
+        self.killed_ms = self.back_ms = 0
+
+    def start(self, role: str) -> None:
+        hidden = {"FLASHSALE_INVISIBLE_S": str(INVISIBLE_S)}
+        if role == "producer":
+            self.children[role] = self.pipeline.producer(port=self.port, **PRODUCER_ENV)[0]
+        elif role in ("consumer", "expirer"):
+            self.children[role] = getattr(self.pipeline, role)(**hidden)
+        else:
+            self.children[role] = self.pipeline.checker()
+
+    def kill(self, victim: str) -> None:
+        self.killed_ms = _now_ms()
+        if victim == "broker":
+            self._kill_broker()
+            return
+        child = self.pipeline.doomed(self.children[victim])
+        child.popen.send_signal(signal.SIGKILL)
+        assert child.popen.wait(10) == -signal.SIGKILL
+        if victim == "consumer":
+            # And a second one, killed at the worst step: its batch committed, its timers not sent, nothing
+            # acked. Not waited on for readiness: it may reach its failpoint first.
+            doomed = self.pipeline.doomed(
+                self.pipeline.start(
+                    "consumer",
+                    "--metrics-port",
+                    str(free_port()),
+                    FLASHSALE_FAILPOINTS=failpoints.AFTER_DB_COMMIT,
+                    FLASHSALE_INVISIBLE_S=str(INVISIBLE_S),
+                )
+            )
+            assert doomed.popen.wait(30) == -signal.SIGKILL, "the doomed consumer never reached its failpoint"
+
+    def _kill_broker(self) -> None:
+        record = procs.PidRecord.load(self.stack.layout.pid_file("broker"))
+        assert record is not None and procs.is_alive(record), "the broker is not running"
+        # Ours, not another stack's: its command line names this stack's home.
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert f"-Dflashsale.home={self.stack.layout.home}" in cmdline, cmdline[:300]
+        os.kill(record.pid, signal.SIGKILL)
+        assert poll_until(lambda: not procs.is_alive(record), 10)
+
+    def restore(self, victim: str) -> None:
+        if victim == "broker":
+            self.stack.up(["broker"])
+            # The proxy may have cached "no route" while no broker was registered: a process or test
+            # starting now would fail its first send.
+            assert poll_until(lambda: _routes_served(self.settings), 60), "the proxy serves no route again"
+        else:
+            self.start(victim)
+        self.back_ms = _now_ms()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _routes_served(settings: Settings) -> bool:
+    topics = [settings.deduction_topic, settings.replay_topic, settings.deadline_topic]
+    probe = RocketMQProducer(settings.rocketmq_endpoint, topics, lambda _: Resolution.UNKNOWN)
+    try:
+        probe.start()
+        for topic in topics:
+            internals.queue_selector(probe._client, topic)  # raises while the proxy serves no route
+        return bool(rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME))
+    except Exception:
+        return False
+    finally:
+        probe.shutdown()
+
+
+def _firing(settings: Settings, sku: str) -> bool:
+    """Deadlines are firing and payments landing: an order expired by its deadline, and one paid."""
+    books = lifecycle_books.read(settings.redis_url, settings.mysql_url, sku)
+    expired = books.orders_in("expired").values()
+    return any(e.get("decision") == BY_DEADLINE for e in expired) and bool(books.orders_in("paid"))
+
+
+def _deadlines_fired(books: LifecycleBooks, sale: Sale) -> list[str]:
+    """Orders left awaiting payment past their deadline longer than the bound (counted from the victim's
+    return for those due before it), or expired before their deadline."""
+    wrong = []
+    for token, entry in books.orders_in(*RETURNED).items():
+        due, decided = int(entry["due"]), int(entry["decided_ts"])
+        early = entry["order"] == "expired" and decided < due
+        if early or decided > max(due, sale.back_ms) + LATE_BOUND_MS:
+            wrong.append(f"{token}: {entry['order']}, due {due}, decided {decided} (victim back at {sale.back_ms})")
+    return wrong
+
+
+def _checked_decisions(sale: Sale, books: LifecycleBooks) -> int:
+    """Decision messages a check committed (the checker's, or a producer's: each answers checks): their
+    decide.lua ran, and the producer that sent them never ended them."""
+    decided_by = {e.get("decided_msg") for e in books.entries.values()} - {None}
+    logs = "".join(child.text() for child in sale.pipeline.children)
+    committed = re.findall(r"check message (\S+) key \S+ -> commit", logs)
+    return len(decided_by & set(committed))
+
+
+def _heard(orders: dict[str, Order], answer: str) -> set[str]:
+    return {t for t, o in orders.items() if answer in {a for _, a in o.decisions}}
+
+
+def _retried(orders: dict[str, Order]) -> int:
+    """Requests that got an unclear answer (or none) and, asked again with the same id, a clear one."""
+    count = 0
+    for o in orders.values():
+        for said in (o.purchase, [a for _, a in o.decisions]):
+            count += any(a in UNCLEAR and set(said[i + 1 :]) - UNCLEAR for i, a in enumerate(said))
+    return count
+
+
+def _recovered(victim: str, sale: Sale, sold: Sold) -> None:
+    """What the victim's death left behind was taken up by the path meant for it."""
+    books, orders = sold.books, sold.crowd.snapshot()
+    down_until = sale.killed_ms + int(DOWN_S * 1000)
+    if victim in ("broker", "producer"):
+        # Buyers and payers in flight heard an error or nothing, and asking again got them a clear answer.
+        assert _retried(orders) > 0, f"nobody was asked to retry while the {victim} was down"
+    if victim in ("broker", "expirer"):
+        # Deadlines that came due while it was down fired once it was back, none before: the broker kept
+        # their timers, and nothing but the timers expired them.
+        by_deadline = [e for e in books.orders_in("expired").values() if e.get("decision") == BY_DEADLINE]
+        due_while_down = [e for e in by_deadline if sale.killed_ms <= int(e["due"]) <= down_until]
+        assert due_while_down, "no deadline came due during the outage"
+        assert all(int(e["decided_ts"]) >= down_until for e in due_while_down)
+    if victim == "expirer":
+        assert "after its deadline" in sale.children["expirer"].text(), "the new expirer expired nothing"
+    if victim == "consumer":
+        # The sale went on while no consumer ran; what it sold reached MySQL (judge) through the new one.
+        sold_meanwhile = [
+            e for e in books.entries.values() if e["state"] != "fenced" and sale.killed_ms <= int(e["ts"]) <= down_until
+        ]
+        assert sold_meanwhile, "nothing was sold while the consumer was down"
+
+
+@pytest.mark.parametrize("victim", VICTIMS)
+def test_a_process_or_the_broker_killed_while_deadlines_fire_loses_nothing_and_gives_nothing_back_twice(
+    pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str, victim: str
+) -> None:
+    set_stock(settings, sku, STOCK, per_user_limit=1, pay_within_ms=DEADLINE_MS)
+    sale = Sale(pipeline, stack_settings, settings)
+    crowd = LifecycleCrowd(sale.url, sku, SECRET, DEADLINE_MS, buyers=BUYERS, run_id=f"f{os.getpid()}{victim[:2]}")
+
+    def fault() -> None:
+        assert poll_until(lambda: _firing(settings, sku), 30), "no deadline fired, or nothing was paid"
+        if victim == "producer":  # with payments and cancels in its hands
+            assert poll_until(lambda: crowd.deciding() >= 2, 10, interval_s=0.01), "no decision in flight"
+        sale.kill(victim)
+        time.sleep(DOWN_S)
+        sale.restore(victim)
+        time.sleep(AFTER_S)
+
+    sold = sell(settings, sku, crowd, fates_s=0, during=fault)
+    books, orders = sold.books, sold.crowd.snapshot()
+    lateness = books.expiry_lateness_ms()
+    RESULTS.append(
+        Outcome(
+            victim,
+            len(books.orders),
+            len(books.orders_in("expired")),
+            round((sold.final_ms - sale.back_ms) / 1000, 1),
+            round(sold.settle_s, 1),
+            percentile(lateness, 0.5),
+            percentile(lateness, 0.99),
+            lateness[-1] if lateness else -1,
+            _checked_decisions(sale, books),
+        )
+    )
+    judge(settings, sku, sold)
+    # Nothing paid is expired: each payer told `paid` holds a paid order, in Redis and in MySQL.
+    paid = _heard(orders, "paid")
+    assert paid and all(books.entries[t]["order"] == "paid" and books.orders[t].status == "paid" for t in paid)
+    _recovered(victim, sale, sold)
+    late = _deadlines_fired(books, sale)
+    if late:
+        raise DeadlinesLate(f"{len(late)} order(s) past the bound of {LATE_BOUND_MS} ms: {late[:5]}")
