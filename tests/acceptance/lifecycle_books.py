@@ -34,6 +34,8 @@ class OrderRow:
     status: str
     due_ms: int | None
     decided_ms: int | None
+    #: when the consumer wrote it (this host's clock): its deadline's timer is sent right after
+    created_ms: int
 
 
 @dataclass
@@ -79,6 +81,26 @@ class LifecycleBooks:
             for e in self.orders_in("expired").values()
             if e.get("decision") == BY_DEADLINE
         )
+
+    def late_applies(self, since_ms: int, bound_ms: int) -> list[str]:
+        """Orders MySQL received more than `bound_ms` after their purchase (or after `since_ms`, if later)."""
+        return [
+            f"{t}: accepted {e['ts']}, in MySQL {self.orders[t].created_ms}"
+            for t, e in self.orders_in(*STATUS).items()
+            if t in self.orders and self.orders[t].created_ms > max(int(e["ts"]), since_ms) + bound_ms
+        ]
+
+    def late_deadlines(self, since_ms: int, bound_ms: int) -> list[str]:
+        """Orders expired before their deadline, or left awaiting payment more than `bound_ms` past the
+        latest of their deadline, `since_ms` and the moment MySQL received them (its timer is sent then)."""
+        wrong = []
+        for token, entry in self.orders_in(*RETURNED).items():
+            due, decided = int(entry["due"]), int(entry["decided_ts"])
+            row = self.orders.get(token)
+            start = max(due, since_ms, row.created_ms if row else 0)
+            if (entry["order"] == "expired" and decided < due) or decided > start + bound_ms:
+                wrong.append(f"{token}: {entry['order']}, due {due}, decided {decided}, counted from {start}")
+        return wrong
 
     def check(self) -> list[str]:
         """Where MySQL, the log and the counters disagree on the orders and what they gave back."""
@@ -148,8 +170,13 @@ def read(redis_url: str, mysql_url: str, sku: str) -> LifecycleBooks:
         with conn.cursor() as cur:
             cur.execute("SELECT initial_stock, stock FROM inventory WHERE sku = %s", (sku,))
             initial, mysql_stock = cur.fetchone() or (-1, -1)
-            cur.execute("SELECT token, user_id, qty, status, due_ms, decided_ms FROM orders WHERE sku = %s", (sku,))
-            orders = {t: OrderRow(str(u), int(q), str(s), d, x) for t, u, q, s, d, x in cur.fetchall()}
+            cur.execute(
+                "SELECT token, user_id, qty, status, due_ms, decided_ms, created_at FROM orders WHERE sku = %s", (sku,)
+            )
+            orders = {
+                t: OrderRow(str(u), int(q), str(st), d, x, int(at.timestamp() * 1000))
+                for t, u, q, st, d, x, at in cur.fetchall()
+            }
             cur.execute(
                 "SELECT token, COUNT(*), SUM(qty), MIN(reason) FROM stock_returns WHERE sku = %s GROUP BY token",
                 (sku,),

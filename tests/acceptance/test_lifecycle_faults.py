@@ -36,15 +36,23 @@ from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
 from tests.acceptance import lifecycle_books
 from tests.acceptance.harness import Child, Pipeline, free_port
-from tests.acceptance.lifecycle_books import BY_DEADLINE, RETURNED, LifecycleBooks, percentile
+from tests.acceptance.lifecycle_books import BY_DEADLINE, LifecycleBooks, percentile
 from tests.acceptance.lifecycle_crowd import NO_ANSWER, LifecycleCrowd, Order
-from tests.acceptance.test_lifecycle_sale import DEADLINE_MS, PRODUCER_ENV, SECRET, STOCK, Sold, judge, sell
+from tests.acceptance.test_lifecycle_sale import (
+    DEADLINE_MS,
+    PRODUCER_ENV,
+    SECRET,
+    SHORTFALL_HOLDS_BATCHES,
+    STOCK,
+    AppliedLate,
+    DeadlinesLate,
+    Sold,
+    assert_in_time,
+    judge,
+    sell,
+)
 
 pytestmark = pytest.mark.slow
-
-
-class DeadlinesLate(AssertionError):
-    """Orders left awaiting payment past their deadline longer than the bound."""
 
 
 BUYERS = 200
@@ -55,24 +63,19 @@ INVISIBLE_S = 10
 DOWN_S = 3.0
 #: After the victim is back, orders keep their fates this long: deadlines fire and payments land again.
 AFTER_S = DEADLINE_MS / 1000 + 3
-#: Every deadline fires within this after max(its due time, the victim back): a timer the dead process
-#: had received comes back after INVISIBLE_S, and the broker's timer ticks by the second.
+#: Every order reaches MySQL, and stops awaiting payment, within this after the latest of its purchase
+#: (or its deadline), the victim's return, and for a deadline the moment MySQL received the order (its
+#: timer is sent then): what a dead process held comes back after INVISIBLE_S, timers tick by the second.
 LATE_BOUND_MS = (INVISIBLE_S + 6) * 1000
-#: pipeline/consumer.py hands a batch back whole when a resale in it is short in MySQL, the units given
-#: back in the same batch with it, and schedules the batch's timers only once it applies: after a
-#: consumer's death, batches can be refused at every delivery for up to 10 deliveries (about a minute),
-#: and the deadlines of the orders they carry wait as long. Remove the mark once that is fixed.
-SHORTFALL_HOLDS_TIMERS = (
-    "a batch refused as short in MySQL takes its returns back with it and holds its orders' timers "
-    "(pipeline/consumer.py): deadlines fire up to a minute late after a consumer's death"
-)
+#: The consumer's known defect (SHORTFALL_HOLDS_BATCHES) can hold orders past that bound; when the consumer
+#: is the victim, also the timers its failpoint left unsent, which only a redelivery sends.
+_HELD = pytest.mark.xfail(raises=AppliedLate, strict=False, reason=SHORTFALL_HOLDS_BATCHES)
+_HELD_TIMERS = pytest.mark.xfail(raises=(AppliedLate, DeadlinesLate), strict=False, reason=SHORTFALL_HOLDS_BATCHES)
 VICTIMS = (
-    "broker",
-    pytest.param(
-        "consumer", marks=pytest.mark.xfail(raises=DeadlinesLate, strict=False, reason=SHORTFALL_HOLDS_TIMERS)
-    ),
-    "expirer",
-    "producer",
+    pytest.param("broker", marks=_HELD),
+    pytest.param("consumer", marks=_HELD_TIMERS),
+    pytest.param("expirer", marks=_HELD),
+    pytest.param("producer", marks=_HELD),
 )
 UNCLEAR = frozenset({"pending", "error", NO_ANSWER, "http_503"})
 
@@ -80,6 +83,7 @@ UNCLEAR = frozenset({"pending", "error", NO_ANSWER, "http_503"})
 @dataclass
 class Outcome:
     victim: str
+    down_s: float  # from its kill until it was back (the broker: serving routes again)
     orders: int
     expired: int
     final_s: float  # from the victim back until the sale is sold out for good
@@ -184,18 +188,6 @@ def _firing(settings: Settings, sku: str) -> bool:
     return any(e.get("decision") == BY_DEADLINE for e in expired) and bool(books.orders_in("paid"))
 
 
-def _deadlines_fired(books: LifecycleBooks, sale: Sale) -> list[str]:
-    """Orders left awaiting payment past their deadline longer than the bound (counted from the victim's
-    return for those due before it), or expired before their deadline."""
-    wrong = []
-    for token, entry in books.orders_in(*RETURNED).items():
-        due, decided = int(entry["due"]), int(entry["decided_ts"])
-        early = entry["order"] == "expired" and decided < due
-        if early or decided > max(due, sale.back_ms) + LATE_BOUND_MS:
-            wrong.append(f"{token}: {entry['order']}, due {due}, decided {decided} (victim back at {sale.back_ms})")
-    return wrong
-
-
 def _checked_decisions(sale: Sale, books: LifecycleBooks) -> int:
     """Decision messages a check committed (the checker's, or a producer's: each answers checks): their
     decide.lua ran, and the producer that sent them never ended them."""
@@ -265,6 +257,7 @@ def test_a_process_or_the_broker_killed_while_deadlines_fire_loses_nothing_and_g
     RESULTS.append(
         Outcome(
             victim,
+            round((sale.back_ms - sale.killed_ms) / 1000, 1),
             len(books.orders),
             len(books.orders_in("expired")),
             round((sold.final_ms - sale.back_ms) / 1000, 1),
@@ -280,6 +273,4 @@ def test_a_process_or_the_broker_killed_while_deadlines_fire_loses_nothing_and_g
     paid = _heard(orders, "paid")
     assert paid and all(books.entries[t]["order"] == "paid" and books.orders[t].status == "paid" for t in paid)
     _recovered(victim, sale, sold)
-    late = _deadlines_fired(books, sale)
-    if late:
-        raise DeadlinesLate(f"{len(late)} order(s) past the bound of {LATE_BOUND_MS} ms: {late[:5]}")
+    assert_in_time(books, sale.back_ms, LATE_BOUND_MS)

@@ -45,6 +45,36 @@ PURCHASE_ANSWERS = {"accepted", "duplicate", "sold_out", "pending", "error", "no
 #: keeps being asked renews the flag from its own answers and never sells the units given back (see
 #: test_units_given_back_sell_again_to_buyers_who_keep_asking). Drop it once that test passes.
 PRODUCER_ENV = {"FLASHSALE_PAYMENT_SECRET": SECRET, "FLASHSALE_SOLD_OUT_CACHE_S": "0"}
+#: Without faults, MySQL receives each order within this after its purchase, and each order stops
+#: awaiting payment within this after its deadline (or after MySQL received it, when later).
+IN_TIME_BOUND_MS = 5_000
+#: pipeline/consumer.py: a batch refused as short in MySQL (a resale whose return is in another message)
+#: is handed back whole, with the returns it carries, and its orders' timers are sent only once it applies.
+#: Batches can then be refused at every delivery, up to the 10 that turn the shortfall into a conflict
+#: (about a minute): the purchases they carry reach MySQL, and their deadlines fire, that much later.
+SHORTFALL_HOLDS_BATCHES = (
+    "pipeline/consumer.py hands a batch short in MySQL back whole, its returns with it, and sends its "
+    "orders' timers only once it applies: orders reach MySQL, and expire, up to a minute late"
+)
+
+
+class DeadlinesLate(AssertionError):
+    """Orders left awaiting payment past their deadline longer than the bound."""
+
+
+class AppliedLate(AssertionError):
+    """Orders that reached MySQL later than the bound after their purchase."""
+
+
+def assert_in_time(books: LifecycleBooks, since_ms: int, bound_ms: int) -> None:
+    """Deadlines fired in time, once MySQL had each order (its timer is sent then); then MySQL received
+    each order in time. Checked last, so that every other guarantee is judged first."""
+    late = books.late_deadlines(since_ms, bound_ms)
+    if late:
+        raise DeadlinesLate(f"{len(late)} order(s) awaiting payment past the bound of {bound_ms} ms: {late[:5]}")
+    applied = books.late_applies(since_ms, bound_ms)
+    if applied:
+        raise AppliedLate(f"{len(applied)} order(s) reached MySQL past the bound of {bound_ms} ms: {applied[:5]}")
 
 
 @dataclass
@@ -184,6 +214,7 @@ def _ended_as_its_fate(order: Order, entry: dict[str, object]) -> bool:
     return order.fate == "never" and order.seen[-1:] == ["expired"] and entry.get("decision") == BY_DEADLINE
 
 
+@pytest.mark.xfail(raises=AppliedLate, strict=False, reason=SHORTFALL_HOLDS_BATCHES)
 def test_a_sale_whose_buyers_do_not_all_pay_sells_every_unit_once_and_its_books_agree(
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
@@ -202,6 +233,7 @@ def test_a_sale_whose_buyers_do_not_all_pay_sells_every_unit_once_and_its_books_
         f"fates {dict(crowd.fates())}; sold out for good in {sold.final_s:.1f} s, MySQL {sold.settle_s:.1f} s "
         f"later; expiry lateness p50 {percentile(lateness, 0.5)} ms, p99 {percentile(lateness, 0.99)} ms"
     )
+    assert_in_time(books, 0, IN_TIME_BOUND_MS)
 
 
 @pytest.mark.xfail(
