@@ -51,6 +51,8 @@ class LifecycleBooks:
     orders: dict[str, OrderRow]
     #: token -> (rows, units, reason) of stock_returns
     returns: dict[str, tuple[int, int, str]]
+    #: tokens of deductions MySQL refused as conflicts, not resolved since
+    open_conflicts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def orders_in(self, *states: str) -> dict[str, dict[str, Any]]:
@@ -182,22 +184,40 @@ def read(redis_url: str, mysql_url: str, sku: str) -> LifecycleBooks:
                 (sku,),
             )
             returns = {t: (int(n), int(q), str(why)) for t, n, q, why in cur.fetchall()}
+            cur.execute("SELECT token FROM conflicts WHERE sku = %s AND resolved_at IS NULL ORDER BY token", (sku,))
+            conflicts = [str(t) for (t,) in cur.fetchall()]
     finally:
         conn.close()
     return LifecycleBooks(
-        sku, int(meta.get("initial", -1)), stock, meta, entries, int(initial), int(mysql_stock), orders, returns
+        sku,
+        int(meta.get("initial", -1)),
+        stock,
+        meta,
+        entries,
+        int(initial),
+        int(mysql_stock),
+        orders,
+        returns,
+        conflicts,
     )
 
 
 def wait_settled(redis_url: str, mysql_url: str, sku: str, timeout_s: float) -> tuple[LifecycleBooks, float]:
     """Read until MySQL holds every order as the log does (or `timeout_s` passes: `problems` says why not);
-    returns the books and the seconds it took."""
+    returns the books and the seconds it took. Conflicts left open 10 s end the wait: nothing resolves
+    them but a message that carries their token again."""
     started = time.monotonic()
+    conflicted_since: float | None = None
     while True:
         books = read(redis_url, mysql_url, sku)
         books.problems = books.check()
         elapsed = time.monotonic() - started
-        if not books.problems or elapsed > timeout_s:
+        if not books.open_conflicts:
+            conflicted_since = None
+        elif conflicted_since is None:
+            conflicted_since = elapsed
+        stuck = conflicted_since is not None and elapsed - conflicted_since > 10
+        if not books.problems or elapsed > timeout_s or stuck:
             return books, elapsed
         time.sleep(0.25)
 
