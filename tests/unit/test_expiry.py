@@ -67,6 +67,26 @@ def test_an_order_that_cannot_be_decided_for_good_does_not_hold_back_the_others_
     assert asked == ["a", "b"]
 
 
+def test_an_order_is_reported_expired_once_and_late_from_its_own_deadline() -> None:
+    # A timer delivered again hears `expired` again (the same decision id), with no message of its own.
+    observed: list[float] = []
+    answers = iter(
+        [OrderAnswer(Decision.EXPIRED, _expired(1_250), "m1"), OrderAnswer(Decision.EXPIRED, _expired(1_250))]
+    )
+
+    async def expire(sku: str, token: str) -> OrderAnswer:
+        return next(answers)
+
+    expirer = Expirer(None, expire, asyncio.run, observe_lateness=observed.append)  # type: ignore[arg-type]
+    assert expirer.fire(_timer(1_900, "a")) is None
+    assert expirer.fire(_timer(1_900, "a")) is None
+    assert observed == [0.25]  # decided at 1,250 ms, due at 1,000 (the timer's 1,900 is its group's latest)
+
+
+def _expired(decided_ms: int) -> LogEntry:
+    return LogEntry("a", "returned", "sku", "u1", 1, 0, "m", order="expired", due_ms=1_000, decided_ms=decided_ms)
+
+
 def test_a_malformed_timer_is_dropped() -> None:
     expirer, asked = _expirer({})
     assert expirer.fire(Delivery("t", "ns-deadlines", "k", b"{not json", 0, 1)) is None

@@ -101,8 +101,11 @@ class Expirer:
             return max(1, -(-(deadline.due_ms - int(time.time() * 1000)) // 1000))
         if answer.decision in (Decision.FROZEN, Decision.FENCED):
             return 1  # nothing was decided: ask again
-        if answer.decision is Decision.EXPIRED and answer.entry is not None and answer.entry.decided_ms:
-            late_ms = answer.entry.decided_ms - deadline.due_ms
+        # Once per order: a timer delivered again hears `expired` again (the same decision id), with no
+        # message of its own. Late from the order's own deadline: the timer's is its group's latest.
+        entry = answer.entry
+        if answer.decision is Decision.EXPIRED and answer.message_id and entry is not None and entry.decided_ms:
+            late_ms = entry.decided_ms - (entry.due_ms or deadline.due_ms)
             logger.info(
                 "expired %s of %s, %d ms after its deadline",
                 token,
