@@ -39,12 +39,12 @@ def _lifecycle_faults_summary(terminalreporter: pytest.TerminalReporter) -> None
     if RESULTS:
         terminalreporter.section("lifecycle faults")
         terminalreporter.write_line(
-            "| victim | s down | orders | expired | s from back to sold out for good | s MySQL then took "
-            "| expiry lateness p50 / p99 / max ms | decisions the checker committed |"
+            "| victim | s down | s to receive again | orders | expired | s from back to sold out for good "
+            "| s MySQL then took | expiry lateness p50 / p99 / max ms | decisions the checker committed |"
         )
-        terminalreporter.write_line("|---|---|---|---|---|---|---|---|")
+        terminalreporter.write_line("|---|---|---|---|---|---|---|---|---|")
         for o in RESULTS:
             terminalreporter.write_line(
-                f"| {o.victim} | {o.down_s} | {o.orders} | {o.expired} | {o.final_s} | {o.settle_s} "
+                f"| {o.victim} | {o.down_s} | {o.reconnect_s} | {o.orders} | {o.expired} | {o.final_s} | {o.settle_s} "
                 f"| {o.late_p50_ms} / {o.late_p99_ms} / {o.late_max_ms} | {o.checked_decisions} |"
             )

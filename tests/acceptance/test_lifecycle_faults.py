@@ -18,6 +18,7 @@ import re
 import signal
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,10 @@ AFTER_S = DEADLINE_MS / 1000 + 3
 #: (or its deadline), the victim's return, and for a deadline the moment MySQL received the order (its
 #: timer is sent then): what a dead process held comes back after INVISIBLE_S, timers tick by the second.
 LATE_BOUND_MS = (INVISIBLE_S + 6) * 1000
+#: The consumer and the expirer log this each time a receive fails (every 3 s at most while it does).
+RECEIVE_FAILED = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+ flashsale\.pipeline\.\w+: receive failed", re.M
+)
 #: The consumer's known defect (SHORTFALL_HOLDS_BATCHES) can hold orders past that bound; when the consumer
 #: is the victim, also the timers its failpoint left unsent, which only a redelivery sends.
 _HELD = pytest.mark.xfail(raises=(AppliedLate, ConflictsLeft), strict=False, reason=SHORTFALL_HOLDS_BATCHES)
@@ -87,6 +92,7 @@ UNCLEAR = frozenset({"pending", "error", NO_ANSWER, "http_503"})
 class Outcome:
     victim: str
     down_s: float  # from its kill until it was back (the broker: serving routes again)
+    reconnect_s: float  # then until the consumer and the expirer received again
     orders: int
     expired: int
     final_s: float  # from the victim back until the sale is sold out for good
@@ -154,6 +160,17 @@ class Sale:
         assert f"-Dflashsale.home={self.stack.layout.home}" in cmdline, cmdline[:300]
         os.kill(record.pid, signal.SIGKILL)
         assert poll_until(lambda: not procs.is_alive(record), 10)
+
+    def receiving_ms(self) -> int:
+        """When the consumer and the expirer received again after the victim's kill: their clients find a
+        broker back only at their next connection attempt, which gRPC spaces out while it is down."""
+        failed = [
+            int(datetime.strptime(at, "%Y-%m-%d %H:%M:%S,%f").astimezone().timestamp() * 1000)  # local time
+            for role in ("consumer", "expirer")
+            for at in RECEIVE_FAILED.findall(self.children[role].text())
+        ]
+        after = [ms for ms in failed if ms >= self.killed_ms]
+        return max(after) + 3_000 if after else 0
 
     def restore(self, victim: str) -> None:
         started = time.monotonic()
@@ -264,6 +281,7 @@ def test_a_process_or_the_broker_killed_while_deadlines_fire_loses_nothing_and_g
         Outcome(
             victim,
             round((sale.back_ms - sale.killed_ms) / 1000, 1),
+            round(max(0, sale.receiving_ms() - sale.back_ms) / 1000, 1),
             len(books.orders),
             len(books.orders_in("expired")),
             round((sold.final_ms - sale.back_ms) / 1000, 1),
@@ -279,4 +297,4 @@ def test_a_process_or_the_broker_killed_while_deadlines_fire_loses_nothing_and_g
     paid = _heard(orders, "paid")
     assert paid and all(books.entries[t]["order"] == "paid" and books.orders[t].status == "paid" for t in paid)
     _recovered(victim, sale, sold)
-    assert_in_time(books, sale.back_ms, LATE_BOUND_MS)
+    assert_in_time(books, max(sale.back_ms, sale.receiving_ms()), LATE_BOUND_MS)
