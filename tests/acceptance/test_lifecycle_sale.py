@@ -44,7 +44,7 @@ PURCHASE_ANSWERS = {"accepted", "duplicate", "sold_out", "pending", "error", "no
 #: The producer's environment in these sales. Its local sold-out flag is off: with it on, a producer that
 #: keeps being asked renews the flag from its own answers and never sells the units given back (see
 #: test_units_given_back_sell_again_to_buyers_who_keep_asking). Drop it once that test passes.
-PRODUCER_ENV = {"FLASHSALE_PAYMENT_SECRET": SECRET, "FLASHSALE_SOLD_OUT_CACHE_S": "0"}
+PRODUCER_ENV = {"FLASHSALE_PAYMENT_SECRET": SECRET}
 #: Without faults, MySQL receives each order within this after its purchase, and each order stops
 #: awaiting payment within this after its deadline (or after MySQL received it, when later).
 IN_TIME_BOUND_MS = 5_000
@@ -244,11 +244,6 @@ def test_a_sale_whose_buyers_do_not_all_pay_sells_every_unit_once_and_its_books_
     assert_in_time(books, 0, IN_TIME_BOUND_MS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/producer.py PurchaseService._early renews the local sold-out flag from its own answer, "
-    "so under steady asking it never expires and Redis is never asked again",
-)
 def test_units_given_back_sell_again_to_buyers_who_keep_asking(
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:

@@ -117,19 +117,17 @@ class DeductionConsumer:
     def process(self, batch: Sequence[Delivery]) -> ApplyReport:
         started = time.perf_counter()
         decoded, dead = decode(batch)
-        awaiting: list[Incoming] = []
         try:
-            report = self._apply(decoded, dead, awaiting)
+            report = self._apply(decoded, dead)
         except FlashSaleError as exc:
             if exc.retriable:
                 raise
             logger.warning("batch of %d rejected (%s); applying its messages one by one", len(batch), exc)
-            report = self._apply_one_by_one(batch, awaiting)
+            report = self._apply_one_by_one(batch)
         except Exception:  # a message nobody foresaw: find it by applying the batch one message at a time
             logger.exception("batch of %d failed; applying its messages one by one", len(batch))
-            report = self._apply_one_by_one(batch, awaiting)
+            report = self._apply_one_by_one(batch)
         failpoints.hit(self._failpoints, failpoints.AFTER_DB_COMMIT)
-        self._schedule(awaiting)
         try:
             acked = self._receiver.ack(batch)
         except BusError as exc:
@@ -152,8 +150,10 @@ class DeductionConsumer:
         return report
 
     def _schedule(self, awaiting: Sequence[Incoming]) -> None:
-        """A timer message per SKU and deadline for the orders awaiting payment, before the batch is acked:
-        a consumer that dies first gets the batch again and schedules them again (an expiry is idempotent)."""
+        """A timer message per SKU and deadline for the orders awaiting payment, before the batch is applied:
+        a batch MySQL holds back (a short stock, an outage) does not hold its deadlines back with it, and a
+        consumer that dies before its ack gets the batch again and schedules them again (an expiry is
+        idempotent, and one that finds the order before MySQL does is carried there like any decision)."""
         if not awaiting or self._deadlines is None:
             return
         # One timer per SKU and second (the broker's timer ticks by the second), at most MAX_GROUP orders each.
@@ -169,32 +169,37 @@ class DeductionConsumer:
         ]
         self._deadlines.schedule(deadlines)
 
-    def _apply(
-        self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter], awaiting: list[Incoming] | None = None
-    ) -> ApplyReport:
+    def _apply(self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]) -> ApplyReport:
         """One Redis look-up for the batch, then one transaction per `batch_size` deductions.
 
         A message may carry hundreds of purchases: a transaction is bounded by deductions, not messages.
+        Units coming back (orders cancelled or expired, restocks) are committed first, on their own: they
+        always fit, and a batch that MySQL finds short (a resale whose return travels in another batch)
+        must not take them back with it, or two such batches would each hold what the other needs.
         Nothing is acked before every transaction of the batch committed; a redelivery after a failure
         halfway is a no-op for what was committed.
         """
         found = self._log.lookup(accepted.wanted(decoded)) if decoded else {}
         todo = accepted.plan(decoded, found)
-        if awaiting is not None:
-            awaiting += [i for i in todo.apply if i.order is not None and i.order.state == "awaiting"]
-        report = self._store.apply_batch(todo.apply[: self._batch_size], dead, todo.conflicts, todo.additions)
-        for start in range(self._batch_size, len(todo.apply), self._batch_size):
-            report.add(self._store.apply_batch(todo.apply[start : start + self._batch_size]))
+        self._schedule([i for i in todo.apply if i.order is not None and i.order.state == "awaiting"])
+        back = [i for i in todo.apply if i.order is not None and i.order.returned]
+        report, rest = ApplyReport(), todo.apply
+        if (back or todo.additions) and len(back) < len(todo.apply):
+            report = self._store.apply_batch(back, additions=todo.additions)
+            rest = [i for i in todo.apply if i.order is None or not i.order.returned]
+            todo.additions = []
+        report.add(self._store.apply_batch(rest[: self._batch_size], dead, todo.conflicts, todo.additions))
+        for start in range(self._batch_size, len(rest), self._batch_size):
+            report.add(self._store.apply_batch(rest[start : start + self._batch_size]))
         report.skipped += todo.skipped
         report.duplicates += todo.duplicates
         return report
 
-    def _apply_one_by_one(self, batch: Sequence[Delivery], awaiting: list[Incoming]) -> ApplyReport:
+    def _apply_one_by_one(self, batch: Sequence[Delivery]) -> ApplyReport:
         total = ApplyReport()
-        awaiting.clear()
         for delivery in batch:
             try:
-                report = self._apply(*decode([delivery]), awaiting)
+                report = self._apply(*decode([delivery]))
             except FlashSaleError as exc:
                 if exc.retriable:
                     raise
