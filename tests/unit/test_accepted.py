@@ -41,6 +41,15 @@ def test_a_decision_applies_its_orders_entry_with_the_deduction_as_a_purchase() 
     )
 
 
+def test_a_decision_on_a_partition_reads_that_partitions_log_and_applies_to_its_sku() -> None:
+    message = DeductionMessage("sku", (Purchase("t1", "u1", 1),), "m-expire", TS, SOURCE_DECISION, part="sku#2")
+    decoded = accepted.Decoded(Delivery("m-expire", "topic", "t1", message.encode(), TS, 1), message)
+    assert accepted.wanted([decoded]) == {"sku#2": (["t1"], ["m-expire"])}
+    entry = dataclasses.replace(_entry("expired", "m-expire", state="returned"), part="sku#2")
+    (item,) = accepted.plan([decoded], {"sku#2": ({"t1": entry}, {}, False)}).apply
+    assert (item.deduction.sku, item.order and item.order.state) == ("sku", "expired")
+
+
 def test_a_decision_the_log_does_not_name_applies_nothing() -> None:
     plan = accepted.plan([_decoded("m-late", SOURCE_DECISION)], {"sku": ({"t1": _entry("paid", "m-pay")}, {}, 0)})
     assert (plan.apply, plan.skipped) == ([], 1)

@@ -139,8 +139,9 @@ def test_checker_commits_a_spread_message_once_every_share_ran_or_is_fenced() ->
     assert _check(FakeCheckStock(views={"sku-1#0": fenced, "sku-1#3": fenced}), _spread()) is Resolution.ROLLBACK
 
 
-def _decision(gid: str = GID) -> Delivery:
-    body = DeductionMessage("sku-1", (Purchase("tok-1", "u1", 2),), gid, ts_ms=BORN_MS, source=SOURCE_DECISION)
+def _decision(gid: str = GID, part: str = "") -> Delivery:
+    purchases = (Purchase("tok-1", "u1", 2),)
+    body = DeductionMessage("sku-1", purchases, gid, ts_ms=BORN_MS, source=SOURCE_DECISION, part=part)
     return Delivery(gid, "ns-deductions", "tok-1", body.encode(), BORN_MS, attempt=1)
 
 
@@ -162,6 +163,13 @@ def _ordered(decided_by: str, order: str = "paid") -> CheckView:
 
 def test_checker_commits_a_decision_whose_order_names_it_as_its_decision() -> None:
     assert _check(FakeCheckStock(_ordered(GID)), _decision()) is Resolution.COMMIT
+
+
+def test_checker_looks_at_a_decision_on_a_partition_on_that_partitions_keys_alone() -> None:
+    # The order of a partitioned SKU was decided on the partition that sold it: its record and entry are there.
+    stock = FakeCheckStock(views={"sku-1#2": _ordered(GID)})
+    assert _check(stock, _decision(part="sku-1#2")) is Resolution.COMMIT
+    assert stock.calls == [("sku-1#2", GID, ("tok-1",), 6000)]
 
 
 def test_checker_rolls_back_a_decision_that_changed_nothing_even_where_the_log_names_its_purchase() -> None:
