@@ -112,7 +112,6 @@ class DeductionConsumer:
                 self._receiver.pause()
                 self._wait_for_stores()
                 self._receiver.resume()
-        logger.info("consumer stopped")
 
     def process(self, batch: Sequence[Delivery]) -> ApplyReport:
         started = time.perf_counter()

@@ -70,7 +70,6 @@ class Expirer:
                         self._receiver.nack([delivery], later_s)
                 except BusError as exc:  # the timer comes back when its invisible time ends: no harm
                     logger.warning("timer %s not acked: %s", delivery.message_id, exc)
-        logger.info("expirer stopped")
 
     def fire(self, delivery: Delivery) -> int | None:
         """Expire the orders a timer names; None when every one is decided, else the seconds until it

@@ -166,6 +166,8 @@ def run_consumer(settings: Settings, *, metrics_port: int | None = None) -> None
             store.address,
         )
         consumer.run()
+    # Only now: the messages received and not started are handed back and the clients closed.
+    logger.info("consumer stopped")
 
 
 def _stop_on_signals(consumer: DeductionConsumer) -> None:
@@ -202,3 +204,4 @@ def run_expirer(settings: Settings, *, metrics_port: int | None = None) -> None:
             expirer.run()
     finally:
         engine.close()
+    logger.info("expirer stopped")
