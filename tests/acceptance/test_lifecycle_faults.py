@@ -43,11 +43,7 @@ from tests.acceptance.test_lifecycle_sale import (
     DEADLINE_MS,
     PRODUCER_ENV,
     SECRET,
-    SHORTFALL_HOLDS_BATCHES,
     STOCK,
-    AppliedLate,
-    ConflictsLeft,
-    DeadlinesLate,
     Sold,
     assert_in_time,
     judge,
@@ -73,18 +69,7 @@ LATE_BOUND_MS = (INVISIBLE_S + 6) * 1000
 RECEIVE_FAILED = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+ flashsale\.pipeline\.\w+: receive failed", re.M
 )
-#: The consumer's known defect (SHORTFALL_HOLDS_BATCHES) can hold orders past that bound; when the consumer
-#: is the victim, also the timers its failpoint left unsent, which only a redelivery sends.
-_HELD = pytest.mark.xfail(raises=(AppliedLate, ConflictsLeft), strict=False, reason=SHORTFALL_HOLDS_BATCHES)
-_HELD_TIMERS = pytest.mark.xfail(
-    raises=(AppliedLate, ConflictsLeft, DeadlinesLate), strict=False, reason=SHORTFALL_HOLDS_BATCHES
-)
-VICTIMS = (
-    pytest.param("broker", marks=_HELD),
-    pytest.param("consumer", marks=_HELD_TIMERS),
-    pytest.param("expirer", marks=_HELD),
-    pytest.param("producer", marks=_HELD),
-)
+VICTIMS = ("broker", "consumer", "expirer", "producer")
 UNCLEAR = frozenset({"pending", "error", NO_ANSWER, "http_503"})
 
 

@@ -18,8 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pytest
-
 from flashsale.config import Settings
 from flashsale.ops import reconcile
 from flashsale.ops.setup import set_stock
@@ -48,16 +46,6 @@ PRODUCER_ENV = {"FLASHSALE_PAYMENT_SECRET": SECRET}
 #: Without faults, MySQL receives each order within this after its purchase, and each order stops
 #: awaiting payment within this after its deadline (or after MySQL received it, when later).
 IN_TIME_BOUND_MS = 5_000
-#: pipeline/consumer.py: a batch refused as short in MySQL (a resale whose return is in another message)
-#: is handed back whole, with the returns it carries, and its orders' timers are sent only once it applies.
-#: Batches can then be refused at every delivery, up to the 10 that turn the shortfall into a conflict
-#: (about a minute): the purchases they carry reach MySQL, and their deadlines fire, that much later; a
-#: purchase refused as a conflict together with its order's payment (one batch) stays out of MySQL.
-SHORTFALL_HOLDS_BATCHES = (
-    "pipeline/consumer.py hands a batch short in MySQL back whole, its returns with it, and sends its "
-    "orders' timers only once it applies: orders reach MySQL, and expire, up to a minute late, and a "
-    "shortfall that outlasts 10 deliveries leaves conflicts that can stay open"
-)
 
 
 class DeadlinesLate(AssertionError):
@@ -222,7 +210,6 @@ def _ended_as_its_fate(order: Order, entry: dict[str, object]) -> bool:
     return order.fate == "never" and order.seen[-1:] == ["expired"] and entry.get("decision") == BY_DEADLINE
 
 
-@pytest.mark.xfail(raises=(AppliedLate, ConflictsLeft), strict=False, reason=SHORTFALL_HOLDS_BATCHES)
 def test_a_sale_whose_buyers_do_not_all_pay_sells_every_unit_once_and_its_books_agree(
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
