@@ -6,12 +6,17 @@ decision as a cancel (pipeline/orders.py): an order paid or cancelled meanwhile 
 came late) hears `already_expired`. A timer is acked once every order it names is decided; a timer that
 fires before its deadline on Redis's clock (the broker's timer ticks by the second, on its own clock)
 comes back when the deadline is due, and one that could not be decided (Redis or the broker down)
-comes back a second later: the first order that meets the outage stops the timer, so that its other
-orders do not each wait out a timeout against a server that is down.
+comes back a second later.
+
+A timer's orders are expired concurrently, up to CONCURRENCY at a time: each decision waits on a round trip
+to the broker and one to Redis, so one at a time a single expirer expired only 20-40 orders a second
+under load, and units came back on sale seconds late. The first order that meets an outage stops the
+timer's orders not started yet, so that they do not each wait out a timeout against a server that is down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -33,6 +38,14 @@ Runner = Callable[[Coroutine[Any, Any, T]], T]
 Decide = Callable[[str, str], Coroutine[Any, Any, OrderAnswer]]
 #: Timers received per call.
 BATCH = 32
+#: Orders of one timer decided at once.
+CONCURRENCY = 64
+#: What deciding one order gave: its answer, or why it could not be decided.
+Outcome = OrderAnswer | BaseException
+
+
+class _NotStarted(Exception):
+    """An order left undecided because another of its timer met an outage first."""
 
 
 class Expirer:
@@ -40,7 +53,7 @@ class Expirer:
         self,
         receiver: ReceiverPort,
         expire: Decide,
-        run: Runner[OrderAnswer],
+        run: Runner[list[Outcome]],
         *,
         observe_lateness: Callable[[float], None] | None = None,
     ) -> None:
@@ -80,22 +93,46 @@ class Expirer:
             logger.error("timer %s is malformed (%s); dropped", delivery.message_id, exc)
             return None
         later_s: int | None = None
-        for token in deadline.tokens:
-            try:
-                wait_s = self._expire_one(deadline, token)
-            except FlashSaleError as exc:
-                logger.warning("cannot expire %s of %s yet: %s", token, deadline.sku, exc, extra=ids(token=token))
-                if exc.retriable:
-                    # Redis or the broker is out: every other order of the timer would meet the same outage,
-                    # each after its own timeout. The whole timer comes back instead.
-                    return 1
+        outage: BaseException | None = None
+        for token, outcome in zip(deadline.tokens, self._run(self._expire_all(deadline)), strict=True):
+            if isinstance(outcome, OrderAnswer):
+                wait_s = self._settled(deadline, token, outcome)
+            elif isinstance(outcome, _NotStarted) or (isinstance(outcome, FlashSaleError) and outcome.retriable):
+                outage = outage or outcome
                 wait_s = 1
+            elif isinstance(outcome, FlashSaleError):
+                logger.warning("cannot expire %s of %s: %s", token, deadline.sku, outcome, extra=ids(token=token))
+                wait_s = 1
+            else:
+                raise outcome
             if wait_s is not None:
                 later_s = max(later_s or 0, wait_s)
+        if outage is not None:
+            # Redis or the broker is out: the timer comes back for the orders it could not decide.
+            logger.warning("cannot expire every order of %s's timer yet: %s", deadline.sku, outage)
         return later_s
 
-    def _expire_one(self, deadline: Deadline, token: str) -> int | None:
-        answer = self._run(self._expire(deadline.sku, token))
+    async def _expire_all(self, deadline: Deadline) -> list[Outcome]:
+        """Every order of the timer decided, CONCURRENCY at a time; once one meets an outage, those not
+        started yet are left undecided (_NotStarted)."""
+        window = asyncio.Semaphore(CONCURRENCY)
+        outage = asyncio.Event()
+
+        async def expire(token: str) -> OrderAnswer:
+            async with window:
+                if outage.is_set():
+                    raise _NotStarted
+                try:
+                    return await self._expire(deadline.sku, token)
+                except FlashSaleError as exc:
+                    if exc.retriable:
+                        outage.set()
+                    raise
+
+        return await asyncio.gather(*(expire(token) for token in deadline.tokens), return_exceptions=True)
+
+    def _settled(self, deadline: Deadline, token: str, answer: OrderAnswer) -> int | None:
+        """None when the order is decided for good, else the seconds until its timer should come back."""
         if answer.decision is Decision.NOT_DUE:
             return max(1, -(-(deadline.due_ms - int(time.time() * 1000)) // 1000))
         if answer.decision in (Decision.FROZEN, Decision.FENCED):
