@@ -42,7 +42,7 @@ typecheck: install
 # The whole suite on the real stack: installs and starts Redis, MariaDB and RocketMQ if they are missing.
 test: install compose-validator
 	$(BIN)/flashsale stack up
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=10 $(PYTEST_ARGS)
 
 # docker-compose.yml is checked with `docker compose config`; without the compose plugin, Debian's
 # docker-compose validates the same file offline (no engine needed).
