@@ -6,7 +6,9 @@ For each group size (1: a transaction per purchase; and the configured default),
   own per request; accepted purchases per second end to end (from the first request until MySQL holds
   every accepted one), wrk's latency percentiles, broker transactions per accepted purchase, and the CPU
   each process spent per accepted purchase;
-- sold out: a SKU with no stock left; rejections per second of the one producer process.
+- sold out: a SKU with no stock left; rejections per second of the one producer process;
+- bare: the ceiling, measured before and after the others (bare_server.py: the producer's HTTP server
+  answering a fixed JSON, nothing else); each rate is printed as a ratio of the mean of the two.
 
 Run on the local stack: `python -m tests.benchmarks.wrk_bench [--duration 10] [--connections 200]`.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -24,10 +27,12 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.bench.cpu import CpuMeter
-from flashsale.bench.fleet import Child, Fleet
+from flashsale.bench.fleet import Child, Fleet, free_port
 from flashsale.config import Settings
+from flashsale.net import port_open
 from flashsale.ops.setup import init, set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
@@ -93,6 +98,26 @@ def _wrk(url: str, sku: str, duration_s: int, connections: int) -> tuple[float, 
     return rate, latency
 
 
+def measure_bare(duration_s: int, connections: int) -> Run:
+    """The bare server's requests/s under the same wrk, and the CPU it spent per request."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.bare_server", str(port)], cwd=ROOT)
+    try:
+        if not poll_until(lambda: port_open(c.DEFAULT_HOST, port), 30, interval_s=0.05):
+            raise RuntimeError("the bare server did not listen within 30 s")
+        meter = CpuMeter({"bare": server.pid})
+        started = time.perf_counter()
+        rate, latency = _wrk(f"http://{c.DEFAULT_HOST}:{port}", "bare", duration_s, connections)
+        elapsed, used = time.perf_counter() - started, meter.used()
+    finally:
+        server.terminate()
+        server.wait(30)
+    run = Run(0, "bare", None, round(rate, 1), latency)
+    run.cpu_percent = {"bare": round(100 * used["bare"] / elapsed, 1)}
+    run.cpu_ms_per_accepted = {"bare": round(1000 * used["bare"] / (rate * elapsed), 4)}
+    return run
+
+
 def measure(
     settings: Settings,
     group_size: int,
@@ -156,23 +181,42 @@ def main() -> None:
     init(settings)
     waits = [float(w) for w in args.group_waits.split(",")] if args.group_waits else [None]
     modes = args.modes.split(",")
+    before = measure_bare(args.duration, args.connections)
     runs = [
         measure(settings, int(size), mode, args.duration, args.connections, wait)
         for size in args.group_sizes.split(",")
         for wait in waits
         for mode in modes
     ]
+    after = measure_bare(args.duration, args.connections)
+    ceiling = (before.requests_per_s + after.requests_per_s) / 2
     if args.json:
-        print(json.dumps([asdict(r) for r in runs], indent=2))
+        print(json.dumps({"bare": [asdict(before), asdict(after)], "runs": [asdict(r) for r in runs]}, indent=2))
         return
+    report(runs, before, after, ceiling, args)
+
+
+def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argparse.Namespace) -> None:
     print(f"wrk: 1 thread, {args.connections} connections, {args.duration} s per run, a token of its own per request")
-    print("| group size | mode | requests/s | accepted/s end to end | p50 / p99 ms | transactions / accepted |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"bare server (the ceiling): {before.requests_per_s:,.0f} requests/s before, {after.requests_per_s:,.0f}"
+        f" after (mean {ceiling:,.0f}); {before.cpu_ms_per_accepted['bare']:.4f} ms of CPU per request"
+    )
+    print(
+        "| group size | mode | requests/s | x bare | accepted/s end to end | x bare | p50 / p99 ms "
+        "| transactions / accepted | CPU ms / accepted, all |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        accepted = f"{r.accepted_per_s:,.0f}" if r.mode == "live" else "-"
+        live = r.mode == "live"
+        accepted = f"{r.accepted_per_s:,.0f} | {r.accepted_per_s / ceiling:.2f}" if live else "- | -"
         tx = f"{r.transactions_per_accepted:.3f}" if r.transactions_per_accepted is not None else "-"
         latency = f"{r.latency_ms.get('p50', 0):.1f} / {r.latency_ms.get('p99', 0):.1f}"
-        print(f"| {r.group_size} | {r.mode} | {r.requests_per_s:,.0f} | {accepted} | {latency} | {tx} |")
+        cpu = f"{sum(r.cpu_ms_per_accepted.values()):.3f}" if r.cpu_ms_per_accepted else "-"
+        print(
+            f"| {r.group_size} | {r.mode} | {r.requests_per_s:,.0f} | {r.requests_per_s / ceiling:.2f} | {accepted} "
+            f"| {latency} | {tx} | {cpu} |"
+        )
     print()
     print("CPU ms per accepted purchase (live), and % of a core (each run):")
     for r in runs:
