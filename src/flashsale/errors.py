@@ -76,6 +76,12 @@ class StoreError(FlashSaleError):
         self.retriable = retriable
 
 
+class StockShort(StoreError):
+    """MySQL holds fewer units than a batch takes while units given back or added are still on their way
+    there: the batch waits for them (retriable). Not an outage: the messages that carry those units must
+    go on being applied meanwhile."""
+
+
 class MalformedMessage(FlashSaleError):
     """A message on the deduction topic cannot be decoded; it goes to dead_letters."""
 

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from flashsale.adapters.mysql import sql
 from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.errors import StockError, StoreError
+from flashsale.errors import StockError, StockShort, StoreError
 from flashsale.models import Deduction
 from flashsale.records import Addition, DeadLetter, Incoming, Order
 
@@ -292,7 +292,7 @@ def test_a_resale_ahead_of_its_return_waits_for_it_then_applies(mysql_store: MyS
     mysql_store.load_stock(sku, 1)
     mysql_store.apply_batch([_with_order(incoming(sku, "a"), "awaiting")])
     resale = _with_order(incoming(sku, "b", user="u2"), "awaiting")
-    with pytest.raises(StoreError) as refused:
+    with pytest.raises(StockShort) as refused:
         mysql_store.apply_batch([resale])  # the unit it bought is still A's in MySQL
     assert refused.value.retriable and mysql_store.existing_tokens(sku, ["b"]) == set()
     mysql_store.apply_batch([_with_order(incoming(sku, "a"), "expired", "m-x")])
@@ -314,7 +314,7 @@ def test_a_restock_adds_its_units_once_and_a_sale_of_them_ahead_of_it_waits_for_
     mysql_store.apply_batch([incoming(sku, "a")])
     # Redis added 2 units and sold one of them; its deduction reaches MySQL before the restock does.
     ahead = dataclasses.replace(incoming(sku, "b", user="u2"), added_qty=2)
-    with pytest.raises(StoreError) as refused:
+    with pytest.raises(StockShort) as refused:
         mysql_store.apply_batch([ahead])
     assert refused.value.retriable and mysql_store.existing_tokens(sku, ["b"]) == set()
     restock = Addition(sku, "r1", 2, "m-r1", 1_000)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StoreError
+from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StockShort, StoreError
 from flashsale.models import SOURCE_REPLAY, DeductionMessage, Delivery, Purchase
 from flashsale.pipeline.consumer import DeductionConsumer
 from flashsale.records import Addition, ApplyReport, Conflict, DeadLetter, Incoming, Prededuct, TxRecord
@@ -256,6 +256,37 @@ def test_consumer_pauses_receipt_until_the_database_takes_writes_again() -> None
         "receive",
     ]
     assert consumer.stopping
+
+
+@pytest.mark.timeout(10)
+def test_a_batch_short_of_units_on_their_way_is_handed_back_and_receipt_goes_on() -> None:
+    # The resale "b" waits for the return of "a", which travels in the next message: a pause would hand
+    # that message back with it, at every try, and the two could wait on each other for many deliveries.
+    returned: list[str] = []
+
+    def short(items: Sequence[Incoming]) -> FlashSaleError | None:
+        tokens = [i.deduction.token for i in items]
+        if "b" in tokens and not returned:
+            return StockShort("MySQL stock 0 of sku-1 is short while units given back are on their way")
+        returned.extend(t for t in tokens if t == "a")
+        return None
+
+    consumer, _, calls, log = _consumer(short, [[_delivery("b")], [_delivery("a")], [_delivery("b")]])
+    _deducted(log, "a", "b")
+    consumer.run()
+    assert "pause" not in calls
+    assert calls == [
+        "receive",
+        "apply ['b'] dead []",
+        "nack ['msg-b']",
+        "receive",
+        "apply ['a'] dead []",
+        "ack ['msg-a']",
+        "receive",
+        "apply ['b'] dead []",
+        "ack ['msg-b']",
+        "receive",
+    ]
 
 
 def test_an_ack_that_fails_after_the_commit_neither_reapplies_nor_hands_back() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from flashsale import constants as c
 from flashsale import failpoints
-from flashsale.errors import BusError, FlashSaleError, MalformedMessage
+from flashsale.errors import BusError, FlashSaleError, MalformedMessage, StockShort
 from flashsale.logs import ids
 from flashsale.models import Deadline, DeductionMessage, Delivery
 from flashsale.pipeline import accepted
@@ -102,6 +102,11 @@ class DeductionConsumer:
                 continue
             try:
                 self.process(batch)
+            except StockShort as exc:
+                # The units it waits for travel in other messages, maybe the very ones received after it:
+                # receipt goes on (a pause would hand those back too, again at every try).
+                logger.warning("batch of %d waits for units on their way (%s); handing it back", len(batch), exc)
+                self._receiver.nack(batch, 1)
             except FlashSaleError as exc:
                 logger.warning(
                     "batch of %d not applied (%s); handing it back and pausing receipt until the stores answer",

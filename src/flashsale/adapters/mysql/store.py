@@ -18,7 +18,7 @@ from sqlalchemy.engine.url import make_url
 from flashsale import constants as c
 from flashsale.adapters.mysql import lifecycle, sql
 from flashsale.adapters.mysql.statements import query
-from flashsale.errors import ServiceUnavailable, StockError, StoreError, UnknownSku
+from flashsale.errors import ServiceUnavailable, StockError, StockShort, StoreError, UnknownSku
 from flashsale.logs import ids
 from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
 from flashsale.records import (
@@ -423,7 +423,7 @@ def _guarded_update(
         else:
             rest.append(row)
     if rest and _units_on_their_way(conn, sku, [items[(sku, r.token)] for r in rest]):
-        raise StoreError(f"MySQL stock {stock} of {sku} is short while units given back or added are on their way")
+        raise StockShort(f"MySQL stock {stock} of {sku} is short while units given back or added are on their way")
     if fit:
         conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
     _refuse(conn, batch_id, sku, rest, items, stock)
