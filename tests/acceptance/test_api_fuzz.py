@@ -75,8 +75,8 @@ def live(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     set_stock(settings, skus[-1], 1_000, partitions=2)
     pipeline = Pipeline(settings, tmp_path_factory.mktemp("api-fuzz"))
     try:
-        pipeline.checker()
-        pipeline.consumer()
+        pipeline.launch("checker")
+        pipeline.launch("consumer")
         _, url = pipeline.producer(FLASHSALE_PAYMENT_SECRET=SECRET)
         users, tokens = [f"u{i}" for i in range(BUYERS)], [f"t{i}" for i in range(BUYERS)]
         for name in skus:

@@ -113,8 +113,9 @@ def test_a_prededuct_no_replica_acknowledges_is_pending_and_with_redis_wait_ms_0
     finally:
         failovers.heal()
 
-    pipeline.consumer()
-    pipeline.checker()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
+    pipeline.ready_all()
     # A replica holds the purchase now: the retry hears `duplicate`, with the message that deducted it.
     retries = _asked_until(waiting, sku, "t-wait", ("pending",))
     assert (retries[-1]["status"], retries[-1]["message_id"]) == ("duplicate", told["message_id"]), retries
@@ -243,8 +244,9 @@ def test_a_prededuct_a_migrating_slot_refuses_is_sent_once_more_and_runs_where_t
     finally:
         move.undo(nodes)
 
-    pipeline.consumer()
-    pipeline.checker()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
+    pipeline.ready_all()
     for s, tokens in ((sku, ["t-warm", "t-move"]), (other, ["t-other"])):
         books = balanced(settings, s)
         assert books.problems == [], books.problems

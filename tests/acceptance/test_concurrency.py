@@ -25,7 +25,7 @@ def test_two_consumers_apply_a_sale_of_several_skus_at_once_without_deadlock(
         set_stock(settings, name, 2000)
     # A transaction per purchase: thousands of messages, which both consumers compete for.
     consumers = [pipeline.consumer(FLASHSALE_BATCH_SIZE="64") for _ in range(2)]
-    pipeline.checker()
+    pipeline.launch("checker")
     _, url = pipeline.producer(FLASHSALE_GROUP_SIZE="1")
     load = asyncio.run(run_load(url, skus, attempts=3000, concurrency=40))
     assert load.statuses["accepted"] == 3000
@@ -43,8 +43,8 @@ def test_the_per_user_limit_holds_across_two_producer_processes_under_concurrenc
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, 1000, per_user_limit=3)
-    pipeline.consumer()
-    pipeline.checker()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
     urls = [pipeline.producer()[1] for _ in range(2)]
 
     async def greedy_buyers() -> list[str]:

@@ -47,6 +47,8 @@ STOCK, LIMIT = 1_200, 90
 BUYERS = 30
 #: The victim dies once this share of the stock is sold, and stays down this long.
 KILL_AT, DOWN_S = 0.25, 4.0
+#: How long a message received by a consumer that died stays hidden.
+INVISIBLE_S = 10
 #: Sold-out answers after the last unit, before the buyers stop.
 AFTER_S = 1.0
 #: The books must balance this long after the last answer, with no repair.
@@ -83,8 +85,10 @@ class Sale:
         self.sku = sku
         self.port = free_port()
         self.children: dict[str, Child] = {}
-        self.children["checker"] = pipeline.checker()
-        self.children["consumer"] = pipeline.consumer()
+        # Side by side: the producer waits for both. A consumer killed with messages in hand lets them be
+        # received again after its invisible time: 10 s, not the default 30, keeps each fault test short.
+        self.children["checker"] = pipeline.launch("checker")
+        self.children["consumer"] = pipeline.launch("consumer", FLASHSALE_INVISIBLE_S=str(INVISIBLE_S))
         # The producer's own death is a failpoint: between one of its pre-deducts and that message's end.
         dies = f"{failpoints.AFTER_PREDEDUCT}@{PRODUCER_DIES_AT}" if victim == "producer" else ""
         self.children["producer"] = pipeline.producer(port=self.port, failpoints=dies)[0]
@@ -121,7 +125,7 @@ class Sale:
         if victim in PROCESSES:
             start: dict[str, Callable[[], Child]] = {
                 "checker": self.pipeline.checker,
-                "consumer": self.pipeline.consumer,
+                "consumer": lambda: self.pipeline.consumer(FLASHSALE_INVISIBLE_S=str(INVISIBLE_S)),
                 "producer": lambda: self.pipeline.producer(port=self.port)[0],
             }
             self.children[victim] = start[victim]()

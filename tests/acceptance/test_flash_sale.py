@@ -139,8 +139,8 @@ def test_every_metric_the_dashboard_queries_is_in_the_processes_real_metrics(
     from tests.integration.test_docker_compose import dashboard_metric_names
 
     set_stock(settings, sku, 10)
-    checker = pipeline.checker()
-    consumer = pipeline.consumer()
+    checker = pipeline.launch("checker")
+    consumer = pipeline.launch("consumer")
     producer, url = pipeline.producer()
     assert post(url, {"sku": sku, "user_id": "u1", "qty": 1, "token": "t-metrics"})[1]["status"] == "accepted"
     # A producer that dies after its half message: the checker's answer fills the check series.

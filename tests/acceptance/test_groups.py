@@ -56,8 +56,8 @@ def test_one_transaction_carries_the_crowd_and_mysql_gets_exactly_what_its_pre_d
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, 3, per_user_limit=1)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
     _, grouped = pipeline.producer(**GROUP)
     tokens = [f"t{i}" for i in range(10)]
     users = ["alice", "alice", *[f"u{i}" for i in range(8)]]  # alice's second purchase passes her limit
@@ -99,8 +99,8 @@ def test_a_group_pre_deducted_when_its_producer_and_the_broker_both_die_is_commi
     pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str
 ) -> None:
     set_stock(settings, sku, 100)
-    pipeline.consumer()
-    pipeline.checker()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
     _, doomed = pipeline.producer(failpoints=failpoints.AFTER_PREDEDUCT, **GROUP)
     tokens = [f"h{i}" for i in range(5)]
     assert set(_crowd(doomed, sku, tokens).values()) == {None}  # pre-deducted, never committed

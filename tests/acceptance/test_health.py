@@ -88,8 +88,8 @@ def test_the_consumer_is_not_ready_while_mysql_is_read_only_or_down_and_ready_ag
     pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str
 ) -> None:
     set_stock(settings, sku, 100)
-    checker = pipeline.checker()
-    consumer = pipeline.consumer()
+    checker = pipeline.launch("checker")
+    consumer = pipeline.launch("consumer")
     producer, url = pipeline.producer()
     stack = Stack(stack_settings)
     mysql = settings.mysql_url.rsplit("@", 1)[1]  # host:port/database, as the reason names it
@@ -189,8 +189,9 @@ def test_a_producer_past_its_in_flight_limit_answers_503_with_a_reason_and_deduc
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, 1000)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
+    pipeline.ready_all()
     # Four purchases in flight at most; each waits a second for its group to fill, so a burst of 60
     # finds the first four still in flight.
     _, url = pipeline.producer(FLASHSALE_MAX_IN_FLIGHT="4", FLASHSALE_GROUP_WAIT_MS="1000")

@@ -102,18 +102,18 @@ class Sale:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.children: dict[str, Child] = {}
-        for role in ("checker", "consumer", "expirer", "producer"):
-            self.start(role)
+        for role in ("checker", "consumer", "expirer", "producer"):  # side by side: the producer waits for all
+            self.start(role, wait=False)
         self.killed_ms = self.back_ms = 0
 
-    def start(self, role: str) -> None:
-        hidden = {"FLASHSALE_INVISIBLE_S": str(INVISIBLE_S)}
+    def start(self, role: str, *, wait: bool = True) -> None:
         if role == "producer":
             self.children[role] = self.pipeline.producer(port=self.port, **PRODUCER_ENV)[0]
-        elif role in ("consumer", "expirer"):
-            self.children[role] = getattr(self.pipeline, role)(**hidden)
-        else:
-            self.children[role] = self.pipeline.checker()
+            return
+        hidden = {"FLASHSALE_INVISIBLE_S": str(INVISIBLE_S)} if role in ("consumer", "expirer") else {}
+        self.children[role] = self.pipeline.launch(role, **hidden)
+        if wait:
+            self.pipeline.ready(self.children[role])
 
     def kill(self, victim: str) -> None:
         self.killed_ms = _now_ms()

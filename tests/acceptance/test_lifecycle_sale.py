@@ -214,9 +214,9 @@ def test_a_sale_whose_buyers_do_not_all_pay_sells_every_unit_once_and_its_books_
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, STOCK, per_user_limit=1, pay_within_ms=DEADLINE_MS)
-    pipeline.checker()
-    pipeline.consumer()
-    pipeline.expirer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
+    pipeline.launch("expirer")
     _, url = pipeline.producer(**PRODUCER_ENV)
     crowd = LifecycleCrowd(url, sku, SECRET, DEADLINE_MS, buyers=BUYERS, run_id=f"s{os.getpid()}")
     sold = sell(settings, sku, crowd)
@@ -237,9 +237,9 @@ def test_units_given_back_sell_again_to_buyers_who_keep_asking(
     """With the producer's defaults: buyers asking every 0.1 s (more often than the 0.5 s the producer
     trusts its sold-out flag) get the units an expiry gives back."""
     set_stock(settings, sku, 5, pay_within_ms=2_000)
-    pipeline.consumer()
-    pipeline.checker()
-    pipeline.expirer()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
+    pipeline.launch("expirer")
     _, url = pipeline.producer()
     assert [post(url, _body(sku, f"t{i}"))[1]["status"] for i in range(6)] == ["accepted"] * 5 + ["sold_out"]
     resold, asked = 0, 0

@@ -68,8 +68,9 @@ def test_orders_end_paid_cancelled_or_expired_once_and_every_unit_given_back_sel
     from flashsale import FlashSale
 
     set_stock(settings, sku, 10, pay_within_ms=DEADLINE_MS)
-    pipeline.consumer()
-    pipeline.checker()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
+    pipeline.ready_all()
     with FlashSale(settings) as sale:
         bought = [sale.purchase(sku, f"u{i}", 1, f"t{i}").status for i in range(11)]
         assert bought == [PurchaseStatus.ACCEPTED] * 10 + [PurchaseStatus.SOLD_OUT]
@@ -147,9 +148,10 @@ def test_unpaid_orders_expire_when_their_deadline_fires_and_their_units_sell_aga
     from flashsale import FlashSale
 
     set_stock(settings, sku, 20, pay_within_ms=2_000)
-    pipeline.consumer()
-    pipeline.checker()
-    pipeline.expirer()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
+    pipeline.launch("expirer")
+    pipeline.ready_all()
     raw = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     with FlashSale(settings) as sale:
         assert all(sale.purchase(sku, f"u{i}", 1, f"t{i}").status is PurchaseStatus.ACCEPTED for i in range(20))
@@ -285,9 +287,10 @@ def sell_out_give_back_and_sell_again(pipeline: Pipeline, settings: Settings, sk
     layout = _layout(settings, sku)
     p0, p1, p2 = layout.parts
     first = {p: _tokens_for(layout, p, 5, f"a{n}") for n, p in enumerate(layout.parts)}
-    pipeline.consumer()
-    pipeline.checker()
-    pipeline.expirer()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
+    pipeline.launch("expirer")
+    pipeline.ready_all()
     with FlashSale(settings) as sale:
         buyers = Buyers(sale, sku)
         # The fifth token of p1 (and of p2) finds it empty: it closes, and the token is sold on the anchor.
@@ -382,8 +385,9 @@ def test_a_payment_racing_the_expiry_of_an_order_on_a_partition_is_decided_once_
     # deadline (the payment lands), at it (either may win), or well after it (the order expires).
     pay_within_ms, spread_ms = 3_000, (-300, 0, 300)
     set_stock(settings.with_overrides(partition_refill=5), sku, 9, partitions=3, pay_within_ms=pay_within_ms)
-    pipeline.consumer()
-    pipeline.checker()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
+    pipeline.ready_all()
     tokens = [f"race-{i}" for i in range(9)]
     with FlashSale(settings) as payer, FlashSale(settings) as expirer:
         assert [payer.purchase(sku, f"u-{t}", 1, t).status for t in tokens] == [PurchaseStatus.ACCEPTED] * 9

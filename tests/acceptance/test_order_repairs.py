@@ -31,8 +31,9 @@ def test_orders_whose_timer_was_lost_are_found_by_reconcile_and_expired_by_expir
     from flashsale import FlashSale
 
     set_stock(settings, sku, 3, pay_within_ms=DEADLINE_MS)
-    pipeline.checker()
-    pipeline.consumer()  # no expirer: every timer fires into nothing, as if it were lost
+    pipeline.launch("checker")
+    pipeline.launch("consumer")  # no expirer: every timer fires into nothing, as if it were lost
+    pipeline.ready_all()
     with FlashSale(settings) as sale:
         assert all(sale.purchase(sku, f"u{i}", 1, f"t{i}").status is PurchaseStatus.ACCEPTED for i in range(3))
         assert sale.pay(sku, "t0", "p0").decision is Decision.PAID
@@ -72,8 +73,9 @@ def test_orders_redis_lost_are_written_back_by_repair_in_the_state_mysql_holds(
     from flashsale import FlashSale
 
     set_stock(settings, sku, 3, pay_within_ms=600_000)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
+    pipeline.ready_all()
     with FlashSale(settings) as sale:
         assert all(sale.purchase(sku, f"u{i}", 1, f"t{i}").status is PurchaseStatus.ACCEPTED for i in range(3))
         assert sale.pay(sku, "t0", "p0").decision is Decision.PAID

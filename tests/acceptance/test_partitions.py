@@ -471,8 +471,8 @@ def _bought_by_user(settings: Settings, sku: str) -> dict[str, int]:
 
 def test_the_per_user_limit_holds_across_partitions(pipeline: Pipeline, settings: Settings, sku: str) -> None:
     set_stock(settings, sku, 300, per_user_limit=2, partitions=3)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
     _, url = pipeline.producer(FLASHSALE_GROUP_SIZE="1")  # a partition picked for every purchase
     wanted = [(f"user-{u}", f"{sku}-{u}-{n}") for u in range(10) for n in range(5)]
     told = _Told()

@@ -48,8 +48,8 @@ def test_a_restock_during_a_sale_is_added_once_however_often_it_is_asked_and_eve
     from flashsale import FlashSale
 
     set_stock(settings, sku, 20)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
     _, url = pipeline.producer()
     crowd = Crowd(url, sku, buyers=12, run_id=f"r{os.getpid()}").start()
     try:
@@ -84,8 +84,9 @@ def test_a_restock_whose_process_dies_before_its_commit_is_settled_by_the_checke
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, 3)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
+    pipeline.ready_all()
     died = _cli(pipeline, "stock", "add", sku, "7", "--request-id", "r-crash", FLASHSALE_FAILPOINTS="restock-after-add")
     assert died.returncode == -9, (died.returncode, died.stderr[-2000:])
     # The units were added in Redis; the checker commits the half message from its record, and the
@@ -109,8 +110,9 @@ def test_a_restock_of_a_sku_with_a_deadline_and_units_given_back_keeps_every_boo
     from flashsale import FlashSale
 
     set_stock(settings, sku, 2, pay_within_ms=600_000)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
+    pipeline.ready_all()
     with FlashSale(settings) as sale:
         bought = [sale.purchase(sku, f"u{i}", 1, f"t{i}").status for i in range(3)]
         assert bought == [PurchaseStatus.ACCEPTED, PurchaseStatus.ACCEPTED, PurchaseStatus.SOLD_OUT]
@@ -167,8 +169,8 @@ def test_a_restock_of_a_sold_out_partitioned_sku_goes_to_its_pool_and_sells_once
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, 12, partitions=3)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
     _, url = pipeline.producer()
     crowd = Crowd(url, sku, buyers=8, run_id=f"p{os.getpid()}").start()
     try:
@@ -194,8 +196,9 @@ def test_reconcile_finds_a_restock_mysql_lost_and_repair_carries_it_again_once(
     from flashsale import FlashSale
 
     set_stock(settings, sku, 4)
-    pipeline.checker()
-    pipeline.consumer()
+    pipeline.launch("checker")
+    pipeline.launch("consumer")
+    pipeline.ready_all()
     with FlashSale(settings) as sale:
         assert sale.add_stock(sku, 6, "r-lost").outcome is Restock.ADDED
     assert balanced(settings, sku).mysql_added == {"r-lost": 6}

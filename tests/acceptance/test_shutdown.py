@@ -35,8 +35,8 @@ def test_producer_stopped_mid_sale_answers_what_it_started_and_leaves_nothing_un
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, 100_000)
-    pipeline.consumer()
-    pipeline.checker()
+    pipeline.launch("consumer")
+    pipeline.launch("checker")
     producer, url = pipeline.producer()
     thread, holder = load_in_background(url, sku, attempts=3000, concurrency=50)
     # Stop it mid-sale: once Redis holds a few hundred deductions, long before the 3,000 attempts end.

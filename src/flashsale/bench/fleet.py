@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 from flashsale import constants as c
@@ -108,6 +109,8 @@ class Fleet:
         self.base_env.setdefault("PYTHONUNBUFFERED", "1")
         self.logs = logs
         self.children: list[Child] = []
+        #: Launched, and not known to be ready yet.
+        self._starting: list[Child] = []
 
     def start(self, role: str, *options: str, **env: str) -> Child:
         merged = {**self.base_env, **env}
@@ -116,10 +119,11 @@ class Fleet:
         return child
 
     def producer(self, *options: str, port: int | None = None, **env: str) -> tuple[Child, str]:
+        """A producer, ready to take purchases, once every process launched before it is ready too."""
         port = port or free_port()
         child = self.start("producer", *options, FLASHSALE_HTTP_PORT=str(port), **env)
         child.url = f"http://{c.DEFAULT_HOST}:{port}"
-        child.wait_for(lambda: ready(child.url), "ready (/readyz)")
+        self.ready(child, *self._starting)
         return child, child.url
 
     def baseline(self, strategy: str, *, workers: int) -> Child:
@@ -127,34 +131,54 @@ class Fleet:
         port = free_port()
         child = self.start("baseline", "--strategy", strategy, "--workers", str(workers), FLASHSALE_HTTP_PORT=str(port))
         child.url = f"http://{c.DEFAULT_HOST}:{port}"
-        child.wait_for(lambda: ready(child.url), "ready (/readyz)")
+        self.ready(child)
         return child
 
     def consumer(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
-        return self._with_status("consumer", options, metrics_port, env)
+        return self.ready(self.launch("consumer", *options, metrics_port=metrics_port, **env))
 
     def checker(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
-        return self._with_status("checker", options, metrics_port, env)
+        return self.ready(self.launch("checker", *options, metrics_port=metrics_port, **env))
 
     def expirer(self, *options: str, metrics_port: int | None = None, **env: str) -> Child:
-        return self._with_status("expirer", options, metrics_port, env)
+        return self.ready(self.launch("expirer", *options, metrics_port=metrics_port, **env))
 
-    def _with_status(self, role: str, options: tuple[str, ...], port: int | None, env: dict[str, str]) -> Child:
-        """Start a consumer or checker with its status port, and wait until it says it is ready."""
-        port = port or free_port()
+    def launch(self, role: str, *options: str, metrics_port: int | None = None, **env: str) -> Child:
+        """Start a consumer, checker or expirer with its status port, without waiting for it: processes
+        launched together start side by side. The next producer, `ready` or `stop` waits for it."""
+        port = metrics_port or free_port()
         child = self.start(role, *options, "--metrics-port", str(port), **env)
         child.url = f"http://{c.DEFAULT_HOST}:{port}"
-        child.wait_for(lambda: ready(child.url), "ready (/readyz)")
+        self._starting.append(child)
         return child
 
+    def ready(self, first: Child, *others: Child) -> Child:
+        """Wait until each child says it is ready (/readyz); returns the first."""
+        for child in (first, *others):
+            child.wait_for(partial(ready, child.url), "ready (/readyz)")
+            if child in self._starting:
+                self._starting.remove(child)
+        return first
+
+    def ready_all(self) -> None:
+        """Wait for every process launched and not known to be ready yet."""
+        if self._starting:
+            self.ready(*self._starting)
+
     def start_all(self) -> str:
-        """Checker, consumer, then producer, so the first purchase already has both; returns the producer's URL."""
-        self.checker()
-        self.consumer()
+        """Checker, consumer and producer, side by side; returns the producer's URL once all three are ready."""
+        self.launch("checker")
+        self.launch("consumer")
         return self.producer()[1]
 
     def stop(self) -> None:
         """SIGTERM every child (all at once), then wait for each to finish its work."""
+        # One still starting may not handle SIGTERM yet: its stop would look like a crash.
+        for child in list(self._starting):
+            try:
+                self.ready(child)
+            except FlashSaleError:  # it died, or never got ready: its exit code tells
+                pass
         for child in self.children:
             child.ask_to_stop()
         for child in self.children:
