@@ -24,6 +24,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,7 +66,7 @@ def _settings() -> Settings:
     return isolated_settings("w")
 
 
-def _metric(url: str, name: str, labels: str = "") -> float:
+def metric(url: str, name: str, labels: str = "") -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
             if line.startswith(name + labels + " "):
@@ -72,30 +74,37 @@ def _metric(url: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-def _wrk(url: str, sku: str, duration_s: int, connections: int) -> tuple[float, dict[str, float]]:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{duration_s}s",
-            "--latency",
-            "-s",
-            str(SCRIPT),
-            url,
-            "--",
-            sku,
-            uuid.uuid4().hex[:8],
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def wrk_command(url: str, sku: str, duration_s: int, connections: int) -> list[str]:
+    """wrk buying `sku` at `url` with a token of its own per request (infra/wrk/purchase.lua)."""
+    return [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "--latency",
+        "-s",
+        str(SCRIPT),
+        url,
+        "--",
+        sku,
+        uuid.uuid4().hex[:8],
+    ]
+
+
+def parse_wrk(out: str) -> tuple[float, dict[str, float]]:
+    """Requests/s and the latency percentiles (ms) of wrk's report."""
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     latency = {}
     for pct, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
         latency[f"p{pct}"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
     return rate, latency
+
+
+def _wrk(url: str, sku: str, duration_s: int, connections: int) -> tuple[float, dict[str, float]]:
+    out = subprocess.run(
+        wrk_command(url, sku, duration_s, connections), capture_output=True, text=True, check=True
+    ).stdout
+    return parse_wrk(out)
 
 
 def measure_bare(duration_s: int, connections: int) -> Run:
@@ -118,16 +127,10 @@ def measure_bare(duration_s: int, connections: int) -> Run:
     return run
 
 
-def measure(
-    settings: Settings,
-    group_size: int,
-    mode: str,
-    duration_s: int,
-    connections: int,
-    group_wait_ms: float | None = None,
-) -> Run:
-    sku = f"wrk-{mode}-{group_size}-{uuid.uuid4().hex[:6]}"
-    set_stock(settings, sku, 10**9 if mode == "live" else 0)
+@contextmanager
+def fleet_of(settings: Settings, group_size: int) -> Iterator[tuple[dict[str, int], str]]:
+    """Fresh checker, consumer and producer on `settings`: the PIDs of them and of the stack's servers,
+    and the producer's URL; stopped on exit."""
     env = {**session_env(settings), "FLASHSALE_GROUP_SIZE": str(group_size)}
     stack = Stack(StackSettings.from_env(clean_environment()))
     with tempfile.TemporaryDirectory() as logs:
@@ -141,22 +144,41 @@ def measure(
                 record = procs.PidRecord.load(stack.layout.pid_file(name))
                 if record:
                     pids[name] = record.pid
-            accepted_before = _metric(url, "flashsale_purchases_total", '{status="accepted"}')
-            tx_before = _metric(url, "flashsale_transaction_purchases_count")
-            meter = CpuMeter(pids)
-            started = time.perf_counter()
-            rate, latency = _wrk(url, sku, duration_s, connections)
-            accepted = int(_metric(url, "flashsale_purchases_total", '{status="accepted"}') - accepted_before)
-            transactions = _metric(url, "flashsale_transaction_purchases_count") - tx_before
-            store = MySQLStore(settings.mysql_url)
-            try:
-                poll_until(lambda: store.applied([sku])[0] >= accepted, 300, interval_s=0.05)
-            finally:
-                store.close()
-            end_to_end_s = time.perf_counter() - started
-            used = meter.used()
+            yield pids, url
         finally:
             fleet.stop()
+
+
+def wait_applied(settings: Settings, sku: str, accepted: int) -> None:
+    """Until MySQL holds `accepted` deductions of `sku` (at most 300 s)."""
+    store = MySQLStore(settings.mysql_url)
+    try:
+        poll_until(lambda: store.applied([sku])[0] >= accepted, 300, interval_s=0.05)
+    finally:
+        store.close()
+
+
+def measure(
+    settings: Settings,
+    group_size: int,
+    mode: str,
+    duration_s: int,
+    connections: int,
+    group_wait_ms: float | None = None,
+) -> Run:
+    sku = f"wrk-{mode}-{group_size}-{uuid.uuid4().hex[:6]}"
+    set_stock(settings, sku, 10**9 if mode == "live" else 0)
+    with fleet_of(settings, group_size) as (pids, url):
+        accepted_before = metric(url, "flashsale_purchases_total", '{status="accepted"}')
+        tx_before = metric(url, "flashsale_transaction_purchases_count")
+        meter = CpuMeter(pids)
+        started = time.perf_counter()
+        rate, latency = _wrk(url, sku, duration_s, connections)
+        accepted = int(metric(url, "flashsale_purchases_total", '{status="accepted"}') - accepted_before)
+        transactions = metric(url, "flashsale_transaction_purchases_count") - tx_before
+        wait_applied(settings, sku, accepted)
+        end_to_end_s = time.perf_counter() - started
+        used = meter.used()
     run = Run(group_size, mode, group_wait_ms, round(rate, 1), latency)
     run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
     if mode == "live" and accepted:
@@ -176,11 +198,15 @@ def main() -> None:
     parser.add_argument("--group-waits", default="", help="comma-separated FLASHSALE_GROUP_WAIT_MS values")
     parser.add_argument("--modes", default="live,sold_out")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--warmup", type=int, default=30, help="seconds of live load first, not measured (0: none)")
     args = parser.parse_args()
     settings = _settings()
     init(settings)
     waits = [float(w) for w in args.group_waits.split(",")] if args.group_waits else [None]
     modes = args.modes.split(",")
+    if args.warmup:
+        # A broker just started spends most of its CPU compiling (its JIT): not a purchase's cost.
+        measure(settings, Settings().producer.group_size, "live", args.warmup, args.connections)
     before = measure_bare(args.duration, args.connections)
     runs = [
         measure(settings, int(size), mode, args.duration, args.connections, wait)
