@@ -95,15 +95,17 @@ def disagrees(entry: LogEntry, purchase: Purchase, message: DeductionMessage) ->
 
 
 def wanted(decoded: Sequence[Decoded]) -> dict[str, tuple[list[str], list[str]]]:
-    """Per SKU (or partition), the tokens whose log entries and the messages whose records the plan needs."""
-    need: dict[str, tuple[list[str], list[str]]] = {}
+    """Per SKU (or partition), the tokens whose log entries and the messages whose records the plan needs,
+    each once, in the order first met. Gathered in dicts: a batch of full groups carries tens of thousands
+    of tokens of one SKU, and a list searched for each of them made a batch quadratic in its size."""
+    need: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
     for d in decoded:
         for shard, purchases in d.message.shards().items():
-            tokens, gids = need.setdefault(shard, ([], []))
-            tokens += [p.token for p in purchases if p.token not in tokens]
-            if not d.replay and d.message.gid not in gids:
-                gids.append(d.message.gid)
-    return need
+            tokens, gids = need.setdefault(shard, ({}, {}))
+            tokens.update(dict.fromkeys(p.token for p in purchases))
+            if not d.replay:
+                gids[d.message.gid] = None
+    return {shard: (list(tokens), list(gids)) for shard, (tokens, gids) in need.items()}
 
 
 def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
