@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -27,7 +28,8 @@ from flashsale.ops.setup import init, set_stock
 from tests.benchmarks.wrk_bench import SERVERS, fleet_of, metric, parse_wrk, wrk_command
 from tests.conftest import isolated_settings
 
-PY_SPY = Path(os.environ.get("PY_SPY", "/work/main/.venv/bin/py-spy"))
+#: py-spy from the dev lock, beside this interpreter.
+PY_SPY = Path(os.environ.get("PY_SPY", Path(sys.executable).with_name("py-spy")))
 #: Seconds of load before the profilers attach: connections open, the JIT warm.
 WARMUP_S = 3
 TOP = 25

@@ -96,4 +96,3 @@ def test_a_batch_asks_for_each_token_and_message_once_in_the_order_first_met() -
     batch = [decoded("m1", ["t3", "t1"]), decoded("m2", ["t2", "t1"]), decoded("m1", ["t3", "t1"])]
     batch.append(decoded("", ["t4", "t2"], "replay"))
     assert accepted.wanted(batch) == {"sku": (["t3", "t1", "t2", "t4"], ["m1", "m2"])}
-
