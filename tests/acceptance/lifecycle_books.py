@@ -19,6 +19,8 @@ import pymysql
 import redis
 from sqlalchemy.engine.url import make_url
 
+from tests.oracle import redis_stock as oracle_stock
+
 #: The MySQL status of each order state of the Redis log.
 STATUS = {"awaiting": "awaiting_payment", "paid": "paid", "cancelled": "cancelled", "expired": "expired"}
 #: Order states whose units went back on sale.
@@ -151,6 +153,20 @@ class LifecycleBooks:
         return [] if have == want else [f"Redis counters {have}, log {want}"]
 
 
+#: Log states of a token that bought (then maybe gave its units back).
+SOLD = ("deducted", "returned")
+#: The decision counters each key (or partition) keeps in its meta hash.
+COUNTERS = ("paid_count", "cancelled_count", "expired_count", "returned_count", "returned_qty")
+
+
+def _one_key_stock(redis_url: str, sku: str) -> int:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return int(r.get(f"fs:{{{sku}}}:stock") or -1)
+    finally:
+        r.close()
+
+
 def _mysql(mysql_url: str) -> pymysql.connections.Connection:
     url = make_url(mysql_url)
     return pymysql.connect(
@@ -163,10 +179,25 @@ def read(redis_url: str, mysql_url: str, sku: str) -> LifecycleBooks:
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         meta = {str(k): str(v) for k, v in r.hgetall(f"fs:{{{sku}}}:meta").items()}
-        stock = int(r.get(f"fs:{{{sku}}}:stock") or -1)
-        entries = {t: json.loads(raw) for t, raw in r.hscan_iter(f"fs:{{{sku}}}:log", count=1000)}
+        shards = meta.get("parts", "").split()
+        entries: dict[str, dict[str, Any]] = {}
+        for shard in shards or [sku]:
+            for token, raw in r.hscan_iter(f"fs:{{{shard}}}:log", count=1000):
+                entry = json.loads(raw)
+                # A token sold on one partition may be fenced on another it tried first: the sale counts.
+                if entries.get(token, {}).get("state") not in SOLD:
+                    entries[token] = entry
+        if shards:  # each partition counts its own decisions
+            counted = Counter[str]()
+            for shard in shards:
+                for name, value in r.hgetall(f"fs:{{{shard}}}:meta").items():
+                    if name in COUNTERS:
+                        counted[name] += int(value)
+            meta.update((name, str(value)) for name, value in counted.items())
     finally:
         r.close()
+    # On partitions: their stock, the pool's and the units moving between them (tests/oracle.py).
+    stock = oracle_stock(redis_url, sku) if shards else _one_key_stock(redis_url, sku)
     conn = _mysql(mysql_url)
     try:
         with conn.cursor() as cur:
