@@ -78,3 +78,20 @@ def test_an_open_stream_on_a_connected_channel_is_no_problem() -> None:
     client = _Client(stream_done=False, state=ChannelConnectivity.READY)
     watchdog._watched[id(client)] = _Watched(client, "producer")
     assert watchdog.problems() == []
+
+
+def test_a_client_whose_channel_connects_again_sends_its_settings_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A restarted proxy answered every heartbeat with 40015 after the channel came back: the settings a
+    # stream opened during the outage should have carried never arrived, and no check reached a checker.
+    resynced: list[object] = []
+    monkeypatch.setattr(internals, "resync", lambda client, endpoints=None: resynced.append(client) or 1)
+    watchdog = StreamWatchdog(min_gap_s=0)
+    away = _Client(stream_done=False, state=ChannelConnectivity.TRANSIENT_FAILURE)
+    watched = _Watched(away, "producer")
+    watchdog._look_at(watched)
+    assert resynced == []  # the stream waits for the channel: nothing to send yet
+    back = _Client(stream_done=False, state=ChannelConnectivity.READY)
+    watched.client = back
+    watchdog._look_at(watched)
+    watchdog._look_at(watched)
+    assert resynced == [back]  # once, when the channel connected

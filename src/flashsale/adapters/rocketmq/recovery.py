@@ -35,6 +35,8 @@ class _Watched:
     name: str
     poked: bool = False
     last_resync: float = 0.0
+    #: A channel of its was not connected at the last look.
+    away: bool = False
 
 
 class StreamWatchdog:
@@ -103,6 +105,14 @@ class StreamWatchdog:
 
     def _look_at(self, each: _Watched) -> None:
         dead = internals.dead_streams(each.client)
+        away = bool(internals.unconnected(each.client))
+        if each.away and not away:
+            # The broker is back. A stream opened while it was away should carry the settings once its
+            # channel connects, yet a restarted proxy was seen to answer every heartbeat after that with
+            # "cannot find client settings" (40015), and the checks of the half messages it held never
+            # reached a checker: send the settings again now that the channel is up.
+            each.poked = True
+        each.away = away
         if not dead and not each.poked:
             return
         now = time.monotonic()
