@@ -156,7 +156,7 @@ class ConsumerSettings:
     invisible_s: int = setting(
         30, "INVISIBLE_S", "seconds a received message stays hidden from other consumers", kind="int", minimum=2
     )
-    poll_wait_s: int = setting(2, "POLL_WAIT_S", "long-poll wait of one receive call", kind="int", minimum=1)
+    poll_wait_s: int = setting(1, "POLL_WAIT_S", "long-poll wait of one receive call", kind="int", minimum=1)
     max_backoff_s: float = setting(
         8.0, "MAX_BACKOFF_S", "longest pause of the consumer after a database failure", kind="number", minimum=0.1
     )

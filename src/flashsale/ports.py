@@ -167,6 +167,11 @@ class ReceiverPort(Protocol):
 
     def resume(self) -> None: ...
 
+    def wake(self) -> None:
+        """A `receive` waiting for its first messages returns at once (with what is there, maybe none):
+        a process asked to stop does not wait out the poll wait."""
+        ...
+
 
 class StorePort(Protocol):
     def apply_batch(

@@ -151,6 +151,9 @@ class _Receiver:
     def resume(self) -> None:
         raise AssertionError("nothing should resume")
 
+    def wake(self) -> None:
+        pass
+
 
 def test_mysql_refusing_a_row_for_good_dead_letters_that_message_alone(mysql_store: MySQLStore, sku: str) -> None:
     mysql_store.load_stock(sku, 10)

@@ -83,6 +83,9 @@ class FakeReceiver:
     def resume(self) -> None:
         self.calls.append("resume")
 
+    def wake(self) -> None:
+        pass
+
 
 def _consumer(
     fail: Callable[[Sequence[Incoming]], FlashSaleError | None] = lambda _: None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.procs import PidRecord
 
@@ -87,3 +88,22 @@ def test_listening_addresses_shows_ipv6_in_brackets() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         assert f"[::1]:{port}" in procs.listening_addresses(os.getpid())
+
+
+def test_terminate_all_lets_processes_stop_side_by_side(tmp_path: Path) -> None:
+    """Each process, on SIGTERM, waits for the other to have had its SIGTERM too before it exits: only
+    signals sent to both at once let both stop by themselves within their grace (else one is SIGKILLed)."""
+    script = (
+        'trap \'touch "$1.term"; while [ ! -e "$2.term" ]; do sleep 0.05; done; touch "$1.done"; exit 0\' TERM; '
+        'touch "$1.ready"; while :; do sleep 0.05; done'
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    records = [
+        procs.spawn(["sh", "-c", script, "sh", str(me), str(other)], log_path=tmp_path / "log")
+        for me, other in ((a, b), (b, a))
+    ]
+    # A SIGTERM before the trap is set would end the shell at once.
+    assert poll_until(lambda: (tmp_path / "a.ready").exists() and (tmp_path / "b.ready").exists(), 10)
+    procs.terminate_all([(record, 5.0) for record in records])
+    assert not any(procs.is_alive(r) for r in records)
+    assert (tmp_path / "a.done").exists() and (tmp_path / "b.done").exists()

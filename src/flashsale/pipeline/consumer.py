@@ -85,6 +85,7 @@ class DeductionConsumer:
     def stop(self) -> None:
         """Ask the loop to finish the batch in hand and return."""
         self._stop.set()
+        self._receiver.wake()
 
     @property
     def stopping(self) -> bool:

@@ -65,6 +65,7 @@ class Expirer:
 
     def stop(self) -> None:
         self._stop.set()
+        self._receiver.wake()
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -208,13 +208,15 @@ class Stack:
         if names:  # only the named services, and those of another topology of a family named
             strangers = [n for n in strangers if family(n) in names]
         stems = [*strangers, *(s.name for s in services)]
+        stopping = []
         for name in reversed(stems):
-            pid_file = self.layout.pid_file(name)
-            record = procs.PidRecord.load(pid_file)
+            record = procs.PidRecord.load(self.layout.pid_file(name))
             if record and procs.is_alive(record):
                 progress(f"stopping {name} (pid {record.pid})")
-                procs.terminate(record, _grace(services, name))
-            pid_file.unlink(missing_ok=True)
+                stopping.append((record, _grace(services, name)))
+        procs.terminate_all(stopping)
+        for name in stems:
+            self.layout.pid_file(name).unlink(missing_ok=True)
         return [self._state(s) for s in services]
 
     # --- status -----------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,19 +111,32 @@ def spawn(command: Sequence[str], *, log_path: Path, env: Mapping[str, str] | No
 
 def terminate(record: PidRecord, grace_s: float) -> None:
     """SIGTERM, wait up to `grace_s`, then SIGKILL. Only signals the process if it is still ours."""
-    if not is_alive(record):
-        return
-    try:
-        os.kill(record.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    if poll_until(lambda: not is_alive(record), grace_s, interval_s=0.1):
-        return
-    try:
-        os.kill(record.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    poll_until(lambda: not is_alive(record), 10, interval_s=0.1)
+    terminate_all([(record, grace_s)])
+
+
+def terminate_all(records: list[tuple[PidRecord, float]]) -> None:
+    """SIGTERM each process at once, then wait for each up to its own grace and SIGKILL it past that: their
+    graceful stops (a JVM's takes 10 s and more) run side by side. Only signals processes still ours."""
+    started = time.monotonic()
+    for record, _ in records:
+        if is_alive(record):
+            try:
+                os.kill(record.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for record, grace_s in records:
+        left_s = max(0.0, started + grace_s - time.monotonic())
+        if poll_until(_gone(record), left_s, interval_s=0.1):
+            continue
+        try:
+            os.kill(record.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        poll_until(_gone(record), 10, interval_s=0.1)
+
+
+def _gone(record: PidRecord) -> Callable[[], bool]:
+    return lambda: not is_alive(record)
 
 
 def listening_addresses(pid: int) -> list[str]:

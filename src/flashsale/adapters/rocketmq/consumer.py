@@ -207,6 +207,13 @@ class RocketMQConsumer:
     def resume(self) -> None:
         self._running.set()
 
+    def wake(self) -> None:
+        # An empty page: receive() takes it as a page with nothing in it. A full inbox needs no waking.
+        try:
+            self._inbox.put_nowait([])
+        except queue.Full:
+            pass
+
     def _hand_back(self, messages: list[Message]) -> None:
         self.nack([to_delivery(m) for m in messages], 1)
         logger.info("handed back %d message(s) received and not started", len(messages))
