@@ -230,7 +230,7 @@ def test_a_sale_whose_buyers_do_not_all_pay_sells_every_unit_once_and_its_books_
     judge(settings, sku, sold)
     books = sold.books
     if partitions > 1:
-        assert len(_sold_on(settings, books.meta["parts"].split())) > 1, "one partition sold everything"
+        assert len(sold_on(settings, books.meta["parts"].split())) > 1, "one partition sold everything"
     lateness = books.expiry_lateness_ms()
     print(
         f"\nlifecycle sale: {len(books.orders)} orders {dict(Counter(r.status for r in books.orders.values()))}, "
@@ -240,7 +240,7 @@ def test_a_sale_whose_buyers_do_not_all_pay_sells_every_unit_once_and_its_books_
     assert_in_time(books, 0, IN_TIME_BOUND_MS)
 
 
-def _sold_on(settings: Settings, parts: list[str]) -> list[str]:
+def sold_on(settings: Settings, parts: list[str]) -> list[str]:
     """The partitions whose log holds a purchase, read with plain Redis commands."""
     r = redis.Redis.from_url(settings.redis_url)
     try:
