@@ -7,6 +7,12 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from flashsale import constants as c
+from flashsale.adapters.rocketmq import admin as rocketmq_admin
+from flashsale.adapters.rocketmq import internals
+from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.config import Settings
+from flashsale.models import Resolution
 from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
@@ -34,3 +40,29 @@ def frozen(stack: Stack, service: str) -> Iterator[None]:
         yield
     finally:
         os.kill(record.pid, signal.SIGCONT)
+
+
+def up_again(stack: Stack, service: str, settings: Settings) -> None:
+    """Start a server again, as an operator would (`stack up SERVICE`); for the name server or the broker,
+    return only once the proxy hands out the routes of the session's topics again: it may have cached "no
+    route" while no broker was registered (docs/operations.md), and a process started then would exit."""
+    stack.up([service])
+    if service in ("namesrv", "broker"):
+        assert poll_until(lambda: routes_served(settings), 60), "the proxy serves no route again"
+
+
+def routes_served(settings: Settings) -> bool:
+    """Does the proxy hand out the route of each of the session's topics, and the name server know a
+    broker? (Asked of the proxy for each topic: the first request after it cached "no route" gets that
+    answer once more, and makes it ask the name server.)"""
+    topics = [settings.deduction_topic, settings.replay_topic, settings.deadline_topic]
+    probe = RocketMQProducer(settings.rocketmq_endpoint, topics, lambda _: Resolution.UNKNOWN)
+    try:
+        probe.start()
+        for topic in topics:
+            internals.queue_selector(probe._client, topic)  # raises while the proxy serves no route
+        return bool(rocketmq_admin.cluster_brokers(settings.namesrv_addr, c.CLUSTER_NAME))
+    except Exception:
+        return False
+    finally:
+        probe.shutdown()

@@ -25,10 +25,7 @@ import redis
 from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.adapters.rocketmq import admin as rocketmq_admin
-from flashsale.adapters.rocketmq import internals
-from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.config import Settings
-from flashsale.models import Resolution
 from flashsale.ops.setup import set_stock
 from flashsale.polling import poll_until
 from flashsale.stack import procs
@@ -37,6 +34,7 @@ from flashsale.stack.mariadb import MariaDBService
 from flashsale.stack.settings import StackSettings
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Child, Pipeline, free_port
+from tests.acceptance.servers import up_again
 from tests.acceptance.test_crashes import buy
 from tests.oracle import Books, redis_stock, wait_balanced
 
@@ -130,33 +128,13 @@ class Sale:
             }
             self.children[victim] = start[victim]()
         else:
-            self.stack.up([victim])
+            up_again(self.stack, victim, self.settings)
             if victim == "namesrv":
                 # Up means routes are served again: the running broker registered with the new name server.
                 assert rocketmq_admin.cluster_brokers(self.settings.namesrv_addr, c.CLUSTER_NAME)
-            if victim in ("namesrv", "broker"):
-                # The proxy may have cached "no route" for a topic while no broker was registered (for its
-                # topicRouteServiceCacheRefreshSeconds): a process starting now (the next test's) would exit.
-                assert poll_until(lambda: _routes_served(self.settings), 60), "the proxy serves no route again"
 
     def logs(self) -> str:
         return "".join(child.text() for child in self.pipeline.children)
-
-
-def _routes_served(settings: Settings) -> bool:
-    """Does the proxy hand out the routes of the session's topics? (Asked of it for each topic: the first
-    request after it cached "no route" gets that answer once more, and makes it ask the name server.)"""
-    topics = [settings.deduction_topic, settings.replay_topic]
-    probe = RocketMQProducer(settings.rocketmq_endpoint, topics, lambda _: Resolution.UNKNOWN)
-    try:
-        probe.start()
-        for topic in topics:
-            internals.queue_selector(probe._client, topic)  # raises while the proxy serves no route
-        return True
-    except Exception:
-        return False
-    finally:
-        probe.shutdown()
 
 
 @dataclass

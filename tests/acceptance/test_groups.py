@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 
@@ -13,10 +11,10 @@ import pytest
 from flashsale import failpoints
 from flashsale.config import Settings
 from flashsale.ops.setup import set_stock
-from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Pipeline, post
+from tests.acceptance.servers import kill, up_again
 from tests.oracle import balanced, redis_client
 
 pytestmark = pytest.mark.slow
@@ -104,12 +102,10 @@ def test_a_group_pre_deducted_when_its_producer_and_the_broker_both_die_is_commi
     _, doomed = pipeline.producer(failpoints=failpoints.AFTER_PREDEDUCT, **GROUP)
     tokens = [f"h{i}" for i in range(5)]
     assert set(_crowd(doomed, sku, tokens).values()) == {None}  # pre-deducted, never committed
-    broker = Stack(stack_settings)
-    record = procs.PidRecord.load(broker.layout.pid_file("broker"))
-    assert record is not None
-    os.kill(record.pid, signal.SIGKILL)
+    stack = Stack(stack_settings)
+    kill(stack, "broker")
     time.sleep(3)
-    broker.up(["broker"])
+    up_again(stack, "broker", settings)
     # The same checker and consumer, never restarted: the check reaches the checker, which commits.
     books = balanced(settings, sku, 120)
     assert books.problems == [] and dict(books.orders) == dict.fromkeys(tokens, 1)

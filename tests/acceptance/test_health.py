@@ -23,8 +23,7 @@ from flashsale.stack.mariadb import MariaDBService
 from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Child, Pipeline, post
 from tests.acceptance.probes import metric, readiness, wait_readiness
-from tests.acceptance.servers import kill
-from tests.acceptance.test_faults import _routes_served
+from tests.acceptance.servers import kill, routes_served
 from tests.oracle import balanced, now
 
 pytestmark = pytest.mark.slow
@@ -145,7 +144,7 @@ def test_every_process_is_not_ready_while_the_broker_is_down_and_sells_again_soo
     assert books.problems == [], books.problems
     assert sorted(books.orders) == ["t-after", "t-before"] and books.mysql_stock == 98, timeline
     # The next test's processes ask the proxy for routes it may have cached as missing meanwhile.
-    assert poll_until(lambda: _routes_served(settings), 60), "the proxy serves no route again"
+    assert poll_until(lambda: routes_served(settings), 60), "the proxy serves no route again"
 
 
 def _resumed(settings: Settings, url: str, sku: str, children: dict[str, Child], back: float) -> dict[str, float]:
