@@ -83,16 +83,3 @@ def test_checker_stops_cleanly_on_sigterm(pipeline: Pipeline) -> None:
     checker = pipeline.checker()
     assert checker.terminate(timeout_s=60) == 0
     assert "checker stopped" in checker.text()
-
-
-def test_a_second_sigterm_stops_a_process_at_once_unfinished(pipeline: Pipeline) -> None:
-    import signal
-
-    # Its graceful stop waits for its receives' long polls to end: 20 s ones leave time for a second signal.
-    consumer = pipeline.doomed(pipeline.consumer(FLASHSALE_POLL_WAIT_S="20"))
-    consumer.popen.send_signal(signal.SIGTERM)
-    consumer.wait_for(lambda: "stopping gracefully" in consumer.text(), "taking the first signal", 10)
-    consumer.popen.send_signal(signal.SIGTERM)
-    assert consumer.wait_exit(5) == 130
-    assert "stopping now, without finishing" in consumer.text()
-    assert "consumer stopped" not in consumer.text()

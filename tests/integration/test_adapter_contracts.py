@@ -14,6 +14,7 @@ from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.redis.stock_async import AsyncRedisStock
+from flashsale.adapters.rocketmq import base as rocketmq_base
 from flashsale.adapters.rocketmq.consumer import RocketMQConsumer
 from flashsale.adapters.rocketmq.producer import RocketMQProducer
 from flashsale.bench.fleet import free_port
@@ -112,7 +113,9 @@ def test_the_checker_side_of_redis_reports_an_unreachable_server() -> None:
     stock.close()
 
 
-def test_an_unreachable_broker_fails_startup_and_sends_with_clear_errors() -> None:
+def test_an_unreachable_broker_fails_startup_and_sends_with_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing ever answers here: waiting 2 s for the proxy's settings, not 10, tells the same.
+    monkeypatch.setattr(rocketmq_base, "SETTINGS_TIMEOUT_S", 2.0)
     endpoint = f"127.0.0.1:{free_port()}"
     producer = RocketMQProducer(endpoint, ["nowhere"], lambda _: Resolution.UNKNOWN)
     started = time.monotonic()

@@ -21,7 +21,7 @@ from tests.conftest import cluster_url
 from tests.protocol.cluster import Failovers, Node
 from tests.protocol.machine import ProtocolMachine
 
-#: Examples and steps of the bounded run on one node (a fifth of the examples on the cluster, where
+#: Examples and steps of the bounded run on one node (an eighth of the examples on the cluster, where
 #: failovers take seconds); `make fuzz` runs the same machines for as long as it is given.
 EXAMPLES = int(os.environ.get("PROTOCOL_EXAMPLES", "150"))
 STEPS = int(os.environ.get("PROTOCOL_STEPS", "40"))
@@ -96,7 +96,7 @@ def test_the_protocol_keeps_its_invariants_on_a_redis_cluster_through_failovers(
     monkeypatch.setattr(redis_stock, "MAP_TTL_S", 1e9)
     machine = on_cluster(redis_cluster)
     try:
-        run_state_machine_as_test(machine, settings=run_settings(max(EXAMPLES // 5, 5), STEPS))
+        run_state_machine_as_test(machine, settings=run_settings(max(EXAMPLES // 8, 5), STEPS))
     finally:
         assert machine.failovers is not None
         machine.failovers.heal()

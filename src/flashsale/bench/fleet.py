@@ -64,7 +64,7 @@ class Child:
         except OSError:
             return ""
 
-    def wait_for(self, ready: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    def wait_for(self, ready: Callable[[], bool], what: str, timeout_s: float = 60, interval_s: float = 0.2) -> None:
         def check() -> bool:
             if self.popen.poll() is not None:
                 raise FlashSaleError(
@@ -73,7 +73,7 @@ class Child:
                 )
             return ready()
 
-        if not poll_until(check, timeout_s, interval_s=0.2):
+        if not poll_until(check, timeout_s, interval_s=interval_s):
             raise FlashSaleError(f"{self.role} not {what} after {timeout_s:.0f} s; log {self.log}")
 
     def wait_log(self, marker: str, timeout_s: float = 60) -> None:
@@ -155,7 +155,8 @@ class Fleet:
     def ready(self, first: Child, *others: Child) -> Child:
         """Wait until each child says it is ready (/readyz); returns the first."""
         for child in (first, *others):
-            child.wait_for(partial(ready, child.url), "ready (/readyz)")
+            # Asked often: a process is ready within a second or two, and everything after waits for it.
+            child.wait_for(partial(ready, child.url), "ready (/readyz)", interval_s=0.05)
             if child in self._starting:
                 self._starting.remove(child)
         return first
