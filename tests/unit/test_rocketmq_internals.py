@@ -6,6 +6,7 @@ attribute or a signature the adapters use, and each must be checked before the n
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,9 @@ from grpc import ChannelConnectivity
 from rocketmq import Producer
 from rocketmq.v5.client import Client
 
-from flashsale.adapters.rocketmq import internals
+from flashsale.adapters.rocketmq import base, internals
 from flashsale.adapters.rocketmq.recovery import StreamWatchdog, _Watched
+from flashsale.errors import ServiceUnavailable
 
 
 def test_the_installed_client_has_every_internal_the_adapters_use() -> None:
@@ -95,3 +97,44 @@ def test_a_client_whose_channel_connects_again_sends_its_settings_again(monkeypa
     watchdog._look_at(watched)
     watchdog._look_at(watched)
     assert resynced == [back]  # once, when the channel connected
+
+
+class _NoRouteYet:
+    """A client whose proxy answers "no route" to the first `stale` route requests (a cache it has not
+    refreshed), then finds the route, which brings the settings."""
+
+    def __init__(self, stale: int) -> None:
+        self._init_settings_event = threading.Event()
+        self.stale = stale
+        self.asked: list[str] = []
+
+    def startup(self) -> None:  # the client's own first ask, answered "no route"
+        self.asked.append("t")
+
+    def _retrieve_topic_route_data(self, topic: str) -> object:
+        self.asked.append(topic)
+        if len(self.asked) <= self.stale:
+            raise RuntimeError("40402, No topic route info in name server")
+        self._init_settings_event.set()
+        return object()
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_client_started_while_the_proxy_has_no_route_asks_again_until_it_finds_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(base, "ROUTE_RETRY_S", 0.01)
+    client = _NoRouteYet(stale=3)
+    base.start_client(client, "127.0.0.1:1", "producer", ["t"])
+    assert client.asked == ["t"] * 4
+
+
+def test_a_client_that_never_finds_a_route_fails_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base, "ROUTE_RETRY_S", 0.01)
+    monkeypatch.setattr(base, "SETTINGS_TIMEOUT_S", 0.2)
+    client = _NoRouteYet(stale=10**6)
+    with pytest.raises(ServiceUnavailable, match="got no answer from the gRPC proxy"):
+        base.start_client(client, "127.0.0.1:1", "producer", ["t"])
+    assert len(client.asked) > 2

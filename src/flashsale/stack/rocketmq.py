@@ -164,6 +164,8 @@ class NamesrvService(_RocketMQService):
                     f"listenPort={self.port}",
                     f"bindAddress={HOST}",
                     f"kvConfigPath={self.dir / 'namesrv' / 'kvConfig.json'}",
+                    # Otherwise it probes itself every 3 s at the host's first non-loopback address.
+                    "scanAvailableNameSrv=false",
                     "",
                 ]
             )

@@ -7,6 +7,8 @@ rocketmq_internals.py only.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable
 from typing import Any
 
 from rocketmq import Message
@@ -19,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for the proxy's settings after startup.
 SETTINGS_TIMEOUT_S = 10.0
+#: Meanwhile, how often the routes of a client's topics are asked again.
+ROUTE_RETRY_S = 1.0
 
 
 def to_delivery(message: Message) -> Delivery:
@@ -34,20 +38,28 @@ def to_delivery(message: Message) -> Delivery:
     )
 
 
-def start_client(client: Any, endpoint: str, what: str) -> None:
-    """Start a client and wait for the proxy's settings: `startup()` alone returns even when nothing answered."""
+def start_client(client: Any, endpoint: str, what: str, topics: Iterable[str] = ()) -> None:
+    """Start a client and wait for the proxy's settings: `startup()` alone returns even when nothing answered.
+
+    A client finds the proxy through its topics' routes. Right after a broker or name server came back,
+    the proxy may still hand out a "no route" it cached meanwhile (until its next refresh, and once more
+    on the first request after it): the routes of `topics` are asked again every second while no settings
+    came, rather than leaving the process to fail and be started again."""
     try:
         client.startup()
     except Exception as exc:
         raise ServiceUnavailable("RocketMQ", endpoint, f"{what} did not start: {exc}") from exc
-    if not internals.wait_for_settings(client, SETTINGS_TIMEOUT_S):
-        shutdown_quietly(client)
-        raise ServiceUnavailable(
-            "RocketMQ",
-            endpoint,
-            f"{what} got no answer from the gRPC proxy",
-            hint="is the stack up (`flashsale stack status`) and were the topics created (`flashsale init`)?",
-        )
+    deadline = time.monotonic() + SETTINGS_TIMEOUT_S
+    while not internals.wait_for_settings(client, min(ROUTE_RETRY_S, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            shutdown_quietly(client)
+            raise ServiceUnavailable(
+                "RocketMQ",
+                endpoint,
+                f"{what} got no answer from the gRPC proxy",
+                hint="is the stack up (`flashsale stack status`) and were the topics created (`flashsale init`)?",
+            )
+        internals.fetch_routes(client, topics)
 
 
 def shutdown_quietly(client: Any) -> None:

@@ -131,7 +131,7 @@ class RocketMQConsumer:
         started = []
         try:
             for topic, client in self._by_topic.items():
-                start_client(client, self.endpoint, f"consumer of {topic} in group {self.group}")
+                start_client(client, self.endpoint, f"consumer of {topic} in group {self.group}", [topic])
                 started.append(client)
         except ServiceUnavailable:
             for client in started:

@@ -127,6 +127,16 @@ def wait_for_settings(client: Any, timeout_s: float) -> bool:
     return event.wait(timeout_s)
 
 
+def fetch_routes(client: Any, topics: Iterable[str]) -> None:
+    """Ask the proxy for each topic's route again (a blocking fetch); one it finds opens the client's
+    telemetry stream, which brings its settings. A topic still without a route is left for the next try."""
+    for topic in topics:
+        try:
+            client._retrieve_topic_route_data(topic)
+        except Exception:  # noqa: BLE001 - "no route" while the proxy's cache is stale: asked again later
+            continue
+
+
 def settings_age_s(client: Any) -> float | None:
     """Seconds since the proxy last sent this client its settings (None: never)."""
     at = getattr(client, "settings_at", 0.0)

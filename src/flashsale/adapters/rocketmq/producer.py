@@ -117,7 +117,8 @@ class RocketMQProducer:
     ) -> None:
         self.endpoint = endpoint
         self._timeout_s = request_timeout_s
-        self._client = internals.new_producer(endpoint, request_timeout_s, topics, _Checker(check))
+        self._topics = list(topics)
+        self._client = internals.new_producer(endpoint, request_timeout_s, self._topics, _Checker(check))
         self._selectors: dict[str, tuple[Any, float]] = {}
         self.watchdog = StreamWatchdog()
 
@@ -127,7 +128,7 @@ class RocketMQProducer:
         return internals.io_loop(self._client)
 
     def start(self) -> RocketMQProducer:
-        start_client(self._client, self.endpoint, "producer")
+        start_client(self._client, self.endpoint, "producer", self._topics)
         self.watchdog.watch(self._client, "producer")
         return self
 
