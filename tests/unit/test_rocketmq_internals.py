@@ -6,6 +6,7 @@ attribute or a signature the adapters use, and each must be checked before the n
 
 from __future__ import annotations
 
+import logging
 import threading
 from types import SimpleNamespace
 
@@ -138,3 +139,20 @@ def test_a_client_that_never_finds_a_route_fails_with_a_clear_error(monkeypatch:
     with pytest.raises(ServiceUnavailable, match="got no answer from the gRPC proxy"):
         base.start_client(client, "127.0.0.1:1", "producer", ["t"])
     assert len(client.asked) > 2
+
+
+def test_asking_a_route_again_keeps_the_clients_no_route_errors_out_of_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client_log = logging.getLogger("rocketmq-python-client")
+
+    class _Logs(_NoRouteYet):
+        def _retrieve_topic_route_data(self, topic: str) -> object:
+            client_log.error("query topic raise exception, 40402, CODE: 17  DESC: No topic route info")
+            client_log.error("some other failure")
+            raise RuntimeError("no route")
+
+    internals.fetch_routes(_Logs(stale=0), ["t"])
+    assert [r.getMessage() for r in caplog.records] == ["some other failure"]
+    client_log.error("query topic raise exception, 40402, after the asking")  # no longer dropped
+    assert len(caplog.records) == 2

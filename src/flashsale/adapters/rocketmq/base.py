@@ -50,7 +50,11 @@ def start_client(client: Any, endpoint: str, what: str, topics: Iterable[str] = 
     except Exception as exc:
         raise ServiceUnavailable("RocketMQ", endpoint, f"{what} did not start: {exc}") from exc
     deadline = time.monotonic() + SETTINGS_TIMEOUT_S
+    asked_again = False
     while not internals.wait_for_settings(client, min(ROUTE_RETRY_S, max(0.0, deadline - time.monotonic()))):
+        if not asked_again and topics:
+            logger.warning("%s: no answer from the proxy yet; asking for the routes of its topics again", what)
+            asked_again = True
         if time.monotonic() >= deadline:
             shutdown_quietly(client)
             raise ServiceUnavailable(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import socket
 import threading
 import time
@@ -127,14 +128,30 @@ def wait_for_settings(client: Any, timeout_s: float) -> bool:
     return event.wait(timeout_s)
 
 
+class _NoRouteYet(logging.Filter):
+    """Drops the client's own error line for a "no route" answer (code 40402) while it is asked again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "40402" not in record.getMessage()
+
+
+_CLIENT_LOG = logging.getLogger("rocketmq-python-client")
+_NO_ROUTE_YET = _NoRouteYet()
+
+
 def fetch_routes(client: Any, topics: Iterable[str]) -> None:
     """Ask the proxy for each topic's route again (a blocking fetch); one it finds opens the client's
-    telemetry stream, which brings its settings. A topic still without a route is left for the next try."""
-    for topic in topics:
-        try:
-            client._retrieve_topic_route_data(topic)
-        except Exception:  # noqa: BLE001 - "no route" while the proxy's cache is stale: asked again later
-            continue
+    telemetry stream, which brings its settings. A topic still without a route is left for the next try,
+    without an error line from the client for each ask (its caller says it once)."""
+    _CLIENT_LOG.addFilter(_NO_ROUTE_YET)
+    try:
+        for topic in topics:
+            try:
+                client._retrieve_topic_route_data(topic)
+            except Exception:  # noqa: BLE001 - "no route" while the proxy's cache is stale: asked again later
+                continue
+    finally:
+        _CLIENT_LOG.removeFilter(_NO_ROUTE_YET)
 
 
 def settings_age_s(client: Any) -> float | None:
