@@ -5,12 +5,13 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flashsale.adapters.rocketmq import admin as rocketmq_admin
-from flashsale.errors import ServiceUnavailable
+from flashsale.errors import ServiceUnavailable, StackError
 
 
 def _read(conn: socket.socket, size: int) -> bytes:
@@ -98,3 +99,30 @@ def test_call_to_a_closed_port_raises_service_unavailable() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(ServiceUnavailable, match=f"RocketMQ at 127.0.0.1:{port} is unavailable"):
         rocketmq_admin.call(f"127.0.0.1:{port}", rocketmq_admin.GET_BROKER_CLUSTER_INFO, timeout_s=1)
+
+
+def test_register_now_sets_the_brokers_permission_to_read_write(server: FakeRemotingServer) -> None:
+    rocketmq_admin.register_now(server.addr)
+    server.close()
+    assert server.received["header"]["code"] == rocketmq_admin.UPDATE_BROKER_CONFIG
+    assert server.received["body"] == b"brokerPermission=6\n"
+
+
+def test_a_starting_broker_not_listed_is_asked_to_register_and_a_status_read_asks_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from flashsale.stack.layout import StackLayout
+    from flashsale.stack.rocketmq import GroupBroker
+    from flashsale.stack.settings import StackSettings
+
+    settings = StackSettings.from_env({"FLASHSALE_HOME": str(tmp_path)})
+    broker = GroupBroker(StackLayout(settings.home), settings, 0)
+    asked: list[str] = []
+    monkeypatch.setattr(rocketmq_admin, "cluster_brokers", lambda namesrv, cluster: [])
+    monkeypatch.setattr(rocketmq_admin, "register_now", asked.append)
+    with pytest.raises(StackError, match="not registered"):
+        broker.check()
+    assert asked == []
+    with pytest.raises(StackError, match="not registered"):
+        broker.probe()
+    assert asked == [broker.broker_addr]

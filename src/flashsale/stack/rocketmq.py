@@ -229,10 +229,25 @@ class _Broker(_RocketMQService):
         shared = infra_file(BROKER_CONF).read_text()
         self.conf_file.write_text(shared.rstrip("\n") + "\n" + "\n".join(overrides))
 
-    def registered(self) -> str:
+    def registered(self, *, nudge: bool = False) -> str:
+        """Raise unless the name server lists this broker; with `nudge` (starting), first ask a broker that
+        answers and is not listed to register at once rather than at its next period, 10 s on."""
         if self.broker_addr not in self.brokers():
+            if nudge:
+                self._register_now()
             raise StackError(f"broker {self.broker_addr} is not registered with the name server yet")
         return f"registered as {self.broker_name} on {self.broker_addr}"
+
+    def _register_now(self) -> None:
+        from flashsale.adapters.rocketmq import admin as rocketmq_admin
+
+        try:
+            rocketmq_admin.register_now(self.broker_addr)
+        except FlashSaleError:  # not answering yet: asked again at the next poll
+            pass
+
+    def probe(self) -> str:
+        return self.registered(nudge=True)
 
 
 class BrokerService(_Broker):
@@ -275,6 +290,8 @@ class BrokerService(_Broker):
         return note
 
     def probe(self) -> str:
+        self.registered(nudge=True)
+        self.proxy_answers()
         return self.send_probe(self.address)
 
 

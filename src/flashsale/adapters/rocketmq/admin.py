@@ -21,6 +21,7 @@ from flashsale.errors import BusError, ServiceUnavailable
 
 # Request codes (RequestCode.java).
 UPDATE_AND_CREATE_TOPIC = 17
+UPDATE_BROKER_CONFIG = 25
 GET_MAX_OFFSET = 30
 GET_BROKER_CLUSTER_INFO = 106
 UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
@@ -136,6 +137,15 @@ def topic_info(broker: str, topic: str) -> TopicInfo | None:
         write_queues=int(cfg["writeQueueNums"]),
         message_type=attrs.get("message.type", "NORMAL"),
     )
+
+
+def register_now(broker: str) -> None:
+    """Have a broker register with its name servers at once, its topics included: it does so whenever its
+    permission is set, and this sets it to read-write, which the stack's brokers are. (Its own first
+    registration after a start is sometimes lost; the next comes only with its 10 s period.)"""
+    body = f"brokerPermission={PERM_READ_WRITE}\n".encode()
+    header, _ = call(broker, UPDATE_BROKER_CONFIG, body=body)
+    _expect_success(broker, "registering the broker again", header)
 
 
 def create_topic(broker: str, topic: str, *, queues: int, message_type: str) -> None:
