@@ -28,6 +28,7 @@ from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline
+from tests.acceptance.servers import kill_all
 from tests.acceptance.test_operations import reconcile_json
 from tests.conftest import ROOT, clean_environment
 from tests.oracle import balanced
@@ -59,7 +60,7 @@ def broker_groups() -> Iterator[StackSettings]:
     shutil.rmtree(home, ignore_errors=True)
     stack.up(["namesrv", "broker"])
     yield groups
-    stack.down()
+    kill_all(stack)
 
 
 @pytest.fixture(scope="module")
