@@ -8,7 +8,10 @@ For each group size (1: a transaction per purchase; and the configured default),
   each process spent per accepted purchase;
 - sold out: a SKU with no stock left; rejections per second of the one producer process;
 - bare: the ceiling, measured before and after the others (bare_server.py: the producer's HTTP server
-  answering a fixed JSON, nothing else); each rate is printed as a ratio of the mean of the two.
+  answering a fixed JSON, nothing else); each rate is printed as a ratio of the mean of the two;
+- crowd: the same live and sold-out runs of the default group size with `flashsale bench`'s buyers
+  (bench/crowd.py) instead of wrk, as many attempts as wrk made, on the same connections: the two load
+  generators' rates side by side.
 
 Run on the local stack: `python -m tests.benchmarks.wrk_bench [--duration 10] [--connections 200]`.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.bench.cpu import CpuMeter
+from flashsale.bench.crowd import DEFAULT_PROCESSES, Crowd, run_crowd
 from flashsale.bench.fleet import Child, Fleet, free_port
 from flashsale.config import Settings
 from flashsale.net import port_open
@@ -60,6 +64,8 @@ class Run:
     transactions_per_accepted: float | None = None
     cpu_ms_per_accepted: dict[str, float] = field(default_factory=dict)
     cpu_percent: dict[str, float] = field(default_factory=dict)
+    duration_s: float = 0.0  # of the load
+    generator: str = "wrk"  # or "crowd": the bench's buyers
 
 
 def _settings() -> Settings:
@@ -179,13 +185,36 @@ def measure(
         wait_applied(settings, sku, accepted)
         end_to_end_s = time.perf_counter() - started
         used = meter.used()
-    run = Run(group_size, mode, group_wait_ms, round(rate, 1), latency)
+    run = Run(group_size, mode, group_wait_ms, round(rate, 1), latency, duration_s=duration_s)
     run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
     if mode == "live" and accepted:
         run.accepted = accepted
         run.end_to_end_s = round(end_to_end_s, 2)
         run.accepted_per_s = round(accepted / end_to_end_s, 1)
         run.transactions_per_accepted = round(transactions / accepted, 4)
+        run.cpu_ms_per_accepted = {name: round(1000 * s / accepted, 3) for name, s in used.items()}
+    return run
+
+
+def measure_crowd(settings: Settings, like: Run, connections: int, processes: int) -> Run:
+    """`like` again (its group size and mode, as many attempts as wrk made) with the bench's buyers."""
+    sku = f"crowd-{like.mode}-{like.group_size}-{uuid.uuid4().hex[:6]}"
+    set_stock(settings, sku, 10**9 if like.mode == "live" else 0)
+    attempts = max(connections, int(like.requests_per_s * like.duration_s))
+    with fleet_of(settings, like.group_size) as (pids, url):
+        meter = CpuMeter(pids)
+        started = time.perf_counter()
+        load = run_crowd(Crowd(url, (sku,), attempts=attempts, concurrency=connections), processes=processes)
+        accepted = load.statuses.get("accepted", 0)
+        wait_applied(settings, sku, accepted)
+        end_to_end_s = time.perf_counter() - started - (load.started - started)
+        used = meter.used()
+    latency = {f"p{q}": round(load.percentile(q / 100) * 1000, 2) for q in (50, 90, 99)}
+    run = Run(like.group_size, like.mode, like.group_wait_ms, round(load.throughput, 1), latency, generator="crowd")
+    run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
+    if like.mode == "live" and accepted:
+        run.accepted, run.end_to_end_s = accepted, round(end_to_end_s, 2)
+        run.accepted_per_s = round(accepted / end_to_end_s, 1)
         run.cpu_ms_per_accepted = {name: round(1000 * s / accepted, 3) for name, s in used.items()}
     return run
 
@@ -199,6 +228,9 @@ def main() -> None:
     parser.add_argument("--modes", default="live,sold_out")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--warmup", type=int, default=30, help="seconds of live load first, not measured (0: none)")
+    parser.add_argument(
+        "--crowd-processes", type=int, default=DEFAULT_PROCESSES, help="0: no runs with the bench's buyers"
+    )
     args = parser.parse_args()
     settings = _settings()
     init(settings)
@@ -214,6 +246,13 @@ def main() -> None:
         for wait in waits
         for mode in modes
     ]
+    if args.crowd_processes:
+        default = Settings().producer.group_size
+        runs += [
+            measure_crowd(settings, r, args.connections, args.crowd_processes)
+            for r in list(runs)
+            if r.group_size == default and r.group_wait_ms is None
+        ]
     after = measure_bare(args.duration, args.connections)
     ceiling = (before.requests_per_s + after.requests_per_s) / 2
     if args.json:
@@ -229,10 +268,10 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
         f" after (mean {ceiling:,.0f}); {before.cpu_ms_per_accepted['bare']:.4f} ms of CPU per request"
     )
     print(
-        "| group size | mode | requests/s | x bare | accepted/s end to end | x bare | p50 / p99 ms "
+        "| group size | mode | load | requests/s | x bare | accepted/s end to end | x bare | p50 / p99 ms "
         "| transactions / accepted | CPU ms / accepted, all |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         live = r.mode == "live"
         accepted = f"{r.accepted_per_s:,.0f} | {r.accepted_per_s / ceiling:.2f}" if live else "- | -"
@@ -240,7 +279,8 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
         latency = f"{r.latency_ms.get('p50', 0):.1f} / {r.latency_ms.get('p99', 0):.1f}"
         cpu = f"{sum(r.cpu_ms_per_accepted.values()):.3f}" if r.cpu_ms_per_accepted else "-"
         print(
-            f"| {r.group_size} | {r.mode} | {r.requests_per_s:,.0f} | {r.requests_per_s / ceiling:.2f} | {accepted} "
+            f"| {r.group_size} | {r.mode} | {r.generator} | {r.requests_per_s:,.0f} | {r.requests_per_s / ceiling:.2f} "
+            f"| {accepted} "
             f"| {latency} | {tx} | {cpu} |"
         )
     print()
@@ -248,7 +288,13 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
     for r in runs:
         per = ", ".join(f"{k} {v}" for k, v in r.cpu_ms_per_accepted.items()) or "-"
         pct = ", ".join(f"{k} {v}%" for k, v in r.cpu_percent.items())
-        print(f"  group {r.group_size} {r.mode}: {per}; {pct}")
+        print(f"  group {r.group_size} {r.mode} ({r.generator}): {per}; {pct}")
+    for r in runs:
+        wrk = next((w for w in runs if w.generator == "wrk" and (w.group_size, w.mode) == (r.group_size, r.mode)), None)
+        if r.generator == "crowd" and wrk is not None and wrk.requests_per_s:
+            live = f", accepted/s end to end {r.accepted_per_s / wrk.accepted_per_s:.2f}" if wrk.accepted_per_s else ""
+            rate = r.requests_per_s / wrk.requests_per_s
+            print(f"bench's buyers / wrk, group {r.group_size} {r.mode}: requests/s {rate:.2f}{live}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from flashsale import wiring
+from flashsale.bench.crowd import Crowd, run_crowd
 from flashsale.bench.fleet import Fleet, environment
-from flashsale.bench.load import LoadReport, run_load
+from flashsale.bench.load import LoadReport
 from flashsale.config import Settings
 from flashsale.ops import reconcile, setup
 
@@ -63,7 +63,7 @@ def run_demo(
         url = fleet.start_all()
         say(f"5/6 the sale: {config.attempts} purchase attempts from {config.buyers} buyers at once on {url}")
         tick = on_sale_start(config.attempts)
-        load = asyncio.run(run_load(url, [sku], attempts=config.attempts, concurrency=config.buyers, tick=tick))
+        load = run_crowd(Crowd(url, (sku,), attempts=config.attempts, concurrency=config.buyers), tick=tick)
         say("6/6 waiting for MySQL to hold every deduction, then reconciling Redis, MySQL and orders")
         with wiring.books(settings) as (stock, store):
             drain_s = reconcile.wait_applied(store, [sku], load.statuses.get("accepted", 0), timeout_s=120)

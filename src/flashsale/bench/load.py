@@ -1,7 +1,8 @@
-"""A flash sale's crowd: many buyers posting purchases over HTTP (aiohttp client).
+"""A flash sale's crowd: many buyers posting purchases over HTTP (bench/http.py's lean client).
 
 Used by `flashsale bench`, `flashsale demo` and the end-to-end tests. Every attempt carries a fresh
-token; attempt i is made by user `<run>-u<i mod buyers>`. Two ways to send them:
+token; attempt i is made by buyer i mod buyers, user `<run>-u<i mod buyers>`, on a keep-alive connection
+of its own. Two ways to send them:
 
 - closed loop (default): `buyers` buyers, each making its attempts one after another; the sale goes as
   fast as the answers come back;
@@ -10,7 +11,10 @@ token; attempt i is made by user `<run>-u<i mod buyers>`. Two ways to send them:
   coordinated omission). At most `buyers` are in flight: the rest wait for a connection, on the clock.
 
 A buyer told `accepted` may take a next step before its next attempt (`after_accepted`: the bench's
-payments, bench/payers.py), on the same connections; its time is not in the purchase's latency.
+payments, bench/payers.py), on the same connection; its time is not in the purchase's latency.
+
+`run_load` sends from the calling event loop; `run_crowd` spreads the buyers over processes of their
+own (bench/crowd.py), so that the buyers measure the server rather than the one core of their process.
 """
 
 from __future__ import annotations
@@ -21,14 +25,20 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-import aiohttp
+import orjson
+
+from flashsale.bench.http import Connection, TransportError
 
 #: Status given to an attempt that got no HTTP answer (refused, reset, timed out).
 TRANSPORT_ERROR = "transport_error"
-#: Called after an accepted purchase, on the buyer's session, with its SKU, token and user (the buyer's
+JSON = {"Content-Type": "application/json"}
+#: Called after an accepted purchase, on the buyer's connection, with its SKU, token and user (the buyer's
 #: next step: a payment, say); the buyer's next attempt waits for it.
-AfterAccepted = Callable[[aiohttp.ClientSession, str, str, str], Awaitable[None]]
+AfterAccepted = Callable[[Connection, str, str, str], Awaitable[None]]
+#: One attempt: its index, the connection it goes on, and when it was due (perf_counter).
+_One = Callable[[int, Connection, float], Awaitable[None]]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -39,8 +49,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):  # a tuple: one is made per answer, and a frozen dataclass costs several times more
     at_s: float  # seconds from the start of the sale to the answer
     status: str
     latency_s: float
@@ -87,23 +96,43 @@ class LoadReport:
             self.last_accepted = now
 
 
-async def _attempt(
-    session: aiohttp.ClientSession, url: str, user: str, sku: str, token: str, qty: int, report: LoadReport
-) -> str:
+def merge(reports: Sequence[LoadReport]) -> LoadReport:
+    """One report of the crowds that started together (same `started`), answers in the order they came."""
+    merged = LoadReport(started=min((r.started for r in reports), default=0.0))
+    for r in reports:
+        merged.attempts += r.attempts
+        merged.statuses.update(r.statuses)
+        merged.latencies_s += r.latencies_s
+        merged.accepted += r.accepted
+        merged.errors += r.errors[: max(0, 10 - len(merged.errors))]
+        merged.last_accepted = max(merged.last_accepted, r.last_accepted)
+        merged.answers += r.answers
+        merged.elapsed_s = max(merged.elapsed_s, r.started + r.elapsed_s - merged.started)
+    merged.answers.sort(key=lambda a: a.at_s)
+    return merged
+
+
+def _status(code: int, data: bytes, report: LoadReport) -> str:
+    """The status a purchase's answer gives (`http_<code>` when its body is not JSON)."""
     try:
-        async with session.post(url, json={"sku": sku, "user_id": user, "qty": qty, "token": token}) as resp:
-            try:
-                body = await resp.json(content_type=None)
-            except ValueError:  # not JSON: a proxy's error page, a crashed handler
-                body = None
-            status = str(body.get("status")) if isinstance(body, dict) else f"http_{resp.status}"
-            if status in ("error", "pending") and len(report.errors) < 10 and isinstance(body, dict):
-                report.errors.append(f"{status}: {body.get('message')}")
-            return status
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        if len(report.errors) < 10:
-            report.errors.append(f"{type(exc).__name__}: {exc}")
-        return TRANSPORT_ERROR
+        answer = orjson.loads(data)
+    except orjson.JSONDecodeError:  # not JSON: a proxy's error page, a crashed handler
+        answer = None
+    if not isinstance(answer, dict):
+        return f"http_{code}"
+    status = str(answer.get("status"))
+    if status in ("error", "pending") and len(report.errors) < 10:
+        report.errors.append(f"{status}: {answer.get('message')}")
+    return status
+
+
+@dataclass(frozen=True)
+class Share:
+    """The buyers b of a crowd with b mod `of` == `index` (one process's share), and when the sale starts."""
+
+    index: int = 0
+    of: int = 1
+    started: float | None = None  # perf_counter (the same clock in every process); None: now
 
 
 async def run_load(
@@ -118,39 +147,74 @@ async def run_load(
     timeout_s: float = 30.0,
     tick: Callable[[], None] = lambda: None,
     after_accepted: AfterAccepted | None = None,
+    share: Share = Share(),
 ) -> LoadReport:
-    """`concurrency` buyers; with `rate`, open loop at that many attempts per second (see the module docstring)."""
+    """`concurrency` buyers; with `rate`, open loop at that many attempts per second (see the module
+    docstring). With `share`, only that share of the buyers, and their attempts."""
     run = run_id or uuid.uuid4().hex[:8]
-    url = base_url.rstrip("/") + "/purchase"
-    plan = [(skus[i % len(skus)], f"{run}-{i}", f"{run}-u{i % concurrency}") for i in range(attempts)]
-    report = LoadReport(started=time.perf_counter())
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    buyers = [b for b in range(min(concurrency, attempts)) if b % share.of == share.index]
+    report = LoadReport(started=share.started if share.started is not None else time.perf_counter())
+    idle = [Connection(base_url, timeout_s) for _ in buyers]
 
-    async def one(i: int, session: aiohttp.ClientSession, due: float) -> None:
-        sku, token, user = plan[i]
-        status = await _attempt(session, url, user, sku, token, qty, report)
+    async def one(i: int, conn: Connection, due: float) -> None:
+        sku, token, user = skus[i % len(skus)], f"{run}-{i}", f"{run}-u{i % concurrency}"
+        body = orjson.dumps({"sku": sku, "user_id": user, "qty": qty, "token": token})
+        try:
+            status = _status(*await conn.request("POST", "/purchase", body, JSON), report)
+        except TransportError as exc:
+            status = TRANSPORT_ERROR
+            if len(report.errors) < 10:
+                report.errors.append(f"{TRANSPORT_ERROR}: {exc}")
         report.record(sku, token, qty, status, due)
         tick()
         if after_accepted is not None and status == "accepted":
-            await after_accepted(session, sku, token, user)
+            await after_accepted(conn, sku, token, user)
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    await asyncio.sleep(max(0.0, report.started - time.perf_counter()))
+    try:
         if rate is None:
-
-            async def buyer(b: int) -> None:
-                for i in range(b, attempts, concurrency):
-                    await one(i, session, time.perf_counter())
-
-            await asyncio.gather(*(buyer(b) for b in range(min(concurrency, attempts))))
+            pairs = zip(buyers, idle, strict=True)
+            await asyncio.gather(*(_buyer(one, b, conn, attempts, concurrency) for b, conn in pairs))
         else:
-            pending = []
-            for i in range(attempts):
-                due = report.started + i / rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                pending.append(asyncio.create_task(one(i, session, due)))
-            await asyncio.gather(*pending)
+            plan = [i for i in range(attempts) if i % concurrency % share.of == share.index]
+            await _open_loop(one, idle, plan, report.started, rate)
+    finally:
+        for conn in idle:
+            conn.close()
     report.elapsed_s = time.perf_counter() - report.started
     return report
+
+
+async def _buyer(one: _One, b: int, conn: Connection, attempts: int, concurrency: int) -> None:
+    """Buyer b's attempts (b, b + concurrency, ...), each sent when the one before it was answered."""
+    for i in range(b, attempts, concurrency):
+        await one(i, conn, time.perf_counter())
+
+
+async def _open_loop(
+    one: _One,
+    connections: list[Connection],
+    plan: list[int],
+    started: float,
+    rate: float,
+) -> None:
+    """Attempt i due at `started` + i/`rate`, on the first idle connection (waiting for one, on the clock)."""
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for conn in connections:
+        idle.put_nowait(conn)
+
+    async def send(i: int, due: float) -> None:
+        conn = await idle.get()
+        try:
+            await one(i, conn, due)
+        finally:
+            idle.put_nowait(conn)
+
+    pending = []
+    for i in plan:
+        due = started + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pending.append(asyncio.create_task(send(i, due)))
+    await asyncio.gather(*pending)

@@ -2,23 +2,24 @@
 
 A fraction `unpaid` of the accepted buyers never pays, spread evenly over the sale: the k-th accepted
 purchase (in the order the answers came) goes unpaid when floor((k+1)·unpaid) > floor(k·unpaid), so of
-n accepted purchases exactly floor(n·unpaid) are left to expire. The others are paid at once, as the
+n accepted purchases exactly floor(n·unpaid) are left to expire (counted in each of the buyers'
+processes, bench/crowd.py: so with p processes, up to p - 1 fewer in all). The others are paid at once, as the
 payment service would confirm them: POST /orders/{token}/pay with the body signed by the shared secret
-(flashsale/payments.py), on the connections the buyers use. An answer that says nothing was decided
+(flashsale/payments.py), on the buyer's connection. An answer that says nothing was decided
 (503, no answer) is asked again with the same payment id, which can only hear the first answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-import aiohttp
+import orjson
 
+from flashsale.bench.http import Connection, TransportError
 from flashsale.bench.load import TRANSPORT_ERROR, percentile
 from flashsale.payments import SIGNATURE_HEADER, sign
 
@@ -41,8 +42,7 @@ class PaymentReport:
 class Payers:
     """Called by the load generator after each accepted purchase (run_load's `after_accepted`)."""
 
-    def __init__(self, base_url: str, secret: str, unpaid: float) -> None:
-        self._url = base_url.rstrip("/")
+    def __init__(self, secret: str, unpaid: float) -> None:
         self._secret = secret
         # Exact, so that 0.3 of 10 accepted is 3 unpaid and not 2 for a float's rounding.
         self._unpaid = Fraction(str(unpaid))
@@ -55,18 +55,18 @@ class Payers:
         self._accepted += 1
         return int((k + 1) * self._unpaid) == int(k * self._unpaid)
 
-    async def __call__(self, session: aiohttp.ClientSession, sku: str, token: str, user: str) -> None:
+    async def __call__(self, conn: Connection, sku: str, token: str, user: str) -> None:
         if not self.pays():
             self.report.unpaid += 1
             return
         started = time.perf_counter()
-        decision, detail = await self._pay(session, sku, token)
+        decision, detail = await self._pay(conn, sku, token)
         self.report.latencies_s.append(time.perf_counter() - started)
         self.report.decisions[decision] += 1
         if detail and len(self.report.errors) < 10:
             self.report.errors.append(f"payment of {token}: {detail}")
 
-    async def _pay(self, session: aiohttp.ClientSession, sku: str, token: str) -> tuple[str, str | None]:
+    async def _pay(self, conn: Connection, sku: str, token: str) -> tuple[str, str | None]:
         """The decision the payment heard (or why there was none), and what went wrong if it was not 200."""
         payment_id = f"pay-{token}"
         outcome: tuple[str, str | None] = (TRANSPORT_ERROR, None)
@@ -74,13 +74,12 @@ class Payers:
             if attempt:
                 await asyncio.sleep(RETRY_PAUSE_S)
             # Signed afresh each time: a confirmation is refused once its ts_ms is too old.
-            body = json.dumps({"sku": sku, "payment_id": payment_id, "ts_ms": int(time.time() * 1000)}).encode()
+            body = orjson.dumps({"sku": sku, "payment_id": payment_id, "ts_ms": int(time.time() * 1000)})
             headers = {SIGNATURE_HEADER: sign(self._secret, body), "Content-Type": "application/json"}
             try:
-                async with session.post(f"{self._url}/orders/{token}/pay", data=body, headers=headers) as resp:
-                    reply = await resp.json(content_type=None)
-                    status = resp.status
-            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                status, data = await conn.request("POST", f"/orders/{token}/pay", body, headers)
+                reply = orjson.loads(data)
+            except (TransportError, orjson.JSONDecodeError) as exc:
                 outcome = (TRANSPORT_ERROR, f"{type(exc).__name__}: {exc}")
                 continue
             decision = reply.get("decision") if isinstance(reply, dict) else None

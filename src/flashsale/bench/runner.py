@@ -24,7 +24,6 @@ timeouts) is reported with its errors; the run goes on.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -40,9 +39,10 @@ from flashsale import wiring
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.bench.cpu import CpuMeter
+from flashsale.bench.crowd import DEFAULT_PROCESSES, Crowd, run_crowd
 from flashsale.bench.fleet import Child, Fleet, environment, ready
 from flashsale.bench.lifecycle import Lifecycle, measure
-from flashsale.bench.load import LoadReport, run_load
+from flashsale.bench.load import LoadReport
 from flashsale.bench.mysql_baselines import BASELINES
 from flashsale.bench.payers import Payers
 from flashsale.config import Settings
@@ -95,6 +95,8 @@ class BenchConfig:
     unpaid: float | None = None
     #: With `unpaid`: how long an order awaits payment (None: DEFAULT_PAY_WITHIN_MS).
     pay_within_ms: int | None = None
+    #: Processes the buyers are spread over (bench/crowd.py).
+    load_processes: int = DEFAULT_PROCESSES
 
     @property
     def deadline_ms(self) -> int:
@@ -110,9 +112,9 @@ class BenchConfig:
         return replace(self, pay_within_ms=self.deadline_ms, rate=rate)
 
     def check(self) -> None:
-        for name in ("skus", "stock", "buyers", "attempts"):
+        for name in ("skus", "stock", "buyers", "attempts", "load_processes"):
             if getattr(self, name) < 1:
-                raise InvalidInput(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.per_user_limit < 0:
             raise InvalidInput(f"--per-user-limit must be >= 0, got {self.per_user_limit}")
         if self.rate is not None and self.rate <= 0:
@@ -269,7 +271,7 @@ class _Sale:
         producer, url = self.fleet.producer()
         children["producer"] = producer
         if self.strategy == ORDERS:
-            self.payers = Payers(url, self.secret, self.config.unpaid or 0.0)
+            self.payers = Payers(self.secret, self.config.unpaid or 0.0)
         return url, children
 
     def books(self) -> list[str]:
@@ -287,18 +289,16 @@ class _Sale:
         return _drift(self.settings, self.skus)
 
     def buy(self, url: str, tick: Tick) -> LoadReport:
-        return asyncio.run(
-            run_load(
-                url,
-                self.skus,
-                attempts=self.config.attempts,
-                concurrency=self.config.buyers,
-                rate=self.config.rate,
-                run_id=f"{self.run}-{self.strategy}",
-                tick=tick,
-                after_accepted=self.payers,
-            )
+        crowd = Crowd(
+            url,
+            tuple(self.skus),
+            attempts=self.config.attempts,
+            concurrency=self.config.buyers,
+            rate=self.config.rate,
+            run_id=f"{self.run}-{self.strategy}",
+            payers=self.payers,
         )
+        return run_crowd(crowd, processes=self.config.load_processes, tick=tick)
 
 
 @dataclass
@@ -496,11 +496,8 @@ def _sell_to(settings: Settings, config: BenchConfig, url: str, run: str, tick: 
     skus = [f"bench-{run}-pipeline-{i}" for i in range(config.skus)]
     for sku in skus:
         setup.set_stock(settings, sku, config.stock, per_user_limit=config.per_user_limit)
-    load = asyncio.run(
-        run_load(
-            url, skus, attempts=config.attempts, concurrency=config.buyers, rate=config.rate, run_id=run, tick=tick
-        )
-    )
+    crowd = Crowd(url, tuple(skus), attempts=config.attempts, concurrency=config.buyers, rate=config.rate, run_id=run)
+    load = run_crowd(crowd, processes=config.load_processes, tick=tick)
     with wiring.mysql_store(settings) as store:
         drain_s = reconcile.wait_applied(store, skus, load.statuses.get("accepted", 0), timeout_s=DRAIN_TIMEOUT_S)
     return _result("pipeline", skus, load, drain_s, _drift(settings, skus))

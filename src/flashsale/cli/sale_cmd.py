@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flashsale.bench import runner as bench_ops
+from flashsale.bench.crowd import DEFAULT_PROCESSES
 from flashsale.bench.demo import DemoConfig, run_demo
 from flashsale.bench.lifecycle import Lifecycle
 from flashsale.bench.plot import plot
@@ -181,6 +182,13 @@ _SHAPE: list[Decorator] = [
         callback=lambda _ctx, _param, value: None if value is None else parse_duration_ms(value, what="--pay-within"),
         help=f"With --unpaid: how long an order awaits payment (500ms, 5s, 2m; at most 1d) [default: "
         f"{bench_ops.DEFAULT_PAY_WITHIN_MS // 1000}s].",
+    ),
+    click.option(
+        "--load-processes",
+        type=click.IntRange(1),
+        default=DEFAULT_PROCESSES,
+        show_default=True,
+        help="Processes the buyers are spread over; each takes a core when the server answers fast.",
     ),
 ]
 
