@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
-import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import orjson
 
 from flashsale.models import Deduction
 
@@ -110,7 +111,7 @@ class LogEntry:
 
     @classmethod
     def parse(cls, token: str, raw: str | bytes) -> LogEntry:
-        data = json.loads(raw)
+        data = orjson.loads(raw)
         return cls(
             token=token,
             state=str(data["state"]),
@@ -161,7 +162,7 @@ class TxRecord:
 
     @classmethod
     def parse(cls, raw: str | bytes) -> TxRecord:
-        data = json.loads(raw)
+        data = orjson.loads(raw)
         restocked = data.get("kind") == "restock" and int(data.get("code", 0)) == Restock.ADDED
         return cls(
             state=str(data["state"]),
@@ -289,7 +290,7 @@ class Transfer:
 
     @classmethod
     def parse(cls, transfer_id: str, raw: str | bytes) -> Transfer:
-        data = json.loads(raw)
+        data = orjson.loads(raw)
         return cls(
             transfer_id, str(data["dir"]), str(data["part"]), int(data.get("qty", data.get("want", 0))), int(data["ts"])
         )

@@ -131,6 +131,36 @@ def test_a_lost_deduction_row_comes_back_without_taking_the_stock_twice(mysql_st
     assert counts(mysql_store, sku) == (7, 1, 1)
 
 
+def test_a_batch_stores_its_values_as_given_and_closes_only_the_conflicts_of_its_own_tokens(
+    mysql_store: MySQLStore, sku: str
+) -> None:
+    mysql_store.load_stock(sku, 1)
+    assert mysql_store.apply_batch([incoming(sku, "big", 2)]).conflicts
+    assert mysql_store.apply_batch([incoming(sku, "other", 5)]).conflicts
+    with mysql_store.transaction("restock") as conn:
+        conn.execute(sa.text("UPDATE inventory SET stock = 10 WHERE sku = :s"), {"s": sku})
+    # Quotes, a backslash and the driver's own placeholder signs: bound as values, never read as SQL.
+    odd = "q'uo\\te%s%%d"
+    report = mysql_store.apply_batch([incoming(sku, "big", 2), incoming(sku, odd, 1, user="u\"%(x)s'")])
+    assert sorted(d.token for d in report.applied) == sorted(["big", odd])
+    with mysql_store.transaction("read") as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT d.token, d.user_id, o.token FROM stock_deductions d JOIN orders o USING (sku, token) "
+                "WHERE d.sku = :s ORDER BY d.token"
+            ),
+            {"s": sku},
+        ).all()
+        open_conflicts = (
+            conn.execute(sa.text("SELECT token FROM conflicts WHERE sku = :s AND resolved_at IS NULL"), {"s": sku})
+            .scalars()
+            .all()
+        )
+    assert [tuple(r) for r in rows] == sorted([("big", "u1", "big"), (odd, "u\"%(x)s'", odd)])
+    assert open_conflicts == ["other"]
+    assert counts(mysql_store, sku) == (7, 2, 2)
+
+
 def test_a_lost_order_is_put_back_by_a_redelivery(mysql_store: MySQLStore, sku: str) -> None:
     mysql_store.load_stock(sku, 10)
     mysql_store.apply_batch([incoming(sku, "a", 3)])

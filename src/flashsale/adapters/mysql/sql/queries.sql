@@ -58,7 +58,7 @@ DELETE FROM conflicts WHERE sku = :sku
 
 -- name: insert_deductions
 INSERT INTO stock_deductions (token, sku, user_id, qty, message_id, source, batch_id, created_ms)
-VALUES (:token, :sku, :user_id, :qty, :message_id, :source, :batch_id, :created_ms)
+VALUES {rows}
 ON DUPLICATE KEY UPDATE token = token
 
 -- name: batch_deductions
@@ -78,13 +78,20 @@ INSERT INTO orders (token, sku, user_id, qty)
 SELECT token, sku, user_id, qty FROM stock_deductions WHERE sku = :sku AND token IN :tokens
 ON DUPLICATE KEY UPDATE token = orders.token
 
+-- name: insert_batch_orders
+INSERT INTO orders (token, sku, user_id, qty)
+SELECT token, sku, user_id, qty FROM stock_deductions WHERE batch_id = :batch_id AND sku = :sku
+ON DUPLICATE KEY UPDATE token = orders.token
+
 -- name: insert_conflict
 INSERT INTO conflicts (token, sku, user_id, qty, message_id, mysql_stock, reason)
 VALUES (:token, :sku, :user_id, :qty, :message_id, :mysql_stock, :reason)
 ON DUPLICATE KEY UPDATE mysql_stock = VALUES(mysql_stock), reason = VALUES(reason), resolved_at = NULL
 
--- name: resolve_conflicts
-UPDATE conflicts SET resolved_at = CURRENT_TIMESTAMP(6) WHERE sku = :sku AND token IN :tokens AND resolved_at IS NULL
+-- name: resolve_batch_conflicts
+UPDATE conflicts SET resolved_at = CURRENT_TIMESTAMP(6)
+WHERE sku = :sku AND resolved_at IS NULL
+AND token IN (SELECT token FROM stock_deductions WHERE batch_id = :batch_id AND sku = :sku)
 
 -- name: insert_dead_letter
 INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body)
@@ -117,8 +124,9 @@ SELECT COUNT(*) FROM dead_letters WHERE sku = :sku AND replayed_at IS NULL
 -- name: open_conflicts
 SELECT COUNT(*), COALESCE(SUM(qty), 0) FROM conflicts WHERE sku = :sku AND resolved_at IS NULL
 
--- name: ordered_tokens
-SELECT token FROM orders WHERE sku = :sku AND token IN :tokens
+-- name: ordered_in_batch
+SELECT token FROM orders
+WHERE sku = :sku AND token IN (SELECT token FROM stock_deductions WHERE batch_id = :batch_id AND sku = :sku)
 
 -- name: create_missing_orders
 INSERT INTO orders (token, sku, user_id, qty)
