@@ -156,3 +156,27 @@ def test_asking_a_route_again_keeps_the_clients_no_route_errors_out_of_the_log(
     assert [r.getMessage() for r in caplog.records] == ["some other failure"]
     client_log.error("query topic raise exception, 40402, after the asking")  # no longer dropped
     assert len(caplog.records) == 2
+
+
+def test_two_clients_asking_at_once_keep_the_no_route_errors_out_until_both_are_done(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client_log = logging.getLogger("rocketmq-python-client")
+    first_inside, second_done = threading.Event(), threading.Event()
+
+    class _Slow(_NoRouteYet):
+        def _retrieve_topic_route_data(self, topic: str) -> object:
+            first_inside.set()
+            assert second_done.wait(5)
+            client_log.error("query topic raise exception, 40402, while the other client is done")
+            raise RuntimeError("no route")
+
+    slow = threading.Thread(target=internals.fetch_routes, args=(_Slow(stale=0), ["t"]))
+    slow.start()
+    assert first_inside.wait(5)
+    internals.fetch_routes(_NoRouteYet(stale=0), ["t"])  # starts and ends while the first is still asking
+    second_done.set()
+    slow.join(5)
+    assert caplog.records == []
+    client_log.error("query topic raise exception, 40402, after both")
+    assert len(caplog.records) == 1

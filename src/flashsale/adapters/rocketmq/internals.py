@@ -59,6 +59,8 @@ from rocketmq.v5.client.connection.rpc_client import RpcClient
 from rocketmq.v5.exception import TooManyRequestsException
 from rocketmq.v5.util import MessageIdCodec, MessagingResultChecker
 
+from flashsale.logs import ROCKETMQ_CLIENT_LOGGER
+
 _HOSTNAME = socket.gethostname()
 #: Codes in a reply that mean the proxy does not know this client's settings (it restarted).
 SETTINGS_LOST_MARKERS = ("40015", "cannot find client settings", '"settings" is null')
@@ -129,29 +131,45 @@ def wait_for_settings(client: Any, timeout_s: float) -> bool:
 
 
 class _NoRouteYet(logging.Filter):
-    """Drops the client's own error line for a "no route" answer (code 40402) while it is asked again."""
+    """Drops the client's own error line for a "no route" answer (code 40402) while routes are asked
+    again: on the client library's one logger, from the first fetch under way until the last is done
+    (clients of one process may start at the same time)."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        super().__init__()
+        self._log = log
+        self._lock = threading.Lock()
+        self._fetches = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "40402" not in record.getMessage()
 
+    def __enter__(self) -> None:
+        with self._lock:
+            self._fetches += 1
+            if self._fetches == 1:
+                self._log.addFilter(self)
 
-_CLIENT_LOG = logging.getLogger("rocketmq-python-client")
-_NO_ROUTE_YET = _NoRouteYet()
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._fetches -= 1
+            if self._fetches == 0:
+                self._log.removeFilter(self)
+
+
+_NO_ROUTE_YET = _NoRouteYet(logging.getLogger(ROCKETMQ_CLIENT_LOGGER))
 
 
 def fetch_routes(client: Any, topics: Iterable[str]) -> None:
     """Ask the proxy for each topic's route again (a blocking fetch); one it finds opens the client's
     telemetry stream, which brings its settings. A topic still without a route is left for the next try,
     without an error line from the client for each ask (its caller says it once)."""
-    _CLIENT_LOG.addFilter(_NO_ROUTE_YET)
-    try:
+    with _NO_ROUTE_YET:
         for topic in topics:
             try:
                 client._retrieve_topic_route_data(topic)
             except Exception:  # noqa: BLE001 - "no route" while the proxy's cache is stale: asked again later
                 continue
-    finally:
-        _CLIENT_LOG.removeFilter(_NO_ROUTE_YET)
 
 
 def settings_age_s(client: Any) -> float | None:
