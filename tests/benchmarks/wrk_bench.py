@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,7 @@ class Run:
     cpu_percent: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0  # of the load
     generator: str = "wrk"  # or "crowd": the bench's buyers
+    buyers_us_per_request: float | None = None  # CPU the bench's buyers spent per request (crowd only)
 
 
 def _settings() -> Settings:
@@ -203,8 +205,10 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     attempts = max(connections, int(like.requests_per_s * like.duration_s))
     with fleet_of(settings, like.group_size) as (pids, url):
         meter = CpuMeter(pids)
+        buyers_before = _children_cpu_s()
         started = time.perf_counter()
         load = run_crowd(Crowd(url, (sku,), attempts=attempts, concurrency=connections), processes=processes)
+        buyers_s = _children_cpu_s() - buyers_before  # the buyers' processes, ended and waited for
         accepted = load.statuses.get("accepted", 0)
         wait_applied(settings, sku, accepted)
         end_to_end_s = time.perf_counter() - started - (load.started - started)
@@ -212,11 +216,17 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     latency = {f"p{q}": round(load.percentile(q / 100) * 1000, 2) for q in (50, 90, 99)}
     run = Run(like.group_size, like.mode, like.group_wait_ms, round(load.throughput, 1), latency, generator="crowd")
     run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
+    run.buyers_us_per_request = round(1e6 * buyers_s / load.attempts, 1)
     if like.mode == "live" and accepted:
         run.accepted, run.end_to_end_s = accepted, round(end_to_end_s, 2)
         run.accepted_per_s = round(accepted / end_to_end_s, 1)
         run.cpu_ms_per_accepted = {name: round(1000 * s / accepted, 3) for name, s in used.items()}
     return run
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -294,7 +304,10 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
         if r.generator == "crowd" and wrk is not None and wrk.requests_per_s:
             live = f", accepted/s end to end {r.accepted_per_s / wrk.accepted_per_s:.2f}" if wrk.accepted_per_s else ""
             rate = r.requests_per_s / wrk.requests_per_s
-            print(f"bench's buyers / wrk, group {r.group_size} {r.mode}: requests/s {rate:.2f}{live}")
+            print(
+                f"bench's buyers / wrk, group {r.group_size} {r.mode}: requests/s {rate:.2f}{live}; "
+                f"the buyers spent {r.buyers_us_per_request} µs of CPU per request"
+            )
 
 
 if __name__ == "__main__":

@@ -332,6 +332,9 @@ def _known_skus(conn: Connection, skus: set[str]) -> set[str]:
 #: A row of stock_deductions as inserted: token, sku, user_id, qty, message_id, source, batch_id, created_ms.
 Row = tuple[str, str, str, int, str, str, str, int]
 _ROW_PLACEHOLDERS = "(%s,%s,%s,%s,%s,%s,%s,%s)"  # the driver's (PyMySQL's) placeholders, one per column
+#: Rows per INSERT statement: a batch of given-back orders may carry 100,000 tokens, and one statement of
+#: them all would pass the server's max_allowed_packet (16 MB on MariaDB by default); 1,000 rows take ~300 KB.
+ROWS_PER_INSERT = 1000
 
 
 def _deduction_rows(unique: dict[Key, Incoming], known: set[str], batch_id: str, report: ApplyReport) -> list[Row]:
@@ -356,9 +359,10 @@ def _insert_deductions(conn: Connection, rows: list[Row], batch_id: str, report:
     The rows go as one statement with positional parameters, bound by the driver in one pass: given as
     a row of named parameters each, SQLAlchemy and PyMySQL handled every row on its own, the largest share
     of a consumer's CPU per purchase."""
-    if rows:
-        values = ",".join([_ROW_PLACEHOLDERS] * len(rows))
-        conn.exec_driver_sql(sql.query("insert_deductions").format(rows=values), tuple(chain.from_iterable(rows)))
+    for start in range(0, len(rows), ROWS_PER_INSERT):  # in token order, statement after statement
+        some = rows[start : start + ROWS_PER_INSERT]
+        values = ",".join([_ROW_PLACEHOLDERS] * len(some))
+        conn.exec_driver_sql(sql.query("insert_deductions").format(rows=values), tuple(chain.from_iterable(some)))
     new = conn.execute(query("batch_deductions"), {"batch_id": batch_id}).all()
     report.duplicates += len(rows) - len(new)
     fresh: dict[str, list[Any]] = defaultdict(list)

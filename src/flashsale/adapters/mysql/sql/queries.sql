@@ -1,4 +1,7 @@
 -- Every statement flashsale runs, by name. Parameters are named (:name); never build SQL from input.
+-- One exception: insert_deductions takes a batch's rows as the driver's positional placeholders, put in
+-- the place of its rows field by store.py (_insert_deductions), so that no literal percent sign or brace
+-- may appear in that statement.
 
 -- name: create_schema_version
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -89,9 +92,9 @@ VALUES (:token, :sku, :user_id, :qty, :message_id, :mysql_stock, :reason)
 ON DUPLICATE KEY UPDATE mysql_stock = VALUES(mysql_stock), reason = VALUES(reason), resolved_at = NULL
 
 -- name: resolve_batch_conflicts
-UPDATE conflicts SET resolved_at = CURRENT_TIMESTAMP(6)
-WHERE sku = :sku AND resolved_at IS NULL
-AND token IN (SELECT token FROM stock_deductions WHERE batch_id = :batch_id AND sku = :sku)
+UPDATE conflicts c JOIN stock_deductions d ON d.sku = c.sku AND d.token = c.token
+SET c.resolved_at = CURRENT_TIMESTAMP(6)
+WHERE d.batch_id = :batch_id AND d.sku = :sku AND c.resolved_at IS NULL
 
 -- name: insert_dead_letter
 INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body)
