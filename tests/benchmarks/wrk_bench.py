@@ -67,7 +67,7 @@ class Run:
     cpu_percent: dict[str, float] = field(default_factory=dict)
     duration_s: float = 0.0  # of the load
     generator: str = "wrk"  # or "crowd": the bench's buyers
-    buyers_us_per_request: float | None = None  # CPU the bench's buyers spent per request (crowd only)
+    load_us_per_request: float | None = None  # CPU the load generator (wrk, or the buyers) spent per request
 
 
 def _settings() -> Settings:
@@ -181,7 +181,9 @@ def measure(
         tx_before = metric(url, "flashsale_transaction_purchases_count")
         meter = CpuMeter(pids)
         started = time.perf_counter()
+        load_before = _children_cpu_s()
         rate, latency = _wrk(url, sku, duration_s, connections)
+        load_s = _children_cpu_s() - load_before  # wrk's, ended and waited for
         accepted = int(metric(url, "flashsale_purchases_total", '{status="accepted"}') - accepted_before)
         transactions = metric(url, "flashsale_transaction_purchases_count") - tx_before
         wait_applied(settings, sku, accepted)
@@ -189,6 +191,7 @@ def measure(
         used = meter.used()
     run = Run(group_size, mode, group_wait_ms, round(rate, 1), latency, duration_s=duration_s)
     run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
+    run.load_us_per_request = round(1e6 * load_s / (rate * duration_s), 1)
     if mode == "live" and accepted:
         run.accepted = accepted
         run.end_to_end_s = round(end_to_end_s, 2)
@@ -205,10 +208,10 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     attempts = max(connections, int(like.requests_per_s * like.duration_s))
     with fleet_of(settings, like.group_size) as (pids, url):
         meter = CpuMeter(pids)
-        buyers_before = _children_cpu_s()
+        load_before = _children_cpu_s()
         started = time.perf_counter()
         load = run_crowd(Crowd(url, (sku,), attempts=attempts, concurrency=connections), processes=processes)
-        buyers_s = _children_cpu_s() - buyers_before  # the buyers' processes, ended and waited for
+        load_s = _children_cpu_s() - load_before  # the buyers' processes, ended and waited for
         accepted = load.statuses.get("accepted", 0)
         wait_applied(settings, sku, accepted)
         end_to_end_s = time.perf_counter() - started - (load.started - started)
@@ -216,7 +219,7 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     latency = {f"p{q}": round(load.percentile(q / 100) * 1000, 2) for q in (50, 90, 99)}
     run = Run(like.group_size, like.mode, like.group_wait_ms, round(load.throughput, 1), latency, generator="crowd")
     run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
-    run.buyers_us_per_request = round(1e6 * buyers_s / load.attempts, 1)
+    run.load_us_per_request = round(1e6 * load_s / load.attempts, 1)
     if like.mode == "live" and accepted:
         run.accepted, run.end_to_end_s = accepted, round(end_to_end_s, 2)
         run.accepted_per_s = round(accepted / end_to_end_s, 1)
@@ -306,7 +309,7 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
             rate = r.requests_per_s / wrk.requests_per_s
             print(
                 f"bench's buyers / wrk, group {r.group_size} {r.mode}: requests/s {rate:.2f}{live}; "
-                f"the buyers spent {r.buyers_us_per_request} µs of CPU per request"
+                f"CPU per request: the buyers {r.load_us_per_request} µs, wrk {wrk.load_us_per_request} µs"
             )
 
 
