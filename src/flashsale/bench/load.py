@@ -170,7 +170,7 @@ async def run_load(
         if after_accepted is not None and status == "accepted":
             await after_accepted(conn, sku, token, user)
 
-    await asyncio.sleep(max(0.0, report.started - time.perf_counter()))
+    await _until(report.started)
     try:
         if rate is None:
             pairs = zip(buyers, idle, strict=True)
@@ -183,6 +183,14 @@ async def run_load(
             conn.close()
     report.elapsed_s = time.perf_counter() - report.started
     return report
+
+
+async def _until(moment: float) -> None:
+    """Sleep until perf_counter() reaches `moment`: a loop's timer may fire up to a millisecond early
+    (uvloop's are in whole milliseconds), and an attempt sent before it was due would show a negative
+    latency."""
+    while (left := moment - time.perf_counter()) > 0:
+        await asyncio.sleep(left)
 
 
 async def _buyer(one: _One, b: int, conn: Connection, attempts: int, concurrency: int) -> None:
@@ -213,8 +221,6 @@ async def _open_loop(
     pending = []
     for i in plan:
         due = started + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await _until(due)
         pending.append(asyncio.create_task(send(i, due)))
     await asyncio.gather(*pending)
