@@ -61,7 +61,9 @@ def test_consumer_stopped_mid_backlog_acks_only_what_it_committed(
     pipeline: Pipeline, settings: Settings, sku: str
 ) -> None:
     set_stock(settings, sku, 5000)
-    _, url = pipeline.producer()
+    # Groups of at most 10 make the backlog at least 300 messages: the consumer's first receive (50 of them)
+    # cannot hold it all, however large the groups a fast sale would make.
+    _, url = pipeline.producer(FLASHSALE_GROUP_SIZE="10")
     pipeline.checker()
     load = asyncio.run(run_load(url, [sku], attempts=3000, concurrency=50))
     assert load.statuses["accepted"] == 3000  # a backlog: no consumer ran during the sale
