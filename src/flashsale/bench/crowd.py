@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.sharedctypes import Synchronized
 
-from flashsale.bench.load import LoadReport, Share, merge, run_load
+from flashsale.bench.load import MAX_ERRORS, LoadReport, Share, merge, run_load
 from flashsale.bench.payers import Payers, PaymentReport
 from flashsale.errors import FlashSaleError
 
@@ -115,7 +115,7 @@ def _merge_payments(reports: Sequence[PaymentReport]) -> PaymentReport:
         merged.unpaid += r.unpaid
         merged.decisions.update(r.decisions)
         merged.latencies_s += r.latencies_s
-        merged.errors += r.errors[: max(0, 10 - len(merged.errors))]
+        merged.errors += r.errors[: max(0, MAX_ERRORS - len(merged.errors))]
     return merged
 
 

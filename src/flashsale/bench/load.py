@@ -31,6 +31,8 @@ import orjson
 
 from flashsale.bench.http import Connection, TransportError
 
+#: Unclear answers (and attempts with none) a report keeps as examples.
+MAX_ERRORS = 10
 #: Status given to an attempt that got no HTTP answer (refused, reset, timed out).
 TRANSPORT_ERROR = "transport_error"
 JSON = {"Content-Type": "application/json"}
@@ -104,7 +106,7 @@ def merge(reports: Sequence[LoadReport]) -> LoadReport:
         merged.statuses.update(r.statuses)
         merged.latencies_s += r.latencies_s
         merged.accepted += r.accepted
-        merged.errors += r.errors[: max(0, 10 - len(merged.errors))]
+        merged.errors += r.errors[: max(0, MAX_ERRORS - len(merged.errors))]
         merged.last_accepted = max(merged.last_accepted, r.last_accepted)
         merged.answers += r.answers
         merged.elapsed_s = max(merged.elapsed_s, r.started + r.elapsed_s - merged.started)
@@ -121,7 +123,7 @@ def _status(code: int, data: bytes, report: LoadReport) -> str:
     if not isinstance(answer, dict):
         return f"http_{code}"
     status = str(answer.get("status"))
-    if status in ("error", "pending") and len(report.errors) < 10:
+    if status in ("error", "pending") and len(report.errors) < MAX_ERRORS:
         report.errors.append(f"{status}: {answer.get('message')}")
     return status
 
@@ -163,7 +165,7 @@ async def run_load(
             status = _status(*await conn.request("POST", "/purchase", body, JSON), report)
         except TransportError as exc:
             status = TRANSPORT_ERROR
-            if len(report.errors) < 10:
+            if len(report.errors) < MAX_ERRORS:
                 report.errors.append(f"{TRANSPORT_ERROR}: {exc}")
         report.record(sku, token, qty, status, due)
         tick()

@@ -20,7 +20,7 @@ from fractions import Fraction
 import orjson
 
 from flashsale.bench.http import Connection, TransportError
-from flashsale.bench.load import TRANSPORT_ERROR, percentile
+from flashsale.bench.load import MAX_ERRORS, TRANSPORT_ERROR, percentile
 from flashsale.payments import SIGNATURE_HEADER, sign
 
 #: Times a payment is asked when nothing was decided (503, no answer), and the pause in between.
@@ -63,7 +63,7 @@ class Payers:
         decision, detail = await self._pay(conn, sku, token)
         self.report.latencies_s.append(time.perf_counter() - started)
         self.report.decisions[decision] += 1
-        if detail and len(self.report.errors) < 10:
+        if detail and len(self.report.errors) < MAX_ERRORS:
             self.report.errors.append(f"payment of {token}: {detail}")
 
     async def _pay(self, conn: Connection, sku: str, token: str) -> tuple[str, str | None]:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any
+from typing import Any, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -331,7 +331,7 @@ def _known_skus(conn: Connection, skus: set[str]) -> set[str]:
 
 #: A row of stock_deductions as inserted: token, sku, user_id, qty, message_id, source, batch_id, created_ms.
 Row = tuple[str, str, str, int, str, str, str, int]
-_ROW_PLACEHOLDERS = "(%s,%s,%s,%s,%s,%s,%s,%s)"  # the driver's (PyMySQL's) placeholders, one per column
+_ROW_PLACEHOLDERS = "(" + ",".join(["%s"] * len(get_args(Row))) + ")"  # the driver's (PyMySQL's), one per column
 #: Rows per INSERT statement: a batch of given-back orders may carry 100,000 tokens, and one statement of
 #: them all would pass the server's max_allowed_packet (16 MB on MariaDB by default); 1,000 rows take ~300 KB.
 ROWS_PER_INSERT = 1000
