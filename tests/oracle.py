@@ -237,8 +237,27 @@ def _redis_side(
 
     A partitioned SKU (its meta lists `parts`) sums its partitions' two sub-domains, its pool, and the
     units of transfers under way: a refill whose partition has not recorded it yet, a drain whose
-    partition has and whose pool has not (its record is still there).
+    partition has and whose pool has not (its record is still there). Its keys are read one after
+    another: a transfer that began or ended between two reads would be counted twice or not at all, so
+    the read is made again until no transfer began (`moves`) or ended (`done`) while it was made.
     """
+    if not meta.get("parts"):
+        return _read_side(r, sku, meta)
+    while True:
+        before = _transfers_seen(r, sku)
+        side = _read_side(r, sku, meta)
+        if _transfers_seen(r, sku) == before:
+            return side
+
+
+def _transfers_seen(r: redis.Redis | redis.RedisCluster, sku: str) -> tuple[str | None, int]:
+    """The transfers a partitioned SKU ever began, and those it completed."""
+    return r.hget(f"fs:{{{sku}}}:meta", "moves"), r.hlen(f"fs:{{{sku}}}:done")
+
+
+def _read_side(
+    r: redis.Redis | redis.RedisCluster, sku: str, meta: dict[str, str]
+) -> tuple[int, int, int, dict[str, int]]:
     shards = meta.get("parts", "").split() or [sku]
     stock = counter = fenced = 0
     deducted: dict[str, int] = {}

@@ -32,7 +32,7 @@ from flashsale.adapters.rocketmq import admin as rocketmq_admin
 from flashsale.config import Settings
 from flashsale.models import DeductionMessage, Delivery, Purchase, Resolution
 from flashsale.ops.setup import set_stock
-from flashsale.pipeline import accepted, partitions
+from flashsale.pipeline import accepted
 from flashsale.pipeline.checker import DeductionChecker
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.polling import poll_until
@@ -343,9 +343,7 @@ def test_a_spread_message_whose_share_never_ran_is_committed_for_the_share_that_
         stock.close()
 
 
-def test_a_refill_or_drain_cut_short_is_completed_once(
-    settings: Settings, sku: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_refill_or_drain_cut_short_is_completed_once(settings: Settings, sku: str) -> None:
     set_stock(settings.with_overrides(partition_refill=5), sku, 100, partitions=3)
     layout = _layout_of(settings, sku)
     first, second = layout.parts[0], layout.parts[1]
@@ -359,10 +357,9 @@ def test_a_refill_or_drain_cut_short_is_completed_once(
             await stock.expect(layout, "t-in", second, 2)
             assert await stock.drain(layout, second, "t-in", 2) == 2
             assert now(settings, sku).redis_stock == 100  # the oracle counts both as under way
-            monkeypatch.setattr(partitions, "SWEEP_AGE_MS", 0)
             scheduler = Scheduler(stock)
             for _ in range(2):  # the sweep, run twice, completes each transfer once
-                await scheduler._sweep(layout)
+                await scheduler._sweep(layout, 0)
             await stock.give(layout, first, "t-out", 7)  # the first refiller's late step 2: a no-op
             assert await stock.take(layout, "t-out", first, 7) == 7  # and its step 1 again: nothing taken
             assert await stock.drain(layout, second, "t-in", 2) == 2  # the drain, run again, drains nothing more

@@ -542,25 +542,71 @@ def test_a_hold_names_its_user_and_quantity_and_a_larger_retry_of_the_token_hold
     the hold must cover 2, or the buyer's fresh tokens would pass the limit."""
     key = USER_HOLDS_KEY.format(shard=1, sku="s", epoch=1)
     redis_stock.client.delete(key)
-    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 1]) == [1, ""]
-    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 2]) == [1, ""]  # one more unit held
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 1, "a1"]) == [1, ""]
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 2, "a1"]) == [1, ""]  # one more unit held
     assert redis_stock.client.hget(key, "b:u1") == "2"
-    assert _script(redis_stock, "user_hold", [key], [2, "t2", "u1", 1]) == [5, "2"]  # at the limit
-    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 1]) == [1, ""]  # within what it holds
+    assert _script(redis_stock, "user_hold", [key], [2, "t2", "u1", 1, "a1"]) == [5, "2"]  # at the limit
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u1", 1, "a1"]) == [1, ""]  # within what it holds
     # The same token from another user holds on that user's own count, not on the first one's hold.
-    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u2", 2]) == [1, ""]
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u2", 2, "a1"]) == [1, ""]
     assert (redis_stock.client.hget(key, "b:u1"), redis_stock.client.hget(key, "b:u2")) == ("2", "2")
-    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u2", 3]) == [5, "2"]
+    assert _script(redis_stock, "user_hold", [key], [2, "t1", "u2", 3, "a1"]) == [5, "2"]
 
 
 def test_a_hold_counts_each_token_once_against_its_buyers_limit(redis_stock: RedisStock) -> None:
     key = USER_HOLDS_KEY.format(shard=0, sku="s", epoch=1)
     redis_stock.client.delete(key)
-    reply = _script(redis_stock, "user_hold", [key], [3, "t1", "u1", 2, "t2", "u1", 2, "t3", "u2", 3, "t1", "u1", 2])
+    reply = _script(
+        redis_stock,
+        "user_hold",
+        [key],
+        [3, "t1", "u1", 2, "a1", "t2", "u1", 2, "a2", "t3", "u2", 3, "a3", "t1", "u1", 2, "a4"],
+    )
     # t2 would take u1 to 4 of 3; t1 again (a retry) is held already and counts once.
     assert reply == [1, "", 5, "2", 1, "", 1, ""]
-    assert _script(redis_stock, "user_hold", [key], [3, "t4", "u1", 1]) == [1, ""]
+    assert _script(redis_stock, "user_hold", [key], [3, "t4", "u1", 1, "a1"]) == [1, ""]
     assert redis_stock.client.hget(key, "b:u1") == "3"
+
+
+def _hold(redis_stock: RedisStock, key: str, limit: int, *purchases: tuple[str, str, int, str]) -> object:
+    return _script(redis_stock, "user_hold", [key], [limit, *(v for p in purchases for v in p)])
+
+
+def _release(redis_stock: RedisStock, key: str, *attempts: tuple[str, str, str]) -> int:
+    return int(str(_script(redis_stock, "user_release", [key], [v for a in attempts for v in a])))
+
+
+def test_a_hold_is_given_back_once_every_attempt_that_rode_it_was_told_sold_out(redis_stock: RedisStock) -> None:
+    """A buyer told `sold_out` was sold nothing: the units held go back to the buyer's limit, but only once
+    no other attempt of the token (in flight elsewhere, or unclear) may still deduct it."""
+    key = USER_HOLDS_KEY.format(shard=2, sku="s", epoch=1)
+    redis_stock.client.delete(key)
+    assert _hold(redis_stock, key, 3, ("t1", "u1", 2, "a1"), ("t2", "u1", 1, "a2")) == [1, "", 1, ""]
+    assert _hold(redis_stock, key, 3, ("t1", "u1", 2, "a3")) == [1, ""]  # a retry rides the hold
+    assert _hold(redis_stock, key, 3, ("t3", "u1", 1, "a4")) == [5, "3"]
+    assert _release(redis_stock, key, ("t1", "u1", "a1")) == 0  # a3 may still deduct t1
+    assert _release(redis_stock, key, ("t1", "u1", "a1")) == 0  # run again: counts once
+    assert redis_stock.client.hget(key, "b:u1") == "3"
+    assert _release(redis_stock, key, ("t1", "u1", "a3")) == 2
+    assert (redis_stock.client.hget(key, "b:u1"), redis_stock.client.hexists(key, "h:t1")) == ("1", 0)
+    assert _release(redis_stock, key, ("t1", "u1", "a3")) == 0  # run again: frees nothing more
+    assert redis_stock.client.hget(key, "b:u1") == "1"
+    assert _hold(redis_stock, key, 3, ("t3", "u1", 2, "a5")) == [1, ""]  # the limit is the buyer's again
+    # A later attempt of a freed token holds again, in full.
+    assert _hold(redis_stock, key, 3, ("t1", "u1", 1, "a6")) == [5, "3"]
+
+
+def test_a_release_frees_only_its_users_hold_and_leaves_attempts_not_on_record_alone(redis_stock: RedisStock) -> None:
+    key = USER_HOLDS_KEY.format(shard=3, sku="s", epoch=1)
+    redis_stock.client.delete(key)
+    assert _hold(redis_stock, key, 5, ("t1", "u1", 2, "a1"), ("t1", "u2", 3, "a2")) == [1, "", 1, ""]
+    assert _release(redis_stock, key, ("t1", "u1", "a1"), ("t1", "u2", "a9")) == 2  # a9 never held
+    assert json.loads(redis_stock.client.hget(key, "h:t1")) == {"u2": 3}
+    assert (redis_stock.client.hget(key, "b:u1"), redis_stock.client.hget(key, "b:u2")) == ("0", "3")
+    # A hold of a record without attempts (taken before they were recorded) is never freed.
+    redis_stock.client.hset(key, mapping={"h:t7": json.dumps({"u3": 2}), "b:u3": 2})
+    assert _release(redis_stock, key, ("t7", "u3", "a1")) == 0
+    assert redis_stock.client.hget(key, "b:u3") == "2"
 
 
 def test_a_frozen_sku_refuses_every_purchase_until_thawed_or_until_the_freeze_runs_out(

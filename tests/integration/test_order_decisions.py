@@ -263,7 +263,7 @@ def test_a_cancel_on_a_partition_gives_the_units_back_to_that_partition_and_keep
     )
     part = layout.parts[2]
     # The limit of a partitioned SKU is a hold on the buyer's count, taken before the pre-deduct.
-    assert raw.eval(lua.source("user_hold"), 1, holds_key(layout, "u1"), 2, "t1", "u1", 2)[0] == 1
+    assert raw.eval(lua.source("user_hold"), 1, holds_key(layout, "u1"), 2, "t1", "u1", 2, "a1")[0] == 1
     assert buy(redis_stock, part, "t1", qty=2, epoch=layout.epoch) is Prededuct.ACCEPTED
     assert decide(redis_stock, part, "t1", "cancel", user="u1", decision="c-1") is Decision.CANCELLED
     meta = raw.hgetall(SkuKeys.of(part).meta)

@@ -86,7 +86,8 @@ def test_every_script_a_wait_proves_writes_when_run_again(stock: RedisStock) -> 
     _writes_every_run(stock, p.meta, lambda: _run(stock, "close", [p.stock, p.meta], [EPOCH]))
 
     holds = USER_HOLDS_KEY.format(shard=3, sku="repl-hot", epoch=EPOCH)
-    _writes_every_run(stock, holds, lambda: _run(stock, "user_hold", [holds], [2, "t3", "u3", 1]))
+    _writes_every_run(stock, holds, lambda: _run(stock, "user_hold", [holds], [2, "t3", "u3", 1, "a3"]))
+    _writes_every_run(stock, holds, lambda: _run(stock, "user_release", [holds], ["t3", "u3", "a3"]))
 
 
 def test_a_load_no_replica_holds_is_refused_and_holds_once_run_again(redis_cluster: StackSettings) -> None:

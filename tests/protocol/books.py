@@ -28,6 +28,8 @@ class State:
     where: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # token -> shards
     by_user: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     negative: list[str] = field(default_factory=list)
+    #: A partitioned SKU's per-user holds: (token, user) -> units held (user_hold.lua's h:token).
+    holds: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def on_sale(self) -> int:
@@ -78,7 +80,25 @@ def read(r: Any, sku: str) -> State:
                 state.moving += int(transfer["qty"])
             elif transfer["dir"] == "in" and done is not None:
                 state.moving -= int(done)
+        state.holds = _holds(r, sku, meta.get("loaded_ms", ""))
     return state
+
+
+#: Shards of a partitioned SKU's holds, by the user id's crc32: fs:{#users:n}:sku:epoch (docs/scaling.md).
+HOLD_SHARDS = 64
+
+
+def _holds(r: Any, sku: str, epoch: str) -> dict[tuple[str, str], int]:
+    pipe = r.pipeline(transaction=False)
+    for n in range(HOLD_SHARDS):
+        pipe.hgetall(f"fs:{{#users:{n}}}:{sku}:{epoch}")
+    holds: dict[tuple[str, str], int] = {}
+    for fields in pipe.execute():
+        for name, raw in fields.items():
+            if name.startswith("h:"):
+                for user, units in json.loads(raw).items():
+                    holds[(name[2:], user)] = int(units)
+    return holds
 
 
 def named_by(r: Any, message: DeductionMessage) -> list[str]:

@@ -233,6 +233,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.load = 0
         self.initial = 0
         self.limit = 0
+        self.parts = 1
         self.messages: dict[str, Message] = {}
         self.loads: dict[asyncio.Task[PurchaseResult], int] = {}
         self.told: dict[str, list[tuple[str, str | None]]] = {}  # token -> (status, message id) this load
@@ -292,7 +293,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                 pay_within_ms=pay_within,
             )
         self.load += 1
-        self.initial, self.limit, self.pay_within = qty, limit, pay_within
+        self.initial, self.limit, self.pay_within, self.parts = qty, limit, pay_within, parts
         self.told, self.decided, self.ends = {}, {}, {}
 
     @rule(
@@ -477,11 +478,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         if layout is None:
             return
         real = time.time
-        with (
-            mock.patch.object(partitions, "SWEEP_AGE_MS", age_ms),
-            mock.patch.object(partitions.time, "time", lambda: real() + skew),
-        ):
-            self.loop.run_until_complete(self.producers[p].scheduler._sweep(layout))
+        with mock.patch.object(partitions.time, "time", lambda: real() + skew):
+            self.loop.run_until_complete(self.producers[p].scheduler._sweep(layout, age_ms))
 
     @rule(p=st.integers(0, PRODUCERS - 1), data=st.data())
     def close_partition(self, p: int, data: st.DataObject) -> None:
@@ -574,6 +572,15 @@ class ProtocolMachine(RuleBasedStateMachine):
         if self.limit:
             over = {u: n for u, n in state.by_user.items() if n > self.limit}
             assert not over, f"users past the limit of {self.limit}: {over}"
+            if self.parts > 1:
+                # A hold is given back only once no attempt of its token may deduct it: a standing
+                # deduction always has its buyer's hold, at its quantity at least.
+                bare = {
+                    t: (e["user"], e["qty"], state.holds.get((t, e["user"])))
+                    for t, e in state.entries.items()
+                    if state.holds.get((t, e["user"]), 0) < int(e["qty"])
+                }
+                assert not bare, f"deductions without their buyer's hold (user, qty, held): {bare}"
         for token, said in self.told.items():
             holds = [s for s, _ in said if s in ("accepted", "duplicate")]
             if not holds:

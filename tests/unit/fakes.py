@@ -185,6 +185,9 @@ class FakePartitions:
     closed: set[str] = field(default_factory=set)
     logs: dict[str, dict[str, LogEntry]] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)  # user -> units
+    attempts: dict[str, Purchase] = field(default_factory=dict)  # attempts holding, by id (one per token here)
+    #: Refills under way whose refiller died: their units left the pool and reach no partition until completed.
+    moving: dict[str, Transfer] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     sales: list[list[tuple[str, str]]] = field(default_factory=list)  # per transaction: (token, partition)
     registries: list[Registry] = field(default_factory=list)  # out-of-date reads handed out first
@@ -198,7 +201,7 @@ class FakePartitions:
     async def registry(self, layout: Layout) -> Registry:
         if self.registries:
             return self.registries.pop(0)
-        return Registry(self.pool, {p: (n, 0) for p, n in self.stock.items()}, 0, frozenset(self.closed))
+        return Registry(self.pool, {p: (n, 0) for p, n in self.stock.items()}, len(self.moving), frozenset(self.closed))
 
     async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:
         self.calls.append("entries " + " ".join(sorted(wanted)))
@@ -211,16 +214,26 @@ class FakePartitions:
         self.closed.add(part)
         return True
 
-    async def hold(self, layout: Layout, purchases: Sequence[Purchase]) -> list[int | None]:
+    async def hold(self, layout: Layout, purchases: Sequence[Purchase], attempts: Sequence[str]) -> list[int | None]:
         out: list[int | None] = []
-        for p in purchases:
+        for p, attempt in zip(purchases, attempts, strict=True):
             bought = self.held.get(p.user_id, 0)
             if bought + p.qty > layout.per_user_limit:
                 out.append(bought)
             else:
                 self.held[p.user_id] = bought + p.qty
+                self.attempts[attempt] = p
                 out.append(None)
         return out
+
+    async def release(self, layout: Layout, purchases: Sequence[Purchase], attempts: Sequence[str]) -> int:
+        freed = 0
+        for attempt in attempts:
+            p = self.attempts.pop(attempt)
+            self.held[p.user_id] -= p.qty
+            freed += p.qty
+        self.calls.append(f"release {freed}")
+        return freed
 
     async def confirm(self, found: Mapping[str, Mapping[str, LogEntry]]) -> dict[str, dict[str, LogEntry | None]]:
         if self.unconfirmed:
@@ -237,7 +250,7 @@ class FakePartitions:
         self.stock[part] += qty
 
     async def end_refill(self, layout: Layout, transfer_id: str) -> None:
-        pass
+        self.moving.pop(transfer_id, None)
 
     async def expect(self, layout: Layout, transfer_id: str, part: str, want: int) -> None:
         pass
@@ -249,10 +262,12 @@ class FakePartitions:
         return qty
 
     async def receive(self, layout: Layout, transfer_id: str, qty: int) -> None:
+        self.moving.pop(transfer_id, None)
         self.pool += qty
 
     async def due(self, layout: Layout, age_ms: int) -> list[Transfer]:
-        return []
+        self.calls.append(f"due {age_ms}")
+        return list(self.moving.values())
 
     async def sell(self, layout: Layout, requests: Sequence[PurchaseRequest], parts: Sequence[str]) -> list[Placed]:
         """As prededuct.lua would answer, per partition: its log first, then closed, then its stock."""

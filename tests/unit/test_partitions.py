@@ -19,7 +19,7 @@ from flashsale.errors import MalformedMessage, ServiceUnavailable
 from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseStatus
 from flashsale.pipeline import partitions
 from flashsale.pipeline.partitions import Scheduler
-from flashsale.records import Layout, LogEntry, Registry
+from flashsale.records import Layout, LogEntry, Registry, Transfer
 from tests.unit.fakes import FakePartitions
 
 PARTS = ("s#0", "s#1", "s#2")
@@ -292,6 +292,30 @@ def test_a_buyer_past_the_limit_is_answered_before_any_transaction() -> None:
     group = [PurchaseRequest.build("s", "u1", 1, _token_for(p, avoid=p[-1])) for p in PARTS]
     assert _sell(fake, group, layout) == [PurchaseStatus.ACCEPTED] * 2 + [PurchaseStatus.LIMIT_EXCEEDED]
     assert [t for t, _ in fake.sales[0]] == [r.token for r in group[:2]]
+
+
+def test_a_buyer_told_sold_out_gets_the_held_share_of_the_limit_back() -> None:
+    """Sold nothing, a buyer must not lose the limit: units that come back on sale later (an order
+    cancelled or expired, a restock) are the buyer's to buy."""
+    layout = Layout("s", PARTS, refill=5, threshold=0, epoch=1, per_user_limit=3)
+    fake = FakePartitions(layout, pool=0, stock={"s#0": 1, "s#1": 0, "s#2": 0})
+    big = PurchaseRequest.build("s", "u1", 3, _token_for("s#0", avoid="b"))
+    assert _sell(fake, [big], layout) == [PurchaseStatus.SOLD_OUT]
+    assert fake.held == {"u1": 0} and "release 3" in fake.calls
+    small = PurchaseRequest.build("s", "u1", 1, _token_for("s#0", avoid="s"))
+    assert _sell(fake, [small], layout) == [PurchaseStatus.ACCEPTED]
+    assert fake.held == {"u1": 1} and fake.attempts  # an accepted purchase keeps its hold
+
+
+def test_units_on_their_way_are_moved_by_a_pull_rather_than_a_partition_closed_beside_them() -> None:
+    """A refiller died after it took units from the pool: they are in no partition until its transfer is
+    completed, which a sweep does only once it is old. A pull short of stock completes it at once."""
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS})
+    token = _token_for("s#1", avoid="w")
+    fake.moving["x1"] = Transfer("x1", "out", "s#1", 5, 0)
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.ACCEPTED]
+    assert "due 0" in fake.calls and not any(call.startswith("close") for call in fake.calls)
+    assert fake.sales == [[(token, "s#1")]] and fake.stock["s#1"] == 4 and fake.moving == {}
 
 
 def test_a_token_whose_partition_closed_meanwhile_goes_on_to_its_next_one_without_spending_a_pull(

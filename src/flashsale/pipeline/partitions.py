@@ -26,7 +26,12 @@
 - With a per-user limit, each token takes a hold on its buyer's count (user_hold.lua, sharded by user)
   before it goes to its partition; a buyer past the limit is answered at once.
 - Transfers older than SWEEP_AGE_MS on Redis's clock are completed by whoever reads the layout: a
-  refiller that died midway loses nothing, and each step counts once, run again at any time.
+  refiller that died midway loses nothing, and each step counts once, run again at any time. A pull
+  that finds its partition and the pool short completes every transfer under way at once: units on
+  their way are not taken for none, whoever moves them.
+- A hold taken by a purchase told `sold_out` is given back (user_release.lua) once no other attempt
+  of its token rides it: a buyer told `sold_out` keeps the share of the limit for units that come back
+  on sale (an order cancelled or expired, a restock).
 - Every step that moves stock carries the layout's epoch. A step of another load is refused (StaleLayout),
   writing nothing: the scheduler then drops the layout and moves nothing more by it. So does a group one
   of whose pre-deducts reports the layout stale.
@@ -98,11 +103,18 @@ class Placement:
     pulls: int = 0
     #: Whether the per-user holds were taken (in the first round).
     held: bool = False
+    #: The purchases that took (or rode) a hold; those told `sold_out` in the end give it back.
+    holding: list[int] = field(default_factory=list)
+    #: Names this group's attempts in the records of the holds (see user_hold.lua).
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def of(cls, layout: Layout, requests: Sequence[PurchaseRequest]) -> Placement:
         n = len(requests)
         return cls(layout, requests, [None] * n, [set() for _ in range(n)], list(range(n)))
+
+    def attempt_of(self, i: int) -> str:
+        return f"{self.attempt}.{i}"
 
     def answer(self, i: int, status: PurchaseStatus, **fields: object) -> None:
         self.answers[i] = PurchaseResult(status, self.requests[i].token, **fields)  # type: ignore[arg-type]
@@ -218,7 +230,7 @@ class Scheduler:
             return cached[1]
         self._layouts[sku] = (self._clock(), layout)
         if layout is not None:
-            self._spawn(self._sweep(layout))
+            self._spawn(self._sweep(layout, SWEEP_AGE_MS))
         return layout
 
     def forget(self, sku: str) -> None:
@@ -250,7 +262,9 @@ class Scheduler:
             logger.warning("cannot place purchases of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
         else:
             self._top_up(layout, registry)
-        return placing.results()
+        results = placing.results()
+        await self._release(placing, results)
+        return results
 
     async def _round(self, placing: Placement, registry: Registry, send: Sender) -> bool:
         """Place the pending purchases once; True when some are to be placed again."""
@@ -329,14 +343,31 @@ class Scheduler:
             return
         requests = placing.requests
         purchases = [Purchase(requests[i].token, requests[i].user_id, requests[i].qty) for i in pending]
-        for i, bought in zip(pending, await self._stock.hold(layout, purchases), strict=True):
-            if bought is not None:
+        held = await self._stock.hold(layout, purchases, [placing.attempt_of(i) for i in pending])
+        for i, bought in zip(pending, held, strict=True):
+            if bought is None:
+                placing.holding.append(i)
+            else:
                 placing.answer(
                     i,
                     PurchaseStatus.LIMIT_EXCEEDED,
                     message=f"user {requests[i].user_id} already bought {bought} of {layout.sku}",
                 )
         placing.settle_answered()
+
+    async def _release(self, placing: Placement, results: Sequence[PurchaseResult]) -> None:
+        """The holds of the purchases told `sold_out`: not sold, they give their units of the limit back
+        (once no other attempt of the token rides the hold). One that cannot be given back now stays
+        held: the buyer may buy that much less, never more."""
+        done = [i for i in placing.holding if results[i].status is PurchaseStatus.SOLD_OUT]
+        if not done:
+            return
+        requests = placing.requests
+        purchases = [Purchase(requests[i].token, requests[i].user_id, requests[i].qty) for i in done]
+        try:
+            await self._stock.release(placing.layout, purchases, [placing.attempt_of(i) for i in done])
+        except FlashSaleError as exc:
+            logger.warning("holds of %s kept: %s", placing.layout.sku, exc, extra=ids(sku=placing.layout.sku))
 
     async def close(self) -> None:
         """Cancel background refills: a transfer cut short is completed by the next sweep."""
@@ -375,6 +406,13 @@ class Scheduler:
         # that read the registry meanwhile would find them nowhere, and tell a buyer `sold_out` beside them.
         await self._landed(layout.sku)
         registry = await self._registry(layout, fresh=True)
+        if registry.transfers and registry.remaining(part) + registry.pool < need:
+            # Units on their way between the pool and a partition, by another producer (or one that died,
+            # whose transfers a sweep would complete only once they are SWEEP_AGE_MS old), are in neither
+            # place: complete the moves now (each step counts once, whoever runs it) rather than close a
+            # partition or tell a buyer `sold_out` beside them.
+            await self._sweep(layout, 0)
+            registry = await self._registry(layout, fresh=True)
         have = registry.remaining(part)
         if part in registry.closed or have >= need:
             return True  # closed meanwhile (its tokens go on to their next partition), or refilled meanwhile
@@ -460,17 +498,20 @@ class Scheduler:
             self._refilling.discard(part)
             self._registries.pop(layout.sku, None)
 
-    async def _sweep(self, layout: Layout) -> None:
-        """Complete the transfers a refiller left behind, older than SWEEP_AGE_MS on Redis's clock (each
-        step counts once, whenever it runs again)."""
+    async def _sweep(self, layout: Layout, age_ms: int) -> None:
+        """Complete the transfers under way older than `age_ms` on Redis's clock: those a refiller left
+        behind, or all of them for a pull (each step counts once, whenever and by whomever it runs)."""
         try:
-            for t in await self._stock.due(layout, SWEEP_AGE_MS):
+            for t in await self._stock.due(layout, age_ms):
                 if t.dir == "out":
                     await self._stock.give(layout, t.part, t.id, t.qty)
                     await self._stock.end_refill(layout, t.id)
                 else:
                     await self._stock.receive(layout, t.id, await self._stock.drain(layout, t.part, t.id, t.qty))
-                logger.warning("completed transfer %s (%s %s, %d)", t.id, t.dir, t.part, t.qty)
+                # One a refiller left behind is worth an operator's eye; one a pull completed is routine.
+                (logger.warning if age_ms else logger.info)(
+                    "completed transfer %s (%s %s, %d)", t.id, t.dir, t.part, t.qty, extra=ids(sku=layout.sku)
+                )
         except StaleLayout:
             self.forget(layout.sku)
         except FlashSaleError as exc:

@@ -315,22 +315,32 @@ class AsyncRedisStock:
             return None
         return replies[: len(calls)]
 
-    async def hold(self, layout: Layout, purchases: Sequence[Purchase]) -> list[int | None]:
-        """Per purchase: None when held within the per-user limit, else the units its user holds already."""
-        by_key: dict[str, list[int]] = {}
-        for i, p in enumerate(purchases):
-            by_key.setdefault(holds_key(layout, p.user_id), []).append(i)
+    async def hold(self, layout: Layout, purchases: Sequence[Purchase], attempts: Sequence[str]) -> list[int | None]:
+        """Per purchase: None when held within the per-user limit (and its attempt, named beside it, on
+        record), else the units its user holds already."""
+        by_key = _by_holds_key(layout, purchases)
         calls = []
         for key, idxs in by_key.items():
             args = [str(layout.per_user_limit)]
             for i in idxs:
-                args += [purchases[i].token, purchases[i].user_id, str(purchases[i].qty)]
+                args += [purchases[i].token, purchases[i].user_id, str(purchases[i].qty), attempts[i]]
             calls.append(([key], args))
         held: list[int | None] = [None] * len(purchases)
         for idxs, reply in zip(by_key.values(), await self.scripts("user_hold", calls), strict=True):
             for n, i in enumerate(idxs):
                 held[i] = None if int(reply[2 * n]) == 1 else int(reply[2 * n + 1])
         return held
+
+    async def release(self, layout: Layout, purchases: Sequence[Purchase], attempts: Sequence[str]) -> int:
+        """The attempts named beside these purchases were told `sold_out`: they leave their holds' records,
+        and a hold no attempt is left on is freed. The units freed."""
+        calls = []
+        for key, idxs in _by_holds_key(layout, purchases).items():
+            args = []
+            for i in idxs:
+                args += [purchases[i].token, purchases[i].user_id, attempts[i]]
+            calls.append(([key], args))
+        return sum(int(reply) for reply in await self.scripts("user_release", calls))
 
     # Every step that moves stock carries the layout's epoch; each answers STALE (-2) for another load.
     async def take(self, layout: Layout, transfer_id: str, part: str, want: int) -> int:
@@ -432,3 +442,11 @@ class AsyncRedisStock:
         except (*UNREACHABLE, *MISROUTED) as exc:
             self._router.stale()
             raise unavailable(self.url, what, exc) from exc
+
+
+def _by_holds_key(layout: Layout, purchases: Sequence[Purchase]) -> dict[str, list[int]]:
+    """The purchases' positions, by the holds key of their user."""
+    by_key: dict[str, list[int]] = {}
+    for i, p in enumerate(purchases):
+        by_key.setdefault(holds_key(layout, p.user_id), []).append(i)
+    return by_key

@@ -35,6 +35,7 @@ NAMES = (
     "adopt",
     "close",
     "user_hold",
+    "user_release",
     "load_pool",
     "pool_take",
     "pool_expect",

@@ -1,0 +1,43 @@
+-- Give back the holds of attempts told `sold_out` (see user_hold.lua): each such attempt leaves the
+-- record of its user's token; once none is left there, the hold is freed and the user may buy those
+-- units elsewhere within the limit. Every attempt of a token takes (or rides) a hold before it can be
+-- sold, and is recorded by its id; one with an unclear answer (`pending`, `error`), or whose producer
+-- died, is never released, so a hold is freed only once every attempt that rode it was told `sold_out`:
+-- none deducted the token, and any later attempt takes a hold again. Run again, it frees nothing more.
+--
+-- KEYS[1] fs:{#users:n}:sku:epoch  the holds (see user_hold.lua)
+-- ARGV[1] token, ARGV[2] user id, ARGV[3] attempt id: three such per attempt told `sold_out`
+--
+-- Returns the units freed. An attempt not on record (a hold taken before attempts were recorded, or a
+-- release run again) frees nothing. It writes (a counter at least), so that a WAIT after it proves a
+-- replica holds it.
+local key = KEYS[1]
+local freed = 0
+for i = 1, #ARGV - 2, 3 do
+  local token, user, attempt = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local attempts = cjson.decode(redis.call('HGET', key, 'a:' .. token) or '{}')
+  local mine = attempts[user]
+  if mine and mine[attempt] then
+    mine[attempt] = nil
+    if next(mine) == nil then
+      attempts[user] = nil
+      local holds = cjson.decode(redis.call('HGET', key, 'h:' .. token) or '{}')
+      local units = tonumber(holds[user] or 0)
+      holds[user] = nil
+      if next(holds) then
+        redis.call('HSET', key, 'h:' .. token, cjson.encode(holds))
+      else
+        redis.call('HDEL', key, 'h:' .. token)
+      end
+      redis.call('HINCRBY', key, 'b:' .. user, -units)
+      freed = freed + units
+    end
+    if next(attempts) then
+      redis.call('HSET', key, 'a:' .. token, cjson.encode(attempts))
+    else
+      redis.call('HDEL', key, 'a:' .. token)
+    end
+  end
+end
+redis.call('HINCRBY', key, 'calls', 1)
+return freed
