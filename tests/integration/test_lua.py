@@ -603,10 +603,22 @@ def test_a_release_frees_only_its_users_hold_and_leaves_attempts_not_on_record_a
     assert _release(redis_stock, key, ("t1", "u1", "a1"), ("t1", "u2", "a9")) == 2  # a9 never held
     assert json.loads(redis_stock.client.hget(key, "h:t1")) == {"u2": 3}
     assert (redis_stock.client.hget(key, "b:u1"), redis_stock.client.hget(key, "b:u2")) == ("0", "3")
-    # A hold of a record without attempts (taken before they were recorded) is never freed.
-    redis_stock.client.hset(key, mapping={"h:t7": json.dumps({"u3": 2}), "b:u3": 2})
-    assert _release(redis_stock, key, ("t7", "u3", "a1")) == 0
-    assert redis_stock.client.hget(key, "b:u3") == "2"
+    # A hold with no attempt on record (taken by a script that kept none, whose attempts may still ride
+    # it) is never freed, even once an attempt that rode it is released; nor is one in the older format.
+    redis_stock.client.hset(key, mapping={"h:t7": json.dumps({"u3": 2}), "b:u3": 2, "h:t8": "1", "b:u4": 1})
+    assert _hold(redis_stock, key, 5, ("t7", "u3", 2, "a1"), ("t8", "u4", 1, "a2")) == [1, "", 1, ""]
+    assert _release(redis_stock, key, ("t7", "u3", "a1"), ("t8", "u4", "a2")) == 0
+    assert (redis_stock.client.hget(key, "b:u3"), redis_stock.client.hget(key, "b:u4")) == ("2", "1")
+
+
+def test_a_token_asked_again_and_again_keeps_its_hold_and_a_small_record(redis_stock: RedisStock) -> None:
+    key = USER_HOLDS_KEY.format(shard=4, sku="s", epoch=1)
+    redis_stock.client.delete(key)
+    attempts = [("t1", "u1", 1, f"a{n}") for n in range(9)]
+    assert _hold(redis_stock, key, 3, *attempts) == [1, ""] * 9
+    assert json.loads(redis_stock.client.hget(key, "a:t1")) == {"u1": {"*": 1}}
+    assert _release(redis_stock, key, *[(t, u, a) for t, u, _, a in attempts]) == 0
+    assert redis_stock.client.hget(key, "b:u1") == "1"
 
 
 def test_a_frozen_sku_refuses_every_purchase_until_thawed_or_until_the_freeze_runs_out(

@@ -17,7 +17,9 @@
 -- more, a retry asking for more holds the difference (within the limit), and the same token sent by
 -- another user holds on that user's count. A user is never sold more than the limit. Each attempt held
 -- is recorded (a:token); once every attempt of the user's token was told `sold_out`, user_release.lua
--- gives the hold back, since none deducted it and any later one takes a hold again. Otherwise a hold is
+-- gives the hold back, since none deducted it and any later one takes a hold again. A hold found with no
+-- record (taken by a script that kept none) and one whose token was asked more than 8 times are marked
+-- kept (`*`) instead: never freed, as before records, and the record stays small. Otherwise a hold is
 -- kept whatever the purchase's outcome, and whatever becomes of its order (cancelled or expired, its
 -- units back on sale): the count can run ahead of the orders (a buyer who gives up on an unclear
 -- answer, or lets an order go), never behind them. So a buyer whose order is cancelled or expires does
@@ -26,6 +28,8 @@
 --
 -- Every call writes (a counter at least), so that a WAIT after it proves a replica holds the holds.
 local key, limit = KEYS[1], tonumber(ARGV[1])
+-- The record of a hold that is never freed, and the attempts a user's token keeps on record before it is.
+local KEPT, MAX_ATTEMPTS = '*', 8
 local out = {}
 for i = 2, #ARGV - 3, 4 do
   local token, user, qty, attempt = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
@@ -48,8 +52,22 @@ for i = 2, #ARGV - 3, 4 do
       redis.call('HINCRBY', key, 'b:' .. user, qty - mine)
     end
     local attempts = cjson.decode(redis.call('HGET', key, 'a:' .. token) or '{}')
-    attempts[user] = attempts[user] or {}
-    attempts[user][attempt] = 1
+    local mine_on_record = attempts[user]
+    if mine > 0 and not mine_on_record then
+      -- A hold no attempt is on record for was taken by a script that kept no record: attempts it
+      -- does not know of may ride it, so it is never freed.
+      mine_on_record = {[KEPT] = 1}
+    end
+    mine_on_record = mine_on_record or {}
+    if not mine_on_record[KEPT] then
+      mine_on_record[attempt] = 1
+      local n = 0
+      for _ in pairs(mine_on_record) do n = n + 1 end
+      if n > MAX_ATTEMPTS then
+        mine_on_record = {[KEPT] = 1}  -- a token asked again and again: its record stays small, its hold kept
+      end
+    end
+    attempts[user] = mine_on_record
     redis.call('HSET', key, 'a:' .. token, cjson.encode(attempts))
     out[#out + 1] = 1
     out[#out + 1] = ''

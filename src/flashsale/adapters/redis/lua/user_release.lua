@@ -8,8 +8,8 @@
 -- KEYS[1] fs:{#users:n}:sku:epoch  the holds (see user_hold.lua)
 -- ARGV[1] token, ARGV[2] user id, ARGV[3] attempt id: three such per attempt told `sold_out`
 --
--- Returns the units freed. An attempt not on record (a hold taken before attempts were recorded, or a
--- release run again) frees nothing. It writes (a counter at least), so that a WAIT after it proves a
+-- Returns the units freed. An attempt not on record (a release run again) frees nothing, nor does a hold
+-- marked kept (`*`, see user_hold.lua): the mark is never taken off the record. It writes (a counter at least), so that a WAIT after it proves a
 -- replica holds it.
 local key = KEYS[1]
 local freed = 0
@@ -21,16 +21,19 @@ for i = 1, #ARGV - 2, 3 do
     mine[attempt] = nil
     if next(mine) == nil then
       attempts[user] = nil
-      local holds = cjson.decode(redis.call('HGET', key, 'h:' .. token) or '{}')
-      local units = tonumber(holds[user] or 0)
-      holds[user] = nil
-      if next(holds) then
-        redis.call('HSET', key, 'h:' .. token, cjson.encode(holds))
-      else
-        redis.call('HDEL', key, 'h:' .. token)
+      local raw = redis.call('HGET', key, 'h:' .. token) or '{}'
+      if string.sub(raw, 1, 1) == '{' then  -- a hold written before holds named their user is kept
+        local holds = cjson.decode(raw)
+        local units = tonumber(holds[user] or 0)
+        holds[user] = nil
+        if next(holds) then
+          redis.call('HSET', key, 'h:' .. token, cjson.encode(holds))
+        else
+          redis.call('HDEL', key, 'h:' .. token)
+        end
+        redis.call('HINCRBY', key, 'b:' .. user, -units)
+        freed = freed + units
       end
-      redis.call('HINCRBY', key, 'b:' .. user, -units)
-      freed = freed + units
     end
     if next(attempts) then
       redis.call('HSET', key, 'a:' .. token, cjson.encode(attempts))
