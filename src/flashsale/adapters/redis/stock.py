@@ -41,6 +41,7 @@ from flashsale.adapters.redis.topology import (
     MISROUTED,
     UNREACHABLE,
     Replicas,
+    failed_over,
     masters,
     sync_client,
     sync_node,
@@ -259,6 +260,9 @@ class RedisStock:
             self._stale()
             raise unavailable(self.url, what, exc) from exc
         except redis.ResponseError as exc:
+            if failed_over(exc):
+                self._stale()
+                raise unavailable(self.url, what, exc) from exc
             raise StockError(f"Redis {what} failed: {exc}") from exc
         if int(acked) < wanted:
             raise NotReplicated(
@@ -299,6 +303,11 @@ class RedisStock:
             self._stale()
             raise unavailable(self.url, "fence", exc, reached=False) from exc
         except UNREACHABLE as exc:
+            self._stale()
+            raise unavailable(self.url, "fence", exc) from exc
+        except redis.ResponseError as exc:
+            if not failed_over(exc):
+                raise StockError(f"Redis script fence failed: {exc}") from exc
             self._stale()
             raise unavailable(self.url, "fence", exc) from exc
         view = parse_check(tokens, reply)

@@ -39,7 +39,7 @@ from flashsale.adapters.redis.codec import (
     sold_out,
 )
 from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key, parent
-from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, unavailable
+from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, failed_over, unavailable
 from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
 from flashsale.records import (
@@ -153,7 +153,10 @@ class AsyncRedisStock:
             self._router.stale()
             raise _Failed(exc, reached=True) from exc
         except redis.ResponseError as exc:
-            raise StockError(f"Redis script {name} failed: {exc}") from exc
+            if not failed_over(exc):
+                raise StockError(f"Redis script {name} failed: {exc}") from exc
+            self._router.stale()
+            raise _Failed(exc, reached=True) from exc
         finally:
             await pool.release(conn)
         return reply, acked, wanted
