@@ -113,8 +113,11 @@ class Placement:
         n = len(requests)
         return cls(layout, requests, [None] * n, [set() for _ in range(n)], list(range(n)))
 
-    def attempt_of(self, i: int) -> str:
-        return f"{self.attempt}.{i}"
+    def attempts(self, idxs: Sequence[int]) -> tuple[list[Purchase], list[str]]:
+        """These purchases, as the holds know them, and the id of each one's attempt."""
+        requests = self.requests
+        purchases = [Purchase(requests[i].token, requests[i].user_id, requests[i].qty) for i in idxs]
+        return purchases, [f"{self.attempt}.{i}" for i in idxs]
 
     def answer(self, i: int, status: PurchaseStatus, **fields: object) -> None:
         self.answers[i] = PurchaseResult(status, self.requests[i].token, **fields)  # type: ignore[arg-type]
@@ -342,8 +345,7 @@ class Scheduler:
         if not layout.per_user_limit or not pending:
             return
         requests = placing.requests
-        purchases = [Purchase(requests[i].token, requests[i].user_id, requests[i].qty) for i in pending]
-        held = await self._stock.hold(layout, purchases, [placing.attempt_of(i) for i in pending])
+        held = await self._stock.hold(layout, *placing.attempts(pending))
         for i, bought in zip(pending, held, strict=True):
             if bought is None:
                 placing.holding.append(i)
@@ -362,10 +364,8 @@ class Scheduler:
         done = [i for i in placing.holding if results[i].status is PurchaseStatus.SOLD_OUT]
         if not done:
             return
-        requests = placing.requests
-        purchases = [Purchase(requests[i].token, requests[i].user_id, requests[i].qty) for i in done]
         try:
-            await self._stock.release(placing.layout, purchases, [placing.attempt_of(i) for i in done])
+            await self._stock.release(placing.layout, *placing.attempts(done))
         except FlashSaleError as exc:
             logger.warning("holds of %s kept: %s", placing.layout.sku, exc, extra=ids(sku=placing.layout.sku))
 
@@ -509,8 +509,9 @@ class Scheduler:
                 else:
                     await self._stock.receive(layout, t.id, await self._stock.drain(layout, t.part, t.id, t.qty))
                 # One a refiller left behind is worth an operator's eye; one a pull completed is routine.
-                (logger.warning if age_ms else logger.info)(
-                    "completed transfer %s (%s %s, %d)", t.id, t.dir, t.part, t.qty, extra=ids(sku=layout.sku)
+                level = logging.WARNING if age_ms else logging.INFO
+                logger.log(
+                    level, "completed transfer %s (%s %s, %d)", t.id, t.dir, t.part, t.qty, extra=ids(sku=layout.sku)
                 )
         except StaleLayout:
             self.forget(layout.sku)

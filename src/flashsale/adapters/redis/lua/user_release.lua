@@ -9,8 +9,8 @@
 -- ARGV[1] token, ARGV[2] user id, ARGV[3] attempt id: three such per attempt told `sold_out`
 --
 -- Returns the units freed. An attempt not on record (a release run again) frees nothing, nor does a hold
--- marked kept (`*`, see user_hold.lua): the mark is never taken off the record. It writes (a counter at least), so that a WAIT after it proves a
--- replica holds it.
+-- marked kept (`*`, see user_hold.lua): the mark is never taken off the record. It writes (a counter at
+-- least), so that a WAIT after it proves a replica holds it.
 local key = KEYS[1]
 local freed = 0
 for i = 1, #ARGV - 2, 3 do
