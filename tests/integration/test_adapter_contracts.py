@@ -180,3 +180,27 @@ def test_mysql_refusing_a_row_for_good_dead_letters_that_message_alone(mysql_sto
     assert receiver.acked == ["m-ok", "m-bad"]
     view = mysql_store.view(sku)
     assert (view.stock, view.deductions, view.orders) == (9, 1, 1)
+
+
+def test_the_producer_s_redis_connections_pack_with_hiredis_and_round_trip_any_value(settings: Settings) -> None:
+    import redis.asyncio as aredis
+
+    from flashsale.adapters.redis.packing import packed
+    from flashsale.adapters.redis.topology import AsyncRouter
+
+    key, values = f"packed-{time.time_ns()}", {f"f{i}": f"é ✓ {i}" for i in range(700)}
+
+    async def roundtrip() -> tuple[type, list[str | None]]:
+        router = AsyncRouter(settings.redis_url, timeout_s=2, max_connections=4)
+        try:
+            client = await router.client(key)
+            await client.hset(key, mapping=values)
+            got = await client.hmget(key, list(values))
+            await client.delete(key)
+            return (await router.pool(key)).connection_class, got
+        finally:
+            await router.close()
+
+    kind, got = asyncio.run(roundtrip())
+    assert kind is packed(aredis.Connection)
+    assert got == list(values.values())

@@ -21,6 +21,7 @@ import redis
 import redis.asyncio as aredis
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
+from flashsale.adapters.redis.packing import packed
 from flashsale.errors import ConfigError, ServiceUnavailable
 
 #: Seconds a cluster's slot map is trusted: replicas that joined since are then seen (and waited for).
@@ -154,6 +155,7 @@ class AsyncRouter:
             if self._resolved:
                 return
             pool = aredis.BlockingConnectionPool.from_url(self.url, **self._options)
+            pool.connection_class = packed(pool.connection_class)  # no connection is made before this
             probe = aredis.Redis(connection_pool=pool)
             try:
                 cluster = _is_cluster(await probe.info("cluster"), self.url)
@@ -192,7 +194,9 @@ class AsyncRouter:
             self._stale = True
             raise redis.ConnectionError(f"no Redis Cluster node serves the slot of {key} now")
         if node.name not in self._nodes:
-            pool = aredis.BlockingConnectionPool(host=node.host, port=node.port, **self._options)
+            pool = aredis.BlockingConnectionPool(
+                host=node.host, port=node.port, connection_class=packed(aredis.Connection), **self._options
+            )
             self._nodes[node.name] = (pool, aredis.Redis(connection_pool=pool))
         return self._nodes[node.name]
 
