@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from itertools import accumulate
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -11,12 +15,51 @@ from prometheus_client import (
     Gauge,
     Histogram,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from flashsale import __version__
 from flashsale.models import PurchaseResult, PurchaseStatus, Resolution
 from flashsale.records import ApplyReport
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: A bucket's `le` label, written as prometheus_client writes it.
+_LE: Callable[[float], str] = floatToGoString
+
+
+class PurchaseTally(Collector):
+    """Purchases answered, by status, and the time each took: plain numbers the purchase path adds to,
+    read at each scrape as the series `flashsale_purchases_total` and `flashsale_purchase_seconds`.
+
+    prometheus_client's Counter and Histogram take a lock on every call: 1.2 µs a purchase, a tenth of
+    the Python of a sold-out answer. One event loop is their only writer, so plain numbers do; a scrape
+    from another thread reads counts at most one purchase behind.
+    """
+
+    def __init__(self) -> None:
+        self.by_status = dict.fromkeys(PurchaseStatus, 0)
+        self._buckets = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last: slower than every bound
+        self._sum = 0.0
+
+    def add(self, status: PurchaseStatus, seconds: float) -> None:
+        self.by_status[status] += 1
+        self._buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # a bucket counts values <= its bound
+        self._sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        counter = CounterMetricFamily("flashsale_purchases", "Purchases answered, by status", labels=["status"])
+        for status, n in list(self.by_status.items()):
+            counter.add_metric([status.value], n)
+        yield counter
+        cumulative = list(accumulate(self._buckets))
+        bounds = [_LE(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
+        yield HistogramMetricFamily(
+            "flashsale_purchase_seconds",
+            "Time to answer a purchase",
+            buckets=list(zip(bounds, cumulative, strict=True)),
+            sum_value=self._sum,
+        )
 
 
 class Metrics:
@@ -34,12 +77,8 @@ class Metrics:
             "Times a RocketMQ client re-sent its settings after the broker forgot it (a proxy restart)",
             registry=r,
         )
-        self.purchases = Counter("flashsale_purchases", "Purchases answered, by status", ["status"], registry=r)
-        self.purchase_seconds = Histogram(
-            "flashsale_purchase_seconds", "Time to answer a purchase", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        # One child per status, looked up once: the hot path pays a dict lookup, not a label parse.
-        self._by_status = {status: self.purchases.labels(status.value) for status in PurchaseStatus}
+        self.purchases = PurchaseTally()
+        r.register(self.purchases)
         self.in_flight = Gauge("flashsale_purchases_in_flight", "Purchases being processed", registry=r)
         self.group_sizes = Histogram(
             "flashsale_transaction_purchases",
@@ -62,12 +101,11 @@ class Metrics:
         )
 
     def purchase(self, result: PurchaseResult, seconds: float) -> None:
-        self._by_status[result.status].inc()
-        self.purchase_seconds.observe(seconds)
+        self.purchases.add(result.status, seconds)
 
     def invalid(self) -> None:
-        """A request refused before it was a purchase (malformed JSON or fields)."""
-        self._by_status[PurchaseStatus.INVALID].inc()
+        """A request refused before it was a purchase (malformed JSON or fields): counted, not timed."""
+        self.purchases.by_status[PurchaseStatus.INVALID] += 1
 
     def group(self, size: int) -> None:
         self.group_sizes.observe(size)
