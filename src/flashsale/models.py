@@ -92,10 +92,12 @@ class PurchaseRequest:
     def from_json(cls, payload: object) -> PurchaseRequest:
         if not isinstance(payload, Mapping):
             raise InvalidInput("the body must be a JSON object with sku, user_id, qty and token")
-        missing = [k for k in ("sku", "user_id", "qty", "token") if k not in payload]
-        if missing:
-            raise InvalidInput(f"missing field(s): {', '.join(missing)}")
-        return cls.build(payload["sku"], payload["user_id"], payload["qty"], payload["token"])
+        try:
+            sku, user_id, qty, token = payload["sku"], payload["user_id"], payload["qty"], payload["token"]
+        except KeyError:
+            missing = [k for k in ("sku", "user_id", "qty", "token") if k not in payload]
+            raise InvalidInput(f"missing field(s): {', '.join(missing)}") from None
+        return cls.build(sku, user_id, qty, token)
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class PredeductResult:
 
     code: Prededuct
     remaining: int | None
-    entry: LogEntry | None = None
+    entry: LogEntry | None = None  # a duplicate's: the entry of the message that deducted the token
     bought: int | None = None
 
 

@@ -77,18 +77,25 @@ def parse_additions(raw: Mapping[Any, Any]) -> dict[str, tuple[int, int, str]]:
     return out
 
 
+#: A pre-deduct's codes by number, looked up rather than built (an enum call is the dearer of the two).
+_PREDEDUCT = {int(code): code for code in Prededuct}
+
+
 def parse_prededuct(purchases: Sequence[Purchase], reply: list[Any]) -> list[PredeductResult]:
-    """One result per purchase, from prededuct.lua's flat {code, remaining, detail} reply."""
+    """One result per purchase, from prededuct.lua's flat {code, remaining, detail} reply.
+
+    Only a duplicate's log entry is parsed (it names the message that deducted the token): an accepted
+    purchase's entry is the one its own message just wrote, and parsing it cost a purchase 2 µs."""
     results = []
     for i, purchase in enumerate(purchases):
         code, remaining, detail = reply[3 * i : 3 * i + 3]
-        result = Prededuct(int(code))
-        logged = result in (Prededuct.ACCEPTED, Prededuct.DUPLICATE)
+        result = _PREDEDUCT[int(code)]
+        left = int(remaining)
         results.append(
             PredeductResult(
                 result,
-                int(remaining) if int(remaining) >= 0 else None,
-                entry=LogEntry.parse(purchase.token, detail) if logged else None,
+                left if left >= 0 else None,
+                entry=LogEntry.parse(purchase.token, detail) if result is Prededuct.DUPLICATE else None,
                 bought=int(detail) if result is Prededuct.LIMIT_EXCEEDED else None,
             )
         )
