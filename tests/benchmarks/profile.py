@@ -1,13 +1,14 @@
 """Where a purchase's CPU goes: wrk against fresh processes, with py-spy on the producer and the consumer and
 JDK Flight Recorder on the broker's JVM, attached by PID while the load runs.
 
-    python -m tests.benchmarks.profile --mode sold_out|live|idle [--duration 10] [--out /tmp/prof-out] [--jfr]
+    python -m tests.benchmarks.profile --mode sold_out|live|idle [--duration 10] [--out /tmp/prof-out] [--jfr] [--gil]
 
 For each process profiled it writes, under --out: py-spy's raw stacks (`<mode>-<role>.txt`, collapsed, one
 line a stack with its sample count: any flame graph tool reads them), the top functions by self and
 inclusive samples (`<mode>-<role>.top.txt`); the CPU each thread of every process spent during the profile
 (`<mode>-threads.txt`, from /proc); with --jfr the broker's recording and its top methods and packages
-(`<mode>-broker.jfr`, `<mode>-broker.top.txt`). py-spy samples only threads on the CPU (no --idle).
+(`<mode>-broker.jfr`, `<mode>-broker.top.txt`). py-spy samples only threads on the CPU (no --idle); with --gil
+only the thread that holds the GIL, and the top says at how many of the instants sampled one did.
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def start_profilers(pids: dict[str, int], roles: list[str], args: argparse.Names
         command += ["--rate", str(args.rate), "--format", "raw", "--threads", "--function"]
         # py-spy reads native stacks only from a paused process; without them it need not pause it.
         command += ["--native"] if args.native else ["--nonblocking"]
+        command += ["--gil"] if args.gil else []
         command += ["--output", str(args.out / f"{args.mode}-{role}.txt")]
         spies.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
     if args.jfr:
@@ -246,6 +248,9 @@ def write_tops(roles: list[str], args: argparse.Namespace) -> None:
         # Every sample, by thread: one with no Python frame ran native code only (granian's workers, say).
         threads = threads_of(raw)
         top += "\n" + render(f"{args.mode} {role}, every sample", sum(threads.values()), {"by thread": threads})
+        if args.gil:  # one thread at most holds the GIL at each instant sampled
+            held = sum(threads.values()) / (args.rate * args.duration)
+            top += f"\nthe GIL was held at {100 * held:.0f}% of the instants sampled\n"
         (args.out / f"{args.mode}-{role}.top.txt").write_text(top)
     if args.jfr:
         (args.out / f"{args.mode}-broker.top.txt").write_text(jfr_report(args.recording))
@@ -259,6 +264,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=256)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true", help="py-spy --native: C and Rust frames too")
+    parser.add_argument("--gil", action="store_true", help="py-spy --gil: only the thread holding the GIL")
     parser.add_argument("--jfr", action="store_true", help="record the broker's JVM with JDK Flight Recorder")
     parser.add_argument("--out", type=Path, default=Path("/tmp/prof-out"))
     args = parser.parse_args()
