@@ -22,16 +22,25 @@ UNBLOCKED = (
 )
 
 
+class _Pipeline:
+    """The checker's pipeline of a fence and its WAIT, which Redis answers with `error`."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def execute_command(self, *args: Any) -> None:
+        pass
+
+    def execute(self) -> list[Any]:
+        raise redis.ResponseError(self.error)
+
+
 def _checker_stock(error: str, monkeypatch: pytest.MonkeyPatch) -> RedisStock:
     stock = RedisStock("redis://127.0.0.1:1/0", wait_ms=500)
-    stock._client = redis.Redis(host="127.0.0.1", port=1)  # never connects: nothing is sent through it
+    client = stock._client = redis.Redis(host="127.0.0.1", port=1)  # never connects: nothing is sent through it
     stock._scripts = {"fence": lambda **kwargs: None}
     monkeypatch.setattr(stock._replicas, "of", lambda client, key: 1)
-
-    def wait_cut(*args: Any) -> tuple[Any, Any]:
-        raise redis.ResponseError(error)
-
-    monkeypatch.setattr(stock, "_then_wait", wait_cut)
+    monkeypatch.setattr(client, "pipeline", lambda transaction: _Pipeline(error))
     return stock
 
 

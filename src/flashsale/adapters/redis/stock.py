@@ -260,9 +260,6 @@ class RedisStock:
             self._stale()
             raise unavailable(self.url, what, exc) from exc
         except redis.ResponseError as exc:
-            if failed_over(exc):
-                self._stale()
-                raise unavailable(self.url, what, exc) from exc
             raise StockError(f"Redis {what} failed: {exc}") from exc
         if int(acked) < wanted:
             raise NotReplicated(
@@ -306,21 +303,24 @@ class RedisStock:
             self._stale()
             raise unavailable(self.url, "fence", exc) from exc
         except redis.ResponseError as exc:
-            if not failed_over(exc):
-                raise StockError(f"Redis script fence failed: {exc}") from exc
-            self._stale()
-            raise unavailable(self.url, "fence", exc) from exc
+            raise StockError(f"Redis script fence failed: {exc}") from exc
         view = parse_check(tokens, reply)
         if view.state != c.TX_YOUNG and int(acked) < wanted:
             raise unavailable(self.url, "fence", TimeoutError(f"no replica acknowledged within {self._wait_ms} ms"))
         return view
 
     def _then_wait(self, key: str, wanted: int, write: Callable[[Any], Any]) -> tuple[Any, Any]:
-        """`write`'s reply and the replicas that acknowledged it: one pipeline on `key`'s node, as WAIT needs."""
+        """`write`'s reply and the replicas that acknowledged it: one pipeline on `key`'s node, as WAIT needs.
+        A WAIT a failover cut short raises as an unanswered call does: the write's outcome is unknown."""
         pipe = sync_node(self.client, key).pipeline(transaction=False)
         write(pipe)
         pipe.execute_command("WAIT", wanted, self._wait_ms)  # type: ignore[no-untyped-call]
-        reply, acked = pipe.execute()
+        try:
+            reply, acked = pipe.execute()
+        except redis.ResponseError as exc:
+            if failed_over(exc):
+                raise redis.ConnectionError(str(exc)) from exc
+            raise
         return reply, acked
 
     def _stale(self) -> None:
