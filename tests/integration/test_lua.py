@@ -621,6 +621,17 @@ def test_a_token_asked_again_and_again_keeps_its_hold_and_a_small_record(redis_s
     assert redis_stock.client.hget(key, "b:u1") == "1"
 
 
+def test_a_release_on_holds_a_later_load_dropped_writes_nothing_and_leaves_no_key(redis_stock: RedisStock) -> None:
+    """A purchase in flight across a reload releases on the holds of the load before, whose key the
+    reload deleted: a counter written there would bring the key back, and nothing would delete it again."""
+    key = USER_HOLDS_KEY.format(shard=5, sku="s", epoch=1)
+    redis_stock.client.delete(key)
+    assert _hold(redis_stock, key, 3, ("t1", "u1", 1, "a1")) == [1, ""]
+    redis_stock.client.delete(key)  # what the next load does to the holds of this one
+    assert _release(redis_stock, key, ("t1", "u1", "a1")) == 0
+    assert redis_stock.client.exists(key) == 0
+
+
 def test_a_frozen_sku_refuses_every_purchase_until_thawed_or_until_the_freeze_runs_out(
     redis_stock: RedisStock, sku: str
 ) -> None:

@@ -106,12 +106,15 @@ class ModelBus:
         self._machine = machine
         self.stall: Stall | None = None
         self.lose_end = False
+        self.down = False  # the broker takes no half message: the producer answers `error`
 
     def new_message_id(self) -> str:
         self._machine.ids += 1
         return f"m{self._machine.ids}"
 
     async def send_half_async(self, topic: str, key: str, body: bytes, tag: str, message_id: str | None = None) -> Any:
+        if self.down:
+            raise BusError("the broker is out of reach")
         gid = message_id or self.new_message_id()
         self._machine.messages[gid] = Message(gid, body, int(time.time() * 1000), self._machine.load)
         stall, self.stall = (self.stall, None) if self.stall and self.stall.where == "half" else (None, self.stall)
@@ -299,15 +302,17 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule(
         p=st.integers(0, PRODUCERS - 1),
         items=purchases_st,
-        stall=st.sampled_from(("", "", "", "half", "end")),
+        stall=st.sampled_from(("", "", "", "half", "end", "down")),
         lose_end=st.booleans(),
     )
     def buy(self, p: int, items: list[tuple[str, str, int]], stall: str, lose_end: bool) -> None:
         """A group of purchases sent at once to one producer: each buyer hears an answer, unless the
-        producer stalls (after the half message, or before its commit or roll back)."""
+        producer stalls (after the half message, or before its commit or roll back). With the broker
+        down, the half message is refused and the buyers hear `error`."""
         producer = self.producers[p]
         producer.bus.lose_end = lose_end
-        producer.bus.stall = Stall(stall) if stall else None
+        producer.bus.down = stall == "down"
+        producer.bus.stall = Stall(stall) if stall in ("half", "end") else None
         if not self.group_repeats:
             items = list({token: (token, user, qty) for token, user, qty in items}.values())
         requests = [PurchaseRequest(self.sku, user, qty, token) for token, user, qty in items]
@@ -322,6 +327,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         else:
             producer.bus.stall = None
             self._collect(tasks)
+        producer.bus.down = False
         self._settle_background()
 
     @precondition(lambda self: bool(self.stalls))

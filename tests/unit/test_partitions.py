@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 from redis.crc import key_slot
@@ -16,9 +17,9 @@ from redis.crc import key_slot
 from flashsale.adapters.redis.codec import moving
 from flashsale.adapters.redis.keys import STOCK_KEY, parent, place
 from flashsale.errors import MalformedMessage, ServiceUnavailable
-from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseStatus
+from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline import partitions
-from flashsale.pipeline.partitions import Scheduler
+from flashsale.pipeline.partitions import Placed, Scheduler, Sender
 from flashsale.records import Layout, LogEntry, Registry, Transfer
 from tests.unit.fakes import FakePartitions
 
@@ -305,6 +306,30 @@ def test_a_buyer_told_sold_out_gets_the_held_share_of_the_limit_back() -> None:
     small = PurchaseRequest.build("s", "u1", 1, _token_for("s#0", avoid="s"))
     assert _sell(fake, [small], layout) == [PurchaseStatus.ACCEPTED]
     assert fake.held == {"u1": 1} and fake.attempts  # an accepted purchase keeps its hold
+
+
+def test_a_buyer_told_error_gets_the_held_share_of_the_limit_back_and_may_buy_with_a_new_token() -> None:
+    """`error` says nothing was deducted, try again: a buyer at the limit who tries again with a new token
+    must not be refused for units never sold."""
+    layout = Layout("s", PARTS, refill=5, threshold=0, epoch=1, per_user_limit=1)
+    fake = FakePartitions(layout, pool=0, stock={p: 5 for p in PARTS})
+
+    async def broker_down(lay: Layout, requests: Sequence[PurchaseRequest], parts: Sequence[str]) -> list[Placed]:
+        return [(PurchaseResult(PurchaseStatus.ERROR, r.token, message="broker down"), None) for r in requests]
+
+    async def run(request: PurchaseRequest, send: Sender) -> PurchaseStatus:
+        scheduler = Scheduler(fake)
+        try:
+            return (await scheduler.sell(layout, [request], send))[0].status
+        finally:
+            await scheduler.close()
+
+    first = PurchaseRequest.build("s", "u1", 1, _token_for("s#0", avoid="e"))
+    assert asyncio.run(run(first, broker_down)) is PurchaseStatus.ERROR
+    assert fake.held == {"u1": 0} and "release 1" in fake.calls and fake.sales == []
+    again = PurchaseRequest.build("s", "u1", 1, _token_for("s#1", avoid="n"))
+    assert asyncio.run(run(again, fake.sell)) is PurchaseStatus.ACCEPTED
+    assert fake.held == {"u1": 1}
 
 
 def test_units_on_their_way_are_moved_by_a_pull_rather_than_a_partition_closed_beside_them() -> None:

@@ -29,9 +29,10 @@
   refiller that died midway loses nothing, and each step counts once, run again at any time. A pull
   that finds its partition and the pool short completes every transfer under way at once: units on
   their way are not taken for none, whoever moves them.
-- A hold taken by a purchase told `sold_out` is given back (user_release.lua) once no other attempt
-  of its token rides it: a buyer told `sold_out` keeps the share of the limit for units that come back
-  on sale (an order cancelled or expired, a restock).
+- A hold taken by a purchase told `sold_out` or `error` (nothing deducted) is given back
+  (user_release.lua) once no other attempt of its token rides it: a buyer told `sold_out` keeps the
+  share of the limit for units that come back on sale (an order cancelled or expired, a restock), and
+  one told `error` (the broker or Redis out of reach) may try again with a new token.
 - Every step that moves stock carries the layout's epoch. A step of another load is refused (StaleLayout),
   writing nothing: the scheduler then drops the layout and moves nothing more by it. So does a group one
   of whose pre-deducts reports the layout stale.
@@ -72,6 +73,8 @@ PULLS = 4
 Placed = tuple[PurchaseResult, Prededuct | None]
 
 _NOT_RUN = "stock could not be checked; nothing was deducted, try again"
+#: Answers of an attempt that certainly deducted nothing: its hold on the buyer's limit can be given back.
+_NOT_SOLD = frozenset({PurchaseStatus.SOLD_OUT, PurchaseStatus.ERROR})
 
 
 class Sender(Protocol):
@@ -358,10 +361,11 @@ class Scheduler:
         placing.settle_answered()
 
     async def _release(self, placing: Placement, results: Sequence[PurchaseResult]) -> None:
-        """The holds of the purchases told `sold_out`: not sold, they give their units of the limit back
-        (once no other attempt of the token rides the hold). One that cannot be given back now stays
-        held: the buyer may buy that much less, never more."""
-        done = [i for i in placing.holding if results[i].status is PurchaseStatus.SOLD_OUT]
+        """The holds of the purchases told `sold_out` or `error`: neither deducted anything (an `error`
+        is only ever answered when no pre-deduct of the attempt ran, or when one refused it), so they give
+        their units of the limit back once no other attempt of the token rides the hold. One that cannot
+        be given back now stays held: the buyer may buy that much less, never more."""
+        done = [i for i in placing.holding if results[i].status in _NOT_SOLD]
         if not done:
             return
         try:

@@ -38,18 +38,22 @@ class PurchaseTally(Collector):
     """
 
     def __init__(self) -> None:
-        self.by_status = dict.fromkeys(PurchaseStatus, 0)
+        self._by_status = dict.fromkeys(PurchaseStatus, 0)
         self._buckets = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last: slower than every bound
         self._sum = 0.0
 
     def add(self, status: PurchaseStatus, seconds: float) -> None:
-        self.by_status[status] += 1
+        self._by_status[status] += 1
         self._buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # a bucket counts values <= its bound
         self._sum += seconds
 
+    def count(self, status: PurchaseStatus) -> None:
+        """An answer counted and not timed."""
+        self._by_status[status] += 1
+
     def collect(self) -> Iterator[Metric]:
         counter = CounterMetricFamily("flashsale_purchases", "Purchases answered, by status", labels=["status"])
-        for status, n in list(self.by_status.items()):
+        for status, n in list(self._by_status.items()):
             counter.add_metric([status.value], n)
         yield counter
         cumulative = list(accumulate(self._buckets))
@@ -105,7 +109,7 @@ class Metrics:
 
     def invalid(self) -> None:
         """A request refused before it was a purchase (malformed JSON or fields): counted, not timed."""
-        self.purchases.by_status[PurchaseStatus.INVALID] += 1
+        self.purchases.count(PurchaseStatus.INVALID)
 
     def group(self, size: int) -> None:
         self.group_sizes.observe(size)

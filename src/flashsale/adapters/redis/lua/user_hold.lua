@@ -3,7 +3,7 @@
 --
 -- KEYS[1] fs:{#users:n}:sku:epoch  hash b:user -> units held by the user; h:token -> JSON {user: units};
 --                                  a:token -> JSON {user: {attempt id: 1}}: the attempts that took or
---                                  rode the hold and were not told `sold_out` (user_release.lua)
+--                                  rode the hold and were not told `sold_out` or `error` (user_release.lua)
 --                                  (users sharded by their crc32; a new load of the SKU starts new keys)
 -- ARGV[1] the per-user limit
 -- ARGV[2..] token, user id, quantity, attempt id: four per purchase (the id names this attempt of the
@@ -16,10 +16,11 @@
 -- token is the largest quantity the user sent it with: a retry at that quantity or less counts nothing
 -- more, a retry asking for more holds the difference (within the limit), and the same token sent by
 -- another user holds on that user's count. A user is never sold more than the limit. Each attempt held
--- is recorded (a:token); once every attempt of the user's token was told `sold_out`, user_release.lua
--- gives the hold back, since none deducted it and any later one takes a hold again. A hold found with no
--- record (taken by a script that kept none) and one whose token was asked more than 8 times are marked
--- kept (`*`) instead: never freed, as before records, and the record stays small. Otherwise a hold is
+-- is recorded (a:token); once every attempt of the user's token was told `sold_out` or `error` (nothing
+-- deducted), user_release.lua gives the hold back, since none deducted it and any later one takes a hold
+-- again. A hold found with no record (taken by a script that kept none) and one whose token was asked
+-- more than 8 times are marked kept (`*`) instead: never freed, as before records, and the record stays
+-- small. Otherwise a hold is
 -- kept whatever the purchase's outcome, and whatever becomes of its order (cancelled or expired, its
 -- units back on sale): the count can run ahead of the orders (a buyer who gives up on an unclear
 -- answer, or lets an order go), never behind them. So a buyer whose order is cancelled or expires does
