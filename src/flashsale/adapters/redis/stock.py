@@ -41,7 +41,6 @@ from flashsale.adapters.redis.topology import (
     MISROUTED,
     UNREACHABLE,
     Replicas,
-    failed_over,
     masters,
     sync_client,
     sync_node,
@@ -311,16 +310,16 @@ class RedisStock:
 
     def _then_wait(self, key: str, wanted: int, write: Callable[[Any], Any]) -> tuple[Any, Any]:
         """`write`'s reply and the replicas that acknowledged it: one pipeline on `key`'s node, as WAIT needs.
-        A WAIT a failover cut short raises as an unanswered call does: the write's outcome is unknown."""
+        A WAIT refused after the write ran (cut short by a failover, or sent to a master turned replica
+        meanwhile) raises as an unanswered call does: the write's outcome is unknown."""
         pipe = sync_node(self.client, key).pipeline(transaction=False)
         write(pipe)
         pipe.execute_command("WAIT", wanted, self._wait_ms)  # type: ignore[no-untyped-call]
-        try:
-            reply, acked = pipe.execute()
-        except redis.ResponseError as exc:
-            if failed_over(exc):
-                raise redis.ConnectionError(str(exc)) from exc
-            raise
+        reply, acked = pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply  # the write's own error: it wrote nothing
+        if isinstance(acked, Exception):
+            raise redis.ConnectionError(f"WAIT after the write refused: {acked}") from acked
         return reply, acked
 
     def _stale(self) -> None:

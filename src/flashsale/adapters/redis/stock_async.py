@@ -39,7 +39,7 @@ from flashsale.adapters.redis.codec import (
     sold_out,
 )
 from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key, parent
-from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, failed_over, unavailable
+from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, unavailable
 from flashsale.errors import StaleLayout, StockError
 from flashsale.models import Purchase
 from flashsale.records import (
@@ -114,6 +114,12 @@ class AsyncRedisStock:
                 reached = first.reached or second.reached
                 what = name if reached else f"{name} (not run)"
                 raise unavailable(self.url, what, first.cause, reached=reached) from second.cause
+            except StockError as second:
+                # The run asked again refused (a write refused: NOREPLICAS, OOM, READONLY), but the first
+                # may have run: its outcome is still unknown, not that of a script that never ran.
+                if not first.reached:
+                    raise
+                raise unavailable(self.url, name, first.cause, reached=True) from second
 
     async def _counted(self, name: str, keys: list[str], args: list[str]) -> Any:
         reply, acked, wanted = await self._send(name, keys, args)
@@ -131,6 +137,7 @@ class AsyncRedisStock:
         except UNREACHABLE as exc:
             self._router.stale()
             raise _Failed(exc, reached=False) from exc
+        ran = False
         try:
             try:
                 reply = await self._evalsha(conn, name, keys, args)
@@ -138,6 +145,7 @@ class AsyncRedisStock:
                 await conn.send_command("SCRIPT", "LOAD", lua.source(name))
                 await conn.read_response()
                 reply = await self._evalsha(conn, name, keys, args)
+            ran = True
             wanted = self._router.replicas(keys[0]) if self._wait_ms else 0
             acked = 0
             if wanted:  # on the script's own connection: WAIT counts the replicas that have its writes
@@ -153,8 +161,10 @@ class AsyncRedisStock:
             self._router.stale()
             raise _Failed(exc, reached=True) from exc
         except redis.ResponseError as exc:
-            if not failed_over(exc):
+            if not ran:  # the script's own error: it decides everything before its first write
                 raise StockError(f"Redis script {name} failed: {exc}") from exc
+            # The script ran and its WAIT was refused: cut short by a failover (UNBLOCKED), or sent to a
+            # master turned replica meanwhile. What the script wrote may not survive: its outcome is unknown.
             self._router.stale()
             raise _Failed(exc, reached=True) from exc
         finally:

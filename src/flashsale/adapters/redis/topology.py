@@ -33,12 +33,6 @@ MISROUTED = (AskError, ClusterDownError, TryAgainError)
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-def failed_over(exc: redis.ResponseError) -> bool:
-    """A WAIT its master cut short as it turned replica (a failover): the outcome of the write before it is
-    unknown, as when the server does not answer."""
-    return "UNBLOCKED" in str(exc)
-
-
 def unavailable(url: str, what: str, exc: Exception, *, reached: bool = True) -> ServiceUnavailable:
     """What a caller hears when Redis did not answer `what` (`reached` False: the request never got there)."""
     return ServiceUnavailable("Redis", url, f"{what}: {exc or type(exc).__name__}", reached=reached)
