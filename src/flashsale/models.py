@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from flashsale import constants as c
 from flashsale.errors import InvalidInput, MalformedMessage
@@ -71,6 +71,16 @@ def parse_count(value: object, name: str, maximum: int = c.MAX_STOCK) -> int:
     return value
 
 
+class Buyer(Protocol):
+    """Who asks for a token: what a read ahead of the pre-deduct looks up (a PurchaseRequest or a Purchase)."""
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def user_id(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class PurchaseRequest:
     sku: str
@@ -90,7 +100,7 @@ class PurchaseRequest:
 
     @classmethod
     def from_json(cls, payload: object) -> PurchaseRequest:
-        if not isinstance(payload, Mapping):
+        if type(payload) is not dict and not isinstance(payload, Mapping):  # the exact type first: no ABC check
             raise InvalidInput("the body must be a JSON object with sku, user_id, qty and token")
         try:
             sku, user_id, qty, token = payload["sku"], payload["user_id"], payload["qty"], payload["token"]

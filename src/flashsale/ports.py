@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from flashsale.models import Deadline, Delivery, Purchase
+from flashsale.models import Buyer, Deadline, Delivery, Purchase
 from flashsale.records import (
     Addition,
     ApplyReport,
@@ -56,7 +56,7 @@ class PurchaseStockPort(Protocol):
         partition's purchases carry the `epoch` of the layout that placed them."""
         ...
 
-    async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek: ...
+    async def peek(self, sku: str, purchases: Sequence[Buyer]) -> Peek: ...
 
     async def confirm(self, found: Mapping[str, Mapping[str, LogEntry]]) -> dict[str, dict[str, LogEntry | None]]:
         """Per SKU or partition, the log entries of the tokens `found` holds, as a replica holds them: where

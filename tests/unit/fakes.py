@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flashsale.errors import BusError
-from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.models import Buyer, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.partitions import Placed
 from flashsale.records import (
     CheckView,
@@ -88,7 +88,7 @@ class FakeStock:
             raise error
         return [self.result for _ in purchases]
 
-    async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek:
+    async def peek(self, sku: str, purchases: Sequence[Buyer]) -> Peek:
         self.calls.append(f"peek {sku} {' '.join(p.token for p in purchases)}")
         if self.peek_error:
             raise self.peek_error

@@ -27,7 +27,7 @@ from flashsale import constants as c
 from flashsale import failpoints
 from flashsale.errors import BusError, FlashSaleError, InvalidInput
 from flashsale.logs import ids
-from flashsale.models import DeductionMessage, Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
+from flashsale.models import DeductionMessage, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline import local_tx
 from flashsale.pipeline.grouping import Grouper
 from flashsale.pipeline.local_tx import LocalTransaction
@@ -143,7 +143,7 @@ class PurchaseService:
         """Answer what one Redis read can answer; send the rest as one transaction."""
         sold_out = await self._sold_out.is_sold_out(sku)
         try:
-            peek = await self._stock.peek(sku, [Purchase(r.token, r.user_id, r.qty) for r in requests])
+            peek = await self._stock.peek(sku, requests)
         except FlashSaleError as exc:
             logger.warning("cannot read %s ahead of its transaction: %s", sku, exc, extra=ids(sku=sku))
             if sold_out:  # no broker call for a sold-out SKU; and no answer for a token not looked up

@@ -41,7 +41,7 @@ from flashsale.adapters.redis.codec import (
 from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, holds_key, parent
 from flashsale.adapters.redis.topology import MISROUTED, UNREACHABLE, AsyncRouter, unavailable
 from flashsale.errors import StaleLayout, StockError
-from flashsale.models import Purchase
+from flashsale.models import Buyer, Purchase
 from flashsale.records import (
     Decision,
     Layout,
@@ -176,7 +176,7 @@ class AsyncRedisStock:
         await conn.send_command("EVALSHA", lua.sha1(name), len(keys), *keys, *args)
         return await conn.read_response()
 
-    async def peek(self, sku: str, purchases: Sequence[Purchase]) -> Peek:
+    async def peek(self, sku: str, purchases: Sequence[Buyer]) -> Peek:
         """Stock, limit, and the purchases' log entries and buyers' counts, in one round trip (a hint: the
         pre-deduct decides)."""
         keys = SkuKeys.of(sku)
