@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import BusyLoadingError, MasterDownError
 
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.redis.stock_async import AsyncRedisStock
@@ -116,9 +117,19 @@ def _run(answers: list[Any]) -> tuple[_Router, pytest.ExceptionInfo[Exception]]:
     return router, raised
 
 
-@pytest.mark.parametrize("refusal", [UNBLOCKED, ON_REPLICA])
-def test_a_producers_script_whose_wait_was_refused_is_unavailable_and_was_asked_again(refusal: str) -> None:
-    router, raised = _run([[1], redis.ResponseError(refusal), [1], redis.ResponseError(refusal)])
+#: How a WAIT on a master turned replica is refused: cut short, on a replica, its data loading (a full
+#: resync from its new master), its new master out of reach (replica-serve-stale-data no).
+WAIT_REFUSALS = [
+    redis.ResponseError(UNBLOCKED),
+    redis.ResponseError(ON_REPLICA),
+    BusyLoadingError("LOADING Redis is loading the dataset in memory"),
+    MasterDownError("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'."),
+]
+
+
+@pytest.mark.parametrize("refusal", WAIT_REFUSALS, ids=lambda e: str(e).split()[0])
+def test_a_producers_script_whose_wait_was_refused_is_unavailable_and_was_asked_again(refusal: Exception) -> None:
+    router, raised = _run([[1], refusal, [1], refusal])
     assert isinstance(raised.value, ServiceUnavailable) and raised.value.reached  # the script may have run
     # Its outcome unknown, it was run once more (each script is idempotent), and the map read again each time.
     assert router.pool_.conn.sent == ["EVALSHA", "WAIT", "EVALSHA", "WAIT"] and router.stales == 2
@@ -136,4 +147,10 @@ def test_a_script_asked_again_whose_second_run_was_refused_keeps_the_first_runs_
 def test_a_script_that_failed_itself_on_its_first_run_wrote_nothing() -> None:
     router, raised = _run([redis.ResponseError(NOREPLICAS)])
     assert isinstance(raised.value, StockError) and not isinstance(raised.value, ServiceUnavailable)
+    assert router.pool_.conn.sent == ["EVALSHA"]
+
+
+def test_a_script_a_loading_server_refused_did_not_run() -> None:
+    router, raised = _run([BusyLoadingError("LOADING Redis is loading the dataset in memory")])
+    assert isinstance(raised.value, ServiceUnavailable) and not raised.value.reached
     assert router.pool_.conn.sent == ["EVALSHA"]

@@ -137,20 +137,23 @@ class AsyncRedisStock:
         except UNREACHABLE as exc:
             self._router.stale()
             raise _Failed(exc, reached=False) from exc
-        ran = False
+        try:
+            reply = await self._run(conn, name, keys, args)
+            wanted = self._router.replicas(keys[0]) if self._wait_ms else 0
+            acked = await self._wait(conn, wanted) if wanted else 0
+        finally:
+            await pool.release(conn)
+        return reply, acked, wanted
+
+    async def _run(self, conn: Any, name: str, keys: list[str], args: list[str]) -> Any:
+        """The script's reply on `conn`; an error says whether the script may have run."""
         try:
             try:
-                reply = await self._evalsha(conn, name, keys, args)
+                return await self._evalsha(conn, name, keys, args)
             except NoScriptError:  # a restarted or flushed server: load the script, then run it
                 await conn.send_command("SCRIPT", "LOAD", lua.source(name))
                 await conn.read_response()
-                reply = await self._evalsha(conn, name, keys, args)
-            ran = True
-            wanted = self._router.replicas(keys[0]) if self._wait_ms else 0
-            acked = 0
-            if wanted:  # on the script's own connection: WAIT counts the replicas that have its writes
-                await conn.send_command("WAIT", wanted, self._wait_ms)
-                acked = int(await conn.read_response())
+                return await self._evalsha(conn, name, keys, args)
         except BusyLoadingError as exc:  # a restarted server still reading its data refuses every command
             raise _Failed(exc, reached=False) from exc
         except MISROUTED as exc:  # this node does not serve the slot (now): the script did not run
@@ -160,16 +163,23 @@ class AsyncRedisStock:
             await conn.disconnect()
             self._router.stale()
             raise _Failed(exc, reached=True) from exc
-        except redis.ResponseError as exc:
-            if not ran:  # the script's own error: it decides everything before its first write
-                raise StockError(f"Redis script {name} failed: {exc}") from exc
-            # The script ran and its WAIT was refused: cut short by a failover (UNBLOCKED), or sent to a
-            # master turned replica meanwhile. What the script wrote may not survive: its outcome is unknown.
+        except redis.ResponseError as exc:  # the script's own error: it decides everything before its first write
+            raise StockError(f"Redis script {name} failed: {exc}") from exc
+
+    async def _wait(self, conn: Any, wanted: int) -> int:
+        """The replicas that acknowledged what the script just run on `conn` wrote (WAIT, on its connection).
+
+        Any failure here comes after the script ran: cut short by a failover (UNBLOCKED), refused by a
+        master turned replica meanwhile (its data loading, or its master down), or unanswered. What the
+        script wrote may not survive: its outcome is unknown, never `not run`."""
+        try:
+            await conn.send_command("WAIT", wanted, self._wait_ms)
+            return int(await conn.read_response())
+        except redis.RedisError as exc:
+            if isinstance(exc, UNREACHABLE):
+                await conn.disconnect()
             self._router.stale()
             raise _Failed(exc, reached=True) from exc
-        finally:
-            await pool.release(conn)
-        return reply, acked, wanted
 
     @staticmethod
     async def _evalsha(conn: Any, name: str, keys: list[str], args: list[str]) -> Any:
