@@ -79,7 +79,7 @@ bench: install
 wrk: install
 	@command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk >/dev/null
 	$(BIN)/flashsale stack up
-	$(BIN)/python -m tests.benchmarks.wrk_bench
+	$(BIN)/python -m tests.benchmarks.wrk_bench --validating
 
 stack-down: install
 	$(BIN)/flashsale stack down

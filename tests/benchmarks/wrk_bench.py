@@ -115,10 +115,12 @@ def _wrk(url: str, sku: str, duration_s: int, connections: int) -> tuple[float, 
     return parse_wrk(out)
 
 
-def measure_bare(duration_s: int, connections: int) -> Run:
-    """The bare server's requests/s under the same wrk, and the CPU it spent per request."""
+def measure_bare(duration_s: int, connections: int, *, validating: bool = False) -> Run:
+    """The bare server's requests/s under the same wrk, and the CPU it spent per request; `validating`:
+    the bare server that reads each purchase as the producer does (tests/benchmarks/bare_server.py)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.bare_server", str(port)], cwd=ROOT)
+    argv = [sys.executable, "-m", "tests.benchmarks.bare_server", str(port)] + (["--validating"] if validating else [])
+    server = subprocess.Popen(argv, cwd=ROOT)
     try:
         if not poll_until(lambda: port_open(c.DEFAULT_HOST, port), 30, interval_s=0.05):
             raise RuntimeError("the bare server did not listen within 30 s")
@@ -129,7 +131,7 @@ def measure_bare(duration_s: int, connections: int) -> Run:
     finally:
         server.terminate()
         server.wait(30)
-    run = Run(0, "bare", None, round(rate, 1), latency)
+    run = Run(0, "validating" if validating else "bare", None, round(rate, 1), latency)
     run.cpu_percent = {"bare": round(100 * used["bare"] / elapsed, 1)}
     run.cpu_ms_per_accepted = {"bare": round(1000 * used["bare"] / (rate * elapsed), 4)}
     return run
@@ -242,6 +244,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--warmup", type=int, default=30, help="seconds of live load first, not measured (0: none)")
     parser.add_argument(
+        "--validating", action="store_true", help="also measure the bare server that reads purchases as the producer"
+    )
+    parser.add_argument(
         "--crowd-processes", type=int, default=DEFAULT_PROCESSES, help="0: no runs with the bench's buyers"
     )
     args = parser.parse_args()
@@ -266,6 +271,8 @@ def main() -> None:
             for r in list(runs)
             if r.group_size == default and r.group_wait_ms is None
         ]
+    if args.validating:
+        runs.append(measure_bare(args.duration, args.connections, validating=True))
     after = measure_bare(args.duration, args.connections)
     ceiling = (before.requests_per_s + after.requests_per_s) / 2
     if args.json:

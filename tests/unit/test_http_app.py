@@ -182,3 +182,22 @@ def test_stock_of_a_malformed_sku_answers_422_and_reads_nothing(sku: str) -> Non
 def test_invalid_requests_are_counted_in_the_metrics() -> None:
     (_, _), (_, text) = _call(_app(), ("POST", "/purchase", "{not json"), ("GET", "/metrics", None))
     assert 'flashsale_purchases_total{status="invalid"} 1.0' in text
+
+
+def test_the_validating_bare_server_reads_and_counts_a_purchase_as_the_producer_does() -> None:
+    """`make wrk`'s second ceiling is only a ceiling if it does the producer's work on each request: the
+    same validation (a bad body refused as the producer refuses it), an answer with the buyer's own token,
+    and the purchase counted."""
+    from tests.benchmarks.bare_server import validating_app
+
+    app = validating_app()
+    (status, body), (refused, why), (_, metrics) = _call(
+        app,
+        ("POST", "/purchase", json.dumps(PURCHASE)),
+        ("POST", "/purchase", json.dumps({**PURCHASE, "qty": 0})),
+        ("GET", "/metrics", None),
+    )
+    assert (status, body["status"], body["token"], body["remaining"]) == (200, "sold_out", "tok-1", 0)
+    assert (refused, why["status"]) == (422, "invalid") and "qty" in why["message"]
+    assert 'flashsale_purchases_total{status="sold_out"} 1.0' in metrics
+    assert 'flashsale_purchases_total{status="invalid"} 1.0' in metrics
