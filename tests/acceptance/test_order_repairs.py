@@ -108,3 +108,10 @@ def test_orders_redis_lost_are_written_back_by_repair_in_the_state_mysql_holds(
     assert books.problems == [], books.problems
     assert (books.redis_stock, books.mysql_stock) == (1, 1)
     assert books.order_status == {"t0": "paid", "t1": "cancelled", "t2": "awaiting_payment"}
+    # A give-back counted twice (t1's unit back on sale once more) raises Redis's stock and its returned
+    # counter together, so Redis's own equation still balances: reconcile must tell it from the entries.
+    raw.incrby(f"fs:{tag}:stock", 1)
+    raw.hincrby(f"fs:{tag}:meta", "returned_qty", 1)
+    with wiring.books(settings) as (stock, store):
+        twice = reconcile.reconcile_sku(stock, store, sku, settle_s=0)
+    assert twice.problems == ["Redis log holds 1 units given back, its counter says 2"], twice.problems

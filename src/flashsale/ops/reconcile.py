@@ -51,6 +51,7 @@ class SkuReport:
     redis_deducted_qty: int = 0
     redis_counter_qty: int = 0  # what the Redis counters say was deducted
     redis_returned_qty: int = 0
+    redis_returned_logged_qty: int = 0  # units of the entries the Redis log holds as returned
     redis_fenced: int = 0
     mysql_applied: int = 0
     mysql_applied_qty: int = 0
@@ -174,6 +175,7 @@ def _check_applied(store: MySQLStore, report: SkuReport, page: list[LogEntry], s
     _count_overdue(report, deducted, settled_ms)
     report.redis_deducted += len(deducted)
     report.redis_deducted_qty += sum(e.qty for e in deducted)
+    report.redis_returned_logged_qty += sum(e.qty for e in deducted if e.state == c.STATE_RETURNED)
     applied = store.order_facts(report.sku, [e.token for e in deducted])
     missing = []
     for entry in deducted:
@@ -261,15 +263,7 @@ def _judge(r: SkuReport) -> None:
     assert r.initial is not None and r.redis_stock is not None and r.mysql_stock is not None
     if r.mysql_initial != r.initial:
         r.problems.append(f"initial stock differs: Redis {r.initial}, MySQL {r.mysql_initial}")
-    if r.redis_stock + r.redis_counter_qty - r.redis_returned_qty != r.initial + r.redis_added_qty:
-        r.problems.append(
-            f"Redis stock {r.redis_stock} + deducted {r.redis_counter_qty} - returned "
-            f"{r.redis_returned_qty} != initial {r.initial} + added {r.redis_added_qty}"
-        )
-    if r.redis_deducted_qty != r.redis_counter_qty:
-        r.problems.append(
-            f"Redis log holds {r.redis_deducted_qty} units of deductions, its counter says {r.redis_counter_qty}"
-        )
+    _judge_redis(r, r.initial, r.redis_stock)
     if r.mysql_stock + r.mysql_applied_qty - r.mysql_returned_qty != r.initial + r.mysql_added_qty:
         r.problems.append(
             f"MySQL stock {r.mysql_stock} + applied {r.mysql_applied_qty} - returned {r.mysql_returned_qty} "
@@ -302,6 +296,25 @@ def _judge(r: SkuReport) -> None:
     if r.order_drift:
         r.problems.append(
             f"{r.order_drift} order(s) stand otherwise in MySQL than in the Redis log (state or units given back)"
+        )
+
+
+def _judge_redis(r: SkuReport, initial: int, stock: int) -> None:
+    """Redis's own books: its stock against its counters, and its counters against its log."""
+    if stock + r.redis_counter_qty - r.redis_returned_qty != initial + r.redis_added_qty:
+        r.problems.append(
+            f"Redis stock {stock} + deducted {r.redis_counter_qty} - returned "
+            f"{r.redis_returned_qty} != initial {initial} + added {r.redis_added_qty}"
+        )
+    if r.redis_deducted_qty != r.redis_counter_qty:
+        r.problems.append(
+            f"Redis log holds {r.redis_deducted_qty} units of deductions, its counter says {r.redis_counter_qty}"
+        )
+    if r.redis_returned_logged_qty != r.redis_returned_qty:
+        # A give-back counted twice raises the stock and the returned counter together: the equation above
+        # balances, and only the entries, each returned once, tell.
+        r.problems.append(
+            f"Redis log holds {r.redis_returned_logged_qty} units given back, its counter says {r.redis_returned_qty}"
         )
 
 
