@@ -77,6 +77,7 @@ class LoadStock(enum.IntEnum):
     LOADED = 1
     HAS_HISTORY = 2  # deductions on record, and no reset asked
     INVALID = 3
+    LAPSED = 4  # the load no longer holds the SKU's freeze
 
 
 class Adopt(enum.IntEnum):

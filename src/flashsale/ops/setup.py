@@ -121,8 +121,9 @@ def set_stock(
     with wiring.mysql_store(settings) as store, wiring.redis_stock(settings, replicated=True) as stock:
         # Frozen, the SKU takes no purchase while its history is read and it is loaded: none can land in
         # between, to be discarded by a reset or to slip past the in-flight check.
-        with stock.frozen(sku):
+        with stock.frozen(sku) as freeze:
             _refuse_history(stock, store, sku, reset=reset, force=force)
+            freeze.confirm()  # the history read may have taken long: still frozen, or MySQL is not touched
             store.load_stock(sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset)
             _load_redis(settings, stock, load, reset=reset)
     logger.info(

@@ -35,6 +35,7 @@ from flashsale.adapters.redis.codec import (
     queue_snapshot,
     sold_out,
 )
+from flashsale.adapters.redis.freeze import Freeze, Renewal, lapsed
 from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, parent, place
 from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
@@ -80,6 +81,8 @@ class RedisStock:
         self._max_connections = max_connections
         self._client: redis.Redis | redis.RedisCluster | None = None
         self._scripts: dict[str, Any] = {}
+        #: The freeze of each SKU this process holds (see `frozen`).
+        self._freezes: dict[str, Freeze] = {}
         self._map_read_at = time.monotonic()
         self._replicas = Replicas()
 
@@ -161,9 +164,7 @@ class RedisStock:
         # The old load's leftovers go first, while its layout still names them (see `load`).
         self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
         self._drop_holds(old)
-        for part in parts:
-            self._load_one(part, [str(share), "0", "1", str(threshold), str(epoch), str(pay_within_ms)])
-            self._call("clear refills", self.client.delete, SkuKeys.of(part).refills)
+        self._load_parts(parts, old, [str(share), "0", "1", str(threshold), str(epoch), str(pay_within_ms)])
         keys = SkuKeys.of(sku)
         epoch = self._script_held(
             keys.meta,
@@ -177,32 +178,64 @@ class RedisStock:
                 str(threshold),
                 str(per_user_limit),
                 str(epoch),
+                self._fence(sku),
             ],
         )
+        if int(epoch) < 0:
+            raise lapsed(sku)
         self._call("register sku", self.client.sadd, SKUS_KEY, sku)
         return Layout(sku, tuple(parts), refill, threshold, int(epoch), per_user_limit)
 
+    def _load_parts(self, parts: Sequence[str], old: Layout | None, args: list[str]) -> None:
+        for part in parts:
+            if part not in (old.parts if old else ()):
+                self._claim(part)
+            self._load_one(part, args)
+            self._call("clear refills", self.client.delete, SkuKeys.of(part).refills)
+
     @contextmanager
-    def frozen(self, sku: str, *, for_s: float = FREEZE_S) -> Iterator[None]:
+    def frozen(self, sku: str, *, for_s: float = FREEZE_S) -> Iterator[Freeze]:
         """While the block runs, every pre-deduct of the SKU (on each of its partitions) is refused as
         placed by another load: nothing deducted, the buyer asks again. A reload reads the sale's history
-        inside it, so that no purchase lands between that read and the load. The freeze ends with the
-        block, or by itself after `for_s` if this process dies."""
-        shards = self.shards(sku)
-        own = SkuKeys.of(sku)
-        ms = str(round(for_s * 1000))
+        inside it, so that no purchase lands between that read and the load. The freeze is renewed while
+        the block runs, and ends with it, or by itself `for_s` after the last renewal if this process
+        dies. The loads run inside write only while it holds (see freeze.py)."""
+        shards = self._freeze_targets(sku)
+        freeze = Freeze(sku, shards, round(for_s * 1000), self._freeze_held, self._freeze_run, own=shards[-1])
         try:
-            for shard in shards:
-                keys = SkuKeys.of(shard)
-                self._script_held(keys.meta, "freeze", [keys.stock, keys.meta], [ms])
-            if shards != (sku,):  # a partitioned SKU's own meta too (its pool exists): restocks wait for the load
-                self._script_held(own.meta, "freeze", [own.pool, own.meta], [ms])
-            yield
+            freeze.take()
+            self._freezes[sku] = freeze
+            with Renewal(freeze.renew, every_s=for_s / 3):
+                yield freeze
         finally:
-            for shard in {*shards, *self.shards(sku)}:
-                keys = SkuKeys.of(shard)
-                self._run("freeze", [keys.stock, keys.meta], ["0"])
-            self._run("freeze", [own.pool, own.meta], ["0"])
+            self._freezes.pop(sku, None)
+            freeze.thaw([*freeze.targets, *self._freeze_targets(sku)])
+
+    def _freeze_targets(self, sku: str) -> list[tuple[str, str]]:
+        """(the key that must exist, the meta) of each shard of the SKU, and of a partitioned SKU's own meta
+        (its pool exists): restocks into the pool wait for the load too. The SKU's own comes last."""
+        shards = self.shards(sku)
+        targets = [(SkuKeys.of(shard).stock, SkuKeys.of(shard).meta) for shard in shards]
+        if shards != (sku,):
+            targets.append((SkuKeys.of(sku).pool, SkuKeys.of(sku).meta))
+        return targets
+
+    def _freeze_held(self, key: str, meta: str, ms: int, token: str, mode: str) -> int:
+        return int(self._script_held(meta, "freeze", [key, meta], [str(ms), token, mode]))
+
+    def _freeze_run(self, key: str, meta: str, ms: int, token: str, mode: str) -> int:
+        return int(self._run("freeze", [key, meta], [str(ms), token, mode]))
+
+    def _fence(self, shard: str) -> str:
+        """The token of the freeze the load of `shard` runs under ('' outside `frozen`)."""
+        freeze = self._freezes.get(parent(shard))
+        return freeze.token if freeze else ""
+
+    def _claim(self, part: str) -> None:
+        """Freeze a partition no layout names yet, before it is loaded (a load cut short may have left it)."""
+        freeze = self._freezes.get(parent(part))
+        if freeze is not None:
+            freeze.claim(SkuKeys.of(part).stock, SkuKeys.of(part).meta)
 
     def _refuse_history(self, sku: str, reset: bool) -> Layout | None:
         """The SKU's current layout, after refusing to load over a sale on record without `reset`."""
@@ -216,17 +249,25 @@ class RedisStock:
         return old
 
     def _load_one(self, shard: str, args: list[str]) -> None:
-        raw, detail = self._script_held(SkuKeys.of(shard).meta, "load_stock", SkuKeys.of(shard).load(), args)
+        keys = SkuKeys.of(shard)
+        raw, detail = self._script_held(keys.meta, "load_stock", keys.load(), [*args, self._fence(shard)])
+        if LoadStock(int(raw)) is LoadStock.LAPSED:
+            raise lapsed(parent(shard))
         if LoadStock(int(raw)) is not LoadStock.LOADED:
             raise StockError(f"Redis refused to load {shard}: invalid {detail}")
 
     def _drop(self, sku: str, parts: Sequence[str], *, pool: bool) -> None:
         """Delete partitions no longer in the SKU's layout (and the pool of a SKU no longer partitioned)."""
         for part in parts:
-            self._delete_held("drop partition", SkuKeys.of(part).every())
+            self._drop_keys(part, SkuKeys.of(part).every())
         if pool:
             keys = SkuKeys.of(sku)
-            self._delete_held("drop pool", [keys.pool, keys.transfers, keys.done])
+            self._drop_keys(sku, [keys.pool, keys.transfers, keys.done])
+
+    def _drop_keys(self, shard: str, keys: list[str]) -> None:
+        meta = SkuKeys.of(shard).meta
+        if not int(self._script_held(meta, "drop", [meta, *keys], [self._fence(shard)])):
+            raise lapsed(parent(shard))
 
     def _drop_holds(self, old: Layout | None) -> None:
         """The per-user holds of the SKU's previous load (one key per shard: each on its own slot)."""

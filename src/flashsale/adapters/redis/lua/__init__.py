@@ -46,6 +46,7 @@ NAMES = (
     "transfers_due",
     "seen",
     "freeze",
+    "drop",
     "decide",
     "add_stock",
 )

@@ -1,22 +1,37 @@
--- Freeze a SKU (or one partition) while it is loaded again, or thaw it: while frozen, prededuct.lua
--- refuses every purchase as placed by another load (nothing deducted; the buyer hears `error` and asks
--- again), so that the history a reload looks at cannot grow under it. The freeze ends by itself after
--- ARGV[1] ms (a `stock set` that died midway never stops a sale for good), or when the load replaces
--- the meta.
+-- Freeze a SKU (or one partition) while it is loaded again, renew that freeze, or thaw it: while frozen,
+-- prededuct.lua refuses every purchase as placed by another load (nothing deducted; the buyer hears
+-- `error` and asks again), so that the history a reload looks at cannot grow under it. The freeze ends
+-- by itself at frozen_until (a `stock set` that died midway never stops a sale for good), or when the
+-- load replaces the meta. It names the load that holds it (frozen_by): the load's own scripts run only
+-- while that load still holds it (held.lua), so a load that outlived its freeze writes nothing.
 --
 -- KEYS[1] fs:{sku}:stock (a partitioned SKU's own keys: fs:{sku}:pool, so that restocks into it wait)
--- KEYS[2] fs:{sku}:meta   frozen_until (ms, Redis's clock)
--- ARGV[1] how long to freeze, ms; 0 thaws
+-- KEYS[2] fs:{sku}:meta   frozen_until (ms, Redis's clock), frozen_by
+-- ARGV[1] how long to freeze from now, ms; 0 thaws (only a freeze of ARGV[2]'s)
+-- ARGV[2] the load's token
+-- ARGV[3] 'renew': extend only a freeze this token holds and that has not run out
 --
--- Returns 1 when the SKU (or partition) exists, 0 when there is nothing to freeze.
+-- Returns 1 frozen (renewed, thawed), 0 nothing to freeze, 2 another load holds the freeze,
+-- 3 (renew) this token's freeze has run out or was replaced: purchases may have landed since.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-local ms = tonumber(ARGV[1])
+local ms, token = tonumber(ARGV[1]), ARGV[2]
+local by, until_ms = unpack(redis.call('HMGET', KEYS[2], 'frozen_by', 'frozen_until'))
 if ms == 0 then
-  redis.call('HDEL', KEYS[2], 'frozen_until')
+  if by == token or not by then
+    redis.call('HDEL', KEYS[2], 'frozen_until', 'frozen_by')
+  end
   return 1
 end
 local now = redis.call('TIME')
-redis.call('HSET', KEYS[2], 'frozen_until', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ms)
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local running = until_ms and now_ms < tonumber(until_ms)
+if ARGV[3] == 'renew' and not (by == token and running) then
+  return 3
+end
+if by and by ~= token and running then
+  return 2
+end
+redis.call('HSET', KEYS[2], 'frozen_until', now_ms + ms, 'frozen_by', token)
 return 1

@@ -18,10 +18,16 @@
 -- ARGV[5] switch threshold
 -- ARGV[6] per-user limit (0: none), kept by user_hold.lua across the partitions
 -- ARGV[7] the epoch, given to the partitions when they were loaded
+-- ARGV[8] (optional) the token of the load's freeze (freeze.lua): the load runs only while it holds it
 --
--- Returns the epoch.
+-- Returns the epoch, or -1 when the load no longer holds the SKU's freeze (nothing written).
 
 -- include: decided
+-- include: held
+
+if lost_freeze(KEYS[4], ARGV[8] or '') then
+  return -1
+end
 
 local epoch = tonumber(ARGV[7])
 local decided = decided_records(KEYS[5])

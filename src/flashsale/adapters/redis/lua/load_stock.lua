@@ -16,13 +16,16 @@
 --         is refused
 -- ARGV[6] (optional) milliseconds a buyer has to pay an accepted purchase ('' or '0': orders are final on
 --         acceptance); prededuct.lua writes each entry's deadline from it
+-- ARGV[7] (optional) the token of the load's freeze (freeze.lua): the load runs only while it holds it
 --
 -- Returns {code, detail}:
 --   1 loaded
 --   2 refused: the SKU has deductions on record (detail = how many log entries) and ARGV[3] is '0'
 --   3 invalid argument (detail names it)
+--   4 refused: the load no longer holds the SKU's freeze (detail 'freeze'); nothing written
 
 -- include: decided
+-- include: held
 
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local qty_arg, limit_arg, reset = ARGV[1], ARGV[2], ARGV[3]
@@ -42,6 +45,9 @@ if threshold_arg ~= '' and not string.match(epoch_arg, '^%d+$') then
 end
 if pay_arg ~= '' and (not string.match(pay_arg, '^%d+$') or #pay_arg > 12) then
   return {3, 'pay within'}
+end
+if lost_freeze(meta_key, ARGV[7] or '') then
+  return {4, 'freeze'}
 end
 local entries = redis.call('HLEN', log_key)
 if entries > 0 and reset ~= '1' then

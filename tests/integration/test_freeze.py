@@ -1,0 +1,165 @@
+"""The freeze a reload holds on a SKU, as a `stock set` in another process takes it: it dies, it stalls,
+it meets another load. Books are read back with raw Redis commands."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis.stock import RedisStock
+from flashsale.errors import NotReplicated, StockError
+from flashsale.models import Purchase
+from flashsale.records import Prededuct
+
+LEASE_S = 0.5
+
+#: A loader in a process of its own: freezes the SKU, says so, waits for a line, then reloads it.
+LOADER = textwrap.dedent(
+    """
+    import sys
+    from flashsale.adapters.redis.stock import RedisStock
+    from flashsale.errors import StockError
+
+    url, sku, lease_s, parts = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    stock = RedisStock(url)
+    try:
+        with stock.frozen(sku, for_s=lease_s):
+            print("frozen", flush=True)
+            sys.stdin.readline()
+            if parts == 1:
+                stock.load(sku, 7, reset=True)
+            else:
+                stock.load_partitioned(sku, 9, partitions=parts, refill=3, threshold=0, reset=True)
+    except StockError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(3)
+    """
+)
+
+
+@contextmanager
+def loader(stock: RedisStock, sku: str, parts: int = 1) -> Iterator[subprocess.Popen[str]]:
+    args = [sys.executable, "-c", LOADER, stock.url, sku, str(LEASE_S), str(parts)]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "frozen"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def buy(stock: RedisStock, shard: str, token: str, epoch: int = 0) -> Prededuct:
+    return stock.prededuct(shard, "m-" + token, [Purchase(token, "u-" + token, 1)], epoch)[0].code
+
+
+def test_a_loader_killed_while_the_sku_is_frozen_stops_the_sale_only_until_the_freeze_runs_out(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    redis_stock.load(sku, 5)
+    with loader(redis_stock, sku) as proc:
+        assert buy(redis_stock, sku, "t1") is Prededuct.STALE_LAYOUT
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    time.sleep(LEASE_S + 0.2)
+    assert buy(redis_stock, sku, "t2") is Prededuct.ACCEPTED
+
+
+def test_a_loader_that_stalled_past_its_freeze_writes_nothing_and_the_purchase_that_landed_stands(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """A `stock set --reset` stopped (a pause, a swap storm) longer than its freeze lasts: once it goes
+    on, it must not discard what was sold meanwhile."""
+    redis_stock.load(sku, 5)
+    with loader(redis_stock, sku) as proc:
+        proc.send_signal(signal.SIGSTOP)  # its renewals stop too
+        time.sleep(LEASE_S + 0.3)
+        assert buy(redis_stock, sku, "t1") is Prededuct.ACCEPTED
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate("go\n", timeout=20)
+        assert proc.returncode == 3 and "outlived its freeze" in err
+    keys = SkuKeys.of(sku)
+    assert redis_stock.client.get(keys.stock) == "4"
+    assert redis_stock.client.hexists(keys.log, "t1")
+
+
+def test_a_partitioned_loader_that_stalled_past_its_freeze_drops_no_partition_and_loads_nothing(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    layout = redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0)
+    before = {part: redis_stock.client.get(SkuKeys.of(part).stock) for part in layout.parts}
+    with loader(redis_stock, sku, parts=2) as proc:  # fewer partitions: the load drops one first
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(LEASE_S + 0.3)
+        assert buy(redis_stock, layout.parts[2], "t1", layout.epoch) is Prededuct.ACCEPTED
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate("go\n", timeout=20)
+        assert proc.returncode == 3 and "outlived its freeze" in err
+    assert redis_stock.layout(sku) == layout
+    after = {part: redis_stock.client.get(SkuKeys.of(part).stock) for part in layout.parts}
+    assert after == {**before, layout.parts[2]: str(int(before[layout.parts[2]]) - 1)}
+    assert redis_stock.client.hexists(SkuKeys.of(layout.parts[2]).log, "t1")
+
+
+def test_a_second_load_of_a_frozen_sku_is_refused_before_it_writes(redis_stock: RedisStock, sku: str) -> None:
+    redis_stock.load(sku, 5)
+    with loader(redis_stock, sku):
+        with pytest.raises(StockError, match="another `stock set` is loading"), redis_stock.frozen(sku):
+            pass
+        # Refused, it thawed nothing of the first load's freeze.
+        assert buy(redis_stock, sku, "t1") is Prededuct.STALE_LAYOUT
+
+
+@pytest.mark.parametrize("script", ["load_stock", "load_pool", "drop"])
+def test_each_loading_script_refuses_a_token_that_does_not_hold_the_freeze(
+    redis_stock: RedisStock, sku: str, script: str
+) -> None:
+    redis_stock.load(sku, 5)
+    keys = SkuKeys.of(sku)
+    calls = {
+        "load_stock": (keys.load(), ["7", "0", "1", "", "", "0"]),
+        "load_pool": (
+            [*keys.all(), keys.pool, keys.transfers, keys.done, keys.checks, keys.added],
+            ["7", "7", "", "3", "0", "0", "9"],
+        ),
+        "drop": ([keys.meta, keys.stock, keys.log], []),
+    }
+    script_keys, args = calls[script]
+    with redis_stock.frozen(sku) as freeze:
+        refused = redis_stock._scripts[script](keys=script_keys, args=[*args, "another-load"])
+        assert refused in ([4, "freeze"], -1, 0)
+        assert redis_stock.client.get(keys.stock) == "5"
+        assert int(redis_stock.client.hget(keys.meta, "frozen_until")) > 0
+        assert redis_stock._scripts[script](keys=script_keys, args=[*args, freeze.token]) not in ([4, "freeze"], -1, 0)
+
+
+def test_a_partitioned_load_cut_short_runs_again_over_the_partitions_it_left(
+    redis_stock: RedisStock, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its partitions loaded, no layout naming them yet (no replica acknowledged the last write): the run
+    again takes them over, since no purchase can have landed on a partition no layout names."""
+    redis_stock.load(sku, 5)
+    write = redis_stock._script_held
+
+    def cut_short(key: str, script: str, keys: list[str], args: list[str]) -> object:
+        if script == "load_pool":
+            raise NotReplicated("no replica acknowledged it")
+        return write(key, script, keys, args)
+
+    with monkeypatch.context() as patch, redis_stock.frozen(sku):
+        patch.setattr(redis_stock, "_script_held", cut_short)
+        with pytest.raises(NotReplicated):
+            redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0, reset=True)
+    assert redis_stock.layout(sku) is None  # the layout is still the one-key sale's
+    with redis_stock.frozen(sku):
+        layout = redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0, reset=True)
+    assert buy(redis_stock, layout.parts[0], "t1", layout.epoch) is Prededuct.ACCEPTED
