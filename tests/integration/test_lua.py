@@ -439,6 +439,21 @@ def test_a_refill_step_run_again_after_the_transfer_completed_counts_nothing(red
     assert redis_stock.client.hlen(base.transfers) == 0 and redis_stock.client.hget(base.meta, "moves") == "1"
 
 
+def test_a_refill_of_no_units_leaves_no_record_so_the_units_a_later_take_moves_under_its_id_arrive(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """A take that found the pool empty writes no record, so one run again later, once units came back,
+    moves them under the same id: the partition must not have recorded that id as applied with none."""
+    base, part = _pool(redis_stock, sku, 0)
+    assert _take(redis_stock, sku, "x1", 4)[0] == 0
+    assert _apply(redis_stock, f"{sku}#0", "x1", 0) == 0  # a caller that gave what it was told it took
+    assert redis_stock.client.hexists(part.refills, "x1") == 0
+    redis_stock.client.set(base.pool, 3)  # units back in the pool (a drain, a restock)
+    assert _take(redis_stock, sku, "x1", 4)[0] == 3
+    assert _apply(redis_stock, f"{sku}#0", "x1", 3) == 1
+    assert (redis_stock.client.get(base.pool), redis_stock.client.hget(part.meta, "standby")) == ("0", "3")
+
+
 def test_a_drain_takes_standby_first_then_active_once_and_the_pool_receives_it_once(
     redis_stock: RedisStock, sku: str
 ) -> None:
