@@ -88,6 +88,7 @@ def test_a_client_whose_channel_connects_again_sends_its_settings_again(monkeypa
     # stream opened during the outage should have carried never arrived, and no check reached a checker.
     resynced: list[object] = []
     monkeypatch.setattr(internals, "resync", lambda client, endpoints=None: resynced.append(client) or 1)
+    monkeypatch.setattr(internals, "connect", lambda client, endpoints: None)
     watchdog = StreamWatchdog(min_gap_s=0)
     away = _Client(stream_done=False, state=ChannelConnectivity.TRANSIENT_FAILURE)
     watched = _Watched(away, "producer")
@@ -98,6 +99,42 @@ def test_a_client_whose_channel_connects_again_sends_its_settings_again(monkeypa
     watchdog._look_at(watched)
     watchdog._look_at(watched)
     assert resynced == [back]  # once, when the channel connected
+
+
+def test_a_stream_that_ended_while_the_broker_is_away_is_reopened_only_once_the_channel_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stream opened while away starts when the channel connects, beside the one the reconnect calls
+    # for: the proxy may then take the settings of the stale one last and write every check to it.
+    resynced: list[object] = []
+    nudged: list[object] = []
+    monkeypatch.setattr(internals, "resync", lambda client, endpoints=None: resynced.append(client) or 1)
+    monkeypatch.setattr(internals, "connect", lambda client, endpoints: nudged.append(client))
+    watchdog = StreamWatchdog(min_gap_s=0)
+    away = _Client(stream_done=True, state=ChannelConnectivity.TRANSIENT_FAILURE)
+    watched = _Watched(away, "producer")
+    for _ in range(3):
+        watchdog._look_at(watched)
+    assert (resynced, nudged) == ([], [away] * 3)  # asked to connect, no stream opened
+    watched.client = _Client(stream_done=True, state=ChannelConnectivity.READY)
+    watchdog._look_at(watched)
+    assert resynced == [watched.client]
+
+
+def test_a_connected_client_writes_its_settings_again_every_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each settings message makes the proxy write checks to the stream it came on: a channel left with a
+    # stale stream, or none, is set right within one period.
+    written: list[object] = []
+    monkeypatch.setattr(internals, "resend_settings", lambda client, endpoints: written.append(client))
+    watchdog = StreamWatchdog()
+    client = _Client(stream_done=False, state=ChannelConnectivity.READY)
+    watched = _Watched(client, "producer", next_settings=0.0)
+    watchdog._look_at(watched)
+    watchdog._look_at(watched)
+    assert written == [client]
+    watched.next_settings = 0.0
+    watchdog._look_at(watched)
+    assert written == [client, client]
 
 
 class _NoRouteYet:

@@ -12,7 +12,8 @@ nothing else in flashsale does. What it relies on, all checked by `shape_problem
 - `Client._init_settings_event`, set by the first settings the proxy sends on the telemetry stream, and
   `Client.reset_setting(settings)`, the hook the stream calls with every settings reply.
 - `Client.route_manager.get_all_endpoints()`, `Client.on_new_endpoints(endpoints)` (opens a telemetry
-  stream and writes the client's settings on it), `RpcClient.channels.get(endpoints)`, the grpc call
+  stream and writes the client's settings on it), `Client._Client__telemetry_manager.setting_write(endpoints)`
+  (writes them on the stream as it is), `RpcClient.channels.get(endpoints)`, the grpc call
   under `channel.telemetry_stream_stream_call` (`_RpcStreamStreamCall__stream_stream_call`), and
   `RpcChannel.channel_state(wait_for_ready)`, the grpc channel's connectivity.
 - `rpc_channel.aio`, the grpc.aio the client makes its channels with (`aio.insecure_channel`): replaced
@@ -179,14 +180,14 @@ def settings_age_s(client: Any) -> float | None:
 
 
 # --- the telemetry stream ---------------------------------------------------------------------------------
-def _endpoints(client: Any) -> list[Any]:
+def all_endpoints(client: Any) -> list[Any]:
     return list(client.route_manager.get_all_endpoints().values())
 
 
 def dead_streams(client: Any) -> list[Any]:
     """The endpoints whose telemetry stream has ended (or was never opened)."""
     dead = []
-    for endpoints in _endpoints(client):
+    for endpoints in all_endpoints(client):
         channel = client.rpc_client.channels.get(endpoints)
         stream = channel.telemetry_stream_stream_call if channel is not None else None
         call = getattr(stream, _STREAM_CALL, None)
@@ -203,7 +204,7 @@ def unconnected(client: Any) -> list[Any]:
     open one; a channel that is READY is.
     """
     found = []
-    for endpoints in _endpoints(client):
+    for endpoints in all_endpoints(client):
         channel = client.rpc_client.channels.get(endpoints)
         if channel is None or channel.channel_state(False) is not ChannelConnectivity.READY:
             found.append(endpoints)
@@ -215,7 +216,7 @@ def resync(client: Any, endpoints: Iterable[Any] | None = None) -> int:
 
     A grpc.aio stream is created on the loop that will run it: the work is handed to the client's loop.
     """
-    chosen = list(endpoints) if endpoints is not None else _endpoints(client)
+    chosen = list(endpoints) if endpoints is not None else all_endpoints(client)
 
     def reopen() -> None:
         for each in chosen:
@@ -223,6 +224,35 @@ def resync(client: Any, endpoints: Iterable[Any] | None = None) -> int:
 
     io_loop(client).call_soon_threadsafe(reopen)
     return len(chosen)
+
+
+def resend_settings(client: Any, endpoints: Iterable[Any]) -> None:
+    """Write the client's settings again on each endpoint's telemetry stream as it is (no new stream).
+
+    The proxy writes a client's checks to the stream its latest settings came on, whichever stream that
+    was, and to none once a write to it failed; each settings message it handles sets that stream again.
+    """
+    chosen = list(endpoints)
+    manager = client._Client__telemetry_manager
+
+    def write() -> None:
+        for each in chosen:
+            manager.setting_write(each)
+
+    io_loop(client).call_soon_threadsafe(write)
+
+
+def connect(client: Any, endpoints: Iterable[Any]) -> None:
+    """Ask each endpoint's channel to connect now (its state, asked with try_to_connect), rather than at
+    the client's next heartbeat."""
+    channels = [client.rpc_client.channels.get(each) for each in endpoints]
+
+    def connect_now() -> None:
+        for channel in channels:
+            if channel is not None:
+                channel.channel_state(True)
+
+    io_loop(client).call_soon_threadsafe(connect_now)
 
 
 def settings_lost(error: BaseException) -> bool:
@@ -337,6 +367,10 @@ def shape_problems() -> list[str]:
         need(RpcClient, method, ("self", "endpoints", "req", "metadata", "timeout"))
     need(RpcClient, "get_channel_io_loop")
     need(RpcChannel, "channel_state", ("self", "wait_for_ready"))
+    if Producer.on_new_endpoints.__qualname__ != "Client.on_new_endpoints" or (
+        "self.__telemetry_manager.setting_write(" not in inspect.getsource(Producer.on_new_endpoints)
+    ):
+        problems.append("Client.on_new_endpoints no longer writes settings through _Client__telemetry_manager")
     for owner in (Producer, SimpleConsumer):
         need(owner, "_retrieve_topic_route_data", ("self", "topic"))
         need(owner, "reset_setting", ("self", "settings"))

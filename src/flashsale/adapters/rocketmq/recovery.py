@@ -3,8 +3,15 @@
 A restarted proxy has forgotten every client: consumers are refused ("settings is null", code 40015)
 and transaction checks no longer reach producers, because both hang on the client's telemetry stream,
 which the client itself reopens only every 300 s (see rocketmq_internals.py). The watchdog looks at each
-watched client's streams twice a second and, when one has ended or an adapter reports a refusal that
-means lost settings, reopens the stream and sends the settings again.
+watched client's streams twice a second and, once the channel is connected, reopens a stream that ended
+(or sends the settings again where an adapter reports a refusal that means lost settings).
+
+While the broker is away it opens nothing: a stream opened then waits, pending, and starts when the
+channel connects, next to the one the reconnect itself calls for. The proxy writes a client's checks to
+the stream whose settings it handled last, in no fixed order across streams, and to none once a write to
+a cancelled one failed: a checker was seen to get no check for minutes that way. So there is one stream,
+opened once the channel is up, and the settings are written on it again every few seconds, each time
+setting it once more as the one the proxy writes to.
 
 It never touches messages: what was received and not acked stays unacked, and comes back from the
 broker when its invisible time ends.
@@ -27,6 +34,9 @@ logger = logging.getLogger(__name__)
 INTERVAL_S = 0.5
 #: Least time between two resyncs of one client: a new stream needs a moment to open.
 MIN_GAP_S = 2.0
+#: How often the settings are written again on a connected stream, and how soon after a resync.
+SETTINGS_EVERY_S = 10.0
+SETTINGS_AFTER_RESYNC_S = 3.0
 
 
 @dataclass
@@ -37,6 +47,8 @@ class _Watched:
     last_resync: float = 0.0
     #: A channel of its was not connected at the last look.
     away: bool = False
+    #: When the settings are next written again on its streams (monotonic).
+    next_settings: float = 0.0
 
 
 class StreamWatchdog:
@@ -58,7 +70,8 @@ class StreamWatchdog:
 
     def watch(self, client: Any, name: str) -> None:
         with self._lock:
-            self._watched[id(client)] = _Watched(client, name, last_resync=time.monotonic())
+            now = time.monotonic()
+            self._watched[id(client)] = _Watched(client, name, last_resync=now, next_settings=now + SETTINGS_EVERY_S)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rocketmq-watchdog", daemon=True)
                 self._thread.start()
@@ -104,22 +117,26 @@ class StreamWatchdog:
                     logger.exception("could not check the telemetry streams of %s", each.name)
 
     def _look_at(self, each: _Watched) -> None:
+        away = internals.unconnected(each.client)
+        if away:
+            internals.connect(each.client, away)  # no stream until it is up (see the module's docstring)
+            each.away = True
+            return
+        if each.away:
+            # The broker is back: the proxy may be a new one, which knows nothing of this client.
+            each.poked, each.away = True, False
         dead = internals.dead_streams(each.client)
-        away = bool(internals.unconnected(each.client))
-        if each.away and not away:
-            # The broker is back. A stream opened while it was away should carry the settings once its
-            # channel connects, yet a restarted proxy was seen to answer every heartbeat after that with
-            # "cannot find client settings" (40015), and the checks of the half messages it held never
-            # reached a checker: send the settings again now that the channel is up.
-            each.poked = True
-        each.away = away
-        if not dead and not each.poked:
-            return
         now = time.monotonic()
-        if now - each.last_resync < self._min_gap_s:
-            return
+        if (dead or each.poked) and now - each.last_resync >= self._min_gap_s:
+            self._resync(each, dead, now)
+        elif not dead and now >= each.next_settings:
+            each.next_settings = now + SETTINGS_EVERY_S
+            internals.resend_settings(each.client, internals.all_endpoints(each.client))
+
+    def _resync(self, each: _Watched, dead: list[Any], now: float) -> None:
         each.poked = False
         each.last_resync = now
+        each.next_settings = now + SETTINGS_AFTER_RESYNC_S
         count = internals.resync(each.client, dead or None)
         self.resyncs += 1
         self.on_resync()
