@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis.keys import SkuKeys, all_holds_keys
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.errors import NotReplicated, StockError
 from flashsale.models import Purchase
@@ -163,3 +163,56 @@ def test_a_partitioned_load_cut_short_runs_again_over_the_partitions_it_left(
     with redis_stock.frozen(sku):
         layout = redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0, reset=True)
     assert buy(redis_stock, layout.parts[0], "t1", layout.epoch) is Prededuct.ACCEPTED
+
+
+def test_a_one_key_load_cut_short_after_it_dropped_the_pool_runs_again(
+    redis_stock: RedisStock, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From partitions back to one key: the old partitions and the pool are gone, the SKU's own meta still
+    names them when the load is cut short. The run again must still freeze that meta and load."""
+    redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0)
+    load_one = redis_stock._load_one
+
+    def cut_short(shard: str, args: list[str]) -> None:
+        raise NotReplicated("no replica acknowledged it")
+
+    with monkeypatch.context() as patch, redis_stock.frozen(sku):
+        patch.setattr(redis_stock, "_load_one", cut_short)
+        with pytest.raises(NotReplicated):
+            redis_stock.load(sku, 4, reset=True)
+    assert redis_stock.client.exists(SkuKeys.of(sku).pool) == 0 and redis_stock.layout(sku) is not None
+    assert redis_stock._load_one == load_one
+    with redis_stock.frozen(sku):
+        redis_stock.load(sku, 4, reset=True)
+    assert redis_stock.layout(sku) is None and buy(redis_stock, sku, "t1") is Prededuct.ACCEPTED
+
+
+def test_a_partitioned_loader_that_stalled_past_its_freeze_leaves_the_buyers_holds_alone(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """The holds keep the per-user limit of a partitioned SKU: a refused load must not drop them."""
+    layout = redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0, per_user_limit=1)
+    holds = all_holds_keys(layout)[0]
+    redis_stock.client.hset(holds, "u1", 1)  # a buyer at the limit
+    with loader(redis_stock, sku, parts=3) as proc:  # the same partitions: nothing to drop first
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(LEASE_S + 0.3)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate("go\n", timeout=20)
+        assert proc.returncode == 3 and "outlived its freeze" in err
+    assert redis_stock.client.hget(holds, "u1") == "1"
+
+
+def test_a_freeze_taken_on_a_layout_another_load_just_replaced_freezes_the_new_one(
+    redis_stock: RedisStock, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = redis_stock.load_partitioned(sku, 8, partitions=2, refill=3, threshold=0)
+    stale = redis_stock._freeze_targets(sku)
+    new = redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0, reset=True)  # another load
+    assert set(new.parts) - set(old.parts)  # a partition the stale read does not name
+    read = redis_stock._freeze_targets
+    reads = iter([stale])
+    monkeypatch.setattr(redis_stock, "_freeze_targets", lambda s: next(reads, None) or read(s))
+    with redis_stock.frozen(sku):
+        for part in new.parts:
+            assert buy(redis_stock, part, f"t-{part}", new.epoch) is Prededuct.STALE_LAYOUT

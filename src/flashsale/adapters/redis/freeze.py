@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from flashsale.errors import StockError
+from flashsale.errors import FlashSaleError, StockError
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +35,18 @@ Run = Callable[[str, str, int, str, str], int]
 
 @dataclass
 class Freeze:
-    """One load's lease on the shards of `sku`, each a (key that must exist, meta) pair; `own` is the
-    SKU's own. `held` runs the script and waits for a replica to hold what it wrote (a failover must not
-    undo a freeze taken); `run` does not wait (a renewal a failover loses only ends the lease sooner)."""
+    """One load's lease on the shards of `sku`, each a (key, meta) pair, the SKU's own last. `held` runs
+    the script and waits for a replica to hold what it wrote (a failover must not undo a freeze taken);
+    `run` does not wait (a renewal a failover loses only ends the lease sooner)."""
 
     sku: str
-    targets: Sequence[tuple[str, str]]
+    targets: list[tuple[str, str]]
     ms: int
     held: Run
     run: Run
-    own: tuple[str, str]
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Partitions no layout named, frozen on the way (`claim`).
+    claimed: list[tuple[str, str]] = field(default_factory=list)
 
     def take(self) -> None:
         for key, meta in self.targets:
@@ -56,8 +57,9 @@ class Freeze:
         """Take the freeze of a partition no layout names (a load cut short left it, loaded, with no
         freeze), once the SKU's own freeze is renewed: no other load can have named it since, and none
         can before the renewed lease runs out."""
-        if Frozen(self.held(*self.own, self.ms, self.token, "renew")) is Frozen.LAPSED:
+        if Frozen(self.held(*self.targets[-1], self.ms, self.token, "renew")) is Frozen.LAPSED:
             raise lapsed(self.sku)
+        self.claimed.append((key, meta))
         if Frozen(self.held(key, meta, self.ms, self.token, "")) is Frozen.TAKEN:
             raise taken(self.sku, self.ms)
 
@@ -68,9 +70,13 @@ class Freeze:
                 raise lapsed(self.sku)
 
     def renew(self) -> None:
-        """Renew the lease where it still holds (a shard already loaded holds none: its meta is new)."""
+        """Renew the lease where it still holds (a shard already loaded holds none: its meta is new). A
+        node that does not answer costs its own shards' lease only."""
         for key, meta in self.targets:
-            self.run(key, meta, self.ms, self.token, "renew")
+            try:
+                self.run(key, meta, self.ms, self.token, "renew")
+            except FlashSaleError as exc:
+                logger.warning("could not renew the freeze of %s on %s: %s", self.sku, meta, exc)
 
     def thaw(self, targets: Sequence[tuple[str, str]]) -> None:
         for key, meta in targets:

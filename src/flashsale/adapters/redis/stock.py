@@ -35,7 +35,7 @@ from flashsale.adapters.redis.codec import (
     queue_snapshot,
     sold_out,
 )
-from flashsale.adapters.redis.freeze import Freeze, Renewal, lapsed
+from flashsale.adapters.redis.freeze import Freeze, Renewal, lapsed, taken
 from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, parent, place
 from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
@@ -133,9 +133,9 @@ class RedisStock:
         # rewrites that layout, so a load cut short after it (a crash, NotReplicated) and run again would
         # read no layout and leave the old partitions, their deductions still found by a lookup.
         self._drop(sku, old.parts if old else (), pool=True)
-        self._drop_holds(old)
         self._load_one(sku, [str(qty), str(per_user_limit), "1", "", "", str(pay_within_ms)])
         self._call("register sku", self.client.sadd, SKUS_KEY, sku)
+        self._drop_holds(old)
 
     def load_partitioned(
         self,
@@ -163,7 +163,6 @@ class RedisStock:
         epoch = max(int(time.time() * 1000), old.epoch + 1 if old else 0)
         # The old load's leftovers go first, while its layout still names them (see `load`).
         self._drop(sku, [p for p in (old.parts if old else ()) if p not in parts], pool=False)
-        self._drop_holds(old)
         self._load_parts(parts, old, [str(share), "0", "1", str(threshold), str(epoch), str(pay_within_ms)])
         keys = SkuKeys.of(sku)
         epoch = self._script_held(
@@ -184,6 +183,7 @@ class RedisStock:
         if int(epoch) < 0:
             raise lapsed(sku)
         self._call("register sku", self.client.sadd, SKUS_KEY, sku)
+        self._drop_holds(old)
         return Layout(sku, tuple(parts), refill, threshold, int(epoch), per_user_limit)
 
     def _load_parts(self, parts: Sequence[str], old: Layout | None, args: list[str]) -> None:
@@ -200,16 +200,24 @@ class RedisStock:
         inside it, so that no purchase lands between that read and the load. The freeze is renewed while
         the block runs, and ends with it, or by itself `for_s` after the last renewal if this process
         dies. The loads run inside write only while it holds (see freeze.py)."""
-        shards = self._freeze_targets(sku)
-        freeze = Freeze(sku, shards, round(for_s * 1000), self._freeze_held, self._freeze_run, own=shards[-1])
+        freeze = Freeze(sku, self._freeze_targets(sku), round(for_s * 1000), self._freeze_held, self._freeze_run)
         try:
             freeze.take()
+            # Another load may have laid the SKU out anew between the read of its shards and the take: take
+            # the new ones too. It cannot again: the SKU's own meta is frozen by now.
+            for _ in range(3):
+                if (shards := self._freeze_targets(sku)) == freeze.targets:
+                    break
+                freeze.targets = shards
+                freeze.take()
+            else:
+                raise taken(sku, freeze.ms)
             self._freezes[sku] = freeze
             with Renewal(freeze.renew, every_s=for_s / 3):
                 yield freeze
         finally:
             self._freezes.pop(sku, None)
-            freeze.thaw([*freeze.targets, *self._freeze_targets(sku)])
+            freeze.thaw([*freeze.targets, *freeze.claimed, *self._freeze_targets(sku)])
 
     def _freeze_targets(self, sku: str) -> list[tuple[str, str]]:
         """(the key that must exist, the meta) of each shard of the SKU, and of a partitioned SKU's own meta

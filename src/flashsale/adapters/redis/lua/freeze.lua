@@ -11,9 +11,11 @@
 -- ARGV[2] the load's token
 -- ARGV[3] 'renew': extend only a freeze this token holds and that has not run out
 --
--- Returns 1 frozen (renewed, thawed), 0 nothing to freeze, 2 another load holds the freeze,
--- 3 (renew) this token's freeze has run out or was replaced: purchases may have landed since.
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- Returns 1 frozen (renewed, thawed), 0 nothing to freeze (neither key exists), 2 another load holds
+-- the freeze, 3 (renew) this token's freeze has run out or was replaced: purchases may have landed since.
+-- A meta that exists is frozen even with KEYS[1] gone (a load cut short after it dropped the pool): the
+-- load's scripts ask any meta that exists for the freeze (held.lua).
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
 local ms, token = tonumber(ARGV[1]), ARGV[2]
