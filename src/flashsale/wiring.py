@@ -56,10 +56,12 @@ def mysql_store(settings: Settings, *, pool_size: int | None = None, pinged: boo
 
 
 @contextmanager
-def books(settings: Settings) -> Iterator[tuple[RedisStock, MySQLStore]]:
-    """Both stores a command reads the books from: Redis (the gate) and MySQL (the books)."""
+def books(settings: Settings, *, replicated: bool = False) -> Iterator[tuple[RedisStock, MySQLStore]]:
+    """Both stores a command reads the books from: Redis (the gate) and MySQL (the books). `replicated`: as
+    `redis_stock`'s (a command that carries what it read in Redis over to MySQL)."""
     with ExitStack() as opened:
-        yield opened.enter_context(redis_stock(settings)), opened.enter_context(mysql_store(settings))
+        stock = opened.enter_context(redis_stock(settings, replicated=replicated))
+        yield stock, opened.enter_context(mysql_store(settings))
 
 
 def _never_checked(_: Delivery) -> Resolution:

@@ -16,6 +16,8 @@ import redis
 from flashsale.adapters.redis.keys import USER_HOLDS_KEY, SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.errors import NotReplicated
+from flashsale.models import Purchase
+from flashsale.records import Prededuct
 from flashsale.stack.settings import StackSettings
 from tests.conftest import cluster_url
 from tests.protocol.cluster import Failovers, Node
@@ -148,5 +150,30 @@ def test_a_reload_cut_short_and_run_again_leaves_nothing_of_the_old_layout(redis
         assert [k for k in (keys.pool, keys.transfers, keys.done) if client.exists(k)] == []
         assert client.get(keys.stock) == "7"  # the client decodes replies
         assert client.hget(keys.meta, "parts") is None
+    finally:
+        stock.close()
+
+
+def test_a_log_read_for_a_replay_counts_only_once_a_replica_holds_it(redis_cluster: StackSettings) -> None:
+    """`replay` reads each entry again this way before it publishes it: one only the master holds could be
+    undone by a failover after MySQL applied it."""
+    sku = "repl-replay"
+    Failovers(Node("127.0.0.1", redis_cluster.ports.redis))
+    stock = RedisStock(cluster_url(redis_cluster), wait_ms=200)
+    try:
+        stock.load(sku, 5, reset=True)
+        assert stock.prededuct(sku, "m1", [Purchase("t1", "u1", 1)])[0].code is Prededuct.ACCEPTED
+        assert isinstance(stock.client, redis.RedisCluster)
+        replica = stock.client.nodes_manager.slots_cache[stock.client.keyslot(SkuKeys.of(sku).log)][1]
+        paused = redis.Redis(host=replica.host, port=replica.port)
+        paused.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        try:
+            with pytest.raises(NotReplicated, match="no replica acknowledged"):
+                stock.held_entries(sku, ["t1", "t2"])
+        finally:
+            paused.execute_command("CLIENT", "UNPAUSE")
+            paused.close()
+        held = stock.held_entries(sku, ["t1", "t2"])
+        assert held["t1"] is not None and held["t1"].state == "deducted" and held["t2"] is None
     finally:
         stock.close()

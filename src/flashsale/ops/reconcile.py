@@ -430,7 +430,7 @@ def run(
     """
     from flashsale.ops.replay import Replayer
 
-    with wiring.books(settings) as (stock, store):
+    with wiring.books(settings, replicated=repair) as (stock, store):
         names = skus or sorted(set(stock.skus()) | set(store.skus()))
         mysql_skus = set(store.skus())
         for sku in skus:

@@ -85,6 +85,7 @@ class Replayer:
 
     def _publish(self, entries: list[LogEntry]) -> None:
         """Replay deductions the Redis log holds (callers pass only entries in a deducted state)."""
+        entries = self._held(entries)
         if not entries:
             return
         messages = replay_messages(entries)
@@ -99,6 +100,20 @@ class Replayer:
             list(pool.map(lambda m: producer.send(topic, m.tokens[0], m.encode(), c.DEDUCTION_TAG), messages))
         self.report.published += len(entries)
         logger.info("replayed %d deduction(s) in %d message(s) on %s", len(entries), len(messages), topic)
+
+    def _held(self, entries: list[LogEntry]) -> list[LogEntry]:
+        """The entries still deducted as a replica holds them (read again by seen.lua, then a WAIT; raises
+        NotReplicated when none acknowledged in time). One only the master holds could be undone by a
+        failover after the consumer applied it: MySQL would hold a sale Redis does not, and Redis would
+        sell the unit again."""
+        by_shard: dict[str, list[LogEntry]] = defaultdict(list)
+        for entry in entries:
+            by_shard[entry.shard].append(entry)
+        held: list[LogEntry] = []
+        for shard, logged in by_shard.items():
+            now = self.stock.held_entries(shard, [e.token for e in logged])
+            held += [e for e in logged if (n := now[e.token]) is not None and n.state in c.DEDUCTED_STATES]
+        return held
 
     def _deducted(self, sku: str, tokens: list[str]) -> list[LogEntry]:
         entries = self.stock.log_entries(sku, tokens)
@@ -186,7 +201,8 @@ def run(
     settings: Settings, tokens: Sequence[str], *, sku: str | None, since_ms: int | None, dry_run: bool
 ) -> ReplayReport:
     """Replay the named tokens, or `sku`'s deductions since `since_ms`, or else the dead letters."""
-    with wiring.books(settings) as (stock, store), Replayer(settings, stock, store, dry_run=dry_run) as replayer:
+    books = wiring.books(settings, replicated=True)
+    with books as (stock, store), Replayer(settings, stock, store, dry_run=dry_run) as replayer:
         if tokens:
             replayer.tokens(tokens, sku)
         elif since_ms is not None and sku:

@@ -475,6 +475,16 @@ class RedisStock:
             return str(self.client.get_node_from_key(key).name)  # type: ignore[no-untyped-call]
         return ""
 
+    def held_entries(self, shard: str, tokens: Sequence[str]) -> dict[str, LogEntry | None]:
+        """The log entries of `tokens` on `shard` (a SKU, or one partition), read by seen.lua so that a
+        replica is known to hold them: with replicas, a WAIT follows (NotReplicated: none in time)."""
+        keys = SkuKeys.of(shard)
+        raws = self._script_held(keys.log, "seen", [keys.log, keys.meta], list(tokens))
+        sku = parent(shard)
+        return {
+            t: located(LogEntry.parse(t, raw), sku, shard) if raw else None for t, raw in zip(tokens, raws, strict=True)
+        }
+
     def log_entries(self, sku: str, tokens: list[str]) -> dict[str, LogEntry | None]:
         """The log entries of `tokens` (HMGET; in each partition of a partitioned SKU), None where there is none."""
         found: dict[str, LogEntry | None] = dict.fromkeys(tokens)
