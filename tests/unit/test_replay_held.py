@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -39,8 +40,16 @@ class _Store:
         return []
 
 
+class _Replayer(Replayer):
+    """Publishes nothing: counts what it would send."""
+
+    def _started(self) -> Any:
+        return SimpleNamespace(send=lambda *args: None)
+
+
 def _replayer(stock: _Stock) -> Replayer:
-    return Replayer(cast(Settings, None), cast(Any, stock), cast(Any, _Store()), dry_run=True)
+    settings = cast(Settings, SimpleNamespace(replay_topic="t-replays"))
+    return _Replayer(settings, cast(Any, stock), cast(Any, _Store()), dry_run=False)
 
 
 def test_replay_publishes_only_what_a_replica_holds_as_deducted_read_once_per_shard() -> None:
@@ -54,7 +63,7 @@ def test_replay_publishes_only_what_a_replica_holds_as_deducted_read_once_per_sh
     )
     replayer = _replayer(stock)
     replayer.entries(logged)
-    assert replayer.report.published == 2
+    assert (replayer.report.published, replayer.report.not_deducted) == (2, ["t2", "t3"])
     assert stock.asked == [("sku#0", ["t1", "t2"]), ("sku#1", ["t3", "t4"])]
 
 
@@ -64,3 +73,10 @@ def test_a_replay_no_replica_acknowledges_is_refused_with_nothing_published() ->
     with pytest.raises(NotReplicated):
         replayer.entries([_entry("t1")])
     assert replayer.report.published == 0
+
+
+def test_a_dry_run_replay_reads_the_master_and_writes_nothing() -> None:
+    stock = _Stock({}, lagging=["sku"])
+    replayer = Replayer(cast(Settings, None), cast(Any, stock), cast(Any, _Store()), dry_run=True)
+    replayer.entries([_entry("t1")])
+    assert (replayer.report.published, stock.asked) == (1, [])

@@ -137,6 +137,44 @@ def test_a_connected_client_writes_its_settings_again_every_few_seconds(monkeypa
     assert written == [client, client]
 
 
+class _TwoEndpoints(_Client):
+    """A client of two proxies: `away` not connected, `restarted` connected with its stream ended."""
+
+    def __init__(self) -> None:
+        super().__init__(stream_done=True, state=ChannelConnectivity.READY)
+        away = SimpleNamespace(
+            telemetry_stream_stream_call=SimpleNamespace(**{internals._STREAM_CALL: _Call(False)}),
+            channel_state=lambda wait_for_ready: ChannelConnectivity.TRANSIENT_FAILURE,
+        )
+        self.route_manager = SimpleNamespace(get_all_endpoints=lambda: {"a": "away:8081", "r": "restarted:8081"})
+        self.rpc_client = SimpleNamespace(
+            channels={"away:8081": away, "restarted:8081": self.rpc_client.channels["127.0.0.1:8081"]}
+        )
+
+
+def test_one_proxy_away_does_not_keep_the_stream_to_another_from_being_reopened(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    resynced: list[object] = []
+    nudged: list[object] = []
+    monkeypatch.setattr(internals, "resync", lambda client, endpoints=None: resynced.append(endpoints) or 1)
+    monkeypatch.setattr(internals, "connect", lambda client, endpoints: nudged.append(endpoints))
+    watchdog = StreamWatchdog(min_gap_s=0)
+    watchdog._look_at(_Watched(_TwoEndpoints(), "consumer of t"))
+    assert (resynced, nudged) == ([["restarted:8081"]], [["away:8081"]])
+
+
+def test_a_consumer_s_settings_are_not_written_again_on_a_timer() -> None:
+    # The proxy takes a consumer's settings for its group's subscription; one client per topic, one group.
+    watchdog = StreamWatchdog()
+    client = _Client(stream_done=False, state=ChannelConnectivity.READY)
+    watchdog.watch(client, "consumer of t")
+    try:
+        assert watchdog._watched[id(client)].next_settings == float("inf")
+    finally:
+        watchdog.stop()
+
+
 class _NoRouteYet:
     """A client whose proxy answers "no route" to the first `stale` route requests (a cache it has not
     refreshed), then finds the route, which brings the settings."""

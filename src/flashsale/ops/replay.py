@@ -84,8 +84,10 @@ class Replayer:
         self._clients.close()
 
     def _publish(self, entries: list[LogEntry]) -> None:
-        """Replay deductions the Redis log holds (callers pass only entries in a deducted state)."""
-        entries = self._held(entries)
+        """Replay deductions the Redis log holds (callers pass only entries in a deducted state). A dry run
+        reports them as the master holds them, and writes nothing."""
+        if not self.report.dry_run:
+            entries = self._held(entries)
         if not entries:
             return
         messages = replay_messages(entries)
@@ -112,7 +114,12 @@ class Replayer:
         held: list[LogEntry] = []
         for shard, logged in by_shard.items():
             now = self.stock.held_entries(shard, [e.token for e in logged])
-            held += [e for e in logged if (n := now[e.token]) is not None and n.state in c.DEDUCTED_STATES]
+            for entry in logged:
+                found = now[entry.token]
+                if found is not None and found.state in c.DEDUCTED_STATES:
+                    held.append(entry)
+                else:
+                    self.report.not_deducted.append(entry.token)
         return held
 
     def _deducted(self, sku: str, tokens: list[str]) -> list[LogEntry]:

@@ -129,7 +129,7 @@ class RocketMQProducer:
 
     def start(self) -> RocketMQProducer:
         start_client(self._client, self.endpoint, "producer", self._topics)
-        self.watchdog.watch(self._client, "producer")
+        self.watchdog.watch(self._client, "producer", resend_settings=True)
         return self
 
     def shutdown(self) -> None:

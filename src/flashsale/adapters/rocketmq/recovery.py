@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flashsale.adapters.rocketmq import internals
@@ -45,10 +45,11 @@ class _Watched:
     name: str
     poked: bool = False
     last_resync: float = 0.0
-    #: A channel of its was not connected at the last look.
-    away: bool = False
-    #: When the settings are next written again on its streams (monotonic).
-    next_settings: float = 0.0
+    #: Its endpoints whose channel was not connected at the last look.
+    away: list[Any] = field(default_factory=list)
+    #: When the settings are next written again on its streams (monotonic); never for a consumer, whose
+    #: settings the proxy takes for its group's subscription (one client per topic, one group).
+    next_settings: float = float("inf")
 
 
 class StreamWatchdog:
@@ -68,10 +69,13 @@ class StreamWatchdog:
         self._thread: threading.Thread | None = None
         self.resyncs = 0
 
-    def watch(self, client: Any, name: str) -> None:
+    def watch(self, client: Any, name: str, *, resend_settings: bool = False) -> None:
+        """Look after `client`'s streams; with `resend_settings` (a producer, which checks reach), write its
+        settings again every SETTINGS_EVERY_S."""
         with self._lock:
             now = time.monotonic()
-            self._watched[id(client)] = _Watched(client, name, last_resync=now, next_settings=now + SETTINGS_EVERY_S)
+            every = now + SETTINGS_EVERY_S if resend_settings else float("inf")
+            self._watched[id(client)] = _Watched(client, name, last_resync=now, next_settings=every)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rocketmq-watchdog", daemon=True)
                 self._thread.start()
@@ -119,30 +123,30 @@ class StreamWatchdog:
     def _look_at(self, each: _Watched) -> None:
         away = internals.unconnected(each.client)
         if away:
-            internals.connect(each.client, away)  # no stream until it is up (see the module's docstring)
-            each.away = True
-            return
-        if each.away:
-            # The broker is back: the proxy may be a new one, which knows nothing of this client.
-            each.poked, each.away = True, False
-        dead = internals.dead_streams(each.client)
+            internals.connect(each.client, away)  # no stream opened toward them (see the module's docstring)
+        # Back: the proxy there may be a new one, which knows nothing of this client.
+        due = [e for e in each.away if e not in away]
+        each.away = away
+        up = [e for e in internals.all_endpoints(each.client) if e not in away]
+        dead = [e for e in internals.dead_streams(each.client) if e not in away]
+        due += [e for e in (up if each.poked else dead) if e not in due]
         now = time.monotonic()
-        if (dead or each.poked) and now - each.last_resync >= self._min_gap_s:
-            self._resync(each, dead, now)
-        elif not dead and now >= each.next_settings:
+        if due and now - each.last_resync >= self._min_gap_s:
+            self._resync(each, due, bool(dead), now)
+        elif up and not dead and now >= each.next_settings:
             each.next_settings = now + SETTINGS_EVERY_S
-            internals.resend_settings(each.client, internals.all_endpoints(each.client))
+            internals.resend_settings(each.client, up)
 
-    def _resync(self, each: _Watched, dead: list[Any], now: float) -> None:
+    def _resync(self, each: _Watched, endpoints: list[Any], ended: bool, now: float) -> None:
         each.poked = False
         each.last_resync = now
-        each.next_settings = now + SETTINGS_AFTER_RESYNC_S
-        count = internals.resync(each.client, dead or None)
+        each.next_settings = min(each.next_settings, now + SETTINGS_AFTER_RESYNC_S)
+        count = internals.resync(each.client, endpoints)
         self.resyncs += 1
         self.on_resync()
         logger.warning(
             "%s: %s; reopened %d telemetry stream(s) and re-sent its settings",
             each.name,
-            "the broker's telemetry stream ended" if dead else "the broker no longer knows its settings",
+            "the broker's telemetry stream ended" if ended else "the broker no longer knows its settings",
             count,
         )
