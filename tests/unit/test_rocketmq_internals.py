@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from grpc import ChannelConnectivity
@@ -83,42 +84,46 @@ def test_an_open_stream_on_a_connected_channel_is_no_problem() -> None:
     assert watchdog.problems() == []
 
 
-def test_a_client_whose_channel_connects_again_sends_its_settings_again(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[Any, Any]]]:
+    """The watchdog's resyncs and connects, recorded as (client, endpoints) rather than made."""
+    seen: dict[str, list[tuple[Any, Any]]] = {"resync": [], "connect": []}
+    monkeypatch.setattr(
+        internals, "resync", lambda client, endpoints=None: seen["resync"].append((client, endpoints)) or 1
+    )
+    monkeypatch.setattr(internals, "connect", lambda client, endpoints: seen["connect"].append((client, endpoints)))
+    return seen
+
+
+def test_a_client_whose_channel_connects_again_sends_its_settings_again(calls: dict[str, list[Any]]) -> None:
     # A restarted proxy answered every heartbeat with 40015 after the channel came back: the settings a
     # stream opened during the outage should have carried never arrived, and no check reached a checker.
-    resynced: list[object] = []
-    monkeypatch.setattr(internals, "resync", lambda client, endpoints=None: resynced.append(client) or 1)
-    monkeypatch.setattr(internals, "connect", lambda client, endpoints: None)
     watchdog = StreamWatchdog(min_gap_s=0)
     away = _Client(stream_done=False, state=ChannelConnectivity.TRANSIENT_FAILURE)
     watched = _Watched(away, "producer")
     watchdog._look_at(watched)
-    assert resynced == []  # the stream waits for the channel: nothing to send yet
+    assert calls["resync"] == []  # the stream waits for the channel: nothing to send yet
     back = _Client(stream_done=False, state=ChannelConnectivity.READY)
     watched.client = back
     watchdog._look_at(watched)
     watchdog._look_at(watched)
-    assert resynced == [back]  # once, when the channel connected
+    assert [client for client, _ in calls["resync"]] == [back]  # once, when the channel connected
 
 
 def test_a_stream_that_ended_while_the_broker_is_away_is_reopened_only_once_the_channel_is_up(
-    monkeypatch: pytest.MonkeyPatch,
+    calls: dict[str, list[Any]],
 ) -> None:
     # A stream opened while away starts when the channel connects, beside the one the reconnect calls
     # for: the proxy may then take the settings of the stale one last and write every check to it.
-    resynced: list[object] = []
-    nudged: list[object] = []
-    monkeypatch.setattr(internals, "resync", lambda client, endpoints=None: resynced.append(client) or 1)
-    monkeypatch.setattr(internals, "connect", lambda client, endpoints: nudged.append(client))
     watchdog = StreamWatchdog(min_gap_s=0)
     away = _Client(stream_done=True, state=ChannelConnectivity.TRANSIENT_FAILURE)
     watched = _Watched(away, "producer")
     for _ in range(3):
         watchdog._look_at(watched)
-    assert (resynced, nudged) == ([], [away] * 3)  # asked to connect, no stream opened
+    assert calls["resync"] == [] and [client for client, _ in calls["connect"]] == [away] * 3
     watched.client = _Client(stream_done=True, state=ChannelConnectivity.READY)
     watchdog._look_at(watched)
-    assert resynced == [watched.client]
+    assert [client for client, _ in calls["resync"]] == [watched.client]
 
 
 def test_a_connected_client_writes_its_settings_again_every_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,16 +157,10 @@ class _TwoEndpoints(_Client):
         )
 
 
-def test_one_proxy_away_does_not_keep_the_stream_to_another_from_being_reopened(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    resynced: list[object] = []
-    nudged: list[object] = []
-    monkeypatch.setattr(internals, "resync", lambda client, endpoints=None: resynced.append(endpoints) or 1)
-    monkeypatch.setattr(internals, "connect", lambda client, endpoints: nudged.append(endpoints))
-    watchdog = StreamWatchdog(min_gap_s=0)
-    watchdog._look_at(_Watched(_TwoEndpoints(), "consumer of t"))
-    assert (resynced, nudged) == ([["restarted:8081"]], [["away:8081"]])
+def test_one_proxy_away_does_not_keep_the_stream_to_another_from_being_reopened(calls: dict[str, list[Any]]) -> None:
+    StreamWatchdog(min_gap_s=0)._look_at(_Watched(_TwoEndpoints(), "consumer of t"))
+    assert [endpoints for _, endpoints in calls["resync"]] == [["restarted:8081"]]
+    assert [endpoints for _, endpoints in calls["connect"]] == [["away:8081"]]
 
 
 def test_a_consumer_s_settings_are_not_written_again_on_a_timer() -> None:
