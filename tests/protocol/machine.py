@@ -201,7 +201,7 @@ class TransferStep:
     part: str
     want: int
     begun: bool = False  # step 1 answered
-    given: bool = False  # a refill's step 2 answered
+    given: int | None = None  # the units a refill's step 2 gave, once answered
     qty: int | None = None  # the units that move: step 1's answer (refill), step 2's (drain)
 
 
@@ -459,8 +459,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             return
         if (t.kind, which) in (("refill", "second"), ("drain", "third")) and t.qty is None:
             return
-        if (t.kind, which) == ("refill", "third") and not t.given:
-            return
+        if (t.kind, which) == ("refill", "third") and t.given != t.qty:
+            return  # it ends a transfer once it gave what it knows step 1 took (step 1 run again may say more)
         try:
             answer = self.loop.run_until_complete(calls[(t.kind, which)]())
         except FlashSaleError:
@@ -470,7 +470,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         if (t.kind, which) in (("refill", "first"), ("drain", "second")):
             t.qty = int(answer)
         if (t.kind, which) == ("refill", "second"):
-            t.given = True
+            t.given = qty
 
     @precondition(lambda self: self.transfer_steps)
     @rule(
