@@ -425,7 +425,8 @@ class RedisStock:
         keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
         args = [row.token, row.user_id, str(row.qty), str(row.created_ms), row.message_id, sku]
         args += ["deduct" if deduct else "entry", row.order or "", str(row.due_ms or ""), str(row.decided_ms or "")]
-        code, detail = self._run("adopt", keys.sale(), args)
+        # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
+        code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
         return Adopt(int(code)), str(detail)
 
     # --- reading ------------------------------------------------------------------------------------

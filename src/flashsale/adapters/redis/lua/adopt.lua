@@ -20,7 +20,7 @@
 -- returned, and in 'deduct' mode the stock is not taken again (the deduction and its return both count).
 --
 -- Returns {code, detail}:
---   0 nothing to do: the token already has a log entry (detail = its state)
+--   0 nothing to do: the token already has a log entry (detail = its state; a counter is written)
 --   1 adopted
 --   2 refused: 'deduct' needs more stock than Redis has (detail = remaining); an operator must decide
 local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -30,6 +30,10 @@ local returned = order == 'cancelled' or order == 'expired'
 
 local seen = redis.call('HGET', log_key, token)
 if seen then
+  -- A write all the same (a counter), so that a WAIT after a run asked again proves a replica holds it.
+  if redis.call('EXISTS', meta_key) == 1 then
+    redis.call('HINCRBY', meta_key, 'reruns', 1)
+  end
   return {0, cjson.decode(seen)['state']}
 end
 local qty = tonumber(qty_arg)

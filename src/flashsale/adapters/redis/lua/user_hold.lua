@@ -20,12 +20,11 @@
 -- deducted), user_release.lua gives the hold back, since none deducted it and any later one takes a hold
 -- again. A hold found with no record (taken by a script that kept none) and one whose token was asked
 -- more than 8 times are marked kept (`*`) instead: never freed, as before records, and the record stays
--- small. Otherwise a hold is
--- kept whatever the purchase's outcome, and whatever becomes of its order (cancelled or expired, its
--- units back on sale): the count can run ahead of the orders (a buyer who gives up on an unclear
--- answer, or lets an order go), never behind them. So a buyer whose order is cancelled or expires does
--- not get that share of the limit back; on a SKU on one key decide.lua frees it, the count being on the
--- order's slot.
+-- small. Otherwise a hold is kept whatever the purchase's outcome, and whatever becomes of its order
+-- (cancelled or expired, its units back on sale): the count can run ahead of the orders (a buyer who
+-- gives up on an unclear answer, or lets an order go), never behind them. So a buyer whose order is
+-- cancelled or expires does not get that share of the limit back; on a SKU on one key decide.lua frees
+-- it, the count being on the order's slot.
 --
 -- Every call writes (a counter at least), so that a WAIT after it proves a replica holds the holds.
 local key, limit = KEYS[1], tonumber(ARGV[1])
