@@ -48,12 +48,17 @@ class ReplayReport:
         return asdict(self)
 
 
-def replay_messages(entries: Iterable[LogEntry]) -> list[DeductionMessage]:
-    """Replay messages for log entries: one per SKU (or partition) and REPLAY_GROUP entries, carrying the
-    log's values."""
+def _by_shard(entries: Iterable[LogEntry]) -> dict[str, list[LogEntry]]:
+    """The entries by the Redis keys they live under (a partition's, or the SKU's), in their order."""
     by_shard: dict[str, list[LogEntry]] = defaultdict(list)
     for entry in entries:
         by_shard[entry.shard].append(entry)
+    return by_shard
+
+
+def replay_messages(entries: Iterable[LogEntry]) -> list[DeductionMessage]:
+    """Replay messages for log entries: one per SKU (or partition) and REPLAY_GROUP entries, carrying the
+    log's values."""
     return [
         DeductionMessage(
             chunk[0].sku,
@@ -63,7 +68,7 @@ def replay_messages(entries: Iterable[LogEntry]) -> list[DeductionMessage]:
             source=SOURCE_REPLAY,
             part=chunk[0].part or "",
         )
-        for logged in by_shard.values()
+        for logged in _by_shard(entries).values()
         for chunk in pages(iter(logged), REPLAY_GROUP)
     ]
 
@@ -108,11 +113,8 @@ class Replayer:
         NotReplicated when none acknowledged in time). One only the master holds could be undone by a
         failover after the consumer applied it: MySQL would hold a sale Redis does not, and Redis would
         sell the unit again."""
-        by_shard: dict[str, list[LogEntry]] = defaultdict(list)
-        for entry in entries:
-            by_shard[entry.shard].append(entry)
         held: list[LogEntry] = []
-        for shard, logged in by_shard.items():
+        for shard, logged in _by_shard(entries).items():
             now = self.stock.held_entries(shard, [e.token for e in logged])
             for entry in logged:
                 found = now[entry.token]

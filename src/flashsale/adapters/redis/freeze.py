@@ -50,24 +50,28 @@ class Freeze:
 
     def take(self) -> None:
         for key, meta in self.targets:
-            if Frozen(self.held(key, meta, self.ms, self.token, "")) is Frozen.TAKEN:
-                raise taken(self.sku, self.ms)
+            self._take(key, meta)
 
     def claim(self, key: str, meta: str) -> None:
         """Take the freeze of a partition no layout names (a load cut short left it, loaded, with no
         freeze), once the SKU's own freeze is renewed: no other load can have named it since, and none
         can before the renewed lease runs out."""
-        if Frozen(self.held(*self.targets[-1], self.ms, self.token, "renew")) is Frozen.LAPSED:
-            raise lapsed(self.sku)
+        self._renew(*self.targets[-1])
         self.claimed.append((key, meta))
-        if Frozen(self.held(key, meta, self.ms, self.token, "")) is Frozen.TAKEN:
-            raise taken(self.sku, self.ms)
+        self._take(key, meta)
 
     def confirm(self) -> None:
         """Renew the lease before the load writes anything; raises when it has run out on a shard."""
         for key, meta in self.targets:
-            if Frozen(self.held(key, meta, self.ms, self.token, "renew")) is Frozen.LAPSED:
-                raise lapsed(self.sku)
+            self._renew(key, meta)
+
+    def _take(self, key: str, meta: str) -> None:
+        if Frozen(self.held(key, meta, self.ms, self.token, "")) is Frozen.TAKEN:
+            raise taken(self.sku, self.ms)
+
+    def _renew(self, key: str, meta: str) -> None:
+        if Frozen(self.held(key, meta, self.ms, self.token, "renew")) is Frozen.LAPSED:
+            raise lapsed(self.sku)
 
     def renew(self) -> None:
         """Renew the lease where it still holds (a shard already loaded holds none: its meta is new). A

@@ -211,12 +211,12 @@ def unconnected(client: Any) -> list[Any]:
     return found
 
 
-def resync(client: Any, endpoints: Iterable[Any] | None = None) -> int:
+def resync(client: Any, endpoints: Iterable[Any]) -> int:
     """Open a new telemetry stream to each endpoint and write the client's settings on it.
 
     A grpc.aio stream is created on the loop that will run it: the work is handed to the client's loop.
     """
-    chosen = list(endpoints) if endpoints is not None else all_endpoints(client)
+    chosen = list(endpoints)
 
     def reopen() -> None:
         for each in chosen:
