@@ -83,3 +83,52 @@ def test_a_token_twice_in_the_window_waits_for_its_first_group_and_joins_a_later
     # had its answer.
     assert [tokens for _, tokens, _ in recorder.groups] == [["a", "b", "c"], ["a"]]
     assert all(len(set(tokens)) == len(tokens) for _, tokens, _ in recorder.groups)
+
+
+class Gate:
+    """A handler that holds each group until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.release = asyncio.Event()
+
+    async def handle(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        self.groups.append([r.token for r in requests])
+        await self.release.wait()
+        return [PurchaseResult(PurchaseStatus.SOLD_OUT, r.token) for r in requests]
+
+
+def test_an_eager_skus_group_closes_at_once_and_the_next_as_soon_as_the_last_is_answered() -> None:
+    gate = Gate()
+    grouper = Grouper(gate.handle, size=100, wait_s=30, eager=lambda sku: sku == "gone")
+
+    async def run() -> list[PurchaseResult]:
+        first = asyncio.ensure_future(grouper.submit(_request("gone", "a")))
+        await asyncio.sleep(0.01)
+        assert gate.groups == [["a"]]  # closed without its 30 s wait
+        # Purchases arriving while a group is read gather; the timer is not what closes their group.
+        later = [asyncio.ensure_future(grouper.submit(_request("gone", t))) for t in ("b", "c")]
+        await asyncio.sleep(0.01)
+        assert gate.groups == [["a"]]
+        gate.release.set()
+        return list(await asyncio.wait_for(asyncio.gather(first, *later), 5))
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    assert [r.token for r in results] == ["a", "b", "c"]
+    assert gate.groups == [["a"], ["b", "c"]]
+    assert time.monotonic() - started < 5
+
+
+def test_a_sku_that_is_not_eager_still_waits_for_its_group_to_fill_or_its_timer() -> None:
+    gate = Gate()
+    gate.release.set()
+    grouper = Grouper(gate.handle, size=100, wait_s=0.3, eager=lambda sku: sku == "gone")
+
+    async def run() -> float:
+        started = time.monotonic()
+        await grouper.submit(_request("live", "a"))
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) >= 0.25
+    assert gate.groups == [["a"]]

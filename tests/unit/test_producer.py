@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -160,6 +161,30 @@ def test_units_back_on_sale_sell_at_once_however_long_the_sku_was_answered_sold_
     stock.stock = 3
     assert service.purchase("sku-1", "u-late", 1, "t-late").status is PurchaseStatus.ACCEPTED
     assert len(bus.sent) == 1
+
+
+def test_a_sold_out_skus_purchases_wait_for_no_group_timer_and_a_restocked_skus_group_again() -> None:
+    stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 4)), FakeBus()
+    stock.stock = 0
+    service = PurchaseService(stock, bus, "ns-deductions", group_size=100, group_wait_s=0.5, sold_out_cache_s=60)
+
+    async def timed(token: str) -> tuple[PurchaseStatus, float]:
+        started = time.monotonic()
+        result = await service.purchase("sku-1", "u1", 1, token)
+        return result.status, time.monotonic() - started
+
+    async def sale() -> list[tuple[PurchaseStatus, float]]:
+        found = [await timed("t1"), await timed("t2")]
+        stock.stock = 5
+        return [*found, await timed("t3"), await timed("t4")]
+
+    (first, waited), (second, at_once), (third, restocked), (fourth, grouped) = asyncio.run(sale())
+    # Not yet known sold out: its group waited for its timer. Known: answered from a read at once.
+    assert (first, second) == (PurchaseStatus.SOLD_OUT, PurchaseStatus.SOLD_OUT)
+    assert waited >= 0.45 and at_once < 0.25
+    # Units back on sale are sold by the very next read; from then on purchases group again.
+    assert (third, fourth) == (PurchaseStatus.ACCEPTED, PurchaseStatus.ACCEPTED)
+    assert restocked < 0.25 and grouped >= 0.45
 
 
 def test_a_retry_of_an_accepted_token_after_the_sell_out_gets_duplicate_with_its_message_id() -> None:

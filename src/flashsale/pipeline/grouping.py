@@ -5,6 +5,11 @@ opened, whichever comes first (the two triggers of seed 000's batched persistenc
 transaction itself). A closed group is handed to `handle`, which answers each purchase; groups of one
 SKU may be in flight at once. With `size` 1 every purchase is its own group, at once.
 
+An eager SKU (one the caller knows is sold out, whose groups cost one Redis read and no transaction)
+does not wait for the timer when it need not: its group closes at once when none of its groups is being
+handled, else as soon as the last one is answered. Under load its purchases gather while the previous
+group is read; alone, a purchase is answered without waiting. `wait_s` still bounds the wait.
+
 A group never carries one token twice: a purchase whose token is in the open group already (a double
 click) waits until that group is answered and then joins a later one, where it is answered as any
 retry is (`duplicate` when the first was accepted). One message's pre-deduct would otherwise accept the
@@ -33,18 +38,23 @@ class _Group:
     requests: list[PurchaseRequest] = field(default_factory=list)
     answers: list[asyncio.Future[PurchaseResult]] = field(default_factory=list)
     tokens: set[str] = field(default_factory=set)
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
 
 
 class Grouper:
-    def __init__(self, handle: Handler, *, size: int, wait_s: float) -> None:
+    def __init__(
+        self, handle: Handler, *, size: int, wait_s: float, eager: Callable[[str], bool] = lambda sku: False
+    ) -> None:
         if size < 1:
             raise ValueError("a group holds at least one purchase")
         self._handle = handle
         self.size = size
         self.wait_s = wait_s
+        #: SKUs whose group closes as soon as none of theirs is being handled (within `wait_s` at most)
+        self._eager = eager
         self._open: dict[str, _Group] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._handling: dict[str, int] = {}  # SKU -> its groups being handled
 
     async def submit(self, request: PurchaseRequest) -> PurchaseResult:
         loop = asyncio.get_running_loop()
@@ -52,7 +62,9 @@ class Grouper:
             await asyncio.shield(group.answered)
         if group is None:
             group = self._open[request.sku] = _Group(loop.create_future())
-            if self.size > 1:
+            if self.size > 1 and self._eager(request.sku) and not self._handling.get(request.sku):
+                group.timer = loop.call_soon(self._close, request.sku, group)
+            elif self.size > 1:
                 group.timer = loop.call_later(self.wait_s, self._close, request.sku, group)
         answer: asyncio.Future[PurchaseResult] = loop.create_future()
         group.requests.append(request)
@@ -72,6 +84,7 @@ class Grouper:
             del self._open[sku]
         if group.timer is not None:
             group.timer.cancel()
+        self._handling[sku] = self._handling.get(sku, 0) + 1
         task = asyncio.get_running_loop().create_task(self._run(sku, group))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -90,3 +103,17 @@ class Grouper:
             if not answer.done():
                 answer.set_result(result)
         group.answered.set_result(None)
+        self._handled(sku)
+
+    def _handled(self, sku: str) -> None:
+        """A group of `sku` is answered: the one open now closes at once if the SKU is eager and none of
+        its groups is left being handled."""
+        left = self._handling[sku] = self._handling[sku] - 1
+        if left:
+            return
+        del self._handling[sku]
+        group = self._open.get(sku)
+        if group is not None and self._eager(sku):
+            if group.timer is not None:
+                group.timer.cancel()
+            group.timer = asyncio.get_running_loop().call_soon(self._close, sku, group)

@@ -59,6 +59,15 @@ class SoldOutCache:
     def mark(self, sku: str) -> None:
         self._until[sku] = self._clock() + self._ttl_s
 
+    def clear(self, sku: str) -> None:
+        """Stock was just seen: the SKU is not sold out."""
+        self._until.pop(sku, None)
+
+    def marked(self, sku: str) -> bool:
+        """Seen sold out within `ttl_s` (no Redis call)."""
+        until = self._until.get(sku)
+        return until is not None and self._clock() < until
+
     async def is_sold_out(self, sku: str) -> bool:
         until = self._until.get(sku)
         if until is None:
@@ -100,7 +109,9 @@ class PurchaseService:
         self._failpoints = failpoint_names
         self._observe = observe
         self._observe_group = observe_group
-        self._grouper = Grouper(self._handle_group, size=group_size, wait_s=group_wait_s)
+        # A sold-out SKU's groups are one Redis read each, no transaction: one closes as soon as the last is
+        # answered, so a sold-out answer waits for no timer.
+        self._grouper = Grouper(self._handle_group, size=group_size, wait_s=group_wait_s, eager=self._sold_out.marked)
 
     async def purchase(self, sku: object, user_id: object, qty: object, token: object) -> PurchaseResult:
         """Validate and submit one purchase. Never raises for a business outcome."""
@@ -149,6 +160,10 @@ class PurchaseService:
             if sold_out:  # no broker call for a sold-out SKU; and no answer for a token not looked up
                 return self._all(requests, PurchaseStatus.ERROR, "stock could not be checked; try again")
             return await self.commit_group(sku, requests)
+        if peek.stock == 0:
+            self._sold_out.mark(sku)
+        elif peek.stock:
+            self._sold_out.clear(sku)
         answers = await self._seen(sku, requests, peek)
         answers = [a or self._early(r, peek) for a, r in zip(answers, requests, strict=True)]
         rest = [i for i, a in enumerate(answers) if a is None]
@@ -192,7 +207,6 @@ class PurchaseService:
         if peek.stock is None:
             return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
         if peek.stock == 0:
-            self._sold_out.mark(sku)
             return PurchaseResult(PurchaseStatus.SOLD_OUT, token, remaining=0, message=f"{sku} is sold out")
         bought = peek.bought.get(request.user_id, 0)
         if peek.per_user_limit and bought + request.qty > peek.per_user_limit:

@@ -192,13 +192,21 @@ class AsyncRedisStock:
         keys = SkuKeys.of(sku)
         tokens = [p.token for p in purchases]
         users = list(dict.fromkeys(p.user_id for p in purchases))
+        commands = [
+            ("GET", keys.stock),
+            ("HMGET", keys.meta, "per_user_limit", "standby"),
+            ("HMGET", keys.log, *tokens),
+            ("HMGET", keys.users, *users),
+        ]
         async with self._reading("peek"):
-            async with (await self._router.client(keys.stock)).pipeline(transaction=False) as pipe:
-                pipe.get(keys.stock)
-                pipe.hmget(keys.meta, ["per_user_limit", "standby"])
-                pipe.hmget(keys.log, tokens)
-                pipe.hmget(keys.users, users)
-                reply = await pipe.execute()
+            wire = await self._router.wire(keys.stock)
+            if wire is not None:
+                reply = await wire.call(*commands)
+            else:
+                async with (await self._router.client(keys.stock)).pipeline(transaction=False) as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    reply = await pipe.execute()
         return parse_peek(tokens, users, reply)
 
     async def is_sold_out(self, sku: str) -> bool:

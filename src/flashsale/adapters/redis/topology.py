@@ -22,6 +22,7 @@ import redis.asyncio as aredis
 from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 from flashsale.adapters.redis.packing import packed
+from flashsale.adapters.redis.wire import Wire
 from flashsale.errors import ConfigError, ServiceUnavailable
 
 #: Seconds a cluster's slot map is trusted: replicas that joined since are then seen (and waited for).
@@ -143,6 +144,8 @@ class AsyncRouter:
         self._read_at = 0.0
         self._lock = asyncio.Lock()
         self._replicas = Replicas()
+        #: node name -> a pipelined connection to it (wire.py); None where the URL's scheme has none
+        self._wires: dict[str, Wire | None] = {}
 
     async def _resolve(self) -> None:
         async with self._lock:
@@ -171,11 +174,12 @@ class AsyncRouter:
                 self._nodes[""] = (pool, probe)
             self._resolved = True
 
-    async def _node(self, key: str) -> tuple[aredis.BlockingConnectionPool, aredis.Redis]:
+    async def _where(self, key: str) -> Any:
+        """The cluster node that serves `key` now (None for a single node)."""
         if not self._resolved:
             await self._resolve()
         if self._cluster is None:
-            return self._nodes[""]
+            return None
         if self._stale or time.monotonic() - self._read_at > MAP_TTL_S:
             async with self._lock:
                 if self._stale or time.monotonic() - self._read_at > MAP_TTL_S:
@@ -187,12 +191,30 @@ class AsyncRouter:
         if node is None:  # the slot has no master now (it died, no replica took over yet)
             self._stale = True
             raise redis.ConnectionError(f"no Redis Cluster node serves the slot of {key} now")
+        return node
+
+    async def _node(self, key: str) -> tuple[aredis.BlockingConnectionPool, aredis.Redis]:
+        node = await self._where(key)
+        if node is None:
+            return self._nodes[""]
         if node.name not in self._nodes:
             pool = aredis.BlockingConnectionPool(
                 host=node.host, port=node.port, connection_class=packed(aredis.Connection), **self._options
             )
             self._nodes[node.name] = (pool, aredis.Redis(connection_pool=pool))
         return self._nodes[node.name]
+
+    async def wire(self, key: str) -> Wire | None:
+        """The pipelined connection to the node of `key` (wire.py); None where the URL's scheme has none
+        (TLS, a Unix socket): the caller then uses `client(key)`."""
+        node = await self._where(key)
+        name = "" if node is None else str(node.name)
+        if name not in self._wires:
+            wire = Wire.from_url(self.url, timeout_s=self._timeout_s)
+            if wire is not None and node is not None:
+                wire = Wire(node.host, node.port, timeout_s=self._timeout_s, auth=wire.auth)
+            self._wires[name] = wire
+        return self._wires[name]
 
     async def pool(self, key: str) -> aredis.BlockingConnectionPool:
         return (await self._node(key))[0]
@@ -209,6 +231,9 @@ class AsyncRouter:
         self._stale = self._cluster is not None
 
     async def close(self) -> None:
+        for wire in self._wires.values():
+            if wire is not None:
+                wire.close()
         for pool, _ in self._nodes.values():
             await pool.disconnect()
         if self._cluster is not None:
