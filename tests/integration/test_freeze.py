@@ -15,9 +15,12 @@ import pytest
 
 from flashsale.adapters.redis.keys import SkuKeys, all_holds_keys
 from flashsale.adapters.redis.stock import RedisStock
+from flashsale.config import Settings
 from flashsale.errors import NotReplicated, StockError
 from flashsale.models import Purchase
-from flashsale.records import Prededuct
+from flashsale.ops.setup import set_stock
+from flashsale.records import Layout, Prededuct
+from tests.oracle import mysql_connection
 
 LEASE_S = 0.5
 
@@ -119,6 +122,71 @@ def test_a_second_load_of_a_frozen_sku_is_refused_before_it_writes(redis_stock: 
         assert buy(redis_stock, sku, "t1") is Prededuct.STALE_LAYOUT
 
 
+def test_a_first_load_of_a_new_sku_holds_a_lease_that_a_second_first_load_is_refused_by(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    keys = SkuKeys.of(sku)
+    with loader(redis_stock, sku) as proc:  # the SKU has no key yet: nothing to freeze but its first load
+        assert redis_stock.client.exists(keys.stock, keys.meta) == 0
+        with pytest.raises(StockError, match="another `stock set` is loading"), redis_stock.frozen(sku):
+            pass
+        _, err = proc.communicate("go\n", timeout=20)
+        assert proc.returncode == 0, err
+    assert redis_stock.client.get(keys.stock) == "7"
+    assert redis_stock.client.exists(keys.loading) == 0  # thawed with the load
+    # Loaded, the SKU is frozen by its meta again, as any reload.
+    with redis_stock.frozen(sku):
+        assert redis_stock.client.exists(keys.loading) == 0
+        assert buy(redis_stock, sku, "t1") is Prededuct.STALE_LAYOUT
+
+
+def test_a_first_load_that_died_holds_the_sku_only_until_its_lease_runs_out(redis_stock: RedisStock, sku: str) -> None:
+    with loader(redis_stock, sku) as proc:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with pytest.raises(StockError, match="another `stock set` is loading"), redis_stock.frozen(sku):
+            pass
+    time.sleep(LEASE_S + 0.2)
+    with redis_stock.frozen(sku, for_s=LEASE_S):
+        redis_stock.load(sku, 3)
+    assert redis_stock.client.get(SkuKeys.of(sku).stock) == "3"
+
+
+def test_a_first_load_that_stalled_past_its_lease_touches_nothing_once_another_began(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    keys = SkuKeys.of(sku)
+    with loader(redis_stock, sku) as proc:
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(LEASE_S + 0.3)
+        with redis_stock.frozen(sku, for_s=10) as other:  # the lease ran out: another first load begins
+            assert redis_stock.client.get(keys.loading) == other.token
+            proc.send_signal(signal.SIGCONT)
+            _, err = proc.communicate("go\n", timeout=20)
+            assert proc.returncode == 3 and "outlived its freeze" in err
+            assert redis_stock.client.exists(keys.stock, keys.meta) == 0
+            redis_stock.load(sku, 4)
+    assert redis_stock.client.get(keys.stock) == "4"
+
+
+def test_setting_the_stock_of_a_new_sku_while_its_first_load_runs_is_refused_before_mysql(
+    settings: Settings, redis_stock: RedisStock, sku: str
+) -> None:
+    """Two `stock set` of a SKU never loaded, at once: each wrote MySQL, and the one whose Redis load came
+    second was refused, leaving MySQL with one's quantity and Redis with the other's."""
+    with loader(redis_stock, sku) as proc:
+        with pytest.raises(StockError, match="another `stock set` is loading"):
+            set_stock(settings, sku, 20)
+        proc.communicate("go\n", timeout=20)
+    conn = mysql_connection(settings.mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM inventory WHERE sku = %s", (sku,))
+            assert cur.fetchone() == (0,)  # the refused command wrote nothing
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("script", ["load_stock", "load_pool", "drop"])
 def test_each_loading_script_refuses_a_token_that_does_not_hold_the_freeze(
     redis_stock: RedisStock, sku: str, script: str
@@ -127,10 +195,7 @@ def test_each_loading_script_refuses_a_token_that_does_not_hold_the_freeze(
     keys = SkuKeys.of(sku)
     calls = {
         "load_stock": (keys.load(), ["7", "0", "1", "", "", "0"]),
-        "load_pool": (
-            [*keys.all(), keys.pool, keys.transfers, keys.done, keys.checks, keys.added],
-            ["7", "7", "", "3", "0", "0", "9"],
-        ),
+        "load_pool": (keys.load_pool(), ["7", "7", "", "3", "0", "0", "9"]),
         "drop": ([keys.meta, keys.stock, keys.log], []),
     }
     script_keys, args = calls[script]
@@ -140,6 +205,24 @@ def test_each_loading_script_refuses_a_token_that_does_not_hold_the_freeze(
         assert redis_stock.client.get(keys.stock) == "5"
         assert int(redis_stock.client.hget(keys.meta, "frozen_until")) > 0
         assert redis_stock._scripts[script](keys=script_keys, args=[*args, freeze.token]) not in ([4, "freeze"], -1, 0)
+
+
+@pytest.mark.parametrize("script", ["load_stock", "load_pool"])
+def test_each_first_loading_script_refuses_a_token_that_does_not_hold_the_first_load_lease(
+    redis_stock: RedisStock, sku: str, script: str
+) -> None:
+    keys = SkuKeys.of(sku)
+    calls = {
+        "load_stock": (keys.load(), ["7", "0", "1", "", "", "0"]),
+        "load_pool": (keys.load_pool(), ["7", "7", "", "3", "0", "0", "9"]),
+    }
+    script_keys, args = calls[script]
+    with redis_stock.frozen(sku) as freeze:  # a SKU never loaded: the lease of its first load
+        assert redis_stock.client.get(keys.loading) == freeze.token
+        refused = redis_stock._scripts[script](keys=script_keys, args=[*args, "another-load"])
+        assert refused in ([4, "freeze"], -1)
+        assert redis_stock.client.exists(keys.stock, keys.meta, keys.pool) == 0
+        assert redis_stock._scripts[script](keys=script_keys, args=[*args, freeze.token]) not in ([4, "freeze"], -1)
 
 
 def test_a_partitioned_load_cut_short_runs_again_over_the_partitions_it_left(
@@ -206,13 +289,34 @@ def test_a_partitioned_loader_that_stalled_past_its_freeze_leaves_the_buyers_hol
 def test_a_freeze_taken_on_a_layout_another_load_just_replaced_freezes_the_new_one(
     redis_stock: RedisStock, sku: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = redis_stock.load_partitioned(sku, 8, partitions=2, refill=3, threshold=0)
-    stale = redis_stock._freeze_targets(sku)
-    new = redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0, reset=True)  # another load
+    old, new = _replaced_under_the_take(redis_stock, sku, 2, 3, monkeypatch)
     assert set(new.parts) - set(old.parts)  # a partition the stale read does not name
-    read = redis_stock._freeze_targets
-    reads = iter([stale])
-    monkeypatch.setattr(redis_stock, "_freeze_targets", lambda s: next(reads, None) or read(s))
     with redis_stock.frozen(sku):
         for part in new.parts:
             assert buy(redis_stock, part, f"t-{part}", new.epoch) is Prededuct.STALE_LAYOUT
+
+
+def test_a_freeze_taken_on_a_layout_another_load_just_replaced_leaves_no_lease_on_the_partition_it_dropped(
+    redis_stock: RedisStock, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = _replaced_under_the_take(redis_stock, sku, 3, 2, monkeypatch)
+    (gone,) = set(old.parts) - set(new.parts)
+    with redis_stock.frozen(sku):
+        pass
+    # The stale take leased the dropped partition (it has no key left); the thaw covered it too, or a
+    # load claiming that name within the lease would be refused.
+    assert redis_stock.client.exists(SkuKeys.of(gone).loading) == 0
+
+
+def _replaced_under_the_take(
+    stock: RedisStock, sku: str, before: int, after: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Layout, Layout]:
+    """A layout of `before` partitions, read by the next freeze, then replaced by another load of `after`
+    partitions before that freeze is taken: the freeze's first read finds the old one."""
+    old = stock.load_partitioned(sku, 9, partitions=before, refill=3, threshold=0)
+    stale = stock._freeze_targets(sku)
+    new = stock.load_partitioned(sku, 9, partitions=after, refill=3, threshold=0, reset=True)
+    read = stock._freeze_targets
+    reads = iter([stale])
+    monkeypatch.setattr(stock, "_freeze_targets", lambda s: next(reads, None) or read(s))
+    return old, new

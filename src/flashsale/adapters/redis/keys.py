@@ -30,6 +30,8 @@ TX_KEY = "fs:{{{sku}}}:tx"
 CHECKS_KEY = "fs:{{{sku}}}:checks"
 #: request id -> JSON {qty, msg, ts}: the restocks of this load, each added once (add_stock.lua).
 ADDED_KEY = "fs:{{{sku}}}:added"
+#: The token of a SKU's first load under way (freeze.lua), expiring with its lease: a SKU with no meta yet.
+LOADING_KEY = "fs:{{{sku}}}:loading"
 #: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
 SKUS_KEY = "fs:skus"
 
@@ -63,6 +65,7 @@ class SkuKeys:
     done: str
     refills: str
     added: str
+    loading: str
 
     @classmethod
     def of(cls, sku: str) -> SkuKeys:
@@ -79,6 +82,7 @@ class SkuKeys:
             done=TRANSFERS_DONE_KEY.format(sku=sku),
             refills=REFILLS_KEY.format(sku=sku),
             added=ADDED_KEY.format(sku=sku),
+            loading=LOADING_KEY.format(sku=sku),
         )
 
     def sale(self) -> list[str]:
@@ -91,7 +95,11 @@ class SkuKeys:
 
     def load(self) -> list[str]:
         """KEYS of load_stock.lua."""
-        return [*self.all(), self.checks, self.added]
+        return [*self.all(), self.checks, self.added, self.loading]
+
+    def load_pool(self) -> list[str]:
+        """KEYS of load_pool.lua."""
+        return [*self.all(), self.pool, self.transfers, self.done, self.checks, self.added, self.loading]
 
     def restock(self) -> list[str]:
         """KEYS of add_stock.lua."""
@@ -100,6 +108,14 @@ class SkuKeys:
     def every(self) -> list[str]:
         """Every key a SKU or a partition may have (those of its pool and transfers too)."""
         return [*self.load(), self.pool, self.transfers, self.done, self.refills]
+
+
+def loading_of(meta_key: str) -> str:
+    """The first-load lease (freeze.lua) of the SKU or partition whose meta is `meta_key`."""
+    shard = meta_key[meta_key.index("{") + 1 : meta_key.rindex("}")]
+    if META_KEY.format(sku=shard) != meta_key:
+        raise ValueError(f"{meta_key!r} is not a meta key")
+    return LOADING_KEY.format(sku=shard)
 
 
 def part_name(sku: str, n: int) -> str:

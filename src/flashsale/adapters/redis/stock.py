@@ -36,7 +36,7 @@ from flashsale.adapters.redis.codec import (
     sold_out,
 )
 from flashsale.adapters.redis.freeze import Freeze, Renewal, lapsed, taken
-from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, parent, place
+from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, loading_of, parent, place
 from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
     MISROUTED,
@@ -168,7 +168,7 @@ class RedisStock:
         epoch = self._script_held(
             keys.meta,
             "load_pool",
-            [*keys.all(), keys.pool, keys.transfers, keys.done, keys.checks, keys.added],
+            keys.load_pool(),
             [
                 str(qty),
                 str(qty - share * partitions),
@@ -201,6 +201,7 @@ class RedisStock:
         the block runs, and ends with it, or by itself `for_s` after the last renewal if this process
         dies. The loads run inside write only while it holds (see freeze.py)."""
         freeze = Freeze(sku, self._freeze_targets(sku), round(for_s * 1000), self._freeze_held, self._freeze_run)
+        first = freeze.targets  # thawed too, should the layout read again name others
         try:
             freeze.take()
             # Another load may have laid the SKU out anew between the read of its shards and the take: take
@@ -217,7 +218,7 @@ class RedisStock:
                 yield freeze
         finally:
             self._freezes.pop(sku, None)
-            freeze.thaw([*freeze.targets, *freeze.claimed, *self._freeze_targets(sku)])
+            freeze.thaw(list(dict.fromkeys([*first, *freeze.targets, *freeze.claimed, *self._freeze_targets(sku)])))
 
     def _freeze_targets(self, sku: str) -> list[tuple[str, str]]:
         """(the key that must exist, the meta) of each shard of the SKU, and of a partitioned SKU's own meta
@@ -229,10 +230,10 @@ class RedisStock:
         return targets
 
     def _freeze_held(self, key: str, meta: str, ms: int, token: str, mode: str) -> int:
-        return int(self._script_held(meta, "freeze", [key, meta], [str(ms), token, mode]))
+        return int(self._script_held(meta, "freeze", [key, meta, loading_of(meta)], [str(ms), token, mode]))
 
     def _freeze_run(self, key: str, meta: str, ms: int, token: str, mode: str) -> int:
-        return int(self._run("freeze", [key, meta], [str(ms), token, mode]))
+        return int(self._run("freeze", [key, meta, loading_of(meta)], [str(ms), token, mode]))
 
     def _fence(self, shard: str) -> str:
         """The token of the freeze the load of `shard` runs under ('' outside `frozen`)."""

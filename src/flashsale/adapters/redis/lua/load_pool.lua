@@ -11,6 +11,7 @@
 -- KEYS[8] fs:{sku}:done       completed moves of the load before (emptied)
 -- KEYS[9] fs:{sku}:checks     the transaction checks of the sale before (emptied)
 -- KEYS[10] fs:{sku}:added     the restocks of an earlier unpartitioned sale (deleted)
+-- KEYS[11] fs:{sku}:loading   the first-load lease (freeze.lua): a SKU with no meta yet loads only under it
 -- ARGV[1] initial stock of the SKU
 -- ARGV[2] pool
 -- ARGV[3] the partitions, space separated
@@ -25,7 +26,7 @@
 -- include: decided
 -- include: held
 
-if lost_freeze(KEYS[4], ARGV[8] or '') then
+if lost_freeze(KEYS[4], ARGV[8] or '', KEYS[11]) then
   return -1
 end
 

@@ -7,6 +7,7 @@
 -- KEYS[5] fs:{sku}:tx
 -- KEYS[6] fs:{sku}:checks
 -- KEYS[7] fs:{sku}:added   the restocks of the load before
+-- KEYS[8] fs:{sku}:loading the first-load lease (freeze.lua): a SKU with no meta yet loads only under it
 -- ARGV[1] quantity        decimal digits, >= 0
 -- ARGV[2] per-user limit  decimal digits, 0 = none
 -- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, the records of messages
@@ -46,7 +47,7 @@ end
 if pay_arg ~= '' and (not string.match(pay_arg, '^%d+$') or #pay_arg > 12) then
   return {3, 'pay within'}
 end
-if lost_freeze(meta_key, ARGV[7] or '') then
+if lost_freeze(meta_key, ARGV[7] or '', KEYS[8]) then
   return {4, 'freeze'}
 end
 local entries = redis.call('HLEN', log_key)
