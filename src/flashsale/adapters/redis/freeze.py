@@ -29,62 +29,65 @@ class Frozen(enum.IntEnum):
     LAPSED = 3  # this load's lease ran out, or was replaced
 
 
-#: A freeze script call: (the key that must exist, the meta, ms, token, mode) -> its answer.
-Run = Callable[[str, str, int, str, str], int]
+#: What one freeze covers, freeze.lua's KEYS: the key that must exist, the meta, and the first-load lease
+#: (taken instead while neither of the others exists).
+Target = tuple[str, str, str]
+#: A freeze script call: (its target, ms, token, mode) -> its answer.
+Run = Callable[[Target, int, str, str], int]
 
 
 @dataclass
 class Freeze:
-    """One load's lease on the shards of `sku`, each a (key, meta) pair, the SKU's own last. `held` runs
+    """One load's lease on the shards of `sku`, each a Target, the SKU's own last. `held` runs
     the script and waits for a replica to hold what it wrote (a failover must not undo a freeze taken);
     `run` does not wait (a renewal a failover loses only ends the lease sooner)."""
 
     sku: str
-    targets: list[tuple[str, str]]
+    targets: list[Target]
     ms: int
     held: Run
     run: Run
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: Partitions no layout named, frozen on the way (`claim`).
-    claimed: list[tuple[str, str]] = field(default_factory=list)
+    claimed: list[Target] = field(default_factory=list)
 
     def take(self) -> None:
-        for key, meta in self.targets:
-            self._take(key, meta)
+        for target in self.targets:
+            self._take(target)
 
-    def claim(self, key: str, meta: str) -> None:
+    def claim(self, target: Target) -> None:
         """Take the freeze of a partition no layout names (a load cut short left it, loaded, with no
         freeze), once the SKU's own freeze is renewed: no other load can have named it since, and none
         can before the renewed lease runs out."""
-        self._renew(*self.targets[-1])
-        self.claimed.append((key, meta))
-        self._take(key, meta)
+        self._renew(self.targets[-1])
+        self.claimed.append(target)
+        self._take(target)
 
     def confirm(self) -> None:
         """Renew the lease before the load writes anything; raises when it has run out on a shard."""
-        for key, meta in self.targets:
-            self._renew(key, meta)
+        for target in self.targets:
+            self._renew(target)
 
-    def _take(self, key: str, meta: str) -> None:
-        if Frozen(self.held(key, meta, self.ms, self.token, "")) is Frozen.TAKEN:
+    def _take(self, target: Target) -> None:
+        if Frozen(self.held(target, self.ms, self.token, "")) is Frozen.TAKEN:
             raise taken(self.sku, self.ms)
 
-    def _renew(self, key: str, meta: str) -> None:
-        if Frozen(self.held(key, meta, self.ms, self.token, "renew")) is Frozen.LAPSED:
+    def _renew(self, target: Target) -> None:
+        if Frozen(self.held(target, self.ms, self.token, "renew")) is Frozen.LAPSED:
             raise lapsed(self.sku)
 
     def renew(self) -> None:
         """Renew the lease where it still holds (a shard already loaded holds none: its meta is new). A
         node that does not answer costs its own shards' lease only."""
-        for key, meta in self.targets:
+        for target in self.targets:
             try:
-                self.run(key, meta, self.ms, self.token, "renew")
+                self.run(target, self.ms, self.token, "renew")
             except FlashSaleError as exc:
-                logger.warning("could not renew the freeze of %s on %s: %s", self.sku, meta, exc)
+                logger.warning("could not renew the freeze of %s on %s: %s", self.sku, target[1], exc)
 
-    def thaw(self, targets: Sequence[tuple[str, str]]) -> None:
-        for key, meta in targets:
-            self.run(key, meta, 0, self.token, "")
+    def thaw(self, targets: Sequence[Target]) -> None:
+        for target in targets:
+            self.run(target, 0, self.token, "")
 
 
 def taken(sku: str, ms: int) -> StockError:

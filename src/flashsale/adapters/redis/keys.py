@@ -110,14 +110,6 @@ class SkuKeys:
         return [*self.load(), self.pool, self.transfers, self.done, self.refills]
 
 
-def loading_of(meta_key: str) -> str:
-    """The first-load lease (freeze.lua) of the SKU or partition whose meta is `meta_key`."""
-    shard = meta_key[meta_key.index("{") + 1 : meta_key.rindex("}")]
-    if META_KEY.format(sku=shard) != meta_key:
-        raise ValueError(f"{meta_key!r} is not a meta key")
-    return LOADING_KEY.format(sku=shard)
-
-
 def part_name(sku: str, n: int) -> str:
     return f"{sku}{c.PART_SEP}{n}"
 

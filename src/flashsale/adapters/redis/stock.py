@@ -35,8 +35,8 @@ from flashsale.adapters.redis.codec import (
     queue_snapshot,
     sold_out,
 )
-from flashsale.adapters.redis.freeze import Freeze, Renewal, lapsed, taken
-from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, loading_of, parent, place
+from flashsale.adapters.redis.freeze import Freeze, Renewal, Target, lapsed, taken
+from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, parent, place
 from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
     MISROUTED,
@@ -220,20 +220,22 @@ class RedisStock:
             self._freezes.pop(sku, None)
             freeze.thaw(list(dict.fromkeys([*first, *freeze.targets, *freeze.claimed, *self._freeze_targets(sku)])))
 
-    def _freeze_targets(self, sku: str) -> list[tuple[str, str]]:
-        """(the key that must exist, the meta) of each shard of the SKU, and of a partitioned SKU's own meta
-        (its pool exists): restocks into the pool wait for the load too. The SKU's own comes last."""
+    def _freeze_targets(self, sku: str) -> list[Target]:
+        """The freeze's target on each shard of the SKU (its stock must exist), and on a partitioned SKU's
+        own keys (its pool must exist): restocks into the pool wait for the load too. The SKU's own comes
+        last."""
         shards = self.shards(sku)
-        targets = [(SkuKeys.of(shard).stock, SkuKeys.of(shard).meta) for shard in shards]
+        targets = [_target(shard) for shard in shards]
         if shards != (sku,):
-            targets.append((SkuKeys.of(sku).pool, SkuKeys.of(sku).meta))
+            keys = SkuKeys.of(sku)
+            targets.append((keys.pool, keys.meta, keys.loading))
         return targets
 
-    def _freeze_held(self, key: str, meta: str, ms: int, token: str, mode: str) -> int:
-        return int(self._script_held(meta, "freeze", [key, meta, loading_of(meta)], [str(ms), token, mode]))
+    def _freeze_held(self, target: Target, ms: int, token: str, mode: str) -> int:
+        return int(self._script_held(target[1], "freeze", list(target), [str(ms), token, mode]))
 
-    def _freeze_run(self, key: str, meta: str, ms: int, token: str, mode: str) -> int:
-        return int(self._run("freeze", [key, meta, loading_of(meta)], [str(ms), token, mode]))
+    def _freeze_run(self, target: Target, ms: int, token: str, mode: str) -> int:
+        return int(self._run("freeze", list(target), [str(ms), token, mode]))
 
     def _fence(self, shard: str) -> str:
         """The token of the freeze the load of `shard` runs under ('' outside `frozen`)."""
@@ -244,7 +246,7 @@ class RedisStock:
         """Freeze a partition no layout names yet, before it is loaded (a load cut short may have left it)."""
         freeze = self._freezes.get(parent(part))
         if freeze is not None:
-            freeze.claim(SkuKeys.of(part).stock, SkuKeys.of(part).meta)
+            freeze.claim(_target(part))
 
     def _refuse_history(self, sku: str, reset: bool) -> Layout | None:
         """The SKU's current layout, after refusing to load over a sale on record without `reset`."""
@@ -516,3 +518,9 @@ class RedisStock:
                     yield located(LogEntry.parse(token, raw), sku, shard)
                 if cursor == 0:
                     break
+
+
+def _target(shard: str) -> Target:
+    """The freeze's target on a SKU on one key, or on one partition: its stock must exist."""
+    keys = SkuKeys.of(shard)
+    return keys.stock, keys.meta, keys.loading
