@@ -63,7 +63,7 @@ class Grouper:
         if group is None:
             group = self._open[request.sku] = _Group(loop.create_future())
             if self.size > 1 and self._eager(request.sku) and not self._handling.get(request.sku):
-                group.timer = loop.call_soon(self._close, request.sku, group)
+                self._close_soon(request.sku, group)
             elif self.size > 1:
                 group.timer = loop.call_later(self.wait_s, self._close, request.sku, group)
         answer: asyncio.Future[PurchaseResult] = loop.create_future()
@@ -114,6 +114,10 @@ class Grouper:
         del self._handling[sku]
         group = self._open.get(sku)
         if group is not None and self._eager(sku):
-            if group.timer is not None:
-                group.timer.cancel()
-            group.timer = asyncio.get_running_loop().call_soon(self._close, sku, group)
+            self._close_soon(sku, group)
+
+    def _close_soon(self, sku: str, group: _Group) -> None:
+        """Close `group` on the loop's next turn (purchases already on their way join it), not at its timer."""
+        if group.timer is not None:
+            group.timer.cancel()
+        group.timer = asyncio.get_running_loop().call_soon(self._close, sku, group)

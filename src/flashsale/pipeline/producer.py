@@ -69,19 +69,18 @@ class SoldOutCache:
         return until is not None and self._clock() < until
 
     async def is_sold_out(self, sku: str) -> bool:
-        until = self._until.get(sku)
-        if until is None:
-            return False
-        if self._clock() < until:
+        if self.marked(sku):
             return True
+        if sku not in self._until:
+            return False
         try:
             still = await self._stock.is_sold_out(sku)
         except FlashSaleError:
             still = False  # cannot tell: let the pre-deduct decide
         if still:
-            self._until[sku] = self._clock() + self._ttl_s
+            self.mark(sku)
         else:
-            self._until.pop(sku, None)
+            self.clear(sku)
         return still
 
 

@@ -211,9 +211,7 @@ class AsyncRouter:
         name = "" if node is None else str(node.name)
         if name not in self._wires:
             wire = Wire.from_url(self.url, timeout_s=self._timeout_s)
-            if wire is not None and node is not None:
-                wire = Wire(node.host, node.port, timeout_s=self._timeout_s, auth=wire.auth)
-            self._wires[name] = wire
+            self._wires[name] = wire.at(node.host, node.port) if wire is not None and node is not None else wire
         return self._wires[name]
 
     async def pool(self, key: str) -> aredis.BlockingConnectionPool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -52,6 +53,14 @@ def error(reply: hiredis.ReplyError) -> redis.RedisError:
     if cls is None:
         return redis.ResponseError(text)
     return cls(rest if cls in (MovedError, AskError) else text)
+
+
+def _packed(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    return b"".join(hiredis.pack_command(c) for c in commands)
+
+
+def _first_error(replies: list[Any]) -> redis.RedisError | None:
+    return next((error(r) for r in replies if isinstance(r, hiredis.ReplyError)), None)
 
 
 class _Call:
@@ -149,15 +158,17 @@ class Wire:
         db = int(parts.path.strip("/") or 0)
         return cls(parts.hostname or "localhost", parts.port or 6379, timeout_s=timeout_s, auth=auth, db=db)
 
+    def at(self, host: str, port: int) -> Wire:
+        """A wire to another node of the same cluster: same credentials and timeout (database 0)."""
+        return Wire(host, port, timeout_s=self._timeout_s, auth=self.auth)
+
     async def call(self, *commands: tuple[Any, ...]) -> list[Any]:
         """The replies of `commands`, sent in one write; raises the first error reply among them, as
         redis-py's pipeline does, after every reply was read."""
         protocol = await self._open()
-        packed = b"".join(hiredis.pack_command(c) for c in commands)
-        replies = await protocol.send(packed, len(commands))
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise error(reply)
+        replies = await protocol.send(_packed(commands), len(commands))
+        if (refused := _first_error(replies)) is not None:
+            raise refused
         return replies
 
     async def _open(self) -> _Protocol:
@@ -184,12 +195,9 @@ class Wire:
             hello.append(("AUTH", *self.auth))
         if self._db:
             hello.append(("SELECT", self._db))
-        if hello:
-            replies = await protocol.send(b"".join(hiredis.pack_command(c) for c in hello), len(hello))
-            for reply in replies:
-                if isinstance(reply, hiredis.ReplyError):
-                    protocol.fail(error(reply))
-                    raise redis.ConnectionError(f"Redis at {self.host}:{self.port} refused the connection: {reply}")
+        if hello and (refused := _first_error(await protocol.send(_packed(hello), len(hello)))) is not None:
+            protocol.fail(refused)
+            raise redis.ConnectionError(f"Redis at {self.host}:{self.port} refused the connection: {refused}")
         self._protocol = protocol
         return protocol
 
