@@ -10,6 +10,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from subprocess import PIPE
 
 import pytest
 
@@ -20,6 +21,7 @@ from flashsale.errors import NotReplicated, StockError
 from flashsale.models import Purchase
 from flashsale.ops.setup import set_stock
 from flashsale.records import Layout, Prededuct
+from tests.conftest import session_env
 from tests.oracle import mysql_connection
 
 LEASE_S = 0.5
@@ -178,13 +180,101 @@ def test_setting_the_stock_of_a_new_sku_while_its_first_load_runs_is_refused_bef
         with pytest.raises(StockError, match="another `stock set` is loading"):
             set_stock(settings, sku, 20)
         proc.communicate("go\n", timeout=20)
+    assert inventory_stock(settings, sku) is None  # the refused command wrote nothing
+
+
+#: A `stock set` in a process of its own, with a short freeze, that says so and waits for a line between
+#: its last look at Redis (its number taken) and its MySQL write.
+STALLED_STOCK_SET = textwrap.dedent(
+    """
+    import sys
+    from flashsale.adapters.mysql.store import MySQLStore
+    from flashsale.adapters.redis.stock import RedisStock
+    from flashsale.config import Settings
+    from flashsale.errors import StockError
+    from flashsale.ops.setup import set_stock
+
+    sku, qty, lease_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    frozen, load_stock = RedisStock.frozen, MySQLStore.load_stock
+    RedisStock.frozen = lambda self, sku, for_s=0: frozen(self, sku, for_s=lease_s)
+
+    def stalled(self, *args, **kwargs):
+        print("numbered", flush=True)
+        sys.stdin.readline()
+        load_stock(self, *args, **kwargs)
+
+    MySQLStore.load_stock = stalled
+    try:
+        set_stock(Settings.from_env(), sku, qty, reset=True, force=True)
+    except StockError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(3)
+    """
+)
+
+
+def inventory_stock(settings: Settings, sku: str) -> tuple[int, int] | None:
+    """(initial, stock) of the SKU's inventory row, read with raw SQL."""
     conn = mysql_connection(settings.mysql_url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM inventory WHERE sku = %s", (sku,))
-            assert cur.fetchone() == (0,)  # the refused command wrote nothing
+            cur.execute("SELECT initial_stock, stock FROM inventory WHERE sku = %s", (sku,))
+            row = cur.fetchone()
+            return None if row is None else (int(row[0]), int(row[1]))
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["reload", "first-load"])
+def test_a_stock_set_that_stalled_before_its_mysql_write_cannot_overwrite_the_load_after_it(
+    settings: Settings, redis_stock: RedisStock, sku: str, loaded: bool
+) -> None:
+    """The stall falls after the load's last look at Redis and before it writes MySQL; another load runs
+    from start to end meanwhile. Woken, the first must not write its quantity (nor, with --reset, discard
+    the orders since) under the second's in Redis."""
+    if loaded:
+        set_stock(settings, sku, 5)
+    args = [sys.executable, "-c", STALLED_STOCK_SET, sku, "7", str(LEASE_S)]
+    env = session_env(settings)
+    with subprocess.Popen(args, env=env, stdin=PIPE, stdout=PIPE, stderr=PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "numbered"
+            proc.send_signal(signal.SIGSTOP)  # its renewals stop too
+            time.sleep(LEASE_S + 0.3)
+            set_stock(settings, sku, 3, reset=True)
+            proc.send_signal(signal.SIGCONT)
+            _, err = proc.communicate("go\n", timeout=30)
+        finally:
+            proc.kill()
+    assert inventory_stock(settings, sku) == (3, 3)
+    assert redis_stock.client.get(SkuKeys.of(sku).stock) == "3"
+    assert proc.returncode == 3 and "another load of" in err, err
+
+
+def test_a_redis_that_lost_the_load_numbers_numbers_the_next_load_above_mysqls(
+    settings: Settings, redis_stock: RedisStock, sku: str
+) -> None:
+    set_stock(settings, sku, 5)
+    set_stock(settings, sku, 6, reset=True)
+    redis_stock.client.delete(SkuKeys.of(sku).ticket)  # a flushed Redis, or one restored from an old backup
+    set_stock(settings, sku, 4, reset=True)
+    assert inventory_stock(settings, sku) == (4, 4)
+    assert redis_stock.client.get(SkuKeys.of(sku).ticket) == "3"
+
+
+def test_the_numbering_script_refuses_a_token_that_does_not_hold_the_freeze(redis_stock: RedisStock, sku: str) -> None:
+    keys = SkuKeys.of(sku)
+    number = [keys.meta, keys.loading, keys.ticket]
+    for loaded in (False, True):  # the first-load lease, then the meta's freeze
+        with redis_stock.frozen(sku) as freeze:
+            assert redis_stock._scripts["ticket"](keys=number, args=["another-load", "0"]) == 0
+            assert redis_stock._scripts["ticket"](keys=number, args=["", "0"]) == 0
+            assert redis_stock.client.get(keys.ticket) == (None if not loaded else "1")
+            assert redis_stock._scripts["ticket"](keys=number, args=[freeze.token, "0"]) == int(loaded) + 1
+            if not loaded:
+                redis_stock.load(sku, 5)
+    with redis_stock.frozen(sku) as freeze:
+        assert redis_stock._scripts["ticket"](keys=number, args=[freeze.token, "9"]) == 10
 
 
 @pytest.mark.parametrize("script", ["load_stock", "load_pool", "drop"])

@@ -124,7 +124,9 @@ def set_stock(
         with stock.frozen(sku) as freeze:
             _refuse_history(stock, store, sku, reset=reset, force=force)
             freeze.confirm()  # the history read may have taken long: still frozen, or MySQL is not touched
-            store.load_stock(sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset)
+            # Should this load stall past its freeze from here on, MySQL refuses it once a later load wrote.
+            ticket = stock.ticket(sku, above=store.load_ticket(sku))
+            store.load_stock(sku, load.quantity, per_user_limit=load.per_user_limit, reset=reset, ticket=ticket)
             _load_redis(settings, stock, load, reset=reset)
     logger.info(
         "loaded %s: %d units in %d partition(s), per-user limit %s, payment within %s ms",

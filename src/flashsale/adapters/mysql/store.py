@@ -141,8 +141,19 @@ class MySQLStore:
         return applied
 
     # --- stock ----------------------------------------------------------------------------------------
-    def load_stock(self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False) -> None:
+    def load_stock(
+        self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False, ticket: int | None = None
+    ) -> None:
+        """Load `sku` with `qty` units. A load numbered by Redis (`ticket`, see ticket.lua) writes only over a
+        load with a lower number; None loads without one (a store no Redis fronts, the bench's baselines)."""
         with self.transaction(f"load stock of {sku}") as conn:
+            held = conn.execute(query("lock_load_ticket"), {"sku": sku}).scalar()
+            if ticket is not None and held is not None and int(held) >= ticket:
+                raise StockError(
+                    f"another load of {sku} wrote MySQL after this one's freeze ran out (it stalled longer than "
+                    "the freeze lasts): this one wrote nothing",
+                    hint="run `flashsale reconcile` to see what each side holds, then `flashsale stock set` again",
+                )
             applied = int(conn.execute(query("deduction_count"), {"sku": sku}).scalar_one())
             if applied and not reset:
                 raise StockError(
@@ -154,7 +165,13 @@ class MySQLStore:
                     conn.execute(query(name), {"sku": sku})
             # Restocks belong to a load: a new one starts from its own quantity.
             conn.execute(query("delete_sku_additions"), {"sku": sku})
-            conn.execute(query("upsert_inventory"), {"sku": sku, "qty": qty, "per_user_limit": per_user_limit})
+            params = {"sku": sku, "qty": qty, "per_user_limit": per_user_limit, "ticket": ticket}
+            conn.execute(query("upsert_inventory"), params)
+
+    def load_ticket(self, sku: str) -> int:
+        """The number of the load MySQL holds of `sku` (0: none, or loaded without one)."""
+        with self.transaction(f"read the load of {sku}") as conn:
+            return int(conn.execute(query("load_ticket"), {"sku": sku}).scalar() or 0)
 
     def history(self, sku: str) -> int:
         """Deductions applied for the SKU."""

@@ -32,6 +32,9 @@ CHECKS_KEY = "fs:{{{sku}}}:checks"
 ADDED_KEY = "fs:{{{sku}}}:added"
 #: The token of a SKU's first load under way (freeze.lua), expiring with its lease: a SKU with no meta yet.
 LOADING_KEY = "fs:{{{sku}}}:loading"
+#: The number of the last load of a SKU that set out to write MySQL (ticket.lua), never reset: MySQL keeps the
+#: number of the load it holds and refuses a lower one, from a load that stalled past its freeze.
+TICKET_KEY = "fs:{{{sku}}}:ticket"
 #: Set of every SKU loaded into this Redis (no hash tag: operator listing only, never in scripts).
 SKUS_KEY = "fs:skus"
 
@@ -66,6 +69,7 @@ class SkuKeys:
     refills: str
     added: str
     loading: str
+    ticket: str
 
     @classmethod
     def of(cls, sku: str) -> SkuKeys:
@@ -83,6 +87,7 @@ class SkuKeys:
             refills=REFILLS_KEY.format(sku=sku),
             added=ADDED_KEY.format(sku=sku),
             loading=LOADING_KEY.format(sku=sku),
+            ticket=TICKET_KEY.format(sku=sku),
         )
 
     def sale(self) -> list[str]:

@@ -220,6 +220,17 @@ class RedisStock:
             self._freezes.pop(sku, None)
             freeze.thaw(list(dict.fromkeys([*first, *freeze.targets, *freeze.claimed, *self._freeze_targets(sku)])))
 
+    def ticket(self, sku: str, above: int) -> int:
+        """The number of the load of `sku` this process runs under `frozen`, above `above` (the one MySQL
+        holds) and above every number given before (ticket.lua). Raises when the load no longer holds the
+        freeze: it must write nothing."""
+        keys = SkuKeys.of(sku)
+        args = [self._fence(sku), str(above)]
+        number = int(self._script_held(keys.meta, "ticket", [keys.meta, keys.loading, keys.ticket], args))
+        if number == 0:
+            raise lapsed(sku)
+        return number
+
     def _freeze_targets(self, sku: str) -> list[Target]:
         """The freeze's target on each shard of the SKU (its stock must exist), and on a partitioned SKU's
         own keys (its pool must exist): restocks into the pool wait for the load too. The SKU's own comes

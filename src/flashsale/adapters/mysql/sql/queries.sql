@@ -24,10 +24,16 @@ SELECT GET_LOCK('flashsale_migrations', 60)
 SELECT RELEASE_LOCK('flashsale_migrations')
 
 -- name: upsert_inventory
-INSERT INTO inventory (sku, initial_stock, stock, per_user_limit)
-VALUES (:sku, :qty, :qty, :per_user_limit)
+INSERT INTO inventory (sku, initial_stock, stock, per_user_limit, load_ticket)
+VALUES (:sku, :qty, :qty, :per_user_limit, COALESCE(:ticket, 0))
 ON DUPLICATE KEY UPDATE initial_stock = VALUES(initial_stock), stock = VALUES(stock),
-    per_user_limit = VALUES(per_user_limit), version = version + 1
+    per_user_limit = VALUES(per_user_limit), version = version + 1, load_ticket = COALESCE(:ticket, load_ticket)
+
+-- name: load_ticket
+SELECT load_ticket FROM inventory WHERE sku = :sku
+
+-- name: lock_load_ticket
+SELECT load_ticket FROM inventory WHERE sku = :sku FOR UPDATE
 
 -- name: inventory
 SELECT sku, initial_stock, stock, per_user_limit, version FROM inventory WHERE sku = :sku

@@ -46,6 +46,7 @@ NAMES = (
     "transfers_due",
     "seen",
     "freeze",
+    "ticket",
     "drop",
     "decide",
     "add_stock",
