@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from subprocess import PIPE
 
@@ -183,27 +184,42 @@ def test_setting_the_stock_of_a_new_sku_while_its_first_load_runs_is_refused_bef
     assert inventory_stock(settings, sku) is None  # the refused command wrote nothing
 
 
-#: A `stock set` in a process of its own, with a short freeze, that says so and waits for a line between
-#: its last look at Redis (its number taken) and its MySQL write.
+#: A `stock set` in a process of its own, with a short freeze, that says so and waits for a line where it
+#: is told: `before-mysql`, between its last look at Redis (its number taken) and its MySQL transaction;
+#: `in-mysql`, inside that transaction, right after its check of the number MySQL holds.
 STALLED_STOCK_SET = textwrap.dedent(
     """
     import sys
+    from sqlalchemy.engine import Connection
+    from flashsale.adapters.mysql.statements import query
     from flashsale.adapters.mysql.store import MySQLStore
     from flashsale.adapters.redis.stock import RedisStock
     from flashsale.config import Settings
     from flashsale.errors import StockError
     from flashsale.ops.setup import set_stock
 
-    sku, qty, lease_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    frozen, load_stock = RedisStock.frozen, MySQLStore.load_stock
+    sku, qty, lease_s, where = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    frozen, load_stock, execute = RedisStock.frozen, MySQLStore.load_stock, Connection.execute
     RedisStock.frozen = lambda self, sku, for_s=0: frozen(self, sku, for_s=lease_s)
 
-    def stalled(self, *args, **kwargs):
-        print("numbered", flush=True)
+    def stall():
+        print("stalled", flush=True)
         sys.stdin.readline()
+
+    def stalled_load(self, *args, **kwargs):
+        stall()
         load_stock(self, *args, **kwargs)
 
-    MySQLStore.load_stock = stalled
+    def stalled_execute(self, statement, *args, **kwargs):
+        result = execute(self, statement, *args, **kwargs)
+        if str(statement) == str(query("lock_load_ticket")):
+            stall()
+        return result
+
+    if where == "before-mysql":
+        MySQLStore.load_stock = stalled_load
+    else:
+        Connection.execute = stalled_execute
     try:
         set_stock(Settings.from_env(), sku, qty, reset=True, force=True)
     except StockError as exc:
@@ -226,55 +242,80 @@ def inventory_stock(settings: Settings, sku: str) -> tuple[int, int] | None:
 
 
 @pytest.mark.parametrize("loaded", [True, False], ids=["reload", "first-load"])
-def test_a_stock_set_that_stalled_before_its_mysql_write_cannot_overwrite_the_load_after_it(
-    settings: Settings, redis_stock: RedisStock, sku: str, loaded: bool
+@pytest.mark.parametrize("where", ["before-mysql", "in-mysql"])
+def test_a_stock_set_that_stalled_at_its_mysql_write_cannot_overwrite_the_load_after_it(
+    settings: Settings, redis_stock: RedisStock, sku: str, loaded: bool, where: str
 ) -> None:
-    """The stall falls after the load's last look at Redis and before it writes MySQL; another load runs
-    from start to end meanwhile. Woken, the first must not write its quantity (nor, with --reset, discard
-    the orders since) under the second's in Redis."""
+    """The stall falls after the load's last look at Redis, before its MySQL transaction or inside it
+    after the check of MySQL's number; another load runs meanwhile, once the first's freeze ran out. The
+    first must not leave its quantity (nor, with --reset, discard the orders since) under the second's in
+    Redis. Stalled inside its transaction, it holds the row: the second waits for it, then writes over it."""
     if loaded:
         set_stock(settings, sku, 5)
-    args = [sys.executable, "-c", STALLED_STOCK_SET, sku, "7", str(LEASE_S)]
+    args = [sys.executable, "-c", STALLED_STOCK_SET, sku, "7", str(LEASE_S), where]
     env = session_env(settings)
     with subprocess.Popen(args, env=env, stdin=PIPE, stdout=PIPE, stderr=PIPE, text=True) as proc:
         try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "numbered"
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "stalled"
             proc.send_signal(signal.SIGSTOP)  # its renewals stop too
             time.sleep(LEASE_S + 0.3)
-            set_stock(settings, sku, 3, reset=True)
-            proc.send_signal(signal.SIGCONT)
-            _, err = proc.communicate("go\n", timeout=30)
+            with ThreadPoolExecutor(1) as pool:
+                second = pool.submit(set_stock, settings, sku, 3, reset=True)
+                time.sleep(0.5)  # under way: frozen, and at its MySQL write
+                proc.send_signal(signal.SIGCONT)
+                _, err = proc.communicate("go\n", timeout=30)
+                second.result(timeout=60)
         finally:
             proc.kill()
     assert inventory_stock(settings, sku) == (3, 3)
     assert redis_stock.client.get(SkuKeys.of(sku).stock) == "3"
-    assert proc.returncode == 3 and "another load of" in err, err
+    assert proc.returncode == 3 and ("another load of" in err or "outlived its freeze" in err), err
+
+
+def load_ticket(settings: Settings, sku: str, set_to: int | None = None) -> int:
+    """The number of the load MySQL holds, read (or first set) with raw SQL."""
+    conn = mysql_connection(settings.mysql_url)
+    try:
+        with conn.cursor() as cur:
+            if set_to is not None:
+                cur.execute("UPDATE inventory SET load_ticket = %s WHERE sku = %s", (set_to, sku))
+                conn.commit()
+            cur.execute("SELECT load_ticket FROM inventory WHERE sku = %s", (sku,))
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
 
 
 def test_a_redis_that_lost_the_load_numbers_numbers_the_next_load_above_mysqls(
     settings: Settings, redis_stock: RedisStock, sku: str
 ) -> None:
     set_stock(settings, sku, 5)
-    set_stock(settings, sku, 6, reset=True)
+    ahead = load_ticket(settings, sku, set_to=load_ticket(settings, sku) + 10**9)  # far above Redis's clock
     redis_stock.client.delete(SkuKeys.of(sku).ticket)  # a flushed Redis, or one restored from an old backup
     set_stock(settings, sku, 4, reset=True)
     assert inventory_stock(settings, sku) == (4, 4)
-    assert redis_stock.client.get(SkuKeys.of(sku).ticket) == "3"
+    assert load_ticket(settings, sku) == ahead + 1 == int(redis_stock.client.get(SkuKeys.of(sku).ticket))
 
 
-def test_the_numbering_script_refuses_a_token_that_does_not_hold_the_freeze(redis_stock: RedisStock, sku: str) -> None:
+def test_the_numbering_script_refuses_a_token_that_does_not_hold_the_freeze_and_numbers_upward(
+    redis_stock: RedisStock, sku: str
+) -> None:
     keys = SkuKeys.of(sku)
     number = [keys.meta, keys.loading, keys.ticket]
+    given = []
     for loaded in (False, True):  # the first-load lease, then the meta's freeze
         with redis_stock.frozen(sku) as freeze:
             assert redis_stock._scripts["ticket"](keys=number, args=["another-load", "0"]) == 0
             assert redis_stock._scripts["ticket"](keys=number, args=["", "0"]) == 0
-            assert redis_stock.client.get(keys.ticket) == (None if not loaded else "1")
-            assert redis_stock._scripts["ticket"](keys=number, args=[freeze.token, "0"]) == int(loaded) + 1
+            given.append(redis_stock._scripts["ticket"](keys=number, args=[freeze.token, "0"]))
+            given.append(redis_stock._scripts["ticket"](keys=number, args=[freeze.token, "0"]))
             if not loaded:
                 redis_stock.load(sku, 5)
+    assert given == sorted(set(given)) and given[0] >= int(redis_stock.client.time()[0]) * 1000 - 60_000
     with redis_stock.frozen(sku) as freeze:
-        assert redis_stock._scripts["ticket"](keys=number, args=[freeze.token, "9"]) == 10
+        assert redis_stock._scripts["ticket"](keys=number, args=[freeze.token, str(given[-1] + 10**9)]) == (
+            given[-1] + 10**9 + 1
+        )
 
 
 @pytest.mark.parametrize("script", ["load_stock", "load_pool", "drop"])

@@ -41,3 +41,18 @@ def test_the_scripts_that_give_units_back_share_one_fragment(name: str) -> None:
     text = lua.source(name)
     assert text.count("local function give_back(") == 1 and "give_back(stock_key, users_key, meta_key, entry)" in text
     assert not lua.INCLUDE.search(text)
+
+
+@pytest.mark.parametrize("name", ["ticket", "load_stock", "freeze", "prededuct"])
+def test_the_clock_is_read_by_one_fragment_pasted_once_even_through_another(name: str) -> None:
+    """ticket and load_stock include it through held, and load_stock twice (itself too)."""
+    text = lua.source(name)
+    definition = "local function clock_ms()"
+    assert text.count(definition) == 1 and not lua.INCLUDE.search(text)
+    assert text.index(definition) < text.replace(definition, "", 1).index("clock_ms()")  # defined, then called
+
+
+def test_no_script_reads_the_clock_but_through_the_fragment() -> None:
+    for name in lua.NAMES:
+        text = lua.source(name)
+        assert text.count("redis.call('TIME')") == text.count("local function clock_ms()"), name

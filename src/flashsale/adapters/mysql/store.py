@@ -44,6 +44,8 @@ _HEARTBEAT_NAME = f"{socket.gethostname()}:{os.getpid()}"[:128]
 #: too many connections). 1467 is how MariaDB reports a deadlock on a table's AUTO-INC lock, which an
 #: INSERT ... SELECT takes under innodb_autoinc_lock_mode=1 (MariaDB's default; the stack runs mode 2).
 _TRANSIENT = {1213, 1205, 1040, 1614, 1467}
+#: Times a load of stock runs when it meets a deadlock or a lock wait that timed out.
+_LOAD_ATTEMPTS = 3
 #: The server is read-only (--read-only, or innodb_read_only): a replica, or a failover in progress.
 _READ_ONLY = {1290, 1836}
 #: Deliveries of a message during which a shortfall of a SKU sold with a payment deadline is waited out
@@ -145,28 +147,44 @@ class MySQLStore:
         self, sku: str, qty: int, *, per_user_limit: int = 0, reset: bool = False, ticket: int | None = None
     ) -> None:
         """Load `sku` with `qty` units. A load numbered by Redis (`ticket`, see ticket.lua) writes only over a
-        load with a lower number; None loads without one (a store no Redis fronts, the bench's baselines)."""
-        with self.transaction(f"load stock of {sku}") as conn:
-            held = conn.execute(query("lock_load_ticket"), {"sku": sku}).scalar()
-            if ticket is not None and held is not None and int(held) >= ticket:
-                raise StockError(
-                    f"another load of {sku} wrote MySQL after this one's freeze ran out (it stalled longer than "
-                    "the freeze lasts): this one wrote nothing",
-                    hint="run `flashsale reconcile` to see what each side holds, then `flashsale stock set` again",
-                )
-            applied = int(conn.execute(query("deduction_count"), {"sku": sku}).scalar_one())
-            if applied and not reset:
-                raise StockError(
-                    f"{sku} already has {applied} applied deduction(s) in MySQL",
-                    hint="pass --reset to discard the SKU's deductions, orders and conflicts",
-                )
-            if reset:
-                for name in ("delete_sku_history", "delete_sku_orders", "delete_sku_conflicts", "delete_sku_returns"):
-                    conn.execute(query(name), {"sku": sku})
-            # Restocks belong to a load: a new one starts from its own quantity.
-            conn.execute(query("delete_sku_additions"), {"sku": sku})
-            params = {"sku": sku, "qty": qty, "per_user_limit": per_user_limit, "ticket": ticket}
-            conn.execute(query("upsert_inventory"), params)
+        load with a lower number; None loads without one (a store no Redis fronts, the bench's baselines).
+        A deadlock or a lock wait that timed out runs it again: a number stays good while its freeze holds."""
+        for attempt in range(1, _LOAD_ATTEMPTS + 1):
+            try:
+                with self.transaction(f"load stock of {sku}") as conn:
+                    self._load(conn, sku, qty, per_user_limit=per_user_limit, reset=reset, ticket=ticket)
+                return
+            except StoreError as exc:
+                if not exc.retriable or attempt == _LOAD_ATTEMPTS:
+                    raise
+                logger.warning("the load of %s met a lock (%s); running it again", sku, exc)
+
+    @staticmethod
+    def _load(conn: Connection, sku: str, qty: int, *, per_user_limit: int, reset: bool, ticket: int | None) -> None:
+        applied = int(conn.execute(query("deduction_count"), {"sku": sku}).scalar_one())
+        if applied and not reset:
+            raise StockError(
+                f"{sku} already has {applied} applied deduction(s) in MySQL",
+                hint="pass --reset to discard the SKU's deductions, orders and conflicts",
+            )
+        if reset:
+            for name in ("delete_sku_history", "delete_sku_orders", "delete_sku_conflicts", "delete_sku_returns"):
+                conn.execute(query(name), {"sku": sku})
+        # Restocks belong to a load: a new one starts from its own quantity.
+        conn.execute(query("delete_sku_additions"), {"sku": sku})
+        # The inventory row last, as the consumer takes it (after its deductions), so the two cannot deadlock;
+        # for a SKU new to MySQL, a row of its own to lock, so that a load cannot pass the number's check
+        # against a row another load inserts (and commits) while this one stalls before its commit.
+        conn.execute(query("reserve_inventory"), {"sku": sku})
+        held = int(conn.execute(query("lock_load_ticket"), {"sku": sku}).scalar_one())
+        if ticket is not None and held >= ticket:
+            raise StockError(
+                f"another load of {sku} wrote MySQL after this one's freeze ran out (it stalled longer than "
+                "the freeze lasts): this one wrote nothing",
+                hint="run `flashsale reconcile` to see what each side holds, then `flashsale stock set` again",
+            )
+        params = {"sku": sku, "qty": qty, "per_user_limit": per_user_limit, "ticket": ticket}
+        conn.execute(query("upsert_inventory"), params)
 
     def load_ticket(self, sku: str) -> int:
         """The number of the load MySQL holds of `sku` (0: none, or loaded without one)."""

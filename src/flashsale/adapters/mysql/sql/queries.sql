@@ -27,7 +27,12 @@ SELECT RELEASE_LOCK('flashsale_migrations')
 INSERT INTO inventory (sku, initial_stock, stock, per_user_limit, load_ticket)
 VALUES (:sku, :qty, :qty, :per_user_limit, COALESCE(:ticket, 0))
 ON DUPLICATE KEY UPDATE initial_stock = VALUES(initial_stock), stock = VALUES(stock),
-    per_user_limit = VALUES(per_user_limit), version = version + 1, load_ticket = COALESCE(:ticket, load_ticket)
+    per_user_limit = VALUES(per_user_limit), version = version + 1,
+    load_ticket = GREATEST(load_ticket, COALESCE(:ticket, load_ticket))
+
+-- name: reserve_inventory
+INSERT INTO inventory (sku, initial_stock, stock, per_user_limit) VALUES (:sku, 0, 0, 0)
+ON DUPLICATE KEY UPDATE sku = sku
 
 -- name: load_ticket
 SELECT load_ticket FROM inventory WHERE sku = :sku

@@ -8,7 +8,8 @@ from functools import cache
 from importlib import resources
 
 #: A line `-- include: NAME` stands for the fragment NAME.lua: a script reaches Redis as one text, so
-#: Lua that several scripts share is pasted in here.
+#: Lua that several scripts share is pasted in here. A fragment may include others; each is pasted once,
+#: where it is first named.
 INCLUDE = re.compile(r"^-- include: (\w+)$", re.MULTILINE)
 
 
@@ -18,7 +19,18 @@ def _read(name: str) -> str:
 
 @cache
 def source(name: str) -> str:
-    return INCLUDE.sub(lambda m: _read(m.group(1)).rstrip("\n"), _read(name))
+    return _expanded(name, set())
+
+
+def _expanded(name: str, pasted: set[str]) -> str:
+    def paste(match: re.Match[str]) -> str:
+        fragment = match.group(1)
+        if fragment in pasted:
+            return ""
+        pasted.add(fragment)
+        return _expanded(fragment, pasted).rstrip("\n")
+
+    return INCLUDE.sub(paste, _read(name))
 
 
 @cache

@@ -26,6 +26,7 @@
 -- counter), so that a WAIT after it proves a replica holds what it answers from; so does an answer from
 -- the request's record (already added, other qty). A refusal writes nothing: its message is rolled back.
 
+-- include: clock
 local meta_key, tx_key, added_key = KEYS[2], KEYS[3], KEYS[4]
 local qty_arg, request, gid = ARGV[1], ARGV[2], ARGV[3]
 -- The key the units go to: the SKU's stock, or a partitioned SKU's pool.
@@ -56,8 +57,7 @@ if first then
   redis.call('HINCRBY', meta_key, 'reruns', 1)
   return {tonumber(cjson.decode(first)['qty']) == qty and 2 or 5, stock, first}
 end
-local now = redis.call('TIME')
-local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ts = clock_ms()
 local frozen_until = redis.call('HGET', meta_key, 'frozen_until')
 if frozen_until and ts < tonumber(frozen_until) then
   return {4, stock, ''}

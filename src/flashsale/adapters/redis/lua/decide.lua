@@ -39,6 +39,7 @@
 -- counter for the same reason. Any other answer that changes nothing writes nothing.
 -- include: give_back
 
+-- include: clock
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local action, token, user, decision, gid = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local DECIDED = {paid = 1, cancelled = 2, expired = 3}
@@ -48,8 +49,7 @@ local ENDS = {pay = 'paid', cancel = 'cancelled', expire = 'expired'}
 if not ENDS[action] then
   return {12, ''}
 end
-local now = redis.call('TIME')
-local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ts = clock_ms()
 
 local record = redis.call('HGET', tx_key, gid)
 if record then

@@ -22,6 +22,7 @@
 -- A decided answer always writes (a counter when the record was there already): replication is one
 -- ordered stream, so a WAIT on this script's connection then proves a replica holds the record and the
 -- entries it answers from.
+-- include: clock
 local tx_key, log_key, meta_key, checks_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local gid, grace = ARGV[1], tonumber(ARGV[2])
 local DAY_MS = 86400000
@@ -49,8 +50,7 @@ if record then
   redis.call('HDEL', checks_key, gid)
   return entries(cjson.decode(record)['state'], record)
 end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_ms = clock_ms()
 if live then
   local first = tonumber(redis.call('HGET', checks_key, gid) or '')
   if not first then

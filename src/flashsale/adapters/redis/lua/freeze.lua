@@ -22,6 +22,7 @@
 -- landed since, or another first load may have begun. A meta that exists is frozen even with KEYS[1]
 -- gone (a load cut short after it dropped the pool): the load's scripts ask any meta that exists for
 -- the freeze (held.lua).
+-- include: clock
 local ms, token = tonumber(ARGV[1]), ARGV[2]
 local first = redis.call('GET', KEYS[3])
 if ms == 0 and first == token then
@@ -48,8 +49,7 @@ if ms == 0 then
   end
   return 1
 end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_ms = clock_ms()
 local running = until_ms and now_ms < tonumber(until_ms)
 if ARGV[3] == 'renew' and not (by == token and running) then
   return 3

@@ -4,6 +4,7 @@
 -- discard them. Where the meta does not exist (the SKU is new, or gone) and the script names the
 -- first-load lease `loading_key` (freeze.lua), the load must still hold that lease: another first load
 -- may have begun once it ran out, and written MySQL. A load run with no token ('') froze nothing.
+-- include: clock
 local function lost_freeze(meta_key, token, loading_key)
   if token == '' then
     return false
@@ -12,7 +13,6 @@ local function lost_freeze(meta_key, token, loading_key)
     return loading_key ~= nil and redis.call('GET', loading_key) ~= token
   end
   local by, until_ms = unpack(redis.call('HMGET', meta_key, 'frozen_by', 'frozen_until'))
-  local now = redis.call('TIME')
-  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local now_ms = clock_ms()
   return by ~= token or not until_ms or now_ms >= tonumber(until_ms)
 end

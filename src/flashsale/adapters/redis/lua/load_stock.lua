@@ -28,6 +28,7 @@
 -- include: decided
 -- include: held
 
+-- include: clock
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local qty_arg, limit_arg, reset = ARGV[1], ARGV[2], ARGV[3]
 local threshold_arg, epoch_arg, pay_arg = ARGV[4] or '', ARGV[5] or '', ARGV[6] or ''
@@ -57,7 +58,7 @@ end
 
 local decided = decided_records(tx_key)
 
-local now = redis.call('TIME')
+local now_ms = clock_ms()
 local qty = tonumber(qty_arg)
 redis.call('DEL', log_key, users_key, meta_key, tx_key, KEYS[6], KEYS[7])
 put_back(tx_key, decided)
@@ -70,7 +71,7 @@ redis.call('HSET', meta_key,
   'returned_qty', 0, 'returned_count', 0,
   'fenced_count', 0,
   'pay_within_ms', tonumber(pay_arg ~= '' and pay_arg or '0'),
-  'loaded_ms', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+  'loaded_ms', now_ms)
 if threshold_arg ~= '' then
   redis.call('HSET', meta_key, 'threshold', tonumber(threshold_arg), 'standby', 0, 'refilled_qty', 0,
     'drained_qty', 0, 'epoch', epoch_arg)

@@ -15,6 +15,7 @@
 --
 -- Returns 1 when recorded now, 0 when it was already (or is complete; a counter is written), -2 for
 -- another load or a partition it does not name.
+-- include: clock
 local transfers_key, meta_key, done_key = KEYS[1], KEYS[2], KEYS[3]
 local id, part, want, epoch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local meta = redis.call('HMGET', meta_key, 'loaded_ms', 'parts')
@@ -25,9 +26,9 @@ if redis.call('HEXISTS', done_key, id) == 1 or redis.call('HEXISTS', transfers_k
   redis.call('HINCRBY', meta_key, 'reruns', 1)
   return 0
 end
-local now = redis.call('TIME')
+local now_ms = clock_ms()
 redis.call('HSET', transfers_key, id, cjson.encode({
-  dir = 'in', part = part, want = want, ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
+  dir = 'in', part = part, want = want, ts = now_ms,
 }))
 redis.call('HINCRBY', meta_key, 'moves', 1)
 return 1

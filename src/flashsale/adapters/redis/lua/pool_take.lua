@@ -17,6 +17,7 @@
 -- -1 when the SKU has no pool; -2 when the caller's layout is not this load's, or does not name the
 -- partition (nothing written). Every answer of a taken transfer writes (a counter), so that a WAIT
 -- after it proves a replica holds it.
+-- include: clock
 local pool_key, transfers_key, meta_key, done_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, part, want, epoch = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 
@@ -38,9 +39,9 @@ local qty = math.min(pool, want)
 if qty <= 0 then
   return {0, ''}
 end
-local now = redis.call('TIME')
+local now_ms = clock_ms()
 record = cjson.encode({
-  dir = 'out', part = part, qty = qty, ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000),
+  dir = 'out', part = part, qty = qty, ts = now_ms,
 })
 redis.call('SET', pool_key, pool - qty)
 redis.call('HSET', transfers_key, id, record)

@@ -39,6 +39,7 @@
 --
 -- A closed partition (see close.lua) sells nothing more, so that the tokens it never saw may be sold
 -- on their next partition: a token it did see still gets its original answer.
+-- include: clock
 local stock_key, log_key, users_key, meta_key, tx_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local gid, sku, epoch = ARGV[1], ARGV[2], ARGV[3]
 local parent = string.match(sku, '^(.-)#')
@@ -67,8 +68,7 @@ local threshold = tonumber(meta[3] or '0') or 0
 local closed = meta[5] == '1'
 local pay_within = tonumber(meta[7] or '0') or 0
 local switches = 0
-local now = redis.call('TIME')
-local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ts = clock_ms()
 
 -- A message that ran here before gets the outcome of that run, whatever happened since. A rerun still
 -- writes (a counter): a WAIT after it then proves a replica holds what it answers from.

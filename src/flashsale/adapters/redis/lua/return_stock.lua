@@ -12,6 +12,7 @@
 --   3 not deducted      no log entry, or a fence: there is nothing to give back
 -- include: give_back
 
+-- include: clock
 local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token = ARGV[1]
 
@@ -29,9 +30,9 @@ if entry['state'] ~= 'deducted' or remaining < 0 or type(entry['order']) == 'str
   return {3, remaining, seen}
 end
 
-local now = redis.call('TIME')
+local now_ms = clock_ms()
 local left = give_back(stock_key, users_key, meta_key, entry)
-entry['returned_ts'] = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+entry['returned_ts'] = now_ms
 local updated = cjson.encode(entry)
 redis.call('HSET', log_key, token, updated)
 return {1, left, updated}

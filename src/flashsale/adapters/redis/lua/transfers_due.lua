@@ -9,14 +9,14 @@
 -- Returns a flat array {id, record, ...}, or {-2} for another load. It writes (a counter), so that a
 -- WAIT after it proves a replica holds the records it hands out: a sweep never completes a transfer
 -- that a failover could take back.
+-- include: clock
 local transfers_key, meta_key = KEYS[1], KEYS[2]
 local age, epoch = tonumber(ARGV[1]), ARGV[2]
 if redis.call('HGET', meta_key, 'loaded_ms') ~= epoch then
   return {-2}
 end
 redis.call('HINCRBY', meta_key, 'sweeps', 1)
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_ms = clock_ms()
 local out = {}
 local all = redis.call('HGETALL', transfers_key)
 for i = 1, #all, 2 do
