@@ -327,7 +327,7 @@ def test_each_loading_script_refuses_a_token_that_does_not_hold_the_freeze(
     calls = {
         "load_stock": (keys.load(), ["7", "0", "1", "", "", "0"]),
         "load_pool": (keys.load_pool(), ["7", "7", "", "3", "0", "0", "9"]),
-        "drop": ([keys.meta, keys.stock, keys.log], []),
+        "drop": ([keys.meta, keys.meta, keys.stock, keys.log], []),
     }
     script_keys, args = calls[script]
     with redis_stock.frozen(sku) as freeze:

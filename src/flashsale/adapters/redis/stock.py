@@ -281,14 +281,16 @@ class RedisStock:
     def _drop(self, sku: str, parts: Sequence[str], *, pool: bool) -> None:
         """Delete partitions no longer in the SKU's layout (and the pool of a SKU no longer partitioned)."""
         for part in parts:
-            self._drop_keys(part, SkuKeys.of(part).every())
+            keys = SkuKeys.of(part)
+            self._drop_keys(part, [k for k in keys.every() if k != keys.tx], retire=keys.tx)
         if pool:
             keys = SkuKeys.of(sku)
             self._drop_keys(sku, [keys.pool, keys.transfers, keys.done])
 
-    def _drop_keys(self, shard: str, keys: list[str]) -> None:
+    def _drop_keys(self, shard: str, keys: list[str], *, retire: str = "") -> None:
+        """Delete `keys` of `shard`, and retire the message records `retire` (drop.lua)."""
         meta = SkuKeys.of(shard).meta
-        if not int(self._script_held(meta, "drop", [meta, *keys], [self._fence(shard)])):
+        if not int(self._script_held(meta, "drop", [meta, retire or meta, *keys], [self._fence(shard)])):
             raise lapsed(parent(shard))
 
     def _drop_holds(self, old: Layout | None) -> None:

@@ -4,14 +4,29 @@
 -- 'fenced', or 'stale': refused while frozen or placed by another load) may still be in its producer's
 -- hands, and a late pre-deduct of it must find that record and deduct nothing on the new load, where no
 -- message would carry what it took.
+--
+-- So does what the load discards: a message whose pre-deduct ran on the old load (record 'ran') is kept
+-- as 'stale', its deductions gone with the old load on both sides (a reset, or units it never took).
+-- Applied before the load and delivered again after it (its ack lost), the consumer skips it rather than
+-- filing it as a deduction Redis lost; the checker rolls it back if it is still open; and its pre-deduct,
+-- asked again, deducts nothing on the new load.
+--
+-- A record older than a day is not carried over (no message is checked, delivered or pre-deducted that
+-- long after it was sent), so that the records of sale after sale do not pile up on a SKU's keys.
+-- include: clock
 local function decided_records(tx_key)
   local decided = {}
   local records = redis.call('HGETALL', tx_key)
+  local oldest = clock_ms() - 86400000
   for i = 1, #records, 2 do
-    local state = cjson.decode(records[i + 1])['state']
-    if state == 'fenced' or state == 'stale' then
+    local record = cjson.decode(records[i + 1])
+    local recent = (tonumber(record['ts']) or 0) >= oldest
+    if recent and (record['state'] == 'fenced' or record['state'] == 'stale') then
       decided[#decided + 1] = records[i]
       decided[#decided + 1] = records[i + 1]
+    elseif recent and record['state'] == 'ran' then
+      decided[#decided + 1] = records[i]
+      decided[#decided + 1] = cjson.encode({state = 'stale', ts = record['ts'], replaced = true})
     end
   end
   return decided
