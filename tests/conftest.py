@@ -70,14 +70,14 @@ def stack(stack_settings: StackSettings) -> Settings:
     return Settings.from_env(clean_environment())
 
 
-def isolated_settings(prefix: str, stack: Settings | None = None) -> Settings:
+def isolated_settings(prefix: str, stack: Settings | None = None, *, database: str = TEST_DATABASE) -> Settings:
     """Settings on the stack with a namespace of their own and the tests' databases, never the user's."""
     stack = stack or Settings.from_env(clean_environment())
     return Settings.from_env(
         {
             **clean_environment(),
             "FLASHSALE_NAMESPACE": f"{prefix}{uuid.uuid4().hex[:10]}",
-            "FLASHSALE_MYSQL_URL": stack.mysql_url.rsplit("/", 1)[0] + f"/{TEST_DATABASE}",
+            "FLASHSALE_MYSQL_URL": stack.mysql_url.rsplit("/", 1)[0] + f"/{database}",
             "FLASHSALE_REDIS_URL": stack.redis_url.rsplit("/", 1)[0] + f"/{TEST_REDIS_DB}",
         }
     )

@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flashsale.bench.cpu import CpuMeter
-from flashsale.ops.setup import init, set_stock
-from tests.benchmarks.wrk_bench import SERVERS, fleet_of, metric, parse_wrk, wrk_command
-from tests.conftest import isolated_settings
+from flashsale.config import Settings
+from flashsale.ops.setup import set_stock
+from tests.benchmarks.wrk_bench import SERVERS, fleet_of, metric, own_database, parse_wrk, wrk_command
 
 #: py-spy from the dev lock, beside this interpreter.
 PY_SPY = Path(os.environ.get("PY_SPY", Path(sys.executable).with_name("py-spy")))
@@ -201,8 +201,11 @@ def stop_profilers(spies: list[subprocess.Popen[bytes]], pids: dict[str, int], a
 
 
 def profile(args: argparse.Namespace) -> None:
-    settings = isolated_settings("p")
-    init(settings)
+    with own_database("p") as settings:
+        _profile(settings, args)
+
+
+def _profile(settings: Settings, args: argparse.Namespace) -> None:
     sku = f"prof-{args.mode}-{uuid.uuid4().hex[:6]}"
     set_stock(settings, sku, 10**9 if args.mode == "live" else 0)
     roles = ["producer"] if args.mode == "sold_out" else ["producer", "consumer"]

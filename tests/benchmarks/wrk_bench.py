@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sqlalchemy.engine.url import make_url
+
 from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.bench.cpu import CpuMeter
@@ -45,7 +47,8 @@ from flashsale.polling import poll_until
 from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
-from tests.conftest import ROOT, clean_environment, isolated_settings, session_env
+from tests.conftest import ROOT, TEST_DATABASE, clean_environment, isolated_settings, session_env
+from tests.oracle import mysql_connection
 
 SCRIPT = ROOT / "infra" / "wrk" / "purchase.lua"
 #: Servers of the stack whose CPU is counted too.
@@ -70,8 +73,22 @@ class Run:
     load_us_per_request: float | None = None  # CPU the load generator (wrk, or the buyers) spent per request
 
 
-def _settings() -> Settings:
-    return isolated_settings("w")
+@contextmanager
+def own_database(prefix: str) -> Iterator[Settings]:
+    """Settings of one benchmark run, initialised, on a MySQL database of its own that is dropped after it.
+    MariaDB's cost per purchase grows with the rows already in its tables (the tests' database holds the
+    books of every run before): a run measures the product, not the history of the box it runs on."""
+    settings = isolated_settings(prefix, database=f"{TEST_DATABASE}_{prefix}{uuid.uuid4().hex[:8]}")
+    init(settings)
+    try:
+        yield settings
+    finally:
+        conn = mysql_connection(settings.mysql_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE `{make_url(settings.mysql_url).database}`")
+        finally:
+            conn.close()
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
@@ -250,8 +267,11 @@ def main() -> None:
         "--crowd-processes", type=int, default=DEFAULT_PROCESSES, help="0: no runs with the bench's buyers"
     )
     args = parser.parse_args()
-    settings = _settings()
-    init(settings)
+    with own_database("w") as settings:
+        _main(settings, args)
+
+
+def _main(settings: Settings, args: argparse.Namespace) -> None:
     waits = [float(w) for w in args.group_waits.split(",")] if args.group_waits else [None]
     modes = args.modes.split(",")
     if args.warmup:
