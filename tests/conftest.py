@@ -90,6 +90,7 @@ def settings(stack: Settings) -> Iterator[Settings]:
 
     session = isolated_settings("t", stack)
     _empty_redis(session)
+    _empty_mysql(session)
     init(session)
     yield session
     _empty_redis(session)
@@ -131,6 +132,20 @@ def redis_cluster() -> Iterator[StackSettings]:
 
 def cluster_url(cluster: StackSettings) -> str:
     return f"redis://127.0.0.1:{cluster.ports.redis}/0"
+
+
+def _empty_mysql(settings: Settings) -> None:
+    """Drop the tests' database, made again by `init`: each session starts from empty tables, as a clean
+    clone does, rather than from the books of every session before it."""
+    from tests.oracle import mysql_connection
+
+    assert settings.mysql_url.endswith(f"/{TEST_DATABASE}")
+    conn = mysql_connection(settings.mysql_url.rsplit("/", 1)[0] + "/")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{TEST_DATABASE}`")
+    finally:
+        conn.close()
 
 
 def _empty_redis(settings: Settings) -> None:
