@@ -160,6 +160,7 @@ class TxRecord:
     accepted: int = 0
     ts_ms: int = 0
     added: int = 0  # a restock (add_stock.lua): the units its message added (0: it added nothing)
+    replaced_ms: int = 0  # stale since a load replaced the one it ran on (decided.lua): when; 0 otherwise
 
     @classmethod
     def parse(cls, raw: str | bytes) -> TxRecord:
@@ -171,6 +172,7 @@ class TxRecord:
             accepted=int(data.get("accepted", 0)),
             ts_ms=int(data.get("ts", 0)),
             added=int(data["qty"]) if restocked else 0,
+            replaced_ms=int(data.get("replaced", 0)),
         )
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flashsale import constants as c
 from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
@@ -28,7 +30,7 @@ def record(stock: RedisStock, shard: str, gid: str) -> dict[str, object]:
 
 
 def test_a_message_applied_before_a_reset_and_delivered_again_after_it_is_skipped_not_a_conflict(
-    redis_stock: RedisStock, sku: str
+    redis_stock: RedisStock, sku: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     redis_stock.load(sku, 5)
     purchases = [Purchase("t1", "u1", 1), Purchase("t2", "u2", 2)]
@@ -41,7 +43,9 @@ def test_a_message_applied_before_a_reset_and_delivered_again_after_it_is_skippe
 
     again = delivered(redis_stock, message)
     assert (again.apply, again.conflicts, again.skipped) == ([], [], 2)
-    assert record(redis_stock, sku, "m-1")["state"] == c.TX_STALE
+    assert "m-1 had 2 purchase(s)" in caplog.text  # skipped, not silently: the reset discarded them
+    retired = record(redis_stock, sku, "m-1")
+    assert (retired["state"], retired["accepted"]) == (c.TX_STALE, 2) and retired["replaced"] > 0
     assert redis_stock.check(sku, "m-1", ["t1", "t2"], grace_ms=0).state == c.TX_STALE  # open: rolled back
     assert [r.code for r in redis_stock.prededuct(sku, "m-1", purchases, 0)] == [Prededuct.STALE_LAYOUT] * 2
     assert redis_stock.client.get(SkuKeys.of(sku).stock) == "5"
@@ -66,12 +70,16 @@ def test_a_message_of_a_partition_a_reload_dropped_is_skipped_not_a_conflict(red
     assert 0 < redis_stock.client.pttl(keys.tx) <= DAY_MS  # kept a day, not for ever
 
 
-def test_a_reload_carries_a_days_records_over_and_forgets_older_ones(redis_stock: RedisStock, sku: str) -> None:
+def test_a_reload_keeps_what_the_checker_decided_and_forgets_records_retired_over_a_day_ago(
+    redis_stock: RedisStock, sku: str
+) -> None:
     redis_stock.load(sku, 5)
     redis_stock.check(sku, "m-fenced", ["t1"], grace_ms=0)  # never ran: fenced
     now_ms = int(redis_stock.client.time()[0]) * 1000
-    old = json.dumps({"state": "fenced", "ts": now_ms - DAY_MS - 60_000})
-    redis_stock.client.hset(SkuKeys.of(sku).tx, "m-old", old)
+    long_ago = now_ms - DAY_MS - 60_000
+    tx = SkuKeys.of(sku).tx
+    redis_stock.client.hset(tx, "m-fenced-long-ago", json.dumps({"state": "fenced", "ts": long_ago}))
+    redis_stock.client.hset(tx, "m-retired", json.dumps({"state": "stale", "ts": long_ago, "replaced": long_ago}))
+    redis_stock.client.hset(tx, "m-just-retired", json.dumps({"state": "stale", "ts": long_ago, "replaced": now_ms}))
     redis_stock.load(sku, 5)
-    assert record(redis_stock, sku, "m-fenced")["state"] == c.TX_FENCED
-    assert not redis_stock.client.hexists(SkuKeys.of(sku).tx, "m-old")
+    assert sorted(redis_stock.client.hkeys(tx)) == ["m-fenced", "m-fenced-long-ago", "m-just-retired"]

@@ -25,7 +25,7 @@ USERS_KEY = "fs:{{{sku}}}:users"
 #: initial, per_user_limit, sold_out and running counters.
 META_KEY = "fs:{{{sku}}}:meta"
 #: message id -> JSON record of that half message's pre-deduct: {state: ran|fenced|stale, codes, accepted, ts};
-#: a load keeps those of the last day, a `ran` one as `stale` with `replaced` (lua/decided.lua).
+#: a load keeps them, a `ran` one as `stale` with `replaced` (when, ms) for a day (lua/decided.lua).
 TX_KEY = "fs:{{{sku}}}:tx"
 #: message id -> when a transaction check first found no record (ms, Redis's clock): the grace runs from it.
 CHECKS_KEY = "fs:{{{sku}}}:checks"
