@@ -68,6 +68,14 @@ class NotReplicated(StockError):
     retriable = True
 
 
+class LoadUnderWay(StockError):
+    """A batch names a SKU (or partition) a `stock set` holds frozen: MySQL may already hold the new load
+    while Redis still holds the old sale, whose messages must not be applied to it. The batch waits for the
+    load (retriable); after it, the old load's messages are retired and skipped."""
+
+    retriable = True
+
+
 class StoreError(FlashSaleError):
     """The database refused or failed a statement."""
 

@@ -11,6 +11,7 @@ import pytest
 from flashsale import constants as c
 from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
+from flashsale.errors import LoadUnderWay
 from flashsale.models import DeductionMessage, Delivery, Purchase
 from flashsale.pipeline import accepted
 from flashsale.pipeline.accepted import Decoded, Plan
@@ -83,3 +84,36 @@ def test_a_reload_keeps_what_the_checker_decided_and_forgets_records_retired_ove
     redis_stock.client.hset(tx, "m-just-retired", json.dumps({"state": "stale", "ts": long_ago, "replaced": now_ms}))
     redis_stock.load(sku, 5)
     assert sorted(redis_stock.client.hkeys(tx)) == ["m-fenced", "m-fenced-long-ago", "m-just-retired"]
+
+
+def test_the_consumers_read_refuses_a_batch_while_a_load_holds_its_sku_frozen(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """`stock set` writes MySQL before Redis: between the two, a message of the old sale applied to MySQL
+    would land on the new load. Frozen, the batch waits; after the load, the message is retired."""
+    redis_stock.load(sku, 5)
+    assert redis_stock.prededuct(sku, "m-1", [Purchase("t1", "u1", 1)], 0)[0].code is Prededuct.ACCEPTED
+    message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1")
+    with redis_stock.frozen(sku):
+        with pytest.raises(LoadUnderWay, match=sku):
+            delivered(redis_stock, message)
+    assert [i.deduction.token for i in delivered(redis_stock, message).apply] == ["t1"]  # no load came: applied
+    # A freeze whose loader died and that ran out holds nothing back.
+    redis_stock.client.hset(SkuKeys.of(sku).meta, mapping={"frozen_until": 1, "frozen_by": "gone"})
+    assert [i.deduction.token for i in delivered(redis_stock, message).apply] == ["t1"]
+    with redis_stock.frozen(sku):
+        with pytest.raises(LoadUnderWay):
+            delivered(redis_stock, message)
+        redis_stock.load(sku, 5, reset=True)
+        again = delivered(redis_stock, message)  # loaded: no longer frozen, and the message retired
+    assert (again.apply, again.conflicts, again.skipped) == ([], [], 1)
+
+
+def test_the_consumers_read_refuses_a_batch_naming_a_frozen_partition(redis_stock: RedisStock, sku: str) -> None:
+    layout = redis_stock.load_partitioned(sku, 9, partitions=2, refill=3, threshold=0)
+    part = layout.parts[1]
+    assert redis_stock.prededuct(part, "m-1", [Purchase("t1", "u1", 1)], layout.epoch)[0].code is Prededuct.ACCEPTED
+    message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1", part=part)
+    with redis_stock.frozen(sku):
+        with pytest.raises(LoadUnderWay, match=part):
+            delivered(redis_stock, message)

@@ -3,10 +3,11 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
-from flashsale.errors import BusError, FlashSaleError, ServiceUnavailable, StockShort, StoreError
+from flashsale.errors import BusError, FlashSaleError, LoadUnderWay, ServiceUnavailable, StockShort, StoreError
 from flashsale.models import SOURCE_REPLAY, DeductionMessage, Delivery, Purchase
 from flashsale.pipeline.consumer import DeductionConsumer
 from flashsale.records import Addition, ApplyReport, Conflict, DeadLetter, Incoming, Prededuct, TxRecord
@@ -290,6 +291,25 @@ def test_a_batch_short_of_units_on_their_way_is_handed_back_and_receipt_goes_on(
         "ack ['msg-b']",
         "receive",
     ]
+
+
+@pytest.mark.timeout(10)
+def test_a_batch_of_a_sku_being_loaded_is_handed_back_until_the_load_ends_and_receipt_goes_on() -> None:
+    consumer, _, calls, log = _consumer(batches=[[_delivery("a")], [_delivery("a")]])
+    _deducted(log, "a")
+    log.error = LoadUnderWay("a `stock set` is loading sku-1: the batch waits for it")
+    lookup = log.lookup
+
+    def load_ends(wanted: Any) -> Any:
+        try:
+            return lookup(wanted)
+        finally:
+            log.error = None
+
+    log.lookup = load_ends  # type: ignore[method-assign]
+    consumer.run()
+    assert "pause" not in calls
+    assert calls == ["receive", "nack ['msg-a']", "receive", "apply ['a'] dead []", "ack ['msg-a']", "receive"]
 
 
 def test_an_ack_that_fails_after_the_commit_neither_reapplies_nor_hands_back() -> None:

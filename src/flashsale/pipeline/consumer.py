@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from flashsale import constants as c
 from flashsale import failpoints
-from flashsale.errors import BusError, FlashSaleError, MalformedMessage, StockShort
+from flashsale.errors import BusError, FlashSaleError, LoadUnderWay, MalformedMessage, StockShort
 from flashsale.logs import ids
 from flashsale.models import Deadline, DeductionMessage, Delivery
 from flashsale.pipeline import accepted
@@ -107,6 +107,11 @@ class DeductionConsumer:
                 # The units it waits for travel in other messages, maybe the very ones received after it:
                 # receipt goes on (a pause would hand those back too, again at every try).
                 logger.warning("batch of %d waits for units on their way (%s); handing it back", len(batch), exc)
+                self._receiver.nack(batch, 1)
+            except LoadUnderWay as exc:
+                # An operator's load, seconds at most: the stores answer, and the other SKUs' messages come
+                # back with the batch a second later.
+                logger.warning("%s; handing the batch of %d back", exc, len(batch))
                 self._receiver.nack(batch, 1)
             except FlashSaleError as exc:
                 logger.warning(

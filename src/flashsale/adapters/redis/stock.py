@@ -47,7 +47,7 @@ from flashsale.adapters.redis.topology import (
     sync_node,
     unavailable,
 )
-from flashsale.errors import NotReplicated, StockError
+from flashsale.errors import LoadUnderWay, NotReplicated, StockError
 from flashsale.models import Purchase
 from flashsale.records import (
     Adopt,
@@ -409,7 +409,18 @@ class RedisStock:
             pipe.hmget(keys.log, list(tokens) or ["-"])
             pipe.hmget(keys.tx, list(gids) or ["-"])
             pipe.hget(SkuKeys.of(parent(sku)).meta, "added_qty")  # a partition's restocks are its SKU's
-        return parse_lookup(skus, wanted, self._call("read log", pipe.execute))
+        for sku in skus:
+            pipe.hget(SkuKeys.of(sku).meta, "frozen_until")
+        replies = self._call("read log", pipe.execute)
+        self._refuse_frozen([sku for sku, until in zip(skus, replies[3 * len(skus) :], strict=True) if until])
+        return parse_lookup(skus, wanted, replies)
+
+    def _refuse_frozen(self, shards: Sequence[str]) -> None:
+        """Raise LoadUnderWay if a load holds one of `shards` frozen now, by its own node's clock: MySQL
+        may hold the new load already, while the messages Redis holds records of are the old one's."""
+        frozen = [shard for shard in shards if int(self._run("frozen", [SkuKeys.of(shard).meta], []))]
+        if frozen:
+            raise LoadUnderWay(f"a `stock set` is loading {', '.join(frozen)}: the batch waits for it")
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
         entry = self.log_entry(sku, token)

@@ -59,6 +59,7 @@ NAMES = (
     "seen",
     "freeze",
     "ticket",
+    "frozen",
     "drop",
     "decide",
     "add_stock",
