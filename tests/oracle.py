@@ -170,6 +170,18 @@ def mysql_connection(mysql_url: str) -> pymysql.connections.Connection:
     )
 
 
+def inventory_row(mysql_url: str, sku: str) -> tuple[int, int] | None:
+    """(initial, stock) of the SKU's inventory row, or None when MySQL has none."""
+    conn = mysql_connection(mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT initial_stock, stock FROM inventory WHERE sku = %s", (sku,))
+            row = cur.fetchone()
+            return None if row is None else (int(row[0]), int(row[1]))
+    finally:
+        conn.close()
+
+
 def read_books(redis_url: str, mysql_url: str, sku: str) -> Books:
     """The SKU's books as they are now, from both stores (Redis first; MySQL only ever lags behind it)."""
     r = redis_client(redis_url)

@@ -6,6 +6,8 @@ a malformed message). The consumer's only decision on a failed batch is this fla
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class FlashSaleError(Exception):
     """Something went wrong in flashsale."""
@@ -68,20 +70,27 @@ class NotReplicated(StockError):
     retriable = True
 
 
-class LoadUnderWay(StockError):
-    """A batch names a SKU (or partition) a `stock set` holds frozen: MySQL may already hold the new load
-    while Redis still holds the old sale, whose messages must not be applied to it. The batch waits for the
-    load (retriable); after it, the old load's messages are retired and skipped."""
-
-    retriable = True
-
-
 class StoreError(FlashSaleError):
     """The database refused or failed a statement."""
 
     def __init__(self, message: str | None = None, *, retriable: bool = True, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.retriable = retriable
+
+
+class LoadUnderWay(StoreError):
+    """MySQL holds a later load of some SKUs than the one Redis was read under for a batch: a `stock set`
+    wrote MySQL and has not loaded Redis yet (or stopped between the two). What was read of the old load
+    must not land on the new one: those SKUs' messages wait for the load (retriable); after it, the old
+    load's messages are retired and skipped."""
+
+    def __init__(self, skus: Sequence[str]) -> None:
+        super().__init__(
+            f"MySQL holds a later load of {', '.join(skus)} than Redis does",
+            retriable=True,
+            hint="a `stock set` is under way, or stopped between MySQL and Redis: run it again",
+        )
+        self.skus = frozenset(skus)
 
 
 class StockShort(StoreError):

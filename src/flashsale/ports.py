@@ -19,12 +19,12 @@ from flashsale.records import (
     Incoming,
     Layout,
     LogEntry,
+    LookedUp,
     Peek,
     PredeductResult,
     Registry,
     RestockResult,
     Transfer,
-    TxRecord,
 )
 
 
@@ -149,9 +149,7 @@ class CheckStockPort(Protocol):
 class LogPort(Protocol):
     """The consumer's Redis: what the pre-deducts really accepted."""
 
-    def lookup(
-        self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]]: ...
+    def lookup(self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, LookedUp]: ...
 
     def ping(self) -> None: ...
 
@@ -184,6 +182,7 @@ class StorePort(Protocol):
         dead: Sequence[DeadLetter] = (),
         conflicts: Sequence[Conflict] = (),
         additions: Sequence[Addition] = (),
+        loads: Mapping[str, int] | None = None,
     ) -> ApplyReport: ...
 
     def ping(self) -> None:

@@ -6,6 +6,7 @@ import enum
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import orjson
 
@@ -174,6 +175,15 @@ class TxRecord:
             added=int(data["qty"]) if restocked else 0,
             replaced_ms=int(data.get("replaced", 0)),
         )
+
+
+class LookedUp(NamedTuple):
+    """What the consumer reads of one SKU or partition for a batch (RedisStock.lookup)."""
+
+    entries: dict[str, LogEntry | None]  # token -> its log entry
+    records: dict[str, TxRecord | None]  # message id -> its record
+    added: int  # units restocks added to its SKU
+    ticket: int  # the number of the load it holds (ticket.lua; 0: loaded without one)
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,24 @@ open, and its pre-deduct asked again. Books are read back with raw Redis command
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from flashsale import constants as c
+from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
-from flashsale.errors import LoadUnderWay
+from flashsale.config import Settings
+from flashsale.errors import LoadUnderWay, NotReplicated
 from flashsale.models import DeductionMessage, Delivery, Purchase
+from flashsale.ops import setup
+from flashsale.ops.setup import set_stock
 from flashsale.pipeline import accepted
 from flashsale.pipeline.accepted import Decoded, Plan
 from flashsale.records import Prededuct
+from tests.oracle import inventory_row, mysql_connection
 
 DAY_MS = 86_400_000
 
@@ -86,34 +93,86 @@ def test_a_reload_keeps_what_the_checker_decided_and_forgets_records_retired_ove
     assert sorted(redis_stock.client.hkeys(tx)) == ["m-fenced", "m-fenced-long-ago", "m-just-retired"]
 
 
-def test_the_consumers_read_refuses_a_batch_while_a_load_holds_its_sku_frozen(
-    redis_stock: RedisStock, sku: str
+def mysql_count(settings: Settings, sql: str, sku: str) -> int:
+    conn = mysql_connection(settings.mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, (sku,))
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def deductions(settings: Settings, sku: str) -> int:
+    return mysql_count(settings, "SELECT COUNT(*) FROM stock_deductions WHERE sku = %s", sku)
+
+
+def apply(store: MySQLStore, plan: Plan) -> list[str]:
+    """Apply a plan as the consumer does; the tokens applied."""
+    return [d.token for d in store.apply_batch(plan.apply, conflicts=plan.conflicts, loads=plan.loads).applied]
+
+
+def test_a_message_of_the_old_sale_waits_while_a_stock_set_stopped_between_mysql_and_redis(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`stock set` writes MySQL before Redis: between the two, a message of the old sale applied to MySQL
-    would land on the new load. Frozen, the batch waits; after the load, the message is retired."""
-    redis_stock.load(sku, 5)
-    assert redis_stock.prededuct(sku, "m-1", [Purchase("t1", "u1", 1)], 0)[0].code is Prededuct.ACCEPTED
+    """`stock set` writes MySQL before Redis. Stopped between the two (a replica that did not acknowledge, a
+    kill), MySQL holds the new load and Redis the old sale: a message of that sale delivered again (applied
+    before, its ack lost) must not land on the new load, until the load is run again and retires it."""
+    set_stock(settings, sku, 5)
     message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1")
-    with redis_stock.frozen(sku):
-        with pytest.raises(LoadUnderWay, match=sku):
-            delivered(redis_stock, message)
-    assert [i.deduction.token for i in delivered(redis_stock, message).apply] == ["t1"]  # no load came: applied
-    # A freeze whose loader died and that ran out holds nothing back.
-    redis_stock.client.hset(SkuKeys.of(sku).meta, mapping={"frozen_until": 1, "frozen_by": "gone"})
-    assert [i.deduction.token for i in delivered(redis_stock, message).apply] == ["t1"]
-    with redis_stock.frozen(sku):
-        with pytest.raises(LoadUnderWay):
-            delivered(redis_stock, message)
-        redis_stock.load(sku, 5, reset=True)
-        again = delivered(redis_stock, message)  # loaded: no longer frozen, and the message retired
-    assert (again.apply, again.conflicts, again.skipped) == ([], [], 1)
+    assert redis_stock.prededuct(sku, "m-1", list(message.purchases), 0)[0].code is Prededuct.ACCEPTED
+    assert apply(mysql_store, delivered(redis_stock, message)) == ["t1"]
+
+    def refused(*_: object, **__: object) -> None:
+        raise NotReplicated("no replica acknowledged the load")
+
+    monkeypatch.setattr(setup, "_load_redis", refused)
+    with pytest.raises(NotReplicated):
+        set_stock(settings, sku, 5, reset=True, force=True)
+    monkeypatch.undo()
+    with pytest.raises(LoadUnderWay, match=sku):
+        apply(mysql_store, delivered(redis_stock, message))
+    assert deductions(settings, sku) == 0 and inventory_row(settings.mysql_url, sku) == (5, 5)
+
+    set_stock(settings, sku, 5, reset=True, force=True)  # run again, to its end
+    again = delivered(redis_stock, message)
+    assert (apply(mysql_store, again), again.conflicts, again.skipped) == ([], [], 1)
+    assert deductions(settings, sku) == 0 and inventory_row(settings.mysql_url, sku) == (5, 5)
 
 
-def test_the_consumers_read_refuses_a_batch_naming_a_frozen_partition(redis_stock: RedisStock, sku: str) -> None:
-    layout = redis_stock.load_partitioned(sku, 9, partitions=2, refill=3, threshold=0)
-    part = layout.parts[1]
-    assert redis_stock.prededuct(part, "m-1", [Purchase("t1", "u1", 1)], layout.epoch)[0].code is Prededuct.ACCEPTED
-    message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1", part=part)
-    with redis_stock.frozen(sku):
-        with pytest.raises(LoadUnderWay, match=part):
-            delivered(redis_stock, message)
+def test_a_batch_read_before_a_load_and_applied_after_it_is_refused(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
+    set_stock(settings, sku, 5)
+    message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1")
+    assert redis_stock.prededuct(sku, "m-1", list(message.purchases), 0)[0].code is Prededuct.ACCEPTED
+    read = delivered(redis_stock, message)  # the consumer read Redis ...
+    set_stock(settings, sku, 5, reset=True, force=True)  # ... a load ran from start to end ...
+    with pytest.raises(LoadUnderWay):
+        apply(mysql_store, read)  # ... and then its transaction began
+    assert deductions(settings, sku) == 0 and inventory_row(settings.mysql_url, sku) == (5, 5)
+
+
+def test_a_batch_waits_for_a_load_holding_its_row_and_then_finds_it(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
+    """The load locks the inventory row before it deletes anything; the batch locks it before it writes
+    anything: a batch that began while the load held it sees the load once it commits."""
+    set_stock(settings, sku, 5)
+    message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1")
+    assert redis_stock.prededuct(sku, "m-1", list(message.purchases), 0)[0].code is Prededuct.ACCEPTED
+    read = delivered(redis_stock, message)
+    load = mysql_connection(settings.mysql_url)
+    try:
+        with load.cursor() as cur, ThreadPoolExecutor(1) as pool:
+            cur.execute("SELECT load_ticket FROM inventory WHERE sku = %s FOR UPDATE", (sku,))
+            batch = pool.submit(apply, mysql_store, read)
+            time.sleep(0.5)
+            assert not batch.done()  # waits for the row
+            cur.execute("UPDATE inventory SET load_ticket = load_ticket + 1 WHERE sku = %s", (sku,))
+            load.commit()
+            with pytest.raises(LoadUnderWay):
+                batch.result(timeout=30)
+    finally:
+        load.close()
+    assert deductions(settings, sku) == 0

@@ -15,6 +15,7 @@ from flashsale.records import (
     CheckView,
     Layout,
     LogEntry,
+    LookedUp,
     Peek,
     Prededuct,
     PredeductResult,
@@ -144,20 +145,20 @@ class FakeLog:
     entries: dict[tuple[str, str], LogEntry] = field(default_factory=dict)
     records: dict[tuple[str, str], TxRecord] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)  # sku -> units restocks added
+    tickets: dict[str, int] = field(default_factory=dict)  # sku -> the number of the load it holds
     error: Exception | None = None
     lookups: int = 0
 
-    def lookup(
-        self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]]:
+    def lookup(self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, LookedUp]:
         self.lookups += 1
         if self.error:
             raise self.error
         return {
-            sku: (
+            sku: LookedUp(
                 {t: self.entries.get((sku, t)) for t in tokens},
                 {g: self.records.get((sku, g)) for g in gids},
                 self.added.get(sku, 0),
+                self.tickets.get(sku, 0),
             )
             for sku, (tokens, gids) in wanted.items()
         }

@@ -14,7 +14,7 @@ from flashsale.models import (
     Purchase,
 )
 from flashsale.pipeline import accepted
-from flashsale.records import Addition, LogEntry, Order, TxRecord
+from flashsale.records import Addition, LogEntry, LookedUp, Order, TxRecord
 
 TS = 1_700_000_000_000
 
@@ -31,7 +31,7 @@ def _entry(order: str, decided_by: str | None, state: str = "deducted") -> LogEn
 
 def test_a_decision_applies_its_orders_entry_with_the_deduction_as_a_purchase() -> None:
     entry = _entry("cancelled", "m-cancel", state="returned")
-    plan = accepted.plan([_decoded("m-cancel", SOURCE_DECISION)], {"sku": ({"t1": entry}, {}, 0)})
+    plan = accepted.plan([_decoded("m-cancel", SOURCE_DECISION)], {"sku": LookedUp({"t1": entry}, {}, 0, 0)})
     assert [i.order for i in plan.apply] == [Order("cancelled", TS + 5000, TS + 10, "m-cancel")]
     (item,) = plan.apply
     assert (item.message_id, item.deduction.source, item.order and item.order.returned) == (
@@ -46,19 +46,21 @@ def test_a_decision_on_a_partition_reads_that_partitions_log_and_applies_to_its_
     decoded = accepted.Decoded(Delivery("m-expire", "topic", "t1", message.encode(), TS, 1), message)
     assert accepted.wanted([decoded]) == {"sku#2": (["t1"], ["m-expire"])}
     entry = dataclasses.replace(_entry("expired", "m-expire", state="returned"), part="sku#2")
-    (item,) = accepted.plan([decoded], {"sku#2": ({"t1": entry}, {}, False)}).apply
+    (item,) = accepted.plan([decoded], {"sku#2": LookedUp({"t1": entry}, {}, 0, 0)}).apply
     assert (item.deduction.sku, item.order and item.order.state) == ("sku", "expired")
 
 
 def test_a_decision_the_log_does_not_name_applies_nothing() -> None:
-    plan = accepted.plan([_decoded("m-late", SOURCE_DECISION)], {"sku": ({"t1": _entry("paid", "m-pay")}, {}, 0)})
+    plan = accepted.plan(
+        [_decoded("m-late", SOURCE_DECISION)], {"sku": LookedUp({"t1": _entry("paid", "m-pay")}, {}, 0, 0)}
+    )
     assert (plan.apply, plan.skipped) == ([], 1)
 
 
 def test_a_purchase_carries_its_orders_state_as_the_log_has_it_now() -> None:
     # The purchase's message arrives after the order was paid: MySQL gets both in one go.
     entry = dataclasses.replace(_entry("paid", "m-pay"), message_id="m-buy")
-    plan = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, 0)})
+    plan = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": LookedUp({"t1": entry}, {}, 0, 0)})
     assert [i.order.state if i.order else None for i in plan.apply] == ["paid"]
 
 
@@ -69,20 +71,22 @@ def _restock(gid: str, request: str = "r1", qty: int = 30) -> accepted.Decoded:
 
 def test_a_restock_applies_the_units_its_record_says_it_added_never_the_bodys() -> None:
     record = TxRecord.parse('{"state": "ran", "kind": "restock", "request": "r1", "qty": 20, "code": 1, "ts": 7}')
-    plan = accepted.plan([_restock("m-add", qty=999)], {"sku": ({}, {"m-add": record}, 20)})
+    plan = accepted.plan([_restock("m-add", qty=999)], {"sku": LookedUp({}, {"m-add": record}, 20, 0)})
     assert (plan.additions, plan.apply, plan.skipped) == ([Addition("sku", "r1", 20, "m-add", 7)], [], 0)
 
 
 def test_a_restock_that_added_nothing_or_has_no_record_applies_nothing() -> None:
     already = TxRecord.parse('{"state": "fenced", "ts": 7}')
-    plan = accepted.plan([_restock("m-a"), _restock("m-b")], {"sku": ({}, {"m-a": already, "m-b": None}, 20)})
+    plan = accepted.plan(
+        [_restock("m-a"), _restock("m-b")], {"sku": LookedUp({}, {"m-a": already, "m-b": None}, 20, 0)}
+    )
     assert (plan.additions, plan.skipped) == ([], 2)
 
 
 def test_deductions_of_a_restocked_sku_may_wait_for_units_on_their_way() -> None:
     entry = LogEntry("t1", "deducted", "sku", "u1", 1, TS, "m-buy")
-    restocked = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, 30)})
-    plain = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": ({"t1": entry}, {}, 0)})
+    restocked = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": LookedUp({"t1": entry}, {}, 30, 0)})
+    plain = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": LookedUp({"t1": entry}, {}, 0, 0)})
     assert [i.added_qty for i in restocked.apply] == [30]
     assert [i.added_qty for i in plain.apply] == [0]
 

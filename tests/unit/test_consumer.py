@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -29,6 +28,7 @@ class FakeStore:
         self.conflicts: list[Conflict] = []
         self.pings: list[Exception | None] = []
         self.additions: list[Addition] = []
+        self.loads: dict[str, int] = {}
 
     def apply_batch(
         self,
@@ -36,8 +36,10 @@ class FakeStore:
         dead: Sequence[DeadLetter] = (),
         conflicts: Sequence[Conflict] = (),
         additions: Sequence[Addition] = (),
+        loads: Mapping[str, int] | None = None,
     ) -> ApplyReport:
         self.calls.append(f"apply {[i.deduction.token for i in items]} dead {[d.message_id for d in dead]}")
+        self.loads = dict(loads or {})
         self.additions += additions
         error = self.fail(items)
         if error:
@@ -293,23 +295,24 @@ def test_a_batch_short_of_units_on_their_way_is_handed_back_and_receipt_goes_on(
     ]
 
 
-@pytest.mark.timeout(10)
-def test_a_batch_of_a_sku_being_loaded_is_handed_back_until_the_load_ends_and_receipt_goes_on() -> None:
-    consumer, _, calls, log = _consumer(batches=[[_delivery("a")], [_delivery("a")]])
+def test_the_messages_of_a_sku_being_loaded_wait_for_the_load_and_the_others_are_applied() -> None:
+    loading = {"sku-1"}
+
+    def load_under_way(items: Sequence[Incoming]) -> FlashSaleError | None:
+        skus = {i.deduction.sku for i in items} & loading
+        return LoadUnderWay(sorted(skus)) if skus else None
+
+    consumer, store, calls, log = _consumer(load_under_way)
     _deducted(log, "a")
-    log.error = LoadUnderWay("a `stock set` is loading sku-1: the batch waits for it")
-    lookup = log.lookup
-
-    def load_ends(wanted: Any) -> Any:
-        try:
-            return lookup(wanted)
-        finally:
-            log.error = None
-
-    log.lookup = load_ends  # type: ignore[method-assign]
-    consumer.run()
-    assert "pause" not in calls
-    assert calls == ["receive", "nack ['msg-a']", "receive", "apply ['a'] dead []", "ack ['msg-a']", "receive"]
+    log.deducted("sku-2", "b", "u1", 1, "msg-b")
+    log.tickets["sku-2"] = 7
+    other = DeductionMessage("sku-2", (Purchase("b", "u1", 1),), "msg-b", 1).encode()
+    report = consumer.process([_delivery("a"), _delivery("b", body=other)])
+    assert [d.token for d in report.applied] == ["b"]
+    assert calls == ["apply ['a', 'b'] dead []", "apply ['b'] dead []", "nack ['msg-a']", "ack ['msg-b']"]
+    assert store.loads == {"sku-2": 7}  # the load Redis was read under goes with the batch
+    loading.clear()  # loaded: it comes again, and is applied
+    assert [d.token for d in consumer.process([_delivery("a")]).applied] == ["a"]
 
 
 def test_an_ack_that_fails_after_the_commit_neither_reapplies_nor_hands_back() -> None:

@@ -31,12 +31,12 @@ from flashsale.models import (
     Delivery,
     Purchase,
 )
-from flashsale.records import Addition, Conflict, Incoming, LogEntry, Order, Prededuct, TxRecord
+from flashsale.records import Addition, Conflict, Incoming, LogEntry, LookedUp, Order, Prededuct, TxRecord
 
 logger = logging.getLogger(__name__)
 
-#: Per SKU or partition: log entries by token, records by message, and the units restocks added to its SKU.
-Found = Mapping[str, tuple[Mapping[str, LogEntry | None], Mapping[str, TxRecord | None], int]]
+#: Per SKU or partition: what the consumer read of it (RedisStock.lookup).
+Found = Mapping[str, LookedUp]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class Plan:
     conflicts: list[Conflict] = field(default_factory=list)
     duplicates: int = 0
     skipped: int = 0
+    #: SKU -> the load its shares were read under (the lowest, if they differ): see MySQLStore.apply_batch.
+    loads: dict[str, int] = field(default_factory=dict)
 
 
 def named(entry: LogEntry | None, gid: str) -> LogEntry | None:
@@ -114,7 +116,9 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
     result = Plan()
     for d in decoded:
         for shard, purchases in d.message.shards().items():
-            entries, records, added = found[shard]
+            entries, records, added, ticket = found[shard]
+            # The lowest load a share was read under: MySQL must hold none later when the plan is applied.
+            result.loads[d.message.sku] = min(result.loads.get(d.message.sku, ticket), ticket)
             size = len(result.apply)
             if d.replay:
                 _plan_replay(d, purchases, entries, result)

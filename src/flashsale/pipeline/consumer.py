@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 Observer = Callable[[ApplyReport, int, float], None]
 #: Longest reason kept with a dead letter.
 REASON_MAX = 512
+#: Seconds the messages of a SKU being loaded wait before they come again: each return counts against the
+#: broker's delivery attempts, and a load takes seconds (one that stopped midway, until it is run again).
+LOAD_WAIT_S = 5
 
 
 def decode(batch: Sequence[Delivery]) -> tuple[list[Decoded], list[DeadLetter]]:
@@ -108,11 +111,6 @@ class DeductionConsumer:
                 # receipt goes on (a pause would hand those back too, again at every try).
                 logger.warning("batch of %d waits for units on their way (%s); handing it back", len(batch), exc)
                 self._receiver.nack(batch, 1)
-            except LoadUnderWay as exc:
-                # An operator's load, seconds at most: the stores answer, and the other SKUs' messages come
-                # back with the batch a second later.
-                logger.warning("%s; handing the batch of %d back", exc, len(batch))
-                self._receiver.nack(batch, 1)
             except FlashSaleError as exc:
                 logger.warning(
                     "batch of %d not applied (%s); handing it back and pausing receipt until the stores answer",
@@ -127,17 +125,11 @@ class DeductionConsumer:
     def process(self, batch: Sequence[Delivery]) -> ApplyReport:
         started = time.perf_counter()
         decoded, dead = decode(batch)
-        try:
-            report = self._apply(decoded, dead)
-        except FlashSaleError as exc:
-            if exc.retriable:
-                raise
-            logger.warning("batch of %d rejected (%s); applying its messages one by one", len(batch), exc)
-            report = self._apply_one_by_one(batch)
-        except Exception:  # a message nobody foresaw: find it by applying the batch one message at a time
-            logger.exception("batch of %d failed; applying its messages one by one", len(batch))
-            report = self._apply_one_by_one(batch)
+        report, waiting = self._apply_or_wait(decoded, dead)
         failpoints.hit(self._failpoints, failpoints.AFTER_DB_COMMIT)
+        if waiting:
+            self._receiver.nack(waiting, LOAD_WAIT_S)
+            batch = [d for d in batch if d not in waiting]
         try:
             acked = self._receiver.ack(batch)
         except BusError as exc:
@@ -158,6 +150,31 @@ class DeductionConsumer:
         if self._observe:
             self._observe(report, len(batch), time.perf_counter() - started)
         return report
+
+    def _apply_or_wait(
+        self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]
+    ) -> tuple[ApplyReport, list[Delivery]]:
+        """Apply the batch, but for the messages of SKUs a `stock set` is loading (LoadUnderWay): those are
+        returned, to be handed back and come again once the load is done."""
+        try:
+            return self._apply_or_split(decoded, dead), []
+        except LoadUnderWay as exc:
+            logger.warning("%s: their messages wait for the load, the others are applied", exc)
+            rest = [d for d in decoded if d.message.sku not in exc.skus]
+            report, waiting = self._apply_or_wait(rest, dead)
+            return report, [d.delivery for d in decoded if d.message.sku in exc.skus] + waiting
+
+    def _apply_or_split(self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]) -> ApplyReport:
+        """Apply the batch; one a message of which the database rejects, or that fails, one by one."""
+        try:
+            return self._apply(decoded, dead)
+        except FlashSaleError as exc:
+            if exc.retriable:
+                raise
+            logger.warning("batch of %d rejected (%s); applying its messages one by one", len(decoded), exc)
+        except Exception:  # a message nobody foresaw: find it by applying the batch one message at a time
+            logger.exception("batch of %d failed; applying its messages one by one", len(decoded))
+        return self._apply_one_by_one([d.delivery for d in decoded], dead)
 
     def _schedule(self, awaiting: Sequence[Incoming]) -> None:
         """A timer message per SKU and deadline for the orders awaiting payment, before the batch is applied:
@@ -194,19 +211,20 @@ class DeductionConsumer:
         self._schedule([i for i in todo.apply if i.order is not None and i.order.state == "awaiting"])
         back = [i for i in todo.apply if i.order is not None and i.order.returned]
         report, rest = ApplyReport(), todo.apply
+        loads = todo.loads
         if (back or todo.additions) and len(back) < len(todo.apply):
-            report = self._store.apply_batch(back, additions=todo.additions)
+            report = self._store.apply_batch(back, additions=todo.additions, loads=loads)
             rest = [i for i in todo.apply if i.order is None or not i.order.returned]
             todo.additions = []
-        report.add(self._store.apply_batch(rest[: self._batch_size], dead, todo.conflicts, todo.additions))
+        report.add(self._store.apply_batch(rest[: self._batch_size], dead, todo.conflicts, todo.additions, loads))
         for start in range(self._batch_size, len(rest), self._batch_size):
-            report.add(self._store.apply_batch(rest[start : start + self._batch_size]))
+            report.add(self._store.apply_batch(rest[start : start + self._batch_size], loads=loads))
         report.skipped += todo.skipped
         report.duplicates += todo.duplicates
         return report
 
-    def _apply_one_by_one(self, batch: Sequence[Delivery]) -> ApplyReport:
-        total = ApplyReport()
+    def _apply_one_by_one(self, batch: Sequence[Delivery], dead: Sequence[DeadLetter]) -> ApplyReport:
+        total = self._apply([], dead) if dead else ApplyReport()
         for delivery in batch:
             try:
                 report = self._apply(*decode([delivery]))

@@ -7,7 +7,7 @@ import os
 import socket
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, get_args
@@ -19,7 +19,7 @@ from sqlalchemy.engine.url import make_url
 from flashsale import constants as c
 from flashsale.adapters.mysql import lifecycle, sql
 from flashsale.adapters.mysql.statements import query
-from flashsale.errors import ServiceUnavailable, StockError, StockShort, StoreError, UnknownSku
+from flashsale.errors import LoadUnderWay, ServiceUnavailable, StockError, StockShort, StoreError, UnknownSku
 from flashsale.logs import ids
 from flashsale.models import SOURCE_REPLAY, Deduction, DeductionMessage, Purchase
 from flashsale.records import (
@@ -161,6 +161,18 @@ class MySQLStore:
 
     @staticmethod
     def _load(conn: Connection, sku: str, qty: int, *, per_user_limit: int, reset: bool, ticket: int | None) -> None:
+        # The inventory row first (a SKU new to MySQL gets one), as the consumer takes it (apply_batch): a
+        # batch either commits before the load, whose reset then deletes what it wrote, or waits for it
+        # and finds its number. Locked, it also keeps a load that stalled in here from passing the
+        # number's check against a row another load writes meanwhile.
+        conn.execute(query("reserve_inventory"), {"sku": sku})
+        held = int(conn.execute(query("lock_load_ticket"), {"sku": sku}).scalar_one())
+        if ticket is not None and held >= ticket:
+            raise StockError(
+                f"another load of {sku} wrote MySQL after this one's freeze ran out (it stalled longer than "
+                "the freeze lasts): this one wrote nothing",
+                hint="run `flashsale reconcile` to see what each side holds, then `flashsale stock set` again",
+            )
         applied = int(conn.execute(query("deduction_count"), {"sku": sku}).scalar_one())
         if applied and not reset:
             raise StockError(
@@ -172,17 +184,6 @@ class MySQLStore:
                 conn.execute(query(name), {"sku": sku})
         # Restocks belong to a load: a new one starts from its own quantity.
         conn.execute(query("delete_sku_additions"), {"sku": sku})
-        # The inventory row last, as the consumer takes it (after its deductions), so the two cannot deadlock;
-        # for a SKU new to MySQL, a row of its own to lock, so that a load cannot pass the number's check
-        # against a row another load inserts (and commits) while this one stalls before its commit.
-        conn.execute(query("reserve_inventory"), {"sku": sku})
-        held = int(conn.execute(query("lock_load_ticket"), {"sku": sku}).scalar_one())
-        if ticket is not None and held >= ticket:
-            raise StockError(
-                f"another load of {sku} wrote MySQL after this one's freeze ran out (it stalled longer than "
-                "the freeze lasts): this one wrote nothing",
-                hint="run `flashsale reconcile` to see what each side holds, then `flashsale stock set` again",
-            )
         params = {"sku": sku, "qty": qty, "per_user_limit": per_user_limit, "ticket": ticket}
         conn.execute(query("upsert_inventory"), params)
 
@@ -304,9 +305,14 @@ class MySQLStore:
         dead: Sequence[DeadLetter] = (),
         conflicts: Sequence[Conflict] = (),
         additions: Sequence[Addition] = (),
+        loads: Mapping[str, int] | None = None,
     ) -> ApplyReport:
         """Apply a batch in ONE transaction: restocks, token-unique rows, one guarded UPDATE per SKU, orders,
         conflicts.
+
+        `loads`: the load Redis was read under for each SKU; refused (LoadUnderWay) where MySQL holds a later
+        one. Those rows are locked first, in name order, as a load locks its row before it deletes anything:
+        a load commits before this transaction and is seen, or after it and deletes what it wrote (a reset).
 
         Rows are inserted in token order and SKUs updated in name order, so two consumers sharing
         tokens or SKUs take their locks in the same order and cannot deadlock each other.
@@ -315,6 +321,7 @@ class MySQLStore:
         unique = _unique(items, report)
         batch_id = uuid.uuid4().hex
         with self.transaction("apply batch") as conn:
+            _hold_loads(conn, loads or {})
             known = _known_skus(conn, {sku for sku, _ in unique} | {a.sku for a in additions})
             # A SKU sold with a payment deadline, or restocked, may have its stock updated twice (units given
             # back or added, then new deductions): its row is locked first, in one order, so two consumers
@@ -356,6 +363,17 @@ def _unique(items: Sequence[Incoming], report: ApplyReport) -> dict[Key, Incomin
         else:
             unique[key] = item
     return unique
+
+
+def _hold_loads(conn: Connection, loads: Mapping[str, int]) -> None:
+    """Lock the inventory rows of the batch's SKUs; raise LoadUnderWay where MySQL holds a later load than
+    the one Redis was read under."""
+    if not loads:
+        return
+    held = conn.execute(query("lock_load_tickets", "skus"), {"skus": sorted(loads)}).all()
+    later = sorted(sku for sku, ticket in held if int(ticket) > loads[sku])
+    if later:
+        raise LoadUnderWay(later)
 
 
 def _known_skus(conn: Connection, skus: set[str]) -> set[str]:

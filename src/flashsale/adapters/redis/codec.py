@@ -19,6 +19,7 @@ from flashsale.records import (
     Decision,
     Layout,
     LogEntry,
+    LookedUp,
     PartitionView,
     Peek,
     Prededuct,
@@ -119,17 +120,18 @@ def parse_entries(tokens: Sequence[str], raws: Sequence[Any], *, strict: bool = 
 
 def parse_lookup(
     skus: Sequence[str], wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]], replies: Sequence[Any]
-) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]]:
-    """Per SKU, its entries, records and restocked units from three reads each (its log's HMGET, its
-    records' HMGET, its SKU's meta `added_qty`)."""
-    found: dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]] = {}
+) -> dict[str, LookedUp]:
+    """Per SKU, what the consumer reads of it, from four reads each (its log's HMGET, its records' HMGET, its
+    SKU's meta `added_qty`, its meta `ticket`)."""
+    found: dict[str, LookedUp] = {}
     for i, sku in enumerate(skus):
         tokens, gids = wanted[sku]
-        raw_entries, raw_records, added = replies[3 * i : 3 * i + 3]
-        found[sku] = (
+        raw_entries, raw_records, added, ticket = replies[4 * i : 4 * i + 4]
+        found[sku] = LookedUp(
             parse_entries(tokens, raw_entries, strict=False),
             {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},
             int(added or 0),
+            int(ticket or 0),
         )
     return found
 

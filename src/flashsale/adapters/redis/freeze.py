@@ -48,6 +48,8 @@ class Freeze:
     held: Run
     run: Run
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: The load's number (ticket.lua), once it took one: MySQL holds it, and so will each meta it loads.
+    number: int = 0
     #: Partitions no layout named, frozen on the way (`claim`).
     claimed: list[Target] = field(default_factory=list)
 

@@ -47,7 +47,7 @@ from flashsale.adapters.redis.topology import (
     sync_node,
     unavailable,
 )
-from flashsale.errors import LoadUnderWay, NotReplicated, StockError
+from flashsale.errors import NotReplicated, StockError
 from flashsale.models import Purchase
 from flashsale.records import (
     Adopt,
@@ -57,11 +57,11 @@ from flashsale.records import (
     Layout,
     LoadStock,
     LogEntry,
+    LookedUp,
     PredeductResult,
     RestockResult,
     StockReturn,
     StockView,
-    TxRecord,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class RedisStock:
                 str(per_user_limit),
                 str(epoch),
                 self._fence(sku),
+                self._number(sku),
             ],
         )
         if int(epoch) < 0:
@@ -229,6 +230,7 @@ class RedisStock:
         number = int(self._script_held(keys.meta, "ticket", [keys.meta, keys.loading, keys.ticket], args))
         if number == 0:
             raise lapsed(sku)
+        self._freezes[sku].number = number  # every meta the load writes keeps it (load_stock.lua)
         return number
 
     def _freeze_targets(self, sku: str) -> list[Target]:
@@ -253,6 +255,11 @@ class RedisStock:
         freeze = self._freezes.get(parent(shard))
         return freeze.token if freeze else ""
 
+    def _number(self, shard: str) -> str:
+        """The number of the load of `shard` (`ticket`; '0' for a load that took none)."""
+        freeze = self._freezes.get(parent(shard))
+        return str(freeze.number if freeze else 0)
+
     def _claim(self, part: str) -> None:
         """Freeze a partition no layout names yet, before it is loaded (a load cut short may have left it)."""
         freeze = self._freezes.get(parent(part))
@@ -272,7 +279,8 @@ class RedisStock:
 
     def _load_one(self, shard: str, args: list[str]) -> None:
         keys = SkuKeys.of(shard)
-        raw, detail = self._script_held(keys.meta, "load_stock", keys.load(), [*args, self._fence(shard)])
+        args = [*args, self._fence(shard), self._number(shard)]
+        raw, detail = self._script_held(keys.meta, "load_stock", keys.load(), args)
         if LoadStock(int(raw)) is LoadStock.LAPSED:
             raise lapsed(parent(shard))
         if LoadStock(int(raw)) is not LoadStock.LOADED:
@@ -396,11 +404,9 @@ class RedisStock:
                 return
             self._replicas.read(self._client)
 
-    def lookup(
-        self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]
-    ) -> dict[str, tuple[dict[str, LogEntry | None], dict[str, TxRecord | None], int]]:
-        """Per SKU, the log entries of some tokens, the records of some messages, and the units restocks
-        added to it, in one round trip."""
+    def lookup(self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, LookedUp]:
+        """Per SKU (or partition), the log entries of some tokens, the records of some messages, the units
+        restocks added to it, and the number of the load they belong to, in one round trip."""
         skus = [sku for sku, (tokens, gids) in wanted.items() if tokens or gids]
         pipe = self.client.pipeline(transaction=False)
         for sku in skus:
@@ -409,18 +415,8 @@ class RedisStock:
             pipe.hmget(keys.log, list(tokens) or ["-"])
             pipe.hmget(keys.tx, list(gids) or ["-"])
             pipe.hget(SkuKeys.of(parent(sku)).meta, "added_qty")  # a partition's restocks are its SKU's
-        for sku in skus:
-            pipe.hget(SkuKeys.of(sku).meta, "frozen_until")
-        replies = self._call("read log", pipe.execute)
-        self._refuse_frozen([sku for sku, until in zip(skus, replies[3 * len(skus) :], strict=True) if until])
-        return parse_lookup(skus, wanted, replies)
-
-    def _refuse_frozen(self, shards: Sequence[str]) -> None:
-        """Raise LoadUnderWay if a load holds one of `shards` frozen now, by its own node's clock: MySQL
-        may hold the new load already, while the messages Redis holds records of are the old one's."""
-        frozen = [shard for shard in shards if int(self._run("frozen", [SkuKeys.of(shard).meta], []))]
-        if frozen:
-            raise LoadUnderWay(f"a `stock set` is loading {', '.join(frozen)}: the batch waits for it")
+            pipe.hget(keys.meta, "ticket")
+        return parse_lookup(skus, wanted, self._call("read log", pipe.execute))
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
         entry = self.log_entry(sku, token)

@@ -40,6 +40,9 @@ SELECT load_ticket FROM inventory WHERE sku = :sku
 -- name: lock_load_ticket
 SELECT load_ticket FROM inventory WHERE sku = :sku FOR UPDATE
 
+-- name: lock_load_tickets
+SELECT sku, load_ticket FROM inventory WHERE sku IN :skus ORDER BY sku FOR UPDATE
+
 -- name: inventory
 SELECT sku, initial_stock, stock, per_user_limit, version FROM inventory WHERE sku = :sku
 

@@ -59,7 +59,6 @@ NAMES = (
     "seen",
     "freeze",
     "ticket",
-    "frozen",
     "drop",
     "decide",
     "add_stock",

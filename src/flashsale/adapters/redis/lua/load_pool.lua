@@ -20,6 +20,7 @@
 -- ARGV[6] per-user limit (0: none), kept by user_hold.lua across the partitions
 -- ARGV[7] the epoch, given to the partitions when they were loaded
 -- ARGV[8] (optional) the token of the load's freeze (freeze.lua): the load runs only while it holds it
+-- ARGV[9] (optional) the load's number (ticket.lua), kept in the meta as `ticket` (see load_stock.lua)
 --
 -- Returns the epoch, or -1 when the load no longer holds the SKU's freeze (nothing written).
 
@@ -37,5 +38,6 @@ put_back(KEYS[5], decided)
 redis.call('SET', KEYS[6], tonumber(ARGV[2]))
 redis.call('HSET', KEYS[4],
   'initial', tonumber(ARGV[1]), 'per_user_limit', tonumber(ARGV[6]), 'parts', ARGV[3],
-  'refill', tonumber(ARGV[4]), 'threshold', tonumber(ARGV[5]), 'loaded_ms', epoch)
+  'refill', tonumber(ARGV[4]), 'threshold', tonumber(ARGV[5]), 'loaded_ms', epoch,
+  'ticket', tonumber(ARGV[9] or '0') or 0)
 return epoch

@@ -18,6 +18,8 @@
 -- ARGV[6] (optional) milliseconds a buyer has to pay an accepted purchase ('' or '0': orders are final on
 --         acceptance); prededuct.lua writes each entry's deadline from it
 -- ARGV[7] (optional) the token of the load's freeze (freeze.lua): the load runs only while it holds it
+-- ARGV[8] (optional) the load's number (ticket.lua), kept in the meta as `ticket`: the consumer applies
+--         what it read here to MySQL only while MySQL holds no later load (MySQL is loaded first)
 --
 -- Returns {code, detail}:
 --   1 loaded
@@ -71,7 +73,8 @@ redis.call('HSET', meta_key,
   'returned_qty', 0, 'returned_count', 0,
   'fenced_count', 0,
   'pay_within_ms', tonumber(pay_arg ~= '' and pay_arg or '0'),
-  'loaded_ms', now_ms)
+  'loaded_ms', now_ms,
+  'ticket', tonumber(ARGV[8] or '0') or 0)
 if threshold_arg ~= '' then
   redis.call('HSET', meta_key, 'threshold', tonumber(threshold_arg), 'standby', 0, 'refilled_qty', 0,
     'drained_qty', 0, 'epoch', epoch_arg)
