@@ -183,7 +183,7 @@ class LookedUp(NamedTuple):
     entries: dict[str, LogEntry | None]  # token -> its log entry
     records: dict[str, TxRecord | None]  # message id -> its record
     added: int  # units restocks added to its SKU
-    ticket: int  # the number of the load it holds (ticket.lua; 0: loaded without one)
+    ticket: int | None  # the number of the load it belongs to (ticket.lua; None: loaded before numbers)
 
 
 @dataclass(frozen=True)

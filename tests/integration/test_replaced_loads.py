@@ -60,22 +60,27 @@ def test_a_message_applied_before_a_reset_and_delivered_again_after_it_is_skippe
     assert redis_stock.client.hlen(SkuKeys.of(sku).log) == 0
 
 
-def test_a_message_of_a_partition_a_reload_dropped_is_skipped_not_a_conflict(redis_stock: RedisStock, sku: str) -> None:
-    layout = redis_stock.load_partitioned(sku, 9, partitions=3, refill=3, threshold=0)
+def test_a_message_of_a_partition_a_reload_dropped_is_skipped_not_a_conflict(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
+    set_stock(settings, sku, 9, partitions=3)
+    layout = redis_stock.layout(sku)
+    assert layout is not None
     part = layout.parts[2]
     assert redis_stock.prededuct(part, "m-1", [Purchase("t1", "u1", 1)], layout.epoch)[0].code is Prededuct.ACCEPTED
     message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1", part=part)
-    assert [i.deduction.token for i in delivered(redis_stock, message).apply] == ["t1"]
+    assert apply(mysql_store, delivered(redis_stock, message)) == ["t1"]
 
-    with redis_stock.frozen(sku):
-        assert part not in redis_stock.load_partitioned(sku, 9, partitions=2, refill=3, threshold=0, reset=True).parts
+    set_stock(settings, sku, 9, partitions=2, reset=True, force=True)
+    assert part not in redis_stock.shards(sku)
 
-    again = delivered(redis_stock, message)
-    assert (again.apply, again.conflicts, again.skipped) == ([], [], 1)
+    again = delivered(redis_stock, message)  # its meta is gone: no load to wait for, and nothing to write
+    assert (apply(mysql_store, again), again.conflicts, again.skipped) == ([], [], 1)
     keys = SkuKeys.of(part)
     assert redis_stock.client.exists(keys.stock, keys.meta, keys.log) == 0
     assert record(redis_stock, part, "m-1")["state"] == c.TX_STALE
     assert 0 < redis_stock.client.pttl(keys.tx) <= DAY_MS  # kept a day, not for ever
+    assert deductions(settings, sku) == 0
 
 
 def test_a_reload_keeps_what_the_checker_decided_and_forgets_records_retired_over_a_day_ago(

@@ -56,8 +56,14 @@ class Plan:
     conflicts: list[Conflict] = field(default_factory=list)
     duplicates: int = 0
     skipped: int = 0
-    #: SKU -> the load its shares were read under (the lowest, if they differ): see MySQLStore.apply_batch.
+    #: SKU -> the load its shares that write were read under (the lowest, if they differ): see
+    #: MySQLStore.apply_batch.
     loads: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def writes(self) -> int:
+        """What the plan writes to MySQL: deductions and orders, restocks, conflicts."""
+        return len(self.apply) + len(self.additions) + len(self.conflicts)
 
 
 def named(entry: LogEntry | None, gid: str) -> LogEntry | None:
@@ -117,9 +123,7 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
     for d in decoded:
         for shard, purchases in d.message.shards().items():
             entries, records, added, ticket = found[shard]
-            # The lowest load a share was read under: MySQL must hold none later when the plan is applied.
-            result.loads[d.message.sku] = min(result.loads.get(d.message.sku, ticket), ticket)
-            size = len(result.apply)
+            size, writes = len(result.apply), result.writes
             if d.replay:
                 _plan_replay(d, purchases, entries, result)
             elif d.message.source == SOURCE_DECISION:
@@ -130,6 +134,10 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
                 _plan_share(d, purchases, entries, records.get(d.message.gid), result)
             if added:  # MySQL may be short of units a restock on its way adds: see the store
                 result.apply[size:] = [dataclasses.replace(i, added_qty=added) for i in result.apply[size:]]
+            if result.writes > writes and ticket is not None:
+                # The lowest load a share that writes was read under: MySQL must hold none later when the
+                # plan is applied (MySQLStore.apply_batch).
+                result.loads[d.message.sku] = min(result.loads.get(d.message.sku, ticket), ticket)
     return result
 
 

@@ -122,7 +122,8 @@ def parse_lookup(
     skus: Sequence[str], wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]], replies: Sequence[Any]
 ) -> dict[str, LookedUp]:
     """Per SKU, what the consumer reads of it, from four reads each (its log's HMGET, its records' HMGET, its
-    SKU's meta `added_qty`, its meta `ticket`)."""
+    SKU's meta `added_qty`, its meta's `ticket`: none where the meta is gone, a partition a reload dropped,
+    whose log is gone with it, or was loaded before loads were numbered)."""
     found: dict[str, LookedUp] = {}
     for i, sku in enumerate(skus):
         tokens, gids = wanted[sku]
@@ -131,7 +132,7 @@ def parse_lookup(
             parse_entries(tokens, raw_entries, strict=False),
             {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},
             int(added or 0),
-            int(ticket or 0),
+            int(ticket) if ticket is not None else None,
         )
     return found
 
