@@ -5,7 +5,7 @@
 -- KEYS[3] fs:{sku}:users
 -- KEYS[4] fs:{sku}:meta       initial, parts, refill, threshold, loaded_ms (the epoch: each partition
 --                             keeps it too, and refuses a pre-deduct placed by another one)
--- KEYS[5] fs:{sku}:tx         emptied but for the messages the checker rolled back
+-- KEYS[5] fs:{sku}:tx         its records kept, those that ran retired (decided.lua)
 -- KEYS[6] fs:{sku}:pool       units not given to a partition yet
 -- KEYS[7] fs:{sku}:transfers  pending moves between the pool and the partitions (emptied)
 -- KEYS[8] fs:{sku}:done       completed moves of the load before (emptied)

@@ -10,8 +10,8 @@
 -- KEYS[8] fs:{sku}:loading the first-load lease (freeze.lua): a SKU with no meta yet loads only under it
 -- ARGV[1] quantity        decimal digits, >= 0
 -- ARGV[2] per-user limit  decimal digits, 0 = none
--- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters, the records of messages
---         that ran: those the checker rolled back stay), '0' otherwise
+-- ARGV[3] '1' to discard the sale's history (log, per-user counts, counters; the records of messages
+--         are kept, those that ran retired: decided.lua), '0' otherwise
 -- ARGV[4] (a partition only, else '') the switch threshold of its sub-domains; its standby starts empty
 -- ARGV[5] (a partition only, else '') the epoch of its SKU's layout: a pre-deduct placed by another layout
 --         is refused
