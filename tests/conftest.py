@@ -137,15 +137,10 @@ def cluster_url(cluster: StackSettings) -> str:
 def _empty_mysql(settings: Settings) -> None:
     """Drop the tests' database, made again by `init`: each session starts from empty tables, as a clean
     clone does, rather than from the books of every session before it."""
-    from tests.oracle import mysql_connection
+    from tests.oracle import drop_database
 
     assert settings.mysql_url.endswith(f"/{TEST_DATABASE}")
-    conn = mysql_connection(settings.mysql_url.rsplit("/", 1)[0] + "/")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{TEST_DATABASE}`")
-    finally:
-        conn.close()
+    drop_database(settings.mysql_url)
 
 
 def _empty_redis(settings: Settings) -> None:

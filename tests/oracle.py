@@ -170,14 +170,13 @@ def mysql_connection(mysql_url: str) -> pymysql.connections.Connection:
     )
 
 
-def inventory_row(mysql_url: str, sku: str) -> tuple[int, int] | None:
-    """(initial, stock) of the SKU's inventory row, or None when MySQL has none."""
-    conn = mysql_connection(mysql_url)
+def drop_database(mysql_url: str) -> None:
+    """Drop the database the URL names, if it exists (on a connection to none)."""
+    server, database = mysql_url.rsplit("/", 1)
+    conn = mysql_connection(server + "/")
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT initial_stock, stock FROM inventory WHERE sku = %s", (sku,))
-            row = cur.fetchone()
-            return None if row is None else (int(row[0]), int(row[1]))
+            cur.execute(f"DROP DATABASE IF EXISTS `{database}`")
     finally:
         conn.close()
 

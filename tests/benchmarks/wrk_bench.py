@@ -33,8 +33,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sqlalchemy.engine.url import make_url
-
 from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.bench.cpu import CpuMeter
@@ -48,7 +46,7 @@ from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
 from tests.conftest import ROOT, TEST_DATABASE, clean_environment, isolated_settings, session_env
-from tests.oracle import mysql_connection
+from tests.oracle import drop_database
 
 SCRIPT = ROOT / "infra" / "wrk" / "purchase.lua"
 #: Servers of the stack whose CPU is counted too.
@@ -83,12 +81,7 @@ def own_database(prefix: str) -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        conn = mysql_connection(settings.mysql_url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f"DROP DATABASE `{make_url(settings.mysql_url).database}`")
-        finally:
-            conn.close()
+        drop_database(settings.mysql_url)
 
 
 def metric(url: str, name: str, labels: str = "") -> float:

@@ -23,7 +23,7 @@ from flashsale.models import Purchase
 from flashsale.ops.setup import set_stock
 from flashsale.records import Layout, Prededuct
 from tests.conftest import session_env
-from tests.oracle import inventory_row, mysql_connection
+from tests.oracle import mysql_connection, read_books
 
 LEASE_S = 0.5
 
@@ -181,7 +181,7 @@ def test_setting_the_stock_of_a_new_sku_while_its_first_load_runs_is_refused_bef
         with pytest.raises(StockError, match="another `stock set` is loading"):
             set_stock(settings, sku, 20)
         proc.communicate("go\n", timeout=20)
-    assert inventory_row(settings.mysql_url, sku) is None  # the refused command wrote nothing
+    assert inventory(settings, sku) == (-1, -1)  # no row: the refused command wrote nothing
 
 
 #: A `stock set` in a process of its own, with a short freeze, that says so and waits for a line where it
@@ -212,7 +212,7 @@ STALLED_STOCK_SET = textwrap.dedent(
 
     def stalled_execute(self, statement, *args, **kwargs):
         result = execute(self, statement, *args, **kwargs)
-        if str(statement) == str(query("lock_load_ticket")):
+        if str(statement) == str(query("lock_load_tickets", "skus")):
             stall()
         return result
 
@@ -255,9 +255,15 @@ def test_a_stock_set_that_stalled_at_its_mysql_write_cannot_overwrite_the_load_a
                 second.result(timeout=60)
         finally:
             proc.kill()
-    assert inventory_row(settings.mysql_url, sku) == (3, 3)
+    assert inventory(settings, sku) == (3, 3)
     assert redis_stock.client.get(SkuKeys.of(sku).stock) == "3"
     assert proc.returncode == 3 and ("another load of" in err or "outlived its freeze" in err), err
+
+
+def inventory(settings: Settings, sku: str) -> tuple[int, int]:
+    """MySQL's initial stock and stock of the SKU, read with raw SQL (-1, -1: no inventory row)."""
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    return books.mysql_initial, books.mysql_stock
 
 
 def load_ticket(settings: Settings, sku: str, set_to: int | None = None) -> int:
@@ -281,7 +287,7 @@ def test_a_redis_that_lost_the_load_numbers_numbers_the_next_load_above_mysqls(
     ahead = load_ticket(settings, sku, set_to=load_ticket(settings, sku) + 10**9)  # far above Redis's clock
     redis_stock.client.delete(SkuKeys.of(sku).ticket)  # a flushed Redis, or one restored from an old backup
     set_stock(settings, sku, 4, reset=True)
-    assert inventory_row(settings.mysql_url, sku) == (4, 4)
+    assert inventory(settings, sku) == (4, 4)
     assert load_ticket(settings, sku) == ahead + 1 == int(redis_stock.client.get(SkuKeys.of(sku).ticket))
 
 

@@ -22,7 +22,7 @@ from flashsale.ops.setup import set_stock
 from flashsale.pipeline import accepted
 from flashsale.pipeline.accepted import Decoded, Plan
 from flashsale.records import Prededuct
-from tests.oracle import inventory_row, mysql_connection
+from tests.oracle import mysql_connection, read_books
 
 DAY_MS = 86_400_000
 
@@ -80,7 +80,7 @@ def test_a_message_of_a_partition_a_reload_dropped_is_skipped_not_a_conflict(
     assert redis_stock.client.exists(keys.stock, keys.meta, keys.log) == 0
     assert record(redis_stock, part, "m-1")["state"] == c.TX_STALE
     assert 0 < redis_stock.client.pttl(keys.tx) <= DAY_MS  # kept a day, not for ever
-    assert deductions(settings, sku) == 0
+    assert mysql(settings, sku)[0] == {}
 
 
 def test_a_reload_keeps_what_the_checker_decided_and_forgets_records_retired_over_a_day_ago(
@@ -98,18 +98,10 @@ def test_a_reload_keeps_what_the_checker_decided_and_forgets_records_retired_ove
     assert sorted(redis_stock.client.hkeys(tx)) == ["m-fenced", "m-fenced-long-ago", "m-just-retired"]
 
 
-def mysql_count(settings: Settings, sql: str, sku: str) -> int:
-    conn = mysql_connection(settings.mysql_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, (sku,))
-            return int(cur.fetchone()[0])
-    finally:
-        conn.close()
-
-
-def deductions(settings: Settings, sku: str) -> int:
-    return mysql_count(settings, "SELECT COUNT(*) FROM stock_deductions WHERE sku = %s", sku)
+def mysql(settings: Settings, sku: str) -> tuple[dict[str, int], int, int]:
+    """MySQL's deduction rows (token -> qty), initial stock and stock of the SKU, read with raw SQL."""
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    return books.mysql_deducted, books.mysql_initial, books.mysql_stock
 
 
 def apply(store: MySQLStore, plan: Plan) -> list[str]:
@@ -137,12 +129,12 @@ def test_a_message_of_the_old_sale_waits_while_a_stock_set_stopped_between_mysql
     monkeypatch.undo()
     with pytest.raises(LoadUnderWay, match=sku):
         apply(mysql_store, delivered(redis_stock, message))
-    assert deductions(settings, sku) == 0 and inventory_row(settings.mysql_url, sku) == (5, 5)
+    assert mysql(settings, sku) == ({}, 5, 5)
 
     set_stock(settings, sku, 5, reset=True, force=True)  # run again, to its end
     again = delivered(redis_stock, message)
     assert (apply(mysql_store, again), again.conflicts, again.skipped) == ([], [], 1)
-    assert deductions(settings, sku) == 0 and inventory_row(settings.mysql_url, sku) == (5, 5)
+    assert mysql(settings, sku) == ({}, 5, 5)
 
 
 def test_a_batch_read_before_a_load_and_applied_after_it_is_refused(
@@ -155,7 +147,7 @@ def test_a_batch_read_before_a_load_and_applied_after_it_is_refused(
     set_stock(settings, sku, 5, reset=True, force=True)  # ... a load ran from start to end ...
     with pytest.raises(LoadUnderWay):
         apply(mysql_store, read)  # ... and then its transaction began
-    assert deductions(settings, sku) == 0 and inventory_row(settings.mysql_url, sku) == (5, 5)
+    assert mysql(settings, sku) == ({}, 5, 5)
 
 
 def test_a_batch_waits_for_a_load_holding_its_row_and_then_finds_it(
@@ -180,4 +172,4 @@ def test_a_batch_waits_for_a_load_holding_its_row_and_then_finds_it(
                 batch.result(timeout=30)
     finally:
         load.close()
-    assert deductions(settings, sku) == 0
+    assert mysql(settings, sku)[0] == {}

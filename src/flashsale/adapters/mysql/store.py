@@ -166,7 +166,7 @@ class MySQLStore:
         # and finds its number. Locked, it also keeps a load that stalled in here from passing the
         # number's check against a row another load writes meanwhile.
         conn.execute(query("reserve_inventory"), {"sku": sku})
-        held = int(conn.execute(query("lock_load_ticket"), {"sku": sku}).scalar_one())
+        held = conn.execute(query("lock_load_tickets", "skus"), {"skus": [sku]}).one().load_ticket
         if ticket is not None and held >= ticket:
             raise StockError(
                 f"another load of {sku} wrote MySQL after this one's freeze ran out (it stalled longer than "

@@ -37,9 +37,6 @@ ON DUPLICATE KEY UPDATE sku = sku
 -- name: load_ticket
 SELECT load_ticket FROM inventory WHERE sku = :sku
 
--- name: lock_load_ticket
-SELECT load_ticket FROM inventory WHERE sku = :sku FOR UPDATE
-
 -- name: lock_load_tickets
 SELECT sku, load_ticket FROM inventory WHERE sku IN :skus ORDER BY sku FOR UPDATE
 
