@@ -72,6 +72,21 @@ def test_the_same_token_in_two_skus_is_two_deductions(mysql_store: MySQLStore, s
     assert len(report.applied) == 2
 
 
+def test_a_batch_with_a_token_applied_before_in_another_sku_applies_only_the_new_pair(
+    mysql_store: MySQLStore, sku: str
+) -> None:
+    # The batch's new rows are counted, and read back by (sku, token) only when some existed already.
+    other = sku + "-b"
+    mysql_store.load_stock(sku, 5)
+    mysql_store.load_stock(other, 5)
+    mysql_store.apply_batch([incoming(sku, "same")])
+    report = mysql_store.apply_batch([incoming(sku, "same"), incoming(other, "same", 2)])
+    assert [(d.sku, d.token, d.qty) for d in report.applied] == [(other, "same", 2)]
+    assert report.duplicates == 1
+    assert counts(mysql_store, sku) == (4, 1, 1)
+    assert counts(mysql_store, other) == (3, 1, 1)
+
+
 def test_a_deduction_mysql_cannot_cover_becomes_a_conflict_not_a_negative_stock(
     mysql_store: MySQLStore, sku: str
 ) -> None:

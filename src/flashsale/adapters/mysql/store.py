@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import chain
-from typing import Any, get_args
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -382,9 +382,20 @@ def _known_skus(conn: Connection, skus: set[str]) -> set[str]:
     return {r[0] for r in conn.execute(query("known_skus", "skus"), {"skus": sorted(skus)})}
 
 
-#: A row of stock_deductions as inserted: token, sku, user_id, qty, message_id, source, batch_id, created_ms.
-Row = tuple[str, str, str, int, str, str, str, int]
-_ROW_PLACEHOLDERS = "(" + ",".join(["%s"] * len(get_args(Row))) + ")"  # the driver's (PyMySQL's), one per column
+class Row(NamedTuple):
+    """A row of stock_deductions as inserted, its columns in the order of insert_deductions."""
+
+    token: str
+    sku: str
+    user_id: str
+    qty: int
+    message_id: str
+    source: str
+    batch_id: str
+    created_ms: int
+
+
+_ROW_PLACEHOLDERS = "(" + ",".join(["%s"] * len(Row._fields)) + ")"  # the driver's (PyMySQL's), one per column
 #: Rows per INSERT statement: a batch of given-back orders may carry 100,000 tokens, and one statement of
 #: them all would pass the server's max_allowed_packet (16 MB on MariaDB by default); 1,000 rows take ~300 KB.
 ROWS_PER_INSERT = 1000
@@ -402,29 +413,35 @@ def _deduction_rows(unique: dict[Key, Incoming], known: set[str], batch_id: str,
                 DeadLetter(item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", body.encode(), sku=d.sku)
             )
             continue
-        rows.append((d.token, d.sku, d.user_id, d.qty, item.message_id, d.source, batch_id, d.ts_ms))
+        rows.append(Row(d.token, d.sku, d.user_id, d.qty, item.message_id, d.source, batch_id, d.ts_ms))
     return rows
 
 
-def _insert_deductions(conn: Connection, rows: list[Row], batch_id: str, report: ApplyReport) -> dict[str, list[Any]]:
-    """Insert the rows (existing tokens are ignored); returns the ones new in this batch, by SKU.
+def _insert_deductions(conn: Connection, rows: list[Row], batch_id: str, report: ApplyReport) -> dict[str, list[Row]]:
+    """Insert the rows (existing tokens are ignored); returns the ones new in this batch, by SKU, in token
+    order.
 
     The rows go as one statement with positional parameters, bound by the driver in one pass: given as
     a row of named parameters each, SQLAlchemy and PyMySQL handled every row on its own, the largest share
-    of a consumer's CPU per purchase."""
+    of a consumer's CPU per purchase. Which rows are new is counted, not read back: reading every row of
+    the batch back cost about as much as binding it. Tokens are read only when some existed already (a
+    redelivery, a replay)."""
     for start in range(0, len(rows), ROWS_PER_INSERT):  # in token order, statement after statement
         some = rows[start : start + ROWS_PER_INSERT]
         values = ",".join([_ROW_PLACEHOLDERS] * len(some))
         conn.exec_driver_sql(sql.query("insert_deductions").format(rows=values), tuple(chain.from_iterable(some)))
-    new = conn.execute(query("batch_deductions"), {"batch_id": batch_id}).all()
+    new = rows
+    if int(conn.execute(query("count_batch_deductions"), {"batch_id": batch_id}).scalar_one()) < len(rows):
+        ours = {(r[0], r[1]) for r in conn.execute(query("batch_deduction_keys"), {"batch_id": batch_id})}
+        new = [r for r in rows if (r.sku, r.token) in ours]
     report.duplicates += len(rows) - len(new)
-    fresh: dict[str, list[Any]] = defaultdict(list)
+    fresh: dict[str, list[Row]] = defaultdict(list)
     for row in new:
         fresh[row.sku].append(row)
     return fresh
 
 
-def _applied_before(unique: dict[Key, Incoming], known: set[str], fresh: dict[str, list[Any]]) -> dict[str, list[str]]:
+def _applied_before(unique: dict[Key, Incoming], known: set[str], fresh: dict[str, list[Row]]) -> dict[str, list[str]]:
     """Tokens whose row existed before this batch: applied already; their orders are checked too."""
     new_keys = {(sku, r.token) for sku, rows in fresh.items() for r in rows}
     to_order: dict[str, list[str]] = defaultdict(list)
@@ -435,7 +452,7 @@ def _applied_before(unique: dict[Key, Incoming], known: set[str], fresh: dict[st
 
 
 def _deduct_sku(
-    conn: Connection, batch_id: str, sku: str, fresh: list[Any], unique: dict[Key, Incoming], report: ApplyReport
+    conn: Connection, batch_id: str, sku: str, fresh: list[Row], unique: dict[Key, Incoming], report: ApplyReport
 ) -> None:
     """Take the SKU's new deductions from its stock; the rows it cannot cover are removed (conflicts), so
     the batch's rows of the SKU that stay are the ones that need an order.
@@ -454,8 +471,8 @@ def _deduct_sku(
 
 
 def _guarded_update(
-    conn: Connection, batch_id: str, sku: str, rows: list[Any], items: dict[Key, Incoming]
-) -> tuple[list[Any], list[Any]]:
+    conn: Connection, batch_id: str, sku: str, rows: list[Row], items: dict[Key, Incoming]
+) -> tuple[list[Row], list[Row]]:
     """One guarded UPDATE for the SKU's whole share of the batch (hot-row group commit).
 
     If MySQL does not hold enough (Redis and MySQL disagree), apply what fits in arrival order and
@@ -485,7 +502,7 @@ def _guarded_update(
     return fit, rest
 
 
-def _refuse(conn: Connection, batch_id: str, sku: str, rest: list[Any], items: dict[Key, Incoming], stock: int) -> None:
+def _refuse(conn: Connection, batch_id: str, sku: str, rest: list[Row], items: dict[Key, Incoming], stock: int) -> None:
     """The deductions MySQL's stock cannot cover: their rows removed, each recorded as a conflict."""
     conn.execute(
         query("delete_deductions", "tokens"), {"batch_id": batch_id, "sku": sku, "tokens": [r.token for r in rest]}

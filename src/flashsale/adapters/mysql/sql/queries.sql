@@ -75,8 +75,11 @@ INSERT INTO stock_deductions (token, sku, user_id, qty, message_id, source, batc
 VALUES {rows}
 ON DUPLICATE KEY UPDATE token = token
 
--- name: batch_deductions
-SELECT token, sku, user_id, qty FROM stock_deductions WHERE batch_id = :batch_id ORDER BY id
+-- name: count_batch_deductions
+SELECT COUNT(*) FROM stock_deductions WHERE batch_id = :batch_id
+
+-- name: batch_deduction_keys
+SELECT sku, token FROM stock_deductions WHERE batch_id = :batch_id
 
 -- name: deduct_stock
 UPDATE inventory SET stock = stock - :total, version = version + 1 WHERE sku = :sku AND stock >= :total
