@@ -39,6 +39,12 @@ def require_id(value: object, name: str, pattern: Any = c.ID_PATTERN) -> str:
     return value
 
 
+def purchase_fields(user_id: object, qty: object, token: object) -> tuple[str, int, str]:
+    """A purchase's user, quantity and token from raw input, checked in that order; raises InvalidInput
+    naming the first wrong one."""
+    return require_id(user_id, "user_id"), parse_qty(qty), require_id(token, "token", c.TOKEN_PATTERN)
+
+
 def parse_qty(value: object) -> int:
     """A purchase quantity: a whole number from 1 to MAX_QTY. Strings of digits are accepted."""
     if isinstance(value, bool):
@@ -91,12 +97,8 @@ class PurchaseRequest:
     @classmethod
     def build(cls, sku: object, user_id: object, qty: object, token: object) -> PurchaseRequest:
         """Validate raw input; raises InvalidInput naming the first wrong field."""
-        return cls(
-            sku=require_id(sku, "sku"),
-            user_id=require_id(user_id, "user_id"),
-            qty=parse_qty(qty),
-            token=require_id(token, "token", c.TOKEN_PATTERN),
-        )
+        sku = require_id(sku, "sku")
+        return cls(sku, *purchase_fields(user_id, qty, token))
 
     @classmethod
     def from_json(cls, payload: object) -> PurchaseRequest:
@@ -260,12 +262,12 @@ class DeductionMessage:
             if not isinstance(item, dict):
                 raise MalformedMessage("each purchase must be a JSON object")
             _require(item, ("token", "user_id", "qty"))
-            try:
-                request = PurchaseRequest.build(sku, item["user_id"], item["qty"], item["token"])
+            try:  # the body's SKU is checked once, above: a purchase request would check it again
+                user_id, qty, token = purchase_fields(item["user_id"], item["qty"], item["token"])
             except InvalidInput as exc:
                 raise MalformedMessage(str(exc)) from None
             own = _part_of(sku, item.get("part", "")) if version >= 3 else ""
-            purchases.append(Purchase(request.token, request.user_id, request.qty, own))
+            purchases.append(Purchase(token, user_id, qty, own))
         ts_ms = data["ts_ms"]
         if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms < 10**15:
             raise MalformedMessage(f"ts_ms must be a non-negative integer, got {_shown(ts_ms)}")

@@ -145,6 +145,10 @@ def _one(**changes: object) -> list[dict[str, object]]:
         (_body(purchases=_one(qty=0)), "qty must be at least 1"),
         (_body(purchases=_one(qty=...)), "missing field\\(s\\): qty"),
         (_body(purchases=_one(token=7)), "token must be"),
+        (_body(purchases=_one(token="t" * 65)), "token must be"),
+        (_body(purchases=_one(token="a@b")), "token must be"),  # an id, but not a token
+        (_body(purchases=_one(user_id="a b")), "user_id must be"),
+        (_body(purchases=_one(user_id="a b", qty=0)), "user_id must be"),  # the first wrong field is named
         (_body(purchases=_one(qty="9" * 5000)), "qty must be"),
         (
             b'{"v": 2, "sku": "s", "gid": "g", "ts_ms": 1, "purchases": [{"token": "t", "user_id": "u", "qty": '

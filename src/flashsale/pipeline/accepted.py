@@ -15,6 +15,7 @@ keeps a record of each purchase's outcome (fs:{sku}:tx). From those the consumer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ class Decoded:
     @property
     def replay(self) -> bool:
         return self.message.source == SOURCE_REPLAY or not self.message.gid
+
+    @functools.cached_property
+    def shards(self) -> dict[str, list[Purchase]]:
+        """The message's purchases by share (DeductionMessage.shards), worked out once for the look-up and
+        the plan."""
+        return self.message.shards()
 
 
 @dataclass
@@ -108,7 +115,7 @@ def wanted(decoded: Sequence[Decoded]) -> dict[str, tuple[list[str], list[str]]]
     of tokens of one SKU, and a list searched for each of them made a batch quadratic in its size."""
     need: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
     for d in decoded:
-        for shard, purchases in d.message.shards().items():
+        for shard, purchases in d.shards.items():
             tokens, gids = need.setdefault(shard, ({}, {}))
             tokens.update(dict.fromkeys(p.token for p in purchases))
             if not d.replay:
@@ -121,7 +128,7 @@ def plan(decoded: Sequence[Decoded], found: Found) -> Plan:
     time: each share's pre-deduct wrote its own log entries and its own record."""
     result = Plan()
     for d in decoded:
-        for shard, purchases in d.message.shards().items():
+        for shard, purchases in d.shards.items():
             entries, records, added, ticket = found[shard]
             size, writes = len(result.apply), result.writes
             if d.replay:
