@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 RECEIVE_MAX = 32
 #: Most receive calls in flight per topic.
 MAX_RECEIVERS = 4
+#: Seconds a receiver waits after a page that was not full, before it asks again. A receive call costs
+#: about 0.9 ms of this process's CPU and 0.7 ms of the broker's (a pop and its checkpoint), however few
+#: messages it brings: under steady load each call came back with one message or two. Messages that
+#: arrive meanwhile wait in the broker and come in fuller pages; a lone message still comes at once, to a
+#: receiver that is long-polling (one waits only after a page, and the others poll on).
+LINGER_S = 0.1
 
 
 class _Pump:
@@ -72,6 +78,8 @@ class _Pump:
                 continue
             if messages:
                 self._deliver(messages)
+            if 0 < len(messages) < RECEIVE_MAX:
+                self._stop.wait(LINGER_S)
 
     def _deliver(self, messages: list[Message]) -> None:
         """Into the inbox, or back to the broker when receipt is paused or stopped before there is room: a
