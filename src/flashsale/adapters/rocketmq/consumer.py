@@ -31,10 +31,10 @@ RECEIVE_MAX = 32
 #: Most receive calls in flight per topic.
 MAX_RECEIVERS = 4
 #: Seconds a receiver waits after a page that was not full, before it asks again. A receive call costs
-#: about 0.9 ms of this process's CPU and 0.7 ms of the broker's (a pop and its checkpoint), however few
-#: messages it brings: under steady load each call came back with one message or two. Messages that
-#: arrive meanwhile wait in the broker and come in fuller pages; a lone message still comes at once, to a
-#: receiver that is long-polling (one waits only after a page, and the others poll on).
+#: about 1 ms of this process's CPU and 0.7 to 1 ms of the broker's (a pop and its checkpoint), however
+#: few messages it brings (tests/benchmarks/receive_calls.py), and under steady load each came back with
+#: one or two. Messages that arrive meanwhile wait in the broker and come in fuller pages; a lone message
+#: still comes at once, to a receiver that is long-polling (one waits only after a page, the others poll on).
 LINGER_S = 0.1
 
 
