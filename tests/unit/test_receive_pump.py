@@ -4,7 +4,7 @@ import queue
 import threading
 from typing import Any
 
-from flashsale.adapters.rocketmq.consumer import LINGER_S, RECEIVE_MAX, _Pump
+from flashsale.adapters.rocketmq.consumer import LINGER_S, RECEIVE_MAX, _Pump, linger_s
 from flashsale.adapters.rocketmq.recovery import StreamWatchdog
 
 
@@ -36,17 +36,17 @@ class Pages:
         return [object()] * size
 
 
-def _run_pump(sizes: list[int]) -> list[tuple[str, Any]]:
+def _run_pump(sizes: list[int], linger: float) -> list[tuple[str, Any]]:
     steps, running = Steps(), threading.Event()
     running.set()
     inbox: queue.Queue[list[Any]] = queue.Queue()
-    pump = _Pump(Pages(sizes, steps), "t", inbox, steps, running, 30, StreamWatchdog(), lambda messages: None)
+    pump = _Pump(Pages(sizes, steps), "t", inbox, steps, running, 30, StreamWatchdog(), lambda messages: None, linger)
     pump._run()
     return steps.steps
 
 
 def test_a_receiver_waits_after_a_page_that_was_not_full_and_asks_again_at_once_after_a_full_or_empty_one() -> None:
-    steps = _run_pump([1, RECEIVE_MAX, 0, RECEIVE_MAX - 1, 0])
+    steps = _run_pump([1, RECEIVE_MAX, 0, RECEIVE_MAX - 1, 0], linger_s(4))
     assert steps == [
         ("receive", 1),
         ("wait", LINGER_S),  # a call brought one message: the next would bring about as few
@@ -54,5 +54,15 @@ def test_a_receiver_waits_after_a_page_that_was_not_full_and_asks_again_at_once_
         ("receive", 0),  # a long poll that ended empty: the next one starts at once
         ("receive", RECEIVE_MAX - 1),
         ("wait", LINGER_S),
+        ("receive", 0),
+    ]
+
+
+def test_a_topics_only_receiver_never_waits_for_nothing_would_be_polling_meanwhile() -> None:
+    assert linger_s(1) == 0.0
+    assert _run_pump([1, 1, RECEIVE_MAX - 1, 0], linger_s(1)) == [
+        ("receive", 1),
+        ("receive", 1),
+        ("receive", RECEIVE_MAX - 1),
         ("receive", 0),
     ]

@@ -30,12 +30,19 @@ logger = logging.getLogger(__name__)
 RECEIVE_MAX = 32
 #: Most receive calls in flight per topic.
 MAX_RECEIVERS = 4
-#: Seconds a receiver waits after a page that was not full, before it asks again. A receive call costs
-#: about 1 ms of this process's CPU and 0.7 to 1 ms of the broker's (a pop and its checkpoint), however
-#: few messages it brings (tests/benchmarks/receive_calls.py), and under steady load each came back with
-#: one or two. Messages that arrive meanwhile wait in the broker and come in fuller pages; a lone message
-#: still comes at once, to a receiver that is long-polling (one waits only after a page, the others poll on).
+#: Seconds a receiver waits after a page that was not full, before it asks again, where its topic has
+#: other receivers. A receive call costs about 1 ms of this process's CPU and 0.7 to 1 ms of the broker's
+#: (a pop and its checkpoint), however few messages it brings (tests/benchmarks/receive_calls.py), and
+#: under steady load each came back with one or two. Messages that arrive meanwhile wait in the broker and
+#: come in fuller pages. A message that arrives while every receiver of its topic waits waits too, at most
+#: this long: under light load the others are long-polling and take it at once. A topic's only receiver
+#: (a consumer of small batches) never waits: nothing would be polling meanwhile.
 LINGER_S = 0.1
+
+
+def linger_s(receivers: int) -> float:
+    """How long each of a topic's `receivers` waits after a page that was not full (see LINGER_S)."""
+    return LINGER_S if receivers > 1 else 0.0
 
 
 class _Pump:
@@ -51,9 +58,11 @@ class _Pump:
         invisible_s: int,
         watchdog: StreamWatchdog,
         hand_back: Callable[[list[Message]], None],
+        linger_s: float = 0.0,
     ) -> None:
         self.client = client
         self.topic = topic
+        self._linger_s = linger_s
         self._inbox = inbox
         self._stop = stop
         self._running = running
@@ -78,8 +87,8 @@ class _Pump:
                 continue
             if messages:
                 self._deliver(messages)
-            if 0 < len(messages) < RECEIVE_MAX:
-                self._stop.wait(LINGER_S)
+            if self._linger_s and 0 < len(messages) < RECEIVE_MAX:
+                self._stop.wait(self._linger_s)
 
     def _deliver(self, messages: list[Message]) -> None:
         """Into the inbox, or back to the broker when receipt is paused or stopped before there is room: a
@@ -130,7 +139,17 @@ class RocketMQConsumer:
         }
         receivers = min(MAX_RECEIVERS, max(1, pages // 2))
         self._pumps = [
-            _Pump(client, topic, self._inbox, self._stop, self._running, invisible_s, self.watchdog, self._hand_back)
+            _Pump(
+                client,
+                topic,
+                self._inbox,
+                self._stop,
+                self._running,
+                invisible_s,
+                self.watchdog,
+                self._hand_back,
+                linger_s(receivers),
+            )
             for topic, client in self._by_topic.items()
             for _ in range(receivers)
         ]
