@@ -13,30 +13,22 @@ adapters/rocketmq/consumer.py).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import uuid
 from typing import Any
 
-import psutil
 from rocketmq import FilterExpression
 
 from flashsale.adapters.rocketmq import internals
 from flashsale.adapters.rocketmq.base import shutdown_quietly, start_client
 from flashsale.adapters.rocketmq.consumer import RECEIVE_MAX
 from flashsale.adapters.rocketmq.producer import RocketMQProducer
+from flashsale.bench.cpu import CpuMeter
 from flashsale.models import Resolution
-from flashsale.stack import procs
-from flashsale.stack.manager import Stack
-from flashsale.stack.settings import StackSettings
-from tests.benchmarks.wrk_bench import own_database
-from tests.conftest import clean_environment
+from tests.benchmarks.wrk_bench import own_database, server_pids
 
 BODY = b"x" * 3000
-
-
-def _cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 def receive_all(consumer: Any, messages: int, page: int) -> int:
@@ -56,11 +48,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    stack = Stack(StackSettings.from_env(clean_environment()))
-    record = procs.PidRecord.load(stack.layout.pid_file("broker"))
-    if record is None:
+    broker = server_pids().get("broker")
+    if broker is None:
         raise SystemExit("the stack's broker is not running: flashsale stack up")
-    broker, client = psutil.Process(record.pid), psutil.Process()
     with own_database("receive") as settings:
         topic, endpoint = settings.replay_topic, settings.rocketmq_endpoint
         producer = RocketMQProducer(endpoint, [topic], lambda delivery: Resolution.UNKNOWN).start()
@@ -73,12 +63,13 @@ def main() -> None:
                     for i in range(args.messages):
                         producer.send(topic, f"k{i}", BODY, "bench")
                     time.sleep(1)  # every message stored and dispatched before the clock starts
-                    broker_s, client_s = _cpu_s(broker), _cpu_s(client)
+                    meter = CpuMeter({"client": os.getpid(), "broker": broker})
                     calls = receive_all(consumer, args.messages, page)
+                    used = meter.used()
                     print(
                         f"pages of {page}: {calls} receive calls for {args.messages} messages; CPU per message: "
-                        f"this process {1e3 * (_cpu_s(client) - client_s) / args.messages:.3f} ms, "
-                        f"the broker {1e3 * (_cpu_s(broker) - broker_s) / args.messages:.3f} ms",
+                        f"this process {1e3 * used['client'] / args.messages:.3f} ms, "
+                        f"the broker {1e3 * used['broker'] / args.messages:.3f} ms",
                         flush=True,
                     )
         finally:

@@ -147,24 +147,25 @@ def measure_bare(duration_s: int, connections: int, *, validating: bool = False)
     return run
 
 
+def server_pids() -> dict[str, int]:
+    """The PIDs of the local stack's servers (SERVERS) that are running, by name."""
+    stack = Stack(StackSettings.from_env(clean_environment()))
+    records = {name: procs.PidRecord.load(stack.layout.pid_file(name)) for name in SERVERS}
+    return {name: record.pid for name, record in records.items() if record}
+
+
 @contextmanager
 def fleet_of(settings: Settings, group_size: int) -> Iterator[tuple[dict[str, int], str]]:
     """Fresh checker, consumer and producer on `settings`: the PIDs of them and of the stack's servers,
     and the producer's URL; stopped on exit."""
     env = {**session_env(settings), "FLASHSALE_GROUP_SIZE": str(group_size)}
-    stack = Stack(StackSettings.from_env(clean_environment()))
     with tempfile.TemporaryDirectory() as logs:
         fleet = Fleet(env, Path(logs))
         try:
             children: dict[str, Child] = {"checker": fleet.checker(), "consumer": fleet.consumer()}
             producer, url = fleet.producer()
             children["producer"] = producer
-            pids = {name: c.popen.pid for name, c in children.items()}
-            for name in SERVERS:
-                record = procs.PidRecord.load(stack.layout.pid_file(name))
-                if record:
-                    pids[name] = record.pid
-            yield pids, url
+            yield {**{name: c.popen.pid for name, c in children.items()}, **server_pids()}, url
         finally:
             fleet.stop()
 

@@ -58,11 +58,11 @@ class _Pump:
         invisible_s: int,
         watchdog: StreamWatchdog,
         hand_back: Callable[[list[Message]], None],
-        linger_s: float = 0.0,
+        linger: float,
     ) -> None:
         self.client = client
         self.topic = topic
-        self._linger_s = linger_s
+        self._linger = linger  # seconds: see linger_s
         self._inbox = inbox
         self._stop = stop
         self._running = running
@@ -87,8 +87,8 @@ class _Pump:
                 continue
             if messages:
                 self._deliver(messages)
-            if self._linger_s and 0 < len(messages) < RECEIVE_MAX:
-                self._stop.wait(self._linger_s)
+            if self._linger and 0 < len(messages) < RECEIVE_MAX:
+                self._stop.wait(self._linger)
 
     def _deliver(self, messages: list[Message]) -> None:
         """Into the inbox, or back to the broker when receipt is paused or stopped before there is room: a
