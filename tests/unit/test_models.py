@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flashsale import constants as c
 from flashsale.errors import InvalidInput, MalformedMessage
@@ -68,6 +70,42 @@ def test_purchase_request_names_a_missing_field(field: str) -> None:
 def test_purchase_request_refuses_json_that_is_not_an_object(payload: object) -> None:
     with pytest.raises(InvalidInput, match="JSON object"):
         PurchaseRequest.from_json(payload)
+
+
+def _read_as_build_reads_it(payload: dict[str, object]) -> None:
+    """from_json reads a well-formed body in one test of its own: it must accept nothing build refuses,
+    and give what build gives for anything it accepts."""
+    try:
+        expected = PurchaseRequest.build(payload["sku"], payload["user_id"], payload["qty"], payload["token"])
+    except InvalidInput as exc:
+        with pytest.raises(InvalidInput) as refused:
+            PurchaseRequest.from_json(payload)
+        assert str(refused.value) == str(exc)
+        return
+    request = PurchaseRequest.from_json(payload)
+    assert (request, type(request.qty)) == (expected, int)
+
+
+_ODD = [0, -1, 1, c.MAX_QTY, c.MAX_QTY + 1, True, False, None, 1.0, 2.5, "7", " 7 ", "", "x" * 64, "x" * 65]
+_ODD += ["a@b", "a:b.c_d-e", "sku\n", "-x", [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("field", ["sku", "user_id", "qty", "token"])
+@pytest.mark.parametrize("value", _ODD)
+def test_a_json_body_with_one_odd_field_is_read_as_build_reads_it(field: str, value: object) -> None:
+    _read_as_build_reads_it({**GOOD, field: value})
+
+
+_ID_OR_NOT = st.from_regex(c.ID_PATTERN, fullmatch=True) | st.text(max_size=70)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"sku": _ID_OR_NOT, "user_id": _ID_OR_NOT, "qty": st.integers(-2, c.MAX_QTY + 2), "token": _ID_OR_NOT}
+    )
+)
+def test_any_json_body_is_read_as_build_reads_it(payload: dict[str, object]) -> None:
+    _read_as_build_reads_it(payload)
 
 
 @pytest.mark.parametrize(("raw", "count"), [(None, 0), (0, 0), (5, 5), ("12", 12), (10**12, 10**12)])

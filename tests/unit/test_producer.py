@@ -199,6 +199,27 @@ def test_a_retry_of_an_accepted_token_after_the_sell_out_gets_duplicate_with_its
     assert len(bus.sent) == 1
 
 
+def test_a_sold_out_group_is_answered_from_its_one_read_and_a_seen_token_keeps_its_own_answer() -> None:
+    stock, bus = FakeStock(PredeductResult(Prededuct.SOLD_OUT, 0)), FakeBus()
+    stock.stock = 0
+    stock.entries["seen"] = LogEntry("seen", "deducted", "sku-1", "u1", 1, 0, message_id="msg-before")
+    service = PurchaseService(stock, bus, "ns-deductions", group_size=3, group_wait_s=5.0)
+
+    async def group(tokens: list[str]) -> list[PurchaseResult]:
+        return list(await asyncio.gather(*(service.purchase("sku-1", f"u{i}", 1, t) for i, t in enumerate(tokens))))
+
+    async def sale() -> tuple[list[PurchaseResult], list[PurchaseResult]]:
+        return await group(["a", "seen", "b"]), await group(["c", "d", "e"])
+
+    mixed, fresh = asyncio.run(sale())
+    assert [r.status for r in mixed] == [PurchaseStatus.SOLD_OUT, PurchaseStatus.DUPLICATE, PurchaseStatus.SOLD_OUT]
+    assert mixed[1].message_id == "msg-before"
+    # No token seen: one answer for all, each with its own token.
+    sold_out = [(PurchaseStatus.SOLD_OUT, t, 0, None, "sku-1 is sold out") for t in "cde"]
+    assert [(r.status, r.token, r.remaining, r.message_id, r.message) for r in fresh] == sold_out
+    assert bus.calls == [] and stock.calls == ["peek sku-1 a seen b", "peek sku-1 c d e"]
+
+
 def test_the_sold_out_fast_path_answers_error_when_it_cannot_look_the_token_up() -> None:
     stock, bus = FakeStock(PredeductResult(Prededuct.ACCEPTED, 0)), FakeBus()
     service = _service(stock, bus)
