@@ -4,8 +4,9 @@ For each group size (1: a transaction per purchase; and the configured default),
 
 - live: a SKU that never sells out, wrk for DURATION s with CONNECTIONS connections and a token of its
   own per request; accepted purchases per second end to end (from the first request until MySQL holds
-  every accepted one), wrk's latency percentiles, broker transactions per accepted purchase, and the CPU
-  each process spent per accepted purchase;
+  every accepted one), wrk's latency percentiles, broker transactions per accepted purchase, the CPU
+  each process spent per accepted purchase, and how long a deduction took from its message to its row
+  in MySQL (percentiles, read with raw SQL);
 - sold out: a SKU with no stock left; rejections per second of the one producer process;
 - bare: the ceiling, measured before and after the others (bare_server.py: the producer's HTTP server
   answering a fixed JSON, nothing else); each rate is printed as a ratio of the mean of the two;
@@ -46,7 +47,7 @@ from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
 from tests.conftest import ROOT, TEST_DATABASE, clean_environment, isolated_settings, session_env
-from tests.oracle import drop_database
+from tests.oracle import drop_database, mysql_connection
 
 SCRIPT = ROOT / "infra" / "wrk" / "purchase.lua"
 #: Servers of the stack whose CPU is counted too.
@@ -69,6 +70,7 @@ class Run:
     duration_s: float = 0.0  # of the load
     generator: str = "wrk"  # or "crowd": the bench's buyers
     load_us_per_request: float | None = None  # CPU the load generator (wrk, or the buyers) spent per request
+    to_mysql_ms: dict[str, float] = field(default_factory=dict)  # from a group's message to its row in MySQL
 
 
 @contextmanager
@@ -179,6 +181,23 @@ def wait_applied(settings: Settings, sku: str, accepted: int) -> None:
         store.close()
 
 
+def to_mysql_ms(settings: Settings, sku: str) -> dict[str, float]:
+    """Percentiles of the time from a deduction's message (its `created_ms`, the producer's clock) to its row in
+    MySQL (`applied_at`, MariaDB's): both this box's clock. Read with raw SQL."""
+    conn = mysql_connection(settings.mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT UNIX_TIMESTAMP(applied_at) * 1000 - created_ms FROM stock_deductions WHERE sku = %s", (sku,)
+            )
+            delays = sorted(float(row[0]) for row in cur.fetchall())
+    finally:
+        conn.close()
+    if not delays:
+        return {}
+    return {f"p{q}": round(delays[min(len(delays) - 1, len(delays) * q // 100)], 1) for q in (50, 90, 99)}
+
+
 def measure(
     settings: Settings,
     group_size: int,
@@ -211,6 +230,7 @@ def measure(
         run.accepted_per_s = round(accepted / end_to_end_s, 1)
         run.transactions_per_accepted = round(transactions / accepted, 4)
         run.cpu_ms_per_accepted = {name: round(1000 * s / accepted, 3) for name, s in used.items()}
+        run.to_mysql_ms = to_mysql_ms(settings, sku)
     return run
 
 
@@ -322,7 +342,9 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
     for r in runs:
         per = ", ".join(f"{k} {v}" for k, v in r.cpu_ms_per_accepted.items()) or "-"
         pct = ", ".join(f"{k} {v}%" for k, v in r.cpu_percent.items())
-        print(f"  group {r.group_size} {r.mode} ({r.generator}): {per}; {pct}")
+        to_mysql = " / ".join(f"{v:,.0f}" for v in r.to_mysql_ms.values())
+        reached = f"; message to MySQL p50 / p90 / p99 {to_mysql} ms" if to_mysql else ""
+        print(f"  group {r.group_size} {r.mode} ({r.generator}): {per}; {pct}{reached}")
     for r in runs:
         wrk = next((w for w in runs if w.generator == "wrk" and (w.group_size, w.mode) == (r.group_size, r.mode)), None)
         if r.generator == "crowd" and wrk is not None and wrk.requests_per_s:

@@ -34,10 +34,11 @@ MAX_RECEIVERS = 4
 #: other receivers. A receive call costs about 1 ms of this process's CPU and 0.7 to 1 ms of the broker's
 #: (a pop and its checkpoint), however few messages it brings (tests/benchmarks/receive_calls.py), and
 #: under steady load each came back with one or two. Messages that arrive meanwhile wait in the broker and
-#: come in fuller pages. A message that arrives while every receiver of its topic waits waits too, at most
-#: this long: under light load the others are long-polling and take it at once. A topic's only receiver
-#: (a consumer of small batches) never waits: nothing would be polling meanwhile.
-LINGER_S = 0.1
+#: come in fuller pages (five or six a call at 0.25 s, about three at 0.1 s: performance.md, run L). A
+#: message that arrives while every receiver of its topic waits waits too, at most this long: under light
+#: load the others are long-polling and take it at once. A topic's only receiver (a consumer of small
+#: batches) never waits: nothing would be polling meanwhile.
+LINGER_S = 0.25
 
 
 def linger_s(receivers: int) -> float:
