@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from flashsale import constants as c
 from flashsale.errors import InvalidInput, MalformedMessage
 
@@ -175,7 +177,7 @@ class Deduction:
     source: str = SOURCE_PURCHASE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Purchase:
     """One purchase inside a deduction message; `part` names the partition (sku#n) that sells it, when
     it is not the message's own."""
@@ -237,7 +239,7 @@ class DeductionMessage:
         }
         if self.part:
             body["part"] = self.part
-        return json.dumps(body, separators=(",", ":")).encode()
+        return orjson.dumps(body)  # every field is ASCII (ids, tokens, numbers): the bytes json.dumps made
 
     @classmethod
     def decode(cls, body: bytes, message_id: str | None = None) -> DeductionMessage:
@@ -255,8 +257,8 @@ class DeductionMessage:
     @classmethod
     def _decode(cls, body: bytes, message_id: str | None) -> DeductionMessage:
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = orjson.loads(body)  # refuses integers past 64 bits and nesting past 1,024 as not JSON
+        except orjson.JSONDecodeError as exc:
             raise MalformedMessage(f"body is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise MalformedMessage("body is not a JSON object")

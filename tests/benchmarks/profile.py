@@ -26,8 +26,7 @@ from pathlib import Path
 
 from flashsale.bench.cpu import CpuMeter
 from flashsale.config import Settings
-from flashsale.ops.setup import set_stock
-from tests.benchmarks.wrk_bench import SERVERS, fleet_of, metric, own_database, parse_wrk, wrk_command
+from tests.benchmarks.wrk_bench import SERVERS, fleet_of, metric, on_sale, own_database, parse_wrk, wrk_command
 
 #: py-spy from the dev lock, beside this interpreter.
 PY_SPY = Path(os.environ.get("PY_SPY", Path(sys.executable).with_name("py-spy")))
@@ -207,9 +206,9 @@ def profile(args: argparse.Namespace) -> None:
 
 def _profile(settings: Settings, args: argparse.Namespace) -> None:
     sku = f"prof-{args.mode}-{uuid.uuid4().hex[:6]}"
-    set_stock(settings, sku, 10**9 if args.mode == "live" else 0)
+    stock = 10**9 if args.mode == "live" else 0
     roles = ["producer"] if args.mode == "sold_out" else ["producer", "consumer"]
-    with fleet_of(settings, args.group_size) as (pids, url):
+    with on_sale(settings, sku, stock), fleet_of(settings, args.group_size) as (pids, url):
         # idle: the same processes with no load, for what the stack costs doing nothing.
         wrk = (
             ["sleep", "0"]

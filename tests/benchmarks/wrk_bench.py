@@ -31,11 +31,12 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.bench.cpu import CpuMeter
 from flashsale.bench.crowd import DEFAULT_PROCESSES, Crowd, run_crowd
 from flashsale.bench.fleet import Child, Fleet, free_port
@@ -47,7 +48,7 @@ from flashsale.stack import procs
 from flashsale.stack.manager import Stack
 from flashsale.stack.settings import StackSettings
 from tests.conftest import ROOT, TEST_DATABASE, clean_environment, isolated_settings, session_env
-from tests.oracle import drop_database, mysql_connection
+from tests.oracle import drop_database, mysql_connection, redis_client
 
 SCRIPT = ROOT / "infra" / "wrk" / "purchase.lua"
 #: Servers of the stack whose CPU is counted too.
@@ -84,6 +85,22 @@ def own_database(prefix: str) -> Iterator[Settings]:
         yield settings
     finally:
         drop_database(settings.mysql_url)
+
+
+@contextmanager
+def on_sale(settings: Settings, sku: str, stock: int) -> Iterator[str]:
+    """`sku` loaded with `stock` for one run, and out of Redis after it. Runs in a row would otherwise grow
+    Redis by a log entry per purchase each (a gigabyte in an afternoon), and its AOF rewrites, each a fork
+    of all of it, would land in a later run's CPU."""
+    set_stock(settings, sku, stock)
+    try:
+        yield sku
+    finally:
+        client = redis_client(settings.redis_url)
+        try:
+            client.unlink(*astuple(SkuKeys.of(sku)))
+        finally:
+            client.close()
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
@@ -207,8 +224,7 @@ def measure(
     group_wait_ms: float | None = None,
 ) -> Run:
     sku = f"wrk-{mode}-{group_size}-{uuid.uuid4().hex[:6]}"
-    set_stock(settings, sku, 10**9 if mode == "live" else 0)
-    with fleet_of(settings, group_size) as (pids, url):
+    with on_sale(settings, sku, 10**9 if mode == "live" else 0), fleet_of(settings, group_size) as (pids, url):
         accepted_before = metric(url, "flashsale_purchases_total", '{status="accepted"}')
         tx_before = metric(url, "flashsale_transaction_purchases_count")
         meter = CpuMeter(pids)
@@ -237,9 +253,9 @@ def measure(
 def measure_crowd(settings: Settings, like: Run, connections: int, processes: int) -> Run:
     """`like` again (its group size and mode, as many attempts as wrk made) with the bench's buyers."""
     sku = f"crowd-{like.mode}-{like.group_size}-{uuid.uuid4().hex[:6]}"
-    set_stock(settings, sku, 10**9 if like.mode == "live" else 0)
     attempts = max(connections, int(like.requests_per_s * like.duration_s))
-    with fleet_of(settings, like.group_size) as (pids, url):
+    stock = 10**9 if like.mode == "live" else 0
+    with on_sale(settings, sku, stock), fleet_of(settings, like.group_size) as (pids, url):
         meter = CpuMeter(pids)
         load_before = _children_cpu_s()
         started = time.perf_counter()

@@ -192,9 +192,11 @@ def _one(**changes: object) -> list[dict[str, object]]:
             b'{"v": 2, "sku": "s", "gid": "g", "ts_ms": 1, "purchases": [{"token": "t", "user_id": "u", "qty": '
             + b"9" * 5000
             + b"}]}",
-            "cannot be decoded: ValueError",
+            "not JSON",  # past a float's range (a number past 64 bits is read as a float)
         ),
-        (b"[" * 100_000, "cannot be decoded: RecursionError"),
+        (_body(purchases=_one(qty=10**20)), "qty must be at most"),  # read as a float, whole: too many
+        (_body(ts_ms=10**20), "ts_ms must be"),  # read as a float: not an integer
+        (b"[" * 100_000, "not JSON"),  # nesting past 1,024 levels: refused before any recursion
     ],
 )
 def test_deduction_message_decode_refuses_a_malformed_body_with_its_reason(body: bytes, reason: str) -> None:
