@@ -5,8 +5,8 @@ For each group size (1: a transaction per purchase; and the configured default),
 - live: a SKU that never sells out, wrk for DURATION s with CONNECTIONS connections and a token of its
   own per request; accepted purchases per second end to end (from the first request until MySQL holds
   every accepted one), wrk's latency percentiles, broker transactions per accepted purchase, the CPU
-  each process spent per accepted purchase, and how long a deduction took from its message to its row
-  in MySQL (percentiles, read with raw SQL);
+  each process spent per accepted purchase, and how long a deduction took from its pre-deduct in Redis
+  to its row in MySQL (percentiles, read with raw SQL);
 - sold out: a SKU with no stock left; rejections per second of the one producer process;
 - bare: the ceiling, measured before and after the others (bare_server.py: the producer's HTTP server
   answering a fixed JSON, nothing else); each rate is printed as a ratio of the mean of the two;
@@ -71,7 +71,7 @@ class Run:
     duration_s: float = 0.0  # of the load
     generator: str = "wrk"  # or "crowd": the bench's buyers
     load_us_per_request: float | None = None  # CPU the load generator (wrk, or the buyers) spent per request
-    to_mysql_ms: dict[str, float] = field(default_factory=dict)  # from a group's message to its row in MySQL
+    to_mysql_ms: dict[str, float] = field(default_factory=dict)  # from a pre-deduct to its row in MySQL
 
 
 @contextmanager
@@ -199,8 +199,9 @@ def wait_applied(settings: Settings, sku: str, accepted: int) -> None:
 
 
 def to_mysql_ms(settings: Settings, sku: str) -> dict[str, float]:
-    """Percentiles of the time from a deduction's message (its `created_ms`, the producer's clock) to its row in
-    MySQL (`applied_at`, MariaDB's): both this box's clock. Read with raw SQL."""
+    """Percentiles of the time from a deduction's pre-deduct (its log entry's time, Redis's clock, which
+    the consumer writes as `created_ms`) to its row in MySQL (`applied_at`, MariaDB's): one box, one clock.
+    The half message went a little before the pre-deduct, so this slightly understates message to row."""
     conn = mysql_connection(settings.mysql_url)
     try:
         with conn.cursor() as cur:
@@ -359,7 +360,7 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
         per = ", ".join(f"{k} {v}" for k, v in r.cpu_ms_per_accepted.items()) or "-"
         pct = ", ".join(f"{k} {v}%" for k, v in r.cpu_percent.items())
         to_mysql = " / ".join(f"{v:,.0f}" for v in r.to_mysql_ms.values())
-        reached = f"; message to MySQL p50 / p90 / p99 {to_mysql} ms" if to_mysql else ""
+        reached = f"; pre-deduct to MySQL p50 / p90 / p99 {to_mysql} ms" if to_mysql else ""
         print(f"  group {r.group_size} {r.mode} ({r.generator}): {per}; {pct}{reached}")
     for r in runs:
         wrk = next((w for w in runs if w.generator == "wrk" and (w.group_size, w.mode) == (r.group_size, r.mode)), None)
