@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from flashsale.models import (
     RESTOCK_USER,
     SOURCE_DECISION,
@@ -26,7 +24,7 @@ def _decoded(gid: str, source: str, token: str = "t1") -> accepted.Decoded:
 
 def _entry(order: str, decided_by: str | None, state: str = "deducted") -> LogEntry:
     entry = LogEntry("t1", state, "sku", "u1", 1, TS, "m-buy", order=order, due_ms=TS + 5000)
-    return dataclasses.replace(entry, decided_ms=TS + 10 if decided_by else None, decided_by=decided_by)
+    return entry._replace(decided_ms=TS + 10 if decided_by else None, decided_by=decided_by)
 
 
 def test_a_decision_applies_its_orders_entry_with_the_deduction_as_a_purchase() -> None:
@@ -45,7 +43,7 @@ def test_a_decision_on_a_partition_reads_that_partitions_log_and_applies_to_its_
     message = DeductionMessage("sku", (Purchase("t1", "u1", 1),), "m-expire", TS, SOURCE_DECISION, part="sku#2")
     decoded = accepted.Decoded(Delivery("m-expire", "topic", "t1", message.encode(), TS, 1), message)
     assert accepted.wanted([decoded]) == {"sku#2": (["t1"], ["m-expire"])}
-    entry = dataclasses.replace(_entry("expired", "m-expire", state="returned"), part="sku#2")
+    entry = _entry("expired", "m-expire", state="returned")._replace(part="sku#2")
     (item,) = accepted.plan([decoded], {"sku#2": LookedUp({"t1": entry}, {}, 0, 0)}).apply
     assert (item.deduction.sku, item.order and item.order.state) == ("sku", "expired")
 
@@ -59,7 +57,7 @@ def test_a_decision_the_log_does_not_name_applies_nothing() -> None:
 
 def test_a_purchase_carries_its_orders_state_as_the_log_has_it_now() -> None:
     # The purchase's message arrives after the order was paid: MySQL gets both in one go.
-    entry = dataclasses.replace(_entry("paid", "m-pay"), message_id="m-buy")
+    entry = _entry("paid", "m-pay")._replace(message_id="m-buy")
     plan = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], {"sku": LookedUp({"t1": entry}, {}, 0, 0)})
     assert [i.order.state if i.order else None for i in plan.apply] == ["paid"]
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -65,7 +65,7 @@ class FakeDesk:
             return OrderAnswer(Decision.NOT_YOURS, entry)
         state = {"pay": "paid", "cancel": "cancelled", "expire": "expired"}[action]
         message_id = f"msg-{len(self._first) + 1}"
-        after = replace(entry, order=state, decided_ms=DUE_MS - 1, decided_by=message_id)
+        after = entry._replace(order=state, decided_ms=DUE_MS - 1, decided_by=message_id)
         self.orders[(sku, token)] = after
         self._first[decision_id] = OrderAnswer(Decision[state.upper()], after, message_id)
         return self._first[decision_id]
@@ -345,7 +345,7 @@ def test_an_unavailable_desk_asks_for_a_retry_with_the_same_payment_id() -> None
 
 def test_a_payment_after_the_order_expired_answers_already_expired() -> None:
     desk = FakeDesk()
-    desk.orders[("phone-x", "tok-1")] = replace(AWAITING, order="expired", decided_ms=DUE_MS)
+    desk.orders[("phone-x", "tok-1")] = AWAITING._replace(order="expired", decided_ms=DUE_MS)
     ((status, body),) = call(_app(desk), _pay())
     assert (status, body["decision"], body["state"]) == (200, "already_expired", "expired")
 

@@ -4,7 +4,6 @@ what its message names. The real decide.lua is in tests/integration/test_order_d
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from dataclasses import dataclass, field
 
 from flashsale.models import SOURCE_DECISION, DeductionMessage
@@ -38,7 +37,7 @@ class FakeOrderStock(FakePartitions):
         entry = self.logs.get(shard, {}).get(token)
         if entry is None:
             return Decision.NO_ORDER, None
-        after = dataclasses.replace(entry, state="returned", order="cancelled", decided_by=message_id)
+        after = entry._replace(state="returned", order="cancelled", decided_by=message_id)
         self.logs[shard][token] = after
         return Decision.CANCELLED, after
 

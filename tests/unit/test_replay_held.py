@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
@@ -57,7 +56,7 @@ def test_replay_publishes_only_what_a_replica_holds_as_deducted_read_once_per_sh
     stock = _Stock(
         {
             "t1": logged[0],
-            "t2": dataclasses.replace(logged[1], state=c.STATE_FENCED),  # not what the master said a moment ago
+            "t2": logged[1]._replace(state=c.STATE_FENCED),  # not what the master said a moment ago
             "t4": logged[3],  # t3: no replica holds it (gone in a failover)
         }
     )

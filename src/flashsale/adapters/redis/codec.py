@@ -6,7 +6,6 @@ differs. Everything here is a pure function of names and replies, so each reply 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -139,7 +138,7 @@ def parse_lookup(
 
 def located(entry: LogEntry, sku: str, shard: str) -> LogEntry:
     """The entry, naming the partition it was found in (one written back by `adopt` does not say)."""
-    return entry if shard == sku or entry.part else dataclasses.replace(entry, part=shard)
+    return entry if shard == sku or entry.part else entry._replace(part=shard)
 
 
 def parse_peek(tokens: Sequence[str], users: Sequence[str], reply: Sequence[Any]) -> Peek:

@@ -266,8 +266,23 @@ def io_loop(client: Any) -> asyncio.AbstractEventLoop:
     return loop
 
 
+#: The channel's stub method behind each of the client's RPCs that `call` makes.
+_STUB_METHODS = {
+    "send_message_async": "SendMessage",
+    "end_transaction_async": "EndTransaction",
+    "ack_message_async": "AckMessage",
+}
+
+
 async def call(client: Any, method: str, endpoints: Any, request: Any, timeout_s: float) -> Any:
-    """One RPC (`send_message_async`, `end_transaction_async`, `ack_message_async`), awaited on the client's loop."""
+    """One RPC (`send_message_async`, `end_transaction_async`, `ack_message_async`), awaited on the client's loop.
+
+    On that loop already (the producer's engine runs there), the channel's stub is awaited as the client's
+    own coroutine would await it: the client's method would hand that coroutine to the same loop from
+    outside (`run_coroutine_threadsafe`: a task, and a wake-up of the loop each way)."""
+    if asyncio.get_running_loop() is io_loop(client):
+        stub = client.rpc_client.retrieve_or_create_channel(endpoints).async_stub
+        return await getattr(stub, _STUB_METHODS[method])(request, metadata=client.sign(), timeout=timeout_s)
     future = getattr(client.rpc_client, method)(endpoints, request, client.sign(), timeout_s)
     return await asyncio.wrap_future(future)
 
