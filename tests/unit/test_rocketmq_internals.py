@@ -15,6 +15,7 @@ import pytest
 from grpc import ChannelConnectivity
 from rocketmq import Producer
 from rocketmq.v5.client import Client
+from rocketmq.v5.client.connection.rpc_client import RpcClient
 
 from flashsale.adapters.rocketmq import base, internals
 from flashsale.adapters.rocketmq.recovery import StreamWatchdog, _Watched
@@ -31,6 +32,15 @@ def test_a_client_that_changed_shape_is_reported_by_name(monkeypatch: pytest.Mon
     problems = internals.shape_problems()
     assert "Producer._retrieve_topic_route_data is gone" in problems
     assert any(p.startswith("Producer.on_new_endpoints") and "no longer takes" in p for p in problems)
+
+
+def test_a_stub_whose_calls_changed_is_reported_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The producer awaits the channel's stub itself on the client's loop: its calls must be where it looks.
+    monkeypatch.setattr(internals, "_STUB_METHODS", {"send_message_async": "SendMessages"})
+    monkeypatch.delattr(RpcClient, "retrieve_or_create_channel")
+    problems = internals.shape_problems()
+    assert "MessagingServiceStub.SendMessages is no longer a unary call" in problems
+    assert "RpcClient.retrieve_or_create_channel is gone" in problems
 
 
 def test_half_message_requests_carry_the_id_the_caller_chose_and_a_millisecond_born_time() -> None:

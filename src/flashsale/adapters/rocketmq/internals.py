@@ -6,7 +6,9 @@ nothing else in flashsale does. What it relies on, all checked by `shape_problem
 
 - `Client.rpc_client`: `send_message_async`, `end_transaction_async` and `ack_message_async`, each
   `(endpoints, request, metadata, timeout) -> concurrent.futures.Future`, and `get_channel_io_loop()`
-  (the one asyncio loop the client runs per process); `Client.sign()` for the call metadata.
+  (the one asyncio loop the client runs per process); `Client.sign()` for the call metadata. On that
+  loop, what those methods run there: `RpcClient.retrieve_or_create_channel(endpoints).async_stub`, a
+  `MessagingServiceStub` whose `SendMessage`, `EndTransaction` and `AckMessage` are unary calls.
 - `Client._retrieve_topic_route_data(topic)`, a blocking route fetch, and
   `QueueSelector.producer_queue_selector(route).select_next_queue().endpoints`.
 - `Client._init_settings_event`, set by the first settings the proxy sends on the telemetry stream, and
@@ -49,6 +51,7 @@ from rocketmq.grpc_protocol import (
     Encoding,
     EndTransactionRequest,
     MessageType,
+    MessagingServiceStub,
     SendMessageRequest,
     TransactionResolution,
     TransactionSource,
@@ -381,6 +384,12 @@ def shape_problems() -> list[str]:
     for method in ("send_message_async", "end_transaction_async", "ack_message_async"):
         need(RpcClient, method, ("self", "endpoints", "req", "metadata", "timeout"))
     need(RpcClient, "get_channel_io_loop")
+    need(RpcClient, "retrieve_or_create_channel", ("self", "endpoints"))
+    need(RpcChannel, "async_stub")
+    stub = inspect.getsource(MessagingServiceStub.__init__)
+    for name in _STUB_METHODS.values():
+        if f"self.{name} = channel.unary_unary(" not in stub:
+            problems.append(f"MessagingServiceStub.{name} is no longer a unary call")
     need(RpcChannel, "channel_state", ("self", "wait_for_ready"))
     if Producer.on_new_endpoints.__qualname__ != "Client.on_new_endpoints" or (
         "self.__telemetry_manager.setting_write(" not in inspect.getsource(Producer.on_new_endpoints)
