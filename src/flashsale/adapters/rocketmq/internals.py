@@ -367,6 +367,16 @@ def ack_results(response: Any) -> list[tuple[str, bool, str]]:
 
 
 # --- the shape the code above relies on ---------------------------------------------------------------------
+def _stub_problems() -> list[str]:
+    """The stub calls `call` awaits that the installed stub no longer makes as unary calls."""
+    stub = inspect.getsource(MessagingServiceStub.__init__)
+    return [
+        f"MessagingServiceStub.{name} is no longer a unary call"
+        for name in _STUB_METHODS.values()
+        if f"self.{name} = channel.unary_unary(" not in stub
+    ]
+
+
 def shape_problems() -> list[str]:
     """What the installed client lacks of what this module uses; empty when the client is the one we know."""
     problems: list[str] = []
@@ -386,10 +396,7 @@ def shape_problems() -> list[str]:
     need(RpcClient, "get_channel_io_loop")
     need(RpcClient, "retrieve_or_create_channel", ("self", "endpoints"))
     need(RpcChannel, "async_stub")
-    stub = inspect.getsource(MessagingServiceStub.__init__)
-    for name in _STUB_METHODS.values():
-        if f"self.{name} = channel.unary_unary(" not in stub:
-            problems.append(f"MessagingServiceStub.{name} is no longer a unary call")
+    problems += _stub_problems()
     need(RpcChannel, "channel_state", ("self", "wait_for_ready"))
     if Producer.on_new_endpoints.__qualname__ != "Client.on_new_endpoints" or (
         "self.__telemetry_manager.setting_write(" not in inspect.getsource(Producer.on_new_endpoints)
