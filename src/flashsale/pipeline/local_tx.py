@@ -115,6 +115,11 @@ def seen(token: str, entry: LogEntry, *, confirmed: bool, remaining: int | None 
     return PurchaseResult(PurchaseStatus.PENDING, token, message_id=entry.message_id, message=PENDING)
 
 
+def sold_out(token: str, sku: str) -> PurchaseResult:
+    """What a buyer hears when nothing of the SKU is left."""
+    return PurchaseResult(PurchaseStatus.SOLD_OUT, token, 0, message=f"{sku} is sold out")
+
+
 def answer(request: PurchaseRequest, outcome: PredeductResult, gid: str) -> PurchaseResult:
     """What a buyer is told of their purchase's pre-deduct."""
     token, sku, code = request.token, request.sku, outcome.code
@@ -122,7 +127,7 @@ def answer(request: PurchaseRequest, outcome: PredeductResult, gid: str) -> Purc
         return PurchaseResult(PurchaseStatus.ACCEPTED, token, outcome.remaining, gid)
     if code in (Prededuct.SOLD_OUT, Prededuct.INSUFFICIENT, Prededuct.CLOSED):
         if not outcome.remaining:
-            return PurchaseResult(PurchaseStatus.SOLD_OUT, token, 0, message=f"{sku} is sold out")
+            return sold_out(token, sku)
         return PurchaseResult(
             PurchaseStatus.SOLD_OUT,
             token,

@@ -128,7 +128,7 @@ class Placement:
     def sold_out(self, idxs: Iterable[int]) -> None:
         """These purchases hear `sold_out`: no partition and no pool could cover them."""
         for i in idxs:
-            self.answer(i, PurchaseStatus.SOLD_OUT, remaining=0, message=f"{self.layout.sku} is sold out")
+            self.answers[i] = local_tx.sold_out(self.requests[i].token, self.layout.sku)
 
     @property
     def may_pull(self) -> bool:

@@ -44,10 +44,6 @@ GroupObserver = Callable[[int], None]
 _BROKER_DOWN = "the message broker is unavailable; nothing was deducted, try again"
 
 
-def _sold_out(token: str, sku: str) -> PurchaseResult:
-    return PurchaseResult(PurchaseStatus.SOLD_OUT, token, 0, None, f"{sku} is sold out")
-
-
 class SoldOutCache:
     """SKUs known to be sold out, trusted for `ttl_s`; then asked of Redis again (a restock clears it).
 
@@ -166,7 +162,7 @@ class PurchaseService:
         if peek.stock == 0:
             self._sold_out.mark(sku)
             if not any(peek.entries.values()):  # no token seen before: every answer is the same, in one pass
-                return [_sold_out(r.token, sku) for r in requests]
+                return [local_tx.sold_out(r.token, sku) for r in requests]
         elif peek.stock:
             self._sold_out.clear(sku)
         answers = await self._seen(sku, requests, peek)
@@ -212,7 +208,7 @@ class PurchaseService:
         if peek.stock is None:
             return PurchaseResult(PurchaseStatus.INVALID, token, message=f"unknown SKU {sku!r}: it is not on sale")
         if peek.stock == 0:
-            return _sold_out(token, sku)
+            return local_tx.sold_out(token, sku)
         bought = peek.bought.get(request.user_id, 0)
         if peek.per_user_limit and bought + request.qty > peek.per_user_limit:
             return PurchaseResult(
