@@ -40,6 +40,7 @@ from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.bench.cpu import CpuMeter
 from flashsale.bench.crowd import DEFAULT_PROCESSES, Crowd, run_crowd
 from flashsale.bench.fleet import Child, Fleet, free_port
+from flashsale.bench.load import percentile
 from flashsale.config import Settings
 from flashsale.net import port_open
 from flashsale.ops.setup import init, set_stock
@@ -208,12 +209,10 @@ def to_mysql_ms(settings: Settings, sku: str) -> dict[str, float]:
             cur.execute(
                 "SELECT UNIX_TIMESTAMP(applied_at) * 1000 - created_ms FROM stock_deductions WHERE sku = %s", (sku,)
             )
-            delays = sorted(float(row[0]) for row in cur.fetchall())
+            delays = [float(row[0]) for row in cur.fetchall()]
     finally:
         conn.close()
-    if not delays:
-        return {}
-    return {f"p{q}": round(delays[min(len(delays) - 1, len(delays) * q // 100)], 1) for q in (50, 90, 99)}
+    return {f"p{q}": round(percentile(delays, q / 100), 1) for q in (50, 90, 99)} if delays else {}
 
 
 def measure(
