@@ -40,6 +40,8 @@ class Crowd:
     max_qty: int = 1
     #: Each purchase is sent twice at once with its token (the second asking one unit more).
     double_click: bool = False
+    #: A buyer's pause between a purchase's clear answers and their next purchase.
+    pause_s: float = 0.0
     _answers: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     #: token -> the quantities it was sent with, and the buyer who sent it.
     asked: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
@@ -127,6 +129,8 @@ class Crowd:
                 self.asked[token].update(clicks)
                 self._open[token] = len(clicks)
             await asyncio.gather(*(self._click(session, token, user, q, give_up_s) for q in clicks))
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
 
     async def _click(self, session: aiohttp.ClientSession, token: str, user: str, qty: int, give_up_s: float) -> None:
         """One click, asked again with its token and quantity until its answer is clear."""

@@ -2,8 +2,9 @@
 
 The sale is one that can oversell: it sells out during the fault or just after it. Buyers ask for 1 to 3
 units, each under a per-user limit, and double-click (one token sent twice at once, the second click
-asking one unit more); every unclear answer is asked again with the same token. It runs on one key and
-on 3 partitions. After each fault, the books are read with plain SQL and Redis commands
+asking one unit more); every unclear answer is asked again with the same token. Each buyer pauses
+between purchases, so the stock lasts a few seconds and the victim dies with the sale in full swing. It
+runs on one key and on 3 partitions. After each fault, the books are read with plain SQL and Redis commands
 (tests/oracle.py): every token ever answered `accepted` or `duplicate` has exactly one order, for its
 buyer and a quantity it was sent with, no other token has one, no buyer holds more than the limit,
 nothing is oversold, the stock is gone, and the books balance by themselves, with no repair, within two
@@ -42,6 +43,11 @@ STOCK, LIMIT = 1_200, 90
 BUYERS = 30
 #: The victim dies once this share of the stock is sold, and stays down this long.
 KILL_AT, DOWN_S = 0.25, 4.0
+#: Each buyer's pause between purchases. Unpaced, the crowd sold the stock in under a second, so a test
+#: that looked at the stock a moment late found it sold out: the fault came after the sale, not in it.
+PAUSE_S = 0.1
+#: How often a test looks at the stock while it waits for KILL_AT.
+WATCH_S = 0.02
 #: How long a message received by a consumer that died stays hidden.
 INVISIBLE_S = 10
 #: Sold-out answers after the last unit, before the buyers stop.
@@ -99,6 +105,11 @@ class Sale:
         except redis.RedisError:
             return None
 
+    def sold(self, share: float) -> bool:
+        """At least this share of the stock is sold (a sold-out SKU too); False while Redis cannot say."""
+        left = self.left()
+        return left is not None and left <= STOCK * (1 - share)
+
     def died(self, victim: str) -> bool:
         return victim in PROCESSES and self.children[victim].popen.poll() is not None
 
@@ -138,7 +149,9 @@ class Run:
 
 
 def _crowd(sale: Sale) -> Crowd:
-    return Crowd(sale.url, sale.sku, buyers=BUYERS, run_id=f"r{os.getpid()}", max_qty=3, double_click=True)
+    return Crowd(
+        sale.url, sale.sku, buyers=BUYERS, run_id=f"r{os.getpid()}", max_qty=3, double_click=True, pause_s=PAUSE_S
+    )
 
 
 def _run(sale: Sale, faults: list[tuple[str, float]], *, during: Callable[[str], None] = lambda v: None) -> Run:
@@ -149,8 +162,8 @@ def _run(sale: Sale, faults: list[tuple[str, float]], *, during: Callable[[str],
     down = []
     first = faults[0][0]
     try:
-        started = poll_until(lambda: (sale.left() or STOCK) <= STOCK * (1 - KILL_AT) or sale.died(first), 60)
-        assert started, "the sale did not start"
+        started = poll_until(lambda: sale.sold(KILL_AT) or sale.died(first), 60, interval_s=WATCH_S)
+        assert started, f"the sale did not start: {sale.left()} left, buyers heard {dict(crowd.counts())}"
         for victim, down_s in faults:
             sale.kill(victim)
             killed = time.perf_counter()
@@ -243,7 +256,7 @@ def test_a_read_only_database_pauses_the_consumer_without_burning_delivery_attem
     consumer = sale.children["consumer"]
     crowd = _crowd(sale).start()
     try:
-        assert poll_until(lambda: (sale.left() or STOCK) <= STOCK * (1 - KILL_AT), 60)
+        assert poll_until(lambda: sale.sold(KILL_AT), 60, interval_s=WATCH_S)
         mariadb._root_sql("SET GLOBAL read_only = 1")
         try:
             consumer.wait_log("receipt paused", timeout_s=30)
