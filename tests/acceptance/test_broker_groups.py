@@ -166,7 +166,8 @@ def test_a_broker_group_killed_mid_sale_loses_nothing_and_oversells_nothing(
     set_stock(settings, sku, 600)
     before = _carried(settings.deduction_topic)[BROKERS[1]]
     url = pipeline.start_all()
-    crowd = Crowd(url, sku, buyers=12, run_id=f"k{os.getpid()}").start()
+    # Buyers who pause between purchases make the stock last several seconds: the kill comes mid-sale.
+    crowd = Crowd(url, sku, buyers=12, run_id=f"k{os.getpid()}", pause_s=0.1).start()
     assert poll_until(lambda: _carried(settings.deduction_topic)[BROKERS[1]] > before, 30)  # broker-b takes part
 
     _kill(broker_groups, "broker-b")

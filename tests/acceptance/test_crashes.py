@@ -31,7 +31,7 @@ from flashsale.records import Prededuct
 from flashsale.stack.manager import Stack
 from flashsale.stack.mariadb import MariaDBService
 from flashsale.stack.settings import StackSettings
-from tests.acceptance.harness import Pipeline, free_port, post
+from tests.acceptance.harness import Child, Pipeline, free_port, post
 from tests.oracle import balanced, now
 
 pytestmark = pytest.mark.slow
@@ -232,6 +232,16 @@ def row_locked(settings: Settings, sku: str) -> Iterator[None]:
 
 def _lock_waits(mariadb: MariaDBService) -> int:
     return int(mariadb._root_sql("SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'"))
+
+
+def stopped_mid_batch(consumer: Child, settings: Settings, stack_settings: StackSettings, sku: str) -> int:
+    """SIGTERM a consumer while a batch of `sku` it took waits on the row we lock, then let the batch go:
+    the stop comes amid a backlog however fast the consumer is. Returns its exit code."""
+    mariadb = MariaDBService(Stack(stack_settings).layout, stack_settings)
+    with row_locked(settings, sku):
+        assert poll_until(lambda: _lock_waits(mariadb) > 0, 30), "no batch waited on the locked row"
+        consumer.ask_to_stop()
+    return consumer.wait_exit(30)
 
 
 def test_redis_down_under_a_backlog_pauses_receipt_hands_the_batch_back_and_loses_nothing(

@@ -22,6 +22,7 @@ from flashsale.stack.settings import StackSettings
 from tests.acceptance.harness import Child, Pipeline, post
 from tests.acceptance.probes import metric
 from tests.acceptance.servers import frozen
+from tests.acceptance.test_crashes import stopped_mid_batch
 from tests.oracle import balanced, now
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ PROMPT_S = 45.0
 
 
 def test_a_consumer_stopped_by_sigterm_hands_back_what_it_received_and_had_not_started(
-    pipeline: Pipeline, settings: Settings, sku: str
+    pipeline: Pipeline, settings: Settings, stack_settings: StackSettings, sku: str
 ) -> None:
     set_stock(settings, sku, 1000)
     _, url = pipeline.producer(FLASHSALE_GROUP_SIZE="1")  # a message per purchase: a backlog of 400
@@ -43,8 +44,7 @@ def test_a_consumer_stopped_by_sigterm_hands_back_what_it_received_and_had_not_s
     assert load.statuses["accepted"] == 400
     # Batches of 10: the first consumer has many more messages received, waiting in memory, than it applies.
     first = pipeline.consumer(FLASHSALE_BATCH_SIZE="10", FLASHSALE_INVISIBLE_S=str(INVISIBLE_S))
-    first.wait_log("applied", timeout_s=30)
-    assert first.terminate(timeout_s=30) == 0
+    assert stopped_mid_batch(first, settings, stack_settings, sku) == 0
     applied = len(now(settings, sku).mysql_deducted)
     assert 0 < applied < 400
     handed = [int(n) for n in re.findall(r"handed back (\d+) message", first.text())]
