@@ -22,6 +22,7 @@ from flashsale.config import Settings
 from flashsale.errors import BusError, ServiceUnavailable, StoreError
 from flashsale.models import Deduction, DeductionMessage, Delivery, Purchase, Resolution
 from flashsale.pipeline.consumer import DeductionConsumer
+from flashsale.polling import poll_until
 from flashsale.records import Incoming, Prededuct
 from tests.unit.fakes import FakeLog
 
@@ -35,6 +36,23 @@ repeat
 until tonumber(t[1]) + tonumber(t[2]) / 1e6 - start > tonumber(ARGV[1])
 return 1
 """
+
+
+def until_busy(redis_url: str) -> None:
+    """Return once the server stops answering: the busy script, sent by another thread, is running."""
+    probe = redis.Redis.from_url(redis_url, socket_timeout=0.2)
+
+    def busy() -> bool:
+        try:
+            probe.ping()
+        except redis.TimeoutError:
+            return True
+        return False
+
+    try:
+        assert poll_until(busy, 10, interval_s=0.01), "the busy script never ran"
+    finally:
+        probe.close()
 
 
 def test_a_prededuct_against_an_unreachable_redis_certainly_did_not_run() -> None:
@@ -65,7 +83,7 @@ def _while_redis_is_busy(settings: Settings, sku: str, *, warm: bool) -> Service
                 await stock.ping()  # a pooled connection, ready: the script itself is what gets sent
                 blocker.script_load(lua.source("prededuct"))  # and cached, so it runs once the server is free
             busy.start()
-            await asyncio.sleep(0.1)  # the server is now inside the busy script; all else queues behind it
+            await asyncio.to_thread(until_busy, settings.redis_url)  # all else queues behind the script now
             await stock.prededuct(sku, "m1", [Purchase("t1", "u1", 2)])
         except ServiceUnavailable as exc:
             return exc

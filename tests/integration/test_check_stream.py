@@ -16,6 +16,7 @@ from typing import Any
 from flashsale.adapters.rocketmq import internals
 from flashsale.adapters.rocketmq.base import start_client
 from flashsale.adapters.rocketmq.producer import RocketMQProducer, _Checker
+from flashsale.adapters.rocketmq.recovery import SETTINGS_EVERY_S
 from flashsale.config import Settings
 from flashsale.models import Delivery, Resolution
 from flashsale.polling import poll_until
@@ -27,9 +28,10 @@ CHECK_WITHIN_S = 6 + 10 + 3 + 6
 
 def _usurp(checker: RocketMQProducer, endpoint: str, topic: str) -> Any:
     """A client with the checker's id whose settings the proxy handles last, and whose stream then ends."""
-    # The client writes its settings once more a second after it started (then every 300 s): after that.
+    # The client writes its settings once more a second after it started, and the watchdog every
+    # SETTINGS_EVERY_S: after the next of those, whichever it is (the first may be over already).
     first = checker._client.settings_at
-    assert poll_until(lambda: checker._client.settings_at > first, 10)
+    assert poll_until(lambda: checker._client.settings_at > first, 2 * SETTINGS_EVERY_S)
     usurper = internals.new_producer(endpoint, 3, [topic], _Checker(lambda _: Resolution.UNKNOWN))
     usurper._Client__client_id = checker._client.client_id
     start_client(usurper, endpoint, "usurper", [topic])

@@ -21,7 +21,7 @@ from flashsale.adapters.redis.wire import Wire
 from flashsale.bench.fleet import free_port
 from flashsale.config import Settings
 from flashsale.models import Purchase
-from tests.integration.test_adapter_contracts import _BUSY
+from tests.integration.test_adapter_contracts import _BUSY, until_busy
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ def test_a_call_redis_does_not_answer_in_time_fails_its_connection_and_the_next_
         before = int((await wire.call(("CLIENT", "ID")))[0])
         busy = threading.Thread(target=lambda: blocker.eval(_BUSY, 0, "1.0"))
         busy.start()
-        await asyncio.sleep(0.1)  # the server is inside the busy script; both calls queue behind it
+        await asyncio.to_thread(until_busy, settings.redis_url)  # both calls queue behind the script now
         failed = await asyncio.gather(wire.call(("GET", key)), wire.call(("CLIENT", "ID")), return_exceptions=True)
         await asyncio.to_thread(busy.join)
         blocker.set(key, "second")
