@@ -253,7 +253,7 @@ def _fault_sale(
         assert poll_until(lambda: _firing(settings, sku), 30), "no deadline fired, or nothing was paid"
         for n, victim in enumerate(victims):
             if victim == "producer":  # with payments and cancels in its hands
-                assert poll_until(lambda: crowd.deciding() >= 2, 10, interval_s=0.01), "no decision in flight"
+                assert poll_until(lambda: crowd.deciding() >= 1, 30, interval_s=0.01), "no decision in flight"
             sale.kill(victim)
             time.sleep(DOWN_S)
             sale.restore(victim)
