@@ -25,7 +25,9 @@ from flashsale.records import Layout, Prededuct
 from tests.conftest import session_env
 from tests.oracle import mysql_connection, read_books
 
-LEASE_S = 0.5
+#: Long enough that a renewal (every third of it) late by a second still holds the freeze, short for the tests that
+#: wait it out.
+LEASE_S = 1.5
 
 #: A loader in a process of its own: freezes the SKU, says so, waits for a line, then reloads it.
 LOADER = textwrap.dedent(

@@ -659,8 +659,8 @@ def test_a_frozen_sku_refuses_every_purchase_until_thawed_however_long_the_load_
     assert one(redis_stock, sku, "t1", "u1", 1, "m2").code is Prededuct.ACCEPTED
     # A load slower than the freeze lasts keeps it: it is renewed while the load runs (test_freeze.py: a
     # `stock set` that died stops the sale only for as long as the freeze lasts).
-    with redis_stock.frozen(sku, for_s=0.3):
-        time.sleep(0.7)
+    with redis_stock.frozen(sku, for_s=1.0):
+        time.sleep(2.5)
         assert one(redis_stock, sku, "t2", "u2", 1, "m3").code is Prededuct.STALE_LAYOUT
 
 
