@@ -511,7 +511,8 @@ def test_the_master_of_a_partitioned_skus_pool_killed_mid_sale_loses_and_oversel
     finally:
         client.close()
     url = pipeline.start_all()
-    crowd = Crowd(url, sku, buyers=8, run_id=f"k{os.getpid()}").start()
+    # Buyers who pause between purchases make the stock last several seconds: the kill comes mid-sale.
+    crowd = Crowd(url, sku, buyers=8, run_id=f"k{os.getpid()}", pause_s=0.05).start()
     assert poll_until(lambda: crowd.counts()["accepted"] >= 30, 30)
 
     kill_master(redis_cluster, victim_port, takeover=takeover)

@@ -173,7 +173,10 @@ def test_a_master_killed_mid_sale_loses_nothing_and_oversells_nothing(
     for sku in (victim, bystander):
         set_stock(settings, sku, 400)
     url = pipeline.start_all()
-    crowds = {sku: Crowd(url, sku, buyers=8, run_id=f"f{os.getpid()}").start() for sku in (victim, bystander)}
+    # Buyers who pause between purchases make the stock last several seconds: the kill comes mid-sale.
+    crowds = {
+        sku: Crowd(url, sku, buyers=8, run_id=f"f{os.getpid()}", pause_s=0.05).start() for sku in (victim, bystander)
+    }
     assert poll_until(lambda: crowds[victim].counts()["accepted"] >= 30, 30)
 
     kill_master(redis_cluster, victim_port, takeover=takeover)
