@@ -33,6 +33,7 @@ from flashsale.polling import poll_until
 from flashsale.records import Prededuct
 from tests.acceptance.harness import Child, Pipeline, post
 from tests.conftest import drop_namespace, isolated_settings
+from tests.integration.test_adapter_contracts import _BUSY
 from tests.oracle import balanced, now
 
 # --- reconcile: in flight or missing ------------------------------------------------------------------
@@ -102,16 +103,8 @@ def test_reconcile_counts_a_deduction_younger_than_the_settle_time_in_flight_and
 
 # --- pending, then duplicate --------------------------------------------------------------------------
 
-#: Lua that keeps the single-threaded server busy this long (read-only: EVAL_RO runs while writes are paused).
+#: How long _BUSY keeps the single-threaded server busy here (it only reads: EVAL_RO runs while writes are paused).
 BUSY_S = 3.0
-_BUSY = """
-local t = redis.call('TIME')
-local start = tonumber(t[1]) + tonumber(t[2]) / 1e6
-repeat
-  t = redis.call('TIME')
-until tonumber(t[1]) + tonumber(t[2]) / 1e6 - start > tonumber(ARGV[1])
-return 1
-"""
 #: The producer's Redis timeout here: the pre-deduct and its one retry give up well within BUSY_S.
 TIMEOUT_S = 0.6
 
