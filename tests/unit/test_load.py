@@ -1,13 +1,18 @@
-"""The load generator's open loop: latency counts from when an attempt was due, not when it could be sent."""
+"""The load generator: latency in both loops, a buyer's attempts and next steps in order, how answers are read."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
+import orjson
+import pytest
 from aiohttp import web
 
-from flashsale.bench.load import run_load
+from flashsale.bench.http import Connection
+from flashsale.bench.load import Answer, LoadReport, _status, run_load
 from flashsale.bench.plot import series
+from flashsale.models import PurchaseResult, PurchaseStatus
 
 
 async def _slow_server(delay_s: float) -> tuple[web.AppRunner, str]:
@@ -59,3 +64,94 @@ def test_the_plot_series_bins_answers_and_marks_accepted_per_second() -> None:
     times, rate, p50, p99 = series(report, bin_s=0.5)
     assert times == [0.25, 0.75] and rate == [2.0, 2.0]
     assert p50 == [30.0, 20.0] and p99 == [30.0, 20.0]
+
+
+async def _raw_server(answer: Callable[[int, bytes, bytes], bytes | None]) -> tuple[asyncio.Server, str, list[str]]:
+    """A server that reads requests and writes `answer(n, head, body)` for the n-th (None: cut the
+    connection instead); returns it, its URL, and each request's first line and body, in order."""
+    seen: list[str] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                seen.append(f"{head.split(b' ')[1].decode()} {body.decode()}")
+                reply = answer(len(seen), head, body)
+                if reply is None:
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(reply), reply))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+
+
+def test_a_closed_loop_buyer_whose_connection_is_cut_hears_a_transport_error_and_goes_on_on_a_new_one() -> None:
+    async def go() -> tuple[LoadReport, list[str]]:
+        server, url, seen = await _raw_server(lambda n, _, body: None if n == 3 else b'{"status":"sold_out"}')
+        try:
+            return await run_load(url, ["s"], attempts=5, concurrency=1, run_id="r"), seen
+        finally:
+            server.close()
+
+    report, seen = asyncio.run(go())
+    assert report.statuses == {"sold_out": 4, "transport_error": 1}
+    assert [line.split('"token":"')[1][:3] for line in seen] == ["r-0", "r-1", "r-2", "r-3", "r-4"]
+    assert report.errors == ["transport_error: connection closed before the answer (by the server)"]
+
+
+def test_a_buyer_takes_its_next_step_after_an_accepted_purchase_before_its_next_attempt_on_its_connection() -> None:
+    async def after(conn: Connection, sku: str, token: str, user: str) -> None:
+        assert (sku, user) == ("s", "r-u0")
+        await conn.request("POST", "/pay", token.encode())
+
+    def answer(n: int, head: bytes, body: bytes) -> bytes:
+        if head.startswith(b"POST /pay"):
+            return b"{}"
+        return b'{"status":"accepted"}' if b'"token":"r-1"' in body else b'{"status":"sold_out"}'
+
+    async def go() -> tuple[LoadReport, list[str]]:
+        server, url, seen = await _raw_server(answer)
+        try:
+            return await run_load(url, ["s"], attempts=3, concurrency=1, run_id="r", after_accepted=after), seen
+        finally:
+            server.close()
+
+    report, seen = asyncio.run(go())
+    assert [line.split(" ")[0] + (" r-1" if line.startswith("/pay") else "") for line in seen] == [
+        "/purchase",
+        "/purchase",
+        "/pay r-1",
+        "/purchase",
+    ]
+    assert seen[2] == "/pay r-1" and report.accepted == [("s", "r-1", 1)]
+
+
+@pytest.mark.parametrize("status", [s.value for s in PurchaseStatus])
+def test_the_status_read_from_an_answers_first_field_is_the_one_parsing_it_gives(status: str) -> None:
+    answer = PurchaseResult(PurchaseStatus(status), "t-1", remaining=3, message="why").to_json()
+    fast, parsed = LoadReport(), LoadReport()
+    assert (
+        _status(200, orjson.dumps(answer), fast)
+        == _status(200, orjson.dumps(answer, option=orjson.OPT_SORT_KEYS), parsed)
+        == status
+    )
+    assert fast.errors == parsed.errors
+
+
+def test_an_answer_that_is_not_json_counts_as_its_http_status_and_an_error_keeps_its_message() -> None:
+    report = LoadReport()
+    assert _status(502, b"<html>bad gateway</html>", report) == "http_502"
+    assert _status(503, b'{"status":"error","message":"broker down"}', report) == "error"
+    assert report.errors == ["error: broker down"]
+
+
+def test_a_finished_run_prints_as_a_line_whatever_it_holds() -> None:
+    # asyncio's runner formats the task that returned it on Python 3.11: every answer in it took seconds.
+    report = LoadReport(answers=[Answer(0.1, "sold_out", 0.01)] * 100_000, attempts=100_000)
+    assert len(repr(report)) < 200

@@ -5,13 +5,18 @@ request is taken from the server: aiohttp spent about 125 µs of CPU per request
 bare server spends answering one, and the bench measured its own buyers. This client writes a request
 as one buffer and reads the answer's status line, length and body, nothing else: what the producer's
 server speaks (a Content-Length or chunked body, keep-alive, `Connection: close`).
+
+Two ways to ask: `await request(...)`, or `send(..., answered)`, whose callback gets the answer from the
+loop's own read of the socket. A buyer that sends its next attempt from that callback costs no task, no
+future and no wake-up per request: about half the CPU of awaiting each answer (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from urllib.parse import urlsplit
 
 
@@ -19,11 +24,15 @@ class TransportError(Exception):
     """No complete answer: the connection was refused, reset or closed, or the answer did not come in time."""
 
 
+#: What a sent request's callback gets: the answer's status and body, or why there is none.
+Answered = Callable[["tuple[int, bytes] | TransportError"], None]
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.answered: Answered | None = None  # the request under way's callback
         self.closed = False
         self.close_after = False  # the server said `Connection: close`
         self.deadline = 0.0  # loop time by which the answer must have come
@@ -31,23 +40,37 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        _watch(asyncio.get_running_loop(), self)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.waiter is not None and not self.waiter.done():
-            try:
-                answer = self._answer()
-            except (ValueError, TransportError) as exc:  # garbled: this connection cannot be trusted again
-                self.closed = True
-                self.waiter.set_exception(TransportError(f"unreadable answer: {exc}"))
-                return
-            if answer is not None:
-                self.waiter.set_result(answer)
+        if self.answered is None:
+            return
+        try:
+            answer = self._answer()
+        except (ValueError, TransportError) as exc:  # garbled: this connection cannot be trusted again
+            self.fail(TransportError(f"unreadable answer: {exc}"))
+            return
+        if answer is not None:
+            self._deliver(answer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(TransportError(f"connection closed before the answer ({exc or 'by the server'})"))
+        if self.answered is not None:
+            self._deliver(TransportError(f"connection closed before the answer ({exc or 'by the server'})"))
+
+    def fail(self, error: TransportError) -> None:
+        """Close the connection and give the request under way `error`."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self.answered is not None:
+            self._deliver(error)
+
+    def _deliver(self, outcome: tuple[int, bytes] | TransportError) -> None:
+        answered, self.answered = self.answered, None
+        assert answered is not None
+        answered(outcome)
 
     def _answer(self) -> tuple[int, bytes] | None:
         """The status and body of the answer in the buffer, taken out of it (None until it is whole)."""
@@ -92,42 +115,25 @@ class _Protocol(asyncio.Protocol):
 
 
 class Connection:
-    """One keep-alive connection to `base_url`, opened on the first request and again after a failure."""
+    """One keep-alive connection to `base_url`: `open` it (again after a failure), or let `request` do it."""
 
     def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
         parts = urlsplit(base_url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self._prefix = parts.path.rstrip("/")
-        self._host_header = f"Host: {self.host}:{self.port}\r\n".encode()
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
 
-    async def request(
-        self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
-    ) -> tuple[int, bytes]:
-        """The answer's status and body; raises TransportError when there is no complete answer."""
-        loop = asyncio.get_running_loop()
+    @property
+    def is_open(self) -> bool:
+        """Whether a request can be sent now: connected, and not told by the server to close."""
         protocol = self._protocol
-        if protocol is None or protocol.closed or protocol.close_after:
-            protocol = await self._connect(loop)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() if headers else b""
-        head = f"{method} {self._prefix}{path} HTTP/1.1\r\nContent-Length: {len(body)}\r\n".encode()
-        waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        protocol.waiter = waiter
-        assert protocol.transport is not None
-        protocol.transport.write(b"".join((head, self._host_header, extra, b"\r\n", body)))
-        protocol.deadline, protocol.timeout_s = loop.time() + self._timeout_s, self._timeout_s
-        _watch(loop, protocol)
-        try:
-            return await waiter
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            protocol.waiter = None
+        return protocol is not None and not protocol.closed and not protocol.close_after
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Protocol:
+    async def open(self) -> None:
+        """A new connection (the old one closed); raises TransportError when the server cannot be reached."""
         self.close()
+        loop = asyncio.get_running_loop()
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(_Protocol, self.host, self.port), self._timeout_s
@@ -135,36 +141,77 @@ class Connection:
         except (OSError, TimeoutError) as exc:
             raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         self._protocol = protocol
-        return protocol
+
+    def head(self, method: str, path: str, headers: Mapping[str, str] | None = None) -> bytes:
+        """A request's head up to its Content-Length's value: made once for requests sent many times."""
+        lines = [f"{method} {self._prefix}{path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        return "\r\n".join([*lines, "Content-Length: "]).encode()
+
+    def send(self, head: bytes, body: bytes, answered: Answered) -> None:
+        """Send a request (`head` from `head()`) on the open connection (see `is_open`). `answered` is called
+        from the loop with the answer, or with a TransportError once the connection failed or the answer
+        is late (the connection is closed then: open it again)."""
+        protocol = self._protocol
+        assert protocol is not None and protocol.transport is not None, "send on a connection that is not open"
+        protocol.answered = answered
+        protocol.deadline, protocol.timeout_s = asyncio.get_running_loop().time() + self._timeout_s, self._timeout_s
+        protocol.transport.write(b"%b%d\r\n\r\n%b" % (head, len(body), body))
+
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """The answer's status and body; raises TransportError when there is no complete answer."""
+        if not self.is_open:
+            await self.open()
+        waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self.send(self.head(method, path, headers), body, partial(_settle, waiter))
+        try:
+            return await waiter
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.close()
-        self._protocol = None
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.answered = None  # whoever asked gave up on it
+            protocol.closed = True
+            if protocol.transport is not None:
+                protocol.transport.close()
 
 
-#: Requests under way by loop, checked against their deadlines once a second: one timer per loop rather
+def _settle(waiter: asyncio.Future[tuple[int, bytes]], outcome: tuple[int, bytes] | TransportError) -> None:
+    if waiter.done():
+        return
+    if isinstance(outcome, TransportError):
+        waiter.set_exception(outcome)
+    else:
+        waiter.set_result(outcome)
+
+
+#: Open connections by loop, checked against their deadlines once a second: one timer per loop rather
 #: than one per request (a timer set and cancelled costs as much as the rest of the request's Python).
-_WATCHED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakSet[_Protocol]] = weakref.WeakKeyDictionary()
+_WATCHED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[_Protocol]] = weakref.WeakKeyDictionary()
 WATCH_EVERY_S = 1.0
 
 
 def _watch(loop: asyncio.AbstractEventLoop, protocol: _Protocol) -> None:
     watched = _WATCHED.get(loop)
     if watched is None:
-        watched = _WATCHED[loop] = weakref.WeakSet()
+        watched = _WATCHED[loop] = set()
         loop.call_later(WATCH_EVERY_S, _time_out, loop, watched)
     watched.add(protocol)
 
 
-def _time_out(loop: asyncio.AbstractEventLoop, watched: weakref.WeakSet[_Protocol]) -> None:
+def _time_out(loop: asyncio.AbstractEventLoop, watched: set[_Protocol]) -> None:
     now = loop.time()
     for protocol in list(watched):
-        waiter = protocol.waiter
-        if waiter is None or waiter.done():
+        if protocol.closed:
             watched.discard(protocol)
-        elif now >= protocol.deadline:
-            waiter.set_exception(TransportError(f"no answer within {protocol.timeout_s:g} s"))
+        elif protocol.answered is not None and now >= protocol.deadline:
+            protocol.fail(TransportError(f"no answer within {protocol.timeout_s:g} s"))
+            watched.discard(protocol)
     if watched:
         loop.call_later(WATCH_EVERY_S, _time_out, loop, watched)
     else:

@@ -23,7 +23,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,8 +39,6 @@ JSON = {"Content-Type": "application/json"}
 #: Called after an accepted purchase, on the buyer's connection, with its SKU, token and user (the buyer's
 #: next step: a payment, say); the buyer's next attempt waits for it.
 AfterAccepted = Callable[[Connection, str, str, str], Awaitable[None]]
-#: One attempt: its index, the connection it goes on, and when it was due (perf_counter).
-_One = Callable[[int, Connection, float], Awaitable[None]]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -57,7 +55,7 @@ class Answer(NamedTuple):  # a tuple: one is made per answer, and a frozen datac
     latency_s: float
 
 
-@dataclass
+@dataclass(repr=False)
 class LoadReport:
     attempts: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
@@ -68,6 +66,11 @@ class LoadReport:
     started: float = 0.0
     last_accepted: float = 0.0  # perf_counter of the last accepted answer
     answers: list[Answer] = field(default_factory=list)  # every answer, in the order they came
+
+    def __repr__(self) -> str:
+        # Short: asyncio's runner may format the task that returned the report (Python 3.11 does, for its
+        # SIGINT handler), and every answer in it took seconds of CPU after a long run.
+        return f"LoadReport(attempts={self.attempts}, statuses={dict(self.statuses)}, elapsed_s={self.elapsed_s:.2f})"
 
     @property
     def sellout_s(self) -> float:
@@ -116,6 +119,11 @@ def merge(reports: Sequence[LoadReport]) -> LoadReport:
 
 def _status(code: int, data: bytes, report: LoadReport) -> str:
     """The status a purchase's answer gives (`http_<code>` when its body is not JSON)."""
+    end = data.find(b'"', 11) if data.startswith(b'{"status":"') else -1
+    if end > 0:  # the producer's answers: the status first, read without parsing the rest
+        status = data[11:end].decode()
+        if status not in ("error", "pending"):
+            return status
     try:
         answer = orjson.loads(data)
     except orjson.JSONDecodeError:  # not JSON: a proxy's error page, a crashed handler
@@ -137,6 +145,48 @@ class Share:
     started: float | None = None  # perf_counter (the same clock in every process); None: now
 
 
+class _Sale:
+    """What every attempt of one run shares: how attempt i reads, and what its answer makes of the report."""
+
+    def __init__(
+        self, skus: Sequence[str], run: str, concurrency: int, qty: int, report: LoadReport, tick: Callable[[], None]
+    ) -> None:
+        self.skus, self.run, self.concurrency, self.qty = skus, run, concurrency, qty
+        self.report, self.tick = report, tick
+        # Attempt i's body, formatted from parts encoded once: the same JSON orjson would write.
+        self._sku_json = [orjson.dumps(sku) for sku in skus]
+        self._run_json = orjson.dumps(run)[1:-1]
+        self.stopped = False
+
+    def body(self, i: int) -> bytes:
+        return b'{"sku":%b,"user_id":"%b-u%d","qty":%d,"token":"%b-%d"}' % (
+            self._sku_json[i % len(self.skus)],
+            self._run_json,
+            i % self.concurrency,
+            self.qty,
+            self._run_json,
+            i,
+        )
+
+    def who(self, i: int) -> tuple[str, str, str]:
+        """Attempt i's SKU, token and user."""
+        return self.skus[i % len(self.skus)], f"{self.run}-{i}", f"{self.run}-u{i % self.concurrency}"
+
+    def answered(self, i: int, outcome: tuple[int, bytes] | TransportError, due: float) -> str:
+        """Attempt i's status, recorded."""
+        report = self.report
+        if isinstance(outcome, TransportError):
+            status = TRANSPORT_ERROR
+            if len(report.errors) < MAX_ERRORS:
+                report.errors.append(f"{TRANSPORT_ERROR}: {outcome}")
+        else:
+            status = _status(*outcome, report)
+        sku, token, _ = self.who(i) if status == "accepted" else (self.skus[i % len(self.skus)], "", "")
+        report.record(sku, token, self.qty, status, due)
+        self.tick()
+        return status
+
+
 async def run_load(
     base_url: str,
     skus: Sequence[str],
@@ -153,34 +203,30 @@ async def run_load(
 ) -> LoadReport:
     """`concurrency` buyers; with `rate`, open loop at that many attempts per second (see the module
     docstring). With `share`, only that share of the buyers, and their attempts."""
-    run = run_id or uuid.uuid4().hex[:8]
     buyers = [b for b in range(min(concurrency, attempts)) if b % share.of == share.index]
     report = LoadReport(started=share.started if share.started is not None else time.perf_counter())
+    sale = _Sale(skus, run_id or uuid.uuid4().hex[:8], concurrency, qty, report, tick)
     idle = [Connection(base_url, timeout_s) for _ in buyers]
-
-    async def one(i: int, conn: Connection, due: float) -> None:
-        sku, token, user = skus[i % len(skus)], f"{run}-{i}", f"{run}-u{i % concurrency}"
-        body = orjson.dumps({"sku": sku, "user_id": user, "qty": qty, "token": token})
-        try:
-            status = _status(*await conn.request("POST", "/purchase", body, JSON), report)
-        except TransportError as exc:
-            status = TRANSPORT_ERROR
-            if len(report.errors) < MAX_ERRORS:
-                report.errors.append(f"{TRANSPORT_ERROR}: {exc}")
-        report.record(sku, token, qty, status, due)
-        tick()
-        if after_accepted is not None and status == "accepted":
-            await after_accepted(conn, sku, token, user)
-
     await _until(report.started)
     try:
         if rate is None:
-            pairs = zip(buyers, idle, strict=True)
-            await asyncio.gather(*(_buyer(one, b, conn, attempts, concurrency) for b, conn in pairs))
+            loop = asyncio.get_running_loop()
+            closed = [
+                _Buyer(sale, conn, range(b, attempts, concurrency), after_accepted, loop)
+                for b, conn in zip(buyers, idle, strict=True)
+            ]
+            for buyer in closed:
+                buyer.next()
+            try:
+                await asyncio.gather(*(buyer.done for buyer in closed))
+            finally:
+                for buyer in closed:
+                    buyer.cancel()
         else:
             plan = [i for i in range(attempts) if i % concurrency % share.of == share.index]
-            await _open_loop(one, idle, plan, report.started, rate)
+            await _open_loop(sale, idle, plan, rate, after_accepted)
     finally:
+        sale.stopped = True
         for conn in idle:
             conn.close()
     report.elapsed_s = time.perf_counter() - report.started
@@ -195,20 +241,86 @@ async def _until(moment: float) -> None:
         await asyncio.sleep(left)
 
 
-async def _buyer(one: _One, b: int, conn: Connection, attempts: int, concurrency: int) -> None:
-    """Buyer b's attempts (b, b + concurrency, ...), each sent when the one before it was answered."""
-    for i in range(b, attempts, concurrency):
-        await one(i, conn, time.perf_counter())
+class _Buyer:
+    """One buyer of the closed loop: its attempts one after another on its connection, each sent from the
+    callback that recorded the answer before it (no task or future per attempt: the bench's CPU per
+    request is the server's loss on a shared machine). Its `done` future ends when its attempts do."""
+
+    def __init__(
+        self,
+        sale: _Sale,
+        conn: Connection,
+        attempts: range,
+        after_accepted: AfterAccepted | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._sale, self._conn, self._attempts = sale, conn, iter(attempts)
+        self._after_accepted, self._loop = after_accepted, loop
+        self._i, self._due = 0, 0.0
+        self._head = conn.head("POST", "/purchase", JSON)
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._tasks: set[asyncio.Task[None]] = set()  # held, or a task may be collected before it ran
+
+    def next(self) -> None:
+        """Send the next attempt, or end."""
+        i = next(self._attempts, None)
+        if i is None or self._sale.stopped:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self._i, self._due = i, time.perf_counter()
+        if self._conn.is_open:
+            self._conn.send(self._head, self._sale.body(i), self._answered)
+        else:
+            self._spawn(self._reopened())
+
+    def cancel(self) -> None:
+        """Stop what this buyer was waiting for (the sale is over, or failed)."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _reopened(self) -> None:
+        try:
+            await self._conn.open()
+        except TransportError as exc:
+            self._answered(exc)
+            return
+        if self._sale.stopped:
+            self._conn.close()
+            return
+        self._conn.send(self._head, self._sale.body(self._i), self._answered)
+
+    def _answered(self, outcome: tuple[int, bytes] | TransportError) -> None:
+        try:
+            status = self._sale.answered(self._i, outcome, self._due)
+            if self._after_accepted is not None and status == "accepted":
+                sku, token, user = self._sale.who(self._i)
+                self._spawn(self._after(self._after_accepted(self._conn, sku, token, user)))
+            else:
+                self.next()
+        except BaseException as exc:  # noqa: BLE001 (a bug here would leave the buyer waiting for ever)
+            if not self.done.done():
+                self.done.set_exception(exc)
+
+    async def _after(self, step: Awaitable[None]) -> None:
+        await step
+        self.next()
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self.done.done():
+            self.done.set_exception(task.exception())  # type: ignore[arg-type]
 
 
 async def _open_loop(
-    one: _One,
-    connections: list[Connection],
-    plan: list[int],
-    started: float,
-    rate: float,
+    sale: _Sale, connections: list[Connection], plan: list[int], rate: float, after_accepted: AfterAccepted | None
 ) -> None:
-    """Attempt i due at `started` + i/`rate`, on the first idle connection (waiting for one, on the clock)."""
+    """Attempt i due at the sale's start + i/`rate`, on the first idle connection (waiting for one, on the clock)."""
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for conn in connections:
         idle.put_nowait(conn)
@@ -216,13 +328,20 @@ async def _open_loop(
     async def send(i: int, due: float) -> None:
         conn = await idle.get()
         try:
-            await one(i, conn, due)
+            try:
+                outcome: tuple[int, bytes] | TransportError = await conn.request(
+                    "POST", "/purchase", sale.body(i), JSON
+                )
+            except TransportError as exc:
+                outcome = exc
+            if sale.answered(i, outcome, due) == "accepted" and after_accepted is not None:
+                await after_accepted(conn, *sale.who(i))
         finally:
             idle.put_nowait(conn)
 
     pending = []
     for i in plan:
-        due = started + i / rate
+        due = sale.report.started + i / rate
         await _until(due)
         pending.append(asyncio.create_task(send(i, due)))
     await asyncio.gather(*pending)
