@@ -11,8 +11,8 @@ For each group size (1: a transaction per purchase; and the configured default),
 - bare: the ceiling, measured before and after the others (bare_server.py: the producer's HTTP server
   answering a fixed JSON, nothing else); each rate is printed as a ratio of the mean of the two;
 - crowd: the same live and sold-out runs of the default group size with `flashsale bench`'s buyers
-  (bench/crowd.py) instead of wrk, as many attempts as wrk made, on the same connections: the two load
-  generators' rates side by side.
+  (bench/crowd.py) instead of wrk, each right after wrk's, as many attempts as wrk made, on the same
+  connections: the two load generators' rates side by side.
 
 Run on the local stack: `python -m tests.benchmarks.wrk_bench [--duration 10] [--connections 200]`.
 """
@@ -257,10 +257,8 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     stock = 10**9 if like.mode == "live" else 0
     with on_sale(settings, sku, stock), fleet_of(settings, like.group_size) as (pids, url):
         meter = CpuMeter(pids)
-        load_before = _children_cpu_s()
         started = time.perf_counter()
         load = run_crowd(Crowd(url, (sku,), attempts=attempts, concurrency=connections), processes=processes)
-        load_s = _children_cpu_s() - load_before  # the buyers' processes, ended and waited for
         accepted = load.statuses.get("accepted", 0)
         wait_applied(settings, sku, accepted)
         end_to_end_s = time.perf_counter() - started - (load.started - started)
@@ -268,7 +266,8 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     latency = {f"p{q}": round(load.percentile(q / 100) * 1000, 2) for q in (50, 90, 99)}
     run = Run(like.group_size, like.mode, like.group_wait_ms, round(load.throughput, 1), latency, generator="crowd")
     run.cpu_percent = {name: round(100 * s / end_to_end_s, 1) for name, s in used.items()}
-    run.load_us_per_request = round(1e6 * load_s / load.attempts, 1)
+    # During the sale: what the buyers took from the server (not their start, nor sending their reports).
+    run.load_us_per_request = round(1e6 * load.cpu_s / load.attempts, 1)
     if like.mode == "live" and accepted:
         run.accepted, run.end_to_end_s = accepted, round(end_to_end_s, 2)
         run.accepted_per_s = round(accepted / end_to_end_s, 1)
@@ -308,19 +307,15 @@ def _main(settings: Settings, args: argparse.Namespace) -> None:
         # A broker just started spends most of its CPU compiling (its JIT): not a purchase's cost.
         measure(settings, Settings().producer.group_size, "live", args.warmup, args.connections)
     before = measure_bare(args.duration, args.connections)
-    runs = [
-        measure(settings, int(size), mode, args.duration, args.connections, wait)
-        for size in args.group_sizes.split(",")
-        for wait in waits
-        for mode in modes
-    ]
-    if args.crowd_processes:
-        default = Settings().producer.group_size
-        runs += [
-            measure_crowd(settings, r, args.connections, args.crowd_processes)
-            for r in list(runs)
-            if r.group_size == default and r.group_wait_ms is None
-        ]
+    default = Settings().producer.group_size
+    runs: list[Run] = []
+    for size in args.group_sizes.split(","):
+        for wait in waits:
+            for mode in modes:
+                runs.append(measure(settings, int(size), mode, args.duration, args.connections, wait))
+                if args.crowd_processes and int(size) == default and wait is None:
+                    # Right after wrk's run, so that both meet the broker at about the same age (its JIT).
+                    runs.append(measure_crowd(settings, runs[-1], args.connections, args.crowd_processes))
     if args.validating:
         runs.append(measure_bare(args.duration, args.connections, validating=True))
     after = measure_bare(args.duration, args.connections)

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from flashsale.bench.http import Connection
-from flashsale.bench.load import Answer, LoadReport, _status, run_load
+from flashsale.bench.load import Answer, LoadReport, _status, merge, run_load
 from flashsale.bench.plot import series
 from flashsale.models import PurchaseResult, PurchaseStatus
 
@@ -100,6 +100,7 @@ def test_a_closed_loop_buyer_whose_connection_is_cut_hears_a_transport_error_and
             server.close()
 
     report, seen = asyncio.run(go())
+    assert 0 < report.cpu_s < report.elapsed_s * 2  # the buyers' process's CPU during the sale
     assert report.statuses == {"sold_out": 4, "transport_error": 1}
     assert [line.split('"token":"')[1][:3] for line in seen] == ["r-0", "r-1", "r-2", "r-3", "r-4"]
     assert report.errors == ["transport_error: connection closed before the answer (by the server)"]
@@ -149,6 +150,14 @@ def test_an_answer_that_is_not_json_counts_as_its_http_status_and_an_error_keeps
     assert _status(502, b"<html>bad gateway</html>", report) == "http_502"
     assert _status(503, b'{"status":"error","message":"broker down"}', report) == "error"
     assert report.errors == ["error: broker down"]
+
+
+def test_reports_of_processes_that_started_together_merge_their_answers_in_order_and_add_their_cpu() -> None:
+    first = LoadReport(attempts=1, started=10.0, elapsed_s=2.0, cpu_s=0.5, answers=[Answer(1.5, "accepted", 0.1)])
+    second = LoadReport(attempts=2, started=10.0, elapsed_s=3.0, cpu_s=0.25, answers=[Answer(0.5, "sold_out", 0.1)])
+    merged = merge([first, second])
+    assert (merged.attempts, merged.elapsed_s, merged.cpu_s) == (3, 3.0, 0.75)
+    assert [a.at_s for a in merged.answers] == [0.5, 1.5]
 
 
 def test_a_finished_run_prints_as_a_line_whatever_it_holds() -> None:

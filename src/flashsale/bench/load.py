@@ -61,6 +61,7 @@ class LoadReport:
     statuses: Counter[str] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # CPU the buyers' process spent from the start of the sale to its end (summed when merged)
     accepted: list[tuple[str, str, int]] = field(default_factory=list)  # (sku, token, qty)
     errors: list[str] = field(default_factory=list)  # the first few unclear answers, and attempts with none
     started: float = 0.0
@@ -113,6 +114,7 @@ def merge(reports: Sequence[LoadReport]) -> LoadReport:
         merged.last_accepted = max(merged.last_accepted, r.last_accepted)
         merged.answers += r.answers
         merged.elapsed_s = max(merged.elapsed_s, r.started + r.elapsed_s - merged.started)
+        merged.cpu_s += r.cpu_s
     merged.answers.sort(key=lambda a: a.at_s)
     return merged
 
@@ -208,6 +210,7 @@ async def run_load(
     sale = _Sale(skus, run_id or uuid.uuid4().hex[:8], concurrency, qty, report, tick)
     idle = [Connection(base_url, timeout_s) for _ in buyers]
     await _until(report.started)
+    cpu_before = time.process_time()
     try:
         if rate is None:
             loop = asyncio.get_running_loop()
@@ -230,6 +233,7 @@ async def run_load(
         for conn in idle:
             conn.close()
     report.elapsed_s = time.perf_counter() - report.started
+    report.cpu_s = time.process_time() - cpu_before
     return report
 
 
