@@ -154,3 +154,46 @@ def test_an_answer_that_never_comes_times_out_and_a_refused_connection_says_wher
             await Connection(url).request("POST", "/", b"x")
 
     asyncio.run(refused())
+
+
+async def _closing_server() -> tuple[asyncio.Server, str]:
+    """A server that closes every connection as soon as it is made (one at its limit, or going away)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    return await _serve(handler)
+
+
+def test_a_request_sent_on_a_connection_the_server_already_closed_hears_a_transport_error_at_once() -> None:
+    async def client() -> object:
+        server, url = await _closing_server()
+        conn = Connection(url)  # a 30 s timeout: the error must not wait for it
+        try:
+            await conn.open()
+            await asyncio.sleep(0.1)  # the server's close has come in
+            heard: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            conn.send(conn.head("POST", "/"), b"x", heard.set_result)
+            return await asyncio.wait_for(heard, 2)
+        finally:
+            conn.close()
+            server.close()
+
+    heard = asyncio.run(client())
+    assert isinstance(heard, TransportError) and "closed before the request was sent" in str(heard)
+
+
+def test_a_request_under_way_when_its_connection_is_closed_hears_a_transport_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers
+
+    async def client(url: str) -> object:
+        conn = Connection(url)
+        asking = asyncio.create_task(conn.request("POST", "/", b"x"))
+        await asyncio.sleep(0.05)
+        conn.close()
+        with pytest.raises(TransportError, match=r"closed before the answer \(by this client\)"):
+            await asyncio.wait_for(asking, 2)
+        return True
+
+    assert _run(handler, client) is True

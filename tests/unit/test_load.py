@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 from collections.abc import Callable
 
 import orjson
@@ -106,6 +109,29 @@ def test_a_closed_loop_buyer_whose_connection_is_cut_hears_a_transport_error_and
     assert report.errors == ["transport_error: connection closed before the answer (by the server)"]
 
 
+def test_buyers_whose_every_connection_is_closed_at_once_hear_transport_errors_and_the_run_ends() -> None:
+    # A server at its connection limit, or going away: it accepts and closes, from a thread of its own so
+    # that its close can come in before the buyer's first request is sent.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                listener.accept()[0].close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    async def go() -> LoadReport:  # a 30 s timeout per request: the run must not wait for it
+        return await asyncio.wait_for(run_load(url, ["s"], attempts=2000, concurrency=100), 20)
+
+    try:
+        report = asyncio.run(go())
+    finally:
+        listener.close()
+    assert report.statuses == {"transport_error": 2000}
+
+
 def test_a_buyer_takes_its_next_step_after_an_accepted_purchase_before_its_next_attempt_on_its_connection() -> None:
     async def after(conn: Connection, sku: str, token: str, user: str) -> None:
         assert (sku, user) == ("s", "r-u0")
@@ -148,6 +174,7 @@ def test_the_status_read_from_an_answers_first_field_is_the_one_parsing_it_gives
 def test_an_answer_that_is_not_json_counts_as_its_http_status_and_an_error_keeps_its_message() -> None:
     report = LoadReport()
     assert _status(502, b"<html>bad gateway</html>", report) == "http_502"
+    assert _status(500, b'{"error":"internal error"}', report) == "http_500"
     assert _status(503, b'{"status":"error","message":"broker down"}', report) == "error"
     assert report.errors == ["error: broker down"]
 

@@ -128,7 +128,13 @@ class Connection:
     def is_open(self) -> bool:
         """Whether a request can be sent now: connected, and not told by the server to close."""
         protocol = self._protocol
-        return protocol is not None and not protocol.closed and not protocol.close_after
+        return (
+            protocol is not None
+            and not protocol.closed
+            and not protocol.close_after
+            and protocol.transport is not None
+            and not protocol.transport.is_closing()
+        )
 
     async def open(self) -> None:
         """A new connection (the old one closed); raises TransportError when the server cannot be reached."""
@@ -149,14 +155,22 @@ class Connection:
         return "\r\n".join([*lines, "Content-Length: "]).encode()
 
     def send(self, head: bytes, body: bytes, answered: Answered) -> None:
-        """Send a request (`head` from `head()`) on the open connection (see `is_open`). `answered` is called
-        from the loop with the answer, or with a TransportError once the connection failed or the answer
-        is late (the connection is closed then: open it again)."""
+        """Send a request (`head` from `head()`) on this connection, open (see `is_open`) and with no request
+        under way. `answered` is called from the loop with the answer, or with a TransportError once the
+        connection failed, was closed, or the answer is late (the connection is closed then: open it again)."""
         protocol = self._protocol
-        assert protocol is not None and protocol.transport is not None, "send on a connection that is not open"
+        if protocol is None or not self.is_open:  # closed by the server between its opening and now, say
+            _later(answered, TransportError("connection closed before the request was sent"))
+            return
+        assert protocol.answered is None and protocol.transport is not None, "one request at a time"
+        try:
+            protocol.transport.write(b"%b%d\r\n\r\n%b" % (head, len(body), body))
+        except RuntimeError as exc:  # uvloop's, for a handle closed under it
+            protocol.closed = True
+            _later(answered, TransportError(f"connection closed before the request was sent ({exc})"))
+            return
         protocol.answered = answered
         protocol.deadline, protocol.timeout_s = asyncio.get_running_loop().time() + self._timeout_s, self._timeout_s
-        protocol.transport.write(b"%b%d\r\n\r\n%b" % (head, len(body), body))
 
     async def request(
         self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None
@@ -173,12 +187,21 @@ class Connection:
             raise
 
     def close(self) -> None:
+        """Close the connection; a request under way hears a TransportError."""
         protocol, self._protocol = self._protocol, None
-        if protocol is not None:
-            protocol.answered = None  # whoever asked gave up on it
-            protocol.closed = True
-            if protocol.transport is not None:
-                protocol.transport.close()
+        if protocol is None:
+            return
+        protocol.closed = True
+        if protocol.answered is not None:
+            answered, protocol.answered = protocol.answered, None
+            _later(answered, TransportError("connection closed before the answer (by this client)"))
+        if protocol.transport is not None:
+            protocol.transport.close()
+
+
+def _later(answered: Answered, error: TransportError) -> None:
+    """`answered(error)` from the loop, as every answer comes: never within the call that sent the request."""
+    asyncio.get_running_loop().call_soon(answered, error)
 
 
 def _settle(waiter: asyncio.Future[tuple[int, bytes]], outcome: tuple[int, bytes] | TransportError) -> None:
@@ -206,13 +229,15 @@ def _watch(loop: asyncio.AbstractEventLoop, protocol: _Protocol) -> None:
 
 def _time_out(loop: asyncio.AbstractEventLoop, watched: set[_Protocol]) -> None:
     now = loop.time()
-    for protocol in list(watched):
-        if protocol.closed:
-            watched.discard(protocol)
-        elif protocol.answered is not None and now >= protocol.deadline:
-            protocol.fail(TransportError(f"no answer within {protocol.timeout_s:g} s"))
-            watched.discard(protocol)
-    if watched:
-        loop.call_later(WATCH_EVERY_S, _time_out, loop, watched)
-    else:
-        del _WATCHED[loop]
+    try:
+        for protocol in list(watched):
+            if protocol.answered is not None and now >= protocol.deadline:
+                watched.discard(protocol)
+                protocol.fail(TransportError(f"no answer within {protocol.timeout_s:g} s"))
+            elif protocol.closed and protocol.answered is None:
+                watched.discard(protocol)
+    finally:  # a callback that raised must not end the watch of the others
+        if watched:
+            loop.call_later(WATCH_EVERY_S, _time_out, loop, watched)
+        elif _WATCHED.get(loop) is watched:
+            del _WATCHED[loop]

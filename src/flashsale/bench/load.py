@@ -130,12 +130,12 @@ def _status(code: int, data: bytes, report: LoadReport) -> str:
         answer = orjson.loads(data)
     except orjson.JSONDecodeError:  # not JSON: a proxy's error page, a crashed handler
         answer = None
-    if not isinstance(answer, dict):
+    said = answer.get("status") if isinstance(answer, dict) else None
+    if not isinstance(said, str):  # not an answer to a purchase: `{"error": ...}`, a list, a number
         return f"http_{code}"
-    status = str(answer.get("status"))
-    if status in ("error", "pending") and len(report.errors) < MAX_ERRORS:
-        report.errors.append(f"{status}: {answer.get('message')}")
-    return status
+    if said in ("error", "pending") and len(report.errors) < MAX_ERRORS:
+        report.errors.append(f"{said}: {answer.get('message')}")
+    return said
 
 
 @dataclass(frozen=True)
@@ -295,6 +295,8 @@ class _Buyer:
         self._conn.send(self._head, self._sale.body(self._i), self._answered)
 
     def _answered(self, outcome: tuple[int, bytes] | TransportError) -> None:
+        if self._sale.stopped:  # the run is over: its connections were closed under their last requests
+            return
         try:
             status = self._sale.answered(self._i, outcome, self._due)
             if self._after_accepted is not None and status == "accepted":
@@ -344,8 +346,12 @@ async def _open_loop(
             idle.put_nowait(conn)
 
     pending = []
-    for i in plan:
-        due = sale.report.started + i / rate
-        await _until(due)
-        pending.append(asyncio.create_task(send(i, due)))
-    await asyncio.gather(*pending)
+    try:
+        for i in plan:
+            due = sale.report.started + i / rate
+            await _until(due)
+            pending.append(asyncio.create_task(send(i, due)))
+        await asyncio.gather(*pending)
+    finally:  # one failed: the others stop too, before their connections are closed
+        for task in pending:
+            task.cancel()
