@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,11 +18,35 @@ from flashsale import constants as c
 from flashsale.errors import FlashSaleError
 from flashsale.polling import poll_until
 
+#: Where ports for child processes are picked: above the stack's default ports (all under 11,000) and
+#: below the kernel's ephemeral range. A port the kernel handed out (binding port 0) is free only when
+#: checked: any outgoing connection on the machine may take it before the child binds it, and the child
+#: then exits with "Address already in use". Outgoing connections never take a port below that range.
+PORT_RANGE = (12_000, 32_768)
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PICK = random.SystemRandom()  # not the `random` module's state, which a test may have seeded
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((c.DEFAULT_HOST, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, out of the ephemeral range (see PORT_RANGE)."""
+    top = min(PORT_RANGE[1], ephemeral_start())
+    for _ in range(200):
+        port = _PICK.randrange(PORT_RANGE[0], top) if top > PORT_RANGE[0] else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind((c.DEFAULT_HOST, port))
+            except OSError:  # listened on, or closed a moment ago (TIME_WAIT): another one
+                continue
+            return int(sock.getsockname()[1])
+    raise FlashSaleError(f"no free port on {c.DEFAULT_HOST} between {PORT_RANGE[0]} and {top} in 200 tries")
+
+
+def ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default when it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def answers(url: str, path: str) -> bool:
