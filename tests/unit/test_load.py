@@ -16,6 +16,7 @@ from flashsale.bench.http import Connection
 from flashsale.bench.load import Answer, LoadReport, _status, merge, run_load
 from flashsale.bench.plot import series
 from flashsale.models import PurchaseResult, PurchaseStatus
+from tests.unit.test_bench_http import _read_request, _serve
 
 
 async def _slow_server(delay_s: float) -> tuple[web.AppRunner, str]:
@@ -77,9 +78,7 @@ async def _raw_server(answer: Callable[[int, bytes, bytes], bytes | None]) -> tu
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                body = await reader.readexactly(length)
+                head, body = await _read_request(reader)
                 seen.append(f"{head.split(b' ')[1].decode()} {body.decode()}")
                 reply = answer(len(seen), head, body)
                 if reply is None:
@@ -90,8 +89,8 @@ async def _raw_server(answer: Callable[[int, bytes, bytes], bytes | None]) -> tu
             pass
         writer.close()
 
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+    server, url = await _serve(handler)
+    return server, url, seen
 
 
 def test_a_closed_loop_buyer_whose_connection_is_cut_hears_a_transport_error_and_goes_on_on_a_new_one() -> None:

@@ -19,9 +19,10 @@ from flashsale.errors import FlashSaleError
 from flashsale.polling import poll_until
 
 #: Where ports for child processes are picked: above the ports a stack is given by default or in the
-#: tests (all under 21,000) and below the kernel's ephemeral range. A port the kernel handed out (binding port 0) is free only when
-#: checked: any outgoing connection on the machine may take it before the child binds it, and the child
-#: then exits with "Address already in use". Outgoing connections never take a port below that range.
+#: tests (all under 21,000) and below the kernel's ephemeral range. A port the kernel handed out
+#: (binding port 0) is free only when checked: any outgoing connection on the machine may take it before
+#: the child binds it, and the child then exits with "Address already in use". Outgoing connections
+#: never take a port below that range.
 PORT_RANGE = (24_000, 32_768)
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _PICK = random.SystemRandom()  # not the `random` module's state, which a test may have seeded

@@ -25,7 +25,8 @@ class TransportError(Exception):
 
 
 #: What a sent request's callback gets: the answer's status and body, or why there is none.
-Answered = Callable[["tuple[int, bytes] | TransportError"], None]
+Outcome = tuple[int, bytes] | TransportError
+Answered = Callable[[Outcome], None]
 
 
 class _Protocol(asyncio.Protocol):
@@ -67,7 +68,7 @@ class _Protocol(asyncio.Protocol):
         if self.answered is not None:
             self._deliver(error)
 
-    def _deliver(self, outcome: tuple[int, bytes] | TransportError) -> None:
+    def _deliver(self, outcome: Outcome) -> None:
         answered, self.answered = self.answered, None
         assert answered is not None
         answered(outcome)
@@ -204,7 +205,7 @@ def _later(answered: Answered, error: TransportError) -> None:
     asyncio.get_running_loop().call_soon(answered, error)
 
 
-def _settle(waiter: asyncio.Future[tuple[int, bytes]], outcome: tuple[int, bytes] | TransportError) -> None:
+def _settle(waiter: asyncio.Future[tuple[int, bytes]], outcome: Outcome) -> None:
     if waiter.done():
         return
     if isinstance(outcome, TransportError):

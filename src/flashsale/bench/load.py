@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import orjson
 
-from flashsale.bench.http import Connection, TransportError
+from flashsale.bench.http import Connection, Outcome, TransportError
 
 #: Unclear answers (and attempts with none) a report keeps as examples.
 MAX_ERRORS = 10
@@ -174,7 +174,7 @@ class _Sale:
         """Attempt i's SKU, token and user."""
         return self.skus[i % len(self.skus)], f"{self.run}-{i}", f"{self.run}-u{i % self.concurrency}"
 
-    def answered(self, i: int, outcome: tuple[int, bytes] | TransportError, due: float) -> str:
+    def answered(self, i: int, outcome: Outcome, due: float) -> str:
         """Attempt i's status, recorded."""
         report = self.report
         if isinstance(outcome, TransportError):
@@ -294,7 +294,7 @@ class _Buyer:
             return
         self._conn.send(self._head, self._sale.body(self._i), self._answered)
 
-    def _answered(self, outcome: tuple[int, bytes] | TransportError) -> None:
+    def _answered(self, outcome: Outcome) -> None:
         if self._sale.stopped:  # the run is over: its connections were closed under their last requests
             return
         try:
@@ -335,9 +335,7 @@ async def _open_loop(
         conn = await idle.get()
         try:
             try:
-                outcome: tuple[int, bytes] | TransportError = await conn.request(
-                    "POST", "/purchase", sale.body(i), JSON
-                )
+                outcome: Outcome = await conn.request("POST", "/purchase", sale.body(i), JSON)
             except TransportError as exc:
                 outcome = exc
             if sale.answered(i, outcome, due) == "accepted" and after_accepted is not None:
