@@ -65,7 +65,7 @@ def test_the_kth_unit_given_back_is_the_kth_sold_beyond_the_stock() -> None:
     assert (life.resold, life.back_unsold, life.oversold) == (2, 0, 0)
     # Back in decided order (t2 at 1300, then t1 at 1500), sold at 1400 and 1600: 1400-1200, 1600-1000.
     assert (life.resold_after_due_p50_ms, life.resold_after_due_p99_ms) == (600.0, 600.0)
-    assert life.resold_per_s == round(2 / 0.3, 1)  # from the first unit back (1300) to the last resold (1600)
+    assert life.resold_per_s == round(2 / 0.3, 2)  # from the first unit back (1300) to the last resold (1600)
     # Only t1 was due before the buyers stopped (1100): t2's lateness is not under load.
     assert (life.expired_under_load, life.lateness_p50_ms, life.lateness_max_ms) == (1, 500.0, 500.0)
 
