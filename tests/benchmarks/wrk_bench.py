@@ -12,17 +12,20 @@ For each group size (1: a transaction per purchase; and the configured default),
   answering a fixed JSON, nothing else); each rate is printed as a ratio of the mean of the two;
 - crowd: the same live and sold-out runs of the default group size with `flashsale bench`'s buyers
   (bench/crowd.py) instead of wrk, each right after wrk's, as many attempts as wrk made, on the same
-  connections: the two load generators' rates side by side.
+  connections: the two load generators' rates side by side, each pair's ratio, and with `--rounds N`
+  (every run N times over, in turn) the median of the N pairs' ratios.
 
-Run on the local stack: `python -m tests.benchmarks.wrk_bench [--duration 10] [--connections 200]`.
+Run on the local stack: `python -m tests.benchmarks.wrk_bench [--duration 10] [--connections 200] [--rounds 1]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -256,10 +259,12 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     attempts = max(connections, int(like.requests_per_s * like.duration_s))
     stock = 10**9 if like.mode == "live" else 0
     with on_sale(settings, sku, stock), fleet_of(settings, like.group_size) as (pids, url):
+        tx_before = metric(url, "flashsale_transaction_purchases_count")
         meter = CpuMeter(pids)
         started = time.perf_counter()
         load = run_crowd(Crowd(url, (sku,), attempts=attempts, concurrency=connections), processes=processes)
         accepted = load.statuses.get("accepted", 0)
+        transactions = metric(url, "flashsale_transaction_purchases_count") - tx_before
         wait_applied(settings, sku, accepted)
         end_to_end_s = time.perf_counter() - started - (load.started - started)
         used = meter.used()
@@ -271,6 +276,7 @@ def measure_crowd(settings: Settings, like: Run, connections: int, processes: in
     if like.mode == "live" and accepted:
         run.accepted, run.end_to_end_s = accepted, round(end_to_end_s, 2)
         run.accepted_per_s = round(accepted / end_to_end_s, 1)
+        run.transactions_per_accepted = round(transactions / accepted, 4)
         run.cpu_ms_per_accepted = {name: round(1000 * s / accepted, 3) for name, s in used.items()}
     return run
 
@@ -295,6 +301,9 @@ def main() -> None:
     parser.add_argument(
         "--crowd-processes", type=int, default=DEFAULT_PROCESSES, help="0: no runs with the bench's buyers"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="every run this many times over, in turn (the box's drift shows)"
+    )
     args = parser.parse_args()
     with own_database("w") as settings:
         _main(settings, args)
@@ -309,13 +318,14 @@ def _main(settings: Settings, args: argparse.Namespace) -> None:
     before = measure_bare(args.duration, args.connections)
     default = Settings().producer.group_size
     runs: list[Run] = []
-    for size in args.group_sizes.split(","):
-        for wait in waits:
-            for mode in modes:
-                runs.append(measure(settings, int(size), mode, args.duration, args.connections, wait))
-                if args.crowd_processes and int(size) == default and wait is None:
-                    # Right after wrk's run, so that both meet the broker at about the same age (its JIT).
-                    runs.append(measure_crowd(settings, runs[-1], args.connections, args.crowd_processes))
+    for _ in range(args.rounds):
+        for size in args.group_sizes.split(","):
+            for wait in waits:
+                for mode in modes:
+                    runs.append(measure(settings, int(size), mode, args.duration, args.connections, wait))
+                    if args.crowd_processes and int(size) == default and wait is None:
+                        # Right after wrk's run, so that both meet the broker at about the same age (its JIT).
+                        runs.append(measure_crowd(settings, runs[-1], args.connections, args.crowd_processes))
     if args.validating:
         runs.append(measure_bare(args.duration, args.connections, validating=True))
     after = measure_bare(args.duration, args.connections)
@@ -356,14 +366,29 @@ def report(runs: list[Run], before: Run, after: Run, ceiling: float, args: argpa
         to_mysql = " / ".join(f"{v:,.0f}" for v in r.to_mysql_ms.values())
         reached = f"; pre-deduct to MySQL p50 / p90 / p99 {to_mysql} ms" if to_mysql else ""
         print(f"  group {r.group_size} {r.mode} ({r.generator}): {per}; {pct}{reached}")
-    for r in runs:
-        wrk = next((w for w in runs if w.generator == "wrk" and (w.group_size, w.mode) == (r.group_size, r.mode)), None)
-        if r.generator == "crowd" and wrk is not None and wrk.requests_per_s:
-            live = f", accepted/s end to end {r.accepted_per_s / wrk.accepted_per_s:.2f}" if wrk.accepted_per_s else ""
-            rate = r.requests_per_s / wrk.requests_per_s
+    compare_generators(runs)
+
+
+def compare_generators(runs: list[Run]) -> None:
+    """Each crowd run against the wrk run just before it (same group size and mode, the broker a few seconds
+    older), and the median of those ratios over the rounds: one pair moves with the box's noise."""
+    ratios: dict[tuple[int, str], list[float]] = {}
+    for wrk, r in itertools.pairwise(runs):
+        if r.generator != "crowd" or wrk.generator != "wrk" or not wrk.requests_per_s:
+            continue
+        live = f", accepted/s end to end {r.accepted_per_s / wrk.accepted_per_s:.2f}" if wrk.accepted_per_s else ""
+        rate = r.requests_per_s / wrk.requests_per_s
+        ratios.setdefault((r.group_size, r.mode), []).append(rate)
+        print(
+            f"bench's buyers / wrk, group {r.group_size} {r.mode}: requests/s {rate:.2f}{live}; "
+            f"CPU per request: the buyers {r.load_us_per_request} µs, wrk {wrk.load_us_per_request} µs"
+        )
+    for (size, mode), each in ratios.items():
+        if len(each) > 1:
+            within = sum(0.8 <= x <= 1.2 for x in each)
             print(
-                f"bench's buyers / wrk, group {r.group_size} {r.mode}: requests/s {rate:.2f}{live}; "
-                f"CPU per request: the buyers {r.load_us_per_request} µs, wrk {wrk.load_us_per_request} µs"
+                f"bench's buyers / wrk, group {size} {mode}, {len(each)} pairs: requests/s median "
+                f"{statistics.median(each):.2f}, {within} of {len(each)} within 20%"
             )
 
 
