@@ -145,6 +145,12 @@ class ProducerSettings:
     group_wait_ms: float = setting(
         2.0, "GROUP_WAIT_MS", "longest a purchase waits for others to share its transaction", kind="number"
     )
+    group_hold_ms: float = setting(
+        50.0,
+        "GROUP_HOLD_MS",
+        "longest a group whose wait is up waits on for a transaction of its SKU under way (0: never)",
+        kind="number",
+    )
     payments: PaymentSettings = group(PaymentSettings)
 
 

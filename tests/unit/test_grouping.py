@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flashsale.models import PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.grouping import Grouper
@@ -132,3 +132,90 @@ def test_a_sku_that_is_not_eager_still_waits_for_its_group_to_fill_or_its_timer(
 
     assert asyncio.run(run()) >= 0.25
     assert gate.groups == [["a"]]
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time given"
+        await asyncio.sleep(0.005)
+
+
+def test_a_group_whose_wait_is_up_while_one_of_its_sku_is_under_way_closes_as_that_one_is_answered() -> None:
+    gate = Gate()
+    grouper = Grouper(gate.handle, size=100, wait_s=0.01, hold_s=30)
+
+    async def run() -> list[PurchaseResult]:
+        first = asyncio.ensure_future(grouper.submit(_request("s", "a")))
+        await _until(lambda: gate.groups == [["a"]])  # nothing under way: it closed at its wait
+        later = [asyncio.ensure_future(grouper.submit(_request("s", t))) for t in ("b", "c")]
+        await asyncio.sleep(0.1)  # ten times its wait
+        assert gate.groups == [["a"]]  # held while "a" is under way
+        later.append(asyncio.ensure_future(grouper.submit(_request("s", "d"))))  # still joins it
+        await asyncio.sleep(0.01)
+        gate.release.set()
+        return list(await asyncio.wait_for(asyncio.gather(first, *later), 5))
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    assert [r.token for r in results] == ["a", "b", "c", "d"]
+    assert gate.groups == [["a"], ["b", "c", "d"]]
+    assert time.monotonic() - started < 5  # closed by the answer, not by its 30 s bound
+
+
+def test_a_held_group_closes_at_its_bound_behind_a_slow_transaction_or_at_its_size() -> None:
+    gate = Gate()
+    grouper = Grouper(gate.handle, size=3, wait_s=0.01, hold_s=1.0)
+
+    async def run() -> list[PurchaseResult]:
+        first = asyncio.ensure_future(grouper.submit(_request("s", "a")))
+        await _until(lambda: gate.groups == [["a"]])
+        held_at = time.monotonic()
+        second = asyncio.ensure_future(grouper.submit(_request("s", "b")))
+        await asyncio.sleep(0.1)
+        assert gate.groups == [["a"]]
+        await _until(lambda: len(gate.groups) == 2)  # "a" is still under way: the bound closed it
+        assert gate.groups == [["a"], ["b"]]
+        assert time.monotonic() - held_at >= 0.9
+        full = [asyncio.ensure_future(grouper.submit(_request("s", t))) for t in ("c", "d")]
+        await asyncio.sleep(0.1)
+        assert len(gate.groups) == 2  # held: "a" and "b" are under way
+        full.append(asyncio.ensure_future(grouper.submit(_request("s", "e"))))
+        await _until(lambda: len(gate.groups) == 3)  # filled: closed at its size, long before its bound
+        assert gate.groups[2] == ["c", "d", "e"]
+        assert time.monotonic() - held_at < 1.9
+        gate.release.set()
+        return list(await asyncio.wait_for(asyncio.gather(first, second, *full), 5))
+
+    assert [r.token for r in asyncio.run(run())] == ["a", "b", "c", "d", "e"]
+
+
+def test_without_a_hold_or_for_another_sku_a_group_closes_at_its_wait_beside_one_under_way() -> None:
+    for hold_s, second_sku in ((0.0, "s"), (30.0, "other")):
+        gate = Gate()
+        grouper = Grouper(gate.handle, size=100, wait_s=0.01, hold_s=hold_s)
+
+        async def run(grouper: Grouper, gate: Gate, sku: str) -> None:
+            first = asyncio.ensure_future(grouper.submit(_request("s", "a")))
+            await _until(lambda: gate.groups == [["a"]])
+            second = asyncio.ensure_future(grouper.submit(_request(sku, "b")))
+            await _until(lambda: gate.groups == [["a"], ["b"]])  # "a" is still under way
+            gate.release.set()
+            await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+        asyncio.run(run(grouper, gate, second_sku))
+
+
+def test_an_eager_skus_group_is_not_held_its_wait_still_bounds_it() -> None:
+    gate = Gate()
+    grouper = Grouper(gate.handle, size=100, wait_s=0.01, hold_s=30, eager=lambda sku: sku == "gone")
+
+    async def run() -> None:
+        first = asyncio.ensure_future(grouper.submit(_request("gone", "a")))
+        await _until(lambda: gate.groups == [["a"]])
+        second = asyncio.ensure_future(grouper.submit(_request("gone", "b")))
+        await _until(lambda: gate.groups == [["a"], ["b"]])  # at its wait, though "a" is still being read
+        gate.release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+    asyncio.run(run())

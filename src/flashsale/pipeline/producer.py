@@ -93,6 +93,7 @@ class PurchaseService:
         *,
         group_size: int = 1,
         group_wait_s: float = 0.0,
+        group_hold_s: float = 0.0,
         sold_out_cache_s: float = 0.5,
         failpoint_names: frozenset[str] = frozenset(),
         observe: Observer | None = None,
@@ -110,7 +111,9 @@ class PurchaseService:
         self._observe_group = observe_group
         # A sold-out SKU's groups are one Redis read each, no transaction: one closes as soon as the last is
         # answered, so a sold-out answer waits for no timer.
-        self._grouper = Grouper(self._handle_group, size=group_size, wait_s=group_wait_s, eager=self._sold_out.marked)
+        self._grouper = Grouper(
+            self._handle_group, size=group_size, wait_s=group_wait_s, hold_s=group_hold_s, eager=self._sold_out.marked
+        )
 
     async def purchase(self, sku: object, user_id: object, qty: object, token: object) -> PurchaseResult:
         """Validate and submit one purchase. Never raises for a business outcome."""

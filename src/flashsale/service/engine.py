@@ -55,6 +55,7 @@ class PurchaseEngine:
             settings.deduction_topic,
             group_size=cfg.group_size,
             group_wait_s=cfg.group_wait_ms / 1000,
+            group_hold_s=cfg.group_hold_ms / 1000,
             sold_out_cache_s=cfg.sold_out_cache_s,
             failpoint_names=settings.failpoints,
             observe=metrics.purchase if metrics else None,
