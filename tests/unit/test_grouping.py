@@ -219,3 +219,68 @@ def test_an_eager_skus_group_is_not_held_its_wait_still_bounds_it() -> None:
         await asyncio.wait_for(asyncio.gather(first, second), 5)
 
     asyncio.run(run())
+
+
+class Gates:
+    """A handler that holds each group until the test lets that one go."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.releases: list[asyncio.Event] = []
+
+    async def handle(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        self.groups.append([r.token for r in requests])
+        release = asyncio.Event()
+        self.releases.append(release)
+        await release.wait()
+        return [PurchaseResult(PurchaseStatus.ACCEPTED, r.token) for r in requests]
+
+
+def test_a_held_group_closes_at_the_first_answer_of_its_sku_once_and_leaves_nothing_behind() -> None:
+    gates = Gates()
+    grouper = Grouper(gates.handle, size=100, wait_s=0.01, hold_s=1.0)
+
+    async def run() -> list[PurchaseResult]:
+        a = asyncio.ensure_future(grouper.submit(_request("s", "a")))
+        await _until(lambda: gates.groups == [["a"]])
+        b = asyncio.ensure_future(grouper.submit(_request("s", "b")))
+        await _until(lambda: len(gates.groups) == 2)  # held, then closed by its bound: "a" is still under way
+        c = asyncio.ensure_future(grouper.submit(_request("s", "c")))
+        await asyncio.sleep(0.1)
+        assert gates.groups == [["a"], ["b"]]  # held behind "a" and "b"
+        released = time.monotonic()
+        gates.releases[0].set()  # "a" answered, "b" still under way
+        await _until(lambda: len(gates.groups) == 3)
+        assert gates.groups[2] == ["c"]
+        assert time.monotonic() - released < 0.5  # by that answer, not by its bound 0.9 s later
+        for release in gates.releases:
+            release.set()
+        answers = list(await asyncio.wait_for(asyncio.gather(a, b, c), 5))
+        await asyncio.sleep(1.2)  # past the bound "c" was held for: it must not close it again
+        return answers
+
+    assert [r.status for r in asyncio.run(run())] == [PurchaseStatus.ACCEPTED] * 3
+    assert gates.groups == [["a"], ["b"], ["c"]]
+    assert grouper.idle and not grouper._handling
+
+
+def test_a_group_whose_handler_is_cancelled_answers_pending_and_holds_no_later_group() -> None:
+    calls: list[list[str]] = []
+
+    async def handle(sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
+        calls.append([r.token for r in requests])
+        if len(calls) == 1:
+            raise asyncio.CancelledError  # a gRPC call cancelled under it, say
+        return [PurchaseResult(PurchaseStatus.ACCEPTED, r.token) for r in requests]
+
+    grouper = Grouper(handle, size=100, wait_s=0.01, hold_s=30)
+
+    async def run() -> tuple[PurchaseResult, PurchaseResult]:
+        first = await asyncio.wait_for(grouper.submit(_request("s", "a")), 5)
+        second = await asyncio.wait_for(grouper.submit(_request("s", "b")), 5)  # not held for 30 s
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert (first.status, second.status) == (PurchaseStatus.PENDING, PurchaseStatus.ACCEPTED)
+    assert calls == [["a"], ["b"]]
+    assert grouper.idle and not grouper._handling

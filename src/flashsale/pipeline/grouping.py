@@ -9,10 +9,11 @@ A group whose `wait_s` is up while another group of its SKU is being handled is 
 soon as a group of its SKU is answered, at its size, or `hold_s` later, whichever comes first. Under
 load the purchases that arrive while a transaction is under way then share the next one, rather than
 starting transactions of their own beside it: every transaction costs the broker a half message, a
-commit, a delivery and an ack whatever it carries (docs/performance.md, run P: 37 to 43% fewer
-transactions, the broker's CPU per purchase 11 to 26% lower, no higher latency). `hold_s` bounds the
-wait behind a slow transaction; 0 never holds. An eager SKU's groups (below) are never held: they cost
-no transaction.
+commit, a delivery and an ack whatever it carries (docs/performance.md, run P: under a saturating load,
+a median 37% fewer transactions and 11% less of the broker's CPU per purchase, latency no higher). At a
+light load with slow transactions a purchase may wait up to `hold_s` longer: `hold_s` bounds the wait
+behind a slow transaction; 0 never holds. An eager SKU's groups (below) are never held: they cost no
+transaction.
 
 An eager SKU (one the caller knows is sold out, whose groups cost one Redis read and no transaction)
 does not wait for the timer when it need not: its group closes at once when none of its groups is being
@@ -116,19 +117,30 @@ class Grouper:
 
     async def _run(self, sku: str, group: _Group) -> None:
         try:
-            results = await self._handle(sku, group.requests)
-        except Exception:  # the handler answers every failure itself; this is a bug, not an outcome
-            logger.exception("a group of %d purchases of %s failed", len(group.requests), sku)
-            # Whether its pre-deduct ran is not known here: the buyers learn it by asking again.
-            results = [
-                PurchaseResult(PurchaseStatus.PENDING, r.token, message="the outcome is not known; ask again")
-                for r in group.requests
-            ]
-        for answer, result in zip(group.answers, results, strict=True):
-            if not answer.done():
-                answer.set_result(result)
-        group.answered.set_result(None)
-        self._handled(sku)
+            try:
+                results = await self._handle(sku, group.requests)
+            except Exception:  # the handler answers every failure itself; this is a bug, not an outcome
+                logger.exception("a group of %d purchases of %s failed", len(group.requests), sku)
+                results = []
+            else:
+                if len(results) != len(group.requests):  # a bug too: the rest hear `pending`
+                    logger.error("%d answers for a group of %d purchases of %s", len(results), len(group.requests), sku)
+            for answer, result in zip(group.answers, results, strict=False):
+                if not answer.done():
+                    answer.set_result(result)
+        finally:
+            # Even when cancelled: every purchase gets an answer, and the SKU's count of groups being
+            # handled comes down (a count left behind would hold each later group of the SKU for hold_s).
+            for answer, request in zip(group.answers, group.requests, strict=True):
+                if not answer.done():
+                    # Whether its pre-deduct ran is not known here: the buyers learn it by asking again.
+                    answer.set_result(
+                        PurchaseResult(
+                            PurchaseStatus.PENDING, request.token, message="the outcome is not known; ask again"
+                        )
+                    )
+            group.answered.set_result(None)
+            self._handled(sku)
 
     def _handled(self, sku: str) -> None:
         """A group of `sku` is answered: the one open now closes at once if it was held for this, or if the
