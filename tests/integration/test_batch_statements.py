@@ -85,3 +85,49 @@ def test_a_batch_longer_than_one_insert_is_sent_in_statements_of_at_most_rows_pe
     assert (len(report.applied), report.duplicates) == (7, 1)
     view = one_session.view(sku)
     assert (view.stock, view.deductions, view.orders) == (2, 8, 8)
+
+
+#: Strings that would break a statement built by pasting them in, or that a careless escape would change:
+#: quotes, backslashes, the driver's placeholder and the statement's field, NUL, control characters,
+#: characters of 2 to 4 bytes in UTF-8.
+AWKWARD = [
+    "it's",
+    "o''clock",
+    'say "hi"',
+    "back\\slash\\",
+    "100%",
+    "%s%%",
+    "{rows}",
+    "x'); DROP TABLE orders; --",
+    "nul\x00byte",
+    "line\nbreak\r\ttab\x1a",
+    "naïve-é",
+    "订单",
+    "🙂🛒",
+    "",
+]
+
+
+def test_a_batch_writes_every_string_exactly_as_given_whatever_it_holds(one_session: MySQLStore, sku: str) -> None:
+    # The batch's rows are rendered into one statement (store._values): read back with raw SQL, every
+    # field must be the string the deduction carried, byte for byte, in the deductions and in the orders.
+    awkward_sku = f"{sku}-'\\%🙂"
+    for s in (sku, awkward_sku):
+        one_session.load_stock(s, 100)
+    batch = [
+        Incoming(Deduction(f"t{i}-{text}", s, f"u-{text}", 1, 1_700_000_000_000 + i), message_id=f"m-{text}", topic="t")
+        for i, text in enumerate(AWKWARD)
+        for s in (sku, awkward_sku)
+    ]
+    report = one_session.apply_batch(batch)
+    assert len(report.applied) == len(batch)
+    want = {(i.deduction.sku, i.deduction.token, i.deduction.user_id, i.message_id) for i in batch}
+    with one_session.transaction("read the rows back") as conn:
+        skus = {"skus": (sku, awkward_sku)}
+        rows = conn.execute(
+            sa.text("SELECT sku, token, user_id, message_id, created_ms FROM stock_deductions WHERE sku IN :skus"), skus
+        ).all()
+        orders = conn.execute(sa.text("SELECT sku, token, user_id FROM orders WHERE sku IN :skus"), skus).all()
+    assert {(r.sku, r.token, r.user_id, r.message_id) for r in rows} == want
+    assert {int(r.created_ms) for r in rows} == {i.deduction.ts_ms for i in batch}
+    assert {tuple(r) for r in orders} == {(s, t, u) for s, t, u, _ in want}

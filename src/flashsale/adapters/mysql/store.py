@@ -9,7 +9,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from itertools import chain
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -395,9 +394,14 @@ class Row(NamedTuple):
     created_ms: int
 
 
-_ROW_PLACEHOLDERS = "(" + ",".join(["%s"] * len(Row._fields)) + ")"  # the driver's (PyMySQL's), one per column
+#: A row as SQL: its strings as hexadecimal literals (their UTF-8 bytes), which no character can break out of
+#: whatever the server's sql_mode (NO_BACKSLASH_ESCAPES or not), its numbers as digits.
+_ROW_SQL = "(X'%s',X'%s',X'%s',%d,X'%s',X'%s',X'%s',%d)"
+#: Rendered whole, the statement goes to the driver as it is: no placeholders, so nothing in it is read as one.
+_AS_IS = {"no_parameters": True}
 #: Rows per INSERT statement: a batch of given-back orders may carry 100,000 tokens, and one statement of
-#: them all would pass the server's max_allowed_packet (16 MB on MariaDB by default); 1,000 rows take ~300 KB.
+#: them all would pass the server's max_allowed_packet (16 MB on MariaDB by default); 1,000 rows take ~300 KB,
+#: 2.5 MB if every field were at its longest, of 4-byte characters.
 ROWS_PER_INSERT = 1000
 
 
@@ -421,15 +425,13 @@ def _insert_deductions(conn: Connection, rows: list[Row], batch_id: str, report:
     """Insert the rows (existing tokens are ignored); returns the ones new in this batch, by SKU, in token
     order.
 
-    The rows go as one statement with positional parameters, bound by the driver in one pass: given as
-    a row of named parameters each, SQLAlchemy and PyMySQL handled every row on its own, the largest share
-    of a consumer's CPU per purchase. Which rows are new is counted, not read back: reading every row of
-    the batch back cost about as much as binding it. Tokens are read only when some existed already (a
-    redelivery, a replay)."""
+    The rows go as one statement of literals (_values): bound by the driver, eight parameters a row and an
+    escape call each, they were the largest share of a consumer's CPU per purchase. Which rows are new is
+    counted, not read back: reading every row of the batch back cost about as much as binding it. Tokens
+    are read only when some existed already (a redelivery, a replay)."""
     for start in range(0, len(rows), ROWS_PER_INSERT):  # in token order, statement after statement
-        some = rows[start : start + ROWS_PER_INSERT]
-        values = ",".join([_ROW_PLACEHOLDERS] * len(some))
-        conn.exec_driver_sql(sql.query("insert_deductions").format(rows=values), tuple(chain.from_iterable(some)))
+        statement = sql.query("insert_deductions").format(rows=_values(rows[start : start + ROWS_PER_INSERT]))
+        conn.exec_driver_sql(statement, execution_options=_AS_IS)
     new = rows
     if int(conn.execute(query("count_batch_deductions"), {"batch_id": batch_id}).scalar_one()) < len(rows):
         ours = {(r[0], r[1]) for r in conn.execute(query("batch_deduction_keys"), {"batch_id": batch_id})}
@@ -439,6 +441,27 @@ def _insert_deductions(conn: Connection, rows: list[Row], batch_id: str, report:
     for row in new:
         fresh[row.sku].append(row)
     return fresh
+
+
+def _values(rows: Sequence[Row]) -> str:
+    """The rows as the VALUES of an INSERT, in their order: one format a row (PyMySQL took 6 µs a row to
+    bind them, this takes 1)."""
+    return ",".join(
+        [
+            _ROW_SQL
+            % (
+                token.encode().hex(),
+                sku.encode().hex(),
+                user_id.encode().hex(),
+                qty,
+                message_id.encode().hex(),
+                source.encode().hex(),
+                batch_id.encode().hex(),
+                created_ms,
+            )
+            for token, sku, user_id, qty, message_id, source, batch_id, created_ms in rows
+        ]
+    )
 
 
 def _applied_before(unique: dict[Key, Incoming], known: set[str], fresh: dict[str, list[Row]]) -> dict[str, list[str]]:

@@ -1,7 +1,7 @@
 -- Every statement flashsale runs, by name. Parameters are named (:name); never build SQL from input.
--- One exception: insert_deductions takes a batch's rows as the driver's positional placeholders, put in
--- the place of its rows field by store.py (_insert_deductions), so that no literal percent sign or brace
--- may appear in that statement.
+-- One exception: insert_deductions takes a batch's rows as literals, put in the place of its rows field
+-- by store.py (_values): every string as a hexadecimal literal of its bytes, every number as digits, so
+-- nothing of a row can be read as SQL. No literal brace may appear in that statement.
 
 -- name: create_schema_version
 CREATE TABLE IF NOT EXISTS schema_version (
