@@ -133,7 +133,11 @@ class ProducerSettings:
         2048, "MAX_IN_FLIGHT", "purchases queued in the producer before it answers 503", kind="int", minimum=1
     )
     sold_out_cache_s: float = setting(
-        0.5, "SOLD_OUT_CACHE_S", "how long a producer trusts its local sold-out flag", kind="number"
+        0.5,
+        "SOLD_OUT_CACHE_S",
+        "how long a producer trusts what it last saw of a SKU's stock: sold out, or stock left (no read ahead of"
+        " a group's transaction); 0: every group is read first",
+        kind="number",
     )
     group_size: int = setting(
         256,

@@ -170,8 +170,11 @@ class Producer:
             "deductions",
             group_size=64,
             group_wait_s=0.001,
-            sold_out_cache_s=0.0,
+            # Producer 0 reads every group first; producer 1 trusts what it last saw of a SKU's stock until
+            # time passes (a SKU in stock goes straight to its transaction): the search takes both paths.
+            sold_out_cache_s=0.0 if n == 0 else HOUR_S / 2,
             scheduler=self.scheduler,
+            clock=self.clock,
         )
         self.orders = OrderDesk(self.stock, self.bus, "deductions")  # type: ignore[arg-type]
         self.groups: list[asyncio.Task[Any]] = []

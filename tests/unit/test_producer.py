@@ -320,6 +320,93 @@ def test_sold_out_cache_lets_the_prededuct_decide_when_the_stock_cannot_tell() -
     assert not asyncio.run(cache.is_sold_out("sku-1"))
 
 
+def test_a_sku_seen_with_stock_skips_the_read_until_the_ttl_then_reads_again() -> None:
+    stock, bus, clock = FakeStock(PredeductResult(Prededuct.ACCEPTED, 9)), FakeBus(), Clock()
+    service = PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=0.5, clock=clock)
+    buy = _Service(service).purchase
+    assert buy("sku-1", "u1", 1, "t1").status is PurchaseStatus.ACCEPTED
+    clock.now += 0.4
+    assert buy("sku-1", "u2", 1, "t2").status is PurchaseStatus.ACCEPTED  # straight to its transaction
+    clock.now += 0.4  # 0.8 s after the read, 0.4 after the pre-deduct that saw 9 left: still trusted
+    assert buy("sku-1", "u3", 1, "t3").status is PurchaseStatus.ACCEPTED
+    clock.now += 0.6
+    assert buy("sku-1", "u4", 1, "t4").status is PurchaseStatus.ACCEPTED
+    assert stock.calls == [
+        "peek sku-1 t1",
+        "prededuct sku-1 t1 msg-1",
+        "prededuct sku-1 t2 msg-2",
+        "prededuct sku-1 t3 msg-3",
+        "peek sku-1 t4",
+        "prededuct sku-1 t4 msg-4",
+    ]
+    # Another SKU is not this one: it is read.
+    buy("sku-2", "u1", 1, "t5")
+    assert stock.calls[-2:] == ["peek sku-2 t5", "prededuct sku-2 t5 msg-5"]
+
+
+@pytest.mark.parametrize(
+    ("last", "left"),
+    [
+        (PredeductResult(Prededuct.ACCEPTED, 0), "the last unit sold"),
+        (PredeductResult(Prededuct.SOLD_OUT, 0), "none left"),
+        (PredeductResult(Prededuct.UNKNOWN_SKU, None), "no stock known"),
+    ],
+)
+def test_a_prededuct_that_leaves_no_stock_or_cannot_tell_brings_the_read_back(last: PredeductResult, left: str) -> None:
+    stock, bus, clock = FakeStock(PredeductResult(Prededuct.ACCEPTED, 9)), FakeBus(), Clock()
+    service = PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=60, clock=clock)
+    buy = _Service(service).purchase
+    buy("sku-1", "u1", 1, "t1")
+    stock.result = last
+    buy("sku-1", "u2", 1, "t2")  # skipped the read: the SKU had 9 left
+    stock.result = PredeductResult(Prededuct.ACCEPTED, 9)
+    buy("sku-1", "u3", 1, "t3")
+    assert stock.calls[1:4] == ["prededuct sku-1 t1 msg-1", "prededuct sku-1 t2 msg-2", "peek sku-1 t3"], left
+
+
+def test_a_token_seen_before_on_a_sku_in_stock_is_answered_by_its_prededuct() -> None:
+    # No read ahead of the transaction: the pre-deduct's own `duplicate` (with the message that deducted
+    # the token) is the answer, and nothing is deducted again.
+    before = LogEntry("seen", "deducted", "sku-1", "u1", 1, 0, message_id="msg-before")
+    stock, bus, clock = FakeStock(PredeductResult(Prededuct.ACCEPTED, 9)), FakeBus(), Clock()
+    buy = _Service(PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=60, clock=clock)).purchase
+    buy("sku-1", "u1", 1, "t1")
+    stock.entries["seen"] = before  # a read would find it: none is made
+    stock.result = PredeductResult(Prededuct.DUPLICATE, 8, entry=before)
+    again = buy("sku-1", "u1", 1, "seen")
+    assert (again.status, again.message_id, again.remaining) == (PurchaseStatus.DUPLICATE, "msg-before", 8)
+    assert stock.calls[-1] == "prededuct sku-1 seen msg-2" and "peek sku-1 seen" not in stock.calls
+    assert bus.calls[-2:] == ["send_half seen", "rollback msg-2"]  # nothing accepted: rolled back
+
+
+def test_a_broker_that_refuses_the_half_message_brings_the_read_back() -> None:
+    # With no broker, the read's answers (a token seen before, sold out, the limit) are the only ones a
+    # buyer can have: the group after the refused one is read first again.
+    before = LogEntry("seen", "deducted", "sku-1", "u1", 1, 0, message_id="msg-before")
+    stock, bus, clock = FakeStock(PredeductResult(Prededuct.ACCEPTED, 9)), FakeBus(), Clock()
+    buy = _Service(PurchaseService(stock, bus, "ns-deductions", sold_out_cache_s=60, clock=clock)).purchase
+    buy("sku-1", "u1", 1, "t1")
+    bus.fail_send = True
+    stock.entries["seen"] = before
+    assert buy("sku-1", "u1", 1, "seen").status is PurchaseStatus.ERROR  # straight to the broker: refused
+    again = buy("sku-1", "u1", 1, "seen")
+    assert (again.status, again.message_id) == (PurchaseStatus.DUPLICATE, "msg-before")
+    assert stock.calls == ["peek sku-1 t1", "prededuct sku-1 t1 msg-1", "peek sku-1 seen"]
+
+
+def test_a_sold_out_flag_read_clear_is_no_sign_of_stock_left() -> None:
+    # The flag says only that the SKU is not sold out (or could not be read): its groups are still read.
+    for flag in (FakeStock(sold_out=False), FakeStock(error=ServiceUnavailable("Redis", "x:1", "down"))):
+        clock = Clock()
+        cache = SoldOutCache(flag, ttl_s=0.5, clock=clock)
+        cache.mark("sku-1")
+        clock.now += 1
+        assert not asyncio.run(cache.is_sold_out("sku-1"))
+        assert not cache.in_stock("sku-1")
+        cache.saw_stock("sku-1")
+        assert cache.in_stock("sku-1") and not cache.marked("sku-1")
+
+
 def _spread(stock: FakeStock, bus: FakeBus) -> list[PurchaseResult]:
     """Three purchases of one SKU on two partitions, as the scheduler places them: one transaction."""
     service = PurchaseService(stock, bus, "ns-deductions")
@@ -385,7 +472,8 @@ def test_a_token_seen_before_is_told_duplicate_only_once_a_replica_holds_its_ent
     entry = LogEntry("seen", "deducted", "sku-1", "u1", 1, 0, message_id="msg-before")
     stock = FakeStock(entries={"seen": entry})
     stock.unconfirmed = ServiceUnavailable("Redis", "127.0.0.1:7000", "no replica acknowledged within 500 ms")
-    service = PurchaseService(stock, FakeBus(), "ns-deductions")
+    # Every group read first (no stock seen is trusted): the retry is answered by the read, as the first.
+    service = PurchaseService(stock, FakeBus(), "ns-deductions", sold_out_cache_s=0)
     pending = asyncio.run(service.purchase("sku-1", "u1", 1, "seen"))
     # The master holds the entry, no replica does yet: a failover could still lose it, so not `duplicate`.
     assert (pending.status, pending.message_id) == (PurchaseStatus.PENDING, "msg-before")

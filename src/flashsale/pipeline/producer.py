@@ -8,7 +8,9 @@ awaits the broker and Redis without holding a thread.
   and one pre-deduct serve them all, each purchase keeping its own rules and answer.
 - Before a group is sent, one Redis read answers those that cannot succeed, with no broker call: a
   token seen before (its original answer: `duplicate` once a replica holds its entry, where there are
-  replicas, else `pending`), an unknown SKU, a sold-out SKU, a buyer at the limit.
+  replicas, else `pending`), an unknown SKU, a sold-out SKU, a buyer at the limit. A SKU seen with
+  stock left within the last moment skips that read: its group goes straight to its transaction, whose
+  pre-deduct answers all the read would (the read is a hint, the pre-deduct decides).
 - A partitioned SKU's group is placed by the scheduler (partitions.py): still one half message, whose
   pre-deduct runs on each partition its purchases go to (local_tx.py).
 - The order of a transaction matters. The half message goes first so that a deduction can never exist
@@ -46,6 +48,7 @@ _BROKER_DOWN = "the message broker is unavailable; nothing was deducted, try aga
 
 class SoldOutCache:
     """SKUs known to be sold out, trusted for `ttl_s`; then asked of Redis again (a restock clears it).
+    And SKUs seen with stock left, for as long: their groups need no read ahead of their transactions.
 
     Used from one event loop only, so it needs no lock.
     """
@@ -55,13 +58,29 @@ class SoldOutCache:
         self._ttl_s = ttl_s
         self._clock = clock
         self._until: dict[str, float] = {}
+        self._stocked: dict[str, float] = {}
 
     def mark(self, sku: str) -> None:
         self._until[sku] = self._clock() + self._ttl_s
+        self._stocked.pop(sku, None)
 
     def clear(self, sku: str) -> None:
-        """Stock was just seen: the SKU is not sold out."""
+        """The SKU is not sold out, as far as a flag can tell (not that it has stock left)."""
         self._until.pop(sku, None)
+
+    def saw_stock(self, sku: str) -> None:
+        """Stock left was just seen: the SKU is not sold out, and its groups need no read for `ttl_s`."""
+        self._until.pop(sku, None)
+        self._stocked[sku] = self._clock() + self._ttl_s
+
+    def forget(self, sku: str) -> None:
+        """Whether the SKU has stock is not known (its sold-out flag, when set, stands)."""
+        self._stocked.pop(sku, None)
+
+    def in_stock(self, sku: str) -> bool:
+        """Seen with stock left within `ttl_s` (no Redis call)."""
+        until = self._stocked.get(sku)
+        return until is not None and self._clock() < until
 
     def marked(self, sku: str) -> bool:
         """Seen sold out within `ttl_s` (no Redis call)."""
@@ -99,13 +118,14 @@ class PurchaseService:
         observe: Observer | None = None,
         observe_group: GroupObserver | None = None,
         scheduler: Scheduler | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stock = stock
         #: Places purchases of partitioned SKUs; without one, every SKU is sold from its own keys.
         self._scheduler = scheduler
         self._bus = bus
         self._topic = topic
-        self._sold_out = SoldOutCache(stock, sold_out_cache_s)
+        self._sold_out = SoldOutCache(stock, sold_out_cache_s, clock)
         self._failpoints = failpoint_names
         self._observe = observe
         self._observe_group = observe_group
@@ -153,7 +173,14 @@ class PurchaseService:
         return await self._scheduler.sell(layout, requests, self._send_to_parts)
 
     async def _handle_sku(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
-        """Answer what one Redis read can answer; send the rest as one transaction."""
+        """Answer what one Redis read can answer; send the rest as one transaction.
+
+        A SKU seen with stock left (by the last read or pre-deduct, within the cache's time) skips the read:
+        its pre-deduct answers a token seen before, a buyer at the limit or the last units gone as the read
+        would, and under load the read cost a group about as much CPU as a transaction of rejections saves
+        (run Q in docs/performance.md). Once a pre-deduct leaves no stock, the reads come back."""
+        if self._sold_out.in_stock(sku):
+            return await self.commit_group(sku, requests)
         sold_out = await self._sold_out.is_sold_out(sku)
         try:
             peek = await self._stock.peek(sku, requests)
@@ -167,7 +194,7 @@ class PurchaseService:
             if not any(peek.entries.values()):  # no token seen before: every answer is the same, in one pass
                 return [local_tx.sold_out(r.token, sku) for r in requests]
         elif peek.stock:
-            self._sold_out.clear(sku)
+            self._sold_out.saw_stock(sku)
         answers = await self._seen(sku, requests, peek)
         answers = [a or self._early(r, peek) for a, r in zip(answers, requests, strict=True)]
         rest = [i for i, a in enumerate(answers) if a is None]
@@ -244,14 +271,27 @@ class PurchaseService:
         message = local_tx.message(sku, requests, list(parts) if parts else [sku] * len(requests), gid)
         half = await self._send_half(sku, requests, message, gid)
         if half is None:
+            # The next group is read first: with no broker, the read's answers (a token seen before, sold
+            # out, the limit) are the only ones a buyer can have.
+            self._sold_out.forget(sku)
             return [(r, None) for r in self._all(requests, PurchaseStatus.ERROR, _BROKER_DOWN)]
         run = LocalTransaction(requests, message)
         await run.run(self._stock, gid, 0 if parts is None else epoch)
         failpoints.hit(self._failpoints, failpoints.AFTER_PREDEDUCT)
         await self._settle(sku, gid, run, half)
-        if parts is None and any(o is not None and o.remaining == 0 for o in run.outcomes):
-            self._sold_out.mark(sku)
+        if parts is None:
+            self._saw(sku, [o.remaining for o in run.outcomes if o is not None and o.remaining is not None])
         return [(run.answer(i, gid), o.code if o else None) for i, o in enumerate(run.outcomes)]
+
+    def _saw(self, sku: str, remaining: Sequence[int]) -> None:
+        """What a pre-deduct left of a SKU's stock: none (sold out), some (in stock), or it cannot tell (an
+        unknown SKU, a pre-deduct that failed): then the next group reads first."""
+        if 0 in remaining:
+            self._sold_out.mark(sku)
+        elif remaining:
+            self._sold_out.saw_stock(sku)
+        else:
+            self._sold_out.forget(sku)
 
     async def _send_half(
         self, sku: str, requests: Sequence[PurchaseRequest], message: DeductionMessage, gid: str
