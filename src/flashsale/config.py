@@ -152,7 +152,7 @@ class ProducerSettings:
     group_hold_ms: float = setting(
         50.0,
         "GROUP_HOLD_MS",
-        "longest a group whose wait is up waits on for a transaction of its SKU under way (0: never)",
+        "longest a group whose wait is up waits on while another group of its SKU is under way (0: never)",
         kind="number",
     )
     payments: PaymentSettings = group(PaymentSettings)
