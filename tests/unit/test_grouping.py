@@ -86,16 +86,28 @@ def test_a_token_twice_in_the_window_waits_for_its_first_group_and_joins_a_later
 
 
 class Gate:
-    """A handler that holds each group until the test lets it go."""
+    """A handler that holds each group until the test lets it go: one (`releases[i]`, in the order the
+    groups came), or every group, those to come too (`open`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: PurchaseStatus = PurchaseStatus.SOLD_OUT) -> None:
         self.groups: list[list[str]] = []
-        self.release = asyncio.Event()
+        self.releases: list[asyncio.Event] = []
+        self._status = status
+        self._opened = False
 
     async def handle(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
         self.groups.append([r.token for r in requests])
-        await self.release.wait()
-        return [PurchaseResult(PurchaseStatus.SOLD_OUT, r.token) for r in requests]
+        release = asyncio.Event()
+        self.releases.append(release)
+        if self._opened:
+            release.set()
+        await release.wait()
+        return [PurchaseResult(self._status, r.token) for r in requests]
+
+    def open(self) -> None:
+        self._opened = True
+        for release in self.releases:
+            release.set()
 
 
 def test_an_eager_skus_group_closes_at_once_and_the_next_as_soon_as_the_last_is_answered() -> None:
@@ -110,7 +122,7 @@ def test_an_eager_skus_group_closes_at_once_and_the_next_as_soon_as_the_last_is_
         later = [asyncio.ensure_future(grouper.submit(_request("gone", t))) for t in ("b", "c")]
         await asyncio.sleep(0.01)
         assert gate.groups == [["a"]]
-        gate.release.set()
+        gate.open()
         return list(await asyncio.wait_for(asyncio.gather(first, *later), 5))
 
     started = time.monotonic()
@@ -122,7 +134,7 @@ def test_an_eager_skus_group_closes_at_once_and_the_next_as_soon_as_the_last_is_
 
 def test_a_sku_that_is_not_eager_still_waits_for_its_group_to_fill_or_its_timer() -> None:
     gate = Gate()
-    gate.release.set()
+    gate.open()
     grouper = Grouper(gate.handle, size=100, wait_s=0.3, eager=lambda sku: sku == "gone")
 
     async def run() -> float:
@@ -153,7 +165,7 @@ def test_a_group_whose_wait_is_up_while_one_of_its_sku_is_under_way_closes_as_th
         assert gate.groups == [["a"]]  # held while "a" is under way
         later.append(asyncio.ensure_future(grouper.submit(_request("s", "d"))))  # still joins it
         await asyncio.sleep(0.01)
-        gate.release.set()
+        gate.open()
         return list(await asyncio.wait_for(asyncio.gather(first, *later), 5))
 
     started = time.monotonic()
@@ -184,7 +196,7 @@ def test_a_held_group_closes_at_its_bound_behind_a_slow_transaction_or_at_its_si
         await _until(lambda: len(gate.groups) == 3)  # filled: closed at its size, long before its bound
         assert gate.groups[2] == ["c", "d", "e"]
         assert time.monotonic() - held_at < 1.9
-        gate.release.set()
+        gate.open()
         return list(await asyncio.wait_for(asyncio.gather(first, second, *full), 5))
 
     assert [r.token for r in asyncio.run(run())] == ["a", "b", "c", "d", "e"]
@@ -200,7 +212,7 @@ def test_without_a_hold_or_for_another_sku_a_group_closes_at_its_wait_beside_one
             await _until(lambda: gate.groups == [["a"]])
             second = asyncio.ensure_future(grouper.submit(_request(sku, "b")))
             await _until(lambda: gate.groups == [["a"], ["b"]])  # "a" is still under way
-            gate.release.set()
+            gate.open()
             await asyncio.wait_for(asyncio.gather(first, second), 5)
 
         asyncio.run(run(grouper, gate, second_sku))
@@ -215,29 +227,14 @@ def test_an_eager_skus_group_is_not_held_its_wait_still_bounds_it() -> None:
         await _until(lambda: gate.groups == [["a"]])
         second = asyncio.ensure_future(grouper.submit(_request("gone", "b")))
         await _until(lambda: gate.groups == [["a"], ["b"]])  # at its wait, though "a" is still being read
-        gate.release.set()
+        gate.open()
         await asyncio.wait_for(asyncio.gather(first, second), 5)
 
     asyncio.run(run())
 
 
-class Gates:
-    """A handler that holds each group until the test lets that one go."""
-
-    def __init__(self) -> None:
-        self.groups: list[list[str]] = []
-        self.releases: list[asyncio.Event] = []
-
-    async def handle(self, sku: str, requests: Sequence[PurchaseRequest]) -> list[PurchaseResult]:
-        self.groups.append([r.token for r in requests])
-        release = asyncio.Event()
-        self.releases.append(release)
-        await release.wait()
-        return [PurchaseResult(PurchaseStatus.ACCEPTED, r.token) for r in requests]
-
-
 def test_a_held_group_closes_at_the_first_answer_of_its_sku_once_and_leaves_nothing_behind() -> None:
-    gates = Gates()
+    gates = Gate(PurchaseStatus.ACCEPTED)
     grouper = Grouper(gates.handle, size=100, wait_s=0.01, hold_s=1.0)
 
     async def run() -> list[PurchaseResult]:
@@ -253,8 +250,7 @@ def test_a_held_group_closes_at_the_first_answer_of_its_sku_once_and_leaves_noth
         await _until(lambda: len(gates.groups) == 3)
         assert gates.groups[2] == ["c"]
         assert time.monotonic() - released < 0.5  # by that answer, not by its bound 0.9 s later
-        for release in gates.releases:
-            release.set()
+        gates.open()
         answers = list(await asyncio.wait_for(asyncio.gather(a, b, c), 5))
         await asyncio.sleep(1.2)  # past the bound "c" was held for: it must not close it again
         return answers
