@@ -70,7 +70,7 @@ class SoldOutCache:
 
     def saw_stock(self, sku: str) -> None:
         """Stock left was just seen: the SKU is not sold out, and its groups need no read for `ttl_s`."""
-        self._until.pop(sku, None)
+        self.clear(sku)
         self._stocked[sku] = self._clock() + self._ttl_s
 
     def forget(self, sku: str) -> None:
@@ -79,12 +79,14 @@ class SoldOutCache:
 
     def in_stock(self, sku: str) -> bool:
         """Seen with stock left within `ttl_s` (no Redis call)."""
-        until = self._stocked.get(sku)
-        return until is not None and self._clock() < until
+        return self._within(self._stocked, sku)
 
     def marked(self, sku: str) -> bool:
         """Seen sold out within `ttl_s` (no Redis call)."""
-        until = self._until.get(sku)
+        return self._within(self._until, sku)
+
+    def _within(self, seen: dict[str, float], sku: str) -> bool:
+        until = seen.get(sku)
         return until is not None and self._clock() < until
 
     async def is_sold_out(self, sku: str) -> bool:
