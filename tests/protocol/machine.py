@@ -17,6 +17,7 @@ the product's) and these must hold:
 - no token is deducted twice, and no user holds more than the limit;
 - every token a buyer was told `accepted` or `duplicate` is deducted in the surviving state (or given back
   since), by a message the broker did not roll back;
+- a purchase asked again as it was deducted (token, buyer, quantity) never hears `sold_out`;
 - an order ends once: paid (its units still sold) or cancelled or expired (its units given back), never
   otherwise after; its decision's message is not rolled back, and a decision answered with a message is
   the one the log records;
@@ -318,6 +319,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         if not self.group_repeats:
             items = list({token: (token, user, qty) for token, user, qty in items}.values())
         requests = [PurchaseRequest(self.sku, user, qty, token) for token, user, qty in items]
+        held = {t: (e["user"], int(e["qty"])) for t, e in books.read(self.raw, self.sku).ever.items()}
         tasks = [self.loop.create_task(producer.service.submit(r)) for r in requests]
         for task in tasks:
             self.loads[task] = self.load  # what the buyers hear belongs to the load they bought in
@@ -329,8 +331,22 @@ class ProtocolMachine(RuleBasedStateMachine):
         else:
             producer.bus.stall = None
             self._collect(tasks)
+            self._check_no_refusal_of(held, requests, tasks)
         producer.bus.down = False
         self._settle_background()
+
+    @staticmethod
+    def _check_no_refusal_of(
+        held: dict[str, tuple[str, int]], requests: Sequence[PurchaseRequest], tasks: Sequence[asyncio.Task[Any]]
+    ) -> None:
+        """A purchase asked again as it was deducted before it was sent (its token, buyer and quantity; even
+        if given back since) never hears `sold_out`: its buyer hears its original answer (`duplicate`), or
+        one to ask again with."""
+        for request, task in zip(requests, tasks, strict=True):
+            if task.done() and not task.cancelled():
+                result = task.result()
+                again = held.get(request.token) == (request.user_id, request.qty)
+                assert not (again and result.status.value == "sold_out"), f"{request}, deducted before: {result}"
 
     @precondition(lambda self: bool(self.stalls))
     @rule(data=st.data(), lose_end=st.booleans())

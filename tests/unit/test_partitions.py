@@ -385,3 +385,13 @@ def test_a_token_seen_before_is_told_pending_until_a_replica_holds_its_entry() -
     fake.unconfirmed = None
     assert _sell(fake, _requests([seen])) == [PurchaseStatus.DUPLICATE]
     assert fake.sales == []
+
+
+def test_a_sold_out_layout_loaded_again_since_answers_error_not_sold_out() -> None:
+    # The SKU was loaded again (another epoch, or no longer partitioned): a token sold since is in no log
+    # this layout names, so `sold_out` could be told to a buyer told `accepted`. The buyer asks again.
+    for now in (Layout("s", PARTS, refill=5, threshold=0, epoch=2), None):
+        fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS})
+        fake.shape = now  # type: ignore[assignment]
+        assert _sell(fake, _requests(["a", "b"]), LAYOUT) == [PurchaseStatus.ERROR] * 2
+        assert fake.sales == []

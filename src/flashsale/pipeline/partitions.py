@@ -276,6 +276,8 @@ class Scheduler:
         """Place the pending purchases once; True when some are to be placed again."""
         targets = await self._answer_seen(placing, registry)
         if registry.sold_out:
+            if placing.pending:
+                await self._current(placing.layout)
             placing.sold_out(placing.pending)
             return False
         await self._hold(placing)
@@ -320,6 +322,13 @@ class Scheduler:
             await self._answer_duplicates(placing, wanted, seen)
         placing.settle_answered()
         return targets
+
+    async def _current(self, layout: Layout) -> None:
+        """Raises StaleLayout when the SKU was loaded again since `layout` was read: its logs are not where a
+        token sold since would be, so `sold_out` could answer one told `accepted`."""
+        now = await self._stock.layout(layout.sku)
+        if now is None or now.epoch != layout.epoch:
+            raise StaleLayout(f"{layout.sku} was loaded again since its layout of epoch {layout.epoch}")
 
     async def _answer_duplicates(
         self, placing: Placement, wanted: Mapping[str, list[int]], seen: Mapping[str, Mapping[str, LogEntry]]
