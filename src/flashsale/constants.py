@@ -47,6 +47,13 @@ PART_SEP = "#"
 #: Most partitions one SKU may have.
 MAX_PARTITIONS = 64
 
+#: Most tokens a producer keeps of a sold-out SKU's log to answer `sold_out` from memory (seal.lua): a
+#: SKU with a larger log is answered from a Redis read, as before it sold out.
+SEAL_MAX_TOKENS = 20_000
+#: Longest a producer trusts a seal, whatever FLASHSALE_SOLD_OUT_CACHE_S says: units given back wait for a
+#: seal's end (the trust plus seal.lua's margin), so no setting may keep them off sale for long.
+SEAL_MAX_TRUST_S = 2.0
+
 # --- Log entry states (Redis) ------------------------------------------------------------------------
 STATE_DEDUCTED = "deducted"
 STATE_FENCED = "fenced"

@@ -24,6 +24,7 @@ from flashsale.records import (
     PredeductResult,
     Registry,
     RestockResult,
+    Seal,
     Transfer,
 )
 
@@ -65,6 +66,11 @@ class PurchaseStockPort(Protocol):
         ...
 
     async def is_sold_out(self, sku: str) -> bool: ...
+
+    async def seal(self, sku: str, trust_ms: int, known_since: str) -> Seal | None:
+        """Seal a sold-out SKU for `trust_ms` and a margin (seal.lua): None when it cannot be. Counts once a
+        replica holds it (raises ServiceUnavailable when none acknowledged in time)."""
+        ...
 
 
 class OrderStockPort(Protocol):

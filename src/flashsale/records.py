@@ -157,6 +157,14 @@ class Peek:
 
 
 @dataclass(frozen=True)
+class Seal:
+    """A sold-out SKU sealed for a while (seal.lua): no token is deducted until it ends."""
+
+    since: str  # the run of seals it renews: a copy of the log taken in the same run still holds every token
+    tokens: frozenset[str] | None  # every token of the log; None when the caller's copy is of this run
+
+
+@dataclass(frozen=True)
 class TxRecord:
     """What Redis knows of one half message's pre-deduct (fs:{sku}:tx)."""
 

@@ -22,7 +22,7 @@ from flashsale.polling import poll_until
 from flashsale.records import Decision, Restock
 from tests.acceptance.crowd import Crowd
 from tests.acceptance.harness import Pipeline
-from tests.oracle import balanced, redis_stock
+from tests.oracle import balanced, redis_client, redis_stock
 
 
 def _mysql(settings: Settings) -> pymysql.connections.Connection:  # type: ignore[type-arg]
@@ -118,11 +118,25 @@ def test_a_restock_of_a_sku_with_a_deadline_and_units_given_back_keeps_every_boo
         assert bought == [PurchaseStatus.ACCEPTED, PurchaseStatus.ACCEPTED, PurchaseStatus.SOLD_OUT]
         assert sale.add_stock(sku, 2, "r1").outcome is Restock.ADDED
         assert sale.cancel(sku, "t0", "u0", "c0").decision is Decision.CANCELLED
+        # The sold-out answer sealed the SKU (docs/operations.md): units back go on sale when the seal ends.
+        _until_unsealed(settings, sku)
         more = [sale.purchase(sku, f"v{i}", 1, f"n{i}").status for i in range(4)]
     assert more == [PurchaseStatus.ACCEPTED] * 3 + [PurchaseStatus.SOLD_OUT]
     books = balanced(settings, sku)
     assert books.problems == [], books.problems
     assert (books.sold, books.mysql_returned, books.mysql_added, books.mysql_stock) == (4, {"t0": 1}, {"r1": 2}, 0)
+
+
+def _until_unsealed(settings: Settings, sku: str) -> None:
+    """Wait, on Redis's clock, for the end of the SKU's seal (seal.lua), if it has one."""
+    r = redis_client(settings.redis_url)
+    try:
+        until = int(r.hget(f"fs:{{{sku}}}:meta", "sealed_until") or 0)
+        seconds, micros = r.time()
+        left_ms = until - (int(seconds) * 1000 + int(micros) // 1000)
+    finally:
+        r.close()
+    time.sleep(max(left_ms, 0) / 1000 + 0.02)
 
 
 def test_stock_add_refuses_an_unknown_sku_a_bad_quantity_and_a_request_id_reused_saying_why(

@@ -20,6 +20,7 @@ from flashsale.records import (
     Prededuct,
     PredeductResult,
     Registry,
+    Seal,
     Transfer,
     TxRecord,
 )
@@ -78,7 +79,10 @@ class FakeStock:
     unconfirmed: Exception | None = None
     errors: dict[str, Exception] = field(default_factory=dict)  # per SKU or partition, before `error`
     on_ping: Callable[[], None] = lambda: None
+    sealed: Seal | None = None
+    seal_error: Exception | None = None
     calls: list[str] = field(default_factory=list)
+    seals: list[str] = field(default_factory=list)  # apart from `calls`: a seal is asked for in the background
 
     async def prededuct(
         self, sku: str, gid: str, purchases: Sequence[Purchase], epoch: int = 0
@@ -113,6 +117,15 @@ class FakeStock:
         if self.error:
             raise self.error
         return self.sold_out
+
+    async def seal(self, sku: str, trust_ms: int, known_since: str) -> Seal | None:
+        """`sealed` (None: the SKU cannot be sealed); a copy of the log is sent unless `known_since` is its run."""
+        self.seals.append(f"{sku} {trust_ms} {known_since}")
+        if self.seal_error:
+            raise self.seal_error
+        if self.sealed is None or known_since != self.sealed.since:
+            return self.sealed
+        return Seal(self.sealed.since, None)
 
     async def ping(self) -> None:
         self.calls.append("ping")

@@ -9,7 +9,8 @@ from flashsale import constants as c
 from flashsale.errors import ServiceUnavailable, StockError
 from flashsale.models import DeductionMessage, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.partitions import Scheduler
-from flashsale.pipeline.producer import PurchaseService, SoldOutCache
+from flashsale.pipeline.producer import PurchaseService
+from flashsale.pipeline.sold_out import SoldOutCache
 from flashsale.records import Layout, LogEntry, Prededuct, PredeductResult
 from tests.unit.fakes import FakeBus, FakePartitions, FakeStock
 

@@ -6,6 +6,8 @@ awaits the broker and Redis without holding a thread.
 
 - Purchases of one SKU arriving within a few milliseconds form a group (grouping.py): one half message
   and one pre-deduct serve them all, each purchase keeping its own rules and answer.
+- A SKU sold out, whose log this process holds a copy of (a seal: sold_out.py), answers `sold_out` at
+  once to a token the copy does not hold, with no Redis call: Redis sells nothing until the seal ends.
 - Before a group is sent, one Redis read answers those that cannot succeed, with no broker call: a
   token seen before (its original answer: `duplicate` once a replica holds its entry, where there are
   replicas, else `pending`), an unknown SKU, a sold-out SKU, a buyer at the limit. A SKU seen with
@@ -34,6 +36,7 @@ from flashsale.pipeline import local_tx
 from flashsale.pipeline.grouping import Grouper
 from flashsale.pipeline.local_tx import LocalTransaction
 from flashsale.pipeline.partitions import Placed, Scheduler
+from flashsale.pipeline.sold_out import SoldOutCache
 from flashsale.ports import HalfMessagePort, PurchaseStockPort, TxBusPort
 from flashsale.records import Layout, LogEntry, Peek
 
@@ -44,65 +47,6 @@ Observer = Callable[[PurchaseResult, float], None]
 GroupObserver = Callable[[int], None]
 
 _BROKER_DOWN = "the message broker is unavailable; nothing was deducted, try again"
-
-
-class SoldOutCache:
-    """SKUs known to be sold out, trusted for `ttl_s`; then asked of Redis again (a restock clears it).
-    And SKUs seen with stock left, for as long: their groups need no read ahead of their transactions.
-
-    Used from one event loop only, so it needs no lock.
-    """
-
-    def __init__(self, stock: PurchaseStockPort, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._stock = stock
-        self._ttl_s = ttl_s
-        self._clock = clock
-        self._until: dict[str, float] = {}
-        self._stocked: dict[str, float] = {}
-
-    def mark(self, sku: str) -> None:
-        self._until[sku] = self._clock() + self._ttl_s
-        self._stocked.pop(sku, None)
-
-    def clear(self, sku: str) -> None:
-        """The SKU is not sold out, as far as a flag can tell (not that it has stock left)."""
-        self._until.pop(sku, None)
-
-    def saw_stock(self, sku: str) -> None:
-        """Stock left was just seen: the SKU is not sold out, and its groups need no read for `ttl_s`."""
-        self.clear(sku)
-        self._stocked[sku] = self._clock() + self._ttl_s
-
-    def forget(self, sku: str) -> None:
-        """Whether the SKU has stock is not known (its sold-out flag, when set, stands)."""
-        self._stocked.pop(sku, None)
-
-    def in_stock(self, sku: str) -> bool:
-        """Seen with stock left within `ttl_s` (no Redis call)."""
-        return self._within(self._stocked, sku)
-
-    def marked(self, sku: str) -> bool:
-        """Seen sold out within `ttl_s` (no Redis call)."""
-        return self._within(self._until, sku)
-
-    def _within(self, seen: dict[str, float], sku: str) -> bool:
-        until = seen.get(sku)
-        return until is not None and self._clock() < until
-
-    async def is_sold_out(self, sku: str) -> bool:
-        if self.marked(sku):
-            return True
-        if sku not in self._until:
-            return False
-        try:
-            still = await self._stock.is_sold_out(sku)
-        except FlashSaleError:
-            still = False  # cannot tell: let the pre-deduct decide
-        if still:
-            self.mark(sku)
-        else:
-            self.clear(sku)
-        return still
 
 
 class PurchaseService:
@@ -116,6 +60,7 @@ class PurchaseService:
         group_wait_s: float = 0.0,
         group_hold_s: float = 0.0,
         sold_out_cache_s: float = 0.5,
+        seal_cap_s: float = c.SEAL_MAX_TRUST_S,
         failpoint_names: frozenset[str] = frozenset(),
         observe: Observer | None = None,
         observe_group: GroupObserver | None = None,
@@ -127,7 +72,7 @@ class PurchaseService:
         self._scheduler = scheduler
         self._bus = bus
         self._topic = topic
-        self._sold_out = SoldOutCache(stock, sold_out_cache_s, clock)
+        self._sold_out = SoldOutCache(stock, sold_out_cache_s, clock, seal_cap_s)
         self._failpoints = failpoint_names
         self._observe = observe
         self._observe_group = observe_group
@@ -150,13 +95,14 @@ class PurchaseService:
 
     @property
     def idle(self) -> bool:
-        """No purchase waits for its group, and no group for its answer."""
-        return self._grouper.idle
+        """No purchase waits for its group, no group for its answer, and no seal for Redis."""
+        return self._grouper.idle and not self._sold_out.sealing
 
     async def submit(self, request: PurchaseRequest) -> PurchaseResult:
-        """A valid purchase: its answer, once its group has one."""
+        """A valid purchase: its answer, at once when its SKU is sealed (sold_out.py), else once its group
+        has one."""
         started = time.perf_counter()
-        result = await self._grouper.submit(request)
+        result = self._sold_out.answer(request) or await self._grouper.submit(request)
         if self._observe:
             self._observe(result, time.perf_counter() - started)
         return result
@@ -193,6 +139,7 @@ class PurchaseService:
             return await self.commit_group(sku, requests)
         if peek.stock == 0:
             self._sold_out.mark(sku)
+            self._sold_out.seal(sku)
             if not any(peek.entries.values()):  # no token seen before: every answer is the same, in one pass
                 return [local_tx.sold_out(r.token, sku) for r in requests]
         elif peek.stock:
@@ -290,6 +237,7 @@ class PurchaseService:
         unknown SKU, a pre-deduct that failed): then the next group reads first."""
         if 0 in remaining:
             self._sold_out.mark(sku)
+            self._sold_out.seal(sku)
         elif remaining:
             self._sold_out.saw_stock(sku)
         else:

@@ -25,6 +25,7 @@ from flashsale.records import (
     PredeductResult,
     Restock,
     RestockResult,
+    Seal,
     StockView,
     Transfer,
     TxRecord,
@@ -142,14 +143,24 @@ def located(entry: LogEntry, sku: str, shard: str) -> LogEntry:
 
 
 def parse_peek(tokens: Sequence[str], users: Sequence[str], reply: Sequence[Any]) -> Peek:
-    """A peek from its reads: stock, (per-user limit, standby), the tokens' entries, the users' counts."""
-    stock, (limit, standby), entries, bought = reply
+    """A peek from its reads: stock, (per-user limit, standby, end of a seal), the tokens' entries, the
+    users' counts, Redis's clock. A sealed SKU's units are not on sale (seal.lua): its stock reads 0."""
+    stock, (limit, standby, sealed_until), entries, bought, (seconds, micros) = reply
+    if sealed_until is not None and int(seconds) * 1000 + int(micros) // 1000 < int(sealed_until):
+        stock, standby = stock and "0", 0
     return Peek(
         stock=int(stock) + int(standby or 0) if stock is not None else None,
         per_user_limit=int(limit or 0),
         entries=parse_entries(tokens, entries),
         bought={u: int(n or 0) for u, n in zip(users, bought, strict=True)},
     )
+
+
+def parse_seal(reply: Sequence[Any]) -> Seal | None:
+    """seal.lua's reply: None when the SKU was not sealed."""
+    if not int(reply[0]):
+        return None
+    return Seal(str(reply[1]), frozenset(reply[2]) if len(reply) > 2 else None)
 
 
 def sold_out(flag: str | bytes | None) -> bool:

@@ -50,6 +50,8 @@ class Freeze:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: The load's number (ticket.lua), once it took one: MySQL holds it, and so will each meta it loads.
     number: int = 0
+    #: When the SKU's seal ends (seal.lua), read once the freeze was taken: every meta the load writes keeps it.
+    sealed_until: str = ""
     #: Partitions no layout named, frozen on the way (`claim`).
     claimed: list[Target] = field(default_factory=list)
 

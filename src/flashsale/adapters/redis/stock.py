@@ -214,12 +214,21 @@ class RedisStock:
                 freeze.take()
             else:
                 raise taken(sku, freeze.ms)
+            freeze.sealed_until = self._sealed_until(freeze.targets)
             self._freezes[sku] = freeze
             with Renewal(freeze.renew, every_s=for_s / 3):
                 yield freeze
         finally:
             self._freezes.pop(sku, None)
             freeze.thaw(list(dict.fromkeys([*first, *freeze.targets, *freeze.claimed, *self._freeze_targets(sku)])))
+
+    def _sealed_until(self, targets: Sequence[Target]) -> str:
+        """When the last seal a producer may trust ends (seal.lua): no seal begins or grows on a frozen SKU.
+        Read on every meta frozen, the SKU's and its partitions': a load carries the seal into each meta it
+        writes, so the one before may have left it in its partitions alone."""
+        found = [self._call("read the seal", self.client.hget, target[1], "sealed_until") for target in targets]
+        latest = max((int(v) for v in found if v), default=0)
+        return str(latest) if latest else ""
 
     def ticket(self, sku: str, above: int) -> int:
         """The number of the load of `sku` this process runs under `frozen`, above `above` (the one MySQL
@@ -279,7 +288,8 @@ class RedisStock:
 
     def _load_one(self, shard: str, args: list[str]) -> None:
         keys = SkuKeys.of(shard)
-        args = [*args, self._fence(shard), self._number(shard)]
+        freeze = self._freezes.get(parent(shard))
+        args = [*args, self._fence(shard), self._number(shard), freeze.sealed_until if freeze else ""]
         raw, detail = self._script_held(keys.meta, "load_stock", keys.load(), args)
         if LoadStock(int(raw)) is LoadStock.LAPSED:
             raise lapsed(parent(shard))

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from redis.exceptions import BusyLoadingError, NoScriptError
 
+from flashsale import constants as c
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
     add_stock_call,
@@ -31,6 +32,7 @@ from flashsale.adapters.redis.codec import (
     parse_peek,
     parse_prededuct,
     parse_restock,
+    parse_seal,
     parse_transfers,
     parse_view,
     partitioned_view,
@@ -50,6 +52,7 @@ from flashsale.records import (
     PredeductResult,
     Registry,
     RestockResult,
+    Seal,
     StockView,
     Transfer,
 )
@@ -194,9 +197,10 @@ class AsyncRedisStock:
         users = list(dict.fromkeys(p.user_id for p in purchases))
         commands = [
             ("GET", keys.stock),
-            ("HMGET", keys.meta, "per_user_limit", "standby"),
+            ("HMGET", keys.meta, "per_user_limit", "standby", "sealed_until"),
             ("HMGET", keys.log, *tokens),
             ("HMGET", keys.users, *users),
+            ("TIME",),
         ]
         async with self._reading("peek"):
             wire = await self._router.wire(keys.stock)
@@ -208,6 +212,17 @@ class AsyncRedisStock:
                         pipe.execute_command(*command)
                     reply = await pipe.execute()
         return parse_peek(tokens, users, reply)
+
+    async def seal(self, sku: str, trust_ms: int, known_since: str) -> Seal | None:
+        """Seal a sold-out SKU (seal.lua) for `trust_ms` and a margin; counts once a replica holds it. Not
+        where there are replicas and this client waits for none: a failover could lose a seal trusted."""
+        keys = SkuKeys.of(sku)
+        async with self._reading("seal"):
+            await self._router.pool(keys.stock)
+        if self._router.replicas(keys.stock) and not self._wait_ms:
+            return None
+        args = [str(trust_ms), known_since, str(c.SEAL_MAX_TOKENS)]
+        return parse_seal(await self.script("seal", [keys.stock, keys.log, keys.meta], args))
 
     async def is_sold_out(self, sku: str) -> bool:
         meta = SkuKeys.of(sku).meta

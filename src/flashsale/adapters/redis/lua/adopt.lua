@@ -67,4 +67,7 @@ elseif mode == 'deduct' then
   end
 end
 redis.call('HSET', log_key, token, cjson.encode(entry))
+-- A token written into the log outside a pre-deduct: producers' copies of a sealed SKU's log (seal.lua)
+-- lack it, so the run of seals ends here and the next renewal sends the log again.
+redis.call('HDEL', meta_key, 'sealed_since')
 return {1, ''}

@@ -20,6 +20,9 @@
 -- ARGV[7] (optional) the token of the load's freeze (freeze.lua): the load runs only while it holds it
 -- ARGV[8] (optional) the load's number (ticket.lua), kept in the meta as `ticket`: the consumer applies
 --         what it read here to MySQL only while MySQL holds no later load (MySQL is loaded first)
+-- ARGV[9] (optional) when the seal of the SKU ends (seal.lua; ms, Redis's clock), as the load read it under
+--         its freeze: a producer may answer `sold_out` from memory until then, so the new stock waits for
+--         it (a partition's too). The SKU's own running seal is kept whatever this says.
 --
 -- Returns {code, detail}:
 --   1 loaded
@@ -62,6 +65,8 @@ local decided = decided_records(tx_key)
 
 local now_ms = clock_ms()
 local qty = tonumber(qty_arg)
+local sealed_until, sealed_since = unpack(redis.call('HMGET', meta_key, 'sealed_until', 'sealed_since'))
+sealed_until = math.max(tonumber(sealed_until or '0'), tonumber(ARGV[9] or '') or 0)
 redis.call('DEL', log_key, users_key, meta_key, tx_key, KEYS[6], KEYS[7])
 put_back(tx_key, decided)
 redis.call('SET', stock_key, qty)
@@ -75,6 +80,9 @@ redis.call('HSET', meta_key,
   'pay_within_ms', tonumber(pay_arg ~= '' and pay_arg or '0'),
   'loaded_ms', now_ms,
   'ticket', tonumber(ARGV[8] or '0') or 0)
+if sealed_until > now_ms then
+  redis.call('HSET', meta_key, 'sealed_until', sealed_until, 'sealed_since', sealed_since or tostring(now_ms))
+end
 if threshold_arg ~= '' then
   redis.call('HSET', meta_key, 'threshold', tonumber(threshold_arg), 'standby', 0, 'refilled_qty', 0,
     'drained_qty', 0, 'epoch', epoch_arg)

@@ -14,7 +14,7 @@
 -- Returns a flat array, {code, remaining, detail} per purchase in ARGV order:
 --   1 accepted        remaining after it, detail = its new log entry
 --   2 duplicate       token seen before; detail = that entry (it names the message that deducted it)
---   3 sold out        remaining = 0
+--   3 sold out        remaining = 0 (also while the SKU is sealed: seal.lua)
 --   4 insufficient    0 < remaining < qty
 --   5 limit exceeded  detail = quantity the user already bought
 --   6 invalid qty
@@ -60,7 +60,8 @@ end
 local stock_raw = redis.call('GET', stock_key)
 local stock = tonumber(stock_raw or '-1')
 local meta = redis.call(
-  'HMGET', meta_key, 'per_user_limit', 'standby', 'threshold', 'epoch', 'closed', 'frozen_until', 'pay_within_ms'
+  'HMGET', meta_key, 'per_user_limit', 'standby', 'threshold', 'epoch', 'closed', 'frozen_until', 'pay_within_ms',
+  'sealed_until'
 )
 local limit = tonumber(meta[1] or '0') or 0
 local standby = tonumber(meta[2] or '0') or 0
@@ -69,6 +70,9 @@ local closed = meta[5] == '1'
 local pay_within = tonumber(meta[7] or '0') or 0
 local switches = 0
 local ts = clock_ms()
+-- A producer may be answering `sold_out` from a copy of the log (seal.lua): until the seal ends, units
+-- that came back stay off sale, so that no token is deducted that its copy does not hold.
+local sealed = meta[8] and ts < tonumber(meta[8])
 
 -- A message that ran here before gets the outcome of that run, whatever happened since. A rerun still
 -- writes (a counter): a WAIT after it then proves a replica holds what it answers from.
@@ -80,10 +84,11 @@ if record then
     redis.call('PEXPIRE', tx_key, DAY_MS)
   end
   local tx = cjson.decode(record)
+  local on_sale = sealed and 0 or stock + standby
   for i = 1, n do
     local token, user = ARGV[3 * i + 1], ARGV[3 * i + 2]
     if tx['state'] == 'fenced' then
-      answer(8, stock + standby, record)
+      answer(8, on_sale, record)
     elseif tx['state'] == 'stale' then
       answer(10, -1, '')
     else
@@ -91,11 +96,11 @@ if record then
       local seen = redis.call('HGET', log_key, token)
       if (code == 1 or code == 2) and seen then
         local entry = cjson.decode(seen)
-        answer(code, code == 1 and tonumber(entry['to']) or stock + standby, seen)
+        answer(code, code == 1 and tonumber(entry['to']) or on_sale, seen)
       elseif code == 5 then
-        answer(5, stock + standby, redis.call('HGET', users_key, user) or '0')
+        answer(5, on_sale, redis.call('HGET', users_key, user) or '0')
       else
-        answer(code, stock + standby, '')
+        answer(code, on_sale, '')
       end
     end
   end
@@ -135,7 +140,7 @@ for i = 1, n do
     code = 6
   else
     local qty = tonumber(qty_arg)
-    if standby > 0 and not closed and (stock < qty or stock < threshold) then
+    if standby > 0 and not closed and not sealed and (stock < qty or stock < threshold) then
       stock, standby, switches = stock + standby, 0, switches + 1
     end
     local seen = taken[token] or redis.call('HGET', log_key, token)
@@ -144,6 +149,8 @@ for i = 1, n do
       detail = seen
     elseif closed then
       code = 9
+    elseif sealed then
+      code = 3
     elseif stock < qty then
       code = stock == 0 and 3 or 4
     else
@@ -174,7 +181,7 @@ for i = 1, n do
     end
   end
   codes[i] = tostring(code)
-  answer(code, stock + standby, detail)
+  answer(code, sealed and 0 or stock + standby, detail)
 end
 
 -- Then write.
@@ -194,6 +201,10 @@ if deducted_count > 0 then
   end
   redis.call('HINCRBY', meta_key, 'deducted_qty', deducted_qty)
   redis.call('HINCRBY', meta_key, 'deducted_count', deducted_count)
+  -- Tokens the producers' copies of the log lack (seal.lua): the next seal starts a new run and sends the
+  -- log again. (Only after a seal ended: none deducts while one runs. A run's end told by this, not by a
+  -- clock, holds however far the nodes' clocks drift.)
+  redis.call('HDEL', meta_key, 'sealed_since')
   if stock == 0 and standby == 0 then
     redis.call('HSET', meta_key, 'sold_out', 1)
   end
