@@ -334,10 +334,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         else:
             producer.bus.stall = None
             self._collect(tasks)
-            if self.parts == 1:
-                # (A partitioned SKU is not held to it yet: a purchase asked again whose partition now holds
-                # less than its quantity hears `sold_out` from a pull that found nothing, its log unread.)
-                self._check_no_refusal_of(held, requests, tasks)
+            self._check_no_refusal_of(held, requests, tasks)
         producer.bus.down = False
         self._settle_background()
 

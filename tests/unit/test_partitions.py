@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 from redis.crc import key_slot
@@ -285,6 +285,57 @@ def test_sold_out_is_answered_from_the_logs_with_no_transaction_and_a_seen_token
     fresh = _token_for("s#1", avoid="f")
     assert _sell(fake, _requests([seen, fresh])) == [PurchaseStatus.DUPLICATE, PurchaseStatus.SOLD_OUT]
     assert fake.sales == [] and fake.held == {}
+
+
+def test_a_purchase_asked_again_where_its_partition_now_holds_less_than_it_hears_duplicate_not_sold_out() -> None:
+    # Bought 2 on the anchor, whose last unit is all the SKU has left: the retry cannot be covered, the pull
+    # finds nothing, and no pre-deduct reads the log for it. Its log is read before `sold_out` is told.
+    token = _token_for("s#0")
+    fake = FakePartitions(LAYOUT, pool=0, stock={"s#0": 1, "s#1": 0, "s#2": 0}, closed={"s#1", "s#2"})
+    fake.logs["s#0"] = {token: LogEntry(token, "deducted", "s", f"u-{token}", 2, 0, "m-old", part="s#0")}
+    fresh = _token_for("s#0", avoid="f")
+    assert _sell(fake, _requests([token, fresh], qty=2)) == [PurchaseStatus.DUPLICATE, PurchaseStatus.SOLD_OUT]
+    assert fake.sales == [] and fake.stock["s#0"] == 1
+
+
+class _LogsDown(FakePartitions):
+    """A Redis node that cannot be read: every look-up of a log fails."""
+
+    async def entries(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, LogEntry | None]]:
+        raise ServiceUnavailable("Redis", "127.0.0.1:7000", "read log: timed out")
+
+
+def _sold_past_a_closed_partition(fake: FakePartitions) -> tuple[str, str]:
+    """A token bought on s#2 after s#1, first in its order, closed; and one of the empty anchor's. The
+    producer's registry is from before s#1 closed, so the first is sent there and refused as closed."""
+    token, fresh = _token_for("s#1", then="s#2", avoid="t"), _token_for("s#0", avoid="f")
+    fake.logs["s#2"] = {token: LogEntry(token, "deducted", "s", f"u-{token}", 1, 0, "m-old", part="s#2")}
+    fake.registries = [Registry(0, {"s#0": (0, 0), "s#1": (5, 0), "s#2": (0, 0)})]
+    return token, fresh
+
+
+def test_a_purchase_asked_again_that_its_closed_partition_refused_never_hears_sold_out() -> None:
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1"})
+    token, fresh = _sold_past_a_closed_partition(fake)
+    assert _sell(fake, _requests([token, fresh])) == [PurchaseStatus.DUPLICATE, PurchaseStatus.SOLD_OUT]
+    # The group stops short (a log that cannot be read, the SKU loaded again) before it is placed again:
+    # its refusal as closed is no answer, so its buyer hears `error` and asks again.
+    down = _LogsDown(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1"})
+    reloaded = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1"})
+    reloaded.shape = Layout("s", PARTS, refill=5, threshold=0, epoch=2)
+    for fake in (down, reloaded):
+        token, fresh = _sold_past_a_closed_partition(fake)
+        assert _sell(fake, _requests([token, fresh])) == [PurchaseStatus.ERROR] * 2
+
+
+def test_a_sold_out_registry_read_before_a_partition_closed_still_finds_a_token_sold_past_it() -> None:
+    # By the registry the token sells on s#1 (open then), but it was bought on s#2 once s#1 closed: every
+    # log of its order is read before `sold_out` is told.
+    token = _token_for("s#1", then="s#2", avoid="t")
+    fake = FakePartitions(LAYOUT, pool=0, stock={p: 0 for p in PARTS}, closed={"s#1"})
+    fake.logs["s#2"] = {token: LogEntry(token, "deducted", "s", f"u-{token}", 1, 0, "m-old", part="s#2")}
+    fake.registries = [Registry(0, {p: (0, 0) for p in PARTS})]
+    assert _sell(fake, _requests([token])) == [PurchaseStatus.DUPLICATE]
 
 
 def test_a_buyer_past_the_limit_is_answered_before_any_transaction() -> None:

@@ -138,13 +138,15 @@ class Placement:
     def place(self, registry: Registry) -> tuple[dict[int, str], dict[str, list[int]]]:
         """Each pending purchase's partition: the first in its token's order that is not closed. And, per
         partition, the purchases whose token may be in its log, not read for them yet: the closed ones
-        it passes, and its own once the SKU is sold out."""
+        it passes, and every one once the SKU is sold out (a registry read before a partition closed
+        would name too few: the token may have sold past it since)."""
         targets: dict[int, str] = {}
         wanted: dict[str, list[int]] = {}
         for i in self.pending:
-            target, passed = registry.target(self.layout, self.requests[i].token)
+            token = self.requests[i].token
+            target, passed = registry.target(self.layout, token)
             targets[i] = target
-            for part in [*passed, target] if registry.sold_out else passed:
+            for part in self.layout.order(token) if registry.sold_out else passed:
                 if part not in self.looked[i]:
                     wanted.setdefault(part, []).append(i)
         return targets, wanted
@@ -181,10 +183,13 @@ class Placement:
         closed: list[int] = []
         short: dict[str, list[int]] = {}
         for i, (result, code) in zip(sent, placed, strict=True):
-            self.answers[i] = result
             if code is Prededuct.CLOSED:
-                closed.append(i)  # its partition closed meanwhile: on to the next one, no pull needed
-            elif result.status is PurchaseStatus.SOLD_OUT:
+                # Its partition closed meanwhile: on to the next one, no pull needed. Its token may have sold
+                # past that one, so it has no answer until it is placed again (`error` if it is not).
+                closed.append(i)
+                continue
+            self.answers[i] = result
+            if result.status is PurchaseStatus.SOLD_OUT:
                 short.setdefault(targets[i], []).append(i)
         if any(code is Prededuct.STALE_LAYOUT for _, code in placed):
             raise StaleLayout(f"a pre-deduct of {self.layout.sku} refused epoch {self.layout.epoch}")
@@ -311,17 +316,20 @@ class Scheduler:
 
     async def _answer_seen(self, placing: Placement, registry: Registry) -> dict[int, str]:
         """Each pending purchase's partition; a token found in the log of a partition it passes (closed),
-        or once the SKU is sold out in its own, is answered `duplicate` from that entry, once a replica
-        holds it (where there are replicas)."""
+        or once the SKU is sold out in its own, is answered `duplicate` (see _read_logs)."""
         targets, wanted = placing.place(registry)
-        if not wanted:
-            return targets
+        if wanted:
+            await self._read_logs(placing, wanted)
+            placing.settle_answered()
+        return targets
+
+    async def _read_logs(self, placing: Placement, wanted: Mapping[str, list[int]]) -> None:
+        """Read the logs `wanted` names for its purchases: one whose token was deducted there is answered
+        `duplicate` from that entry, once a replica holds it (where there are replicas)."""
         found = await self._stock.entries({p: [placing.requests[i].token for i in idxs] for p, idxs in wanted.items()})
         seen = placing.note_logs(wanted, found)
         if seen:
             await self._answer_duplicates(placing, wanted, seen)
-        placing.settle_answered()
-        return targets
 
     async def _current(self, layout: Layout) -> None:
         """Raises StaleLayout when the SKU was loaded again since `layout` was read: its logs are not where a
@@ -394,6 +402,7 @@ class Scheduler:
         purchase whose pull found nothing keeps the answer its partition gave, or hears `sold_out`."""
         layout, requests = placing.layout, placing.requests
         again: list[int] = []
+        unsent: dict[str, list[int]] = {}
         for part, idxs in short.items():
             try:
                 qty = [requests[i].qty for i in idxs]
@@ -408,8 +417,28 @@ class Scheduler:
             if moved:
                 again += idxs
             else:
-                placing.sold_out([i for i in idxs if placing.answers[i] is None])
+                unsent[part] = [i for i in idxs if placing.answers[i] is None]
+        try:
+            await self._answer_unsent(placing, unsent)
+        except StaleLayout:
+            raise
+        except FlashSaleError as exc:
+            # Those left unanswered hear `error` and ask again; the purchases pulled for go on.
+            logger.warning("cannot read the logs of %s: %s", layout.sku, exc, extra=ids(sku=layout.sku))
         return again
+
+    async def _answer_unsent(self, placing: Placement, unsent: Mapping[str, list[int]]) -> None:
+        """Purchases whose pull found nothing before any pre-deduct read their partition's log: one asked
+        again (its answer lost) may be there, deducted, when its partition holds less than its quantity.
+        Its log is read first, so it hears `duplicate`; the others hear `sold_out`."""
+        wanted = {part: idxs for part, idxs in unsent.items() if idxs}
+        if not wanted:
+            return
+        await self._read_logs(placing, wanted)
+        unseen = [i for idxs in wanted.values() for i in idxs if placing.answers[i] is None]
+        if unseen:
+            await self._current(placing.layout)
+            placing.sold_out(unseen)
 
     async def _pull(self, layout: Layout, part: str, need: int, least: int) -> bool:
         """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when
