@@ -53,6 +53,9 @@ SEAL_MAX_TOKENS = 20_000
 #: Longest a producer trusts a seal, whatever FLASHSALE_SOLD_OUT_CACHE_S says: units given back wait for a
 #: seal's end (the trust plus seal.lua's margin), so no setting may keep them off sale for long.
 SEAL_MAX_TRUST_S = 2.0
+#: How long a producer keeps its copy of a sealed SKU's log once it no longer trusts the seal: a seal in
+#: the same run reuses it (no log sent); a SKU not sealed for longer gives the memory back.
+SEAL_COPY_KEEP_S = 60.0
 
 # --- Log entry states (Redis) ------------------------------------------------------------------------
 STATE_DEDUCTED = "deducted"

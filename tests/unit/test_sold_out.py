@@ -84,13 +84,15 @@ def test_a_sku_redis_would_not_seal_or_that_could_not_be_sealed_is_read_for_ever
         clock = Clock()
         service = _sale(stock, clock)
 
-        async def sale(service: PurchaseService = service) -> None:
+        async def sale(service: PurchaseService = service, clock: Clock = clock) -> None:
             for token in ("t1", "t2", "t3"):
                 assert (await _buy(service, token)).status is PurchaseStatus.SOLD_OUT
+            clock.now += 0.5  # a seal refused is asked for again once the trust it would have had passed
+            assert (await _buy(service, "t4")).status is PurchaseStatus.SOLD_OUT
 
         asyncio.run(sale())
-        assert _reads(stock) == ["peek sku-1 t1", "peek sku-1 t2", "peek sku-1 t3"]
-        assert len(stock.seals) == 3
+        assert _reads(stock) == ["peek sku-1 t1", "peek sku-1 t2", "peek sku-1 t3", "peek sku-1 t4"]
+        assert len(stock.seals) == 2  # not one per group meanwhile
 
 
 def test_a_new_run_of_seals_replaces_the_copy() -> None:
@@ -165,7 +167,7 @@ def test_a_copy_outlives_a_refused_renewal_and_serves_the_same_run_again() -> No
         clock.now += 0.3
         await _buy(service, "t2")  # renewal refused (units back, say): not trusted from then on
         clock.now += 0.3
-        await _buy(service, "t3")
+        await _buy(service, "t3")  # read, and no seal asked for: the last was refused 0.3 s ago
         assert _reads(stock)[-1] == "peek sku-1 t3"
         stock.sealed = sealed
         clock.now += 0.3
@@ -176,4 +178,22 @@ def test_a_copy_outlives_a_refused_renewal_and_serves_the_same_run_again() -> No
         assert _reads(stock)[len(read) :] == ["peek sku-1 t-old"]
 
     asyncio.run(sale())
-    assert stock.seals == ["sku-1 500 ", "sku-1 500 s1", "sku-1 500 s1", "sku-1 500 s1"]
+    assert stock.seals == ["sku-1 500 ", "sku-1 500 s1", "sku-1 500 s1"]
+
+
+def test_a_copy_untrusted_for_longer_than_it_is_kept_is_dropped_and_the_next_seal_asks_for_the_log() -> None:
+    # A producer that saw thousands of SKUs sell out over a day keeps the copies of the last minute only.
+    stock, clock = FakeStock(stock=0, sealed=Seal("s1", frozenset({"t-old"}))), Clock()
+    service = _sale(stock, clock)
+
+    async def sale() -> None:
+        await _buy(service, "t1")
+        clock.now += c.SEAL_COPY_KEEP_S / 2
+        await _buy(service, "t2")  # a seal in the same run: the copy serves, no log sent
+        clock.now += c.SEAL_COPY_KEEP_S + 1
+        await service.submit(PurchaseRequest("sku-2", "u1", 1, "t3"))  # another SKU sealed: the old copy goes
+        await asyncio.gather(*service._sold_out.sealing.values())
+        await _buy(service, "t4")
+
+    asyncio.run(sale())
+    assert stock.seals == ["sku-1 500 ", "sku-1 500 s1", "sku-2 500 ", "sku-1 500 "]

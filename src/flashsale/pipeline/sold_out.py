@@ -8,7 +8,8 @@
   hears `sold_out` at once, with no read and no wait: Redis deducts no token until the seal ends, which
   is later than that trust by a margin (units that come back meanwhile wait for it). A token the copy
   holds goes the way of any other, to hear its original answer. The seal is renewed ahead of its end
-  while the SKU stays sold out.
+  while the SKU stays sold out. A seal refused (units back, say) is not asked for again for `ttl_s`
+  (at most SEAL_MAX_TRUST_S); a copy untrusted for SEAL_COPY_KEEP_S is dropped.
 
 Used from one event loop only, so it needs no lock.
 """
@@ -54,6 +55,9 @@ class SoldOutCache:
         self._until: dict[str, float] = {}
         self._stocked: dict[str, float] = {}
         self._seals: dict[str, _Sealed] = {}
+        #: Per SKU, until when a seal is not asked for again: the last was refused (units back, a reload,
+        #: a log too large) or failed, and each sold-out group would ask again meanwhile.
+        self._refused: dict[str, float] = {}
         #: The seal asked for, per SKU: at most one at a time.
         self.sealing: dict[str, asyncio.Task[None]] = {}
 
@@ -64,7 +68,8 @@ class SoldOutCache:
 
     def seal(self, sku: str) -> None:
         """Seal a SKU just seen sold out, in the background, unless a seal of it is trusted already."""
-        if not self.trusts(sku):
+        if not self.trusts(sku) and not self._within(self._refused, sku):
+            self._drop_old()
             self._reseal(sku)
 
     def clear(self, sku: str) -> None:
@@ -124,6 +129,16 @@ class SoldOutCache:
             return None
         return local_tx.sold_out(request.token, request.sku)
 
+    def _drop_old(self) -> None:
+        """The copies not trusted for SEAL_COPY_KEEP_S: a producer that saw thousands of SKUs sell out
+        keeps only those of the last minute (a SKU sealed again is sent its log again); and the refusals
+        past."""
+        now = self._clock()
+        for sku in [sku for sku, sealed in self._seals.items() if sealed.until < now - c.SEAL_COPY_KEEP_S]:
+            del self._seals[sku]
+        for sku in [sku for sku, until in self._refused.items() if until <= now]:
+            del self._refused[sku]
+
     def trusts(self, sku: str) -> bool:
         """Whether a seal of the SKU is trusted now."""
         sealed = self._seals.get(sku)
@@ -143,6 +158,7 @@ class SoldOutCache:
             logger.debug("cannot seal %s: %s", sku, exc, extra=ids(sku=sku))
             seal = None
         if seal is None:
+            self._refused[sku] = self._clock() + self._seal_s
             if known is not None:  # not trusted; its copy still serves a renewal in the same run
                 self._seals[sku] = _Sealed(started, known.since, known.tokens)
             return
