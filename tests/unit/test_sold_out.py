@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
 
 from flashsale import constants as c
 from flashsale.errors import ServiceUnavailable
@@ -197,3 +200,17 @@ def test_a_copy_untrusted_for_longer_than_it_is_kept_is_dropped_and_the_next_sea
 
     asyncio.run(sale())
     assert stock.seals == ["sku-1 500 ", "sku-1 500 s1", "sku-2 500 ", "sku-1 500 "]
+
+
+def test_a_seal_is_trusted_by_a_clock_that_counts_a_suspended_machines_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis ends a seal on its own clock: a producer whose clock stopped while the machine slept (as
+    # time.monotonic does on Linux) would wake up trusting it still. CLOCK_BOOTTIME keeps counting.
+    asked: list[int] = []
+
+    def clock_gettime(clock_id: int) -> float:
+        asked.append(clock_id)
+        return 100.0
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    service = PurchaseService(FakeStock(stock=0), FakeBus(), "ns-deductions")
+    assert service._sold_out._clock() == 100.0 and asked == [time.CLOCK_BOOTTIME]

@@ -36,7 +36,7 @@ from flashsale.pipeline import local_tx
 from flashsale.pipeline.grouping import Grouper
 from flashsale.pipeline.local_tx import LocalTransaction
 from flashsale.pipeline.partitions import Placed, Scheduler
-from flashsale.pipeline.sold_out import SoldOutCache
+from flashsale.pipeline.sold_out import SoldOutCache, boot_clock
 from flashsale.ports import HalfMessagePort, PurchaseStockPort, TxBusPort
 from flashsale.records import Layout, LogEntry, Peek
 
@@ -65,7 +65,7 @@ class PurchaseService:
         observe: Observer | None = None,
         observe_group: GroupObserver | None = None,
         scheduler: Scheduler | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = boot_clock,
     ) -> None:
         self._stock = stock
         #: Places purchases of partitioned SKUs; without one, every SKU is sold from its own keys.
