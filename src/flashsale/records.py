@@ -87,6 +87,7 @@ class Adopt(enum.IntEnum):
     ALREADY_LOGGED = 0  # the token has a log entry: nothing to do
     ADOPTED = 1
     NO_STOCK = 2  # taking the deduction again needs more stock than Redis has: an operator decides
+    SEALED = 3  # the SKU is sealed (seal.lua): nothing written; ask again once the seal ends
 
 
 class LogEntry(NamedTuple):

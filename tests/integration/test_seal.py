@@ -6,6 +6,7 @@ Read back with plain Redis commands where the answer alone could be wrong.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -155,16 +156,66 @@ def test_two_reloads_in_a_row_keep_the_seal_through_the_partitions(
     assert redis_stock.prededuct(sku, "m-2", [Purchase("t1", "u1", 1)])[0].code is Prededuct.ACCEPTED
 
 
-def test_a_deduction_written_back_by_a_repair_starts_a_new_run_and_the_log_is_sent_again(
-    redis_stock: RedisStock, settings: Settings, sku: str
+def test_a_deduction_written_back_by_a_repair_waits_for_the_seal_then_starts_a_new_run(
+    redis_stock: RedisStock, raw: redis.Redis, settings: Settings, sku: str
 ) -> None:
+    # While the seal runs, producers answer from copies that lack the token: written then, a buyer asking
+    # again with it would hear `sold_out`. So the repair waits for the seal's end, and no seal is renewed
+    # meanwhile (a producer renewing it under load would keep the repair waiting for ever).
     _sell_out(redis_stock, sku)
     first = _seal(settings, sku, 300)
     assert first is not None and first.tokens == frozenset({"t0"})
     row = DeductionRow(1, "t-lost", "u9", 1, "m-lost", 1_000, order="awaiting", due_ms=4_000_000_000_000)
-    assert redis_stock.adopt(sku, row, deduct=False)[0] is Adopt.ADOPTED
+    renewals: list[Seal | None] = []
+
+    keys = SkuKeys.of(sku)
+
+    def renew() -> None:  # a producer renewing its seal once the repair found it sealed, until it wrote
+        while not raw.hexists(keys.meta, "seal_barred_until") and not raw.hexists(keys.log, "t-lost"):
+            time.sleep(0.01)
+        while not raw.hexists(keys.log, "t-lost"):
+            renewals.append(_seal(settings, sku, 300, first.since))
+            time.sleep(0.05)
+
+    seconds, micros = raw.time()
+    left_s = (int(raw.hget(keys.meta, "sealed_until") or 0) - (seconds * 1000 + micros // 1000)) / 1000
+    renewing = threading.Thread(target=renew)
+    renewing.start()
+    started = time.monotonic()
+    try:
+        assert redis_stock.adopt(sku, row, deduct=False)[0] is Adopt.ADOPTED
+    finally:
+        renewing.join()
+    assert time.monotonic() - started >= left_s - 0.01  # written once the seal had ended
+    assert renewals and set(renewals) == {None}  # every renewal meanwhile refused
     again = _seal(settings, sku, 300, first.since)
     assert again is not None and again.since != first.since and again.tokens == frozenset({"t0", "t-lost"})
+
+
+def test_a_repair_that_finds_the_sku_sealed_at_every_try_writes_nothing(
+    redis_stock: RedisStock, raw: redis.Redis, settings: Settings, sku: str
+) -> None:
+    _sell_out(redis_stock, sku)
+    keys, stop = SkuKeys.of(sku), threading.Event()
+
+    def seal_for_another_100_ms() -> None:
+        seconds, micros = raw.time()
+        raw.hset(keys.meta, "sealed_until", seconds * 1000 + micros // 1000 + 100)
+
+    def keep_sealed() -> None:  # a seal that outlives the bar (one a reload carried over, say)
+        while not stop.wait(0.02):
+            seal_for_another_100_ms()
+
+    seal_for_another_100_ms()
+    sealing = threading.Thread(target=keep_sealed)
+    sealing.start()
+    try:
+        row = DeductionRow(1, "t-lost", "u9", 1, "m-lost", 1_000)
+        assert redis_stock.adopt(sku, row, deduct=False)[0] is Adopt.SEALED
+    finally:
+        stop.set()
+        sealing.join()
+    assert not raw.hexists(keys.log, "t-lost")
 
 
 def test_a_message_run_again_during_a_seal_reports_no_stock_on_sale(

@@ -386,6 +386,8 @@ class _Repairer:
             self.report.adopted_deductions += 1
         elif code is Adopt.NO_STOCK:
             self.report.needs_operator.append(f"{row.token}: Redis has {detail} left, cannot take {row.qty} again")
+        elif code is Adopt.SEALED:
+            self.report.needs_operator.append(f"{row.token}: {seen.sku} stayed sealed; run the repair again")
 
 
 def repair_sku(

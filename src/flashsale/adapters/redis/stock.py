@@ -68,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 #: Longest a reload keeps a SKU frozen if the process loading it dies midway (see RedisStock.frozen).
 FREEZE_S = 30.0
+#: Tries of a repair's write into a sealed SKU's log, each once the seal it found has ended: the first
+#: bars new seals (adopt.lua), so the second finds none unless a reload dropped that bar meanwhile.
+ADOPT_TRIES = 3
 
 
 class RedisStock:
@@ -453,13 +456,19 @@ class RedisStock:
         the entry's state, or the stock left.
 
         A partitioned SKU writes it to the token's first partition, which every attempt of the token
-        looks at (records.Layout.order)."""
+        looks at (records.Layout.order). A sealed SKU's is written once the seal ends: this waits for
+        that (no seal begins or grows meanwhile, see adopt.lua), and answers SEALED only when a seal
+        still runs after ADOPT_TRIES tries."""
         layout = self.layout(sku)
         keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
         args = [row.token, row.user_id, str(row.qty), str(row.created_ms), row.message_id, sku]
         args += ["deduct" if deduct else "entry", row.order or "", str(row.due_ms or ""), str(row.decided_ms or "")]
-        # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
-        code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
+        for _ in range(ADOPT_TRIES):
+            # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
+            code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
+            if Adopt(int(code)) is not Adopt.SEALED:
+                break
+            time.sleep(int(detail) / 1000 + 0.01)
         return Adopt(int(code)), str(detail)
 
     # --- reading ------------------------------------------------------------------------------------

@@ -23,10 +23,18 @@
 --   0 nothing to do: the token already has a log entry (detail = its state; a counter is written)
 --   1 adopted
 --   2 refused: 'deduct' needs more stock than Redis has (detail = remaining); an operator must decide
+--   3 sealed: nothing written (detail = ms until the seal ends); ask again then
+--
+-- While a seal runs (seal.lua), producers answer `sold_out` from copies of the log that lack this token:
+-- a buyer asking again with it would hear `sold_out`. So it is written only once the seal has ended; and
+-- from the first refusal no seal begins or grows (meta `seal_barred_until`, BAR_MS past the seal's end),
+-- so the caller's next try, when it ends, finds none.
+-- include: clock
 local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, user, qty_arg, ts, message_id, sku, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local order, due, decided = ARGV[8] or '', tonumber(ARGV[9] or ''), tonumber(ARGV[10] or '')
 local returned = order == 'cancelled' or order == 'expired'
+local BAR_MS = 5000
 
 local seen = redis.call('HGET', log_key, token)
 if seen then
@@ -35,6 +43,12 @@ if seen then
     redis.call('HINCRBY', meta_key, 'reruns', 1)
   end
   return {0, cjson.decode(seen)['state']}
+end
+local sealed_until = tonumber(redis.call('HGET', meta_key, 'sealed_until') or '0')
+local now = clock_ms()
+if now < sealed_until then
+  redis.call('HSET', meta_key, 'seal_barred_until', sealed_until + BAR_MS)
+  return {3, tostring(sealed_until - now)}
 end
 local qty = tonumber(qty_arg)
 local stock = tonumber(redis.call('GET', stock_key) or '-1')
@@ -69,5 +83,5 @@ end
 redis.call('HSET', log_key, token, cjson.encode(entry))
 -- A token written into the log outside a pre-deduct: producers' copies of a sealed SKU's log (seal.lua)
 -- lack it, so the run of seals ends here and the next renewal sends the log again.
-redis.call('HDEL', meta_key, 'sealed_since')
+redis.call('HDEL', meta_key, 'sealed_since', 'seal_barred_until')
 return {1, ''}
