@@ -459,14 +459,14 @@ class RedisStock:
         looks at (records.Layout.order). A sealed SKU's is written once the seal ends: this waits for
         that (no seal begins or grows meanwhile, see adopt.lua), and answers SEALED only when a seal
         still runs after ADOPT_TRIES tries."""
-        layout = self.layout(sku)
-        keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
         args = [row.token, row.user_id, str(row.qty), str(row.created_ms), row.message_id, sku]
         args += ["deduct" if deduct else "entry", row.order or "", str(row.due_ms or ""), str(row.decided_ms or "")]
-        for _ in range(ADOPT_TRIES):
+        for tries_left in reversed(range(ADOPT_TRIES)):
+            layout = self.layout(sku)  # (read again after a wait: a reload meanwhile may have changed it)
+            keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
             # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
             code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
-            if Adopt(int(code)) is not Adopt.SEALED:
+            if Adopt(int(code)) is not Adopt.SEALED or not tries_left:
                 break
             time.sleep(int(detail) / 1000 + 0.01)
         return Adopt(int(code)), str(detail)

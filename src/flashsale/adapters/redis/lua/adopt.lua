@@ -28,7 +28,8 @@
 -- While a seal runs (seal.lua), producers answer `sold_out` from copies of the log that lack this token:
 -- a buyer asking again with it would hear `sold_out`. So it is written only once the seal has ended; and
 -- from the first refusal no seal begins or grows (meta `seal_barred_until`, BAR_MS past the seal's end),
--- so the caller's next try, when it ends, finds none.
+-- so the caller's next try, when it ends, finds none. The bar outlives the write, so that the repair's
+-- next tokens of the SKU need no wait either; sold-out answers meanwhile read Redis.
 -- include: clock
 local stock_key, log_key, users_key, meta_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, user, qty_arg, ts, message_id, sku, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -83,5 +84,5 @@ end
 redis.call('HSET', log_key, token, cjson.encode(entry))
 -- A token written into the log outside a pre-deduct: producers' copies of a sealed SKU's log (seal.lua)
 -- lack it, so the run of seals ends here and the next renewal sends the log again.
-redis.call('HDEL', meta_key, 'sealed_since', 'seal_barred_until')
+redis.call('HDEL', meta_key, 'sealed_since')
 return {1, ''}
