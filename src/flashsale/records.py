@@ -269,6 +269,15 @@ class Layout:
             code, i = divmod(code, len(left))
             yield left.pop(i)
 
+    def reach(self, token: str) -> list[str]:
+        """Every partition `token` may ever be sold on: its order up to the anchor, which never closes."""
+        reach = []
+        for part in self.order(token):
+            reach.append(part)
+            if part == self.anchor:
+                return reach
+        return reach
+
     @property
     def anchor(self) -> str:
         """The partition that is never closed, so every token always has one to go to."""

@@ -138,15 +138,16 @@ class Placement:
     def place(self, registry: Registry) -> tuple[dict[int, str], dict[str, list[int]]]:
         """Each pending purchase's partition: the first in its token's order that is not closed. And, per
         partition, the purchases whose token may be in its log, not read for them yet: the closed ones
-        it passes, and every one once the SKU is sold out (a registry read before a partition closed
-        would name too few: the token may have sold past it since)."""
+        it passes, and once the SKU is sold out every one it may ever sell on (a registry read before a
+        partition closed would name too few: the token may have sold past it since)."""
         targets: dict[int, str] = {}
         wanted: dict[str, list[int]] = {}
+        sold_out = registry.sold_out
         for i in self.pending:
             token = self.requests[i].token
             target, passed = registry.target(self.layout, token)
             targets[i] = target
-            for part in self.layout.order(token) if registry.sold_out else passed:
+            for part in self.layout.reach(token) if sold_out else passed:
                 if part not in self.looked[i]:
                     wanted.setdefault(part, []).append(i)
         return targets, wanted
