@@ -24,6 +24,9 @@ class Prededuct(enum.IntEnum):
     FENCED = 8
     CLOSED = 9  # a partition closed for good (it was empty, and the pool too): the token goes on to its next one
     STALE_LAYOUT = 10  # the caller's layout is not the partition's load: nothing written, read the layout again
+    #: Sold out because the SKU (or a partition a reload carried the seal into) is sealed: prededuct.lua
+    #: answers 3 with detail 'sealed' (and records 3). Nothing sells before the seal ends: no pull helps.
+    SEALED = 11
 
 
 class StockReturn(enum.IntEnum):

@@ -86,7 +86,7 @@ def test_units_back_during_a_seal_stay_off_sale_until_it_ends(
     assert _seal(settings, sku, 200) is None  # and renews no seal: it ends by itself
 
     late = redis_stock.prededuct(sku, "m-1", [Purchase("t1", "u1", 1), Purchase("t0", "u0", 1)])
-    assert [(r.code, r.remaining) for r in late] == [(Prededuct.SOLD_OUT, 0), (Prededuct.DUPLICATE, 0)]
+    assert [(r.code, r.remaining) for r in late] == [(Prededuct.SEALED, 0), (Prededuct.DUPLICATE, 0)]
     assert raw.hget(SkuKeys.of(sku).log, "t1") is None and int(raw.get(SkuKeys.of(sku).stock) or -1) == 1
 
     time.sleep(0.2 + MARGIN_S + 0.05)
@@ -103,14 +103,14 @@ def test_a_reload_under_its_freeze_keeps_the_seal_for_the_new_stock_and_its_part
         assert _seal(settings, sku, 60_000) is None  # no seal begins or grows while the SKU is loaded
         redis_stock.load(sku, 5, reset=True)
     assert raw.hget(SkuKeys.of(sku).meta, "sealed_until") == until
-    assert redis_stock.prededuct(sku, "m-1", [Purchase("t1", "u1", 1)])[0].code is Prededuct.SOLD_OUT
+    assert redis_stock.prededuct(sku, "m-1", [Purchase("t1", "u1", 1)])[0].code is Prededuct.SEALED
 
     _seal(settings, sku, 0)  # (the stock is on sale: nothing to seal, nothing changes)
     with redis_stock.frozen(sku):
         layout = redis_stock.load_partitioned(sku, 4, partitions=2, refill=2, threshold=0, reset=True)
     for part in layout.parts:
         assert raw.hget(SkuKeys.of(part).meta, "sealed_until") == until
-        assert redis_stock.prededuct(part, "m-p", [Purchase("t2", "u2", 1)], layout.epoch)[0].code is Prededuct.SOLD_OUT
+        assert redis_stock.prededuct(part, "m-p", [Purchase("t2", "u2", 1)], layout.epoch)[0].code is Prededuct.SEALED
     time.sleep(0.2 + MARGIN_S + 0.05)
     part = layout.parts[0]
     assert redis_stock.prededuct(part, "m-q", [Purchase("t2", "u2", 1)], layout.epoch)[0].code is Prededuct.ACCEPTED
@@ -151,7 +151,7 @@ def test_two_reloads_in_a_row_keep_the_seal_through_the_partitions(
     with redis_stock.frozen(sku):
         redis_stock.load(sku, 3, reset=True)
     assert raw.hget(SkuKeys.of(sku).meta, "sealed_until") == until
-    assert redis_stock.prededuct(sku, "m-1", [Purchase("t1", "u1", 1)])[0].code is Prededuct.SOLD_OUT
+    assert redis_stock.prededuct(sku, "m-1", [Purchase("t1", "u1", 1)])[0].code is Prededuct.SEALED
     time.sleep(0.3 + MARGIN_S + 0.05)
     assert redis_stock.prededuct(sku, "m-2", [Purchase("t1", "u1", 1)])[0].code is Prededuct.ACCEPTED
 

@@ -207,6 +207,7 @@ class FakePartitions:
     registries: list[Registry] = field(default_factory=list)  # out-of-date reads handed out first
     unconfirmed: Exception | None = None  # what confirm raises: no replica acknowledged in time
     stale: set[str] = field(default_factory=set)  # partitions of another load: their pre-deducts are refused
+    sealed: set[str] = field(default_factory=set)  # partitions a reload carried a seal into: they sell nothing
 
     async def layout(self, sku: str) -> Layout | None:
         self.calls.append(f"layout {sku}")
@@ -298,6 +299,8 @@ class FakePartitions:
                 )
             elif part in self.closed:
                 out.append((PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, self.stock[part]), Prededuct.CLOSED))
+            elif part in self.sealed:
+                out.append((PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, 0), Prededuct.SEALED))
             elif self.stock[part] < r.qty:
                 out.append((PurchaseResult(PurchaseStatus.SOLD_OUT, r.token, self.stock[part]), Prededuct.SOLD_OUT))
             else:

@@ -338,6 +338,15 @@ def test_a_sold_out_registry_read_before_a_partition_closed_still_finds_a_token_
     assert _sell(fake, _requests([token])) == [PurchaseStatus.DUPLICATE]
 
 
+def test_a_partition_sealed_by_a_reload_answers_sold_out_in_one_transaction_and_no_stock_moves() -> None:
+    # A reload of a sealed SKU carries the seal into its partitions: nothing sells until it ends (seconds),
+    # however much is pulled there. Its refusal stands; no pull, no transaction more.
+    fake = FakePartitions(LAYOUT, pool=20, stock={p: 5 for p in PARTS}, sealed=set(PARTS))
+    tokens = [_token_for(p, avoid=f"s{i}") for i, p in enumerate(PARTS)]
+    assert _sell(fake, _requests(tokens)) == [PurchaseStatus.SOLD_OUT] * 3
+    assert len(fake.sales) == 1 and fake.calls == [] and fake.pool == 20
+
+
 def test_a_buyer_past_the_limit_is_answered_before_any_transaction() -> None:
     layout = Layout("s", PARTS, refill=5, threshold=0, epoch=1, per_user_limit=2)
     fake = FakePartitions(layout, pool=0, stock={p: 10 for p in PARTS})

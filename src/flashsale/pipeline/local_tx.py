@@ -125,7 +125,7 @@ def answer(request: PurchaseRequest, outcome: PredeductResult, gid: str) -> Purc
     token, sku, code = request.token, request.sku, outcome.code
     if code is Prededuct.ACCEPTED:
         return PurchaseResult(PurchaseStatus.ACCEPTED, token, outcome.remaining, gid)
-    if code in (Prededuct.SOLD_OUT, Prededuct.INSUFFICIENT, Prededuct.CLOSED):
+    if code in (Prededuct.SOLD_OUT, Prededuct.SEALED, Prededuct.INSUFFICIENT, Prededuct.CLOSED):
         if not outcome.remaining:
             return sold_out(token, sku)
         return PurchaseResult(

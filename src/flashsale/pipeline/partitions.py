@@ -190,7 +190,8 @@ class Placement:
                 closed.append(i)
                 continue
             self.answers[i] = result
-            if result.status is PurchaseStatus.SOLD_OUT:
+            # (A sealed partition sells nothing until the seal ends, however much is pulled to it.)
+            if result.status is PurchaseStatus.SOLD_OUT and code is not Prededuct.SEALED:
                 short.setdefault(targets[i], []).append(i)
         if any(code is Prededuct.STALE_LAYOUT for _, code in placed):
             raise StaleLayout(f"a pre-deduct of {self.layout.sku} refused epoch {self.layout.epoch}")

@@ -80,6 +80,7 @@ def parse_additions(raw: Mapping[Any, Any]) -> dict[str, tuple[int, int, str]]:
 
 #: A pre-deduct's codes by number, looked up rather than built (an enum call is the dearer of the two).
 _PREDEDUCT = {int(code): code for code in Prededuct}
+_SEALED = ("sealed", b"sealed")
 
 
 def parse_prededuct(purchases: Sequence[Purchase], reply: list[Any]) -> list[PredeductResult]:
@@ -91,6 +92,8 @@ def parse_prededuct(purchases: Sequence[Purchase], reply: list[Any]) -> list[Pre
     for i, purchase in enumerate(purchases):
         code, remaining, detail = reply[3 * i : 3 * i + 3]
         result = _PREDEDUCT[int(code)]
+        if result is Prededuct.SOLD_OUT and detail in _SEALED:
+            result = Prededuct.SEALED
         left = int(remaining)
         results.append(
             PredeductResult(

@@ -14,7 +14,7 @@
 -- Returns a flat array, {code, remaining, detail} per purchase in ARGV order:
 --   1 accepted        remaining after it, detail = its new log entry
 --   2 duplicate       token seen before; detail = that entry (it names the message that deducted it)
---   3 sold out        remaining = 0 (also while the SKU is sealed: seal.lua)
+--   3 sold out        remaining = 0 (also while the SKU is sealed, seal.lua: detail = 'sealed')
 --   4 insufficient    0 < remaining < qty
 --   5 limit exceeded  detail = quantity the user already bought
 --   6 invalid qty
@@ -150,7 +150,7 @@ for i = 1, n do
     elseif closed then
       code = 9
     elseif sealed then
-      code = 3
+      code, detail = 3, 'sealed'
     elseif stock < qty then
       code = stock == 0 and 3 or 4
     else
