@@ -283,9 +283,7 @@ class Scheduler:
         """Place the pending purchases once; True when some are to be placed again."""
         targets = await self._answer_seen(placing, registry)
         if registry.sold_out:
-            if placing.pending:
-                await self._current(placing.layout)
-            placing.sold_out(placing.pending)
+            await self._sold_out(placing, placing.pending)
             return False
         await self._hold(placing)
         if not placing.pending:
@@ -318,7 +316,7 @@ class Scheduler:
 
     async def _answer_seen(self, placing: Placement, registry: Registry) -> dict[int, str]:
         """Each pending purchase's partition; a token found in the log of a partition it passes (closed),
-        or once the SKU is sold out in its own, is answered `duplicate` (see _read_logs)."""
+        or once the SKU is sold out in any it may sell on, is answered `duplicate` (see _read_logs)."""
         targets, wanted = placing.place(registry)
         if wanted:
             await self._read_logs(placing, wanted)
@@ -332,6 +330,12 @@ class Scheduler:
         seen = placing.note_logs(wanted, found)
         if seen:
             await self._answer_duplicates(placing, wanted, seen)
+
+    async def _sold_out(self, placing: Placement, idxs: Sequence[int]) -> None:
+        """These purchases hear `sold_out`, once the layout is read again (see _current)."""
+        if idxs:
+            await self._current(placing.layout)
+            placing.sold_out(idxs)
 
     async def _current(self, layout: Layout) -> None:
         """Raises StaleLayout when the SKU was loaded again since `layout` was read: its logs are not where a
@@ -437,10 +441,7 @@ class Scheduler:
         if not wanted:
             return
         await self._read_logs(placing, wanted)
-        unseen = [i for idxs in wanted.values() for i in idxs if placing.answers[i] is None]
-        if unseen:
-            await self._current(placing.layout)
-            placing.sold_out(unseen)
+        await self._sold_out(placing, [i for idxs in wanted.values() for i in idxs if placing.answers[i] is None])
 
     async def _pull(self, layout: Layout, part: str, need: int, least: int) -> bool:
         """Make `part` able to sell `need` more units, or close it so its tokens sell elsewhere: True when

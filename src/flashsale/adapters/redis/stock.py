@@ -466,10 +466,11 @@ class RedisStock:
             keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
             # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
             code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
-            if Adopt(int(code)) is not Adopt.SEALED or not tries_left:
+            answer = Adopt(int(code))
+            if answer is not Adopt.SEALED or not tries_left:
                 break
             time.sleep(int(detail) / 1000 + 0.01)
-        return Adopt(int(code)), str(detail)
+        return answer, str(detail)
 
     # --- reading ------------------------------------------------------------------------------------
     def log_entry(self, sku: str, token: str) -> LogEntry | None:

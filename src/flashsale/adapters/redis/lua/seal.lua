@@ -17,9 +17,9 @@
 -- ARGV[2] the `sealed_since` of the caller's copy of the log ('' when it has none)
 -- ARGV[3] the most tokens the caller takes: a larger log is not sealed
 --
--- Returns {0} when the SKU cannot be sealed: not loaded, partitioned, being loaded again (frozen),
--- units on sale, its log too large, or a repair waiting to write a token into the log (adopt.lua). Else {1, since} when the caller's copy is current, or
--- {1, since, tokens} with every token of the log.
+-- Returns {0} when the SKU cannot be sealed: not loaded, partitioned, being loaded again (frozen), a
+-- repair waiting to write a token into the log (adopt.lua), units on sale, or its log too large. Else
+-- {1, since} when the caller's copy is current, or {1, since, tokens} with every token of the log.
 --
 -- A seal lasts the caller's trust plus MARGIN_MS, so that it outlives that trust even measured by
 -- another node's clock after a failover (the seal is replicated: the caller WAITs for it), as long as
@@ -37,10 +37,9 @@ local meta = redis.call(
   'HMGET', meta_key, 'parts', 'standby', 'frozen_until', 'sealed_until', 'sealed_since', 'seal_barred_until'
 )
 local now = clock_ms()
-if meta[1] or tonumber(meta[2] or '0') > 0 or (meta[3] and now < tonumber(meta[3])) then
-  return {0}
-end
-if meta[6] and now < tonumber(meta[6]) then
+local frozen = meta[3] and now < tonumber(meta[3])
+local barred = meta[6] and now < tonumber(meta[6])
+if meta[1] or tonumber(meta[2] or '0') > 0 or frozen or barred then
   return {0}
 end
 if redis.call('HLEN', log_key) > most then
