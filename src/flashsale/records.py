@@ -91,6 +91,7 @@ class Adopt(enum.IntEnum):
     ADOPTED = 1
     NO_STOCK = 2  # taking the deduction again needs more stock than Redis has: an operator decides
     SEALED = 3  # the SKU is sealed (seal.lua): nothing written; ask again once the seal ends
+    RELOADED = 4  # Redis holds another load of the SKU than the row's: nothing written
 
 
 class LogEntry(NamedTuple):
@@ -450,6 +451,9 @@ class DeductionRow:
     order: str | None = None
     due_ms: int | None = None
     decided_ms: int | None = None
+    #: The number of the load MySQL held as the row was read (ticket.lua; 0: loaded without one). Redis
+    #: takes a write-back only into that load (adopt.lua).
+    load: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.errors import LoadUnderWay, NotReplicated
-from flashsale.models import DeductionMessage, Delivery, Purchase
+from flashsale.models import Deduction, DeductionMessage, Delivery, Purchase
 from flashsale.ops import setup
+from flashsale.ops.reconcile import repair_sku
 from flashsale.ops.setup import set_stock
 from flashsale.pipeline import accepted
 from flashsale.pipeline.accepted import Decoded, Plan
-from flashsale.records import Prededuct
+from flashsale.records import Adopt, DeductionRow, Incoming, Prededuct
 from tests.oracle import mysql_connection, read_books
 
 DAY_MS = 86_400_000
@@ -173,3 +174,34 @@ def test_a_batch_waits_for_a_load_holding_its_row_and_then_finds_it(
     finally:
         load.close()
     assert mysql(settings, sku)[0] == {}
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_a_repair_whose_row_a_reload_replaced_writes_nothing_into_the_new_load(
+    settings: Settings,
+    redis_stock: RedisStock,
+    mysql_store: MySQLStore,
+    sku: str,
+    parts: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`reconcile --repair` writes back into Redis a deduction MySQL applied and the log lacks. A reload
+    between its read of MySQL and that write (which may wait seconds for a seal to end) replaced the row's
+    load: written, the old sale's deduction would take a unit of the new one, and the next repair would
+    replay it into the new sale's books as an order nobody bought in it."""
+    set_stock(settings, sku, 5, partitions=parts)
+    # Applied in MySQL, lost entirely by Redis (as in a failover).
+    mysql_store.apply_batch([Incoming(Deduction("t-old", sku, "u1", 1, 1_000), "m-old", "t")])
+    adopt = redis_stock.adopt
+
+    def reloaded_first(sku: str, row: DeductionRow, *, deduct: bool) -> tuple[Adopt, str]:
+        set_stock(settings, sku, 5, partitions=parts, reset=True)
+        return adopt(sku, row, deduct=deduct)
+
+    monkeypatch.setattr(redis_stock, "adopt", reloaded_first)
+    _, repair = repair_sku(redis_stock, mysql_store, sku, settle_s=0, replay=lambda entries: 0)
+    assert repair.needs_operator == [f"t-old: {sku} was loaded again during the repair; run it again"]
+    assert (repair.adopted_entries, repair.adopted_deductions) == (0, 0)
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_deducted, books.redis_stock, books.redis_counter_qty) == ({}, 5, 0)
+    assert (books.mysql_deducted, books.mysql_stock, books.order_count) == ({}, 5, 0)

@@ -64,7 +64,7 @@ def test_every_script_a_wait_proves_writes_when_run_again(stock: RedisStock) -> 
         stock, keys.tx, lambda: _run(stock, "fence", [keys.tx, keys.log, keys.meta, keys.checks], ["m1", 0, "t1"])
     )
     _writes_every_run(stock, keys.log, lambda: _run(stock, "seen", [keys.log, keys.meta], ["t1"]))
-    adopt = ["t9", "u9", 1, 1_700_000_000_000, "m9", sku, "deduct", "", "", ""]
+    adopt = ["t9", "u9", 1, 1_700_000_000_000, "m9", sku, "deduct", "", "", "", 0]
     _writes_every_run(stock, keys.meta, lambda: _run(stock, "adopt", keys.sale(), adopt))
 
     base, p = SkuKeys.of("repl-hot"), SkuKeys.of(part)

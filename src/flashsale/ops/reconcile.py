@@ -340,7 +340,8 @@ class _Repairer:
     - deductions MySQL applied and the Redis log lacks are written back to Redis: the entry alone while
       the Redis counters still include units no entry explains, otherwise the whole deduction (Redis lost
       it, e.g. in a failover); when Redis has no stock left to take, or fenced the token, an operator
-      has to decide;
+      has to decide; once Redis holds another load than the rows' (the SKU was loaded again during the
+      repair), nothing more is written back;
     - deductions MySQL applied without an order get their order.
     """
 
@@ -356,6 +357,7 @@ class _Repairer:
         self.replay_restocks = replay_restocks
         self.report = RepairReport(sku)
         self._entries_qty = 0  # units explained by the entries written back so far
+        self._reloaded = False  # Redis refused a write-back: it holds another load of the SKU
 
     def restocks(self, drift: list[str], applied: dict[str, tuple[int, int]]) -> None:
         """Restocks Redis made and MySQL lacks go to the consumer again, as their own message: it applies
@@ -376,6 +378,8 @@ class _Repairer:
         if entry is not None:
             self.report.needs_operator.append(f"{row.token}: applied in MySQL but {entry.state} in Redis")
             return
+        if self._reloaded:
+            return
         unexplained = seen.redis_counter_qty - seen.redis_deducted_qty - self._entries_qty
         entry_only = unexplained >= int(row.qty)
         code, detail = self.stock.adopt(seen.sku, row, deduct=not entry_only)
@@ -388,6 +392,10 @@ class _Repairer:
             self.report.needs_operator.append(f"{row.token}: Redis has {detail} left, cannot take {row.qty} again")
         elif code is Adopt.SEALED:
             self.report.needs_operator.append(f"{row.token}: {seen.sku} stayed sealed; run the repair again")
+        elif code is Adopt.RELOADED:
+            self._reloaded = True
+            says = f"{row.token}: {seen.sku} was loaded again during the repair; run it again"
+            self.report.needs_operator.append(says)
 
 
 def repair_sku(

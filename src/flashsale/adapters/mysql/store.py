@@ -649,4 +649,5 @@ def _deduction_row(r: Any) -> DeductionRow:
         _ORDER_OF_STATUS.get(r.status),
         int(r.due_ms) if r.due_ms is not None else None,
         int(r.decided_ms) if r.decided_ms is not None else None,
+        int(r.load_ticket),
     )

@@ -458,9 +458,11 @@ class RedisStock:
         A partitioned SKU writes it to the token's first partition, which every attempt of the token
         looks at (records.Layout.order). A sealed SKU's is written once the seal ends: this waits for
         that (no seal begins or grows meanwhile, see adopt.lua), and answers SEALED only when a seal
-        still runs after ADOPT_TRIES tries."""
+        still runs after ADOPT_TRIES tries. It writes only into the load the row was read under (`row.load`),
+        else answers RELOADED."""
         args = [row.token, row.user_id, str(row.qty), str(row.created_ms), row.message_id, sku]
         args += ["deduct" if deduct else "entry", row.order or "", str(row.due_ms or ""), str(row.decided_ms or "")]
+        args.append(str(row.load))
         for tries_left in reversed(range(ADOPT_TRIES)):
             layout = self.layout(sku)  # (read again after a wait: a reload meanwhile may have changed it)
             keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)

@@ -122,8 +122,12 @@ SELECT 1
 SELECT token FROM stock_deductions WHERE sku = :sku AND token IN :tokens
 
 -- name: deductions_page
-SELECT d.id, d.token, d.user_id, d.qty, d.message_id, d.created_ms, o.status, o.due_ms, o.decided_ms
+-- With the load the rows belong to: one statement reads both as of one moment (a load deletes a reset
+-- SKU's rows and writes its number in one transaction).
+SELECT d.id, d.token, d.user_id, d.qty, d.message_id, d.created_ms, o.status, o.due_ms, o.decided_ms,
+    i.load_ticket
 FROM stock_deductions d
+JOIN inventory i ON i.sku = d.sku
 LEFT JOIN orders o ON o.sku = d.sku AND o.token = d.token
 WHERE d.sku = :sku AND d.id > :after ORDER BY d.id LIMIT :limit
 

@@ -15,6 +15,7 @@
 -- ARGV[8] its order's state as MySQL has it (awaiting, paid, cancelled, expired), '' when final
 -- ARGV[9] the order's deadline (ms), '' when none
 -- ARGV[10] when the order was decided (ms), '' when it was not
+-- ARGV[11] the number of the load MySQL held as the deduction was read (ticket.lua; '0': loaded without one)
 --
 -- An order cancelled or expired in MySQL gave its units back there: its entry is written back as
 -- returned, and in 'deduct' mode the stock is not taken again (the deduction and its return both count).
@@ -24,6 +25,11 @@
 --   1 adopted
 --   2 refused: 'deduct' needs more stock than Redis has (detail = remaining); an operator must decide
 --   3 sealed: nothing written (detail = ms until the seal ends); ask again then
+--   4 reloaded: the meta holds another load than ARGV[11] (detail = its number); nothing written
+--
+-- A deduction belongs to the load it was sold in. A reload since the repair read MySQL (it may have waited
+-- seconds for a seal) replaced that sale: written into the new one, the old deduction would take one of
+-- its units, and its log entry would be replayed into the new sale's books as an order nobody placed.
 --
 -- While a seal runs (seal.lua), producers answer `sold_out` from copies of the log that lack this token:
 -- a buyer asking again with it would hear `sold_out`. So it is written only once the seal has ended; and
@@ -37,6 +43,10 @@ local order, due, decided = ARGV[8] or '', tonumber(ARGV[9] or ''), tonumber(ARG
 local returned = order == 'cancelled' or order == 'expired'
 local BAR_MS = 5000
 
+local load = redis.call('HGET', meta_key, 'ticket') or '0'
+if tonumber(load) ~= tonumber(ARGV[11]) then
+  return {4, load}
+end
 local seen = redis.call('HGET', log_key, token)
 if seen then
   -- A write all the same (a counter), so that a WAIT after a run asked again proves a replica holds it.
