@@ -227,6 +227,9 @@ class StockView:
     log_entries: int
     loaded_ms: int
     added_qty: int = 0  # units restocks added during the sale (add_stock.lua)
+    #: The number of the load it holds (ticket.lua; 0: loaded without one); None: loaded before loads were
+    #: numbered.
+    ticket: int | None = None
     #: A partitioned SKU: `stock` is the pool, the partitions and the units moving between them.
     pool: int | None = None
     partitions: tuple[PartitionView, ...] = ()

@@ -176,32 +176,77 @@ def test_a_batch_waits_for_a_load_holding_its_row_and_then_finds_it(
     assert mysql(settings, sku)[0] == {}
 
 
-@pytest.mark.parametrize("parts", [1, 3])
+def _lost_by_redis(store: MySQLStore, sku: str, *tokens: str) -> None:
+    """Deductions MySQL applied and Redis lost entirely (as in a failover)."""
+    store.apply_batch([Incoming(Deduction(t, sku, "u1", 1, 1_000), "m-" + t, "t") for t in tokens])
+
+
+@pytest.mark.parametrize(("parts", "then"), [(1, 1), (3, 3), (1, 3)])
 def test_a_repair_whose_row_a_reload_replaced_writes_nothing_into_the_new_load(
     settings: Settings,
     redis_stock: RedisStock,
     mysql_store: MySQLStore,
     sku: str,
     parts: int,
+    then: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`reconcile --repair` writes back into Redis a deduction MySQL applied and the log lacks. A reload
     between its read of MySQL and that write (which may wait seconds for a seal to end) replaced the row's
     load: written, the old sale's deduction would take a unit of the new one, and the next repair would
-    replay it into the new sale's books as an order nobody bought in it."""
+    replay it into the new sale's books as an order nobody placed in it."""
     set_stock(settings, sku, 5, partitions=parts)
-    # Applied in MySQL, lost entirely by Redis (as in a failover).
-    mysql_store.apply_batch([Incoming(Deduction("t-old", sku, "u1", 1, 1_000), "m-old", "t")])
+    _lost_by_redis(mysql_store, sku, "t-old1", "t-old2")
     adopt = redis_stock.adopt
 
     def reloaded_first(sku: str, row: DeductionRow, *, deduct: bool) -> tuple[Adopt, str]:
-        set_stock(settings, sku, 5, partitions=parts, reset=True)
+        set_stock(settings, sku, 5, partitions=then, reset=True)
         return adopt(sku, row, deduct=deduct)
 
     monkeypatch.setattr(redis_stock, "adopt", reloaded_first)
     _, repair = repair_sku(redis_stock, mysql_store, sku, settle_s=0, replay=lambda entries: 0)
-    assert repair.needs_operator == [f"t-old: {sku} was loaded again during the repair; run it again"]
+    # One line for the SKU: nothing more is written back to it.
+    assert repair.needs_operator == [f"t-old1: {sku} was loaded again during the repair; run it again"]
     assert (repair.adopted_entries, repair.adopted_deductions) == (0, 0)
     books = read_books(settings.redis_url, settings.mysql_url, sku)
     assert (books.redis_deducted, books.redis_stock, books.redis_counter_qty) == ({}, 5, 0)
     assert (books.mysql_deducted, books.mysql_stock, books.order_count) == ({}, 5, 0)
+
+
+def test_a_row_of_a_load_after_the_one_whose_counters_the_repair_read_is_not_judged_by_them(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repair writes the entry alone where Redis's counters still count units no entry explains, else
+    the whole deduction. Counters read under the load before a reload must not judge a row of the new one:
+    its deduction, lost entirely, would come back as an entry that took no stock, and that unit would sell
+    twice."""
+    set_stock(settings, sku, 5)
+    assert redis_stock.prededuct(sku, "m-a", [Purchase("t-a", "u1", 1)], 0)[0].code is Prededuct.ACCEPTED
+    redis_stock.client.hdel(SkuKeys.of(sku).log, "t-a")  # counted, its entry lost
+    pages = mysql_store.deductions_page
+
+    def reloaded_first(sku: str, after: int, limit: int) -> list[DeductionRow]:
+        if not after:  # the repair has read Redis's counters: a reload, and a sale of the new load
+            set_stock(settings, sku, 5, reset=True, force=True)
+            _lost_by_redis(mysql_store, sku, "t-new")
+        return pages(sku, after, limit)
+
+    monkeypatch.setattr(mysql_store, "deductions_page", reloaded_first)
+    _, repair = repair_sku(redis_stock, mysql_store, sku, settle_s=0, replay=lambda entries: 0)
+    assert repair.needs_operator == [f"t-new: {sku} was loaded again during the repair; run it again"]
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_deducted, books.redis_stock, books.redis_counter_qty) == ({}, 5, 0)
+
+
+def test_a_repair_writes_back_into_a_sku_loaded_before_loads_were_numbered(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
+    """A meta with no `ticket` was loaded by a version that numbered loads in MySQL alone: any row of the
+    SKU is written back to it (the consumer applies such a load's messages the same way)."""
+    set_stock(settings, sku, 5)
+    redis_stock.client.hdel(SkuKeys.of(sku).meta, "ticket")
+    _lost_by_redis(mysql_store, sku, "t-lost")
+    _, repair = repair_sku(redis_stock, mysql_store, sku, settle_s=0, replay=lambda entries: 0)
+    assert (repair.needs_operator, repair.adopted_deductions) == ([], 1)
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_deducted, books.redis_stock) == ({"t-lost": 1}, 4)

@@ -19,7 +19,7 @@ from flashsale.config import Settings
 from flashsale.errors import UnknownSku
 from flashsale.ops.paging import pages
 from flashsale.polling import poll_until
-from flashsale.records import Adopt, LogEntry
+from flashsale.records import Adopt, DeductionRow, LogEntry
 
 #: Log entries / rows read per round trip.
 PAGE = 1000
@@ -53,6 +53,7 @@ class SkuReport:
     redis_returned_qty: int = 0
     redis_returned_logged_qty: int = 0  # units of the entries the Redis log holds as returned
     redis_fenced: int = 0
+    redis_load: int | None = None  # the number of the load Redis held as its counters were read
     mysql_applied: int = 0
     mysql_applied_qty: int = 0
     orders: int = 0
@@ -146,6 +147,7 @@ def _read_redis(stock: RedisStock, report: SkuReport) -> None:
     report.initial, report.redis_stock = view.initial, view.stock
     report.redis_counter_qty, report.redis_returned_qty = view.deducted_qty, view.returned_qty
     report.redis_fenced = view.fenced_count
+    report.redis_load = view.ticket
     report.redis_added_qty = view.added_qty
 
 
@@ -380,6 +382,10 @@ class _Repairer:
             return
         if self._reloaded:
             return
+        if seen.redis_load is not None and row.load != seen.redis_load:
+            # The counters that choose below between the entry alone and the whole deduction are another load's.
+            self._stop(row, seen.sku)
+            return
         unexplained = seen.redis_counter_qty - seen.redis_deducted_qty - self._entries_qty
         entry_only = unexplained >= int(row.qty)
         code, detail = self.stock.adopt(seen.sku, row, deduct=not entry_only)
@@ -393,9 +399,12 @@ class _Repairer:
         elif code is Adopt.SEALED:
             self.report.needs_operator.append(f"{row.token}: {seen.sku} stayed sealed; run the repair again")
         elif code is Adopt.RELOADED:
-            self._reloaded = True
-            says = f"{row.token}: {seen.sku} was loaded again during the repair; run it again"
-            self.report.needs_operator.append(says)
+            self._stop(row, seen.sku)
+
+    def _stop(self, row: DeductionRow, sku: str) -> None:
+        """The SKU was loaded again during the repair: nothing more is written back to it."""
+        self._reloaded = True
+        self.report.needs_operator.append(f"{row.token}: {sku} was loaded again during the repair; run it again")
 
 
 def repair_sku(

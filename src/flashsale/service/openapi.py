@@ -102,6 +102,12 @@ def _stock_schemas() -> dict[str, Schema]:
                 "sold_out": {"type": "boolean"},
                 **dict.fromkeys(counts, _COUNT),
                 "pool": _nullable({**_COUNT, "description": "a partitioned SKU: the units not in a partition"}),
+                "ticket": _nullable(
+                    {
+                        **_COUNT,
+                        "description": "the load Redis holds, numbered by `stock set` (0: none; null: before numbers)",
+                    }
+                ),
                 "partitions": {"type": "array", "items": _ref("Partition")},
             }
         ),

@@ -210,6 +210,7 @@ def parse_view(sku: str, stock: str | None, meta: dict[str, str], entries: int) 
         log_entries=int(entries),
         loaded_ms=count(meta, "loaded_ms"),
         added_qty=count(meta, "added_qty"),
+        ticket=int(meta["ticket"]) if "ticket" in meta else None,
     )
 
 
@@ -305,6 +306,7 @@ def aggregate(
         log_entries=sum(n for _, _, n in parts),
         loaded_ms=count(meta, "loaded_ms"),
         added_qty=count(meta, "added_qty"),
+        ticket=int(meta["ticket"]) if "ticket" in meta else None,
         pool=int(pool or 0),
         partitions=views,
         moving=in_transit,

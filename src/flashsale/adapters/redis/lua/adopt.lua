@@ -25,7 +25,8 @@
 --   1 adopted
 --   2 refused: 'deduct' needs more stock than Redis has (detail = remaining); an operator must decide
 --   3 sealed: nothing written (detail = ms until the seal ends); ask again then
---   4 reloaded: the meta holds another load than ARGV[11] (detail = its number); nothing written
+--   4 reloaded: the meta holds another load than ARGV[11] (detail = its number), or none (detail ''): nothing
+--     written. A meta loaded before loads were numbered (no `ticket`) takes any.
 --
 -- A deduction belongs to the load it was sold in. A reload since the repair read MySQL (it may have waited
 -- seconds for a seal) replaced that sale: written into the new one, the old deduction would take one of
@@ -43,8 +44,11 @@ local order, due, decided = ARGV[8] or '', tonumber(ARGV[9] or ''), tonumber(ARG
 local returned = order == 'cancelled' or order == 'expired'
 local BAR_MS = 5000
 
-local load = redis.call('HGET', meta_key, 'ticket') or '0'
-if tonumber(load) ~= tonumber(ARGV[11]) then
+local initial, load = unpack(redis.call('HMGET', meta_key, 'initial', 'ticket'))
+if not initial then
+  return {4, ''}
+end
+if load and tonumber(load) ~= tonumber(ARGV[11]) then
   return {4, load}
 end
 local seen = redis.call('HGET', log_key, token)
