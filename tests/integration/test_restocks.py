@@ -14,6 +14,7 @@ from flashsale.adapters.redis.keys import SkuKeys
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.models import Purchase
+from flashsale.ops.setup import set_stock
 from flashsale.records import Prededuct, Restock
 
 
@@ -108,3 +109,25 @@ def test_a_reload_forgets_the_restocks_of_the_load_before(redis_stock: RedisStoc
     assert raw.hlen(SkuKeys.of(sku).added) == 0 and "added_qty" not in _meta(raw, sku)
     assert redis_stock.add_stock(sku, 3, request_id="r1", message_id="m2").code is Restock.ADDED
     assert int(raw.get(SkuKeys.of(sku).stock) or -1) == 10
+
+
+def test_a_restock_while_a_reload_turns_partitions_into_one_key_hears_frozen_not_unknown(
+    settings: Settings, redis_stock: RedisStock, raw: redis.Redis, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload drops the partitions and the pool before it writes the one key: for a moment neither
+    exists. The SKU is frozen by the load all along: a restock then is asked again after it, not told that
+    the SKU is not loaded (and sent to `stock set`)."""
+    set_stock(settings, sku, 30, partitions=3)
+    seen: list[tuple[Restock, bool]] = []
+    load_one = RedisStock._load_one
+
+    def restock_first(self: RedisStock, shard: str, args: list[str]) -> None:
+        if shard == sku and not seen:  # the one-key load, the partitions and pool dropped already
+            answer = redis_stock.add_stock(sku, 4, request_id="r1", message_id="m-r1")
+            seen.append((answer.code, raw.hget(SkuKeys.of(sku).meta, "frozen_until") is not None))
+        load_one(self, shard, args)
+
+    monkeypatch.setattr(RedisStock, "_load_one", restock_first)
+    set_stock(settings, sku, 10)
+    assert seen == [(Restock.FROZEN, True)]
+    assert raw.get(SkuKeys.of(sku).stock) == "10" and not raw.hexists(SkuKeys.of(sku).added, "r1")

@@ -47,6 +47,12 @@ if not string.match(qty_arg, '^%d+$') or #qty_arg > 15 or tonumber(qty_arg) < 1 
   return {6, -1, ''}
 end
 if redis.call('EXISTS', stock_key) == 0 then
+  -- A reload between dropping the old keys and writing its own (partitions to one key, or back) holds the
+  -- SKU's freeze: the SKU is loaded, and the restock is asked again after the load, as any under it.
+  local frozen_until = redis.call('HGET', meta_key, 'frozen_until')
+  if frozen_until and clock_ms() < tonumber(frozen_until) then
+    return {4, -1, ''}
+  end
   return {3, -1, ''}
 end
 local qty = tonumber(qty_arg)
