@@ -215,6 +215,8 @@ def test_an_operator_sells_with_a_deadline_and_shows_pays_and_cancels_orders_fro
     assert late.returncode == 1 and json.loads(late.stdout)["decision"] == "already_cancelled"
     missing = cli("order", "show", sku, "nobody")
     assert missing.returncode == 2 and "no purchase of token 'nobody'" in missing.stderr
+    nobodys = cli("order", "pay", sku, "nobody", "--payment-id", "p9")
+    assert nobodys.returncode == 2 and json.loads(nobodys.stdout)["decision"] == "no_order"
     assert json.loads(cli("order", "show", sku, "t0").stdout)["state"] == "paid"
     statuses, returns, mysql_stock = _wait_for(settings, sku, {"t0": "paid", "t1": "cancelled"})
     assert (statuses, returns, mysql_stock) == ({"t0": "paid", "t1": "cancelled"}, {"t1": 1}, 1)

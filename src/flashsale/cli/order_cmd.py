@@ -8,6 +8,7 @@ import sys
 import click
 
 from flashsale.cli.context import Context
+from flashsale.records import Decision
 from flashsale.service import order_ops as orders
 
 
@@ -59,8 +60,9 @@ def order_expire_due(ctx: Context, sku: str) -> None:
 
 
 def _decide(ctx: Context, sku: str, token: str, action: str, decision_id: str, user: str) -> None:
-    """Print the answer; exit 0 when the order now stands as asked, 1 when it stands otherwise."""
+    """Print the answer; exit 0 when the order now stands as asked, 1 when it stands otherwise, 2 when no
+    purchase of that token stands (as for an unknown SKU)."""
     answer = orders.decide(ctx.settings, sku, token, action, decision_id=decision_id, user=user)
     decision = answer.decision.name.lower()
     click.echo(json.dumps({"decision": decision, "token": token, "message_id": answer.message_id}))
-    sys.exit(0 if decision in orders.DONE else 1)
+    sys.exit(0 if decision in orders.DONE else 2 if answer.decision is Decision.NO_ORDER else 1)
