@@ -9,11 +9,16 @@ import time
 import pytest
 
 from flashsale import constants as c
-from flashsale.adapters.redis.keys import USER_HOLDS_KEY, SkuKeys
+from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.adapters.redis.keys import USER_HOLDS_KEY, SkuKeys, holds_key
 from flashsale.adapters.redis.stock import RedisStock
+from flashsale.config import Settings
 from flashsale.errors import StockError
-from flashsale.models import Purchase
-from flashsale.records import Prededuct, PredeductResult, StockReturn
+from flashsale.models import Deduction, Purchase
+from flashsale.ops.reconcile import repair_sku
+from flashsale.ops.setup import set_stock
+from flashsale.records import Incoming, Prededuct, PredeductResult, StockReturn
+from tests.oracle import read_books
 
 GRACE_MS = 3_000
 EPOCH = 1_700_000_000_000  # the layout epoch a partition is loaded with
@@ -328,6 +333,25 @@ def test_adopt_writes_back_an_order_as_mysql_has_it_and_a_returned_one_takes_no_
     view = redis_stock.view(sku)
     # Both deductions count, the expired one's units came back: one unit left.
     assert (view.stock, view.deducted_qty, view.returned_qty) == (1, 2, 1)
+
+
+def test_a_deduction_written_back_into_a_partitioned_sku_counts_against_its_buyers_limit(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
+    """A partitioned SKU counts a buyer's units on a key of their own (user_hold.lua), apart from the
+    partitions. A deduction Redis lost entirely lost its count there too: written back, it must count
+    again, or its buyer could buy past the limit. On one key adopt.lua counts it with the entry."""
+    set_stock(settings, sku, 5, partitions=3, per_user_limit=1)
+    # Applied in MySQL, lost entirely by Redis (as in a failover: its count too).
+    mysql_store.apply_batch([Incoming(Deduction("t-lost", sku, "u1", 1, 1_000), "m-lost", "t")])
+    # Run again, it finds the entry and counts nothing more.
+    runs = [repair_sku(redis_stock, mysql_store, sku, settle_s=0, replay=lambda entries: 0)[1] for _ in range(2)]
+    assert [(r.adopted_deductions, r.needs_operator) for r in runs] == [(1, []), (0, [])]
+    layout = redis_stock.layout(sku)
+    assert layout is not None
+    assert redis_stock.client.hget(holds_key(layout, "u1"), "b:u1") == "1"
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_deducted, books.redis_stock) == ({"t-lost": 1}, 4)
 
 
 def test_load_refuses_an_invalid_argument_with_its_name(redis_stock: RedisStock, sku: str) -> None:

@@ -36,7 +36,7 @@ from flashsale.adapters.redis.codec import (
     sold_out,
 )
 from flashsale.adapters.redis.freeze import Freeze, Renewal, Target, lapsed, taken
-from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, parent, place
+from flashsale.adapters.redis.keys import SKUS_KEY, SkuKeys, all_holds_keys, holds_key, parent, place
 from flashsale.adapters.redis.topology import (
     MAP_TTL_S,
     MISROUTED,
@@ -71,6 +71,8 @@ FREEZE_S = 30.0
 #: Tries of a repair's write into a sealed SKU's log, each once the seal it found has ended: the first
 #: bars new seals (adopt.lua), so the second finds none unless a reload dropped that bar meanwhile.
 ADOPT_TRIES = 3
+#: A write-back's count on its buyer (user_hold.lua): a limit no count reaches, and the attempt it is named by.
+REPAIR_LIMIT, REPAIR_ATTEMPT = str(10**15), "repair"
 
 
 class RedisStock:
@@ -465,6 +467,8 @@ class RedisStock:
         args.append(str(row.load))
         for tries_left in reversed(range(ADOPT_TRIES)):
             layout = self.layout(sku)  # (read again after a wait: a reload meanwhile may have changed it)
+            if deduct and layout is not None and layout.per_user_limit:
+                self._count_on_buyer(layout, row)
             keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
             # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
             code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
@@ -473,6 +477,15 @@ class RedisStock:
                 break
             time.sleep(int(detail) / 1000 + 0.01)
         return answer, str(detail)
+
+    def _count_on_buyer(self, layout: Layout, row: DeductionRow) -> None:
+        """A partitioned SKU counts a buyer's units apart from the partitions (user_hold.lua), where a
+        deduction Redis lost entirely lost its count too: the write-back counts it again, whatever the buyer
+        holds (MySQL applied it; on one key adopt.lua counts it the same way). Counted first: a write-back
+        refused then leaves the count ahead of the orders, never behind; asked again, it counts nothing more."""
+        key = holds_key(layout, row.user_id)
+        args = [REPAIR_LIMIT, row.token, row.user_id, str(row.qty), REPAIR_ATTEMPT]
+        self._script_held(key, "user_hold", [key], args)
 
     # --- reading ------------------------------------------------------------------------------------
     def log_entry(self, sku: str, token: str) -> LogEntry | None:
