@@ -12,7 +12,7 @@ import pytest
 
 from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore
-from flashsale.adapters.redis.keys import SkuKeys
+from flashsale.adapters.redis.keys import SkuKeys, holds_key
 from flashsale.adapters.redis.stock import RedisStock
 from flashsale.config import Settings
 from flashsale.errors import LoadUnderWay, NotReplicated
@@ -195,12 +195,12 @@ def test_a_repair_whose_row_a_reload_replaced_writes_nothing_into_the_new_load(
     between its read of MySQL and that write (which may wait seconds for a seal to end) replaced the row's
     load: written, the old sale's deduction would take a unit of the new one, and the next repair would
     replay it into the new sale's books as an order nobody placed in it."""
-    set_stock(settings, sku, 5, partitions=parts)
+    set_stock(settings, sku, 5, partitions=parts, per_user_limit=1)
     _lost_by_redis(mysql_store, sku, "t-old1", "t-old2")
     adopt = redis_stock.adopt
 
     def reloaded_first(sku: str, row: DeductionRow, *, deduct: bool) -> tuple[Adopt, str]:
-        set_stock(settings, sku, 5, partitions=then, reset=True)
+        set_stock(settings, sku, 5, partitions=then, per_user_limit=1, reset=True)
         return adopt(sku, row, deduct=deduct)
 
     monkeypatch.setattr(redis_stock, "adopt", reloaded_first)
@@ -211,6 +211,9 @@ def test_a_repair_whose_row_a_reload_replaced_writes_nothing_into_the_new_load(
     books = read_books(settings.redis_url, settings.mysql_url, sku)
     assert (books.redis_deducted, books.redis_stock, books.redis_counter_qty) == ({}, 5, 0)
     assert (books.mysql_deducted, books.mysql_stock, books.order_count) == ({}, 5, 0)
+    layout = redis_stock.layout(sku)
+    if layout is not None:  # the buyer's count in the new sale is untouched
+        assert not redis_stock.client.hexists(holds_key(layout, "u1"), "b:u1")
 
 
 def test_a_row_of_a_load_after_the_one_whose_counters_the_repair_read_is_not_judged_by_them(

@@ -482,7 +482,11 @@ class RedisStock:
         """A partitioned SKU counts a buyer's units apart from the partitions (user_hold.lua), where a
         deduction Redis lost entirely lost its count too: the write-back counts it again, whatever the buyer
         holds (MySQL applied it; on one key adopt.lua counts it the same way). Counted first: a write-back
-        refused then leaves the count ahead of the orders, never behind; asked again, it counts nothing more."""
+        refused then leaves the count ahead of the orders, never behind; asked again, it counts nothing more.
+        Not into another load than the row's (adopt.lua refuses the write): its buyer's count there is theirs."""
+        ticket = self._call("read the load", self.client.hget, SkuKeys.of(layout.sku).meta, "ticket")
+        if ticket is not None and int(ticket) != row.load:
+            return
         key = holds_key(layout, row.user_id)
         args = [REPAIR_LIMIT, row.token, row.user_id, str(row.qty), REPAIR_ATTEMPT]
         self._script_held(key, "user_hold", [key], args)
