@@ -466,8 +466,11 @@ class RedisStock:
         args += ["deduct" if deduct else "entry", row.order or "", str(row.due_ms or ""), str(row.decided_ms or "")]
         args.append(str(row.load))
         for tries_left in reversed(range(ADOPT_TRIES)):
-            layout = self.layout(sku)  # (read again after a wait: a reload meanwhile may have changed it)
-            if deduct and layout is not None and layout.per_user_limit:
+            # (read again after a wait: a reload meanwhile may have changed it)
+            meta = self._call("read layout", self.client.hgetall, SkuKeys.of(sku).meta)
+            layout = parse_layout(sku, meta)
+            # Never on another load than the row's (adopt.lua refuses the write): the buyer's count there is theirs.
+            if layout is not None and layout.per_user_limit and int(meta.get("ticket", row.load)) == row.load:
                 self._count_on_buyer(layout, row)
             keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
             # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
@@ -479,14 +482,12 @@ class RedisStock:
         return answer, str(detail)
 
     def _count_on_buyer(self, layout: Layout, row: DeductionRow) -> None:
-        """A partitioned SKU counts a buyer's units apart from the partitions (user_hold.lua), where a
-        deduction Redis lost entirely lost its count too: the write-back counts it again, whatever the buyer
-        holds (MySQL applied it; on one key adopt.lua counts it the same way). Counted first: a write-back
-        refused then leaves the count ahead of the orders, never behind; asked again, it counts nothing more.
-        Not into another load than the row's (adopt.lua refuses the write): its buyer's count there is theirs."""
-        ticket = self._call("read the load", self.client.hget, SkuKeys.of(layout.sku).meta, "ticket")
-        if ticket is not None and int(ticket) != row.load:
-            return
+        """A partitioned SKU counts a buyer's units on a key apart from the partitions (user_hold.lua), on
+        another node maybe, which a loss may have emptied with or without the entry: the write-back counts the
+        token on its buyer, whatever the buyer holds (MySQL applied it). user_hold.lua counts a token once,
+        so a count that survived, or one asked again, adds nothing. Counted first: a write-back refused then
+        leaves the count ahead of the orders, never behind. A partitioned SKU's count is never given back
+        (a cancelled or expired order's included: user_hold.lua), so a returned order counts too."""
         key = holds_key(layout, row.user_id)
         args = [REPAIR_LIMIT, row.token, row.user_id, str(row.qty), REPAIR_ATTEMPT]
         self._script_held(key, "user_hold", [key], args)
