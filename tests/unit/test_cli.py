@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -80,3 +81,19 @@ def test_stack_up_of_an_unknown_service_names_it(tmp_path: Path) -> None:
 def test_bad_port_variable_is_named_in_the_error(tmp_path: Path) -> None:
     line = _one_error_line(_invoke(tmp_path, "stack", "up", "nosuch", FLASHSALE_REDIS_PORT="abc"))
     assert "FLASHSALE_REDIS_PORT='abc' is not an integer" in line
+
+
+@pytest.mark.parametrize(
+    ("answers", "code"),
+    [({"expired": 2, "already_paid": 1}, 0), ({"expired": 2, "frozen": 1}, 1), ({"fenced": 1}, 1), ({}, 0)],
+)
+def test_order_expire_due_exits_1_when_an_order_was_left_undecided(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: dict[str, int], code: int
+) -> None:
+    """`frozen` and `fenced` decided nothing: the operator must run it again (the sweep itself is
+    test_order_repairs.py's, on the real stack)."""
+    from flashsale.service import order_ops
+
+    monkeypatch.setattr(order_ops, "expire_due", lambda settings, sku: answers)
+    result = _invoke(tmp_path, "order", "expire-due", "sku-1")
+    assert (result.exit_code, result.stdout.strip()) == (code, json.dumps(answers))

@@ -55,8 +55,11 @@ def order_cancel(ctx: Context, sku: str, token: str, user_id: str, request_id: s
 @click.pass_obj
 def order_expire_due(ctx: Context, sku: str) -> None:
     """Expire every order of SKU still awaiting payment past its deadline, as its timer would have (for a
-    timer that was lost: `reconcile` lists such orders). Prints the count of each answer."""
-    click.echo(json.dumps(orders.expire_due(ctx.settings, sku)))
+    timer that was lost: `reconcile` lists such orders). Prints the count of each answer; exits 1 when some
+    were answered `frozen` or `fenced` (nothing decided: run it again)."""
+    answers = orders.expire_due(ctx.settings, sku)
+    click.echo(json.dumps(answers))
+    sys.exit(1 if any(answers.get(a) for a in orders.ASK_AGAIN) else 0)
 
 
 def _decide(ctx: Context, sku: str, token: str, action: str, decision_id: str, user: str) -> None:

@@ -22,6 +22,8 @@ from flashsale.service.engine import opened
 
 #: Answers after which the order stands as the request asked: this request decided it, or it did before.
 DONE = ("paid", "cancelled", "expired")
+#: Answers that decided nothing, and may decide once asked again.
+ASK_AGAIN = ("frozen", "fenced")
 #: Answers after which a restock's units stand added: by this request, or by an earlier one of its id.
 ADDED = ("added", "already_added")
 
