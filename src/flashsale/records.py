@@ -399,6 +399,9 @@ class DeadLetter:
     reason: str
     body: bytes
     sku: str | None = None
+    #: The token (a restock's request id) of a letter that carries one purchase of its message; '' for a
+    #: whole message. A message leaves one letter per purchase at most, each kept.
+    purchase: str = ""
 
 
 @dataclass

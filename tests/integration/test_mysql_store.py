@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from flashsale.adapters.mysql import sql
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.errors import StockError, StockShort, StoreError
-from flashsale.models import Deduction
+from flashsale.models import Deduction, DeductionMessage
 from flashsale.records import Addition, DeadLetter, Incoming, Order
 
 
@@ -384,3 +384,19 @@ def test_a_restock_of_a_sku_mysql_does_not_know_is_dead_lettered(mysql_store: My
     report = mysql_store.apply_batch([], additions=[Addition(sku, "r1", 3, "m-r1", 1_000)])
     assert [(d.message_id, d.key, d.sku) for d in report.dead_letters] == [("m-r1", "r1", sku)]
     assert "unknown sku" in report.dead_letters[0].reason
+
+
+def test_each_purchase_of_a_message_for_an_unknown_sku_keeps_a_dead_letter_of_its_own(
+    mysql_store: MySQLStore, sku: str
+) -> None:
+    """A message carries a group of purchases. Those of a SKU MySQL does not know are dead-lettered one by
+    one, each with a body of its own, under the message's id: each must be kept (once, whatever the
+    redeliveries), or `replay dead-letters` would bring back one buyer's order and lose the others'."""
+    unknown = "no-such-sku-" + sku
+    group = [Incoming(Deduction(t, unknown, "u1", 1), message_id="m-group", topic="t") for t in ("t1", "t2", "t3")]
+    for _ in range(2):
+        assert len(mysql_store.apply_batch(group).dead_letters) == 3
+    with mysql_store.transaction("read") as conn:
+        bodies = conn.execute(sa.text("SELECT body FROM dead_letters WHERE message_id = 'm-group'")).scalars().all()
+    carried = sorted(p.token for body in bodies for p in DeductionMessage.decode(body).purchases)
+    assert carried == ["t1", "t2", "t3"]

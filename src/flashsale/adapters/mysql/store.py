@@ -414,7 +414,9 @@ def _deduction_rows(unique: dict[Key, Incoming], known: set[str], batch_id: str,
         if d.sku not in known:
             body = DeductionMessage(d.sku, (Purchase(d.token, d.user_id, d.qty),), "", d.ts_ms, SOURCE_REPLAY)
             report.dead_letters.append(
-                DeadLetter(item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", body.encode(), sku=d.sku)
+                DeadLetter(
+                    item.message_id, item.topic, d.token, f"unknown sku {d.sku!r}", body.encode(), d.sku, d.token
+                )
             )
             continue
         rows.append(Row(d.token, d.sku, d.user_id, d.qty, item.message_id, d.source, batch_id, d.ts_ms))
@@ -570,7 +572,7 @@ def _units_on_their_way(conn: Connection, sku: str, short: list[Incoming]) -> bo
 
 def _unknown_addition(a: Addition) -> DeadLetter:
     body = DeductionMessage.restock(a.sku, a.request_id, a.qty, a.message_id, a.ts_ms)
-    return DeadLetter(a.message_id, "", a.request_id, f"unknown sku {a.sku!r}", body.encode(), sku=a.sku)
+    return DeadLetter(a.message_id, "", a.request_id, f"unknown sku {a.sku!r}", body.encode(), a.sku, a.request_id)
 
 
 def _record_conflicts(conn: Connection, conflicts: Sequence[Conflict], report: ApplyReport) -> None:
@@ -623,6 +625,7 @@ def _insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter]) -> Non
             [
                 {
                     "message_id": d.message_id,
+                    "purchase": d.purchase,
                     "topic": d.topic,
                     "message_key": (d.key or "")[:255] or None,
                     "sku": (d.sku or "")[:64] or None,

@@ -111,8 +111,8 @@ SET c.resolved_at = CURRENT_TIMESTAMP(6)
 WHERE d.batch_id = :batch_id AND d.sku = :sku AND c.resolved_at IS NULL
 
 -- name: insert_dead_letter
-INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body)
-VALUES (:message_id, :topic, :message_key, :sku, :reason, :body)
+INSERT INTO dead_letters (message_id, purchase, topic, message_key, sku, reason, body)
+VALUES (:message_id, :purchase, :topic, :message_key, :sku, :reason, :body)
 ON DUPLICATE KEY UPDATE message_id = message_id
 
 -- name: ping
