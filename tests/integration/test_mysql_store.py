@@ -9,9 +9,11 @@ import sqlalchemy as sa
 
 from flashsale.adapters.mysql import sql
 from flashsale.adapters.mysql.store import MySQLStore
+from flashsale.config import Settings
 from flashsale.errors import StockError, StockShort, StoreError
-from flashsale.models import Deduction, DeductionMessage
+from flashsale.models import Deduction, DeductionMessage, Purchase
 from flashsale.records import Addition, DeadLetter, Incoming, Order
+from tests.oracle import drop_database, mysql_connection
 
 
 def incoming(sku: str, token: str, qty: int = 1, user: str = "u1") -> Incoming:
@@ -400,3 +402,42 @@ def test_each_purchase_of_a_message_for_an_unknown_sku_keeps_a_dead_letter_of_it
         bodies = conn.execute(sa.text("SELECT body FROM dead_letters WHERE message_id = 'm-group'")).scalars().all()
     carried = sorted(p.token for body in bodies for p in DeductionMessage.decode(body).purchases)
     assert carried == ["t1", "t2", "t3"]
+
+
+def test_an_upgrade_names_the_purchase_of_each_dead_letter_written_before_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, sku: str
+) -> None:
+    """Before migration 0007 a letter of one purchase was keyed by its message alone. The migration names
+    the purchase of those (an unknown SKU's, whose key is the token): a redelivery after the upgrade finds
+    its letter rather than adding a second."""
+    url = settings.mysql_url.rsplit("/", 1)[0] + "/flashsale_test_upgrade"
+    drop_database(url)
+    server = mysql_connection(url.rsplit("/", 1)[0] + "/")
+    try:
+        with server.cursor() as cur:
+            cur.execute("CREATE DATABASE flashsale_test_upgrade CHARACTER SET utf8mb4")
+    finally:
+        server.close()
+    store, unknown = MySQLStore(url), "no-such-sku-" + sku
+    try:
+        every = sql.migrations()
+        monkeypatch.setattr(sql, "migrations", lambda: [m for m in every if m.version < 7])
+        store.migrate()
+        body = DeductionMessage(unknown, (Purchase("t1", "u1", 1),), "m-old").encode()
+        with store.transaction("a letter of the version before") as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body)"
+                    " VALUES ('m-old', 't', 't1', :sku, :reason, :body)"
+                ),
+                {"sku": unknown, "reason": f"unknown sku {unknown!r}", "body": body},
+            )
+        monkeypatch.undo()
+        assert store.migrate() == ["0007_dead_letters_per_purchase"]
+        store.apply_batch([Incoming(Deduction("t1", unknown, "u1", 1), message_id="m-old", topic="t")])
+        with store.transaction("read") as conn:
+            named = conn.execute(sa.text("SELECT purchase FROM dead_letters WHERE message_id = 'm-old'")).scalars()
+            assert list(named) == ["t1"]
+    finally:
+        store.close()
+        drop_database(url)

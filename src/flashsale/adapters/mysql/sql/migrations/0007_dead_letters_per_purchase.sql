@@ -8,3 +8,7 @@ ALTER TABLE dead_letters
     ADD COLUMN purchase VARCHAR(128) NOT NULL DEFAULT '',
     DROP KEY dead_letters_message,
     ADD UNIQUE KEY dead_letters_message (message_id, purchase);
+
+-- Letters of one purchase written before: the unknown SKU's, whose key is the token (a restock's request
+-- id). Named, a redelivery after the upgrade finds them rather than adding a second.
+UPDATE dead_letters SET purchase = message_key WHERE reason LIKE 'unknown sku %' AND message_key IS NOT NULL;
