@@ -94,9 +94,13 @@ class LoadUnderWay(StoreError):
 
 
 class StockShort(StoreError):
-    """MySQL holds fewer units than a batch takes while units given back or added are still on their way
-    there: the batch waits for them (retriable). Not an outage: the messages that carry those units must
-    go on being applied meanwhile."""
+    """MySQL holds fewer units of a SKU than a batch takes while units given back or added are still on
+    their way there: that SKU's messages wait for them (retriable). Not an outage: the messages that carry
+    those units, and the other SKUs' messages, must go on being applied meanwhile."""
+
+    def __init__(self, sku: str, stock: int) -> None:
+        super().__init__(f"MySQL stock {stock} of {sku} is short while units given back or added are on their way")
+        self.skus = frozenset((sku,))
 
 
 class MalformedMessage(FlashSaleError):

@@ -273,7 +273,7 @@ def test_a_batch_short_of_units_on_their_way_is_handed_back_and_receipt_goes_on(
     def short(items: Sequence[Incoming]) -> FlashSaleError | None:
         tokens = [i.deduction.token for i in items]
         if "b" in tokens and not returned:
-            return StockShort("MySQL stock 0 of sku-1 is short while units given back are on their way")
+            return StockShort("sku-1", 0)
         returned.extend(t for t in tokens if t == "a")
         return None
 
@@ -293,6 +293,23 @@ def test_a_batch_short_of_units_on_their_way_is_handed_back_and_receipt_goes_on(
         "ack ['msg-b']",
         "receive",
     ]
+
+
+def test_a_sku_short_of_units_on_their_way_hands_back_its_messages_alone() -> None:
+    """The wait for units on their way counts each message's own deliveries: handed back with a short SKU's
+    batch, another SKU's message would count deliveries for nothing, and could become a conflict at once
+    the day its own SKU is short."""
+
+    def short(items: Sequence[Incoming]) -> FlashSaleError | None:
+        return StockShort("sku-1", 0) if any(i.deduction.sku == "sku-1" for i in items) else None
+
+    consumer, _, calls, log = _consumer(short)
+    _deducted(log, "a")
+    log.deducted("sku-2", "b", "u1", 1, "msg-b")
+    other = DeductionMessage("sku-2", (Purchase("b", "u1", 1),), "msg-b", 1).encode()
+    report = consumer.process([_delivery("a"), _delivery("b", body=other)])
+    assert [d.token for d in report.applied] == ["b"]
+    assert calls == ["apply ['a', 'b'] dead []", "apply ['b'] dead []", "nack ['msg-a']", "ack ['msg-b']"]
 
 
 def test_the_messages_of_a_sku_being_loaded_wait_for_the_load_and_the_others_are_applied() -> None:

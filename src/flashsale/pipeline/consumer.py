@@ -37,6 +37,8 @@ REASON_MAX = 512
 #: Seconds the messages of a SKU being loaded wait before they come again: each return counts against the
 #: broker's delivery attempts, and a load takes seconds (one that stopped midway, until it is run again).
 LOAD_WAIT_S = 5
+#: Seconds the messages of a SKU MySQL is short of wait for the units on their way (given back, restocked).
+SHORT_WAIT_S = 1
 
 
 def decode(batch: Sequence[Delivery]) -> tuple[list[Decoded], list[DeadLetter]]:
@@ -106,11 +108,6 @@ class DeductionConsumer:
                 continue
             try:
                 self.process(batch)
-            except StockShort as exc:
-                # The units it waits for travel in other messages, maybe the very ones received after it:
-                # receipt goes on (a pause would hand those back too, again at every try).
-                logger.warning("batch of %d waits for units on their way (%s); handing it back", len(batch), exc)
-                self._receiver.nack(batch, 1)
             except FlashSaleError as exc:
                 logger.warning(
                     "batch of %d not applied (%s); handing it back and pausing receipt until the stores answer",
@@ -127,11 +124,12 @@ class DeductionConsumer:
         decoded, dead = decode(batch)
         report, waiting = self._apply_or_wait(decoded, dead)
         failpoints.hit(self._failpoints, failpoints.AFTER_DB_COMMIT)
-        if waiting:
-            self._receiver.nack(waiting, LOAD_WAIT_S)
-            batch = [d for d in batch if d not in waiting]
+        for wait_s in sorted({s for _, s in waiting}):
+            self._receiver.nack([d for d, s in waiting if s == wait_s], wait_s)
+        handed_back = {d.message_id for d, _ in waiting}
+        batch = [d for d in batch if d.message_id not in handed_back]
         try:
-            acked = self._receiver.ack(batch)
+            acked = self._receiver.ack(batch) if batch else 0
         except BusError as exc:
             acked = 0
             logger.warning(
@@ -153,16 +151,20 @@ class DeductionConsumer:
 
     def _apply_or_wait(
         self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]
-    ) -> tuple[ApplyReport, list[Delivery]]:
-        """Apply the batch, but for the messages of SKUs a `stock set` is loading (LoadUnderWay): those are
-        returned, to be handed back and come again once the load is done."""
+    ) -> tuple[ApplyReport, list[tuple[Delivery, int]]]:
+        """Apply the batch, but for the messages of SKUs that must wait: those a `stock set` is loading
+        (LoadUnderWay), to come again once the load is done, and those MySQL is short of while units are on
+        their way (StockShort). Those are returned with their wait, to be handed back. The others go on: a
+        message handed back with a batch counts a delivery more, and the wait for units on their way is
+        counted in a message's own deliveries (SHORTFALL_ATTEMPTS), which must not run out riding along."""
         try:
             return self._apply_or_split(decoded, dead), []
-        except LoadUnderWay as exc:
-            logger.warning("%s: their messages wait for the load, the others are applied", exc)
+        except (LoadUnderWay, StockShort) as exc:
+            wait_s = LOAD_WAIT_S if isinstance(exc, LoadUnderWay) else SHORT_WAIT_S
+            logger.warning("%s: their messages wait, the others are applied", exc)
             rest = [d for d in decoded if d.message.sku not in exc.skus]
-            report, waiting = self._apply_or_wait(rest, dead)
-            return report, [d.delivery for d in decoded if d.message.sku in exc.skus] + waiting
+            report, waiting = self._apply_or_wait(rest, dead) if rest or dead else (ApplyReport(), [])
+            return report, [(d.delivery, wait_s) for d in decoded if d.message.sku in exc.skus] + waiting
 
     def _apply_or_split(self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]) -> ApplyReport:
         """Apply the batch; one a message of which the database rejects, or that fails, one by one."""

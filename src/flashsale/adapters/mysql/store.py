@@ -520,7 +520,7 @@ def _guarded_update(
         else:
             rest.append(row)
     if rest and _units_on_their_way(conn, sku, [items[(sku, r.token)] for r in rest]):
-        raise StockShort(f"MySQL stock {stock} of {sku} is short while units given back or added are on their way")
+        raise StockShort(sku, stock)
     if fit:
         conn.execute(query("deduct_stock"), {"sku": sku, "total": stock - room})
     _refuse(conn, batch_id, sku, rest, items, stock)
