@@ -135,7 +135,7 @@ def parse_lookup(
             parse_entries(tokens, raw_entries, strict=False),
             {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},
             int(added or 0),
-            int(ticket) if ticket is not None else None,
+            load_number(ticket),
         )
     return found
 
@@ -177,6 +177,12 @@ def count(meta: Mapping[str, str], name: str) -> int:
     return int(meta.get(name) or 0)
 
 
+def load_number(raw: Any) -> int | None:
+    """A meta's `ticket`, the number of the load it holds (ticket.lua); None for a meta with none, loaded
+    before loads were numbered."""
+    return int(raw) if raw is not None else None
+
+
 def queue_snapshot(pipe: Any, shard: str, *, partition: bool = False) -> None:
     """Queue on `pipe` the reads of one snapshot: stock, meta, log size, and the pool and transfers (of a
     SKU) or the refills (of a partition)."""
@@ -210,7 +216,7 @@ def parse_view(sku: str, stock: str | None, meta: dict[str, str], entries: int) 
         log_entries=int(entries),
         loaded_ms=count(meta, "loaded_ms"),
         added_qty=count(meta, "added_qty"),
-        ticket=int(meta["ticket"]) if "ticket" in meta else None,
+        ticket=load_number(meta.get("ticket")),
     )
 
 
@@ -306,7 +312,7 @@ def aggregate(
         log_entries=sum(n for _, _, n in parts),
         loaded_ms=count(meta, "loaded_ms"),
         added_qty=count(meta, "added_qty"),
-        ticket=int(meta["ticket"]) if "ticket" in meta else None,
+        ticket=load_number(meta.get("ticket")),
         pool=int(pool or 0),
         partitions=views,
         moving=in_transit,

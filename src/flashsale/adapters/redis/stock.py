@@ -21,6 +21,7 @@ from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
     add_stock_call,
     decide_call,
+    load_number,
     located,
     parse_additions,
     parse_check,
@@ -470,7 +471,7 @@ class RedisStock:
             meta = self._call("read layout", self.client.hgetall, SkuKeys.of(sku).meta)
             layout = parse_layout(sku, meta)
             # Never on another load than the row's (adopt.lua refuses the write): the buyer's count there is theirs.
-            if layout is not None and layout.per_user_limit and int(meta.get("ticket", row.load)) == row.load:
+            if layout is not None and layout.per_user_limit and load_number(meta.get("ticket")) in (None, row.load):
                 self._count_on_buyer(layout, row)
             keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
             # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
