@@ -357,6 +357,28 @@ def test_a_deduction_written_back_into_a_partitioned_sku_counts_against_its_buye
     assert (books.redis_deducted, books.redis_stock) == ({"t-lost": 1}, 4)
 
 
+def test_a_deduction_written_back_into_a_partition_takes_the_units_its_standby_holds(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
+    """A partition sells from its active sub-domain and its standby (prededuct.lua switches the standby in):
+    a deduction Redis lost entirely, written back into a partition whose units wait in its standby, takes
+    them from there, where it was refused as if the partition had none."""
+    set_stock(settings, sku, 6, partitions=3)
+    layout = redis_stock.layout(sku)
+    assert layout is not None
+    first = SkuKeys.of(next(layout.order("t-lost")))
+    units = int(redis_stock.client.get(first.stock))
+    assert units > 0
+    redis_stock.client.set(first.stock, 0)
+    redis_stock.client.hset(first.meta, "standby", units)  # as a refill leaves them: on sale, not active
+    mysql_store.apply_batch([Incoming(Deduction("t-lost", sku, "u1", 1, 1_000), "m-lost", "t")])
+    report = repair_sku(redis_stock, mysql_store, sku, settle_s=0, replay=lambda entries: 0)[1]
+    assert (report.adopted_deductions, report.needs_operator) == (1, [])
+    assert int(redis_stock.client.get(first.stock)) + int(redis_stock.client.hget(first.meta, "standby")) == units - 1
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_deducted, books.redis_stock) == ({"t-lost": 1}, 5)
+
+
 def test_load_refuses_an_invalid_argument_with_its_name(redis_stock: RedisStock, sku: str) -> None:
     with pytest.raises(StockError, match="invalid per-user limit"):
         redis_stock.load(sku, 5, per_user_limit=10**10)

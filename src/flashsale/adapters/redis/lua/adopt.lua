@@ -23,7 +23,8 @@
 -- Returns {code, detail}:
 --   0 nothing to do: the token already has a log entry (detail = its state; a counter is written)
 --   1 adopted
---   2 refused: 'deduct' needs more stock than Redis has (detail = remaining); an operator must decide
+--   2 refused: 'deduct' needs more stock than Redis has (detail = remaining; a partition's counts its
+--     standby sub-domain, which it takes from as a pre-deduct does); an operator must decide
 --   3 sealed: nothing written (detail = ms until the seal ends); ask again then
 --   4 reloaded: the meta holds another load than ARGV[11] (detail = its number), or none (detail ''): nothing
 --     written. A meta loaded before loads were numbered (no `ticket`) takes any.
@@ -80,8 +81,16 @@ if mode == 'deduct' and returned then
   redis.call('HINCRBY', meta_key, 'returned_qty', qty)
   redis.call('HINCRBY', meta_key, 'returned_count', 1)
 elseif mode == 'deduct' then
+  -- A partition's standby sub-domain is on sale too: switched in as prededuct.lua does (not on a closed
+  -- partition, which sells nothing more and whose units a drain takes back to the pool).
+  local standby = tonumber(redis.call('HGET', meta_key, 'standby') or '0') or 0
+  if stock < qty and standby > 0 and redis.call('HGET', meta_key, 'closed') ~= '1' then
+    stock, standby = stock + standby, 0
+    redis.call('HSET', meta_key, 'standby', 0)
+    redis.call('HINCRBY', meta_key, 'switches', 1)
+  end
   if stock < qty then
-    return {2, tostring(stock)}
+    return {2, tostring(stock + standby)}
   end
   entry['from'] = stock
   entry['to'] = stock - qty
