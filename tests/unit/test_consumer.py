@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
+from flashsale.adapters.mysql.store import SHORTFALL_ATTEMPTS
 from flashsale.errors import BusError, FlashSaleError, LoadUnderWay, ServiceUnavailable, StockShort, StoreError
 from flashsale.models import SOURCE_REPLAY, DeductionMessage, Delivery, Purchase
 from flashsale.pipeline.consumer import DeductionConsumer
@@ -13,11 +14,13 @@ from flashsale.records import Addition, ApplyReport, Conflict, DeadLetter, Incom
 from tests.unit.fakes import FakeLog
 
 
-def _delivery(*tokens: str, gid: str | None = None, body: bytes | None = None, source: str = "purchase") -> Delivery:
+def _delivery(
+    *tokens: str, gid: str | None = None, body: bytes | None = None, source: str = "purchase", attempt: int = 1
+) -> Delivery:
     gid = gid if gid is not None else f"msg-{tokens[0]}"
     purchases = tuple(Purchase(t, "u1", 1) for t in tokens)
     body = body or DeductionMessage("sku-1", purchases, "" if source == SOURCE_REPLAY else gid, 1, source).encode()
-    return Delivery(gid or f"replay-{tokens[0]}", "ns-deductions", tokens[0], body, born_ms=1, attempt=1)
+    return Delivery(gid or f"replay-{tokens[0]}", "ns-deductions", tokens[0], body, born_ms=1, attempt=attempt)
 
 
 class FakeStore:
@@ -64,6 +67,7 @@ class FakeReceiver:
         self.calls = calls
         self.batches = batches
         self.consumer: DeductionConsumer | None = None
+        self.delays: list[tuple[str, int]] = []  # (message id, seconds) of every hand-back
 
     def receive(self, max_messages: int) -> list[Delivery]:
         self.calls.append("receive")
@@ -79,6 +83,7 @@ class FakeReceiver:
 
     def nack(self, deliveries: Sequence[Delivery], delay_s: int) -> None:
         self.calls.append(f"nack {[d.message_id for d in deliveries]}")
+        self.delays += [(d.message_id, delay_s) for d in deliveries]
 
     def pause(self) -> None:
         self.calls.append("pause")
@@ -310,6 +315,22 @@ def test_a_sku_short_of_units_on_their_way_hands_back_its_messages_alone() -> No
     report = consumer.process([_delivery("a"), _delivery("b", body=other)])
     assert [d.token for d in report.applied] == ["b"]
     assert calls == ["apply ['a', 'b'] dead []", "apply ['b'] dead []", "nack ['msg-a']", "ack ['msg-b']"]
+
+
+def test_the_deliveries_a_shortfall_waits_span_the_slowest_path_of_a_return() -> None:
+    """A resale ahead of its return is a conflict at its SHORTFALL_ATTEMPTS-th delivery: the deliveries before
+    it are spaced out to outlast a return the checker commits (~10 s) or one on a broker group that
+    restarts (~1 minute), and no single wait leaves the SKU's messages hidden for long."""
+    calls: list[str] = []
+    log, receiver = FakeLog(), FakeReceiver(calls, [])
+    store = FakeStore(calls, lambda items: StockShort("sku-1", 0))
+    consumer = DeductionConsumer(receiver, store, log, batch_size=16, max_backoff_s=0.01)
+    _deducted(log, "a")
+    for attempt in range(1, SHORTFALL_ATTEMPTS):
+        consumer.process([_delivery("a", attempt=attempt)])
+    waits = [s for _, s in receiver.delays]
+    assert waits == sorted(waits) and waits[0] == 1 and max(waits) <= 30
+    assert sum(waits) >= 120
 
 
 def test_the_messages_of_a_sku_being_loaded_wait_for_the_load_and_the_others_are_applied() -> None:

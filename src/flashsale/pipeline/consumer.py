@@ -37,8 +37,20 @@ REASON_MAX = 512
 #: Seconds the messages of a SKU being loaded wait before they come again: each return counts against the
 #: broker's delivery attempts, and a load takes seconds (one that stopped midway, until it is run again).
 LOAD_WAIT_S = 5
-#: Seconds the messages of a SKU MySQL is short of wait for the units on their way (given back, restocked).
+#: Seconds the messages of a SKU MySQL is short of wait for the units on their way (given back, restocked),
+#: at their first two deliveries; the wait doubles at each delivery after, up to SHORT_WAIT_MAX_S (short_wait_s).
 SHORT_WAIT_S = 1
+SHORT_WAIT_MAX_S = 30
+
+
+def short_wait_s(attempt: int) -> int:
+    """The wait of a message MySQL is short of, by its delivery. The store turns a shortfall into a conflict at
+    the message's SHORTFALL_ATTEMPTS-th delivery: waits of 1, 1, 2, 4 ... 30 s make its 10 deliveries span
+    about 2 minutes, longer than the slowest path of the units on their way (a return whose producer died is
+    committed by the checker after ~10 s; one on a broker group that restarts, a minute later), where 10
+    deliveries 1 s apart recorded a conflict while the return was still coming. The first two stay 1 s: a
+    return that travels as it should is applied within them, and the order it resold is not held later."""
+    return min(SHORT_WAIT_S << min(max(attempt - 2, 0), 8), SHORT_WAIT_MAX_S)
 
 
 def decode(batch: Sequence[Delivery]) -> tuple[list[Decoded], list[DeadLetter]]:
@@ -160,11 +172,15 @@ class DeductionConsumer:
         try:
             return self._apply_or_split(decoded, dead), []
         except (LoadUnderWay, StockShort) as exc:
-            wait_s = LOAD_WAIT_S if isinstance(exc, LoadUnderWay) else SHORT_WAIT_S
             logger.warning("%s: their messages wait, the others are applied", exc)
             rest = [d for d in decoded if d.message.sku not in exc.skus]
             report, waiting = self._apply_or_wait(rest, dead) if rest or dead else (ApplyReport(), [])
-            return report, [(d.delivery, wait_s) for d in decoded if d.message.sku in exc.skus] + waiting
+            loading = isinstance(exc, LoadUnderWay)
+            return report, [
+                (d.delivery, LOAD_WAIT_S if loading else short_wait_s(d.delivery.attempt))
+                for d in decoded
+                if d.message.sku in exc.skus
+            ] + waiting
 
     def _apply_or_split(self, decoded: Sequence[Decoded], dead: Sequence[DeadLetter]) -> ApplyReport:
         """Apply the batch; one a message of which the database rejects, or that fails, one by one."""

@@ -48,7 +48,8 @@ _LOAD_ATTEMPTS = 3
 #: The server is read-only (--read-only, or innodb_read_only): a replica, or a failover in progress.
 _READ_ONLY = {1290, 1836}
 #: Deliveries of a message during which a shortfall of a SKU sold with a payment deadline is waited out
-#: (a return on its way), before it is recorded as a conflict.
+#: (a return on its way), before it is recorded as a conflict; the consumer spaces them out
+#: (pipeline.consumer.short_wait_s) to span the slowest path of the units on their way.
 SHORTFALL_ATTEMPTS = 10
 
 
