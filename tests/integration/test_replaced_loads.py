@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -149,6 +151,69 @@ def test_a_batch_read_before_a_load_and_applied_after_it_is_refused(
     with pytest.raises(LoadUnderWay):
         apply(mysql_store, read)  # ... and then its transaction began
     assert mysql(settings, sku) == ({}, 5, 5)
+
+
+class _ReadsOneByOne:
+    """Pipelines whose reads reach Redis one at a time, and a reload that runs once, after the `after`-th
+    read of all of them: Redis may run another client's commands between two of a pipeline's (it is not a
+    transaction, and a cluster's nodes answer each their part in any order)."""
+
+    def __init__(self, client: Any, after: int, reload: Callable[[], None]) -> None:
+        self.client, self.after, self.reload, self.reads = client, after, reload, 0
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        calls: list[tuple[str, tuple[Any, ...]]] = []
+        outer = self
+
+        class Pipe:
+            def __getattr__(self, name: str) -> Callable[..., Pipe]:
+                return lambda *args: calls.append((name, args)) or self  # type: ignore[func-returns-value]
+
+            def execute(self) -> list[Any]:
+                replies = []
+                for name, args in calls:
+                    replies.append(getattr(outer.client, name)(*args))
+                    outer.reads += 1
+                    if outer.reads == outer.after:
+                        outer.reload()
+                return replies
+
+        return Pipe()
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("after", [1, 2, 3])
+def test_a_reload_between_two_reads_of_the_consumers_look_up_never_lands_the_old_sale_on_the_new_one(
+    settings: Settings,
+    redis_stock: RedisStock,
+    mysql_store: MySQLStore,
+    sku: str,
+    monkeypatch: pytest.MonkeyPatch,
+    parts: int,
+    after: int,
+) -> None:
+    """The consumer reads a shard's log, its message's record and its load's number: a reload landing between
+    two of those reads must not leave an entry of the old sale beside the new load's number, or the old
+    deduction is applied to the new load in MySQL (a row Redis has no entry for, a unit taken twice)."""
+    set_stock(settings, sku, 6, partitions=parts)
+    layout = redis_stock.layout(sku)
+    shard, epoch = (layout.parts[1], layout.epoch) if layout else (sku, 0)
+    message = DeductionMessage(sku, (Purchase("t1", "u1", 1),), "m-1", part="" if shard == sku else shard)
+    assert redis_stock.prededuct(shard, "m-1", list(message.purchases), epoch)[0].code is Prededuct.ACCEPTED
+    reads = _ReadsOneByOne(
+        redis_stock.client, after, lambda: set_stock(settings, sku, 6, partitions=parts, reset=True, force=True)
+    )
+    monkeypatch.setattr(redis_stock.client, "pipeline", reads.pipeline)
+    plan = delivered(redis_stock, message)
+    monkeypatch.undo()
+    assert reads.reads > after  # the reload ran between two reads
+    try:
+        applied = apply(mysql_store, plan)
+    except LoadUnderWay:
+        applied = []
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_stock, books.redis_deducted) == (6, {})  # the new load sold nothing
+    assert (applied, books.mysql_deducted, books.mysql_stock) == ([], {}, 6)
 
 
 def test_a_batch_waits_for_a_load_holding_its_row_and_then_finds_it(

@@ -89,6 +89,16 @@ def test_deductions_of_a_restocked_sku_may_wait_for_units_on_their_way() -> None
     assert [i.added_qty for i in plain.apply] == [0]
 
 
+def test_a_purchase_whose_record_a_reload_retired_is_skipped_even_where_its_entry_was_read() -> None:
+    """The log read before a reload emptied it, the record after it retired the message: the entry is of the
+    replaced sale, and applied it would land on the new one."""
+    entry = LogEntry("t1", "deducted", "sku", "u1", 1, TS, "m-buy")
+    record = TxRecord.parse('{"state": "stale", "accepted": 1, "replaced": 1700000000500}')
+    looked = {"sku": LookedUp({"t1": entry}, {"m-buy": record}, 0, 3)}
+    plan = accepted.plan([_decoded("m-buy", SOURCE_PURCHASE)], looked)
+    assert (plan.apply, plan.conflicts, plan.skipped) == ([], [], 1)
+
+
 def test_a_batch_asks_for_each_token_and_message_once_in_the_order_first_met() -> None:
     def decoded(gid: str, tokens: list[str], source: str = SOURCE_PURCHASE) -> accepted.Decoded:
         message = DeductionMessage("sku", tuple(Purchase(t, "u1", 1) for t in tokens), gid, TS, source)

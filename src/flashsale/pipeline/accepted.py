@@ -194,14 +194,20 @@ def _plan_share(
     result: Plan,
 ) -> None:
     message = d.message
-    if record is not None and record.replaced_ms and record.accepted:
-        logger.warning(
-            "message %s had %d purchase(s) of %s accepted on a load replaced since (a reset discarded them): skipped",
-            message.gid,
-            record.accepted,
-            message.sku,
-            extra=ids(message_id=message.gid, sku=message.sku),
-        )
+    if record is not None and record.replaced_ms:
+        # Its load was replaced: an entry of it read still (the log read before the reload emptied it) is of
+        # the old sale, and must not be applied to the new one.
+        if record.accepted:
+            logger.warning(
+                "message %s had %d purchase(s) of %s accepted on a load replaced since (a reset discarded them): "
+                "skipped",
+                message.gid,
+                record.accepted,
+                message.sku,
+                extra=ids(message_id=message.gid, sku=message.sku),
+            )
+        result.skipped += len(purchases)
+        return
     logged = [entries.get(p.token) for p in purchases]
     ours = [named(e, message.gid) for e in logged]
     for i, (purchase, entry) in enumerate(zip(purchases, ours, strict=True)):

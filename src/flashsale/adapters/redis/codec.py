@@ -122,15 +122,18 @@ def parse_entries(tokens: Sequence[str], raws: Sequence[Any], *, strict: bool = 
 
 
 def parse_lookup(
-    skus: Sequence[str], wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]], replies: Sequence[Any]
+    skus: Sequence[str],
+    wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+    tickets: Sequence[Any],
+    replies: Sequence[Any],
 ) -> dict[str, LookedUp]:
-    """Per SKU, what the consumer reads of it, from four reads each (its log's HMGET, its records' HMGET, its
-    SKU's meta `added_qty`, its meta's `ticket`: none where the meta is gone, a partition a reload dropped,
-    whose log is gone with it, or was loaded before loads were numbered)."""
+    """Per SKU, what the consumer reads of it: its meta's `ticket` (none where the meta is gone, a partition a
+    reload dropped, whose log is gone with it, or was loaded before loads were numbered), then three reads
+    each (its log's HMGET, its records' HMGET, its SKU's meta `added_qty`)."""
     found: dict[str, LookedUp] = {}
-    for i, sku in enumerate(skus):
+    for i, (sku, ticket) in enumerate(zip(skus, tickets, strict=True)):
         tokens, gids = wanted[sku]
-        raw_entries, raw_records, added, ticket = replies[4 * i : 4 * i + 4]
+        raw_entries, raw_records, added = replies[3 * i : 3 * i + 3]
         found[sku] = LookedUp(
             parse_entries(tokens, raw_entries, strict=False),
             {g: TxRecord.parse(raw) if raw else None for g, raw in zip(gids, raw_records, strict=False)},

@@ -422,8 +422,19 @@ class RedisStock:
 
     def lookup(self, wanted: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, LookedUp]:
         """Per SKU (or partition), the log entries of some tokens, the records of some messages, the units
-        restocks added to it, and the number of the load they belong to, in one round trip."""
+        restocks added to it, and the number of the load they belong to, in two round trips.
+
+        The load numbers are read first, in a round trip of their own: a pipeline is no transaction (and a
+        cluster's nodes answer their parts in any order), so a reload can land between any two of its reads.
+        Read after the log, the new load's number could stand beside an entry of the old sale, and the
+        old deduction be applied to the new load in MySQL. Read before, a reload in between leaves the old
+        number beside whatever was read, and MySQL, which holds the new one, refuses the batch
+        (LoadUnderWay) until it is read again."""
         skus = [sku for sku, (tokens, gids) in wanted.items() if tokens or gids]
+        first = self.client.pipeline(transaction=False)
+        for sku in skus:
+            first.hget(SkuKeys.of(sku).meta, "ticket")
+        tickets = self._call("read load numbers", first.execute)
         pipe = self.client.pipeline(transaction=False)
         for sku in skus:
             tokens, gids = wanted[sku]
@@ -431,8 +442,7 @@ class RedisStock:
             pipe.hmget(keys.log, list(tokens) or ["-"])
             pipe.hmget(keys.tx, list(gids) or ["-"])
             pipe.hget(SkuKeys.of(parent(sku)).meta, "added_qty")  # a partition's restocks are its SKU's
-            pipe.hget(keys.meta, "ticket")
-        return parse_lookup(skus, wanted, self._call("read log", pipe.execute))
+        return parse_lookup(skus, wanted, tickets, self._call("read log", pipe.execute))
 
     def return_stock(self, sku: str, token: str) -> tuple[StockReturn, int | None]:
         entry = self.log_entry(sku, token)
