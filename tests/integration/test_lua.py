@@ -379,6 +379,29 @@ def test_a_deduction_written_back_into_a_partition_takes_the_units_its_standby_h
     assert (books.redis_deducted, books.redis_stock) == ({"t-lost": 1}, 5)
 
 
+def test_a_deduction_written_back_into_an_empty_partition_takes_units_from_the_pool(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str
+) -> None:
+    """The token's first partition, where a write-back goes, sold all it held; the SKU's pool still has units:
+    they move to the partition (a transfer, as a producer's scheduler makes), and the deduction takes one,
+    where the repair gave it up to an operator with stock left."""
+    set_stock(settings, sku, 6, partitions=3)
+    layout = redis_stock.layout(sku)
+    assert layout is not None
+    first, pool = SkuKeys.of(next(layout.order("t-lost"))), SkuKeys.of(sku).pool
+    units = int(redis_stock.client.get(first.stock))
+    redis_stock.client.set(first.stock, 0)
+    redis_stock.client.incrby(pool, units)  # back in the pool: the books still hold 6
+    assert read_books(settings.redis_url, settings.mysql_url, sku).redis_stock == 6
+    mysql_store.apply_batch([Incoming(Deduction("t-lost", sku, "u1", 1, 1_000), "m-lost", "t")])
+    report = repair_sku(redis_stock, mysql_store, sku, settle_s=0, replay=lambda entries: 0)[1]
+    assert (report.adopted_deductions, report.needs_operator) == (1, [])
+    assert (redis_stock.client.get(first.stock), redis_stock.client.hget(first.meta, "standby")) == ("0", "0")
+    assert redis_stock.client.hlen(SkuKeys.of(sku).transfers) == 0  # the transfer is complete
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_deducted, books.redis_stock) == ({"t-lost": 1}, 5)
+
+
 def test_load_refuses_an_invalid_argument_with_its_name(redis_stock: RedisStock, sku: str) -> None:
     with pytest.raises(StockError, match="invalid per-user limit"):
         redis_stock.load(sku, 5, per_user_limit=10**10)

@@ -111,6 +111,18 @@ class SkuKeys:
         """KEYS of add_stock.lua."""
         return [self.stock, self.meta, self.tx, self.added, self.pool]
 
+    def pool_take(self) -> list[str]:
+        """KEYS of pool_take.lua (a SKU's: refill step 1)."""
+        return [self.pool, self.transfers, self.meta, self.done]
+
+    def partition_move(self) -> list[str]:
+        """KEYS of refill_apply.lua and drain.lua (a partition's: the step that moves its units)."""
+        return [self.stock, self.meta, self.refills]
+
+    def refill_end(self) -> list[str]:
+        """KEYS of refill_end.lua (a SKU's: refill step 3)."""
+        return [self.transfers, self.done, self.meta]
+
     def every(self) -> list[str]:
         """Every key a SKU or a partition may have (those of its pool and transfers too)."""
         return [*self.load(), self.pool, self.transfers, self.done, self.refills]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -469,10 +470,11 @@ class RedisStock:
         the entry's state, or the stock left.
 
         A partitioned SKU writes it to the token's first partition, which every attempt of the token
-        looks at (records.Layout.order). A sealed SKU's is written once the seal ends: this waits for
-        that (no seal begins or grows meanwhile, see adopt.lua), and answers SEALED only when a seal
-        still runs after ADOPT_TRIES tries. It writes only into the load the row was read under (`row.load`),
-        else answers RELOADED."""
+        looks at (records.Layout.order); a deduction taken again there, and more than the partition holds,
+        has the units it lacks moved from the SKU's pool first (_refill), as a buyer's purchase would. A
+        sealed SKU's is written once the seal ends: this waits for that (no seal begins or grows meanwhile,
+        see adopt.lua), and answers SEALED only when a seal still runs after ADOPT_TRIES tries. It writes
+        only into the load the row was read under (`row.load`), else answers RELOADED."""
         args = [row.token, row.user_id, str(row.qty), str(row.created_ms), row.message_id, sku]
         args += ["deduct" if deduct else "entry", row.order or "", str(row.due_ms or ""), str(row.decided_ms or "")]
         args.append(str(row.load))
@@ -483,14 +485,37 @@ class RedisStock:
             # Never on another load than the row's (adopt.lua refuses the write): the buyer's count there is theirs.
             if layout is not None and layout.per_user_limit and load_number(meta.get("ticket")) in (None, row.load):
                 self._count_on_buyer(layout, row)
-            keys = SkuKeys.of(next(layout.order(row.token)) if layout else sku)
+            shard = next(layout.order(row.token)) if layout else sku
+            keys = SkuKeys.of(shard)
             # With replicas (`reconcile --repair`), once one holds it: a failover must not undo the stock it took.
             code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
             answer = Adopt(int(code))
+            if answer is Adopt.NO_STOCK and layout and self._refill(layout, shard, row.qty - int(detail)):
+                code, detail = self._script_held(keys.meta, "adopt", keys.sale(), args)
+                answer = Adopt(int(code))
             if answer is not Adopt.SEALED or not tries_left:
                 break
             time.sleep(int(detail) / 1000 + 0.01)
         return answer, str(detail)
+
+    def _refill(self, layout: Layout, part: str, want: int) -> int:
+        """Units moved from the SKU's pool to `part`'s standby sub-domain, as a producer's scheduler moves
+        them: three steps under one transfer id, each run again counting nothing twice, one left halfway
+        completed by the schedulers' sweep. 0 when the pool has none, the partition is closed (it sells
+        nothing more), or either is of another load than `layout`'s (nothing moves)."""
+        part_keys, sku_keys = SkuKeys.of(part), SkuKeys.of(layout.sku)
+        if want <= 0 or self._call("read partition", self.client.hget, part_keys.meta, "closed") == "1":
+            return 0
+        transfer_id, epoch = uuid.uuid4().hex, str(layout.epoch)
+        reply = self._script_held(
+            sku_keys.meta, "pool_take", sku_keys.pool_take(), [transfer_id, part, str(want), epoch]
+        )
+        taken = int(reply[0])
+        if taken <= 0:
+            return 0
+        self._script_held(part_keys.meta, "refill_apply", part_keys.partition_move(), [transfer_id, str(taken), epoch])
+        self._script_held(sku_keys.meta, "refill_end", sku_keys.refill_end(), [transfer_id, epoch])
+        return taken
 
     def _count_on_buyer(self, layout: Layout, row: DeductionRow) -> None:
         """A partitioned SKU counts a buyer's units on a key apart from the partitions (user_hold.lua), on

@@ -393,26 +393,19 @@ class AsyncRedisStock:
         """Refill step 1: units taken from the pool for `part` (0: the pool is empty)."""
         keys = SkuKeys.of(layout.sku)
         taken, _ = await self._moving(
-            "pool_take",
-            [keys.pool, keys.transfers, keys.meta, keys.done],
-            [transfer_id, part, str(want), str(layout.epoch)],
-            layout,
+            "pool_take", keys.pool_take(), [transfer_id, part, str(want), str(layout.epoch)], layout
         )
         return max(0, int(taken))
 
     async def give(self, layout: Layout, part: str, transfer_id: str, qty: int) -> None:
         """Refill step 2: the units reach the partition's standby sub-domain (once per transfer)."""
         keys = SkuKeys.of(part)
-        await self._moving(
-            "refill_apply", [keys.stock, keys.meta, keys.refills], [transfer_id, str(qty), str(layout.epoch)], layout
-        )
+        await self._moving("refill_apply", keys.partition_move(), [transfer_id, str(qty), str(layout.epoch)], layout)
 
     async def end_refill(self, layout: Layout, transfer_id: str) -> None:
         """Refill step 3: the transfer is complete, and stays known as such for the life of the load."""
         keys = SkuKeys.of(layout.sku)
-        await self._moving(
-            "refill_end", [keys.transfers, keys.done, keys.meta], [transfer_id, str(layout.epoch)], layout
-        )
+        await self._moving("refill_end", keys.refill_end(), [transfer_id, str(layout.epoch)], layout)
 
     async def expect(self, layout: Layout, transfer_id: str, part: str, want: int) -> None:
         """Drain step 1: the transfer is on record before any unit moves."""
@@ -428,9 +421,7 @@ class AsyncRedisStock:
         """Drain step 2: units taken out of the partition (once per transfer)."""
         keys = SkuKeys.of(part)
         return int(
-            await self._moving(
-                "drain", [keys.stock, keys.meta, keys.refills], [transfer_id, str(want), str(layout.epoch)], layout
-            )
+            await self._moving("drain", keys.partition_move(), [transfer_id, str(want), str(layout.epoch)], layout)
         )
 
     async def receive(self, layout: Layout, transfer_id: str, qty: int) -> None:
