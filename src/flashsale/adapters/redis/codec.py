@@ -149,9 +149,9 @@ def located(entry: LogEntry, sku: str, shard: str) -> LogEntry:
 
 
 def parse_peek(tokens: Sequence[str], users: Sequence[str], reply: Sequence[Any]) -> Peek:
-    """A peek from its reads: stock, (per-user limit, standby, end of a seal), the tokens' entries, the
-    users' counts, Redis's clock. A sealed SKU's units are not on sale (seal.lua): its stock reads 0."""
-    stock, (limit, standby, sealed_until), entries, bought, (seconds, micros) = reply
+    """A peek from its reads: stock, (per-user limit, standby, end of a seal), the users' counts, the tokens'
+    entries, Redis's clock. A sealed SKU's units are not on sale (seal.lua): its stock reads 0."""
+    stock, (limit, standby, sealed_until), bought, entries, (seconds, micros) = reply
     if sealed_until is not None and int(seconds) * 1000 + int(micros) // 1000 < int(sealed_until):
         stock, standby = stock and "0", 0
     return Peek(

@@ -190,16 +190,19 @@ class AsyncRedisStock:
         return await conn.read_response()
 
     async def peek(self, sku: str, purchases: Sequence[Buyer]) -> Peek:
-        """Stock, limit, and the purchases' log entries and buyers' counts, in one round trip (a hint: the
-        pre-deduct decides)."""
+        """Stock, limit, and the buyers' counts and the purchases' log entries, in one round trip (a hint:
+        the pre-deduct decides). A pipeline is no transaction: a pre-deduct may land between two reads. So
+        the log is read after the stock and the counts: a token that took a unit or a count read here is
+        in the entries read after them, and its retry hears `duplicate`, never `sold_out` or
+        `limit_exceeded`."""
         keys = SkuKeys.of(sku)
         tokens = [p.token for p in purchases]
         users = list(dict.fromkeys(p.user_id for p in purchases))
         commands = [
             ("GET", keys.stock),
             ("HMGET", keys.meta, "per_user_limit", "standby", "sealed_until"),
-            ("HMGET", keys.log, *tokens),
             ("HMGET", keys.users, *users),
+            ("HMGET", keys.log, *tokens),
             ("TIME",),
         ]
         async with self._reading("peek"):
