@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -12,10 +13,11 @@ from flashsale import constants as c
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis.keys import USER_HOLDS_KEY, SkuKeys, holds_key
 from flashsale.adapters.redis.stock import RedisStock
+from flashsale.adapters.redis.stock_async import AsyncRedisStock
 from flashsale.config import Settings
 from flashsale.errors import StockError
 from flashsale.models import Deduction, Purchase
-from flashsale.ops.reconcile import repair_sku
+from flashsale.ops.reconcile import reconcile_sku, repair_sku
 from flashsale.ops.setup import set_stock
 from flashsale.records import Incoming, Prededuct, PredeductResult, StockReturn
 from tests.oracle import read_books
@@ -400,6 +402,99 @@ def test_a_deduction_written_back_into_an_empty_partition_takes_units_from_the_p
     assert redis_stock.client.hlen(SkuKeys.of(sku).transfers) == 0  # the transfer is complete
     books = read_books(settings.redis_url, settings.mysql_url, sku)
     assert (books.redis_deducted, books.redis_stock) == ({"t-lost": 1}, 5)
+
+
+def test_a_repair_while_the_sale_goes_on_never_takes_a_unit_a_lost_entry_still_counts(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repair reads the counters, then the log a page at a time: a purchase between the two adds an entry
+    the counters read first do not count, and the log seemed to explain the units of the entry Redis lost.
+    It took that deduction from the stock again: a unit gone for good, the counter past the log. Unsure, it
+    now leaves the token to a run once the sale is quiet, which writes the entry alone."""
+    set_stock(settings, sku, 10)
+    for token in ("t1", "t2"):
+        assert redis_stock.prededuct(sku, f"m-{token}", [Purchase(token, "u1", 1)])[0].code is Prededuct.ACCEPTED
+        mysql_store.apply_batch([Incoming(Deduction(token, sku, "u1", 1, 1_000), f"m-{token}", "t")])
+    redis_stock.client.hdel(SkuKeys.of(sku).log, "t1")  # the entry alone is lost: stock and counters stand
+    scan = redis_stock.scan_log
+
+    def a_purchase_then_the_scan(*args: object, **kwargs: object) -> object:
+        redis_stock.prededuct(sku, "m-t9", [Purchase("t9", "u9", 1)])  # the sale goes on
+        monkeypatch.setattr(redis_stock, "scan_log", scan)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(redis_stock, "scan_log", a_purchase_then_the_scan)
+    seen, report = repair_sku(redis_stock, mysql_store, sku, settle_s=3600, replay=lambda entries: 0)
+    assert (report.adopted_entries, report.adopted_deductions, len(report.needs_operator)) == (0, 0, 1)
+    assert "sold as its log was read" in report.needs_operator[0]
+    assert not any("counter says" in p for p in seen.problems)  # 2 entries, while the counter went 2 to 3
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_stock, books.redis_counter_qty) == (7, 3)
+    _, quiet = repair_sku(redis_stock, mysql_store, sku, settle_s=3600, replay=lambda entries: 0)
+    assert (quiet.adopted_entries, quiet.adopted_deductions, quiet.needs_operator) == (1, 0, [])
+    books = read_books(settings.redis_url, settings.mysql_url, sku)
+    assert (books.redis_stock, books.redis_counter_qty, books.redis_deducted) == (7, 3, {"t1": 1, "t2": 1, "t9": 1})
+
+
+@pytest.mark.parametrize("direction", ["refill", "drain"])
+def test_a_transfer_that_begins_between_the_reads_of_a_partitioned_view_is_counted_once(
+    settings: Settings, redis_stock: RedisStock, mysql_store: MySQLStore, sku: str, direction: str
+) -> None:
+    """A partitioned SKU is read in snapshots: its own (pool, transfers), then each partition's. A refill
+    made whole in between was counted in the pool and in its partition, a drain in neither, and reconcile
+    reported drift in books that balance, `GET /stock` the wrong stock: the view is read again."""
+    set_stock(settings, sku, 600, partitions=3)
+    layout = redis_stock.layout(sku)
+    assert layout is not None
+    own, name, epoch = SkuKeys.of(sku), layout.parts[0], str(layout.epoch)
+    part = SkuKeys.of(name)
+    made: list[str] = []  # transfers made; one each time `left` allows, as the SKU's own snapshot is read
+    left = [0]
+
+    def transfer(shard: str) -> None:
+        if shard != sku or not left[0]:
+            return
+        left[0] -= 1
+        made.append(tid := f"x{len(made)}")
+        if direction == "refill":
+            assert int(_script(redis_stock, "pool_take", own.pool_take(), [tid, name, 5, epoch])[0]) == 5
+            _script(redis_stock, "refill_apply", part.partition_move(), [tid, 5, epoch])
+            _script(redis_stock, "refill_end", own.refill_end(), [tid, epoch])
+        else:
+            _script(redis_stock, "pool_expect", [own.transfers, own.meta, own.done], [tid, name, 5, epoch])
+            assert _script(redis_stock, "drain", part.partition_move(), [tid, 5, epoch]) == 5
+
+    read = redis_stock._snapshot
+
+    def then_a_transfer(what: str, shard: str, *, partition: bool = False) -> list[object]:
+        found = read(what, shard, partition=partition)
+        transfer(shard)
+        return found
+
+    redis_stock._snapshot = then_a_transfer  # type: ignore[method-assign]
+    left[0] = 1
+    assert redis_stock.view(sku).stock == 600
+    left[0] = 1
+    assert reconcile_sku(redis_stock, mysql_store, sku, settle_s=0).problems == []
+
+    async def producers_view() -> int:  # `GET /stock` reads the same way
+        stock = AsyncRedisStock(settings.redis_url)
+        read_async = stock._snapshot
+
+        async def then_a_transfer_async(shard: str, *, partition: bool = False) -> list[object]:
+            found = await read_async(shard, partition=partition)
+            transfer(shard)
+            return found
+
+        stock._snapshot = then_a_transfer_async  # type: ignore[method-assign]
+        try:
+            return (await stock.view(sku)).stock
+        finally:
+            await stock.close()
+
+    left[0] = 1
+    assert asyncio.run(producers_view()) == 600
+    assert len(made) == 3 and read_books(settings.redis_url, settings.mysql_url, sku).redis_stock == 600
 
 
 def test_load_refuses_an_invalid_argument_with_its_name(redis_stock: RedisStock, sku: str) -> None:

@@ -252,6 +252,10 @@ def parse_partition(part: str, stock: str | None, meta: Mapping[str, str], node:
     )
 
 
+#: Reads of a partitioned SKU's view while transfers keep beginning between its snapshots (RedisStock.view).
+VIEW_READS = 5
+
+
 def partitioned_view(
     layout: Layout,
     meta: Mapping[str, str],

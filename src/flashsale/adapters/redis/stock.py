@@ -20,6 +20,7 @@ import redis
 from flashsale import constants as c
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
+    VIEW_READS,
     add_stock_call,
     decide_call,
     load_number,
@@ -554,16 +555,24 @@ class RedisStock:
         return sold_out(self._call("read sold-out flag", self.client.hget, SkuKeys.of(sku).meta, "sold_out"))
 
     def view(self, sku: str) -> StockView:
-        stock, meta, entries, pool, transfers = self._snapshot("read stock", sku)
-        layout = parse_layout(sku, meta)
-        if layout is None:
-            return parse_view(sku, stock, meta, entries)
-        # Each partition is read in one snapshot of its own.
-        parts = [
-            (self._snapshot("read partition", part, partition=True), self._node_name(SkuKeys.of(part).stock))
-            for part in layout.parts
-        ]
-        return partitioned_view(layout, meta, pool, transfers, parts)
+        """The SKU's stock and counters. A partitioned SKU's are read in snapshots, its own (pool, transfers)
+        then each partition's: a transfer that began in between (meta `moves`) would count its units twice,
+        or not at all (a refill's in the pool read and the partition's, a drain's in neither), so the view is
+        read again then, VIEW_READS times at most."""
+        for _ in range(VIEW_READS):
+            stock, meta, entries, pool, transfers = self._snapshot("read stock", sku)
+            layout = parse_layout(sku, meta)
+            if layout is None:
+                return parse_view(sku, stock, meta, entries)
+            # Each partition is read in one snapshot of its own.
+            parts = [
+                (self._snapshot("read partition", part, partition=True), self._node_name(SkuKeys.of(part).stock))
+                for part in layout.parts
+            ]
+            view = partitioned_view(layout, meta, pool, transfers, parts)
+            if self._call("read stock", self.client.hget, SkuKeys.of(sku).meta, "moves") == meta.get("moves"):
+                break
+        return view
 
     def _snapshot(self, what: str, shard: str, *, partition: bool = False) -> list[Any]:
         pipe = self.client.pipeline(transaction=True)  # one snapshot: no script runs in between

@@ -22,6 +22,7 @@ from redis.exceptions import BusyLoadingError, NoScriptError
 from flashsale import constants as c
 from flashsale.adapters.redis import lua
 from flashsale.adapters.redis.codec import (
+    VIEW_READS,
     add_stock_call,
     decide_call,
     is_stale,
@@ -234,13 +235,20 @@ class AsyncRedisStock:
         return sold_out(flag)
 
     async def view(self, sku: str) -> StockView:
+        """A partitioned SKU's is read again while a transfer began as its partitions were read (see
+        RedisStock.view)."""
         async with self._reading("read stock"):
-            stock, meta, entries, pool, transfers = await self._snapshot(sku)
-            layout = parse_layout(sku, meta)
-            if layout is None:
-                return parse_view(sku, stock, meta, entries)
-            parts = await asyncio.gather(*(self._snapshot(p, partition=True) for p in layout.parts))
-        return partitioned_view(layout, meta, pool, transfers, [(snap, "") for snap in parts])
+            for _ in range(VIEW_READS):
+                stock, meta, entries, pool, transfers = await self._snapshot(sku)
+                layout = parse_layout(sku, meta)
+                if layout is None:
+                    return parse_view(sku, stock, meta, entries)
+                parts = await asyncio.gather(*(self._snapshot(p, partition=True) for p in layout.parts))
+                view = partitioned_view(layout, meta, pool, transfers, [(snap, "") for snap in parts])
+                key = SkuKeys.of(sku).meta
+                if await (await self._router.client(key)).hget(key, "moves") == meta.get("moves"):
+                    break
+        return view
 
     async def _snapshot(self, shard: str, *, partition: bool = False) -> list[Any]:
         """Stock, meta, log size, and the pool and transfers (of a SKU) or the refills (of a partition)."""
