@@ -1,11 +1,14 @@
 """The payment service's signature on a confirmation (POST /orders/{token}/pay).
 
 The payment service and the producers share a secret (FLASHSALE_PAYMENT_SECRET). A confirmation's body
-is JSON, {"sku", "payment_id", "ts_ms"}, and its header `X-Flashsale-Signature` carries
-`sha256=<hex>`, the HMAC-SHA256 of the exact body bytes under that secret:
+is JSON, {"sku", "token", "payment_id", "ts_ms"}, and its header `X-Flashsale-Signature` carries
+`sha256=<hex>`, the HMAC-SHA256 of the exact body bytes under that secret. The body names the order it
+pays (`token`, the one of the URL's path): the signature covers the body alone, and a confirmation of one
+order sent to another's URL is refused.
 
-    body = json.dumps({"sku": "phone-x", "payment_id": "pay-81", "ts_ms": int(time.time() * 1000)}).encode()
-    headers = {SIGNATURE_HEADER: sign(secret, body)}
+    body = {"sku": "phone-x", "token": token, "payment_id": "pay-81", "ts_ms": int(time.time() * 1000)}
+    raw = json.dumps(body).encode()
+    headers = {SIGNATURE_HEADER: sign(secret, raw)}
 
 The producer recomputes the HMAC over the bytes it received, so the body must be sent as signed (no
 re-serialising in between), and refuses a body whose ts_ms is too far from its clock

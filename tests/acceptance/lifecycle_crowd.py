@@ -208,7 +208,7 @@ class LifecycleCrowd:
             await asyncio.sleep(self.retry_pause_s)
 
     async def _pay(self, session: aiohttp.ClientSession, order: Order) -> str:
-        return await self._decide(session, order, "pay", {"payment_id": f"p-{order.token}"})
+        return await self._decide(session, order, "pay", {"token": order.token, "payment_id": f"p-{order.token}"})
 
     async def _decide(self, session: aiohttp.ClientSession, order: Order, action: str, fields: dict[str, str]) -> str:
         """A pay or cancel, asked again with the same id until it is decided (or given up)."""

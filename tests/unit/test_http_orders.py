@@ -88,7 +88,8 @@ def _cancel(token: str = "tok-1", user: str = "u1", request_id: str = "req-1", s
 
 def _payment(payment_id: str = "pay-1", *, ts_ms: int | None = None, token: str = "tok-1") -> tuple[str, bytes]:
     ts = int(time.time() * 1000) if ts_ms is None else ts_ms
-    return f"/orders/{token}/pay", json.dumps({"sku": "phone-x", "payment_id": payment_id, "ts_ms": ts}).encode()
+    body = {"sku": "phone-x", "token": token, "payment_id": payment_id, "ts_ms": ts}
+    return f"/orders/{token}/pay", json.dumps(body).encode()
 
 
 def _pay(payment_id: str = "pay-1", *, ts_ms: int | None = None, secret: str = SECRET) -> Request:
@@ -299,6 +300,21 @@ def test_a_signature_over_another_body_is_refused() -> None:
     assert status == 401 and "does not match" in said
 
 
+def test_a_confirmation_signed_for_one_order_pays_no_other() -> None:
+    """The signature covers the body alone: the body names the order it pays, and the same signed bytes
+    sent to another order's URL pay nothing there (one payment settled every order of the SKU)."""
+    _, body = _payment(token="tok-1")
+    signed = {"x-flashsale-signature": sign(SECRET, body)}
+    status, said = _refused(Request("POST", "/orders/tok-2/pay", body, signed))
+    assert status == 403 and "'tok-1', not 'tok-2'" in said and "nothing was decided" in said
+    _, unnamed = _payment()
+    unnamed = json.dumps({k: v for k, v in json.loads(unnamed).items() if k != "token"}).encode()
+    status, said = _refused(
+        Request("POST", "/orders/tok-1/pay", unnamed, {"x-flashsale-signature": sign(SECRET, unnamed)})
+    )
+    assert status == 422 and "missing field(s): token" in said
+
+
 def test_a_replayed_stale_payment_is_refused_with_401_saying_why() -> None:
     status, said = _refused(_pay(ts_ms=int(time.time() * 1000) - 301_000))
     assert status == 401
@@ -312,14 +328,15 @@ def test_a_payment_dated_too_far_ahead_is_refused_too() -> None:
 @pytest.mark.parametrize("ts", ["1700000000000", 1.7e12 + 0.5, True, None])
 def test_a_payment_whose_time_is_not_whole_milliseconds_answers_422(ts: Any) -> None:
     path = "/orders/tok-1/pay"
-    body = json.dumps({"sku": "phone-x", "payment_id": "pay-1", "ts_ms": ts}).encode()
+    body = json.dumps({"sku": "phone-x", "token": "tok-1", "payment_id": "pay-1", "ts_ms": ts}).encode()
     assert _refused(Request("POST", path, body, {"x-flashsale-signature": sign(SECRET, body)}))[0] == 422
 
 
 def test_a_payment_whose_time_is_a_whole_number_written_with_a_fraction_is_taken() -> None:
     # JSON Schema's integer, which the document gives ts_ms, holds 1796000000000.0 and 1.796e12 too.
     path = "/orders/tok-1/pay"
-    body = json.dumps({"sku": "phone-x", "payment_id": "pay-1", "ts_ms": float(int(time.time() * 1000))}).encode()
+    ts = float(int(time.time() * 1000))
+    body = json.dumps({"sku": "phone-x", "token": "tok-1", "payment_id": "pay-1", "ts_ms": ts}).encode()
     ((status, answer),) = call(
         _app(FakeDesk()), Request("POST", path, body, {"x-flashsale-signature": sign(SECRET, body)})
     )

@@ -152,7 +152,7 @@ def _documented(method: str, path: str, status: int, body: Any) -> list[str]:
 
 def _signed(payment_id: str, ts_ms: int | None = None) -> Request:
     ts = int(time.time() * 1000) if ts_ms is None else ts_ms
-    body = json.dumps({"sku": "phone-x", "payment_id": payment_id, "ts_ms": ts}).encode()
+    body = json.dumps({"sku": "phone-x", "token": "tok-1", "payment_id": payment_id, "ts_ms": ts}).encode()
     return Request("POST", "/orders/tok-1/pay", body, {"x-flashsale-signature": sign(SECRET, body)})
 
 
@@ -215,7 +215,7 @@ def test_a_signing_time_the_json_parser_cannot_hold_as_an_integer_is_outside_the
     # orjson reads an integer past 64 bits as a float, which the producer refuses (422): the document
     # must not promise it, and a time before the epoch is no signing time either.
     pay = {"$ref": "#/components/schemas/PayRequest"}
-    now = {"sku": "phone-x", "payment_id": "pay-1", "ts_ms": int(time.time() * 1000)}
+    now = {"sku": "phone-x", "token": "tok-1", "payment_id": "pay-1", "ts_ms": int(time.time() * 1000)}
     assert _problems(pay, now) == []
     assert _problems(pay, {**now, "ts_ms": 2**64}) and _problems(pay, {**now, "ts_ms": -1})
     assert isinstance(orjson.loads(str(2**64)), float)

@@ -74,7 +74,9 @@ class Payers:
             if attempt:
                 await asyncio.sleep(RETRY_PAUSE_S)
             # Signed afresh each time: a confirmation is refused once its ts_ms is too old.
-            body = orjson.dumps({"sku": sku, "payment_id": payment_id, "ts_ms": int(time.time() * 1000)})
+            body = orjson.dumps(
+                {"sku": sku, "token": token, "payment_id": payment_id, "ts_ms": int(time.time() * 1000)}
+            )
             headers = {SIGNATURE_HEADER: sign(self._secret, body), "Content-Type": "application/json"}
             try:
                 status, data = await conn.request("POST", f"/orders/{token}/pay", body, headers)

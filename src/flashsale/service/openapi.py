@@ -141,6 +141,10 @@ def _order_schemas() -> dict[str, Schema]:
         "PayRequest": _request(
             {
                 "sku": _SKU,
+                "token": {
+                    **_TOKEN,
+                    "description": "the order it pays: the path's token (the signature covers the body)",
+                },
                 "payment_id": {**_ID, "description": "the payment service's id of the payment; the same on a retry"},
                 "ts_ms": {**_MS, "description": "when it was signed; refused past FLASHSALE_PAYMENT_MAX_AGE_S"},
             }
@@ -282,6 +286,7 @@ def _pay_path() -> Schema:
     errors = {
         **_ORDER_ERRORS,
         "401": f"{SIGNATURE_HEADER} missing or not the body's, or ts_ms too far from the producer's clock",
+        "403": "the signed body's token is not the path's: it is the payment of another order",
         "503": f"{_ORDER_ERRORS['503']}; or payments are not configured (FLASHSALE_PAYMENT_SECRET)",
     }
     return {

@@ -65,7 +65,7 @@ _SKU_REQUIRED = "the sku is required: a token is unique only within its SKU; ask
 #: A header the server cannot read as text (not ASCII) reaches the app as no header at all.
 _UNSIGNED = f"missing {SIGNATURE_HEADER} (or not ASCII): sign the body (sha256=<hex HMAC>); nothing was decided"
 _CANCEL_FIELDS = ("sku", "user_id", "request_id")
-_PAY_FIELDS = ("sku", "payment_id", "ts_ms")
+_PAY_FIELDS = ("sku", "token", "payment_id", "ts_ms")
 
 
 class OrderDeskLike(Protocol):
@@ -164,6 +164,12 @@ class OrderRoutes:
         sku = _checked(payload["sku"], "sku")
         payment_id = _checked(payload["payment_id"], "payment_id", c.TOKEN_PATTERN)
         _checked(token, "token", c.TOKEN_PATTERN)
+        if payload["token"] != token:
+            # The signature vouches for the body alone: a confirmation of one order, sent to another's URL,
+            # must not pay that one too.
+            raise Refused(
+                403, f"the signed body is the payment of order {payload['token']!r}, not {token!r}; nothing was decided"
+            )
         return await _decide(desk, sku, token, "pay", payment_id, "payment_id")
 
     def _check_fresh(self, ts_ms: object) -> None:
