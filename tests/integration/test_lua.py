@@ -509,6 +509,28 @@ def _script(stock: RedisStock, name: str, keys: list[str], args: list[object]) -
     return stock._scripts[name](keys=keys, args=[str(a) for a in args])
 
 
+def test_a_write_back_into_a_partition_logs_and_flags_what_is_on_sale_in_both_sub_domains(
+    redis_stock: RedisStock, sku: str
+) -> None:
+    """As a pre-deduct's entry, a written-back one says what the partition had on sale before and after it
+    (active and standby), and only a partition left with nothing in either is flagged sold out."""
+    part = f"{sku}#0"
+    keys = SkuKeys.of(part)
+    _script(redis_stock, "load_stock", keys.load(), [3, 0, 1, 0, EPOCH])
+    _apply(redis_stock, part, "r1", 2)  # active 3, standby 2
+
+    def adopt(token: str, qty: int) -> list[object]:
+        args = [token, "u1", qty, 1_000, f"m-{token}", sku, "deduct", "", "", "", 0]
+        return _script(redis_stock, "adopt", keys.sale(), args)  # type: ignore[return-value]
+
+    assert adopt("t1", 3) == [1, ""]  # the active sub-domain covers it: no switch
+    entry = json.loads(redis_stock.client.hget(keys.log, "t1"))
+    assert (entry["from"], entry["to"], redis_stock.client.hget(keys.meta, "sold_out")) == (5, 2, "0")
+    assert adopt("t2", 2) == [1, ""]  # the standby is switched in, and the partition is empty then
+    entry = json.loads(redis_stock.client.hget(keys.log, "t2"))
+    assert (entry["from"], entry["to"], redis_stock.client.hget(keys.meta, "sold_out")) == (2, 0, "1")
+
+
 def test_a_partition_switches_to_its_standby_below_the_threshold_and_logs_its_sku_and_partition(
     redis_stock: RedisStock, sku: str
 ) -> None:

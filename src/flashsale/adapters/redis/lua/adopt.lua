@@ -92,15 +92,16 @@ elseif mode == 'deduct' then
   if stock < qty then
     return {2, tostring(stock + standby)}
   end
-  entry['from'] = stock
-  entry['to'] = stock - qty
+  -- On sale before and after it, both sub-domains counted, as a pre-deduct's entry says.
+  entry['from'] = stock + standby
+  entry['to'] = stock + standby - qty
   redis.call('SET', stock_key, stock - qty)
   redis.call('HINCRBY', meta_key, 'deducted_qty', qty)
   redis.call('HINCRBY', meta_key, 'deducted_count', 1)
   if tonumber(redis.call('HGET', meta_key, 'per_user_limit') or '0') > 0 then
     redis.call('HINCRBY', users_key, user, qty)
   end
-  if stock - qty == 0 then
+  if stock - qty == 0 and standby == 0 then
     redis.call('HSET', meta_key, 'sold_out', 1)
   end
 end
