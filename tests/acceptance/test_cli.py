@@ -126,6 +126,7 @@ def test_stock_set_then_show_side_by_side(settings: Settings, sku: str) -> None:
         (("reconcile", "no-such-{sku}"), {}, 2, "unknown SKU"),
         (("replay", "--sku", "{sku}", "--since", "last tuesday"), {}, 2, "--since: 'last tuesday' is not a time"),
         (("replay",), {}, 2, "choose exactly one"),
+        (("replay", "--token", "t-1", "--sku", "no-such-{sku}"), {}, 2, "unknown SKU"),
         (("bench", "--strategy", "warp-speed"), {}, 2, "unknown strategy"),
         (("bench", "--producer-url", "ftp:/x", "--attempts", "1"), {}, 2, "not an http:// URL"),
         (("bench", "--stock", "0"), {}, 2, "'--stock': 0 is not in the range x>=1"),
@@ -161,6 +162,23 @@ def test_bad_input_gets_one_clear_line_a_nonzero_exit_and_changes_nothing(
     after = now(settings, sku)
     assert after == before  # Redis, MySQL and the orders, read back with plain commands
     assert redis_stock.view(sku).stock == 7 and redis_stock.history(sku) == 0
+
+
+def test_a_replay_of_dead_letters_it_cannot_replay_exits_1_and_leaves_them_open(settings: Settings, sku: str) -> None:
+    """A dead letter whose body cannot be read is reported under `cannot replay` and stays open (reconcile
+    counts it): the run did not do what it was asked, and its exit code says so."""
+    set_stock(settings, sku, 10)
+    with mysql_connection(settings.mysql_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO dead_letters (message_id, topic, message_key, sku, reason, body, purchase)"
+            " VALUES (%s, 't', NULL, %s, 'bad json', %s, '')",
+            (f"m-{sku}", sku, b"{not json"),
+        )
+        conn.commit()
+    result = run(settings, "replay", "--dead-letters", "--sku", sku, "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(report["unreplayable"]) == 1 and report["dead_letters_marked"] == 0
 
 
 def test_stock_set_refuses_to_overwrite_a_sale_in_progress(

@@ -132,6 +132,8 @@ class Replayer:
     def tokens(self, tokens: Iterable[str], sku: str | None = None) -> None:
         """Replay the named tokens; without `sku`, each token is looked for in every SKU's log."""
         wanted = list(dict.fromkeys(tokens))
+        if sku:
+            self.stock.view(sku)  # an unknown SKU is an error, not tokens "not deducted"
         found: list[LogEntry] = []
         for name in [sku] if sku else self.stock.skus():
             found += self._deducted(name, wanted)
