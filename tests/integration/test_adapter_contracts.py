@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 import redis
+from redis.exceptions import AskError, ClusterDownError, MasterDownError, TryAgainError
 
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis import lua
@@ -24,6 +25,7 @@ from flashsale.models import Deduction, DeductionMessage, Delivery, Purchase, Re
 from flashsale.pipeline.consumer import DeductionConsumer
 from flashsale.polling import poll_until
 from flashsale.records import Incoming, Prededuct
+from tests.oracle import mysql_connection
 from tests.unit.fakes import FakeLog
 
 #: Lua that keeps the (single-threaded) server busy for about this long, so that calls behind it time out.
@@ -222,3 +224,48 @@ def test_the_producer_s_redis_connections_pack_with_hiredis_and_round_trip_any_v
     kind, got = asyncio.run(roundtrip())
     assert kind is packed(aredis.Connection)
     assert got == list(values.values())
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (TryAgainError, "TRYAGAIN"),
+        (ClusterDownError, "CLUSTERDOWN"),
+        (MasterDownError, "MASTERDOWN"),
+        (AskError, "1 127.0.0.1:7000"),
+    ],
+)
+def test_a_redis_cluster_failing_over_under_the_consumers_look_up_dead_letters_nothing(
+    settings: Settings,
+    redis_stock: RedisStock,
+    mysql_store: MySQLStore,
+    sku: str,
+    error: type[Exception],
+    said: str,
+) -> None:
+    """A cluster failing over answers reads with TRYAGAIN, CLUSTERDOWN, MASTERDOWN or ASK for a while. Taken for
+    an error of the batch, they made the consumer apply it one message at a time, each failing alike, and
+    dead-letter and ack every good purchase; they are Redis not serving now: nothing is acked, the batch
+    goes back to the broker, and the consumer waits for the stores."""
+    redis_stock.load(sku, 10)
+    mysql_store.load_stock(sku, 10)
+    assert redis_stock.prededuct(sku, "m-ok", [Purchase("t-ok", "u1", 1)])[0].code is Prededuct.ACCEPTED
+    failing = redis_stock.client.pipeline
+
+    def pipeline(transaction: bool = False) -> object:
+        pipe = failing(transaction=transaction)
+        pipe.execute = lambda *args, **kwargs: (_ for _ in ()).throw(error(said))  # type: ignore[method-assign]
+        return pipe
+
+    redis_stock.client.pipeline = pipeline  # type: ignore[method-assign]
+    with pytest.raises(ServiceUnavailable) as raised:
+        redis_stock.lookup({sku: (["t-ok"], ["m-ok"])})
+    assert raised.value.retriable
+    consumer = DeductionConsumer(_Receiver(), mysql_store, redis_stock, batch_size=10, max_backoff_s=1)
+    delivery = Delivery("m-ok", "t", "t-ok", DeductionMessage(sku, (Purchase("t-ok", "u1", 1),), "m-ok").encode(), 1, 1)
+    with pytest.raises(ServiceUnavailable):  # the run loop hands the batch back and waits for the stores
+        consumer.process([delivery])
+    assert mysql_store.view(sku).deductions == 0
+    with mysql_connection(settings.mysql_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT COUNT(*) FROM dead_letters WHERE sku = %s", (sku,))
+        assert cur.fetchone() == (0,)

@@ -116,13 +116,22 @@ class RedisStock:
             return self._scripts[script](keys=keys, args=args)
         except UNREACHABLE as exc:
             raise unavailable(self.url, script, exc) from exc
+        except MISROUTED as exc:  # a cluster failing over: the script did not run
+            self._stale()
+            raise unavailable(self.url, script, exc, reached=False) from exc
         except redis.ResponseError as exc:
             raise StockError(f"Redis script {script} failed: {exc}") from exc
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        """`fn`'s answer. A cluster failing over (a slot moving, no master for it yet: MISROUTED) is Redis
+        not serving, as a server that does not answer is: the caller waits and asks again. Taken for any
+        other error, it made the consumer dead-letter a batch of good purchases one message at a time."""
         try:
             return fn(*args)
         except UNREACHABLE as exc:
+            raise unavailable(self.url, what, exc) from exc
+        except MISROUTED as exc:
+            self._stale()
             raise unavailable(self.url, what, exc) from exc
 
     def ping(self) -> None:
