@@ -6,10 +6,19 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from unittest import mock
 
 import pytest
 import redis
-from redis.exceptions import AskError, ClusterDownError, MasterDownError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from flashsale.adapters.mysql.store import MySQLStore
 from flashsale.adapters.redis import lua
@@ -233,6 +242,8 @@ def test_the_producer_s_redis_connections_pack_with_hiredis_and_round_trip_any_v
         (ClusterDownError, "CLUSTERDOWN"),
         (MasterDownError, "MASTERDOWN"),
         (AskError, "1 127.0.0.1:7000"),
+        (SlotNotCoveredError, 'Slot "5798" not covered by the cluster'),  # redis-py's, its retries spent
+        (ClusterError, "TTL exhausted."),  # redirections that never settled
     ],
 )
 def test_a_redis_cluster_failing_over_under_the_consumers_look_up_dead_letters_nothing(
@@ -269,3 +280,27 @@ def test_a_redis_cluster_failing_over_under_the_consumers_look_up_dead_letters_n
     with mysql_connection(settings.mysql_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT COUNT(*) FROM dead_letters WHERE sku = %s", (sku,))
         assert cur.fetchone() == (0,)
+
+
+def test_a_cluster_map_that_cannot_be_read_mid_failover_does_not_hide_that_redis_is_not_serving(
+    redis_stock: RedisStock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a misrouted call the adapter reads the cluster's map again; mid-failover redis-py refuses with
+    RedisClusterException ("All slots are not covered"), which is no RedisError. Raised from there, it hid the
+    ServiceUnavailable the call was about to raise, and the consumer took it for an error of its batch."""
+
+    class Pipe:
+        def __getattr__(self, name: str) -> object:
+            return lambda *args, **kwargs: None
+
+        def execute(self, *args: object, **kwargs: object) -> object:
+            raise TryAgainError("TRYAGAIN")
+
+    cluster = mock.create_autospec(redis.RedisCluster, instance=True)
+    cluster.pipeline.side_effect = lambda *args, **kwargs: Pipe()
+    cluster.nodes_manager = mock.Mock()
+    cluster.nodes_manager.initialize.side_effect = RedisClusterException("All slots are not covered")
+    monkeypatch.setattr(redis_stock, "_client", cluster)
+    with pytest.raises(ServiceUnavailable):
+        redis_stock.lookup({"sku-x": (["t1"], ["m1"])})
+    assert cluster.nodes_manager.initialize.called

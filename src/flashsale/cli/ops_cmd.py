@@ -153,15 +153,17 @@ def replay(
 ) -> None:
     """Re-publish deductions as ordinary messages; the consumer applies each token at most once.
 
-    Exit 1 when some of what was asked for was not replayed (a token Redis does not hold as deducted, a
-    dead letter that cannot be replayed): a script must not take that for a repair."""
+    Exit 1 when some of what was asked for was not replayed (a token named with --token that Redis does
+    not hold as deducted, a dead letter that cannot be replayed and stays open): a script must not take
+    that for a repair. A dead letter whose tokens the log does not hold as deducted is settled (nothing
+    was sold to apply): listed, and closed."""
     since_ms = _replay_since(tokens, sku, since, dead_letters)
     report = replay_ops.run(ctx.settings, tokens, sku=sku, since_ms=since_ms, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         _print_replay(report, ctx.settings.replay_topic)
-    sys.exit(1 if report.not_deducted or report.unreplayable else 0)
+    sys.exit(1 if report.unreplayable or (tokens and report.not_deducted) else 0)
 
 
 def _replay_since(tokens: tuple[str, ...], sku: str | None, since: str | None, dead_letters: bool) -> int | None:

@@ -427,7 +427,9 @@ class RedisStock:
         if isinstance(self._client, redis.RedisCluster):
             try:
                 self._client.nodes_manager.initialize()
-            except redis.RedisError:  # no node answers now: the next call finds out and says so
+            except (redis.RedisError, redis.exceptions.RedisClusterException):
+                # No node answers now, or the slots are not all served yet (a failover): the next call finds
+                # out and says so; raised here, it would hide the error the caller is about to report.
                 return
             self._replicas.read(self._client)
 

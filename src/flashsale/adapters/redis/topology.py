@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import AskError, ClusterDownError, TryAgainError
+from redis.exceptions import AskError, ClusterError, SlotNotCoveredError, TryAgainError
 
 from flashsale.adapters.redis.packing import packed
 from flashsale.adapters.redis.wire import Wire
@@ -28,8 +28,11 @@ from flashsale.errors import ConfigError, ServiceUnavailable
 #: Seconds a cluster's slot map is trusted: replicas that joined since are then seen (and waited for).
 MAP_TTL_S = 5.0
 
-#: Replies that mean "this node does not serve that slot now": nothing ran; ask the cluster again.
-MISROUTED = (AskError, ClusterDownError, TryAgainError)
+#: Replies that mean "this node does not serve that slot now": nothing ran; ask the cluster again. A
+#: cluster failing over answers them for a while; redis-py raises them once its own retries are spent
+#: (ClusterError: CLUSTERDOWN, MASTERDOWN, and redirections that never settled, "TTL exhausted";
+#: SlotNotCoveredError: no node serves the slot yet).
+MISROUTED = (AskError, ClusterError, SlotNotCoveredError, TryAgainError)
 #: redis-py errors that mean "the server did not answer": the outcome of a write is unknown.
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
