@@ -20,11 +20,8 @@ from flashsale.adapters.redis.topology import UNREACHABLE, AsyncRouter
 from flashsale.adapters.redis.wire import Wire
 from flashsale.bench.fleet import free_port
 from flashsale.config import Settings
-from flashsale.models import Purchase, PurchaseRequest, PurchaseStatus
-from flashsale.pipeline.producer import PurchaseService
-from flashsale.records import Prededuct
+from flashsale.models import Purchase
 from tests.integration.test_adapter_contracts import _BUSY, until_busy
-from tests.unit.fakes import FakeBus
 
 T = TypeVar("T")
 
@@ -191,43 +188,3 @@ def test_a_peek_over_the_wire_reads_what_redis_pys_pipeline_reads(
     assert asyncio.run(peek()) == over_the_wire
     assert over_the_wire.stock == 3 and over_the_wire.bought == {"u1": 2, "u2": 0}  # type: ignore[attr-defined]
     assert over_the_wire.entries["t1"] is not None and over_the_wire.entries["t2"] is None  # type: ignore[attr-defined]
-
-
-@pytest.mark.parametrize("after", [1, 2, 3, 4])
-def test_a_retry_of_a_token_accepted_between_two_reads_of_its_peek_hears_duplicate(
-    settings: Settings, redis_stock: RedisStock, sku: str, monkeypatch: pytest.MonkeyPatch, after: int
-) -> None:
-    """The peek reads the stock, the limit, the buyers' counts and the tokens' entries in one pipeline, which
-    is no transaction (Redis may run another client's commands between two of its reads, when they arrive in
-    two reads of the socket). The token's first attempt accepted between two of them, its retry must hear
-    `duplicate` (SPEC: a retry gets the original outcome, whatever path answers it): never `limit_exceeded`
-    from a count that holds the token beside a log read without it."""
-    redis_stock.load(sku, 5, per_user_limit=1)
-    raw = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-
-    class OneByOne:
-        async def call(self, *commands: tuple[object, ...]) -> list[object]:
-            replies = []
-            for n, command in enumerate(commands, 1):
-                replies.append(raw.execute_command(*command))
-                if n == after:  # the token's first attempt, on another producer
-                    first = redis_stock.prededuct(sku, "m-first", [Purchase("t1", "u1", 1)])[0]
-                    assert first.code is Prededuct.ACCEPTED
-            return replies
-
-    async def wire(self: AsyncRouter, key: str) -> OneByOne:
-        return OneByOne()
-
-    async def retry() -> PurchaseStatus:
-        stock = AsyncRedisStock(settings.redis_url)
-        try:
-            service = PurchaseService(stock, FakeBus(), "ns-deductions")
-            return (await service.submit(PurchaseRequest(sku, "u1", 1, "t1"))).status
-        finally:
-            await stock.close()
-
-    monkeypatch.setattr(AsyncRouter, "wire", wire)
-    status = asyncio.run(retry())
-    raw.close()
-    assert redis_stock.log_entry(sku, "t1") is not None
-    assert status is PurchaseStatus.DUPLICATE

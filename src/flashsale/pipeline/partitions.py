@@ -372,16 +372,30 @@ class Scheduler:
             return
         requests = placing.requests
         held = await self._stock.hold(layout, *placing.attempts(pending))
-        for i, bought in zip(pending, held, strict=True):
-            if bought is None:
-                placing.holding.append(i)
-            else:
+        refused = {i: bought for i, bought in zip(pending, held, strict=True) if bought is not None}
+        placing.holding += [i for i in pending if i not in refused]
+        await self._look_up(placing, list(refused))
+        for i, bought in refused.items():
+            if placing.answers[i] is None:
                 placing.answer(
                     i,
                     PurchaseStatus.LIMIT_EXCEEDED,
                     message=f"user {requests[i].user_id} already bought {bought} of {layout.sku}",
                 )
         placing.settle_answered()
+
+    async def _look_up(self, placing: Placement, idxs: Sequence[int]) -> None:
+        """The purchases a hold refused, looked for in every partition their token may sell on: a retry of a
+        token sold before (asking another quantity, or under another user's id) hears `duplicate`, as on
+        one key, where the pre-deduct looks the token up before the limit. The hold counts the buyer's
+        units, not tokens: it refused the retry as a new purchase past the limit."""
+        wanted: dict[str, list[int]] = {}
+        for i in idxs:
+            for part in placing.layout.reach(placing.requests[i].token):
+                if part not in placing.looked[i]:
+                    wanted.setdefault(part, []).append(i)
+        if wanted:
+            await self._read_logs(placing, wanted)
 
     async def _release(self, placing: Placement, results: Sequence[PurchaseResult]) -> None:
         """The holds of the purchases told `sold_out` or `error`: neither deducted anything (an `error`
