@@ -304,3 +304,34 @@ def test_a_cluster_map_that_cannot_be_read_mid_failover_does_not_hide_that_redis
     with pytest.raises(ServiceUnavailable):
         redis_stock.lookup({"sku-x": (["t1"], ["m1"])})
     assert cluster.nodes_manager.initialize.called
+
+
+@pytest.mark.parametrize("call", ["entries", "prededuct", "layout"])
+def test_the_producers_cluster_map_that_cannot_be_read_mid_failover_is_redis_not_serving(
+    settings: Settings, call: str
+) -> None:
+    """The producer's adapter reads the cluster's map again when it is stale; mid-failover redis-py refuses
+    with RedisClusterException. Raised raw, the producer took it for a bug: the group heard `pending` and a
+    partitioned group's holds were not given back."""
+
+    async def go() -> None:
+        stock = AsyncRedisStock(settings.redis_url)
+        router = stock._router
+        cluster = mock.Mock()
+        cluster.nodes_manager.initialize = mock.AsyncMock(
+            side_effect=RedisClusterException("All slots are not covered")
+        )
+        router._cluster, router._resolved, router._stale = cluster, True, True
+        try:
+            if call == "entries":
+                await stock.entries({"sku-x#0": ["t1"]})
+            elif call == "prededuct":
+                await stock.prededuct("sku-x", "m1", [Purchase("t1", "u1", 1)])
+            else:
+                await stock.layout("sku-x")
+        finally:
+            router._cluster = None
+            await stock.close()
+
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(go())

@@ -13,6 +13,7 @@ from flashsale.adapters.redis.stock import RedisStock
 from flashsale.adapters.redis.stock_async import AsyncRedisStock
 from flashsale.adapters.redis.topology import AsyncRouter
 from flashsale.config import Settings
+from flashsale.errors import ServiceUnavailable
 from flashsale.models import Purchase, PurchaseRequest, PurchaseResult, PurchaseStatus
 from flashsale.pipeline.partitions import Scheduler
 from flashsale.pipeline.producer import PurchaseService
@@ -91,3 +92,39 @@ def test_a_retry_of_an_accepted_token_past_the_per_user_limit_hears_duplicate(
     assert [r.status for r in first] == [PurchaseStatus.ACCEPTED] * len(first)
     assert again.status is PurchaseStatus.DUPLICATE, again
     assert again.message_id == first[0].message_id
+
+
+def test_a_buyer_past_the_limit_whose_token_cannot_be_looked_up_holds_no_one_else_of_the_group_back(
+    settings: Settings, redis_stock: RedisStock, sku: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look-up above reads the logs of every partition the refused token may sell on. One of them failing
+    over must cost that purchase its answer alone (`pending`: whether it is a retry of a token sold is not
+    known), never the group's other buyers, whose partitions serve."""
+    layout = redis_stock.load_partitioned(sku, 20, partitions=2, refill=2, threshold=0, per_user_limit=1)
+    anchor, other = layout.parts[0], layout.parts[1]
+    past_limit = next(t for t in (f"b-{n}" for n in range(10_000)) if next(layout.order(t)) == other)
+    healthy = next(t for t in (f"c-{n}" for n in range(10_000)) if next(layout.order(t)) == anchor)
+    assert layout.reach(healthy) == [anchor] and other in layout.reach(past_limit)
+
+    async def sale() -> list[PurchaseStatus]:
+        stock = AsyncRedisStock(settings.redis_url)
+        scheduler = Scheduler(stock)
+        service = PurchaseService(stock, FakeBus(), "ns-deductions", scheduler=scheduler)
+        read = stock.entries
+
+        async def entries(wanted: dict[str, list[str]]) -> object:
+            if other in wanted:  # that partition's master fails over
+                raise ServiceUnavailable("Redis", settings.redis_url, "read log: TRYAGAIN", reached=False)
+            return await read(wanted)
+
+        try:
+            assert (await service.submit(PurchaseRequest(sku, "u1", 1, "tok-a"))).status is PurchaseStatus.ACCEPTED
+            monkeypatch.setattr(stock, "entries", entries)
+            group = [PurchaseRequest(sku, "u1", 1, past_limit), PurchaseRequest(sku, "u2", 1, healthy)]
+            # One group, as the grouper would hand it over.
+            return [r.status for r in await scheduler.sell(layout, group, service._send_to_parts)]
+        finally:
+            await scheduler.close()
+            await stock.close()
+
+    assert asyncio.run(sale()) == [PurchaseStatus.PENDING, PurchaseStatus.ACCEPTED]

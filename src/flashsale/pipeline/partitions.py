@@ -374,7 +374,13 @@ class Scheduler:
         held = await self._stock.hold(layout, *placing.attempts(pending))
         refused = {i: bought for i, bought in zip(pending, held, strict=True) if bought is not None}
         placing.holding += [i for i in pending if i not in refused]
-        await self._look_up(placing, list(refused))
+        try:
+            await self._look_up(placing, list(refused))
+        except FlashSaleError as exc:
+            # Whether they are retries of tokens sold is not known: they alone hear so, the group goes on.
+            logger.warning("logs of %s not read for purchases past the limit: %s", layout.sku, exc)
+            for i in refused:
+                placing.answer(i, PurchaseStatus.PENDING, message=local_tx.PENDING)
         for i, bought in refused.items():
             if placing.answers[i] is None:
                 placing.answer(

@@ -187,7 +187,13 @@ class AsyncRouter:
             async with self._lock:
                 if self._stale or time.monotonic() - self._read_at > MAP_TTL_S:
                     self._read_at = time.monotonic()
-                    await self._cluster.nodes_manager.initialize()
+                    try:
+                        await self._cluster.nodes_manager.initialize()
+                    except redis.exceptions.RedisClusterException as exc:
+                        # Mid-failover ("All slots are not covered"): Redis not serving now, as below, and the
+                        # map is read again at the next call.
+                        self._stale = True
+                        raise redis.ConnectionError(f"the Redis Cluster's map cannot be read now: {exc}") from exc
                     self._replicas.read(self._cluster)
                     self._stale = False
         node = self._cluster.get_node_from_key(key)
